@@ -1,0 +1,428 @@
+//! One session's cache: `n_layers × n_kv_heads` block tables over a shared [`BlockPool`]
+//! ([`SequenceKv`]), with append, evict-by-mask compaction, reads, statistics and attention.
+//!
+//! Invariants, per (layer, KV head) table:
+//! - entry `i` (in order of retention) lives in block `i / block_size`, slot `i % block_size`;
+//!   its position is `positions[i]`; retained count = `positions.len()`;
+//! - `blocks.len() == ceil(retained / block_size)`: no empty block is ever held, so the bytes
+//!   in use follow the retained count up to one partly filled block per head;
+//! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
+//! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear, drop)
+//!   returns the emptied blocks to the pool in one call.
+
+use crate::attention::{attend_heads, HeadView, Segment};
+use crate::dtype::write_f32;
+use crate::pool::Block;
+use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, PoolConfig};
+
+/// A copy of one KV head's retained entries, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeadContents {
+    /// Keys `[retained, head_dim]` (converted to f32).
+    pub keys: Vec<f32>,
+    /// Values `[retained, head_dim]` (converted to f32).
+    pub values: Vec<f32>,
+    /// Absolute positions `[retained]`.
+    pub positions: Vec<u32>,
+}
+
+/// Accounting of one sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SequenceStats {
+    /// Retained entries per `[layer][kv_head]`.
+    pub retained: Vec<Vec<usize>>,
+    /// Entries ever appended per `[layer][kv_head]` (since creation or the last `clear`).
+    pub appended: Vec<Vec<u64>>,
+    /// Tokens seen per layer: one past the highest position ever appended to any of its heads.
+    pub tokens_seen: Vec<u64>,
+    /// Blocks owned by this sequence.
+    pub blocks_in_use: usize,
+    /// Bytes of those blocks.
+    pub bytes_in_use: usize,
+}
+
+impl SequenceStats {
+    /// Retained entries summed over every layer and head.
+    pub fn retained_total(&self) -> usize {
+        self.retained.iter().flatten().sum()
+    }
+}
+
+/// One (layer, KV head) block table.
+#[derive(Default)]
+struct HeadTable {
+    blocks: Vec<Block>,
+    positions: Vec<u32>,
+    appended: u64,
+}
+
+impl HeadTable {
+    /// Blocks this table must gain to hold `extra` more entries.
+    fn blocks_needed(&self, bs: usize, extra: usize) -> usize {
+        (self.positions.len() + extra).div_ceil(bs) - self.blocks.len()
+    }
+
+    /// Writes key `k` and value `v` into slot `idx` (its block must exist).
+    fn write(&mut self, cfg: &PoolConfig, idx: usize, k: &[f32], v: &[f32]) {
+        let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
+        let off = (idx % bs) * eb;
+        let bytes = self.blocks[idx / bs].bytes_mut();
+        write_f32(cfg.dtype, &mut bytes[off..off + eb], k);
+        write_f32(cfg.dtype, &mut bytes[bs * eb + off..bs * eb + off + eb], v);
+    }
+
+    /// Moves entry `from` to slot `to < from` (keys and values).
+    fn move_entry(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
+        let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
+        let (fb, tb) = (from / bs, to / bs);
+        for base in [0, bs * eb] {
+            let (fo, to_) = (base + (from % bs) * eb, base + (to % bs) * eb);
+            if fb == tb {
+                self.blocks[fb].bytes_mut().copy_within(fo..fo + eb, to_);
+            } else {
+                let (lo, hi) = self.blocks.split_at_mut(fb);
+                lo[tb].bytes_mut()[to_..to_ + eb].copy_from_slice(&hi[0].bytes()[fo..fo + eb]);
+            }
+        }
+        self.positions[to] = self.positions[from];
+    }
+
+    /// Keeps the entries flagged in `keep` (same length as the table), in order; returns the
+    /// blocks left empty.
+    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
+        let mut w = 0;
+        for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+            if w != r {
+                self.move_entry(cfg, r, w);
+            }
+            w += 1;
+        }
+        self.positions.truncate(w);
+        self.blocks.split_off(w.div_ceil(cfg.block_size))
+    }
+
+    /// The table's entries as in-place segments, one per block.
+    fn view(&self, cfg: &PoolConfig) -> HeadView<'_> {
+        let (bs, eb, len) = (cfg.block_size, cfg.entry_bytes(), self.positions.len());
+        let segments = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(b, blk)| {
+                let lo = b * bs;
+                let n = (len - lo).min(bs);
+                let bytes = blk.bytes();
+                Segment {
+                    keys: KvSlice::from_bytes(cfg.dtype, &bytes[..n * eb]),
+                    values: KvSlice::from_bytes(cfg.dtype, &bytes[bs * eb..bs * eb + n * eb]),
+                    positions: &self.positions[lo..lo + n],
+                }
+            })
+            .collect();
+        HeadView { segments, len }
+    }
+}
+
+/// One session's KV cache: a block table per (layer, KV head), all drawing on one shared pool.
+/// `Send + Sync`; dropping it returns every block to the pool.
+pub struct SequenceKv {
+    pool: BlockPool,
+    cfg: PoolConfig,
+    n_layers: usize,
+    n_kv_heads: usize,
+    /// `[layer * n_kv_heads + head]`.
+    tables: Vec<HeadTable>,
+    /// Per layer: one past the highest position appended.
+    tokens_seen: Vec<u64>,
+}
+
+impl std::fmt::Debug for SequenceKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SequenceKv")
+            .field("n_layers", &self.n_layers)
+            .field("n_kv_heads", &self.n_kv_heads)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl SequenceKv {
+    /// An empty cache of `n_layers × n_kv_heads` tables drawing blocks from `pool`.
+    pub fn new(pool: &BlockPool, n_layers: usize, n_kv_heads: usize) -> Self {
+        SequenceKv {
+            pool: pool.clone(),
+            cfg: *pool.config(),
+            n_layers,
+            n_kv_heads,
+            tables: (0..n_layers * n_kv_heads)
+                .map(|_| HeadTable::default())
+                .collect(),
+            tokens_seen: vec![0; n_layers],
+        }
+    }
+
+    /// Number of layers.
+    pub fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// KV heads per layer.
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    /// Elements per key/value vector (the pool's).
+    pub fn head_dim(&self) -> usize {
+        self.cfg.head_dim
+    }
+
+    /// The pool this sequence draws from.
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), KvError> {
+        if layer < self.n_layers {
+            Ok(())
+        } else {
+            Err(KvError::LayerOutOfRange {
+                layer,
+                n_layers: self.n_layers,
+            })
+        }
+    }
+
+    fn index(&self, layer: usize, head: usize) -> Result<usize, KvError> {
+        self.check_layer(layer)?;
+        if head < self.n_kv_heads {
+            Ok(layer * self.n_kv_heads + head)
+        } else {
+            Err(KvError::HeadOutOfRange {
+                layer,
+                head,
+                n_kv_heads: self.n_kv_heads,
+            })
+        }
+    }
+
+    fn table(&self, layer: usize, head: usize) -> Option<&HeadTable> {
+        self.index(layer, head).ok().map(|i| &self.tables[i])
+    }
+
+    /// Appends `n = positions.len()` tokens to every KV head of `layer`. `k`, `v`: token-major
+    /// `[n, n_kv_heads, head_dim]` f32 (converted to the pool's dtype). All-or-nothing: if the
+    /// pool cannot supply the blocks, nothing is appended and [`KvError::OutOfBlocks`] is returned.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        positions: &[u32],
+    ) -> Result<(), KvError> {
+        self.check_layer(layer)?;
+        self.append_range(layer, 0..self.n_kv_heads, k, v, positions)
+    }
+
+    /// Appends `n = positions.len()` tokens to KV head `head` of `layer` only (Attention-Gate
+    /// decode appends a token only to the heads that keep it). `k`, `v`: `[n, head_dim]` f32.
+    /// All-or-nothing, like [`SequenceKv::append`].
+    pub fn append_head(
+        &mut self,
+        layer: usize,
+        head: usize,
+        k: &[f32],
+        v: &[f32],
+        positions: &[u32],
+    ) -> Result<(), KvError> {
+        self.index(layer, head)?;
+        self.append_range(layer, head..head + 1, k, v, positions)
+    }
+
+    /// Appends to heads `heads` of a valid `layer` from `[n, heads.len(), head_dim]` sources.
+    fn append_range(
+        &mut self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
+        k: &[f32],
+        v: &[f32],
+        positions: &[u32],
+    ) -> Result<(), KvError> {
+        let (n, d, nh) = (positions.len(), self.cfg.head_dim, heads.len());
+        for (what, got) in [("k", k.len()), ("v", v.len())] {
+            if got != n * nh * d {
+                return Err(KvError::ShapeMismatch {
+                    layer,
+                    what,
+                    expected: n * nh * d,
+                    got,
+                });
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let base = layer * self.n_kv_heads;
+        let bs = self.cfg.block_size;
+        let needs: Vec<usize> = heads
+            .clone()
+            .map(|h| self.tables[base + h].blocks_needed(bs, n))
+            .collect();
+        let requested = needs.iter().sum();
+        let mut fresh = self
+            .pool
+            .alloc(requested)
+            .map_err(|free| KvError::OutOfBlocks {
+                layer,
+                tokens: n,
+                requested,
+                free,
+                total: self.cfg.capacity_blocks,
+            })?;
+        for (slot, (h, need)) in heads.zip(needs).enumerate() {
+            let cfg = self.cfg;
+            let table = &mut self.tables[base + h];
+            table.blocks.extend(fresh.drain(fresh.len() - need..));
+            let start = table.positions.len();
+            for t in 0..n {
+                let src = (t * nh + slot) * d;
+                table.write(&cfg, start + t, &k[src..src + d], &v[src..src + d]);
+            }
+            table.positions.extend_from_slice(positions);
+            table.appended += n as u64;
+        }
+        let top = positions.iter().max().map_or(0, |&p| u64::from(p) + 1);
+        self.tokens_seen[layer] = self.tokens_seen[layer].max(top);
+        Ok(())
+    }
+
+    /// Keeps the retained entries of (`layer`, `head`) whose `keep` flag is true and removes the
+    /// others: survivors move forward in order (compaction) and every emptied block returns to
+    /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`].
+    pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
+        let i = self.index(layer, head)?;
+        let retained = self.tables[i].positions.len();
+        if keep.len() != retained {
+            return Err(KvError::MaskLength {
+                layer,
+                head,
+                what: "keep",
+                retained,
+                got: keep.len(),
+            });
+        }
+        let freed = self.tables[i].compact(&self.cfg, keep);
+        self.pool.release(freed);
+        Ok(())
+    }
+
+    /// Retained entries of (`layer`, `head`); 0 when out of range.
+    pub fn retained(&self, layer: usize, head: usize) -> usize {
+        self.table(layer, head).map_or(0, |t| t.positions.len())
+    }
+
+    /// Positions of the retained entries, in order; empty when out of range.
+    pub fn positions(&self, layer: usize, head: usize) -> Vec<u32> {
+        self.table(layer, head)
+            .map_or_else(Vec::new, |t| t.positions.clone())
+    }
+
+    /// Ids of the pool blocks held by (`layer`, `head`), in order; empty when out of range.
+    pub fn block_ids(&self, layer: usize, head: usize) -> Vec<u32> {
+        self.table(layer, head)
+            .map_or_else(Vec::new, |t| t.blocks.iter().map(|b| b.id).collect())
+    }
+
+    /// A copy of the retained keys, values and positions of (`layer`, `head`), keys and values
+    /// converted to f32; empty when out of range.
+    pub fn read_head(&self, layer: usize, head: usize) -> HeadContents {
+        let Some(t) = self.table(layer, head) else {
+            return HeadContents::default();
+        };
+        let d = self.cfg.head_dim;
+        let mut out = HeadContents {
+            keys: Vec::with_capacity(t.positions.len() * d),
+            values: Vec::with_capacity(t.positions.len() * d),
+            positions: t.positions.clone(),
+        };
+        let mut scratch = vec![0.0f32; self.cfg.block_size * d];
+        for seg in t.view(&self.cfg).segments {
+            let n = seg.positions.len() * d;
+            out.keys
+                .extend_from_slice(seg.keys.view(0, n, &mut scratch));
+            out.values
+                .extend_from_slice(seg.values.view(0, n, &mut scratch));
+        }
+        out
+    }
+
+    /// L2 norm of each retained key of (`layer`, `head`), in order (KNorm policy); empty when out
+    /// of range.
+    pub fn key_norms(&self, layer: usize, head: usize) -> Vec<f32> {
+        let Some(t) = self.table(layer, head) else {
+            return Vec::new();
+        };
+        let d = self.cfg.head_dim;
+        let mut scratch = vec![0.0f32; self.cfg.block_size * d];
+        let mut norms = Vec::with_capacity(t.positions.len());
+        for seg in t.view(&self.cfg).segments {
+            let keys = seg.keys.view(0, seg.positions.len() * d, &mut scratch);
+            norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
+        }
+        norms
+    }
+
+    /// Attention of new queries over `layer`'s retained entries (which already include the
+    /// just-appended chunk). `q`: token-major `[n_q, n_q_heads, head_dim]` f32 with `n_q_heads` a
+    /// multiple of `n_kv_heads` (query head `h` uses KV head `h / G`); `q_positions`: the `n_q`
+    /// absolute positions. Returns `out` as `[n_q, n_q_heads, head_dim]`, and probability sums
+    /// when `opts.prob_sums` asks for them. See [`AttendOptions`] for masking.
+    pub fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        q_positions: &[u32],
+        opts: &AttendOptions<'_>,
+    ) -> Result<AttendOutput, KvError> {
+        self.check_layer(layer)?;
+        let base = layer * self.n_kv_heads;
+        let views: Vec<HeadView<'_>> = self.tables[base..base + self.n_kv_heads]
+            .iter()
+            .map(|t| t.view(&self.cfg))
+            .collect();
+        attend_heads(layer, &views, self.cfg.head_dim, q, q_positions, opts)
+    }
+
+    /// Drops every entry of every table, returns all blocks to the pool and resets the counts.
+    pub fn clear(&mut self) {
+        self.pool.release(
+            self.tables
+                .iter_mut()
+                .flat_map(|t| std::mem::take(t).blocks),
+        );
+        self.tokens_seen.fill(0);
+    }
+
+    /// Accounting of this sequence.
+    pub fn stats(&self) -> SequenceStats {
+        let h = self.n_kv_heads;
+        let layer_tables = |l: usize| &self.tables[l * h..(l + 1) * h];
+        let blocks_in_use: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
+        SequenceStats {
+            retained: (0..self.n_layers)
+                .map(|l| layer_tables(l).iter().map(|t| t.positions.len()).collect())
+                .collect(),
+            appended: (0..self.n_layers)
+                .map(|l| layer_tables(l).iter().map(|t| t.appended).collect())
+                .collect(),
+            tokens_seen: self.tokens_seen.clone(),
+            blocks_in_use,
+            bytes_in_use: blocks_in_use * self.cfg.block_bytes(),
+        }
+    }
+}
+
+impl Drop for SequenceKv {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
