@@ -1,0 +1,385 @@
+//! Attention equality: paged `SequenceKv::attend` against dense masked attention computed with
+//! candle matmuls, on ragged per-head caches (different evictions per head).
+//!
+//! Owns: decode (n_q = 1) and prefill chunks (n_q > 1, causal by position), GQA groups 1/3/4,
+//! with and without the visibility mask, non-causal, probability sums, f16/bf16 storage against a
+//! reference on rounded inputs, the parallel/tiled path, and the contiguous baseline. Tolerance:
+//! max |paged − ref| ≤ 1e-5 × max |ref| per (query row, query head), and the same for probability
+//! sums per KV head.
+
+use candle_core::{Device, Tensor};
+use kv_store::{
+    attend_dense, AttendOptions, BlockPool, DenseHead, KvDtype, KvSlice, PoolConfig, SequenceKv,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The reference copy of one KV head: rounded keys/values and positions of retained entries.
+#[derive(Clone, Default)]
+struct RefHead {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    positions: Vec<u32>,
+}
+
+/// A one-layer paged cache and its dense reference, built by prefill + per-head evictions.
+struct Case {
+    kv: SequenceKv,
+    heads: Vec<RefHead>,
+    d: usize,
+    dtype: KvDtype,
+    next_pos: u32,
+    rng: StdRng,
+}
+
+impl Case {
+    fn new(seed: u64, n_kv: usize, d: usize, dtype: KvDtype, block_size: usize) -> Self {
+        let pool = BlockPool::new(PoolConfig::from_memory_budget(
+            block_size,
+            d,
+            dtype,
+            256 << 20,
+        ));
+        Case {
+            kv: SequenceKv::new(&pool, 1, n_kv),
+            heads: vec![RefHead::default(); n_kv],
+            d,
+            dtype,
+            next_pos: 0,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn rand_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| self.rng.random_range(-2.0f32..2.0))
+            .collect()
+    }
+
+    /// Appends `n` tokens to every head; returns their positions.
+    fn append(&mut self, n: usize) -> Vec<u32> {
+        let (h, d) = (self.heads.len(), self.d);
+        let k = self.rand_vec(n * h * d);
+        let v = self.rand_vec(n * h * d);
+        let pos: Vec<u32> = (self.next_pos..self.next_pos + n as u32).collect();
+        self.next_pos += n as u32;
+        self.kv.append(0, &k, &v, &pos).unwrap();
+        for (g, head) in self.heads.iter_mut().enumerate() {
+            for (t, &p) in pos.iter().enumerate() {
+                let at = (t * h + g) * d;
+                let r = |x: &[f32]| x[at..at + d].iter().map(|&e| self.dtype.round(e)).collect();
+                head.keys.push(r(&k));
+                head.values.push(r(&v));
+                head.positions.push(p);
+            }
+        }
+        pos
+    }
+
+    /// Evicts a different random fraction from each head.
+    fn evict_ragged(&mut self) {
+        for g in 0..self.heads.len() {
+            let rate = 0.2 + 0.25 * g as f64;
+            let keep: Vec<bool> = (0..self.heads[g].positions.len())
+                .map(|_| !self.rng.random_bool(rate.min(0.9)))
+                .collect();
+            self.kv.evict(0, g, &keep).unwrap();
+            let old = std::mem::take(&mut self.heads[g]);
+            let head = &mut self.heads[g];
+            for (i, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+                head.keys.push(old.keys[i].clone());
+                head.values.push(old.values[i].clone());
+                head.positions.push(old.positions[i]);
+            }
+        }
+    }
+
+    fn random_visibility(&mut self) -> Vec<Vec<bool>> {
+        let lens: Vec<usize> = self.heads.iter().map(|h| h.positions.len()).collect();
+        lens.into_iter()
+            .map(|n| (0..n).map(|_| self.rng.random_bool(0.6)).collect())
+            .collect()
+    }
+}
+
+/// Dense reference: per query head, `softmax(q Kᵀ · scale + mask) V` with candle matmuls.
+/// Returns `out [n_q, n_q_heads, d]` and the probabilities `[n_q_heads][n_q][len]`.
+fn reference(
+    heads: &[RefHead],
+    d: usize,
+    q: &[f32],
+    qpos: &[u32],
+    opts: &AttendOptions<'_>,
+) -> (Vec<f32>, Vec<Vec<Vec<f32>>>) {
+    let dev = Device::Cpu;
+    let n_q = qpos.len();
+    let hq = q.len() / (n_q * d);
+    let g_size = hq / heads.len();
+    let mut out = vec![0.0f32; q.len()];
+    let mut probs = Vec::new();
+    for h in 0..hq {
+        let head = &heads[h / g_size];
+        let len = head.positions.len();
+        let qh: Vec<f32> = (0..n_q)
+            .flat_map(|i| q[(i * hq + h) * d..(i * hq + h + 1) * d].to_vec())
+            .collect();
+        let qt = Tensor::from_vec(qh, (n_q, d), &dev).unwrap();
+        let kt = Tensor::from_vec(head.keys.concat(), (len, d), &dev).unwrap();
+        let vt = Tensor::from_vec(head.values.concat(), (len, d), &dev).unwrap();
+        let mut mask = vec![0.0f32; n_q * len];
+        for i in 0..n_q {
+            for j in 0..len {
+                let (pj, pi) = (head.positions[j], qpos[i]);
+                let shown = opts.visible.is_none_or(|v| v[h / g_size][j]);
+                if !((!opts.causal || pj <= pi) && (shown || pj == pi)) {
+                    mask[i * len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (n_q, len), &dev).unwrap();
+        let s =
+            ((qt.matmul(&kt.t().unwrap()).unwrap() * opts.scale as f64).unwrap() + mask).unwrap();
+        let m = s.max_keepdim(1).unwrap();
+        let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
+        let o = p.matmul(&vt).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in o.iter().enumerate() {
+            out[(i * hq + h) * d..(i * hq + h + 1) * d].copy_from_slice(row);
+        }
+        probs.push(p.to_vec2::<f32>().unwrap());
+    }
+    (out, probs)
+}
+
+fn assert_close_rows(got: &[f32], want: &[f32], row: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (r, (g, w)) in got
+        .chunks(row.max(1))
+        .zip(want.chunks(row.max(1)))
+        .enumerate()
+    {
+        let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let err = g
+            .iter()
+            .zip(w)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "{what}: row {r}: max error {err} vs scale {scale}"
+        );
+    }
+}
+
+/// Runs `attend` and checks output and (when requested) probability sums against the reference.
+fn check(case: &Case, q: &[f32], qpos: &[u32], opts: &AttendOptions<'_>, what: &str) {
+    let got = case.kv.attend(0, q, qpos, opts).unwrap();
+    let (want, probs) = reference(&case.heads, case.d, q, qpos, opts);
+    assert_close_rows(&got.out, &want, case.d, what);
+    match (&opts.prob_sums, got.prob_sums) {
+        (None, None) => {}
+        (Some(rows), Some(sums)) => {
+            let g_size = probs.len() / case.heads.len();
+            for (g, s) in sums.iter().enumerate() {
+                let mut w = vec![0.0f32; case.heads[g].positions.len()];
+                for head_probs in &probs[g * g_size..(g + 1) * g_size] {
+                    for i in rows.clone() {
+                        for (a, p) in w.iter_mut().zip(&head_probs[i]) {
+                            *a += p / g_size as f32;
+                        }
+                    }
+                }
+                assert_close_rows(s, &w, w.len(), &format!("{what}: prob_sums of KV head {g}"));
+            }
+        }
+        (want, got) => panic!(
+            "{what}: prob_sums requested {want:?}, got {}",
+            got.is_some()
+        ),
+    }
+}
+
+fn queries(case: &mut Case, n_q: usize, hq: usize) -> Vec<f32> {
+    case.rand_vec(n_q * hq * case.d)
+}
+
+/// Decode and prefill chunks over ragged heads, GQA 1/3/4, with and without the mask.
+fn scenario(dtype: KvDtype, seed: u64) {
+    for (n_kv, group) in [(2usize, 1usize), (3, 3), (2, 4)] {
+        let hq = n_kv * group;
+        let mut case = Case::new(seed + group as u64, n_kv, 32, dtype, 16);
+        let opts = AttendOptions::for_head_dim(case.d);
+        case.append(150);
+        case.evict_ragged();
+
+        // Decode: append one token, attend with it.
+        let pos = case.append(1);
+        let q = queries(&mut case, 1, hq);
+        check(&case, &q, &pos, &opts, &format!("{dtype} decode G={group}"));
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts.clone().prob_sums(0..1),
+            &format!("{dtype} decode probs G={group}"),
+        );
+        let vis = case.random_visibility();
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts.clone().visible(&vis).prob_sums(0..1),
+            &format!("{dtype} decode masked G={group}"),
+        );
+
+        // Prefill chunk: 23 tokens, causal by position, then ragged again and a second chunk.
+        let pos = case.append(23);
+        let q = queries(&mut case, 23, hq);
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts,
+            &format!("{dtype} prefill G={group}"),
+        );
+        let vis = case.random_visibility();
+        let masked = opts.clone().visible(&vis).prob_sums(5..19);
+        check(
+            &case,
+            &q,
+            &pos,
+            &masked,
+            &format!("{dtype} prefill masked G={group}"),
+        );
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts.clone().causal(false).prob_sums(0..23),
+            &format!("{dtype} non-causal G={group}"),
+        );
+        case.evict_ragged();
+        let pos = case.append(9);
+        let q = queries(&mut case, 9, hq);
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts.clone().prob_sums(0..9),
+            &format!("{dtype} second chunk G={group}"),
+        );
+    }
+}
+
+#[test]
+fn paged_equals_dense_f32() {
+    scenario(KvDtype::F32, 1);
+}
+
+#[test]
+fn paged_equals_dense_f16() {
+    scenario(KvDtype::F16, 2);
+}
+
+#[test]
+fn paged_equals_dense_bf16() {
+    scenario(KvDtype::BF16, 3);
+}
+
+/// Big enough to take the rayon path and to tile query rows (several units per KV head).
+#[test]
+fn parallel_tiled_path_matches() {
+    let mut case = Case::new(7, 2, 64, KvDtype::F32, 32);
+    case.append(1200);
+    case.evict_ragged();
+    let pos = case.append(256);
+    let q = queries(&mut case, 256, 8);
+    let opts = AttendOptions::for_head_dim(64).prob_sums(100..256);
+    check(&case, &q, &pos, &opts, "parallel prefill G=4");
+}
+
+/// Evicting entries physically and hiding them with the visibility mask give the same output
+/// for a query after them.
+#[test]
+fn eviction_equals_masking() {
+    let mut case = Case::new(11, 3, 16, KvDtype::F32, 16);
+    case.append(100);
+    let keep: Vec<Vec<bool>> = (0..3)
+        .map(|g| (0..100).map(|j| (j * (g + 2)) % 5 != 0).collect())
+        .collect();
+    let pos = case.append(1);
+    let vis: Vec<Vec<bool>> = keep
+        .iter()
+        .map(|k| k.iter().copied().chain([true]).collect())
+        .collect();
+    let q = queries(&mut case, 1, 6);
+    let opts = AttendOptions::for_head_dim(16);
+    let masked = case
+        .kv
+        .attend(0, &q, &pos, &opts.clone().visible(&vis))
+        .unwrap();
+    for (g, v) in vis.iter().enumerate() {
+        case.kv.evict(0, g, v).unwrap();
+    }
+    let evicted = case.kv.attend(0, &q, &pos, &opts).unwrap();
+    assert_close_rows(&evicted.out, &masked.out, 16, "evicted vs masked");
+}
+
+/// The contiguous baseline runs the same kernel: it agrees with the paged store.
+#[test]
+fn dense_baseline_matches_paged() {
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let mut case = Case::new(5, 2, 64, dtype, 16);
+        case.append(300);
+        case.evict_ragged();
+        let pos = case.append(1);
+        let q = queries(&mut case, 1, 6);
+        let opts = AttendOptions::for_head_dim(64);
+        let paged = case.kv.attend(0, &q, &pos, &opts).unwrap();
+        let contents: Vec<_> = (0..2).map(|g| case.kv.read_head(0, g)).collect();
+        let (h16k, h16v): (Vec<Vec<half::f16>>, Vec<Vec<half::f16>>) = contents
+            .iter()
+            .map(|c| {
+                let cv = |x: &[f32]| x.iter().map(|&e| half::f16::from_f32(e)).collect();
+                (cv(&c.keys), cv(&c.values))
+            })
+            .unzip();
+        let heads: Vec<DenseHead<'_>> = contents
+            .iter()
+            .enumerate()
+            .map(|(g, c)| match dtype {
+                KvDtype::F16 => DenseHead {
+                    keys: KvSlice::F16(&h16k[g]),
+                    values: KvSlice::F16(&h16v[g]),
+                    positions: &c.positions,
+                },
+                _ => DenseHead {
+                    keys: KvSlice::F32(&c.keys),
+                    values: KvSlice::F32(&c.values),
+                    positions: &c.positions,
+                },
+            })
+            .collect();
+        let dense = attend_dense(&heads, 64, &q, &pos, &opts).unwrap();
+        assert_close_rows(&dense.out, &paged.out, 64, "dense vs paged");
+    }
+}
+
+/// A query row that sees no key (all hidden, none at its position) gets a zero output.
+#[test]
+fn row_without_visible_keys_is_zero() {
+    let mut case = Case::new(3, 1, 8, KvDtype::F32, 4);
+    case.append(10);
+    let q = queries(&mut case, 1, 1);
+    let vis = vec![vec![false; 10]];
+    let got = case
+        .kv
+        .attend(
+            0,
+            &q,
+            &[50],
+            &AttendOptions::for_head_dim(8).visible(&vis).prob_sums(0..1),
+        )
+        .unwrap();
+    assert!(got.out.iter().all(|&x| x == 0.0));
+    assert!(got.prob_sums.unwrap()[0].iter().all(|&x| x == 0.0));
+}

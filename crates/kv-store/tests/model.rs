@@ -1,0 +1,405 @@
+//! Property tests of the store against a dense reference model, and the memory-accounting test.
+//!
+//! Owns: random interleavings of append / append_head / evict / clear / drop over several
+//! sessions sharing one small pool. Invariants checked after every step: retained keys, values
+//! and positions equal the reference (values rounded to the pool dtype); no block id is owned
+//! twice; blocks in use = Σ ceil(retained / block_size) over every head of every session, and the
+//! pool agrees; a failed append (pool exhausted) returns `OutOfBlocks` and changes nothing.
+
+use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
+use proptest::prelude::*;
+use std::collections::HashSet;
+
+const LAYERS: usize = 2;
+const HEADS: usize = 2;
+const D: usize = 3;
+const BS: usize = 4;
+const SESSIONS: usize = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        s: usize,
+        layer: usize,
+        n: usize,
+    },
+    AppendHead {
+        s: usize,
+        layer: usize,
+        head: usize,
+        n: usize,
+    },
+    Evict {
+        s: usize,
+        layer: usize,
+        head: usize,
+        seed: u64,
+    },
+    Clear {
+        s: usize,
+    },
+    Drop {
+        s: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let s = 0..SESSIONS;
+    prop_oneof![
+        4 => (s.clone(), 0..LAYERS, 1..9usize).prop_map(|(s, layer, n)| Op::Append { s, layer, n }),
+        3 => (s.clone(), 0..LAYERS, 0..HEADS, 1..6usize)
+            .prop_map(|(s, layer, head, n)| Op::AppendHead { s, layer, head, n }),
+        4 => (s.clone(), 0..LAYERS, 0..HEADS, any::<u64>())
+            .prop_map(|(s, layer, head, seed)| Op::Evict { s, layer, head, seed }),
+        1 => s.clone().prop_map(|s| Op::Clear { s }),
+        1 => s.prop_map(|s| Op::Drop { s }),
+    ]
+}
+
+/// Reference contents of one head: (key, value, position) per retained entry.
+type RefHead = Vec<(Vec<f32>, Vec<f32>, u32)>;
+
+struct Session {
+    kv: SequenceKv,
+    heads: Vec<RefHead>,
+    next_pos: Vec<u32>,
+}
+
+impl Session {
+    fn new(pool: &BlockPool) -> Self {
+        Session {
+            kv: SequenceKv::new(pool, LAYERS, HEADS),
+            heads: vec![Vec::new(); LAYERS * HEADS],
+            next_pos: vec![0; LAYERS],
+        }
+    }
+}
+
+struct World {
+    pool: BlockPool,
+    dtype: KvDtype,
+    sessions: Vec<Session>,
+    counter: f32,
+}
+
+impl World {
+    fn new(dtype: KvDtype, capacity_blocks: usize) -> Self {
+        let pool = BlockPool::new(PoolConfig {
+            block_size: BS,
+            head_dim: D,
+            dtype,
+            capacity_blocks,
+        });
+        let sessions = (0..SESSIONS).map(|_| Session::new(&pool)).collect();
+        World {
+            pool,
+            dtype,
+            sessions,
+            counter: 0.0,
+        }
+    }
+
+    /// Fresh distinct values (exact in every dtype only after rounding, which the model does).
+    fn values(&mut self, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                self.counter += 1.0;
+                (self.counter * 0.618_034).sin() * 3.0
+            })
+            .collect()
+    }
+
+    fn blocks_for(n: usize) -> usize {
+        n.div_ceil(BS)
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Append { s, layer, n } => {
+                let k = self.values(n * HEADS * D);
+                let v = self.values(n * HEADS * D);
+                let sess = &self.sessions[s];
+                let p0 = sess.next_pos[layer];
+                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
+                let need: usize = (0..HEADS)
+                    .map(|h| {
+                        let len = sess.heads[layer * HEADS + h].len();
+                        Self::blocks_for(len + n) - Self::blocks_for(len)
+                    })
+                    .sum();
+                let free = self.pool.stats().blocks_free;
+                let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
+                self.expect(
+                    res,
+                    need,
+                    free,
+                    layer,
+                    n,
+                    |sess, dtype| {
+                        for h in 0..HEADS {
+                            for (t, &p) in pos.iter().enumerate() {
+                                let at = (t * HEADS + h) * D;
+                                let r = |x: &[f32]| {
+                                    x[at..at + D].iter().map(|&e| dtype.round(e)).collect()
+                                };
+                                sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
+                            }
+                        }
+                        sess.next_pos[layer] += n as u32;
+                    },
+                    s,
+                );
+            }
+            Op::AppendHead { s, layer, head, n } => {
+                let k = self.values(n * D);
+                let v = self.values(n * D);
+                let sess = &self.sessions[s];
+                let p0 = sess.next_pos[layer];
+                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
+                let len = sess.heads[layer * HEADS + head].len();
+                let need = Self::blocks_for(len + n) - Self::blocks_for(len);
+                let free = self.pool.stats().blocks_free;
+                let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
+                self.expect(
+                    res,
+                    need,
+                    free,
+                    layer,
+                    n,
+                    |sess, dtype| {
+                        for t in 0..n {
+                            let r = |x: &[f32]| {
+                                x[t * D..(t + 1) * D]
+                                    .iter()
+                                    .map(|&e| dtype.round(e))
+                                    .collect()
+                            };
+                            sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
+                        }
+                        sess.next_pos[layer] += n as u32;
+                    },
+                    s,
+                );
+            }
+            Op::Evict {
+                s,
+                layer,
+                head,
+                seed,
+            } => {
+                let sess = &mut self.sessions[s];
+                let entries = &mut sess.heads[layer * HEADS + head];
+                let mut x = seed | 1;
+                let keep: Vec<bool> = (0..entries.len())
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % 3 != 0
+                    })
+                    .collect();
+                sess.kv
+                    .evict(layer, head, &keep)
+                    .expect("evict with a mask of the right length");
+                let mut it = keep.iter();
+                entries.retain(|_| *it.next().unwrap());
+            }
+            Op::Clear { s } => {
+                let sess = &mut self.sessions[s];
+                sess.kv.clear();
+                sess.heads.iter_mut().for_each(Vec::clear);
+                sess.next_pos.fill(0);
+            }
+            Op::Drop { s } => {
+                let fresh = Session::new(&self.pool);
+                self.sessions[s] = fresh; // the old SequenceKv is dropped here
+            }
+        }
+    }
+
+    /// Checks an append's result against the pool's free count before it, and updates the model.
+    #[allow(clippy::too_many_arguments)]
+    fn expect(
+        &mut self,
+        res: Result<(), KvError>,
+        need: usize,
+        free: usize,
+        layer: usize,
+        n: usize,
+        update: impl FnOnce(&mut Session, KvDtype),
+        s: usize,
+    ) {
+        if need > free {
+            let want = KvError::OutOfBlocks {
+                layer,
+                tokens: n,
+                requested: need,
+                free,
+                total: self.pool.config().capacity_blocks,
+            };
+            assert_eq!(res, Err(want));
+        } else {
+            res.expect("append within capacity");
+            update(&mut self.sessions[s], self.dtype);
+        }
+    }
+
+    fn check(&self) {
+        let mut ids = HashSet::new();
+        let mut blocks = 0;
+        for sess in &self.sessions {
+            let mut sess_blocks = 0;
+            for l in 0..LAYERS {
+                for h in 0..HEADS {
+                    let want = &sess.heads[l * HEADS + h];
+                    let got = sess.kv.read_head(l, h);
+                    assert_eq!(sess.kv.retained(l, h), want.len());
+                    assert_eq!(got.positions, want.iter().map(|e| e.2).collect::<Vec<_>>());
+                    assert_eq!(sess.kv.positions(l, h), got.positions);
+                    assert_eq!(
+                        got.keys,
+                        want.iter().flat_map(|e| e.0.clone()).collect::<Vec<_>>()
+                    );
+                    assert_eq!(
+                        got.values,
+                        want.iter().flat_map(|e| e.1.clone()).collect::<Vec<_>>()
+                    );
+                    let norms: Vec<f32> = want
+                        .iter()
+                        .map(|e| e.0.iter().map(|x| x * x).sum::<f32>().sqrt())
+                        .collect();
+                    for (a, b) in sess.kv.key_norms(l, h).iter().zip(&norms) {
+                        assert!((a - b).abs() <= 1e-5 * b.max(1.0));
+                    }
+                    let bids = sess.kv.block_ids(l, h);
+                    assert_eq!(bids.len(), want.len().div_ceil(BS));
+                    for id in bids {
+                        assert!(ids.insert(id), "block {id} owned twice");
+                    }
+                    sess_blocks += want.len().div_ceil(BS);
+                }
+            }
+            let st = sess.kv.stats();
+            assert_eq!(st.blocks_in_use, sess_blocks);
+            assert_eq!(
+                st.bytes_in_use,
+                sess_blocks * self.pool.config().block_bytes()
+            );
+            assert_eq!(
+                st.retained_total(),
+                sess.heads.iter().map(Vec::len).sum::<usize>()
+            );
+            blocks += sess_blocks;
+        }
+        let ps = self.pool.stats();
+        assert_eq!(ps.blocks_in_use, blocks);
+        assert_eq!(ps.blocks_free, ps.blocks_total - blocks);
+        assert_eq!(ps.bytes_in_use, blocks * ps.block_bytes);
+        assert!(ps.peak_blocks_in_use <= ps.blocks_total);
+    }
+}
+
+fn run(dtype: KvDtype, capacity: usize, ops: &[Op]) {
+    let mut w = World::new(dtype, capacity);
+    for op in ops {
+        w.apply(op);
+        w.check();
+    }
+    w.sessions.clear();
+    assert_eq!(
+        w.pool.stats().blocks_in_use,
+        0,
+        "dropping every session returns every block"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_reference_f32(ops in prop::collection::vec(op(), 1..60), capacity in 4..40usize) {
+        run(KvDtype::F32, capacity, &ops);
+    }
+
+    #[test]
+    fn store_matches_reference_f16(ops in prop::collection::vec(op(), 1..60), capacity in 4..40usize) {
+        run(KvDtype::F16, capacity, &ops);
+    }
+
+    #[test]
+    fn store_matches_reference_bf16(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
+        run(KvDtype::BF16, capacity, &ops);
+    }
+}
+
+/// Evicting half of every head frees real memory: bytes in use fall to within one block per head
+/// of half the full figure, in the sequence's and in the pool's accounting.
+#[test]
+fn half_eviction_halves_bytes_in_use() {
+    let (layers, heads, d, tokens) = (3, 4, 64, 1000usize);
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let pool = BlockPool::new(PoolConfig::from_memory_budget(16, d, dtype, 64 << 20));
+        let mut kv = SequenceKv::new(&pool, layers, heads);
+        let pos: Vec<u32> = (0..tokens as u32).collect();
+        let k: Vec<f32> = (0..tokens * heads * d).map(|i| (i % 97) as f32).collect();
+        for l in 0..layers {
+            kv.append(l, &k, &k, &pos).unwrap();
+        }
+        let full = kv.stats().bytes_in_use;
+        assert_eq!(full, pool.stats().bytes_in_use);
+        let mut x = 12345u64;
+        for l in 0..layers {
+            for h in 0..heads {
+                // A different random half per head.
+                let mut idx: Vec<usize> = (0..tokens).collect();
+                for i in (1..tokens).rev() {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    idx.swap(i, (x >> 33) as usize % (i + 1));
+                }
+                let mut keep = vec![false; tokens];
+                idx[..tokens / 2].iter().for_each(|&i| keep[i] = true);
+                kv.evict(l, h, &keep).unwrap();
+                assert_eq!(kv.retained(l, h), tokens / 2);
+            }
+        }
+        let half = kv.stats().bytes_in_use;
+        let slack = layers * heads * pool.config().block_bytes();
+        assert!(
+            half.abs_diff(full / 2) <= slack,
+            "{dtype}: {half} bytes after eviction, full {full}"
+        );
+        assert_eq!(half, pool.stats().bytes_in_use);
+        drop(kv);
+        assert_eq!(pool.stats().bytes_in_use, 0);
+        assert!(pool.stats().bytes_reserved >= full);
+        assert!(pool.trim() >= full);
+        assert_eq!(pool.stats().bytes_reserved, 0);
+    }
+}
+
+/// Sessions are independent: one session's eviction never changes another's contents or blocks.
+#[test]
+fn sessions_do_not_share_blocks() {
+    let pool = BlockPool::new(PoolConfig::from_token_capacity(8, 2, KvDtype::F32, 4096));
+    let mut a = SequenceKv::new(&pool, 1, 1);
+    let mut b = SequenceKv::new(&pool, 1, 1);
+    let pos: Vec<u32> = (0..40).collect();
+    let xs: Vec<f32> = (0..80).map(|i| i as f32).collect();
+    a.append(0, &xs, &xs, &pos).unwrap();
+    b.append(0, &xs, &xs, &pos).unwrap();
+    let before = b.read_head(0, 0);
+    let b_ids = b.block_ids(0, 0);
+    let keep: Vec<bool> = (0..40).map(|i| i % 4 == 0).collect();
+    a.evict(0, 0, &keep).unwrap();
+    assert_eq!(a.retained(0, 0), 10);
+    assert_eq!(a.positions(0, 0), (0..40).step_by(4).collect::<Vec<u32>>());
+    assert_eq!(b.read_head(0, 0), before);
+    assert_eq!(b.block_ids(0, 0), b_ids);
+    assert_eq!(pool.stats().blocks_in_use, 2 + 5);
+    let st = a.stats();
+    assert_eq!(st.appended, vec![vec![40]]);
+    assert_eq!(st.tokens_seen, vec![40]);
+    assert_eq!(st.retained, vec![vec![10]]);
+}
