@@ -3,16 +3,19 @@
 //! ([`attend_dense`]), and argument validation.
 //!
 //! Kernel invariants:
-//! - keys and values are read in place, segment by segment (a block, or a contiguous run), f16 and
-//!   bf16 converted on the fly in chunks of at most [`CHUNK`] entries — never gathered whole;
-//! - one work unit = one KV head × a tile of query rows; the `G` query heads of the group and all
-//!   rows of the tile share each pass over the head's segments (decode: one pass for `G` heads);
-//! - softmax is two-pass (scores, then max-shifted exp) with f32 accumulators, so it is stable
-//!   for any score magnitude; a query row with no visible key gets a zero output;
+//! - keys and values are read in place, one chunk of at most [`CHUNK`] entries at a time (a
+//!   block, or a slice of a contiguous run), f16 and bf16 converted on the fly — never gathered
+//!   whole; each chunk's keys and values are read once per work unit, by all its query vectors;
+//! - one work unit = one KV head × a tile of query rows × a range of the head's entries; the `G`
+//!   query heads of the group and the tile's rows share each pass (decode: one pass for `G`
+//!   heads); parallel calls split long heads into key ranges (split-K) so that every thread works;
+//! - softmax is online (running max and denominator per query vector, f32 accumulators), and
+//!   split-K partials are merged by the same max-shift rule, so it is stable for any score
+//!   magnitude; a query row with no visible key gets a zero output and zero probabilities;
 //! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and (`visible[j]` or
 //!   `pos_j == pos_i`);
 //! - units run on rayon only when the whole call has at least [`PAR_MIN_WORK`] multiply-adds;
-//!   probabilities are summed only when `prob_sums` is requested.
+//!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
 use std::ops::Range;
 
@@ -21,11 +24,18 @@ use rayon::prelude::*;
 use crate::simd;
 use crate::{KvError, KvSlice};
 
-/// Entries converted (f16/bf16 → f32) per step of a pass.
-const CHUNK: usize = 64;
+/// Entries per kernel step: keys and values of one chunk (f32, after conversion) stay in L1.
+const CHUNK: usize = 16;
 
-/// Upper bound on the score scratch of one work unit, in f32s (query rows are tiled to fit).
+/// Upper bound on `query vectors × keys` of one work unit (query rows are tiled to fit); it
+/// bounds the raw-score buffer kept when probabilities are requested.
 const SCORE_BUDGET: usize = 1 << 18;
+
+/// Work units aimed at per rayon thread when a call runs in parallel.
+const UNITS_PER_THREAD: usize = 4;
+
+/// Fewest keys in a split-K part.
+const MIN_PART_KEYS: usize = 512;
 
 /// Multiply-adds (`query vectors × keys × head_dim`) below which a call runs on the calling
 /// thread: rayon's fork/join costs more than it saves on short decode contexts.
@@ -252,16 +262,59 @@ fn validate(
     })
 }
 
-/// One KV head × a tile of query rows.
+/// One KV head × a tile of query rows × a range of that head's retained entries.
 struct Unit {
     head: usize,
     rows: Range<usize>,
+    keys: Range<usize>,
 }
 
-/// Output of one unit: `[rows][G][d]`, and its probability sums `[len]` when requested.
-struct UnitOut {
-    out: Vec<f32>,
-    probs: Option<Vec<f32>>,
+/// Partial result of one unit, per query vector (`[rows][G]`): running max `m`, softmax
+/// denominator `l` relative to `m`, un-normalised output `acc` `[.., d]`; and the raw scores
+/// `[rows * G, keys.len()]` when probabilities were requested.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    scores: Option<Vec<f32>>,
+}
+
+/// Splits the call into units: row tiles bounded by [`SCORE_BUDGET`] and, when running in
+/// parallel, key ranges of at least [`MIN_PART_KEYS`] so that every thread gets work even with
+/// few KV heads (split-K, merged by [`merge`]). Returns the units and whether to run in parallel.
+fn plan(heads: &[HeadView<'_>], sh: &Shape) -> (Vec<Unit>, bool) {
+    let work: usize = heads.iter().map(|h| sh.n_q * sh.group * h.len * sh.d).sum();
+    let threads = rayon::current_num_threads();
+    let parallel = work >= PAR_MIN_WORK && threads > 1;
+    let tiles: Vec<usize> = heads
+        .iter()
+        .map(|h| (SCORE_BUDGET / (sh.group.max(1) * h.len.max(1))).max(1))
+        .collect();
+    let base_units: usize = tiles.iter().map(|t| sh.n_q.div_ceil(*t)).sum();
+    let parts = if parallel {
+        (UNITS_PER_THREAD * threads).div_ceil(base_units.max(1))
+    } else {
+        1
+    };
+    let mut units = Vec::new();
+    for (head, (hv, tile)) in heads.iter().zip(tiles).enumerate() {
+        let parts = parts.min(hv.len / MIN_PART_KEYS).max(1);
+        let mut r0 = 0;
+        while r0 < sh.n_q {
+            let r1 = (r0 + tile).min(sh.n_q);
+            for p in 0..parts {
+                let keys = hv.len * p / parts..hv.len * (p + 1) / parts;
+                units.push(Unit {
+                    head,
+                    rows: r0..r1,
+                    keys,
+                });
+            }
+            r0 = r1;
+        }
+    }
+    let parallel = parallel && units.len() > 1;
+    (units, parallel)
 }
 
 /// Validates and runs attention of `q` over `heads` (one view per KV head of `layer`).
@@ -274,53 +327,87 @@ pub(crate) fn attend_heads(
     opts: &AttendOptions<'_>,
 ) -> Result<AttendOutput, KvError> {
     let sh = validate(layer, heads, head_dim, q, q_positions, opts)?;
-    let mut units = Vec::new();
-    let mut work = 0usize;
-    for (head, hv) in heads.iter().enumerate() {
-        if sh.n_q == 0 {
-            break;
-        }
-        let tile = (SCORE_BUDGET / (sh.group * hv.len.max(1))).max(1);
-        let mut r0 = 0;
-        while r0 < sh.n_q {
-            let r1 = (r0 + tile).min(sh.n_q);
-            units.push(Unit { head, rows: r0..r1 });
-            r0 = r1;
-        }
-        work += sh.n_q * sh.group * hv.len * sh.d;
-    }
+    let (units, parallel) = plan(heads, &sh);
     let run = |u: &Unit| {
         let flags = opts.visible.map(|v| v[u.head].as_slice());
-        attend_unit(&heads[u.head], flags, q, q_positions, opts, &sh, u)
+        attend_part(&heads[u.head], flags, q, q_positions, opts, &sh, u)
     };
-    let results: Vec<UnitOut> = if work >= PAR_MIN_WORK && units.len() > 1 {
+    let partials: Vec<Partial> = if parallel {
         units.par_iter().map(run).collect()
     } else {
         units.iter().map(run).collect()
     };
+    Ok(merge(heads, &sh, opts, &units, &partials, q.len()))
+}
 
-    let mut out = vec![0.0f32; q.len()];
+/// Combines the partials of each (head, row tile) into normalised outputs and, when requested,
+/// probability sums.
+fn merge(
+    heads: &[HeadView<'_>],
+    sh: &Shape,
+    opts: &AttendOptions<'_>,
+    units: &[Unit],
+    partials: &[Partial],
+    out_len: usize,
+) -> AttendOutput {
+    let (d, g) = (sh.d, sh.group);
+    let mut out = vec![0.0f32; out_len];
     let mut prob_sums = opts.prob_sums.as_ref().map(|_| {
         heads
             .iter()
             .map(|h| vec![0.0f32; h.len])
             .collect::<Vec<_>>()
     });
-    let gd = sh.group * sh.d;
-    for (u, r) in units.iter().zip(results) {
-        for (i, row) in u.rows.clone().enumerate() {
-            let dst = (row * sh.n_q_heads + u.head * sh.group) * sh.d;
-            out[dst..dst + gd].copy_from_slice(&r.out[i * gd..(i + 1) * gd]);
-        }
-        if let (Some(all), Some(p)) = (prob_sums.as_mut(), r.probs) {
-            simd::axpy(&mut all[u.head], 1.0, &p);
+    let mut i = 0;
+    while i < units.len() {
+        let (head, rows) = (units[i].head, units[i].rows.clone());
+        let n = units[i..]
+            .iter()
+            .take_while(|u| u.head == head && u.rows == rows)
+            .count();
+        let (group_units, group) = (&units[i..i + n], &partials[i..i + n]);
+        i += n;
+        for qi in 0..rows.len() * g {
+            let m = group.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.m[qi]));
+            if m == f32::NEG_INFINITY {
+                continue; // no visible key: zero output, zero probabilities
+            }
+            let factors: Vec<f32> = group.iter().map(|p| simd::exp(p.m[qi] - m)).collect();
+            let inv_l = 1.0
+                / group
+                    .iter()
+                    .zip(&factors)
+                    .map(|(p, f)| p.l[qi] * f)
+                    .sum::<f32>();
+            let (row, gi) = (rows.start + qi / g, qi % g);
+            let dst = (row * sh.n_q_heads + head * g + gi) * d;
+            let o = &mut out[dst..dst + d];
+            for (p, f) in group.iter().zip(&factors) {
+                simd::axpy(o, f * inv_l, &p.acc[qi * d..(qi + 1) * d]);
+            }
+            let (Some(sums), Some(want)) = (prob_sums.as_mut(), opts.prob_sums.as_ref()) else {
+                continue;
+            };
+            if !want.contains(&row) {
+                continue;
+            }
+            for (u, p) in group_units.iter().zip(group) {
+                let Some(scores) = &p.scores else { continue };
+                let klen = u.keys.len();
+                let dst = &mut sums[head][u.keys.clone()];
+                let inv = inv_l / g as f32;
+                for (acc, &s) in dst.iter_mut().zip(&scores[qi * klen..(qi + 1) * klen]) {
+                    *acc += simd::exp(s - m) * inv;
+                }
+            }
         }
     }
-    Ok(AttendOutput { out, prob_sums })
+    AttendOutput { out, prob_sums }
 }
 
-/// The kernel: scores pass over keys, softmax per query vector, output pass over values.
-fn attend_unit(
+/// The kernel: one pass over the unit's key range, block by block (chunks of at most
+/// [`CHUNK`] entries), with an online softmax per query vector.
+fn attend_part(
     hv: &HeadView<'_>,
     flags: Option<&[bool]>,
     q: &[f32],
@@ -328,90 +415,80 @@ fn attend_unit(
     opts: &AttendOptions<'_>,
     sh: &Shape,
     u: &Unit,
-) -> UnitOut {
-    let (d, g, len) = (sh.d, sh.group, hv.len);
-    let nrows = u.rows.len();
-    let nqv = nrows * g;
+) -> Partial {
+    let (d, g) = (sh.d, sh.group);
+    let nqv = u.rows.len() * g;
+    let klen = u.keys.len();
     let qpos = &q_positions[u.rows.clone()];
-    // Gather this group's query vectors, pre-scaled: [nrows * g, d].
+    // This group's query vectors, pre-scaled: [rows * g, d].
     let mut qs = Vec::with_capacity(nqv * d);
     for row in u.rows.clone() {
         let src = (row * sh.n_q_heads + u.head * g) * d;
         qs.extend(q[src..src + g * d].iter().map(|x| x * opts.scale));
     }
-    let mut scratch = vec![0.0f32; CHUNK * d];
+    let mut m = vec![f32::NEG_INFINITY; nqv];
+    let mut l = vec![0.0f32; nqv];
+    let mut acc = vec![0.0f32; nqv * d];
+    let mut scores = opts
+        .prob_sums
+        .as_ref()
+        .map(|_| vec![f32::NEG_INFINITY; nqv * klen]);
+    let (mut kbuf, mut vbuf) = (vec![0.0f32; CHUNK * d], vec![0.0f32; CHUNK * d]);
+    let (mut sbuf, mut vis) = ([0.0f32; CHUNK], [false; CHUNK]);
 
-    // Pass 1: scores [nqv, len].
-    let mut scores = vec![0.0f32; nqv * len];
-    let mut j = 0;
+    let mut seg_start = 0;
     for seg in &hv.segments {
         let n = seg.positions.len();
-        let mut c0 = 0;
-        while c0 < n {
-            let c1 = (c0 + CHUNK).min(n);
-            let keys = seg.keys.view(c0 * d, c1 * d, &mut scratch);
-            for (k, &pos) in keys.chunks_exact(d).zip(&seg.positions[c0..c1]) {
-                let shown = flags.is_none_or(|f| f[j]);
-                for (r, &qp) in qpos.iter().enumerate() {
-                    let vis = (!opts.causal || pos <= qp) && (shown || pos == qp);
-                    for gi in 0..g {
-                        let qi = r * g + gi;
-                        scores[qi * len + j] = if vis {
-                            simd::dot(&qs[qi * d..(qi + 1) * d], k)
+        let (lo, hi) = (u.keys.start.max(seg_start), u.keys.end.min(seg_start + n));
+        let base = seg_start;
+        seg_start += n;
+        let mut c0 = lo.saturating_sub(base);
+        while lo < hi && c0 < hi - base {
+            let c1 = (c0 + CHUNK).min(hi - base);
+            let cn = c1 - c0;
+            let keys = seg.keys.view(c0 * d, c1 * d, &mut kbuf);
+            let values = seg.values.view(c0 * d, c1 * d, &mut vbuf);
+            let pos = &seg.positions[c0..c1];
+            let j0 = base + c0; // index of the chunk's first entry in the head
+            for (r, &qp) in qpos.iter().enumerate() {
+                for (jj, (vis, &pj)) in vis.iter_mut().zip(pos).enumerate() {
+                    let shown = flags.is_none_or(|f| f[j0 + jj]);
+                    *vis = (!opts.causal || pj <= qp) && (shown || pj == qp);
+                }
+                for qi in r * g..(r + 1) * g {
+                    let qv = &qs[qi * d..(qi + 1) * d];
+                    let s = &mut sbuf[..cn];
+                    for ((sj, k), &shown) in s.iter_mut().zip(keys.chunks_exact(d)).zip(&vis) {
+                        *sj = if shown {
+                            simd::dot(qv, k)
                         } else {
                             f32::NEG_INFINITY
                         };
                     }
-                }
-                j += 1;
-            }
-            c0 = c1;
-        }
-    }
-
-    // Softmax per query vector, normalised in place.
-    for row in scores.chunks_exact_mut(len.max(1)) {
-        let m = simd::max(row);
-        if m == f32::NEG_INFINITY {
-            row.fill(0.0);
-            continue;
-        }
-        let inv = 1.0 / simd::exp_shifted_sum(row, m);
-        row.iter_mut().for_each(|p| *p *= inv);
-    }
-
-    // Pass 2: out [nqv, d] = P · V.
-    let mut out = vec![0.0f32; nqv * d];
-    let mut j = 0;
-    for seg in &hv.segments {
-        let n = seg.positions.len();
-        let mut c0 = 0;
-        while c0 < n {
-            let c1 = (c0 + CHUNK).min(n);
-            let values = seg.values.view(c0 * d, c1 * d, &mut scratch);
-            for v in values.chunks_exact(d) {
-                for (qi, o) in out.chunks_exact_mut(d).enumerate() {
-                    let p = scores[qi * len + j];
-                    if p != 0.0 {
-                        simd::axpy(o, p, v);
+                    if let Some(sc) = scores.as_mut() {
+                        let at = qi * klen + j0 - u.keys.start;
+                        sc[at..at + cn].copy_from_slice(s);
                     }
+                    let mc = simd::max(s);
+                    if mc == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let a = &mut acc[qi * d..(qi + 1) * d];
+                    if mc > m[qi] {
+                        let f = simd::exp(m[qi] - mc);
+                        a.iter_mut().for_each(|x| *x *= f);
+                        l[qi] *= f;
+                        m[qi] = mc;
+                    }
+                    l[qi] += simd::exp_shifted_sum(s, m[qi]);
+                    simd::accumulate_rows(a, s, values);
                 }
-                j += 1;
             }
             c0 = c1;
         }
-    }
-
-    let probs = opts.prob_sums.as_ref().map(|want| {
-        let mut sums = vec![0.0f32; len];
-        let inv_g = 1.0 / g as f32;
-        for row in want.start.max(u.rows.start)..want.end.min(u.rows.end) {
-            let r = row - u.rows.start;
-            for qi in r * g..(r + 1) * g {
-                simd::axpy(&mut sums, inv_g, &scores[qi * len..(qi + 1) * len]);
-            }
+        if seg_start >= u.keys.end {
+            break;
         }
-        sums
-    });
-    UnitOut { out, probs }
+    }
+    Partial { m, l, acc, scores }
 }

@@ -44,6 +44,30 @@ pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// `acc[c] += sum_j p[j] * values[j * d + c]` for `d = acc.len()`: the weighted sum of a chunk of
+/// value rows, with each 16-lane slice of `acc` held in registers across the whole chunk.
+#[inline]
+pub(crate) fn accumulate_rows(acc: &mut [f32], p: &[f32], values: &[f32]) {
+    let d = acc.len();
+    let mut lanes = acc.chunks_exact_mut(LANES);
+    for (ci, a) in (&mut lanes).enumerate() {
+        let mut r = [0.0f32; LANES];
+        r.copy_from_slice(a);
+        for (&pj, row) in p.iter().zip(values.chunks_exact(d)) {
+            let v = &row[ci * LANES..(ci + 1) * LANES];
+            for l in 0..LANES {
+                r[l] = v[l].mul_add(pj, r[l]);
+            }
+        }
+        a.copy_from_slice(&r);
+    }
+    let tail = lanes.into_remainder();
+    let t0 = d - tail.len();
+    for (&pj, row) in p.iter().zip(values.chunks_exact(d)) {
+        axpy(tail, pj, &row[t0..]);
+    }
+}
+
 /// Maximum of a slice (`-inf` when empty).
 #[inline]
 pub(crate) fn max(xs: &[f32]) -> f32 {
@@ -138,6 +162,14 @@ mod tests {
             }
             let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max(&a), m);
+            let d = 21;
+            let rows: Vec<f32> = (0..3 * d).map(|i| i as f32 * 0.1).collect();
+            let mut acc = vec![1.0f32; d];
+            accumulate_rows(&mut acc, &[0.5, -1.0, 2.0], &rows);
+            for (c, x) in acc.iter().enumerate() {
+                let want = 1.0 + 0.5 * rows[c] - rows[d + c] + 2.0 * rows[2 * d + c];
+                assert!((x - want).abs() < 1e-5);
+            }
             let mut e = a.clone();
             let s = exp_shifted_sum(&mut e, 1.0);
             let want_s: f32 = a.iter().map(|x| (x - 1.0).exp()).sum();

@@ -383,3 +383,26 @@ fn row_without_visible_keys_is_zero() {
     assert!(got.out.iter().all(|&x| x == 0.0));
     assert!(got.prob_sums.unwrap()[0].iter().all(|&x| x == 0.0));
 }
+
+/// A long decode takes the split-K path (several key ranges per KV head, merged): it still
+/// matches, probabilities included.
+#[test]
+fn split_k_decode_matches() {
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let mut case = Case::new(13, 3, 64, dtype, 16);
+        case.append(6000);
+        case.evict_ragged();
+        let pos = case.append(1);
+        let q = queries(&mut case, 1, 9);
+        let opts = AttendOptions::for_head_dim(64).prob_sums(0..1);
+        check(&case, &q, &pos, &opts, &format!("{dtype} split-K decode"));
+        let vis = case.random_visibility();
+        check(
+            &case,
+            &q,
+            &pos,
+            &opts.clone().visible(&vis),
+            &format!("{dtype} split-K masked"),
+        );
+    }
+}
