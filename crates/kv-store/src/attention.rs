@@ -458,12 +458,11 @@ fn attend_part(
                 for qi in r * g..(r + 1) * g {
                     let qv = &qs[qi * d..(qi + 1) * d];
                     let s = &mut sbuf[..cn];
-                    for ((sj, k), &shown) in s.iter_mut().zip(keys.chunks_exact(d)).zip(&vis) {
-                        *sj = if shown {
-                            simd::dot(qv, k)
-                        } else {
-                            f32::NEG_INFINITY
-                        };
+                    simd::dots(qv, keys, s);
+                    for (sj, &shown) in s.iter_mut().zip(&vis) {
+                        if !shown {
+                            *sj = f32::NEG_INFINITY;
+                        }
                     }
                     if let Some(sc) = scores.as_mut() {
                         let at = qi * klen + j0 - u.keys.start;

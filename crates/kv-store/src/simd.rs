@@ -25,15 +25,27 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ar.iter().zip(br) {
         tail = x.mul_add(*y, tail);
     }
-    // Pairwise reduction keeps the rounding error low and vectorises.
-    let mut w = LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-        w /= 2;
+    hsum(acc) + tail
+}
+
+/// Tree sum of the lanes (short dependency chain, lower rounding error than a running sum).
+/// Kept out of line: inlined, it makes LLVM vectorise the caller's main loop with 2-wide
+/// vectors, and a running sum instead costs a 16-add dependency chain per dot product.
+#[inline(never)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    let h8: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|l| h8[l] + h8[l + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
+}
+
+/// `out[j] = dot(q, rows[j * q.len()..])` for each row of `rows` (and each slot of `out`).
+/// Kept out of line: inlined into the kernel, LLVM vectorises across rows instead of along
+/// each row, with narrow vectors.
+#[inline(never)]
+pub(crate) fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len().max(1))) {
+        *o = dot(q, row);
     }
-    acc[0] + tail
 }
 
 /// `y[i] += alpha * x[i]` over the common length.
