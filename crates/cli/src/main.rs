@@ -1,1 +1,55 @@
-fn main() {}
+//! The `agate` binary: argument parsing and dispatch. Every error reaches the user as one line
+//! (`error: …`) and a non-zero exit status; no panic is expected to escape.
+
+mod args;
+mod bench;
+mod chat;
+mod generate;
+mod inspect;
+mod plot;
+mod policy_args;
+
+use clap::{Parser, Subcommand};
+
+/// agate: LLM inference with a KV cache that learns what to forget.
+#[derive(Parser, Debug)]
+#[command(name = "agate", version, about, propagate_version = true)]
+struct Cli {
+    /// CPU threads for the kernels (default: all cores).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a continuation of one prompt.
+    Generate(generate::GenerateArgs),
+    /// Chat interactively.
+    Chat(chat::ChatArgs),
+    /// Describe a model: architecture, sizes, KV bytes per token.
+    Inspect(inspect::InspectArgs),
+    /// Measure prompt processing and generation speed (llama-bench style).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Only fails if a pool already exists, which cannot happen this early.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n as usize)
+            .build_global();
+    }
+    let result = match &cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

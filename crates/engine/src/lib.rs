@@ -1,1 +1,34 @@
-//! placeholder
+//! engine: agate's runtime. An [`Engine`] holds a loaded model and the KV block pool; a
+//! [`Session`] is one conversation (prefill → evict → decode, sampling, stop strings, streaming,
+//! chat turns that reuse the cache). Also: the default-model cache and fetch.
+//!
+//! ```no_run
+//! use engine::{Engine, GenerateRequest};
+//! let engine = Engine::builder().build()?; // the default model, fetched on first use
+//! let mut session = engine.new_session();
+//! let out = session.complete("The capital of France is", &GenerateRequest::default(), &mut |t| {
+//!     print!("{t}");
+//!     true
+//! })?;
+//! println!("\n{} tokens, KV {:?}", out.tokens.len(), session.kv_report().bytes_in_use);
+//! # Ok::<(), engine::EngineError>(())
+//! ```
+
+pub mod bench;
+pub mod engine;
+pub mod error;
+pub mod model_cache;
+pub mod policy;
+pub mod report;
+pub mod sampling;
+pub mod session;
+pub mod text;
+
+pub use engine::{Engine, EngineBuilder, EngineConfig};
+pub use error::{EngineError, Result};
+pub use kv_store::KvDtype;
+pub use model_zoo::{ChatMessage, ModelConfig, WeightFormat};
+pub use policy::Policy;
+pub use report::KvReport;
+pub use sampling::SamplingParams;
+pub use session::{FinishReason, GenerateRequest, Generation, Session};

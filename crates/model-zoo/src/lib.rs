@@ -1,1 +1,77 @@
-//! placeholder
+//! model-zoo: model configs, weight loading (GGUF, safetensors), tokenizers with chat templates,
+//! and the Llama-family decoder with one eviction hook per attention layer.
+//!
+//! Entry point: [`load`] opens a GGUF file or a Hugging Face directory and returns the decoder
+//! and its tokenizer. Nothing here knows about sampling, requests or files other than weights.
+
+pub mod config;
+pub mod error;
+pub mod hook;
+pub mod llama;
+pub mod random;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass};
+pub use llama::{LlamaModel, LogitsFor};
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::{GgufFile, WeightFormat, Weights};
+
+/// What kind of file a model came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A single GGUF file.
+    Gguf,
+    /// A Hugging Face directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+    Safetensors,
+}
+
+/// A decoder with its tokenizer.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: LlamaModel,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The file or directory loaded.
+    pub path: PathBuf,
+    /// Its kind.
+    pub kind: SourceKind,
+}
+
+/// Loads a model from a GGUF file or a Hugging Face directory.
+pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        let cfg = ModelConfig::from_hf_json(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let weights = Weights::from_safetensors_dir(path, format)?;
+        let model = LlamaModel::load(&cfg, &weights)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            path: path.to_path_buf(),
+            kind: SourceKind::Safetensors,
+        })
+    } else {
+        let file = GgufFile::open(path)?;
+        let cfg = ModelConfig::from_gguf(path, file.content())?;
+        let tokenizer = Tokenizer::from_gguf(path, file.content())?;
+        let weights = Weights::from_gguf(file, format);
+        let model = LlamaModel::load(&cfg, &weights)?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            path: path.to_path_buf(),
+            kind: SourceKind::Gguf,
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! `agate bench`: llama-bench style throughput — prompt processing and token generation at
+//! chosen context depths, per policy — as a markdown table or JSON lines (`--json`).
+
+use clap::Args;
+use engine::bench::{BenchRow, BenchSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::{load_engine, ModelArgs};
+use crate::policy_args::PolicyArgs;
+
+/// Flags of `agate bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Prompt tokens per run.
+    #[arg(short = 'p', long = "prompt", default_value_t = 512)]
+    pub prompt: usize,
+    /// Generated tokens per run.
+    #[arg(short = 'n', long = "generate", default_value_t = 128)]
+    pub generate: usize,
+    /// Context depths before the prompt, comma-separated.
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depths: Vec<usize>,
+    /// Repetitions per configuration.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub repetitions: usize,
+    /// Seed of the random prompt tokens.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print JSON lines (one object per row) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `agate bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let policies = args.policy.policies()?;
+    let engine = load_engine(&args.model)?;
+    let spec = BenchSpec {
+        prompt: args.prompt,
+        generate: args.generate,
+        depths: args.depths.clone(),
+        repetitions: args.repetitions,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new((policies.len() * spec.depths.len() * spec.repetitions) as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} runs  {per_sec}  ETA {eta}  {msg}",
+    )?);
+    let mut rows: Vec<BenchRow> = Vec::new();
+    for (pi, policy) in policies.iter().enumerate() {
+        bar.set_message(policy.name().to_string());
+        let done_before = (pi * spec.depths.len() * spec.repetitions) as u64;
+        let policy = policy.resolve(&engine)?;
+        rows.extend(engine::bench::run(
+            &engine,
+            &policy,
+            &spec,
+            &mut |done, _| bar.set_position(done_before + done as u64),
+        )?);
+    }
+    bar.finish_and_clear();
+    if args.json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "model: {} | threads: {}",
+        engine.model_path().display(),
+        rayon::current_num_threads()
+    );
+    println!("| policy | depth | test | t/s (median) | range | TTFT s | KV MiB in use / full | evicted | peak RSS MiB |");
+    println!("|---|---:|---|---:|---|---:|---|---:|---:|");
+    let mib = |b: f64| b / (1 << 20) as f64;
+    for r in &rows {
+        let kv = format!(
+            "{:.1} / {:.1}",
+            mib(r.kv_bytes_in_use as f64),
+            mib(r.kv_bytes_full as f64)
+        );
+        let rss = mib(r.peak_rss_bytes as f64);
+        println!(
+            "| {} | {} | pp{} | {:.1} | {:.1}–{:.1} | {:.3} | {kv} | {:.2} | {rss:.0} |",
+            r.policy,
+            r.depth,
+            r.prompt,
+            r.prefill_tokens_per_s.median,
+            r.prefill_tokens_per_s.min,
+            r.prefill_tokens_per_s.max,
+            r.time_to_first_token_s.median,
+            r.eviction_ratio
+        );
+        println!(
+            "| {} | {} | tg{} | {:.1} | {:.1}–{:.1} | | {kv} | {:.2} | {rss:.0} |",
+            r.policy,
+            r.depth,
+            r.generate,
+            r.decode_tokens_per_s.median,
+            r.decode_tokens_per_s.min,
+            r.decode_tokens_per_s.max,
+            r.eviction_ratio
+        );
+    }
+    Ok(())
+}

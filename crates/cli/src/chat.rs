@@ -1,0 +1,174 @@
+//! `agate chat`: an interactive conversation in the terminal. Answers stream as they are
+//! generated; Ctrl-C stops the current answer (not the program); slash commands adjust the
+//! session. The session's cache persists across turns, so each turn prefills only its new text.
+
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Args;
+use engine::{GenerateRequest, SamplingParams, Session};
+
+use crate::args::{load_engine, ModelArgs, SamplingArgs};
+
+/// Flags of `agate chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Maximum tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+const HELP: &str = "commands:
+  /help            this list
+  /clear           forget the conversation (frees its KV cache)
+  /system TEXT     set the system prompt (restarts the conversation); /system alone removes it
+  /temp X          sampling temperature (0 = greedy)
+  /topp X          nucleus sampling threshold in (0, 1]
+  /stats           tokens seen and retained, KV memory, last answer's speed
+  /exit            quit (Ctrl-D too)
+Ctrl-C stops the current answer.";
+
+/// Runs `agate chat`.
+pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
+    let chat_defaults = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+        ..Default::default()
+    };
+    let mut request = GenerateRequest {
+        max_tokens: args.max_tokens,
+        sampling: args.sampling.params(chat_defaults)?,
+        stop: Vec::new(),
+        stop_at_eos: true,
+    };
+    let engine = load_engine(&args.model)?;
+    let mut session = engine.new_session();
+    session.set_system_prompt(args.system.clone());
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    eprintln!(
+        "agate chat: {} ({} layers), policy {}. /help for commands, Ctrl-C stops an answer, /exit quits.",
+        engine.model_path().display(),
+        engine.model_config().n_layers,
+        session.policy().name()
+    );
+    let stdin = std::io::stdin();
+    let mut last_speed: Option<String> = None;
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            interrupted.store(false, Ordering::SeqCst);
+            continue;
+        }
+        if let Some(command) = line.strip_prefix('/') {
+            match handle_command(command, &mut session, &mut request, last_speed.as_deref()) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    continue;
+                }
+            }
+        }
+        interrupted.store(false, Ordering::SeqCst);
+        let mut on_text = |t: &str| {
+            print!("{t}");
+            let _ = std::io::stdout().flush();
+            !interrupted.load(Ordering::SeqCst)
+        };
+        match session.chat(line, &request, &mut on_text) {
+            Ok(g) => {
+                println!();
+                let speed = format!(
+                    "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({:?})",
+                    g.prompt_tokens,
+                    g.prefill_tokens_per_s(),
+                    g.tokens.len(),
+                    g.decode_tokens_per_s(),
+                    g.finish_reason
+                );
+                eprintln!("[{speed}]");
+                last_speed = Some(speed);
+            }
+            Err(e) => eprintln!("\nerror: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Handles a slash command; returns false to quit.
+fn handle_command(
+    command: &str,
+    session: &mut Session,
+    request: &mut GenerateRequest,
+    last_speed: Option<&str>,
+) -> anyhow::Result<bool> {
+    let (name, rest) = command
+        .split_once(' ')
+        .map_or((command, ""), |(a, b)| (a, b.trim()));
+    let number = |what: &str| -> anyhow::Result<f32> {
+        rest.parse::<f32>()
+            .map_err(|_| anyhow::anyhow!("/{what} needs a number, got `{rest}`"))
+    };
+    match name {
+        "help" => eprintln!("{HELP}"),
+        "exit" | "quit" => return Ok(false),
+        "clear" => {
+            session.clear();
+            eprintln!("conversation cleared");
+        }
+        "system" => {
+            session.set_system_prompt((!rest.is_empty()).then(|| rest.to_string()));
+            eprintln!(
+                "system prompt {}; conversation restarted",
+                if rest.is_empty() { "removed" } else { "set" }
+            );
+        }
+        "temp" => {
+            let mut p = request.sampling.clone();
+            p.temperature = number("temp")?;
+            p.validate().map_err(anyhow::Error::msg)?;
+            request.sampling = p;
+        }
+        "topp" => {
+            let mut p = request.sampling.clone();
+            p.top_p = number("topp")?;
+            p.validate().map_err(anyhow::Error::msg)?;
+            request.sampling = p;
+        }
+        "stats" => {
+            let kv = session.kv_report();
+            eprintln!(
+                "policy {}: {} tokens seen, {} retained per head on average (eviction ratio {:.3}); KV {} bytes in use of {} for the full cache ({} blocks)",
+                session.policy().name(),
+                kv.tokens_seen,
+                kv.tokens_retained,
+                kv.eviction_ratio,
+                kv.bytes_in_use,
+                kv.bytes_full,
+                kv.blocks_in_use
+            );
+            if let Some(s) = last_speed {
+                eprintln!("last answer: {s}");
+            }
+        }
+        other => anyhow::bail!("unknown command /{other}; /help lists them"),
+    }
+    Ok(true)
+}

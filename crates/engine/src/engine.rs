@@ -1,0 +1,215 @@
+//! `Engine`: one loaded model (weights memory-mapped, tokenizer, config) and the KV block pool
+//! shared by all of its sessions. Cheap to clone and safe to share across threads; sessions hold
+//! a clone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kv_store::{BlockPool, KvDtype, PoolConfig};
+use model_zoo::{LoadedModel, ModelConfig, SourceKind, Tokenizer, WeightFormat};
+
+use crate::error::{EngineError, Result};
+use crate::model_cache;
+use crate::policy::Policy;
+use crate::session::Session;
+
+/// Settings of an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// A GGUF file or Hugging Face directory; `None` = the default model (fetched if missing).
+    pub model: Option<PathBuf>,
+    /// How weights are held in memory.
+    pub weights: WeightFormat,
+    /// Element type of the KV cache.
+    pub kv_dtype: KvDtype,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV memory budget shared by all sessions, in MiB.
+    pub kv_memory_mb: usize,
+    /// Prompt tokens per forward pass during prefill.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            model: None,
+            weights: WeightFormat::Auto,
+            kv_dtype: KvDtype::F16,
+            block_size: 16,
+            kv_memory_mb: 1024,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// Receives one line per step of slow work (fetching the default model).
+pub type ProgressLine = Box<dyn FnMut(&str)>;
+
+/// Builds an [`Engine`].
+#[derive(Default)]
+pub struct EngineBuilder {
+    cfg: EngineConfig,
+    say: Option<ProgressLine>,
+}
+
+impl EngineBuilder {
+    /// Use this GGUF file or Hugging Face directory instead of the default model.
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cfg.model = Some(path.into());
+        self
+    }
+
+    /// Weight format (default: auto).
+    pub fn weights(mut self, format: WeightFormat) -> Self {
+        self.cfg.weights = format;
+        self
+    }
+
+    /// KV cache element type (default f16).
+    pub fn kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.cfg.kv_dtype = dtype;
+        self
+    }
+
+    /// Tokens per KV block (default 16).
+    pub fn block_size(mut self, tokens: usize) -> Self {
+        self.cfg.block_size = tokens;
+        self
+    }
+
+    /// KV memory budget in MiB (default 1024).
+    pub fn kv_memory_mb(mut self, mb: usize) -> Self {
+        self.cfg.kv_memory_mb = mb;
+        self
+    }
+
+    /// Prompt tokens per prefill forward pass (default 512).
+    pub fn prefill_chunk(mut self, tokens: usize) -> Self {
+        self.cfg.prefill_chunk = tokens;
+        self
+    }
+
+    /// All settings at once.
+    pub fn config(mut self, cfg: EngineConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Receives progress lines (fetching the default model).
+    pub fn on_progress(mut self, say: impl FnMut(&str) + 'static) -> Self {
+        self.say = Some(Box::new(say));
+        self
+    }
+
+    /// Loads the model and creates the block pool.
+    pub fn build(self) -> Result<Engine> {
+        let EngineBuilder { cfg, say } = self;
+        for (name, value) in [
+            ("block size", cfg.block_size),
+            ("KV memory (MiB)", cfg.kv_memory_mb),
+            ("prefill chunk", cfg.prefill_chunk),
+        ] {
+            if value == 0 {
+                return Err(EngineError::Invalid(format!("{name} must be > 0, got 0")));
+            }
+        }
+        let path = match &cfg.model {
+            Some(p) => p.clone(),
+            None => {
+                let mut say = say.unwrap_or_else(|| Box::new(|_: &str| {}));
+                model_cache::ensure_default_model(&mut *say)?
+            }
+        };
+        let started = Instant::now();
+        let loaded = model_zoo::load(&path, cfg.weights)?;
+        let mc = loaded.model.config();
+        let bytes = cfg.kv_memory_mb.saturating_mul(1 << 20);
+        let pool = BlockPool::new(PoolConfig::from_memory_budget(
+            cfg.block_size,
+            mc.head_dim,
+            cfg.kv_dtype,
+            bytes,
+        ));
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                loaded,
+                pool,
+                cfg,
+                load_secs: started.elapsed().as_secs_f64(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    loaded: LoadedModel,
+    pool: BlockPool,
+    cfg: EngineConfig,
+    load_secs: f64,
+}
+
+/// A loaded model and its KV block pool.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts a builder.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// A new session with the full cache (no eviction).
+    pub fn new_session(&self) -> Session {
+        Session::new(self.clone(), Policy::Full)
+    }
+
+    /// A new session evicting with `policy`.
+    pub fn session_with(&self, policy: Policy) -> Result<Session> {
+        policy.validate(self.model_config())?;
+        Ok(Session::new(self.clone(), policy))
+    }
+
+    /// The model's shape.
+    pub fn model_config(&self) -> &ModelConfig {
+        self.inner.loaded.model.config()
+    }
+
+    /// The decoder.
+    pub fn model(&self) -> &model_zoo::LlamaModel {
+        &self.inner.loaded.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.loaded.tokenizer
+    }
+
+    /// The shared KV block pool.
+    pub fn pool(&self) -> &BlockPool {
+        &self.inner.pool
+    }
+
+    /// The settings this engine was built with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// The model file or directory.
+    pub fn model_path(&self) -> &std::path::Path {
+        &self.inner.loaded.path
+    }
+
+    /// GGUF or safetensors.
+    pub fn source_kind(&self) -> SourceKind {
+        self.inner.loaded.kind
+    }
+
+    /// Seconds spent loading the model.
+    pub fn load_secs(&self) -> f64 {
+        self.inner.load_secs
+    }
+}

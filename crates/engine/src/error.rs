@@ -1,0 +1,32 @@
+//! The engine's error type: every failure a user can cause, with a one-line message that names
+//! the value at fault.
+
+/// Errors from loading models, running sessions and fetching the default model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] model_zoo::ModelError),
+    /// The default model could not be fetched.
+    #[error(transparent)]
+    Fetch(#[from] crate::model_cache::FetchError),
+    /// The KV store refused (e.g. the memory budget is exhausted).
+    #[error("KV cache: {0}")]
+    Kv(#[from] kv_store::KvError),
+    /// A request or setting has an invalid value.
+    #[error("{0}")]
+    Invalid(String),
+    /// The prompt does not fit in the model's context.
+    #[error("prompt of {new} tokens does not fit: {seen} tokens already in the session and the model's context is {context} tokens")]
+    ContextOverflow {
+        /// Tokens to add.
+        new: usize,
+        /// Tokens already seen.
+        seen: usize,
+        /// The model's context length.
+        context: usize,
+    },
+}
+
+/// Result alias for the engine.
+pub type Result<T> = std::result::Result<T, EngineError>;

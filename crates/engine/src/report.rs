@@ -1,0 +1,72 @@
+//! KV reports: tokens seen vs. retained per layer and KV head, the hard eviction ratio, and the
+//! bytes the store really holds, next to what a full cache of the same block layout would hold.
+//!
+//! Invariants: `eviction_ratio = 1 - (sum of retained entries) / (tokens_seen * layers * heads)`;
+//! `bytes_full` counts, for every (layer, head), the blocks `tokens_seen` entries would need, so
+//! `bytes_in_use <= bytes_full` always and the two are comparable at block granularity.
+
+use kv_store::SequenceKv;
+use model_zoo::ModelConfig;
+
+/// A snapshot of one session's cache.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KvReport {
+    /// Tokens fed through the model.
+    pub tokens_seen: usize,
+    /// Retained entries per (layer, head), averaged and rounded to the nearest token.
+    pub tokens_retained: usize,
+    /// Fraction of (token, layer, head) entries evicted.
+    pub eviction_ratio: f64,
+    /// Bytes of the blocks this session holds.
+    pub bytes_in_use: usize,
+    /// Bytes the same store would hold with nothing evicted.
+    pub bytes_full: usize,
+    /// Blocks held.
+    pub blocks_in_use: usize,
+    /// Retained entries, `[layer][kv_head]`.
+    pub retained_per_layer_head: Vec<Vec<usize>>,
+}
+
+impl KvReport {
+    /// Reads the store of a session that has seen `tokens_seen` tokens.
+    pub fn new(kv: &SequenceKv, tokens_seen: usize, cfg: &ModelConfig) -> Self {
+        let retained: Vec<Vec<usize>> = (0..kv.n_layers())
+            .map(|l| (0..kv.n_kv_heads()).map(|h| kv.retained(l, h)).collect())
+            .collect();
+        let heads = kv.n_layers() * kv.n_kv_heads();
+        let total: usize = retained.iter().flatten().sum();
+        let stats = kv.stats();
+        let block_bytes = kv.pool().config().block_bytes();
+        let blocks_full = heads * tokens_seen.div_ceil(kv.pool().config().block_size);
+        debug_assert_eq!(heads, cfg.n_layers * cfg.n_kv_heads);
+        KvReport {
+            tokens_seen,
+            tokens_retained: if heads == 0 {
+                0
+            } else {
+                (total as f64 / heads as f64).round() as usize
+            },
+            eviction_ratio: if tokens_seen == 0 {
+                0.0
+            } else {
+                1.0 - total as f64 / (tokens_seen * heads) as f64
+            },
+            bytes_in_use: stats.bytes_in_use,
+            bytes_full: blocks_full * block_bytes,
+            blocks_in_use: stats.blocks_in_use,
+            retained_per_layer_head: retained,
+        }
+    }
+
+    /// The `kv` object of the `--json` contract.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tokens_seen": self.tokens_seen,
+            "tokens_retained": self.tokens_retained,
+            "eviction_ratio": self.eviction_ratio,
+            "bytes_in_use": self.bytes_in_use,
+            "bytes_full": self.bytes_full,
+            "blocks_in_use": self.blocks_in_use,
+        })
+    }
+}

@@ -1,0 +1,502 @@
+//! `Session`: one conversation — its KV cache, its eviction policy, every token it has seen, and
+//! its chat transcript. Prefill, decode and chat turns all append to the same cache, so a second
+//! chat turn feeds only its new tokens.
+//!
+//! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
+//! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
+//! holds the next-token logits after the last fed token and is `None` while a token is pending.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use kv_store::SequenceKv;
+use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass};
+
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::policy::Policy;
+use crate::report::KvReport;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::text::{Detokenizer, StopMatcher};
+
+/// What to generate.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct GenerateRequest {
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Stop strings (the text ends before the first one found).
+    pub stop: Vec<String>,
+    /// Stop at the model's end-of-sequence tokens.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// A stop string was produced.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// The model's context is full.
+    ContextFull,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+/// The result of one generation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// The generated token ids (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Tokens prefilled for this request.
+    pub prompt_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Seconds spent in prefill.
+    pub prefill_secs: f64,
+    /// Seconds from the request to the first generated token.
+    pub time_to_first_token_secs: f64,
+    /// Seconds spent decoding (forward passes of generated tokens and sampling).
+    pub decode_secs: f64,
+    /// Forward passes during decoding.
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    /// Prompt tokens per second.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_secs)
+    }
+
+    /// Generated tokens per second over the decode forward passes.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_steps, self.decode_secs)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// One conversation over an [`Engine`].
+pub struct Session {
+    engine: Engine,
+    kv: SequenceKv,
+    policy: Policy,
+    hook: Box<dyn LayerHook + Send>,
+    seen: Vec<u32>,
+    pending: Option<u32>,
+    logits: Option<Vec<f32>>,
+    messages: Vec<ChatMessage>,
+    transcript: String,
+    system: Option<String>,
+}
+
+impl Session {
+    pub(crate) fn new(engine: Engine, policy: Policy) -> Self {
+        let cfg = engine.model_config();
+        let kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
+        let hook = policy.hook(cfg);
+        Session {
+            engine,
+            kv,
+            policy,
+            hook,
+            seen: Vec::new(),
+            pending: None,
+            logits: None,
+            messages: Vec::new(),
+            transcript: String::new(),
+            system: None,
+        }
+    }
+
+    /// The engine this session runs on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The eviction policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Tokens seen so far (fed through the model, retained or not).
+    pub fn tokens_seen(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Every token fed through the model so far, in order.
+    pub fn seen_tokens(&self) -> &[u32] {
+        &self.seen
+    }
+
+    /// Forgets everything: cache, tokens and transcript (the system prompt stays).
+    pub fn clear(&mut self) {
+        self.kv.clear();
+        self.hook = self.policy.hook(self.engine.model_config());
+        self.seen.clear();
+        self.pending = None;
+        self.logits = None;
+        self.messages.clear();
+        self.transcript.clear();
+    }
+
+    /// Sets (or removes) the chat system prompt; the conversation restarts.
+    pub fn set_system_prompt(&mut self, system: Option<String>) {
+        self.system = system;
+        self.clear();
+    }
+
+    /// The chat transcript so far.
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// Runs `tokens` through the model after everything seen so far. Returns seconds spent.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
+        let started = Instant::now();
+        let mut run: Vec<u32> = self.pending.take().into_iter().collect();
+        run.extend_from_slice(tokens);
+        if run.is_empty() {
+            return Ok(0.0);
+        }
+        let context = self.engine.model_config().max_position;
+        if self.seen.len() + run.len() > context {
+            if let Some(&p) = run.first().filter(|_| run.len() > tokens.len()) {
+                self.pending = Some(p);
+            }
+            return Err(EngineError::ContextOverflow {
+                new: tokens.len(),
+                seen: self.seen.len(),
+                context,
+            });
+        }
+        let min_final = self.hook.min_final_chunk(run.len());
+        let pieces = chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final);
+        let last = pieces.len() - 1;
+        for (i, range) in pieces.into_iter().enumerate() {
+            let piece = &run[range];
+            self.hook.begin_pass(Pass::Prefill {
+                final_chunk: i == last,
+            });
+            let logits = self.engine.model().forward(
+                piece,
+                self.seen.len() as u32,
+                &mut self.kv,
+                self.hook.as_mut(),
+                LogitsFor::Last,
+            )?;
+            self.seen.extend_from_slice(piece);
+            self.logits = Some(
+                logits
+                    .to_vec1::<f32>()
+                    .map_err(model_zoo::ModelError::from)?,
+            );
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
+    /// scoring (perplexity, multiple choice). The tokens join the session like a prefill.
+    pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(EngineError::Invalid(
+                "nothing to score: empty token list".into(),
+            ));
+        }
+        if self.pending.is_some() {
+            self.prefill(&[])?;
+        }
+        let context = self.engine.model_config().max_position;
+        if self.seen.len() + tokens.len() > context {
+            return Err(EngineError::ContextOverflow {
+                new: tokens.len(),
+                seen: self.seen.len(),
+                context,
+            });
+        }
+        self.hook.begin_pass(Pass::Prefill { final_chunk: true });
+        let logits = self.engine.model().forward(
+            tokens,
+            self.seen.len() as u32,
+            &mut self.kv,
+            self.hook.as_mut(),
+            LogitsFor::All,
+        )?;
+        self.seen.extend_from_slice(tokens);
+        let last = logits
+            .get(tokens.len() - 1)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(model_zoo::ModelError::from)?;
+        self.logits = Some(last);
+        Ok(logits)
+    }
+
+    /// Tokenizes and prefills raw text (no chat template), then generates.
+    pub fn complete(
+        &mut self,
+        prompt: &str,
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        let tokens = self
+            .engine
+            .tokenizer()
+            .encode(prompt, self.seen.is_empty())?;
+        self.generate_after(&tokens, request, on_text)
+    }
+
+    /// One chat turn: the user's message is rendered with the model's chat template and only
+    /// the part not yet in the cache is prefilled; the answer is generated and recorded.
+    pub fn chat(
+        &mut self,
+        user_message: &str,
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        if user_message.trim().is_empty() {
+            return Err(EngineError::Invalid("the message is empty".into()));
+        }
+        let mut messages: Vec<ChatMessage> = self
+            .system
+            .iter()
+            .map(|s| ChatMessage::new("system", s))
+            .collect();
+        messages.extend(self.messages.iter().cloned());
+        messages.push(ChatMessage::new("user", user_message));
+        let rendered = self
+            .engine
+            .tokenizer()
+            .apply_chat_template(&messages, true)?;
+        let delta = match rendered.strip_prefix(self.transcript.as_str()) {
+            Some(delta) => delta.to_string(),
+            None => {
+                // The template re-rendered history differently (e.g. it trims answers): start over.
+                let (system, history) = (self.system.clone(), self.messages.clone());
+                self.clear();
+                self.system = system;
+                self.messages = history;
+                rendered.clone()
+            }
+        };
+        let tokens = self
+            .engine
+            .tokenizer()
+            .encode(&delta, self.seen.is_empty())?;
+        let generation = self.generate_after(&tokens, request, on_text)?;
+        let answer = self.engine.tokenizer().decode(&generation.tokens)?;
+        self.transcript = rendered + &answer;
+        self.messages.push(ChatMessage::new("user", user_message));
+        self.messages.push(ChatMessage::new("assistant", &answer));
+        Ok(generation)
+    }
+
+    /// Prefills token ids (no text involved), then generates: the benchmark's entry point.
+    pub fn generate_from_tokens(
+        &mut self,
+        prompt: &[u32],
+        request: &GenerateRequest,
+    ) -> Result<Generation> {
+        self.generate_after(prompt, request, &mut |_| true)
+    }
+
+    fn generate_after(
+        &mut self,
+        prompt: &[u32],
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        request.sampling.validate().map_err(EngineError::Invalid)?;
+        let prefill_secs = self.prefill(prompt)?;
+        let mut generation = self.generate(request, on_text)?;
+        generation.prompt_tokens = prompt.len();
+        generation.prefill_secs = prefill_secs;
+        generation.time_to_first_token_secs += prefill_secs;
+        Ok(generation)
+    }
+
+    /// Generates from the current state (after a prefill). `on_text` receives text as it is
+    /// produced and returns false to stop.
+    pub fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        request.sampling.validate().map_err(EngineError::Invalid)?;
+        if self.pending.is_some() {
+            self.prefill(&[])?;
+        }
+        let engine = self.engine.clone();
+        let tokenizer = engine.tokenizer();
+        let eos = tokenizer.eos_ids();
+        let context = engine.model_config().max_position;
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut detok = Detokenizer::new(tokenizer);
+        let mut stops = StopMatcher::new(&request.stop);
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        let started = Instant::now();
+        let mut first_token_secs = None;
+        let mut decode_steps = 0;
+        let mut finish = FinishReason::Length;
+        while tokens.len() < request.max_tokens {
+            if self.seen.len() >= context {
+                finish = FinishReason::ContextFull;
+                break;
+            }
+            let logits = match (self.logits.take(), self.pending.take()) {
+                (Some(l), _) => l,
+                (None, None) => {
+                    return Err(EngineError::Invalid(
+                        "nothing to continue from: prefill a prompt first".into(),
+                    ))
+                }
+                (None, Some(next)) => {
+                    self.hook.begin_pass(Pass::Decode);
+                    let logits = engine.model().forward(
+                        &[next],
+                        self.seen.len() as u32,
+                        &mut self.kv,
+                        self.hook.as_mut(),
+                        LogitsFor::Last,
+                    )?;
+                    self.seen.push(next);
+                    decode_steps += 1;
+                    logits
+                        .to_vec1::<f32>()
+                        .map_err(model_zoo::ModelError::from)?
+                }
+            };
+            let recent_from = self
+                .seen
+                .len()
+                .saturating_sub(request.sampling.repeat_last_n);
+            let token = sampler.sample(&logits, &self.seen[recent_from..]);
+            first_token_secs.get_or_insert(started.elapsed().as_secs_f64());
+            if request.stop_at_eos && eos.contains(&token) {
+                self.logits = Some(logits);
+                finish = FinishReason::Eos;
+                break;
+            }
+            tokens.push(token);
+            self.pending = Some(token);
+            if let Some(chunk) = detok.push(token)? {
+                let (out, hit) = stops.push(&chunk);
+                text.push_str(&out);
+                let keep_going = out.is_empty() || on_text(&out);
+                if hit {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                if !keep_going {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+        }
+        if finish != FinishReason::Stop {
+            let mut tail = detok
+                .finish()?
+                .map(|c| stops.push(&c).0)
+                .unwrap_or_default();
+            tail.push_str(&stops.flush());
+            if !tail.is_empty() {
+                on_text(&tail);
+                text.push_str(&tail);
+            }
+        }
+        Ok(Generation {
+            text,
+            tokens,
+            prompt_tokens: 0,
+            finish_reason: finish,
+            prefill_secs: 0.0,
+            time_to_first_token_secs: first_token_secs.unwrap_or(0.0),
+            decode_secs: started.elapsed().as_secs_f64(),
+            decode_steps,
+        })
+    }
+
+    /// Tokens seen vs. retained per layer and head, and KV memory in use.
+    pub fn kv_report(&self) -> KvReport {
+        KvReport::new(&self.kv, self.seen.len(), self.engine.model_config())
+    }
+
+    /// Next-token logits after the last fed token (`None` before any prefill, or while a
+    /// sampled token waits to be fed).
+    pub fn last_logits(&self) -> Option<&[f32]> {
+        self.logits.as_deref()
+    }
+
+    /// The session's KV store (read-only).
+    pub fn kv(&self) -> &SequenceKv {
+        &self.kv
+    }
+}
+
+/// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least
+/// `min_final` tokens (or all of them, when fewer). Chunks may exceed `chunk` only to satisfy that.
+fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<std::ops::Range<usize>> {
+    let final_len = (n % chunk)
+        .max(if n.is_multiple_of(chunk) { chunk } else { 0 })
+        .max(min_final)
+        .min(n);
+    let head = n - final_len;
+    let mut bounds: Vec<_> = (0..head)
+        .step_by(chunk)
+        .map(|s| s..(s + chunk).min(head))
+        .collect();
+    bounds.push(head..n);
+    bounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_bounds;
+
+    #[test]
+    fn chunks_cover_everything_in_order_with_a_long_enough_tail() {
+        for n in 1..70 {
+            for chunk in [1, 4, 16] {
+                for min_final in [1, 5, 32] {
+                    let b = chunk_bounds(n, chunk, min_final);
+                    assert_eq!(b.first().unwrap().start, 0);
+                    assert_eq!(b.last().unwrap().end, n);
+                    assert!(b.windows(2).all(|w| w[0].end == w[1].start));
+                    assert!(
+                        b.last().unwrap().len() >= min_final.min(n),
+                        "{n} {chunk} {min_final} {b:?}"
+                    );
+                    assert!(b[..b.len() - 1]
+                        .iter()
+                        .all(|r| r.len() <= chunk && !r.is_empty()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Shared fixtures for the engine's integration tests: the default model (fetched on first use,
+//! loaded once per test binary) and the llama.cpp reference outputs.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use engine::{Engine, WeightFormat};
+
+/// The default model in the given weight format, loaded once per format per test binary.
+pub fn default_engine(format: WeightFormat) -> Engine {
+    static AUTO: OnceLock<Engine> = OnceLock::new();
+    static F32: OnceLock<Engine> = OnceLock::new();
+    let cell = match format {
+        WeightFormat::Auto => &AUTO,
+        WeightFormat::Dense(candle_core::DType::F32) => &F32,
+        other => panic!("no shared engine for {other:?}"),
+    };
+    cell.get_or_init(|| {
+        let path = engine::model_cache::ensure_default_model(&mut |l| eprintln!("{l}"))
+            .expect("default model");
+        Engine::builder()
+            .model(path)
+            .weights(format)
+            .build()
+            .expect("load default model")
+    })
+    .clone()
+}
+
+/// One reference case recorded by a script in `scripts/reference/`.
+#[derive(Clone, serde::Deserialize)]
+pub struct Case {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub top5: Vec<Vec<(u32, f64)>>,
+}
+
+/// A tokenizer case.
+#[derive(serde::Deserialize)]
+pub struct TokCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+/// The fixture file.
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    pub model_sha256: String,
+    pub cases: Vec<Case>,
+    pub tokenizer: Vec<TokCase>,
+}
+
+/// llama.cpp's outputs (`scripts/reference/llama_cpp_reference.py`).
+pub fn llama_cpp() -> Reference {
+    serde_json::from_str(include_str!("../fixtures/llama_cpp_reference.json"))
+        .expect("fixture parses")
+}
+
+/// The exact float64 numpy forward pass (`scripts/reference/numpy_reference.py`).
+pub fn numpy() -> Reference {
+    serde_json::from_str(include_str!("../fixtures/numpy_reference.json")).expect("fixture parses")
+}

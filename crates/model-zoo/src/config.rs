@@ -1,0 +1,490 @@
+//! Model configuration: one `ModelConfig` for the Llama family (Llama 2/3, SmolLM/SmolLM2,
+//! Mistral, Qwen2), read from GGUF metadata or a Hugging Face `config.json`.
+//!
+//! Invariants of a returned config: every size is > 0, `n_heads` is a multiple of `n_kv_heads`,
+//! `head_dim` is even, and `hidden_size == n_heads * head_dim` unless the source says otherwise
+//! through an explicit head dim.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// The decoder families agate implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM, SmolLM2 (and Mistral, which shares the layer shape).
+    Llama,
+    /// Mistral: a Llama layer; its sliding window is not applied (full attention).
+    Mistral,
+    /// Qwen2: a Llama layer with biases on the q/k/v projections.
+    Qwen2,
+}
+
+const SUPPORTED: &str = "llama, mistral, qwen2 (GGUF); LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (config.json)";
+
+impl Architecture {
+    /// The name used in GGUF metadata (`general.architecture`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The Hugging Face class name (`architectures[0]` in `config.json`).
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    fn from_gguf_name(path: &Path, name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Architecture::Llama),
+            "mistral" => Ok(Architecture::Mistral),
+            "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                architecture: other.to_string(),
+                supported: SUPPORTED,
+            }),
+        }
+    }
+
+    fn from_hf_class(path: &Path, name: &str) -> Result<Self> {
+        match name {
+            "LlamaForCausalLM" => Ok(Architecture::Llama),
+            "MistralForCausalLM" => Ok(Architecture::Mistral),
+            "Qwen2ForCausalLM" => Ok(Architecture::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                architecture: other.to_string(),
+                supported: SUPPORTED,
+            }),
+        }
+    }
+
+    /// Whether the q/k/v projections carry a bias.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+}
+
+/// Rotary-embedding frequency scaling.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1's wavelength-dependent scaling.
+    Llama3 {
+        /// Overall factor.
+        factor: f32,
+        /// Low-frequency factor.
+        low_freq_factor: f32,
+        /// High-frequency factor.
+        high_freq_factor: f32,
+        /// The context length the model was pre-trained at.
+        original_max_position: usize,
+    },
+}
+
+/// Everything the decoder needs to know about a model's shape.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    /// Decoder family.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Hidden size `D`.
+    pub hidden_size: usize,
+    /// FFN inner size.
+    pub intermediate_size: usize,
+    /// Number of decoder layers `L`.
+    pub n_layers: usize,
+    /// Query heads `Hq`.
+    pub n_heads: usize,
+    /// KV heads `Hkv`.
+    pub n_kv_heads: usize,
+    /// Head dimension `d`.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Optional RoPE scaling.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Maximum context length (positions).
+    pub max_position: usize,
+    /// Whether the LM head shares the embedding matrix.
+    pub tie_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Query heads per KV head (`G`).
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Bytes of K and V per token over all layers at `bytes_per_value` bytes each.
+    pub fn kv_bytes_per_token(&self, bytes_per_value: usize) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+    }
+
+    /// Reads the config from GGUF metadata.
+    pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let arch_name = md
+            .get("general.architecture")
+            .ok_or_else(|| ModelError::config(path, "general.architecture", "is missing"))?
+            .to_string()
+            .map_err(|e| ModelError::config(path, "general.architecture", e.to_string()))?
+            .clone();
+        let architecture = Architecture::from_gguf_name(path, &arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let get_usize = |k: &str| -> Result<usize> {
+            let full = key(k);
+            let v = md
+                .get(&full)
+                .ok_or_else(|| ModelError::config(path, &full, "is missing"))?;
+            gguf_usize(v).ok_or_else(|| ModelError::config(path, &full, "is not an integer"))
+        };
+        let get_f32 = |k: &str| -> Result<Option<f32>> {
+            let full = key(k);
+            match md.get(&full) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_f32()
+                    .or_else(|_| v.to_f64().map(|x| x as f32))
+                    .map(Some)
+                    .map_err(|_| ModelError::config(path, &full, "is not a float")),
+            }
+        };
+        let hidden_size = get_usize("embedding_length")?;
+        let n_heads = get_usize("attention.head_count")?;
+        let n_kv_heads = match md.get(&key("attention.head_count_kv")) {
+            Some(v) => gguf_usize(v).ok_or_else(|| {
+                ModelError::config(path, &key("attention.head_count_kv"), "is not an integer")
+            })?,
+            None => n_heads,
+        };
+        let head_dim = match md.get(&key("attention.key_length")) {
+            Some(v) => gguf_usize(v).ok_or_else(|| {
+                ModelError::config(path, &key("attention.key_length"), "is not an integer")
+            })?,
+            None => hidden_size / n_heads.max(1),
+        };
+        let vocab_size = match md.get(&key("vocab_size")) {
+            Some(v) => gguf_usize(v)
+                .ok_or_else(|| ModelError::config(path, &key("vocab_size"), "is not an integer"))?,
+            None => match md.get("tokenizer.ggml.tokens") {
+                Some(gguf_file::Value::Array(tokens)) => tokens.len(),
+                _ => content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .map(|t| t.shape.dims()[0])
+                    .ok_or_else(|| ModelError::config(path, &key("vocab_size"), "is missing"))?,
+            },
+        };
+        let rope_scaling = match md.get(&key("rope.scaling.type")) {
+            Some(v) => {
+                let kind = v.to_string().map_err(|e| {
+                    ModelError::config(path, &key("rope.scaling.type"), e.to_string())
+                })?;
+                let factor = get_f32("rope.scaling.factor")?.unwrap_or(1.0);
+                match kind.as_str() {
+                    "none" => None,
+                    "linear" => Some(RopeScaling::Linear { factor }),
+                    other => {
+                        return Err(ModelError::config(
+                            path,
+                            &key("rope.scaling.type"),
+                            format!("has unsupported value `{other}` (supported: none, linear)"),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let cfg = ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size: get_usize("feed_forward_length")?,
+            n_layers: get_usize("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: get_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f64,
+            rope_theta: get_f32("rope.freq_base")?.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position: get_usize("context_length")?,
+            tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        Self::from_hf_value(path, &json)
+    }
+
+    /// Parses an already-read `config.json` value; `path` is used in error messages.
+    pub fn from_hf_value(path: &Path, json: &Value) -> Result<Self> {
+        let class = json
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .ok_or_else(|| ModelError::config(path, "architectures", "is missing"))?;
+        let architecture = Architecture::from_hf_class(path, class)?;
+        let req_usize = |field: &str| -> Result<usize> {
+            let v = json
+                .get(field)
+                .ok_or_else(|| ModelError::config(path, field, "is missing"))?;
+            v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                ModelError::config(path, field, format!("must be an integer, got {v}"))
+            })
+        };
+        let opt_f64 = |field: &str| -> Result<Option<f64>> {
+            match json.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    ModelError::config(path, field, format!("must be a number, got {v}"))
+                }),
+            }
+        };
+        let hidden_size = req_usize("hidden_size")?;
+        let n_heads = req_usize("num_attention_heads")?;
+        let n_kv_heads = match json.get("num_key_value_heads") {
+            None | Some(Value::Null) => n_heads,
+            Some(_) => req_usize("num_key_value_heads")?,
+        };
+        let head_dim = match json.get("head_dim") {
+            None | Some(Value::Null) => hidden_size / n_heads.max(1),
+            Some(_) => req_usize("head_dim")?,
+        };
+        let rope_scaling = match json.get("rope_scaling") {
+            None | Some(Value::Null) => None,
+            Some(rs) => Some(parse_hf_rope_scaling(path, rs)?),
+        };
+        let cfg = ModelConfig {
+            architecture,
+            vocab_size: req_usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: req_usize("intermediate_size")?,
+            n_layers: req_usize("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0) as f32,
+            rope_scaling,
+            max_position: req_usize("max_position_embeddings")?,
+            tie_embeddings: json
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The `config.json` a Hugging Face loader expects for this config.
+    pub fn to_hf_value(&self, bos: Option<u32>, eos: &[u32]) -> Value {
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture.hf_class()],
+            "model_type": self.architecture.gguf_name(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if let Some(b) = bos {
+            v["bos_token_id"] = b.into();
+        }
+        match eos {
+            [] => {}
+            [one] => v["eos_token_id"] = (*one).into(),
+            many => v["eos_token_id"] = many.to_vec().into(),
+        }
+        if let Some(RopeScaling::Linear { factor }) = &self.rope_scaling {
+            v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
+        }
+        if let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) = &self.rope_scaling
+        {
+            v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position});
+        }
+        v
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.n_layers),
+            ("num_attention_heads", self.n_heads),
+            ("num_key_value_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ModelError::config(path, field, "must be > 0, got 0"));
+            }
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(ModelError::config(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "({}) must divide num_attention_heads ({})",
+                    self.n_kv_heads, self.n_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ModelError::config(
+                path,
+                "head_dim",
+                format!("must be even, got {}", self.head_dim),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
+    v.to_u32()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u64().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .or_else(|_| v.to_i64().map(|x| x as usize))
+        .ok()
+}
+
+fn parse_hf_rope_scaling(path: &Path, rs: &Value) -> Result<RopeScaling> {
+    let kind = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ModelError::config(path, "rope_scaling.rope_type", "is missing"))?;
+    let num = |field: &str| -> Result<f32> {
+        rs.get(field)
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+            .ok_or_else(|| ModelError::config(path, &format!("rope_scaling.{field}"), "is missing"))
+    };
+    match kind {
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position: num("original_max_position_embeddings")? as usize,
+        }),
+        "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
+        other => Err(ModelError::config(
+            path,
+            "rope_scaling.rope_type",
+            format!("has unsupported value `{other}` (supported: linear, llama3)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm_json() -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "max_position_embeddings": 8192, "tie_word_embeddings": true
+        })
+    }
+
+    #[test]
+    fn parses_a_smollm2_config() {
+        let cfg = ModelConfig::from_hf_value(Path::new("config.json"), &smollm_json()).unwrap();
+        assert_eq!(cfg.head_dim, 64);
+        assert_eq!(cfg.group_size(), 3);
+        assert_eq!(cfg.kv_bytes_per_token(2), 2 * 30 * 3 * 64 * 2);
+        assert!(cfg.tie_embeddings);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let mut json = smollm_json();
+        json.as_object_mut().unwrap().remove("intermediate_size");
+        let err = ModelConfig::from_hf_value(Path::new("/m/config.json"), &json).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/m/config.json: field `intermediate_size` is missing"
+        );
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let mut json = smollm_json();
+        json["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+        let err = ModelConfig::from_hf_value(Path::new("c.json"), &json).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unsupported architecture `GPTNeoXForCausalLM`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn heads_must_divide() {
+        let mut json = smollm_json();
+        json["num_key_value_heads"] = 4.into();
+        let err = ModelConfig::from_hf_value(Path::new("c.json"), &json).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn hf_round_trip() {
+        let cfg = ModelConfig::from_hf_value(Path::new("c.json"), &smollm_json()).unwrap();
+        let back = ModelConfig::from_hf_value(Path::new("c.json"), &cfg.to_hf_value(Some(1), &[2]))
+            .unwrap();
+        assert_eq!(cfg, back);
+    }
+}

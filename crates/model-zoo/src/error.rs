@@ -1,0 +1,115 @@
+//! The one error type of model-zoo. Every variant names the file, field or tensor involved, so a
+//! user reading a one-line message knows what to fix.
+
+use std::path::PathBuf;
+
+/// Errors raised while reading configs, weights and tokenizers, or running a decoder.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A GGUF file is malformed or truncated.
+    #[error("{path} is not a valid GGUF file: {reason}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What the reader found.
+        reason: String,
+    },
+    /// A config (GGUF metadata or `config.json`) lacks a field or has a bad value.
+    #[error("{path}: field `{field}` {problem}")]
+    Config {
+        /// The file holding the config.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What is wrong with it ("is missing", "must be > 0, got 0", …).
+        problem: String,
+    },
+    /// The model's architecture is not one agate implements.
+    #[error("{path}: unsupported architecture `{architecture}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// The file holding the config.
+        path: PathBuf,
+        /// The architecture named there.
+        architecture: String,
+        /// The architectures agate supports.
+        supported: &'static str,
+    },
+    /// A weight tensor is absent.
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor {
+        /// The weights file or directory.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A weight tensor has the wrong shape.
+    #[error("{path}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        /// The weights file or directory.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        actual: Vec<usize>,
+    },
+    /// The tokenizer could not be built or used.
+    #[error("tokenizer ({source_name}): {reason}")]
+    Tokenizer {
+        /// Where the tokenizer came from (a file path or "GGUF metadata").
+        source_name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// A forward pass was given bad input.
+    #[error("{0}")]
+    Input(String),
+    /// The KV store refused an operation (out of blocks, bad shape).
+    #[error(transparent)]
+    Kv(#[from] kv_store::KvError),
+    /// JSON could not be written or read.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(candle_message(&e))
+    }
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}
+
+/// Result alias for model-zoo.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl ModelError {
+    pub(crate) fn config(path: &std::path::Path, field: &str, problem: impl Into<String>) -> Self {
+        ModelError::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The one place per attention layer where an eviction policy plugs into the decoder.
+//!
+//! Order inside every layer of every forward pass: the new tokens' keys and values are appended
+//! to the store; `LayerHook::plan` sees the layer's normed hidden states (the gate's input) and
+//! the store, and says which retained keys are visible and which attention statistics to
+//! compute; attention runs; `LayerHook::after_attention` may then evict from the store. The
+//! decoder computes nothing a hook did not ask for.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+use kv_store::SequenceKv;
+
+use crate::error::Result;
+
+/// What a hook wants for one layer of one forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct LayerPlan {
+    /// Per KV head, one flag per retained entry (after the append): false hides the key from
+    /// every query but its own (in-context eviction). `None`: all visible.
+    pub visible: Option<Vec<Vec<bool>>>,
+    /// Query rows (indices into this pass's new tokens) whose attention probabilities are summed
+    /// per key and returned to `after_attention`.
+    pub prob_rows: Option<Range<usize>>,
+}
+
+/// What `after_attention` receives.
+pub struct AttentionOutcome<'a> {
+    /// This sequence's store; the hook may evict from it.
+    pub kv: &'a mut SequenceKv,
+    /// The new tokens' queries after RoPE, token-major `[n, n_heads, head_dim]`.
+    pub queries: &'a [f32],
+    /// Absolute positions of the new tokens.
+    pub positions: &'a [u32],
+    /// Per KV head, per retained key: attention mass over `LayerPlan::prob_rows`, averaged over
+    /// the head's query group.
+    pub prob_sums: Option<Vec<Vec<f32>>>,
+    /// Softmax scale used (1/sqrt(head_dim)).
+    pub scale: f32,
+}
+
+/// The kind of forward pass about to run, announced by the caller before each pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// A chunk of a prompt; `final_chunk` marks the end of this prefill (where one-shot policies
+    /// compress the cache).
+    Prefill {
+        /// Whether this is the prompt's last chunk.
+        final_chunk: bool,
+    },
+    /// One generated token.
+    Decode,
+}
+
+/// A policy's view of the decoder. Every method defaults to "do nothing" (the full cache).
+pub trait LayerHook {
+    /// Announces the next forward pass.
+    fn begin_pass(&mut self, pass: Pass) {
+        let _ = pass;
+    }
+
+    /// The fewest tokens the final prefill chunk of a `prompt_len`-token prompt must hold (window
+    /// scorers need their whole window in one pass).
+    fn min_final_chunk(&self, prompt_len: usize) -> usize {
+        let _ = prompt_len;
+        1
+    }
+
+    /// Called after the append, before attention.
+    fn plan(
+        &mut self,
+        layer: usize,
+        normed: &Tensor,
+        positions: &[u32],
+        kv: &SequenceKv,
+    ) -> Result<LayerPlan> {
+        let _ = (layer, normed, positions, kv);
+        Ok(LayerPlan::default())
+    }
+
+    /// Called after attention; may evict.
+    fn after_attention(&mut self, layer: usize, outcome: AttentionOutcome<'_>) -> Result<()> {
+        let _ = (layer, outcome);
+        Ok(())
+    }
+}
+
+/// The full cache: keeps everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeepAll;
+
+impl LayerHook for KeepAll {}

@@ -1,0 +1,146 @@
+//! Rotary position embedding applied in place to token-major `[n, heads, head_dim]` buffers.
+//!
+//! Two layouts exist in the wild: llama.cpp's GGUF files permute the q/k rows so that rotation
+//! pairs are adjacent (`Interleaved`: pairs `(2i, 2i+1)`), while Hugging Face checkpoints rotate
+//! the two halves (`Halves`: pairs `(i, i + d/2)`). Both give identical attention when paired with
+//! their weights. Angles are computed in f64 so that large positions stay exact.
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// Which elements of a head vector form a rotation pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs `(2i, 2i+1)` (GGUF Llama/Mistral weights).
+    Interleaved,
+    /// Pairs `(i, i + d/2)` (Hugging Face weights, GGUF Qwen2).
+    Halves,
+}
+
+/// Precomputed inverse frequencies for one head dimension.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    layout: RopeLayout,
+}
+
+impl Rope {
+    /// Frequencies for `cfg` (with its scaling) in the given layout.
+    pub fn new(cfg: &ModelConfig, layout: RopeLayout) -> Self {
+        Self::with_dims(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
+            layout,
+        )
+    }
+
+    /// Frequencies for an arbitrary head dimension and base.
+    pub fn with_dims(
+        head_dim: usize,
+        theta: f32,
+        scaling: Option<&RopeScaling>,
+        layout: RopeLayout,
+    ) -> Self {
+        let half = head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let f = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                match scaling {
+                    None => f,
+                    Some(RopeScaling::Linear { factor }) => f / *factor as f64,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position,
+                    }) => {
+                        let (factor, low, high) = (
+                            *factor as f64,
+                            *low_freq_factor as f64,
+                            *high_freq_factor as f64,
+                        );
+                        let orig = *original_max_position as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (orig / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect();
+        Rope { inv_freq, layout }
+    }
+
+    /// Rotates `x` (`[positions.len(), heads, head_dim]`, token-major) in place.
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        let mut cos_sin = vec![(0f32, 0f32); half];
+        for (t, &pos) in positions.iter().enumerate() {
+            for (cs, f) in cos_sin.iter_mut().zip(&self.inv_freq) {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                *cs = (c as f32, s as f32);
+            }
+            let row = &mut x[t * heads * head_dim..(t + 1) * heads * head_dim];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                    let (a, b) = match self.layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::Halves => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_agree_after_permutation() {
+        // Permuting a head from halves to interleaved order and rotating gives the permuted result.
+        let d = 8;
+        let rope_h = Rope::with_dims(d, 10_000.0, None, RopeLayout::Halves);
+        let rope_i = Rope::with_dims(d, 10_000.0, None, RopeLayout::Interleaved);
+        let x: Vec<f32> = (0..d).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let perm =
+            |v: &[f32]| -> Vec<f32> { (0..d / 2).flat_map(|i| [v[i], v[i + d / 2]]).collect() };
+        let mut h = x.clone();
+        rope_h.apply(&mut h, 1, &[37]);
+        let mut i = perm(&x);
+        rope_i.apply(&mut i, 1, &[37]);
+        for (a, b) in perm(&h).iter().zip(&i) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rotation_preserves_norm_and_relative_positions() {
+        let d = 16;
+        let rope = Rope::with_dims(d, 10_000.0, None, RopeLayout::Halves);
+        let q: Vec<f32> = (0..d).map(|i| (i as f32).sin()).collect();
+        let k: Vec<f32> = (0..d).map(|i| (i as f32 * 0.7).cos()).collect();
+        let dot_at = |pq: u32, pk: u32| {
+            let (mut a, mut b) = (q.clone(), k.clone());
+            rope.apply(&mut a, 1, &[pq]);
+            rope.apply(&mut b, 1, &[pk]);
+            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        };
+        assert!((dot_at(10, 3) - dot_at(107, 100)).abs() < 1e-4);
+        let mut r = q.clone();
+        rope.apply(&mut r, 1, &[5000]);
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+        assert!((n(&r) - n(&q)).abs() < 1e-4);
+    }
+}
