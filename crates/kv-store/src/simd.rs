@@ -1,7 +1,7 @@
 //! Vectorisable f32 inner loops of the attention kernel: dot product, axpy, max and a
 //! polynomial `exp` over slices.
 //!
-//! Invariants: safe Rust (one AVX-512 reduction intrinsic where the build enables it) written in fixed-width lane chunks so LLVM emits SIMD for the
+//! Invariants: safe Rust (but one AVX lane reduction where the build enables AVX) written in fixed-width lane chunks so LLVM emits SIMD for the
 //! build's `target-cpu`; results agree with the scalar definitions to f32 rounding (the `exp`
 //! to about 2 ulp, and exactly 0 for inputs below -87, which includes `-inf`).
 
@@ -28,20 +28,31 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     hsum(acc) + tail
 }
 
-/// Sum of the lanes, with AVX-512's reduction when the build enables it.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+/// Sum of the lanes, with AVX shuffles when the build enables AVX.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
 #[inline(always)]
 fn hsum(acc: [f32; LANES]) -> f32 {
-    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_reduce_add_ps};
-    // SAFETY: avx512f is enabled at compile time (cfg above); the load reads exactly the 16
-    // f32 of `acc`, with no alignment requirement.
-    unsafe { _mm512_reduce_add_ps(_mm512_loadu_ps(acc.as_ptr())) }
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps, _mm_add_ps,
+        _mm_add_ss, _mm_cvtss_f32, _mm_movehdup_ps, _mm_movehl_ps,
+    };
+    // SAFETY: avx (and so sse3) is enabled at compile time (cfg above); the two unaligned loads
+    // read exactly the 16 f32 of `acc`.
+    unsafe {
+        let v = _mm256_add_ps(
+            _mm256_loadu_ps(acc.as_ptr()),
+            _mm256_loadu_ps(acc.as_ptr().add(8)),
+        );
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+    }
 }
 
 /// Tree sum of the lanes (short dependency chain). Kept out of line: inlined, it makes LLVM
 /// vectorise the caller's main loop with 2-wide vectors, and a running sum instead costs a
 /// 16-add dependency chain per dot product.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
 #[inline(never)]
 fn hsum(acc: [f32; LANES]) -> f32 {
     let h8: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
