@@ -56,15 +56,16 @@ impl Lcg {
     }
 }
 
-/// Seconds per call of each of `fs`: the best mean over `batches` rounds, each round running a
-/// batch of about `batch` of every function in turn.
-fn time(fs: &mut [&mut dyn FnMut()], batches: usize, batch: Duration) -> Vec<f64> {
+/// Seconds per call of each variant: the best mean over `batches` rounds, each round running a
+/// batch of about `batch` of every variant in turn. A variant is called with a repeat count and
+/// runs its operation that many times.
+fn time(fs: &mut [&mut dyn FnMut(usize)], batches: usize, batch: Duration) -> Vec<f64> {
     let iters: Vec<usize> = fs
         .iter_mut()
         .map(|f| {
-            f();
+            f(1);
             let t0 = Instant::now();
-            f();
+            f(1);
             ((batch.as_secs_f64() / t0.elapsed().as_secs_f64().max(1e-7)) as usize).max(1)
         })
         .collect();
@@ -72,9 +73,7 @@ fn time(fs: &mut [&mut dyn FnMut()], batches: usize, batch: Duration) -> Vec<f64
     for _ in 0..batches {
         for ((f, &n), b) in fs.iter_mut().zip(&iters).zip(&mut best) {
             let t = Instant::now();
-            for _ in 0..n {
-                f();
-            }
+            f(n);
             *b = b.min(t.elapsed().as_secs_f64() / n as f64);
         }
     }
@@ -137,34 +136,31 @@ fn bench(dtype: KvDtype, ctx: usize, rng: &mut Lcg, batches: usize, batch: Durat
         })
         .collect();
 
-    let t = time(
-        &mut [
-            &mut || drop(black_box(attend_dense(&heads, D, &q, &qpos, &opts))),
-            &mut || drop(black_box(full.attend(0, &q, &qpos, &opts))),
-            &mut || drop(black_box(half.attend(0, &q, &qpos, &opts))),
-        ],
-        batches,
-        batch,
-    );
     // Inside a 1-thread pool the kernel takes its sequential path.
     let one_thread = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .expect("1-thread pool");
-    let t1 = one_thread.install(|| {
-        time(
-            &mut [&mut || drop(black_box(full.attend(0, &q, &qpos, &opts)))],
-            batches,
-            batch,
-        )
-    });
+    let step = |kv: &SequenceKv| drop(black_box(kv.attend(0, &q, &qpos, &opts)));
+    let t = time(
+        &mut [
+            &mut |n| {
+                (0..n).for_each(|_| drop(black_box(attend_dense(&heads, D, &q, &qpos, &opts))))
+            },
+            &mut |n| (0..n).for_each(|_| step(&full)),
+            &mut |n| (0..n).for_each(|_| step(&half)),
+            &mut |n| one_thread.install(|| (0..n).for_each(|_| step(&full))),
+        ],
+        batches,
+        batch,
+    );
     Row {
         dtype,
         ctx,
         dense: t[0],
         paged: t[1],
         paged_half: t[2],
-        paged_1t: t1[0],
+        paged_1t: t[3],
     }
 }
 

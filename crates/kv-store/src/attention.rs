@@ -433,7 +433,11 @@ fn attend_part(
         .prob_sums
         .as_ref()
         .map(|_| vec![f32::NEG_INFINITY; nqv * klen]);
-    let (mut kbuf, mut vbuf) = (vec![0.0f32; CHUNK * d], vec![0.0f32; CHUNK * d]);
+    let scratch = hv
+        .segments
+        .first()
+        .map_or(0, |s| s.keys.scratch_len(CHUNK * d));
+    let (mut kbuf, mut vbuf) = (vec![0.0f32; scratch], vec![0.0f32; scratch]);
     let (mut sbuf, mut vis) = ([0.0f32; CHUNK], [false; CHUNK]);
 
     let mut seg_start = 0;

@@ -117,22 +117,31 @@ impl<'a> KvSlice<'a> {
     }
 
     /// f32 view of elements `start..end`: borrowed in place for f32, converted into `scratch`
-    /// (which must hold at least `end - start` elements) for f16/bf16.
+    /// (which must hold at least `scratch_len(end - start)` elements) for f16/bf16.
     pub(crate) fn view<'s>(&self, start: usize, end: usize, scratch: &'s mut [f32]) -> &'s [f32]
     where
         'a: 's,
     {
-        let dst = &mut scratch[..end - start];
         match self {
             KvSlice::F32(s) => &s[start..end],
             KvSlice::F16(s) => {
+                let dst = &mut scratch[..end - start];
                 s[start..end].convert_to_f32_slice(dst);
                 dst
             }
             KvSlice::BF16(s) => {
+                let dst = &mut scratch[..end - start];
                 s[start..end].convert_to_f32_slice(dst);
                 dst
             }
+        }
+    }
+
+    /// Scratch elements [`KvSlice::view`] needs for `n` elements: 0 for f32 (read in place).
+    pub(crate) fn scratch_len(&self, n: usize) -> usize {
+        match self {
+            KvSlice::F32(_) => 0,
+            KvSlice::F16(_) | KvSlice::BF16(_) => n,
         }
     }
 }
