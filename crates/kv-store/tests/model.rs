@@ -403,3 +403,28 @@ fn sessions_do_not_share_blocks() {
     assert_eq!(st.tokens_seen, vec![40]);
     assert_eq!(st.retained, vec![vec![10]]);
 }
+
+/// The pool is shared across threads and sessions move between them.
+#[test]
+fn pool_and_sequences_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<BlockPool>();
+    assert_send_sync::<SequenceKv>();
+    let pool = BlockPool::new(PoolConfig::from_token_capacity(4, 2, KvDtype::BF16, 1024));
+    let handles: Vec<_> = (0..4u32)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let mut kv = SequenceKv::new(&pool, 1, 1);
+                let pos: Vec<u32> = (0..10 + t).collect();
+                let x = vec![t as f32; pos.len() * 2];
+                kv.append(0, &x, &x, &pos).unwrap();
+                kv.retained(0, 0)
+            })
+        })
+        .collect();
+    let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(total, 10 + 11 + 12 + 13);
+    assert_eq!(pool.stats().blocks_in_use, 0);
+    assert!(pool.stats().peak_blocks_in_use >= 3);
+}
