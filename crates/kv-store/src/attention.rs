@@ -454,7 +454,11 @@ fn attend_part(
             let values = seg.values.view(c0 * d, c1 * d, &mut vbuf);
             let pos = &seg.positions[c0..c1];
             let j0 = base + c0; // index of the chunk's first entry in the head
+            let first_pos = pos.iter().copied().min().unwrap_or(u32::MAX);
             for (r, &qp) in qpos.iter().enumerate() {
+                if opts.causal && first_pos > qp {
+                    continue; // the whole chunk is in this row's future (prefill)
+                }
                 for (jj, (vis, &pj)) in vis.iter_mut().zip(pos).enumerate() {
                     let shown = flags.is_none_or(|f| f[j0 + jj]);
                     *vis = (!opts.causal || pj <= qp) && (shown || pj == qp);
