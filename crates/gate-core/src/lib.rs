@@ -1,1 +1,23 @@
-//! placeholder
+//! `gate-core`: the Attention-Gate module, the eviction scorers and selectors, and the
+//! training loss terms of agate (design/ALGORITHMS.md is the spec).
+//!
+//! Owns no model, cache or tokenizer: everything here works on slices in entry order (oldest
+//! first) for one (layer, KV head), or on candle tensors. Invariants shared by all modules: no
+//! public function panics on bad input (errors are [`GateError`]); every top-k selection uses
+//! the one ranking rule documented in [`select`] (protected first, higher score, then more
+//! recent; NaN last), so policies are deterministic and comparable.
+
+pub mod error;
+pub mod gate;
+pub mod loss;
+pub mod score;
+pub mod select;
+
+pub use error::{GateError, Result};
+pub use gate::{
+    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, ModelIdentity, StoreDtype,
+};
+pub use loss::{
+    eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights, EvictionRatios,
+};
+pub use select::{pyramid_budgets, select_threshold, select_top_k, Budget, Protection};

@@ -1,0 +1,303 @@
+//! The Attention-Gate file: one safetensors file holding every layer's parameters
+//! (`layers.{l}.wq`, `.wk`, `.wv`, `.wg`, `.bg`) and, in the safetensors metadata,
+//! `format = "agate-gate"`, `version = "1"`, `dtype` (`f32`, `f16` or `bf16`), `gate_config`
+//! (the [`GateConfig`] as JSON) and `model_identity` (a JSON string map the engine fills:
+//! architecture, n_layers, hidden, n_kv_heads, base checksum, ...).
+//!
+//! Invariants: writes are atomic (a temporary file in the destination's directory, flushed,
+//! then renamed over the destination), so a reader never sees a half-written gate. A load
+//! validates the format tag, the config, every expected tensor's presence, shape and dtype,
+//! the absence of unexpected tensors, the identity fields the caller requires, and the
+//! agreement of the stored config with its own identity; each failure names the file and the
+//! tensor or field. Loaded parameters are f32 on the requested device.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+use super::{AttentionGate, GateConfig};
+use crate::error::{invalid, CandleContext, GateError, Result};
+
+/// Free-form description of the base model a gate was trained for (string to string, sorted).
+pub type ModelIdentity = BTreeMap<String, String>;
+
+/// Identity keys that mirror [`GateConfig`] fields; a file whose config disagrees with its own
+/// identity on one of them is rejected.
+const CONFIG_IDENTITY_KEYS: [&str; 3] = ["n_layers", "hidden", "n_kv_heads"];
+
+/// The identity the engine records: `architecture`, `n_layers`, `hidden`, `n_kv_heads` and
+/// `base_checksum` (of the base weights).
+pub fn model_identity(
+    architecture: &str,
+    n_layers: usize,
+    hidden: usize,
+    n_kv_heads: usize,
+    base_checksum: &str,
+) -> ModelIdentity {
+    [
+        ("architecture", architecture.to_string()),
+        ("n_layers", n_layers.to_string()),
+        ("hidden", hidden.to_string()),
+        ("n_kv_heads", n_kv_heads.to_string()),
+        ("base_checksum", base_checksum.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The dtype parameters are stored in (compute is f32 after loading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreDtype {
+    /// 32-bit float: bit-exact round trip (the default).
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl StoreDtype {
+    /// The metadata spelling: `f32`, `f16`, `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "f32",
+            StoreDtype::F16 => "f16",
+            StoreDtype::BF16 => "bf16",
+        }
+    }
+
+    fn candle(self) -> DType {
+        match self {
+            StoreDtype::F32 => DType::F32,
+            StoreDtype::F16 => DType::F16,
+            StoreDtype::BF16 => DType::BF16,
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            StoreDtype::F32 => Dtype::F32,
+            StoreDtype::F16 => Dtype::F16,
+            StoreDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+const FORMAT: &str = "agate-gate";
+const VERSION: &str = "1";
+
+fn format_err(path: &Path, detail: impl Into<String>) -> GateError {
+    GateError::Format {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
+}
+
+impl AttentionGate {
+    /// Writes the gate (parameters cast to `dtype`, its config and [`AttentionGate::identity`])
+    /// to `path` atomically.
+    pub fn save(&self, path: &Path, dtype: StoreDtype) -> Result<()> {
+        let tensors = self
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(dtype.candle())?.to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<Vec<(String, Tensor)>>>()
+            .ctx("casting gate parameters for saving")?;
+        let config = serde_json::to_string(&self.cfg)
+            .map_err(|e| format_err(path, format!("encoding gate_config: {e}")))?;
+        let identity = serde_json::to_string(&self.identity)
+            .map_err(|e| format_err(path, format!("encoding model_identity: {e}")))?;
+        let metadata: HashMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("version", VERSION.to_string()),
+            ("dtype", dtype.as_str().to_string()),
+            ("gate_config", config),
+            ("model_identity", identity),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| format_err(path, format!("serialising safetensors: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Loads a gate file onto `device` (parameters as f32), checking that its stored identity
+    /// has every field of `expected` with the same value (pass an empty map to skip), and
+    /// everything listed in the module header.
+    pub fn load(path: &Path, expected: &ModelIdentity, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| GateError::Io {
+            path: path.to_path_buf(),
+            op: "read",
+            source,
+        })?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| {
+            meta.get(key).ok_or_else(|| {
+                format_err(
+                    path,
+                    format!("metadata field `{key}` is missing (not an agate gate file?)"),
+                )
+            })
+        };
+        let format = field("format")?;
+        if format != FORMAT {
+            return Err(format_err(
+                path,
+                format!("metadata `format` is {format:?}, expected {FORMAT:?}"),
+            ));
+        }
+        let version = field("version")?;
+        if version != VERSION {
+            return Err(format_err(
+                path,
+                format!("metadata `version` is {version:?}, expected {VERSION:?}"),
+            ));
+        }
+        let dtype_name = field("dtype")?;
+        let dtype = StoreDtype::parse(dtype_name).ok_or_else(|| {
+            format_err(
+                path,
+                format!("metadata `dtype` is {dtype_name:?}, expected f32, f16 or bf16"),
+            )
+        })?;
+        let cfg: GateConfig = serde_json::from_str(field("gate_config")?).map_err(|e| {
+            format_err(
+                path,
+                format!("metadata `gate_config` is not a valid GateConfig: {e}"),
+            )
+        })?;
+        cfg.validate()
+            .map_err(|e| format_err(path, format!("metadata `gate_config` is invalid: {e}")))?;
+        let identity: ModelIdentity =
+            serde_json::from_str(field("model_identity")?).map_err(|e| {
+                format_err(
+                    path,
+                    format!("metadata `model_identity` is not a string map: {e}"),
+                )
+            })?;
+        check_identity(path, &cfg, &identity, expected)?;
+
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
+        let shapes = cfg.param_shapes();
+        let mut tensors = HashMap::new();
+        for (name, shape) in &shapes {
+            let view = st.tensor(name).map_err(|_| GateError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                expected: shape.clone(),
+            })?;
+            if view.shape() != shape.as_slice() {
+                return Err(GateError::WrongShape {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                    actual: view.shape().to_vec(),
+                });
+            }
+            if view.dtype() != dtype.safetensors() {
+                return Err(GateError::WrongDtype {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    expected: dtype.as_str().to_string(),
+                    actual: format!("{:?}", view.dtype()),
+                });
+            }
+            let t = view
+                .load(device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .ctx("loading a gate tensor")?;
+            tensors.insert(name.clone(), t);
+        }
+        if let Some(extra) = st.names().into_iter().find(|n| !tensors.contains_key(*n)) {
+            return Err(format_err(
+                path,
+                format!("unexpected tensor `{extra}` for gate_config {cfg:?}"),
+            ));
+        }
+        let mut gate = Self::from_tensors(&cfg, tensors)?;
+        gate.identity = identity;
+        Ok(gate)
+    }
+}
+
+/// Checks `found` (the file's identity) against `expected` and against the file's own config.
+fn check_identity(
+    path: &Path,
+    cfg: &GateConfig,
+    found: &ModelIdentity,
+    expected: &ModelIdentity,
+) -> Result<()> {
+    let mismatch = |field: &str, want: String| GateError::IdentityMismatch {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        expected: want,
+        actual: found.get(field).cloned(),
+    };
+    for (field, want) in expected {
+        if found.get(field) != Some(want) {
+            return Err(mismatch(field, want.clone()));
+        }
+    }
+    let from_cfg = [cfg.n_layers, cfg.hidden, cfg.n_kv_heads];
+    for (field, value) in CONFIG_IDENTITY_KEYS.into_iter().zip(from_cfg) {
+        if found.get(field).is_some_and(|v| *v != value.to_string()) {
+            return Err(mismatch(field, format!("{value} (from gate_config)")));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file next to `path`, syncs it, then renames it over `path`;
+/// the temporary file is removed if anything fails.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path.file_name().ok_or_else(|| {
+        invalid(
+            "AttentionGate::save: path",
+            path.display(),
+            "a path naming a file",
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".{}.{}.{nanos}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let io = |op: &'static str, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| GateError::Io { path, op, source }
+    };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("rename", path))
+    })();
+    if result.is_err() {
+        // Best effort: the error being returned is the one that matters.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,550 @@
+//! The Attention-Gate (AG): a small causal attention module per decoder layer that turns the
+//! layer's normed hidden states into a soft keep probability per token and KV head.
+//!
+//! Owns [`GateConfig`], [`AttentionGate`] (parameters, full causal forward, prefill into a
+//! [`GateCache`], constructors) and [`hard_flags`]. Decode lives in `cache.rs`, the file format
+//! in `file.rs`.
+//!
+//! Forward, layer `l` (design/ALGORITHMS.md): `Q' = X Wq'^T`, `K' = X Wk'^T`, `V' = X Wv'^T`
+//! (`[B, T, heads, head_dim]`, no bias); non-interleaved ("HF", rotate-half) RoPE on `Q'`,
+//! `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + causal) V'`;
+//! `z = O' Wg^T + bg` (`[B, T, n_kv_heads]`); `s = sigmoid(z)`; hard `keep = s > threshold`.
+//!
+//! Invariants:
+//! - Weights use the PyTorch `Linear` layout `[out, in]`: `wq`, `wk`, `wv` are
+//!   `[heads*head_dim, hidden]`, `wg` is `[n_kv_heads, heads*head_dim]`, `bg` is `[n_kv_heads]`.
+//! - Compute runs in the parameters' dtype (f32 unless built otherwise); inputs are cast to it
+//!   and `s` is returned as f32. Every op is differentiable, so gradients reach `Var`s built by
+//!   [`AttentionGate::into_trainable`].
+//! - The gate's attention is causal: `s` at token `i` depends only on tokens `<= i` (and on
+//!   what a [`GateCache`] holds before them).
+
+mod cache;
+mod file;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub use cache::GateCache;
+pub use file::{model_identity, ModelIdentity, StoreDtype};
+
+use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
+
+/// Shape and hyper-parameters of an Attention-Gate for one base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateConfig {
+    /// Hidden size `D` of the base model (the gate's input width).
+    pub hidden: usize,
+    /// Number of KV heads of the base model (one keep probability each).
+    pub n_kv_heads: usize,
+    /// Number of decoder layers (one gate each).
+    pub n_layers: usize,
+    /// The gate's own attention heads `Ha` (default 4).
+    pub heads: usize,
+    /// The gate's head dimension `da` (default 32; must be even for RoPE).
+    pub head_dim: usize,
+    /// RoPE base of the gate's attention (normally the base model's).
+    pub rope_theta: f32,
+    /// Hard-mode threshold `tau`: keep iff `s > tau` (default 0.5).
+    pub threshold: f32,
+    /// Initial gate bias `bg` (default 3.0: start from "keep almost everything").
+    pub bias_init: f32,
+}
+
+impl GateConfig {
+    /// A configuration with the default gate shape (`heads = 4`, `head_dim = 32`,
+    /// `threshold = 0.5`, `bias_init = 3.0`).
+    pub fn new(hidden: usize, n_kv_heads: usize, n_layers: usize, rope_theta: f32) -> Self {
+        Self {
+            hidden,
+            n_kv_heads,
+            n_layers,
+            heads: 4,
+            head_dim: 32,
+            rope_theta,
+            threshold: 0.5,
+            bias_init: 3.0,
+        }
+    }
+
+    /// Checks every field: non-zero sizes, even `head_dim`, `rope_theta > 0`, finite
+    /// `threshold` and `bias_init`.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("GateConfig.hidden", self.hidden),
+            ("GateConfig.n_kv_heads", self.n_kv_heads),
+            ("GateConfig.n_layers", self.n_layers),
+            ("GateConfig.heads", self.heads),
+            ("GateConfig.head_dim", self.head_dim),
+        ];
+        for (name, v) in sizes {
+            if v == 0 {
+                return Err(invalid(name, v, "a non-zero size"));
+            }
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(invalid(
+                "GateConfig.head_dim",
+                self.head_dim,
+                "an even size (RoPE rotates halves)",
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(invalid(
+                "GateConfig.rope_theta",
+                self.rope_theta,
+                "a finite positive RoPE base",
+            ));
+        }
+        if !self.threshold.is_finite() {
+            return Err(invalid(
+                "GateConfig.threshold",
+                self.threshold,
+                "a finite threshold",
+            ));
+        }
+        if !self.bias_init.is_finite() {
+            return Err(invalid(
+                "GateConfig.bias_init",
+                self.bias_init,
+                "a finite bias",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Width of the gate's attention output, `heads * head_dim`.
+    pub fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Every parameter tensor's name and shape, layer by layer, in a fixed order:
+    /// `layers.{l}.wq`, `.wk`, `.wv` (`[inner, hidden]`), `.wg` (`[n_kv_heads, inner]`),
+    /// `.bg` (`[n_kv_heads]`).
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (inner, hidden, kv) = (self.inner(), self.hidden, self.n_kv_heads);
+        (0..self.n_layers)
+            .flat_map(|l| {
+                [
+                    (PARAM_NAMES[0], vec![inner, hidden]),
+                    (PARAM_NAMES[1], vec![inner, hidden]),
+                    (PARAM_NAMES[2], vec![inner, hidden]),
+                    (PARAM_NAMES[3], vec![kv, inner]),
+                    (PARAM_NAMES[4], vec![kv]),
+                ]
+                .map(|(p, shape)| (format!("layers.{l}.{p}"), shape))
+            })
+            .collect()
+    }
+}
+
+/// Per-layer parameter names, in [`GateConfig::param_shapes`] order.
+const PARAM_NAMES: [&str; 5] = ["wq", "wk", "wv", "wg", "bg"];
+
+/// Initial half-width of `wg`'s uniform init, relative to `1/sqrt(inner)`: small, so that
+/// `z` starts within a few hundredths of `bias_init`.
+const GATE_OUT_INIT: f64 = 0.1;
+
+/// One layer's parameters (layout in the module header).
+#[derive(Debug, Clone)]
+struct GateLayer {
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wg: Tensor,
+    bg: Tensor,
+}
+
+impl GateLayer {
+    fn tensors(&self) -> [&Tensor; 5] {
+        [&self.wq, &self.wk, &self.wv, &self.wg, &self.bg]
+    }
+}
+
+/// The Attention-Gate of every layer of one base model.
+#[derive(Debug, Clone)]
+pub struct AttentionGate {
+    cfg: GateConfig,
+    layers: Vec<GateLayer>,
+    /// RoPE inverse frequencies, `theta^(-2i/head_dim)` for `i < head_dim/2`, in f64.
+    inv_freq: Vec<f64>,
+    identity: ModelIdentity,
+}
+
+impl AttentionGate {
+    /// A randomly initialised gate (seeded, reproducible) in f32 on `device`: `wq`, `wk`, `wv`
+    /// uniform in `±1/sqrt(hidden)`, `wg` uniform in `±0.1/sqrt(inner)`, `bg = bias_init`, so
+    /// `s` starts near `sigmoid(bias_init)`.
+    pub fn random(cfg: &GateConfig, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let proj = 1.0 / (cfg.hidden as f64).sqrt();
+        let out = GATE_OUT_INIT / (cfg.inner() as f64).sqrt();
+        let mut tensors = HashMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let numel: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with(".bg") {
+                vec![cfg.bias_init; numel]
+            } else {
+                let a = if name.ends_with(".wg") { out } else { proj };
+                (0..numel).map(|_| rng.random_range(-a..a) as f32).collect()
+            };
+            let t = Tensor::from_vec(data, shape, device).ctx("initialising gate parameters")?;
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg, tensors)
+    }
+
+    /// A gate from named parameter tensors (names and shapes of [`GateConfig::param_shapes`],
+    /// one float dtype for all; extra names are rejected). Compute runs in that dtype.
+    pub fn from_tensors(cfg: &GateConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
+        cfg.validate()?;
+        let mut dtype = None;
+        let mut take = |name: String, shape: Vec<usize>| -> Result<Tensor> {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                invalid(
+                    "AttentionGate::from_tensors: tensors",
+                    format!("no `{name}`"),
+                    format!("a tensor of shape {shape:?}"),
+                )
+            })?;
+            if t.dims() != shape.as_slice()
+                || !t.dtype().is_float()
+                || dtype.is_some_and(|d| d != t.dtype())
+            {
+                return Err(bad_tensor(
+                    "AttentionGate::from_tensors",
+                    &t,
+                    format!("`{name}`: {shape:?} in one float dtype"),
+                ));
+            }
+            dtype = Some(t.dtype());
+            Ok(t)
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let mut shapes = cfg.param_shapes().into_iter();
+        for _ in 0..cfg.n_layers {
+            let mut next = || -> Result<Tensor> {
+                let (name, shape) = shapes
+                    .next()
+                    .ok_or_else(|| invalid("GateConfig", "param_shapes", "5 tensors per layer"))?;
+                take(name, shape)
+            };
+            layers.push(GateLayer {
+                wq: next()?,
+                wk: next()?,
+                wv: next()?,
+                wg: next()?,
+                bg: next()?,
+            });
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(invalid(
+                "AttentionGate::from_tensors: tensors",
+                format!("`{extra}`"),
+                "only the gate's parameter names",
+            ));
+        }
+        let half = cfg.head_dim / 2;
+        let theta = f64::from(cfg.rope_theta);
+        let inv_freq = (0..half)
+            .map(|i| theta.powf(-((2 * i) as f64) / cfg.head_dim as f64))
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            layers,
+            inv_freq,
+            identity: ModelIdentity::new(),
+        })
+    }
+
+    /// Turns every parameter into a candle `Var` registered in a fresh `VarMap` under its
+    /// file name (`layers.{l}.wq`, ...), for training: the returned gate's forward is
+    /// differentiable with respect to those vars (give `varmap.all_vars()` to an optimiser).
+    /// Parameters are promoted to f32 unless already f32 or f64.
+    pub fn into_trainable(self) -> Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        let mut tensors = HashMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| invalid("VarMap", "poisoned lock", "an unpoisoned VarMap"))?;
+            for (name, t) in self.named_tensors() {
+                let t = match t.dtype() {
+                    DType::F32 | DType::F64 => t,
+                    _ => t
+                        .to_dtype(DType::F32)
+                        .ctx("promoting gate parameters to f32")?,
+                };
+                let var = candle_core::Var::from_tensor(&t).ctx("creating a training Var")?;
+                tensors.insert(name.clone(), var.as_tensor().clone());
+                data.insert(name, var);
+            }
+        }
+        let mut gate = Self::from_tensors(&self.cfg, tensors)?;
+        gate.identity = self.identity;
+        Ok((gate, varmap))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GateConfig {
+        &self.cfg
+    }
+
+    /// The model identity stored with the gate (empty unless set or loaded).
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    /// Replaces the model identity written by [`AttentionGate::save`].
+    pub fn set_identity(&mut self, identity: ModelIdentity) {
+        self.identity = identity;
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        self.layers[0].wq.device()
+    }
+
+    /// The compute dtype (the parameters' dtype).
+    pub fn dtype(&self) -> DType {
+        self.layers[0].wq.dtype()
+    }
+
+    /// Every parameter with its name, in [`GateConfig::param_shapes`] order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.cfg
+            .param_shapes()
+            .into_iter()
+            .zip(self.layers.iter().flat_map(|l| l.tensors()))
+            .map(|((name, _), t)| (name, t.clone()))
+            .collect()
+    }
+
+    fn layer(&self, layer: usize) -> Result<&GateLayer> {
+        self.layers.get(layer).ok_or(GateError::OutOfRange {
+            what: "layer",
+            index: layer,
+            len: self.layers.len(),
+        })
+    }
+
+    /// Validates `x` (`[T, hidden]` or `[B, T, hidden]`) against `positions`, returning it as
+    /// `[B, T, hidden]` in the compute dtype, and whether the input was 2-D.
+    fn input(&self, x: &Tensor, positions: &[u32]) -> Result<(Tensor, bool)> {
+        let expected = format!(
+            "[T, {0}] or [B, T, {0}] with T = positions.len() = {1}",
+            self.cfg.hidden,
+            positions.len()
+        );
+        let (x3, two_d) = match *x.dims() {
+            [t, h] if h == self.cfg.hidden && t == positions.len() => {
+                (x.unsqueeze(0).ctx("reshaping gate input")?, true)
+            }
+            [_, t, h] if h == self.cfg.hidden && t == positions.len() => (x.clone(), false),
+            _ => return Err(bad_tensor("x", x, expected)),
+        };
+        if !x.dtype().is_float() {
+            return Err(bad_tensor("x", x, "a float dtype"));
+        }
+        Ok((x3.to_dtype(self.dtype()).ctx("casting gate input")?, two_d))
+    }
+
+    /// RoPE (rotate-half) of `x: [B, Ha, T, da]` at `positions` (length `T`).
+    fn rope(&self, x: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
+        let half = self.cfg.head_dim / 2;
+        let t = positions.len();
+        let angles: Vec<f64> = positions
+            .iter()
+            .flat_map(|&p| self.inv_freq.iter().map(move |&f| f64::from(p) * f))
+            .collect();
+        let table = |f: fn(f64) -> f64| {
+            Tensor::from_vec(
+                angles.iter().map(|&a| f(a)).collect::<Vec<_>>(),
+                (1, 1, t, half),
+                x.device(),
+            )?
+            .to_dtype(x.dtype())
+        };
+        let (cos, sin) = (table(f64::cos)?, table(f64::sin)?);
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[r1, r2], D::Minus1)
+    }
+
+    /// Projects `x: [B, T, hidden]` to `(Q', K', V')`, each `[B, Ha, T, da]`, RoPE applied to
+    /// `Q'` and `K'`.
+    fn project(
+        &self,
+        p: &GateLayer,
+        x: &Tensor,
+        positions: &[u32],
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
+        let x2 = x.reshape((b * t, self.cfg.hidden))?;
+        let heads = |w: &Tensor| {
+            x2.matmul(&w.t()?)?
+                .reshape((b, t, ha, da))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = self.rope(&heads(&p.wq)?, positions)?;
+        let k = self.rope(&heads(&p.wk)?, positions)?;
+        Ok((q, k, heads(&p.wv)?))
+    }
+
+    /// `s = sigmoid(O' Wg^T + bg)` for `o: [B, T, inner]`, returning `[B, T, n_kv_heads]`.
+    fn readout(&self, p: &GateLayer, o: &Tensor) -> candle_core::Result<Tensor> {
+        let z = o.broadcast_matmul(&p.wg.t()?)?.broadcast_add(&p.bg)?;
+        candle_nn::ops::sigmoid(&z)
+    }
+
+    /// Full forward over `x: [B, T, hidden]` after `past` (host `K'`, `V'` of `n_past` earlier
+    /// tokens, token-major `[n_past, Ha, da]`, batch 1): returns `s: [B, T, Hkv]` and the new
+    /// tokens' `K'`, `V'` (`[B, Ha, T, da]`).
+    fn forward(
+        &self,
+        p: &GateLayer,
+        x: &Tensor,
+        positions: &[u32],
+        past: Option<(&[f32], &[f32])>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
+        let (q, k, v) = self.project(p, x, positions)?;
+        let (k_all, v_all, n_past) = match past {
+            Some((pk, pv)) if !pk.is_empty() => {
+                let n_past = pk.len() / (ha * da);
+                let host = |d: &[f32]| {
+                    Tensor::from_slice(d, (1, n_past, ha, da), x.device())?
+                        .to_dtype(x.dtype())?
+                        .transpose(1, 2)
+                };
+                (
+                    Tensor::cat(&[host(pk)?, k.clone()], 2)?,
+                    Tensor::cat(&[host(pv)?, v.clone()], 2)?,
+                    n_past,
+                )
+            }
+            _ => (k.clone(), v.clone(), 0),
+        };
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..n_past + t).map(move |j| {
+                    if j <= n_past + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, n_past + t), x.device())?.to_dtype(x.dtype())?;
+        let scale = 1.0 / (da as f64).sqrt();
+        let att = (q.matmul(&k_all.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let o = att
+            .matmul(&v_all.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, t, ha * da))?;
+        Ok((self.readout(p, &o)?, k, v))
+    }
+
+    /// Soft keep probabilities `s` of layer `layer` for `x` (`[T, hidden]` or
+    /// `[B, T, hidden]`, the normed hidden states fed to q/k/v) at `positions` (length `T`,
+    /// shared by the batch): `[T, n_kv_heads]` or `[B, T, n_kv_heads]`, f32, differentiable.
+    pub fn keep_probs(&self, layer: usize, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let p = self.layer(layer)?;
+        let (x3, two_d) = self.input(x, positions)?;
+        let (s, _, _) = self
+            .forward(p, &x3, positions, None)
+            .ctx("running the gate forward")?;
+        let s = s.to_dtype(DType::F32).ctx("casting gate output")?;
+        if two_d {
+            s.squeeze(0).ctx("reshaping gate output")
+        } else {
+            Ok(s)
+        }
+    }
+
+    /// Hard keep flags of layer `layer` for one sequence `x` (`[T, hidden]` or
+    /// `[1, T, hidden]`): `[kv_head][t]`, `keep = s > threshold`.
+    pub fn keep_flags(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &[u32],
+    ) -> Result<Vec<Vec<bool>>> {
+        hard_flags(&self.keep_probs(layer, x, positions)?, self.cfg.threshold)
+    }
+
+    /// Prefill (or a later chunk, e.g. the next chat turn) of one sequence: like
+    /// [`AttentionGate::keep_probs`] for `x` (`[T, hidden]` or `[1, T, hidden]`), but the new
+    /// tokens also attend to everything `cache` already holds for this layer, and their `K'`,
+    /// `V'` are appended to it so that [`AttentionGate::step`] continues from here. Returns
+    /// `s: [T, n_kv_heads]` (f32).
+    pub fn prefill(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &[u32],
+        cache: &mut GateCache,
+    ) -> Result<Tensor> {
+        let p = self.layer(layer)?;
+        let (x3, _) = self.input(x, positions)?;
+        if x3.dim(0).ctx("reading batch size")? != 1 {
+            return Err(bad_tensor(
+                "x",
+                x,
+                "a single sequence ([T, hidden] or [1, T, hidden]) when using a GateCache",
+            ));
+        }
+        let entry = cache.layer_mut(&self.cfg, layer)?;
+        let (s, k, v) = self
+            .forward(p, &x3, positions, Some((&entry.keys, &entry.values)))
+            .ctx("running the gate prefill")?;
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.squeeze(0)?
+                .transpose(0, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let (k, v) = (
+            host(&k).ctx("copying K' to the gate cache")?,
+            host(&v).ctx("copying V' to the gate cache")?,
+        );
+        entry.keys.extend_from_slice(&k);
+        entry.values.extend_from_slice(&v);
+        s.squeeze(0)
+            .and_then(|s| s.to_dtype(DType::F32))
+            .ctx("reshaping gate output")
+    }
+}
+
+/// Hard flags from soft probabilities `s` (`[T, n_kv_heads]` or `[1, T, n_kv_heads]`):
+/// `[kv_head][t] = s[t, kv_head] > tau` (a NaN probability is not kept).
+pub fn hard_flags(s: &Tensor, tau: f32) -> Result<Vec<Vec<bool>>> {
+    let s2 = match *s.dims() {
+        [_, _] => s.clone(),
+        [1, _, _] => s.squeeze(0).ctx("reshaping keep probabilities")?,
+        _ => return Err(bad_tensor("s", s, "[T, n_kv_heads] or [1, T, n_kv_heads]")),
+    };
+    let rows: Vec<Vec<f32>> = s2
+        .to_dtype(DType::F32)
+        .and_then(|t| t.t()?.to_vec2())
+        .ctx("reading keep probabilities")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v > tau).collect())
+        .collect())
+}

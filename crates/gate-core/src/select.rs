@@ -1,0 +1,212 @@
+//! Selectors: turn one (layer, KV head)'s per-entry scores into a keep mask.
+//!
+//! Owns [`Budget`], [`Protection`], [`select_top_k`], [`select_threshold`] and
+//! [`pyramid_budgets`], plus the one ranking rule every top-k in this crate uses.
+//!
+//! Invariants:
+//! - A mask has exactly one flag per input entry, in entry order (oldest first).
+//! - [`select_top_k`] keeps exactly `min(keep, n)` entries, never more: a budget is a hard cap.
+//! - Ranking rule (one total order, used everywhere): protected entries rank above unprotected
+//!   ones; within a tier a higher score wins; any NaN ranks below every number (including
+//!   `-inf`); `-0.0 == +0.0`; on equal scores the more recent entry (higher index) wins. The
+//!   result is therefore deterministic and independent of the sort algorithm.
+
+use std::cmp::Ordering;
+
+use crate::error::{invalid, Result};
+
+/// How many entries one (layer, KV head) may keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Evict this fraction of the entries; must lie in `[0, 1)`.
+    EvictRatio(f32),
+    /// Keep at most this many entries; must be at least 1.
+    Keep(usize),
+}
+
+impl Budget {
+    /// Checks the budget's domain: a finite ratio in `[0, 1)`, or a keep count of at least 1.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Budget::EvictRatio(r) if !(0.0..1.0).contains(&r) => Err(invalid(
+                "Budget::EvictRatio",
+                r,
+                "a finite eviction ratio in [0, 1)",
+            )),
+            Budget::Keep(0) => Err(invalid("Budget::Keep", 0, "a keep count of at least 1")),
+            _ => Ok(()),
+        }
+    }
+
+    /// How many of `n` entries to keep.
+    ///
+    /// `EvictRatio(r)`: the evicted count is `round(r * n)` (computed in f64, halves rounded
+    /// away from zero), so the measured ratio is within `0.5 / n` of `r`; the kept count is then
+    /// raised to 1 if it would be 0 and `n > 0` (a head never becomes empty), which moves it by
+    /// at most one token. `Keep(k)`: `min(k, n)`. Values outside the domain that
+    /// [`Budget::validate`] rejects are clamped (a NaN ratio evicts nothing) rather than panic.
+    pub fn keep_count(&self, n: usize) -> usize {
+        match *self {
+            Budget::EvictRatio(r) => {
+                let r = if r.is_nan() {
+                    0.0
+                } else {
+                    f64::from(r).clamp(0.0, 1.0)
+                };
+                // Exact for n < 2^53; the product is at most n, so the cast cannot overflow.
+                let evict = ((r * n as f64).round() as usize).min(n);
+                (n - evict).max(n.min(1))
+            }
+            Budget::Keep(k) => k.min(n),
+        }
+    }
+}
+
+/// Entries that are always kept: the first `sinks` and the last `recent` of a head.
+///
+/// Protected entries count toward the budget; when they alone exceed it, [`select_top_k`]
+/// ranks them among themselves by score (see the module's ranking rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Protection {
+    /// Number of leading (oldest) entries always kept, e.g. attention sinks.
+    pub sinks: usize,
+    /// Number of trailing (most recent) entries always kept.
+    pub recent: usize,
+}
+
+impl Protection {
+    /// No protected entries.
+    pub const NONE: Protection = Protection {
+        sinks: 0,
+        recent: 0,
+    };
+
+    /// Whether entry `i` of `n` is protected.
+    pub fn is_protected(&self, i: usize, n: usize) -> bool {
+        i < self.sinks || i >= n.saturating_sub(self.recent)
+    }
+
+    /// Number of protected entries among `n`.
+    pub fn count(&self, n: usize) -> usize {
+        (0..n).filter(|&i| self.is_protected(i, n)).count()
+    }
+}
+
+/// Compares two scores: NaN below everything, otherwise numeric order (`-0.0 == +0.0`).
+pub(crate) fn cmp_score(a: f64, b: f64) -> Ordering {
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Less,
+        (false, true) => Ordering::Greater,
+        (false, false) => a.partial_cmp(&b).unwrap_or(Ordering::Equal),
+    }
+}
+
+/// The crate's ranking rule as a mask builder: keeps exactly `min(keep, n)` of the entries
+/// `0..n`, protected tier first, then higher `score`, then higher index.
+pub(crate) fn top_k_mask(
+    n: usize,
+    keep: usize,
+    protected: impl Fn(usize) -> bool,
+    score: impl Fn(usize) -> f64,
+) -> Vec<bool> {
+    let keep = keep.min(n);
+    let mut mask = vec![false; n];
+    if keep == 0 {
+        return mask;
+    }
+    if keep == n {
+        return vec![true; n];
+    }
+    // Best first: a total order over distinct indices, so the selection is deterministic.
+    let better_first = |&a: &usize, &b: &usize| {
+        protected(b)
+            .cmp(&protected(a))
+            .then_with(|| cmp_score(score(b), score(a)))
+            .then_with(|| b.cmp(&a))
+    };
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.select_nth_unstable_by(keep - 1, better_first);
+    for &i in &idx[..keep] {
+        mask[i] = true;
+    }
+    mask
+}
+
+/// Keeps exactly `min(keep, scores.len())` entries: the protected ones first, then the
+/// highest scores, ties going to the more recent entry, NaN scores last.
+///
+/// If the protected entries alone exceed `keep`, only `keep` of them survive, chosen by the
+/// same score rule: the budget is never exceeded.
+pub fn select_top_k(scores: &[f32], keep: usize, protect: &Protection) -> Vec<bool> {
+    let n = scores.len();
+    top_k_mask(
+        n,
+        keep,
+        |i| protect.is_protected(i, n),
+        |i| f64::from(scores[i]),
+    )
+}
+
+/// Keeps entry `i` iff `scores[i] > tau` (strictly; a NaN score or NaN `tau` keeps nothing),
+/// plus every protected entry. The kept count is not bounded.
+pub fn select_threshold(scores: &[f32], tau: f32, protect: &Protection) -> Vec<bool> {
+    let n = scores.len();
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| s > tau || protect.is_protected(i, n))
+        .collect()
+}
+
+/// PyramidKV per-layer keep budgets (window included), falling linearly with depth.
+///
+/// With average budget `C = total_keep_per_layer_avg` and window `w`: `min = (C-w)/beta`,
+/// `max = 2(C-w) - min`, `b_l = w + max - l(max-min)/(L-1)` (real-valued), then rounded to
+/// integers by largest remainder (floor everything, give the leftover units to the layers with
+/// the largest fractional parts, earlier layer first on ties) so that the budgets are
+/// non-increasing and sum to exactly `L * C`: they average to the target. The layer keeps the
+/// top `b_l - w` prefix entries by SnapKV score plus the `w`-token window. With one layer, or
+/// `C <= w`, every layer gets `C`. Budgets are not clamped to a prompt length: apply them with
+/// [`Budget::Keep`].
+///
+/// Errors: `n_layers == 0`, or `beta` not finite or below 1 (the pyramid would invert).
+pub fn pyramid_budgets(
+    total_keep_per_layer_avg: usize,
+    window: usize,
+    n_layers: usize,
+    beta: f32,
+) -> Result<Vec<usize>> {
+    if n_layers == 0 {
+        return Err(invalid(
+            "pyramid_budgets: n_layers",
+            0,
+            "at least one layer",
+        ));
+    }
+    if !(beta.is_finite() && beta >= 1.0) {
+        return Err(invalid("pyramid_budgets: beta", beta, "a finite beta >= 1"));
+    }
+    let c = total_keep_per_layer_avg;
+    if n_layers == 1 || c <= window {
+        return Ok(vec![c; n_layers]);
+    }
+    let span = (c - window) as f64;
+    let min = span / f64::from(beta);
+    let max = 2.0 * span - min;
+    let step = (max - min) / (n_layers - 1) as f64;
+    let real: Vec<f64> = (0..n_layers)
+        .map(|l| window as f64 + max - l as f64 * step)
+        .collect();
+    // Non-negative, bounded by 2C: the casts are exact.
+    let mut budgets: Vec<usize> = real.iter().map(|b| b.floor() as usize).collect();
+    let target = c * n_layers;
+    let leftover = target.saturating_sub(budgets.iter().sum());
+    let mut by_fraction: Vec<usize> = (0..n_layers).collect();
+    by_fraction
+        .sort_by(|&a, &b| cmp_score(real[b].fract(), real[a].fract()).then_with(|| a.cmp(&b)));
+    for &l in by_fraction.iter().take(leftover) {
+        budgets[l] += 1;
+    }
+    Ok(budgets)
+}
