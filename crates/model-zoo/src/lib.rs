@@ -5,6 +5,7 @@
 //! and its tokenizer. Nothing here knows about sampling, requests or files other than weights.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod hook;
 pub mod llama;

@@ -1,0 +1,245 @@
+//! `cargo xtask` as its users meet it, on the real default model: GGUF → safetensors → agate gives
+//! the same greedy tokens as the GGUF path dequantized to f32 (one conversion, in a temporary
+//! directory); an interrupted conversion leaves no file; `inspect` lists tensors of both formats;
+//! `kernels` without nvcc fails naming what to install; `dist` packages a binary whose `--version`
+//! and `inspect` run from a clean directory, with checksums that verify.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use engine::{Engine, GenerateRequest, WeightFormat};
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .output()
+        .expect("run xtask")
+}
+
+fn default_model() -> PathBuf {
+    engine::model_cache::ensure_default_model(&mut |l| eprintln!("{l}")).expect("default model")
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn greedy(engine: &Engine, prompt: &str, n: usize) -> Vec<u32> {
+    let mut session = engine.new_session();
+    let request = GenerateRequest {
+        max_tokens: n,
+        stop_at_eos: false,
+        ..GenerateRequest::default()
+    };
+    session
+        .complete(prompt, &request, &mut |_| true)
+        .unwrap()
+        .tokens
+}
+
+#[test]
+fn gguf_to_safetensors_keeps_greedy_tokens_and_inspects() {
+    let model = default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smol-f32");
+    let o = xtask(&[
+        "convert",
+        "--to",
+        "safetensors",
+        "--dtype",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
+        "--from",
+        model.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files = entries(&out);
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+
+    let from_gguf = Engine::builder()
+        .model(&model)
+        .weights(WeightFormat::parse("f32").unwrap())
+        .build()
+        .unwrap();
+    let from_hf = Engine::builder().model(&out).build().unwrap();
+    for prompt in ["The capital of France is", "def fibonacci(n):"] {
+        let a = greedy(&from_gguf, prompt, 24);
+        let b = greedy(&from_hf, prompt, 24);
+        assert_eq!(a, b, "prompt {prompt:?}");
+    }
+    let chat_a = from_gguf
+        .tokenizer()
+        .apply_chat_template(&[engine::ChatMessage::new("user", "Hi")], true)
+        .unwrap();
+    let chat_b = from_hf
+        .tokenizer()
+        .apply_chat_template(&[engine::ChatMessage::new("user", "Hi")], true)
+        .unwrap();
+    assert_eq!(chat_a, chat_b);
+
+    let o = xtask(&["inspect", out.join("model.safetensors").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("model.layers.29.self_attn.q_proj.weight"),
+        "{text}"
+    );
+    assert!(text.contains("F32"));
+    let o = xtask(&["inspect", model.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("blk.0.attn_q.weight") && text.contains("Q4_1"),
+        "{text}"
+    );
+    assert!(text.contains("llama.block_count = 30"), "{text}");
+}
+
+#[test]
+fn interrupted_conversion_leaves_no_output() {
+    let model = default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("half");
+    let o = xtask(&[
+        "convert",
+        "--dtype",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+        "--from",
+        model.to_str().unwrap(),
+        "--fail-after-tensors",
+        "20",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("injected failure after 20 tensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+}
+
+#[test]
+fn kernels_without_nvcc_names_what_to_install() {
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["kernels", "--check-only"])
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("CUDA_HOME")
+        .env_remove("CUDA_PATH")
+        .env_remove("LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("nvcc: not on PATH"), "{err}");
+    assert!(
+        err.contains(
+            "pip install \"cuda-toolkit[nvcc,cudart,cublas,curand,nvrtc,cccl,crt,nvvm]==13.0.2\""
+        ),
+        "{err}"
+    );
+    assert!(err.contains("libcublas.so"), "{err}");
+}
+
+/// The `agate` release binary beside this test's own binary (target/release/agate), which
+/// `cargo test --release --workspace` builds.
+fn agate_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("agate");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --release -p cli` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn dist_packages_a_runnable_binary_with_checksums() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dist");
+    let o = xtask(&[
+        "dist",
+        "--out",
+        out.to_str().unwrap(),
+        "--binary",
+        agate_binary().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let tarball = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let name = tarball.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("agate-{}-", env!("CARGO_PKG_VERSION")))
+            && name.ends_with(".tar.gz"),
+        "{name}"
+    );
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&out)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let clean = tmp.path().join("clean");
+    std::fs::create_dir(&clean).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&clean)
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let top = clean.join(name.trim_end_matches(".tar.gz"));
+    for f in [
+        "agate",
+        "README.md",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
+        "docs",
+    ] {
+        assert!(top.join(f).exists(), "{f} missing from the tarball");
+    }
+    let run = |args: &[&str]| {
+        Command::new(top.join("agate"))
+            .args(args)
+            .current_dir(&clean)
+            .output()
+            .unwrap()
+    };
+    let v = run(&["--version"]);
+    assert!(v.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("agate {}", env!("CARGO_PKG_VERSION"))
+    );
+    let model = default_model();
+    let i = run(&["inspect", "--model", model.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&i.stdout);
+    assert!(i.status.success(), "{}", String::from_utf8_lossy(&i.stderr));
+    assert!(text.contains("layers         30"), "{text}");
+}
