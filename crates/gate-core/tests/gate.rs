@@ -1,0 +1,494 @@
+//! Attention-Gate mechanics: shapes, initial keep probability, hard flags, causality,
+//! prefill + step decode equal to the full forward, trainable parameters, and the file format
+//! (bit-exact round trip, f16, and every load error naming what is wrong).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use gate_core::{
+    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, GateError, ModelIdentity,
+    StoreDtype,
+};
+
+const HIDDEN: usize = 48;
+
+fn cfg() -> GateConfig {
+    GateConfig {
+        heads: 2,
+        head_dim: 8,
+        ..GateConfig::new(HIDDEN, 3, 2, 10_000.0)
+    }
+}
+
+/// Deterministic pseudo-random input (candle's randn is not seeded).
+fn det_input(t: usize, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..t * HIDDEN)
+        .map(|_| rng.random_range(-1.7f32..1.7))
+        .collect();
+    Tensor::from_vec(data, (t, HIDDEN), &Device::Cpu).unwrap()
+}
+
+/// A gate whose `wg` is scaled up so that `s` varies a lot across tokens and heads.
+fn spread_gate(cfg: &GateConfig) -> AttentionGate {
+    let g = AttentionGate::random(cfg, 5, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = g
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n.ends_with(".wg") {
+                (t * 300.0).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    AttentionGate::from_tensors(cfg, tensors).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2().unwrap()
+}
+
+#[test]
+fn output_shapes() {
+    let g = AttentionGate::random(&cfg(), 1, &Device::Cpu).unwrap();
+    let pos: Vec<u32> = (0..7).collect();
+    assert_eq!(
+        g.keep_probs(1, &det_input(7, 1), &pos).unwrap().dims(),
+        [7, 3]
+    );
+    let xb = Tensor::stack(&[det_input(7, 1), det_input(7, 2)], 0).unwrap();
+    let s = g.keep_probs(0, &xb, &pos).unwrap();
+    assert_eq!(s.dims(), [2, 7, 3]);
+    assert_eq!(s.dtype(), DType::F32);
+    // Batch rows are independent: row 0 equals the unbatched forward.
+    let s0 = g.keep_probs(0, &det_input(7, 1), &pos).unwrap();
+    let d = (s.get(0).unwrap() - s0)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-6);
+    let flags = g.keep_flags(0, &det_input(7, 1), &pos).unwrap();
+    assert_eq!((flags.len(), flags[0].len()), (3, 7));
+    // Shape errors name the argument.
+    let err = g
+        .keep_probs(0, &det_input(7, 1), &pos[..5])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`x`") && err.contains("[7, 48]"), "{err}");
+    let err = g
+        .keep_probs(2, &det_input(7, 1), &pos)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer index 2"), "{err}");
+}
+
+#[test]
+fn starts_near_sigmoid_of_the_bias() {
+    let g =
+        AttentionGate::random(&GateConfig::new(HIDDEN, 3, 2, 10_000.0), 1, &Device::Cpu).unwrap();
+    let pos: Vec<u32> = (100..164).collect();
+    let s = g.keep_probs(0, &det_input(64, 3), &pos).unwrap();
+    let target = 1.0 / (1.0 + (-3.0f32).exp());
+    for r in rows(&s) {
+        for v in r {
+            assert!((v - target).abs() < 0.01, "{v} vs {target}");
+        }
+    }
+}
+
+#[test]
+fn hard_flags_are_s_above_tau() {
+    let tau = 0.6;
+    let c = GateConfig {
+        threshold: tau,
+        ..cfg()
+    };
+    let g = spread_gate(&c);
+    let pos: Vec<u32> = (0..20).collect();
+    let x = det_input(20, 4);
+    let s = rows(&g.keep_probs(1, &x, &pos).unwrap());
+    let flags = g.keep_flags(1, &x, &pos).unwrap();
+    let (mut kept, mut dropped) = (0, 0);
+    for (t, row) in s.iter().enumerate() {
+        for (h, &v) in row.iter().enumerate() {
+            assert_eq!(flags[h][t], v > tau);
+            if flags[h][t] {
+                kept += 1
+            } else {
+                dropped += 1
+            }
+        }
+    }
+    assert!(
+        kept > 0 && dropped > 0,
+        "the test gate should mix keep and evict: {s:?}"
+    );
+    let s_t = Tensor::from_vec(vec![0.4f32, 0.6, 0.5, 0.7], (1, 2, 2), &Device::Cpu).unwrap();
+    assert_eq!(
+        hard_flags(&s_t, 0.5).unwrap(),
+        [[false, false], [true, true]]
+    );
+}
+
+#[test]
+fn causal_future_tokens_do_not_change_earlier_s() {
+    let g = spread_gate(&cfg());
+    let pos: Vec<u32> = (0..16).collect();
+    let x = det_input(16, 5);
+    let mut data = x.to_vec2::<f32>().unwrap();
+    data[9].iter_mut().for_each(|v| *v = -*v * 2.0);
+    let x2 = Tensor::new(data, &Device::Cpu).unwrap();
+    let (a, b) = (
+        rows(&g.keep_probs(0, &x, &pos).unwrap()),
+        rows(&g.keep_probs(0, &x2, &pos).unwrap()),
+    );
+    assert_eq!(a[..9], b[..9]);
+    assert_ne!(a[9], b[9]);
+}
+
+#[test]
+fn prefill_then_step_equals_the_full_forward() {
+    let c = cfg();
+    let g = spread_gate(&c);
+    let (t, t0) = (24, 9);
+    let pos: Vec<u32> = (1000..1000 + t as u32).collect();
+    let x = det_input(t, 6);
+    for layer in 0..c.n_layers {
+        let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
+        let mut cache = GateCache::new(&c);
+        // Prefill in two chunks (the second attends to the first through the cache), then decode.
+        let a = g
+            .prefill(layer, &x.narrow(0, 0, 4).unwrap(), &pos[..4], &mut cache)
+            .unwrap();
+        let b = g
+            .prefill(
+                layer,
+                &x.narrow(0, 4, t0 - 4).unwrap(),
+                &pos[4..t0],
+                &mut cache,
+            )
+            .unwrap();
+        let mut got = rows(&a);
+        got.extend(rows(&b));
+        for (i, &p) in pos.iter().enumerate().skip(t0) {
+            got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(layer), t);
+        for (i, (f, s)) in full.iter().zip(&got).enumerate() {
+            for (a, b) in f.iter().zip(s) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "layer {layer} token {i}: {f:?} vs {s:?}"
+                );
+            }
+        }
+    }
+    let mut cache = GateCache::new(&c);
+    g.step(0, &x.get(0).unwrap(), 0, &mut cache).unwrap();
+    assert_eq!(cache.bytes(), 2 * c.heads * c.head_dim * 4);
+    let err = g
+        .step(0, &x.narrow(0, 0, 2).unwrap(), 0, &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x_row"), "{err}");
+    let mut wrong = GateCache::new(&GateConfig {
+        heads: 4,
+        ..c.clone()
+    });
+    assert!(g
+        .step(0, &x.get(0).unwrap(), 0, &mut wrong)
+        .unwrap_err()
+        .to_string()
+        .contains("GateCache"));
+    cache.clear();
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn trainable_parameters_receive_gradients() {
+    let c = cfg();
+    let (g, varmap) = spread_gate(&c).into_trainable().unwrap();
+    assert_eq!(varmap.all_vars().len(), 5 * c.n_layers);
+    let pos: Vec<u32> = (0..10).collect();
+    let s = g.keep_probs(1, &det_input(10, 7), &pos).unwrap();
+    let loss = gate_core::eviction_loss(
+        &s,
+        &Tensor::ones((10, 3), DType::F32, &Device::Cpu).unwrap(),
+        0.6,
+        1.0,
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    for p in ["wq", "wk", "wv", "wg", "bg"] {
+        let var = &data[&format!("layers.1.{p}")];
+        let gr = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {p}"));
+        let norm = gr
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "zero gradient for {p}");
+        assert!(
+            grads.get(data["layers.0.wq"].as_tensor()).is_none(),
+            "layer 0 is not on the path"
+        );
+    }
+}
+
+fn identity() -> ModelIdentity {
+    model_identity("llama", 2, HIDDEN, 3, "sha256:abc")
+}
+
+fn saved(dir: &Path, dtype: StoreDtype) -> (AttentionGate, std::path::PathBuf) {
+    let mut g = spread_gate(&cfg());
+    g.set_identity(identity());
+    let path = dir.join("gate.safetensors");
+    g.save(&path, dtype).unwrap();
+    (g, path)
+}
+
+#[test]
+fn save_load_round_trip_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, path) = saved(dir.path(), StoreDtype::F32);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["gate.safetensors"], "no temporary file left behind");
+    let back = AttentionGate::load(&path, &identity(), &Device::Cpu).unwrap();
+    assert_eq!(back.config(), g.config());
+    assert_eq!(back.identity(), g.identity());
+    for ((n1, a), (n2, b)) in g.named_tensors().into_iter().zip(back.named_tensors()) {
+        assert_eq!(n1, n2);
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{n1} differs"
+        );
+    }
+    // Empty expectation: no identity check; overwriting is fine.
+    g.save(&path, StoreDtype::F32).unwrap();
+    AttentionGate::load(&path, &ModelIdentity::new(), &Device::Cpu).unwrap();
+}
+
+#[test]
+fn half_precision_files_round_to_the_stored_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    for (dtype, cd) in [
+        (StoreDtype::F16, DType::F16),
+        (StoreDtype::BF16, DType::BF16),
+    ] {
+        let (g, path) = saved(dir.path(), dtype);
+        let back = AttentionGate::load(&path, &identity(), &Device::Cpu).unwrap();
+        assert_eq!(back.dtype(), DType::F32);
+        for ((_, a), (_, b)) in g.named_tensors().into_iter().zip(back.named_tensors()) {
+            let a = a
+                .to_dtype(cd)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(a, b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+    }
+}
+
+/// Rewrites the gate file at `path` with `edit` applied to its tensors, keeping its metadata.
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<(String, Tensor)> =
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors);
+    let out = safetensors::serialize(tensors, meta.metadata().clone()).unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+fn load_err(path: &Path, expected: &ModelIdentity) -> (GateError, String) {
+    let e = AttentionGate::load(path, expected, &Device::Cpu).unwrap_err();
+    let msg = e.to_string();
+    (e, msg)
+}
+
+#[test]
+fn load_errors_name_file_tensor_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = saved(dir.path(), StoreDtype::F32);
+    let file = path.display().to_string();
+
+    rewrite(&path, |t| t.retain(|(n, _)| n != "layers.1.wv"));
+    let (e, msg) = load_err(&path, &identity());
+    assert!(matches!(e, GateError::MissingTensor { .. }), "{msg}");
+    assert!(
+        msg.contains(&file) && msg.contains("layers.1.wv") && msg.contains("[16, 48]"),
+        "{msg}"
+    );
+
+    saved(dir.path(), StoreDtype::F32);
+    rewrite(&path, |t| {
+        for (n, x) in t.iter_mut() {
+            if n == "layers.0.wq" {
+                *x = Tensor::zeros((16, 47), DType::F32, &Device::Cpu).unwrap();
+            }
+        }
+    });
+    let (e, msg) = load_err(&path, &identity());
+    assert!(matches!(e, GateError::WrongShape { .. }), "{msg}");
+    assert!(
+        msg.contains(&file)
+            && msg.contains("layers.0.wq")
+            && msg.contains("[16, 47]")
+            && msg.contains("[16, 48]"),
+        "{msg}"
+    );
+
+    saved(dir.path(), StoreDtype::F32);
+    rewrite(&path, |t| {
+        for (n, x) in t.iter_mut() {
+            if n == "layers.1.bg" {
+                *x = x.to_dtype(DType::F16).unwrap();
+            }
+        }
+    });
+    let (e, msg) = load_err(&path, &identity());
+    assert!(matches!(e, GateError::WrongDtype { .. }), "{msg}");
+    assert!(
+        msg.contains("layers.1.bg") && msg.contains("F16") && msg.contains("f32"),
+        "{msg}"
+    );
+
+    saved(dir.path(), StoreDtype::F32);
+    rewrite(&path, |t| {
+        t.push((
+            "layers.9.wq".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        ))
+    });
+    let (_, msg) = load_err(&path, &identity());
+    assert!(msg.contains("unexpected tensor `layers.9.wq`"), "{msg}");
+}
+
+#[test]
+fn load_errors_on_identity_and_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, path) = saved(dir.path(), StoreDtype::F32);
+    let other = model_identity("llama", 2, HIDDEN, 3, "sha256:def");
+    let (e, msg) = load_err(&path, &other);
+    assert!(matches!(e, GateError::IdentityMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("base_checksum") && msg.contains("sha256:abc") && msg.contains("sha256:def"),
+        "{msg}"
+    );
+    let mut extra = identity();
+    extra.insert("tokenizer".into(), "t1".into());
+    let (_, msg) = load_err(&path, &extra);
+    assert!(msg.contains("`tokenizer`") && msg.contains("None"), "{msg}");
+
+    // A file whose identity disagrees with its own config.
+    g.set_identity(model_identity("llama", 5, HIDDEN, 3, "x"));
+    g.save(&path, StoreDtype::F32).unwrap();
+    let (_, msg) = load_err(&path, &ModelIdentity::new());
+    assert!(
+        msg.contains("n_layers") && msg.contains("from gate_config"),
+        "{msg}"
+    );
+
+    std::fs::write(&path, b"not a safetensors file").unwrap();
+    let (e, msg) = load_err(&path, &identity());
+    assert!(
+        matches!(e, GateError::Format { .. }) && msg.contains(&path.display().to_string()),
+        "{msg}"
+    );
+
+    // Plain safetensors without our metadata.
+    let t: HashMap<String, Tensor> = [(
+        "a".to_string(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into();
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let (_, msg) = load_err(&path, &identity());
+    assert!(msg.contains("`format`"), "{msg}");
+
+    let missing = dir.path().join("nope.safetensors");
+    let (e, msg) = load_err(&missing, &identity());
+    assert!(
+        matches!(e, GateError::Io { .. }) && msg.contains("nope.safetensors"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn config_validation_names_the_field() {
+    let bad = GateConfig {
+        head_dim: 7,
+        ..cfg()
+    };
+    let msg = AttentionGate::random(&bad, 0, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("GateConfig.head_dim") && msg.contains('7'),
+        "{msg}"
+    );
+    let bad = GateConfig {
+        n_layers: 0,
+        ..cfg()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("GateConfig.n_layers"));
+}
+
+#[test]
+fn rope_is_relative_a_shift_of_all_positions_changes_nothing() {
+    let g = spread_gate(&cfg());
+    let x = det_input(12, 8);
+    let at = |start: u32| {
+        rows(
+            &g.keep_probs(0, &x, &(start..start + 12).collect::<Vec<_>>())
+                .unwrap(),
+        )
+    };
+    let (a, b) = (at(0), at(5000));
+    for (r, s) in a.iter().zip(&b) {
+        for (u, v) in r.iter().zip(s) {
+            assert!((u - v).abs() < 1e-4, "{a:?} vs {b:?}");
+        }
+    }
+    // A gap in the positions does change the later tokens.
+    let gap: Vec<u32> = (0..6).chain(106..112).collect();
+    let c = rows(&g.keep_probs(0, &x, &gap).unwrap());
+    assert_eq!(a[..6], c[..6]);
+    assert!(a[6..]
+        .iter()
+        .zip(&c[6..])
+        .any(|(r, s)| r.iter().zip(s).any(|(u, v)| (u - v).abs() > 1e-3)));
+}
