@@ -146,15 +146,23 @@ pub fn eviction_ratios(s: &Tensor, valid_mask: &Tensor, tau: f32) -> Result<Evic
     })
 }
 
+/// Upper bound on `S_ij - m_i` inside [`masked_attention_weights`]' `exp` (finite in f32:
+/// `e^80 < 3.4e38`).
+pub const EXPONENT_CAP: f64 = 80.0;
+
 /// Training attention weights under in-context eviction, multiplicative and log-free:
 /// `e_ij = exp(S_ij - m_i) * vis_ij`, `P_ij = e_ij / sum_j e_ij`, with `vis_ij = keep[g, j]`
 /// for `j < i`, 1 for `j == i`, 0 for `j > i` (`g` the query head's KV head).
 ///
 /// `scores: [B, Hq, T, T]`, `keep: [B, Hkv, T]` (normally [`keep_ste`] output, transposed from
-/// the gate's `[B, T, Hkv]`), same float dtype; returns `P: [B, Hq, T, T]`. `m_i` is the
-/// detached maximum of `S_ij` over `j <= i` (evicted keys included), so every exponent is
-/// `<= 0` and nothing overflows; a row can only underflow to all-zero if every visible logit
-/// is ~87 (f32) below an evicted one's.
+/// the gate's `[B, T, Hkv]`), same float dtype; returns `P: [B, Hq, T, T]`.
+///
+/// Stability: `m_i` is the detached maximum of `S_ij` over the *visible* keys (`vis_ij > 0`,
+/// the diagonal always among them), so visible exponents are `<= 0`, the row's own maximum
+/// contributes `exp(0) * vis`, and no row underflows to 0/0. Invisible keys' exponents are
+/// capped at [`EXPONENT_CAP`] before `exp`: their forward weight is exactly 0 either way, and
+/// the cap only bounds the straight-through gradient toward re-admitting a key whose logit
+/// exceeds every visible one by more than that. `m_i` cancels in `P`, so gradients are exact.
 ///
 /// Errors: ranks, `T` mismatches, `Hq` not a multiple of `Hkv`, or dtype mismatch.
 pub fn masked_attention_weights(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
@@ -195,20 +203,24 @@ pub fn masked_attention_weights(scores: &Tensor, keep: &Tensor) -> Result<Tensor
         Tensor::from_vec(data, (t, t2), dev).and_then(|m| m.to_dtype(scores.dtype()))
     };
     let run = || -> candle_core::Result<Tensor> {
-        let causal = table(&|i, j| if j <= i { 0.0 } else { f64::NEG_INFINITY })?;
         let past = table(&|i, j| if j < i { 1.0 } else { 0.0 })?.reshape((1, 1, 1, t, t))?;
         let diag = table(&|i, j| if j == i { 1.0 } else { 0.0 })?.reshape((1, 1, 1, t, t))?;
-        let masked = scores.broadcast_add(&causal)?;
-        let m = masked.max_keepdim(D::Minus1)?.detach();
-        let e = masked
-            .broadcast_sub(&m)?
-            .exp()?
-            .reshape((b, hkv, g, t, t))?;
         let vis = keep
             .reshape((b, hkv, 1, 1, t))?
             .broadcast_mul(&past)?
             .broadcast_add(&diag)?;
-        let e = e.broadcast_mul(&vis)?;
+        let s5 = scores.reshape((b, hkv, g, t, t))?;
+        let hidden = (s5.zeros_like()? - f64::INFINITY)?;
+        let visible = vis.gt(0.0)?.broadcast_as(s5.shape())?;
+        let m = visible
+            .where_cond(&s5, &hidden)?
+            .max_keepdim(D::Minus1)?
+            .detach();
+        let e = s5
+            .broadcast_sub(&m)?
+            .minimum(EXPONENT_CAP)?
+            .exp()?
+            .broadcast_mul(&vis)?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
             .reshape((b, hq, t, t))
     };
