@@ -7,6 +7,8 @@
 //! the one ranking rule documented in [`select`] (protected first, higher score, then more
 //! recent; NaN last), so policies are deterministic and comparable.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod gate;
 pub mod loss;

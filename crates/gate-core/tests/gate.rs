@@ -492,3 +492,11 @@ fn rope_is_relative_a_shift_of_all_positions_changes_nothing() {
         .zip(&c[6..])
         .any(|(r, s)| r.iter().zip(s).any(|(u, v)| (u - v).abs() > 1e-3)));
 }
+
+#[test]
+fn gate_and_cache_can_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<AttentionGate>();
+    send_sync::<GateCache>();
+    send_sync::<GateError>();
+}

@@ -492,6 +492,9 @@ impl AttentionGate {
     /// tokens also attend to everything `cache` already holds for this layer, and their `K'`,
     /// `V'` are appended to it so that [`AttentionGate::step`] continues from here. Returns
     /// `s: [T, n_kv_heads]` (f32).
+    ///
+    /// Memory is `heads * T * (n_past + T)` scores: feed long prompts in chunks (each chunk a
+    /// call) to bound it; chunked and whole prefills give the same `s` up to rounding.
     pub fn prefill(
         &self,
         layer: usize,
