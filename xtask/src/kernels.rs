@@ -3,7 +3,8 @@
 //! H100/H200), the CUDA libraries the link needs, and for `--flash-attn` the CUTLASS headers that
 //! must be pre-seeded for an offline build — and lists *every* missing item with how to get it
 //! (the pip recipe of the GPU notes) before exiting non-zero. With everything present it builds
-//! `agate` with `--features cuda` and reports the time taken.
+//! `agate` with `--features cuda` into target/cuda/ (never over target/release/agate) and reports
+//! the time taken.
 //!
 //! Invariant: a plain (non-CUDA) build of the workspace never needs any of this.
 
@@ -162,10 +163,28 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // A separate target directory: the CUDA binary must never replace target/release/agate,
+    // which does not start on a machine without libcuda.so.1.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"))
+        .join("cuda");
     let started = Instant::now();
-    eprintln!("xtask: cargo build --release -p cli --features cuda (CUDA_COMPUTE_CAP={cap})");
+    eprintln!(
+        "xtask: cargo build --release -p cli --features cuda --target-dir {} (CUDA_COMPUTE_CAP={cap})",
+        target_dir.display()
+    );
     let status = Command::new(&cargo)
-        .args(["build", "--release", "-p", "cli", "--features", "cuda"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "cli",
+            "--features",
+            "cuda",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
         .env("CUDA_COMPUTE_CAP", &cap)
         .current_dir(crate::workspace_root())
         .status()
@@ -174,8 +193,9 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
         bail!("cargo build --features cuda failed ({status})");
     }
     eprintln!(
-        "xtask: CUDA build done in {:.0} s (target/release/agate; carry it to the GPU machine)",
-        started.elapsed().as_secs_f64()
+        "xtask: CUDA build done in {:.0} s: {} (carry it to the GPU machine)",
+        started.elapsed().as_secs_f64(),
+        target_dir.join("release/agate").display()
     );
     Ok(())
 }
