@@ -10,6 +10,7 @@ use clap::Args;
 use engine::{GenerateRequest, SamplingParams, Session};
 
 use crate::args::{load_engine, ModelArgs, SamplingArgs};
+use crate::policy_args::PolicyArgs;
 
 /// Flags of `agate chat`.
 #[derive(Args, Debug)]
@@ -18,6 +19,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Maximum tokens per answer.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
@@ -50,9 +53,10 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         stop_at_eos: true,
     };
+    let choice = args.policy.single()?.for_chat();
     let engine = load_engine(&args.model)?;
-    let mut session = engine.new_session();
-    session.set_system_prompt(args.system.clone());
+    let mut session = engine.session_with(choice.resolve(&engine)?)?;
+    session.set_system_prompt(args.system.clone())?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
@@ -130,11 +134,11 @@ fn handle_command(
         "help" => eprintln!("{HELP}"),
         "exit" | "quit" => return Ok(false),
         "clear" => {
-            session.clear();
+            session.clear()?;
             eprintln!("conversation cleared");
         }
         "system" => {
-            session.set_system_prompt((!rest.is_empty()).then(|| rest.to_string()));
+            session.set_system_prompt((!rest.is_empty()).then(|| rest.to_string()))?;
             eprintln!(
                 "system prompt {}; conversation restarted",
                 if rest.is_empty() { "removed" } else { "set" }

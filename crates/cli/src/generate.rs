@@ -8,6 +8,7 @@ use clap::Args;
 use engine::{GenerateRequest, SamplingParams};
 
 use crate::args::{load_engine, ModelArgs, SamplingArgs};
+use crate::policy_args::PolicyArgs;
 
 /// Flags of `agate generate`.
 #[derive(Args, Debug)]
@@ -18,6 +19,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -44,8 +47,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
+    let choice = args.policy.single()?;
     let engine = load_engine(&args.model)?;
-    let mut session = engine.new_session();
+    let mut session = engine.session_with(choice.resolve(&engine)?)?;
     let request = GenerateRequest {
         max_tokens: args.max_tokens,
         sampling,
@@ -61,7 +65,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         true
     };
     let generation = if args.chat {
-        session.set_system_prompt(args.system.clone());
+        session.set_system_prompt(args.system.clone())?;
         session.chat(&args.prompt, &request, &mut on_text)?
     } else {
         session.complete(&args.prompt, &request, &mut on_text)?

@@ -6,6 +6,7 @@ mod bench;
 mod chat;
 mod docs;
 mod generate;
+mod init_gates;
 mod inspect;
 mod plot;
 mod policy_args;
@@ -31,6 +32,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Describe a model: architecture, sizes, KV bytes per token.
     Inspect(inspect::InspectArgs),
+    /// Write randomly initialised Attention-Gate parameters for a model.
+    InitGates(init_gates::InitGatesArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
     /// Print the Markdown command-line reference (docs/cli.md; `cargo xtask docs` writes it).
@@ -51,6 +54,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::InitGates(a) => init_gates::run(a),
         Command::Docs => {
             print!("{}", docs::render(Cli::command()));
             Ok(())

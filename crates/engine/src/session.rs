@@ -115,11 +115,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(engine: Engine, policy: Policy) -> Self {
+    pub(crate) fn new(engine: Engine, policy: Policy) -> Result<Self> {
         let cfg = engine.model_config();
         let kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
-        let hook = policy.hook(cfg);
-        Session {
+        let hook = policy.hook(cfg)?;
+        Ok(Session {
             engine,
             kv,
             policy,
@@ -130,7 +130,7 @@ impl Session {
             messages: Vec::new(),
             transcript: String::new(),
             system: None,
-        }
+        })
     }
 
     /// The engine this session runs on.
@@ -154,20 +154,21 @@ impl Session {
     }
 
     /// Forgets everything: cache, tokens and transcript (the system prompt stays).
-    pub fn clear(&mut self) {
+    pub fn clear(&mut self) -> Result<()> {
         self.kv.clear();
-        self.hook = self.policy.hook(self.engine.model_config());
+        self.hook = self.policy.hook(self.engine.model_config())?;
         self.seen.clear();
         self.pending = None;
         self.logits = None;
         self.messages.clear();
         self.transcript.clear();
+        Ok(())
     }
 
     /// Sets (or removes) the chat system prompt; the conversation restarts.
-    pub fn set_system_prompt(&mut self, system: Option<String>) {
+    pub fn set_system_prompt(&mut self, system: Option<String>) -> Result<()> {
         self.system = system;
-        self.clear();
+        self.clear()
     }
 
     /// The chat transcript so far.
@@ -299,7 +300,7 @@ impl Session {
             None => {
                 // The template re-rendered history differently (e.g. it trims answers): start over.
                 let (system, history) = (self.system.clone(), self.messages.clone());
-                self.clear();
+                self.clear()?;
                 self.system = system;
                 self.messages = history;
                 rendered.clone()

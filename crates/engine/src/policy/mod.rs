@@ -1,34 +1,251 @@
-//! Eviction policies by name: each builds the `LayerHook` that steers one session's decoder.
+//! Eviction policies by name and parameters (`Policy`), validated against the model, each
+//! building the `LayerHook` that steers one session's decoder.
+//!
+//! Budgets are per (layer, KV head): `--evict r` keeps `round((1 - r) * T)` of the `T` tokens a
+//! head has seen, `--keep k` keeps `k`. One-shot policies (SnapKV, PyramidKV, KNorm, NACL)
+//! compress at the end of every prefill and keep generated tokens; continuous ones (Random,
+//! StreamingLLM, H2O, TOVA, Attention-Gate in budget mode) evict whenever a head exceeds its
+//! budget; Attention-Gate in threshold mode evicts by its flags, inside the prefill too.
 
-use model_zoo::{KeepAll, LayerHook, ModelConfig};
+mod ag;
+mod scored;
+mod spec;
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use gate_core::gate::AttentionGate;
+use gate_core::score::NaclConfig;
+use gate_core::select::{Budget, Protection};
+use model_zoo::{LayerHook, ModelConfig};
+
+use crate::error::{EngineError, Result};
+
+pub use ag::AgMode;
+pub use spec::PolicySpec;
 
 /// An eviction policy and its parameters.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-#[serde(tag = "name", rename_all = "lowercase")]
+#[derive(Clone, Debug)]
 pub enum Policy {
     /// Keep everything.
     Full,
+    /// Uniform random scores, top-k per head (the floor).
+    Random {
+        /// Per-head budget.
+        budget: Budget,
+        /// Always-kept first and last tokens.
+        protect: Protection,
+        /// Seed of the scores.
+        seed: u64,
+    },
+    /// StreamingLLM: the first `sinks` tokens and a sliding window of the most recent.
+    Streaming {
+        /// Per-head budget (sinks included).
+        budget: Budget,
+        /// Attention sinks.
+        sinks: usize,
+    },
+    /// H2O: accumulated attention (heavy hitters) plus the most recent tokens.
+    H2o {
+        /// Per-head budget.
+        budget: Budget,
+        /// Fraction of the budget reserved for the most recent tokens.
+        recent_fraction: f32,
+        /// Protected first tokens.
+        sinks: usize,
+    },
+    /// TOVA: drop the token the current query attends least to (averaged over the layer's heads).
+    Tova {
+        /// Per-head budget.
+        budget: Budget,
+        /// Protected first tokens.
+        sinks: usize,
+    },
+    /// SnapKV: attention of the last `window` prompt queries, pooled; once per prefill.
+    SnapKv {
+        /// Per-head budget (the window included).
+        budget: Budget,
+        /// Observation window (queries), also always kept.
+        window: usize,
+        /// Pooling kernel.
+        kernel: usize,
+    },
+    /// PyramidKV: SnapKV scores with budgets falling linearly with depth.
+    PyramidKv {
+        /// Average per-head budget.
+        budget: Budget,
+        /// Observation window.
+        window: usize,
+        /// Pooling kernel.
+        kernel: usize,
+        /// Ratio of the largest to the smallest layer budget's share.
+        beta: f32,
+    },
+    /// KNorm: keep the keys with the lowest L2 norm; once per prefill.
+    KNorm {
+        /// Per-head budget.
+        budget: Budget,
+        /// Always-kept first and last tokens.
+        protect: Protection,
+    },
+    /// NACL: proxy-token attention (the last 1% of the prompt, non-causal) plus seeded random
+    /// sampling; once per prefill.
+    Nacl {
+        /// Per-head budget.
+        budget: Budget,
+        /// Fractions of the prompt (proxy queries, sinks, recent, Kp:Kr).
+        config: NaclConfig,
+        /// Seed of the sampling.
+        seed: u64,
+    },
+    /// Attention-Gate: learned per-token, per-head keep flags.
+    Ag {
+        /// The gates.
+        gates: Arc<AttentionGate>,
+        /// Threshold (in-context eviction by flags) or budget (top-k by keep probability).
+        mode: AgMode,
+        /// Whether generated tokens are flagged too (else all kept).
+        decode: bool,
+        /// Always-kept sinks and local window.
+        protect: Protection,
+    },
 }
 
 impl Policy {
+    /// Every policy name, as the CLI spells it.
+    pub const NAMES: [&'static str; 10] = [
+        "full",
+        "ag",
+        "random",
+        "streaming",
+        "h2o",
+        "tova",
+        "snapkv",
+        "pyramidkv",
+        "knorm",
+        "nacl",
+    ];
+
     /// The policy's name as the CLI spells it.
     pub fn name(&self) -> &'static str {
         match self {
             Policy::Full => "full",
+            Policy::Random { .. } => "random",
+            Policy::Streaming { .. } => "streaming",
+            Policy::H2o { .. } => "h2o",
+            Policy::Tova { .. } => "tova",
+            Policy::SnapKv { .. } => "snapkv",
+            Policy::PyramidKv { .. } => "pyramidkv",
+            Policy::KNorm { .. } => "knorm",
+            Policy::Nacl { .. } => "nacl",
+            Policy::Ag { .. } => "ag",
         }
     }
 
-    /// Checks the parameters against the model.
-    pub fn validate(&self, _cfg: &ModelConfig) -> Result<()> {
+    /// The per-head budget, if the policy has one.
+    pub fn budget(&self) -> Option<Budget> {
+        match self {
+            Policy::Full => None,
+            Policy::Ag {
+                mode: AgMode::Threshold(_),
+                ..
+            } => None,
+            Policy::Ag {
+                mode: AgMode::Budget(b),
+                ..
+            } => Some(*b),
+            Policy::Random { budget, .. }
+            | Policy::Streaming { budget, .. }
+            | Policy::H2o { budget, .. }
+            | Policy::Tova { budget, .. }
+            | Policy::SnapKv { budget, .. }
+            | Policy::PyramidKv { budget, .. }
+            | Policy::KNorm { budget, .. }
+            | Policy::Nacl { budget, .. } => Some(*budget),
+        }
+    }
+
+    /// Checks the parameters against the model; errors name the parameter and value.
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        let fraction = |name: &str, v: f32| -> Result<()> {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(EngineError::Invalid(format!(
+                    "{name} must be in [0, 1], got {v}"
+                )))
+            }
+        };
+        if let Some(budget) = self.budget() {
+            budget
+                .validate()
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        }
+        match self {
+            Policy::H2o {
+                recent_fraction, ..
+            } => fraction("H2O recent fraction", *recent_fraction)?,
+            Policy::SnapKv { window, kernel, .. } | Policy::PyramidKv { window, kernel, .. }
+                if *window == 0 || kernel % 2 == 0 =>
+            {
+                return Err(EngineError::Invalid(format!(
+                    "SnapKV window must be > 0 and the pooling kernel odd, got window {window}, kernel {kernel}"
+                )));
+            }
+            Policy::Nacl { config, .. } => config
+                .validate()
+                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+            Policy::Ag { gates, mode, .. } => {
+                let g = gates.config();
+                if (g.n_layers, g.hidden, g.n_kv_heads)
+                    != (cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads)
+                {
+                    return Err(EngineError::Invalid(format!(
+                        "gates are for {} layers, hidden {}, {} KV heads; the model has {}, {}, {}",
+                        g.n_layers,
+                        g.hidden,
+                        g.n_kv_heads,
+                        cfg.n_layers,
+                        cfg.hidden_size,
+                        cfg.n_kv_heads
+                    )));
+                }
+                if let AgMode::Threshold(t) = mode {
+                    if !(0.0..1.0).contains(t) {
+                        return Err(EngineError::Invalid(format!(
+                            "gate threshold must be in [0, 1), got {t}"
+                        )));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Policy::PyramidKv { beta, .. } = self {
+            if beta.is_nan() || *beta < 1.0 {
+                return Err(EngineError::Invalid(format!(
+                    "PyramidKV beta must be >= 1, got {beta}"
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// A fresh hook for one session.
-    pub fn hook(&self, _cfg: &ModelConfig) -> Box<dyn LayerHook + Send> {
-        match self {
-            Policy::Full => Box::new(KeepAll),
-        }
+    /// A fresh hook for one session (the policy must have passed [`Policy::validate`]).
+    pub fn hook(&self, cfg: &ModelConfig) -> Result<Box<dyn LayerHook + Send>> {
+        Ok(match self {
+            Policy::Full => Box::new(model_zoo::KeepAll),
+            Policy::Ag {
+                gates,
+                mode,
+                decode,
+                protect,
+            } => Box::new(ag::AgHook::new(
+                gates.clone(),
+                *mode,
+                *decode,
+                *protect,
+                cfg,
+            )),
+            other => Box::new(scored::ScoredHook::new(other, cfg)?),
+        })
     }
 }

@@ -1,0 +1,43 @@
+//! `agate init-gates`: writes randomly initialised Attention-Gate parameters for a model, bound
+//! to its identity — enough to exercise `--policy ag` before gates are trained.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use engine::StoreDtype;
+
+use crate::args::{load_engine, ModelArgs};
+
+/// Flags of `agate init-gates`.
+#[derive(Args, Debug)]
+pub struct InitGatesArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output file (safetensors), written atomically.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial keep logit (+3 keeps almost everything, as training starts; 0 starts near a
+    /// coin flip, to see eviction happen).
+    #[arg(long, allow_negative_numbers = true)]
+    pub bias: Option<f32>,
+}
+
+/// Runs `agate init-gates`.
+pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
+    let engine = load_engine(&args.model)?;
+    let gates = engine.random_gates(args.seed, args.bias)?;
+    gates.save(&args.out, StoreDtype::F32)?;
+    let cfg = gates.config();
+    eprintln!(
+        "wrote random gates ({} layers × {} heads of dim {}, keep bias {}) to {}",
+        cfg.n_layers,
+        cfg.heads,
+        cfg.head_dim,
+        cfg.bias_init,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The Attention-Gate hook. Before attention in every layer, the gate reads the layer's normed
+//! hidden states (through its own small causal K'/V' cache, so decode costs one row) and gives
+//! each new token a keep probability `s` per KV head.
+//!
+//! - Threshold mode: a token's flag is `s > tau`. Inside the same forward pass, a flagged-out key
+//!   is invisible to every later query (in-context eviction) and is then physically removed —
+//!   unless protected: the first `sinks` tokens always stay, and the last `recent` tokens stay
+//!   until they age out of that window, then go if their flag said so.
+//! - Budget mode: no flags; each head keeps its top-k retained tokens by `s` (sinks and recent
+//!   protected), evicting whenever it exceeds the budget.
+//!
+//! Invariants: `flags[l][h]` and `probs[l][h]` are aligned with the store's retained entries of
+//! (l, h) after every pass; with `decode = false` generated tokens are always kept.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use gate_core::gate::{AttentionGate, GateCache};
+use gate_core::select::{self, Budget, Protection};
+use kv_store::SequenceKv;
+use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass};
+
+/// How Attention-Gate decides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AgMode {
+    /// Keep a token iff its keep probability exceeds this threshold.
+    Threshold(f32),
+    /// Keep each head's top-k tokens by keep probability.
+    Budget(Budget),
+}
+
+pub(super) struct AgHook {
+    gates: Arc<AttentionGate>,
+    mode: AgMode,
+    decode: bool,
+    protect: Protection,
+    cache: GateCache,
+    pass: Pass,
+    /// Keep probability of every retained entry, `[layer][head][entry]`.
+    probs: Vec<Vec<Vec<f32>>>,
+    /// Hard flag of every retained entry (threshold mode), `[layer][head][entry]`.
+    flags: Vec<Vec<Vec<bool>>>,
+}
+
+impl AgHook {
+    pub(super) fn new(
+        gates: Arc<AttentionGate>,
+        mode: AgMode,
+        decode: bool,
+        protect: Protection,
+        cfg: &ModelConfig,
+    ) -> Self {
+        let heads = cfg.n_kv_heads;
+        AgHook {
+            cache: GateCache::new(gates.config()),
+            gates,
+            mode,
+            decode,
+            protect,
+            pass: Pass::Decode,
+            probs: vec![vec![Vec::new(); heads]; cfg.n_layers],
+            flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
+        }
+    }
+
+    /// Keep probabilities `[kv_head][t]` of the new tokens, through the gate's cache.
+    fn keep_probs(
+        &mut self,
+        layer: usize,
+        normed: &Tensor,
+        positions: &[u32],
+    ) -> model_zoo::Result<Vec<Vec<f32>>> {
+        if let [position] = positions {
+            let s = self
+                .gates
+                .step(layer, normed, *position, &mut self.cache)
+                .map_err(gate_error)?;
+            return Ok(s.into_iter().map(|p| vec![p]).collect());
+        }
+        let s = self
+            .gates
+            .prefill(layer, normed, positions, &mut self.cache)
+            .map_err(gate_error)?;
+        // [T, heads] → [heads][T]
+        Ok(s.t()?.to_vec2::<f32>()?)
+    }
+
+    /// Whether the entry at `position` is still protected after `tokens_seen` tokens.
+    fn protected(&self, position: u32, tokens_seen: usize) -> bool {
+        (position as usize) < self.protect.sinks
+            || tokens_seen - (position as usize) <= self.protect.recent
+    }
+}
+
+fn gate_error(e: gate_core::GateError) -> ModelError {
+    ModelError::Input(format!("attention gate: {e}"))
+}
+
+impl LayerHook for AgHook {
+    fn begin_pass(&mut self, pass: Pass) {
+        self.pass = pass;
+    }
+
+    fn plan(
+        &mut self,
+        layer: usize,
+        normed: &Tensor,
+        positions: &[u32],
+        kv: &SequenceKv,
+    ) -> model_zoo::Result<LayerPlan> {
+        let probs = self.keep_probs(layer, normed, positions)?;
+        let keep_all = self.pass == Pass::Decode && !self.decode;
+        let tokens_seen = positions.last().map_or(0, |&p| p as usize + 1);
+        let mut visible = None;
+        if let AgMode::Threshold(tau) = self.mode {
+            let mut vis = Vec::with_capacity(probs.len());
+            for (head, head_probs) in probs.iter().enumerate() {
+                let flags: Vec<bool> = head_probs.iter().map(|&s| keep_all || s > tau).collect();
+                let old = kv.retained(layer, head) - positions.len();
+                let mut v = vec![true; old];
+                v.extend(
+                    flags
+                        .iter()
+                        .zip(positions)
+                        .map(|(&f, &p)| f || self.protected(p, tokens_seen)),
+                );
+                vis.push(v);
+                self.flags[layer][head].extend(flags);
+            }
+            visible = Some(vis);
+        }
+        for (head, head_probs) in probs.into_iter().enumerate() {
+            self.probs[layer][head].extend(head_probs);
+        }
+        Ok(LayerPlan {
+            visible,
+            prob_rows: None,
+        })
+    }
+
+    fn after_attention(
+        &mut self,
+        layer: usize,
+        outcome: AttentionOutcome<'_>,
+    ) -> model_zoo::Result<()> {
+        let kv = outcome.kv;
+        let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
+        for head in 0..kv.n_kv_heads() {
+            let positions = kv.positions(layer, head);
+            let mask: Vec<bool> = match self.mode {
+                AgMode::Threshold(_) => positions
+                    .iter()
+                    .zip(&self.flags[layer][head])
+                    .map(|(&p, &flag)| flag || self.protected(p, tokens_seen))
+                    .collect(),
+                AgMode::Budget(budget) => {
+                    let keep = budget.keep_count(tokens_seen);
+                    if positions.len() <= keep {
+                        continue;
+                    }
+                    select::select_top_k(&self.probs[layer][head], keep, &self.protect)
+                }
+            };
+            if mask.iter().all(|&k| k) {
+                continue;
+            }
+            kv.evict(layer, head, &mask)?;
+            retain(&mut self.probs[layer][head], &mask);
+            if matches!(self.mode, AgMode::Threshold(_)) {
+                retain(&mut self.flags[layer][head], &mask);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the elements whose mask entry is true, in order.
+fn retain<T>(values: &mut Vec<T>, mask: &[bool]) {
+    let mut keep = mask.iter();
+    values.retain(|_| *keep.next().unwrap_or(&true));
+}

@@ -1,0 +1,174 @@
+//! `PolicySpec`: a policy named as a user names it (`--policy h2o --evict 0.5 --sinks 4`), with
+//! every knob optional, turned into a validated [`Policy`] with the spec's defaults
+//! (`shared/design/ALGORITHMS.md`; all listed in `docs/policies.md`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gate_core::gate::AttentionGate;
+use gate_core::score::NaclConfig;
+use gate_core::select::{Budget, Protection};
+
+use super::{AgMode, Policy};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+
+/// Default eviction ratio of budget policies when neither `--evict` nor `--keep` is given.
+pub const DEFAULT_EVICT: f32 = 0.5;
+/// StreamingLLM's attention sinks.
+pub const DEFAULT_SINKS: usize = 4;
+/// SnapKV/PyramidKV observation window.
+pub const DEFAULT_SNAPKV_WINDOW: usize = 32;
+/// SnapKV pooling kernel.
+pub const DEFAULT_SNAPKV_KERNEL: usize = 5;
+/// PyramidKV's beta.
+pub const DEFAULT_PYRAMID_BETA: f32 = 20.0;
+/// H2O: share of the budget for the most recent tokens (10% heavy + 10% recent in the paper).
+pub const DEFAULT_H2O_RECENT: f32 = 0.5;
+
+/// A policy as a user names it; `None` means "the default".
+#[derive(Clone, Debug, Default)]
+pub struct PolicySpec {
+    /// One of [`Policy::NAMES`].
+    pub name: String,
+    /// Fraction of each head's tokens to evict.
+    pub evict: Option<f32>,
+    /// Tokens each head keeps.
+    pub keep: Option<usize>,
+    /// Always-kept first tokens.
+    pub sinks: Option<usize>,
+    /// Recent-token window (StreamingLLM window, SnapKV observation window, H2O recent tokens,
+    /// Attention-Gate local window, protected recent tokens elsewhere).
+    pub window: Option<usize>,
+    /// Attention-Gate checkpoint.
+    pub gates: Option<PathBuf>,
+    /// Attention-Gate threshold (default: the checkpoint's).
+    pub threshold: Option<f32>,
+    /// Attention-Gate in budget mode instead of threshold mode.
+    pub ag_budget_mode: bool,
+    /// Attention-Gate flags generated tokens too (default true).
+    pub ag_decode: Option<bool>,
+    /// Seed of Random and NACL.
+    pub seed: Option<u64>,
+}
+
+impl PolicySpec {
+    /// A spec with only a name.
+    pub fn named(name: &str) -> Self {
+        PolicySpec {
+            name: name.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn budget(&self) -> Result<Budget> {
+        let budget = match (self.evict, self.keep) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::Invalid(
+                    "give either --evict or --keep, not both".into(),
+                ))
+            }
+            (Some(r), None) => Budget::EvictRatio(r),
+            (None, Some(k)) => Budget::Keep(k),
+            (None, None) => match (self.name.as_str(), self.window) {
+                ("streaming", Some(w)) => Budget::Keep(self.sinks.unwrap_or(DEFAULT_SINKS) + w),
+                _ => Budget::EvictRatio(DEFAULT_EVICT),
+            },
+        };
+        budget
+            .validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        Ok(budget)
+    }
+
+    /// The policy, with defaults filled in and every value checked against the engine's model
+    /// (gates must have been made for it).
+    pub fn build(&self, engine: &Engine) -> Result<Policy> {
+        let cfg = engine.model_config();
+        let seed = self.seed.unwrap_or(0);
+        let recent = self.window.unwrap_or(0);
+        let protect = Protection {
+            sinks: self.sinks.unwrap_or(0),
+            recent,
+        };
+        let policy = match self.name.as_str() {
+            "full" => Policy::Full,
+            "random" => Policy::Random {
+                budget: self.budget()?,
+                protect,
+                seed,
+            },
+            "streaming" => Policy::Streaming {
+                budget: self.budget()?,
+                sinks: self.sinks.unwrap_or(DEFAULT_SINKS),
+            },
+            "h2o" => Policy::H2o {
+                budget: self.budget()?,
+                recent_fraction: match self.window {
+                    Some(w) => {
+                        let keep = self.budget()?.keep_count(cfg.max_position).max(1);
+                        (w as f32 / keep as f32).min(1.0)
+                    }
+                    None => DEFAULT_H2O_RECENT,
+                },
+                sinks: self.sinks.unwrap_or(0),
+            },
+            "tova" => Policy::Tova {
+                budget: self.budget()?,
+                sinks: self.sinks.unwrap_or(0),
+            },
+            "snapkv" => Policy::SnapKv {
+                budget: self.budget()?,
+                window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
+                kernel: DEFAULT_SNAPKV_KERNEL,
+            },
+            "pyramidkv" => Policy::PyramidKv {
+                budget: self.budget()?,
+                window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
+                kernel: DEFAULT_SNAPKV_KERNEL,
+                beta: DEFAULT_PYRAMID_BETA,
+            },
+            "knorm" => Policy::KNorm {
+                budget: self.budget()?,
+                protect,
+            },
+            "nacl" => Policy::Nacl {
+                budget: self.budget()?,
+                config: NaclConfig::default(),
+                seed,
+            },
+            "ag" => {
+                let path = self.gates.clone().ok_or_else(|| {
+                    EngineError::Invalid(
+                        "--policy ag needs --gates FILE (random gates for testing: `agate init-gates --out FILE`)".into(),
+                    )
+                })?;
+                let gates = AttentionGate::load(
+                    &path,
+                    &engine.model_identity()?,
+                    &candle_core::Device::Cpu,
+                )
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let mode = if self.ag_budget_mode {
+                    AgMode::Budget(self.budget()?)
+                } else {
+                    AgMode::Threshold(self.threshold.unwrap_or(gates.config().threshold))
+                };
+                Policy::Ag {
+                    gates: Arc::new(gates),
+                    mode,
+                    decode: self.ag_decode.unwrap_or(true),
+                    protect,
+                }
+            }
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "unknown policy `{other}` (expected one of {})",
+                    Policy::NAMES.join(", ")
+                )))
+            }
+        };
+        policy.validate(cfg)?;
+        Ok(policy)
+    }
+}
