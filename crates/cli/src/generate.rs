@@ -81,7 +81,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             })
             .collect();
         crate::plot::eviction_map_png(path, kv.tokens_seen, &kept)?;
-        eprintln!("eviction map written to {}", path.display());
+        eprintln!(
+            "eviction map written to {}: one band per layer (layer 0 on top), one row per KV head, one column per token (scaled to at most 2048); dark = kept, light = evicted",
+            path.display()
+        );
     }
     if args.json {
         let out = serde_json::json!({

@@ -130,6 +130,10 @@ impl LayerHook for AgHook {
             visible = Some(vis);
         }
         for (head, head_probs) in probs.into_iter().enumerate() {
+            // With decode flags off, generated tokens outrank every prompt token in budget mode.
+            let head_probs = head_probs
+                .into_iter()
+                .map(|s| if keep_all { f32::INFINITY } else { s });
             self.probs[layer][head].extend(head_probs);
         }
         Ok(LayerPlan {

@@ -23,6 +23,25 @@ use crate::error::{EngineError, Result};
 pub use ag::AgMode;
 pub use spec::PolicySpec;
 
+/// H2O's share of the budget kept for the most recent tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Recent {
+    /// This fraction of the budget.
+    Fraction(f32),
+    /// This many tokens (at most the budget).
+    Tokens(usize),
+}
+
+impl Recent {
+    /// Recent tokens protected within a budget of `keep`.
+    pub fn count(self, keep: usize) -> usize {
+        match self {
+            Recent::Fraction(f) => (f * keep as f32).round() as usize,
+            Recent::Tokens(n) => n.min(keep),
+        }
+    }
+}
+
 /// An eviction policy and its parameters.
 #[derive(Clone, Debug)]
 pub enum Policy {
@@ -48,8 +67,8 @@ pub enum Policy {
     H2o {
         /// Per-head budget.
         budget: Budget,
-        /// Fraction of the budget reserved for the most recent tokens.
-        recent_fraction: f32,
+        /// How many of the budget's tokens are the most recent ones.
+        recent: Recent,
         /// Protected first tokens.
         sinks: usize,
     },
@@ -182,8 +201,9 @@ impl Policy {
         }
         match self {
             Policy::H2o {
-                recent_fraction, ..
-            } => fraction("H2O recent fraction", *recent_fraction)?,
+                recent: Recent::Fraction(f),
+                ..
+            } => fraction("H2O recent fraction", *f)?,
             Policy::SnapKv { window, kernel, .. } | Policy::PyramidKv { window, kernel, .. }
                 if *window == 0 || kernel % 2 == 0 =>
             {

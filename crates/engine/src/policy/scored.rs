@@ -13,7 +13,7 @@ use gate_core::select::{self, Budget, Protection};
 use kv_store::{AttendOptions, SequenceKv};
 use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass};
 
-use super::Policy;
+use super::{Policy, Recent};
 
 /// When a policy evicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +35,7 @@ enum Scorer {
     },
     H2o {
         acc: H2oAccumulator,
-        recent_fraction: f32,
+        recent: Recent,
         sinks: usize,
     },
     Tova {
@@ -90,13 +90,13 @@ impl ScoredHook {
             ),
             Policy::H2o {
                 budget,
-                recent_fraction,
+                recent,
                 sinks,
             } => (
                 Scorer::H2o {
                     acc: H2oAccumulator::new(cfg.n_layers, cfg.n_kv_heads, false)
                         .map_err(gate_error)?,
-                    recent_fraction: *recent_fraction,
+                    recent: *recent,
                     sinks: *sinks,
                 },
                 Trigger::OverBudget,
@@ -229,14 +229,10 @@ impl ScoredHook {
             Scorer::Streaming { sinks } => {
                 per_head(&mut |h| Ok(score::streaming_keep(kv.retained(layer, h), *sinks, keep)))
             }
-            Scorer::H2o {
-                acc,
-                recent_fraction,
-                sinks,
-            } => {
+            Scorer::H2o { acc, recent, sinks } => {
                 let protect = Protection {
                     sinks: *sinks,
-                    recent: (*recent_fraction * keep as f32).round() as usize,
+                    recent: recent.count(keep),
                 };
                 per_head(&mut |h| {
                     Ok(select::select_top_k(

@@ -9,7 +9,7 @@ use gate_core::gate::AttentionGate;
 use gate_core::score::NaclConfig;
 use gate_core::select::{Budget, Protection};
 
-use super::{AgMode, Policy};
+use super::{AgMode, Policy, Recent};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 
@@ -104,13 +104,9 @@ impl PolicySpec {
             },
             "h2o" => Policy::H2o {
                 budget: self.budget()?,
-                recent_fraction: match self.window {
-                    Some(w) => {
-                        let keep = self.budget()?.keep_count(cfg.max_position).max(1);
-                        (w as f32 / keep as f32).min(1.0)
-                    }
-                    None => DEFAULT_H2O_RECENT,
-                },
+                recent: self
+                    .window
+                    .map_or(Recent::Fraction(DEFAULT_H2O_RECENT), Recent::Tokens),
                 sinks: self.sinks.unwrap_or(0),
             },
             "tova" => Policy::Tova {
