@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod chat;
 mod docs;
+mod eval;
 mod generate;
 mod init_gates;
 mod inspect;
@@ -36,6 +37,8 @@ enum Command {
     InitGates(init_gates::InitGatesArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Score task files or synthetic long-context tasks; sweep policies × eviction ratios.
+    Eval(eval::EvalArgs),
     /// Print the Markdown command-line reference (docs/cli.md; `cargo xtask docs` writes it).
     #[command(hide = true)]
     Docs,
@@ -54,6 +57,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::InitGates(a) => init_gates::run(a),
         Command::Docs => {
             print!("{}", docs::render(Cli::command()));

@@ -1,10 +1,12 @@
 //! Pictures people look at: the eviction map (which prompt tokens each layer and KV head kept,
-//! PNG). Files are written to a
+//! PNG) and line charts (accuracy vs eviction ratio: SVG through plotters, and PNG drawn here
+//! with a built-in 5×7 pixel font, so no system font is needed). Files are written to a
 //! temporary name and renamed, so a crash never leaves half a picture.
 
 use std::path::Path;
 
 use anyhow::Context;
+use plotters::prelude::*;
 
 /// Pixel height of one (layer, head) row of the eviction map.
 const ROW_PX: usize = 4;
@@ -76,4 +78,349 @@ pub fn write_atomically(
         return Err(e.context(format!("cannot write {}", path.display())));
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// One line of a chart.
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Points (x, y), drawn in order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Draws line series as an SVG chart with axes, labels and a legend.
+pub fn line_chart_svg(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    anyhow::ensure!(x0 <= x1, "nothing to draw: no points");
+    let pad = |a: f64, b: f64| {
+        if (b - a).abs() < 1e-12 {
+            (a - 0.5, b + 0.5)
+        } else {
+            (a, b + (b - a) * 0.05)
+        }
+    };
+    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0.min(0.0), y1));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(s.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    write_atomically(path, |file| {
+        use std::io::Write;
+        file.write_all(svg.as_bytes())?;
+        Ok(())
+    })
+}
+
+/// Chart size of [`line_chart_png`], in pixels.
+const PNG_W: usize = 900;
+const PNG_H: usize = 520;
+/// Plot area of [`line_chart_png`]: left, top, right, bottom.
+const AREA: (usize, usize, usize, usize) = (70, 30, 660, 460);
+/// Line colours, cycled.
+const COLORS: [[u8; 3]; 10] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+];
+
+/// Draws series with x and y in `[0, 1]` (eviction ratio vs accuracy) as a PNG: axes with
+/// ticks every 0.1, grid lines, one coloured line with point markers per series, and a legend.
+/// Points outside `[0, 1]` are clamped to the frame.
+pub fn line_chart_png(path: &Path, series: &[Series]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        series.iter().any(|s| !s.points.is_empty()),
+        "nothing to draw: no points"
+    );
+    let mut c = Canvas::new(PNG_W, PNG_H);
+    let (l, t, r, b) = AREA;
+    let px = |x: f64| l as f64 + x.clamp(0.0, 1.0) * (r - l) as f64;
+    let py = |y: f64| b as f64 - y.clamp(0.0, 1.0) * (b - t) as f64;
+    for i in 0..=10 {
+        let v = i as f64 / 10.0;
+        let (x, y) = (px(v) as usize, py(v) as usize);
+        c.line(
+            (x as f64, t as f64),
+            (x as f64, b as f64),
+            [225, 225, 225],
+            1,
+        );
+        c.line(
+            (l as f64, y as f64),
+            (r as f64, y as f64),
+            [225, 225, 225],
+            1,
+        );
+        let label = format!("{v:.1}");
+        c.text(
+            x.saturating_sub(text_width(&label) / 2),
+            b + 8,
+            &label,
+            [0, 0, 0],
+        );
+        c.text(
+            l.saturating_sub(text_width(&label) + 8),
+            y.saturating_sub(7),
+            &label,
+            [0, 0, 0],
+        );
+    }
+    c.line((l as f64, t as f64), (l as f64, b as f64), [0, 0, 0], 2);
+    c.line((l as f64, b as f64), (r as f64, b as f64), [0, 0, 0], 2);
+    let x_label = "eviction ratio (measured)";
+    c.text(
+        (l + r - text_width(x_label)) / 2,
+        b + 32,
+        x_label,
+        [0, 0, 0],
+    );
+    c.text(8, 8, "accuracy", [0, 0, 0]);
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        for w in s.points.windows(2) {
+            c.line((px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), color, 2);
+        }
+        for &(x, y) in &s.points {
+            c.dot(px(x), py(y), 4, color);
+        }
+        let ly = t + 10 + i * 22;
+        c.line(
+            (r as f64 + 20.0, ly as f64 + 6.0),
+            (r as f64 + 50.0, ly as f64 + 6.0),
+            color,
+            3,
+        );
+        c.dot(r as f64 + 35.0, ly as f64 + 6.0, 4, color);
+        c.text(r + 58, ly, &s.label, [0, 0, 0]);
+    }
+    write_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(file, PNG_W as u32, PNG_H as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(&c.pixels)?;
+        writer.finish()?;
+        Ok(())
+    })
+}
+
+/// An RGB raster.
+struct Canvas {
+    w: usize,
+    h: usize,
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(w: usize, h: usize) -> Self {
+        Canvas {
+            w,
+            h,
+            pixels: vec![255; w * h * 3],
+        }
+    }
+
+    fn set(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
+        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
+            let i = (y as usize * self.w + x as usize) * 3;
+            self.pixels[i..i + 3].copy_from_slice(&rgb);
+        }
+    }
+
+    /// A straight line `width` pixels thick.
+    fn line(&mut self, a: (f64, f64), b: (f64, f64), rgb: [u8; 3], width: usize) {
+        let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil().max(1.0) as usize;
+        let half = (width as i64 - 1) / 2;
+        for s in 0..=steps {
+            let f = s as f64 / steps as f64;
+            let x = (a.0 + (b.0 - a.0) * f).round() as i64;
+            let y = (a.1 + (b.1 - a.1) * f).round() as i64;
+            for dx in -half..=(width as i64 - 1 - half) {
+                for dy in -half..=(width as i64 - 1 - half) {
+                    self.set(x + dx, y + dy, rgb);
+                }
+            }
+        }
+    }
+
+    /// A filled disc.
+    fn dot(&mut self, x: f64, y: f64, radius: i64, rgb: [u8; 3]) {
+        let (cx, cy) = (x.round() as i64, y.round() as i64);
+        for dx in -radius..=radius {
+            for dy in -radius..=radius {
+                if dx * dx + dy * dy <= radius * radius {
+                    self.set(cx + dx, cy + dy, rgb);
+                }
+            }
+        }
+    }
+
+    /// Text in the built-in font at 2× scale, top-left at (x, y); unknown characters draw as
+    /// a box.
+    fn text(&mut self, x: usize, y: usize, text: &str, rgb: [u8; 3]) {
+        for (i, ch) in text.chars().enumerate() {
+            let rows = glyph(ch);
+            let x0 = (x + i * GLYPH_ADVANCE) as i64;
+            for (ry, row) in rows.iter().enumerate() {
+                for rx in 0..5 {
+                    if row & (0x10 >> rx) != 0 {
+                        for (sx, sy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                            self.set(x0 + rx * 2 + sx, y as i64 + ry as i64 * 2 + sy, rgb);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Horizontal pixels per character at 2× scale.
+const GLYPH_ADVANCE: usize = 12;
+
+fn text_width(text: &str) -> usize {
+    text.chars().count() * GLYPH_ADVANCE
+}
+
+/// The 5×7 bitmap of `ch` (rows top to bottom, bit 4 = leftmost column). Letters are drawn
+/// lower-case.
+fn glyph(ch: char) -> [u8; 7] {
+    match ch.to_ascii_lowercase() {
+        ' ' => [0; 7],
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        '@' => [0x0E, 0x11, 0x17, 0x15, 0x17, 0x10, 0x0F],
+        'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
+        'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
+        'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
+        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
+        'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
+        'g' => [0, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
+        'j' => [0x02, 0, 0x06, 0x02, 0x02, 0x12, 0x0C],
+        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'm' => [0, 0, 0x1A, 0x15, 0x15, 0x11, 0x11],
+        'n' => [0, 0, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'o' => [0, 0, 0x0E, 0x11, 0x11, 0x11, 0x0E],
+        'p' => [0, 0, 0x1E, 0x11, 0x1E, 0x10, 0x10],
+        'q' => [0, 0, 0x0D, 0x13, 0x0F, 0x01, 0x01],
+        'r' => [0, 0, 0x16, 0x19, 0x10, 0x10, 0x10],
+        's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
+        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
+        'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'x' => [0, 0, 0x11, 0x0A, 0x04, 0x0A, 0x11],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
+        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_written_as_png_and_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = vec![
+            Series {
+                label: "full".into(),
+                points: vec![(0.0, 1.0)],
+            },
+            Series {
+                label: "h2o".into(),
+                points: vec![(0.25, 0.9), (0.5, 0.6), (0.75, 0.2)],
+            },
+        ];
+        let png_path = dir.path().join("a.png");
+        line_chart_png(&png_path, &series).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(&png_path).unwrap(),
+        ));
+        let info = decoder.read_info().unwrap().info().clone();
+        assert_eq!((info.width, info.height), (PNG_W as u32, PNG_H as u32));
+        let svg_path = dir.path().join("a.svg");
+        line_chart_svg(&svg_path, "t", "x", "y", &series).unwrap();
+        let svg = std::fs::read_to_string(&svg_path).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("h2o"));
+        assert!(line_chart_png(&dir.path().join("b.png"), &[]).is_err());
+    }
 }

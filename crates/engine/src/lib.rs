@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod model_cache;
 pub mod policy;
 pub mod report;
@@ -30,7 +31,7 @@ pub use error::{EngineError, Result};
 pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::KvDtype;
 pub use model_zoo::{ChatMessage, ModelConfig, WeightFormat};
-pub use policy::{AgMode, Policy, PolicySpec};
+pub use policy::{AgMode, Policy, PolicySpec, Recent};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use session::{FinishReason, GenerateRequest, Generation, Session};

@@ -1,0 +1,445 @@
+//! `agate eval`: score a task file (`--tasks FILE`, JSONL, see docs/eval.md) or built-in
+//! synthetic long-context tasks (`--synthetic FAMILY`) under one eviction policy, or sweep
+//! policies × eviction ratios (`--sweep 0.25,0.5,0.75`), printing a table, writing JSON, CSV and
+//! accuracy-vs-eviction plots (`--out DIR`).
+//!
+//! Stable contract: `--json` prints exactly one JSON object on stdout. A single run prints
+//! `{tasks, policy, n, accuracy, eviction_ratio, kv_bytes_in_use, kv_bytes_full, per_type,
+//! by_depth?, model, query_aware}`; a sweep prints `{tasks, model, query_aware, rows: [{policy,
+//! target_ratio, matched_to, n, accuracy, eviction_ratio, kv_bytes_in_use, kv_bytes_full,
+//! per_type, by_depth?}]}`. Progress bars (tasks/s, ETA) go to stderr.
+//!
+//! Invariants: every flag is validated before the model loads (except what needs the model's
+//! tokenizer); files under `--out` are written atomically; a failed task fails the command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use engine::eval::sweep::{self, SweepPlan, SweepRow};
+use engine::eval::synthetic::{self, Family, SyntheticSpec};
+use engine::eval::{self, EvalOptions, EvalSummary, PplContext, Task, TaskOutcome};
+use engine::{Engine, Policy};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::args::{load_engine, ModelArgs};
+use crate::plot::{self, Series};
+use crate::policy_args::{AgModeArg, PolicyArgs, PolicyChoice};
+
+/// Flags of `agate eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A JSONL task file (format: docs/eval.md).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    pub tasks: Option<PathBuf>,
+    /// A synthetic task family: passkey, niah, niah-multi, kv, vt, cwe.
+    #[arg(long, value_name = "FAMILY", value_parser = parse_family)]
+    pub synthetic: Option<Family>,
+    /// Synthetic: prompt length in tokens (context + question).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..))]
+    pub length: u64,
+    /// Synthetic: needle depths in [0, 1], comma-separated (passkey, niah, niah-multi, kv).
+    #[arg(long, value_delimiter = ',', default_value = "0.5", value_parser = parse_depth)]
+    pub depths: Vec<f64>,
+    /// Synthetic: tasks per depth (per run for vt and cwe).
+    #[arg(short = 'n', long = "samples", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub samples: u64,
+    /// Synthetic: random seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Synthetic: haystack text file (default: RULER's repeated neutral sentences).
+    #[arg(long, value_name = "FILE")]
+    pub filler: Option<PathBuf>,
+    /// Synthetic niah-multi: keys hidden (the asked one included).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=64))]
+    pub keys: u64,
+    /// Write the tasks (synthetic or read) to this JSONL file and exit without running them.
+    #[arg(long, value_name = "FILE")]
+    pub write_tasks: Option<PathBuf>,
+    /// Run only the first N tasks.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Prefill the question together with the context, before eviction (kvpress' query-aware
+    /// setting); by default the question is appended after the context is evicted.
+    #[arg(long)]
+    pub query_aware: bool,
+    /// Generate tasks: tokens allowed beyond the reference answer's length.
+    #[arg(long, default_value_t = 8)]
+    pub answer_margin: usize,
+    /// Perplexity tasks: the evicted head of each text — a fraction in (0, 1) (`0.5`) or a
+    /// token count (`512`); the rest is scored.
+    #[arg(long, default_value = "0.5", value_parser = parse_ppl_context)]
+    pub ppl_context: PplContext,
+    /// Perplexity tasks: tokens scored per forward pass.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=8192))]
+    pub ppl_chunk: u64,
+    /// Sweep: run every `--policy` at each of these eviction ratios (comma-separated, in
+    /// [0, 1)), plus full; `all` policies with `--policy all`.
+    #[arg(long, value_delimiter = ',', value_name = "RATIOS", value_parser = parse_ratio)]
+    pub sweep: Option<Vec<f64>>,
+    /// Sweep: policies run once at their own settings whose *measured* ratio the others are
+    /// also run at (default: ag in threshold mode when swept; `none` for no matching).
+    #[arg(long, value_delimiter = ',', value_name = "NAMES", requires = "sweep")]
+    pub match_to: Option<Vec<String>>,
+    /// Write results here: summary.json and outcomes.jsonl (single run); sweep.json,
+    /// sweep.csv, sweep.md, accuracy.svg and accuracy.png (sweep).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+fn parse_family(s: &str) -> Result<Family, String> {
+    Family::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_depth(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("depth must be in [0, 1], got {v}"))
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("ratio must be in [0, 1), got {v}"))
+    }
+}
+
+fn parse_ppl_context(s: &str) -> Result<PplContext, String> {
+    if let Ok(t) = s.parse::<usize>() {
+        return if t >= 1 {
+            Ok(PplContext::Tokens(t))
+        } else {
+            Err("give a fraction in (0, 1) or a token count >= 1".into())
+        };
+    }
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f < 1.0 => Ok(PplContext::Fraction(f)),
+        _ => Err(format!(
+            "`{s}`: give a fraction in (0, 1) or a token count >= 1"
+        )),
+    }
+}
+
+/// Runs `agate eval`.
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    let choices = args.policy.policies()?;
+    let filler = match &args.filler {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("--filler: cannot read {}", p.display()))?,
+        None => synthetic::DEFAULT_FILLER.to_string(),
+    };
+    let mut tasks_from_file = match &args.tasks {
+        Some(p) => Some(eval::load_tasks(p)?),
+        None => None,
+    };
+    let plan = match &args.sweep {
+        Some(ratios) => Some(sweep_plan(args, &choices, ratios)?),
+        None => {
+            anyhow::ensure!(
+                choices.len() == 1,
+                "--policy: name one policy, or sweep several with --sweep RATIOS"
+            );
+            None
+        }
+    };
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out: cannot create {}", dir.display()))?;
+    }
+    let engine = load_engine(&args.model)?;
+    let (label, mut tasks) = match (tasks_from_file.take(), args.synthetic) {
+        (Some(t), _) => (
+            args.tasks
+                .as_deref()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+            t,
+        ),
+        (None, Some(family)) => {
+            let spec = SyntheticSpec {
+                family,
+                length: args.length as usize,
+                depths: args.depths.clone(),
+                n: args.samples as usize,
+                seed: args.seed,
+                filler,
+                keys: args.keys as usize,
+            };
+            let count = |t: &str| -> engine::Result<usize> {
+                Ok(engine.tokenizer().encode(t, false)?.len())
+            };
+            (
+                format!("synthetic:{}:{}", family.name(), args.length),
+                synthetic::generate(&spec, &count)?,
+            )
+        }
+        (None, None) => anyhow::bail!("give --tasks FILE or --synthetic FAMILY"),
+    };
+    if let Some(limit) = args.limit {
+        tasks.truncate(limit as usize);
+    }
+    if let Some(path) = &args.write_tasks {
+        let text: String = tasks.iter().map(|t| t.to_json_line() + "\n").collect();
+        write_text(path, &text)?;
+        eprintln!("{} tasks written to {}", tasks.len(), path.display());
+        return Ok(());
+    }
+    let opts = EvalOptions {
+        query_aware: args.query_aware,
+        answer_margin: args.answer_margin,
+        ppl_context: args.ppl_context,
+        ppl_chunk: args.ppl_chunk as usize,
+    };
+    match plan {
+        None => single(args, &engine, &choices[0], &label, &tasks, &opts),
+        Some(plan) => run_sweep(args, &engine, &choices, plan, &label, &tasks, &opts),
+    }
+}
+
+fn sweep_plan(
+    args: &EvalArgs,
+    choices: &[PolicyChoice],
+    ratios: &[f64],
+) -> anyhow::Result<SweepPlan> {
+    let names: Vec<String> = choices.iter().map(|c| c.name().to_string()).collect();
+    let anchors = match &args.match_to {
+        Some(m) if m.iter().any(|n| n == "none") => Vec::new(),
+        Some(m) => m.clone(),
+        None if args.policy.ag_mode == AgModeArg::Threshold => {
+            names.iter().filter(|n| *n == "ag").cloned().collect()
+        }
+        None => Vec::new(),
+    };
+    let plan = SweepPlan {
+        policies: names,
+        ratios: ratios.to_vec(),
+        anchors,
+        tolerance: 0.005,
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Runs the tasks under one policy with a progress bar labelled `what`.
+fn run_one(
+    engine: &Engine,
+    policy: &Policy,
+    what: &str,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> anyhow::Result<Vec<TaskOutcome>> {
+    let bar = ProgressBar::new(tasks.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} tasks  {per_sec}  ETA {eta}  acc {msg}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    let (mut sum, mut count) = (0.0, 0usize);
+    let outcomes = eval::run_tasks(engine, policy, tasks, opts, &mut |o| {
+        sum += o.score;
+        count += 1;
+        bar.set_message(format!("{:.3}", sum / count as f64));
+        bar.inc(1);
+        true
+    })?;
+    bar.finish_and_clear();
+    Ok(outcomes)
+}
+
+fn summary_json(label: &str, policy: &str, s: &EvalSummary) -> Value {
+    json!({
+        "tasks": label,
+        "policy": policy,
+        "n": s.n,
+        "accuracy": s.accuracy,
+        "eviction_ratio": s.eviction_ratio,
+        "kv_bytes_in_use": s.kv_bytes_in_use,
+        "kv_bytes_full": s.kv_bytes_full,
+        "per_type": s.per_type,
+        "by_depth": s.by_depth,
+    })
+}
+
+fn single(
+    args: &EvalArgs,
+    engine: &Engine,
+    choice: &PolicyChoice,
+    label: &str,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> anyhow::Result<()> {
+    let outcomes = run_one(engine, &choice.resolve(engine)?, choice.name(), tasks, opts)?;
+    let summary = EvalSummary::from_outcomes(&outcomes)?;
+    let mut out = summary_json(label, choice.name(), &summary);
+    out["model"] = json!(engine.model_path().display().to_string());
+    out["query_aware"] = json!(args.query_aware);
+    if let Some(dir) = &args.out {
+        write_text(
+            &dir.join("summary.json"),
+            &(serde_json::to_string_pretty(&out)? + "\n"),
+        )?;
+        let lines: String = outcomes
+            .iter()
+            .map(|o| serde_json::to_string(o).map(|l| l + "\n"))
+            .collect::<Result<_, _>>()?;
+        write_text(&dir.join("outcomes.jsonl"), &lines)?;
+    }
+    if args.json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!("tasks      {label}");
+    println!("policy     {}", choice.name());
+    println!("n          {}", summary.n);
+    println!("accuracy   {:.4}", summary.accuracy);
+    for (kind, t) in &summary.per_type {
+        let mut line = format!("  {kind:<10} n={} acc={:.4}", t.n, t.accuracy);
+        if let Some(a) = t.acc_norm {
+            line.push_str(&format!(" acc_norm={a:.4}"));
+        }
+        if let Some(p) = t.perplexity {
+            line.push_str(&format!(" ppl={p:.4}"));
+        }
+        if let Some(k) = t.kl {
+            line.push_str(&format!(" kl={k:.5}"));
+        }
+        println!("{line}");
+    }
+    for (depth, acc) in &summary.by_depth {
+        println!("  depth {depth:<5} acc={acc:.4}");
+    }
+    println!("evicted    {:.2}%", summary.eviction_ratio * 100.0);
+    println!(
+        "KV         {:.2} MiB in use of {:.2} MiB full",
+        summary.kv_bytes_in_use as f64 / (1 << 20) as f64,
+        summary.kv_bytes_full as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+fn run_sweep(
+    args: &EvalArgs,
+    engine: &Engine,
+    choices: &[PolicyChoice],
+    plan: SweepPlan,
+    label: &str,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> anyhow::Result<()> {
+    let mut k = 0;
+    let mut failure = None;
+    let rows = plan.run(&mut |name, ratio| {
+        k += 1;
+        let what = match ratio {
+            Some(r) => format!("[{k}] {name} evict={r:.3}"),
+            None => format!("[{k}] {name}"),
+        };
+        let base = choices.iter().find(|c| c.name() == name);
+        let policy = match (base, ratio) {
+            (None, _) => Ok(Policy::Full),
+            (Some(c), Some(r)) => c.with_evict(r as f32).resolve(engine),
+            (Some(c), None) => c.resolve(engine),
+        };
+        let outcomes = match policy.and_then(|p| run_one(engine, &p, &what, tasks, opts)) {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = format!("{name}: {e:#}");
+                failure = Some(e);
+                return Err(engine::EngineError::Invalid(msg));
+            }
+        };
+        let s = EvalSummary::from_outcomes(&outcomes)?;
+        eprintln!(
+            "{what}: accuracy {:.3}, evicted {:.1}%",
+            s.accuracy,
+            s.eviction_ratio * 100.0
+        );
+        Ok(s)
+    });
+    let rows = match (rows, failure) {
+        (Ok(rows), _) => rows,
+        (Err(_), Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e.into()),
+    };
+    let out = json!({
+        "tasks": label,
+        "model": engine.model_path().display().to_string(),
+        "query_aware": args.query_aware,
+        "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
+    });
+    let table = sweep::markdown_table(&rows);
+    if let Some(dir) = &args.out {
+        write_text(
+            &dir.join("sweep.json"),
+            &(serde_json::to_string_pretty(&out)? + "\n"),
+        )?;
+        write_text(&dir.join("sweep.csv"), &sweep::csv(&rows))?;
+        write_text(&dir.join("sweep.md"), &table)?;
+        let series: Vec<Series> = sweep::accuracy_series(&rows)
+            .into_iter()
+            .map(|(label, points)| Series { label, points })
+            .collect();
+        let title = format!("{label}: accuracy vs eviction");
+        plot::line_chart_svg(
+            &dir.join("accuracy.svg"),
+            &title,
+            "eviction ratio (measured)",
+            "accuracy",
+            &series,
+        )?;
+        plot::line_chart_png(&dir.join("accuracy.png"), &series)?;
+        eprintln!("results written to {}", dir.display());
+    }
+    if args.json {
+        println!("{out}");
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
+fn row_json(row: &SweepRow) -> Value {
+    let mut v = summary_json("", &row.policy, &row.summary);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("tasks");
+        o.insert("target_ratio".into(), json!(row.target_ratio));
+        o.insert("matched_to".into(), json!(row.matched_to));
+    }
+    v
+}
+
+fn write_text(path: &Path, text: &str) -> anyhow::Result<()> {
+    plot::write_atomically(path, |f| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    })
+}

@@ -1,0 +1,224 @@
+//! Sweeps: every policy × every requested eviction ratio, plus matched comparisons — a policy
+//! whose ratio is an outcome rather than a setting (an *anchor*, e.g. AG in threshold mode) is
+//! run once at its own settings, and every other policy is run again at the ratio the anchor
+//! actually reached, so the comparison is at equal memory.
+//!
+//! Invariants: `full` always runs, once, first, with no target (ratio 0); rows come in run order
+//! (full, anchors, baselines at the requested ratios, baselines matched to anchors); a matched
+//! run is added only when the measured ratio differs from every requested ratio by more than
+//! the tolerance; the renderers give one line per row with the same columns in the same order
+//! (markdown and CSV alike).
+
+use super::EvalSummary;
+use crate::error::{EngineError, Result};
+
+/// What to sweep.
+#[derive(Clone, Debug)]
+pub struct SweepPlan {
+    /// Policy names, in the order given (`full` included or not).
+    pub policies: Vec<String>,
+    /// Requested eviction ratios, each in `[0, 1)`.
+    pub ratios: Vec<f64>,
+    /// Names among `policies` whose measured ratio the others are matched to.
+    pub anchors: Vec<String>,
+    /// Measured ratios within this of a requested one get no matched run.
+    pub tolerance: f64,
+}
+
+/// One run of a sweep.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SweepRow {
+    /// Policy name.
+    pub policy: String,
+    /// The eviction ratio the policy was asked for (`None`: full, or an anchor at its own
+    /// settings).
+    pub target_ratio: Option<f64>,
+    /// The anchor whose measured ratio this run matches, if any.
+    pub matched_to: Option<String>,
+    /// The run's figures.
+    pub summary: EvalSummary,
+}
+
+impl SweepPlan {
+    /// Checks names and ratios.
+    pub fn validate(&self) -> Result<()> {
+        if self.policies.is_empty() {
+            return Err(EngineError::Invalid("--policy: no policy to sweep".into()));
+        }
+        if let Some(r) = self.ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
+            return Err(EngineError::Invalid(format!(
+                "--sweep: ratio {r} is outside [0, 1)"
+            )));
+        }
+        if self.ratios.is_empty() {
+            return Err(EngineError::Invalid(
+                "--sweep: give the ratios to sweep (e.g. 0.25,0.5,0.75)".into(),
+            ));
+        }
+        if let Some(a) = self.anchors.iter().find(|a| !self.policies.contains(a)) {
+            return Err(EngineError::Invalid(format!(
+                "--match-to: `{a}` is not among the swept policies"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the sweep; `run(policy, Some(ratio))` evaluates one policy at one eviction ratio,
+    /// `run(policy, None)` at its own settings (full and anchors).
+    pub fn run(
+        &self,
+        run: &mut dyn FnMut(&str, Option<f64>) -> Result<EvalSummary>,
+    ) -> Result<Vec<SweepRow>> {
+        self.validate()?;
+        let mut rows = Vec::new();
+        let mut push =
+            |rows: &mut Vec<SweepRow>, p: &str, r: Option<f64>, m: Option<&str>| -> Result<()> {
+                let summary = run(p, r)?;
+                rows.push(SweepRow {
+                    policy: p.to_string(),
+                    target_ratio: r,
+                    matched_to: m.map(str::to_string),
+                    summary,
+                });
+                Ok(())
+            };
+        push(&mut rows, "full", None, None)?;
+        let baselines: Vec<&String> = self
+            .policies
+            .iter()
+            .filter(|p| *p != "full" && !self.anchors.contains(p))
+            .collect();
+        for anchor in &self.anchors {
+            push(&mut rows, anchor, None, None)?;
+        }
+        for &r in &self.ratios {
+            for p in &baselines {
+                push(&mut rows, p, Some(r), None)?;
+            }
+        }
+        let measured: Vec<(String, f64)> = rows
+            .iter()
+            .filter(|row| self.anchors.contains(&row.policy))
+            .map(|row| (row.policy.clone(), row.summary.eviction_ratio))
+            .collect();
+        for (anchor, m) in measured {
+            if self.ratios.iter().any(|r| (r - m).abs() <= self.tolerance) {
+                continue;
+            }
+            for p in &baselines {
+                push(&mut rows, p, Some(m), Some(&anchor))?;
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Column names of [`markdown_table`] and [`csv`].
+pub const COLUMNS: [&str; 10] = [
+    "policy",
+    "target_evict",
+    "measured_evict",
+    "accuracy",
+    "acc_norm",
+    "perplexity",
+    "kl",
+    "kv_mib_in_use",
+    "n",
+    "matched_to",
+];
+
+fn cells(row: &SweepRow) -> [String; 10] {
+    let s = &row.summary;
+    let opt = |f: Option<f64>, prec: usize| f.map_or(String::new(), |v| format!("{v:.prec$}"));
+    let t = |k: &str| s.per_type.get(k);
+    [
+        row.policy.clone(),
+        row.target_ratio
+            .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
+        format!("{:.3}", s.eviction_ratio),
+        format!("{:.3}", s.accuracy),
+        opt(t("choice").and_then(|c| c.acc_norm), 3),
+        opt(t("perplexity").and_then(|c| c.perplexity), 3),
+        opt(t("perplexity").and_then(|c| c.kl), 4),
+        format!("{:.2}", s.kv_bytes_in_use as f64 / (1 << 20) as f64),
+        s.n.to_string(),
+        row.matched_to.clone().unwrap_or_default(),
+    ]
+}
+
+/// The rows as a GitHub markdown table.
+pub fn markdown_table(rows: &[SweepRow]) -> String {
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        COLUMNS.join(" | "),
+        "---|".repeat(COLUMNS.len())
+    );
+    for row in rows {
+        out.push_str(&format!("| {} |\n", cells(row).join(" | ")));
+    }
+    out
+}
+
+/// The rows as CSV (RFC 4180 quoting where a cell needs it).
+pub fn csv(rows: &[SweepRow]) -> String {
+    let quote = |c: &str| {
+        if c.contains([',', '"', '\n']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.to_string()
+        }
+    };
+    let mut out = COLUMNS.join(",") + "\n";
+    for row in rows {
+        let line: Vec<String> = cells(row).iter().map(|c| quote(c)).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// Accuracy-vs-measured-eviction points per policy, in first-seen policy order, sorted by x.
+pub fn accuracy_series(rows: &[SweepRow]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for row in rows {
+        let point = (row.summary.eviction_ratio, row.summary.accuracy);
+        match out.iter_mut().find(|(p, _)| *p == row.policy) {
+            Some((_, pts)) => pts.push(point),
+            None => out.push((row.policy.clone(), vec![point])),
+        }
+    }
+    for (_, pts) in &mut out {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn bad_plans_name_the_flag() {
+        let summary = |r: f64| super::EvalSummary {
+            n: 1,
+            accuracy: 0.0,
+            eviction_ratio: r,
+            kv_bytes_in_use: 0,
+            kv_bytes_full: 0,
+            per_type: BTreeMap::new(),
+            by_depth: BTreeMap::new(),
+        };
+        let plan = SweepPlan {
+            policies: vec!["a".into()],
+            ratios: vec![1.0],
+            anchors: vec![],
+            tolerance: 0.0,
+        };
+        let err = plan
+            .run(&mut |_, r| Ok(summary(r.unwrap_or(0.0))))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--sweep"), "{err}");
+    }
+}

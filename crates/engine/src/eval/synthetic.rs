@@ -1,0 +1,612 @@
+//! Synthetic long-context tasks (RULER's families), generated from a seed and any filler text:
+//! passkey retrieval, needle in a haystack (single and multi key), key-value retrieval, variable
+//! tracking and common-word extraction. They need no dataset and yield ordinary
+//! [`Task::Generate`] tasks, so they run through the same scorer as task files.
+//!
+//! Invariants: the same [`SyntheticSpec`] and token counter always give the same tasks; every
+//! task's prompt (context + `"\n"` + question) is at most `length` tokens as the counter counts
+//! them, and within one filler sentence (or one list item) of it; a needle asked about sits at
+//! the sentence boundary nearest to its requested depth (fraction of the filler before it).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+use super::task::{MatchKind, Task};
+use crate::error::{EngineError, Result};
+
+/// RULER's default noise: neutral sentences repeated as the haystack.
+pub const DEFAULT_FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+
+/// A family of synthetic tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// A 5-digit pass key hidden in filler.
+    Passkey,
+    /// One "special magic number" for a key, hidden in filler.
+    Niah,
+    /// Several keys with their numbers in filler; one is asked about.
+    NiahMulti,
+    /// A JSON object of random UUID keys and values; one key is asked about.
+    Kv,
+    /// A chain of variable assignments spread through filler; all names are asked for.
+    Vt,
+    /// A numbered word list where ten words are frequent; the ten are asked for.
+    Cwe,
+}
+
+impl Family {
+    /// Every family, in documentation order.
+    pub const ALL: [Family; 6] = [
+        Family::Passkey,
+        Family::Niah,
+        Family::NiahMulti,
+        Family::Kv,
+        Family::Vt,
+        Family::Cwe,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Passkey => "passkey",
+            Family::Niah => "niah",
+            Family::NiahMulti => "niah-multi",
+            Family::Kv => "kv",
+            Family::Vt => "vt",
+            Family::Cwe => "cwe",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(name: &str) -> Result<Family> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
+                EngineError::Invalid(format!(
+                    "--synthetic: unknown family `{name}` (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// Whether the family places its needle at a requested depth.
+    pub fn uses_depth(self) -> bool {
+        matches!(
+            self,
+            Family::Passkey | Family::Niah | Family::NiahMulti | Family::Kv
+        )
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct SyntheticSpec {
+    /// The family.
+    pub family: Family,
+    /// Prompt length in tokens (context + question).
+    pub length: usize,
+    /// Needle depths in `[0, 1]` (families with a depth); `n` tasks are made per depth.
+    pub depths: Vec<f64>,
+    /// Tasks per depth (or in all, for families without a depth).
+    pub n: usize,
+    /// Random seed.
+    pub seed: u64,
+    /// Haystack text, split into sentences and cycled ([`DEFAULT_FILLER`] by default).
+    pub filler: String,
+    /// Keys hidden by `niah-multi` (the asked one included).
+    pub keys: usize,
+}
+
+impl SyntheticSpec {
+    /// A spec with the defaults: depths {0.5}, 10 tasks, seed 1, built-in filler, 4 keys.
+    pub fn new(family: Family, length: usize) -> Self {
+        SyntheticSpec {
+            family,
+            length,
+            depths: vec![0.5],
+            n: 10,
+            seed: 1,
+            filler: DEFAULT_FILLER.to_string(),
+            keys: 4,
+        }
+    }
+}
+
+/// Generates the tasks. `count` gives the token count of a text (no BOS); the prompt length
+/// budget leaves one token for a BOS.
+pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> Result<Vec<Task>> {
+    if spec.n == 0 {
+        return Err(EngineError::Invalid("-n: must be at least 1".into()));
+    }
+    if let Some(d) = spec.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        return Err(EngineError::Invalid(format!(
+            "--depths: {d} is outside [0, 1]"
+        )));
+    }
+    if spec.depths.is_empty() {
+        return Err(EngineError::Invalid("--depths: no depth given".into()));
+    }
+    if spec.family == Family::NiahMulti && spec.keys < 2 {
+        return Err(EngineError::Invalid(
+            "--keys: niah-multi needs at least 2".into(),
+        ));
+    }
+    let sentences = split_sentences(&spec.filler);
+    if sentences.is_empty() {
+        return Err(EngineError::Invalid(
+            "the filler text has no sentences".into(),
+        ));
+    }
+    let depths: Vec<Option<f64>> = if spec.family.uses_depth() {
+        spec.depths.iter().copied().map(Some).collect()
+    } else {
+        vec![None]
+    };
+    let mut gen = Generator {
+        sentences,
+        counts: Vec::new(),
+        count,
+    };
+    let mut tasks = Vec::new();
+    for (di, depth) in depths.iter().enumerate() {
+        for i in 0..spec.n {
+            let mut rng = StdRng::seed_from_u64(
+                spec.seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add((di * 1_000_003 + i) as u64),
+            );
+            let mut task = gen.make(spec, *depth, &mut rng)?;
+            if let Task::Generate { meta, .. } = &mut task {
+                meta.insert("index".into(), json!(i));
+            }
+            tasks.push(task);
+        }
+    }
+    Ok(tasks)
+}
+
+/// Splits text into sentences (ending in `.`, `!` or `?` followed by whitespace, or at line
+/// ends), trimmed, without empty ones.
+pub fn split_sentences(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let end_line = c == '\n';
+        if !end_line {
+            cur.push(c);
+        }
+        let boundary =
+            end_line || (".!?".contains(c) && chars.peek().is_none_or(|n| n.is_whitespace()));
+        if boundary {
+            let s = cur.trim();
+            if !s.is_empty() {
+                out.push(s.to_string());
+            }
+            cur.clear();
+        }
+    }
+    let s = cur.trim();
+    if !s.is_empty() {
+        out.push(s.to_string());
+    }
+    out
+}
+
+struct Generator<'a> {
+    sentences: Vec<String>,
+    counts: Vec<usize>,
+    count: &'a dyn Fn(&str) -> Result<usize>,
+}
+
+/// A piece of the haystack inserted between filler sentences at a depth.
+struct Insert {
+    depth: f64,
+    text: String,
+    /// The needle the question asks about (its placement is recorded).
+    asked: bool,
+}
+
+impl Generator<'_> {
+    fn sentence_tokens(&mut self, i: usize) -> Result<usize> {
+        if self.counts.is_empty() {
+            self.counts = self
+                .sentences
+                .iter()
+                .map(|s| (self.count)(&format!(" {s}")))
+                .collect::<Result<_>>()?;
+        }
+        Ok(self.counts[i % self.sentences.len()].max(1))
+    }
+
+    fn make(&mut self, spec: &SyntheticSpec, depth: Option<f64>, rng: &mut StdRng) -> Result<Task> {
+        let d = depth.unwrap_or(0.5);
+        let mut meta = Map::new();
+        meta.insert("family".into(), json!(spec.family.name()));
+        meta.insert("length".into(), json!(spec.length));
+        if let Some(d) = depth {
+            meta.insert("depth".into(), json!(d));
+        }
+        let (prefix, inserts, question, answer, kind) = match spec.family {
+            Family::Passkey => {
+                let key = rng.random_range(10_000..100_000u32);
+                (
+                    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.",
+                    vec![Insert {
+                        depth: d,
+                        text: format!("The pass key is {key}. Remember it. {key} is the pass key."),
+                        asked: true,
+                    }],
+                    "What is the pass key? The pass key is".to_string(),
+                    key.to_string(),
+                    MatchKind::Contains,
+                )
+            }
+            Family::Niah | Family::NiahMulti => {
+                let n_keys = if spec.family == Family::Niah {
+                    1
+                } else {
+                    spec.keys
+                };
+                let keys = distinct_keys(rng, n_keys);
+                let values: Vec<u32> = (0..n_keys)
+                    .map(|_| rng.random_range(1_000_000..10_000_000))
+                    .collect();
+                let mut inserts: Vec<Insert> = keys
+                    .iter()
+                    .zip(&values)
+                    .enumerate()
+                    .map(|(i, (k, v))| Insert {
+                        depth: if i == 0 {
+                            d
+                        } else {
+                            rng.random_range(0.0..=1.0)
+                        },
+                        text: format!("One of the special magic numbers for {k} is: {v}."),
+                        asked: i == 0,
+                    })
+                    .collect();
+                inserts.sort_by(|a, b| a.depth.total_cmp(&b.depth));
+                let key = &keys[0];
+                (
+                    "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.",
+                    inserts,
+                    format!("What is the special magic number for {key} mentioned in the provided text? The special magic number for {key} mentioned in the provided text is"),
+                    values[0].to_string(),
+                    MatchKind::Contains,
+                )
+            }
+            Family::Vt => {
+                let names = distinct_var_names(rng, 5);
+                let value = rng.random_range(10_000..100_000u32);
+                let inserts = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| Insert {
+                        depth: (i as f64 + 0.5) / names.len() as f64,
+                        text: if i == 0 {
+                            format!("VAR {n} = {value}.")
+                        } else {
+                            format!("VAR {n} = VAR {}.", names[i - 1])
+                        },
+                        asked: i == 0,
+                    })
+                    .collect();
+                (
+                    "Memorize and track the chain(s) of variable assignment hidden in the following text.",
+                    inserts,
+                    format!("Question: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
+                    names.join(", "),
+                    MatchKind::All,
+                )
+            }
+            Family::Kv => return self.kv(spec, d, rng, meta),
+            Family::Cwe => return self.cwe(spec, rng, meta),
+        };
+        let question_tokens = (self.count)(&format!("\n{question}"))?;
+        let fixed = (self.count)(prefix)?
+            + inserts
+                .iter()
+                .map(|i| (self.count)(&format!(" {}", i.text)))
+                .sum::<Result<usize>>()?;
+        let budget = spec
+            .length
+            .checked_sub(1 + question_tokens + fixed)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "--length {}: too short for a {} task ({} tokens without filler)",
+                    spec.length,
+                    spec.family.name(),
+                    1 + question_tokens + fixed
+                ))
+            })?;
+        // Filler sentences from a seeded offset, as many as fit the budget.
+        let start = rng.random_range(0..self.sentences.len());
+        let mut filler = Vec::new();
+        let mut used = 0;
+        loop {
+            let i = start + filler.len();
+            let t = self.sentence_tokens(i)?;
+            if used + t > budget {
+                break;
+            }
+            used += t;
+            filler.push((i % self.sentences.len(), t));
+        }
+        // Place each insert at the sentence boundary nearest its depth (by filler tokens).
+        let build = |filler: &[(usize, usize)], sentences: &[String]| {
+            let total: usize = filler.iter().map(|f| f.1).sum();
+            let mut text = prefix.to_string();
+            let mut cum = 0;
+            let mut next = 0;
+            let mut needle_at = None;
+            for &(si, t) in filler {
+                while next < inserts.len() && boundary_before(inserts[next].depth, total, cum, t) {
+                    if inserts[next].asked {
+                        needle_at = Some(cum as f64 / total.max(1) as f64);
+                    }
+                    text.push(' ');
+                    text.push_str(&inserts[next].text);
+                    next += 1;
+                }
+                text.push(' ');
+                text.push_str(&sentences[si]);
+                cum += t;
+            }
+            for ins in &inserts[next..] {
+                if ins.asked {
+                    needle_at = Some(1.0);
+                }
+                text.push(' ');
+                text.push_str(&ins.text);
+            }
+            (text, needle_at)
+        };
+        let (mut context, mut placed) = build(&filler, &self.sentences);
+        // Sentence-wise counts may undercount the joined text: trim until it fits.
+        while 1 + (self.count)(&context)? + question_tokens > spec.length && !filler.is_empty() {
+            filler.pop();
+            (context, placed) = build(&filler, &self.sentences);
+        }
+        if spec.family.uses_depth() {
+            if let Some(p) = placed {
+                meta.insert("placed_depth".into(), json!(p));
+            }
+        }
+        Ok(Task::Generate {
+            context,
+            question,
+            answer,
+            match_kind: kind,
+            meta,
+        })
+    }
+
+    fn kv(
+        &mut self,
+        spec: &SyntheticSpec,
+        d: f64,
+        rng: &mut StdRng,
+        mut meta: Map<String, Value>,
+    ) -> Result<Task> {
+        let head = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{";
+        let pair = |rng: &mut StdRng| (uuid(rng), uuid(rng));
+        let (qk, qv) = pair(rng);
+        let question =
+            format!("}}\n\nKey: \"{qk}\"\nThe value associated with the specified key is:");
+        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let one = (self.count)(&format!("\"{qk}\": \"{qv}\", "))?;
+        let fixed = 1 + q_tokens + (self.count)(head)?;
+        let n_pairs = spec.length.saturating_sub(fixed) / one.max(1);
+        if n_pairs < 1 {
+            return Err(EngineError::Invalid(format!(
+                "--length {}: too short for a kv task",
+                spec.length
+            )));
+        }
+        let mut pairs: Vec<(String, String)> = (0..n_pairs - 1).map(|_| pair(rng)).collect();
+        let at = ((d * (n_pairs - 1) as f64).round() as usize).min(pairs.len());
+        pairs.insert(at, (qk, qv.clone()));
+        let render = |pairs: &[(String, String)]| {
+            let body: Vec<String> = pairs
+                .iter()
+                .map(|(k, v)| format!("\"{k}\": \"{v}\""))
+                .collect();
+            format!("{head}{}", body.join(", "))
+        };
+        let mut context = render(&pairs);
+        while 1 + (self.count)(&context)? + q_tokens > spec.length && pairs.len() > 1 {
+            // Drop a pair away from the asked one.
+            let drop = if at + 1 < pairs.len() {
+                pairs.len() - 1
+            } else {
+                0
+            };
+            pairs.remove(drop);
+            context = render(&pairs);
+        }
+        let pos = pairs.iter().position(|p| p.1 == qv).unwrap_or(0);
+        meta.insert(
+            "placed_depth".into(),
+            json!(pos as f64 / (pairs.len().max(2) - 1) as f64),
+        );
+        Ok(Task::Generate {
+            context,
+            question,
+            answer: qv,
+            match_kind: MatchKind::Contains,
+            meta,
+        })
+    }
+
+    fn cwe(
+        &mut self,
+        spec: &SyntheticSpec,
+        rng: &mut StdRng,
+        meta: Map<String, Value>,
+    ) -> Result<Task> {
+        const COMMON: usize = 10;
+        const COMMON_FREQ: usize = 30;
+        const RARE_FREQ: usize = 3;
+        let mut pool: Vec<&str> = WORDS.to_vec();
+        shuffle(&mut pool, rng);
+        let (common, rare) = pool.split_at(COMMON);
+        let question = format!("Question: What are the {COMMON} most common words in the above list? Answer: The top {COMMON} words that appear most often in the list are:");
+        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n";
+        let per_word = (self.count)(" 100. alpha")?.max(1);
+        let budget = spec
+            .length
+            .saturating_sub(1 + q_tokens + (self.count)(head)?);
+        let total_words = budget / per_word;
+        let mut common_freq = COMMON_FREQ.min(total_words / (2 * COMMON)).max(1);
+        let mut rare_n = rare
+            .len()
+            .min(total_words.saturating_sub(COMMON * common_freq) / RARE_FREQ);
+        loop {
+            let mut words: Vec<&str> = Vec::new();
+            for w in common {
+                words.extend(std::iter::repeat_n(*w, common_freq));
+            }
+            for w in &rare[..rare_n] {
+                words.extend(std::iter::repeat_n(*w, RARE_FREQ));
+            }
+            shuffle(&mut words, rng);
+            let list: Vec<String> = words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| format!("{}. {w}", i + 1))
+                .collect();
+            let context = format!("{head}{}", list.join(" "));
+            if 1 + (self.count)(&context)? + q_tokens <= spec.length {
+                return Ok(Task::Generate {
+                    context,
+                    question,
+                    answer: common.join(", "),
+                    match_kind: MatchKind::All,
+                    meta,
+                });
+            }
+            if rare_n > 0 {
+                rare_n = rare_n.saturating_sub(1 + rare_n / 10);
+            } else if common_freq > RARE_FREQ + 1 {
+                common_freq -= 1;
+            } else {
+                return Err(EngineError::Invalid(format!(
+                    "--length {}: too short for a cwe task",
+                    spec.length
+                )));
+            }
+        }
+    }
+}
+
+/// Whether an insert at `depth` goes before the filler sentence starting at token `cum`.
+fn boundary_before(depth: f64, total: usize, cum: usize, t: usize) -> bool {
+    let target = depth * total as f64;
+    // Nearest boundary: this one (at `cum`) rather than the next (at `cum + t`).
+    target <= cum as f64 + t as f64 / 2.0
+}
+
+fn shuffle<T>(v: &mut [T], rng: &mut StdRng) {
+    for i in (1..v.len()).rev() {
+        let j = rng.random_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
+fn uuid(rng: &mut StdRng) -> String {
+    let hex: String = (0..32)
+        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+fn distinct_keys(rng: &mut StdRng, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    while out.len() < n {
+        let k = format!(
+            "{}-{}",
+            ADJECTIVES[rng.random_range(0..ADJECTIVES.len())],
+            WORDS[rng.random_range(0..WORDS.len())]
+        );
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+fn distinct_var_names(rng: &mut StdRng, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    while out.len() < n {
+        let k: String = (0..5)
+            .map(|_| char::from(b'A' + rng.random_range(0..26u8)))
+            .collect();
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+const ADJECTIVES: &[&str] = &[
+    "ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "damp", "eager",
+    "elegant", "fancy", "fierce", "gentle", "gloomy", "grumpy", "hollow", "humble", "jolly",
+    "lazy", "lively", "lucky", "mighty", "noisy", "odd", "plain", "proud", "quiet", "rapid",
+    "rough", "shiny", "silent", "silly", "sleepy", "smooth", "sour", "spicy", "steep", "sturdy",
+    "tender", "tidy", "tiny", "vast", "wicked", "wild", "wise", "witty", "young", "zealous",
+];
+
+const WORDS: &[&str] = &[
+    "apple", "anchor", "badge", "basket", "beacon", "blanket", "bottle", "bridge", "bucket",
+    "button", "cabin", "camera", "candle", "canyon", "carpet", "castle", "cactus", "chair",
+    "cherry", "circle", "cloud", "compass", "copper", "cottage", "crayon", "dagger", "desert",
+    "dinner", "dragon", "drum", "eagle", "engine", "feather", "fence", "forest", "fountain",
+    "garden", "garlic", "ginger", "glacier", "guitar", "hammer", "harbor", "helmet", "honey",
+    "island", "jacket", "jungle", "kettle", "kitten", "ladder", "lantern", "lemon", "lizard",
+    "magnet", "marble", "meadow", "mirror", "monkey", "needle", "noodle", "ocean", "orange",
+    "oyster", "paddle", "parrot", "pebble", "pencil", "pepper", "piano", "pillow", "planet",
+    "pocket", "potato", "puzzle", "rabbit", "radio", "ribbon", "river", "rocket", "saddle",
+    "salmon", "sandal", "scarf", "shadow", "shovel", "silver", "spider", "spoon", "squirrel",
+    "statue", "stone", "sugar", "sunset", "swan", "table", "teapot", "thunder", "tiger", "tomato",
+    "towel", "tractor", "trumpet", "tunnel", "turtle", "umbrella", "valley", "velvet", "violin",
+    "wagon", "walnut", "window", "winter", "wizard", "wolf", "yogurt", "zebra", "acorn", "barrel",
+    "biscuit", "blossom", "boulder", "canoe", "chimney", "cobweb", "cricket", "dolphin", "falcon",
+    "goblet", "hedgehog", "iceberg", "jigsaw", "kayak", "lobster", "mango", "nectar", "orchid",
+    "pelican", "quilt", "raisin", "sparrow", "thimble", "tulip", "walrus", "whistle",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentences_split_on_terminators_and_lines() {
+        assert_eq!(
+            split_sentences("A b. C? D\nE 1.5 f"),
+            vec!["A b.", "C?", "D", "E 1.5 f"]
+        );
+    }
+
+    #[test]
+    fn word_lists_are_distinct() {
+        let mut w = WORDS.to_vec();
+        w.sort_unstable();
+        w.dedup();
+        assert_eq!(w.len(), WORDS.len());
+    }
+}

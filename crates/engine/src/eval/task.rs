@@ -1,0 +1,295 @@
+//! Evaluation tasks and the JSONL task-file format (a stable contract, documented in
+//! `docs/eval.md`): one JSON object per line, `type` ∈ {`choice`, `generate`, `perplexity`}.
+//!
+//! Invariants: a parsed [`Task`] is valid — a choice task has at least two choices and its
+//! `answer` indexes one of them; a generate task's answer is not blank; a perplexity text is not
+//! empty. Parsing never skips a line: the first bad line fails the whole file with
+//! `FILE:LINE: message` naming the field at fault. Blank lines are allowed and ignored.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{EngineError, Result};
+
+/// How a generated answer is compared with the reference (after [`normalize`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchKind {
+    /// The output, trailing punctuation trimmed, equals the answer.
+    Exact,
+    /// The output contains the answer.
+    Contains,
+    /// The answer is a comma-separated list; the score is the fraction of its items the output
+    /// contains (RULER's `string_match_all`, used by variable tracking and common words).
+    All,
+}
+
+impl MatchKind {
+    /// The name used in task files.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatchKind::Exact => "exact",
+            MatchKind::Contains => "contains",
+            MatchKind::All => "all",
+        }
+    }
+
+    /// Score in `[0, 1]` of `output` against `answer`.
+    pub fn score(self, output: &str, answer: &str) -> f64 {
+        let out = normalize(output);
+        match self {
+            MatchKind::Exact => {
+                let trimmed = out
+                    .trim_end_matches(|c: char| ".,;:!?\"'".contains(c))
+                    .trim();
+                f64::from(u8::from(trimmed == normalize(answer)))
+            }
+            MatchKind::Contains => f64::from(u8::from(out.contains(&normalize(answer)))),
+            MatchKind::All => {
+                let items: Vec<String> = answer
+                    .split(',')
+                    .map(normalize)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if items.is_empty() {
+                    return 0.0;
+                }
+                let found = items.iter().filter(|i| out.contains(i.as_str())).count();
+                found as f64 / items.len() as f64
+            }
+        }
+    }
+}
+
+/// Lower-cases and collapses every run of whitespace to one space, trimming both ends.
+pub fn normalize(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// One evaluation task.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Task {
+    /// Log-likelihood multiple choice (lm-eval-harness style).
+    Choice {
+        /// The text that gets evicted (may be empty).
+        context: String,
+        /// Appended after the context's eviction (before it with `query_aware`).
+        question: String,
+        /// Candidate continuations, each scored after `question` with a leading space.
+        choices: Vec<String>,
+        /// Index of the correct choice.
+        answer: usize,
+    },
+    /// Greedy generation scored by string match.
+    Generate {
+        /// The text that gets evicted.
+        context: String,
+        /// Appended after the context's eviction (before it with `query_aware`).
+        question: String,
+        /// The reference answer.
+        answer: String,
+        /// How the output is compared with `answer`.
+        #[serde(rename = "match")]
+        match_kind: MatchKind,
+        /// Free-form labels (synthetic tasks record family, depth, length), echoed in reports.
+        #[serde(skip_serializing_if = "Map::is_empty")]
+        meta: Map<String, Value>,
+    },
+    /// Perplexity and KL divergence from the full cache over a text.
+    Perplexity {
+        /// The text: its first part is the evicted context, the rest is scored.
+        text: String,
+    },
+}
+
+impl Task {
+    /// The task's type name, as in task files.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Task::Choice { .. } => "choice",
+            Task::Generate { .. } => "generate",
+            Task::Perplexity { .. } => "perplexity",
+        }
+    }
+
+    /// One JSONL line for this task (the format [`parse_tasks`] reads).
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads and validates a task file.
+pub fn load_tasks(path: &Path) -> Result<Vec<Task>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    parse_tasks(&text, &path.display().to_string())
+}
+
+/// Parses JSONL task text; `name` prefixes error messages (`name:LINE: …`).
+pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let task =
+            parse_line(line).map_err(|m| EngineError::Invalid(format!("{name}:{}: {m}", i + 1)))?;
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        return Err(EngineError::Invalid(format!(
+            "{name}: no tasks in the file"
+        )));
+    }
+    Ok(tasks)
+}
+
+fn parse_line(line: &str) -> std::result::Result<Task, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "expected a JSON object".to_string())?;
+    let kind = string(obj, "type")?;
+    let known: &[&str] = match kind.as_str() {
+        "choice" => &[
+            "type", "id", "meta", "context", "question", "choices", "answer",
+        ],
+        "generate" => &[
+            "type", "id", "meta", "context", "question", "answer", "match",
+        ],
+        "perplexity" => &["type", "id", "meta", "text"],
+        other => {
+            return Err(format!(
+            "field `type`: unknown task type `{other}` (expected choice, generate or perplexity)"
+        ))
+        }
+    };
+    if let Some(extra) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field `{extra}` for a {kind} task"));
+    }
+    match kind.as_str() {
+        "choice" => {
+            let choices = match obj.get("choices") {
+                None => return Err("field `choices` is missing".into()),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        c.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| format!("field `choices`: element {i} is not a string"))
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                Some(_) => return Err("field `choices` must be an array of strings".into()),
+            };
+            if choices.len() < 2 {
+                return Err("field `choices` needs at least two choices".into());
+            }
+            if let Some(i) = choices.iter().position(|c| c.is_empty()) {
+                return Err(format!("field `choices`: choice {i} is empty"));
+            }
+            let answer = match obj.get("answer") {
+                None => return Err("field `answer` is missing".into()),
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| "field `answer` must be a choice index (0, 1, …)".to_string())?,
+            };
+            if answer as usize >= choices.len() {
+                return Err(format!(
+                    "field `answer`: index {answer} is out of range ({} choices)",
+                    choices.len()
+                ));
+            }
+            Ok(Task::Choice {
+                context: string(obj, "context")?,
+                question: string(obj, "question")?,
+                choices,
+                answer: answer as usize,
+            })
+        }
+        "generate" => {
+            let answer = string(obj, "answer")?;
+            if answer.trim().is_empty() {
+                return Err("field `answer` is empty".into());
+            }
+            let match_kind = match obj.get("match") {
+                None => MatchKind::Contains,
+                Some(Value::String(s)) => match s.as_str() {
+                    "exact" => MatchKind::Exact,
+                    "contains" => MatchKind::Contains,
+                    "all" => MatchKind::All,
+                    other => {
+                        return Err(format!(
+                            "field `match`: unknown `{other}` (expected exact, contains or all)"
+                        ))
+                    }
+                },
+                Some(_) => return Err("field `match` must be a string".into()),
+            };
+            let meta = match obj.get("meta") {
+                None => Map::new(),
+                Some(Value::Object(m)) => m.clone(),
+                Some(_) => return Err("field `meta` must be an object".into()),
+            };
+            let context = string(obj, "context")?;
+            let question = string(obj, "question")?;
+            if context.is_empty() && question.is_empty() {
+                return Err("fields `context` and `question` are both empty".into());
+            }
+            Ok(Task::Generate {
+                context,
+                question,
+                answer,
+                match_kind,
+                meta,
+            })
+        }
+        _ => {
+            let text = string(obj, "text")?;
+            if text.is_empty() {
+                return Err("field `text` is empty".into());
+            }
+            Ok(Task::Perplexity { text })
+        }
+    }
+}
+
+fn string(obj: &Map<String, Value>, field: &str) -> std::result::Result<String, String> {
+    match obj.get(field) {
+        None => Err(format!("field `{field}` is missing")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("field `{field}` must be a string")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching_normalizes_case_and_whitespace() {
+        assert_eq!(MatchKind::Exact.score("  Paris.\n", "paris"), 1.0);
+        assert_eq!(MatchKind::Exact.score("Paris is nice", "paris"), 0.0);
+        assert_eq!(
+            MatchKind::Contains.score("It is  PARIS   now", "is paris"),
+            1.0
+        );
+        assert_eq!(MatchKind::All.score("a x b", "a, b, c, d"), 0.5);
+    }
+
+    #[test]
+    fn round_trips_through_json_lines() {
+        let t = Task::Choice {
+            context: "c".into(),
+            question: "q".into(),
+            choices: vec!["a".into(), "b".into()],
+            answer: 1,
+        };
+        assert_eq!(parse_tasks(&t.to_json_line(), "x").unwrap(), vec![t]);
+    }
+}

@@ -1,0 +1,367 @@
+//! Evaluation contracts on a tiny random model (no download): multiple-choice log-likelihoods
+//! equal a hand computation (log-softmax of the model's logits over the joined token sequence);
+//! perplexity under the full cache equals the hand-computed one with zero KL; bad task files
+//! fail with `FILE:LINE` and the field; synthetic tasks are deterministic by seed, fit their
+//! length and put the needle at the requested depth; sweeps match baselines to the anchor's
+//! measured ratio.
+
+use std::collections::BTreeMap;
+
+use engine::eval::sweep::{self, SweepPlan};
+use engine::eval::synthetic::{self, Family, SyntheticSpec};
+use engine::eval::{self, EvalOptions, EvalSummary, PplContext, Task};
+use engine::{Engine, Policy};
+
+fn tiny_engine() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = model_zoo::random::tiny_config(2, 4, 2);
+    model_zoo::random::write_random_model(dir.path(), &cfg, 7).unwrap();
+    let engine = Engine::builder()
+        .model(dir.path())
+        .weights(engine::WeightFormat::Dense(candle_core::DType::F32))
+        .kv_dtype(engine::KvDtype::F32)
+        .build()
+        .unwrap();
+    (dir, engine)
+}
+
+/// log-softmax computed independently of the crate, in f64.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    row.iter().map(|&x| x as f64 - z).collect()
+}
+
+/// Log-likelihood of `cont` after `prefix`, from one forward pass over the joined sequence.
+fn hand_loglik(engine: &Engine, prefix: &[u32], cont: &[u32]) -> f64 {
+    let mut all = prefix.to_vec();
+    all.extend_from_slice(cont);
+    let mut s = engine.new_session();
+    let logits = s.prefill_all_logits(&all[..all.len() - 1]).unwrap();
+    let rows = logits.to_vec2::<f32>().unwrap();
+    cont.iter()
+        .enumerate()
+        .map(|(i, &t)| log_probs(&rows[prefix.len() - 1 + i])[t as usize])
+        .sum()
+}
+
+#[test]
+fn choice_loglikelihoods_match_a_hand_computation() {
+    let (_dir, engine) = tiny_engine();
+    let (context, question) = ("The cat sat on the mat.", "Where did the cat sit?");
+    let choices = ["on the mat", "x", "in a very long box"];
+    let line = serde_json::json!({
+        "type": "choice", "context": context, "question": question,
+        "choices": choices, "answer": 2
+    });
+    let tasks = eval::parse_tasks(&line.to_string(), "t.jsonl").unwrap();
+    let out = eval::run_tasks(
+        &engine,
+        &Policy::Full,
+        &tasks,
+        &EvalOptions::default(),
+        &mut |_| true,
+    )
+    .unwrap();
+    let tok = engine.tokenizer();
+    let mut prefix = tok.encode(context, true).unwrap();
+    prefix.extend(tok.encode(&format!("\n{question}"), false).unwrap());
+    let expected: Vec<f64> = choices
+        .iter()
+        .map(|c| {
+            hand_loglik(
+                &engine,
+                &prefix,
+                &tok.encode(&format!(" {c}"), false).unwrap(),
+            )
+        })
+        .collect();
+    let got = &out[0].loglikelihoods;
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-3, "got {got:?}, expected {expected:?}");
+    }
+    let argmax = |v: &[f64]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+    assert_eq!(out[0].score, f64::from(u8::from(argmax(&expected) == 2)));
+    let normed: Vec<f64> = expected
+        .iter()
+        .zip(choices)
+        .map(|(l, c)| l / c.chars().count() as f64)
+        .collect();
+    assert_eq!(
+        out[0].acc_norm,
+        Some(f64::from(u8::from(argmax(&normed) == 2)))
+    );
+    let s = EvalSummary::from_outcomes(&out).unwrap();
+    assert_eq!((s.n, s.eviction_ratio), (1, 0.0));
+    assert!(s.kv_bytes_in_use > 0 && s.kv_bytes_in_use <= s.kv_bytes_full);
+}
+
+#[test]
+fn full_cache_perplexity_matches_a_hand_computation_with_zero_kl() {
+    let (_dir, engine) = tiny_engine();
+    let text = "one two three four five six seven eight nine ten";
+    let tasks = vec![Task::Perplexity { text: text.into() }];
+    let opts = EvalOptions {
+        ppl_context: PplContext::Tokens(10),
+        ppl_chunk: 7,
+        ..EvalOptions::default()
+    };
+    let out = eval::run_tasks(&engine, &Policy::Full, &tasks, &opts, &mut |_| true).unwrap();
+    let ids = engine.tokenizer().encode(text, true).unwrap();
+    let nll = -hand_loglik(&engine, &ids[..10], &ids[10..]);
+    assert_eq!(out[0].scored_tokens, ids.len() - 10);
+    assert!(
+        (out[0].nll.unwrap() - nll).abs() < 1e-3,
+        "{:?} vs {nll}",
+        out[0].nll
+    );
+    assert_eq!(out[0].kl, Some(0.0));
+    let s = EvalSummary::from_outcomes(&out).unwrap();
+    let ppl = s.per_type["perplexity"].perplexity.unwrap();
+    let mean_nll = out[0].nll.unwrap() / (ids.len() - 10) as f64;
+    assert!(
+        (ppl.ln() - mean_nll).abs() < 1e-9,
+        "{ppl} vs exp({mean_nll})"
+    );
+}
+
+#[test]
+fn generate_tasks_run_greedy_and_report_the_output() {
+    let (_dir, engine) = tiny_engine();
+    let tasks = eval::parse_tasks(
+        r#"{"type":"generate","context":"abc abc abc","question":"abc","answer":"zzzz","match":"exact"}"#,
+        "g.jsonl",
+    )
+    .unwrap();
+    let out = eval::run_tasks(
+        &engine,
+        &Policy::Full,
+        &tasks,
+        &EvalOptions::default(),
+        &mut |_| true,
+    )
+    .unwrap();
+    assert!(out[0].output.is_some());
+    let again = eval::run_tasks(
+        &engine,
+        &Policy::Full,
+        &tasks,
+        &EvalOptions::default(),
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(out[0].output, again[0].output);
+}
+
+#[test]
+fn bad_task_files_name_the_line_and_the_field() {
+    let good = r#"{"type":"choice","context":"c","question":"q","choices":["a","b"],"answer":1}"#;
+    let cases = [
+        ("{not json", "invalid JSON"),
+        (
+            r#"{"type":"choice","context":"c","question":"q","choices":["a","b"]}"#,
+            "field `answer` is missing",
+        ),
+        (
+            r#"{"type":"choice","context":"c","question":"q","choices":["a","b"],"answer":2}"#,
+            "field `answer`: index 2 is out of range (2 choices)",
+        ),
+        (
+            r#"{"type":"essay","text":"t"}"#,
+            "field `type`: unknown task type `essay`",
+        ),
+        (
+            r#"{"type":"generate","context":"c","question":"q"}"#,
+            "field `answer` is missing",
+        ),
+        (
+            r#"{"type":"generate","context":"c","question":"q","answer":"a","match":"fuzzy"}"#,
+            "field `match`: unknown `fuzzy`",
+        ),
+        (
+            r#"{"type":"perplexity","text":"t","extra":1}"#,
+            "unknown field `extra`",
+        ),
+        (
+            r#"{"type":"choice","context":"c","question":"q","choices":["a",3],"answer":0}"#,
+            "field `choices`: element 1 is not a string",
+        ),
+        ("[1,2]", "expected a JSON object"),
+    ];
+    for (bad, message) in cases {
+        // Two good lines, a blank line, the bad one on line 4, then a good one after it.
+        let text = format!("{good}\n{good}\n\n{bad}\n{good}\n");
+        let err = eval::parse_tasks(&text, "tasks.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("tasks.jsonl:4: "), "{err}");
+        assert!(err.contains(message), "{err} (expected {message})");
+    }
+    assert_eq!(
+        eval::parse_tasks(&format!("{good}\n\n{good}"), "x")
+            .unwrap()
+            .len(),
+        2
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.jsonl");
+    std::fs::write(&path, format!("{good}\n{{\"type\":\"choice\"}}\n")).unwrap();
+    let err = eval::load_tasks(&path).unwrap_err().to_string();
+    assert!(err.contains("t.jsonl:2: "), "{err}");
+}
+
+/// Whitespace-separated words as tokens: a stand-in tokenizer for the generators.
+fn words(text: &str) -> engine::Result<usize> {
+    Ok(text.split_whitespace().count())
+}
+
+#[test]
+fn synthetic_tasks_are_deterministic_and_fit_their_length() {
+    for family in Family::ALL {
+        let mut spec = SyntheticSpec::new(family, 600);
+        spec.n = 3;
+        spec.depths = vec![0.0, 0.5, 1.0];
+        let a = synthetic::generate(&spec, &words).unwrap();
+        let b = synthetic::generate(&spec, &words).unwrap();
+        assert_eq!(a, b, "{family:?}");
+        spec.seed = 2;
+        assert_ne!(a, synthetic::generate(&spec, &words).unwrap(), "{family:?}");
+        let expected = if family.uses_depth() { 9 } else { 3 };
+        assert_eq!(a.len(), expected, "{family:?}");
+        for t in &a {
+            let Task::Generate {
+                context,
+                question,
+                answer,
+                ..
+            } = t
+            else {
+                panic!("{family:?}: not a generate task")
+            };
+            let n = 1 + words(context).unwrap() + words(&format!("\n{question}")).unwrap();
+            assert!(n <= 600 && n > 500, "{family:?}: {n} tokens");
+            for item in answer.split(", ") {
+                assert!(
+                    context.contains(item),
+                    "{family:?}: `{item}` not in the context"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn needles_sit_at_the_requested_depth() {
+    for family in [Family::Passkey, Family::Niah, Family::NiahMulti, Family::Kv] {
+        let mut spec = SyntheticSpec::new(family, 2000);
+        spec.depths = vec![0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
+        spec.n = 2;
+        for task in synthetic::generate(&spec, &words).unwrap() {
+            let Task::Generate {
+                context,
+                answer,
+                meta,
+                ..
+            } = &task
+            else {
+                panic!()
+            };
+            let depth = meta["depth"].as_f64().unwrap();
+            let placed = meta["placed_depth"].as_f64().unwrap();
+            assert!(
+                (placed - depth).abs() < 0.02,
+                "{family:?}: {placed} vs {depth}"
+            );
+            // The answer's position in the text, as a fraction, agrees too (the instructions
+            // before the haystack shift it a little).
+            let at = context.find(answer.as_str()).unwrap() as f64 / context.len() as f64;
+            assert!(
+                (at - depth).abs() < 0.1,
+                "{family:?}: needle at {at}, depth {depth}"
+            );
+        }
+    }
+}
+
+#[test]
+fn any_filler_text_works_and_short_lengths_are_refused() {
+    let mut spec = SyntheticSpec::new(Family::Passkey, 300);
+    spec.filler = "Alpha beta gamma! Delta epsilon?\nZeta eta theta".into();
+    let tasks = synthetic::generate(&spec, &words).unwrap();
+    let Task::Generate { context, .. } = &tasks[0] else {
+        panic!()
+    };
+    assert!(context.contains("Delta epsilon?"));
+    let err = synthetic::generate(&SyntheticSpec::new(Family::Niah, 20), &words)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--length 20"), "{err}");
+    assert!(Family::parse("nope")
+        .unwrap_err()
+        .to_string()
+        .contains("passkey"));
+}
+
+fn summary(ratio: f64) -> EvalSummary {
+    EvalSummary {
+        n: 2,
+        accuracy: 1.0 - ratio,
+        eviction_ratio: ratio,
+        kv_bytes_in_use: 1 << 20,
+        kv_bytes_full: 2 << 20,
+        per_type: BTreeMap::new(),
+        by_depth: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
+    let plan = SweepPlan {
+        policies: vec!["a".into(), "b".into(), "c".into()],
+        ratios: vec![0.25, 0.5],
+        anchors: vec!["a".into()],
+        tolerance: 0.005,
+    };
+    let rows = plan
+        .run(&mut |p, r| {
+            // Full keeps everything; the anchor, at its own settings, reaches 0.35.
+            Ok(summary(match (p, r) {
+                ("full", None) => 0.0,
+                ("a", None) => 0.35,
+                (_, Some(r)) => r,
+                other => panic!("unexpected run {other:?}"),
+            }))
+        })
+        .unwrap();
+    let names: Vec<(&str, Option<f64>, Option<&str>)> = rows
+        .iter()
+        .map(|r| (r.policy.as_str(), r.target_ratio, r.matched_to.as_deref()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("full", None, None),
+            ("a", None, None),
+            ("b", Some(0.25), None),
+            ("c", Some(0.25), None),
+            ("b", Some(0.5), None),
+            ("c", Some(0.5), None),
+            ("b", Some(0.35), Some("a")),
+            ("c", Some(0.35), Some("a")),
+        ]
+    );
+    let md = sweep::markdown_table(&rows);
+    assert_eq!(md.lines().count(), rows.len() + 2);
+    assert!(md.contains("| b | 0.350 | 0.350 | 0.650 |"), "{md}");
+    assert!(md.contains("| a | - | 0.350 | 0.650 |"), "{md}");
+    // An anchor landing on a requested ratio gets no matched runs.
+    let on_grid = plan
+        .run(&mut |p, r| Ok(summary(if p == "a" { 0.5 } else { r.unwrap_or(0.0) })))
+        .unwrap();
+    assert_eq!(on_grid.len(), 6);
+    assert_eq!(sweep::csv(&rows).lines().count(), rows.len() + 1);
+    let series = sweep::accuracy_series(&rows);
+    assert_eq!(series[2].0, "b");
+    assert_eq!(series[1], ("a".to_string(), vec![(0.35, 0.65)]));
+    assert_eq!(series[2].1, vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Writes docs/results.md from the outputs of scripts/eval/results.sh (RESULTS_DIR/*), so every
+number in it comes from a file that command regenerates. Written atomically.
+
+    python3 scripts/eval/render_results.py docs/results docs/results.md
+"""
+import json
+import os
+import subprocess
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def main():
+    res, target = sys.argv[1], sys.argv[2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    pk = load(os.path.join(res, "passkey-2k-full.json"))
+    lines = [
+        "# Results",
+        "",
+        "Regenerate everything on this page (numbers, tables, plots) with one command:",
+        "",
+        "```sh",
+        "scripts/eval/results.sh",
+        "```",
+        "",
+        f"Default model (SmolLM2-135M-Instruct, Q4_1 GGUF), agate at commit `{commit}`, greedy",
+        "decoding, seeded synthetic tasks: the numbers are deterministic. Protocol and formats:",
+        "[eval.md](eval.md). Sample sizes are small (CPU, 2 cores): read accuracies as coarse.",
+        "",
+        "## Passkey retrieval at 2k tokens, full cache",
+        "",
+        "`agate eval --synthetic passkey --length 2048 --depths 0,0.25,0.5,0.75,1 -n 4 --seed 1`",
+        "(20 tasks: 5 depths × 4 seeds; prompts of at most 2,048 tokens).",
+        "",
+        "| depth | accuracy |",
+        "|---|---|",
+    ]
+    for d, acc in sorted(pk["by_depth"].items(), key=lambda kv: float(kv[0])):
+        lines.append(f"| {d} | {acc:.2f} |")
+    lines += [
+        f"| **all** ({pk['n']} tasks) | **{pk['accuracy']:.2f}** |",
+        "",
+        f"KV cache in use: {pk['kv_bytes_in_use'] / 2**20:.2f} MiB per task (f16, nothing evicted).",
+        "",
+    ]
+    peer = os.path.join(res, "passkey-2k-llama-cpp.json")
+    if os.path.exists(peer):
+        p = load(peer)
+        lines += [
+            "Peer: llama.cpp (llama-cpp-python 0.3.16, same GGUF, same tasks and protocol,",
+            f"`scripts/peers/llama_cpp_eval.py`): accuracy {p['accuracy']:.2f} vs agate's",
+            f"{p['agate_accuracy']:.2f}; {p['outputs_identical']} of {p['n']} greedy outputs identical",
+            f"(mean common prefix {p['mean_common_prefix_chars']:.1f} characters; both quantize",
+            "activations to 8 bits, so near-tied steps may differ).",
+            "",
+        ]
+    sweep_dir = os.path.join(res, "sweep-passkey-1k")
+    if os.path.exists(os.path.join(sweep_dir, "sweep.md")):
+        with open(os.path.join(sweep_dir, "sweep.md")) as f:
+            table = f.read().rstrip("\n")
+        sw = load(os.path.join(sweep_dir, "sweep.json"))
+        n = sw["rows"][0]["n"]
+        lines += [
+            "## Sweep: every policy × evict {0.25, 0.5, 0.75}, passkey at 1k tokens",
+            "",
+            "`agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 2 --seed 1"
+            " --sweep 0.25,0.5,0.75 --policy all --out docs/results/sweep-passkey-1k`",
+            f"({n} tasks per row: 3 depths × 2 seeds). The question is appended after the",
+            "context's eviction (not query-aware). `measured_evict` counts the question's tokens",
+            "too. Attention-Gate is not in this sweep (it needs trained gates, `--gates`).",
+            "",
+            table,
+            "",
+            "![accuracy vs eviction](results/sweep-passkey-1k/accuracy.png)",
+            "",
+            "Also: [sweep.csv](results/sweep-passkey-1k/sweep.csv),"
+            " [sweep.json](results/sweep-passkey-1k/sweep.json),"
+            " [accuracy.svg](results/sweep-passkey-1k/accuracy.svg).",
+            "",
+        ]
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, target)
+
+
+if __name__ == "__main__":
+    main()

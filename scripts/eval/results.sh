@@ -1,0 +1,32 @@
+#!/bin/sh
+# Regenerates every number and plot in docs/results.md: builds agate (release), runs the
+# evaluations below into docs/results/, and rewrites docs/results.md from their outputs.
+# Deterministic (greedy decoding, seeded tasks): rerunning gives the same accuracies; timings
+# are not reported. Takes ~40 minutes on 2 cores.
+#
+#     scripts/eval/results.sh            # everything
+#     AGATE_RESULTS_PEER=0 scripts/eval/results.sh   # skip the llama.cpp peer
+set -eu
+cd "$(dirname "$0")/../.."
+cargo build --release -p cli >&2
+agate=target/release/agate
+out=docs/results
+mkdir -p "$out"
+
+# 1. Full-cache passkey retrieval at 2k tokens on the default model: 5 depths x 4 seeds.
+pk="--synthetic passkey --length 2048 --depths 0,0.25,0.5,0.75,1 -n 4 --seed 1"
+$agate eval $pk --write-tasks "$out/passkey-2k.jsonl"
+$agate eval --tasks "$out/passkey-2k.jsonl" --out "$out/passkey-2k-full" --json > "$out/passkey-2k-full.json"
+
+# 2. llama.cpp on the same tasks and GGUF, same protocol (needs llama-cpp-python 0.3.16).
+if [ "${AGATE_RESULTS_PEER:-1}" != 0 ] && python3 -c "import llama_cpp" 2>/dev/null; then
+  python3 scripts/peers/llama_cpp_eval.py "$HOME/.cache/agate/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$out/passkey-2k.jsonl" --agate "$out/passkey-2k-full/outcomes.jsonl" -t 2 > "$out/passkey-2k-llama-cpp.json"
+fi
+
+# 3. Sweep: every policy x evict {0.25, 0.5, 0.75}, passkey at 1k tokens, 3 depths x 2 seeds.
+$agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 2 --seed 1 \
+  --sweep 0.25,0.5,0.75 --policy all --out "$out/sweep-passkey-1k" > /dev/null
+
+python3 scripts/eval/render_results.py "$out" docs/results.md
+echo "docs/results.md regenerated" >&2
