@@ -1,4 +1,4 @@
-//! `SessionWorker`: one [`Session`] running on its own thread, driven through crossbeam channels,
+//! `SessionWorker`: one [`Session`](crate::Session) running on its own thread, driven through crossbeam channels,
 //! so a Rust program can stream generated text as an iterator without holding a borrow of the
 //! session. Submit a prompt, iterate the returned [`TextStream`]: text chunks as they are decoded,
 //! then one final item with the [`Generation`] and the session's [`KvReport`].
