@@ -88,10 +88,45 @@ impl GateCache {
     }
 }
 
+/// One layer's parameters as host f32 rows, for the decode step.
+#[derive(Debug, Clone)]
+pub(super) struct HostLayer {
+    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv`.
+    wqkv: Vec<f32>,
+    /// `[n_kv_heads, inner]`.
+    wg: Vec<f32>,
+    /// `[n_kv_heads]`.
+    bg: Vec<f32>,
+}
+
 impl AttentionGate {
+    fn host_layers(&self) -> Result<&[HostLayer]> {
+        if let Some(h) = self.host.get() {
+            return Ok(h);
+        }
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let layers = self
+            .layers
+            .iter()
+            .map(|p| -> candle_core::Result<HostLayer> {
+                let mut wqkv = flat(&p.wq)?;
+                wqkv.extend(flat(&p.wk)?);
+                wqkv.extend(flat(&p.wv)?);
+                Ok(HostLayer {
+                    wqkv,
+                    wg: flat(&p.wg)?,
+                    bg: flat(&p.bg)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .ctx("copying gate parameters to the host")?;
+        Ok(self.host.get_or_init(|| layers))
+    }
+
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)
     /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over every cached
-    /// token (itself included) and returns `s` per KV head (f32).
+    /// token (itself included) and returns `s` per KV head (f32). Runs on host copies of the
+    /// parameters: a few hundred thousand multiply-adds, no tensor dispatch.
     pub fn step(
         &self,
         layer: usize,
@@ -99,38 +134,72 @@ impl AttentionGate {
         position: u32,
         cache: &mut GateCache,
     ) -> Result<Vec<f32>> {
-        let p = self.layer(layer)?;
+        self.layer(layer)?;
         let hidden = self.cfg.hidden;
-        let x = match *x_row.dims() {
-            [h] if h == hidden => x_row.reshape((1, 1, hidden)),
-            [1, h] if h == hidden => x_row.reshape((1, 1, hidden)),
-            _ => {
-                return Err(bad_tensor(
-                    "x_row",
-                    x_row,
-                    format!("[{hidden}] or [1, {hidden}]"),
-                ))
+        if !matches!(*x_row.dims(), [h] | [1, h] if h == hidden) {
+            return Err(bad_tensor(
+                "x_row",
+                x_row,
+                format!("[{hidden}] or [1, {hidden}]"),
+            ));
+        }
+        let x = x_row
+            .to_dtype(DType::F32)
+            .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
+            .ctx("reading the decode row")?;
+        let hl = &self.host_layers()?[layer];
+        let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
+        let inner = ha * da;
+        let mut qkv: Vec<f32> = hl.wqkv.chunks_exact(hidden).map(|w| dot(w, &x)).collect();
+        let (q, kv) = qkv.split_at_mut(inner);
+        let (k, v) = kv.split_at_mut(inner);
+        self.rope_row(q, position);
+        self.rope_row(k, position);
+        let entry = cache.layer_mut(&self.cfg, layer)?;
+        entry.keys.extend_from_slice(k);
+        entry.values.extend_from_slice(v);
+        let o = attend_one(q, &entry.keys, &entry.values, ha, da);
+        Ok(hl
+            .wg
+            .chunks_exact(inner)
+            .zip(&hl.bg)
+            .map(|(w, b)| 1.0 / (1.0 + (-(dot(w, &o) + b)).exp()))
+            .collect())
+    }
+
+    /// Rotate-half RoPE of one token's heads `[heads, head_dim]` in place, with the same f64
+    /// angles as the tensor path.
+    fn rope_row(&self, x: &mut [f32], position: u32) {
+        let half = self.cfg.head_dim / 2;
+        for head in x.chunks_exact_mut(self.cfg.head_dim) {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let a = f64::from(position) * f;
+                let (sin, cos) = (a.sin() as f32, a.cos() as f32);
+                let (x1, x2) = (head[i], head[i + half]);
+                head[i] = x1 * cos - x2 * sin;
+                head[i + half] = x2 * cos + x1 * sin;
             }
         }
-        .and_then(|x| x.to_dtype(self.dtype()))
-        .ctx("reshaping the decode row")?;
-        let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
-        let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v) = self
-            .project(p, &x, &[position])
-            .and_then(|(q, k, v)| Ok((host(&q)?, host(&k)?, host(&v)?)))
-            .ctx("projecting the decode row")?;
-        let entry = cache.layer_mut(&self.cfg, layer)?;
-        entry.keys.extend_from_slice(&k);
-        entry.values.extend_from_slice(&v);
-        let o = attend_one(&q, &entry.keys, &entry.values, ha, da);
-        let o = Tensor::from_vec(o, (1, 1, ha * da), self.device())
-            .and_then(|o| o.to_dtype(self.dtype()))
-            .and_then(|o| self.readout(p, &o))
-            .and_then(|s| s.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
-            .ctx("computing the decode gate output")?;
-        Ok(o)
     }
+}
+
+/// Dot product with 8 independent accumulators, so the compiler can keep them in one SIMD
+/// register (a plain `sum()` is a strict sequential chain).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Softmax attention of one query `q: [ha, da]` over token-major `keys`, `values`

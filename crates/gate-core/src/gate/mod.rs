@@ -171,6 +171,9 @@ impl GateLayer {
 pub struct AttentionGate {
     cfg: GateConfig,
     layers: Vec<GateLayer>,
+    /// Host f32 copies of the parameters for [`AttentionGate::step`], made at the first decode
+    /// step (a gate being trained is never decoded with, so the copies cannot go stale).
+    host: std::sync::OnceLock<Vec<cache::HostLayer>>,
     /// RoPE inverse frequencies, `theta^(-2i/head_dim)` for `i < head_dim/2`, in f64.
     inv_freq: Vec<f64>,
     identity: ModelIdentity,
@@ -258,6 +261,7 @@ impl AttentionGate {
         Ok(Self {
             cfg: cfg.clone(),
             layers,
+            host: std::sync::OnceLock::new(),
             inv_freq,
             identity: ModelIdentity::new(),
         })
