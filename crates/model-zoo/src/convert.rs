@@ -374,8 +374,10 @@ pub fn cast_safetensors(
     })
 }
 
-/// Appends the gates file's tensors (under [`GATES_PREFIX`], kept in their float dtype) and its
-/// metadata (keys prefixed likewise) to a plan; returns how many tensors were added.
+/// Appends the gates file's tensors (under [`GATES_PREFIX`], kept in their stored dtype) and all
+/// of its metadata (keys prefixed likewise: an Attention-Gate file's `format = "agate-gate"`,
+/// `gate_config`, `model_identity`, … become `gates.format`, …) to a plan; returns how many
+/// tensors were added.
 fn add_gates(
     opts: &ConvertOptions,
     plan: &mut Vec<TensorPlan>,
@@ -395,9 +397,7 @@ fn add_gates(
         ),
     })?;
     for (k, v) in read_safetensors_metadata(path)? {
-        if k != "format" {
-            metadata.insert(format!("{GATES_PREFIX}{k}"), v);
-        }
+        metadata.insert(format!("{GATES_PREFIX}{k}"), v);
     }
     let mut tensors = st.tensors();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -773,7 +773,10 @@ mod tests {
             dtype: DType::F32,
             shape: vec![2, 4],
         }];
-        let md = BTreeMap::from([("gate_config".to_string(), "{\"k\":1}".to_string())]);
+        let md = BTreeMap::from([
+            ("format".to_string(), "agate-gate".to_string()),
+            ("gate_config".to_string(), "{\"k\":1}".to_string()),
+        ]);
         write_safetensors(&gates, &plan, &md, &mut |_| Ok(()), |_| Ok(g.clone())).unwrap();
         let out = dir.path().join("out");
         let opts = ConvertOptions {
@@ -785,6 +788,8 @@ mod tests {
         assert!(s.files.contains(&"config.json".to_string()));
         let md = read_safetensors_metadata(&out.join("model.safetensors")).unwrap();
         assert_eq!(md["gates.gate_config"], "{\"k\":1}");
+        assert_eq!(md["gates.format"], "agate-gate");
+        assert_eq!(md["format"], "pt");
         let st = unsafe { MmapedSafetensors::new(out.join("model.safetensors")) }.unwrap();
         let q = st
             .load(&TensorRole::Q.name(Naming::HuggingFace, 0), &Device::Cpu)
