@@ -184,33 +184,24 @@ impl Session {
         if run.is_empty() {
             return Ok(0.0);
         }
-        let context = self.engine.model_config().max_position;
-        if self.seen.len() + run.len() > context {
-            if let Some(&p) = run.first().filter(|_| run.len() > tokens.len()) {
-                self.pending = Some(p);
+        if let Err(e) = self.check_context(run.len()) {
+            // Put a pending token back: it is still part of the conversation.
+            if run.len() > tokens.len() {
+                self.pending = Some(run[0]);
             }
-            return Err(EngineError::ContextOverflow {
-                new: tokens.len(),
-                seen: self.seen.len(),
-                context,
-            });
+            return Err(e);
         }
         let min_final = self.hook.min_final_chunk(run.len());
         let pieces = chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final);
         let last = pieces.len() - 1;
         for (i, range) in pieces.into_iter().enumerate() {
-            let piece = &run[range];
-            self.hook.begin_pass(Pass::Prefill {
-                final_chunk: i == last,
-            });
-            let logits = self.engine.model().forward(
-                piece,
-                self.seen.len() as u32,
-                &mut self.kv,
-                self.hook.as_mut(),
+            let logits = self.pass(
+                &run[range],
+                Pass::Prefill {
+                    final_chunk: i == last,
+                },
                 LogitsFor::Last,
             )?;
-            self.seen.extend_from_slice(piece);
             self.logits = Some(
                 logits
                     .to_vec1::<f32>()
@@ -231,28 +222,40 @@ impl Session {
         if self.pending.is_some() {
             self.prefill(&[])?;
         }
-        let context = self.engine.model_config().max_position;
-        if self.seen.len() + tokens.len() > context {
-            return Err(EngineError::ContextOverflow {
-                new: tokens.len(),
-                seen: self.seen.len(),
-                context,
-            });
-        }
-        self.hook.begin_pass(Pass::Prefill { final_chunk: true });
-        let logits = self.engine.model().forward(
-            tokens,
-            self.seen.len() as u32,
-            &mut self.kv,
-            self.hook.as_mut(),
-            LogitsFor::All,
-        )?;
-        self.seen.extend_from_slice(tokens);
+        self.check_context(tokens.len())?;
+        let logits = self.pass(tokens, Pass::Prefill { final_chunk: true }, LogitsFor::All)?;
         let last = logits
             .get(tokens.len() - 1)
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(model_zoo::ModelError::from)?;
         self.logits = Some(last);
+        Ok(logits)
+    }
+
+    /// Fails if `new` more tokens would not fit in the model's context.
+    fn check_context(&self, new: usize) -> Result<()> {
+        let context = self.engine.model_config().max_position;
+        if self.seen.len() + new > context {
+            return Err(EngineError::ContextOverflow {
+                new,
+                seen: self.seen.len(),
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
+    fn pass(&mut self, tokens: &[u32], pass: Pass, logits_for: LogitsFor) -> Result<Tensor> {
+        self.hook.begin_pass(pass);
+        let logits = self.engine.model().forward(
+            tokens,
+            self.seen.len() as u32,
+            &mut self.kv,
+            self.hook.as_mut(),
+            logits_for,
+        )?;
+        self.seen.extend_from_slice(tokens);
         Ok(logits)
     }
 
@@ -378,16 +381,8 @@ impl Session {
                     ))
                 }
                 (None, Some(next)) => {
-                    self.hook.begin_pass(Pass::Decode);
-                    let logits = engine.model().forward(
-                        &[next],
-                        self.seen.len() as u32,
-                        &mut self.kv,
-                        self.hook.as_mut(),
-                        LogitsFor::Last,
-                    )?;
-                    self.seen.push(next);
                     decode_steps += 1;
+                    let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
                     logits
                         .to_vec1::<f32>()
                         .map_err(model_zoo::ModelError::from)?

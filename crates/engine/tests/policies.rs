@@ -220,39 +220,43 @@ fn ag_equivalence(
     continuation_diff(engine, &mut session, &mut mask, prompt, continuation)
 }
 
-#[test]
-fn masked_equals_physical_on_a_tiny_model() {
-    for kv_dtype in [engine::KvDtype::F32, engine::KvDtype::F16] {
-        masked_equals_physical_on_a_tiny_model_with(kv_dtype);
-    }
-}
-
-fn masked_equals_physical_on_a_tiny_model_with(kv_dtype: engine::KvDtype) {
-    let (dir, engine) = tiny_engine(kv_dtype);
-    let (prompt, continuation) = (tokens(300, 1), tokens(6, 2));
-    for name in ["snapkv", "pyramidkv", "knorm", "nacl"] {
-        let diff = one_shot_equivalence(
-            &engine,
-            spec(name, 0.5, None).build(&engine).unwrap(),
-            &prompt,
-            &continuation,
-        );
+/// Every one-shot policy in `one_shot` and Attention-Gate (random gates that evict about half
+/// of the tokens): masked and physical logits agree within 1e-4.
+fn assert_masked_equals_physical(
+    engine: &Engine,
+    one_shot: &[&str],
+    prompt: &[u32],
+    continuation: &[u32],
+) {
+    for name in one_shot {
+        let policy = spec(name, 0.5, None).build(engine).unwrap();
+        let diff = one_shot_equivalence(engine, policy, prompt, continuation);
         assert!(
             diff < 1e-4,
             "{name}: masked vs physical logits differ by {diff}"
         );
     }
+    let dir = tempfile::tempdir().unwrap();
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(3, Some(0.0))
         .unwrap()
         .save(&gates, engine::StoreDtype::F32)
         .unwrap();
-    let diff = ag_equivalence(&engine, &gates, &prompt, &continuation);
+    let diff = ag_equivalence(engine, &gates, prompt, continuation);
     assert!(
         diff < 1e-4,
         "ag: masked vs physical logits differ by {diff}"
     );
+}
+
+#[test]
+fn masked_equals_physical_on_a_tiny_model() {
+    for kv_dtype in [engine::KvDtype::F32, engine::KvDtype::F16] {
+        let (_dir, engine) = tiny_engine(kv_dtype);
+        let policies = ["snapkv", "pyramidkv", "knorm", "nacl"];
+        assert_masked_equals_physical(&engine, &policies, &tokens(300, 1), &tokens(6, 2));
+    }
 }
 
 /// On the default model with its quantized weights, the comparison runs with an f32 cache,
@@ -274,29 +278,11 @@ fn masked_equals_physical_on_the_default_model() {
         .tokenizer()
         .encode(" In the Middle Ages the town", false)
         .unwrap();
-    for name in ["snapkv", "knorm", "nacl"] {
-        let diff = one_shot_equivalence(
-            &engine,
-            spec(name, 0.5, None).build(&engine).unwrap(),
-            &prompt,
-            &continuation,
-        );
-        assert!(
-            diff < 1e-4,
-            "{name}: masked vs physical logits differ by {diff}"
-        );
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let gates = dir.path().join("gates.safetensors");
-    engine
-        .random_gates(5, Some(0.0))
-        .unwrap()
-        .save(&gates, engine::StoreDtype::F32)
-        .unwrap();
-    let diff = ag_equivalence(&engine, &gates, &prompt, &continuation);
-    assert!(
-        diff < 1e-4,
-        "ag: masked vs physical logits differ by {diff}"
+    assert_masked_equals_physical(
+        &engine,
+        &["snapkv", "knorm", "nacl"],
+        &prompt,
+        &continuation,
     );
 }
 
