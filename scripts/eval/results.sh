@@ -15,13 +15,14 @@ mkdir -p "$out"
 
 # 1. Full-cache passkey retrieval at 2k tokens on the default model: 5 depths x 4 seeds.
 pk="--synthetic passkey --length 2048 --depths 0,0.25,0.5,0.75,1 -n 4 --seed 1"
-$agate eval $pk --write-tasks "$out/passkey-2k.jsonl"
-$agate eval --tasks "$out/passkey-2k.jsonl" --out "$out/passkey-2k-full" --json > "$out/passkey-2k-full.json"
+$agate eval $pk --out "$out/passkey-2k-full" --json > "$out/passkey-2k-full.json"
 
 # 2. llama.cpp on the same tasks and GGUF, same protocol (needs llama-cpp-python 0.3.16).
 if [ "${AGATE_RESULTS_PEER:-1}" != 0 ] && python3 -c "import llama_cpp" 2>/dev/null; then
+  mkdir -p target/eval
+  $agate eval $pk --write-tasks target/eval/passkey-2k.jsonl
   python3 scripts/peers/llama_cpp_eval.py "$HOME/.cache/agate/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    "$out/passkey-2k.jsonl" --agate "$out/passkey-2k-full/outcomes.jsonl" -t 2 > "$out/passkey-2k-llama-cpp.json"
+    target/eval/passkey-2k.jsonl --agate "$out/passkey-2k-full/outcomes.jsonl" -t 2 > "$out/passkey-2k-llama-cpp.json"
 fi
 
 # 3. Sweep: every policy x evict {0.25, 0.5, 0.75}, passkey at 1k tokens, 3 depths x 2 seeds.

@@ -3,7 +3,9 @@
 //! perplexity under the full cache equals the hand-computed one with zero KL; bad task files
 //! fail with `FILE:LINE` and the field; synthetic tasks are deterministic by seed, fit their
 //! length and put the needle at the requested depth; sweeps match baselines to the anchor's
-//! measured ratio.
+//! measured ratio. One test uses the default model's tokenizer (prompt lengths in real tokens).
+
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -364,4 +366,74 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
     assert_eq!(series[2].0, "b");
     assert_eq!(series[1], ("a".to_string(), vec![(0.35, 0.65)]));
     assert_eq!(series[2].1, vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+}
+
+#[test]
+fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_cache() {
+    let (_dir, engine) = tiny_engine();
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(4);
+    let tasks = vec![Task::Perplexity { text }];
+    let spec = engine::PolicySpec {
+        keep: Some(16),
+        ..engine::PolicySpec::named("streaming")
+    };
+    let policy = spec.build(&engine).unwrap();
+    let opts = EvalOptions::default();
+    let evicted = eval::run_tasks(&engine, &policy, &tasks, &opts, &mut |_| true).unwrap();
+    let full = eval::run_tasks(&engine, &Policy::Full, &tasks, &opts, &mut |_| true).unwrap();
+    assert!(evicted[0].kl.unwrap() > 0.0);
+    assert!(evicted[0].kv.eviction_ratio > 0.5, "{:?}", evicted[0].kv);
+    assert!(evicted[0].kv.bytes_in_use < full[0].kv.bytes_in_use);
+    assert_eq!(full[0].kv.bytes_in_use, full[0].kv.bytes_full);
+    let choice = eval::parse_tasks(
+        r#"{"type":"choice","context":"a b c d","question":"e f?","choices":["g","h i"],"answer":1}"#,
+        "c.jsonl",
+    )
+    .unwrap();
+    let aware = EvalOptions {
+        query_aware: true,
+        ..EvalOptions::default()
+    };
+    let a = eval::run_tasks(&engine, &Policy::Full, &choice, &aware, &mut |_| true).unwrap();
+    let b = eval::run_tasks(&engine, &Policy::Full, &choice, &opts, &mut |_| true).unwrap();
+    // One run of context + question or two runs: the same tokens, the same log-likelihoods
+    // (up to batching order) on a full cache.
+    for (x, y) in a[0].loglikelihoods.iter().zip(&b[0].loglikelihoods) {
+        assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
+    let engine = common::default_engine(engine::WeightFormat::Auto);
+    let tok = engine.tokenizer();
+    let count = |t: &str| -> engine::Result<usize> { Ok(tok.encode(t, false)?.len()) };
+    for family in Family::ALL {
+        for length in [512, 2048] {
+            let mut spec = SyntheticSpec::new(family, length);
+            spec.n = 2;
+            spec.depths = vec![0.0, 1.0];
+            for t in synthetic::generate(&spec, &count).unwrap() {
+                let Task::Generate {
+                    context, question, ..
+                } = &t
+                else {
+                    panic!("{family:?}: not a generate task")
+                };
+                let n = tok.encode(context, true).unwrap().len()
+                    + tok.encode(&format!("\n{question}"), false).unwrap().len();
+                // Within one filler sentence (< 40 tokens), one JSON pair of two UUIDs (< 100
+                // tokens) or one rare word's three numbered items (< 60 tokens) of the length.
+                let slack = match family {
+                    Family::Kv => 100,
+                    Family::Cwe => 60,
+                    _ => 40,
+                };
+                assert!(
+                    n <= length && n + slack > length,
+                    "{family:?} at {length}: {n} tokens"
+                );
+            }
+        }
+    }
 }

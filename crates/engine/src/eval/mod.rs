@@ -308,7 +308,8 @@ pub fn run_tasks(
     Ok(out)
 }
 
-/// Token ids of the evicted lead and of the question run after it (empty with `query_aware`).
+/// Token ids of the evicted lead and of the question run after it (empty with `query_aware`,
+/// which joins the two token lists, so both modes feed the same tokens).
 fn prompt_ids(
     engine: &Engine,
     context: &str,
@@ -316,20 +317,20 @@ fn prompt_ids(
     query_aware: bool,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let tok = engine.tokenizer();
-    let q_text = if context.is_empty() || question.is_empty() {
-        question.to_string()
-    } else {
-        format!("\n{question}")
-    };
-    if context.is_empty() || query_aware {
-        return Ok((tok.encode(&format!("{context}{q_text}"), true)?, Vec::new()));
+    if context.is_empty() {
+        return Ok((tok.encode(question, true)?, Vec::new()));
     }
-    let q = if q_text.is_empty() {
+    let mut lead = tok.encode(context, true)?;
+    let q = if question.is_empty() {
         Vec::new()
     } else {
-        tok.encode(&q_text, false)?
+        tok.encode(&format!("\n{question}"), false)?
     };
-    Ok((tok.encode(context, true)?, q))
+    if query_aware {
+        lead.extend(q);
+        return Ok((lead, Vec::new()));
+    }
+    Ok((lead, q))
 }
 
 /// Clears the session and prefills the lead, then the question; returns prompt tokens.

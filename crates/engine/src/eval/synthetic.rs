@@ -5,8 +5,9 @@
 //!
 //! Invariants: the same [`SyntheticSpec`] and token counter always give the same tasks; every
 //! task's prompt (context + `"\n"` + question) is at most `length` tokens as the counter counts
-//! them, and within one filler sentence (or one list item) of it; a needle asked about sits at
-//! the sentence boundary nearest to its requested depth (fraction of the filler before it).
+//! them, and within one filler sentence (kv: one JSON pair; cwe: one rare word's three list
+//! items) of it; a needle asked about sits at the sentence boundary nearest to its requested
+//! depth (fraction of the filler before it).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -401,17 +402,26 @@ impl Generator<'_> {
         let question =
             format!("}}\n\nKey: \"{qk}\"\nThe value associated with the specified key is:");
         let q_tokens = (self.count)(&format!("\n{question}"))?;
-        let one = (self.count)(&format!("\"{qk}\": \"{qv}\", "))?;
-        let fixed = 1 + q_tokens + (self.count)(head)?;
-        let n_pairs = spec.length.saturating_sub(fixed) / one.max(1);
-        if n_pairs < 1 {
+        let pair_tokens = |k: &str, v: &str| (self.count)(&format!("\"{k}\": \"{v}\", "));
+        let mut used = 1 + q_tokens + (self.count)(head)? + pair_tokens(&qk, &qv)?;
+        if used > spec.length {
             return Err(EngineError::Invalid(format!(
                 "--length {}: too short for a kv task",
                 spec.length
             )));
         }
-        let mut pairs: Vec<(String, String)> = (0..n_pairs - 1).map(|_| pair(rng)).collect();
-        let at = ((d * (n_pairs - 1) as f64).round() as usize).min(pairs.len());
+        // Distractor pairs, each counted, as many as fit.
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        loop {
+            let (k, v) = pair(rng);
+            let t = pair_tokens(&k, &v)?;
+            if used + t > spec.length {
+                break;
+            }
+            used += t;
+            pairs.push((k, v));
+        }
+        let at = ((d * pairs.len() as f64).round() as usize).min(pairs.len());
         pairs.insert(at, (qk, qv.clone()));
         let render = |pairs: &[(String, String)]| {
             let body: Vec<String> = pairs
@@ -456,7 +466,15 @@ impl Generator<'_> {
         const RARE_FREQ: usize = 3;
         let mut pool: Vec<&str> = WORDS.to_vec();
         shuffle(&mut pool, rng);
-        let (common, rare) = pool.split_at(COMMON);
+        let common: Vec<String> = pool[..COMMON].iter().map(|w| w.to_string()).collect();
+        // Rare words: the other nouns, then adjective-noun pairs, in a seeded order.
+        let mut rare: Vec<String> = pool[COMMON..].iter().map(|w| w.to_string()).collect();
+        let mut pairs: Vec<String> = ADJECTIVES
+            .iter()
+            .flat_map(|a| WORDS.iter().map(move |w| format!("{a}-{w}")))
+            .collect();
+        shuffle(&mut pairs, rng);
+        rare.extend(pairs);
         let question = format!("Question: What are the {COMMON} most common words in the above list? Answer: The top {COMMON} words that appear most often in the list are:");
         let q_tokens = (self.count)(&format!("\n{question}"))?;
         let head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n";
@@ -465,45 +483,69 @@ impl Generator<'_> {
             .length
             .saturating_sub(1 + q_tokens + (self.count)(head)?);
         let total_words = budget / per_word;
-        let mut common_freq = COMMON_FREQ.min(total_words / (2 * COMMON)).max(1);
-        let mut rare_n = rare
-            .len()
-            .min(total_words.saturating_sub(COMMON * common_freq) / RARE_FREQ);
-        loop {
+        let order = rng.clone();
+        // The list with `cf` copies of each common word and `rn` rare words, if it fits.
+        let attempt = |cf: usize, rn: usize| -> Result<Option<String>> {
             let mut words: Vec<&str> = Vec::new();
-            for w in common {
-                words.extend(std::iter::repeat_n(*w, common_freq));
+            for w in &common {
+                words.extend(std::iter::repeat_n(w.as_str(), cf));
             }
-            for w in &rare[..rare_n] {
-                words.extend(std::iter::repeat_n(*w, RARE_FREQ));
+            for w in &rare[..rn] {
+                words.extend(std::iter::repeat_n(w.as_str(), RARE_FREQ));
             }
-            shuffle(&mut words, rng);
+            shuffle(&mut words, &mut order.clone());
             let list: Vec<String> = words
                 .iter()
                 .enumerate()
                 .map(|(i, w)| format!("{}. {w}", i + 1))
                 .collect();
             let context = format!("{head}{}", list.join(" "));
-            if 1 + (self.count)(&context)? + q_tokens <= spec.length {
-                return Ok(Task::Generate {
-                    context,
-                    question,
-                    answer: common.join(", "),
-                    match_kind: MatchKind::All,
-                    meta,
-                });
+            let fits = 1 + (self.count)(&context)? + q_tokens <= spec.length;
+            Ok(fits.then_some(context))
+        };
+        let too_short = || {
+            EngineError::Invalid(format!(
+                "--length {}: too short for a cwe task",
+                spec.length
+            ))
+        };
+        let mut cf = COMMON_FREQ
+            .min(total_words / (2 * COMMON))
+            .max(RARE_FREQ + 1);
+        while attempt(cf, 0)?.is_none() {
+            if cf == RARE_FREQ + 1 {
+                return Err(too_short());
             }
-            if rare_n > 0 {
-                rare_n = rare_n.saturating_sub(1 + rare_n / 10);
-            } else if common_freq > RARE_FREQ + 1 {
-                common_freq -= 1;
-            } else {
-                return Err(EngineError::Invalid(format!(
-                    "--length {}: too short for a cwe task",
-                    spec.length
-                )));
+            cf -= 1;
+        }
+        // Start from the estimate, then step one rare word at a time to the largest that fits.
+        let mut rn = rare
+            .len()
+            .min(total_words.saturating_sub(COMMON * cf) / RARE_FREQ);
+        let mut best = attempt(cf, rn)?;
+        if best.is_some() {
+            while rn < rare.len() {
+                match attempt(cf, rn + 1)? {
+                    Some(c) => {
+                        best = Some(c);
+                        rn += 1;
+                    }
+                    None => break,
+                }
+            }
+        } else {
+            while best.is_none() {
+                rn -= 1;
+                best = attempt(cf, rn)?;
             }
         }
+        Ok(Task::Generate {
+            context: best.ok_or_else(too_short)?,
+            question,
+            answer: common.join(", "),
+            match_kind: MatchKind::All,
+            meta,
+        })
     }
 }
 
