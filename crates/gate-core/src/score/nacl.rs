@@ -23,7 +23,7 @@ use crate::error::{invalid, Result};
 use crate::select::{top_k_mask, Protection};
 
 /// NACL's fractions of the prompt length `T`. Defaults are the released ones (`Kp = 0.12`,
-/// `Kr = 0.07`, sinks + recent = 0.01, split evenly **[choice]**, proxy queries = 0.01).
+/// `Kr = 0.07`, sinks + recent = 0.01, split evenly **\[choice\]**, proxy queries = 0.01).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NaclConfig {
     /// Fraction of the prompt used as proxy queries (its last tokens); at least one.
@@ -38,7 +38,7 @@ pub struct NaclConfig {
     pub kr_frac: f32,
     /// Prompts shorter than this are not evicted at all in the released-defaults mode
     /// (`keep = None` in [`NaclConfig::plan`]); a budget is always honoured. Default 512
-    /// **[choice]**.
+    /// **\[choice\]**.
     pub min_len: usize,
 }
 
