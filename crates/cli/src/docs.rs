@@ -3,7 +3,7 @@
 //! a test fails when docs/cli.md differs from a fresh rendering.
 //!
 //! Invariant: the output depends only on the clap definitions (fixed width 100, no colours, no
-//! terminal queries), so it is the same on every machine.
+//! terminal queries, trailing spaces trimmed), so it is the same on every machine.
 
 use clap::Command;
 
@@ -21,14 +21,13 @@ pub fn render(mut cmd: Command) -> String {
 }
 
 fn section(cmd: &Command, out: &mut String) {
-    let name = cmd
-        .get_display_name()
-        .unwrap_or_else(|| cmd.get_name())
-        .to_string();
+    let name = cmd.get_bin_name().unwrap_or_else(|| cmd.get_name());
     let help = cmd.clone().render_long_help().to_string();
+    // Trailing spaces (clap pads blank lines) would not survive editors and patches.
+    let help: Vec<&str> = help.lines().map(str::trim_end).collect();
     out.push_str(&format!(
         "\n## `{name}`\n\n```text\n{}\n```\n",
-        help.trim_end()
+        help.join("\n").trim_end()
     ));
     for sub in cmd.get_subcommands() {
         if !sub.is_hide_set() && sub.get_name() != "help" {
