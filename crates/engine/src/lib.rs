@@ -15,6 +15,7 @@
 //! ```
 
 pub mod bench;
+pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -24,6 +25,7 @@ pub mod report;
 pub mod sampling;
 pub mod session;
 pub mod text;
+pub mod train;
 pub mod worker;
 
 pub use engine::{Engine, EngineBuilder, EngineConfig};

@@ -12,6 +12,7 @@ pub mod llama;
 pub mod random;
 pub mod rope;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

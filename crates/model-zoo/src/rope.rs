@@ -77,6 +77,16 @@ impl Rope {
         Rope { inv_freq, layout }
     }
 
+    /// The inverse frequencies, one per rotation pair (`head_dim / 2`).
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
+    /// Which elements form a rotation pair.
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
+    }
+
     /// Rotates `x` (`[positions.len(), heads, head_dim]`, token-major) in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
         let half = self.inv_freq.len();

@@ -1,0 +1,338 @@
+//! `agate train-gates`: trains Attention-Gates (and optionally LoRA adapters) on a frozen model
+//! by CPT or SFT (`engine::train`), with a progress bar, a JSONL log, atomic checkpoints,
+//! `--resume`, a held-out evaluation and a loss/eviction chart at the end.
+//!
+//! Invariants: the final gates file is written atomically with the model's identity; a
+//! checkpoint is written every `--checkpoint-every` steps and at the end (and on Ctrl-C, which
+//! stops after the current step), so an interrupted run resumes where it stopped.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use engine::train::{Mode, StepReport, TrainConfig, Trainables, Trainer};
+use engine::StoreDtype;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::{load_engine, ModelArgs};
+use crate::plot::{line_chart_png, line_chart_svg, Series};
+
+/// Flags of `agate train-gates`.
+#[derive(Args, Debug)]
+pub struct TrainGatesArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// cpt (CE on all tokens; text or JSONL {"text"}) or sft (JSONL {"prompt","answer"}, CE on
+    /// answer tokens).
+    #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft"])]
+    pub mode: String,
+    /// Training data files.
+    #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Held-out text files (CPT format) evaluated at the end: PPL with gates vs full cache.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub heldout: Vec<PathBuf>,
+    /// Held-out sequences evaluated at the end.
+    #[arg(long, default_value_t = 16)]
+    pub heldout_seqs: usize,
+    /// Target eviction ratio r.
+    #[arg(long, default_value_t = 0.5)]
+    pub target_evict: f64,
+    /// Eviction-loss weight lambda (initial value with --adapt-lambda).
+    #[arg(long, default_value_t = 10.0)]
+    pub lambda: f64,
+    /// Adapt lambda until the measured hard eviction ratio is within 2 points of the target.
+    #[arg(long)]
+    pub adapt_lambda: bool,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Micro-batches per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 5e-3)]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Final learning rate as a fraction of the peak (cosine decay).
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// AdamW weight decay (not applied to gate biases).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Gradient clipping, global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Seed of the initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial gate bias (keep logit). Default: 1.0 (s ≈ 0.73: everything kept, close enough
+    /// to the threshold that a short CPU run reaches the target).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub gate_bias_init: f32,
+    /// What to train: gates, lora or both.
+    #[arg(long, default_value = "gates", value_parser = ["gates", "lora", "both"])]
+    pub train: String,
+    /// LoRA rank (enables LoRA adapters).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (scale alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f32,
+    /// LoRA targets, comma-separated among q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,v", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Where to write LoRA adapters at the end (safetensors), when LoRA is trained.
+    #[arg(long, value_name = "FILE")]
+    pub lora_out: Option<PathBuf>,
+    /// Final gates file (safetensors, with the model identity).
+    #[arg(long, value_name = "FILE", default_value = "gates.safetensors")]
+    pub out: PathBuf,
+    /// Storage dtype of the final gates: f16, bf16 or f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+    pub out_dtype: String,
+    /// Directory of the checkpoint (`checkpoint.safetensors`).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N steps (with --checkpoint-dir).
+    #[arg(long, default_value_t = 25)]
+    pub checkpoint_every: usize,
+    /// Resume from the checkpoint in --checkpoint-dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// JSONL log, one line per logged step (appended on --resume).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Log every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+    /// Loss and eviction curves at the end: .svg (loss, CE, eviction) or .png (eviction and
+    /// CE relative to its first value, in [0, 1]).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+}
+
+impl TrainGatesArgs {
+    fn train_config(&self) -> anyhow::Result<TrainConfig> {
+        let train = Trainables::parse(&self.train)?;
+        Ok(TrainConfig {
+            mode: Mode::parse(&self.mode)?,
+            data: self.data.clone(),
+            heldout: self.heldout.clone(),
+            heldout_seqs: self.heldout_seqs,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            grad_accum: self.grad_accum,
+            steps: self.steps,
+            lr: self.lr,
+            warmup: self.warmup,
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            seed: self.seed,
+            target_evict: self.target_evict,
+            lambda: self.lambda,
+            adapt_lambda: self.adapt_lambda,
+            gate_bias_init: Some(self.gate_bias_init),
+            train,
+            lora: self
+                .lora_rank
+                .map(|rank| lora_config(rank, self.lora_alpha, &self.lora_targets)),
+        })
+    }
+}
+
+fn lora_config(rank: usize, alpha: f32, targets: &[String]) -> engine::train::LoraConfig {
+    engine::train::LoraConfig {
+        rank,
+        alpha,
+        targets: targets.to_vec(),
+    }
+}
+
+/// Runs `agate train-gates`.
+pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
+    let cfg = args.train_config()?;
+    anyhow::ensure!(
+        !args.resume || args.checkpoint_dir.is_some(),
+        "--resume needs --checkpoint-dir DIR"
+    );
+    anyhow::ensure!(
+        args.checkpoint_every > 0,
+        "--checkpoint-every 0: expected a positive number"
+    );
+    anyhow::ensure!(
+        args.log_every > 0,
+        "--log-every 0: expected a positive number"
+    );
+    let dtype = match args.out_dtype.as_str() {
+        "f32" => StoreDtype::F32,
+        "bf16" => StoreDtype::BF16,
+        _ => StoreDtype::F16,
+    };
+    let engine = load_engine(&args.model)?;
+    let mut trainer = Trainer::new(&engine, cfg)?;
+    let ckpt = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|d| d.join("checkpoint.safetensors"));
+    if args.resume {
+        let path = ckpt.as_ref().context("--resume needs --checkpoint-dir")?;
+        trainer.resume(path)?;
+        eprintln!(
+            "agate: resumed from {} at step {}",
+            path.display(),
+            trainer.step()
+        );
+    }
+    eprintln!(
+        "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
+        args.train,
+        trainer.n_examples(),
+        args.seq_len,
+        args.steps,
+        args.batch,
+        args.grad_accum
+    );
+    let mut log = match &args.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(args.resume)
+                .write(true)
+                .truncate(!args.resume)
+                .open(p)
+                .with_context(|| format!("cannot open --log {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Only fails if a handler is already installed, which this program never does.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step() as u64);
+    let started = Instant::now();
+    let mut history: Vec<StepReport> = Vec::new();
+    while trainer.step() < args.steps && !stop.load(Ordering::SeqCst) {
+        let mut r = trainer.train_step()?;
+        r.elapsed_s = started.elapsed().as_secs_f64();
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.3} ce {:.3} evict soft {:.3} hard {:.3} λ {:.2} {:.0} tok/s",
+            r.loss, r.ce, r.soft_evict, r.hard_evict, r.lambda, r.tokens_per_s
+        ));
+        if r.step % args.log_every == 0 || r.step == args.steps {
+            if let Some(f) = log.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&r)?)?;
+                f.flush()?;
+            }
+        }
+        if let Some(p) = &ckpt {
+            if r.step % args.checkpoint_every == 0 {
+                trainer.save_checkpoint(p)?;
+            }
+        }
+        history.push(r);
+    }
+    bar.finish();
+    if let Some(p) = &ckpt {
+        trainer.save_checkpoint(p)?;
+        eprintln!(
+            "agate: checkpoint at step {} in {}",
+            trainer.step(),
+            p.display()
+        );
+    }
+    if trainer.config().train != Trainables::Lora {
+        trainer.save_gates(&args.out, dtype)?;
+        eprintln!("agate: wrote gates to {}", args.out.display());
+    }
+    if let Some(p) = &args.lora_out {
+        trainer.save_lora(p)?;
+        eprintln!("agate: wrote LoRA adapters to {}", p.display());
+    }
+    if !history.is_empty() {
+        let per_step = (args.seq_len * args.batch * args.grad_accum) as f64;
+        let mean_tps = per_step * history.len() as f64 / started.elapsed().as_secs_f64();
+        eprintln!(
+            "agate: {} steps in {:.0} s, mean {:.1} tokens/s",
+            history.len(),
+            started.elapsed().as_secs_f64(),
+            mean_tps
+        );
+    }
+    if !args.heldout.is_empty() {
+        let h = trainer.evaluate(&args.heldout, args.heldout_seqs)?;
+        eprintln!(
+            "agate: held-out ({} seqs, {} tokens): PPL full {:.3}, gates {:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",
+            h.sequences,
+            h.tokens,
+            h.ppl_full,
+            h.ppl_gates,
+            100.0 * (h.ppl_gates / h.ppl_full - 1.0),
+            h.hard_evict,
+            h.soft_evict
+        );
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{}", serde_json::json!({ "heldout": h }))?;
+        }
+    }
+    if let Some(p) = &args.plot {
+        plot(p, &history)?;
+        eprintln!("agate: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// Draws the run's curves (see `--plot`).
+fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
+    let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
+        label: label.to_string(),
+        points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
+    };
+    if path.extension().is_some_and(|e| e == "png") {
+        let ce0 = h.first().map_or(1.0, |r| r.ce.max(1e-9));
+        line_chart_png(
+            path,
+            &[
+                series("CE / first CE", &|r| r.ce / ce0),
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
+    } else {
+        line_chart_svg(
+            path,
+            "Attention-Gate training",
+            "step",
+            "loss / eviction ratio",
+            &[
+                series("loss", &|r| r.loss),
+                series("CE", &|r| r.ce),
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
+    }
+}

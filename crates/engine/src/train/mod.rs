@@ -1,0 +1,572 @@
+//! Attention-Gate training on a frozen base model (issue 7): continual pre-training (CPT) and
+//! supervised fine-tuning (SFT), optionally with LoRA adapters, with candle autograd.
+//!
+//! Owns [`TrainConfig`], [`Trainer`] (the loop), [`StepReport`] and [`HeldOut`]. The loop, per
+//! optimiser step: `grad_accum` micro-batches of `batch` sequences, each through
+//! `model_zoo::train::TrainableDecoder` with the gates' straight-through hard mask; loss =
+//! masked CE + `lambda * (r_target - mean(1 - s))^2` over valid tokens of every layer and KV
+//! head, divided by `grad_accum`; gradients summed, clipped to a global norm, AdamW at the
+//! scheduled learning rate (linear warmup, cosine decay to 10%). With `adapt_lambda`, after each
+//! step lambda is multiplied by 1.1 when the smoothed *hard* eviction ratio is more than 2
+//! points below the target and divided by 1.1 when more than 2 points above.
+//!
+//! Invariants: base weights never receive gradients (they are plain tensors; only gate and LoRA
+//! `Var`s are optimised); a run is a function of its config (seeded init, data order from
+//! `(seed, step)`), and resuming from a checkpoint continues it exactly; checkpoints and the
+//! final gates file are written atomically; the final gates carry the engine's model identity.
+
+pub mod dataset;
+pub mod optim;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use gate_core::{AttentionGate, StoreDtype};
+pub use model_zoo::train::LoraConfig;
+use model_zoo::train::{GateMode, Lora, TrainableDecoder};
+use model_zoo::{GgufFile, ModelConfig, WeightFormat, Weights};
+
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+pub use dataset::{Example, Mode};
+use optim::{AdamW, LoopState};
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Model(model_zoo::ModelError::from(e))
+    }
+}
+
+fn gate_err(e: gate_core::GateError) -> EngineError {
+    EngineError::Invalid(e.to_string())
+}
+
+/// What gets trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trainables {
+    /// Only the Attention-Gates (the paper's setting).
+    Gates,
+    /// Only LoRA adapters (full cache: gates are not used).
+    Lora,
+    /// Gates and LoRA adapters together.
+    Both,
+}
+
+impl Trainables {
+    /// Parses `gates`, `lora` or `both`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gates" => Ok(Trainables::Gates),
+            "lora" => Ok(Trainables::Lora),
+            "both" => Ok(Trainables::Both),
+            other => Err(EngineError::Invalid(format!(
+                "invalid --train `{other}` (expected gates, lora or both)"
+            ))),
+        }
+    }
+
+    fn gates(self) -> bool {
+        self != Trainables::Lora
+    }
+}
+
+/// Every setting of a training run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// CPT or SFT.
+    pub mode: Mode,
+    /// Data files.
+    pub data: Vec<PathBuf>,
+    /// Held-out files (same format as `data`, CPT text) evaluated at the end; empty: none.
+    pub heldout: Vec<PathBuf>,
+    /// Held-out sequences evaluated at the end (at most).
+    pub heldout_seqs: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// Final learning rate as a fraction of the peak (cosine decay).
+    pub min_lr_ratio: f64,
+    /// AdamW weight decay (not on the gate biases).
+    pub weight_decay: f64,
+    /// Gradient clipping (global L2 norm; 0 = off).
+    pub clip: f64,
+    /// Seed of the init and the data order.
+    pub seed: u64,
+    /// Target eviction ratio `r`.
+    pub target_evict: f64,
+    /// Eviction-loss weight (initial, when adaptive).
+    pub lambda: f64,
+    /// Adapt lambda until the hard ratio is within 2 points of the target.
+    pub adapt_lambda: bool,
+    /// Initial gate bias (keep logit); `None` = the gate default (+3).
+    pub gate_bias_init: Option<f32>,
+    /// What is trained.
+    pub train: Trainables,
+    /// LoRA adapters (required for `train = lora | both`).
+    pub lora: Option<LoraConfig>,
+}
+
+impl TrainConfig {
+    /// Checks every value; errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, v: String, want: &str| {
+            Err(EngineError::Invalid(format!("{flag} {v}: expected {want}")))
+        };
+        if self.data.is_empty() {
+            return bad("--data", "(none)".into(), "at least one file");
+        }
+        for (flag, v) in [
+            ("--seq-len", self.seq_len),
+            ("--batch", self.batch),
+            ("--grad-accum", self.grad_accum),
+            ("--steps", self.steps),
+        ] {
+            if v == 0 {
+                return bad(flag, v.to_string(), "a positive number");
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr", self.lr.to_string(), "a positive learning rate");
+        }
+        if !(0.0..=1.0).contains(&self.target_evict) {
+            return bad(
+                "--target-evict",
+                self.target_evict.to_string(),
+                "a ratio in [0, 1]",
+            );
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return bad("--lambda", self.lambda.to_string(), "a non-negative weight");
+        }
+        if !(self.clip.is_finite() && self.clip >= 0.0) {
+            return bad("--clip", self.clip.to_string(), "a non-negative norm");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "--weight-decay",
+                self.weight_decay.to_string(),
+                "a non-negative decay",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(
+                "--min-lr-ratio",
+                self.min_lr_ratio.to_string(),
+                "a ratio in [0, 1]",
+            );
+        }
+        match (&self.lora, self.train) {
+            (None, Trainables::Lora | Trainables::Both) => {
+                return bad(
+                    "--train",
+                    format!("{:?}", self.train).to_lowercase(),
+                    "--lora-rank R as well",
+                )
+            }
+            (Some(l), _) => l.validate()?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Figures of one optimiser step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepReport {
+    /// 1-based step.
+    pub step: usize,
+    /// Total loss (CE + eviction term).
+    pub loss: f64,
+    /// Masked cross-entropy.
+    pub ce: f64,
+    /// Mean soft eviction `mean(1 - s)` over valid tokens, layers and heads.
+    pub soft_evict: f64,
+    /// Hard eviction ratio `mean(s <= tau)`.
+    pub hard_evict: f64,
+    /// Eviction-loss weight used.
+    pub lambda: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The update was skipped (non-finite gradient).
+    pub skipped: bool,
+    /// Input tokens per second of this step.
+    pub tokens_per_s: f64,
+    /// Seconds since the run (or resume) started.
+    pub elapsed_s: f64,
+}
+
+/// Held-out evaluation: CE and perplexity with the gates' hard flags vs the full cache, and the
+/// hard eviction ratio reached.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HeldOut {
+    /// Sequences evaluated.
+    pub sequences: usize,
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Perplexity with the full cache.
+    pub ppl_full: f64,
+    /// Perplexity with in-context eviction by the gates' hard flags.
+    pub ppl_gates: f64,
+    /// Hard eviction ratio on the held-out text.
+    pub hard_evict: f64,
+    /// Soft eviction ratio on the held-out text.
+    pub soft_evict: f64,
+}
+
+/// Opens the decoder of `path` (GGUF file or Hugging Face directory) with dense f32 weights.
+pub fn open_trainable(path: &std::path::Path, cfg: &ModelConfig) -> Result<TrainableDecoder> {
+    let format = WeightFormat::Dense(DType::F32);
+    let weights = if path.is_dir() {
+        Weights::from_safetensors_dir(path, format)?
+    } else {
+        Weights::from_gguf(GgufFile::open(path)?, format)
+    };
+    Ok(TrainableDecoder::load(cfg, &weights)?)
+}
+
+/// A training run.
+pub struct Trainer {
+    engine: Engine,
+    cfg: TrainConfig,
+    decoder: TrainableDecoder,
+    gates: AttentionGate,
+    lora: Option<Lora>,
+    opt: AdamW,
+    examples: Vec<Example>,
+    state: LoopState,
+}
+
+impl Trainer {
+    /// Loads the dense decoder, the data, and initialises gates (seeded, bias
+    /// `gate_bias_init`), LoRA and the optimiser.
+    pub fn new(engine: &Engine, cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let examples = match cfg.mode {
+            Mode::Cpt => dataset::load_cpt(&cfg.data, engine.tokenizer(), cfg.seq_len)?,
+            Mode::Sft => dataset::load_sft(&cfg.data, engine.tokenizer(), cfg.seq_len)?,
+        };
+        let decoder = open_trainable(engine.model_path(), engine.model_config())?;
+        let (gates, gate_vars) = engine
+            .random_gates(cfg.seed, cfg.gate_bias_init)?
+            .into_trainable()
+            .map_err(gate_err)?;
+        let lora = match &cfg.lora {
+            Some(l) if cfg.train != Trainables::Gates => {
+                Some(Lora::new(&decoder, l, cfg.seed ^ 0x10ba)?)
+            }
+            _ => None,
+        };
+        let mut vars: Vec<(String, Var)> = Vec::new();
+        if cfg.train.gates() {
+            let data = gate_vars
+                .data()
+                .lock()
+                .map_err(|_| EngineError::Invalid("poisoned gate VarMap".into()))?;
+            let mut named: Vec<(String, Var)> =
+                data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            vars.extend(named.into_iter().map(|(k, v)| (format!("gate.{k}"), v)));
+        }
+        if let Some(l) = &lora {
+            vars.extend(l.named_vars());
+        }
+        let opt = AdamW::new(vars, cfg.weight_decay)?;
+        let state = LoopState {
+            step: 0,
+            lambda: cfg.lambda,
+            hard_ema: None,
+            seed: cfg.seed,
+            config: Self::config_key(&cfg)?,
+        };
+        Ok(Trainer {
+            engine: engine.clone(),
+            cfg,
+            decoder,
+            gates,
+            lora,
+            opt,
+            examples,
+            state,
+        })
+    }
+
+    /// The configuration as compared on resume (everything but `steps` and `heldout*`).
+    fn config_key(cfg: &TrainConfig) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(cfg).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("steps");
+            o.remove("heldout");
+            o.remove("heldout_seqs");
+        }
+        Ok(v)
+    }
+
+    /// Sequences available for training.
+    pub fn n_examples(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Optimiser steps completed.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// The gates being trained (identity of the engine's model).
+    pub fn gates(&self) -> &AttentionGate {
+        &self.gates
+    }
+
+    /// Restores a checkpoint written by this configuration.
+    pub fn resume(&mut self, path: &std::path::Path) -> Result<()> {
+        let state = optim::load_checkpoint(path, &mut self.opt)?;
+        if state.config != self.state.config {
+            return Err(EngineError::Invalid(format!(
+                "{}: the checkpoint was written by a different configuration ({}); only --steps may change on resume",
+                path.display(),
+                state.config
+            )));
+        }
+        self.state = state;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current state to `path` (atomic).
+    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        optim::save_checkpoint(path, &self.opt, &self.state)
+    }
+
+    /// Writes the gates (with the model identity) to `path` atomically in `dtype`.
+    pub fn save_gates(&self, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+        let mut g = self.gates.clone();
+        g.set_identity(self.engine.model_identity()?);
+        g.save(path, dtype).map_err(gate_err)
+    }
+
+    /// Writes the LoRA adapters (if any) as safetensors with their config in the metadata.
+    pub fn save_lora(&self, path: &std::path::Path) -> Result<()> {
+        let Some(l) = &self.lora else {
+            return Err(EngineError::Invalid(
+                "no LoRA adapters in this run (--lora-rank)".into(),
+            ));
+        };
+        let tensors: Vec<(String, Tensor)> = l
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        let meta = std::collections::HashMap::from([
+            ("format".to_string(), "agate-lora".to_string()),
+            (
+                "lora_config".to_string(),
+                serde_json::to_string(l.config())
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?,
+            ),
+        ]);
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+        tmp.write_all(&bytes)
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
+        tmp.persist(path)
+            .map_err(|e| EngineError::Invalid(format!("{}: {}", path.display(), e.error)))?;
+        Ok(())
+    }
+
+    /// Builds `[B, T]` inputs, `[B, T]` targets, the CE mask and the valid mask for examples.
+    fn batch_tensors(&self, idx: &[usize]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let t = self.cfg.seq_len;
+        let b = idx.len();
+        let (mut inp, mut tgt, mut cem, mut val) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &i in idx {
+            let e = &self.examples[i];
+            inp.extend_from_slice(&e.tokens[..t]);
+            tgt.extend_from_slice(&e.tokens[1..]);
+            cem.extend(e.target_mask.iter().map(|&m| f32::from(u8::from(m))));
+            val.extend(e.valid.iter().map(|&m| f32::from(u8::from(m))));
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(inp, (b, t), &dev)?,
+            Tensor::from_vec(tgt, (b, t), &dev)?,
+            Tensor::from_vec(cem, (b, t), &dev)?,
+            Tensor::from_vec(val, (b, t), &dev)?,
+        ))
+    }
+
+    /// Masked mean CE of `logits [B, T, V]` against `targets [B, T]` under `mask [B, T]`.
+    fn masked_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
+        let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let picked = lsm
+            .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?;
+        let n = mask.sum_all()?.to_scalar::<f32>()? as f64;
+        let nll = (picked * mask)?.sum_all()?.neg()?;
+        let ce = (nll / n.max(1.0))?;
+        Ok((ce, n))
+    }
+
+    /// One optimiser step (all micro-batches); returns its report.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let cfg = &self.cfg;
+        let step = self.state.step;
+        let lr = optim::lr_at(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
+        let use_gates = cfg.train.gates();
+        let tau = self.gates.config().threshold;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.vars().len()];
+        let (mut loss_sum, mut ce_sum, mut soft_sum, mut hard_sum) = (0.0, 0.0, 0.0, 0.0);
+        let mut tokens = 0usize;
+        for k in 0..cfg.grad_accum {
+            let micro = (step * cfg.grad_accum + k) as u64;
+            let idx = dataset::batch_indices(self.examples.len(), cfg.batch, cfg.seed, micro);
+            let (inp, tgt, cem, valid) = self.batch_tensors(&idx)?;
+            tokens += inp.elem_count();
+            let out = self.decoder.forward(
+                &inp,
+                use_gates.then_some(&self.gates),
+                GateMode::Ste,
+                self.lora.as_ref(),
+            )?;
+            let (ce, _) = Self::masked_ce(&out.logits, &tgt, &cem)?;
+            let mut loss = ce.clone();
+            if use_gates {
+                let s = Tensor::stack(&out.keep_probs, 0)?; // [L, B, T, Hkv]
+                let l = s.dim(0)?;
+                let vmask = valid
+                    .unsqueeze(0)?
+                    .broadcast_as((l, cfg.batch, cfg.seq_len))?
+                    .contiguous()?;
+                let ev = gate_core::eviction_loss(
+                    &s,
+                    &vmask,
+                    cfg.target_evict as f32,
+                    self.state.lambda as f32,
+                )
+                .map_err(gate_err)?;
+                let r = gate_core::eviction_ratios(&s.detach(), &vmask, tau).map_err(gate_err)?;
+                soft_sum += r.soft;
+                hard_sum += r.hard;
+                loss = (loss + ev)?;
+            }
+            let scaled = (&loss / cfg.grad_accum as f64)?;
+            let gs = scaled.backward()?;
+            for (i, (_, var)) in self.opt.vars().iter().enumerate() {
+                if let Some(g) = gs.get(var.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            ce_sum += ce.to_scalar::<f32>()? as f64;
+        }
+        let grad_norm = optim::clip_grads(&mut grads, cfg.clip)?;
+        // A non-finite gradient (overflow in a straight-through path) would poison every
+        // parameter: the step is skipped (reported as `skipped`).
+        let skipped = !grad_norm.is_finite();
+        if !skipped {
+            self.opt.step(&grads, lr)?;
+        }
+        let n = cfg.grad_accum as f64;
+        let hard = hard_sum / n;
+        let lambda_used = self.state.lambda;
+        if cfg.adapt_lambda && use_gates {
+            let ema = match self.state.hard_ema {
+                Some(e) => 0.8 * e + 0.2 * hard,
+                None => hard,
+            };
+            self.state.hard_ema = Some(ema);
+            if ema < cfg.target_evict - 0.02 {
+                self.state.lambda *= 1.1;
+            } else if ema > cfg.target_evict + 0.02 {
+                self.state.lambda /= 1.1;
+            }
+        }
+        self.state.step += 1;
+        let secs = started.elapsed().as_secs_f64();
+        Ok(StepReport {
+            step: self.state.step,
+            loss: loss_sum / n,
+            ce: ce_sum / n,
+            soft_evict: soft_sum / n,
+            hard_evict: hard,
+            lambda: lambda_used,
+            lr,
+            grad_norm,
+            skipped,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            elapsed_s: 0.0,
+        })
+    }
+
+    /// Evaluates on held-out sequences (`files`, CPT format, packed at `seq_len`): perplexity
+    /// with the hard flags vs the full cache, and the eviction ratios, over at most `max_seqs`
+    /// sequences (the first ones, in file order).
+    pub fn evaluate(&self, files: &[PathBuf], max_seqs: usize) -> Result<HeldOut> {
+        let mut ex = dataset::load_cpt(files, self.engine.tokenizer(), self.cfg.seq_len)?;
+        ex.truncate(max_seqs.max(1));
+        let t = self.cfg.seq_len;
+        let (mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0usize);
+        let (mut soft, mut hard) = (0.0, 0.0);
+        for e in &ex {
+            let inp = Tensor::from_vec(e.tokens[..t].to_vec(), (1, t), &Device::Cpu)?;
+            let tgt = Tensor::from_vec(e.tokens[1..].to_vec(), (1, t), &Device::Cpu)?;
+            let mask = Tensor::ones((1, t), DType::F32, &Device::Cpu)?;
+            let full = self
+                .decoder
+                .forward(&inp, None, GateMode::Hard, self.lora.as_ref())?;
+            let gated = self.decoder.forward(
+                &inp,
+                Some(&self.gates),
+                GateMode::Hard,
+                self.lora.as_ref(),
+            )?;
+            let (cf, _) = Self::masked_ce(&full.logits.detach(), &tgt, &mask)?;
+            let (cg, _) = Self::masked_ce(&gated.logits.detach(), &tgt, &mask)?;
+            nll_full += cf.to_scalar::<f32>()? as f64 * t as f64;
+            nll_gate += cg.to_scalar::<f32>()? as f64 * t as f64;
+            n_tok += t;
+            let s = Tensor::stack(&gated.keep_probs, 0)?.detach();
+            let l = s.dim(0)?;
+            let vmask = Tensor::ones((l, 1, t), DType::F32, &Device::Cpu)?;
+            let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)
+                .map_err(gate_err)?;
+            soft += r.soft;
+            hard += r.hard;
+        }
+        let n = ex.len() as f64;
+        Ok(HeldOut {
+            sequences: ex.len(),
+            tokens: n_tok,
+            ppl_full: (nll_full / n_tok as f64).exp(),
+            ppl_gates: (nll_gate / n_tok as f64).exp(),
+            hard_evict: hard / n,
+            soft_evict: soft / n,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+}

@@ -1,0 +1,210 @@
+//! The optimiser side of gate training: AdamW with decoupled weight decay over named `Var`s,
+//! the learning-rate schedule (linear warmup, cosine decay), global-norm gradient clipping, and
+//! the checkpoint file holding parameters, optimiser moments and the loop state.
+//!
+//! AdamW is ours rather than `candle_nn::AdamW` because a resumable checkpoint needs the first
+//! and second moments, which candle-nn keeps private; the update is the same (PyTorch's AdamW:
+//! bias-corrected moments, `p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`).
+//!
+//! Invariants: the checkpoint is one safetensors file written atomically (temp + rename) whose
+//! tensors are f32 copies of every parameter (`param.NAME`), first (`m.NAME`) and second
+//! (`v.NAME`) moment, and whose metadata `state` is the JSON [`LoopState`]; loading checks that
+//! the names and shapes match the run being resumed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{EngineError, Result};
+
+/// Learning rate at optimiser step `step` (0-based): linear warmup over `warmup` steps to
+/// `lr`, then cosine decay to `lr * min_ratio` at `total`.
+pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64, min_ratio: f64) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let p = ((step - warmup) as f64 / span).min(1.0);
+    lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+/// AdamW over named vars.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimiser steps taken.
+    pub t: usize,
+    /// `beta1`, `beta2`, `eps`, weight decay.
+    pub hyper: (f64, f64, f64, f64),
+}
+
+impl AdamW {
+    /// Zero moments for `vars`. Names ending in `.bg` (biases) get no weight decay.
+    pub fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(AdamW {
+            vars,
+            m,
+            v,
+            t: 0,
+            hyper: (0.9, 0.999, 1e-8, weight_decay),
+        })
+    }
+
+    /// The parameters, by name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// One update with `grads` (one per var, same order; `None` = zero gradient) at `lr`.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let (b1, b2, eps, wd) = self.hyper;
+        self.t += 1;
+        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let Some(g) = &grads[i] else { continue };
+            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mhat = (&self.m[i] / c1)?;
+            let vhat = (&self.v[i] / c2)?;
+            let mut upd = (mhat / (vhat.sqrt()? + eps)?)?;
+            if !name.ends_with(".bg") && wd > 0.0 {
+                upd = (upd + (var.as_tensor() * wd)?)?;
+            }
+            var.set(&(var.as_tensor() - (upd * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales `grads` so that their global L2 norm is at most `max_norm` (`<= 0`: no clipping);
+/// returns the norm before clipping.
+pub fn clip_grads(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut sq = 0.0;
+    for g in grads.iter().flatten() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// What a checkpoint records besides tensors.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoopState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// The eviction-loss weight at this point (adaptive lambda changes it).
+    pub lambda: f64,
+    /// Smoothed hard eviction ratio used by the lambda controller.
+    pub hard_ema: Option<f64>,
+    /// The run's seed. The data order and every random draw derive from `(seed, step)`, so this
+    /// and `step` are the whole RNG state.
+    pub seed: u64,
+    /// JSON of the run's configuration (resume refuses a different one, except `steps`).
+    pub config: serde_json::Value,
+}
+
+/// Writes parameters, moments and `state` to `path` atomically.
+pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (i, (name, var)) in opt.vars.iter().enumerate() {
+        tensors.push((format!("param.{name}"), var.as_tensor().detach()));
+        tensors.push((format!("m.{name}"), opt.m[i].clone()));
+        tensors.push((format!("v.{name}"), opt.v[i].clone()));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "agate-train-checkpoint".to_string());
+    meta.insert(
+        "state".to_string(),
+        serde_json::to_string(state).map_err(|e| EngineError::Invalid(e.to_string()))?,
+    );
+    meta.insert("adam_t".to_string(), opt.t.to_string());
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+    tmp.write_all(&bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
+    tmp.persist(path)
+        .map_err(|e| EngineError::Invalid(format!("{}: {}", path.display(), e.error)))?;
+    Ok(())
+}
+
+/// Restores parameters and moments from `path` into `opt` and returns the loop state.
+pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<LoopState> {
+    let bad = |msg: String| EngineError::Invalid(format!("{}: {msg}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    if meta.get("format").map(String::as_str) != Some("agate-train-checkpoint") {
+        return Err(bad(
+            "not an agate training checkpoint (metadata `format`)".into()
+        ));
+    }
+    let state: LoopState = serde_json::from_str(meta.get("state").map_or("", String::as_str))
+        .map_err(|e| bad(format!("metadata `state`: {e}")))?;
+    opt.t = meta
+        .get("adam_t")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("metadata `adam_t` missing or not a number".into()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    let get = |key: String, like: &Tensor| -> Result<Tensor> {
+        let t = tensors.get(&key).ok_or_else(|| {
+            bad(format!(
+                "tensor `{key}` missing (a checkpoint of another run?)"
+            ))
+        })?;
+        if t.dims() != like.dims() {
+            return Err(bad(format!(
+                "tensor `{key}` has shape {:?}, this run expects {:?}",
+                t.dims(),
+                like.dims()
+            )));
+        }
+        Ok(t.to_dtype(like.dtype())?)
+    };
+    for i in 0..opt.vars.len() {
+        let (name, var) = (&opt.vars[i].0, &opt.vars[i].1);
+        var.set(&get(format!("param.{name}"), var.as_tensor())?)?;
+        let m = get(format!("m.{name}"), &opt.m[i])?;
+        let v = get(format!("v.{name}"), &opt.v[i])?;
+        opt.m[i] = m;
+        opt.v[i] = v;
+    }
+    Ok(state)
+}

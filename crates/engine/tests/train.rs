@@ -1,0 +1,331 @@
+//! Gate training (`engine::train`, `model_zoo::train`):
+//! - the training forward equals the inference decoder: without gates (full cache) on a tiny
+//!   random model and on the default model with dense f32 weights, and with hard flags under the
+//!   Attention-Gate policy in threshold mode (in-context eviction) on a tiny model, within 1e-3;
+//! - 50 steps of CPT on a tiny random model reduce the loss and move the hard eviction ratio
+//!   toward the target (seconds);
+//! - checkpoint + resume gives the same gates as an uninterrupted run;
+//! - bad data files fail with errors naming the file and line.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use engine::train::{open_trainable, Mode, TrainConfig, Trainables, Trainer};
+use engine::{Engine, PolicySpec, StoreDtype};
+use model_zoo::train::GateMode;
+use model_zoo::{KeepAll, LogitsFor, WeightFormat};
+
+fn tiny_engine(dir: &Path) -> Engine {
+    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
+    cfg.max_position = 4096;
+    model_zoo::random::write_random_model(dir, &cfg, 5).unwrap();
+    Engine::builder()
+        .model(dir)
+        .kv_dtype(engine::KvDtype::F32)
+        .build()
+        .unwrap()
+}
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Inference logits `[T, V]` of `toks` with a full cache (dense f32 weights).
+fn inference_logits(path: &Path, toks: &[u32]) -> Tensor {
+    let loaded = model_zoo::load(path, WeightFormat::Dense(DType::F32)).unwrap();
+    let cfg = loaded.model.config().clone();
+    let pool = kv_store::BlockPool::new(kv_store::PoolConfig::from_memory_budget(
+        16,
+        cfg.head_dim,
+        kv_store::KvDtype::F32,
+        256 << 20,
+    ));
+    let mut kv = kv_store::SequenceKv::new(&pool, cfg.n_layers, cfg.n_kv_heads);
+    loaded
+        .model
+        .forward(toks, 0, &mut kv, &mut KeepAll, LogitsFor::All)
+        .unwrap()
+}
+
+fn training_logits(
+    engine: &Engine,
+    toks: &[u32],
+    gates: Option<&gate_core::AttentionGate>,
+) -> Tensor {
+    let dec = open_trainable(engine.model_path(), engine.model_config()).unwrap();
+    let inp = Tensor::from_vec(toks.to_vec(), (1, toks.len()), &Device::Cpu).unwrap();
+    dec.forward(&inp, gates, GateMode::Hard, None)
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap()
+}
+
+#[test]
+fn training_forward_equals_inference_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(dir.path());
+    let toks = tokens(40, 3);
+    let d = max_abs_diff(
+        &training_logits(&engine, &toks, None),
+        &inference_logits(dir.path(), &toks),
+    );
+    assert!(
+        d < 1e-3,
+        "full cache: training vs inference logits differ by {d}"
+    );
+}
+
+#[test]
+fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(dir.path());
+    let gates_path = dir.path().join("gates.safetensors");
+    engine
+        .random_gates(7, Some(0.0))
+        .unwrap()
+        .save(&gates_path, StoreDtype::F32)
+        .unwrap();
+    let gates = gate_core::AttentionGate::load(
+        &gates_path,
+        &engine.model_identity().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let toks = tokens(48, 9);
+    let policy = PolicySpec {
+        gates: Some(gates_path.clone()),
+        ..PolicySpec::named("ag")
+    }
+    .build(&engine)
+    .unwrap();
+    let mut session = engine.session_with(policy).unwrap();
+    let inference = session.prefill_all_logits(&toks).unwrap();
+    let ratio = session.kv_report().eviction_ratio;
+    assert!(ratio > 0.2, "random gates evicted too little ({ratio})");
+    let trained = training_logits(&engine, &toks, Some(&gates));
+    let d = max_abs_diff(&trained, &inference.to_dtype(DType::F32).unwrap());
+    assert!(
+        d < 1e-3,
+        "hard flags: training vs AG policy logits differ by {d}"
+    );
+    // And eviction really changes the logits (the comparison is not vacuous).
+    let full = training_logits(&engine, &toks, None);
+    assert!(max_abs_diff(&full, &trained) > 1e-3);
+}
+
+#[test]
+fn training_forward_equals_inference_on_the_default_model() {
+    let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
+    let engine = Engine::builder()
+        .model(&path)
+        .weights(WeightFormat::Dense(DType::F32))
+        .build()
+        .unwrap();
+    let toks = engine
+        .tokenizer()
+        .encode("The history of the city begins in the Roman era, when a small settlement grew on the river bank.", true)
+        .unwrap();
+    let d = max_abs_diff(
+        &training_logits(&engine, &toks, None),
+        &inference_logits(&path, &toks),
+    );
+    assert!(
+        d < 1e-3,
+        "default model: training vs inference logits differ by {d}"
+    );
+}
+
+fn prose(dir: &Path) -> PathBuf {
+    let text = "The river ran past the old mill, and every morning the miller counted the sacks of grain \
+                that the farmers had left by the door. When the rains came the wheel turned faster. ";
+    let p = dir.join("prose.txt");
+    std::fs::write(&p, text.repeat(40)).unwrap();
+    p
+}
+
+fn tiny_config(data: PathBuf, steps: usize) -> TrainConfig {
+    TrainConfig {
+        mode: Mode::Cpt,
+        data: vec![data],
+        heldout: vec![],
+        heldout_seqs: 4,
+        seq_len: 32,
+        batch: 2,
+        grad_accum: 2,
+        steps,
+        lr: 5e-2,
+        warmup: 2,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.0,
+        clip: 1.0,
+        seed: 1,
+        target_evict: 0.5,
+        lambda: 10.0,
+        adapt_lambda: true,
+        gate_bias_init: Some(1.0),
+        train: Trainables::Gates,
+        lora: None,
+    }
+}
+
+#[test]
+fn fifty_cpt_steps_reduce_the_loss_and_approach_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
+    let mut t = Trainer::new(&engine, tiny_config(data, 50)).unwrap();
+    let first = t.train_step().unwrap();
+    let mut last = first.clone();
+    for _ in 1..50 {
+        last = t.train_step().unwrap();
+    }
+    assert!(
+        last.loss < first.loss,
+        "loss {} -> {}",
+        first.loss,
+        last.loss
+    );
+    let (d0, d1) = (
+        (first.hard_evict - 0.5).abs(),
+        (last.hard_evict - 0.5).abs(),
+    );
+    assert!(
+        d1 < d0,
+        "hard eviction {} -> {} (target 0.5)",
+        first.hard_evict,
+        last.hard_evict
+    );
+    assert!(
+        d1 < 0.1,
+        "hard eviction {} after 50 steps (target 0.5)",
+        last.hard_evict
+    );
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
+    let cfg = tiny_config(data, 6);
+    let mut straight = Trainer::new(&engine, cfg.clone()).unwrap();
+    for _ in 0..6 {
+        straight.train_step().unwrap();
+    }
+    let ckpt = dir.path().join("ckpt").join("checkpoint.safetensors");
+    let mut first = Trainer::new(&engine, cfg.clone()).unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    first.save_checkpoint(&ckpt).unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(&engine, cfg.clone()).unwrap();
+    resumed.resume(&ckpt).unwrap();
+    assert_eq!(resumed.step(), 3);
+    for _ in 0..3 {
+        resumed.train_step().unwrap();
+    }
+    for ((name, a), (_, b)) in straight
+        .gates()
+        .named_tensors()
+        .iter()
+        .zip(resumed.gates().named_tensors().iter())
+    {
+        let d = max_abs_diff(a, b);
+        assert!(d < 1e-6, "{name}: resumed differs from straight by {d}");
+    }
+    // A different configuration is refused.
+    let mut other = cfg;
+    other.lr = 1e-3;
+    let mut wrong = Trainer::new(&engine, other).unwrap();
+    let err = wrong.resume(&ckpt).unwrap_err().to_string();
+    assert!(err.contains("different configuration"), "{err}");
+}
+
+#[test]
+fn bad_data_files_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": 3}\n").unwrap();
+    let err = Trainer::new(&engine, tiny_config(bad.clone(), 1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("bad.jsonl:2:") && err.contains("`text`"),
+        "{err}"
+    );
+    std::fs::write(&bad, "{\"prompt\": \"q\", \"answer\": \"a\"}\nnot json\n").unwrap();
+    let mut cfg = tiny_config(bad.clone(), 1);
+    cfg.mode = Mode::Sft;
+    let err = Trainer::new(&engine, cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("bad.jsonl:2:") && err.contains("invalid JSON"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.txt");
+    let err = Trainer::new(&engine, tiny_config(missing, 1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("missing.txt"), "{err}");
+}
+
+#[test]
+fn lora_trains_alone_and_sft_masks_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let sft = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &sft,
+        "{\"prompt\": \"The key is 41. What is the key?\", \"answer\": \"41\"}\n{\"prompt\": \"The key is 7. What is the key?\", \"answer\": \"7\"}\n",
+    )
+    .unwrap();
+    let ex = engine::train::dataset::load_sft(&[sft.clone()], engine.tokenizer(), 64).unwrap();
+    for e in &ex {
+        let counted = e.target_mask.iter().filter(|&&m| m).count();
+        assert!(counted >= 1 && counted <= 4, "CE on {counted} targets");
+        assert!(
+            e.valid.iter().filter(|&&v| v).count() < 64,
+            "padding is not valid"
+        );
+    }
+    let mut cfg = tiny_config(sft, 4);
+    cfg.mode = Mode::Sft;
+    cfg.seq_len = 64;
+    cfg.train = Trainables::Lora;
+    cfg.lora = Some(engine::train::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q".into(), "v".into()],
+    });
+    let mut t = Trainer::new(&engine, cfg).unwrap();
+    let first = t.train_step().unwrap();
+    let mut last = first.clone();
+    for _ in 1..4 {
+        last = t.train_step().unwrap();
+    }
+    assert!(
+        last.ce < first.ce,
+        "LoRA SFT CE {} -> {}",
+        first.ce,
+        last.ce
+    );
+    assert_eq!(last.hard_evict, 0.0, "LoRA alone uses no gates");
+    t.save_lora(&dir.path().join("lora.safetensors")).unwrap();
+}
