@@ -19,6 +19,14 @@ pub struct InspectArgs {
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let engine = load_engine(&args.model)?;
     let cfg = engine.model_config();
+    // Built-in trained gates apply only to the exact model they were trained for.
+    let gates = engine::train::default_gates::for_engine(&engine)?.map(|g| {
+        let c = g.config();
+        format!(
+            "built-in Attention-Gate ({} layers × {} heads of dim {}, threshold {}); --policy ag uses it",
+            c.n_layers, c.heads, c.head_dim, c.threshold
+        )
+    });
     let kv_per_token = cfg.kv_bytes_per_token(engine.config().kv_dtype.size_bytes());
     let params = cfg.vocab_size * cfg.hidden_size * if cfg.tie_embeddings { 1 } else { 2 }
         + cfg.n_layers
@@ -34,7 +42,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         "kv_dtype": engine.config().kv_dtype.name(),
         "kv_bytes_per_token": kv_per_token,
         "kv_bytes_full_context": kv_per_token * cfg.max_position,
-        "gates": serde_json::Value::Null,
+        "gates": gates,
     });
     if args.json {
         println!("{info}");
@@ -73,6 +81,11 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         "KV full ctx    {:.1} MiB",
         (kv_per_token * cfg.max_position) as f64 / (1 << 20) as f64
     );
-    println!("gates          none");
+    println!(
+        "gates          {}",
+        gates.as_deref().unwrap_or(
+            "none for this model (--policy ag needs --gates FILE; see docs/training.md)"
+        )
+    );
     Ok(())
 }
