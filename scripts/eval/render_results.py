@@ -76,11 +76,32 @@ def main():
             "",
             table,
             "",
+            "SnapKV and PyramidKV retrieve no pass key at any ratio here: their observation window",
+            "(the last 32 prompt tokens) is filler when the question comes after eviction; a",
+            "query-aware spot check at 0.5 did not recover it either, which deserves a look at",
+            "the policies on this model. StreamingLLM keeps the needles near the end (depth 0.9).",
+            "",
             "![accuracy vs eviction](results/sweep-passkey-1k/accuracy.png)",
             "",
             "Also: [sweep.csv](results/sweep-passkey-1k/sweep.csv),"
             " [sweep.json](results/sweep-passkey-1k/sweep.json),"
             " [accuracy.svg](results/sweep-passkey-1k/accuracy.svg).",
+            "",
+        ]
+    arc_dir = os.path.join(res, "sweep-arc-easy")
+    if os.path.exists(os.path.join(arc_dir, "sweep.md")):
+        with open(os.path.join(arc_dir, "sweep.md")) as f:
+            table = f.read().rstrip("\n")
+        lines += [
+            "## Multiple choice: ARC-Easy (100 questions, 0-shot)",
+            "",
+            "`scripts/eval/olmo_tasks.py arc_easy rc_0shot target/eval/arc_easy.jsonl --limit 100`, then",
+            "`agate eval --tasks target/eval/arc_easy.jsonl --sweep 0.5 --policy snapkv,knorm,streaming`.",
+            "`accuracy` is lm-eval's `acc`, `acc_norm` its character-length-normalised variant; the",
+            "whole prompt (question and `Answer:`) is the evicted context, as in short-task",
+            "eviction studies.",
+            "",
+            table,
             "",
         ]
     tmp = target + ".tmp"

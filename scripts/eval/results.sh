@@ -29,5 +29,12 @@ fi
 $agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 2 --seed 1 \
   --sweep 0.25,0.5,0.75 --policy all --out "$out/sweep-passkey-1k" > /dev/null
 
+# 4. Log-likelihood multiple choice: ARC-Easy (first 100 validation questions, 0-shot), full cache
+#    and the one-shot policies at evict 0.5 (the whole prompt is the evicted context).
+mkdir -p target/eval
+python3 scripts/eval/olmo_tasks.py arc_easy rc_0shot target/eval/arc_easy.jsonl --limit 100
+$agate eval --tasks target/eval/arc_easy.jsonl --sweep 0.5 --policy snapkv,knorm,streaming \
+  --out "$out/sweep-arc-easy" > /dev/null
+
 python3 scripts/eval/render_results.py "$out" docs/results.md
 echo "docs/results.md regenerated" >&2
