@@ -296,10 +296,11 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
         "{\"prompt\": \"The key is 41. What is the key?\", \"answer\": \"41\"}\n{\"prompt\": \"The key is 7. What is the key?\", \"answer\": \"7\"}\n",
     )
     .unwrap();
-    let ex = engine::train::dataset::load_sft(&[sft.clone()], engine.tokenizer(), 64).unwrap();
+    let ex = engine::train::dataset::load_sft(std::slice::from_ref(&sft), engine.tokenizer(), 64)
+        .unwrap();
     for e in &ex {
         let counted = e.target_mask.iter().filter(|&&m| m).count();
-        assert!(counted >= 1 && counted <= 4, "CE on {counted} targets");
+        assert!((1..=4).contains(&counted), "CE on {counted} targets");
         assert!(
             e.valid.iter().filter(|&&v| v).count() < 64,
             "padding is not valid"
@@ -328,4 +329,23 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
     );
     assert_eq!(last.hard_evict, 0.0, "LoRA alone uses no gates");
     t.save_lora(&dir.path().join("lora.safetensors")).unwrap();
+}
+
+#[test]
+fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
+    let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
+    let engine = Engine::builder().model(&path).build().unwrap();
+    match PolicySpec::named("ag").build(&engine).unwrap() {
+        engine::Policy::Ag { gates, .. } => {
+            assert_eq!(gates.identity(), &engine.model_identity().unwrap())
+        }
+        other => panic!("expected the ag policy, got {}", other.name()),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_engine(dir.path());
+    let err = PolicySpec::named("ag")
+        .build(&tiny)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--gates"), "{err}");
 }

@@ -134,17 +134,20 @@ impl PolicySpec {
                 seed,
             },
             "ag" => {
-                let path = self.gates.clone().ok_or_else(|| {
-                    EngineError::Invalid(
-                        "--policy ag needs --gates FILE (random gates for testing: `agate init-gates --out FILE`)".into(),
+                let gates = match &self.gates {
+                    Some(path) => AttentionGate::load(
+                        path,
+                        &engine.model_identity()?,
+                        &candle_core::Device::Cpu,
                     )
-                })?;
-                let gates = AttentionGate::load(
-                    &path,
-                    &engine.model_identity()?,
-                    &candle_core::Device::Cpu,
-                )
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?,
+                    // The committed gates of the default model (docs/training.md).
+                    None => crate::train::default_gates::for_engine(engine)?.ok_or_else(|| {
+                        EngineError::Invalid(
+                            "--policy ag needs --gates FILE for this model (trained gates ship only for the default model; random gates for testing: `agate init-gates --out FILE`)".into(),
+                        )
+                    })?,
+                };
                 let mode = if self.ag_budget_mode {
                     AgMode::Budget(self.budget()?)
                 } else {

@@ -16,6 +16,7 @@
 //! final gates file are written atomically; the final gates carry the engine's model identity.
 
 pub mod dataset;
+pub mod default_gates;
 pub mod optim;
 
 use std::io::Write;
