@@ -104,6 +104,23 @@ def main():
             f"| {a['n']} | {c['accuracy']:.2f} | {c['acc_norm']:.2f} |",
             "",
         ]
+    ag_dir = os.path.join(res, "sweep-ag-passkey-1k")
+    if os.path.exists(os.path.join(ag_dir, "sweep.md")):
+        with open(os.path.join(ag_dir, "sweep.md")) as f:
+            table = f.read().rstrip("\n")
+        lines += [
+            "## Matched comparison: Attention-Gate at its measured ratio",
+            "",
+            "`agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 1 --seed 1"
+            " --sweep 0.5 --policy ag,streaming,tova,knorm --out docs/results/sweep-ag-passkey-1k`",
+            "(3 tasks per row). Attention-Gate runs once in threshold mode with the committed gates;",
+            "the baselines run at 0.5 and again at the ratio AG reached (`matched_to = ag`).",
+            "",
+            table,
+            "",
+            "![accuracy vs eviction](results/sweep-ag-passkey-1k/accuracy.png)",
+            "",
+        ]
     tmp = target + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

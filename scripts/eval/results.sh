@@ -34,5 +34,10 @@ mkdir -p target/eval
 python3 scripts/eval/olmo_tasks.py arc_easy rc_0shot target/eval/arc_easy.jsonl --limit 100
 $agate eval --tasks target/eval/arc_easy.jsonl --out "$out/arc-easy-full" --json > "$out/arc-easy-full.json"
 
+# 5. Matched comparison: Attention-Gate (the committed gates, threshold mode) at its own measured
+#    ratio, three baselines at 0.5 and at AG's measured ratio; passkey at 1k, 3 depths x 1 seed.
+$agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 1 --seed 1 \
+  --sweep 0.5 --policy ag,streaming,tova,knorm --out "$out/sweep-ag-passkey-1k" > /dev/null
+
 python3 scripts/eval/render_results.py "$out" docs/results.md
 echo "docs/results.md regenerated" >&2
