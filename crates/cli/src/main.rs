@@ -19,7 +19,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "agate", version, about, propagate_version = true)]
 struct Cli {
-    /// CPU threads for the kernels (default: all cores).
+    /// CPU threads for the kernels (default: all cores). On a busy machine use fewer threads
+    /// than cores: the kernels' thread pools spin-wait on each other and slow down sharply
+    /// when another process holds a core.
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
     #[command(subcommand)]
@@ -51,7 +53,10 @@ fn main() {
     restore_default_sigpipe();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        // Only fails if a pool already exists, which cannot happen this early.
+        // candle's quantized kernels run on its own spin-barrier pool, sized from
+        // RAYON_NUM_THREADS when it starts; rayon's global pool (gemm, the KV store) is sized
+        // here. Nothing has started either pool this early.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n as usize)
             .build_global();
