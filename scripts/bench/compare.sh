@@ -19,8 +19,8 @@ AGATE=target/release/agate
 : > "$OUT/bench.jsonl"
 IFS=, read -ra DS <<< "$DEPTHS"
 for d in "${DS[@]}"; do
-  python3 scripts/peers/llama_cpp_bench.py "$MODEL" -p 512 -n 128 -d "$d" -r 3 -t "$THREADS" --json >> "$OUT/bench.jsonl"
-  "$AGATE" --threads "$THREADS" bench -p 512 -n 128 -d "$d" -r 3 --policy "$POLICIES" --evict 0.5 --json ${GATES:+--gates "$GATES"} >> "$OUT/bench.jsonl"
+  python3 scripts/peers/llama_cpp_bench.py "$MODEL" -p 512 -n 128 -d "$d" -r "${REPS:-3}" -t "$THREADS" --json >> "$OUT/bench.jsonl"
+  "$AGATE" --threads "$THREADS" bench -p 512 -n 128 -d "$d" -r "${REPS:-3}" --policy "$POLICIES" --evict 0.5 --json ${GATES:+--gates "$GATES"} >> "$OUT/bench.jsonl"
 done
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys

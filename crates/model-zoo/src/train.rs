@@ -283,7 +283,8 @@ fn masked_attention(scores: &Tensor, keep: &Tensor, g: usize) -> Result<Tensor> 
         .minimum(STE_EXPONENT_CAP)?
         .exp()?
         .broadcast_mul(&vis)?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.reshape((b, hq, t, t))?)
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .reshape((b, hq, t, t))?)
 }
 
 /// How the gates steer the training forward's attention.
