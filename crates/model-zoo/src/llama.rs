@@ -8,7 +8,7 @@
 //! Invariant: hidden states are f32 `[n, hidden]`; positions passed in are the true positions
 //! (tokens seen so far, evicted or not), so eviction never shifts RoPE.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, SequenceKv};
 
 use crate::config::ModelConfig;
@@ -172,13 +172,5 @@ impl LlamaModel {
             x = (x + layer.down.forward(&gated)?)?;
         }
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
-    }
-
-    /// Log-softmax over the last dimension (for scoring).
-    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::log_softmax(
-            &logits.to_dtype(DType::F32)?,
-            D::Minus1,
-        )?)
     }
 }

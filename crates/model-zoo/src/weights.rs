@@ -534,14 +534,6 @@ impl Weights {
         };
         self.linear(role, 0, vocab, hidden, false)
     }
-
-    /// Raw GGUF file, when the source is one.
-    pub fn gguf(&self) -> Option<&GgufFile> {
-        match &self.source {
-            Source::Gguf(f) => Some(f),
-            Source::Safetensors { .. } => None,
-        }
-    }
 }
 
 /// The type a quantized weight runs as on CPU when it has a SIMD kernel in candle; `None` means
