@@ -53,7 +53,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
         stop_at_eos: true,
     };
-    let choice = args.policy.single()?.for_chat();
+    let choice = args.policy.single()?;
     let engine = load_engine(&args.model)?;
     let mut session = engine.session_with(choice.resolve(&engine)?)?;
     session.set_system_prompt(args.system.clone())?;

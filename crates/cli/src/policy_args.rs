@@ -39,11 +39,12 @@ pub struct PolicyArgs {
     /// Tokens each KV head keeps.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep: Option<u64>,
-    /// Always-kept first tokens (StreamingLLM default 4; 0 elsewhere).
+    /// Always-kept first tokens (StreamingLLM default 4; Attention-Gate: the gates file's;
+    /// 0 elsewhere).
     #[arg(long)]
     pub sinks: Option<usize>,
     /// Recent-token window: StreamingLLM's window, SnapKV's observation window (default 32),
-    /// H2O's recent tokens, Attention-Gate's local window.
+    /// H2O's recent tokens, Attention-Gate's local window (default: the gates file's).
     #[arg(long)]
     pub window: Option<usize>,
     /// Attention-Gate checkpoint (safetensors).
@@ -90,16 +91,6 @@ impl PolicyChoice {
         spec.evict = Some(ratio);
         spec.keep = None;
         PolicyChoice { spec }
-    }
-
-    /// Chat defaults: Attention-Gate protects 4 sinks and a 16-token local window unless the
-    /// flags say otherwise (the paper's setting, no protection, stays the default elsewhere).
-    pub fn for_chat(mut self) -> Self {
-        if self.spec.name == "ag" {
-            self.spec.sinks.get_or_insert(4);
-            self.spec.window.get_or_insert(16);
-        }
-        self
     }
 
     /// The engine policy (loads gate files where needed), checked against the model.

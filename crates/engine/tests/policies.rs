@@ -79,7 +79,7 @@ impl LayerHook for MaskHook {
             .collect();
         Ok(LayerPlan {
             visible: Some(visible),
-            prob_rows: None,
+            ..LayerPlan::default()
         })
     }
 }
@@ -185,7 +185,7 @@ impl LayerHook for GateMaskHook {
         assert!((0..kv.n_kv_heads()).all(|h| kv.retained(layer, h) == self.flags[layer][h].len()));
         Ok(LayerPlan {
             visible: Some(self.flags[layer].clone()),
-            prob_rows: None,
+            ..LayerPlan::default()
         })
     }
 

@@ -13,7 +13,7 @@
 //!   split-K partials are merged by the same max-shift rule, so it is stable for any score
 //!   magnitude; a query row with no visible key gets a zero output and zero probabilities;
 //! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and (`visible[j]` or
-//!   `pos_j == pos_i`);
+//!   `pos_i - window <= pos_j <= pos_i`);
 //! - units run on rayon only when the whole call has at least [`PAR_MIN_WORK`] multiply-adds;
 //!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
@@ -50,9 +50,12 @@ pub struct AttendOptions<'a> {
     /// retained key is visible (NACL proxy scoring).
     pub causal: bool,
     /// In-context eviction: per KV head, one flag per retained entry of this layer. A key whose
-    /// flag is false is visible only to the query at its own position (a token always sees
-    /// itself). `None`: all visible.
+    /// flag is false is visible only to the queries at most [`AttendOptions::window`] positions
+    /// after its own (a token always sees itself). `None`: all visible.
     pub visible: Option<&'a [Vec<bool>]>,
+    /// The local window of in-context eviction: a flagged-out key at `pos_j` is still visible to
+    /// a query at `pos_i` when `pos_j <= pos_i <= pos_j + window` (0: only to itself).
+    pub window: u32,
     /// When `Some(rows)`: also return, per KV head and per retained key, the attention
     /// probability summed over query rows `rows` (indices into the `n_q` rows) and averaged over
     /// the `G` query heads of that KV head's group.
@@ -66,6 +69,7 @@ impl<'a> AttendOptions<'a> {
             scale,
             causal: true,
             visible: None,
+            window: 0,
             prob_sums: None,
         }
     }
@@ -84,6 +88,12 @@ impl<'a> AttendOptions<'a> {
     /// Sets [`AttendOptions::visible`].
     pub fn visible(mut self, visible: &'a [Vec<bool>]) -> Self {
         self.visible = Some(visible);
+        self
+    }
+
+    /// Sets [`AttendOptions::window`].
+    pub fn window(mut self, window: u32) -> Self {
+        self.window = window;
         self
     }
 
@@ -461,7 +471,8 @@ fn attend_part(
                 }
                 for (jj, (vis, &pj)) in vis.iter_mut().zip(pos).enumerate() {
                     let shown = flags.is_none_or(|f| f[j0 + jj]);
-                    *vis = (!opts.causal || pj <= qp) && (shown || pj == qp);
+                    let local = pj <= qp && qp - pj <= opts.window;
+                    *vis = (!opts.causal || pj <= qp) && (shown || local);
                 }
                 for qi in r * g..(r + 1) * g {
                     let qv = &qs[qi * d..(qi + 1) * d];

@@ -131,7 +131,8 @@ fn reference(
             for j in 0..len {
                 let (pj, pi) = (head.positions[j], qpos[i]);
                 let shown = opts.visible.is_none_or(|v| v[h / g_size][j]);
-                if !((!opts.causal || pj <= pi) && (shown || pj == pi)) {
+                let local = pj <= pi && pi - pj <= opts.window;
+                if !((!opts.causal || pj <= pi) && (shown || local)) {
                     mask[i * len + j] = f32::NEG_INFINITY;
                 }
             }
@@ -249,6 +250,13 @@ fn scenario(dtype: KvDtype, seed: u64) {
             &pos,
             &masked,
             &format!("{dtype} prefill masked G={group}"),
+        );
+        check(
+            &case,
+            &q,
+            &pos,
+            &masked.clone().window(5),
+            &format!("{dtype} prefill masked, window 5, G={group}"),
         );
         check(
             &case,

@@ -17,8 +17,12 @@ use crate::error::Result;
 #[derive(Clone, Debug, Default)]
 pub struct LayerPlan {
     /// Per KV head, one flag per retained entry (after the append): false hides the key from
-    /// every query but its own (in-context eviction). `None`: all visible.
+    /// every query but those within `window` positions after it (in-context eviction). `None`:
+    /// all visible.
     pub visible: Option<Vec<Vec<bool>>>,
+    /// With `visible`: a hidden key stays visible to the queries at most this many positions
+    /// after its own (0: only to itself), like `kv_store::AttendOptions::window`.
+    pub window: u32,
     /// Query rows (indices into this pass's new tokens) whose attention probabilities are summed
     /// per key and returned to `after_attention`.
     pub prob_rows: Option<Range<usize>>,

@@ -151,6 +151,7 @@ impl LlamaModel {
             let plan = hook.plan(l, &normed, &positions, kv)?;
             let mut opts = AttendOptions::new(scale);
             opts.visible = plan.visible.as_deref();
+            opts.window = plan.window;
             opts.prob_sums = plan.prob_rows.clone();
             let attended = kv.attend(l, &q, &positions, &opts)?;
             hook.after_attention(

@@ -2,10 +2,12 @@
 //! hidden states (through its own small causal K'/V' cache, so decode costs one row) and gives
 //! each new token a keep probability `s` per KV head.
 //!
-//! - Threshold mode: a token's flag is `s > tau`. Inside the same forward pass, a flagged-out key
-//!   is invisible to every later query (in-context eviction) and is then physically removed —
-//!   unless protected: the first `sinks` tokens always stay, and the last `recent` tokens stay
-//!   until they age out of that window, then go if their flag said so.
+//! - Threshold mode: a token's flag is `s > tau`. A flagged-out key is invisible to every later
+//!   query (in-context eviction, inside the same forward pass too) and is physically removed
+//!   once no future query can see it — unless protected: the first `sinks` tokens are always
+//!   visible and stay; a flagged-out key stays visible to the queries at most `recent` positions
+//!   after it (the local window, the same rule as the training forward's), and is removed when
+//!   it ages out of that window.
 //! - Budget mode: no flags; each head keeps its top-k retained tokens by `s` (sinks and recent
 //!   protected), evicting whenever it exceeds the budget.
 //!
@@ -110,22 +112,21 @@ impl LayerHook for AgHook {
     ) -> model_zoo::Result<LayerPlan> {
         let probs = self.keep_probs(layer, normed, positions)?;
         let keep_all = self.pass == Pass::Decode && !self.decode;
-        let tokens_seen = positions.last().map_or(0, |&p| p as usize + 1);
         let mut visible = None;
         if let AgMode::Threshold(tau) = self.mode {
             let mut vis = Vec::with_capacity(probs.len());
             for (head, head_probs) in probs.iter().enumerate() {
-                let flags: Vec<bool> = head_probs.iter().map(|&s| keep_all || s > tau).collect();
-                let old = kv.retained(layer, head) - positions.len();
-                let mut v = vec![true; old];
-                v.extend(
+                let flags = &mut self.flags[layer][head];
+                flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
+                // Sinks always, flagged-out keys only to the queries of their local window.
+                let sinks = self.protect.sinks as u32;
+                vis.push(
                     flags
                         .iter()
-                        .zip(positions)
-                        .map(|(&f, &p)| f || self.protected(p, tokens_seen)),
+                        .zip(kv.positions(layer, head))
+                        .map(|(&f, p)| f || p < sinks)
+                        .collect(),
                 );
-                vis.push(v);
-                self.flags[layer][head].extend(flags);
             }
             visible = Some(vis);
         }
@@ -138,6 +139,7 @@ impl LayerHook for AgHook {
         }
         Ok(LayerPlan {
             visible,
+            window: self.protect.recent as u32,
             prob_rows: None,
         })
     }

@@ -335,8 +335,8 @@ impl LayerHook for ScoredHook {
         _kv: &SequenceKv,
     ) -> model_zoo::Result<LayerPlan> {
         Ok(LayerPlan {
-            visible: None,
             prob_rows: self.prob_rows(positions.len()),
+            ..LayerPlan::default()
         })
     }
 

@@ -153,11 +153,16 @@ impl PolicySpec {
                 } else {
                     AgMode::Threshold(self.threshold.unwrap_or(gates.config().threshold))
                 };
+                // Unless given, the protections the gates were trained with.
+                let trained = gates.config().protection();
                 Policy::Ag {
+                    protect: Protection {
+                        sinks: self.sinks.unwrap_or(trained.sinks),
+                        recent: self.window.unwrap_or(trained.recent),
+                    },
                     gates: Arc::new(gates),
                     mode,
                     decode: self.ag_decode.unwrap_or(true),
-                    protect,
                 }
             }
             other => {

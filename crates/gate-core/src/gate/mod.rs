@@ -34,6 +34,7 @@ pub use cache::GateCache;
 pub use file::{model_identity, ModelIdentity, StoreDtype};
 
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
+use crate::select::Protection;
 
 /// Shape and hyper-parameters of an Attention-Gate for one base model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +55,14 @@ pub struct GateConfig {
     pub threshold: f32,
     /// Initial gate bias `bg` (default 3.0: start from "keep almost everything").
     pub bias_init: f32,
+    /// Protection the gates were trained with, the default of the inference policy: the first
+    /// `sinks` tokens are always visible (default 0; absent in older files).
+    #[serde(default)]
+    pub sinks: usize,
+    /// Protection the gates were trained with, the default of the inference policy: a
+    /// flagged-out token stays visible to the next `window` queries (default 0: only to itself).
+    #[serde(default)]
+    pub window: usize,
 }
 
 impl GateConfig {
@@ -69,6 +78,16 @@ impl GateConfig {
             rope_theta,
             threshold: 0.5,
             bias_init: 3.0,
+            sinks: 0,
+            window: 0,
+        }
+    }
+
+    /// The protection the gates were trained with (`sinks`, `window` as `recent`).
+    pub fn protection(&self) -> Protection {
+        Protection {
+            sinks: self.sinks,
+            recent: self.window,
         }
     }
 
@@ -299,6 +318,25 @@ impl AttentionGate {
     /// The configuration.
     pub fn config(&self) -> &GateConfig {
         &self.cfg
+    }
+
+    /// Records the protection the gates are trained with (the inference policy's default).
+    pub fn set_protection(&mut self, protect: Protection) {
+        self.cfg.sinks = protect.sinks;
+        self.cfg.window = protect.recent;
+    }
+
+    /// Replaces the hard-mode threshold `tau` (e.g. after calibrating it to a target ratio).
+    pub fn set_threshold(&mut self, threshold: f32) -> Result<()> {
+        if !threshold.is_finite() {
+            return Err(invalid(
+                "GateConfig.threshold",
+                threshold,
+                "a finite threshold",
+            ));
+        }
+        self.cfg.threshold = threshold;
+        Ok(())
     }
 
     /// The model identity stored with the gate (empty unless set or loaded).
