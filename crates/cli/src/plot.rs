@@ -57,27 +57,13 @@ pub fn eviction_map_png(
     })
 }
 
-/// Writes through `write` into `path.tmp`, then renames it to `path`.
+/// Writes `path` atomically through `write` (`engine::atomic`), naming the file on error.
 pub fn write_atomically(
     path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> anyhow::Result<()>,
+    write: impl FnOnce(&mut std::io::BufWriter<&mut std::fs::File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut buffered = std::io::BufWriter::new(file);
-    let result = write(&mut buffered).and_then(|_| {
-        use std::io::Write;
-        buffered.flush()?;
-        Ok(())
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    engine::atomic::write_atomically(path, write)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// One line of a chart.

@@ -158,3 +158,101 @@ fn generate_json_contract() {
     assert!(kv["bytes_in_use"].as_u64().unwrap() > 0);
     assert_eq!(kv["bytes_in_use"], kv["bytes_full"]);
 }
+
+/// `train-gates` end to end on a tiny model: checkpoints, an interrupted run resumed with the
+/// log kept up to the checkpoint, the curve drawn as PNG and SVG over the whole run, and the
+/// threshold calibrated into the gates file with the training protections.
+#[test]
+fn train_gates_resumes_and_draws_the_whole_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 4096);
+    let data = dir.path().join("prose.txt");
+    std::fs::write(
+        &data,
+        "The river ran past the old mill, and every morning the miller counted the sacks. "
+            .repeat(60),
+    )
+    .unwrap();
+    let (ckpt, log) = (dir.path().join("ckpt"), dir.path().join("train.jsonl"));
+    let (png, svg) = (dir.path().join("curve.png"), dir.path().join("curve.svg"));
+    let gates = dir.path().join("gates.safetensors");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |steps: &str, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "train-gates",
+            "--model",
+            &p(&model),
+            "--data",
+            &p(&data),
+            "--seq-len",
+            "24",
+            "--steps",
+            steps,
+            "--warmup",
+            "2",
+            "--sinks",
+            "2",
+            "--window",
+            "3",
+            "--checkpoint-dir",
+            &p(&ckpt),
+            "--checkpoint-every",
+            "3",
+            "--log",
+            &p(&log),
+            "--out",
+            &p(&gates),
+            "--calibrate-seqs",
+            "4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = agate(&refs);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    run("5", &[]);
+    // A crash after step 5 but before the next checkpoint: the log runs ahead of the
+    // checkpoint (step 5 was checkpointed at the end; pretend step 6 was logged after it).
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    let last = text
+        .lines()
+        .last()
+        .unwrap()
+        .replace("\"step\":5", "\"step\":6");
+    text.push_str(&last);
+    text.push('\n');
+    std::fs::write(&log, text).unwrap();
+    let stderr = run("8", &["--resume", "--plot", &p(&png)]);
+    assert!(stderr.contains("resumed from"), "{stderr}");
+    assert!(stderr.contains("threshold calibrated"), "{stderr}");
+    let steps: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    // Export again without training (steps = the checkpoint's), drawing SVG.
+    run("8", &["--resume", "--plot", &p(&svg)]);
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("hard eviction"));
+    // The gates carry the calibrated threshold and the training protections.
+    let bytes = std::fs::read(&gates).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["gate_config"]).unwrap();
+    assert_eq!(
+        (cfg["sinks"].as_u64(), cfg["window"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_ne!(cfg["threshold"].as_f64(), Some(0.5), "{cfg}");
+}

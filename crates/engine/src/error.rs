@@ -16,6 +16,9 @@ pub enum EngineError {
     /// A request or setting has an invalid value.
     #[error("{0}")]
     Invalid(String),
+    /// Reading or writing a file failed (the message names the file).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
     /// The prompt does not fit in the model's context.
     #[error("prompt of {new} tokens does not fit: {seen} tokens already in the session and the model's context is {context} tokens")]
     ContextOverflow {

@@ -14,6 +14,7 @@
 //! # Ok::<(), engine::EngineError>(())
 //! ```
 
+pub mod atomic;
 pub mod bench;
 pub mod data;
 pub mod engine;

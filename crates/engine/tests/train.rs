@@ -1,7 +1,8 @@
 //! Gate training (`engine::train`, `model_zoo::train`):
 //! - the training forward equals the inference decoder: without gates (full cache) on a tiny
 //!   random model and on the default model with dense f32 weights, and with hard flags under the
-//!   Attention-Gate policy in threshold mode (in-context eviction) on a tiny model, within 1e-3;
+//!   Attention-Gate policy in threshold mode (in-context eviction, without and with sinks and a
+//!   local window across prefill chunks) on a tiny model, within 1e-3;
 //! - 50 steps of CPT on a tiny random model reduce the loss and move the hard eviction ratio
 //!   toward the target (seconds);
 //! - checkpoint + resume gives the same gates as an uninterrupted run;
@@ -12,9 +13,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use engine::train::{open_trainable, Mode, TrainConfig, Trainables, Trainer};
 use engine::{Engine, PolicySpec, StoreDtype};
-use model_zoo::train::GateMode;
+use gate_core::Protection;
+use model_zoo::train::{GateMode, Gating};
 use model_zoo::{KeepAll, LogitsFor, WeightFormat};
 
+/// A tiny random model whose prefill runs in chunks of 16 tokens (so that protections cross
+/// chunk boundaries).
 fn tiny_engine(dir: &Path) -> Engine {
     let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
     cfg.max_position = 4096;
@@ -22,6 +26,7 @@ fn tiny_engine(dir: &Path) -> Engine {
     Engine::builder()
         .model(dir)
         .kv_dtype(engine::KvDtype::F32)
+        .prefill_chunk(16)
         .build()
         .unwrap()
 }
@@ -60,14 +65,10 @@ fn inference_logits(path: &Path, toks: &[u32]) -> Tensor {
         .unwrap()
 }
 
-fn training_logits(
-    engine: &Engine,
-    toks: &[u32],
-    gates: Option<&gate_core::AttentionGate>,
-) -> Tensor {
+fn training_logits(engine: &Engine, toks: &[u32], gating: Option<Gating<'_>>) -> Tensor {
     let dec = open_trainable(engine.model_path(), engine.model_config()).unwrap();
     let inp = Tensor::from_vec(toks.to_vec(), (1, toks.len()), &Device::Cpu).unwrap();
-    dec.forward(&inp, gates, GateMode::Hard, None)
+    dec.forward(&inp, gating, None)
         .unwrap()
         .logits
         .squeeze(0)
@@ -106,25 +107,48 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
     )
     .unwrap();
     let toks = tokens(48, 9);
-    let policy = PolicySpec {
-        gates: Some(gates_path.clone()),
-        ..PolicySpec::named("ag")
-    }
-    .build(&engine)
-    .unwrap();
-    let mut session = engine.session_with(policy).unwrap();
-    let inference = session.prefill_all_logits(&toks).unwrap();
-    let ratio = session.kv_report().eviction_ratio;
-    assert!(ratio > 0.2, "random gates evicted too little ({ratio})");
-    let trained = training_logits(&engine, &toks, Some(&gates));
-    let d = max_abs_diff(&trained, &inference.to_dtype(DType::F32).unwrap());
-    assert!(
-        d < 1e-3,
-        "hard flags: training vs AG policy logits differ by {d}"
-    );
-    // And eviction really changes the logits (the comparison is not vacuous).
     let full = training_logits(&engine, &toks, None);
-    assert!(max_abs_diff(&full, &trained) > 1e-3);
+    let mut previous: Option<Tensor> = None;
+    // No protection (the paper's setting), then sinks and a local window that straddles the
+    // prefill's 16-token chunks.
+    for protect in [
+        Protection::NONE,
+        Protection {
+            sinks: 2,
+            recent: 5,
+        },
+    ] {
+        let policy = PolicySpec {
+            gates: Some(gates_path.clone()),
+            sinks: Some(protect.sinks),
+            window: Some(protect.recent),
+            ..PolicySpec::named("ag")
+        }
+        .build(&engine)
+        .unwrap();
+        let mut session = engine.session_with(policy).unwrap();
+        let inference = session.prefill_all_logits(&toks).unwrap();
+        let ratio = session.kv_report().eviction_ratio;
+        assert!(ratio > 0.2, "random gates evicted too little ({ratio})");
+        let gating = Gating {
+            gates: &gates,
+            mode: GateMode::Hard,
+            protect,
+        };
+        let trained = training_logits(&engine, &toks, Some(gating));
+        let d = max_abs_diff(&trained, &inference.to_dtype(DType::F32).unwrap());
+        assert!(
+            d < 1e-3,
+            "hard flags, {protect:?}: training vs AG policy logits differ by {d}"
+        );
+        // Eviction changes the logits, and so do the protections (the comparisons are not
+        // vacuous).
+        assert!(max_abs_diff(&full, &trained) > 1e-3);
+        if let Some(p) = &previous {
+            assert!(max_abs_diff(p, &trained) > 1e-3);
+        }
+        previous = Some(trained);
+    }
 }
 
 #[test]
@@ -177,6 +201,9 @@ fn tiny_config(data: PathBuf, steps: usize) -> TrainConfig {
         lambda: 10.0,
         adapt_lambda: true,
         gate_bias_init: Some(1.0),
+        init_gates: None,
+        sinks: 0,
+        window: 0,
         train: Trainables::Gates,
         lora: None,
     }
@@ -254,6 +281,51 @@ fn resume_continues_exactly() {
     let mut wrong = Trainer::new(&engine, other).unwrap();
     let err = wrong.resume(&ckpt).unwrap_err().to_string();
     assert!(err.contains("different configuration"), "{err}");
+}
+
+#[test]
+fn init_gates_starts_from_saved_gates() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
+    let mut first = Trainer::new(&engine, tiny_config(data.clone(), 3)).unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let saved = dir.path().join("cpt.safetensors");
+    first.save_gates(&saved, StoreDtype::F32).unwrap();
+    let cfg = TrainConfig {
+        init_gates: Some(saved),
+        seed: 99, // a random init would differ
+        ..tiny_config(data, 3)
+    };
+    let second = Trainer::new(&engine, cfg).unwrap();
+    for ((name, a), (_, b)) in first
+        .gates()
+        .named_tensors()
+        .iter()
+        .zip(second.gates().named_tensors().iter())
+    {
+        assert_eq!(max_abs_diff(a, b), 0.0, "{name}");
+    }
+    // Gates of another model are refused, naming the file.
+    let other_dir = dir.path().join("other-model");
+    let mut other_cfg = model_zoo::random::tiny_config(2, 4, 2);
+    other_cfg.max_position = 4096;
+    model_zoo::random::write_random_model(&other_dir, &other_cfg, 6).unwrap();
+    let other = Engine::builder().model(&other_dir).build().unwrap();
+    let wrong = dir.path().join("wrong.safetensors");
+    other
+        .random_gates(0, None)
+        .unwrap()
+        .save(&wrong, StoreDtype::F32)
+        .unwrap();
+    let cfg = TrainConfig {
+        init_gates: Some(wrong),
+        ..tiny_config(prose(dir.path()), 3)
+    };
+    let err = Trainer::new(&engine, cfg).err().unwrap().to_string();
+    assert!(err.contains("wrong.safetensors"), "{err}");
 }
 
 #[test]

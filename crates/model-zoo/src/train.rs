@@ -20,9 +20,10 @@
 //! - Without gates every key is visible (plain causal attention): logits equal
 //!   `LlamaModel::forward` with dense f32 weights up to float rounding; with hard flags
 //!   (`GateMode::Hard`), they equal the inference decoder under the Attention-Gate policy in
-//!   threshold mode with no protections.
+//!   threshold mode with the same protections (sinks, local window).
 
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, Var, D};
+use gate_core::select::Protection;
 use gate_core::AttentionGate;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -251,12 +252,18 @@ pub const STE_EXPONENT_CAP: f64 = 8.0;
 
 /// The multiplicative masked softmax of `gate_core::masked_attention_weights` (same forward:
 /// `e_ij = exp(S_ij - m_i) * vis_ij`, `m_i` the detached maximum over visible keys, a token
-/// always sees itself), with invisible keys' exponents capped at [`STE_EXPONENT_CAP`] instead
+/// always sees itself; `protect` adds the inference policy's protections: sinks always
+/// visible, a flagged-out key visible to the `protect.recent` queries after it), with invisible keys' exponents capped at [`STE_EXPONENT_CAP`] instead
 /// of gate-core's 80. The forward value is identical (those weights are exactly 0); only the
 /// straight-through gradient toward re-admitting an evicted key whose logit dwarfs every visible
 /// one is bounded. With gate-core's cap, evicting an attention-sink token produced gradients of
 /// `e^80` and NaN within a few steps on the default model (measured).
-fn masked_attention(scores: &Tensor, keep: &Tensor, g: usize) -> Result<Tensor> {
+fn masked_attention(
+    scores: &Tensor,
+    keep: &Tensor,
+    g: usize,
+    protect: &Protection,
+) -> Result<Tensor> {
     let (b, hq, t, _) = scores.dims4()?;
     let hkv = hq / g;
     let tri = |f: &dyn Fn(usize, usize) -> bool| -> candle_core::Result<Tensor> {
@@ -266,12 +273,15 @@ fn masked_attention(scores: &Tensor, keep: &Tensor, g: usize) -> Result<Tensor> 
             .collect();
         Tensor::from_vec(v, (1, 1, 1, t, t), scores.device())
     };
-    let past = tri(&|i, j| j < i)?;
-    let diag = tri(&|i, j| j == i)?;
+    // Query i always sees key j <= i when j is itself, a sink, or in its local window; any
+    // other past key only when kept.
+    let always = |i: usize, j: usize| j < protect.sinks || i - j <= protect.recent;
+    let gated = tri(&|i, j| j < i && !always(i, j))?;
+    let shown = tri(&|i, j| j <= i && always(i, j))?;
     let vis = keep
         .reshape((b, hkv, 1, 1, t))?
-        .broadcast_mul(&past)?
-        .broadcast_add(&diag)?;
+        .broadcast_mul(&gated)?
+        .broadcast_add(&shown)?;
     let s5 = scores.reshape((b, hkv, g, t, t))?;
     let visible = vis.gt(0.0)?.broadcast_as(s5.shape())?;
     let hidden = (s5.zeros_like()? - f64::INFINITY)?;
@@ -296,6 +306,18 @@ pub enum GateMode {
     Hard,
     /// Soft visibility `s` (the relaxed mask).
     Soft,
+}
+
+/// The gates steering a training forward: which gates, how, and with which protections.
+#[derive(Clone, Copy)]
+pub struct Gating<'a> {
+    /// One gate per layer.
+    pub gates: &'a AttentionGate,
+    /// Straight-through, hard or soft visibility.
+    pub mode: GateMode,
+    /// Sinks always visible; a flagged-out key stays visible to the `recent` queries after it
+    /// (the inference policy's window). `Protection::NONE`: the paper's setting.
+    pub protect: Protection,
 }
 
 /// What a training forward returns.
@@ -404,15 +426,14 @@ impl TrainableDecoder {
         })
     }
 
-    /// The training forward of `tokens: [B, T]` (u32) at positions `0..T`. With `gates`, each
-    /// layer's attention is masked by the gate's flags as `mode` says (threshold from the gate
-    /// config); without, plain causal attention. `lora` adds adapters. Returns logits and the
-    /// per-layer keep probabilities.
+    /// The training forward of `tokens: [B, T]` (u32) at positions `0..T`. With `gating`, each
+    /// layer's attention is masked by the gate's flags as its mode says (threshold from the gate
+    /// config) under its protections; without, plain causal attention. `lora` adds adapters.
+    /// Returns logits and the per-layer keep probabilities.
     pub fn forward(
         &self,
         tokens: &Tensor,
-        gates: Option<&AttentionGate>,
-        mode: GateMode,
+        gating: Option<Gating<'_>>,
         lora: Option<&Lora>,
     ) -> Result<TrainOutput> {
         let cfg = &self.cfg;
@@ -422,7 +443,7 @@ impl TrainableDecoder {
                 "training forward needs a non-empty [B, T] batch".into(),
             ));
         }
-        if let Some(g) = gates {
+        if let Some(Gating { gates: g, .. }) = gating {
             let gc = g.config();
             if gc.n_layers != cfg.n_layers
                 || gc.hidden != cfg.hidden_size
@@ -471,8 +492,8 @@ impl TrainableDecoder {
             let q = self.rope(&heads(proj("q", &layer.q)?, hq)?)?;
             let k = self.rope(&heads(proj("k", &layer.k)?, hkv)?)?;
             let v = heads(proj("v", &layer.v)?, hkv)?;
-            let keep = match gates {
-                Some(gates) => {
+            let keep = match gating {
+                Some(Gating { gates, mode, .. }) => {
                     let s = gates
                         .keep_probs(l, &normed.reshape((b, t, cfg.hidden_size))?, &positions)
                         .map_err(gate_err)?;
@@ -501,7 +522,8 @@ impl TrainableDecoder {
                 .broadcast_as((b, hkv, g, t, hd))?
                 .reshape((b, hq, t, hd))?;
             let scores = (q.matmul(&k_rep.t()?)? * scale)?;
-            let p = masked_attention(&scores, &keep, g)?;
+            let protect = gating.map_or(Protection::NONE, |gt| gt.protect);
+            let p = masked_attention(&scores, &keep, g, &protect)?;
             let attn = p
                 .matmul(&v_rep)?
                 .transpose(1, 2)?

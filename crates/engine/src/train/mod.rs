@@ -4,11 +4,18 @@
 //! Owns [`TrainConfig`], [`Trainer`] (the loop), [`StepReport`] and [`HeldOut`]. The loop, per
 //! optimiser step: `grad_accum` micro-batches of `batch` sequences, each through
 //! `model_zoo::train::TrainableDecoder` with the gates' straight-through hard mask; loss =
-//! masked CE + `lambda * (r_target - mean(1 - s))^2` over valid tokens of every layer and KV
+//! masked CE + `lambda * (r_target - mean(1 - s))^2` over valid unprotected tokens of every layer and KV
 //! head, divided by `grad_accum`; gradients summed, clipped to a global norm, AdamW at the
-//! scheduled learning rate (linear warmup, cosine decay to 10%). With `adapt_lambda`, after each
-//! step lambda is multiplied by 1.1 when the smoothed *hard* eviction ratio is more than 2
-//! points below the target and divided by 1.1 when more than 2 points above.
+//! scheduled learning rate (linear warmup, cosine decay to 10%). The masked attention applies
+//! the inference policy's protections (`sinks`, local `window`), which the gates file records.
+//! With `adapt_lambda`, after each step past the warmup the loss's soft target moves by 2% of
+//! the gap between the run's target and the smoothed *hard* eviction ratio, within
+//! [`SOFT_TARGET_RANGE`] of the target (the hard ratio is what eviction does; a soft mean on
+//! target can leave it far off), and lambda is multiplied by 1.05 while the soft ratio is more
+//! than 3 points off that soft target, divided by 1.05 once it is within 1 point (bounded to
+//! [1/10, 10] times its initial value). After training,
+//! [`Trainer::calibrate_threshold`] sets `tau` so that the hard ratio on training sequences
+//! meets the target exactly.
 //!
 //! Invariants: base weights never receive gradients (they are plain tensors; only gate and LoRA
 //! `Var`s are optimised); a run is a function of its config (seeded init, data order from
@@ -24,9 +31,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use gate_core::{AttentionGate, StoreDtype};
+use gate_core::{AttentionGate, Protection, StoreDtype};
 pub use model_zoo::train::LoraConfig;
-use model_zoo::train::{GateMode, Lora, TrainableDecoder};
+use model_zoo::train::{GateMode, Gating, Lora, TrainableDecoder};
 use model_zoo::{GgufFile, ModelConfig, WeightFormat, Weights};
 
 use crate::engine::Engine;
@@ -43,6 +50,10 @@ impl From<candle_core::Error> for EngineError {
 fn gate_err(e: gate_core::GateError) -> EngineError {
     EngineError::Invalid(e.to_string())
 }
+
+/// How far the adaptive controller may move the eviction loss's soft target from the run's
+/// target.
+pub const SOFT_TARGET_RANGE: f64 = 0.25;
 
 /// What gets trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -113,6 +124,18 @@ pub struct TrainConfig {
     pub adapt_lambda: bool,
     /// Initial gate bias (keep logit); `None` = the gate default (+3).
     pub gate_bias_init: Option<f32>,
+    /// Start from these trained gates (e.g. CPT gates fine-tuned by SFT) instead of a random
+    /// init; they must have been made for this model. The threshold is reset to 0.5.
+    #[serde(default)]
+    pub init_gates: Option<PathBuf>,
+    /// Attention sinks always visible during training (recorded in the gates file as the
+    /// inference default).
+    #[serde(default)]
+    pub sinks: usize,
+    /// Local window: a flagged-out key stays visible to the next `window` queries during
+    /// training (recorded in the gates file as the inference default).
+    #[serde(default)]
+    pub window: usize,
     /// What is trained.
     pub train: Trainables,
     /// LoRA adapters (required for `train = lora | both`).
@@ -183,8 +206,8 @@ impl TrainConfig {
     }
 }
 
-/// Figures of one optimiser step.
-#[derive(Clone, Debug, serde::Serialize)]
+/// Figures of one optimiser step (one line of the training log).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StepReport {
     /// 1-based step.
     pub step: usize,
@@ -198,6 +221,8 @@ pub struct StepReport {
     pub hard_evict: f64,
     /// Eviction-loss weight used.
     pub lambda: f64,
+    /// The eviction loss's soft target used (the run's target unless adapted).
+    pub soft_target: f64,
     /// Learning rate used.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -210,21 +235,25 @@ pub struct StepReport {
     pub elapsed_s: f64,
 }
 
-/// Held-out evaluation: CE and perplexity with the gates' hard flags vs the full cache, and the
-/// hard eviction ratio reached.
+/// Held-out evaluation: perplexity (over all tokens in CPT, answer tokens in SFT) of the base
+/// model and of the trained model with the full cache and with the gates' hard flags, and the
+/// eviction ratios reached.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HeldOut {
     /// Sequences evaluated.
     pub sequences: usize,
     /// Tokens scored.
     pub tokens: usize,
-    /// Perplexity with the full cache.
+    /// Perplexity of the base model (no LoRA) with the full cache.
+    pub ppl_base: f64,
+    /// Perplexity of the trained model (with LoRA adapters, if any) with the full cache.
     pub ppl_full: f64,
-    /// Perplexity with in-context eviction by the gates' hard flags.
-    pub ppl_gates: f64,
-    /// Hard eviction ratio on the held-out text.
+    /// Perplexity of the trained model with in-context eviction by the gates' hard flags
+    /// (`None` when the run trains no gates).
+    pub ppl_gates: Option<f64>,
+    /// Hard eviction ratio on the held-out data (0 without gates).
     pub hard_evict: f64,
-    /// Soft eviction ratio on the held-out text.
+    /// Soft eviction ratio on the held-out data (0 without gates).
     pub soft_evict: f64,
 }
 
@@ -252,8 +281,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Loads the dense decoder, the data, and initialises gates (seeded, bias
-    /// `gate_bias_init`), LoRA and the optimiser.
+    /// Loads the dense decoder, the data, and initialises gates (`init_gates`, else seeded
+    /// with bias `gate_bias_init`), LoRA and the optimiser.
     pub fn new(engine: &Engine, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
         let examples = match cfg.mode {
@@ -261,10 +290,20 @@ impl Trainer {
             Mode::Sft => dataset::load_sft(&cfg.data, engine.tokenizer(), cfg.seq_len)?,
         };
         let decoder = open_trainable(engine.model_path(), engine.model_config())?;
-        let (gates, gate_vars) = engine
-            .random_gates(cfg.seed, cfg.gate_bias_init)?
-            .into_trainable()
-            .map_err(gate_err)?;
+        let mut gates = match &cfg.init_gates {
+            Some(path) => {
+                let mut g = AttentionGate::load(path, &engine.model_identity()?, &Device::Cpu)
+                    .map_err(gate_err)?;
+                g.set_threshold(0.5).map_err(gate_err)?;
+                g
+            }
+            None => engine.random_gates(cfg.seed, cfg.gate_bias_init)?,
+        };
+        gates.set_protection(Protection {
+            sinks: cfg.sinks,
+            recent: cfg.window,
+        });
+        let (gates, gate_vars) = gates.into_trainable().map_err(gate_err)?;
         let lora = match &cfg.lora {
             Some(l) if cfg.train != Trainables::Gates => {
                 Some(Lora::new(&decoder, l, cfg.seed ^ 0x10ba)?)
@@ -290,6 +329,7 @@ impl Trainer {
             step: 0,
             lambda: cfg.lambda,
             hard_ema: None,
+            soft_target: cfg.target_evict,
             seed: cfg.seed,
             config: Self::config_key(&cfg)?,
         };
@@ -379,30 +419,34 @@ impl Trainer {
         ]);
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
-        tmp.write_all(&bytes)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
-        tmp.persist(path)
-            .map_err(|e| EngineError::Invalid(format!("{}: {}", path.display(), e.error)))?;
+        crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
         Ok(())
     }
 
-    /// Builds `[B, T]` inputs, `[B, T]` targets, the CE mask and the valid mask for examples.
+    /// Builds `[B, T]` inputs, `[B, T]` targets, the CE mask and the mask of the tokens the
+    /// eviction loss counts (valid, not padding, and not a protected sink) for examples.
     fn batch_tensors(&self, idx: &[usize]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let t = self.cfg.seq_len;
-        let b = idx.len();
+        let examples: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+        Self::example_tensors(&examples, self.cfg.sinks)
+    }
+
+    /// [`Trainer::batch_tensors`] of given examples (all of one length), the first `sinks`
+    /// positions not counted by the eviction loss.
+    fn example_tensors(
+        examples: &[&Example],
+        sinks: usize,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let b = examples.len();
+        let t = examples
+            .first()
+            .map_or(0, |e| e.tokens.len().saturating_sub(1));
         let (mut inp, mut tgt, mut cem, mut val) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for &i in idx {
-            let e = &self.examples[i];
+        for e in examples {
             inp.extend_from_slice(&e.tokens[..t]);
             tgt.extend_from_slice(&e.tokens[1..]);
             cem.extend(e.target_mask.iter().map(|&m| f32::from(u8::from(m))));
-            val.extend(e.valid.iter().map(|&m| f32::from(u8::from(m))));
+            let counted = |(i, &m): (usize, &bool)| f32::from(u8::from(m && i >= sinks));
+            val.extend(e.valid.iter().enumerate().map(counted));
         }
         let dev = Device::Cpu;
         Ok((
@@ -443,8 +487,7 @@ impl Trainer {
             tokens += inp.elem_count();
             let out = self.decoder.forward(
                 &inp,
-                use_gates.then_some(&self.gates),
-                GateMode::Ste,
+                use_gates.then(|| self.gating(GateMode::Ste)),
                 self.lora.as_ref(),
             )?;
             let (ce, _) = Self::masked_ce(&out.logits, &tgt, &cem)?;
@@ -459,7 +502,7 @@ impl Trainer {
                 let ev = gate_core::eviction_loss(
                     &s,
                     &vmask,
-                    cfg.target_evict as f32,
+                    self.state.soft_target as f32,
                     self.state.lambda as f32,
                 )
                 .map_err(gate_err)?;
@@ -489,19 +532,10 @@ impl Trainer {
             self.opt.step(&grads, lr)?;
         }
         let n = cfg.grad_accum as f64;
-        let hard = hard_sum / n;
-        let lambda_used = self.state.lambda;
+        let (soft, hard) = (soft_sum / n, hard_sum / n);
+        let (lambda_used, soft_target_used) = (self.state.lambda, self.state.soft_target);
         if cfg.adapt_lambda && use_gates {
-            let ema = match self.state.hard_ema {
-                Some(e) => 0.8 * e + 0.2 * hard,
-                None => hard,
-            };
-            self.state.hard_ema = Some(ema);
-            if ema < cfg.target_evict - 0.02 {
-                self.state.lambda *= 1.1;
-            } else if ema > cfg.target_evict + 0.02 {
-                self.state.lambda /= 1.1;
-            }
+            self.adapt(soft, hard);
         }
         self.state.step += 1;
         let secs = started.elapsed().as_secs_f64();
@@ -509,9 +543,10 @@ impl Trainer {
             step: self.state.step,
             loss: loss_sum / n,
             ce: ce_sum / n,
-            soft_evict: soft_sum / n,
+            soft_evict: soft,
             hard_evict: hard,
             lambda: lambda_used,
+            soft_target: soft_target_used,
             lr,
             grad_norm,
             skipped,
@@ -520,47 +555,137 @@ impl Trainer {
         })
     }
 
-    /// Evaluates on held-out sequences (`files`, CPT format, packed at `seq_len`): perplexity
-    /// with the hard flags vs the full cache, and the eviction ratios, over at most `max_seqs`
-    /// sequences (the first ones, in file order).
+    /// The controller of `adapt_lambda` (see the module header), after a step with these
+    /// soft and hard eviction ratios.
+    fn adapt(&mut self, soft: f64, hard: f64) {
+        let cfg = &self.cfg;
+        let st = &mut self.state;
+        let ema = st.hard_ema.map_or(hard, |e| 0.8 * e + 0.2 * hard);
+        st.hard_ema = Some(ema);
+        if st.step < cfg.warmup {
+            return; // the gates start above the threshold: no wind-up while they come down
+        }
+        let r = cfg.target_evict;
+        st.soft_target = (st.soft_target + 0.02 * (r - ema)).clamp(
+            (r - SOFT_TARGET_RANGE).max(0.0),
+            (r + SOFT_TARGET_RANGE).min(1.0),
+        );
+        let gap = (soft - st.soft_target).abs();
+        if gap > 0.03 {
+            st.lambda = (st.lambda * 1.05).min(cfg.lambda * 10.0);
+        } else if gap < 0.01 {
+            st.lambda = (st.lambda / 1.05).max(cfg.lambda / 10.0);
+        }
+    }
+
+    /// How the gates steer a forward of this run.
+    fn gating(&self, mode: GateMode) -> Gating<'_> {
+        Gating {
+            gates: &self.gates,
+            mode,
+            protect: self.gates.config().protection(),
+        }
+    }
+
+    /// Sets the threshold `tau` so that the hard eviction ratio over the first `seqs` training
+    /// sequences (valid tokens, every layer and KV head) equals the target: `tau` becomes the
+    /// target quantile of the keep probabilities. The probabilities of later layers depend on
+    /// the flags of earlier ones, so this repeats `rounds` times from the new `tau`. Returns the
+    /// hard ratio measured with the final `tau` (the fixed point is approached, not exact).
+    pub fn calibrate_threshold(&mut self, seqs: usize, rounds: usize) -> Result<f64> {
+        let n = seqs.clamp(1, self.examples.len());
+        let idx: Vec<usize> = (0..n).collect();
+        let mut measured = 0.0;
+        for round in 0..=rounds {
+            let mut probs: Vec<f32> = Vec::new();
+            let (mut hard, mut count) = (0.0, 0.0);
+            let tau = self.gates.config().threshold;
+            for &i in &idx {
+                let (inp, _, _, valid) = self.batch_tensors(&[i])?;
+                let out = self.decoder.forward(
+                    &inp,
+                    Some(self.gating(GateMode::Hard)),
+                    self.lora.as_ref(),
+                )?;
+                let valid = valid.flatten_all()?.to_vec1::<f32>()?;
+                for s in &out.keep_probs {
+                    // [1, T, Hkv]
+                    for (t, row) in s.squeeze(0)?.to_vec2::<f32>()?.iter().enumerate() {
+                        if valid[t] > 0.0 {
+                            probs.extend(row);
+                            hard += row.iter().filter(|&&p| p <= tau).count() as f64;
+                            count += row.len() as f64;
+                        }
+                    }
+                }
+            }
+            measured = hard / count.max(1.0);
+            if round == rounds || probs.is_empty() {
+                break;
+            }
+            probs.sort_by(f32::total_cmp);
+            let k = ((self.cfg.target_evict * probs.len() as f64).round() as usize)
+                .clamp(1, probs.len());
+            // Evicted iff s <= tau: the k smallest probabilities.
+            let above = probs.get(k).copied().unwrap_or(1.0);
+            self.gates
+                .set_threshold(0.5 * (probs[k - 1] + above))
+                .map_err(gate_err)?;
+        }
+        Ok(measured)
+    }
+
+    /// Evaluates on held-out data (`files`, in the run's format: CPT text packed at `seq_len`,
+    /// or SFT items scored on their answer tokens), over at most `max_seqs` sequences (the
+    /// first ones, in file order): perplexity of the base model with the full cache, of the
+    /// trained model (LoRA adapters, if any) with the full cache and with the gates' hard flags,
+    /// and the eviction ratios.
     pub fn evaluate(&self, files: &[PathBuf], max_seqs: usize) -> Result<HeldOut> {
-        let mut ex = dataset::load_cpt(files, self.engine.tokenizer(), self.cfg.seq_len)?;
+        let tok = self.engine.tokenizer();
+        let mut ex = match self.cfg.mode {
+            Mode::Cpt => dataset::load_cpt(files, tok, self.cfg.seq_len)?,
+            Mode::Sft => dataset::load_sft(files, tok, self.cfg.seq_len)?,
+        };
         ex.truncate(max_seqs.max(1));
-        let t = self.cfg.seq_len;
-        let (mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0usize);
+        let lora = self.lora.as_ref();
+        let (mut nll_base, mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0.0, 0.0);
         let (mut soft, mut hard) = (0.0, 0.0);
         for e in &ex {
-            let inp = Tensor::from_vec(e.tokens[..t].to_vec(), (1, t), &Device::Cpu)?;
-            let tgt = Tensor::from_vec(e.tokens[1..].to_vec(), (1, t), &Device::Cpu)?;
-            let mask = Tensor::ones((1, t), DType::F32, &Device::Cpu)?;
-            let full = self
-                .decoder
-                .forward(&inp, None, GateMode::Hard, self.lora.as_ref())?;
-            let gated = self.decoder.forward(
-                &inp,
-                Some(&self.gates),
-                GateMode::Hard,
-                self.lora.as_ref(),
-            )?;
-            let (cf, _) = Self::masked_ce(&full.logits.detach(), &tgt, &mask)?;
-            let (cg, _) = Self::masked_ce(&gated.logits.detach(), &tgt, &mask)?;
-            nll_full += cf.to_scalar::<f32>()? as f64 * t as f64;
-            nll_gate += cg.to_scalar::<f32>()? as f64 * t as f64;
-            n_tok += t;
-            let s = Tensor::stack(&gated.keep_probs, 0)?.detach();
-            let l = s.dim(0)?;
-            let vmask = Tensor::ones((l, 1, t), DType::F32, &Device::Cpu)?;
-            let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)
-                .map_err(gate_err)?;
-            soft += r.soft;
-            hard += r.hard;
+            let (inp, tgt, cem, valid) = Self::example_tensors(&[e], self.cfg.sinks)?;
+            let nll = |logits: &Tensor| -> Result<f64> {
+                let (ce, n) = Self::masked_ce(&logits.detach(), &tgt, &cem)?;
+                Ok(ce.to_scalar::<f32>()? as f64 * n)
+            };
+            let n = cem.sum_all()?.to_scalar::<f32>()? as f64;
+            if self.cfg.train.gates() {
+                let gated = self
+                    .decoder
+                    .forward(&inp, Some(self.gating(GateMode::Hard)), lora)?;
+                nll_gate += nll(&gated.logits)?;
+                let s = Tensor::stack(&gated.keep_probs, 0)?.detach();
+                let l = s.dim(0)?;
+                let vmask = valid.broadcast_as((l, 1, self.cfg.seq_len))?.contiguous()?;
+                let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)
+                    .map_err(gate_err)?;
+                soft += r.soft;
+                hard += r.hard;
+            }
+            let full = nll(&self.decoder.forward(&inp, None, lora)?.logits)?;
+            nll_full += full;
+            nll_base += match lora {
+                Some(_) => nll(&self.decoder.forward(&inp, None, None)?.logits)?,
+                None => full,
+            };
+            n_tok += n;
         }
         let n = ex.len() as f64;
+        let ppl = |nll: f64| (nll / n_tok.max(1.0)).exp();
         Ok(HeldOut {
             sequences: ex.len(),
-            tokens: n_tok,
-            ppl_full: (nll_full / n_tok as f64).exp(),
-            ppl_gates: (nll_gate / n_tok as f64).exp(),
+            tokens: n_tok as usize,
+            ppl_base: ppl(nll_base),
+            ppl_full: ppl(nll_full),
+            ppl_gates: self.cfg.train.gates().then(|| ppl(nll_gate)),
             hard_evict: hard / n,
             soft_evict: soft / n,
         })

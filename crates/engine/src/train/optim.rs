@@ -116,8 +116,11 @@ pub struct LoopState {
     pub step: usize,
     /// The eviction-loss weight at this point (adaptive lambda changes it).
     pub lambda: f64,
-    /// Smoothed hard eviction ratio used by the lambda controller.
+    /// Smoothed hard eviction ratio used by the controller.
     pub hard_ema: Option<f64>,
+    /// The eviction loss's soft target at this point (the controller shifts it so that the
+    /// *hard* ratio meets the run's target).
+    pub soft_target: f64,
     /// The run's seed. The data order and every random draw derive from `(seed, step)`, so this
     /// and `step` are the whole RNG state.
     pub seed: u64,
@@ -142,19 +145,11 @@ pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState) -> Result<()
     meta.insert("adam_t".to_string(), opt.t.to_string());
     let bytes = safetensors::serialize(tensors, Some(meta))
         .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
-    tmp.write_all(&bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
-    tmp.persist(path)
-        .map_err(|e| EngineError::Invalid(format!("{}: {}", path.display(), e.error)))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+    }
+    crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
     Ok(())
 }
 
