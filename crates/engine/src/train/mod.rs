@@ -257,6 +257,15 @@ pub struct HeldOut {
     pub soft_evict: f64,
 }
 
+/// A JSON object without its null fields: an unset optional setting compares equal to one that
+/// a checkpoint written before the setting existed never had.
+fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|_, value| !value.is_null());
+    }
+    v
+}
+
 /// Opens the decoder of `path` (GGUF file or Hugging Face directory) with dense f32 weights.
 pub fn open_trainable(path: &std::path::Path, cfg: &ModelConfig) -> Result<TrainableDecoder> {
     let format = WeightFormat::Dense(DType::F32);
@@ -345,7 +354,8 @@ impl Trainer {
         })
     }
 
-    /// The configuration as compared on resume (everything but `steps` and `heldout*`).
+    /// The configuration as compared on resume (everything but `steps`, `heldout*` and unset
+    /// options).
     fn config_key(cfg: &TrainConfig) -> Result<serde_json::Value> {
         let mut v = serde_json::to_value(cfg).map_err(|e| EngineError::Invalid(e.to_string()))?;
         if let Some(o) = v.as_object_mut() {
@@ -353,7 +363,7 @@ impl Trainer {
             o.remove("heldout");
             o.remove("heldout_seqs");
         }
-        Ok(v)
+        Ok(without_nulls(v))
     }
 
     /// Sequences available for training.
@@ -374,7 +384,7 @@ impl Trainer {
     /// Restores a checkpoint written by this configuration.
     pub fn resume(&mut self, path: &std::path::Path) -> Result<()> {
         let state = optim::load_checkpoint(path, &mut self.opt)?;
-        if state.config != self.state.config {
+        if without_nulls(state.config.clone()) != self.state.config {
             return Err(EngineError::Invalid(format!(
                 "{}: the checkpoint was written by a different configuration ({}); only --steps may change on resume",
                 path.display(),
