@@ -39,5 +39,11 @@ $agate eval --tasks target/eval/arc_easy.jsonl --out "$out/arc-easy-full" --json
 $agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 1 --seed 1 \
   --sweep 0.5 --policy ag,streaming,tova,knorm --out "$out/sweep-ag-passkey-1k" > /dev/null
 
+# 6. Attention-Gate on held-out text (issue 7): perplexity of the committed gates and of four
+#    baselines at the same measured ratio, on the held-out essays of `cargo xtask fetch-data`.
+cargo xtask fetch-data >&2
+$agate eval --tasks "${AGATE_HOME:-$HOME/.cache/agate}/data/heldout-ppl.jsonl" \
+  --sweep 0.5 --policy ag,streaming,h2o,snapkv,nacl --out "$out/ag-heldout-ppl" > /dev/null
+
 python3 scripts/eval/render_results.py "$out" docs/results.md
 echo "docs/results.md regenerated" >&2

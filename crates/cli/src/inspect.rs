@@ -23,8 +23,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let gates = engine::train::default_gates::for_engine(&engine)?.map(|g| {
         let c = g.config();
         format!(
-            "built-in Attention-Gate ({} layers × {} heads of dim {}, threshold {}); --policy ag uses it",
-            c.n_layers, c.heads, c.head_dim, c.threshold
+            "built-in Attention-Gate ({} layers × {} heads of dim {}, threshold {:.4}, sinks {}, window {}); --policy ag uses it",
+            c.n_layers, c.heads, c.head_dim, c.threshold, c.sinks, c.window
         )
     });
     let kv_per_token = cfg.kv_bytes_per_token(engine.config().kv_dtype.size_bytes());

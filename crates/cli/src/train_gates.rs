@@ -62,7 +62,7 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// the first N training sequences meets --target-evict (0 = keep tau = 0.5).
+    /// N training sequences (evenly spaced) meets --target-evict (0 = keep tau = 0.5).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.

@@ -6,6 +6,8 @@
 //! - 50 steps of CPT on a tiny random model reduce the loss and move the hard eviction ratio
 //!   toward the target (seconds);
 //! - checkpoint + resume gives the same gates as an uninterrupted run;
+//! - threshold calibration reaches the target ratio; `init_gates` starts from saved gates and
+//!   refuses another model's;
 //! - bad data files fail with errors naming the file and line.
 
 use std::path::{Path, PathBuf};
@@ -281,6 +283,30 @@ fn resume_continues_exactly() {
     let mut wrong = Trainer::new(&engine, other).unwrap();
     let err = wrong.resume(&ckpt).unwrap_err().to_string();
     assert!(err.contains("different configuration"), "{err}");
+}
+
+#[test]
+fn calibration_sets_tau_to_the_target_quantile() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    for target in [0.3, 0.7] {
+        let cfg = TrainConfig {
+            target_evict: target,
+            sinks: 2,
+            window: 4,
+            ..tiny_config(prose(dir.path()), 3)
+        };
+        let mut t = Trainer::new(&engine, cfg).unwrap();
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+        let ratio = t.calibrate_threshold(6, 3).unwrap();
+        assert!(
+            (ratio - target).abs() < 0.03,
+            "target {target}: calibrated hard ratio {ratio}"
+        );
+        assert_ne!(t.gates().config().threshold, 0.5);
+    }
 }
 
 #[test]
