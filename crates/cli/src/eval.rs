@@ -418,7 +418,13 @@ fn run_sweep(
             "accuracy",
             &series,
         )?;
-        plot::line_chart_png(&dir.join("accuracy.png"), &series)?;
+        plot::line_chart_png(
+            &dir.join("accuracy.png"),
+            "eviction ratio (measured)",
+            "accuracy",
+            (0.0, 1.0),
+            &series,
+        )?;
         eprintln!("results written to {}", dir.display());
     }
     if args.json {

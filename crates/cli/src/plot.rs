@@ -152,6 +152,8 @@ const PNG_W: usize = 900;
 const PNG_H: usize = 520;
 /// Plot area of [`line_chart_png`]: left, top, right, bottom.
 const AREA: (usize, usize, usize, usize) = (70, 30, 660, 460);
+/// Series with more points than this are drawn as lines without markers.
+const MARKER_MAX_POINTS: usize = 50;
 /// Line colours, cycled.
 const COLORS: [[u8; 3]; 10] = [
     [31, 119, 180],
@@ -166,21 +168,33 @@ const COLORS: [[u8; 3]; 10] = [
     [23, 190, 207],
 ];
 
-/// Draws series with x and y in `[0, 1]` (eviction ratio vs accuracy) as a PNG: axes with
-/// ticks every 0.1, grid lines, one coloured line with point markers per series, and a legend.
-/// Points outside `[0, 1]` are clamped to the frame.
-pub fn line_chart_png(path: &Path, series: &[Series]) -> anyhow::Result<()> {
+/// Draws series with x in `x_range` and y in `[0, 1]` as a PNG: axes with ten tick intervals,
+/// grid lines, one coloured line per series (with point markers when it has at most
+/// [`MARKER_MAX_POINTS`] points), axis labels and a legend. Points outside the ranges are
+/// clamped to the frame.
+pub fn line_chart_png(
+    path: &Path,
+    x_label: &str,
+    y_label: &str,
+    x_range: (f64, f64),
+    series: &[Series],
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         series.iter().any(|s| !s.points.is_empty()),
         "nothing to draw: no points"
     );
+    let (x0, x1) = x_range;
+    anyhow::ensure!(
+        x0.is_finite() && x1.is_finite() && x1 > x0,
+        "bad x range {x0}..{x1}"
+    );
     let mut c = Canvas::new(PNG_W, PNG_H);
     let (l, t, r, b) = AREA;
-    let px = |x: f64| l as f64 + x.clamp(0.0, 1.0) * (r - l) as f64;
+    let px = |x: f64| l as f64 + ((x - x0) / (x1 - x0)).clamp(0.0, 1.0) * (r - l) as f64;
     let py = |y: f64| b as f64 - y.clamp(0.0, 1.0) * (b - t) as f64;
     for i in 0..=10 {
-        let v = i as f64 / 10.0;
-        let (x, y) = (px(v) as usize, py(v) as usize);
+        let (xv, yv) = (x0 + (x1 - x0) * i as f64 / 10.0, i as f64 / 10.0);
+        let (x, y) = (px(xv) as usize, py(yv) as usize);
         c.line(
             (x as f64, t as f64),
             (x as f64, b as f64),
@@ -193,37 +207,43 @@ pub fn line_chart_png(path: &Path, series: &[Series]) -> anyhow::Result<()> {
             [225, 225, 225],
             1,
         );
-        let label = format!("{v:.1}");
+        let x_tick = if x1 - x0 >= 10.0 {
+            format!("{xv:.0}")
+        } else {
+            format!("{xv:.1}")
+        };
         c.text(
-            x.saturating_sub(text_width(&label) / 2),
+            x.saturating_sub(text_width(&x_tick) / 2),
             b + 8,
-            &label,
+            &x_tick,
             [0, 0, 0],
         );
+        let y_tick = format!("{yv:.1}");
         c.text(
-            l.saturating_sub(text_width(&label) + 8),
+            l.saturating_sub(text_width(&y_tick) + 8),
             y.saturating_sub(7),
-            &label,
+            &y_tick,
             [0, 0, 0],
         );
     }
     c.line((l as f64, t as f64), (l as f64, b as f64), [0, 0, 0], 2);
     c.line((l as f64, b as f64), (r as f64, b as f64), [0, 0, 0], 2);
-    let x_label = "eviction ratio (measured)";
     c.text(
-        (l + r - text_width(x_label)) / 2,
+        (l + r).saturating_sub(text_width(x_label)) / 2,
         b + 32,
         x_label,
         [0, 0, 0],
     );
-    c.text(8, 8, "accuracy", [0, 0, 0]);
+    c.text(8, 8, y_label, [0, 0, 0]);
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         for w in s.points.windows(2) {
             c.line((px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), color, 2);
         }
-        for &(x, y) in &s.points {
-            c.dot(px(x), py(y), 4, color);
+        if s.points.len() <= MARKER_MAX_POINTS {
+            for &(x, y) in &s.points {
+                c.dot(px(x), py(y), 4, color);
+            }
         }
         let ly = t + 10 + i * 22;
         c.line(
@@ -397,7 +417,7 @@ mod tests {
             },
         ];
         let png_path = dir.path().join("a.png");
-        line_chart_png(&png_path, &series).unwrap();
+        line_chart_png(&png_path, "eviction", "accuracy", (0.0, 1.0), &series).unwrap();
         let decoder = png::Decoder::new(std::io::BufReader::new(
             std::fs::File::open(&png_path).unwrap(),
         ));
@@ -407,6 +427,7 @@ mod tests {
         line_chart_svg(&svg_path, "t", "x", "y", &series).unwrap();
         let svg = std::fs::read_to_string(&svg_path).unwrap();
         assert!(svg.contains("<svg") && svg.contains("h2o"));
-        assert!(line_chart_png(&dir.path().join("b.png"), &[]).is_err());
+        assert!(line_chart_png(&dir.path().join("b.png"), "x", "y", (0.0, 1.0), &[]).is_err());
+        assert!(line_chart_png(&dir.path().join("c.png"), "x", "y", (1.0, 1.0), &series).is_err());
     }
 }

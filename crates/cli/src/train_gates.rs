@@ -62,7 +62,7 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// N training sequences (evenly spaced) meets --target-evict (0 = keep tau = 0.5).
+    /// the first N training sequences meets --target-evict (0 = keep tau = 0.5).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.
@@ -140,7 +140,7 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 1)]
     pub log_every: usize,
     /// Loss and eviction curves at the end: .svg (loss, CE, eviction) or .png (eviction and
-    /// CE relative to its first value, in [0, 1]).
+    /// the 10-step mean CE relative to its maximum, in [0, 1]).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
 }
@@ -387,6 +387,9 @@ fn logged_steps(path: &std::path::Path, last: usize) -> anyhow::Result<Vec<StepR
     Ok(steps)
 }
 
+/// Steps of the running CE mean drawn in the PNG curve.
+const CE_MEAN_STEPS: usize = 10;
+
 /// Draws the run's curves (see `--plot`).
 fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
     let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
@@ -394,11 +397,31 @@ fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
         points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
     };
     if path.extension().is_some_and(|e| e == "png") {
-        let ce0 = h.first().map_or(1.0, |r| r.ce.max(1e-9));
+        // Per-step CE is noisy (each step is another text): its running mean over the last
+        // CE_MEAN_STEPS steps, relative to that mean's maximum, shares the [0, 1] axis.
+        let ce_mean: Vec<f64> = (0..h.len())
+            .map(|i| {
+                let w = &h[i.saturating_sub(CE_MEAN_STEPS - 1)..=i];
+                w.iter().map(|r| r.ce).sum::<f64>() / w.len() as f64
+            })
+            .collect();
+        let ce_max = ce_mean.iter().copied().fold(1e-9, f64::max);
+        let ce = Series {
+            label: format!("CE ({CE_MEAN_STEPS}-step mean) / max"),
+            points: h
+                .iter()
+                .zip(&ce_mean)
+                .map(|(r, m)| (r.step as f64, m / ce_max))
+                .collect(),
+        };
+        let last = h.last().map_or(1, |r| r.step.max(1)) as f64;
         line_chart_png(
             path,
+            "step",
+            "CE (relative) / eviction ratio",
+            (0.0, last),
             &[
-                series("CE / first CE", &|r| r.ce / ce0),
+                ce,
                 series("soft eviction", &|r| r.soft_evict),
                 series("hard eviction", &|r| r.hard_evict),
             ],
