@@ -606,8 +606,8 @@ impl Trainer {
         let n = seqs.clamp(1, self.examples.len());
         // The first sequences: the data files' order decides what the ratio is calibrated on
         // (`fetch-data` puts the long essays first). The ratio a threshold gives depends on the
-        // kind of text: spread over the whole CPT mixture, the same target gave tau 0.500 and
-        // 0.456 on held-out essays; on the first 32 sequences, see docs/training.md.
+        // kind of text: calibrated over the whole CPT mixture, the committed gates got tau
+        // 0.500, which evicts only 0.456 of held-out essays (docs/training.md).
         let idx: Vec<usize> = (0..n).collect();
         let mut measured = 0.0;
         for round in 0..=rounds {
