@@ -15,6 +15,16 @@ def load(path):
         return json.load(f)
 
 
+def sweep_section(res, name, heading, intro, after):
+    """The lines of a section around RESULTS_DIR/NAME/sweep.md (none if it is missing)."""
+    path = os.path.join(res, name, "sweep.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        table = f.read().rstrip("\n")
+    return [heading, ""] + intro + ["", table, ""] + after
+
+
 def main():
     res, target = sys.argv[1], sys.argv[2]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -104,30 +114,23 @@ def main():
             f"| {a['n']} | {c['accuracy']:.2f} | {c['acc_norm']:.2f} |",
             "",
         ]
-    ag_dir = os.path.join(res, "sweep-ag-passkey-1k")
-    if os.path.exists(os.path.join(ag_dir, "sweep.md")):
-        with open(os.path.join(ag_dir, "sweep.md")) as f:
-            table = f.read().rstrip("\n")
-        lines += [
-            "## Matched comparison: Attention-Gate at its measured ratio",
-            "",
+    lines += sweep_section(
+        res,
+        "sweep-ag-passkey-1k",
+        "## Matched comparison: Attention-Gate at its measured ratio",
+        [
             "`agate eval --synthetic passkey --length 1024 --depths 0.1,0.5,0.9 -n 1 --seed 1"
             " --sweep 0.5 --policy ag,streaming,tova,knorm --out docs/results/sweep-ag-passkey-1k`",
             "(3 tasks per row). Attention-Gate runs once in threshold mode with the committed gates;",
             "the baselines run at 0.5 and again at the ratio AG reached (`matched_to = ag`).",
-            "",
-            table,
-            "",
-            "![accuracy vs eviction](results/sweep-ag-passkey-1k/accuracy.png)",
-            "",
-        ]
-    ppl_dir = os.path.join(res, "ag-heldout-ppl")
-    if os.path.exists(os.path.join(ppl_dir, "sweep.md")):
-        with open(os.path.join(ppl_dir, "sweep.md")) as f:
-            table = f.read().rstrip("\n")
-        lines += [
-            "## Attention-Gate on held-out text: perplexity at the same measured ratio",
-            "",
+        ],
+        ["![accuracy vs eviction](results/sweep-ag-passkey-1k/accuracy.png)", ""],
+    )
+    lines += sweep_section(
+        res,
+        "ag-heldout-ppl",
+        "## Attention-Gate on held-out text: perplexity at the same measured ratio",
+        [
             "`agate eval --tasks ~/.cache/agate/data/heldout-ppl.jsonl --policy ag,streaming,h2o,snapkv,nacl"
             " --sweep 0.5 --out docs/results/ag-heldout-ppl` (the held-out essays of `cargo xtask fetch-data`,",
             "~1k tokens each, never trained on: the first half is prefilled and evicted, the second half",
@@ -137,10 +140,9 @@ def main():
             "(`matched_to = ag`) when that is more than 0.005 away. `perplexity` is over the scored",
             "half; `accuracy` is next-token top-1; `kl` is the mean KL divergence from the full cache.",
             "How the gates were trained: [training.md](training.md).",
-            "",
-            table,
-            "",
-        ]
+        ],
+        [],
+    )
     tmp = target + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
