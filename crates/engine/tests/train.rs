@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use engine::train::{open_trainable, Mode, TrainConfig, Trainables, Trainer};
+use engine::train::{open_trainable, Mode, StepReport, TrainConfig, Trainables, Trainer};
 use engine::{Engine, PolicySpec, StoreDtype};
 use gate_core::Protection;
 use model_zoo::train::{GateMode, Gating};
@@ -211,17 +211,23 @@ fn tiny_config(data: PathBuf, steps: usize) -> TrainConfig {
     }
 }
 
+/// Runs `n` (>= 1) optimiser steps; the reports of the first and the last.
+fn run_steps(t: &mut Trainer, n: usize) -> (StepReport, StepReport) {
+    let first = t.train_step().unwrap();
+    let mut last = first.clone();
+    for _ in 1..n {
+        last = t.train_step().unwrap();
+    }
+    (first, last)
+}
+
 #[test]
 fn fifty_cpt_steps_reduce_the_loss_and_approach_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(&dir.path().join("model"));
     let data = prose(dir.path());
     let mut t = Trainer::new(&engine, tiny_config(data, 50)).unwrap();
-    let first = t.train_step().unwrap();
-    let mut last = first.clone();
-    for _ in 1..50 {
-        last = t.train_step().unwrap();
-    }
+    let (first, last) = run_steps(&mut t, 50);
     assert!(
         last.loss < first.loss,
         "loss {} -> {}",
@@ -414,11 +420,7 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
         targets: vec!["q".into(), "v".into()],
     });
     let mut t = Trainer::new(&engine, cfg).unwrap();
-    let first = t.train_step().unwrap();
-    let mut last = first.clone();
-    for _ in 1..4 {
-        last = t.train_step().unwrap();
-    }
+    let (first, last) = run_steps(&mut t, 4);
     assert!(
         last.ce < first.ce,
         "LoRA SFT CE {} -> {}",

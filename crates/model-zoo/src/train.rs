@@ -252,9 +252,9 @@ pub const STE_EXPONENT_CAP: f64 = 8.0;
 
 /// The multiplicative masked softmax of `gate_core::masked_attention_weights` (same forward:
 /// `e_ij = exp(S_ij - m_i) * vis_ij`, `m_i` the detached maximum over visible keys, a token
-/// always sees itself; `protect` adds the inference policy's protections: sinks always
-/// visible, a flagged-out key visible to the `protect.recent` queries after it), with invisible keys' exponents capped at [`STE_EXPONENT_CAP`] instead
-/// of gate-core's 80. The forward value is identical (those weights are exactly 0); only the
+/// always sees itself; `masks` add the inference policy's protections: sinks always visible, a
+/// flagged-out key visible to the `recent` queries after it), with invisible keys' exponents
+/// capped at [`STE_EXPONENT_CAP`] instead of gate-core's 80. The forward value is identical (those weights are exactly 0); only the
 /// straight-through gradient toward re-admitting an evicted key whose logit dwarfs every visible
 /// one is bounded. With gate-core's cap, evicting an attention-sink token produced gradients of
 /// `e^80` and NaN within a few steps on the default model (measured).
@@ -262,26 +262,14 @@ fn masked_attention(
     scores: &Tensor,
     keep: &Tensor,
     g: usize,
-    protect: &Protection,
+    masks: &VisibilityMasks,
 ) -> Result<Tensor> {
     let (b, hq, t, _) = scores.dims4()?;
     let hkv = hq / g;
-    let tri = |f: &dyn Fn(usize, usize) -> bool| -> candle_core::Result<Tensor> {
-        let v: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| (i, j)))
-            .map(|(i, j)| f32::from(u8::from(f(i, j))))
-            .collect();
-        Tensor::from_vec(v, (1, 1, 1, t, t), scores.device())
-    };
-    // Query i always sees key j <= i when j is itself, a sink, or in its local window; any
-    // other past key only when kept.
-    let always = |i: usize, j: usize| j < protect.sinks || i - j <= protect.recent;
-    let gated = tri(&|i, j| j < i && !always(i, j))?;
-    let shown = tri(&|i, j| j <= i && always(i, j))?;
     let vis = keep
         .reshape((b, hkv, 1, 1, t))?
-        .broadcast_mul(&gated)?
-        .broadcast_add(&shown)?;
+        .broadcast_mul(&masks.gated)?
+        .broadcast_add(&masks.shown)?;
     let s5 = scores.reshape((b, hkv, g, t, t))?;
     let visible = vis.gt(0.0)?.broadcast_as(s5.shape())?;
     let hidden = (s5.zeros_like()? - f64::INFINITY)?;
@@ -295,6 +283,39 @@ fn masked_attention(
         .broadcast_mul(&vis)?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
         .reshape((b, hq, t, t))?)
+}
+
+/// The causal visibility of one forward's `T` positions under a protection, `[1, 1, 1, T, T]`
+/// 0/1 each, built once per forward and shared by every layer.
+struct VisibilityMasks {
+    /// Past keys that query `i` sees only when kept (not itself, not a sink, not in its window).
+    gated: Tensor,
+    /// Keys query `i` always sees: itself, the sinks, its local window.
+    shown: Tensor,
+}
+
+impl VisibilityMasks {
+    fn new(t: usize, protect: &Protection, device: &Device) -> Result<Self> {
+        let tri = |f: &dyn Fn(usize, usize) -> bool| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| (i, j)))
+                .map(|(i, j)| f32::from(u8::from(f(i, j))))
+                .collect();
+            Tensor::from_vec(v, (1, 1, 1, t, t), device)
+        };
+        let always = |i: usize, j: usize| j < protect.sinks || i - j <= protect.recent;
+        Ok(VisibilityMasks {
+            gated: tri(&|i, j| j < i && !always(i, j))?,
+            shown: tri(&|i, j| j <= i && always(i, j))?,
+        })
+    }
+}
+
+/// RoPE tables of one forward's positions `0..T`, `[T, head_dim / 2]` each, shared by every
+/// layer's queries and keys.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// How the gates steer the training forward's attention.
@@ -389,19 +410,28 @@ impl TrainableDecoder {
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
     }
 
-    /// RoPE of `x: [B, H, T, hd]` at positions `0..T`, in the weights' layout, with tensor ops.
-    fn rope(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, t, hd) = x.dims4()?;
-        let half = hd / 2;
+    /// The RoPE tables of positions `0..t`.
+    fn rope_tables(&self, t: usize) -> Result<RopeTables> {
         let freqs = self.rope.inv_freq();
         let angles: Vec<f64> = (0..t)
             .flat_map(|p| freqs.iter().map(move |&f| p as f64 * f))
             .collect();
         let table = |f: fn(f64) -> f64| -> candle_core::Result<Tensor> {
             let v: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
-            Tensor::from_vec(v, (t, half), x.device())
+            Tensor::from_vec(v, (t, freqs.len()), &Device::Cpu)
         };
-        let (cos, sin) = (table(f64::cos)?, table(f64::sin)?);
+        Ok(RopeTables {
+            cos: table(f64::cos)?,
+            sin: table(f64::sin)?,
+        })
+    }
+
+    /// RoPE of `x: [B, H, T, hd]` at positions `0..T` (`tables` of the same `T`), in the
+    /// weights' layout, with tensor ops.
+    fn rope(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
+        let half = hd / 2;
+        let (cos, sin) = (&tables.cos, &tables.sin);
         Ok(match self.rope.layout() {
             RopeLayout::Halves => {
                 let (cos, sin) = (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?);
@@ -470,6 +500,9 @@ impl TrainableDecoder {
         let (hq, hkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let g = hq / hkv;
         let positions: Vec<u32> = (0..t as u32).collect();
+        let rope = self.rope_tables(t)?;
+        let protect = gating.map_or(Protection::NONE, |gt| gt.protect);
+        let masks = VisibilityMasks::new(t, &protect, &Device::Cpu)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let gate_err = |e: gate_core::GateError| ModelError::Input(e.to_string());
         let mut x = self
@@ -489,8 +522,8 @@ impl TrainableDecoder {
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = self.rope(&heads(proj("q", &layer.q)?, hq)?)?;
-            let k = self.rope(&heads(proj("k", &layer.k)?, hkv)?)?;
+            let q = self.rope(&heads(proj("q", &layer.q)?, hq)?, &rope)?;
+            let k = self.rope(&heads(proj("k", &layer.k)?, hkv)?, &rope)?;
             let v = heads(proj("v", &layer.v)?, hkv)?;
             let keep = match gating {
                 Some(Gating { gates, mode, .. }) => {
@@ -522,8 +555,7 @@ impl TrainableDecoder {
                 .broadcast_as((b, hkv, g, t, hd))?
                 .reshape((b, hq, t, hd))?;
             let scores = (q.matmul(&k_rep.t()?)? * scale)?;
-            let protect = gating.map_or(Protection::NONE, |gt| gt.protect);
-            let p = masked_attention(&scores, &keep, g, &protect)?;
+            let p = masked_attention(&scores, &keep, g, &masks)?;
             let attn = p
                 .matmul(&v_rep)?
                 .transpose(1, 2)?

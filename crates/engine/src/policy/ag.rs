@@ -12,7 +12,8 @@
 //!   protected), evicting whenever it exceeds the budget.
 //!
 //! Invariants: `flags[l][h]` and `probs[l][h]` are aligned with the store's retained entries of
-//! (l, h) after every pass; with `decode = false` generated tokens are always kept.
+//! (l, h) after every pass; in threshold mode the sinks (positions `0..sinks`) are never evicted,
+//! so they are a head's first entries; with `decode = false` generated tokens are always kept.
 
 use std::sync::Arc;
 
@@ -108,7 +109,7 @@ impl LayerHook for AgHook {
         layer: usize,
         normed: &Tensor,
         positions: &[u32],
-        kv: &SequenceKv,
+        _kv: &SequenceKv,
     ) -> model_zoo::Result<LayerPlan> {
         let probs = self.keep_probs(layer, normed, positions)?;
         let keep_all = self.pass == Pass::Decode && !self.decode;
@@ -118,13 +119,14 @@ impl LayerHook for AgHook {
             for (head, head_probs) in probs.iter().enumerate() {
                 let flags = &mut self.flags[layer][head];
                 flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
-                // Sinks always, flagged-out keys only to the queries of their local window.
-                let sinks = self.protect.sinks as u32;
+                // Sinks always (they are never evicted, so they are the first entries),
+                // flagged-out keys only to the queries of their local window.
+                let sinks = self.protect.sinks;
                 vis.push(
                     flags
                         .iter()
-                        .zip(kv.positions(layer, head))
-                        .map(|(&f, p)| f || p < sinks)
+                        .enumerate()
+                        .map(|(entry, &f)| f || entry < sinks)
                         .collect(),
                 );
             }
