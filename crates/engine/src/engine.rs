@@ -254,6 +254,11 @@ impl Engine {
         Ok(gates)
     }
 
+    /// True when `other` is a clone of this engine (same model, same pool).
+    pub fn same_engine(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Seconds spent loading the model.
     pub fn load_secs(&self) -> f64 {
         self.inner.load_secs
