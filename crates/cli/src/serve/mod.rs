@@ -320,19 +320,18 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let handled = async {
-        let request: ChatRequest = parse_body(&body.map_err(rejected)?)?;
+        let (request, common) = parse_body::<ChatRequest>(&body.map_err(rejected)?)?;
         let prompt = Prompt::Chat(request.conversation()?);
-        app.generate(Endpoint::Chat, prompt, &request.common).await
+        app.generate(Endpoint::Chat, prompt, &common).await
     };
     handled.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let handled = async {
-        let request: CompletionRequest = parse_body(&body.map_err(rejected)?)?;
+        let (request, common) = parse_body::<CompletionRequest>(&body.map_err(rejected)?)?;
         let prompt = Prompt::Text(request.prompt_text()?);
-        app.generate(Endpoint::Completion, prompt, &request.common)
-            .await
+        app.generate(Endpoint::Completion, prompt, &common).await
     };
     handled.await.unwrap_or_else(IntoResponse::into_response)
 }

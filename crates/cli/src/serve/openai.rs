@@ -133,8 +133,8 @@ pub struct Common {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<Value>,
-    /// Every other field: `kv_*` ones are agate's policy settings.
-    #[serde(flatten)]
+    /// The whole body: agate's `kv_*` settings and `ignore_eos` are read from it.
+    #[serde(skip)]
     pub extra: Map<String, Value>,
 }
 
@@ -145,40 +145,49 @@ pub struct WireMessage {
     pub content: Option<Value>,
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions` (besides [`Common`]).
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<WireMessage>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
-/// `POST /v1/completions`.
+/// `POST /v1/completions` (besides [`Common`]).
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Value,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
-/// Parses a JSON body into `T`; the error names the field at fault.
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let parsed: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+/// Parses a JSON object body into the endpoint's own fields `T` and the [`Common`] ones; an
+/// error names the field at fault.
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, Common), ApiError> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::invalid(None, format!("the request body is not valid JSON: {e}"))
+            .with_code("invalid_json")
+    })?;
+    let Value::Object(fields) = &body else {
+        return Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object",
+        ));
+    };
+    let own = typed(&body)?;
+    let mut common: Common = typed(&body)?;
+    common.extra = fields.clone();
+    Ok((own, common))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let param = (path != ".").then_some(path);
         let message = match &param {
-            Some(p) => format!("invalid request body at `{p}`: {}", e.inner()),
+            Some(p) => format!("invalid `{p}`: {}", e.inner()),
             None => format!("invalid request body: {}", e.inner()),
         };
-        ApiError::invalid(param.as_deref(), message).with_code("invalid_json")
-    })?;
-    de.end().map_err(|e| {
-        ApiError::invalid(None, format!("invalid request body: {e}")).with_code("invalid_json")
-    })?;
-    Ok(parsed)
+        ApiError::invalid(param.as_deref(), message)
+    })
 }
 
 impl ChatRequest {
