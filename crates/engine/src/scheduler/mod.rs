@@ -14,8 +14,10 @@
 //!   admitted regardless. Admission renders and tokenizes the prompt, takes a cached session
 //!   whose transcript the prompt extends (chat requests, same policy key) or starts a fresh one,
 //!   and checks the prompt against the context and the pool's capacity.
-//! - **Steps.** Long prompts are prefilled one chunk (the engine's prefill size) per step,
-//!   oldest request first, so running streams get a token every step. Before a step runs, the
+//! - **Steps.** Every step runs the next token of every decoding request and prompt chunks
+//!   (the engine's prefill size at most) of prefilling requests, oldest first, up to one chunk's
+//!   worth of prompt tokens in all (always at least one chunk): long prompts are prefilled over
+//!   several steps and running streams get a token every step. Before a step runs, the
 //!   pool must hold the blocks every sequence of it could take (an append to every table,
 //!   before the policy evicts): cached sessions are dropped LRU-first, then the newest active
 //!   requests are preempted (their blocks freed; they go back to the head of the queue and

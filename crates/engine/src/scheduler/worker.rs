@@ -62,14 +62,22 @@ struct Request {
 }
 
 impl Request {
-    /// KV blocks its next pass could take from the pool (0 when it has no pass to run).
+    /// Tokens of its next pass (0 when it has none to run).
+    fn next_pass_tokens(&self) -> usize {
+        match &self.state {
+            None => 0,
+            Some(state) => match &state.phase {
+                Phase::Prefill(plan) => plan.next_chunk().map_or(0, |(c, _)| c.len()),
+                Phase::Decode => usize::from(state.session.pending.is_some()),
+            },
+        }
+    }
+
+    /// KV blocks its next pass could take from the pool.
     fn next_pass_blocks(&self) -> usize {
-        let Some(state) = &self.state else { return 0 };
-        let tokens = match &state.phase {
-            Phase::Prefill(plan) => plan.next_chunk().map_or(0, |(c, _)| c.len()),
-            Phase::Decode => usize::from(state.session.pending.is_some()),
-        };
-        state.session.kv().blocks_to_append(tokens)
+        self.state.as_ref().map_or(0, |state| {
+            state.session.kv().blocks_to_append(self.next_pass_tokens())
+        })
     }
 
     fn is_decoding(&self) -> bool {
@@ -374,7 +382,7 @@ impl Worker {
             }
             if !chosen.is_empty() {
                 // Running streams free their blocks as they finish; the prefill waits.
-                break;
+                return Some(chosen);
             }
             if self.active.len() == 1 {
                 let request = self.active.pop().expect("one active request");
@@ -386,6 +394,32 @@ impl Worker {
                 return None;
             }
             self.preempt_newest(Some(p));
+        }
+        // More prefill chunks join while the step's prompt tokens stay within one chunk's worth
+        // (short prompts of many new requests start together) and the pool has room.
+        let budget = self.engine.config().prefill_chunk;
+        let mut tokens: usize = chosen
+            .iter()
+            .map(|&i| self.active[i].next_pass_tokens())
+            .sum();
+        let mut need = decode_need
+            + chosen
+                .iter()
+                .filter(|&&i| self.active[i].is_prefilling())
+                .map(|&i| self.active[i].next_pass_blocks())
+                .sum::<usize>();
+        for i in 0..self.active.len() {
+            let request = &self.active[i];
+            if !request.is_prefilling() || chosen.contains(&i) {
+                continue;
+            }
+            let (t, b) = (request.next_pass_tokens(), request.next_pass_blocks());
+            if tokens + t > budget || !self.make_room(need + b) {
+                break;
+            }
+            tokens += t;
+            need += b;
+            chosen.push(i);
         }
         (!chosen.is_empty()).then_some(chosen)
     }
