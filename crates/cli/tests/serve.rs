@@ -301,6 +301,9 @@ fn openai_shapes_routes_and_errors() {
         let r = c.get(server.url("/v1/nothing")).send().await.unwrap();
         let s = r.status().as_u16();
         assert_error(s, &r.json().await.unwrap(), 404, None);
+        let r = c.get(server.url("/v1/chat/completions")).send().await.unwrap();
+        let s = r.status().as_u16();
+        assert_error(s, &r.json().await.unwrap(), 405, None);
 
         // A 3-turn conversation prefills only the new turn on turns 2 and 3.
         let mut messages = vec![json!({"role": "system", "content": "Be brief."})];

@@ -67,8 +67,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_sessions: u64,
     /// Requests waiting for admission; beyond that the server answers 503.
-    #[arg(long, default_value_t = 64)]
-    pub max_queue: usize,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queue: u64,
     /// Finished conversations kept so that the next turn prefills only its new text (0: off).
     #[arg(long, default_value_t = 32)]
     pub prompt_cache: usize,
@@ -77,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub prefill_chunk: u64,
     /// Require `Authorization: Bearer KEY` on the /v1/ routes.
-    #[arg(long, value_name = "KEY")]
+    #[arg(long, value_name = "KEY", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub api_key: Option<String>,
     /// Model id shown by /v1/models and in responses (default: the model file's name).
     #[arg(long, value_name = "ID")]
@@ -136,7 +136,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         &engine,
         SchedulerConfig {
             max_sessions: args.max_sessions as usize,
-            max_queue: args.max_queue,
+            max_queue: args.max_queue as usize,
             prompt_cache: args.prompt_cache,
         },
     )?;
@@ -200,6 +200,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             count_responses,
@@ -255,14 +256,12 @@ async fn require_key(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            let e = ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "missing or incorrect API key: send `Authorization: Bearer KEY`".into(),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("invalid_api_key"),
-            };
-            return e.into_response();
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or incorrect API key: send `Authorization: Bearer KEY`",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
         }
     }
     next.run(request).await
@@ -274,16 +273,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!(
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
             "no route {} (agate serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)",
             uri.path()
         ),
-        kind: "invalid_request_error",
-        param: None,
-        code: Some("unknown_url"),
-    }
+    )
+    .with_code("unknown_url")
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with_code("method_not_allowed")
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
@@ -338,13 +343,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
 
 /// A body axum could not read (too large, not UTF-8…), as an OpenAI error.
 fn rejected(e: BytesRejection) -> ApiError {
-    ApiError {
-        status: e.status(),
-        message: e.body_text(),
-        kind: "invalid_request_error",
-        param: None,
-        code: None,
-    }
+    ApiError::new(e.status(), e.body_text())
 }
 
 /// A request's events, delivered into the async world; closed when the handler or the

@@ -24,14 +24,22 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A client error (`invalid_request_error`) with this status.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
     /// 400 for a bad request field.
     pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
             param: param.map(str::to_string),
-            code: None,
+            ..ApiError::new(StatusCode::BAD_REQUEST, message)
         }
     }
 
