@@ -117,17 +117,17 @@ fn streamed_content(events: &[Value]) -> String {
         .collect()
 }
 
+/// The text of `/metrics`.
+async fn metrics_text(c: &reqwest::Client, server: &Server) -> String {
+    let r = c.get(server.url("/metrics")).send().await.unwrap();
+    r.text().await.unwrap()
+}
+
 /// `/metrics` samples without labels.
 async fn metrics(c: &reqwest::Client, server: &Server) -> Vec<(String, f64)> {
-    let text = c
-        .get(server.url("/metrics"))
-        .send()
+    metrics_text(c, server)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.contains('{'))
         .filter_map(|l| {
             let (n, v) = l.split_once(' ')?;
@@ -395,14 +395,7 @@ fn sixteen_streams_finish_and_a_disconnect_frees_its_blocks() {
             sample(&m, "agate_kv_blocks_in_use"),
             sample(&m, "agate_kv_blocks_cached")
         );
-        let text = c
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&c, &server).await;
         assert!(
             text.contains("agate_requests_total{outcome=\"cancelled\"} 1"),
             "{text}"

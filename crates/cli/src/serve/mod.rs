@@ -40,7 +40,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use crate::args::{ModelArgs, SamplingArgs};
 use crate::policy_args::PolicyArgs;
 use openai::{
-    parse_body, usage_json, ApiError, ChatRequest, Common, CompletionRequest, Endpoint,
+    parse_body, unix_now, usage_json, ApiError, ChatRequest, Common, CompletionRequest, Endpoint,
     ResponseMeta, Stop,
 };
 
@@ -690,10 +690,4 @@ fn sse_events(meta: &ResponseMeta, answer: &Answer, event: RequestEvent) -> Vec<
 
 fn data(value: &Value) -> Event {
     Event::default().data(value.to_string())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

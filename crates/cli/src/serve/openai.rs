@@ -319,9 +319,7 @@ pub struct ResponseMeta {
 impl ResponseMeta {
     /// A new response id (`chatcmpl-…` or `cmpl-…`).
     pub fn new(endpoint: Endpoint, model: &str, serial: u64) -> Self {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = unix_now();
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
@@ -405,4 +403,11 @@ impl ResponseMeta {
         m.insert("usage".into(), usage);
         Value::Object(m)
     }
+}
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
