@@ -70,8 +70,14 @@ enum LinearWeight {
 impl Linear {
     /// Applies the projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, self.takes_dense_gemm(x.dim(0)?))
+    }
+
+    /// Applies the projection; a quantized weight runs as a dequantized dense GEMM when
+    /// `dense_gemm` is set, else with the quantized kernel.
+    fn apply(&self, x: &Tensor, dense_gemm: bool) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Quantized(QMatMul::QTensor(q)) if self.takes_dense_gemm(x.dim(0)?) => {
+            LinearWeight::Quantized(QMatMul::QTensor(q)) if dense_gemm => {
                 x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
             }
             LinearWeight::Quantized(m) => m.forward(x)?,
@@ -95,24 +101,25 @@ impl Linear {
     /// results equal lone passes to rounding: the GEMM's blocking depends on the row count).
     pub fn forward_segments(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
         if !rows.iter().any(|&r| self.takes_dense_gemm(r)) {
-            return self.forward(x);
+            // However many rows there are in all: each one takes the kernel it takes alone.
+            return self.apply(x, false);
         }
         let mut parts = Vec::new();
         let (mut start, mut shared) = (0, 0);
         for &r in rows {
             if self.takes_dense_gemm(r) {
                 if shared > 0 {
-                    parts.push(self.forward(&x.narrow(0, start - shared, shared)?)?);
+                    parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
                     shared = 0;
                 }
-                parts.push(self.forward(&x.narrow(0, start, r)?)?);
+                parts.push(self.apply(&x.narrow(0, start, r)?, true)?);
             } else {
                 shared += r;
             }
             start += r;
         }
         if shared > 0 {
-            parts.push(self.forward(&x.narrow(0, start - shared, shared)?)?);
+            parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

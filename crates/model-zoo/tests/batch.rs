@@ -54,12 +54,15 @@ fn contents(kv: &SequenceKv) -> Vec<Vec<f32>> {
     out
 }
 
-/// Three sequences prefill (5, 140 and 20 tokens) then decode one token each, alone and batched;
-/// returns the largest logit difference and whether the caches are identical.
-fn batched_vs_alone(model: &LlamaModel) -> (f32, bool) {
+/// Sequences of `lengths` prompt tokens prefill, then decode one token each, alone and
+/// batched; returns the largest logit difference and whether the caches are identical.
+fn batched_vs_alone(model: &LlamaModel, lengths: &[usize]) -> (f32, bool) {
     let pool = pool(model);
-    let prompts = [tokens(5, 1), tokens(140, 2), tokens(20, 3)];
-    let next = [11u32, 22, 33];
+    let prompts: Vec<Vec<u32>> = (0u32..)
+        .zip(lengths)
+        .map(|(i, &n)| tokens(n, i + 1))
+        .collect();
+    let next: Vec<u32> = (0..prompts.len() as u32).map(|i| 11 * (i + 1)).collect();
     let mut alone = Vec::new();
     let mut alone_kv = Vec::new();
     for (p, &t) in prompts.iter().zip(&next) {
@@ -73,8 +76,8 @@ fn batched_vs_alone(model: &LlamaModel) -> (f32, bool) {
         alone.push((values(&a), values(&b)));
         alone_kv.push(contents(&kv));
     }
-    let mut kvs: Vec<SequenceKv> = (0..3).map(|_| new_kv(model, &pool)).collect();
-    let mut hooks = [KeepAll, KeepAll, KeepAll];
+    let mut kvs: Vec<SequenceKv> = (0..prompts.len()).map(|_| new_kv(model, &pool)).collect();
+    let mut hooks = vec![KeepAll; prompts.len()];
     let first = {
         let mut batch: Vec<SequenceInput> = kvs
             .iter_mut()
@@ -127,7 +130,13 @@ fn batched_vs_alone(model: &LlamaModel) -> (f32, bool) {
 fn quantized_batch_is_bit_identical_to_lone_passes() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), WeightFormat::Quantize(GgmlDType::Q8_0));
-    assert_eq!(batched_vs_alone(&model), (0.0, true));
+    // One prompt long enough for the dense GEMM (it runs alone), short ones beside it.
+    assert_eq!(
+        batched_vs_alone(&model, &[5, 140, 20, 100, 60]),
+        (0.0, true)
+    );
+    // Only short prompts, but 161 rows together: still the quantized kernel for every row.
+    assert_eq!(batched_vs_alone(&model, &[100, 60, 1]), (0.0, true));
 }
 
 /// Float weights take one GEMM for all rows (that is where batching pays), and a float GEMM's
@@ -136,7 +145,7 @@ fn quantized_batch_is_bit_identical_to_lone_passes() {
 fn dense_batch_equals_lone_passes_to_rounding() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), WeightFormat::Dense(DType::F32));
-    let (diff, _) = batched_vs_alone(&model);
+    let (diff, _) = batched_vs_alone(&model, &[5, 140, 20, 100, 60]);
     assert!(diff < 1e-4, "batched vs lone logits differ by {diff}");
 }
 

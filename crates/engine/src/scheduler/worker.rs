@@ -42,6 +42,9 @@ struct Admitted {
     phase: Phase,
     decoding: Decoding,
     usage: Usage,
+    /// Whether `Started` was sent (at the first admission; a preempted request is admitted
+    /// again silently).
+    announced: bool,
     /// Entries the session had evicted before this request (for the evicted-tokens counter).
     evicted_before: f64,
     admitted_at: Instant,
@@ -236,14 +239,17 @@ impl Worker {
                 self.waiting.push_front(request);
                 return;
             }
-            let state = request.state.as_ref().expect("prepared above");
-            let started = RequestEvent::Started {
-                prompt_tokens: state.usage.prompt_tokens,
-                prompt_tokens_cached: state.usage.prompt_tokens_cached,
-            };
-            if !request.sink.send(started) {
-                self.exit(request, Exit::Cancelled);
-                continue;
+            let state = request.state.as_mut().expect("prepared above");
+            if !state.announced {
+                state.announced = true;
+                let started = RequestEvent::Started {
+                    prompt_tokens: state.usage.prompt_tokens,
+                    prompt_tokens_cached: state.usage.prompt_tokens_cached,
+                };
+                if !request.sink.send(started) {
+                    self.exit(request, Exit::Cancelled);
+                    continue;
+                }
             }
             self.active.push(request);
         }
@@ -306,6 +312,7 @@ impl Worker {
             phase: Phase::Prefill(plan),
             decoding: Decoding::new(&sub.request),
             usage,
+            announced: false,
             evicted_before,
             admitted_at: Instant::now(),
             prefilled_at: None,
