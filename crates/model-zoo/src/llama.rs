@@ -150,8 +150,7 @@ impl LlamaModel {
             kv.append(l, &k, &v, &positions)?;
             let plan = hook.plan(l, &normed, &positions, kv)?;
             let mut opts = AttendOptions::new(scale);
-            opts.visible = plan.visible.as_deref();
-            opts.window = plan.window;
+            opts.visible_until = plan.visible_until.as_deref();
             opts.prob_sums = plan.prob_rows.clone();
             let attended = kv.attend(l, &q, &positions, &opts)?;
             hook.after_attention(
