@@ -99,6 +99,10 @@ pub struct TrainGatesArgs {
     /// to the threshold that a short CPU run reaches the target).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub gate_bias_init: f32,
+    /// The gate's own attention window in tokens: the gate of a token attends to at most this
+    /// many tokens (itself included), which bounds its per-session cache (0: unbounded).
+    #[arg(long, default_value_t = engine::DEFAULT_GATE_ATTENTION_WINDOW, value_name = "TOKENS")]
+    pub gate_attention_window: usize,
     /// Start from these gates (e.g. fine-tune CPT gates by SFT) instead of a random init.
     #[arg(long, value_name = "FILE")]
     pub init_gates: Option<PathBuf>,
@@ -167,6 +171,7 @@ impl TrainGatesArgs {
             lambda: self.lambda,
             adapt_lambda: self.adapt_lambda,
             gate_bias_init: Some(self.gate_bias_init),
+            gate_attention_window: Some(self.gate_attention_window),
             init_gates: self.init_gates.clone(),
             sinks: self.sinks,
             window: self.window,

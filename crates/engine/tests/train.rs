@@ -98,7 +98,13 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
     let engine = tiny_engine(dir.path());
     let gates_path = dir.path().join("gates.safetensors");
     engine
-        .random_gates(7, Some(0.0))
+        .random_gates(
+            &engine::GateConfig {
+                bias_init: 0.0,
+                ..engine.gate_config()
+            },
+            7,
+        )
         .unwrap()
         .save(&gates_path, StoreDtype::F32)
         .unwrap();
@@ -203,6 +209,7 @@ fn tiny_config(data: PathBuf, steps: usize) -> TrainConfig {
         lambda: 10.0,
         adapt_lambda: true,
         gate_bias_init: Some(1.0),
+        gate_attention_window: None,
         init_gates: None,
         sinks: 0,
         window: 0,
@@ -348,7 +355,7 @@ fn init_gates_starts_from_saved_gates() {
     let other = Engine::builder().model(&other_dir).build().unwrap();
     let wrong = dir.path().join("wrong.safetensors");
     other
-        .random_gates(0, None)
+        .random_gates(&engine.gate_config(), 0)
         .unwrap()
         .save(&wrong, StoreDtype::F32)
         .unwrap();

@@ -124,6 +124,9 @@ pub struct TrainConfig {
     pub adapt_lambda: bool,
     /// Initial gate bias (keep logit); `None` = the gate default (+3).
     pub gate_bias_init: Option<f32>,
+    /// The gate's own attention window (tokens; 0 unbounded); `None` = the gate default.
+    #[serde(default)]
+    pub gate_attention_window: Option<usize>,
     /// Start from these trained gates (e.g. CPT gates fine-tuned by SFT) instead of a random
     /// init; they must have been made for this model. The threshold is reset to 0.5.
     #[serde(default)]
@@ -306,7 +309,14 @@ impl Trainer {
                 g.set_threshold(0.5).map_err(gate_err)?;
                 g
             }
-            None => engine.random_gates(cfg.seed, cfg.gate_bias_init)?,
+            None => {
+                let mut gate_cfg = engine.gate_config();
+                gate_cfg.bias_init = cfg.gate_bias_init.unwrap_or(gate_cfg.bias_init);
+                gate_cfg.attention_window = cfg
+                    .gate_attention_window
+                    .unwrap_or(gate_cfg.attention_window);
+                engine.random_gates(&gate_cfg, cfg.seed)?
+            }
         };
         gates.set_protection(Protection {
             sinks: cfg.sinks,
