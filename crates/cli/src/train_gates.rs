@@ -29,14 +29,14 @@ const CALIBRATION_ROUNDS: usize = 3;
 pub struct TrainGatesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// cpt (CE on all tokens; text or JSONL {"text"}) or sft (JSONL {"prompt","answer"}, CE on
-    /// answer tokens).
-    #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft"])]
+    /// cpt (CE on all tokens; text or JSONL {"text"}), sft (JSONL {"prompt","answer"} or
+    /// {"messages"}, CE on answer tokens) or mix (each file CPT or SFT by its content).
+    #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft", "mix"])]
     pub mode: String,
     /// Training data files.
     #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// Held-out files in the --mode's format (CPT text, or SFT items scored on their answers)
+    /// Held-out files in the --mode's formats (CPT text, or SFT items scored on their answers)
     /// evaluated at the end: perplexity of the base model, of the trained model with the full
     /// cache, and with the gates.
     #[arg(long, value_name = "FILE", num_args = 1..)]
@@ -62,7 +62,7 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// the first N training sequences meets --target-evict (0 = keep tau = 0.5).
+    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.
