@@ -459,7 +459,7 @@ impl Session {
 
     /// Tokens seen vs. retained per layer and head, and KV memory in use.
     pub fn kv_report(&self) -> KvReport {
-        KvReport::new(&self.kv, self.seen.len())
+        KvReport::new(&self.kv, self.seen.len(), self.hook.state_bytes())
     }
 
     /// Next-token logits after the last fed token (`None` before any prefill, or while a

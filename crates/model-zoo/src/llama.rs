@@ -295,8 +295,7 @@ impl LlamaModel {
         seq.kv.append(layer, k, v, positions)?;
         let plan = seq.hook.plan(layer, normed, positions, seq.kv)?;
         let mut opts = AttendOptions::new(scale);
-        opts.visible = plan.visible.as_deref();
-        opts.window = plan.window;
+        opts.visible_until = plan.visible_until.as_deref();
         opts.prob_sums = plan.prob_rows.clone();
         let attended = seq.kv.attend(layer, q, positions, &opts)?;
         seq.hook.after_attention(
