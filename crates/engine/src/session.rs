@@ -1,14 +1,14 @@
 //! `Session`: one conversation — its KV cache, its eviction policy, every token it has seen, and
 //! its chat transcript. Prefill, decode and chat turns all append to the same cache, so a second
-//! chat turn feeds only its new tokens.
+//! chat turn feeds only its new tokens. Every forward pass goes through
+//! `Session::forward_batch`, the same path the scheduler uses to run many sessions in one step.
 //!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
 //! holds the next-token logits after the last fed token and is `None` while a token is pending.
 
-use std::time::Instant;
-
 use std::ops::Range;
+use std::time::Instant;
 
 use candle_core::Tensor;
 use kv_store::SequenceKv;
@@ -218,8 +218,9 @@ impl Session {
 
     /// Empties the cache and returns the passes that rebuild it: every token seen, the pending
     /// one (so that afterwards the session holds the logits after it, as after a decode pass),
-    /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. The scheduler's preemption: blocks go back to the pool now,
-    /// the conversation resumes later by recomputing its cache.
+    /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. This is the
+    /// scheduler's preemption: the blocks go back to the pool now, and the conversation resumes
+    /// later by recomputing its cache.
     pub(crate) fn reset_for_replay(&mut self, unfed: &[u32]) -> Result<PrefillPlan> {
         let mut run = std::mem::take(&mut self.seen);
         run.extend(self.pending.take());
