@@ -45,7 +45,9 @@ for extra in ({"kv_policy": "ag"}, {"kv_policy": "streaming", "kv_keep": 64}):
     kv = r.usage.model_extra["kv"]
     print(f"\n[extra_body={extra}] {r.choices[0].message.content!r}")
     print(f"  kv: {kv['tokens_retained']} of {kv['tokens_seen']} tokens retained, eviction ratio "
-          f"{kv['eviction_ratio']:.2f}, {kv['bytes_in_use']} of {kv['bytes_full']} bytes")
+          f"{kv['eviction_ratio']:.2f}; bytes in use {kv['bytes_in_use']} (KV blocks "
+          f"{kv['kv_block_bytes']} + policy state {kv['policy_state_bytes']}) vs full cache "
+          f"{kv['bytes_full']}")
 
 # A conversation continued: turn 2 prefills only its new text.
 turn1 = [{"role": "user", "content": "Name a large city in Japan."}]
