@@ -15,17 +15,8 @@ fi
 echo "openai client $("$VENV/bin/python" -c 'import openai; print(openai.__version__)')"
 cargo build --release --quiet -p cli
 OUT=$(mktemp -d)
-target/release/agate --threads "${THREADS:-2}" serve --host 127.0.0.1 --port 0 "$@" \
-  >"$OUT/stdout" 2>"$OUT/stderr" &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$OUT"' EXIT
-# Wait for the address, at most 120 s.
-for _ in $(seq 1 240); do
-  grep -q '^listening on ' "$OUT/stdout" && break
-  kill -0 "$SERVER" 2>/dev/null || { cat "$OUT/stderr"; exit 1; }
-  sleep 0.5
-done
-URL=$(sed -n 's/^listening on //p' "$OUT/stdout")
-[ -n "$URL" ] || { echo "agate serve did not start"; cat "$OUT/stderr"; exit 1; }
+source scripts/serve/server.sh
+trap 'stop_server; rm -rf "$OUT"' EXIT
+start_server "$@"
 echo "server: $URL"
 "$VENV/bin/python" scripts/serve/openai_client_check.py "$URL"

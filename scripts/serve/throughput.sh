@@ -17,17 +17,7 @@ mkdir -p "$OUT"
 cargo build --release --quiet -p cli
 AGATE=target/release/agate
 
-start_server() { # args: extra serve flags; sets SERVER and URL
-  "$AGATE" --threads "$THREADS" serve --host 127.0.0.1 --port 0 "$@" >"$OUT/server.out" 2>"$OUT/server.err" &
-  SERVER=$!
-  for _ in $(seq 1 240); do
-    grep -q '^listening on ' "$OUT/server.out" && break
-    kill -0 "$SERVER" 2>/dev/null || { cat "$OUT/server.err"; exit 1; }
-    sleep 0.5
-  done
-  URL=$(sed -n 's/^listening on //p' "$OUT/server.out")
-}
-stop_server() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
+source scripts/serve/server.sh
 trap stop_server EXIT
 
 PARTS=${PARTS:-1 2}
