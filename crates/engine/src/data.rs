@@ -266,12 +266,13 @@ fn synthetic_sft(filler: &str, seed: u64, per_depth: usize) -> Result<Vec<serde_
                 if let Task::Generate {
                     context,
                     question,
+                    answer_prefix,
                     answer,
                     ..
                 } = task
                 {
                     items.push(serde_json::json!({
-                        "prompt": format!("{context}\n{question}"),
+                        "prompt": format!("{context}\n{question}{answer_prefix}"),
                         "answer": answer,
                     }));
                 }

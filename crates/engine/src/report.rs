@@ -4,6 +4,10 @@
 //! Invariants: `eviction_ratio = 1 - (sum of retained entries) / (tokens_seen * layers * heads)`;
 //! `bytes_full` counts, for every (layer, head), the blocks `tokens_seen` entries would need, so
 //! `bytes_in_use <= bytes_full` always and the two are comparable at block granularity.
+//! `bytes_in_use` counts every block the session holds, including blocks it shares copy-on-write
+//! with other sessions (a [`crate::SharedContext`] and its forks): a forked session reports what
+//! the same session would hold on its own; `bytes_shared` says how much of it is shared, and the
+//! pool ([`kv_store::PoolStats`]) counts each shared block once.
 
 use kv_store::SequenceKv;
 
@@ -20,6 +24,8 @@ pub struct KvReport {
     pub bytes_in_use: usize,
     /// Bytes the same store would hold with nothing evicted.
     pub bytes_full: usize,
+    /// Of `bytes_in_use`, the bytes of blocks other sessions hold too (copy-on-write).
+    pub bytes_shared: usize,
     /// Blocks held.
     pub blocks_in_use: usize,
     /// Retained entries, `[layer][kv_head]`.
@@ -51,6 +57,7 @@ impl KvReport {
             },
             bytes_in_use: stats.bytes_in_use,
             bytes_full: blocks_full * block_bytes,
+            bytes_shared: stats.bytes_shared,
             blocks_in_use: stats.blocks_in_use,
             retained_per_layer_head: retained,
         }
@@ -64,6 +71,7 @@ impl KvReport {
             "eviction_ratio": self.eviction_ratio,
             "bytes_in_use": self.bytes_in_use,
             "bytes_full": self.bytes_full,
+            "bytes_shared": self.bytes_shared,
             "blocks_in_use": self.blocks_in_use,
         })
     }

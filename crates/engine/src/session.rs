@@ -2,15 +2,26 @@
 //! its chat transcript. Prefill, decode and chat turns all append to the same cache, so a second
 //! chat turn feeds only its new tokens.
 //!
+//! What a prefill is to the policy is said by the caller ([`PrefillKind`]): [`Session::prefill`]
+//! feeds *context*, which one-shot policies (SnapKV, PyramidKV, KNorm, NACL) compress once at its
+//! end; [`Session::prefill_as`] with [`PrefillKind::Continuation`] feeds tokens that follow a
+//! compressed context (a question, the rest of a chat turn), which they keep, like every token
+//! generated. Every chat turn ([`Session::chat`]) and every [`Session::complete`] prompt is
+//! context: in a conversation, one-shot policies compress the whole retained cache again at the
+//! end of each user turn (to the budget of all tokens seen), so memory stays within the budget
+//! plus one answer. Continuous policies keep each head within budget at every step either way.
+//!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
-//! holds the next-token logits after the last fed token and is `None` while a token is pending.
+//! holds the next-token logits after the last fed token and is `None` while a token is pending;
+//! a prefill is fed in chunks of at most the engine's prefill chunk by [`run_prefill`], the one
+//! chunking every path shares (so a [`crate::SharedContext`] prefills exactly like a session).
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 use kv_store::SequenceKv;
-use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass};
+use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass, PrefillChunk, PrefillKind};
 
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
@@ -119,18 +130,31 @@ impl Session {
         let cfg = engine.model_config();
         let kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
         let hook = policy.hook(cfg)?;
-        Ok(Session {
+        Ok(Self::resumed(engine, policy, hook, kv, Vec::new(), None))
+    }
+
+    /// A session in a given state: `kv` holds exactly `seen`, `hook` is the policy's hook in the
+    /// state it reached feeding them, `logits` follow the last of them.
+    pub(crate) fn resumed(
+        engine: Engine,
+        policy: Policy,
+        hook: Box<dyn LayerHook + Send>,
+        kv: SequenceKv,
+        seen: Vec<u32>,
+        logits: Option<Vec<f32>>,
+    ) -> Self {
+        Session {
             engine,
             kv,
             policy,
             hook,
-            seen: Vec::new(),
+            seen,
             pending: None,
-            logits: None,
+            logits,
             messages: Vec::new(),
             transcript: String::new(),
             system: None,
-        })
+        }
     }
 
     /// The engine this session runs on.
@@ -176,8 +200,16 @@ impl Session {
         &self.messages
     }
 
-    /// Runs `tokens` through the model after everything seen so far. Returns seconds spent.
+    /// Runs `tokens` through the model after everything seen so far, as context: a one-shot
+    /// policy compresses the cache at its end. Returns seconds spent.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
+        self.prefill_as(tokens, PrefillKind::Context)
+    }
+
+    /// Runs `tokens` through the model after everything seen so far, as `kind`: context (one-shot
+    /// policies compress the cache at its end) or a continuation of a compressed context (they
+    /// keep it). A sampled token not yet fed goes first. Returns seconds spent.
+    pub fn prefill_as(&mut self, tokens: &[u32], kind: PrefillKind) -> Result<f64> {
         let started = Instant::now();
         let mut run: Vec<u32> = self.pending.take().into_iter().collect();
         run.extend_from_slice(tokens);
@@ -191,45 +223,50 @@ impl Session {
             }
             return Err(e);
         }
-        let min_final = self.hook.min_final_chunk(run.len());
-        let pieces = chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final);
-        let last = pieces.len() - 1;
-        for (i, range) in pieces.into_iter().enumerate() {
-            let logits = self.pass(
-                &run[range],
-                Pass::Prefill {
-                    final_chunk: i == last,
-                },
-                LogitsFor::Last,
-            )?;
-            self.logits = Some(
-                logits
-                    .to_vec1::<f32>()
-                    .map_err(model_zoo::ModelError::from)?,
-            );
-        }
+        let logits = run_prefill(
+            &self.engine,
+            &mut self.kv,
+            self.hook.as_mut(),
+            &mut self.seen,
+            &run,
+            kind,
+        )?;
+        self.logits = Some(logits);
         Ok(started.elapsed().as_secs_f64())
     }
 
     /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
-    /// scoring (perplexity, multiple choice). The tokens join the session like a prefill.
+    /// scoring (perplexity, multiple choice). The tokens join the session in one forward pass,
+    /// as a continuation ([`PrefillKind::Continuation`]): one-shot policies keep them.
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(EngineError::Invalid(
                 "nothing to score: empty token list".into(),
             ));
         }
-        if self.pending.is_some() {
-            self.prefill(&[])?;
-        }
+        self.feed_pending()?;
         self.check_context(tokens.len())?;
-        let logits = self.pass(tokens, Pass::Prefill { final_chunk: true }, LogitsFor::All)?;
+        let chunk = PrefillChunk {
+            start: 0,
+            end: tokens.len(),
+            len: tokens.len(),
+            kind: PrefillKind::Continuation,
+        };
+        let logits = self.pass(tokens, Pass::Prefill(chunk), LogitsFor::All)?;
         let last = logits
             .get(tokens.len() - 1)
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(model_zoo::ModelError::from)?;
         self.logits = Some(last);
         Ok(logits)
+    }
+
+    /// Feeds a sampled token not yet fed, as a continuation (generated tokens are never context).
+    fn feed_pending(&mut self) -> Result<()> {
+        if self.pending.is_some() {
+            self.prefill_as(&[], PrefillKind::Continuation)?;
+        }
+        Ok(())
     }
 
     /// Fails if `new` more tokens would not fit in the model's context.
@@ -353,9 +390,7 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
-        if self.pending.is_some() {
-            self.prefill(&[])?;
-        }
+        self.feed_pending()?;
         let engine = self.engine.clone();
         let tokenizer = engine.tokenizer();
         let eos = tokenizer.eos_ids();
@@ -455,44 +490,41 @@ impl Session {
     }
 }
 
-/// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least
-/// `min_final` tokens (or all of them, when fewer). Chunks may exceed `chunk` only to satisfy that.
-fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<std::ops::Range<usize>> {
-    let final_len = (n % chunk)
-        .max(if n.is_multiple_of(chunk) { chunk } else { 0 })
-        .max(min_final)
-        .min(n);
-    let head = n - final_len;
-    let mut bounds: Vec<_> = (0..head)
-        .step_by(chunk)
-        .map(|s| s..(s + chunk).min(head))
-        .collect();
-    bounds.push(head..n);
-    bounds
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunk_bounds;
-
-    #[test]
-    fn chunks_cover_everything_in_order_with_a_long_enough_tail() {
-        for n in 1..70 {
-            for chunk in [1, 4, 16] {
-                for min_final in [1, 5, 32] {
-                    let b = chunk_bounds(n, chunk, min_final);
-                    assert_eq!(b.first().unwrap().start, 0);
-                    assert_eq!(b.last().unwrap().end, n);
-                    assert!(b.windows(2).all(|w| w[0].end == w[1].start));
-                    assert!(
-                        b.last().unwrap().len() >= min_final.min(n),
-                        "{n} {chunk} {min_final} {b:?}"
-                    );
-                    assert!(b[..b.len() - 1]
-                        .iter()
-                        .all(|r| r.len() <= chunk && !r.is_empty()));
-                }
-            }
-        }
+/// Feeds `tokens` (at least one) after the `seen` tokens through the model in chunks of at most
+/// the engine's prefill chunk, announcing each chunk to `hook` as part of one prefill of `kind`;
+/// each chunk joins `seen` once it went through. Returns the last token's logits. The one
+/// chunking of every prefill path.
+pub(crate) fn run_prefill(
+    engine: &Engine,
+    kv: &mut SequenceKv,
+    hook: &mut dyn LayerHook,
+    seen: &mut Vec<u32>,
+    tokens: &[u32],
+    kind: PrefillKind,
+) -> Result<Vec<f32>> {
+    let len = tokens.len();
+    let step = engine.config().prefill_chunk.max(1);
+    let mut logits = Vec::new();
+    for start in (0..len).step_by(step) {
+        let end = (start + step).min(len);
+        hook.begin_pass(Pass::Prefill(PrefillChunk {
+            start,
+            end,
+            len,
+            kind,
+        }));
+        logits = engine
+            .model()
+            .forward(
+                &tokens[start..end],
+                seen.len() as u32,
+                kv,
+                hook,
+                LogitsFor::Last,
+            )?
+            .to_vec1::<f32>()
+            .map_err(model_zoo::ModelError::from)?;
+        seen.extend_from_slice(&tokens[start..end]);
     }
+    Ok(logits)
 }

@@ -308,6 +308,7 @@ fn summary(ratio: f64) -> EvalSummary {
     EvalSummary {
         n: 2,
         accuracy: 1.0 - ratio,
+        accuracy_ci95: [0.5 - ratio, 1.0],
         eviction_ratio: ratio,
         kv_bytes_in_use: 1 << 20,
         kv_bytes_full: 2 << 20,
@@ -324,17 +325,26 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
         anchors: vec!["a".into()],
         tolerance: 0.005,
     };
+    let mut batches = Vec::new();
     let rows = plan
-        .run(&mut |p, r| {
+        .run(&mut |batch| {
+            batches.push(batch.len());
             // Full keeps everything; the anchor, at its own settings, reaches 0.35.
-            Ok(summary(match (p, r) {
-                ("full", None) => 0.0,
-                ("a", None) => 0.35,
-                (_, Some(r)) => r,
-                other => panic!("unexpected run {other:?}"),
-            }))
+            Ok(batch
+                .iter()
+                .map(|r| {
+                    summary(match (r.policy.as_str(), r.ratio) {
+                        ("full", None) => 0.0,
+                        ("a", None) => 0.35,
+                        (_, Some(r)) => r,
+                        other => panic!("unexpected run {other:?}"),
+                    })
+                })
+                .collect())
         })
         .unwrap();
+    // Full, the anchor and the baselines at the grid first; then the matched runs.
+    assert_eq!(batches, [6, 2]);
     let names: Vec<(&str, Option<f64>, Option<&str>)> = rows
         .iter()
         .map(|r| (r.policy.as_str(), r.target_ratio, r.matched_to.as_deref()))
@@ -354,18 +364,34 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
     );
     let md = sweep::markdown_table(&rows);
     assert_eq!(md.lines().count(), rows.len() + 2);
-    assert!(md.contains("| b | 0.350 | 0.350 | 0.650 |"), "{md}");
+    assert!(
+        md.contains("| b | 0.350 | 0.350 | 0.650 | 0.150 | 1.000 |"),
+        "{md}"
+    );
     assert!(md.contains("| a | - | 0.350 | 0.650 |"), "{md}");
     // An anchor landing on a requested ratio gets no matched runs.
     let on_grid = plan
-        .run(&mut |p, r| Ok(summary(if p == "a" { 0.5 } else { r.unwrap_or(0.0) })))
+        .run(&mut |batch| {
+            Ok(batch
+                .iter()
+                .map(|r| {
+                    summary(if r.policy == "a" {
+                        0.5
+                    } else {
+                        r.ratio.unwrap_or(0.0)
+                    })
+                })
+                .collect())
+        })
         .unwrap();
     assert_eq!(on_grid.len(), 6);
     assert_eq!(sweep::csv(&rows).lines().count(), rows.len() + 1);
     let series = sweep::accuracy_series(&rows);
+    let xy = |i: usize| -> Vec<(f64, f64)> { series[i].1.iter().map(|p| (p.x, p.y)).collect() };
     assert_eq!(series[2].0, "b");
-    assert_eq!(series[1], ("a".to_string(), vec![(0.35, 0.65)]));
-    assert_eq!(series[2].1, vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+    assert_eq!((series[1].0.as_str(), xy(1)), ("a", vec![(0.35, 0.65)]));
+    assert_eq!(xy(2), vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+    assert_eq!(series[2].1[0].ci95, [0.25, 1.0]);
 }
 
 #[test]

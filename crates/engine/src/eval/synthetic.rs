@@ -3,11 +3,16 @@
 //! tracking and common-word extraction. They need no dataset and yield ordinary
 //! [`Task::Generate`] tasks, so they run through the same scorer as task files.
 //!
+//! Every task asks its question and then starts the answer for the model (RULER's answer
+//! prefix, e.g. `The pass key is`), as [`Task::Generate::answer_prefix`]: in raw text it follows
+//! the question; with the chat template it opens the assistant's turn.
+//!
 //! Invariants: the same [`SyntheticSpec`] and token counter always give the same tasks; every
-//! task's prompt (context + `"\n"` + question) is at most `length` tokens as the counter counts
-//! them, and within one filler sentence (kv: one JSON pair; cwe: one rare word's three list
-//! items) of it; a needle asked about sits at the sentence boundary nearest to its requested
-//! depth (fraction of the filler before it).
+//! task's prompt (context + `"\n"` + question + answer prefix, plus `overhead` tokens of chat
+//! template) is at most `length` tokens as the counter counts them, and within one filler
+//! sentence (kv: one JSON pair; cwe: one rare word's three list items) of it; a needle asked
+//! about sits at the sentence boundary nearest to its requested depth (fraction of the filler
+//! before it).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -101,6 +106,9 @@ pub struct SyntheticSpec {
     pub filler: String,
     /// Keys hidden by `niah-multi` (the asked one included).
     pub keys: usize,
+    /// Tokens the prompt format adds around context and question (a chat template's markers
+    /// and default system prompt), taken from `length`.
+    pub overhead: usize,
 }
 
 impl SyntheticSpec {
@@ -114,6 +122,7 @@ impl SyntheticSpec {
             seed: 1,
             filler: DEFAULT_FILLER.to_string(),
             keys: 4,
+            overhead: 0,
         }
     }
 }
@@ -136,6 +145,12 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
         return Err(EngineError::Invalid(
             "--keys: niah-multi needs at least 2".into(),
         ));
+    }
+    if spec.overhead >= spec.length {
+        return Err(EngineError::Invalid(format!(
+            "--length {}: the chat template alone takes {} tokens",
+            spec.length, spec.overhead
+        )));
     }
     let sentences = split_sentences(&spec.filler);
     if sentences.is_empty() {
@@ -233,7 +248,8 @@ impl Generator<'_> {
         if let Some(d) = depth {
             meta.insert("depth".into(), json!(d));
         }
-        let (prefix, inserts, question, answer, kind) = match spec.family {
+        let length = spec.length - spec.overhead;
+        let (prefix, inserts, question, answer_prefix, answer, kind) = match spec.family {
             Family::Passkey => {
                 let key = rng.random_range(10_000..100_000u32);
                 (
@@ -243,7 +259,8 @@ impl Generator<'_> {
                         text: format!("The pass key is {key}. Remember it. {key} is the pass key."),
                         asked: true,
                     }],
-                    "What is the pass key? The pass key is".to_string(),
+                    "What is the pass key?".to_string(),
+                    " The pass key is".to_string(),
                     key.to_string(),
                     MatchKind::Contains,
                 )
@@ -277,7 +294,8 @@ impl Generator<'_> {
                 (
                     "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.",
                     inserts,
-                    format!("What is the special magic number for {key} mentioned in the provided text? The special magic number for {key} mentioned in the provided text is"),
+                    format!("What is the special magic number for {key} mentioned in the provided text?"),
+                    format!(" The special magic number for {key} mentioned in the provided text is"),
                     values[0].to_string(),
                     MatchKind::Contains,
                 )
@@ -301,7 +319,8 @@ impl Generator<'_> {
                 (
                     "Memorize and track the chain(s) of variable assignment hidden in the following text.",
                     inserts,
-                    format!("Question: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
+                    format!("Question: Find all variables that are assigned the value {value} in the text above."),
+                    format!(" Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
                     names.join(", "),
                     MatchKind::All,
                 )
@@ -309,14 +328,13 @@ impl Generator<'_> {
             Family::Kv => return self.kv(spec, d, rng, meta),
             Family::Cwe => return self.cwe(spec, rng, meta),
         };
-        let question_tokens = (self.count)(&format!("\n{question}"))?;
+        let question_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let fixed = (self.count)(prefix)?
             + inserts
                 .iter()
                 .map(|i| (self.count)(&format!(" {}", i.text)))
                 .sum::<Result<usize>>()?;
-        let budget = spec
-            .length
+        let budget = length
             .checked_sub(1 + question_tokens + fixed)
             .filter(|b| *b > 0)
             .ok_or_else(|| {
@@ -324,7 +342,7 @@ impl Generator<'_> {
                     "--length {}: too short for a {} task ({} tokens without filler)",
                     spec.length,
                     spec.family.name(),
-                    1 + question_tokens + fixed
+                    1 + question_tokens + fixed + spec.overhead
                 ))
             })?;
         // Filler sentences from a seeded offset, as many as fit the budget.
@@ -371,7 +389,7 @@ impl Generator<'_> {
         };
         let (mut context, mut placed) = build(&filler, &self.sentences);
         // Sentence-wise counts may undercount the joined text: trim until it fits.
-        while 1 + (self.count)(&context)? + question_tokens > spec.length && !filler.is_empty() {
+        while 1 + (self.count)(&context)? + question_tokens > length && !filler.is_empty() {
             filler.pop();
             (context, placed) = build(&filler, &self.sentences);
         }
@@ -383,9 +401,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context,
             question,
+            answer_prefix,
             answer,
             match_kind: kind,
             meta,
+            chat: None,
         })
     }
 
@@ -399,12 +419,13 @@ impl Generator<'_> {
         let head = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{";
         let pair = |rng: &mut StdRng| (uuid(rng), uuid(rng));
         let (qk, qv) = pair(rng);
-        let question =
-            format!("}}\n\nKey: \"{qk}\"\nThe value associated with the specified key is:");
-        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let length = spec.length - spec.overhead;
+        let question = format!("}}\n\nKey: \"{qk}\"");
+        let answer_prefix = "\nThe value associated with the specified key is:".to_string();
+        let q_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let pair_tokens = |k: &str, v: &str| (self.count)(&format!("\"{k}\": \"{v}\", "));
         let mut used = 1 + q_tokens + (self.count)(head)? + pair_tokens(&qk, &qv)?;
-        if used > spec.length {
+        if used > length {
             return Err(EngineError::Invalid(format!(
                 "--length {}: too short for a kv task",
                 spec.length
@@ -415,7 +436,7 @@ impl Generator<'_> {
         loop {
             let (k, v) = pair(rng);
             let t = pair_tokens(&k, &v)?;
-            if used + t > spec.length {
+            if used + t > length {
                 break;
             }
             used += t;
@@ -431,7 +452,7 @@ impl Generator<'_> {
             format!("{head}{}", body.join(", "))
         };
         let mut context = render(&pairs);
-        while 1 + (self.count)(&context)? + q_tokens > spec.length && pairs.len() > 1 {
+        while 1 + (self.count)(&context)? + q_tokens > length && pairs.len() > 1 {
             // Drop a pair away from the asked one.
             let drop = if at + 1 < pairs.len() {
                 pairs.len() - 1
@@ -449,9 +470,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context,
             question,
+            answer_prefix,
             answer: qv,
             match_kind: MatchKind::Contains,
             meta,
+            chat: None,
         })
     }
 
@@ -475,13 +498,15 @@ impl Generator<'_> {
             .collect();
         shuffle(&mut pairs, rng);
         rare.extend(pairs);
-        let question = format!("Question: What are the {COMMON} most common words in the above list? Answer: The top {COMMON} words that appear most often in the list are:");
-        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let length = spec.length - spec.overhead;
+        let question =
+            format!("Question: What are the {COMMON} most common words in the above list?");
+        let answer_prefix =
+            format!(" Answer: The top {COMMON} words that appear most often in the list are:");
+        let q_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n";
         let per_word = (self.count)(" 100. alpha")?.max(1);
-        let budget = spec
-            .length
-            .saturating_sub(1 + q_tokens + (self.count)(head)?);
+        let budget = length.saturating_sub(1 + q_tokens + (self.count)(head)?);
         let total_words = budget / per_word;
         let order = rng.clone();
         // The list with `cf` copies of each common word and `rn` rare words, if it fits.
@@ -500,7 +525,7 @@ impl Generator<'_> {
                 .map(|(i, w)| format!("{}. {w}", i + 1))
                 .collect();
             let context = format!("{head}{}", list.join(" "));
-            let fits = 1 + (self.count)(&context)? + q_tokens <= spec.length;
+            let fits = 1 + (self.count)(&context)? + q_tokens <= length;
             Ok(fits.then_some(context))
         };
         let too_short = || {
@@ -542,9 +567,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context: best.ok_or_else(too_short)?,
             question,
+            answer_prefix,
             answer: common.join(", "),
             match_kind: MatchKind::All,
             meta,
+            chat: None,
         })
     }
 }
