@@ -54,7 +54,8 @@ pub struct EvalArgs {
     /// Synthetic: random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Synthetic: haystack text file (default: RULER's repeated neutral sentences).
+    /// Synthetic: haystack text file, split into sentences (default: RULER's noise, its block of
+    /// neutral sentences repeated whole, one per line).
     #[arg(long, value_name = "FILE")]
     pub filler: Option<PathBuf>,
     /// Synthetic niah-multi: keys hidden (the asked one included).
@@ -159,9 +160,11 @@ fn parse_ppl_context(s: &str) -> Result<PplContext, String> {
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let choices = args.policy.policies()?;
     let filler = match &args.filler {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("--filler: cannot read {}", p.display()))?,
-        None => synthetic::DEFAULT_FILLER.to_string(),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--filler: cannot read {}", p.display()))?,
+        ),
+        None => None,
     };
     let mut tasks_from_file = match &args.tasks {
         Some(p) => Some(eval::load_tasks(p)?),

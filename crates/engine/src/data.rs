@@ -259,7 +259,7 @@ fn synthetic_sft(filler: &str, seed: u64, per_depth: usize) -> Result<Vec<serde_
                 depths: SYNTHETIC_DEPTHS.to_vec(),
                 n: per_depth,
                 seed: seed.wrapping_mul(1_000).wrapping_add(length as u64),
-                filler: filler.to_string(),
+                filler: Some(filler.to_string()),
                 ..SyntheticSpec::new(family, length)
             };
             for task in synthetic::generate(&spec, &count)? {

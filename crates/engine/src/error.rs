@@ -36,6 +36,13 @@ pub enum EngineError {
         /// The policies it applies to.
         applies_to: String,
     },
+    /// A policy that evicts inside the prefill (Attention-Gate) cannot start from a
+    /// [`crate::SharedContext`].
+    #[error("policy {policy} cannot start from a shared context: it evicts inside the prefill")]
+    NotShareable {
+        /// The policy's name.
+        policy: &'static str,
+    },
     /// Reading or writing a file failed (the message names the file).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -57,10 +57,7 @@ impl SharedContext {
             });
         }
         if let Some(p) = policies.iter().find(|p| !p.shares_context()) {
-            return Err(EngineError::Invalid(format!(
-                "policy {} cannot start from a shared context: it evicts inside the prefill",
-                p.name()
-            )));
+            return Err(EngineError::NotShareable { policy: p.name() });
         }
         let cfg = engine.model_config();
         let mut kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
@@ -92,10 +89,9 @@ impl SharedContext {
         let hook: Box<dyn model_zoo::LayerHook + Send> = match policy {
             Policy::Full => Box::new(model_zoo::KeepAll),
             Policy::Ag { .. } => {
-                return Err(EngineError::Invalid(format!(
-                    "policy {} cannot start from a shared context: it evicts inside the prefill",
-                    policy.name()
-                )))
+                return Err(EngineError::NotShareable {
+                    policy: policy.name(),
+                })
             }
             _ => Box::new(ScoredHook::after_shared_context(
                 policy,

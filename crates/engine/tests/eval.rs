@@ -285,10 +285,42 @@ fn needles_sit_at_the_requested_depth() {
     }
 }
 
+/// RULER's noise haystack (the default): whole blocks, one per line after the instructions'
+/// line, the needle on its own line between two blocks, never after the last (as RULER and
+/// llama.cpp's passkey place it), at any depth.
+#[test]
+fn the_noise_haystack_keeps_its_blocks_whole() {
+    let mut spec = SyntheticSpec::new(Family::Passkey, 600);
+    spec.depths = vec![0.0, 0.3, 1.0];
+    spec.n = 3;
+    for task in synthetic::generate(&spec, &words).unwrap() {
+        let Task::Generate { context, meta, .. } = &task else {
+            panic!()
+        };
+        let lines: Vec<&str> = context.lines().collect();
+        assert!(lines[0].starts_with("There is an important info"), "{context}");
+        let needle = lines
+            .iter()
+            .position(|l| l.starts_with("The pass key is"))
+            .unwrap();
+        assert!(
+            needle >= 1 && needle + 1 < lines.len(),
+            "needle on line {needle} of {} at depth {}",
+            lines.len(),
+            meta["depth"]
+        );
+        for (i, line) in lines.iter().enumerate().skip(1) {
+            if i != needle {
+                assert_eq!(*line, synthetic::NOISE_BLOCK);
+            }
+        }
+    }
+}
+
 #[test]
 fn any_filler_text_works_and_short_lengths_are_refused() {
     let mut spec = SyntheticSpec::new(Family::Passkey, 300);
-    spec.filler = "Alpha beta gamma! Delta epsilon?\nZeta eta theta".into();
+    spec.filler = Some("Alpha beta gamma! Delta epsilon?\nZeta eta theta".into());
     let tasks = synthetic::generate(&spec, &words).unwrap();
     let Task::Generate { context, .. } = &tasks[0] else {
         panic!()
@@ -434,21 +466,38 @@ fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
     let engine = common::default_engine(engine::WeightFormat::Auto);
     let tok = engine.tokenizer();
     let count = |t: &str| -> engine::Result<usize> { Ok(tok.encode(t, false)?.len()) };
+    let overhead = eval::chat_template_overhead(&engine).unwrap();
+    assert!(overhead > 10, "SmolLM2's template: markers and a default system prompt");
     for family in Family::ALL {
-        for length in [512, 2048] {
+        for (length, chat) in [(512, false), (2048, false), (1024, true)] {
             let mut spec = SyntheticSpec::new(family, length);
             spec.n = 2;
             spec.depths = vec![0.0, 1.0];
+            spec.overhead = if chat { overhead } else { 0 };
             for t in synthetic::generate(&spec, &count).unwrap() {
                 let Task::Generate {
-                    context, question, ..
+                    context,
+                    question,
+                    answer_prefix,
+                    ..
                 } = &t
                 else {
                     panic!("{family:?}: not a generate task")
                 };
-                let n = tok.encode(context, true).unwrap().len()
-                    + tok.encode(&format!("\n{question}"), false).unwrap().len();
-                // Within one filler sentence (< 40 tokens), one JSON pair of two UUIDs (< 100
+                let n = if chat {
+                    let user = engine::ChatMessage::new("user", &format!("{context}\n{question}"));
+                    let rendered = tok.apply_chat_template(&[user], true).unwrap();
+                    tok.encode(&format!("{rendered}{}", answer_prefix.trim_start()), true)
+                        .unwrap()
+                        .len()
+                } else {
+                    tok.encode(context, true).unwrap().len()
+                        + tok
+                            .encode(&format!("\n{question}{answer_prefix}"), false)
+                            .unwrap()
+                            .len()
+                };
+                // Within one noise block (< 40 tokens), one JSON pair of two UUIDs (< 100
                 // tokens) or one rare word's three numbered items (< 60 tokens) of the length.
                 let slack = match family {
                     Family::Kv => 100,
@@ -457,7 +506,7 @@ fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
                 };
                 assert!(
                     n <= length && n + slack > length,
-                    "{family:?} at {length}: {n} tokens"
+                    "{family:?} at {length} (chat {chat}): {n} tokens"
                 );
             }
         }

@@ -6,31 +6,18 @@
 //!   chunks of 64, 256 and 4096 tokens (so are NACL's, whose proxies are the last 1% of the
 //!   prompt, not of its last chunk);
 //! - in the default (not query-aware) protocol the one-shot policies compress the context once
-//!   and keep every question token, in every head.
+//!   and keep every question token, in every head;
+//! - the design's [choice] defaults are settable (`PolicyOptions`) and change what is kept.
 
+mod common;
+
+use common::tokens;
 use engine::eval::{self, EvalOptions, Task};
 use engine::{Engine, PolicySpec};
 use gate_core::select::Budget;
 
 fn tiny_engine(layers: usize, prefill_chunk: usize) -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = model_zoo::random::tiny_config(layers, 6, 2);
-    cfg.max_position = 8192;
-    model_zoo::random::write_random_model(dir.path(), &cfg, 13).unwrap();
-    let engine = Engine::builder()
-        .model(dir.path())
-        .weights(engine::WeightFormat::Dense(candle_core::DType::F32))
-        .kv_dtype(engine::KvDtype::F32)
-        .prefill_chunk(prefill_chunk)
-        .build()
-        .unwrap();
-    (dir, engine)
-}
-
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
-        .collect()
+    common::tiny_engine(layers, 13, engine::KvDtype::F32, prefill_chunk)
 }
 
 fn spec(name: &str, evict: f32) -> PolicySpec {
@@ -150,4 +137,45 @@ fn one_shot_policies_compress_the_context_once_and_keep_the_question() {
             );
         }
     }
+}
+
+/// The [choice] knobs reach their policies: PyramidKV's beta reshapes the per-layer budgets,
+/// SnapKV's kernel and H2O's normalisation change what is kept, and NACL without a budget runs
+/// its released defaults (no eviction below `min_len` tokens, ~80% above).
+#[test]
+fn policy_options_change_what_is_kept() {
+    let (_dir, engine) = tiny_engine(3, 512);
+    let prompt = tokens(600, 9);
+    let with = |name: &str, evict: Option<f32>, pairs: &[&str]| {
+        let mut spec = PolicySpec {
+            evict,
+            ..PolicySpec::named(name)
+        };
+        for p in pairs {
+            spec.options.set_pair(p).unwrap();
+        }
+        kept_after_prefill(&engine, &spec, &prompt)
+    };
+    let per_layer = |kept: &[Vec<Vec<u32>>]| -> Vec<usize> { kept.iter().map(|l| l[0].len()).collect() };
+    let steep = per_layer(&with("pyramidkv", Some(0.6), &["beta=20"]));
+    let flat = per_layer(&with("pyramidkv", Some(0.6), &["beta=1"]));
+    assert!(steep[0] > flat[0] && steep[2] < flat[2], "{steep:?} vs {flat:?}");
+    assert_eq!(steep.iter().sum::<usize>(), flat.iter().sum::<usize>());
+    assert_ne!(
+        with("snapkv", Some(0.6), &["kernel=1"]),
+        with("snapkv", Some(0.6), &["kernel=9"])
+    );
+    assert_ne!(
+        with("h2o", Some(0.6), &["normalise=false"]),
+        with("h2o", Some(0.6), &["normalise=true"])
+    );
+    let released = with("nacl", None, &[]);
+    let kept: usize = released.iter().flatten().map(Vec::len).sum();
+    let total = prompt.len() * 3 * 2;
+    assert!(
+        (kept as f64 / total as f64 - 0.2).abs() < 0.01,
+        "NACL's released defaults keep ~20%, kept {kept} of {total}"
+    );
+    let short = with("nacl", None, &["min_len=1000"]);
+    assert!(short.iter().flatten().all(|h| h.len() == prompt.len()));
 }

@@ -8,7 +8,11 @@
 //! Two selections may differ only where the reference scores of the swapped entries tie within
 //! rounding (the engine accumulates in f32).
 
+mod common;
+
 use std::collections::BTreeSet;
+
+use common::tokens;
 
 use engine::{Engine, PolicyOptions, PolicySpec};
 use gate_core::select::Budget;
@@ -19,24 +23,7 @@ const CHUNK: usize = 64;
 const WINDOW: usize = 32;
 
 fn tiny_engine() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = model_zoo::random::tiny_config(3, 6, 2);
-    cfg.max_position = 4096;
-    model_zoo::random::write_random_model(dir.path(), &cfg, 17).unwrap();
-    let engine = Engine::builder()
-        .model(dir.path())
-        .weights(engine::WeightFormat::Dense(candle_core::DType::F32))
-        .kv_dtype(engine::KvDtype::F32)
-        .prefill_chunk(CHUNK)
-        .build()
-        .unwrap();
-    (dir, engine)
-}
-
-fn tokens(n: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(99) >> 9) % 256)
-        .collect()
+    common::tiny_engine(3, 17, engine::KvDtype::F32, CHUNK)
 }
 
 /// Records every layer's queries (after RoPE) during a full-cache prefill.
@@ -243,7 +230,7 @@ fn spec(name: &str, evict: f32) -> PolicySpec {
 #[test]
 fn one_shot_and_prefill_end_selections_follow_the_formulas() {
     let (_dir, engine) = tiny_engine();
-    let prompt = tokens(300);
+    let prompt = tokens(300, 99);
     let m = capture(&engine, &prompt);
     let t = m.t;
     let layers = m.layers.len();

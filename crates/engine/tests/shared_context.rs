@@ -4,41 +4,19 @@
 //! compressed context (a question) is kept whole by the one-shot policies, while a new context
 //! (the next chat turn) is compressed again to the budget of everything seen.
 
+mod common;
+
+use common::tokens;
 use engine::{Engine, Policy, PolicySpec, PrefillKind, SharedContext};
 use gate_core::select::Budget;
 
 fn tiny_engine(prefill_chunk: usize) -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = model_zoo::random::tiny_config(3, 6, 2);
-    cfg.max_position = 4096;
-    model_zoo::random::write_random_model(dir.path(), &cfg, 23).unwrap();
-    let engine = Engine::builder()
-        .model(dir.path())
-        .weights(engine::WeightFormat::Dense(candle_core::DType::F32))
-        .prefill_chunk(prefill_chunk)
-        .build()
-        .unwrap();
-    (dir, engine)
-}
-
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
-        .collect()
+    common::tiny_engine(3, 23, engine::KvDtype::F16, prefill_chunk)
 }
 
 fn baselines(engine: &Engine, ratio: f32) -> Vec<Policy> {
     let mut out = vec![Policy::Full];
-    for name in [
-        "random",
-        "streaming",
-        "h2o",
-        "tova",
-        "snapkv",
-        "pyramidkv",
-        "knorm",
-        "nacl",
-    ] {
+    for name in Policy::NAMES.iter().filter(|n| !["full", "ag"].contains(n)) {
         let spec = PolicySpec {
             evict: Some(ratio),
             ..PolicySpec::named(name)

@@ -349,21 +349,17 @@ pub fn run_policies(
         .collect();
     let mut out = vec![Vec::with_capacity(tasks.len()); policies.len()];
     for (index, task) in tasks.iter().enumerate() {
-        let failed = |policy: &Policy, e: EngineError| {
-            EngineError::Invalid(format!(
-                "task {} ({}), policy {}: {e}",
-                index + 1,
-                task.kind(),
-                policy.name()
-            ))
+        let failed = |policy: Option<&Policy>, e: EngineError| {
+            let under = policy.map_or_else(String::new, |p| format!(", policy {}", p.name()));
+            EngineError::Invalid(format!("task {} ({}{under}): {e}", index + 1, task.kind()))
         };
-        let prompt = TaskPrompt::new(engine, task, opts).map_err(|e| failed(&policies[0], e))?;
+        let prompt = TaskPrompt::new(engine, task, opts).map_err(|e| failed(None, e))?;
         let shared = if sharing.is_empty() {
             None
         } else {
             Some(
                 SharedContext::prefill(engine, &prompt.context, &sharing)
-                    .map_err(|e| failed(&sharing[0], e))?,
+                    .map_err(|e| failed(None, e))?,
             )
         };
         for (pi, policy) in policies.iter().enumerate() {
@@ -372,7 +368,7 @@ pub fn run_policies(
                 _ => Start::Fresh,
             };
             let outcome = score_task(engine, policy, task, &prompt, &start, opts)
-                .map_err(|e| failed(policy, e))?;
+                .map_err(|e| failed(Some(policy), e))?;
             let outcome = TaskOutcome { index, ..outcome };
             let go_on = on_task(pi, &outcome);
             out[pi].push(outcome);

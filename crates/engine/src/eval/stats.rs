@@ -28,7 +28,10 @@ pub fn wilson(successes: usize, n: usize, z: f64) -> [f64; 2] {
     let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
-    [(centre - half).max(0.0), (centre + half).min(1.0)]
+    // Exactly 0 (1) when no (every) task succeeded, where rounding would leave a hair.
+    let lo = if successes == 0 { 0.0 } else { (centre - half).max(0.0) };
+    let hi = if successes as f64 == n { 1.0 } else { (centre + half).min(1.0) };
+    [lo, hi]
 }
 
 /// 95% interval of the mean of `scores`: Wilson when every score is 0 or 1, else a percentile

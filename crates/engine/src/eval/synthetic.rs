@@ -1,7 +1,13 @@
-//! Synthetic long-context tasks (RULER's families), generated from a seed and any filler text:
+//! Synthetic long-context tasks (RULER's families), generated from a seed and a haystack:
 //! passkey retrieval, needle in a haystack (single and multi key), key-value retrieval, variable
 //! tracking and common-word extraction. They need no dataset and yield ordinary
 //! [`Task::Generate`] tasks, so they run through the same scorer as task files.
+//!
+//! The haystack is RULER's noise by default — [`NOISE_BLOCK`] repeated as a whole, one block
+//! per line, needles placed between blocks and never after the last one (RULER's `noise`
+//! haystack; llama.cpp's passkey example places its needle between whole blocks too) — or any
+//! text (`filler`): its sentences joined by spaces, needles between sentences (RULER's essay
+//! haystack). The instructions open the context on their own line, as in RULER's templates.
 //!
 //! Every task asks its question and then starts the answer for the model (RULER's answer
 //! prefix, e.g. `The pass key is`), as [`Task::Generate::answer_prefix`]: in raw text it follows
@@ -21,8 +27,8 @@ use serde_json::{json, Map, Value};
 use super::task::{MatchKind, Task};
 use crate::error::{EngineError, Result};
 
-/// RULER's default noise: neutral sentences repeated as the haystack.
-pub const DEFAULT_FILLER: &str =
+/// RULER's noise haystack: this block, repeated whole.
+pub const NOISE_BLOCK: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 
 /// A family of synthetic tasks.
@@ -102,8 +108,9 @@ pub struct SyntheticSpec {
     pub n: usize,
     /// Random seed.
     pub seed: u64,
-    /// Haystack text, split into sentences and cycled ([`DEFAULT_FILLER`] by default).
-    pub filler: String,
+    /// Haystack text, split into sentences and cycled; `None`: RULER's noise ([`NOISE_BLOCK`]
+    /// blocks).
+    pub filler: Option<String>,
     /// Keys hidden by `niah-multi` (the asked one included).
     pub keys: usize,
     /// Tokens the prompt format adds around context and question (a chat template's markers
@@ -112,7 +119,7 @@ pub struct SyntheticSpec {
 }
 
 impl SyntheticSpec {
-    /// A spec with the defaults: depths {0.5}, 10 tasks, seed 1, built-in filler, 4 keys.
+    /// A spec with the defaults: depths {0.5}, 10 tasks, seed 1, RULER's noise, 4 keys.
     pub fn new(family: Family, length: usize) -> Self {
         SyntheticSpec {
             family,
@@ -120,7 +127,7 @@ impl SyntheticSpec {
             depths: vec![0.5],
             n: 10,
             seed: 1,
-            filler: DEFAULT_FILLER.to_string(),
+            filler: None,
             keys: 4,
             overhead: 0,
         }
@@ -152,8 +159,11 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
             spec.length, spec.overhead
         )));
     }
-    let sentences = split_sentences(&spec.filler);
-    if sentences.is_empty() {
+    let (units, noise) = match &spec.filler {
+        Some(text) => (split_sentences(text), false),
+        None => (vec![NOISE_BLOCK.to_string()], true),
+    };
+    if units.is_empty() {
         return Err(EngineError::Invalid(
             "the filler text has no sentences".into(),
         ));
@@ -164,7 +174,9 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
         vec![None]
     };
     let mut gen = Generator {
-        sentences,
+        units,
+        joiner: if noise { "\n" } else { " " },
+        last_is_free: !noise,
         counts: Vec::new(),
         count,
     };
@@ -215,12 +227,18 @@ pub fn split_sentences(text: &str) -> Vec<String> {
 }
 
 struct Generator<'a> {
-    sentences: Vec<String>,
+    /// The haystack's units, cycled: noise blocks or a text's sentences.
+    units: Vec<String>,
+    /// What separates units and inserts: a line break between noise blocks, a space between
+    /// sentences.
+    joiner: &'static str,
+    /// Whether an insert may follow the last unit (not in RULER's noise haystack).
+    last_is_free: bool,
     counts: Vec<usize>,
     count: &'a dyn Fn(&str) -> Result<usize>,
 }
 
-/// A piece of the haystack inserted between filler sentences at a depth.
+/// A piece of the haystack inserted between units at a depth.
 struct Insert {
     depth: f64,
     text: String,
@@ -229,15 +247,15 @@ struct Insert {
 }
 
 impl Generator<'_> {
-    fn sentence_tokens(&mut self, i: usize) -> Result<usize> {
+    fn unit_tokens(&mut self, i: usize) -> Result<usize> {
         if self.counts.is_empty() {
             self.counts = self
-                .sentences
+                .units
                 .iter()
-                .map(|s| (self.count)(&format!(" {s}")))
+                .map(|s| (self.count)(&format!("{}{s}", self.joiner)))
                 .collect::<Result<_>>()?;
         }
-        Ok(self.counts[i % self.sentences.len()].max(1))
+        Ok(self.counts[i % self.units.len()].max(1))
     }
 
     fn make(&mut self, spec: &SyntheticSpec, depth: Option<f64>, rng: &mut StdRng) -> Result<Task> {
@@ -329,10 +347,11 @@ impl Generator<'_> {
             Family::Cwe => return self.cwe(spec, rng, meta),
         };
         let question_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
-        let fixed = (self.count)(prefix)?
+        let joiner = self.joiner;
+        let fixed = (self.count)(&format!("{prefix}\n"))?
             + inserts
                 .iter()
-                .map(|i| (self.count)(&format!(" {}", i.text)))
+                .map(|i| (self.count)(&format!("{joiner}{}", i.text)))
                 .sum::<Result<usize>>()?;
         let budget = length
             .checked_sub(1 + question_tokens + fixed)
@@ -345,53 +364,55 @@ impl Generator<'_> {
                     1 + question_tokens + fixed + spec.overhead
                 ))
             })?;
-        // Filler sentences from a seeded offset, as many as fit the budget.
-        let start = rng.random_range(0..self.sentences.len());
+        // Haystack units from a seeded offset, as many as fit the budget.
+        let start = rng.random_range(0..self.units.len());
         let mut filler = Vec::new();
         let mut used = 0;
         loop {
             let i = start + filler.len();
-            let t = self.sentence_tokens(i)?;
+            let t = self.unit_tokens(i)?;
             if used + t > budget {
                 break;
             }
             used += t;
-            filler.push((i % self.sentences.len(), t));
+            filler.push((i % self.units.len(), t));
         }
-        // Place each insert at the sentence boundary nearest its depth (by filler tokens).
-        let build = |filler: &[(usize, usize)], sentences: &[String]| {
+        // Place each insert at the unit boundary nearest its depth (by haystack tokens); in the
+        // noise haystack never after the last block.
+        let last_is_free = self.last_is_free;
+        let build = |filler: &[(usize, usize)], units: &[String]| {
             let total: usize = filler.iter().map(|f| f.1).sum();
-            let mut text = prefix.to_string();
+            let mut pieces: Vec<&str> = Vec::new();
             let mut cum = 0;
             let mut next = 0;
             let mut needle_at = None;
-            for &(si, t) in filler {
-                while next < inserts.len() && boundary_before(inserts[next].depth, total, cum, t) {
+            for (k, &(ui, t)) in filler.iter().enumerate() {
+                let last = k + 1 == filler.len();
+                while next < inserts.len()
+                    && (boundary_before(inserts[next].depth, total, cum, t) || (last && !last_is_free))
+                {
                     if inserts[next].asked {
                         needle_at = Some(cum as f64 / total.max(1) as f64);
                     }
-                    text.push(' ');
-                    text.push_str(&inserts[next].text);
+                    pieces.push(&inserts[next].text);
                     next += 1;
                 }
-                text.push(' ');
-                text.push_str(&sentences[si]);
+                pieces.push(&units[ui]);
                 cum += t;
             }
             for ins in &inserts[next..] {
                 if ins.asked {
                     needle_at = Some(1.0);
                 }
-                text.push(' ');
-                text.push_str(&ins.text);
+                pieces.push(&ins.text);
             }
-            (text, needle_at)
+            (format!("{prefix}\n{}", pieces.join(joiner)), needle_at)
         };
-        let (mut context, mut placed) = build(&filler, &self.sentences);
-        // Sentence-wise counts may undercount the joined text: trim until it fits.
+        let (mut context, mut placed) = build(&filler, &self.units);
+        // Unit-wise counts may undercount the joined text: trim until it fits.
         while 1 + (self.count)(&context)? + question_tokens > length && !filler.is_empty() {
             filler.pop();
-            (context, placed) = build(&filler, &self.sentences);
+            (context, placed) = build(&filler, &self.units);
         }
         if spec.family.uses_depth() {
             if let Some(p) = placed {

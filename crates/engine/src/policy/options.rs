@@ -213,3 +213,40 @@ impl PolicyOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_check_their_domain_and_apply_to_their_policies() {
+        let mut o = PolicyOptions::default();
+        o.set_pair("beta=10").unwrap();
+        o.set_pair("kernel = 3").unwrap();
+        o.set("normalise", "on").unwrap();
+        assert_eq!((o.beta, o.kernel, o.normalise), (Some(10.0), Some(3), Some(true)));
+        assert_eq!(o.keys_set(), ["normalise", "kernel", "beta"]);
+        for (key, value, needle) in [
+            ("beta", "0.5", "beta >= 1"),
+            ("beta", "NaN", "beta >= 1"),
+            ("kernel", "4", "odd"),
+            ("kernel", "-1", "odd"),
+            ("proxy_frac", "1.5", "[0, 1]"),
+            ("min_len", "x", "token count"),
+            ("normalise", "maybe", "true or false"),
+            ("nonsense", "1", "normalise, kernel, beta"),
+        ] {
+            let e = PolicyOptions::default().set(key, value).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains(key), "{e}");
+        }
+        let e = PolicyOptions::default().set_pair("beta").unwrap_err().to_string();
+        assert!(e.contains("key=value"), "{e}");
+        // Each policy gets only its keys; a key given to a policy it does not fit is an error.
+        let pyramid = o.for_policy("pyramidkv");
+        assert_eq!(pyramid.keys_set(), ["kernel", "beta"]);
+        assert!(pyramid.check_applies("pyramidkv").is_ok());
+        let e = o.check_applies("h2o").unwrap_err().to_string();
+        assert!(e.contains("`kernel` does not apply to h2o"), "{e}");
+        assert_eq!(o.for_policy("streaming"), PolicyOptions::default());
+    }
+}
