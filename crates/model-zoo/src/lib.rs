@@ -9,6 +9,7 @@ pub mod convert;
 pub mod error;
 pub mod hook;
 pub mod llama;
+pub mod packed;
 pub mod random;
 pub mod rope;
 pub mod tokenizer;

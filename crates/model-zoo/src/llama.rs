@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hook::{AttentionOutcome, LayerHook};
 use crate::rope::Rope;
-use crate::weights::{Embedding, Linear, TensorRole, Weights};
+use crate::weights::{Embedding, FusedLinear, Linear, TensorRole, Weights};
 
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,13 +28,12 @@ pub enum LogitsFor {
 
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked.
+    qkv: FusedLinear,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// The FFN's gate and up projections stacked.
+    gate_up: FusedLinear,
     down: Linear,
 }
 
@@ -58,13 +57,22 @@ impl LlamaModel {
             .map(|l| {
                 Ok(Layer {
                     attn_norm: weights.vector(TensorRole::AttnNorm, l, d)?,
-                    q: weights.linear(TensorRole::Q, l, q_out, d, bias)?,
-                    k: weights.linear(TensorRole::K, l, kv_out, d, bias)?,
-                    v: weights.linear(TensorRole::V, l, kv_out, d, bias)?,
+                    qkv: weights.fused_linear(
+                        &[TensorRole::Q, TensorRole::K, TensorRole::V],
+                        l,
+                        &[q_out, kv_out, kv_out],
+                        d,
+                        bias,
+                    )?,
                     o: weights.linear(TensorRole::O, l, d, q_out, false)?,
                     ffn_norm: weights.vector(TensorRole::FfnNorm, l, d)?,
-                    gate: weights.linear(TensorRole::Gate, l, cfg.intermediate_size, d, false)?,
-                    up: weights.linear(TensorRole::Up, l, cfg.intermediate_size, d, false)?,
+                    gate_up: weights.fused_linear(
+                        &[TensorRole::Gate, TensorRole::Up],
+                        l,
+                        &[cfg.intermediate_size; 2],
+                        d,
+                        false,
+                    )?,
                     down: weights.linear(TensorRole::Down, l, d, cfg.intermediate_size, false)?,
                 })
             })
@@ -142,9 +150,7 @@ impl LlamaModel {
         let mut x = self.embedding.forward(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.q.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.k.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.v.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
+            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed)?;
             self.rope.apply(&mut q, cfg.n_heads, &positions);
             self.rope.apply(&mut k, cfg.n_kv_heads, &positions);
             kv.append(l, &k, &v, &positions)?;
@@ -168,10 +174,19 @@ impl LlamaModel {
                 Tensor::from_vec(attended.out, (n, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
             x = (x + layer.o.forward(&attn)?)?;
             let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
-                * layer.up.forward(&normed)?)?;
+            let [gate, up] = layer.gate_up.forward_parts(&normed)?;
+            let gated = swiglu(gate, &up);
+            let gated = Tensor::from_vec(gated, (n, cfg.intermediate_size), &Device::Cpu)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
     }
+}
+
+/// `silu(gate) * up` elementwise, in place of `gate`.
+fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    gate
 }
