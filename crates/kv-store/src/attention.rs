@@ -4,8 +4,9 @@
 //!
 //! Kernel invariants:
 //! - keys and values are read in place, one chunk of at most [`CHUNK`] entries at a time (a
-//!   block, or a slice of a contiguous run), f16 and bf16 converted on the fly — never gathered
-//!   whole; each chunk's keys and values are read once per work unit, by all its query vectors;
+//!   block, or a slice of a contiguous run), converted to f32 on the fly (keys transposed) —
+//!   never gathered whole; each chunk's keys and values are read and converted once per work
+//!   unit, for all its query vectors (one score vector of 16 keys per query vector);
 //! - one work unit = one KV head × a tile of query rows × a range of the head's entries; the `G`
 //!   query heads of the group and the tile's rows share each pass (decode: one pass for `G`
 //!   heads); parallel calls split long heads into key ranges (split-K) so that every thread works;
@@ -21,15 +22,17 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::simd;
+use crate::simd::{self, CHUNK};
 use crate::{KvError, KvSlice};
 
-/// Entries per kernel step: keys and values of one chunk (f32, after conversion) stay in L1.
-const CHUNK: usize = 16;
-
-/// Upper bound on `query vectors × keys` of one work unit (query rows are tiled to fit); it
-/// bounds the raw-score buffer kept when probabilities are requested.
+/// Upper bound on `query vectors × keys` of one work unit when probabilities are requested (query
+/// rows are tiled to fit): it bounds the raw-score buffer kept for them.
 const SCORE_BUDGET: usize = 1 << 18;
+
+/// Query vectors (rows × group) a work unit aims at: each chunk of keys and values is converted
+/// once per unit and used by all of them, while their state (about `d + 16` floats each) stays
+/// in L1.
+const TILE_QUERY_VECTORS: usize = 32;
 
 /// Work units aimed at per rayon thread when a call runs in parallel.
 const UNITS_PER_THREAD: usize = 4;
@@ -225,7 +228,7 @@ fn validate(
             got: q.len(),
         });
     }
-    if row != 0 && (n_kv == 0 || n_q_heads == 0 || n_q_heads % n_kv != 0) {
+    if row != 0 && (n_kv == 0 || n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv)) {
         return Err(KvError::GroupMismatch {
             layer,
             n_q_heads,
@@ -289,16 +292,21 @@ struct Partial {
     scores: Option<Vec<f32>>,
 }
 
-/// Splits the call into units: row tiles bounded by [`SCORE_BUDGET`] and, when running in
+/// Splits the call into units: row tiles of about [`TILE_QUERY_VECTORS`] query vectors (fewer
+/// when the raw scores of [`SCORE_BUDGET`] must be kept) and, when running in
 /// parallel, key ranges of at least [`MIN_PART_KEYS`] so that every thread gets work even with
 /// few KV heads (split-K, merged by [`merge`]). Returns the units and whether to run in parallel.
-fn plan(heads: &[HeadView<'_>], sh: &Shape) -> (Vec<Unit>, bool) {
+fn plan(heads: &[HeadView<'_>], sh: &Shape, opts: &AttendOptions<'_>) -> (Vec<Unit>, bool) {
     let work: usize = heads.iter().map(|h| sh.n_q * sh.group * h.len * sh.d).sum();
     let threads = rayon::current_num_threads();
     let parallel = work >= PAR_MIN_WORK && threads > 1;
+    let rows_per_tile = TILE_QUERY_VECTORS.div_ceil(sh.group.max(1));
     let tiles: Vec<usize> = heads
         .iter()
-        .map(|h| (SCORE_BUDGET / (sh.group.max(1) * h.len.max(1))).max(1))
+        .map(|h| match opts.prob_sums {
+            Some(_) => (SCORE_BUDGET / (sh.group.max(1) * h.len.max(1))).clamp(1, rows_per_tile),
+            None => rows_per_tile,
+        })
         .collect();
     let base_units: usize = tiles.iter().map(|t| sh.n_q.div_ceil(*t)).sum();
     let parts = if parallel {
@@ -337,7 +345,7 @@ pub(crate) fn attend_heads(
     opts: &AttendOptions<'_>,
 ) -> Result<AttendOutput, KvError> {
     let sh = validate(layer, heads, head_dim, q, q_positions, opts)?;
-    let (units, parallel) = plan(heads, &sh);
+    let (units, parallel) = plan(heads, &sh, opts);
     let run = |u: &Unit| {
         let flags = opts.visible.map(|v| v[u.head].as_slice());
         attend_part(&heads[u.head], flags, q, q_positions, opts, &sh, u)
@@ -415,8 +423,11 @@ fn merge(
     AttendOutput { out, prob_sums }
 }
 
-/// The kernel: one pass over the unit's key range, block by block (chunks of at most
-/// [`CHUNK`] entries), with an online softmax per query vector.
+/// The kernel: one pass over the unit's key range in chunks of at most [`CHUNK`] entries
+/// (never across a segment boundary). Per chunk: the keys, converted to f32 and transposed,
+/// give the scores of every query vector of the unit at once; masked scores become `-inf`; an
+/// online softmax per query vector turns them into weights; the values, converted once, are
+/// accumulated for every query vector.
 fn attend_part(
     hv: &HeadView<'_>,
     flags: Option<&[bool]>,
@@ -430,6 +441,7 @@ fn attend_part(
     let nqv = u.rows.len() * g;
     let klen = u.keys.len();
     let qpos = &q_positions[u.rows.clone()];
+    let last_pos = qpos.iter().copied().max().unwrap_or(0);
     // This group's query vectors, pre-scaled: [rows * g, d].
     let mut qs = Vec::with_capacity(nqv * d);
     for row in u.rows.clone() {
@@ -443,12 +455,10 @@ fn attend_part(
         .prob_sums
         .as_ref()
         .map(|_| vec![f32::NEG_INFINITY; nqv * klen]);
-    let scratch = hv
-        .segments
-        .first()
-        .map_or(0, |s| s.keys.scratch_len(CHUNK * d));
-    let (mut kbuf, mut vbuf) = (vec![0.0f32; scratch], vec![0.0f32; scratch]);
-    let (mut sbuf, mut vis) = ([0.0f32; CHUNK], [false; CHUNK]);
+    let mut scratch = vec![0.0f32; CHUNK * d];
+    let mut kt = vec![0.0f32; d * CHUNK];
+    let mut s = vec![0.0f32; nqv * CHUNK];
+    let mut shown = vec![0u32; u.rows.len()];
 
     let mut seg_start = 0;
     for seg in &hv.segments {
@@ -460,53 +470,64 @@ fn attend_part(
         while lo < hi && c0 < hi - base {
             let c1 = (c0 + CHUNK).min(hi - base);
             let cn = c1 - c0;
-            let keys = seg.keys.view(c0 * d, c1 * d, &mut kbuf);
-            let values = seg.values.view(c0 * d, c1 * d, &mut vbuf);
             let pos = &seg.positions[c0..c1];
             let j0 = base + c0; // index of the chunk's first entry in the head
-            let first_pos = pos.iter().copied().min().unwrap_or(u32::MAX);
-            for (r, &qp) in qpos.iter().enumerate() {
-                if opts.causal && first_pos > qp {
-                    continue; // the whole chunk is in this row's future (prefill)
-                }
-                for (jj, (vis, &pj)) in vis.iter_mut().zip(pos).enumerate() {
-                    let shown = flags.is_none_or(|f| f[j0 + jj]);
-                    let local = pj <= qp && qp - pj <= opts.window;
-                    *vis = (!opts.causal || pj <= qp) && (shown || local);
-                }
-                for qi in r * g..(r + 1) * g {
-                    let qv = &qs[qi * d..(qi + 1) * d];
-                    let s = &mut sbuf[..cn];
-                    simd::dots(qv, keys, s);
-                    for (sj, &shown) in s.iter_mut().zip(&vis) {
-                        if !shown {
-                            *sj = f32::NEG_INFINITY;
+            c0 = c1;
+            if opts.causal && pos.iter().all(|&p| p > last_pos) {
+                continue; // the whole chunk is in every row's future (prefill)
+            }
+            let every = (1u32 << cn) - 1;
+            let (mut any, mut all) = (0u32, every);
+            for (bits, &qp) in shown.iter_mut().zip(qpos) {
+                *bits = visible_bits(pos, flags.map(|f| &f[j0..j0 + cn]), qp, opts);
+                any |= *bits;
+                all &= *bits;
+            }
+            if any == 0 {
+                continue;
+            }
+            seg.keys
+                .keys_transposed(c1 - cn, cn, d, &mut scratch, &mut kt);
+            simd::scores_transposed(&qs, &kt, d, &mut s);
+            if all != every || cn < CHUNK {
+                for (r, &bits) in shown.iter().enumerate() {
+                    for sq in s[r * g * CHUNK..(r + 1) * g * CHUNK].chunks_exact_mut(CHUNK) {
+                        for (j, x) in sq.iter_mut().enumerate() {
+                            if bits >> j & 1 == 0 {
+                                *x = f32::NEG_INFINITY;
+                            }
                         }
                     }
-                    if let Some(sc) = scores.as_mut() {
-                        let at = qi * klen + j0 - u.keys.start;
-                        sc[at..at + cn].copy_from_slice(s);
-                    }
-                    let mc = simd::max(s);
-                    if mc == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let a = &mut acc[qi * d..(qi + 1) * d];
-                    if mc > m[qi] {
-                        let f = simd::exp(m[qi] - mc);
-                        a.iter_mut().for_each(|x| *x *= f);
-                        l[qi] *= f;
-                        m[qi] = mc;
-                    }
-                    l[qi] += simd::exp_shifted_sum(s, m[qi]);
-                    simd::accumulate_rows(a, s, values);
                 }
             }
-            c0 = c1;
+            if let Some(sc) = scores.as_mut() {
+                let at = j0 - u.keys.start;
+                for (qi, sq) in s.chunks_exact(CHUNK).enumerate() {
+                    sc[qi * klen + at..qi * klen + at + cn].copy_from_slice(&sq[..cn]);
+                }
+            }
+            simd::softmax_chunk(&mut s, &mut m, &mut l, &mut acc, d);
+            seg.values
+                .add_weighted(c1 - cn, cn, d, &s, &mut scratch, &mut acc);
         }
         if seg_start >= u.keys.end {
             break;
         }
     }
     Partial { m, l, acc, scores }
+}
+
+/// Bit `j` set iff entry `j` of a chunk (positions `pos`, visibility flags `flags`) is visible
+/// to the query at `qp` (see the module's visibility rule).
+#[inline]
+fn visible_bits(pos: &[u32], flags: Option<&[bool]>, qp: u32, opts: &AttendOptions<'_>) -> u32 {
+    let mut bits = 0u32;
+    for (j, &pj) in pos.iter().enumerate() {
+        let shown = flags.is_none_or(|f| f[j]);
+        let local = pj <= qp && qp - pj <= opts.window;
+        if (!opts.causal || pj <= qp) && (shown || local) {
+            bits |= 1 << j;
+        }
+    }
+    bits
 }

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::KvError;
+use crate::{simd, KvError};
 
 /// Element type of the keys and values stored in the pool's blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -116,32 +116,77 @@ impl<'a> KvSlice<'a> {
         }
     }
 
-    /// f32 view of elements `start..end`: borrowed in place for f32, converted into `scratch`
-    /// (which must hold at least `scratch_len(end - start)` elements) for f16/bf16.
-    pub(crate) fn view<'s>(&self, start: usize, end: usize, scratch: &'s mut [f32]) -> &'s [f32]
+    /// f32 view of rows `start..end` (each `d` elements): borrowed in place for f32, converted
+    /// into `scratch` (at least `(end - start) * d` elements) otherwise.
+    pub(crate) fn view<'s>(
+        &self,
+        start: usize,
+        end: usize,
+        d: usize,
+        scratch: &'s mut [f32],
+    ) -> &'s [f32]
     where
         'a: 's,
     {
+        let (lo, hi) = (start * d, end * d);
         match self {
-            KvSlice::F32(s) => &s[start..end],
+            KvSlice::F32(s) => &s[lo..hi],
             KvSlice::F16(s) => {
-                let dst = &mut scratch[..end - start];
-                s[start..end].convert_to_f32_slice(dst);
+                let dst = &mut scratch[..hi - lo];
+                s[lo..hi].convert_to_f32_slice(dst);
                 dst
             }
             KvSlice::BF16(s) => {
-                let dst = &mut scratch[..end - start];
-                s[start..end].convert_to_f32_slice(dst);
+                let dst = &mut scratch[..hi - lo];
+                s[lo..hi].convert_to_f32_slice(dst);
                 dst
             }
         }
     }
+}
 
-    /// Scratch elements [`KvSlice::view`] needs for `n` elements: 0 for f32 (read in place).
-    pub(crate) fn scratch_len(&self, n: usize) -> usize {
+impl KvSlice<'_> {
+    /// Key rows `start..start + n` (`n <= CHUNK`, each `d` elements) as f32, transposed into `kt`
+    /// (`[d, CHUNK]`, lanes past `n` zero): converted in registers where the CPU allows, through
+    /// `scratch` (`CHUNK * d` floats) otherwise.
+    pub(crate) fn keys_transposed(
+        &self,
+        start: usize,
+        n: usize,
+        d: usize,
+        scratch: &mut [f32],
+        kt: &mut [f32],
+    ) {
         match self {
-            KvSlice::F32(_) => 0,
-            KvSlice::F16(_) | KvSlice::BF16(_) => n,
+            KvSlice::F16(s) => {
+                simd::transpose_chunk_f16(&s[start * d..(start + n) * d], n, d, scratch, kt)
+            }
+            _ => {
+                let rows = self.view(start, start + n, d, scratch);
+                simd::transpose_chunk(rows, n, d, kt);
+            }
+        }
+    }
+
+    /// `acc[q * d..] += sum_j p[q * CHUNK + j] * row_j` over value rows `start..start + n` (see
+    /// [`simd::weighted_values`]); `scratch` as in [`KvSlice::keys_transposed`].
+    pub(crate) fn add_weighted(
+        &self,
+        start: usize,
+        n: usize,
+        d: usize,
+        p: &[f32],
+        scratch: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        match self {
+            KvSlice::F16(s) => {
+                simd::weighted_values_f16(p, &s[start * d..(start + n) * d], n, d, scratch, acc)
+            }
+            _ => {
+                let rows = self.view(start, start + n, d, scratch);
+                simd::weighted_values(p, rows, n, d, acc);
+            }
         }
     }
 }

@@ -346,11 +346,11 @@ impl SequenceKv {
         };
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         for seg in t.view(&self.cfg).segments {
-            let n = seg.positions.len() * d;
+            let n = seg.positions.len();
             out.keys
-                .extend_from_slice(seg.keys.view(0, n, &mut scratch));
+                .extend_from_slice(seg.keys.view(0, n, d, &mut scratch));
             out.values
-                .extend_from_slice(seg.values.view(0, n, &mut scratch));
+                .extend_from_slice(seg.values.view(0, n, d, &mut scratch));
         }
         out
     }
@@ -365,7 +365,7 @@ impl SequenceKv {
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         let mut norms = Vec::with_capacity(t.positions.len());
         for seg in t.view(&self.cfg).segments {
-            let keys = seg.keys.view(0, seg.positions.len() * d, &mut scratch);
+            let keys = seg.keys.view(0, seg.positions.len(), d, &mut scratch);
             norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
         }
         norms

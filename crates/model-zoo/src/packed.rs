@@ -528,20 +528,20 @@ mod vnni {
                         let c = _mm512_load_si512(codes.add(g * 64).cast());
                         let lo = _mm512_and_si512(c, nibble);
                         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(c), nibble);
-                        for r in 0..R {
+                        for (r, dot) in dot.iter_mut().enumerate() {
                             let a = a0.add(r * stride + 8 * g).cast::<i32>();
                             let (qa, qb) = (a.read_unaligned(), a.add(1).read_unaligned());
-                            dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(qa));
-                            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(qb));
+                            *dot = _mm512_dpbusd_epi32(*dot, lo, _mm512_set1_epi32(qa));
+                            *dot = _mm512_dpbusd_epi32(*dot, hi, _mm512_set1_epi32(qb));
                         }
                     }
                 }
                 PackedKind::Q8 => {
                     for g in 0..BLOCK / 4 {
                         let c = _mm512_load_si512(codes.add(g * 64).cast());
-                        for r in 0..R {
+                        for (r, dot) in dot.iter_mut().enumerate() {
                             let a = a0.add(r * stride + 4 * g).cast::<i32>().read_unaligned();
-                            dot[r] = _mm512_dpbusd_epi32(dot[r], c, _mm512_set1_epi32(a));
+                            *dot = _mm512_dpbusd_epi32(*dot, c, _mm512_set1_epi32(a));
                         }
                     }
                 }
