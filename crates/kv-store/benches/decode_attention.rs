@@ -252,7 +252,7 @@ fn main() {
         for ctx in [1024, 4096, 16384, 32768] {
             let r = bench(dtype, ctx, &mut rng, batches, batch, clock);
             let gbs =
-                |len: usize, t: f64| (2 * HKV * len * D * r.dtype.size_bytes()) as f64 / t / 1e9;
+                |len: usize, t: f64| (2 * HKV * len * r.dtype.entry_bytes(D)) as f64 / t / 1e9;
             let (dense_gbs, paged_gbs, half_gbs) = (
                 gbs(r.ctx, r.dense),
                 gbs(r.ctx, r.paged),

@@ -15,7 +15,8 @@
 //!   magnitude; a query row with no visible key gets a zero output and zero probabilities;
 //! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and (`visible[j]` or
 //!   `pos_i - window <= pos_j <= pos_i`);
-//! - units run on rayon only when the whole call has at least [`PAR_MIN_WORK`] multiply-adds;
+//! - units run in parallel (on rayon, or on the caller's [`Parallel`] pool) only when the whole
+//!   call has at least [`Parallel::min_work`] multiply-adds ([`PAR_MIN_WORK`] for rayon);
 //!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
 use std::ops::Range;
@@ -34,15 +35,30 @@ const SCORE_BUDGET: usize = 1 << 18;
 /// in L1.
 const TILE_QUERY_VECTORS: usize = 32;
 
-/// Work units aimed at per rayon thread when a call runs in parallel.
+/// Work units aimed at per thread when a call runs in parallel.
 const UNITS_PER_THREAD: usize = 4;
 
 /// Fewest keys in a split-K part.
 const MIN_PART_KEYS: usize = 512;
 
 /// Multiply-adds (`query vectors × keys × head_dim`) below which a call runs on the calling
-/// thread: rayon's fork/join costs more than it saves on short decode contexts.
+/// thread when it would run on rayon: rayon's fork/join costs more than it saves on short
+/// decode contexts.
 pub const PAR_MIN_WORK: usize = 1 << 20;
+
+/// A thread pool an attention call can run its work units on, instead of rayon's global pool:
+/// a decoder passes the pool its matrix products run on, so that one pool serves the whole
+/// forward pass and two pools never spin against each other on the same cores.
+pub trait Parallel: Sync + std::fmt::Debug {
+    /// Threads the pool runs work on (the caller's included).
+    fn threads(&self) -> usize;
+    /// Multiply-adds below which a call stays on the calling thread (the pool's handoff cost).
+    fn min_work(&self) -> usize {
+        PAR_MIN_WORK
+    }
+    /// Calls `f(i)` for every `i < n`, possibly on several threads; returns when all returned.
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+}
 
 /// Options of one attention call.
 #[derive(Debug, Clone)]
@@ -63,6 +79,8 @@ pub struct AttendOptions<'a> {
     /// probability summed over query rows `rows` (indices into the `n_q` rows) and averaged over
     /// the `G` query heads of that KV head's group.
     pub prob_sums: Option<Range<usize>>,
+    /// The pool parallel calls run on; `None`: rayon's global pool.
+    pub parallel: Option<&'a dyn Parallel>,
 }
 
 impl<'a> AttendOptions<'a> {
@@ -74,6 +92,7 @@ impl<'a> AttendOptions<'a> {
             visible: None,
             window: 0,
             prob_sums: None,
+            parallel: None,
         }
     }
 
@@ -103,6 +122,12 @@ impl<'a> AttendOptions<'a> {
     /// Sets [`AttendOptions::prob_sums`].
     pub fn prob_sums(mut self, rows: Range<usize>) -> Self {
         self.prob_sums = Some(rows);
+        self
+    }
+
+    /// Sets [`AttendOptions::parallel`].
+    pub fn parallel(mut self, pool: &'a dyn Parallel) -> Self {
+        self.parallel = Some(pool);
         self
     }
 }
@@ -298,8 +323,11 @@ struct Partial {
 /// few KV heads (split-K, merged by [`merge`]). Returns the units and whether to run in parallel.
 fn plan(heads: &[HeadView<'_>], sh: &Shape, opts: &AttendOptions<'_>) -> (Vec<Unit>, bool) {
     let work: usize = heads.iter().map(|h| sh.n_q * sh.group * h.len * sh.d).sum();
-    let threads = rayon::current_num_threads();
-    let parallel = work >= PAR_MIN_WORK && threads > 1;
+    let (threads, min_work) = match opts.parallel {
+        Some(p) => (p.threads(), p.min_work()),
+        None => (rayon::current_num_threads(), PAR_MIN_WORK),
+    };
+    let parallel = work >= min_work && threads > 1;
     let rows_per_tile = TILE_QUERY_VECTORS.div_ceil(sh.group.max(1));
     let tiles: Vec<usize> = heads
         .iter()
@@ -350,10 +378,22 @@ pub(crate) fn attend_heads(
         let flags = opts.visible.map(|v| v[u.head].as_slice());
         attend_part(&heads[u.head], flags, q, q_positions, opts, &sh, u)
     };
-    let partials: Vec<Partial> = if parallel {
-        units.par_iter().map(run).collect()
-    } else {
-        units.iter().map(run).collect()
+    let partials: Vec<Partial> = match (parallel, opts.parallel) {
+        (false, _) => units.iter().map(run).collect(),
+        (true, None) => units.par_iter().map(run).collect(),
+        (true, Some(pool)) => {
+            let slots: Vec<std::sync::OnceLock<Partial>> =
+                units.iter().map(|_| std::sync::OnceLock::new()).collect();
+            pool.for_each(units.len(), &|i| {
+                let _ = slots[i].set(run(&units[i]));
+            });
+            // A unit the pool skipped (a broken pool) runs here: the result never misses one.
+            slots
+                .into_iter()
+                .zip(&units)
+                .map(|(slot, u)| slot.into_inner().unwrap_or_else(|| run(u)))
+                .collect()
+        }
     };
     Ok(merge(heads, &sh, opts, &units, &partials, q.len()))
 }

@@ -105,6 +105,6 @@ pub enum KvError {
         value: usize,
     },
     /// A dtype name that is not `f32`, `f16` or `bf16`.
-    #[error("unknown KV dtype `{0}` (expected f32, f16 or bf16)")]
+    #[error("unknown KV dtype `{0}` (expected f32, f16, bf16 or q8_0)")]
     UnknownDtype(String),
 }

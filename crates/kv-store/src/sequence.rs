@@ -67,8 +67,13 @@ impl HeadTable {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let off = (idx % bs) * eb;
         let bytes = self.blocks[idx / bs].bytes_mut();
-        write_f32(cfg.dtype, &mut bytes[off..off + eb], k);
-        write_f32(cfg.dtype, &mut bytes[bs * eb + off..bs * eb + off + eb], v);
+        write_f32(cfg.dtype, cfg.head_dim, &mut bytes[off..off + eb], k);
+        write_f32(
+            cfg.dtype,
+            cfg.head_dim,
+            &mut bytes[bs * eb + off..bs * eb + off + eb],
+            v,
+        );
     }
 
     /// Moves entry `from` to slot `to < from` (keys and values).
@@ -113,8 +118,12 @@ impl HeadTable {
                 let n = (len - lo).min(bs);
                 let bytes = blk.bytes();
                 Segment {
-                    keys: KvSlice::from_bytes(cfg.dtype, &bytes[..n * eb]),
-                    values: KvSlice::from_bytes(cfg.dtype, &bytes[bs * eb..bs * eb + n * eb]),
+                    keys: KvSlice::from_bytes(cfg.dtype, cfg.head_dim, &bytes[..n * eb]),
+                    values: KvSlice::from_bytes(
+                        cfg.dtype,
+                        cfg.head_dim,
+                        &bytes[bs * eb..bs * eb + n * eb],
+                    ),
                     positions: &self.positions[lo..lo + n],
                 }
             })

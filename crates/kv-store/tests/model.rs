@@ -140,7 +140,9 @@ impl World {
                             for (t, &p) in pos.iter().enumerate() {
                                 let at = (t * HEADS + h) * D;
                                 let r = |x: &[f32]| {
-                                    x[at..at + D].iter().map(|&e| dtype.round(e)).collect()
+                                    let mut e = x[at..at + D].to_vec();
+                                    dtype.round_entry(&mut e);
+                                    e
                                 };
                                 sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
                             }
@@ -169,10 +171,9 @@ impl World {
                     |sess, dtype| {
                         for t in 0..n {
                             let r = |x: &[f32]| {
-                                x[t * D..(t + 1) * D]
-                                    .iter()
-                                    .map(|&e| dtype.round(e))
-                                    .collect()
+                                let mut e = x[t * D..(t + 1) * D].to_vec();
+                                dtype.round_entry(&mut e);
+                                e
                             };
                             sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
                         }
@@ -329,6 +330,11 @@ proptest! {
     #[test]
     fn store_matches_reference_bf16(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
         run(KvDtype::BF16, capacity, &ops);
+    }
+
+    #[test]
+    fn store_matches_reference_q8_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
+        run(KvDtype::Q8_0, capacity, &ops);
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod cpu_pool;
 pub mod error;
 pub mod hook;
 pub mod llama;

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, SequenceKv};
 
 use crate::config::ModelConfig;
+use crate::cpu_pool::CpuPool;
 use crate::error::{ModelError, Result};
 use crate::hook::{AttentionOutcome, LayerHook};
 use crate::rope::Rope;
@@ -92,6 +93,25 @@ impl LlamaModel {
         &self.cfg
     }
 
+    /// Bytes of weights one decode step reads: every projection and the LM head as held in
+    /// memory, and the norm vectors (the embedding lookup reads one row, not counted).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let vector = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.o.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.down.weight_bytes()
+                    + vector(&l.attn_norm)
+                    + vector(&l.ffn_norm)
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes() + vector(&self.norm)
+    }
+
     /// Runs `tokens` at positions `start..start+n` through the decoder, appending their keys and
     /// values to `kv` and letting `hook` steer eviction. Returns f32 logits.
     pub fn forward(
@@ -159,6 +179,7 @@ impl LlamaModel {
             opts.visible = plan.visible.as_deref();
             opts.window = plan.window;
             opts.prob_sums = plan.prob_rows.clone();
+            opts.parallel = Some(&CpuPool);
             let attended = kv.attend(l, &q, &positions, &opts)?;
             hook.after_attention(
                 l,

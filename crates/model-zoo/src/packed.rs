@@ -24,6 +24,8 @@
 //! products and differ only in f32 summation order.
 
 use candle_core::quantized::GgmlDType;
+
+use crate::cpu_pool::CpuPool;
 use half::f16;
 
 /// Rows per tile (one 512-bit register of i32/f32 lanes).
@@ -310,7 +312,7 @@ impl PackedMatrix {
     }
 
     /// `y = x Wᵀ` for `x: [m, cols]` row-major f32; returns `[m, rows]`. Runs on candle's CPU
-    /// thread pool, split by tiles; every tile is read once for all `m` rows.
+    /// thread pool ([`CpuPool`]), split by tiles; every tile is read once for all `m` rows.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "packed matmul: input shape");
         let acts = QuantizedRows::new(x, m, self.cols);
@@ -325,7 +327,7 @@ impl PackedMatrix {
         if m * self.rows * self.cols < PARALLEL_MIN_MACS {
             run(0..tiles);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(tiles, run);
+            CpuPool::run_chunked(tiles, run);
         }
         out
     }
