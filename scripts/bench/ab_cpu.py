@@ -1,28 +1,21 @@
 #!/usr/bin/env python3
-"""A/B two agate binaries by CPU time per decode token, robust to a busy machine.
+"""A/B two agate binaries by CPU time per token, steadier than wall time on a busy machine.
 
 Wall-clock speed on a shared 2-core machine is noise, and valgrind cannot run AVX-512 builds, so
-this measures CPU seconds (user + sys of the child process) instead, on ONE thread (with more,
-spinning thread pools burn CPU while they wait). Each binary runs `agate --threads 1 bench` twice
-per round, with N_SHORT and N_LONG generated tokens after the same depth and prompt; the difference
-is the CPU cost of (N_LONG - N_SHORT) decode steps, so model loading and prefill cancel out.
-Rounds alternate A, B, A, B, ...; the script prints the median ms per decode token of each and
-their ratio, and, with --prefill, the CPU per prompt token from runs with two prompt lengths.
+this compares the process CPU milliseconds per decode (or prompt) token that `agate bench --json`
+reports (`decode_cpu_ms_per_token`, `prefill_cpu_ms_per_token`), on ONE thread (with more,
+spinning thread pools burn CPU while they wait). Runs alternate A, B, A, B, ... (`--rounds`),
+each `agate --threads 1 bench ... -r REPS --json`; the script prints the median of each and the
+ratio. Other processes still compete for memory bandwidth, so expect a few percent of noise.
 
-    scripts/bench/ab_cpu.py A_BIN B_BIN [--depth 0] [--policy full] [--rounds 3] [-- extra args]
+    scripts/bench/ab_cpu.py A_BIN B_BIN [--depth 0] [--policy full] [--rounds 3] [--prefill]
+                            [more bench flags, e.g. --evict 0.5 --kv-dtype q8_0]
 """
 import argparse
-import resource
+import json
 import statistics
 import subprocess
 import sys
-
-
-def cpu_of(cmd):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main():
@@ -32,28 +25,25 @@ def main():
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--policy", default="full")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--short", type=int, default=8, help="generated tokens of the short run")
-    ap.add_argument("--long", type=int, default=72, help="generated tokens of the long run")
+    ap.add_argument("--reps", type=int, default=2, help="bench repetitions per run")
     ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--prefill", action="store_true",
-                    help="measure CPU per prompt token instead (prompt 16 vs --prompt)")
-    ap.add_argument("extra", nargs="*", help="more agate bench flags (after --)")
-    a = ap.parse_args()
+    ap.add_argument("--generate", type=int, default=64)
+    ap.add_argument("--prefill", action="store_true", help="compare prompt tokens instead")
+    a, extra = ap.parse_known_args()
+    key = "prefill_cpu_ms_per_token" if a.prefill else "decode_cpu_ms_per_token"
 
-    def run(binary, prompt, n):
-        cmd = [binary, "--threads", "1", "bench", "-p", str(prompt), "-n", str(n), "-d",
-               str(a.depth), "-r", "1", "--policy", a.policy, "--json", *a.extra]
-        return cpu_of(cmd)
+    def run(binary):
+        cmd = [binary, "--threads", "1", "bench", "-p", str(a.prompt), "-n", str(a.generate),
+               "-d", str(a.depth), "-r", str(a.reps), "--policy", a.policy, "--json",
+               *[x for x in extra if x != "--"]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        return row[key]["median"]
 
     per = {a.a: [], a.b: []}
     for _ in range(a.rounds):
         for binary in (a.a, a.b):
-            if a.prefill:
-                lo, hi = run(binary, 16, 1), run(binary, a.prompt, 1)
-                per[binary].append((hi - lo) / (a.prompt - 16) * 1e3)
-            else:
-                lo, hi = run(binary, a.prompt, a.short), run(binary, a.prompt, a.long)
-                per[binary].append((hi - lo) / (a.long - a.short) * 1e3)
+            per[binary].append(run(binary))
             print(f"{binary}: {per[binary][-1]:.3f} ms", file=sys.stderr)
     what = "prompt" if a.prefill else "decode"
     ma, mb = statistics.median(per[a.a]), statistics.median(per[a.b])

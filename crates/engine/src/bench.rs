@@ -80,6 +80,11 @@ pub struct BenchRow {
     pub prefill_tokens_per_s: Spread,
     /// Generated tokens per second.
     pub decode_tokens_per_s: Spread,
+    /// Process CPU milliseconds per prompt token (all threads; on a busy machine a steadier
+    /// figure than wall time when run on one thread — spinning pool threads inflate it on more).
+    pub prefill_cpu_ms_per_token: Spread,
+    /// Process CPU milliseconds per generated token, as above.
+    pub decode_cpu_ms_per_token: Spread,
     /// KV bytes in use at the end of a run.
     pub kv_bytes_in_use: usize,
     /// KV bytes a full cache would hold at the end of a run.
@@ -183,6 +188,7 @@ pub fn run(
         let (filler, prompt) = (ids(depth), ids(spec.prompt));
         let (mut ttft, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
         let mut kv_read = Vec::new();
+        let (mut prefill_cpu, mut decode_cpu) = (Vec::new(), Vec::new());
         let mut last_report = None;
         for rep in 0..spec.repetitions {
             let mut session = engine.session_with(policy.clone())?;
@@ -193,9 +199,14 @@ pub fn run(
                 stop: Vec::new(),
                 stop_at_eos: false,
             };
+            let cpu0 = process_cpu_secs();
             let prefill_secs = session.prefill(&prompt)?;
             let before = kv_bytes_read(&session);
+            let cpu1 = process_cpu_secs();
             let mut g = session.generate(&request, &mut |_| true)?;
+            let cpu2 = process_cpu_secs();
+            prefill_cpu.push((cpu1 - cpu0) * 1e3 / prompt.len() as f64);
+            decode_cpu.push((cpu2 - cpu1) * 1e3 / g.decode_steps.max(1) as f64);
             g.prompt_tokens = prompt.len();
             g.prefill_secs = prefill_secs;
             g.time_to_first_token_secs += prefill_secs;
@@ -215,6 +226,8 @@ pub fn run(
             time_to_first_token_s: Spread::of(ttft),
             prefill_tokens_per_s: Spread::of(prefill),
             decode_tokens_per_s: Spread::of(decode),
+            prefill_cpu_ms_per_token: Spread::of(prefill_cpu),
+            decode_cpu_ms_per_token: Spread::of(decode_cpu),
             kv_bytes_in_use: report.bytes_in_use,
             kv_bytes_full: report.bytes_full,
             eviction_ratio: report.eviction_ratio,
@@ -233,6 +246,19 @@ fn kv_bytes_read(session: &crate::session::Session) -> f64 {
     let entry = kv.pool().config().dtype.entry_bytes(kv.head_dim());
     let retained: usize = kv.stats().retained.iter().flatten().sum();
     (2 * retained * entry) as f64
+}
+
+/// CPU seconds this process has used, all threads (0 where unknown).
+fn process_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes; 0 where unknown.

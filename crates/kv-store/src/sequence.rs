@@ -2,10 +2,12 @@
 //! ([`SequenceKv`]), with append, evict-by-mask compaction, reads, statistics and attention.
 //!
 //! Invariants, per (layer, KV head) table:
-//! - entry `i` (in order of retention) lives in block `i / block_size`, slot `i % block_size`;
-//!   its position is `positions[i]`; retained count = `positions.len()`;
-//! - `blocks.len() == ceil(retained / block_size)`: no empty block is ever held, so the bytes
-//!   in use follow the retained count up to one partly filled block per head;
+//! - entry `i` (in order of retention) lives in slot `head + i`: block `(head + i) / block_size`,
+//!   offset `(head + i) % block_size`, with `head < block_size` free slots at the start of the
+//!   first block (left by compaction towards the back, see `HeadTable::compact`);
+//! - `blocks.len() == ceil((head + retained) / block_size)`: no empty block is ever held, so the
+//!   bytes in use follow the retained count up to two partly filled blocks per head (the first
+//!   and the last);
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
 //! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear, drop)
 //!   returns the emptied blocks to the pool in one call.
@@ -48,25 +50,44 @@ impl SequenceStats {
     }
 }
 
-/// One (layer, KV head) block table.
+/// One (layer, KV head) block table. Entry `i` lives in slot `head + i` (block `slot / bs`,
+/// offset `slot % bs`); `positions` is indexed by slot, its first `head` items unused.
 #[derive(Default)]
 struct HeadTable {
     blocks: Vec<Block>,
     positions: Vec<u32>,
+    /// Free slots at the start of the first block (`< block_size`).
+    head: usize,
     appended: u64,
 }
 
 impl HeadTable {
+    /// Retained entries.
+    fn len(&self) -> usize {
+        self.positions.len() - self.head
+    }
+
+    /// Positions of the retained entries, in order.
+    fn positions(&self) -> &[u32] {
+        &self.positions[self.head..]
+    }
+
     /// Blocks this table must gain to hold `extra` more entries.
     fn blocks_needed(&self, bs: usize, extra: usize) -> usize {
         (self.positions.len() + extra).div_ceil(bs) - self.blocks.len()
     }
 
-    /// Writes key `k` and value `v` into slot `idx` (its block must exist).
+    /// Entries the table can take before it needs another block.
+    fn spare(&self, bs: usize) -> usize {
+        self.blocks.len() * bs - self.positions.len()
+    }
+
+    /// Writes key `k` and value `v` into entry `idx`'s slot (its block must exist).
     fn write(&mut self, cfg: &PoolConfig, idx: usize, k: &[f32], v: &[f32]) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
-        let off = (idx % bs) * eb;
-        let bytes = self.blocks[idx / bs].bytes_mut();
+        let slot = self.head + idx;
+        let off = (slot % bs) * eb;
+        let bytes = self.blocks[slot / bs].bytes_mut();
         write_f32(cfg.dtype, cfg.head_dim, &mut bytes[off..off + eb], k);
         write_f32(
             cfg.dtype,
@@ -76,8 +97,8 @@ impl HeadTable {
         );
     }
 
-    /// Moves entry `from` to slot `to < from` (keys and values).
-    fn move_entry(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
+    /// Moves the entry in slot `from` to slot `to` (keys, values and position).
+    fn move_slot(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let (fb, tb) = (from / bs, to / bs);
         for base in [0, bs * eb] {
@@ -85,50 +106,95 @@ impl HeadTable {
             if fb == tb {
                 self.blocks[fb].bytes_mut().copy_within(fo..fo + eb, to_);
             } else {
-                let (lo, hi) = self.blocks.split_at_mut(fb);
-                lo[tb].bytes_mut()[to_..to_ + eb].copy_from_slice(&hi[0].bytes()[fo..fo + eb]);
+                let (src, dst) = if fb < tb {
+                    let (lo, hi) = self.blocks.split_at_mut(tb);
+                    (&lo[fb], &mut hi[0])
+                } else {
+                    let (lo, hi) = self.blocks.split_at_mut(fb);
+                    (&hi[0], &mut lo[tb])
+                };
+                dst.bytes_mut()[to_..to_ + eb].copy_from_slice(&src.bytes()[fo..fo + eb]);
             }
         }
         self.positions[to] = self.positions[from];
     }
 
-    /// Keeps the entries flagged in `keep` (same length as the table), in order; returns the
-    /// blocks left empty.
+    /// Keeps the entries flagged in `keep` (one flag per entry), in order; returns the blocks
+    /// left empty. The survivors on the cheaper side move: those after the first dropped entry
+    /// shift towards the front, or those before the last dropped entry towards the back (the
+    /// first block then starts further in) — so dropping one old entry (a sliding window) moves
+    /// only the entries before it, not the whole cache.
     fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
-        let mut w = 0;
-        for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
-            if w != r {
-                self.move_entry(cfg, r, w);
+        let bs = cfg.block_size;
+        let (Some(first), Some(last)) = (
+            keep.iter().position(|&k| !k),
+            keep.iter().rposition(|&k| !k),
+        ) else {
+            return Vec::new();
+        };
+        let after = keep[first..].iter().filter(|&&k| k).count();
+        let before = keep[..last].iter().filter(|&&k| k).count();
+        let h = self.head;
+        if after <= before {
+            let mut w = h + first;
+            for (r, _) in keep.iter().enumerate().skip(first).filter(|(_, &k)| k) {
+                self.move_slot(cfg, h + r, w);
+                w += 1;
             }
-            w += 1;
+            if w == h {
+                // Nothing left: no first-block offset to keep either.
+                self.positions.clear();
+                self.head = 0;
+                return std::mem::take(&mut self.blocks);
+            }
+            self.positions.truncate(w);
+            self.blocks.split_off(w.div_ceil(bs))
+        } else {
+            let mut w = h + last;
+            for r in (0..last).rev().filter(|&r| keep[r]) {
+                self.move_slot(cfg, h + r, w);
+                w -= 1;
+            }
+            // Slots up to `w` are free now: whole blocks go back, the rest become the head.
+            let free = w + 1;
+            let whole = free / bs;
+            self.positions.drain(..whole * bs);
+            self.head = free - whole * bs;
+            self.blocks.drain(..whole).collect()
         }
-        self.positions.truncate(w);
-        self.blocks.split_off(w.div_ceil(cfg.block_size))
     }
 
     /// The table's entries as in-place segments, one per block.
     fn view(&self, cfg: &PoolConfig) -> HeadView<'_> {
-        let (bs, eb, len) = (cfg.block_size, cfg.entry_bytes(), self.positions.len());
+        let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
+        let end = self.positions.len();
         let segments = self
             .blocks
             .iter()
             .enumerate()
             .map(|(b, blk)| {
-                let lo = b * bs;
-                let n = (len - lo).min(bs);
+                let (lo, hi) = ((b * bs).max(self.head), ((b + 1) * bs).min(end));
+                let (o, n) = (lo - b * bs, hi - lo);
                 let bytes = blk.bytes();
                 Segment {
-                    keys: KvSlice::from_bytes(cfg.dtype, cfg.head_dim, &bytes[..n * eb]),
+                    keys: KvSlice::from_bytes(
+                        cfg.dtype,
+                        cfg.head_dim,
+                        &bytes[o * eb..(o + n) * eb],
+                    ),
                     values: KvSlice::from_bytes(
                         cfg.dtype,
                         cfg.head_dim,
-                        &bytes[bs * eb..bs * eb + n * eb],
+                        &bytes[(bs + o) * eb..(bs + o + n) * eb],
                     ),
-                    positions: &self.positions[lo..lo + n],
+                    positions: &self.positions[lo..hi],
                 }
             })
             .collect();
-        HeadView { segments, len }
+        HeadView {
+            segments,
+            len: self.len(),
+        }
     }
 }
 
@@ -291,7 +357,7 @@ impl SequenceKv {
             let cfg = self.cfg;
             let table = &mut self.tables[base + h];
             table.blocks.extend(fresh.drain(fresh.len() - need..));
-            let start = table.positions.len();
+            let start = table.len();
             for t in 0..n {
                 let src = (t * nh + slot) * d;
                 table.write(&cfg, start + t, &k[src..src + d], &v[src..src + d]);
@@ -309,7 +375,7 @@ impl SequenceKv {
     /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`].
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
         let i = self.index(layer, head)?;
-        let retained = self.tables[i].positions.len();
+        let retained = self.tables[i].len();
         if keep.len() != retained {
             return Err(KvError::MaskLength {
                 layer,
@@ -324,15 +390,22 @@ impl SequenceKv {
         Ok(())
     }
 
+    /// Entries (`layer`, `head`) can still take without another block (0 when out of range):
+    /// what an append of `n` tokens needs is `ceil((n - spare) / block_size)` blocks.
+    pub fn spare_slots(&self, layer: usize, head: usize) -> usize {
+        self.table(layer, head)
+            .map_or(0, |t| t.spare(self.cfg.block_size))
+    }
+
     /// Retained entries of (`layer`, `head`); 0 when out of range.
     pub fn retained(&self, layer: usize, head: usize) -> usize {
-        self.table(layer, head).map_or(0, |t| t.positions.len())
+        self.table(layer, head).map_or(0, HeadTable::len)
     }
 
     /// Positions of the retained entries, in order; empty when out of range.
     pub fn positions(&self, layer: usize, head: usize) -> Vec<u32> {
         self.table(layer, head)
-            .map_or_else(Vec::new, |t| t.positions.clone())
+            .map_or_else(Vec::new, |t| t.positions().to_vec())
     }
 
     /// Ids of the pool blocks held by (`layer`, `head`), in order; empty when out of range.
@@ -349,9 +422,9 @@ impl SequenceKv {
         };
         let d = self.cfg.head_dim;
         let mut out = HeadContents {
-            keys: Vec::with_capacity(t.positions.len() * d),
-            values: Vec::with_capacity(t.positions.len() * d),
-            positions: t.positions.clone(),
+            keys: Vec::with_capacity(t.len() * d),
+            values: Vec::with_capacity(t.len() * d),
+            positions: t.positions().to_vec(),
         };
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         for seg in t.view(&self.cfg).segments {
@@ -372,7 +445,7 @@ impl SequenceKv {
         };
         let d = self.cfg.head_dim;
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
-        let mut norms = Vec::with_capacity(t.positions.len());
+        let mut norms = Vec::with_capacity(t.len());
         for seg in t.view(&self.cfg).segments {
             let keys = seg.keys.view(0, seg.positions.len(), d, &mut scratch);
             norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
@@ -418,7 +491,7 @@ impl SequenceKv {
         let blocks_in_use: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
         SequenceStats {
             retained: (0..self.n_layers)
-                .map(|l| layer_tables(l).iter().map(|t| t.positions.len()).collect())
+                .map(|l| layer_tables(l).iter().map(HeadTable::len).collect())
                 .collect(),
             appended: (0..self.n_layers)
                 .map(|l| layer_tables(l).iter().map(|t| t.appended).collect())

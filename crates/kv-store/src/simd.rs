@@ -686,13 +686,17 @@ pub(crate) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
 }
 
 /// `exp(x)` by range reduction to `2^n · 2^f`, `f ∈ [-0.5, 0.5]`, and a degree-6 polynomial;
-/// branch-free so that it vectorises. Returns 0 for `x < -87` (and for `-inf`).
+/// branch-free and without float-to-int conversions (`n` is rounded by adding 1.5·2^23 and read
+/// from the float's bits), so that loops over it vectorise. Returns 0 for `x < -87` (and for
+/// `-inf`).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2: f32 = std::f32::consts::LN_2;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer (ties even)
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E).round();
+    let t = xc.mul_add(LOG2E, ROUND);
+    let n = t - ROUND;
     let r = n.mul_add(-LN2, xc); // r = x - n ln2, |r| <= ln2/2
                                  // Taylor coefficients of e^r up to r^6: relative error < 2e-8 on |r| <= 0.35.
     let mut p = 1.0 / 720.0;
@@ -702,7 +706,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // t's low mantissa bits hold n (|n| <= 127): 2^n has exponent field n + 127.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     let y = p * scale;
     if x < -87.0 {
         0.0

@@ -3,8 +3,10 @@
 //! Owns: random interleavings of append / append_head / evict / clear / drop over several
 //! sessions sharing one small pool. Invariants checked after every step: retained keys, values
 //! and positions equal the reference (values rounded to the pool dtype); no block id is owned
-//! twice; blocks in use = Σ ceil(retained / block_size) over every head of every session, and the
-//! pool agrees; a failed append (pool exhausted) returns `OutOfBlocks` and changes nothing.
+//! twice; every head holds no empty block (at most one partly filled block at each end: between
+//! ceil(retained / block_size) and one more), blocks in use sum up, and the pool agrees; an
+//! append needs exactly the blocks its tokens overflow the head's spare slots by, and a failed
+//! one (pool exhausted) returns `OutOfBlocks` and changes nothing.
 
 use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 use proptest::prelude::*;
@@ -109,8 +111,10 @@ impl World {
             .collect()
     }
 
-    fn blocks_for(n: usize) -> usize {
-        n.div_ceil(BS)
+    /// Blocks an append of `n` tokens to (`layer`, `head`) of session `s` needs.
+    fn blocks_needed(&self, s: usize, layer: usize, head: usize, n: usize) -> usize {
+        n.saturating_sub(self.sessions[s].kv.spare_slots(layer, head))
+            .div_ceil(BS)
     }
 
     fn apply(&mut self, op: &Op) {
@@ -121,12 +125,7 @@ impl World {
                 let sess = &self.sessions[s];
                 let p0 = sess.next_pos[layer];
                 let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-                let need: usize = (0..HEADS)
-                    .map(|h| {
-                        let len = sess.heads[layer * HEADS + h].len();
-                        Self::blocks_for(len + n) - Self::blocks_for(len)
-                    })
-                    .sum();
+                let need: usize = (0..HEADS).map(|h| self.blocks_needed(s, layer, h, n)).sum();
                 let free = self.pool.stats().blocks_free;
                 let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
                 self.expect(
@@ -158,8 +157,7 @@ impl World {
                 let sess = &self.sessions[s];
                 let p0 = sess.next_pos[layer];
                 let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-                let len = sess.heads[layer * HEADS + head].len();
-                let need = Self::blocks_for(len + n) - Self::blocks_for(len);
+                let need = self.blocks_needed(s, layer, head, n);
                 let free = self.pool.stats().blocks_free;
                 let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
                 self.expect(
@@ -273,11 +271,25 @@ impl World {
                         assert!((a - b).abs() <= 1e-5 * b.max(1.0));
                     }
                     let bids = sess.kv.block_ids(l, h);
-                    assert_eq!(bids.len(), want.len().div_ceil(BS));
+                    let (held, len) = (bids.len(), want.len());
+                    let spare = sess.kv.spare_slots(l, h);
+                    // Free slots at the front of the first block and at the end of the last one
+                    // are each fewer than a block: no empty block is held.
+                    assert!(
+                        held * BS >= len + spare,
+                        "{held} blocks for {len} + {spare} spare"
+                    );
+                    let front = held * BS - len - spare;
+                    assert!(
+                        front < BS && spare < BS.max(1),
+                        "empty block held ({front}, {spare})"
+                    );
+                    assert!(len > 0 || held == 0, "blocks held for an empty head");
+                    assert!(held <= len.div_ceil(BS) + 1);
                     for id in bids {
                         assert!(ids.insert(id), "block {id} owned twice");
                     }
-                    sess_blocks += want.len().div_ceil(BS);
+                    sess_blocks += held;
                 }
             }
             let st = sess.kv.stats();
