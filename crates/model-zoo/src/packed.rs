@@ -440,19 +440,17 @@ impl QuantizedRows {
             scales: vec![0.0; m * blocks],
             sums: vec![0; m * blocks],
         };
+        #[cfg(target_arch = "x86_64")]
+        let simd = PackedMatrix::supported();
         for (i, src) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let dst = &mut q.codes[i * BLOCK..(i + 1) * BLOCK];
-            let mut sum = 0i32;
-            for (c, &v) in dst.iter_mut().zip(src) {
-                // |v * inv| <= 127 (NaN saturates to 0): the cast cannot wrap.
-                *c = (v * inv).round_ties_even() as i8;
-                sum += i32::from(*c);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX-512 (checked above); both blocks hold 32 values.
+                (q.scales[i], q.sums[i]) = unsafe { vnni::quantize_block(src, dst) };
+                continue;
             }
-            q.scales[i] = d;
-            q.sums[i] = sum;
+            (q.scales[i], q.sums[i]) = quantize_block(src, dst);
         }
         q
     }
@@ -466,6 +464,21 @@ impl QuantizedRows {
             self.sums[i],
         )
     }
+}
+
+/// One 32-value block quantized (portable): scale `amax / 127` (NaNs ignored), codes rounded to
+/// nearest even (a NaN becomes 0); returns (scale, code sum).
+fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (c, &v) in dst.iter_mut().zip(src) {
+        // |v * inv| <= 127 (NaN saturates to 0): the cast cannot wrap.
+        *c = (v * inv).round_ties_even() as i8;
+        sum += i32::from(*c);
+    }
+    (d, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -498,6 +511,33 @@ mod vnni {
                 row += 4;
             }
         }
+    }
+
+    /// [`super::quantize_block`] with AVX-512, bit for bit.
+    ///
+    /// # Safety
+    /// The CPU supports avx512f/bw; `src` and `dst` hold 32 values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+        let (a, b) = (
+            _mm512_loadu_ps(src.as_ptr()),
+            _mm512_loadu_ps(src.as_ptr().add(16)),
+        );
+        // max(x, acc) returns acc when x is NaN: NaNs are ignored, as by f32::max.
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_abs_ps(b),
+            _mm512_max_ps(_mm512_abs_ps(a), _mm512_setzero_ps()),
+        ));
+        let d = amax / 127.0;
+        let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let mut sum = 0;
+        for (h, v) in [a, b].into_iter().enumerate() {
+            // Round to nearest even (the default mode); |v * inv| <= 127, a NaN becomes 0 below.
+            let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(16 * h).cast(), q);
+            sum += _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q));
+        }
+        (d, sum)
     }
 
     /// Tile `t` for activation rows `row0..row0 + R`.
@@ -686,6 +726,24 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn simd_quantizer_equals_portable() {
+        let mut vals: Vec<f32> = (0..32 * 40)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .collect();
+        vals[5] = f32::NAN;
+        vals[40..72].fill(0.0);
+        vals[100] = 127.0 * 0.5; // ties
+        for (i, src) in vals.chunks_exact(BLOCK).enumerate() {
+            let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let want = quantize_block(src, &mut a);
+            let got = QuantizedRows::new(src, 1, BLOCK);
+            b.copy_from_slice(&got.codes);
+            assert_eq!((got.scales[0], got.sums[0]), want, "block {i}");
+            assert_eq!(a, b, "block {i}");
         }
     }
 
