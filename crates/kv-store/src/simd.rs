@@ -78,7 +78,7 @@ pub(crate) const CHUNK: usize = LANES;
 /// rows (`[n, d]`, `n <= CHUNK`) transposed so that one vector holds dimension `c` of every key.
 pub(crate) fn transpose_chunk(rows: &[f32], n: usize, d: usize, kt: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if n == CHUNK && d.is_multiple_of(CHUNK) && std::arch::is_x86_feature_detected!("avx512f") {
+    if n == CHUNK && d.is_multiple_of(CHUNK) && avx512() {
         // SAFETY: avx512f is present; `rows` holds 16 rows of `d` and `kt` d rows of 16 (sliced
         // below, so out-of-bounds panics before any unchecked access).
         unsafe { transpose_avx512(&rows[..CHUNK * d], d, &mut kt[..CHUNK * d]) };
@@ -331,10 +331,15 @@ pub(crate) fn softmax_chunk(
     }
 }
 
-/// Whether this CPU runs the AVX-512 micro-kernels (detected once, then a load).
+/// Whether this CPU runs the AVX-512 micro-kernels (detected once, then a load); unit tests can
+/// force the portable paths on this thread.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn avx512() -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(std::cell::Cell::get) {
+        return false;
+    }
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
@@ -717,8 +722,49 @@ pub(crate) fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Set by tests to run the portable kernels on a CPU that has AVX-512.
+        pub(crate) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Runs `f` once with the portable kernels and once with this CPU's, returning both results.
+    pub(crate) fn both_paths<T>(mut f: impl FnMut() -> T) -> (T, T) {
+        FORCE_PORTABLE.with(|p| p.set(true));
+        let portable = f();
+        FORCE_PORTABLE.with(|p| p.set(false));
+        (portable, f())
+    }
+
+    #[test]
+    fn portable_kernels_match_the_simd_ones() {
+        let (n, d, nq) = (16usize, 64usize, 7usize);
+        let rows: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let halves: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let qs: Vec<f32> = (0..nq * d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let (a, b) = both_paths(|| {
+            let mut kt = vec![0.0; d * CHUNK];
+            let mut scratch = vec![0.0; CHUNK * d];
+            transpose_chunk_f16(&halves, n, d, &mut scratch, &mut kt);
+            let mut s = vec![0.0; nq * CHUNK];
+            scores_transposed(&qs, &kt, d, &mut s);
+            let (mut m, mut l) = (vec![0.5f32; nq], vec![1.0f32; nq]);
+            let mut acc = vec![0.25f32; nq * d];
+            s[3] = f32::NEG_INFINITY;
+            softmax_chunk(&mut s, &mut m, &mut l, &mut acc, d);
+            weighted_values_f16(&s, &halves, n, d, &mut scratch, &mut acc);
+            weighted_values(&s, &rows, n, d, &mut acc);
+            (kt, s, m, l, acc)
+        });
+        assert_eq!(a.0, b.0, "transposition");
+        for (x, y) in [(&a.1, &b.1), (&a.2, &b.2), (&a.3, &b.3), (&a.4, &b.4)] {
+            for (u, v) in x.iter().zip(y) {
+                assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{u} vs {v}");
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_std() {
