@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{candle_message, ModelError, Result};
 use crate::packed::{PackedKind, PackedMatrix};
+use crate::random::{Init, TensorSpec};
 use crate::rope::RopeLayout;
 
 /// How weights are held in memory.
@@ -382,7 +384,17 @@ impl GgufFile {
 
 enum Source {
     Gguf(GgufFile),
-    Safetensors { dir: PathBuf, st: MmapedSafetensors },
+    Safetensors {
+        dir: PathBuf,
+        st: MmapedSafetensors,
+    },
+    /// Random weights of a config's shapes (`--dummy-weights`): Hugging Face names, generated
+    /// on demand from `seed` and the tensor's name.
+    Random {
+        config: PathBuf,
+        specs: HashMap<String, TensorSpec>,
+        seed: u64,
+    },
 }
 
 /// Weights of one model, from either source, handed out by role.
@@ -396,6 +408,29 @@ impl Weights {
     pub fn from_gguf(file: GgufFile, format: WeightFormat) -> Self {
         Weights {
             source: Source::Gguf(file),
+            format,
+        }
+    }
+
+    /// Random weights of `cfg`'s shapes (read from `config`), for measuring a model without its
+    /// files: projections quantized as the format asks (Q4_0 codes for `auto` and `stored`), the
+    /// embedding dense f16, norms ones. The same seed gives the same weights.
+    pub fn random(
+        config: &Path,
+        cfg: &crate::config::ModelConfig,
+        format: WeightFormat,
+        seed: u64,
+    ) -> Self {
+        let specs = crate::random::tensor_specs(cfg)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        Weights {
+            source: Source::Random {
+                config: config.to_path_buf(),
+                specs,
+                seed,
+            },
             format,
         }
     }
@@ -436,6 +471,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.path(),
             Source::Safetensors { dir, .. } => dir,
+            Source::Random { config, .. } => config,
         }
     }
 
@@ -443,7 +479,7 @@ impl Weights {
     pub fn naming(&self) -> Naming {
         match self.source {
             Source::Gguf(_) => Naming::Gguf,
-            Source::Safetensors { .. } => Naming::HuggingFace,
+            Source::Safetensors { .. } | Source::Random { .. } => Naming::HuggingFace,
         }
     }
 
@@ -464,6 +500,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.content().tensor_infos.contains_key(&name),
             Source::Safetensors { st, .. } => st.get(&name).is_ok(),
+            Source::Random { specs, .. } => specs.contains_key(&name),
         }
     }
 
@@ -471,6 +508,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.shape(name),
             Source::Safetensors { st, .. } => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Source::Random { specs, .. } => specs.get(name).map(|s| s.shape.clone()),
         }
     }
 
@@ -497,6 +535,7 @@ impl Weights {
         Ok(match &self.source {
             Source::Gguf(f) => f.tensor(name)?.dequantize(&Device::Cpu)?,
             Source::Safetensors { st, .. } => st.load(name, &Device::Cpu)?,
+            Source::Random { specs, seed, .. } => random_dense(&specs[name], *seed)?,
         })
     }
 
@@ -643,6 +682,18 @@ impl Weights {
                     )?)
                 }
             }
+            (
+                Source::Random { specs, seed, .. },
+                WeightFormat::Auto
+                | WeightFormat::AsStored
+                | WeightFormat::Quantize(GgmlDType::Q8_0 | GgmlDType::Q4_0),
+            ) => {
+                let dtype = match self.format {
+                    WeightFormat::Quantize(t) => t,
+                    _ => GgmlDType::Q4_0,
+                };
+                quantized(random_quantized(&specs[name], dtype, *seed)?)
+            }
             (Source::Gguf(f), WeightFormat::AsStored) => Ok(ProjectionSource::Ready(
                 LinearWeight::Quantized(QMatMul::from_qtensor(f.tensor(name)?)?),
             )),
@@ -684,6 +735,10 @@ impl Weights {
             (Source::Safetensors { st, .. }, _) => {
                 Ok(Embedding::Dense(st.load(&name, &Device::Cpu)?))
             }
+            (Source::Random { .. }, _) => Ok(Embedding::Dense(
+                self.load_dense(&name, &[vocab, hidden])?
+                    .to_dtype(DType::F16)?,
+            )),
         }
     }
 
@@ -696,6 +751,56 @@ impl Weights {
         };
         self.linear(role, 0, vocab, hidden, false)
     }
+}
+
+/// The value of a random tensor, seeded by `seed` and its name.
+fn random_dense(spec: &TensorSpec, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let shape = spec.shape.as_slice();
+    Ok(match spec.init {
+        Init::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+        Init::Uniform(scale) => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            Tensor::from_vec(data, shape, &Device::Cpu)?
+        }
+    })
+}
+
+/// Random GGUF blocks of `dtype` (Q4_0 or Q8_0) for a `[rows, cols]` spec: random codes with the
+/// scale that gives the spec's magnitude, written directly (no f32 copy of a large matrix).
+fn random_quantized(spec: &TensorSpec, dtype: GgmlDType, seed: u64) -> Result<QTensor> {
+    use rand::{RngCore, SeedableRng};
+    let scale = match spec.init {
+        Init::Uniform(s) => s,
+        Init::Ones => 1.0,
+    };
+    let (block, half_range) = match dtype {
+        GgmlDType::Q4_0 => (18, 8.0),
+        _ => (34, 127.0),
+    };
+    let n: usize = spec.shape.iter().product();
+    let mut bytes = vec![0u8; n / 32 * block];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
+    rng.fill_bytes(&mut bytes);
+    let d = half::f16::from_f32(scale / half_range).to_le_bytes();
+    for b in bytes.chunks_exact_mut(block) {
+        b[..2].copy_from_slice(&d);
+    }
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bytes),
+        &Device::Cpu,
+        dtype,
+    )?;
+    Ok(QTensor::new(storage, spec.shape.as_slice())?)
+}
+
+/// A stable hash of a tensor name (FNV-1a), to seed its random values.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A projection weight before it is finalised: quantized blocks the packed kernel takes, or a
