@@ -17,8 +17,8 @@ pub struct ModelArgs {
     /// q4_0, f32, f16, bf16.
     #[arg(long, default_value = "auto", value_parser = WeightFormat::parse)]
     pub weights: WeightFormat,
-    /// KV cache element type: f32, f16, bf16, or q8_0 (8-bit codes with an f16 scale per 32
-    /// values: 0.53x the bytes of f16).
+    /// KV cache element type: f32, f16, bf16, q8_0 (8-bit codes with an f16 scale per 32
+    /// values: 0.53x the bytes of f16) or q4_0 (4-bit codes: 0.28x).
     #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
     pub kv_dtype: KvDtype,
     /// KV memory budget shared by all sessions, in MiB.

@@ -3,11 +3,16 @@
 //! that everything reading or writing stored keys and values goes through (attention, reads,
 //! key norms, re-rotation).
 //!
-//! Formats: f32, f16 and bf16 store elements; [`KvDtype::Q8_0`] stores each key or value vector
-//! (an *entry* of `head_dim` values) as `head_dim` signed 8-bit codes followed by one f16 scale
-//! per 32-value block (the last block may be shorter): value = scale × code, scale = max|x| /
-//! 127 of the block (rounded to f16), codes rounded to nearest. 64 values take 68 bytes (0.53×
-//! f16).
+//! Formats: f32, f16 and bf16 store elements. The block-quantized dtypes store each key or value
+//! vector (an *entry* of `head_dim` values) as codes followed by one f16 scale per 32-value block
+//! (the last block may be shorter):
+//! - [`KvDtype::Q8_0`]: `head_dim` signed 8-bit codes, value = scale × code, scale = max|x| / 127
+//!   of the block (rounded to f16), codes rounded to nearest; 64 values take 68 bytes (0.53×
+//!   f16);
+//! - [`KvDtype::Q4_0`]: 4-bit codes, two per byte (value `2i` in the low nibble), value =
+//!   scale × (code − 8) with scale = x_max / −8 where x_max is the block's value of largest
+//!   magnitude (llama.cpp's q4_0 rule, so the extreme value is exact); 64 values take 36 bytes
+//!   (0.28× f16).
 //!
 //! Invariants: stored data is converted to f32 on the fly (never stored widened); the byte views
 //! handed to [`KvSlice::from_bytes`] and [`write_f32`] are a whole number of entries, aligned for
@@ -33,14 +38,22 @@ pub enum KvDtype {
     BF16,
     /// 8-bit codes with an f16 scale per 32 values of an entry (see the module docs).
     Q8_0,
+    /// 4-bit codes with an f16 scale per 32 values of an entry (see the module docs).
+    Q4_0,
 }
 
-/// Values per scale of [`KvDtype::Q8_0`].
+/// Values per scale of the block-quantized dtypes ([`KvDtype::Q8_0`], [`KvDtype::Q4_0`]).
 pub const Q8_BLOCK: usize = 32;
 
 impl KvDtype {
     /// Every dtype, in the order the CLI lists them.
-    pub const ALL: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::BF16, KvDtype::Q8_0];
+    pub const ALL: [KvDtype; 5] = [
+        KvDtype::F32,
+        KvDtype::F16,
+        KvDtype::BF16,
+        KvDtype::Q8_0,
+        KvDtype::Q4_0,
+    ];
 
     /// Bytes of one stored entry (a key or a value vector of `head_dim` values).
     pub const fn entry_bytes(self, head_dim: usize) -> usize {
@@ -48,6 +61,7 @@ impl KvDtype {
             KvDtype::F32 => 4 * head_dim,
             KvDtype::F16 | KvDtype::BF16 => 2 * head_dim,
             KvDtype::Q8_0 => head_dim + 2 * head_dim.div_ceil(Q8_BLOCK),
+            KvDtype::Q4_0 => head_dim.div_ceil(2) + 2 * head_dim.div_ceil(Q8_BLOCK),
         }
     }
 
@@ -58,6 +72,7 @@ impl KvDtype {
             KvDtype::F16 => "f16",
             KvDtype::BF16 => "bf16",
             KvDtype::Q8_0 => "q8_0",
+            KvDtype::Q4_0 => "q4_0",
         }
     }
 
@@ -87,6 +102,7 @@ impl FromStr for KvDtype {
             "f16" | "float16" | "half" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::BF16),
             "q8_0" | "q8" => Ok(KvDtype::Q8_0),
+            "q4_0" | "q4" => Ok(KvDtype::Q4_0),
             _ => Err(KvError::UnknownDtype(s.to_string())),
         }
     }
@@ -101,8 +117,10 @@ pub enum KvSlice<'a> {
     F16(&'a [f16]),
     /// bf16 elements.
     BF16(&'a [bf16]),
-    /// [`KvDtype::Q8_0`] entries of `head_dim` values each.
-    Q8_0 {
+    /// Block-quantized entries ([`KvDtype::Q8_0`], [`KvDtype::Q4_0`]) of `head_dim` values each.
+    Quantized {
+        /// [`KvDtype::Q8_0`] or [`KvDtype::Q4_0`].
+        dtype: KvDtype,
         /// The entries' bytes (a whole number of entries).
         bytes: &'a [u8],
         /// Values per entry.
@@ -117,9 +135,11 @@ impl<'a> KvSlice<'a> {
             KvSlice::F32(s) => s.len(),
             KvSlice::F16(s) => s.len(),
             KvSlice::BF16(s) => s.len(),
-            KvSlice::Q8_0 { bytes, head_dim } => {
-                bytes.len() / KvDtype::Q8_0.entry_bytes(*head_dim).max(1) * head_dim
-            }
+            KvSlice::Quantized {
+                dtype,
+                bytes,
+                head_dim,
+            } => bytes.len() / dtype.entry_bytes(*head_dim).max(1) * head_dim,
         }
     }
 
@@ -134,7 +154,7 @@ impl<'a> KvSlice<'a> {
             KvSlice::F32(_) => KvDtype::F32,
             KvSlice::F16(_) => KvDtype::F16,
             KvSlice::BF16(_) => KvDtype::BF16,
-            KvSlice::Q8_0 { .. } => KvDtype::Q8_0,
+            KvSlice::Quantized { dtype, .. } => *dtype,
         }
     }
 
@@ -144,7 +164,11 @@ impl<'a> KvSlice<'a> {
             KvDtype::F32 => KvSlice::F32(bytemuck::cast_slice(bytes)),
             KvDtype::F16 => KvSlice::F16(bytemuck::cast_slice(bytes)),
             KvDtype::BF16 => KvSlice::BF16(bytemuck::cast_slice(bytes)),
-            KvDtype::Q8_0 => KvSlice::Q8_0 { bytes, head_dim },
+            KvDtype::Q8_0 | KvDtype::Q4_0 => KvSlice::Quantized {
+                dtype,
+                bytes,
+                head_dim,
+            },
         }
     }
 
@@ -173,14 +197,19 @@ impl<'a> KvSlice<'a> {
                 s[lo..hi].convert_to_f32_slice(dst);
                 dst
             }
-            KvSlice::Q8_0 { bytes, head_dim } => {
-                let eb = KvDtype::Q8_0.entry_bytes(*head_dim);
+            KvSlice::Quantized {
+                dtype,
+                bytes,
+                head_dim,
+            } => {
+                let eb = dtype.entry_bytes(*head_dim);
                 let dst = &mut scratch[..hi - lo];
-                for (out, entry) in dst
+                let entries = dst
                     .chunks_exact_mut(d)
-                    .zip(bytes[start * eb..end * eb].chunks_exact(eb))
-                {
-                    decode_q8_0(entry, out);
+                    .zip(bytes[start * eb..end * eb].chunks_exact(eb));
+                match dtype {
+                    KvDtype::Q4_0 => entries.for_each(|(out, e)| decode_q4_0(e, out)),
+                    _ => entries.for_each(|(out, e)| decode_q8_0(e, out)),
                 }
                 dst
             }
@@ -241,11 +270,59 @@ pub(crate) fn write_f32(dtype: KvDtype, head_dim: usize, dst: &mut [u8], src: &[
         KvDtype::F32 => bytemuck::cast_slice_mut::<u8, f32>(dst).copy_from_slice(src),
         KvDtype::F16 => bytemuck::cast_slice_mut::<u8, f16>(dst).convert_from_f32_slice(src),
         KvDtype::BF16 => bytemuck::cast_slice_mut::<u8, bf16>(dst).convert_from_f32_slice(src),
-        KvDtype::Q8_0 => {
+        KvDtype::Q8_0 | KvDtype::Q4_0 => {
             let eb = dtype.entry_bytes(head_dim);
             for (entry, x) in dst.chunks_exact_mut(eb).zip(src.chunks_exact(head_dim)) {
-                encode_q8_0(x, entry);
+                if dtype == KvDtype::Q4_0 {
+                    encode_q4_0(x, entry);
+                } else {
+                    encode_q8_0(x, entry);
+                }
             }
+        }
+    }
+}
+
+/// One [`KvDtype::Q4_0`] entry from its values: nibbles, then one f16 scale per block.
+fn encode_q4_0(x: &[f32], entry: &mut [u8]) {
+    let (codes, scales) = entry.split_at_mut(x.len().div_ceil(2));
+    codes.fill(0);
+    for (b, (xb, sb)) in x
+        .chunks(Q8_BLOCK)
+        .zip(scales.chunks_exact_mut(2))
+        .enumerate()
+    {
+        // The value of largest magnitude, with its sign, maps to code 0 (value -8 * scale).
+        let extreme = xb
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let scale = f16::from_f32(extreme / -8.0);
+        let s = scale.to_f32();
+        let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
+        for (i, &v) in xb.iter().enumerate() {
+            // round(v / s) + 8 in [0, 16]; 16 (rounding past +8 scales) clamps to 15, NaN to 8.
+            let q = ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
+            let at = b * Q8_BLOCK + i;
+            codes[at / 2] |= q << (4 * (at % 2));
+        }
+        sb.copy_from_slice(&scale.to_le_bytes());
+    }
+}
+
+/// The values of one [`KvDtype::Q4_0`] entry.
+#[inline]
+fn decode_q4_0(entry: &[u8], out: &mut [f32]) {
+    let (codes, scales) = entry.split_at(out.len().div_ceil(2));
+    for (b, (ob, sb)) in out
+        .chunks_mut(Q8_BLOCK)
+        .zip(scales.chunks_exact(2))
+        .enumerate()
+    {
+        let s = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+        for (i, o) in ob.iter_mut().enumerate() {
+            let at = b * Q8_BLOCK + i;
+            let q = (codes[at / 2] >> (4 * (at % 2))) & 0x0f;
+            *o = (f32::from(q) - 8.0) * s;
         }
     }
 }

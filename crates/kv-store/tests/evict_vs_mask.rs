@@ -108,3 +108,8 @@ fn eviction_equals_masking_bf16() {
 fn eviction_equals_masking_q8_0() {
     check(KvDtype::Q8_0);
 }
+
+#[test]
+fn eviction_equals_masking_q4_0() {
+    check(KvDtype::Q4_0);
+}

@@ -348,6 +348,11 @@ proptest! {
     fn store_matches_reference_q8_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
         run(KvDtype::Q8_0, capacity, &ops);
     }
+
+    #[test]
+    fn store_matches_reference_q4_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
+        run(KvDtype::Q4_0, capacity, &ops);
+    }
 }
 
 /// Evicting half of every head frees real memory: bytes in use fall to within one block per head
