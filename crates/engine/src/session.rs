@@ -1,23 +1,25 @@
 //! `Session`: one conversation — its KV cache, its eviction policy, every token it has seen, and
 //! its chat transcript. Prefill, decode and chat turns all append to the same cache, so a second
-//! chat turn feeds only its new tokens.
+//! chat turn feeds only its new tokens. Every forward pass goes through
+//! `Session::forward_batch`, the same path the scheduler uses to run many sessions in one step.
 //!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
 //! holds the next-token logits after the last fed token and is `None` while a token is pending.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use kv_store::SequenceKv;
-use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass};
+use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass, SequenceInput};
 
+use crate::decoding::{Decoding, Progress};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::policy::Policy;
 use crate::report::KvReport;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text::{Detokenizer, StopMatcher};
+use crate::sampling::SamplingParams;
 
 /// What to generate.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -107,8 +109,8 @@ pub struct Session {
     policy: Policy,
     hook: Box<dyn LayerHook + Send>,
     seen: Vec<u32>,
-    pending: Option<u32>,
-    logits: Option<Vec<f32>>,
+    pub(crate) pending: Option<u32>,
+    pub(crate) logits: Option<Vec<f32>>,
     messages: Vec<ChatMessage>,
     transcript: String,
     system: Option<String>,
@@ -179,36 +181,64 @@ impl Session {
     /// Runs `tokens` through the model after everything seen so far. Returns seconds spent.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
         let started = Instant::now();
-        let mut run: Vec<u32> = self.pending.take().into_iter().collect();
-        run.extend_from_slice(tokens);
-        if run.is_empty() {
-            return Ok(0.0);
-        }
-        if let Err(e) = self.check_context(run.len()) {
-            // Put a pending token back: it is still part of the conversation.
-            if run.len() > tokens.len() {
-                self.pending = Some(run[0]);
-            }
-            return Err(e);
-        }
-        let min_final = self.hook.min_final_chunk(run.len());
-        let pieces = chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final);
-        let last = pieces.len() - 1;
-        for (i, range) in pieces.into_iter().enumerate() {
-            let logits = self.pass(
-                &run[range],
-                Pass::Prefill {
-                    final_chunk: i == last,
-                },
-                LogitsFor::Last,
-            )?;
-            self.logits = Some(
-                logits
-                    .to_vec1::<f32>()
-                    .map_err(model_zoo::ModelError::from)?,
-            );
+        let mut plan = self.plan_prefill(tokens)?;
+        while let Some((chunk, pass)) = plan.next_chunk() {
+            let logits = self.pass(chunk, pass, LogitsFor::Last)?;
+            self.set_logits(&logits)?;
+            plan.advance();
         }
         Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Cuts the pending token (if any) and `tokens` into prefill passes, checking that they fit
+    /// in the model's context (on error the session is unchanged).
+    pub(crate) fn plan_prefill(&mut self, tokens: &[u32]) -> Result<PrefillPlan> {
+        let mut run: Vec<u32> = self.pending.into_iter().collect();
+        run.extend_from_slice(tokens);
+        self.check_context(run.len())?;
+        self.pending = None;
+        Ok(self.plan_run(run))
+    }
+
+    /// The prefill passes of `run`: chunks of the engine's prefill size whose last one is long
+    /// enough for the policy.
+    fn plan_run(&self, run: Vec<u32>) -> PrefillPlan {
+        let chunks = if run.is_empty() {
+            Vec::new()
+        } else {
+            let min_final = self.hook.min_final_chunk(run.len());
+            chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final)
+        };
+        PrefillPlan {
+            run,
+            chunks,
+            next: 0,
+        }
+    }
+
+    /// Empties the cache and returns the passes that rebuild it: every token seen, the pending
+    /// one (so that afterwards the session holds the logits after it, as after a decode pass),
+    /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. This is the
+    /// scheduler's preemption: the blocks go back to the pool now, and the conversation resumes
+    /// later by recomputing its cache.
+    pub(crate) fn reset_for_replay(&mut self, unfed: &[u32]) -> Result<PrefillPlan> {
+        let mut run = std::mem::take(&mut self.seen);
+        run.extend(self.pending.take());
+        run.extend_from_slice(unfed);
+        self.kv.clear();
+        self.hook = self.policy.hook(self.engine.model_config())?;
+        self.logits = None;
+        Ok(self.plan_run(run))
+    }
+
+    /// Keeps the logits of a pass's last token as the next-token logits.
+    pub(crate) fn set_logits(&mut self, logits: &Tensor) -> Result<()> {
+        self.logits = Some(
+            logits
+                .to_vec1::<f32>()
+                .map_err(model_zoo::ModelError::from)?,
+        );
+        Ok(())
     }
 
     /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
@@ -247,16 +277,52 @@ impl Session {
 
     /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
     fn pass(&mut self, tokens: &[u32], pass: Pass, logits_for: LogitsFor) -> Result<Tensor> {
-        self.hook.begin_pass(pass);
-        let logits = self.engine.model().forward(
+        let mut out = Session::forward_batch(&mut [PassInput {
+            session: self,
             tokens,
-            self.seen.len() as u32,
-            &mut self.kv,
-            self.hook.as_mut(),
+            pass,
             logits_for,
-        )?;
-        self.seen.extend_from_slice(tokens);
-        Ok(logits)
+        }])?;
+        out.pop().expect("one result per session")
+    }
+
+    /// One forward pass over several sessions of the same engine (each with its own tokens,
+    /// policy and cache; the model's projections see all of them at once). Returns one result
+    /// per session, in order. A session whose result is an error holds a cache part-way through
+    /// the pass and must be discarded; the outer error means every session is in that state.
+    pub(crate) fn forward_batch(batch: &mut [PassInput<'_, '_>]) -> Result<Vec<Result<Tensor>>> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let engine = first.session.engine.clone();
+        let mut inputs = Vec::with_capacity(batch.len());
+        for item in batch.iter_mut() {
+            if !item.session.engine.same_engine(&engine) {
+                return Err(EngineError::Invalid(
+                    "a batched pass runs sessions of one engine only".into(),
+                ));
+            }
+            let session = &mut *item.session;
+            session.hook.begin_pass(item.pass);
+            inputs.push(SequenceInput {
+                tokens: item.tokens,
+                start: session.seen.len() as u32,
+                kv: &mut session.kv,
+                hook: session.hook.as_mut(),
+                logits_for: item.logits_for,
+            });
+        }
+        let results = engine.model().forward_batch(&mut inputs)?;
+        drop(inputs);
+        Ok(results
+            .into_iter()
+            .zip(batch.iter_mut())
+            .map(|(result, item)| {
+                let logits = result?;
+                item.session.seen.extend_from_slice(item.tokens);
+                Ok(logits)
+            })
+            .collect())
     }
 
     /// Tokenizes and prefills raw text (no chat template), then generates.
@@ -298,7 +364,7 @@ impl Session {
             .engine
             .tokenizer()
             .apply_chat_template(&messages, true)?;
-        let delta = match rendered.strip_prefix(self.transcript.as_str()) {
+        let delta = match self.continuation(&rendered) {
             Some(delta) => delta.to_string(),
             None => {
                 // The template re-rendered history differently (e.g. it trims answers): start over.
@@ -314,11 +380,30 @@ impl Session {
             .tokenizer()
             .encode(&delta, self.seen.is_empty())?;
         let generation = self.generate_after(&tokens, request, on_text)?;
-        let answer = self.engine.tokenizer().decode(&generation.tokens)?;
-        self.transcript = rendered + &answer;
+        let answer = self.record_answer(rendered, &generation.tokens)?;
         self.messages.push(ChatMessage::new("user", user_message));
         self.messages.push(ChatMessage::new("assistant", &answer));
         Ok(generation)
+    }
+
+    /// The part of `rendered` (a whole conversation rendered with the chat template) that is
+    /// not in the cache yet: `None` unless the session's transcript is a prefix of it.
+    pub(crate) fn continuation<'r>(&self, rendered: &'r str) -> Option<&'r str> {
+        rendered.strip_prefix(self.transcript.as_str())
+    }
+
+    /// Records a finished turn: the transcript becomes `rendered` followed by the answer's
+    /// text, which is returned.
+    pub(crate) fn record_answer(&mut self, rendered: String, answer: &[u32]) -> Result<String> {
+        let answer = self.engine.tokenizer().decode(answer)?;
+        self.transcript = rendered + &answer;
+        Ok(answer)
+    }
+
+    /// Replaces the recorded conversation (the scheduler's sessions keep what the client sent).
+    pub(crate) fn set_messages(&mut self, messages: Vec<ChatMessage>) {
+        self.system = None;
+        self.messages = messages;
     }
 
     /// Prefills token ids (no text involved), then generates: the benchmark's entry point.
@@ -356,91 +441,26 @@ impl Session {
         if self.pending.is_some() {
             self.prefill(&[])?;
         }
-        let engine = self.engine.clone();
-        let tokenizer = engine.tokenizer();
-        let eos = tokenizer.eos_ids();
-        let context = engine.model_config().max_position;
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut detok = Detokenizer::new(tokenizer);
-        let mut stops = StopMatcher::new(&request.stop);
-        let (mut text, mut tokens) = (String::new(), Vec::new());
-        let started = Instant::now();
-        let mut first_token_secs = None;
-        let mut decode_steps = 0;
-        let mut finish = FinishReason::Length;
-        while tokens.len() < request.max_tokens {
-            if self.seen.len() >= context {
-                finish = FinishReason::ContextFull;
-                break;
-            }
-            let logits = match (self.logits.take(), self.pending.take()) {
-                (Some(l), _) => l,
-                (None, None) => {
-                    return Err(EngineError::Invalid(
-                        "nothing to continue from: prefill a prompt first".into(),
-                    ))
-                }
-                (None, Some(next)) => {
-                    decode_steps += 1;
-                    let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
-                    logits
-                        .to_vec1::<f32>()
-                        .map_err(model_zoo::ModelError::from)?
-                }
-            };
-            let recent_from = self
-                .seen
-                .len()
-                .saturating_sub(request.sampling.repeat_last_n);
-            let token = sampler.sample(&logits, &self.seen[recent_from..]);
-            first_token_secs.get_or_insert(started.elapsed().as_secs_f64());
-            if request.stop_at_eos && eos.contains(&token) {
-                self.logits = Some(logits);
-                finish = FinishReason::Eos;
-                break;
-            }
-            tokens.push(token);
-            self.pending = Some(token);
-            if let Some(chunk) = detok.push(token)? {
-                let (out, hit) = stops.push(&chunk);
-                text.push_str(&out);
-                let keep_going = out.is_empty() || on_text(&out);
-                if hit {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                if !keep_going {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-            }
+        let mut decoding = Decoding::new(request);
+        while decoding.advance(self, on_text)? == Progress::NeedsPass {
+            self.feed_pending()?;
+            decoding.record_pass();
         }
-        if finish != FinishReason::Stop {
-            let mut tail = detok
-                .finish()?
-                .map(|c| stops.push(&c).0)
-                .unwrap_or_default();
-            tail.push_str(&stops.flush());
-            if !tail.is_empty() {
-                on_text(&tail);
-                text.push_str(&tail);
-            }
-        }
-        Ok(Generation {
-            text,
-            tokens,
-            prompt_tokens: 0,
-            finish_reason: finish,
-            prefill_secs: 0.0,
-            time_to_first_token_secs: first_token_secs.unwrap_or(0.0),
-            decode_secs: started.elapsed().as_secs_f64(),
-            decode_steps,
-        })
+        decoding.finish(self, on_text)
+    }
+
+    /// The decode pass: runs the pending token through the model.
+    fn feed_pending(&mut self) -> Result<()> {
+        let Some(next) = self.pending.take() else {
+            return Ok(());
+        };
+        let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
+        self.set_logits(&logits)
     }
 
     /// Tokens seen vs. retained per layer and head, and KV memory in use.
     pub fn kv_report(&self) -> KvReport {
-        KvReport::new(&self.kv, self.seen.len())
+        KvReport::new(&self.kv, self.seen.len(), self.hook.state_bytes())
     }
 
     /// Next-token logits after the last fed token (`None` before any prefill, or while a
@@ -455,9 +475,60 @@ impl Session {
     }
 }
 
+/// One session's share of a batched forward pass ([`Session::forward_batch`]).
+pub(crate) struct PassInput<'s, 't> {
+    /// The session.
+    pub(crate) session: &'s mut Session,
+    /// Its new tokens.
+    pub(crate) tokens: &'t [u32],
+    /// The kind of pass, announced to its policy.
+    pub(crate) pass: Pass,
+    /// Which logits it needs.
+    pub(crate) logits_for: LogitsFor,
+}
+
+/// The forward passes of one prefill, run one by one (by `Session::prefill`, or by the scheduler
+/// between decode steps).
+#[derive(Debug)]
+pub(crate) struct PrefillPlan {
+    run: Vec<u32>,
+    chunks: Vec<Range<usize>>,
+    next: usize,
+}
+
+impl PrefillPlan {
+    /// The next chunk and how to announce it, or `None` when the prefill is done.
+    pub(crate) fn next_chunk(&self) -> Option<(&[u32], Pass)> {
+        let range = self.chunks.get(self.next)?;
+        let final_chunk = self.next + 1 == self.chunks.len();
+        Some((&self.run[range.clone()], Pass::Prefill { final_chunk }))
+    }
+
+    /// Marks the next chunk as done.
+    pub(crate) fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    /// The tokens not fed yet, in order.
+    pub(crate) fn unfed(&self) -> &[u32] {
+        self.chunks
+            .get(self.next)
+            .map_or(&[], |r| &self.run[r.start..])
+    }
+
+    /// Tokens of the longest chunk not fed yet (0 when done).
+    pub(crate) fn largest_chunk(&self) -> usize {
+        self.chunks[self.next.min(self.chunks.len())..]
+            .iter()
+            .map(|r| r.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least
 /// `min_final` tokens (or all of them, when fewer). Chunks may exceed `chunk` only to satisfy that.
-fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<std::ops::Range<usize>> {
+fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<Range<usize>> {
     let final_len = (n % chunk)
         .max(if n.is_multiple_of(chunk) { chunk } else { 0 })
         .max(min_final)

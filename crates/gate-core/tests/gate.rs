@@ -155,46 +155,102 @@ fn causal_future_tokens_do_not_change_earlier_s() {
     assert_ne!(a[9], b[9]);
 }
 
+/// With an attention window `W`, a token's `s` depends only on the last `W` tokens: it equals
+/// the last row of a forward over just those tokens (at their positions), and a change further
+/// back changes nothing.
+#[test]
+fn the_attention_window_bounds_what_a_token_sees() {
+    let c = GateConfig {
+        attention_window: 6,
+        ..cfg()
+    };
+    let g = spread_gate(&c);
+    let (t, w) = (20, 6);
+    let pos: Vec<u32> = (300..300 + t as u32).collect();
+    let x = det_input(t, 11);
+    let full = rows(&g.keep_probs(1, &x, &pos).unwrap());
+    for i in w..t {
+        let alone = rows(
+            &g.keep_probs(1, &x.narrow(0, i + 1 - w, w).unwrap(), &pos[i + 1 - w..=i])
+                .unwrap(),
+        );
+        for (a, b) in full[i].iter().zip(&alone[w - 1]) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "token {i}: {:?} vs {:?}",
+                full[i],
+                alone[w - 1]
+            );
+        }
+    }
+    // Unbounded, the same tokens do see further back.
+    let unbounded = spread_gate(&GateConfig {
+        attention_window: 0,
+        ..cfg()
+    });
+    let far = rows(&unbounded.keep_probs(1, &x, &pos).unwrap());
+    assert!(full[t - 1]
+        .iter()
+        .zip(&far[t - 1])
+        .any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
 #[test]
 fn prefill_then_step_equals_the_full_forward() {
-    let c = cfg();
-    let g = spread_gate(&c);
-    let (t, t0) = (24, 9);
-    let pos: Vec<u32> = (1000..1000 + t as u32).collect();
-    let x = det_input(t, 6);
-    for layer in 0..c.n_layers {
-        let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
-        let mut cache = GateCache::new(&c);
-        // Prefill in two chunks (the second attends to the first through the cache), then decode.
-        let a = g
-            .prefill(layer, &x.narrow(0, 0, 4).unwrap(), &pos[..4], &mut cache)
-            .unwrap();
-        let b = g
-            .prefill(
-                layer,
-                &x.narrow(0, 4, t0 - 4).unwrap(),
-                &pos[4..t0],
-                &mut cache,
-            )
-            .unwrap();
-        let mut got = rows(&a);
-        got.extend(rows(&b));
-        for (i, &p) in pos.iter().enumerate().skip(t0) {
-            got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
-        }
-        assert_eq!(cache.len(layer), t);
-        for (i, (f, s)) in full.iter().zip(&got).enumerate() {
-            for (a, b) in f.iter().zip(s) {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "layer {layer} token {i}: {f:?} vs {s:?}"
-                );
+    // Unbounded (older gates), and a window of 5 that the ring wraps many times.
+    for attention_window in [0, 5] {
+        let c = GateConfig {
+            attention_window,
+            ..cfg()
+        };
+        let g = spread_gate(&c);
+        let (t, t0) = (24, 9);
+        let pos: Vec<u32> = (1000..1000 + t as u32).collect();
+        let x = det_input(t, 6);
+        for layer in 0..c.n_layers {
+            let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
+            let mut cache = GateCache::new(&c);
+            // Prefill in two chunks (the second attends to the first through the cache), then
+            // decode.
+            let a = g
+                .prefill(layer, &x.narrow(0, 0, 4).unwrap(), &pos[..4], &mut cache)
+                .unwrap();
+            let b = g
+                .prefill(
+                    layer,
+                    &x.narrow(0, 4, t0 - 4).unwrap(),
+                    &pos[4..t0],
+                    &mut cache,
+                )
+                .unwrap();
+            let mut got = rows(&a);
+            got.extend(rows(&b));
+            for (i, &p) in pos.iter().enumerate().skip(t0) {
+                got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
+            }
+            let held = if attention_window == 0 {
+                t
+            } else {
+                attention_window
+            };
+            assert_eq!(cache.len(layer), held);
+            for (i, (f, s)) in full.iter().zip(&got).enumerate() {
+                for (a, b) in f.iter().zip(s) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "window {attention_window} layer {layer} token {i}: {f:?} vs {s:?}"
+                    );
+                }
             }
         }
     }
+    let c = cfg();
+    let g = spread_gate(&c);
+    let x = det_input(2, 6);
     let mut cache = GateCache::new(&c);
     g.step(0, &x.get(0).unwrap(), 0, &mut cache).unwrap();
-    assert_eq!(cache.bytes(), 2 * c.heads * c.head_dim * 4);
+    // K' and V' in f32 and the position.
+    assert_eq!(cache.bytes(), 2 * c.heads * c.head_dim * 4 + 4);
     let err = g
         .step(0, &x.narrow(0, 0, 2).unwrap(), 0, &mut cache)
         .unwrap_err()

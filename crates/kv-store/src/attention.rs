@@ -13,8 +13,8 @@
 //! - softmax is online (running max and denominator per query vector, f32 accumulators), and
 //!   split-K partials are merged by the same max-shift rule, so it is stable for any score
 //!   magnitude; a query row with no visible key gets a zero output and zero probabilities;
-//! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and (`visible[j]` or
-//!   `pos_i - window <= pos_j <= pos_i`);
+//! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and
+//!   `pos_i <= visible_until[j]` (when a `visible_until` mask is given);
 //! - units run in parallel (on rayon, or on the caller's [`Parallel`] pool) only when the whole
 //!   call has at least [`Parallel::min_work`] multiply-adds ([`PAR_MIN_WORK`] for rayon);
 //!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
@@ -69,13 +69,13 @@ pub struct AttendOptions<'a> {
     /// Causal (default): key `j` is visible to query `i` iff `pos_j <= pos_i`. Non-causal: every
     /// retained key is visible (NACL proxy scoring).
     pub causal: bool,
-    /// In-context eviction: per KV head, one flag per retained entry of this layer. A key whose
-    /// flag is false is visible only to the queries at most [`AttendOptions::window`] positions
-    /// after its own (a token always sees itself). `None`: all visible.
-    pub visible: Option<&'a [Vec<bool>]>,
-    /// The local window of in-context eviction: a flagged-out key at `pos_j` is still visible to
-    /// a query at `pos_i` when `pos_j <= pos_i <= pos_j + window` (0: only to itself).
-    pub window: u32,
+    /// In-context eviction: per KV head, one position per retained entry of this layer, the
+    /// last query position that still sees the key (`u32::MAX`: every later query). A key is
+    /// hidden from the queries after that position, as if it had been evicted right after
+    /// attending them, which is how policies that evict inside a prefill chunk mask what they
+    /// will remove. A value below the key's own position hides it from itself too; policies
+    /// give at least the key's position. `None`: all visible.
+    pub visible_until: Option<&'a [Vec<u32>]>,
     /// When `Some(rows)`: also return, per KV head and per retained key, the attention
     /// probability summed over query rows `rows` (indices into the `n_q` rows) and averaged over
     /// the `G` query heads of that KV head's group.
@@ -90,8 +90,7 @@ impl<'a> AttendOptions<'a> {
         AttendOptions {
             scale,
             causal: true,
-            visible: None,
-            window: 0,
+            visible_until: None,
             prob_sums: None,
             parallel: None,
         }
@@ -108,15 +107,9 @@ impl<'a> AttendOptions<'a> {
         self
     }
 
-    /// Sets [`AttendOptions::visible`].
-    pub fn visible(mut self, visible: &'a [Vec<bool>]) -> Self {
-        self.visible = Some(visible);
-        self
-    }
-
-    /// Sets [`AttendOptions::window`].
-    pub fn window(mut self, window: u32) -> Self {
-        self.window = window;
+    /// Sets [`AttendOptions::visible_until`].
+    pub fn visible_until(mut self, visible_until: &'a [Vec<u32>]) -> Self {
+        self.visible_until = Some(visible_until);
         self
     }
 
@@ -261,11 +254,11 @@ fn validate(
             n_kv_heads: n_kv,
         });
     }
-    if let Some(vis) = opts.visible {
+    if let Some(vis) = opts.visible_until {
         if vis.len() != n_kv {
             return Err(KvError::ShapeMismatch {
                 layer,
-                what: "visible (one Vec per KV head)",
+                what: "visible_until (one Vec per KV head)",
                 expected: n_kv,
                 got: vis.len(),
             });
@@ -275,7 +268,7 @@ fn validate(
                 return Err(KvError::MaskLength {
                     layer,
                     head,
-                    what: "visible",
+                    what: "visible_until",
                     retained: hv.len,
                     got: flags.len(),
                 });
@@ -376,8 +369,8 @@ pub(crate) fn attend_heads(
     let sh = validate(layer, heads, head_dim, q, q_positions, opts)?;
     let (units, parallel) = plan(heads, &sh, opts);
     let run = |u: &Unit| {
-        let flags = opts.visible.map(|v| v[u.head].as_slice());
-        attend_part(&heads[u.head], flags, q, q_positions, opts, &sh, u)
+        let until = opts.visible_until.map(|v| v[u.head].as_slice());
+        attend_part(&heads[u.head], until, q, q_positions, opts, &sh, u)
     };
     let partials: Vec<Partial> = match (parallel, opts.parallel) {
         (false, _) => units.iter().map(run).collect(),
@@ -471,7 +464,7 @@ fn merge(
 /// accumulated for every query vector.
 fn attend_part(
     hv: &HeadView<'_>,
-    flags: Option<&[bool]>,
+    until: Option<&[u32]>,
     q: &[f32],
     q_positions: &[u32],
     opts: &AttendOptions<'_>,
@@ -520,7 +513,7 @@ fn attend_part(
             let every = (1u32 << cn) - 1;
             let (mut any, mut all) = (0u32, every);
             for (bits, &qp) in shown.iter_mut().zip(qpos) {
-                *bits = visible_bits(pos, flags.map(|f| &f[j0..j0 + cn]), qp, opts);
+                *bits = visible_bits(pos, until.map(|u| &u[j0..j0 + cn]), qp, opts.causal);
                 any |= *bits;
                 all &= *bits;
             }
@@ -558,15 +551,14 @@ fn attend_part(
     Partial { m, l, acc, scores }
 }
 
-/// Bit `j` set iff entry `j` of a chunk (positions `pos`, visibility flags `flags`) is visible
-/// to the query at `qp` (see the module's visibility rule).
+/// Bit `j` set iff entry `j` of a chunk (positions `pos`, last visible query positions `until`)
+/// is visible to the query at `qp` (see the module's visibility rule).
 #[inline]
-fn visible_bits(pos: &[u32], flags: Option<&[bool]>, qp: u32, opts: &AttendOptions<'_>) -> u32 {
+fn visible_bits(pos: &[u32], until: Option<&[u32]>, qp: u32, causal: bool) -> u32 {
     let mut bits = 0u32;
     for (j, &pj) in pos.iter().enumerate() {
-        let shown = flags.is_none_or(|f| f[j]);
-        let local = pj <= qp && qp - pj <= opts.window;
-        if (!opts.causal || pj <= qp) && (shown || local) {
+        let shown = until.is_none_or(|u| qp <= u[j]);
+        if (!causal || pj <= qp) && shown {
             bits |= 1 << j;
         }
     }
@@ -599,15 +591,25 @@ mod tests {
             .unwrap();
             let keep: Vec<bool> = (0..n).map(|i| i % 3 != 1).collect();
             kv.evict(0, 1, &keep).unwrap();
-            let visible: Vec<Vec<bool>> = (0..heads)
-                .map(|h| (0..kv.retained(0, h)).map(|i| i % 4 != 2).collect())
+            // Every fourth key is hidden part-way through the prefill rows (positions 61..70).
+            let until: Vec<Vec<u32>> = (0..heads)
+                .map(|h| {
+                    (0..kv.retained(0, h))
+                        .map(|i| {
+                            if i % 4 == 2 {
+                                (n - 6 + i % 5) as u32
+                            } else {
+                                u32::MAX
+                            }
+                        })
+                        .collect()
+                })
                 .collect();
             for rows in [1usize, 9] {
                 let q = vals(rows * heads * 3 * d, 3.0);
                 let qpos = &pos[n - rows..];
                 let opts = AttendOptions::for_head_dim(d)
-                    .visible(&visible)
-                    .window(2)
+                    .visible_until(&until)
                     .prob_sums(0..rows);
                 let (a, b) = both_paths(|| kv.attend(0, &q, qpos, &opts).unwrap());
                 for (x, y) in a.out.iter().zip(&b.out) {

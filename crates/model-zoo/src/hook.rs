@@ -4,7 +4,8 @@
 //! to the store; `LayerHook::plan` sees the layer's normed hidden states (the gate's input) and
 //! the store, and says which retained keys are visible and which attention statistics to
 //! compute; attention runs; `LayerHook::after_attention` may then evict from the store. The
-//! decoder computes nothing a hook did not ask for.
+//! decoder computes nothing a hook did not ask for. A hook reports the bytes of its own
+//! per-session state (`LayerHook::state_bytes`), so that a session's memory is counted whole.
 
 use std::ops::Range;
 
@@ -16,13 +17,10 @@ use crate::error::Result;
 /// What a hook wants for one layer of one forward pass.
 #[derive(Clone, Debug, Default)]
 pub struct LayerPlan {
-    /// Per KV head, one flag per retained entry (after the append): false hides the key from
-    /// every query but those within `window` positions after it (in-context eviction). `None`:
-    /// all visible.
-    pub visible: Option<Vec<Vec<bool>>>,
-    /// With `visible`: a hidden key stays visible to the queries at most this many positions
-    /// after its own (0: only to itself), like `kv_store::AttendOptions::window`.
-    pub window: u32,
+    /// In-context eviction: per KV head, one position per retained entry (after the append),
+    /// the last query position that still sees the key (`u32::MAX`: all), as
+    /// `kv_store::AttendOptions::visible_until`. `None`: all visible.
+    pub visible_until: Option<Vec<Vec<u32>>>,
     /// Query rows (indices into this pass's new tokens) whose attention probabilities are summed
     /// per key and returned to `after_attention`.
     pub prob_rows: Option<Range<usize>>,
@@ -86,6 +84,12 @@ pub trait LayerHook {
     fn after_attention(&mut self, layer: usize, outcome: AttentionOutcome<'_>) -> Result<()> {
         let _ = (layer, outcome);
         Ok(())
+    }
+
+    /// Bytes of the per-session state this hook holds that grows with the tokens seen (scores,
+    /// flags, a gate's own cache), counted in the session's memory beside its KV blocks.
+    fn state_bytes(&self) -> usize {
+        0
     }
 }
 

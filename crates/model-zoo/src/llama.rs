@@ -5,8 +5,14 @@
 //! retained entries → hook after_attention (eviction) → output projection, residual → RMSNorm →
 //! SwiGLU FFN, residual. Keys are stored after RoPE and never re-rotated.
 //!
-//! Invariant: hidden states are f32 `[n, hidden]`; positions passed in are the true positions
-//! (tokens seen so far, evicted or not), so eviction never shifts RoPE.
+//! Batching: [`LlamaModel::forward_batch`] runs several sequences' new tokens through each
+//! layer's projections at once (rows stacked, one sequence after another) while RoPE, the
+//! store, the hook and attention stay per sequence; [`LlamaModel::forward`] is its batch of one.
+//!
+//! Invariants: hidden states are f32 `[rows, hidden]`; positions passed in are the true positions
+//! (tokens seen so far, evicted or not), so eviction never shifts RoPE; with quantized weights a
+//! sequence's logits do not depend on which other sequences share its pass (float weights: up to
+//! rounding).
 
 use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, SequenceKv};
@@ -36,6 +42,29 @@ struct Layer {
     /// The FFN's gate and up projections stacked.
     gate_up: FusedLinear,
     down: Linear,
+}
+
+/// One sequence's share of a batched forward pass ([`LlamaModel::forward_batch`]).
+pub struct SequenceInput<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first of them (tokens seen so far, evicted or not).
+    pub start: u32,
+    /// The sequence's store; the new keys and values are appended to it.
+    pub kv: &'a mut SequenceKv,
+    /// The sequence's eviction policy.
+    pub hook: &'a mut dyn LayerHook,
+    /// Which logits to return.
+    pub logits_for: LogitsFor,
+}
+
+/// One sequence's slices of a layer's projections.
+struct AttentionInput<'a> {
+    normed: &'a Tensor,
+    q: &'a mut [f32],
+    k: &'a mut [f32],
+    v: &'a [f32],
+    positions: &'a [u32],
 }
 
 /// A loaded decoder.
@@ -113,7 +142,8 @@ impl LlamaModel {
     }
 
     /// Runs `tokens` at positions `start..start+n` through the decoder, appending their keys and
-    /// values to `kv` and letting `hook` steer eviction. Returns f32 logits.
+    /// values to `kv` and letting `hook` steer eviction. Returns f32 logits. The batch-of-one case
+    /// of [`LlamaModel::forward_batch`].
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -122,38 +152,139 @@ impl LlamaModel {
         hook: &mut dyn LayerHook,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
-        let x = self.hidden_states(tokens, start, kv, hook)?;
-        let x = match logits_for {
-            LogitsFor::Last => x.narrow(0, tokens.len() - 1, 1)?,
-            LogitsFor::All => x,
-        };
-        let logits = self.lm_head.forward(&x)?;
-        Ok(match logits_for {
-            LogitsFor::Last => logits.squeeze(0)?,
-            LogitsFor::All => logits,
-        })
+        let mut batch = [SequenceInput {
+            tokens,
+            start,
+            kv,
+            hook,
+            logits_for,
+        }];
+        let mut out = self.forward_batch(&mut batch)?;
+        out.pop().expect("one result per sequence")
     }
 
-    /// The final normed hidden states `[n, hidden]` (before the LM head).
-    pub fn hidden_states(
-        &self,
-        tokens: &[u32],
-        start: u32,
-        kv: &mut SequenceKv,
-        hook: &mut dyn LayerHook,
-    ) -> Result<Tensor> {
+    /// Runs the new tokens of several sequences through the decoder in one pass: every
+    /// projection sees all of their rows at once (the weights are read once per layer, whatever
+    /// the batch size), while RoPE, the store append, the hook and attention run per sequence
+    /// over its own cache at its own positions. Each sequence's logits are bit for bit those it
+    /// gets alone with quantized weights ([`Linear::forward_segments`], and the fused q/k/v and
+    /// gate/up projections of [`FusedLinear::forward_parts`]; every other operation is row-wise),
+    /// and to rounding with float weights.
+    ///
+    /// Returns one result per sequence, in order. A sequence whose input is invalid fails before
+    /// anything is touched; one whose store, hook or attention fails drops out of the rest of the
+    /// pass (its cache is left part-way and must be discarded or rolled back by the caller), and
+    /// the others carry on unaffected. The outer `Err` means a shared operation failed: every
+    /// sequence of the batch is then part-way.
+    pub fn forward_batch(&self, batch: &mut [SequenceInput<'_>]) -> Result<Vec<Result<Tensor>>> {
         let cfg = &self.cfg;
-        if tokens.is_empty() {
+        let mut failed: Vec<Option<ModelError>> =
+            batch.iter().map(|s| self.check_input(s).err()).collect();
+        let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
+        let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
+        if live.is_empty() {
+            return Ok(failed
+                .into_iter()
+                .map(|e| Err(e.expect("failed")))
+                .collect());
+        }
+        let total: usize = rows.iter().sum();
+        let tokens: Vec<u32> = live
+            .iter()
+            .flat_map(|&i| batch[i].tokens.iter().copied())
+            .collect();
+        let positions: Vec<Vec<u32>> = live
+            .iter()
+            .map(|&i| (batch[i].start..batch[i].start + batch[i].tokens.len() as u32).collect())
+            .collect();
+        let eps = cfg.rms_norm_eps as f32;
+        let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let mut x = self.embedding.forward(&tokens)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &rows)?;
+            let mut attn = vec![0f32; total * q_width];
+            let mut first = 0;
+            for (j, &i) in live.iter().enumerate() {
+                let (n, seq_rows) = (rows[j], first..first + rows[j]);
+                first += n;
+                if failed[i].is_some() {
+                    continue;
+                }
+                let slice = |r: &std::ops::Range<usize>, w: usize| r.start * w..r.end * w;
+                let step = self.attend_sequence(
+                    l,
+                    &mut batch[i],
+                    AttentionInput {
+                        normed: &normed.narrow(0, seq_rows.start, n)?,
+                        q: &mut q[slice(&seq_rows, q_width)],
+                        k: &mut k[slice(&seq_rows, kv_width)],
+                        v: &v[slice(&seq_rows, kv_width)],
+                        positions: &positions[j],
+                    },
+                );
+                match step {
+                    Ok(out) => attn[slice(&seq_rows, q_width)].copy_from_slice(&out),
+                    Err(e) => failed[i] = Some(e),
+                }
+            }
+            let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
+            x = (x + layer.o.forward_segments(&attn, &rows)?)?;
+            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let [gate, up] = layer.gate_up.forward_parts(&normed, &rows)?;
+            let gated = swiglu(gate, &up);
+            let gated = Tensor::from_vec(gated, (total, cfg.intermediate_size), &Device::Cpu)?;
+            x = (x + layer.down.forward_segments(&gated, &rows)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        // The LM head sees only the rows each sequence wants logits for.
+        let (mut picks, mut head_rows, mut first) = (Vec::new(), Vec::new(), 0u32);
+        let mut head_range = vec![0..0; batch.len()];
+        for (j, &i) in live.iter().enumerate() {
+            let n = rows[j] as u32;
+            let range = match batch[i].logits_for {
+                LogitsFor::Last => first + n - 1..first + n,
+                LogitsFor::All => first..first + n,
+            };
+            head_range[i] = picks.len()..picks.len() + range.len();
+            head_rows.push(range.len());
+            picks.extend(range);
+            first += n;
+        }
+        let picked = x.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
+        let logits = self.lm_head.forward_segments(&picked, &head_rows)?;
+        failed
+            .into_iter()
+            .enumerate()
+            .map(|(i, error)| match error {
+                Some(e) => Ok(Err(e)),
+                None => {
+                    let r = &head_range[i];
+                    let t = logits.narrow(0, r.start, r.len())?;
+                    Ok(Ok(match batch[i].logits_for {
+                        LogitsFor::Last => t.squeeze(0)?,
+                        LogitsFor::All => t,
+                    }))
+                }
+            })
+            .collect()
+    }
+
+    /// Checks one sequence's input against the model before anything runs.
+    fn check_input(&self, seq: &SequenceInput<'_>) -> Result<()> {
+        let cfg = &self.cfg;
+        if seq.tokens.is_empty() {
             return Err(ModelError::Input(
                 "forward pass needs at least one token".into(),
             ));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 cfg.vocab_size
             )));
         }
+        let kv = &seq.kv;
         if kv.n_layers() != cfg.n_layers
             || kv.n_kv_heads() != cfg.n_kv_heads
             || kv.head_dim() != cfg.head_dim
@@ -163,44 +294,47 @@ impl LlamaModel {
                 kv.n_layers(), kv.n_kv_heads(), kv.head_dim(), cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
             )));
         }
-        let n = tokens.len();
-        let positions: Vec<u32> = (start..start + n as u32).collect();
-        let eps = cfg.rms_norm_eps as f32;
+        Ok(())
+    }
+
+    /// One sequence's share of layer `layer`: RoPE at its positions, the store append, the
+    /// hook's plan, attention over its retained entries, the hook's eviction. Returns the
+    /// attention output `[n, n_heads * head_dim]`.
+    fn attend_sequence(
+        &self,
+        layer: usize,
+        seq: &mut SequenceInput<'_>,
+        input: AttentionInput<'_>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let AttentionInput {
+            normed,
+            q,
+            k,
+            v,
+            positions,
+        } = input;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        let mut x = self.embedding.forward(tokens)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed)?;
-            self.rope.apply(&mut q, cfg.n_heads, &positions);
-            self.rope.apply(&mut k, cfg.n_kv_heads, &positions);
-            kv.append(l, &k, &v, &positions)?;
-            let plan = hook.plan(l, &normed, &positions, kv)?;
-            let mut opts = AttendOptions::new(scale);
-            opts.visible = plan.visible.as_deref();
-            opts.window = plan.window;
-            opts.prob_sums = plan.prob_rows.clone();
-            opts.parallel = Some(&CpuPool);
-            let attended = kv.attend(l, &q, &positions, &opts)?;
-            hook.after_attention(
-                l,
-                AttentionOutcome {
-                    kv,
-                    queries: &q,
-                    positions: &positions,
-                    prob_sums: attended.prob_sums,
-                    scale,
-                },
-            )?;
-            let attn =
-                Tensor::from_vec(attended.out, (n, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [gate, up] = layer.gate_up.forward_parts(&normed)?;
-            let gated = swiglu(gate, &up);
-            let gated = Tensor::from_vec(gated, (n, cfg.intermediate_size), &Device::Cpu)?;
-            x = (x + layer.down.forward(&gated)?)?;
-        }
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
+        self.rope.apply(q, cfg.n_heads, positions);
+        self.rope.apply(k, cfg.n_kv_heads, positions);
+        seq.kv.append(layer, k, v, positions)?;
+        let plan = seq.hook.plan(layer, normed, positions, seq.kv)?;
+        let mut opts = AttendOptions::new(scale);
+        opts.visible_until = plan.visible_until.as_deref();
+        opts.prob_sums = plan.prob_rows.clone();
+        opts.parallel = Some(&CpuPool);
+        let attended = seq.kv.attend(layer, q, positions, &opts)?;
+        seq.hook.after_attention(
+            layer,
+            AttentionOutcome {
+                kv: seq.kv,
+                queries: q,
+                positions,
+                prob_sums: attended.prob_sums,
+                scale,
+            },
+        )?;
+        Ok(attended.out)
     }
 }
 

@@ -78,13 +78,19 @@ enum LinearWeight {
 impl Linear {
     /// Applies the projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, self.takes_dense_gemm(x.dim(0)?))
+    }
+
+    /// Applies the projection; a quantized weight runs as a dequantized dense GEMM when
+    /// `dense_gemm` is set, else with the quantized kernel.
+    fn apply(&self, x: &Tensor, dense_gemm: bool) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Packed(p) => {
                 let (n, _) = x.dims2()?;
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(p.matmul(&xs, n), (n, p.rows()), &Device::Cpu)?
             }
-            LinearWeight::Quantized(QMatMul::QTensor(q)) if x.dim(0)? >= DENSE_GEMM_MIN_ROWS => {
+            LinearWeight::Quantized(QMatMul::QTensor(q)) if dense_gemm => {
                 x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
             }
             LinearWeight::Quantized(m) => m.forward(x)?,
@@ -97,6 +103,44 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Applies the projection to the rows of several sequences stacked in `x` (`rows[i]`
+    /// consecutive rows for sequence `i`). With quantized weights every row gets bit for bit what
+    /// [`Linear::forward`] gives it when its sequence's rows run alone: the quantized kernel quantizes and dots each
+    /// row on its own, so rows that take it share one call (the weights are read once for all of
+    /// them); a sequence whose row count selects the dense GEMM, whose rounding depends on the row
+    /// count, gets a call of its own. Dense float weights take one GEMM for all rows (there,
+    /// results equal lone passes to rounding: the GEMM's blocking depends on the row count).
+    pub fn forward_segments(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        if !rows.iter().any(|&r| self.takes_dense_gemm(r)) {
+            // However many rows there are in all: each one takes the kernel it takes alone.
+            return self.apply(x, false);
+        }
+        let mut parts = Vec::new();
+        let (mut start, mut shared) = (0, 0);
+        for &r in rows {
+            if self.takes_dense_gemm(r) {
+                if shared > 0 {
+                    parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
+                    shared = 0;
+                }
+                parts.push(self.apply(&x.narrow(0, start, r)?, true)?);
+            } else {
+                shared += r;
+            }
+            start += r;
+        }
+        if shared > 0 {
+            parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Whether `rows` rows of a quantized weight run as a dequantized dense GEMM.
+    fn takes_dense_gemm(&self, rows: usize) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(QMatMul::QTensor(_)))
+            && rows >= DENSE_GEMM_MIN_ROWS
     }
 
     /// The weight dequantized to a dense f32 `[out, in]` tensor.
@@ -141,8 +185,14 @@ pub struct FusedLinear {
 
 impl FusedLinear {
     /// `x: [n, in]` → one row-major `[n, width_i]` f32 buffer per part; `N` must be the number
-    /// of parts loaded.
-    pub fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Vec<f32>; N]> {
+    /// of parts loaded. `rows` splits `x` into sequences as in [`Linear::forward_segments`]:
+    /// every row gets what it gets when its sequence runs alone (a stacked weight is packed,
+    /// whose kernel computes each row on its own).
+    pub fn forward_parts<const N: usize>(
+        &self,
+        x: &Tensor,
+        rows: &[usize],
+    ) -> Result<[Vec<f32>; N]> {
         if N != self.widths.len() {
             return Err(ModelError::Input(format!(
                 "a fused projection of {} parts was asked for {N}",
@@ -152,11 +202,17 @@ impl FusedLinear {
         if self.parts.len() == N {
             let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
             for (out, p) in outs.iter_mut().zip(&self.parts) {
-                *out = p.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+                *out = p
+                    .forward_segments(x, rows)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
             }
             return Ok(outs);
         }
-        let y = self.parts[0].forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.parts[0]
+            .forward_segments(x, rows)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let total: usize = self.widths.iter().sum();
         let n = y.len() / total.max(1);
         let mut outs: [Vec<f32>; N] =
