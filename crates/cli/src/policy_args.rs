@@ -1,12 +1,13 @@
 //! Eviction-policy flags shared by generate, chat, eval and bench: `--policy NAME[,NAME…]`,
-//! `--evict RATIO` or `--keep TOKENS`, and the policy-specific knobs. Values are range-checked
-//! by clap before the model loads; the engine checks the rest against the model. Errors name the
-//! flag and the value.
+//! `--evict RATIO` or `--keep TOKENS`, the policy-specific knobs, and `--policy-opt KEY=VALUE`
+//! for the design's \[choice\] defaults without a flag of their own (engine::PolicyOptions).
+//! Values are range-checked by clap before the model loads; the engine checks the rest against
+//! the model. Errors name the flag and the value.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use engine::{Engine, Policy, PolicySpec};
+use engine::{Engine, Policy, PolicyOptions, PolicySpec};
 
 /// Attention-Gate decision mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,6 +63,11 @@ pub struct PolicyArgs {
     /// Seed of the random and NACL policies.
     #[arg(long, default_value_t = 0)]
     pub policy_seed: u64,
+    /// A policy's [choice] default, KEY=VALUE (comma-separate or repeat): normalise (h2o),
+    /// kernel (snapkv, pyramidkv), beta (pyramidkv), proxy_frac, sink_frac, recent_frac, kp_frac,
+    /// kr_frac, min_len (nacl). Defaults and meaning: docs/policies.md.
+    #[arg(long = "policy-opt", value_name = "KEY=VALUE", value_delimiter = ',')]
+    pub options: Vec<String>,
 }
 
 fn parse_ratio(s: &str) -> Result<f32, String> {
@@ -105,29 +111,54 @@ impl PolicyChoice {
 }
 
 impl PolicyArgs {
-    /// Every policy named (`all` expands to every policy but ag), with the shared knobs.
+    /// Every policy named (`all` expands to every policy but ag, unless `--gates` is given;
+    /// a name given twice counts once), with the shared knobs; each gets the `--policy-opt`
+    /// options that apply to it, and an option that applies to none of them is an error.
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        let mut names = Vec::new();
+        let mut names: Vec<String> = Vec::new();
         for n in &self.names {
-            match n.as_str() {
-                "all" => names.extend(
-                    Policy::NAMES
-                        .iter()
-                        .filter(|&&p| p != "ag" || self.gates.is_some())
-                        .map(|s| s.to_string()),
-                ),
-                known if Policy::NAMES.contains(&known) => names.push(known.to_string()),
+            let add: Vec<String> = match n.as_str() {
+                "all" => Policy::NAMES
+                    .iter()
+                    .filter(|&&p| p != "ag" || self.gates.is_some())
+                    .map(|s| s.to_string())
+                    .collect(),
+                known if Policy::NAMES.contains(&known) => vec![known.to_string()],
                 other => anyhow::bail!(
                     "--policy: unknown policy `{other}` (expected {} or all)",
                     Policy::NAMES.join(", ")
                 ),
+            };
+            for name in add {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
             }
+        }
+        let mut options = PolicyOptions::default();
+        for pair in &self.options {
+            options
+                .set_pair(pair)
+                .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;
+        }
+        if let Some(key) = options
+            .keys_set()
+            .into_iter()
+            .find(|k| !names.iter().any(|n| PolicyOptions::applies_to(k, n)))
+        {
+            let applies_to = PolicyOptions::KEYS
+                .iter()
+                .find(|k| k.name == key)
+                .map_or_else(String::new, |k| k.policies.join(", "));
+            anyhow::bail!(
+                "--policy-opt: `{key}` does not apply to {} (it applies to {applies_to})",
+                names.join(", ")
+            );
         }
         Ok(names
             .into_iter()
             .map(|name| PolicyChoice {
                 spec: PolicySpec {
-                    name,
                     evict: self.evict,
                     keep: self.keep.map(|k| k as usize),
                     sinks: self.sinks,
@@ -137,6 +168,8 @@ impl PolicyArgs {
                     ag_budget_mode: self.ag_mode == AgModeArg::Budget,
                     ag_decode: Some(self.ag_decode == Switch::On),
                     seed: Some(self.policy_seed),
+                    options: options.for_policy(&name),
+                    name,
                 },
             })
             .collect())

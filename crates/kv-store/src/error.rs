@@ -45,6 +45,25 @@ pub enum KvError {
         /// Capacity of the pool in blocks.
         total: usize,
     },
+    /// The pool cannot supply the copies of shared blocks an eviction would write to
+    /// (copy-on-write after a fork); nothing was evicted.
+    #[error(
+        "out of KV blocks: evicting from layer {layer} KV head {head} writes to {requested} \
+         block(s) shared with a fork, which must be copied first, but the pool has {free} free \
+         of {total}"
+    )]
+    OutOfBlocksForCopy {
+        /// Layer of the failed eviction.
+        layer: usize,
+        /// KV head of the failed eviction.
+        head: usize,
+        /// Copies the eviction needed.
+        requested: usize,
+        /// Blocks free in the pool at the time.
+        free: usize,
+        /// Capacity of the pool in blocks.
+        total: usize,
+    },
     /// A buffer argument has the wrong number of elements.
     #[error("layer {layer}: `{what}` has length {got}, expected {expected}")]
     ShapeMismatch {

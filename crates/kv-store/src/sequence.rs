@@ -1,5 +1,6 @@
 //! One session's cache: `n_layers × n_kv_heads` block tables over a shared [`BlockPool`]
-//! ([`SequenceKv`]), with append, evict-by-mask compaction, reads, statistics and attention.
+//! ([`SequenceKv`]), with append, evict-by-mask compaction, copy-on-write forks, reads,
+//! statistics and attention.
 //!
 //! Invariants, per (layer, KV head) table:
 //! - entry `i` (in order of retention) lives in slot `head + i`: block `(head + i) / block_size`,
@@ -9,8 +10,16 @@
 //!   bytes in use follow the retained count up to two partly filled blocks per head (the first
 //!   and the last);
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
-//! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear, drop)
-//!   returns the emptied blocks to the pool in one call.
+//!   every block a call may need (new blocks, copies of shared ones) is taken from the pool
+//!   before anything is written;
+//! - blocks are reference-counted: [`SequenceKv::fork`] shares every block with the new
+//!   sequence, and a table writes only to blocks it holds alone — a shared block is copied into
+//!   a fresh one first (copy-on-write), so no sequence ever sees another's writes;
+//! - a block returns to the pool when its last holder drops it (evict, clear, drop), so the
+//!   pool counts each physical block once however many sequences share it.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use crate::attention::{attend_heads, HeadView, Segment};
 use crate::dtype::write_f32;
@@ -37,10 +46,15 @@ pub struct SequenceStats {
     pub appended: Vec<Vec<u64>>,
     /// Tokens seen per layer: one past the highest position ever appended to any of its heads.
     pub tokens_seen: Vec<u64>,
-    /// Blocks owned by this sequence.
+    /// Blocks this sequence's tables hold (a block shared with a fork counts here in full).
     pub blocks_in_use: usize,
     /// Bytes of those blocks.
     pub bytes_in_use: usize,
+    /// Of `blocks_in_use`, the blocks other sequences hold too (copy-on-write sharing after
+    /// [`SequenceKv::fork`]); the pool counts each of them once.
+    pub blocks_shared: usize,
+    /// Bytes of the shared blocks.
+    pub bytes_shared: usize,
 }
 
 impl SequenceStats {
@@ -50,15 +64,35 @@ impl SequenceStats {
     }
 }
 
+/// The only writable access to a held block. Every write path first makes the block the
+/// table's alone ([`HeadTable::own`]), so this never finds it shared.
+fn unique(block: &mut Arc<Block>) -> &mut Block {
+    Arc::get_mut(block).expect("copy-on-write: a block is made unique before it is written")
+}
+
+/// Drops one holder of `block`; the last holder's block goes to `released` (for the pool).
+fn drop_holder(block: Arc<Block>, released: &mut Vec<Block>) {
+    released.extend(Arc::into_inner(block));
+}
+
 /// One (layer, KV head) block table. Entry `i` lives in slot `head + i` (block `slot / bs`,
-/// offset `slot % bs`); `positions` is indexed by slot, its first `head` items unused.
-#[derive(Default)]
+/// offset `slot % bs`); `positions` is indexed by slot, its first `head` items unused. Cloning
+/// it (a fork) shares every block.
+#[derive(Default, Clone)]
 struct HeadTable {
-    blocks: Vec<Block>,
+    blocks: Vec<Arc<Block>>,
     positions: Vec<u32>,
     /// Free slots at the start of the first block (`< block_size`).
     head: usize,
     appended: u64,
+}
+
+/// See [`HeadTable::compaction_plan`].
+struct CompactionPlan {
+    first: usize,
+    last: usize,
+    after: usize,
+    before: usize,
 }
 
 impl HeadTable {
@@ -82,12 +116,44 @@ impl HeadTable {
         self.blocks.len() * bs - self.positions.len()
     }
 
-    /// Writes key `k` and value `v` into entry `idx`'s slot (its block must exist).
+    /// How many of the blocks `range` other tables hold too (each needs a copy before a write).
+    fn shared(&self, range: Range<usize>) -> usize {
+        self.blocks[range]
+            .iter()
+            .filter(|b| Arc::strong_count(b) > 1)
+            .count()
+    }
+
+    /// Copies a block an append would write (the partly filled last one) if it is shared.
+    fn shared_for_append(&self, bs: usize) -> usize {
+        if self.positions.len().is_multiple_of(bs) {
+            0
+        } else {
+            self.shared(self.blocks.len() - 1..self.blocks.len())
+        }
+    }
+
+    /// Makes block `b` this table's alone: a shared block is replaced by a copy written into
+    /// one of `fresh` (reserved by the caller), and this table's hold on the original is dropped.
+    fn own(&mut self, b: usize, fresh: &mut Vec<Block>, released: &mut Vec<Block>) {
+        if Arc::get_mut(&mut self.blocks[b]).is_some() {
+            return;
+        }
+        if let Some(mut copy) = fresh.pop() {
+            copy.bytes_mut().copy_from_slice(self.blocks[b].bytes());
+            drop_holder(
+                std::mem::replace(&mut self.blocks[b], Arc::new(copy)),
+                released,
+            );
+        }
+    }
+
+    /// Writes key `k` and value `v` into entry `idx`'s slot (its block must exist and be owned).
     fn write(&mut self, cfg: &PoolConfig, idx: usize, k: &[f32], v: &[f32]) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let slot = self.head + idx;
         let off = (slot % bs) * eb;
-        let bytes = self.blocks[slot / bs].bytes_mut();
+        let bytes = unique(&mut self.blocks[slot / bs]).bytes_mut();
         write_f32(cfg.dtype, cfg.head_dim, &mut bytes[off..off + eb], k);
         write_f32(
             cfg.dtype,
@@ -97,14 +163,17 @@ impl HeadTable {
         );
     }
 
-    /// Moves the entry in slot `from` to slot `to` (keys, values and position).
+    /// Moves the entry in slot `from` to slot `to` (keys, values and position; the target block
+    /// is owned).
     fn move_slot(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let (fb, tb) = (from / bs, to / bs);
         for base in [0, bs * eb] {
             let (fo, to_) = (base + (from % bs) * eb, base + (to % bs) * eb);
             if fb == tb {
-                self.blocks[fb].bytes_mut().copy_within(fo..fo + eb, to_);
+                unique(&mut self.blocks[fb])
+                    .bytes_mut()
+                    .copy_within(fo..fo + eb, to_);
             } else {
                 let (src, dst) = if fb < tb {
                     let (lo, hi) = self.blocks.split_at_mut(tb);
@@ -113,31 +182,68 @@ impl HeadTable {
                     let (lo, hi) = self.blocks.split_at_mut(fb);
                     (&hi[0], &mut lo[tb])
                 };
-                dst.bytes_mut()[to_..to_ + eb].copy_from_slice(&src.bytes()[fo..fo + eb]);
+                unique(dst).bytes_mut()[to_..to_ + eb].copy_from_slice(&src.bytes()[fo..fo + eb]);
             }
         }
         self.positions[to] = self.positions[from];
     }
 
-    /// Keeps the entries flagged in `keep` (one flag per entry), in order; returns the blocks
-    /// left empty. The survivors on the cheaper side move: those after the first dropped entry
-    /// shift towards the front, or those before the last dropped entry towards the back (the
-    /// first block then starts further in) — so dropping one old entry (a sliding window) moves
-    /// only the entries before it, not the whole cache.
-    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
-        let bs = cfg.block_size;
-        let (Some(first), Some(last)) = (
-            keep.iter().position(|&k| !k),
-            keep.iter().rposition(|&k| !k),
-        ) else {
-            return Vec::new();
+    /// Where a compaction by `keep` moves entries: `None` when nothing is dropped, else the first
+    /// and last dropped entries and the kept entries after the first (`after`) and before the
+    /// last (`before`). The cheaper side moves: with `after <= before` the survivors after the
+    /// first dropped entry shift towards the front, else those before the last dropped entry
+    /// shift towards the back.
+    fn compaction_plan(keep: &[bool]) -> Option<CompactionPlan> {
+        let first = keep.iter().position(|&k| !k)?;
+        let last = keep.iter().rposition(|&k| !k)?;
+        Some(CompactionPlan {
+            first,
+            last,
+            after: keep[first..].iter().filter(|&&k| k).count(),
+            before: keep[..last].iter().filter(|&&k| k).count(),
+        })
+    }
+
+    /// The blocks a compaction by `keep` writes to (empty when nothing moves): towards the
+    /// front, slots `head + first..head + first + after`; towards the back, the `before` slots
+    /// ending at `head + last`.
+    fn compaction_writes(&self, bs: usize, keep: &[bool]) -> Range<usize> {
+        let Some(c) = Self::compaction_plan(keep) else {
+            return 0..0;
         };
-        let after = keep[first..].iter().filter(|&&k| k).count();
-        let before = keep[..last].iter().filter(|&&k| k).count();
         let h = self.head;
-        if after <= before {
-            let mut w = h + first;
-            for (r, _) in keep.iter().enumerate().skip(first).filter(|(_, &k)| k) {
+        match (c.after <= c.before, c.after, c.before) {
+            (true, 0, _) | (false, _, 0) => 0..0,
+            (true, moved, _) => (h + c.first) / bs..(h + c.first + moved).div_ceil(bs),
+            (false, _, moved) => (h + c.last + 1 - moved) / bs..(h + c.last) / bs + 1,
+        }
+    }
+
+    /// Keeps the entries flagged in `keep` (one flag per entry), in order. The survivors on the
+    /// cheaper side move ([`HeadTable::compaction_plan`]): towards the front, or towards the
+    /// back (the first block then starts further in) — so dropping one old entry (a sliding
+    /// window) moves only the entries before it, not the whole cache. Shared blocks that the
+    /// compaction writes are first copied into `fresh` (the caller reserved
+    /// [`HeadTable::shared`] of [`HeadTable::compaction_writes`] of them); blocks this table no
+    /// longer holds alone or at all go to `released`.
+    fn compact(
+        &mut self,
+        cfg: &PoolConfig,
+        keep: &[bool],
+        fresh: &mut Vec<Block>,
+        released: &mut Vec<Block>,
+    ) {
+        let bs = cfg.block_size;
+        let Some(c) = Self::compaction_plan(keep) else {
+            return;
+        };
+        for b in self.compaction_writes(bs, keep) {
+            self.own(b, fresh, released);
+        }
+        let h = self.head;
+        if c.after <= c.before {
+            let mut w = h + c.first;
+            for r in (c.first..keep.len()).filter(|&r| keep[r]) {
                 self.move_slot(cfg, h + r, w);
                 w += 1;
             }
@@ -145,13 +251,18 @@ impl HeadTable {
                 // Nothing left: no first-block offset to keep either.
                 self.positions.clear();
                 self.head = 0;
-                return std::mem::take(&mut self.blocks);
+                for block in self.blocks.drain(..) {
+                    drop_holder(block, released);
+                }
+                return;
             }
             self.positions.truncate(w);
-            self.blocks.split_off(w.div_ceil(bs))
+            for block in self.blocks.split_off(w.div_ceil(bs)) {
+                drop_holder(block, released);
+            }
         } else {
-            let mut w = h + last;
-            for r in (0..last).rev().filter(|&r| keep[r]) {
+            let mut w = h + c.last;
+            for r in (0..c.last).rev().filter(|&r| keep[r]) {
                 self.move_slot(cfg, h + r, w);
                 w -= 1;
             }
@@ -160,7 +271,9 @@ impl HeadTable {
             let whole = free / bs;
             self.positions.drain(..whole * bs);
             self.head = free - whole * bs;
-            self.blocks.drain(..whole).collect()
+            for block in self.blocks.drain(..whole) {
+                drop_holder(block, released);
+            }
         }
     }
 
@@ -338,11 +451,16 @@ impl SequenceKv {
         }
         let base = layer * self.n_kv_heads;
         let bs = self.cfg.block_size;
+        // New blocks, plus a copy of each shared partly filled last block (copy-on-write).
         let needs: Vec<usize> = heads
             .clone()
             .map(|h| self.tables[base + h].blocks_needed(bs, n))
             .collect();
-        let requested = needs.iter().sum();
+        let copies: usize = heads
+            .clone()
+            .map(|h| self.tables[base + h].shared_for_append(bs))
+            .sum();
+        let requested = needs.iter().sum::<usize>() + copies;
         let mut fresh = self
             .pool
             .alloc(requested)
@@ -353,10 +471,16 @@ impl SequenceKv {
                 free,
                 total: self.cfg.capacity_blocks,
             })?;
+        let mut released = Vec::new();
         for (slot, (h, need)) in heads.zip(needs).enumerate() {
             let cfg = self.cfg;
             let table = &mut self.tables[base + h];
-            table.blocks.extend(fresh.drain(fresh.len() - need..));
+            if !table.positions.len().is_multiple_of(bs) {
+                table.own(table.blocks.len() - 1, &mut fresh, &mut released);
+            }
+            table
+                .blocks
+                .extend(fresh.drain(fresh.len() - need..).map(Arc::new));
             let start = table.len();
             for t in 0..n {
                 let src = (t * nh + slot) * d;
@@ -365,6 +489,8 @@ impl SequenceKv {
             table.positions.extend_from_slice(positions);
             table.appended += n as u64;
         }
+        // Copies reserved for blocks another holder let go of meanwhile are not needed.
+        self.pool.release(released.into_iter().chain(fresh));
         let top = positions.iter().max().map_or(0, |&p| u64::from(p) + 1);
         self.tokens_seen[layer] = self.tokens_seen[layer].max(top);
         Ok(())
@@ -382,7 +508,9 @@ impl SequenceKv {
 
     /// Keeps the retained entries of (`layer`, `head`) whose `keep` flag is true and removes the
     /// others: survivors move forward in order (compaction) and every emptied block returns to
-    /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`].
+    /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`]. Blocks shared with a
+    /// fork that the compaction writes to are copied first; if the pool cannot supply those
+    /// copies the call fails with [`KvError::OutOfBlocksForCopy`] and changes nothing.
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
         let i = self.index(layer, head)?;
         let retained = self.tables[i].len();
@@ -395,8 +523,21 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
-        let freed = self.tables[i].compact(&self.cfg, keep);
-        self.pool.release(freed);
+        let table = &self.tables[i];
+        let requested = table.shared(table.compaction_writes(self.cfg.block_size, keep));
+        let mut fresh = self
+            .pool
+            .alloc(requested)
+            .map_err(|free| KvError::OutOfBlocksForCopy {
+                layer,
+                head,
+                requested,
+                free,
+                total: self.cfg.capacity_blocks,
+            })?;
+        let mut released = Vec::new();
+        self.tables[i].compact(&self.cfg, keep, &mut fresh, &mut released);
+        self.pool.release(released.into_iter().chain(fresh));
         Ok(())
     }
 
@@ -405,6 +546,22 @@ impl SequenceKv {
     pub fn spare_slots(&self, layer: usize, head: usize) -> usize {
         self.table(layer, head)
             .map_or(0, |t| t.spare(self.cfg.block_size))
+    }
+
+    /// A new sequence with the same entries, sharing every block with this one (copy-on-write):
+    /// no block is allocated or copied now; whichever sequence later writes to a shared block
+    /// (an append into a partly filled block, a compaction) writes to its own copy. The pool
+    /// counts each shared block once; each sequence's [`SequenceStats`] counts every block it
+    /// holds and says how many of them are shared.
+    pub fn fork(&self) -> SequenceKv {
+        SequenceKv {
+            pool: self.pool.clone(),
+            cfg: self.cfg,
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            tables: self.tables.clone(),
+            tokens_seen: self.tokens_seen.clone(),
+        }
     }
 
     /// Retained entries of (`layer`, `head`); 0 when out of range.
@@ -486,11 +643,13 @@ impl SequenceKv {
 
     /// Drops every entry of every table, returns all blocks to the pool and resets the counts.
     pub fn clear(&mut self) {
-        self.pool.release(
-            self.tables
-                .iter_mut()
-                .flat_map(|t| std::mem::take(t).blocks),
-        );
+        let mut released = Vec::new();
+        for table in &mut self.tables {
+            for block in std::mem::take(table).blocks {
+                drop_holder(block, &mut released);
+            }
+        }
+        self.pool.release(released);
         self.tokens_seen.fill(0);
     }
 
@@ -499,6 +658,11 @@ impl SequenceKv {
         let h = self.n_kv_heads;
         let layer_tables = |l: usize| &self.tables[l * h..(l + 1) * h];
         let blocks_in_use: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
+        let blocks_shared: usize = self
+            .tables
+            .iter()
+            .map(|t| t.shared(0..t.blocks.len()))
+            .sum();
         SequenceStats {
             retained: (0..self.n_layers)
                 .map(|l| layer_tables(l).iter().map(HeadTable::len).collect())
@@ -509,6 +673,8 @@ impl SequenceKv {
             tokens_seen: self.tokens_seen.clone(),
             blocks_in_use,
             bytes_in_use: blocks_in_use * self.cfg.block_bytes(),
+            blocks_shared,
+            bytes_shared: blocks_shared * self.cfg.block_bytes(),
         }
     }
 }
