@@ -17,7 +17,8 @@ pub struct ModelArgs {
     /// q4_0, f32, f16, bf16.
     #[arg(long, default_value = "auto", value_parser = WeightFormat::parse)]
     pub weights: WeightFormat,
-    /// KV cache element type: f32, f16 or bf16.
+    /// KV cache element type: f32, f16, bf16, q8_0 (8-bit codes with an f16 scale per 32
+    /// values: 0.53x the bytes of f16) or q4_0 (4-bit codes: 0.28x).
     #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
     pub kv_dtype: KvDtype,
     /// KV memory budget shared by all sessions, in MiB.
@@ -26,6 +27,11 @@ pub struct ModelArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub block_size: u64,
+    /// Random weights of a Hugging Face config.json's shapes instead of a model's files, held as
+    /// --weights asks (auto: Q4_0): for measuring the speed of a model you do not have (agate
+    /// bench); the text it produces means nothing.
+    #[arg(long, value_name = "CONFIG", conflicts_with = "model")]
+    pub dummy_weights: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -37,6 +43,7 @@ impl ModelArgs {
             kv_dtype: self.kv_dtype,
             block_size: self.block_size as usize,
             kv_memory_mb: self.kv_memory_mb as usize,
+            dummy_weights: self.dummy_weights.clone(),
             ..EngineConfig::default()
         }
     }

@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Print JSON lines (one object per row) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also measure this machine's memory bandwidth (a streaming read over 512 MiB on the same
+    /// number of threads) and report, for each decode figure, the bytes one step reads (weights
+    /// + retained K and V) and the fraction of the bound bandwidth / bytes reached.
+    #[arg(long)]
+    pub roofline: bool,
 }
 
 /// Runs `agate bench`.
@@ -68,6 +73,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         )?);
     }
     bar.finish_and_clear();
+    if args.roofline {
+        let bandwidth = engine::bench::measure_read_bandwidth(rayon::current_num_threads(), 5);
+        rows = rows
+            .into_iter()
+            .map(|r| r.with_roofline(bandwidth))
+            .collect();
+    }
     if args.json {
         for row in &rows {
             println!("{}", serde_json::to_string(row)?);
@@ -110,6 +122,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             r.decode_tokens_per_s.max,
             r.eviction_ratio
         );
+    }
+    if let Some(bw) = rows.first().and_then(|r| r.roofline) {
+        println!();
+        println!(
+            "memory bandwidth (streaming read, {} threads): {:.1} GB/s",
+            rayon::current_num_threads(),
+            bw.bandwidth_gb_per_s
+        );
+        println!("| policy | depth | tg t/s | MB/token (weights + KV) | bound t/s | of bound |");
+        println!("|---|---:|---:|---|---:|---:|");
+        for r in &rows {
+            let Some(roof) = r.roofline else { continue };
+            println!(
+                "| {} | {} | {:.1} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.0}% |",
+                r.policy,
+                r.depth,
+                r.decode_tokens_per_s.median,
+                roof.bytes_per_token / 1e6,
+                r.weight_bytes_per_token as f64 / 1e6,
+                r.kv_bytes_read_per_token / 1e6,
+                roof.roofline_tokens_per_s,
+                100.0 * roof.roofline_fraction
+            );
+        }
     }
     Ok(())
 }

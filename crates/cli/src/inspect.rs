@@ -27,7 +27,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             c.n_layers, c.heads, c.head_dim, c.threshold, c.sinks, c.window
         )
     });
-    let kv_per_token = cfg.kv_bytes_per_token(engine.config().kv_dtype.size_bytes());
+    let kv_per_token = cfg.kv_bytes_per_token(engine.config().kv_dtype);
     let params = cfg.vocab_size * cfg.hidden_size * if cfg.tie_embeddings { 1 } else { 2 }
         + cfg.n_layers
             * (cfg.hidden_size * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)

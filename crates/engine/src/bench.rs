@@ -5,6 +5,11 @@
 //!
 //! Token ids are drawn uniformly from the vocabulary with a fixed seed, as llama-bench does, so
 //! peers can run the same shapes; the content does not change the cost of the full cache.
+//!
+//! Every row also counts the bytes one decode step reads (the weights as held, plus the K and V
+//! of every retained entry, averaged over the timed steps); [`measure_read_bandwidth`] measures
+//! the machine's streaming-read bandwidth, and [`Roofline`] compares a decode figure with the
+//! bound `bandwidth / bytes per token` (decode is memory-bound: each step reads every weight).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -75,6 +80,11 @@ pub struct BenchRow {
     pub prefill_tokens_per_s: Spread,
     /// Generated tokens per second.
     pub decode_tokens_per_s: Spread,
+    /// Process CPU milliseconds per prompt token (all threads; on a busy machine a steadier
+    /// figure than wall time when run on one thread — spinning pool threads inflate it on more).
+    pub prefill_cpu_ms_per_token: Spread,
+    /// Process CPU milliseconds per generated token, as above.
+    pub decode_cpu_ms_per_token: Spread,
     /// KV bytes in use at the end of a run.
     pub kv_bytes_in_use: usize,
     /// KV bytes a full cache would hold at the end of a run.
@@ -83,6 +93,70 @@ pub struct BenchRow {
     pub eviction_ratio: f64,
     /// Peak resident memory of the process so far, bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
+    /// Weight bytes one decode step reads (every projection and the LM head as held).
+    pub weight_bytes_per_token: usize,
+    /// K and V bytes one decode step reads (every retained entry), mean over the timed steps.
+    pub kv_bytes_read_per_token: f64,
+    /// The roofline of the decode figure, when the bandwidth was measured.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub roofline: Option<Roofline>,
+}
+
+/// A decode figure against the memory-bandwidth bound.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Roofline {
+    /// Measured streaming-read bandwidth, GB/s (10^9 bytes).
+    pub bandwidth_gb_per_s: f64,
+    /// Bytes per decode step: weights plus retained K and V.
+    pub bytes_per_token: f64,
+    /// The bound: bandwidth / bytes per token.
+    pub roofline_tokens_per_s: f64,
+    /// Measured decode tokens/s over the bound.
+    pub roofline_fraction: f64,
+}
+
+impl BenchRow {
+    /// Sets the roofline of this row's decode figure for a bandwidth in bytes/s.
+    pub fn with_roofline(mut self, bandwidth: f64) -> Self {
+        let bytes = self.weight_bytes_per_token as f64 + self.kv_bytes_read_per_token;
+        let bound = bandwidth / bytes.max(1.0);
+        self.roofline = Some(Roofline {
+            bandwidth_gb_per_s: bandwidth / 1e9,
+            bytes_per_token: bytes,
+            roofline_tokens_per_s: bound,
+            roofline_fraction: self.decode_tokens_per_s.median / bound,
+        });
+        self
+    }
+}
+
+/// Bytes/s of a streaming read over a buffer far larger than the caches (512 MiB), split over
+/// `threads` threads; the best of `passes` passes (the first touches the pages and is not
+/// timed).
+pub fn measure_read_bandwidth(threads: usize, passes: usize) -> f64 {
+    const BYTES: usize = 512 << 20;
+    let threads = threads.max(1);
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let part = buf.len().div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..passes.max(1) {
+        let started = std::time::Instant::now();
+        let sum: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|chunk| {
+                    scope.spawn(move || chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    BYTES as f64 / best
 }
 
 /// Runs the benchmark for one policy; `progress` is called after each run with (done, total).
@@ -113,6 +187,8 @@ pub fn run(
             |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
         let (filler, prompt) = (ids(depth), ids(spec.prompt));
         let (mut ttft, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kv_read = Vec::new();
+        let (mut prefill_cpu, mut decode_cpu) = (Vec::new(), Vec::new());
         let mut last_report = None;
         for rep in 0..spec.repetitions {
             let mut session = engine.session_with(policy.clone())?;
@@ -123,10 +199,21 @@ pub fn run(
                 stop: Vec::new(),
                 stop_at_eos: false,
             };
-            let g = session.generate_from_tokens(&prompt, &request)?;
+            let cpu0 = process_cpu_secs();
+            let prefill_secs = session.prefill(&prompt)?;
+            let before = kv_bytes_read(&session);
+            let cpu1 = process_cpu_secs();
+            let mut g = session.generate(&request, &mut |_| true)?;
+            let cpu2 = process_cpu_secs();
+            prefill_cpu.push((cpu1 - cpu0) * 1e3 / prompt.len() as f64);
+            decode_cpu.push((cpu2 - cpu1) * 1e3 / g.decode_steps.max(1) as f64);
+            g.prompt_tokens = prompt.len();
+            g.prefill_secs = prefill_secs;
+            g.time_to_first_token_secs += prefill_secs;
             ttft.push(g.time_to_first_token_secs);
             prefill.push(g.prefill_tokens_per_s());
             decode.push(g.decode_tokens_per_s());
+            kv_read.push((before + kv_bytes_read(&session)) / 2.0);
             last_report = Some(session.kv_report());
             progress(di * spec.repetitions + rep + 1, total);
         }
@@ -139,13 +226,39 @@ pub fn run(
             time_to_first_token_s: Spread::of(ttft),
             prefill_tokens_per_s: Spread::of(prefill),
             decode_tokens_per_s: Spread::of(decode),
+            prefill_cpu_ms_per_token: Spread::of(prefill_cpu),
+            decode_cpu_ms_per_token: Spread::of(decode_cpu),
             kv_bytes_in_use: report.bytes_in_use,
             kv_bytes_full: report.bytes_full,
             eviction_ratio: report.eviction_ratio,
             peak_rss_bytes: peak_rss_bytes(),
+            weight_bytes_per_token: engine.model().weight_bytes_per_token(),
+            kv_bytes_read_per_token: Spread::of(kv_read).median,
+            roofline: None,
         });
     }
     Ok(rows)
+}
+
+/// K and V bytes one attention pass over the session's cache reads: every retained entry.
+fn kv_bytes_read(session: &crate::session::Session) -> f64 {
+    let kv = session.kv();
+    let entry = kv.pool().config().dtype.entry_bytes(kv.head_dim());
+    let retained: usize = kv.stats().retained.iter().flatten().sum();
+    (2 * retained * entry) as f64
+}
+
+/// CPU seconds this process has used, all threads (0 where unknown).
+fn process_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes; 0 where unknown.

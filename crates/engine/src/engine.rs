@@ -29,6 +29,9 @@ pub struct EngineConfig {
     pub kv_memory_mb: usize,
     /// Prompt tokens per forward pass during prefill.
     pub prefill_chunk: usize,
+    /// A Hugging Face `config.json` whose shapes get random weights instead of loading `model`
+    /// (speed measurements of models without their files; outputs mean nothing).
+    pub dummy_weights: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +43,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_memory_mb: 1024,
             prefill_chunk: 512,
+            dummy_weights: None,
         }
     }
 }
@@ -115,15 +119,15 @@ impl EngineBuilder {
                 return Err(EngineError::Invalid(format!("{name} must be > 0, got 0")));
             }
         }
-        let path = match &cfg.model {
-            Some(p) => p.clone(),
-            None => {
+        let started = Instant::now();
+        let loaded = match (&cfg.dummy_weights, &cfg.model) {
+            (Some(config), _) => model_zoo::load_random(config, cfg.weights, 0)?,
+            (None, Some(path)) => model_zoo::load(path, cfg.weights)?,
+            (None, None) => {
                 let mut say = say.unwrap_or_else(|| Box::new(|_: &str| {}));
-                model_cache::ensure_default_model(&mut *say)?
+                model_zoo::load(&model_cache::ensure_default_model(&mut *say)?, cfg.weights)?
             }
         };
-        let started = Instant::now();
-        let loaded = model_zoo::load(&path, cfg.weights)?;
         let mc = loaded.model.config();
         let bytes = cfg.kv_memory_mb.saturating_mul(1 << 20);
         let pool = BlockPool::new(PoolConfig::from_memory_budget(

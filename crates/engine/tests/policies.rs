@@ -1,7 +1,9 @@
 //! Eviction policies through the engine, on a small random model (fast, every policy) and on
 //! the default model:
 //! - mask/physical equivalence: logits with evicted entries physically removed equal the logits
-//!   of a full cache in which the same entries are masked (-inf), within 1e-4;
+//!   of a full cache in which the same entries are masked (-inf), within f32 summation-order
+//!   error: 1e-5 of the largest logit (at least 1e-4; the two layouts group the attention sums
+//!   differently, ~4e-6 relative after 30 layers of the default model);
 //! - budgets: every head keeps exactly `Budget::keep_count(T)` (the requested ratio within one
 //!   token per head), Full evicts nothing, and KV bytes fall with the retained count;
 //! - a long multi-turn conversation with `--keep 512` keeps KV bytes flat while tokens grow.
@@ -34,6 +36,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// The tolerance of mask/physical equivalence for logits `a`: 1e-5 of the largest magnitude,
+/// at least 1e-4.
+fn equivalence_tolerance(a: &[f32]) -> f32 {
+    1e-5 * a.iter().fold(10.0f32, |m, x| m.max(x.abs()))
 }
 
 /// Masks every entry of a full cache whose position is not in `kept[layer][head]`, for the
@@ -87,14 +95,15 @@ fn kept_positions(kv: &SequenceKv) -> Vec<Vec<HashSet<u32>>> {
 }
 
 /// Logits of `prompt` then `continuation` (one chunk each) in `session` (evicting per its
-/// policy) and in a full cache steered by the reference `mask`: the largest difference.
+/// policy) and in a full cache steered by the reference `mask`: the largest difference, and the
+/// tolerance for the logits compared.
 fn continuation_diff(
     engine: &Engine,
     session: &mut engine::Session,
     mask: &mut dyn LayerHook,
     prompt: &[u32],
     continuation: &[u32],
-) -> f32 {
+) -> (f32, f32) {
     let cfg = engine.model_config();
     let mut kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
     let prompt_logits = engine
@@ -122,10 +131,11 @@ fn continuation_diff(
             LogitsFor::All,
         )
         .unwrap();
-    first.max(max_abs_diff(
+    let diff = first.max(max_abs_diff(
         &physical,
         &masked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-    ))
+    ));
+    (diff, equivalence_tolerance(&physical))
 }
 
 /// A one-shot policy evicts at the end of the prompt; the continuation's logits (one chunk,
@@ -136,7 +146,7 @@ fn one_shot_equivalence(
     policy: Policy,
     prompt: &[u32],
     continuation: &[u32],
-) -> f32 {
+) -> (f32, f32) {
     let mut session = engine.session_with(policy).unwrap();
     session.prefill(prompt).unwrap();
     assert!(
@@ -203,7 +213,7 @@ fn ag_equivalence(
     gates_path: &std::path::Path,
     prompt: &[u32],
     continuation: &[u32],
-) -> f32 {
+) -> (f32, f32) {
     let policy = spec("ag", 0.5, Some(gates_path)).build(engine).unwrap();
     let gates = match &policy {
         Policy::Ag { gates, .. } => gates.clone(),
@@ -225,7 +235,7 @@ fn ag_equivalence(
 }
 
 /// Every one-shot policy in `one_shot` and Attention-Gate (random gates that evict about half
-/// of the tokens): masked and physical logits agree within 1e-4.
+/// of the tokens): masked and physical logits agree within [`equivalence_tolerance`].
 fn assert_masked_equals_physical(
     engine: &Engine,
     one_shot: &[&str],
@@ -234,10 +244,10 @@ fn assert_masked_equals_physical(
 ) {
     for name in one_shot {
         let policy = spec(name, 0.5, None).build(engine).unwrap();
-        let diff = one_shot_equivalence(engine, policy, prompt, continuation);
+        let (diff, tol) = one_shot_equivalence(engine, policy, prompt, continuation);
         assert!(
-            diff < 1e-4,
-            "{name}: masked vs physical logits differ by {diff}"
+            diff < tol,
+            "{name}: masked vs physical logits differ by {diff} (tolerance {tol})"
         );
     }
     let dir = tempfile::tempdir().unwrap();
@@ -253,10 +263,10 @@ fn assert_masked_equals_physical(
         .unwrap()
         .save(&gates, engine::StoreDtype::F32)
         .unwrap();
-    let diff = ag_equivalence(engine, &gates, prompt, continuation);
+    let (diff, tol) = ag_equivalence(engine, &gates, prompt, continuation);
     assert!(
-        diff < 1e-4,
-        "ag: masked vs physical logits differ by {diff}"
+        diff < tol,
+        "ag: masked vs physical logits differ by {diff} (tolerance {tol})"
     );
 }
 
@@ -391,8 +401,9 @@ fn pyramid_budgets_average_to_the_request() {
     assert!((mean - 200.0).abs() <= 1.0, "mean budget {mean}");
 }
 
-/// 4,000 tokens of conversation with `keep 512`: bytes stay at the budget's blocks (plus the
-/// policy's own bounded state) while the tokens seen grow, for every continuous policy.
+/// 4,000 tokens of conversation with `keep 512`: bytes stay at the budget's blocks (one more per
+/// head at most, plus the policy's own bounded state) while the tokens seen grow, for every
+/// continuous policy.
 #[test]
 fn long_conversation_stays_within_its_budget() {
     let (dir, engine) = tiny_engine(engine::KvDtype::F16);
@@ -404,7 +415,9 @@ fn long_conversation_stays_within_its_budget() {
         .unwrap();
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
-    let cap = heads * 512usize.div_ceil(engine.pool().config().block_size) * block_bytes;
+    // A head holds at most one block more than its entries fill: compaction may leave free
+    // slots at the start of its first block (kv-store's sequence.rs invariants).
+    let cap = heads * (512usize.div_ceil(engine.pool().config().block_size) + 1) * block_bytes;
     // At most 16 bytes per retained entry (H2O's sum and count; the gate's probability takes
     // 4), plus the gate's own cache of its attention window (K', V' in f32 and a position).
     let gc = engine

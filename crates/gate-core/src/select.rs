@@ -127,6 +127,14 @@ pub(crate) fn top_k_mask(
             .then_with(|| cmp_score(score(b), score(a)))
             .then_with(|| b.cmp(&a))
     };
+    if keep + 1 == n {
+        // One entry over the budget (a decode step): drop the last one in that order, found by
+        // one pass instead of a selection over an index buffer.
+        let worst = (0..n).max_by(better_first).unwrap_or(0);
+        mask.iter_mut().for_each(|m| *m = true);
+        mask[worst] = false;
+        return mask;
+    }
     let mut idx: Vec<usize> = (0..n).collect();
     idx.select_nth_unstable_by(keep - 1, better_first);
     for &i in &idx[..keep] {

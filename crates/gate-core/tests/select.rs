@@ -117,6 +117,18 @@ proptest! {
         prop_assert_eq!(got, naive_top_k(&scores, keep, &protect));
     }
 
+    /// One entry over the budget (the decode-step case, a single pass in the selector).
+    #[test]
+    fn top_k_one_over_budget_matches_naive(
+        scores in prop::collection::vec(score_strategy(), 1..60),
+        sinks in 0usize..6,
+        recent in 0usize..6,
+    ) {
+        let protect = Protection { sinks, recent };
+        let keep = scores.len() - 1;
+        prop_assert_eq!(select_top_k(&scores, keep, &protect), naive_top_k(&scores, keep, &protect));
+    }
+
     #[test]
     fn threshold_matches_definition(
         scores in prop::collection::vec(score_strategy(), 0..40),

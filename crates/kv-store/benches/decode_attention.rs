@@ -10,7 +10,10 @@
 //! (least disturbed by other processes); GB/s counts the K and V bytes of the retained entries
 //! read per step.
 //!
-//! Run: `cargo bench -p kv-store --bench decode_attention [-- --json]`.
+//! `--cpu` reads process CPU time instead of wall time (with `RAYON_NUM_THREADS=1`): the way to
+//! compare kernels on a busy machine.
+//!
+//! Run: `cargo bench -p kv-store --bench decode_attention [-- --json] [-- --cpu]`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -56,25 +59,58 @@ impl Lcg {
     }
 }
 
+/// The clock the timings read: wall time, or (`--cpu`) this process's CPU time, which a busy
+/// machine does not inflate (use it with `RAYON_NUM_THREADS=1`: idle pool threads spin).
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall,
+    Cpu,
+}
+
+impl Clock {
+    fn now(self) -> f64 {
+        match self {
+            Clock::Wall => {
+                static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+                START.get_or_init(Instant::now).elapsed().as_secs_f64()
+            }
+            Clock::Cpu => {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: a valid clock id and a valid out-pointer.
+                unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            }
+        }
+    }
+}
+
 /// Seconds per call of each variant: the best mean over `batches` rounds, each round running a
 /// batch of about `batch` of every variant in turn. A variant is called with a repeat count and
 /// runs its operation that many times.
-fn time(fs: &mut [&mut dyn FnMut(usize)], batches: usize, batch: Duration) -> Vec<f64> {
+fn time(
+    fs: &mut [&mut dyn FnMut(usize)],
+    batches: usize,
+    batch: Duration,
+    clock: Clock,
+) -> Vec<f64> {
     let iters: Vec<usize> = fs
         .iter_mut()
         .map(|f| {
             f(1);
-            let t0 = Instant::now();
+            let t0 = clock.now();
             f(1);
-            ((batch.as_secs_f64() / t0.elapsed().as_secs_f64().max(1e-7)) as usize).max(1)
+            ((batch.as_secs_f64() / (clock.now() - t0).max(1e-7)) as usize).max(1)
         })
         .collect();
     let mut best = vec![f64::INFINITY; fs.len()];
     for _ in 0..batches {
         for ((f, &n), b) in fs.iter_mut().zip(&iters).zip(&mut best) {
-            let t = Instant::now();
+            let t = clock.now();
             f(n);
-            *b = b.min(t.elapsed().as_secs_f64() / n as f64);
+            *b = b.min((clock.now() - t) / n as f64);
         }
     }
     best
@@ -88,9 +124,21 @@ struct Row {
     paged: f64,
     paged_half: f64,
     paged_1t: f64,
+    /// Seconds per prefill chunk of [`PREFILL`] rows appended after the context (paged).
+    prefill: f64,
 }
 
-fn bench(dtype: KvDtype, ctx: usize, rng: &mut Lcg, batches: usize, batch: Duration) -> Row {
+/// Query rows of the prefill variant: a prompt chunk attending causally to itself and the context.
+const PREFILL: usize = 512;
+
+fn bench(
+    dtype: KvDtype,
+    ctx: usize,
+    rng: &mut Lcg,
+    batches: usize,
+    batch: Duration,
+    clock: Clock,
+) -> Row {
     let k = rng.vec(ctx * HKV * D);
     let v = rng.vec(ctx * HKV * D);
     let pos: Vec<u32> = (0..ctx as u32).collect();
@@ -142,6 +190,10 @@ fn bench(dtype: KvDtype, ctx: usize, rng: &mut Lcg, batches: usize, batch: Durat
         .build()
         .expect("1-thread pool");
     let step = |kv: &SequenceKv| drop(black_box(kv.attend(0, &q, &qpos, &opts)));
+    // The prefill variant: the last PREFILL entries of `full` are the chunk's own tokens.
+    let pq = rng.vec(PREFILL * HQ * D);
+    let ppos: Vec<u32> = (ctx.saturating_sub(PREFILL) as u32..ctx as u32).collect();
+    let pq = &pq[..ppos.len() * HQ * D];
     let t = time(
         &mut [
             &mut |n| {
@@ -150,9 +202,11 @@ fn bench(dtype: KvDtype, ctx: usize, rng: &mut Lcg, batches: usize, batch: Durat
             &mut |n| (0..n).for_each(|_| step(&full)),
             &mut |n| (0..n).for_each(|_| step(&half)),
             &mut |n| one_thread.install(|| (0..n).for_each(|_| step(&full))),
+            &mut |n| (0..n).for_each(|_| drop(black_box(full.attend(0, pq, &ppos, &opts)))),
         ],
         batches,
         batch,
+        clock,
     );
     Row {
         dtype,
@@ -161,6 +215,7 @@ fn bench(dtype: KvDtype, ctx: usize, rng: &mut Lcg, batches: usize, batch: Durat
         paged: t[1],
         paged_half: t[2],
         paged_1t: t[3],
+        prefill: t[4] / ppos.len() as f64,
     }
 }
 
@@ -168,6 +223,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
+    let clock = if args.iter().any(|a| a == "--cpu") {
+        Clock::Cpu
+    } else {
+        Clock::Wall
+    };
     let (batches, batch) = if quick {
         (3, Duration::from_millis(20))
     } else {
@@ -183,15 +243,16 @@ fn main() {
         println!();
         println!(
             "| dtype | context | dense tok/s | paged tok/s | paged/dense | paged 50% tok/s | \
-             50%/full | paged 1-thread tok/s | dense GB/s | paged GB/s | paged 50% GB/s |"
+             50%/full | paged 1-thread tok/s | dense GB/s | paged GB/s | paged 50% GB/s | \
+             prefill{PREFILL} tok/s |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     for dtype in [KvDtype::F32, KvDtype::F16] {
         for ctx in [1024, 4096, 16384, 32768] {
-            let r = bench(dtype, ctx, &mut rng, batches, batch);
+            let r = bench(dtype, ctx, &mut rng, batches, batch, clock);
             let gbs =
-                |len: usize, t: f64| (2 * HKV * len * D * r.dtype.size_bytes()) as f64 / t / 1e9;
+                |len: usize, t: f64| (2 * HKV * len * r.dtype.entry_bytes(D)) as f64 / t / 1e9;
             let (dense_gbs, paged_gbs, half_gbs) = (
                 gbs(r.ctx, r.dense),
                 gbs(r.ctx, r.paged),
@@ -202,7 +263,8 @@ fn main() {
                     "{{\"dtype\":\"{}\",\"context\":{},\"threads\":{threads},\"dense_tok_s\":{:.1},\
                      \"paged_tok_s\":{:.1},\"paged_half_tok_s\":{:.1},\"paged_1thread_tok_s\":{:.1},\
                      \"paged_over_dense\":{:.3},\"half_over_full\":{:.3},\"dense_gb_s\":{dense_gbs:.2},\
-                     \"paged_gb_s\":{paged_gbs:.2},\"paged_half_gb_s\":{half_gbs:.2}}}",
+                     \"paged_gb_s\":{paged_gbs:.2},\"paged_half_gb_s\":{half_gbs:.2},\
+                     \"prefill_tok_s\":{:.1}}}",
                     r.dtype,
                     r.ctx,
                     1.0 / r.dense,
@@ -211,11 +273,12 @@ fn main() {
                     1.0 / r.paged_1t,
                     r.dense / r.paged,
                     r.paged / r.paged_half,
+                    1.0 / r.prefill,
                 );
             } else {
                 println!(
                     "| {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {:.0} | {dense_gbs:.1} | \
-                     {paged_gbs:.1} | {half_gbs:.1} |",
+                     {paged_gbs:.1} | {half_gbs:.1} | {:.0} |",
                     r.dtype,
                     r.ctx,
                     1.0 / r.dense,
@@ -224,6 +287,7 @@ fn main() {
                     1.0 / r.paged_half,
                     r.paged / r.paged_half,
                     1.0 / r.paged_1t,
+                    1.0 / r.prefill,
                 );
             }
         }

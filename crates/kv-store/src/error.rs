@@ -124,6 +124,6 @@ pub enum KvError {
         value: usize,
     },
     /// A dtype name that is not `f32`, `f16` or `bf16`.
-    #[error("unknown KV dtype `{0}` (expected f32, f16 or bf16)")]
+    #[error("unknown KV dtype `{0}` (expected f32, f16, bf16, q8_0 or q4_0)")]
     UnknownDtype(String),
 }

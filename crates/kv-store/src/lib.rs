@@ -24,8 +24,8 @@ mod pool;
 mod sequence;
 mod simd;
 
-pub use attention::{attend_dense, AttendOptions, AttendOutput, DenseHead, PAR_MIN_WORK};
-pub use dtype::{KvDtype, KvSlice};
+pub use attention::{attend_dense, AttendOptions, AttendOutput, DenseHead, Parallel, PAR_MIN_WORK};
+pub use dtype::{KvDtype, KvSlice, Q8_BLOCK};
 pub use error::KvError;
 pub use pool::{BlockPool, PoolConfig, PoolStats, DEFAULT_BLOCK_SIZE};
 pub use sequence::{HeadContents, SequenceKv, SequenceStats};

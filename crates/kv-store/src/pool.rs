@@ -88,7 +88,7 @@ impl PoolConfig {
 
     /// Bytes of one stored key (or value) vector.
     pub(crate) fn entry_bytes(&self) -> usize {
-        self.head_dim * self.dtype.size_bytes()
+        self.dtype.entry_bytes(self.head_dim)
     }
 
     fn lines_per_block(&self) -> usize {

@@ -3,10 +3,12 @@
 //! statistics and attention.
 //!
 //! Invariants, per (layer, KV head) table:
-//! - entry `i` (in order of retention) lives in block `i / block_size`, slot `i % block_size`;
-//!   its position is `positions[i]`; retained count = `positions.len()`;
-//! - `blocks.len() == ceil(retained / block_size)`: no empty block is ever held, so the bytes
-//!   in use follow the retained count up to one partly filled block per head;
+//! - entry `i` (in order of retention) lives in slot `head + i`: block `(head + i) / block_size`,
+//!   offset `(head + i) % block_size`, with `head < block_size` free slots at the start of the
+//!   first block (left by compaction towards the back, see `HeadTable::compact`);
+//! - `blocks.len() == ceil((head + retained) / block_size)`: no empty block is ever held, so the
+//!   bytes in use follow the retained count up to two partly filled blocks per head (the first
+//!   and the last);
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
 //!   every block a call may need (new blocks, copies of shared ones) is taken from the pool
 //!   before anything is written;
@@ -73,18 +75,45 @@ fn drop_holder(block: Arc<Block>, released: &mut Vec<Block>) {
     released.extend(Arc::into_inner(block));
 }
 
-/// One (layer, KV head) block table. Cloning it (a fork) shares every block.
+/// One (layer, KV head) block table. Entry `i` lives in slot `head + i` (block `slot / bs`,
+/// offset `slot % bs`); `positions` is indexed by slot, its first `head` items unused. Cloning
+/// it (a fork) shares every block.
 #[derive(Default, Clone)]
 struct HeadTable {
     blocks: Vec<Arc<Block>>,
     positions: Vec<u32>,
+    /// Free slots at the start of the first block (`< block_size`).
+    head: usize,
     appended: u64,
 }
 
+/// See [`HeadTable::compaction_plan`].
+struct CompactionPlan {
+    first: usize,
+    last: usize,
+    after: usize,
+    before: usize,
+}
+
 impl HeadTable {
+    /// Retained entries.
+    fn len(&self) -> usize {
+        self.positions.len() - self.head
+    }
+
+    /// Positions of the retained entries, in order.
+    fn positions(&self) -> &[u32] {
+        &self.positions[self.head..]
+    }
+
     /// Blocks this table must gain to hold `extra` more entries.
     fn blocks_needed(&self, bs: usize, extra: usize) -> usize {
         (self.positions.len() + extra).div_ceil(bs) - self.blocks.len()
+    }
+
+    /// Entries the table can take before it needs another block.
+    fn spare(&self, bs: usize) -> usize {
+        self.blocks.len() * bs - self.positions.len()
     }
 
     /// How many of the blocks `range` other tables hold too (each needs a copy before a write).
@@ -97,7 +126,7 @@ impl HeadTable {
 
     /// Copies a block an append would write (the partly filled last one) if it is shared.
     fn shared_for_append(&self, bs: usize) -> usize {
-        if self.positions.len() % bs == 0 {
+        if self.positions.len().is_multiple_of(bs) {
             0
         } else {
             self.shared(self.blocks.len() - 1..self.blocks.len())
@@ -119,17 +148,24 @@ impl HeadTable {
         }
     }
 
-    /// Writes key `k` and value `v` into slot `idx` (its block must exist and be owned).
+    /// Writes key `k` and value `v` into entry `idx`'s slot (its block must exist and be owned).
     fn write(&mut self, cfg: &PoolConfig, idx: usize, k: &[f32], v: &[f32]) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
-        let off = (idx % bs) * eb;
-        let bytes = unique(&mut self.blocks[idx / bs]).bytes_mut();
-        write_f32(cfg.dtype, &mut bytes[off..off + eb], k);
-        write_f32(cfg.dtype, &mut bytes[bs * eb + off..bs * eb + off + eb], v);
+        let slot = self.head + idx;
+        let off = (slot % bs) * eb;
+        let bytes = unique(&mut self.blocks[slot / bs]).bytes_mut();
+        write_f32(cfg.dtype, cfg.head_dim, &mut bytes[off..off + eb], k);
+        write_f32(
+            cfg.dtype,
+            cfg.head_dim,
+            &mut bytes[bs * eb + off..bs * eb + off + eb],
+            v,
+        );
     }
 
-    /// Moves entry `from` to slot `to < from` (keys and values; the target block is owned).
-    fn move_entry(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
+    /// Moves the entry in slot `from` to slot `to` (keys, values and position; the target block
+    /// is owned).
+    fn move_slot(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let (fb, tb) = (from / bs, to / bs);
         for base in [0, bs * eb] {
@@ -139,29 +175,55 @@ impl HeadTable {
                     .bytes_mut()
                     .copy_within(fo..fo + eb, to_);
             } else {
-                let (lo, hi) = self.blocks.split_at_mut(fb);
-                unique(&mut lo[tb]).bytes_mut()[to_..to_ + eb]
-                    .copy_from_slice(&hi[0].bytes()[fo..fo + eb]);
+                let (src, dst) = if fb < tb {
+                    let (lo, hi) = self.blocks.split_at_mut(tb);
+                    (&lo[fb], &mut hi[0])
+                } else {
+                    let (lo, hi) = self.blocks.split_at_mut(fb);
+                    (&hi[0], &mut lo[tb])
+                };
+                unique(dst).bytes_mut()[to_..to_ + eb].copy_from_slice(&src.bytes()[fo..fo + eb]);
             }
         }
         self.positions[to] = self.positions[from];
     }
 
-    /// The blocks a compaction by `keep` writes to: from the first dropped entry's block to the
-    /// last block that still holds entries (empty when nothing is dropped).
+    /// Where a compaction by `keep` moves entries: `None` when nothing is dropped, else the first
+    /// and last dropped entries and the kept entries after the first (`after`) and before the
+    /// last (`before`). The cheaper side moves: with `after <= before` the survivors after the
+    /// first dropped entry shift towards the front, else those before the last dropped entry
+    /// shift towards the back.
+    fn compaction_plan(keep: &[bool]) -> Option<CompactionPlan> {
+        let first = keep.iter().position(|&k| !k)?;
+        let last = keep.iter().rposition(|&k| !k)?;
+        Some(CompactionPlan {
+            first,
+            last,
+            after: keep[first..].iter().filter(|&&k| k).count(),
+            before: keep[..last].iter().filter(|&&k| k).count(),
+        })
+    }
+
+    /// The blocks a compaction by `keep` writes to (empty when nothing moves): towards the
+    /// front, slots `head + first..head + first + after`; towards the back, the `before` slots
+    /// ending at `head + last`.
     fn compaction_writes(&self, bs: usize, keep: &[bool]) -> Range<usize> {
-        let Some(first) = keep.iter().position(|&k| !k) else {
+        let Some(c) = Self::compaction_plan(keep) else {
             return 0..0;
         };
-        // Kept entries after the first dropped one move to slots `first..first + moved`.
-        match keep[first..].iter().filter(|&&k| k).count() {
-            0 => 0..0,
-            moved => first / bs..(first + moved).div_ceil(bs),
+        let h = self.head;
+        match (c.after <= c.before, c.after, c.before) {
+            (true, 0, _) | (false, _, 0) => 0..0,
+            (true, moved, _) => (h + c.first) / bs..(h + c.first + moved).div_ceil(bs),
+            (false, _, moved) => (h + c.last + 1 - moved) / bs..(h + c.last) / bs + 1,
         }
     }
 
-    /// Keeps the entries flagged in `keep` (same length as the table), in order. Shared blocks
-    /// that the compaction writes are first copied into `fresh` (the caller reserved
+    /// Keeps the entries flagged in `keep` (one flag per entry), in order. The survivors on the
+    /// cheaper side move ([`HeadTable::compaction_plan`]): towards the front, or towards the
+    /// back (the first block then starts further in) — so dropping one old entry (a sliding
+    /// window) moves only the entries before it, not the whole cache. Shared blocks that the
+    /// compaction writes are first copied into `fresh` (the caller reserved
     /// [`HeadTable::shared`] of [`HeadTable::compaction_writes`] of them); blocks this table no
     /// longer holds alone or at all go to `released`.
     fn compact(
@@ -171,41 +233,81 @@ impl HeadTable {
         fresh: &mut Vec<Block>,
         released: &mut Vec<Block>,
     ) {
-        for b in self.compaction_writes(cfg.block_size, keep) {
+        let bs = cfg.block_size;
+        let Some(c) = Self::compaction_plan(keep) else {
+            return;
+        };
+        for b in self.compaction_writes(bs, keep) {
             self.own(b, fresh, released);
         }
-        let mut w = 0;
-        for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
-            if w != r {
-                self.move_entry(cfg, r, w);
+        let h = self.head;
+        if c.after <= c.before {
+            let mut w = h + c.first;
+            for r in (c.first..keep.len()).filter(|&r| keep[r]) {
+                self.move_slot(cfg, h + r, w);
+                w += 1;
             }
-            w += 1;
-        }
-        self.positions.truncate(w);
-        for block in self.blocks.split_off(w.div_ceil(cfg.block_size)) {
-            drop_holder(block, released);
+            if w == h {
+                // Nothing left: no first-block offset to keep either.
+                self.positions.clear();
+                self.head = 0;
+                for block in self.blocks.drain(..) {
+                    drop_holder(block, released);
+                }
+                return;
+            }
+            self.positions.truncate(w);
+            for block in self.blocks.split_off(w.div_ceil(bs)) {
+                drop_holder(block, released);
+            }
+        } else {
+            let mut w = h + c.last;
+            for r in (0..c.last).rev().filter(|&r| keep[r]) {
+                self.move_slot(cfg, h + r, w);
+                w -= 1;
+            }
+            // Slots up to `w` are free now: whole blocks go back, the rest become the head.
+            let free = w + 1;
+            let whole = free / bs;
+            self.positions.drain(..whole * bs);
+            self.head = free - whole * bs;
+            for block in self.blocks.drain(..whole) {
+                drop_holder(block, released);
+            }
         }
     }
 
     /// The table's entries as in-place segments, one per block.
     fn view(&self, cfg: &PoolConfig) -> HeadView<'_> {
-        let (bs, eb, len) = (cfg.block_size, cfg.entry_bytes(), self.positions.len());
+        let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
+        let end = self.positions.len();
         let segments = self
             .blocks
             .iter()
             .enumerate()
             .map(|(b, blk)| {
-                let lo = b * bs;
-                let n = (len - lo).min(bs);
+                let (lo, hi) = ((b * bs).max(self.head), ((b + 1) * bs).min(end));
+                let (o, n) = (lo - b * bs, hi - lo);
                 let bytes = blk.bytes();
                 Segment {
-                    keys: KvSlice::from_bytes(cfg.dtype, &bytes[..n * eb]),
-                    values: KvSlice::from_bytes(cfg.dtype, &bytes[bs * eb..bs * eb + n * eb]),
-                    positions: &self.positions[lo..lo + n],
+                    keys: KvSlice::from_bytes(
+                        cfg.dtype,
+                        cfg.head_dim,
+                        &bytes[o * eb..(o + n) * eb],
+                    ),
+                    values: KvSlice::from_bytes(
+                        cfg.dtype,
+                        cfg.head_dim,
+                        &bytes[(bs + o) * eb..(bs + o + n) * eb],
+                    ),
+                    positions: &self.positions[lo..hi],
                 }
             })
             .collect();
-        HeadView { segments, len }
+        HeadView {
+            segments,
+            len: self.len(),
+        }
     }
 }
 
@@ -373,13 +475,13 @@ impl SequenceKv {
         for (slot, (h, need)) in heads.zip(needs).enumerate() {
             let cfg = self.cfg;
             let table = &mut self.tables[base + h];
-            if table.positions.len() % bs != 0 {
+            if !table.positions.len().is_multiple_of(bs) {
                 table.own(table.blocks.len() - 1, &mut fresh, &mut released);
             }
             table
                 .blocks
                 .extend(fresh.drain(fresh.len() - need..).map(Arc::new));
-            let start = table.positions.len();
+            let start = table.len();
             for t in 0..n {
                 let src = (t * nh + slot) * d;
                 table.write(&cfg, start + t, &k[src..src + d], &v[src..src + d]);
@@ -411,7 +513,7 @@ impl SequenceKv {
     /// copies the call fails with [`KvError::OutOfBlocksForCopy`] and changes nothing.
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
         let i = self.index(layer, head)?;
-        let retained = self.tables[i].positions.len();
+        let retained = self.tables[i].len();
         if keep.len() != retained {
             return Err(KvError::MaskLength {
                 layer,
@@ -439,6 +541,13 @@ impl SequenceKv {
         Ok(())
     }
 
+    /// Entries (`layer`, `head`) can still take without another block (0 when out of range):
+    /// what an append of `n` tokens needs is `ceil((n - spare) / block_size)` blocks.
+    pub fn spare_slots(&self, layer: usize, head: usize) -> usize {
+        self.table(layer, head)
+            .map_or(0, |t| t.spare(self.cfg.block_size))
+    }
+
     /// A new sequence with the same entries, sharing every block with this one (copy-on-write):
     /// no block is allocated or copied now; whichever sequence later writes to a shared block
     /// (an append into a partly filled block, a compaction) writes to its own copy. The pool
@@ -457,13 +566,13 @@ impl SequenceKv {
 
     /// Retained entries of (`layer`, `head`); 0 when out of range.
     pub fn retained(&self, layer: usize, head: usize) -> usize {
-        self.table(layer, head).map_or(0, |t| t.positions.len())
+        self.table(layer, head).map_or(0, HeadTable::len)
     }
 
     /// Positions of the retained entries, in order; empty when out of range.
     pub fn positions(&self, layer: usize, head: usize) -> Vec<u32> {
         self.table(layer, head)
-            .map_or_else(Vec::new, |t| t.positions.clone())
+            .map_or_else(Vec::new, |t| t.positions().to_vec())
     }
 
     /// Ids of the pool blocks held by (`layer`, `head`), in order; empty when out of range.
@@ -480,17 +589,17 @@ impl SequenceKv {
         };
         let d = self.cfg.head_dim;
         let mut out = HeadContents {
-            keys: Vec::with_capacity(t.positions.len() * d),
-            values: Vec::with_capacity(t.positions.len() * d),
-            positions: t.positions.clone(),
+            keys: Vec::with_capacity(t.len() * d),
+            values: Vec::with_capacity(t.len() * d),
+            positions: t.positions().to_vec(),
         };
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         for seg in t.view(&self.cfg).segments {
-            let n = seg.positions.len() * d;
+            let n = seg.positions.len();
             out.keys
-                .extend_from_slice(seg.keys.view(0, n, &mut scratch));
+                .extend_from_slice(seg.keys.view(0, n, d, &mut scratch));
             out.values
-                .extend_from_slice(seg.values.view(0, n, &mut scratch));
+                .extend_from_slice(seg.values.view(0, n, d, &mut scratch));
         }
         out
     }
@@ -503,9 +612,9 @@ impl SequenceKv {
         };
         let d = self.cfg.head_dim;
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
-        let mut norms = Vec::with_capacity(t.positions.len());
+        let mut norms = Vec::with_capacity(t.len());
         for seg in t.view(&self.cfg).segments {
-            let keys = seg.keys.view(0, seg.positions.len() * d, &mut scratch);
+            let keys = seg.keys.view(0, seg.positions.len(), d, &mut scratch);
             norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
         }
         norms
@@ -556,7 +665,7 @@ impl SequenceKv {
             .sum();
         SequenceStats {
             retained: (0..self.n_layers)
-                .map(|l| layer_tables(l).iter().map(|t| t.positions.len()).collect())
+                .map(|l| layer_tables(l).iter().map(HeadTable::len).collect())
                 .collect(),
             appended: (0..self.n_layers)
                 .map(|l| layer_tables(l).iter().map(|t| t.appended).collect())

@@ -243,9 +243,11 @@ fn config_and_dtype_errors() {
     let e = "f8".parse::<KvDtype>().unwrap_err();
     assert_eq!(
         e.to_string(),
-        "unknown KV dtype `f8` (expected f32, f16 or bf16)"
+        "unknown KV dtype `f8` (expected f32, f16, bf16, q8_0 or q4_0)"
     );
     assert_eq!("BF16".parse::<KvDtype>(), Ok(KvDtype::BF16));
+    assert_eq!("q8_0".parse::<KvDtype>(), Ok(KvDtype::Q8_0));
+    assert_eq!("q4_0".parse::<KvDtype>(), Ok(KvDtype::Q4_0));
     assert_eq!(KvDtype::F16.to_string(), "f16");
 }
 
@@ -254,6 +256,12 @@ fn pool_sizing() {
     let cfg = PoolConfig::from_memory_budget(16, 64, KvDtype::F16, 1 << 20);
     assert_eq!(cfg.block_bytes(), 2 * 16 * 64 * 2);
     assert_eq!(cfg.capacity_blocks, (1 << 20) / 4096);
+    // q8_0: 64 codes and two f16 scales per entry, 0.53x f16.
+    let cfg = PoolConfig::from_memory_budget(16, 64, KvDtype::Q8_0, 1 << 20);
+    assert_eq!(cfg.block_bytes(), 2 * 16 * 68);
+    // q4_0: 32 bytes of nibbles and two scales, 0.28x f16.
+    let cfg = PoolConfig::from_memory_budget(16, 64, KvDtype::Q4_0, 1 << 20);
+    assert_eq!(cfg.block_bytes(), 2 * 16 * 36);
     let cfg = PoolConfig::from_token_capacity(16, 64, KvDtype::F32, 1000);
     assert_eq!(cfg.capacity_blocks, 63);
     assert_eq!(cfg.capacity_bytes(), 63 * 8192);

@@ -104,3 +104,13 @@ fn eviction_equals_masking_f16() {
 fn eviction_equals_masking_bf16() {
     check(KvDtype::BF16);
 }
+
+#[test]
+fn eviction_equals_masking_q8_0() {
+    check(KvDtype::Q8_0);
+}
+
+#[test]
+fn eviction_equals_masking_q4_0() {
+    check(KvDtype::Q4_0);
+}

@@ -3,10 +3,12 @@
 //! Owns: random interleavings of append / append_head / evict / clear / drop / fork over several
 //! sessions sharing one small pool. Invariants checked after every step: retained keys, values
 //! and positions equal the reference (values rounded to the pool dtype), so no session ever sees
-//! a write of another, forks included; each session holds Σ ceil(retained / block_size) blocks
-//! and reports as shared exactly those another table also holds; the pool counts every distinct
-//! block once; a failed append or eviction (pool exhausted, copies of shared blocks included)
-//! returns its `OutOfBlocks*` error and changes nothing.
+//! a write of another, forks included; every head holds no empty block (at most one partly
+//! filled block at each end: between ceil(retained / block_size) and one more) and reports as
+//! shared exactly those another table also holds; the pool counts every distinct block once; an
+//! append needs exactly the blocks its tokens overflow the head's spare slots by (plus a copy of
+//! a shared partly filled last block), and a failed append or eviction (pool exhausted, copies
+//! of shared blocks included) returns its `OutOfBlocks*` error and changes nothing.
 
 use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 use proptest::prelude::*;
@@ -116,8 +118,10 @@ impl World {
             .collect()
     }
 
-    fn blocks_for(n: usize) -> usize {
-        n.div_ceil(BS)
+    /// Blocks an append of `n` tokens to (`layer`, `head`) of session `s` needs.
+    fn blocks_needed(&self, s: usize, layer: usize, head: usize, n: usize) -> usize {
+        n.saturating_sub(self.sessions[s].kv.spare_slots(layer, head))
+            .div_ceil(BS)
     }
 
     /// How many tables (over every session) hold each block id.
@@ -157,9 +161,10 @@ impl World {
         h: usize,
         n: usize,
     ) -> usize {
-        let len = self.sessions[s].heads[l * HEADS + h].len();
-        let copy = len % BS != 0 && self.is_shared(holders, s, l, h, len / BS);
-        Self::blocks_for(len + n) - Self::blocks_for(len) + usize::from(copy)
+        let kv = &self.sessions[s].kv;
+        let held = kv.block_ids(l, h).len();
+        let copy = kv.spare_slots(l, h) > 0 && self.is_shared(holders, s, l, h, held - 1);
+        self.blocks_needed(s, l, h, n) + usize::from(copy)
     }
 
     fn apply(&mut self, op: &Op) {
@@ -186,7 +191,9 @@ impl World {
                             for (t, &p) in pos.iter().enumerate() {
                                 let at = (t * HEADS + h) * D;
                                 let r = |x: &[f32]| {
-                                    x[at..at + D].iter().map(|&e| dtype.round(e)).collect()
+                                    let mut e = x[at..at + D].to_vec();
+                                    dtype.round_entry(&mut e);
+                                    e
                                 };
                                 sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
                             }
@@ -213,10 +220,9 @@ impl World {
                     |sess, dtype| {
                         for t in 0..n {
                             let r = |x: &[f32]| {
-                                x[t * D..(t + 1) * D]
-                                    .iter()
-                                    .map(|&e| dtype.round(e))
-                                    .collect()
+                                let mut e = x[t * D..(t + 1) * D].to_vec();
+                                dtype.round_entry(&mut e);
+                                e
                             };
                             sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
                         }
@@ -241,22 +247,36 @@ impl World {
                         x % 3 != 0
                     })
                     .collect();
-                // Blocks the compaction writes: from the first dropped entry's to the last one
-                // a moved entry lands in; the shared ones need copies.
+                // Blocks the compaction writes (the survivors on the cheaper side move: after the
+                // first dropped entry towards the front, or before the last one towards the
+                // back); the shared ones need copies. `front`: free slots before the first entry.
                 let holders = self.holders();
-                let need = match keep.iter().position(|&k| !k) {
-                    Some(first) => {
-                        let moved = keep[first..].iter().filter(|&&k| k).count();
-                        let written = if moved == 0 {
+                let kv = &self.sessions[s].kv;
+                let front =
+                    kv.block_ids(layer, head).len() * BS - len - kv.spare_slots(layer, head);
+                let need = match (
+                    keep.iter().position(|&k| !k),
+                    keep.iter().rposition(|&k| !k),
+                ) {
+                    (Some(first), Some(last)) => {
+                        let after = keep[first..].iter().filter(|&&k| k).count();
+                        let before = keep[..last].iter().filter(|&&k| k).count();
+                        let written = if after <= before {
+                            if after == 0 {
+                                0..0
+                            } else {
+                                (front + first) / BS..(front + first + after).div_ceil(BS)
+                            }
+                        } else if before == 0 {
                             0..0
                         } else {
-                            first / BS..(first + moved).div_ceil(BS)
+                            (front + last + 1 - before) / BS..(front + last) / BS + 1
                         };
                         written
                             .filter(|&b| self.is_shared(&holders, s, layer, head, b))
                             .count()
                     }
-                    None => 0,
+                    _ => 0,
                 };
                 let free = self.pool.stats().blocks_free;
                 let res = self.sessions[s].kv.evict(layer, head, &keep);
@@ -351,11 +371,25 @@ impl World {
                         assert!((a - b).abs() <= 1e-5 * b.max(1.0));
                     }
                     let bids = sess.kv.block_ids(l, h);
-                    assert_eq!(bids.len(), want.len().div_ceil(BS));
-                    shared += (0..bids.len())
+                    let (held, len) = (bids.len(), want.len());
+                    let spare = sess.kv.spare_slots(l, h);
+                    // Free slots at the front of the first block and at the end of the last one
+                    // are each fewer than a block: no empty block is held.
+                    assert!(
+                        held * BS >= len + spare,
+                        "{held} blocks for {len} + {spare} spare"
+                    );
+                    let front = held * BS - len - spare;
+                    assert!(
+                        front < BS && spare < BS.max(1),
+                        "empty block held ({front}, {spare})"
+                    );
+                    assert!(len > 0 || held == 0, "blocks held for an empty head");
+                    assert!(held <= len.div_ceil(BS) + 1);
+                    shared += (0..held)
                         .filter(|&b| self.is_shared(&holders, s, l, h, b))
                         .count();
-                    sess_blocks += want.len().div_ceil(BS);
+                    sess_blocks += held;
                 }
             }
             let st = sess.kv.stats();
@@ -411,6 +445,16 @@ proptest! {
     #[test]
     fn store_matches_reference_bf16(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
         run(KvDtype::BF16, capacity, &ops);
+    }
+
+    #[test]
+    fn store_matches_reference_q8_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
+        run(KvDtype::Q8_0, capacity, &ops);
+    }
+
+    #[test]
+    fn store_matches_reference_q4_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
+        run(KvDtype::Q4_0, capacity, &ops);
     }
 }
 

@@ -136,9 +136,9 @@ impl ModelConfig {
         self.n_heads / self.n_kv_heads
     }
 
-    /// Bytes of K and V per token over all layers at `bytes_per_value` bytes each.
-    pub fn kv_bytes_per_token(&self, bytes_per_value: usize) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+    /// Bytes of K and V per token over all layers, stored as `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: kv_store::KvDtype) -> usize {
+        2 * self.n_layers * self.n_kv_heads * dtype.entry_bytes(self.head_dim)
     }
 
     /// Reads the config from GGUF metadata.
@@ -445,7 +445,14 @@ mod tests {
         let cfg = ModelConfig::from_hf_value(Path::new("config.json"), &smollm_json()).unwrap();
         assert_eq!(cfg.head_dim, 64);
         assert_eq!(cfg.group_size(), 3);
-        assert_eq!(cfg.kv_bytes_per_token(2), 2 * 30 * 3 * 64 * 2);
+        assert_eq!(
+            cfg.kv_bytes_per_token(kv_store::KvDtype::F16),
+            2 * 30 * 3 * 64 * 2
+        );
+        assert_eq!(
+            cfg.kv_bytes_per_token(kv_store::KvDtype::Q8_0),
+            2 * 30 * 3 * 68
+        );
         assert!(cfg.tie_embeddings);
     }
 

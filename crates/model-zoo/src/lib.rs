@@ -6,9 +6,11 @@
 
 pub mod config;
 pub mod convert;
+pub mod cpu_pool;
 pub mod error;
 pub mod hook;
 pub mod llama;
+pub mod packed;
 pub mod random;
 pub mod rope;
 pub mod tokenizer;
@@ -32,6 +34,8 @@ pub enum SourceKind {
     Gguf,
     /// A Hugging Face directory (`config.json`, `*.safetensors`, `tokenizer.json`).
     Safetensors,
+    /// Random weights of a `config.json`'s shapes (`--dummy-weights`), for measuring speed.
+    Random,
 }
 
 /// A decoder with its tokenizer.
@@ -76,4 +80,19 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
             kind: SourceKind::Gguf,
         })
     }
+}
+
+/// A decoder of `config`'s shapes (a Hugging Face `config.json`) with random weights held as
+/// `format` asks, and the byte-level test tokenizer: a model to measure without its files
+/// (`agate bench --dummy-weights`). Its outputs mean nothing.
+pub fn load_random(config: &Path, format: WeightFormat, seed: u64) -> Result<LoadedModel> {
+    let cfg = ModelConfig::from_hf_json(config)?;
+    let weights = Weights::random(config, &cfg, format, seed);
+    let model = LlamaModel::load(&cfg, &weights)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer: random::byte_tokenizer()?,
+        path: config.to_path_buf(),
+        kind: SourceKind::Random,
+    })
 }

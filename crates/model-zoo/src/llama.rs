@@ -18,10 +18,11 @@ use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, SequenceKv};
 
 use crate::config::ModelConfig;
+use crate::cpu_pool::CpuPool;
 use crate::error::{ModelError, Result};
 use crate::hook::{AttentionOutcome, LayerHook};
 use crate::rope::Rope;
-use crate::weights::{Embedding, Linear, TensorRole, Weights};
+use crate::weights::{Embedding, FusedLinear, Linear, TensorRole, Weights};
 
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,13 +35,12 @@ pub enum LogitsFor {
 
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked.
+    qkv: FusedLinear,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// The FFN's gate and up projections stacked.
+    gate_up: FusedLinear,
     down: Linear,
 }
 
@@ -87,13 +87,22 @@ impl LlamaModel {
             .map(|l| {
                 Ok(Layer {
                     attn_norm: weights.vector(TensorRole::AttnNorm, l, d)?,
-                    q: weights.linear(TensorRole::Q, l, q_out, d, bias)?,
-                    k: weights.linear(TensorRole::K, l, kv_out, d, bias)?,
-                    v: weights.linear(TensorRole::V, l, kv_out, d, bias)?,
+                    qkv: weights.fused_linear(
+                        &[TensorRole::Q, TensorRole::K, TensorRole::V],
+                        l,
+                        &[q_out, kv_out, kv_out],
+                        d,
+                        bias,
+                    )?,
                     o: weights.linear(TensorRole::O, l, d, q_out, false)?,
                     ffn_norm: weights.vector(TensorRole::FfnNorm, l, d)?,
-                    gate: weights.linear(TensorRole::Gate, l, cfg.intermediate_size, d, false)?,
-                    up: weights.linear(TensorRole::Up, l, cfg.intermediate_size, d, false)?,
+                    gate_up: weights.fused_linear(
+                        &[TensorRole::Gate, TensorRole::Up],
+                        l,
+                        &[cfg.intermediate_size; 2],
+                        d,
+                        false,
+                    )?,
                     down: weights.linear(TensorRole::Down, l, d, cfg.intermediate_size, false)?,
                 })
             })
@@ -111,6 +120,25 @@ impl LlamaModel {
     /// The model's config.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Bytes of weights one decode step reads: every projection and the LM head as held in
+    /// memory, and the norm vectors (the embedding lookup reads one row, not counted).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let vector = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.o.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.down.weight_bytes()
+                    + vector(&l.attn_norm)
+                    + vector(&l.ffn_norm)
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes() + vector(&self.norm)
     }
 
     /// Runs `tokens` at positions `start..start+n` through the decoder, appending their keys and
@@ -139,8 +167,9 @@ impl LlamaModel {
     /// projection sees all of their rows at once (the weights are read once per layer, whatever
     /// the batch size), while RoPE, the store append, the hook and attention run per sequence
     /// over its own cache at its own positions. Each sequence's logits are bit for bit those it
-    /// gets alone with quantized weights ([`Linear::forward_segments`]; every other operation is
-    /// row-wise), and to rounding with float weights.
+    /// gets alone with quantized weights ([`Linear::forward_segments`], and the fused q/k/v and
+    /// gate/up projections of [`FusedLinear::forward_parts`]; every other operation is row-wise),
+    /// and to rounding with float weights.
     ///
     /// Returns one result per sequence, in order. A sequence whose input is invalid fails before
     /// anything is touched; one whose store, hook or attention fails drops out of the rest of the
@@ -173,12 +202,7 @@ impl LlamaModel {
         let mut x = self.embedding.forward(&tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let project = |w: &Linear| -> Result<Vec<f32>> {
-                Ok(w.forward_segments(&normed, &rows)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?)
-            };
-            let (mut q, mut k, v) = (project(&layer.q)?, project(&layer.k)?, project(&layer.v)?);
+            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &rows)?;
             let mut attn = vec![0f32; total * q_width];
             let mut first = 0;
             for (j, &i) in live.iter().enumerate() {
@@ -207,8 +231,9 @@ impl LlamaModel {
             let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
             x = (x + layer.o.forward_segments(&attn, &rows)?)?;
             let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward_segments(&normed, &rows)?)?
-                * layer.up.forward_segments(&normed, &rows)?)?;
+            let [gate, up] = layer.gate_up.forward_parts(&normed, &rows)?;
+            let gated = swiglu(gate, &up);
+            let gated = Tensor::from_vec(gated, (total, cfg.intermediate_size), &Device::Cpu)?;
             x = (x + layer.down.forward_segments(&gated, &rows)?)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
@@ -297,6 +322,7 @@ impl LlamaModel {
         let mut opts = AttendOptions::new(scale);
         opts.visible_until = plan.visible_until.as_deref();
         opts.prob_sums = plan.prob_rows.clone();
+        opts.parallel = Some(&CpuPool);
         let attended = seq.kv.attend(layer, q, positions, &opts)?;
         seq.hook.after_attention(
             layer,
@@ -310,4 +336,12 @@ impl LlamaModel {
         )?;
         Ok(attended.out)
     }
+}
+
+/// `silu(gate) * up` elementwise, in place of `gate`.
+fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    gate
 }

@@ -42,6 +42,91 @@ pub fn tiny_config(layers: usize, heads: usize, kv_heads: usize) -> ModelConfig 
     }
 }
 
+/// How a random tensor is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Init {
+    /// All ones (norm weights).
+    Ones,
+    /// Uniform in `[-scale, scale)`.
+    Uniform(f32),
+}
+
+/// One tensor of a random model: its Hugging Face name, shape and initialisation.
+pub(crate) struct TensorSpec {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) init: Init,
+}
+
+/// Every tensor of a Llama-family model of `cfg`'s shape, in a fixed order: projections scaled by
+/// 1/sqrt(fan-in) (the hidden size; the FFN size for `down`), the embedding by 1, biases by 0.1.
+pub(crate) fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let (d, hd, f) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let hf = Naming::HuggingFace;
+    let w = 1.0 / (d as f32).sqrt();
+    let spec = |name: String, shape: Vec<usize>, init: Init| TensorSpec { name, shape, init };
+    let mut specs = vec![spec(
+        TensorRole::Embedding.name(hf, 0),
+        vec![cfg.vocab_size, d],
+        Init::Uniform(1.0),
+    )];
+    for l in 0..cfg.n_layers {
+        let (q, kv) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        specs.push(spec(
+            TensorRole::Q.name(hf, l),
+            vec![q, d],
+            Init::Uniform(w),
+        ));
+        specs.push(spec(
+            TensorRole::K.name(hf, l),
+            vec![kv, d],
+            Init::Uniform(w),
+        ));
+        specs.push(spec(
+            TensorRole::V.name(hf, l),
+            vec![kv, d],
+            Init::Uniform(w),
+        ));
+        specs.push(spec(
+            TensorRole::O.name(hf, l),
+            vec![d, q],
+            Init::Uniform(w),
+        ));
+        specs.push(spec(
+            TensorRole::Gate.name(hf, l),
+            vec![f, d],
+            Init::Uniform(w),
+        ));
+        specs.push(spec(
+            TensorRole::Up.name(hf, l),
+            vec![f, d],
+            Init::Uniform(w),
+        ));
+        let down = Init::Uniform(1.0 / (f as f32).sqrt());
+        specs.push(spec(TensorRole::Down.name(hf, l), vec![d, f], down));
+        specs.push(spec(TensorRole::AttnNorm.name(hf, l), vec![d], Init::Ones));
+        specs.push(spec(TensorRole::FfnNorm.name(hf, l), vec![d], Init::Ones));
+        if cfg.architecture.qkv_bias() {
+            for (role, n) in [(TensorRole::Q, q), (TensorRole::K, kv), (TensorRole::V, kv)] {
+                specs.push(spec(role.bias_name(hf, l), vec![n], Init::Uniform(0.1)));
+            }
+        }
+    }
+    specs.push(spec(
+        TensorRole::OutputNorm.name(hf, 0),
+        vec![d],
+        Init::Ones,
+    ));
+    if !cfg.tie_embeddings {
+        specs.push(spec(
+            TensorRole::LmHead.name(hf, 0),
+            vec![cfg.vocab_size, d],
+            Init::Uniform(w),
+        ));
+    }
+    specs
+}
+
 /// Writes a random model with `cfg`'s shape into `dir` (created if missing).
 pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
     if cfg.vocab_size < 256 + RANDOM_SPECIALS.len() {
@@ -57,65 +142,18 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
     })?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
-    let (d, hd, f) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let hf = Naming::HuggingFace;
-    let w = 1.0 / (d as f32).sqrt();
-    let mut random = |shape: &[usize], scale: f32| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-    };
-    let ones = || Tensor::ones(d, candle_core::DType::F32, &Device::Cpu);
-    tensors.insert(
-        TensorRole::Embedding.name(hf, 0),
-        random(&[cfg.vocab_size, d], 1.0)?,
-    );
-    for l in 0..cfg.n_layers {
-        tensors.insert(
-            TensorRole::Q.name(hf, l),
-            random(&[cfg.n_heads * hd, d], w)?,
-        );
-        tensors.insert(
-            TensorRole::K.name(hf, l),
-            random(&[cfg.n_kv_heads * hd, d], w)?,
-        );
-        tensors.insert(
-            TensorRole::V.name(hf, l),
-            random(&[cfg.n_kv_heads * hd, d], w)?,
-        );
-        tensors.insert(
-            TensorRole::O.name(hf, l),
-            random(&[d, cfg.n_heads * hd], w)?,
-        );
-        tensors.insert(TensorRole::Gate.name(hf, l), random(&[f, d], w)?);
-        tensors.insert(TensorRole::Up.name(hf, l), random(&[f, d], w)?);
-        tensors.insert(
-            TensorRole::Down.name(hf, l),
-            random(&[d, f], 1.0 / (f as f32).sqrt())?,
-        );
-        tensors.insert(TensorRole::AttnNorm.name(hf, l), ones()?);
-        tensors.insert(TensorRole::FfnNorm.name(hf, l), ones()?);
-        if cfg.architecture.qkv_bias() {
-            tensors.insert(
-                TensorRole::Q.bias_name(hf, l),
-                random(&[cfg.n_heads * hd], 0.1)?,
-            );
-            tensors.insert(
-                TensorRole::K.bias_name(hf, l),
-                random(&[cfg.n_kv_heads * hd], 0.1)?,
-            );
-            tensors.insert(
-                TensorRole::V.bias_name(hf, l),
-                random(&[cfg.n_kv_heads * hd], 0.1)?,
-            );
-        }
-    }
-    tensors.insert(TensorRole::OutputNorm.name(hf, 0), ones()?);
-    if !cfg.tie_embeddings {
-        tensors.insert(
-            TensorRole::LmHead.name(hf, 0),
-            random(&[cfg.vocab_size, d], w)?,
-        );
+    for spec in tensor_specs(cfg) {
+        let t = match spec.init {
+            Init::Ones => {
+                Tensor::ones(spec.shape.as_slice(), candle_core::DType::F32, &Device::Cpu)?
+            }
+            Init::Uniform(scale) => {
+                let n: usize = spec.shape.iter().product();
+                let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+                Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?
+            }
+        };
+        tensors.insert(spec.name, t);
     }
     let weights = dir.join("model.safetensors");
     let tmp = dir.join("model.safetensors.tmp");
@@ -128,6 +166,17 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
     )?;
     write_tokenizer(dir)?;
     Ok(())
+}
+
+/// The random models' byte-level tokenizer (256 byte symbols and [`RANDOM_SPECIALS`]), built in a
+/// temporary folder; for models with random weights ids past it decode to nothing.
+pub fn byte_tokenizer() -> Result<crate::Tokenizer> {
+    let dir = tempfile::tempdir().map_err(|source| ModelError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    write_tokenizer(dir.path())?;
+    crate::Tokenizer::from_file(&dir.path().join("tokenizer.json"))
 }
 
 fn write_tokenizer(dir: &Path) -> Result<()> {

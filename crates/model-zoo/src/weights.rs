@@ -10,9 +10,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{candle_message, ModelError, Result};
+use crate::packed::{PackedKind, PackedMatrix};
+use crate::random::{Init, TensorSpec};
 use crate::rope::RopeLayout;
 
 /// How weights are held in memory.
@@ -48,10 +53,11 @@ impl WeightFormat {
     }
 }
 
-/// Rows from which a quantized projection dequantizes its weight and runs the dense f32 GEMM
-/// instead of quantized dot products (activations then stay f32). Measured on the default model
-/// (2 cores, AVX-512): dequantizing costs ~0.15 s per pass, so this wins from ~128 rows (+25% at
-/// 128, +45% at 512); decode (one row) stays quantized, where reading 8-bit weights is what matters.
+/// Rows from which a candle-quantized projection (types not packed, see [`PackedMatrix`])
+/// dequantizes its weight and runs the dense f32 GEMM instead of quantized dot products
+/// (activations then stay f32). Measured on the default model (2 cores, AVX-512): dequantizing
+/// costs ~0.15 s per pass, so this wins from ~128 rows (+25% at 128, +45% at 512); decode (one
+/// row) stays quantized, where reading 8-bit weights is what matters.
 pub const DENSE_GEMM_MIN_ROWS: usize = 128;
 
 /// A projection `y = x W^T (+ b)` with `x: [n, in]` f32 and `y: [n, out]` f32.
@@ -63,6 +69,8 @@ pub struct Linear {
 
 #[derive(Clone, Debug)]
 enum LinearWeight {
+    /// GGUF Q4_0/Q4_1/Q8_0 codes in VNNI tiles (CPUs with AVX-512 VNNI).
+    Packed(Arc<PackedMatrix>),
     Quantized(QMatMul),
     Dense(Tensor),
 }
@@ -77,6 +85,11 @@ impl Linear {
     /// `dense_gemm` is set, else with the quantized kernel.
     fn apply(&self, x: &Tensor, dense_gemm: bool) -> Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Packed(p) => {
+                let (n, _) = x.dims2()?;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(p.matmul(&xs, n), (n, p.rows()), &Device::Cpu)?
+            }
             LinearWeight::Quantized(QMatMul::QTensor(q)) if dense_gemm => {
                 x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
             }
@@ -133,6 +146,9 @@ impl Linear {
     /// The weight dequantized to a dense f32 `[out, in]` tensor.
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
+            LinearWeight::Packed(p) => {
+                Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), &Device::Cpu)?
+            }
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.to_dtype(DType::F32)?
@@ -144,6 +160,76 @@ impl Linear {
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// Bytes of the weight as held (what one pass over it reads).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Packed(p) => p.size_bytes(),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t))
+            | LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// Several projections of the same input, stacked into one weight where the format allows (q, k
+/// and v; gate and up): one pass over the input and one thread-pool handoff instead of several.
+#[derive(Clone, Debug)]
+pub struct FusedLinear {
+    /// Output width of each part, in order.
+    widths: Vec<usize>,
+    /// One stacked projection, or one per part.
+    parts: Vec<Linear>,
+}
+
+impl FusedLinear {
+    /// `x: [n, in]` → one row-major `[n, width_i]` f32 buffer per part; `N` must be the number
+    /// of parts loaded. `rows` splits `x` into sequences as in [`Linear::forward_segments`]:
+    /// every row gets what it gets when its sequence runs alone (a stacked weight is packed,
+    /// whose kernel computes each row on its own).
+    pub fn forward_parts<const N: usize>(
+        &self,
+        x: &Tensor,
+        rows: &[usize],
+    ) -> Result<[Vec<f32>; N]> {
+        if N != self.widths.len() {
+            return Err(ModelError::Input(format!(
+                "a fused projection of {} parts was asked for {N}",
+                self.widths.len()
+            )));
+        }
+        if self.parts.len() == N {
+            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+            for (out, p) in outs.iter_mut().zip(&self.parts) {
+                *out = p
+                    .forward_segments(x, rows)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+            }
+            return Ok(outs);
+        }
+        let y = self.parts[0]
+            .forward_segments(x, rows)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let total: usize = self.widths.iter().sum();
+        let n = y.len() / total.max(1);
+        let mut outs: [Vec<f32>; N] =
+            std::array::from_fn(|i| Vec::with_capacity(n * self.widths[i]));
+        for row in y.chunks_exact(total.max(1)) {
+            let mut at = 0;
+            for (out, &w) in outs.iter_mut().zip(&self.widths) {
+                out.extend_from_slice(&row[at..at + w]);
+                at += w;
+            }
+        }
+        Ok(outs)
+    }
+
+    /// Bytes of the weights as held.
+    pub fn weight_bytes(&self) -> usize {
+        self.parts.iter().map(Linear::weight_bytes).sum()
     }
 }
 
@@ -354,7 +440,17 @@ impl GgufFile {
 
 enum Source {
     Gguf(GgufFile),
-    Safetensors { dir: PathBuf, st: MmapedSafetensors },
+    Safetensors {
+        dir: PathBuf,
+        st: MmapedSafetensors,
+    },
+    /// Random weights of a config's shapes (`--dummy-weights`): Hugging Face names, generated
+    /// on demand from `seed` and the tensor's name.
+    Random {
+        config: PathBuf,
+        specs: HashMap<String, TensorSpec>,
+        seed: u64,
+    },
 }
 
 /// Weights of one model, from either source, handed out by role.
@@ -368,6 +464,29 @@ impl Weights {
     pub fn from_gguf(file: GgufFile, format: WeightFormat) -> Self {
         Weights {
             source: Source::Gguf(file),
+            format,
+        }
+    }
+
+    /// Random weights of `cfg`'s shapes (read from `config`), for measuring a model without its
+    /// files: projections quantized as the format asks (Q4_0 codes for `auto` and `stored`), the
+    /// embedding dense f16, norms ones. The same seed gives the same weights.
+    pub fn random(
+        config: &Path,
+        cfg: &crate::config::ModelConfig,
+        format: WeightFormat,
+        seed: u64,
+    ) -> Self {
+        let specs = crate::random::tensor_specs(cfg)
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        Weights {
+            source: Source::Random {
+                config: config.to_path_buf(),
+                specs,
+                seed,
+            },
             format,
         }
     }
@@ -408,6 +527,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.path(),
             Source::Safetensors { dir, .. } => dir,
+            Source::Random { config, .. } => config,
         }
     }
 
@@ -415,7 +535,7 @@ impl Weights {
     pub fn naming(&self) -> Naming {
         match self.source {
             Source::Gguf(_) => Naming::Gguf,
-            Source::Safetensors { .. } => Naming::HuggingFace,
+            Source::Safetensors { .. } | Source::Random { .. } => Naming::HuggingFace,
         }
     }
 
@@ -436,6 +556,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.content().tensor_infos.contains_key(&name),
             Source::Safetensors { st, .. } => st.get(&name).is_ok(),
+            Source::Random { specs, .. } => specs.contains_key(&name),
         }
     }
 
@@ -443,6 +564,7 @@ impl Weights {
         match &self.source {
             Source::Gguf(f) => f.shape(name),
             Source::Safetensors { st, .. } => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Source::Random { specs, .. } => specs.get(name).map(|s| s.shape.clone()),
         }
     }
 
@@ -469,6 +591,7 @@ impl Weights {
         Ok(match &self.source {
             Source::Gguf(f) => f.tensor(name)?.dequantize(&Device::Cpu)?,
             Source::Safetensors { st, .. } => st.load(name, &Device::Cpu)?,
+            Source::Random { specs, seed, .. } => random_dense(&specs[name], *seed)?,
         })
     }
 
@@ -499,48 +622,150 @@ impl Weights {
     ) -> Result<Linear> {
         let name = role.name(self.naming(), layer);
         self.check_shape(&name, &[out, inp])?;
-        let weight = self.projection_weight(&name)?;
+        let weight = match self.projection_source(&name)? {
+            ProjectionSource::Pack(q) => {
+                LinearWeight::Packed(Arc::new(pack(self.path(), &name, &[&q])?))
+            }
+            ProjectionSource::Ready(w) => w,
+        };
         let bias = if with_bias {
-            Some(
-                self.bias(role, layer, out)?
-                    .ok_or_else(|| ModelError::MissingTensor {
-                        path: self.path().to_path_buf(),
-                        name: role.bias_name(self.naming(), layer),
-                    })?,
-            )
+            Some(self.required_bias(role, layer, out)?)
         } else {
             None
         };
         Ok(Linear { weight, bias })
     }
 
-    fn projection_weight(&self, name: &str) -> Result<LinearWeight> {
-        let quantized = |q: QTensor| -> Result<LinearWeight> {
-            Ok(LinearWeight::Quantized(QMatMul::from_qtensor(q)?))
+    /// Projections of one input stacked by rows (`roles[i]` with `outs[i]` rows, all `[.., in]`):
+    /// one packed weight when every part packs, separate projections otherwise.
+    pub fn fused_linear(
+        &self,
+        roles: &[TensorRole],
+        layer: usize,
+        outs: &[usize],
+        inp: usize,
+        with_bias: bool,
+    ) -> Result<FusedLinear> {
+        let names: Vec<String> = roles.iter().map(|r| r.name(self.naming(), layer)).collect();
+        for (name, &out) in names.iter().zip(outs) {
+            self.check_shape(name, &[out, inp])?;
+        }
+        let sources = names
+            .iter()
+            .map(|n| self.projection_source(n))
+            .collect::<Result<Vec<_>>>()?;
+        let biases = roles
+            .iter()
+            .zip(outs)
+            .map(|(&r, &out)| {
+                with_bias
+                    .then(|| self.required_bias(r, layer, out))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let packable: Option<Vec<&QTensor>> = sources
+            .iter()
+            .map(|s| match s {
+                ProjectionSource::Pack(q) => Some(q),
+                ProjectionSource::Ready(_) => None,
+            })
+            .collect();
+        let parts = match packable {
+            Some(qs) => {
+                let bias = if with_bias {
+                    Some(Tensor::cat(
+                        &biases.iter().flatten().collect::<Vec<_>>(),
+                        0,
+                    )?)
+                } else {
+                    None
+                };
+                let weight =
+                    LinearWeight::Packed(Arc::new(pack(self.path(), &names.join("+"), &qs)?));
+                vec![Linear { weight, bias }]
+            }
+            None => sources
+                .into_iter()
+                .zip(&names)
+                .zip(biases)
+                .map(|((s, name), bias)| {
+                    let weight = match s {
+                        ProjectionSource::Pack(q) => {
+                            LinearWeight::Packed(Arc::new(pack(self.path(), name, &[&q])?))
+                        }
+                        ProjectionSource::Ready(w) => w,
+                    };
+                    Ok(Linear { weight, bias })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Ok(FusedLinear {
+            widths: outs.to_vec(),
+            parts,
+        })
+    }
+
+    fn required_bias(&self, role: TensorRole, layer: usize, out: usize) -> Result<Tensor> {
+        self.bias(role, layer, out)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path().to_path_buf(),
+                name: role.bias_name(self.naming(), layer),
+            })
+    }
+
+    /// What a projection's weight becomes under the configured format: quantized blocks to pack
+    /// (GGUF Q4_0/Q4_1/Q8_0, and types without a fast kernel re-quantized to Q8_0, on CPUs with
+    /// the packed kernel), or a weight as candle holds it.
+    fn projection_source(&self, name: &str) -> Result<ProjectionSource> {
+        let packs = PackedMatrix::supported();
+        let quantized = |q: QTensor| -> Result<ProjectionSource> {
+            if packs && PackedKind::for_ggml(q.dtype()).is_some() {
+                return Ok(ProjectionSource::Pack(q));
+            }
+            Ok(ProjectionSource::Ready(LinearWeight::Quantized(
+                QMatMul::from_qtensor(q)?,
+            )))
         };
         match (&self.source, self.format) {
             (Source::Gguf(f), WeightFormat::Auto) => {
                 let q = f.tensor(name)?;
-                match fast_cpu_type(q.dtype()) {
-                    Some(_) => quantized(q),
-                    None => quantized(QTensor::quantize(
+                if fast_cpu_type(q.dtype()).is_some() || PackedKind::for_ggml(q.dtype()).is_some() {
+                    quantized(q)
+                } else {
+                    quantized(QTensor::quantize(
                         &q.dequantize(&Device::Cpu)?,
                         GgmlDType::Q8_0,
-                    )?),
+                    )?)
                 }
             }
-            (Source::Gguf(f), WeightFormat::AsStored) => quantized(f.tensor(name)?),
+            (
+                Source::Random { specs, seed, .. },
+                WeightFormat::Auto
+                | WeightFormat::AsStored
+                | WeightFormat::Quantize(GgmlDType::Q8_0 | GgmlDType::Q4_0),
+            ) => {
+                let dtype = match self.format {
+                    WeightFormat::Quantize(t) => t,
+                    _ => GgmlDType::Q4_0,
+                };
+                quantized(random_quantized(&specs[name], dtype, *seed)?)
+            }
+            (Source::Gguf(f), WeightFormat::AsStored) => Ok(ProjectionSource::Ready(
+                LinearWeight::Quantized(QMatMul::from_qtensor(f.tensor(name)?)?),
+            )),
             (_, WeightFormat::Quantize(t)) => {
                 let dense = self.load_dense(name, &self.shape_of(name).unwrap_or_default())?;
                 quantized(QTensor::quantize(&dense.to_dtype(DType::F32)?, t)?)
             }
             (_, WeightFormat::Dense(dt)) => {
                 let dense = self.load_dense(name, &self.shape_of(name).unwrap_or_default())?;
-                Ok(LinearWeight::Dense(dense.to_dtype(dt)?))
+                Ok(ProjectionSource::Ready(LinearWeight::Dense(
+                    dense.to_dtype(dt)?,
+                )))
             }
-            (Source::Safetensors { st, .. }, WeightFormat::Auto | WeightFormat::AsStored) => {
-                Ok(LinearWeight::Dense(st.load(name, &Device::Cpu)?))
-            }
+            (Source::Safetensors { st, .. }, WeightFormat::Auto | WeightFormat::AsStored) => Ok(
+                ProjectionSource::Ready(LinearWeight::Dense(st.load(name, &Device::Cpu)?)),
+            ),
         }
     }
 
@@ -566,6 +791,10 @@ impl Weights {
             (Source::Safetensors { st, .. }, _) => {
                 Ok(Embedding::Dense(st.load(&name, &Device::Cpu)?))
             }
+            (Source::Random { .. }, _) => Ok(Embedding::Dense(
+                self.load_dense(&name, &[vocab, hidden])?
+                    .to_dtype(DType::F16)?,
+            )),
         }
     }
 
@@ -578,6 +807,83 @@ impl Weights {
         };
         self.linear(role, 0, vocab, hidden, false)
     }
+}
+
+/// The value of a random tensor, seeded by `seed` and its name.
+fn random_dense(spec: &TensorSpec, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let shape = spec.shape.as_slice();
+    Ok(match spec.init {
+        Init::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+        Init::Uniform(scale) => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            Tensor::from_vec(data, shape, &Device::Cpu)?
+        }
+    })
+}
+
+/// Random GGUF blocks of `dtype` (Q4_0 or Q8_0) for a `[rows, cols]` spec: random codes with the
+/// scale that gives the spec's magnitude, written directly (no f32 copy of a large matrix).
+fn random_quantized(spec: &TensorSpec, dtype: GgmlDType, seed: u64) -> Result<QTensor> {
+    use rand::{RngCore, SeedableRng};
+    let scale = match spec.init {
+        Init::Uniform(s) => s,
+        Init::Ones => 1.0,
+    };
+    let (block, half_range) = match dtype {
+        GgmlDType::Q4_0 => (18, 8.0),
+        _ => (34, 127.0),
+    };
+    let n: usize = spec.shape.iter().product();
+    let mut bytes = vec![0u8; n / 32 * block];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
+    rng.fill_bytes(&mut bytes);
+    let d = half::f16::from_f32(scale / half_range).to_le_bytes();
+    for b in bytes.chunks_exact_mut(block) {
+        b[..2].copy_from_slice(&d);
+    }
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bytes),
+        &Device::Cpu,
+        dtype,
+    )?;
+    Ok(QTensor::new(storage, spec.shape.as_slice())?)
+}
+
+/// A stable hash of a tensor name (FNV-1a), to seed its random values.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// A projection weight before it is finalised: quantized blocks the packed kernel takes, or a
+/// weight ready as candle holds it.
+enum ProjectionSource {
+    Pack(QTensor),
+    Ready(LinearWeight),
+}
+
+/// Packs quantized `[rows_i, cols]` tensors (all of one packed kind) stacked by rows; `path`
+/// and `name` name them in errors.
+fn pack(path: &Path, name: &str, parts: &[&QTensor]) -> Result<PackedMatrix> {
+    let mut raw = Vec::with_capacity(parts.len());
+    let mut cols = 0;
+    for q in parts {
+        let (rows, c) = q.shape().dims2()?;
+        cols = c;
+        raw.push((q.dtype(), rows, q.data()?));
+    }
+    let views: Vec<_> = raw.iter().map(|(t, r, d)| (*t, *r, d.as_ref())).collect();
+    PackedMatrix::from_ggml_parts(cols, &views).ok_or_else(|| ModelError::Gguf {
+        path: path.to_path_buf(),
+        reason: format!(
+            "tensor `{name}`: cannot pack {:?} blocks of {cols} columns for the VNNI kernel",
+            parts.iter().map(|q| q.dtype()).collect::<Vec<_>>()
+        ),
+    })
 }
 
 /// The type a quantized weight runs as on CPU when it has a SIMD kernel in candle; `None` means
