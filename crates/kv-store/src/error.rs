@@ -45,6 +45,19 @@ pub enum KvError {
         /// Capacity of the pool in blocks.
         total: usize,
     },
+    /// The pool cannot set aside the blocks a step may need; nothing was reserved.
+    #[error(
+        "out of KV blocks: this step may need {requested} more block(s) but the pool has {free} \
+         free of {total}"
+    )]
+    ReserveFailed {
+        /// Blocks the reservation asked for beyond what the sequence holds or had reserved.
+        requested: usize,
+        /// Blocks free in the pool at the time.
+        free: usize,
+        /// Capacity of the pool in blocks.
+        total: usize,
+    },
     /// A buffer argument has the wrong number of elements.
     #[error("layer {layer}: `{what}` has length {got}, expected {expected}")]
     ShapeMismatch {

@@ -6,7 +6,9 @@
 //!   [`KvDtype`]; it is sized by a memory budget or a token capacity ([`PoolConfig`]).
 //! - [`SequenceKv`] (one per session) keeps a block table per (layer, KV head): append (prefill
 //!   chunks, decode tokens, single heads), evict by keep-mask with compaction that returns every
-//!   emptied block to the pool at once, reads, accounting, and [`SequenceKv::attend`].
+//!   emptied block to the pool at once, truncation of a failed pass's appends, reservations
+//!   that make a step's blocks certain before it starts, slot-bound keys (re-bound by a
+//!   [`KeyShift`] when compaction moves them), reads, accounting, and [`SequenceKv::attend`].
 //! - [`attend_dense`] runs the same kernel over contiguous buffers (baseline for benches/tests).
 //!
 //! Invariants the crate guarantees: retained entries keep their original positions and order;
@@ -25,4 +27,4 @@ pub use attention::{attend_dense, AttendOptions, AttendOutput, DenseHead, PAR_MI
 pub use dtype::{KvDtype, KvSlice};
 pub use error::KvError;
 pub use pool::{BlockPool, PoolConfig, PoolStats, DEFAULT_BLOCK_SIZE};
-pub use sequence::{HeadContents, SequenceKv, SequenceStats};
+pub use sequence::{HeadContents, KeyShift, SequenceKv, SequenceStats};

@@ -7,13 +7,28 @@
 //! - `blocks.len() == ceil(retained / block_size)`: no empty block is ever held, so the bytes
 //!   in use follow the retained count up to one partly filled block per head;
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
-//! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear, drop)
-//!   returns the emptied blocks to the pool in one call.
+//! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear,
+//!   truncate, drop) returns the emptied blocks to the pool in one call;
+//! - slot-bound keys (a sequence built by [`SequenceKv::with_slot_keys`]): entry `i`'s key is
+//!   the one for slot `slot_base + i` of its table. A compaction keeps the longest run of kept
+//!   entries where it was relative to the base (the base moves by that run's shift) and passes
+//!   every other moved run to the [`KeyShift`] with its shift, so moving costs the fewest keys;
+//! - a reservation ([`SequenceKv::reserve_blocks`]) keeps `ceiling - held` blocks set aside in
+//!   the pool for this sequence: appends draw on it first, freed blocks refill it.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use crate::attention::{attend_heads, HeadView, Segment};
 use crate::dtype::write_f32;
 use crate::pool::Block;
 use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, PoolConfig};
+
+/// Rewrites keys that moved within their head: `keys` is `[m, head_dim]` f32 (read from the
+/// store, written back in the pool's dtype after the call), each moved by `delta` slots
+/// (negative: towards the front). A decoder that rotates keys for their slot (the cache
+/// positions mode) passes a rotary re-rotation by `delta` positions: rotations compose.
+pub type KeyShift = Arc<dyn Fn(&mut [f32], i64) + Send + Sync>;
 
 /// A copy of one KV head's retained entries, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -54,6 +69,8 @@ struct HeadTable {
     blocks: Vec<Block>,
     positions: Vec<u32>,
     appended: u64,
+    /// Slot-bound keys: the slot of entry 0.
+    slot_base: u64,
 }
 
 impl HeadTable {
@@ -87,18 +104,78 @@ impl HeadTable {
         self.positions[to] = self.positions[from];
     }
 
-    /// Keeps the entries flagged in `keep` (same length as the table), in order; returns the
-    /// blocks left empty.
-    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
+    /// Keeps the entries flagged in `keep` (same length as the table), in order, re-binding
+    /// moved keys to their slots when `shift` is given; returns the blocks left empty.
+    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool], shift: Option<&KeyShift>) -> Vec<Block> {
         let mut w = 0;
+        // Runs of kept entries moved back by the same number of slots: (shift, first new index).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
         for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
             if w != r {
                 self.move_entry(cfg, r, w);
             }
+            if runs.last().is_none_or(|&(d, _)| d != r - w) {
+                runs.push((r - w, w));
+            }
             w += 1;
         }
         self.positions.truncate(w);
+        if let Some(shift) = shift {
+            self.reslot(cfg, &runs, w, shift);
+        }
         self.blocks.split_off(w.div_ceil(cfg.block_size))
+    }
+
+    /// After a compaction into `len` entries whose `runs` moved back as listed: the longest run
+    /// keeps its keys and the base moves by its shift; the other runs' keys are shifted by the
+    /// difference, so that entry `i` is again the key for slot `slot_base + i`.
+    fn reslot(&mut self, cfg: &PoolConfig, runs: &[(usize, usize)], len: usize, shift: &KeyShift) {
+        let ends = runs.iter().skip(1).map(|&(_, start)| start).chain([len]);
+        let spans: Vec<(usize, Range<usize>)> = runs
+            .iter()
+            .zip(ends)
+            .map(|(&(moved, start), end)| (moved, start..end))
+            .collect();
+        let Some(anchor) = spans
+            .iter()
+            .max_by_key(|(_, span)| span.len())
+            .map(|&(moved, _)| moved)
+        else {
+            return;
+        };
+        for (moved, span) in spans.into_iter().filter(|(m, _)| *m != anchor) {
+            let mut keys = self.read_keys(cfg, span.clone());
+            shift(&mut keys, anchor as i64 - moved as i64);
+            self.write_keys(cfg, span.start, &keys);
+        }
+        self.slot_base += anchor as u64;
+    }
+
+    /// The keys of entries `range`, as f32 `[range.len(), head_dim]`.
+    fn read_keys(&self, cfg: &PoolConfig, range: Range<usize>) -> Vec<f32> {
+        let (bs, eb, d) = (cfg.block_size, cfg.entry_bytes(), cfg.head_dim);
+        let mut out = Vec::with_capacity(range.len() * d);
+        let mut scratch = vec![0f32; d];
+        for idx in range {
+            let off = (idx % bs) * eb;
+            let bytes = &self.blocks[idx / bs].bytes()[off..off + eb];
+            out.extend_from_slice(KvSlice::from_bytes(cfg.dtype, bytes).view(0, d, &mut scratch));
+        }
+        out
+    }
+
+    /// Overwrites the keys of the entries from `start` on with `keys` (`[m, head_dim]` f32).
+    fn write_keys(&mut self, cfg: &PoolConfig, start: usize, keys: &[f32]) {
+        let (bs, eb, d) = (cfg.block_size, cfg.entry_bytes(), cfg.head_dim);
+        for (i, key) in keys.chunks_exact(d).enumerate() {
+            let idx = start + i;
+            let off = (idx % bs) * eb;
+            write_f32(
+                cfg.dtype,
+                &mut self.blocks[idx / bs].bytes_mut()[off..off + eb],
+                key,
+            );
+        }
     }
 
     /// The table's entries as in-place segments, one per block.
@@ -134,6 +211,17 @@ pub struct SequenceKv {
     tables: Vec<HeadTable>,
     /// Per layer: one past the highest position appended.
     tokens_seen: Vec<u64>,
+    /// Slot-bound keys: how moved keys are re-bound to their slots.
+    key_shift: Option<KeyShift>,
+    /// Blocks set aside for this sequence, if it reserved any.
+    reservation: Option<Reservation>,
+}
+
+/// A reservation: the sequence may grow to `ceiling` blocks; `withheld` are set aside now.
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    ceiling: usize,
+    withheld: usize,
 }
 
 impl std::fmt::Debug for SequenceKv {
@@ -141,6 +229,8 @@ impl std::fmt::Debug for SequenceKv {
         f.debug_struct("SequenceKv")
             .field("n_layers", &self.n_layers)
             .field("n_kv_heads", &self.n_kv_heads)
+            .field("slot_keys", &self.key_shift.is_some())
+            .field("reservation", &self.reservation)
             .field("stats", &self.stats())
             .finish()
     }
@@ -158,9 +248,36 @@ impl SequenceKv {
                 .map(|_| HeadTable::default())
                 .collect(),
             tokens_seen: vec![0; n_layers],
+            key_shift: None,
+            reservation: None,
         }
     }
 
+    /// An empty cache whose keys are bound to their slots: each table keeps a slot base, and
+    /// every compaction re-binds moved keys with `shift` (see the module header). The decoder's
+    /// cache positions mode rotates keys for their slot instead of their token position.
+    pub fn with_slot_keys(
+        pool: &BlockPool,
+        n_layers: usize,
+        n_kv_heads: usize,
+        shift: KeyShift,
+    ) -> Self {
+        let mut kv = Self::new(pool, n_layers, n_kv_heads);
+        kv.key_shift = Some(shift);
+        kv
+    }
+
+    /// With slot-bound keys, the slot of (`layer`, `head`)'s first entry (entry `i` is the key
+    /// for slot `base + i`); `None` for position-bound keys or out of range.
+    pub fn slot_base(&self, layer: usize, head: usize) -> Option<u64> {
+        self.key_shift.as_ref()?;
+        self.table(layer, head).map(|t| t.slot_base)
+    }
+
+    /// Whether keys are bound to their slots ([`SequenceKv::with_slot_keys`]).
+    pub fn slot_keyed(&self) -> bool {
+        self.key_shift.is_some()
+    }
     /// Number of layers.
     pub fn n_layers(&self) -> usize {
         self.n_layers
@@ -268,16 +385,20 @@ impl SequenceKv {
             .map(|h| self.tables[base + h].blocks_needed(bs, n))
             .collect();
         let requested = needs.iter().sum();
-        let mut fresh = self
-            .pool
-            .alloc(requested)
-            .map_err(|free| KvError::OutOfBlocks {
-                layer,
-                tokens: n,
-                requested,
-                free,
-                total: self.cfg.capacity_blocks,
-            })?;
+        let from_reserve = self.reservation.map_or(0, |r| r.withheld.min(requested));
+        let mut fresh =
+            self.pool
+                .alloc(requested, from_reserve)
+                .map_err(|free| KvError::OutOfBlocks {
+                    layer,
+                    tokens: n,
+                    requested,
+                    free,
+                    total: self.cfg.capacity_blocks,
+                })?;
+        if let Some(r) = &mut self.reservation {
+            r.withheld -= from_reserve;
+        }
         for (slot, (h, need)) in heads.zip(needs).enumerate() {
             let cfg = self.cfg;
             let table = &mut self.tables[base + h];
@@ -310,9 +431,87 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
-        let freed = self.tables[i].compact(&self.cfg, keep);
-        self.pool.release(freed);
+        let freed = self.tables[i].compact(&self.cfg, keep, self.key_shift.as_ref());
+        self.give_back(freed);
         Ok(())
+    }
+
+    /// Removes, from every table, the entries at `position` or later (each table's tail:
+    /// positions grow within a table) and frees their blocks, setting `tokens_seen` back to at
+    /// most `position`: undoes appends that no eviction has touched yet (a failed forward pass),
+    /// leaving the tables, counts and accounting as they were before those appends.
+    pub fn truncate_from(&mut self, position: u32) {
+        let bs = self.cfg.block_size;
+        let mut freed = Vec::new();
+        for t in &mut self.tables {
+            let keep = t.positions.partition_point(|&p| p < position);
+            let removed = t.positions.len() - keep;
+            t.positions.truncate(keep);
+            t.appended = t.appended.saturating_sub(removed as u64);
+            freed.extend(t.blocks.split_off(keep.div_ceil(bs)));
+        }
+        for seen in &mut self.tokens_seen {
+            *seen = (*seen).min(u64::from(position));
+        }
+        self.give_back(freed);
+    }
+
+    /// Blocks this sequence holds.
+    pub fn blocks_held(&self) -> usize {
+        self.tables.iter().map(|t| t.blocks.len()).sum()
+    }
+
+    /// Sets blocks aside so that this sequence can hold `ceiling` blocks in all (those it holds
+    /// included) whatever other sequences do, until [`SequenceKv::release_reservation`]: appends
+    /// draw on the reservation first and freed blocks refill it up to the ceiling. Replaces an
+    /// earlier reservation; fails with [`KvError::ReserveFailed`], changing nothing, when the
+    /// pool cannot set that many aside.
+    pub fn reserve_blocks(&mut self, ceiling: usize) -> Result<(), KvError> {
+        let want = ceiling.saturating_sub(self.blocks_held());
+        let had = self.reservation.map_or(0, |r| r.withheld);
+        if want > had {
+            self.pool
+                .reserve(want - had)
+                .map_err(|free| KvError::ReserveFailed {
+                    requested: want - had,
+                    free,
+                    total: self.cfg.capacity_blocks,
+                })?;
+        } else {
+            self.pool.unreserve(had - want);
+        }
+        self.reservation = Some(Reservation {
+            ceiling,
+            withheld: want,
+        });
+        Ok(())
+    }
+
+    /// Gives the blocks set aside by [`SequenceKv::reserve_blocks`] back to the pool.
+    pub fn release_reservation(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.pool.unreserve(r.withheld);
+        }
+    }
+
+    /// Returns blocks that left the tables to the pool, refilling the reservation first.
+    fn give_back(&mut self, blocks: Vec<Block>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let held = self.blocks_held();
+        let to_reserve = match &mut self.reservation {
+            Some(r) => {
+                let room = r
+                    .ceiling
+                    .saturating_sub(held + r.withheld)
+                    .min(blocks.len());
+                r.withheld += room;
+                room
+            }
+            None => 0,
+        };
+        self.pool.release(blocks, to_reserve);
     }
 
     /// Retained entries of (`layer`, `head`); 0 when out of range.
@@ -392,14 +591,16 @@ impl SequenceKv {
         attend_heads(layer, &views, self.cfg.head_dim, q, q_positions, opts)
     }
 
-    /// Drops every entry of every table, returns all blocks to the pool and resets the counts.
+    /// Drops every entry of every table, returns all blocks to the pool and resets the counts
+    /// (and slot bases).
     pub fn clear(&mut self) {
-        self.pool.release(
-            self.tables
-                .iter_mut()
-                .flat_map(|t| std::mem::take(t).blocks),
-        );
+        let blocks: Vec<Block> = self
+            .tables
+            .iter_mut()
+            .flat_map(|t| std::mem::take(t).blocks)
+            .collect();
         self.tokens_seen.fill(0);
+        self.give_back(blocks);
     }
 
     /// Accounting of this sequence.
@@ -423,6 +624,7 @@ impl SequenceKv {
 
 impl Drop for SequenceKv {
     fn drop(&mut self) {
+        self.release_reservation();
         self.clear();
     }
 }

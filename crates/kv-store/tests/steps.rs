@@ -1,0 +1,187 @@
+//! What a decoder step relies on: slot-bound keys stay bound to their slots through any
+//! compaction (moving the fewest keys), `truncate_from` undoes a pass's appends exactly, and a
+//! reservation makes a step's blocks certain whatever other sequences do.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kv_store::{BlockPool, KeyShift, KvDtype, KvError, PoolConfig, SequenceKv};
+use proptest::prelude::*;
+
+const D: usize = 4;
+const BS: usize = 4;
+
+fn pool(capacity_blocks: usize) -> BlockPool {
+    BlockPool::new(PoolConfig {
+        block_size: BS,
+        head_dim: D,
+        dtype: KvDtype::F32,
+        capacity_blocks,
+    })
+}
+
+/// Appends `n` entries to every head of `layer`: key `[slot, id, 0, 0]` (the slot the decoder
+/// would rotate it for, a unique id), value `[id; D]`.
+fn append(kv: &mut SequenceKv, layer: usize, start: u32, n: usize, next_id: &mut f32) {
+    let heads = kv.n_kv_heads();
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for t in 0..n {
+        for h in 0..heads {
+            let slot = kv.slot_base(layer, h).unwrap_or(0) + (kv.retained(layer, h) + t) as u64;
+            *next_id += 1.0;
+            k.extend([slot as f32, *next_id, 0.0, 0.0]);
+            v.extend([*next_id; D]);
+        }
+    }
+    let positions: Vec<u32> = (start..start + n as u32).collect();
+    kv.append(layer, &k, &v, &positions).unwrap();
+}
+
+/// A mask keeping entry `i` of `n` iff bit `i % 64` of `bits` is set (at least one kept).
+fn mask(n: usize, bits: u64) -> Vec<bool> {
+    let mut m: Vec<bool> = (0..n).map(|i| bits >> (i % 64) & 1 == 1).collect();
+    if n > 0 && !m.iter().any(|&k| k) {
+        m[n - 1] = true;
+    }
+    m
+}
+
+/// The length of the longest run of kept entries moved back by the same number of slots.
+fn longest_run(mask: &[bool]) -> usize {
+    let (mut best, mut run, mut last_shift, mut evicted) = (0, 0, None, 0);
+    for &k in mask {
+        if !k {
+            evicted += 1;
+            continue;
+        }
+        if last_shift == Some(evicted) {
+            run += 1;
+        } else {
+            run = 1;
+            last_shift = Some(evicted);
+        }
+        best = usize::max(best, run);
+    }
+    best
+}
+
+proptest! {
+    #[test]
+    fn slot_bound_keys_follow_their_slots(
+        steps in proptest::collection::vec((1..12usize, any::<u64>()), 1..12)
+    ) {
+        let shifted = Arc::new(AtomicUsize::new(0));
+        let counter = shifted.clone();
+        // Stands in for a rotary re-rotation: the key's slot coordinate moves by `delta`.
+        let shift: KeyShift = Arc::new(move |keys: &mut [f32], delta: i64| {
+            for key in keys.chunks_exact_mut(D) {
+                key[0] += delta as f32;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let pool = pool(1024);
+        let mut kv = SequenceKv::with_slot_keys(&pool, 1, 2, shift);
+        let (mut next_id, mut pos) = (0.0, 0u32);
+        let mut ids: Vec<Vec<f32>> = vec![Vec::new(); 2];
+        for (n, bits) in steps {
+            let before = next_id;
+            append(&mut kv, 0, pos, n, &mut next_id);
+            pos += n as u32;
+            for (h, head_ids) in ids.iter_mut().enumerate() {
+                head_ids.extend((0..n).map(|t| before + 1.0 + (t * 2 + h) as f32));
+            }
+            for (h, head_ids) in ids.iter_mut().enumerate() {
+                let keep = mask(kv.retained(0, h), bits.rotate_left(h as u32 * 7));
+                shifted.store(0, Ordering::Relaxed);
+                kv.evict(0, h, &keep).unwrap();
+                let kept = keep.iter().filter(|&&k| k).count();
+                // Only the keys outside the longest same-shift run moved.
+                prop_assert_eq!(shifted.load(Ordering::Relaxed), kept - longest_run(&keep));
+                let mut flags = keep.iter();
+                head_ids.retain(|_| *flags.next().unwrap());
+                let base = kv.slot_base(0, h).unwrap();
+                let keys = kv.read_head(0, h).keys;
+                for (i, key) in keys.chunks_exact(D).enumerate() {
+                    prop_assert_eq!(key[0], (base + i as u64) as f32, "slot of entry {}", i);
+                    prop_assert_eq!(key[1], head_ids[i], "entry {} is not the one kept", i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncate_from_undoes_the_appends_of_a_pass(
+        before in proptest::collection::vec((1..9usize, any::<u64>()), 0..6),
+        pass in 1..9usize,
+    ) {
+        let pool = pool(256);
+        let mut kv = SequenceKv::new(&pool, 2, 2);
+        let (mut next_id, mut pos) = (0.0, 0u32);
+        for (n, bits) in before {
+            for layer in 0..2 {
+                append(&mut kv, layer, pos, n, &mut next_id);
+                for h in 0..2 {
+                    let keep = mask(kv.retained(layer, h), bits ^ h as u64);
+                    kv.evict(layer, h, &keep).unwrap();
+                }
+            }
+            pos += n as u32;
+        }
+        let stats = kv.stats();
+        let pool_stats = pool.stats();
+        let contents: Vec<_> = (0..4).map(|i| kv.read_head(i / 2, i % 2)).collect();
+        for layer in 0..2 {
+            append(&mut kv, layer, pos, pass, &mut next_id);
+        }
+        kv.truncate_from(pos);
+        prop_assert_eq!(kv.stats(), stats);
+        let mut after = pool.stats();
+        // Freed buffers stay cached for reuse; the peak remembers the pass.
+        after.bytes_reserved = pool_stats.bytes_reserved;
+        after.peak_blocks_in_use = pool_stats.peak_blocks_in_use;
+        prop_assert_eq!(after, pool_stats);
+        for (i, head) in contents.iter().enumerate() {
+            prop_assert_eq!(&kv.read_head(i / 2, i % 2), head);
+        }
+    }
+}
+
+#[test]
+fn a_reservation_is_certain_whatever_other_sequences_do() -> Result<(), KvError> {
+    let pool = pool(10);
+    let mut a = SequenceKv::new(&pool, 1, 1);
+    let mut b = SequenceKv::new(&pool, 1, 1);
+    let mut id = 0.0;
+    append(&mut a, 0, 0, 4, &mut id); // 1 block held
+    a.reserve_blocks(4)?; // 3 more set aside
+    assert_eq!(pool.stats().blocks_set_aside, 3);
+    assert_eq!(pool.stats().blocks_free, 6);
+    // Another sequence cannot take the reserved blocks.
+    append(&mut b, 0, 0, 24, &mut id);
+    let err = b
+        .append(0, &[0.0; D], &[0.0; D], &[24])
+        .expect_err("the pool is full for b");
+    assert!(matches!(err, KvError::OutOfBlocks { free: 0, .. }), "{err}");
+    // A grows to its ceiling.
+    append(&mut a, 0, 4, 12, &mut id);
+    assert_eq!((a.blocks_held(), pool.stats().blocks_set_aside), (4, 0));
+    // Freed blocks refill the reservation, not the pool.
+    a.evict(0, 0, &mask(16, 0xff))?;
+    assert_eq!((a.blocks_held(), pool.stats().blocks_set_aside), (2, 2));
+    assert_eq!(pool.stats().blocks_free, 0);
+    // A reservation the pool cannot make changes nothing.
+    let err = a
+        .reserve_blocks(9)
+        .expect_err("only 2 + 2 blocks are possible");
+    assert_eq!(
+        err.to_string(),
+        "out of KV blocks: this step may need 5 more block(s) but the pool has 0 free of 10"
+    );
+    assert_eq!(pool.stats().blocks_set_aside, 2);
+    a.release_reservation();
+    assert_eq!(pool.stats().blocks_free, 2);
+    drop(b);
+    drop(a);
+    assert_eq!(pool.stats().blocks_free, 10);
+    Ok(())
+}
