@@ -58,6 +58,15 @@ impl GateCache {
             .sum()
     }
 
+    /// Forgets the tokens of `layer` after its first `tokens` (undoes a failed pass's steps).
+    pub fn truncate(&mut self, layer: usize, tokens: usize) {
+        let row = self.heads * self.head_dim;
+        if let Some(l) = self.layers.get_mut(layer) {
+            l.keys.truncate(tokens * row);
+            l.values.truncate(tokens * row);
+        }
+    }
+
     /// Forgets every token (a new sequence).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| {
