@@ -7,6 +7,7 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod gguf;
 pub mod hook;
 pub mod llama;
 pub mod random;
@@ -48,6 +49,25 @@ pub struct LoadedModel {
 
 /// Loads a model from a GGUF file or a Hugging Face directory.
 pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
+    let loaded = load_unchecked(path, format)?;
+    let vocab = loaded.model.config().vocab_size;
+    let tok = &loaded.tokenizer;
+    let ids = tok.bos_id().into_iter().map(|i| ("bos", i));
+    if let Some((which, id)) = ids
+        .chain(tok.eos_ids().iter().map(|&i| ("eos", i)))
+        .find(|&(_, id)| id as usize >= vocab)
+    {
+        return Err(ModelError::Tokenizer {
+            source_name: path.display().to_string(),
+            reason: format!(
+                "the {which} token id {id} is outside the model's vocabulary of {vocab} tokens"
+            ),
+        });
+    }
+    Ok(loaded)
+}
+
+fn load_unchecked(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,

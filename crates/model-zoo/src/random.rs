@@ -4,10 +4,9 @@
 //!
 //! Invariants: the same config and seed always write the same bytes; the tokenizer is byte-level
 //! BPE over the 256 byte symbols plus three control tokens, so `vocab_size` must be at least 259;
-//! files are written to temporary names and renamed.
+//! the files go into a [`FileSink`] (engine's `StagedDir` writes them as one directory).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -17,6 +16,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use crate::config::ModelConfig;
+use crate::convert::{write_json, write_safetensors, FileSink, TensorPlan};
 use crate::error::{ModelError, Result};
 use crate::weights::{Naming, TensorRole};
 
@@ -42,8 +42,9 @@ pub fn tiny_config(layers: usize, heads: usize, kv_heads: usize) -> ModelConfig 
     }
 }
 
-/// Writes a random model with `cfg`'s shape into `dir` (created if missing).
-pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
+/// Writes a random model with `cfg`'s shape (`config.json`, `model.safetensors`,
+/// `tokenizer.json`, `tokenizer_config.json`) into `out`.
+pub fn write_random_model(out: &mut dyn FileSink, cfg: &ModelConfig, seed: u64) -> Result<()> {
     if cfg.vocab_size < 256 + RANDOM_SPECIALS.len() {
         return Err(ModelError::Input(format!(
             "random models need vocab_size >= {}, got {}",
@@ -51,12 +52,8 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
             cfg.vocab_size
         )));
     }
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
+    let mut tensors = BTreeMap::new();
     let (d, hd, f) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let hf = Naming::HuggingFace;
     let w = 1.0 / (d as f32).sqrt();
@@ -117,22 +114,30 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
             random(&[cfg.vocab_size, d], w)?,
         );
     }
-    let weights = dir.join("model.safetensors");
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    rename(&tmp, &weights)?;
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .map(|(name, t)| TensorPlan {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+        })
+        .collect();
+    let values: Vec<&Tensor> = tensors.values().collect();
+    out.file("model.safetensors", &mut |w| {
+        let no_meta = BTreeMap::new();
+        write_safetensors(w, &plan, &no_meta, &mut |_| Ok(()), |i| {
+            Ok(values[i].clone())
+        })?;
+        Ok(())
+    })?;
     let eos = 256 + 2; // <|im_end|>
-    write_atomic(
-        &dir.join("config.json"),
-        &serde_json::to_string_pretty(&cfg.to_hf_value(None, &[eos]))?,
-    )?;
-    write_tokenizer(dir)?;
-    Ok(())
+    write_json(out, "config.json", &cfg.to_hf_value(None, &[eos]))?;
+    write_tokenizer(out)
 }
 
-fn write_tokenizer(dir: &Path) -> Result<()> {
+fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
     let err = |e: String| ModelError::Tokenizer {
-        source_name: dir.display().to_string(),
+        source_name: "random model".into(),
         reason: e,
     };
     let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
@@ -156,34 +161,12 @@ fn write_tokenizer(dir: &Path) -> Result<()> {
     tok.add_special_tokens(specials)
         .map_err(|e| err(e.to_string()))?;
     let json = tok.to_string(true).map_err(|e| err(e.to_string()))?;
-    write_atomic(&dir.join("tokenizer.json"), &json)?;
+    out.file("tokenizer.json", &mut |w| Ok(w.write_all(json.as_bytes())?))?;
     let config = serde_json::json!({
         "eos_token": "<|im_end|>",
         "bos_token": null,
         "add_bos_token": false,
         "chat_template": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     });
-    write_atomic(
-        &dir.join("tokenizer_config.json"),
-        &serde_json::to_string_pretty(&config)?,
-    )
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(|source| ModelError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    rename(&tmp, path)
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to).map_err(|source| ModelError::Io {
-        path: to.to_path_buf(),
-        source,
-    })
+    write_json(out, "tokenizer_config.json", &config)
 }

@@ -174,12 +174,24 @@ impl Tokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(format!("special tokens: {e}")))?;
-        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let eos = id("tokenizer.ggml.eos_token_id")
+        // A special token id must name a token: an id outside the vocabulary would never be
+        // produced (generation would not stop at an EOS that cannot be sampled).
+        let id = |k: &str| -> Result<Option<u32>> {
+            let Some(v) = md.get(k) else { return Ok(None) };
+            let id = crate::config::gguf_usize(v).map_err(|p| err(format!("`{k}` {p}")))?;
+            if id >= tokens.len() {
+                return Err(err(format!(
+                    "`{k}` is {id}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                )));
+            }
+            Ok(Some(id as u32))
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?
             .into_iter()
             .collect::<Vec<_>>();
         Ok(Tokenizer {
-            bos: id("tokenizer.ggml.bos_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id")?,
             eos,
             add_bos: md
                 .get("tokenizer.ggml.add_bos_token")
