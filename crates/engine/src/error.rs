@@ -19,6 +19,28 @@ pub enum EngineError {
     /// Reading or writing a file failed (the message names the file).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A forward pass produced NaN or infinite logits: the model's weights or metadata are
+    /// broken. The pass changed nothing.
+    #[error(
+        "{}: the model produced non-finite logits (NaN or infinity) at position {position}: its weights or metadata are broken (e.g. NaN weights, a non-positive RMSNorm epsilon)",
+        model.display()
+    )]
+    NonFiniteLogits {
+        /// The model file or directory.
+        model: std::path::PathBuf,
+        /// Position of the first token whose logits are not finite.
+        position: u32,
+    },
+    /// In cache positions, the tokens do not fit beside what the fullest KV head retains.
+    #[error("prompt of {new} tokens does not fit: the fullest KV head already retains {retained} tokens and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads retain)")]
+    CacheOverflow {
+        /// Tokens to add.
+        new: usize,
+        /// Entries of the fullest KV head.
+        retained: usize,
+        /// The model's context length.
+        context: usize,
+    },
     /// The prompt does not fit in the model's context.
     #[error("prompt of {new} tokens does not fit: {seen} tokens already in the session and the model's context is {context} tokens")]
     ContextOverflow {

@@ -2,7 +2,8 @@
 //!
 //! Invariants: `temperature == 0` is exactly greedy (argmax, lowest id wins ties); filters apply
 //! in the order penalty → temperature → top-k → top-p → min-p; the same seed, params and logits
-//! always give the same token.
+//! always give the same token; no input makes it panic: non-finite logits are never drawn (the
+//! session refuses non-finite logits before sampling; all non-finite gives token 0).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -88,11 +89,13 @@ impl Sampler {
             for &t in &history[start..] {
                 if let Some(l) = logits.get_mut(t as usize) {
                     if seen.insert(t) {
-                        *l = if *l > 0.0 {
+                        let penalised = if *l > 0.0 {
                             *l / p.repetition_penalty
                         } else {
                             *l * p.repetition_penalty
                         };
+                        // An extreme penalty must not turn a logit into an infinity.
+                        *l = penalised.clamp(-f32::MAX, f32::MAX);
                     }
                 }
             }
@@ -102,8 +105,11 @@ impl Sampler {
         }
         // Candidates sorted by logit, descending (ties: lower id first).
         let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
+            .filter(|&i| logits[i as usize].is_finite())
             .collect();
+        if order.is_empty() {
+            return argmax(&logits);
+        }
         order.sort_by(|&a, &b| {
             logits[b as usize]
                 .total_cmp(&logits[a as usize])
@@ -147,11 +153,11 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the lowest index wins ties; NaN never wins.
+/// Index of the largest value; the lowest index wins ties; NaN never wins (all NaN: 0).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, &v) in values.iter().enumerate() {
-        if v > values[best] || values[best].is_nan() {
+        if v > values[best] || (values[best].is_nan() && !v.is_nan()) {
             best = i;
         }
     }
@@ -229,6 +235,22 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn non_finite_logits_never_panic_nor_win() {
+        for temperature in [0.0, 0.7] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                top_k: 2,
+                repetition_penalty: 1e-30,
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&[f32::NAN; 4], &[1]), 0);
+            assert_eq!(s.sample(&[f32::NAN, 0.5, f32::NAN], &[]), 1);
+            let t = s.sample(&[f32::INFINITY, 0.5, f32::NEG_INFINITY, 0.2], &[3]);
+            assert!(t < 4);
+        }
     }
 
     #[test]

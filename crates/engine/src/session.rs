@@ -4,7 +4,9 @@
 //!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
-//! holds the next-token logits after the last fed token and is `None` while a token is pending.
+//! holds the next-token logits after the last fed token and is `None` while a token is pending;
+//! a step is planned (context, KV blocks reserved) before anything changes, and every forward
+//! pass is all-or-nothing, so a failed step leaves all of these as they were.
 
 use std::time::Instant;
 
@@ -100,12 +102,57 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
+/// Where RoPE places a session's keys and queries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// At their token's position in the text (tokens seen before it, evicted or not): the
+    /// papers' setting; a session ends when the text reaches the model's context.
+    #[default]
+    Original,
+    /// At their slot in each KV head's cache (StreamingLLM's positions): evicted gaps close, so
+    /// query-key distances never exceed what a head retains, and a session whose policy bounds
+    /// its cache can run past the model's context, endlessly.
+    Cache,
+}
+
+impl Positions {
+    /// `original` or `cache`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Positions::Original => "original",
+            Positions::Cache => "cache",
+        }
+    }
+
+    /// Parses `original` or `cache`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "original" => Ok(Positions::Original),
+            "cache" => Ok(Positions::Cache),
+            other => Err(EngineError::Invalid(format!(
+                "unknown positions mode `{other}` (expected original or cache)"
+            ))),
+        }
+    }
+}
+
 /// One conversation over an [`Engine`].
+///
+/// Every step (a prefill, a generation, a chat turn) is planned before it starts: the tokens
+/// must fit the model's context (in [`Positions::Cache`], the fullest KV head plus the new
+/// tokens must), and the KV blocks the step may need, at most, are reserved in the pool, so it
+/// cannot run out of memory half-way. A step that fails before it changes anything leaves the
+/// session exactly as it was (cache, policy state, tokens seen, pending token, transcript);
+/// each forward pass is all-or-nothing. A generation that fails after some tokens were
+/// produced (only non-finite logits from a broken model can do that once memory is reserved)
+/// keeps what it produced, as a cancelled one does, so that cache and transcript agree.
 pub struct Session {
     engine: Engine,
     kv: SequenceKv,
     policy: Policy,
     hook: Box<dyn LayerHook + Send>,
+    positions: Positions,
     seen: Vec<u32>,
     pending: Option<u32>,
     logits: Option<Vec<f32>>,
@@ -113,6 +160,10 @@ pub struct Session {
     transcript: String,
     system: Option<String>,
 }
+
+/// A generation's result and, when it ended on an error, that error (the tokens produced
+/// before it are part of the session).
+type Outcome = (Generation, Option<EngineError>);
 
 impl Session {
     pub(crate) fn new(engine: Engine, policy: Policy) -> Result<Self> {
@@ -124,6 +175,7 @@ impl Session {
             kv,
             policy,
             hook,
+            positions: Positions::Original,
             seen: Vec::new(),
             pending: None,
             logits: None,
@@ -141,6 +193,29 @@ impl Session {
     /// The eviction policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Where RoPE places keys and queries.
+    pub fn positions(&self) -> Positions {
+        self.positions
+    }
+
+    /// Sets where RoPE places keys and queries; the conversation restarts (the system prompt
+    /// stays).
+    pub fn set_positions(&mut self, positions: Positions) -> Result<()> {
+        let cfg = self.engine.model_config();
+        let pool = self.engine.pool();
+        self.kv = match positions {
+            Positions::Original => SequenceKv::new(pool, cfg.n_layers, cfg.n_kv_heads),
+            Positions::Cache => SequenceKv::with_slot_keys(
+                pool,
+                cfg.n_layers,
+                cfg.n_kv_heads,
+                self.engine.model().key_shift(),
+            ),
+        };
+        self.positions = positions;
+        self.clear()
     }
 
     /// Tokens seen so far (fed through the model, retained or not).
@@ -176,23 +251,22 @@ impl Session {
         &self.messages
     }
 
-    /// Runs `tokens` through the model after everything seen so far. Returns seconds spent.
+    /// Runs `tokens` through the model after everything seen so far (and a pending sampled
+    /// token). Returns seconds spent. Fails, changing nothing, when they do not fit the context
+    /// or the KV pool.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
+        self.step(tokens.len(), 0, |s| s.prefill_reserved(tokens))
+    }
+
+    /// The prefill of a planned step.
+    fn prefill_reserved(&mut self, tokens: &[u32]) -> Result<f64> {
         let started = Instant::now();
-        let mut run: Vec<u32> = self.pending.take().into_iter().collect();
+        let mut run: Vec<u32> = self.pending.into_iter().collect();
         run.extend_from_slice(tokens);
         if run.is_empty() {
             return Ok(0.0);
         }
-        if let Err(e) = self.check_context(run.len()) {
-            // Put a pending token back: it is still part of the conversation.
-            if run.len() > tokens.len() {
-                self.pending = Some(run[0]);
-            }
-            return Err(e);
-        }
-        let min_final = self.hook.min_final_chunk(run.len());
-        let pieces = chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final);
+        let pieces = self.chunks(run.len());
         let last = pieces.len() - 1;
         for (i, range) in pieces.into_iter().enumerate() {
             let logits = self.pass(
@@ -202,6 +276,7 @@ impl Session {
                 },
                 LogitsFor::Last,
             )?;
+            self.pending = None;
             self.logits = Some(
                 logits
                     .to_vec1::<f32>()
@@ -209,6 +284,12 @@ impl Session {
             );
         }
         Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// The prefill chunks of a run of `n` tokens.
+    fn chunks(&self, n: usize) -> Vec<std::ops::Range<usize>> {
+        let min_final = self.hook.min_final_chunk(n);
+        chunk_bounds(n, self.engine.config().prefill_chunk, min_final)
     }
 
     /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
@@ -219,42 +300,148 @@ impl Session {
                 "nothing to score: empty token list".into(),
             ));
         }
-        if self.pending.is_some() {
-            self.prefill(&[])?;
-        }
-        self.check_context(tokens.len())?;
-        let logits = self.pass(tokens, Pass::Prefill { final_chunk: true }, LogitsFor::All)?;
-        let last = logits
-            .get(tokens.len() - 1)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(model_zoo::ModelError::from)?;
-        self.logits = Some(last);
-        Ok(logits)
+        let passes: Vec<usize> = self
+            .pending
+            .map(|_| 1)
+            .into_iter()
+            .chain([tokens.len()])
+            .collect();
+        self.step_with(&passes, 0, |s| {
+            if s.pending.is_some() {
+                s.prefill_reserved(&[])?;
+            }
+            let logits = s.pass(tokens, Pass::Prefill { final_chunk: true }, LogitsFor::All)?;
+            let last = logits
+                .get(tokens.len() - 1)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(model_zoo::ModelError::from)?;
+            s.logits = Some(last);
+            Ok(logits)
+        })
     }
 
-    /// Fails if `new` more tokens would not fit in the model's context.
-    fn check_context(&self, new: usize) -> Result<()> {
+    /// Plans a step of a `prompt`-token prefill (after a pending token, in chunks) and up to
+    /// `decode` generated tokens, then runs `body` with its KV blocks reserved.
+    fn step<T>(
+        &mut self,
+        prompt: usize,
+        decode: usize,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let run = prompt + usize::from(self.pending.is_some());
+        let passes: Vec<usize> = self.chunks(run).iter().map(|r| r.len()).collect();
+        self.step_with(&passes, decode, body)
+    }
+
+    /// [`Session::step`] with the prefill passes given by length.
+    fn step_with<T>(
+        &mut self,
+        passes: &[usize],
+        decode: usize,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.check_fits(passes)?;
+        let ceiling = self.blocks_needed(passes, decode);
+        self.kv.reserve_blocks(ceiling)?;
+        let out = body(self);
+        self.kv.release_reservation();
+        out
+    }
+
+    /// Fails with a context error, before anything changes, when the prefill passes would take
+    /// positions beyond the model's context.
+    fn check_fits(&self, passes: &[usize]) -> Result<()> {
         let context = self.engine.model_config().max_position;
-        if self.seen.len() + new > context {
+        let new: usize = passes.iter().sum();
+        let seen = self.seen.len();
+        // Stored positions are u32 in both modes.
+        if seen.saturating_add(new) > u32::MAX as usize {
             return Err(EngineError::ContextOverflow {
                 new,
-                seen: self.seen.len(),
-                context,
+                seen,
+                context: u32::MAX as usize,
             });
         }
-        Ok(())
+        match self.positions {
+            Positions::Original if seen + new > context => {
+                Err(EngineError::ContextOverflow { new, seen, context })
+            }
+            Positions::Cache => {
+                let cap = self.policy.retained_cap(seen + new);
+                let fullest = self.fullest_head();
+                if peak_entries(fullest, passes, 0, cap) > context {
+                    return Err(EngineError::CacheOverflow {
+                        new,
+                        retained: fullest,
+                        context,
+                    });
+                }
+                Ok(())
+            }
+            Positions::Original => Ok(()),
+        }
     }
 
-    /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
+    /// Entries of the KV head that retains the most.
+    fn fullest_head(&self) -> usize {
+        let cfg = self.engine.model_config();
+        (0..cfg.n_layers)
+            .flat_map(|l| (0..cfg.n_kv_heads).map(move |h| (l, h)))
+            .map(|(l, h)| self.kv.retained(l, h))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The most KV blocks this session can hold during the prefill `passes` and `decode`
+    /// one-token passes: per head, its peak entry count under the policy's cap (at most the
+    /// model's context), in whole blocks.
+    fn blocks_needed(&self, passes: &[usize], decode: usize) -> usize {
+        let cfg = self.engine.model_config();
+        let block = self.kv.pool().config().block_size;
+        let total = self.seen.len() + passes.iter().sum::<usize>();
+        let cap = self.policy.retained_cap(total.saturating_add(decode));
+        let mut blocks = 0usize;
+        for l in 0..cfg.n_layers {
+            for h in 0..cfg.n_kv_heads {
+                let peak = peak_entries(self.kv.retained(l, h), passes, decode, cap);
+                blocks = blocks.saturating_add(peak.min(cfg.max_position).div_ceil(block));
+            }
+        }
+        blocks
+    }
+
+    /// How many more tokens one pass may add before positions leave the model's context.
+    fn room(&self) -> usize {
+        let context = self.engine.model_config().max_position;
+        let room = match self.positions {
+            Positions::Original => context.saturating_sub(self.seen.len()),
+            Positions::Cache => context.saturating_sub(self.fullest_head()),
+        };
+        room.min((u32::MAX as usize).saturating_sub(self.seen.len()))
+    }
+
+    /// One forward pass of `tokens` after the history, announced to the policy as `pass`; all
+    /// or nothing (the decoder undoes a failed pass, and nothing here changes before it
+    /// succeeds).
     fn pass(&mut self, tokens: &[u32], pass: Pass, logits_for: LogitsFor) -> Result<Tensor> {
         self.hook.begin_pass(pass);
-        let logits = self.engine.model().forward(
-            tokens,
-            self.seen.len() as u32,
-            &mut self.kv,
-            self.hook.as_mut(),
-            logits_for,
-        )?;
+        let logits = self
+            .engine
+            .model()
+            .forward(
+                tokens,
+                self.seen.len() as u32,
+                &mut self.kv,
+                self.hook.as_mut(),
+                logits_for,
+            )
+            .map_err(|e| match e {
+                model_zoo::ModelError::NonFinite { position } => EngineError::NonFiniteLogits {
+                    model: self.engine.model_path().to_path_buf(),
+                    position,
+                },
+                other => other.into(),
+            })?;
         self.seen.extend_from_slice(tokens);
         Ok(logits)
     }
@@ -273,11 +460,14 @@ impl Session {
             .engine
             .tokenizer()
             .encode(prompt, self.seen.is_empty())?;
-        self.generate_after(&tokens, request, on_text)
+        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
+        error.map_or(Ok(generation), Err)
     }
 
     /// One chat turn: the user's message is rendered with the model's chat template and only
-    /// the part not yet in the cache is prefilled; the answer is generated and recorded.
+    /// the part not yet in the cache is prefilled; the answer is generated and recorded. A
+    /// turn that fails before its answer starts leaves the conversation as it was; one that
+    /// fails during its answer keeps the answer so far, as a cancelled one does.
     pub fn chat(
         &mut self,
         user_message: &str,
@@ -313,12 +503,12 @@ impl Session {
             .engine
             .tokenizer()
             .encode(&delta, self.seen.is_empty())?;
-        let generation = self.generate_after(&tokens, request, on_text)?;
+        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
         let answer = self.engine.tokenizer().decode(&generation.tokens)?;
         self.transcript = rendered + &answer;
         self.messages.push(ChatMessage::new("user", user_message));
         self.messages.push(ChatMessage::new("assistant", &answer));
-        Ok(generation)
+        error.map_or(Ok(generation), Err)
     }
 
     /// Prefills token ids (no text involved), then generates: the benchmark's entry point.
@@ -327,22 +517,26 @@ impl Session {
         prompt: &[u32],
         request: &GenerateRequest,
     ) -> Result<Generation> {
-        self.generate_after(prompt, request, &mut |_| true)
+        let (generation, error) = self.generate_after(prompt, request, &mut |_| true)?;
+        error.map_or(Ok(generation), Err)
     }
 
+    /// Prefills `prompt` and generates, as one planned step. `Err`: nothing changed.
     fn generate_after(
         &mut self,
         prompt: &[u32],
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Generation> {
+    ) -> Result<Outcome> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
-        let prefill_secs = self.prefill(prompt)?;
-        let mut generation = self.generate(request, on_text)?;
-        generation.prompt_tokens = prompt.len();
-        generation.prefill_secs = prefill_secs;
-        generation.time_to_first_token_secs += prefill_secs;
-        Ok(generation)
+        self.step(prompt.len(), request.max_tokens, |s| {
+            let prefill_secs = s.prefill_reserved(prompt)?;
+            let (mut generation, error) = s.generate_reserved(request, on_text);
+            generation.prompt_tokens = prompt.len();
+            generation.prefill_secs = prefill_secs;
+            generation.time_to_first_token_secs += prefill_secs;
+            Ok((generation, error))
+        })
     }
 
     /// Generates from the current state (after a prefill). `on_text` receives text as it is
@@ -353,13 +547,27 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
-        if self.pending.is_some() {
-            self.prefill(&[])?;
+        if self.pending.is_none() && self.logits.is_none() {
+            return Err(EngineError::Invalid(
+                "nothing to continue from: prefill a prompt first".into(),
+            ));
         }
+        let (generation, error) = self.step(0, request.max_tokens, |s| {
+            Ok(s.generate_reserved(request, on_text))
+        })?;
+        error.map_or(Ok(generation), Err)
+    }
+
+    /// The generation of a planned step: the tokens produced, and the error that ended it, if
+    /// one did (what was produced before it stays in the session).
+    fn generate_reserved(
+        &mut self,
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Outcome {
         let engine = self.engine.clone();
         let tokenizer = engine.tokenizer();
         let eos = tokenizer.eos_ids();
-        let context = engine.model_config().max_position;
         let mut sampler = Sampler::new(request.sampling.clone());
         let mut detok = Detokenizer::new(tokenizer);
         let mut stops = StopMatcher::new(&request.stop);
@@ -368,24 +576,42 @@ impl Session {
         let mut first_token_secs = None;
         let mut decode_steps = 0;
         let mut finish = FinishReason::Length;
-        while tokens.len() < request.max_tokens {
-            if self.seen.len() >= context {
-                finish = FinishReason::ContextFull;
-                break;
+        let mut error = None;
+        if self.pending.is_some() {
+            if let Err(e) = self.prefill_reserved(&[]) {
+                error = Some(e);
             }
-            let logits = match (self.logits.take(), self.pending.take()) {
+        }
+        while error.is_none() && tokens.len() < request.max_tokens {
+            let logits = match (self.logits.take(), self.pending) {
                 (Some(l), _) => l,
                 (None, None) => {
-                    return Err(EngineError::Invalid(
+                    error = Some(EngineError::Invalid(
                         "nothing to continue from: prefill a prompt first".into(),
-                    ))
+                    ));
+                    break;
                 }
                 (None, Some(next)) => {
+                    if self.room() == 0 {
+                        finish = FinishReason::ContextFull;
+                        break;
+                    }
                     decode_steps += 1;
-                    let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
-                    logits
-                        .to_vec1::<f32>()
-                        .map_err(model_zoo::ModelError::from)?
+                    let logits = self
+                        .pass(&[next], Pass::Decode, LogitsFor::Last)
+                        .and_then(|l| {
+                            Ok(l.to_vec1::<f32>().map_err(model_zoo::ModelError::from)?)
+                        });
+                    match logits {
+                        Ok(l) => {
+                            self.pending = None;
+                            l
+                        }
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
                 }
             };
             let recent_from = self
@@ -401,7 +627,14 @@ impl Session {
             }
             tokens.push(token);
             self.pending = Some(token);
-            if let Some(chunk) = detok.push(token)? {
+            let chunk = match detok.push(token) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    error = Some(e.into());
+                    break;
+                }
+            };
+            if let Some(chunk) = chunk {
                 let (out, hit) = stops.push(&chunk);
                 text.push_str(&out);
                 let keep_going = out.is_empty() || on_text(&out);
@@ -416,17 +649,20 @@ impl Session {
             }
         }
         if finish != FinishReason::Stop {
-            let mut tail = detok
-                .finish()?
-                .map(|c| stops.push(&c).0)
-                .unwrap_or_default();
+            let mut tail = match detok.finish() {
+                Ok(c) => c.map(|c| stops.push(&c).0).unwrap_or_default(),
+                Err(e) => {
+                    error.get_or_insert(e.into());
+                    String::new()
+                }
+            };
             tail.push_str(&stops.flush());
             if !tail.is_empty() {
                 on_text(&tail);
                 text.push_str(&tail);
             }
         }
-        Ok(Generation {
+        let generation = Generation {
             text,
             tokens,
             prompt_tokens: 0,
@@ -435,7 +671,8 @@ impl Session {
             time_to_first_token_secs: first_token_secs.unwrap_or(0.0),
             decode_secs: started.elapsed().as_secs_f64(),
             decode_steps,
-        })
+        };
+        (generation, error)
     }
 
     /// Tokens seen vs. retained per layer and head, and KV memory in use.
@@ -449,10 +686,36 @@ impl Session {
         self.logits.as_deref()
     }
 
+    /// The sampled token not yet fed through the model, if any.
+    pub fn pending_token(&self) -> Option<u32> {
+        self.pending
+    }
+
     /// The session's KV store (read-only).
     pub fn kv(&self) -> &SequenceKv {
         &self.kv
     }
+}
+
+/// The most entries a KV head holding `held` reaches over prefill passes of lengths `passes`
+/// then `decode` one-token passes, when the policy caps every head at `cap` after each pass
+/// (`None`: no cap). Saturates instead of overflowing.
+fn peak_entries(held: usize, passes: &[usize], decode: usize, cap: Option<usize>) -> usize {
+    let (mut held, mut peak) = (held, held);
+    for &n in passes {
+        let after = held.saturating_add(n);
+        peak = peak.max(after);
+        held = cap.map_or(after, |k| after.min(k));
+    }
+    if decode > 0 {
+        let after = held.saturating_add(decode);
+        peak = peak.max(match cap {
+            // Grows to the cap, then every pass holds one entry above it until evicting.
+            Some(k) if after > k => held.max(k).saturating_add(1),
+            _ => after,
+        });
+    }
+    peak
 }
 
 /// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least

@@ -20,7 +20,10 @@ fn tiny_engine(kv_dtype: engine::KvDtype) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = model_zoo::random::tiny_config(3, 6, 2);
     cfg.max_position = 8192;
-    model_zoo::random::write_random_model(dir.path(), &cfg, 11).unwrap();
+    engine::atomic::write_dir(dir.path(), |s| {
+        model_zoo::random::write_random_model(s, &cfg, 11)
+    })
+    .unwrap();
     let engine = Engine::builder()
         .model(dir.path())
         .kv_dtype(kv_dtype)
@@ -240,8 +243,7 @@ fn assert_masked_equals_physical(
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(3, Some(0.0))
-        .unwrap()
-        .save(&gates, engine::StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let diff = ag_equivalence(engine, &gates, prompt, continuation);
     assert!(
@@ -294,8 +296,7 @@ fn budgets_are_met_exactly_and_memory_follows() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(4, None)
-        .unwrap()
-        .save(&gates, engine::StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let prompt = tokens(333, 3);
     let t = prompt.len();
@@ -376,8 +377,7 @@ fn long_conversation_stays_within_its_budget() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(6, None)
-        .unwrap()
-        .save(&gates, engine::StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;

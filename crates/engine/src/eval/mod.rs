@@ -52,6 +52,9 @@ pub enum PplContext {
 /// How tasks are run.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
+    /// Where RoPE places the policy session's keys (the full-cache reference of perplexity
+    /// tasks keeps original positions).
+    pub positions: crate::Positions,
     /// Prefill the question with the context, before eviction.
     pub query_aware: bool,
     /// Generate tasks: tokens allowed beyond the reference answer's length.
@@ -65,6 +68,7 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
+            positions: crate::Positions::Original,
             query_aware: false,
             answer_margin: 8,
             ppl_context: PplContext::Fraction(0.5),
@@ -261,6 +265,7 @@ pub fn run_tasks(
         }
     }
     let mut session = engine.session_with(policy.clone())?;
+    session.set_positions(opts.positions)?;
     let mut full = None;
     let mut out = Vec::with_capacity(tasks.len());
     for (index, task) in tasks.iter().enumerate() {
@@ -450,7 +455,11 @@ fn score_generate(
     let prompt_tokens = prefill_prompt(session, &lead, &q)?;
     let kv = KvSnapshot::from(&session.kv_report());
     let request = GenerateRequest {
-        max_tokens: engine.tokenizer().encode(answer, false)?.len() + opts.answer_margin,
+        max_tokens: engine
+            .tokenizer()
+            .encode(answer, false)?
+            .len()
+            .saturating_add(opts.answer_margin),
         sampling: SamplingParams::default(),
         stop: Vec::new(),
         stop_at_eos: true,

@@ -12,7 +12,8 @@
 //!   protected), evicting whenever it exceeds the budget.
 //!
 //! Invariants: `flags[l][h]` and `probs[l][h]` are aligned with the store's retained entries of
-//! (l, h) after every pass; in threshold mode the sinks (positions `0..sinks`) are never evicted,
+//! (l, h) after every pass (a pass that fails is undone: `abort_pass` truncates what its plans
+//! appended, to the gate's cache too); in threshold mode the sinks (positions `0..sinks`) are never evicted,
 //! so they are a head's first entries; with `decode = false` generated tokens are always kept.
 
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub(super) struct AgHook {
     probs: Vec<Vec<Vec<f32>>>,
     /// Hard flag of every retained entry (threshold mode), `[layer][head][entry]`.
     flags: Vec<Vec<Vec<bool>>>,
+    /// At the start of the current pass, per layer: the gate cache's tokens and every head's
+    /// probability and flag counts (what `abort_pass` restores).
+    before_pass: Vec<(usize, Vec<usize>, Vec<usize>)>,
 }
 
 impl AgHook {
@@ -63,6 +67,7 @@ impl AgHook {
             pass: Pass::Decode,
             probs: vec![vec![Vec::new(); heads]; cfg.n_layers],
             flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
+            before_pass: Vec::new(),
         }
     }
 
@@ -102,6 +107,28 @@ fn gate_error(e: gate_core::GateError) -> ModelError {
 impl LayerHook for AgHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
+        let lens = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).collect();
+        self.before_pass = (0..self.probs.len())
+            .map(|l| {
+                let flags = self.flags[l].iter().map(Vec::len).collect();
+                (self.cache.len(l), lens(&self.probs[l]), flags)
+            })
+            .collect();
+    }
+
+    fn abort_pass(&mut self) {
+        for (l, (tokens, probs, flags)) in std::mem::take(&mut self.before_pass)
+            .into_iter()
+            .enumerate()
+        {
+            self.cache.truncate(l, tokens);
+            for (h, n) in probs.into_iter().enumerate() {
+                self.probs[l][h].truncate(n);
+            }
+            for (h, n) in flags.into_iter().enumerate() {
+                self.flags[l][h].truncate(n);
+            }
+        }
     }
 
     fn plan(
@@ -141,8 +168,9 @@ impl LayerHook for AgHook {
         }
         Ok(LayerPlan {
             visible,
-            window: self.protect.recent as u32,
+            window: u32::try_from(self.protect.recent).unwrap_or(u32::MAX),
             prob_rows: None,
+            queries: false,
         })
     }
 

@@ -21,7 +21,7 @@ use model_zoo::{LayerHook, ModelConfig};
 use crate::error::{EngineError, Result};
 
 pub use ag::AgMode;
-pub use spec::PolicySpec;
+pub use spec::{PolicySpec, Setting};
 
 /// H2O's share of the budget kept for the most recent tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -183,6 +183,23 @@ impl Policy {
         }
     }
 
+    /// The most entries a KV head holds after any forward pass of a session that has seen
+    /// `tokens_seen` tokens, for policies that evict after every pass (`None`: one-shot
+    /// policies, Attention-Gate in threshold mode and the full cache, whose heads may grow).
+    pub fn retained_cap(&self, tokens_seen: usize) -> Option<usize> {
+        match self {
+            Policy::Random { budget, .. }
+            | Policy::Streaming { budget, .. }
+            | Policy::H2o { budget, .. }
+            | Policy::Tova { budget, .. }
+            | Policy::Ag {
+                mode: AgMode::Budget(budget),
+                ..
+            } => Some(budget.keep_count(tokens_seen).max(1)),
+            _ => None,
+        }
+    }
+
     /// Checks the parameters against the model; errors name the parameter and value.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
         let fraction = |name: &str, v: f32| -> Result<()> {
@@ -230,9 +247,9 @@ impl Policy {
                     )));
                 }
                 if let AgMode::Threshold(t) = mode {
-                    if !(0.0..1.0).contains(t) {
+                    if !(0.0..=1.0).contains(t) {
                         return Err(EngineError::Invalid(format!(
-                            "gate threshold must be in [0, 1), got {t}"
+                            "gate threshold must be in [0, 1], got {t}"
                         )));
                     }
                 }

@@ -336,6 +336,7 @@ impl LayerHook for ScoredHook {
     ) -> model_zoo::Result<LayerPlan> {
         Ok(LayerPlan {
             prob_rows: self.prob_rows(positions.len()),
+            queries: matches!(self.scorer, Scorer::Nacl { .. }) && self.evicts_now(),
             ..LayerPlan::default()
         })
     }

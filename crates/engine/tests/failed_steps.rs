@@ -1,0 +1,193 @@
+//! A failed step leaves the session exactly as before it, under every policy: a chat turn that
+//! the KV pool cannot hold is refused before it starts (cache, policy state, tokens seen,
+//! pending token, transcript and logits unchanged, and later turns give exactly what a session
+//! that never tried it gives), and a forward pass that fails half-way is undone by the decoder.
+
+use engine::{Engine, GenerateRequest, PolicySpec, Session};
+use kv_store::SequenceKv;
+use model_zoo::{LayerHook, LayerPlan, LogitsFor};
+
+/// A tiny random model (2 layers, 4 query / 2 KV heads, head dim 16) with a 1 MiB KV pool:
+/// 1,024 blocks of 16 tokens of one head.
+fn tiny_engine(dir: &std::path::Path) -> Engine {
+    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
+    cfg.max_position = 8192;
+    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 3)).unwrap();
+    Engine::builder()
+        .model(dir)
+        .kv_memory_mb(1)
+        .build()
+        .unwrap()
+}
+
+/// Everything a user can observe of a session.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    kv: engine::KvReport,
+    seen: Vec<u32>,
+    pending: Option<u32>,
+    logits: Option<Vec<f32>>,
+    messages: Vec<engine::ChatMessage>,
+    positions: Vec<Vec<Vec<u32>>>,
+}
+
+fn observe(s: &Session) -> Observed {
+    let kv: &SequenceKv = s.kv();
+    Observed {
+        kv: s.kv_report(),
+        seen: s.seen_tokens().to_vec(),
+        pending: s.pending_token(),
+        logits: s.last_logits().map(<[f32]>::to_vec),
+        messages: s.messages().to_vec(),
+        positions: (0..kv.n_layers())
+            .map(|l| (0..kv.n_kv_heads()).map(|h| kv.positions(l, h)).collect())
+            .collect(),
+    }
+}
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        max_tokens: 6,
+        stop_at_eos: false,
+        ..Default::default()
+    }
+}
+
+fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
+    match name {
+        "full" => PolicySpec::named("full"),
+        "ag" => PolicySpec {
+            gates: Some(gates.to_path_buf()),
+            ..PolicySpec::named("ag")
+        },
+        other => PolicySpec {
+            keep: Some(24),
+            ..PolicySpec::named(other)
+        },
+    }
+}
+
+#[test]
+fn a_turn_the_pool_cannot_hold_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let gates = dir.path().join("gates.safetensors");
+    let g = engine.random_gates(5, Some(0.0)).unwrap();
+    engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
+    let long = "a long message that will not fit ".repeat(40);
+    for name in [
+        "full",
+        "random",
+        "streaming",
+        "h2o",
+        "tova",
+        "snapkv",
+        "knorm",
+        "nacl",
+        "ag",
+    ] {
+        let policy = spec(name, &gates).build(&engine).unwrap();
+        let mut session = engine.session_with(policy.clone()).unwrap();
+        let mut twin = engine.session_with(policy).unwrap();
+        for s in [&mut session, &mut twin] {
+            s.chat("Hello there, how are you?", &request(), &mut |_| true)
+                .unwrap();
+        }
+        // Another session takes all but a few blocks of the pool.
+        let mut hog = engine.new_session();
+        let free = engine.pool().stats().blocks_free;
+        hog.prefill(&vec![65; (free - 6) * 16 / 4]).unwrap();
+        let before = observe(&session);
+        let err = session
+            .chat(&long, &request(), &mut |_| true)
+            .expect_err("the pool is nearly full");
+        assert!(
+            err.to_string().contains("out of KV blocks"),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            observe(&session),
+            before,
+            "{name}: the failed turn changed the session"
+        );
+        // With the pool back, the session goes on exactly as one that never failed.
+        drop(hog);
+        let mut a = String::new();
+        let mut b = String::new();
+        session
+            .chat("And now?", &request(), &mut |t| {
+                a.push_str(t);
+                true
+            })
+            .unwrap();
+        twin.chat("And now?", &request(), &mut |t| {
+            b.push_str(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(a, b, "{name}: the answer after a failed turn differs");
+        assert_eq!(observe(&session), observe(&twin), "{name}");
+    }
+}
+
+/// Fails in layer 1's plan of its `fail_on`-th pass.
+struct FailingHook {
+    passes: usize,
+    fail_on: usize,
+    aborted: usize,
+}
+
+impl LayerHook for FailingHook {
+    fn begin_pass(&mut self, _: model_zoo::Pass) {
+        self.passes += 1;
+    }
+
+    fn plan(
+        &mut self,
+        layer: usize,
+        _: &candle_core::Tensor,
+        _: &[u32],
+        _: &SequenceKv,
+    ) -> model_zoo::Result<LayerPlan> {
+        if layer == 1 && self.passes == self.fail_on {
+            return Err(model_zoo::ModelError::Input("injected failure".into()));
+        }
+        Ok(LayerPlan::default())
+    }
+
+    fn abort_pass(&mut self) {
+        self.aborted += 1;
+    }
+}
+
+#[test]
+fn a_pass_that_fails_half_way_is_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let cfg = engine.model_config();
+    let model = engine.model();
+    let mut kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
+    let mut hook = FailingHook {
+        passes: 0,
+        fail_on: 2,
+        aborted: 0,
+    };
+    hook.begin_pass(model_zoo::Pass::Decode);
+    model
+        .forward(&[1, 2, 3, 4, 5], 0, &mut kv, &mut hook, LogitsFor::Last)
+        .unwrap();
+    let stats = kv.stats();
+    let pool = engine.pool().stats().blocks_in_use;
+    let heads: Vec<_> = (0..4).map(|i| kv.read_head(i / 2, i % 2)).collect();
+    hook.begin_pass(model_zoo::Pass::Decode);
+    let err = model
+        .forward(&[6; 40], 5, &mut kv, &mut hook, LogitsFor::Last)
+        .unwrap_err();
+    assert_eq!(err.to_string(), "injected failure");
+    assert_eq!(hook.aborted, 1);
+    assert_eq!(kv.stats(), stats, "layer 0's append was not undone");
+    assert_eq!(engine.pool().stats().blocks_in_use, pool);
+    for (i, head) in heads.iter().enumerate() {
+        assert_eq!(&kv.read_head(i / 2, i % 2), head);
+    }
+}
