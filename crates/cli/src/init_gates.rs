@@ -29,9 +29,9 @@ pub struct InitGatesArgs {
 pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
     let engine = load_engine(&args.model)?;
     let gates = engine.random_gates(args.seed, args.bias)?;
-    gates.save(&args.out, StoreDtype::F32)?;
+    engine::train::write_gates(&gates, &args.out, StoreDtype::F32)?;
     let cfg = gates.config();
-    eprintln!(
+    say!(
         "wrote random gates ({} layers × {} heads of dim {}, keep bias {}) to {}",
         cfg.n_layers,
         cfg.heads,

@@ -29,7 +29,8 @@ fn tiny_model(dir: &Path, max_position: usize) -> PathBuf {
     let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
     cfg.max_position = max_position;
     let path = dir.join("tiny");
-    model_zoo::random::write_random_model(&path, &cfg, 7).unwrap();
+    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
+        .unwrap();
     path
 }
 
