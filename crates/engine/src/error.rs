@@ -31,13 +31,13 @@ pub enum EngineError {
         /// Position of the first token whose logits are not finite.
         position: u32,
     },
-    /// In cache positions, the tokens do not fit beside what the fullest KV head retains.
-    #[error("prompt of {new} tokens does not fit: the fullest KV head already retains {retained} tokens and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads retain)")]
+    /// In cache positions, the tokens do not fit beside what the widest KV head holds.
+    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads hold)")]
     CacheOverflow {
         /// Tokens to add.
         new: usize,
-        /// Entries of the fullest KV head.
-        retained: usize,
+        /// Cache positions the widest KV head spans.
+        span: usize,
         /// The model's context length.
         context: usize,
     },

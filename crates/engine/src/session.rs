@@ -207,7 +207,7 @@ impl Session {
         let pool = self.engine.pool();
         self.kv = match positions {
             Positions::Original => SequenceKv::new(pool, cfg.n_layers, cfg.n_kv_heads),
-            Positions::Cache => SequenceKv::with_slot_keys(
+            Positions::Cache => SequenceKv::with_cache_positions(
                 pool,
                 cfg.n_layers,
                 cfg.n_kv_heads,
@@ -368,13 +368,9 @@ impl Session {
             }
             Positions::Cache => {
                 let cap = self.policy.retained_cap(seen + new);
-                let fullest = self.fullest_head();
-                if peak_entries(fullest, passes, 0, cap) > context {
-                    return Err(EngineError::CacheOverflow {
-                        new,
-                        retained: fullest,
-                        context,
-                    });
+                let span = self.kv.widest_cache_span() as usize;
+                if peak_span(span, passes, cap, self.repack_span()) > context {
+                    return Err(EngineError::CacheOverflow { new, span, context });
                 }
                 Ok(())
             }
@@ -382,14 +378,12 @@ impl Session {
         }
     }
 
-    /// Entries of the KV head that retains the most.
-    fn fullest_head(&self) -> usize {
-        let cfg = self.engine.model_config();
-        (0..cfg.n_layers)
-            .flat_map(|l| (0..cfg.n_kv_heads).map(move |h| (l, h)))
-            .map(|(l, h)| self.kv.retained(l, h))
-            .max()
-            .unwrap_or(0)
+    /// In cache positions, the span of cache positions beyond which a head's gaps are closed
+    /// after a pass: the model's context less room for one prefill chunk (at most half the
+    /// context), so that rotations are rare and by whole gaps at once.
+    fn repack_span(&self) -> usize {
+        let context = self.engine.model_config().max_position;
+        context - self.engine.config().prefill_chunk.min(context / 2)
     }
 
     /// The most KV blocks this session can hold during the prefill `passes` and `decode`
@@ -415,7 +409,7 @@ impl Session {
         let context = self.engine.model_config().max_position;
         let room = match self.positions {
             Positions::Original => context.saturating_sub(self.seen.len()),
-            Positions::Cache => context.saturating_sub(self.fullest_head()),
+            Positions::Cache => context.saturating_sub(self.kv.widest_cache_span() as usize),
         };
         room.min((u32::MAX as usize).saturating_sub(self.seen.len()))
     }
@@ -443,6 +437,8 @@ impl Session {
                 other => other.into(),
             })?;
         self.seen.extend_from_slice(tokens);
+        let span = self.repack_span() as u32;
+        self.kv.repack_cache_positions(span);
         Ok(logits)
     }
 
@@ -695,6 +691,22 @@ impl Session {
     pub fn kv(&self) -> &SequenceKv {
         &self.kv
     }
+}
+
+/// The widest span of cache positions (the largest query-key distance) a head reaches over
+/// prefill passes of lengths `passes`, starting from `span`: after a pass its span is closed
+/// down to what it retains (at most `cap`) once it exceeds `repack`.
+fn peak_span(span: usize, passes: &[usize], cap: Option<usize>, repack: usize) -> usize {
+    let (mut span, mut peak) = (span, span);
+    for &n in passes {
+        let after = span.saturating_add(n);
+        peak = peak.max(after);
+        span = match cap {
+            Some(k) if after > repack => after.min(k),
+            _ => after,
+        };
+    }
+    peak
 }
 
 /// The most entries a KV head holding `held` reaches over prefill passes of lengths `passes`

@@ -1,7 +1,8 @@
-//! Cache positions (StreamingLLM's): keys are rotated for their slot in each KV head's cache and
-//! re-rotated when eviction moves them, so a chat whose policy keeps a fixed budget runs past
-//! the model's context, for every policy that keeps one; the default original positions still
-//! stop at the context; with nothing evicted both modes are the same computation.
+//! Cache positions (StreamingLLM's): keys are rotated for their position in each KV head's
+//! cache, whose gaps are closed by re-rotating keys, so a chat whose policy keeps a fixed budget
+//! runs past the model's context, for every policy that keeps one; the default original
+//! positions still stop at the context; with nothing evicted both modes are the same
+//! computation; keys stay rotated for their cache position through every repack.
 
 use engine::{Engine, GenerateRequest, PolicySpec, Positions, Session};
 
@@ -102,7 +103,7 @@ fn original_positions_end_at_the_context_and_unbounded_caches_end_in_cache_posit
     // A cache that keeps everything fills the context in cache positions too.
     let mut s = session(&engine, PolicySpec::named("full"), Positions::Cache);
     let err = converse(&mut s, 1000).unwrap_err().to_string();
-    assert!(err.contains("fullest KV head"), "{err}");
+    assert!(err.contains("widest KV head"), "{err}");
 }
 
 #[test]
@@ -119,19 +120,23 @@ fn with_nothing_evicted_both_modes_are_the_same_computation() {
 }
 
 #[test]
-fn moved_keys_stay_rotated_for_their_slot() {
+fn moved_keys_stay_rotated_for_their_cache_position() {
     // Layer 0's keys depend only on the tokens, so each key of a cache-positions session, turned
-    // back by its slot, equals the original-positions key turned back by its position: through
-    // every re-rotation that evictions caused. Streaming evicts one contiguous run, random
-    // scattered entries (seeded by position, the same in both modes).
-    let dir = tempfile::tempdir().unwrap();
-    let engine = tiny_engine(dir.path(), 4096);
+    // back by its cache position, equals the original-positions key turned back by its token
+    // position: through every repack. Streaming evicts one contiguous run, random scattered
+    // entries (seeded by position, the same in both modes). A 96-token context repacks often.
+    let (small, large) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The same weights (same seed), contexts of 96 and 4,096 tokens.
+    let (engine, reference) = (
+        tiny_engine(small.path(), 96),
+        tiny_engine(large.path(), 4096),
+    );
     let shift = engine.model().key_shift();
     let d = engine.model_config().head_dim;
     for spec in [keep("streaming", 24), keep("random", 24)] {
         let name = spec.name.clone();
         let mut cache = session(&engine, spec.clone(), Positions::Cache);
-        let mut original = session(&engine, spec, Positions::Original);
+        let mut original = session(&reference, spec, Positions::Original);
         for chunk in 0..30u32 {
             let ids: Vec<u32> = (0..10).map(|t| (chunk * 31 + t * 7) % 256).collect();
             cache.prefill(&ids).unwrap();
@@ -140,10 +145,12 @@ fn moved_keys_stay_rotated_for_their_slot() {
         for h in 0..2 {
             let (c, o) = (cache.kv().read_head(0, h), original.kv().read_head(0, h));
             assert_eq!(c.positions, o.positions, "{name}: different evictions");
-            let base = cache.kv().slot_base(0, h).unwrap() as i64;
+            let at = cache.kv().cache_positions(0, h);
+            assert_eq!(at.len(), c.positions.len());
+            assert!(at.last() < c.positions.last(), "{name}: no gap was ever closed");
             for (i, (kc, ko)) in c.keys.chunks(d).zip(o.keys.chunks(d)).enumerate() {
                 let (mut kc, mut ko) = (kc.to_vec(), ko.to_vec());
-                shift(&mut kc, -(base + i as i64));
+                shift(&mut kc, -i64::from(at[i]));
                 shift(&mut ko, -i64::from(o.positions[i]));
                 let diff = kc
                     .iter()

@@ -7,8 +7,9 @@
 //! - [`SequenceKv`] (one per session) keeps a block table per (layer, KV head): append (prefill
 //!   chunks, decode tokens, single heads), evict by keep-mask with compaction that returns every
 //!   emptied block to the pool at once, truncation of a failed pass's appends, reservations
-//!   that make a step's blocks certain before it starts, slot-bound keys (re-bound by a
-//!   [`KeyShift`] when compaction moves them), reads, accounting, and [`SequenceKv::attend`].
+//!   that make a step's blocks certain before it starts, cache positions (gaps closed by a
+//!   repack that shifts keys through a [`KeyShift`]), reads, accounting, and
+//!   [`SequenceKv::attend`].
 //! - [`attend_dense`] runs the same kernel over contiguous buffers (baseline for benches/tests).
 //!
 //! Invariants the crate guarantees: retained entries keep their original positions and order;

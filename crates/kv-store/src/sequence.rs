@@ -9,10 +9,13 @@
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
 //! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear,
 //!   truncate, drop) returns the emptied blocks to the pool in one call;
-//! - slot-bound keys (a sequence built by [`SequenceKv::with_slot_keys`]): entry `i`'s key is
-//!   the one for slot `slot_base + i` of its table. A compaction keeps the longest run of kept
-//!   entries where it was relative to the base (the base moves by that run's shift) and passes
-//!   every other moved run to the [`KeyShift`] with its shift, so moving costs the fewest keys;
+//! - cache positions (a sequence built by [`SequenceKv::with_cache_positions`]): besides its
+//!   token position, every entry has a cache position, the one its key was rotated for: new
+//!   entries take the positions after the table's last one, eviction leaves gaps, and
+//!   [`SequenceKv::repack_cache_positions`] closes them — the longest run of entries whose
+//!   positions are already consecutive stays, every other run's keys are shifted by the
+//!   [`KeyShift`], so a repack moves the fewest keys; cache positions increase within a table
+//!   and never exceed the last entry's token position;
 //! - a reservation ([`SequenceKv::reserve_blocks`]) keeps `ceiling - held` blocks set aside in
 //!   the pool for this sequence: appends draw on it first, freed blocks refill it.
 
@@ -24,10 +27,10 @@ use crate::dtype::write_f32;
 use crate::pool::Block;
 use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, PoolConfig};
 
-/// Rewrites keys that moved within their head: `keys` is `[m, head_dim]` f32 (read from the
-/// store, written back in the pool's dtype after the call), each moved by `delta` slots
-/// (negative: towards the front). A decoder that rotates keys for their slot (the cache
-/// positions mode) passes a rotary re-rotation by `delta` positions: rotations compose.
+/// Rewrites keys whose cache position moved: `keys` is `[m, head_dim]` f32 (read from the
+/// store, written back in the pool's dtype after the call), each moved by `delta` positions.
+/// A decoder that rotates keys for their cache position passes a rotary re-rotation by `delta`
+/// positions: rotations compose.
 pub type KeyShift = Arc<dyn Fn(&mut [f32], i64) + Send + Sync>;
 
 /// A copy of one KV head's retained entries, in order.
@@ -69,8 +72,8 @@ struct HeadTable {
     blocks: Vec<Block>,
     positions: Vec<u32>,
     appended: u64,
-    /// Slot-bound keys: the slot of entry 0.
-    slot_base: u64,
+    /// Cache positions of the entries (empty unless the sequence has them).
+    cache_positions: Vec<u32>,
 }
 
 impl HeadTable {
@@ -102,53 +105,68 @@ impl HeadTable {
             }
         }
         self.positions[to] = self.positions[from];
+        if let Some(&p) = self.cache_positions.get(from) {
+            self.cache_positions[to] = p;
+        }
     }
 
-    /// Keeps the entries flagged in `keep` (same length as the table), in order, re-binding
-    /// moved keys to their slots when `shift` is given; returns the blocks left empty.
-    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool], shift: Option<&KeyShift>) -> Vec<Block> {
+    /// Keeps the entries flagged in `keep` (same length as the table), in order; returns the
+    /// blocks left empty.
+    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
         let mut w = 0;
-        // Runs of kept entries moved back by the same number of slots: (shift, first new index).
-        let mut runs: Vec<(usize, usize)> = Vec::new();
         for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
             if w != r {
                 self.move_entry(cfg, r, w);
             }
-            if runs.last().is_none_or(|&(d, _)| d != r - w) {
-                runs.push((r - w, w));
-            }
             w += 1;
         }
         self.positions.truncate(w);
-        if let Some(shift) = shift {
-            self.reslot(cfg, &runs, w, shift);
-        }
+        self.cache_positions.truncate(w);
         self.blocks.split_off(w.div_ceil(cfg.block_size))
     }
 
-    /// After a compaction into `len` entries whose `runs` moved back as listed: the longest run
-    /// keeps its keys and the base moves by its shift; the other runs' keys are shifted by the
-    /// difference, so that entry `i` is again the key for slot `slot_base + i`.
-    fn reslot(&mut self, cfg: &PoolConfig, runs: &[(usize, usize)], len: usize, shift: &KeyShift) {
-        let ends = runs.iter().skip(1).map(|&(_, start)| start).chain([len]);
-        let spans: Vec<(usize, Range<usize>)> = runs
+    /// Makes the cache positions consecutive: the longest run of entries whose positions are
+    /// already consecutive keeps them; every other run's keys are shifted to match.
+    fn repack(&mut self, cfg: &PoolConfig, shift: &KeyShift) {
+        // Runs of entries sharing `cache position - index`: (that offset, first index).
+        let mut runs: Vec<(i64, usize)> = Vec::new();
+        for (i, &p) in self.cache_positions.iter().enumerate() {
+            let offset = i64::from(p) - i as i64;
+            if runs.last().is_none_or(|&(o, _)| o != offset) {
+                runs.push((offset, i));
+            }
+        }
+        let ends = runs
+            .iter()
+            .skip(1)
+            .map(|&(_, start)| start)
+            .chain([self.cache_positions.len()]);
+        let spans: Vec<(i64, Range<usize>)> = runs
             .iter()
             .zip(ends)
-            .map(|(&(moved, start), end)| (moved, start..end))
+            .map(|(&(offset, start), end)| (offset, start..end))
             .collect();
         let Some(anchor) = spans
             .iter()
             .max_by_key(|(_, span)| span.len())
-            .map(|&(moved, _)| moved)
+            .map(|&(offset, _)| offset)
         else {
             return;
         };
-        for (moved, span) in spans.into_iter().filter(|(m, _)| *m != anchor) {
+        for (offset, span) in spans.into_iter().filter(|(o, _)| *o != anchor) {
             let mut keys = self.read_keys(cfg, span.clone());
-            shift(&mut keys, anchor as i64 - moved as i64);
+            shift(&mut keys, anchor - offset);
             self.write_keys(cfg, span.start, &keys);
         }
-        self.slot_base += anchor as u64;
+        for (i, p) in self.cache_positions.iter_mut().enumerate() {
+            // Never below 0 or above the last position: the anchor run is among them.
+            *p = (anchor + i as i64) as u32;
+        }
+    }
+
+    /// The cache position a new entry takes (after the last one; 0 in an empty table).
+    fn next_cache_position(&self) -> u32 {
+        self.cache_positions.last().map_or(0, |&p| p + 1)
     }
 
     /// The keys of entries `range`, as f32 `[range.len(), head_dim]`.
@@ -211,7 +229,7 @@ pub struct SequenceKv {
     tables: Vec<HeadTable>,
     /// Per layer: one past the highest position appended.
     tokens_seen: Vec<u64>,
-    /// Slot-bound keys: how moved keys are re-bound to their slots.
+    /// Cache positions: how a key is shifted to another cache position.
     key_shift: Option<KeyShift>,
     /// Blocks set aside for this sequence, if it reserved any.
     reservation: Option<Reservation>,
@@ -229,7 +247,7 @@ impl std::fmt::Debug for SequenceKv {
         f.debug_struct("SequenceKv")
             .field("n_layers", &self.n_layers)
             .field("n_kv_heads", &self.n_kv_heads)
-            .field("slot_keys", &self.key_shift.is_some())
+            .field("cache_positions", &self.key_shift.is_some())
             .field("reservation", &self.reservation)
             .field("stats", &self.stats())
             .finish()
@@ -253,10 +271,10 @@ impl SequenceKv {
         }
     }
 
-    /// An empty cache whose keys are bound to their slots: each table keeps a slot base, and
-    /// every compaction re-binds moved keys with `shift` (see the module header). The decoder's
-    /// cache positions mode rotates keys for their slot instead of their token position.
-    pub fn with_slot_keys(
+    /// An empty cache whose entries also have cache positions (see the module header); `shift`
+    /// moves a key to another one when [`SequenceKv::repack_cache_positions`] closes gaps. The
+    /// decoder's cache positions mode rotates keys for their cache position.
+    pub fn with_cache_positions(
         pool: &BlockPool,
         n_layers: usize,
         n_kv_heads: usize,
@@ -267,17 +285,57 @@ impl SequenceKv {
         kv
     }
 
-    /// With slot-bound keys, the slot of (`layer`, `head`)'s first entry (entry `i` is the key
-    /// for slot `base + i`); `None` for position-bound keys or out of range.
-    pub fn slot_base(&self, layer: usize, head: usize) -> Option<u64> {
-        self.key_shift.as_ref()?;
-        self.table(layer, head).map(|t| t.slot_base)
-    }
-
-    /// Whether keys are bound to their slots ([`SequenceKv::with_slot_keys`]).
-    pub fn slot_keyed(&self) -> bool {
+    /// Whether entries have cache positions ([`SequenceKv::with_cache_positions`]).
+    pub fn has_cache_positions(&self) -> bool {
         self.key_shift.is_some()
     }
+
+    /// The cache position the next entry of (`layer`, `head`) takes; `None` without cache
+    /// positions or out of range.
+    pub fn next_cache_position(&self, layer: usize, head: usize) -> Option<u32> {
+        self.key_shift.as_ref()?;
+        self.table(layer, head).map(HeadTable::next_cache_position)
+    }
+
+    /// Cache positions of the retained entries of (`layer`, `head`), in order; empty without
+    /// them or out of range.
+    pub fn cache_positions(&self, layer: usize, head: usize) -> Vec<u32> {
+        self.table(layer, head)
+            .map_or_else(Vec::new, |t| t.cache_positions.clone())
+    }
+
+    /// The widest span of cache positions any head covers, its next entry included (`next -
+    /// first`): the largest query-key distance the next token would see. 0 without them.
+    pub fn widest_cache_span(&self) -> u32 {
+        self.tables
+            .iter()
+            .map(|t| match t.cache_positions.first() {
+                Some(&first) => t.next_cache_position() - first,
+                None => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Closes the gaps eviction left in the cache positions of every head whose span
+    /// ([`SequenceKv::widest_cache_span`]) exceeds `max_span`, shifting the fewest keys (see the
+    /// module header). Each repack shifts keys by whole gaps at once, rarely, so keys stored in
+    /// f16 lose no rotation to rounding. A no-op without cache positions.
+    pub fn repack_cache_positions(&mut self, max_span: u32) {
+        let Some(shift) = self.key_shift.clone() else {
+            return;
+        };
+        for t in &mut self.tables {
+            let span = match t.cache_positions.first() {
+                Some(&first) => t.next_cache_position() - first,
+                None => 0,
+            };
+            if span > max_span {
+                t.repack(&self.cfg, &shift);
+            }
+        }
+    }
+
     /// Number of layers.
     pub fn n_layers(&self) -> usize {
         self.n_layers
@@ -408,6 +466,12 @@ impl SequenceKv {
                 let src = (t * nh + slot) * d;
                 table.write(&cfg, start + t, &k[src..src + d], &v[src..src + d]);
             }
+            if self.key_shift.is_some() {
+                let next = table.next_cache_position();
+                table
+                    .cache_positions
+                    .extend((0..n as u32).map(|t| next + t));
+            }
             table.positions.extend_from_slice(positions);
             table.appended += n as u64;
         }
@@ -431,7 +495,7 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
-        let freed = self.tables[i].compact(&self.cfg, keep, self.key_shift.as_ref());
+        let freed = self.tables[i].compact(&self.cfg, keep);
         self.give_back(freed);
         Ok(())
     }
@@ -447,6 +511,7 @@ impl SequenceKv {
             let keep = t.positions.partition_point(|&p| p < position);
             let removed = t.positions.len() - keep;
             t.positions.truncate(keep);
+            t.cache_positions.truncate(keep);
             t.appended = t.appended.saturating_sub(removed as u64);
             freed.extend(t.blocks.split_off(keep.div_ceil(bs)));
         }
@@ -591,8 +656,7 @@ impl SequenceKv {
         attend_heads(layer, &views, self.cfg.head_dim, q, q_positions, opts)
     }
 
-    /// Drops every entry of every table, returns all blocks to the pool and resets the counts
-    /// (and slot bases).
+    /// Drops every entry of every table, returns all blocks to the pool and resets the counts.
     pub fn clear(&mut self) {
         let blocks: Vec<Block> = self
             .tables

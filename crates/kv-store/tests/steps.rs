@@ -1,6 +1,6 @@
-//! What a decoder step relies on: slot-bound keys stay bound to their slots through any
-//! compaction (moving the fewest keys), `truncate_from` undoes a pass's appends exactly, and a
-//! reservation makes a step's blocks certain whatever other sequences do.
+//! What a decoder step relies on: keys stay rotated for their cache positions through any
+//! eviction and repack (a repack moves the fewest keys), `truncate_from` undoes a pass's appends
+//! exactly, and a reservation makes a step's blocks certain whatever other sequences do.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,16 +20,16 @@ fn pool(capacity_blocks: usize) -> BlockPool {
     })
 }
 
-/// Appends `n` entries to every head of `layer`: key `[slot, id, 0, 0]` (the slot the decoder
-/// would rotate it for, a unique id), value `[id; D]`.
+/// Appends `n` entries to every head of `layer`: key `[cache position, id, 0, 0]` (the position
+/// a decoder would rotate it for, a unique id), value `[id; D]`.
 fn append(kv: &mut SequenceKv, layer: usize, start: u32, n: usize, next_id: &mut f32) {
     let heads = kv.n_kv_heads();
     let (mut k, mut v) = (Vec::new(), Vec::new());
     for t in 0..n {
         for h in 0..heads {
-            let slot = kv.slot_base(layer, h).unwrap_or(0) + (kv.retained(layer, h) + t) as u64;
+            let at = kv.next_cache_position(layer, h).unwrap_or(0) as usize + t;
             *next_id += 1.0;
-            k.extend([slot as f32, *next_id, 0.0, 0.0]);
+            k.extend([at as f32, *next_id, 0.0, 0.0]);
             v.extend([*next_id; D]);
         }
     }
@@ -46,20 +46,15 @@ fn mask(n: usize, bits: u64) -> Vec<bool> {
     m
 }
 
-/// The length of the longest run of kept entries moved back by the same number of slots.
-fn longest_run(mask: &[bool]) -> usize {
-    let (mut best, mut run, mut last_shift, mut evicted) = (0, 0, None, 0);
-    for &k in mask {
-        if !k {
-            evicted += 1;
-            continue;
-        }
-        if last_shift == Some(evicted) {
-            run += 1;
+/// The length of the longest run of consecutive cache positions.
+fn longest_run(at: &[u32]) -> usize {
+    let (mut best, mut run) = (0, 0);
+    for (i, &p) in at.iter().enumerate() {
+        run = if i > 0 && at[i - 1] + 1 == p {
+            run + 1
         } else {
-            run = 1;
-            last_shift = Some(evicted);
-        }
+            1
+        };
         best = usize::max(best, run);
     }
     best
@@ -67,12 +62,12 @@ fn longest_run(mask: &[bool]) -> usize {
 
 proptest! {
     #[test]
-    fn slot_bound_keys_follow_their_slots(
-        steps in proptest::collection::vec((1..12usize, any::<u64>()), 1..12)
+    fn keys_follow_their_cache_positions_through_repacks(
+        steps in proptest::collection::vec((1..12usize, any::<u64>(), 0..40u32), 1..12)
     ) {
         let shifted = Arc::new(AtomicUsize::new(0));
         let counter = shifted.clone();
-        // Stands in for a rotary re-rotation: the key's slot coordinate moves by `delta`.
+        // Stands in for a rotary re-rotation: the key's position coordinate moves by `delta`.
         let shift: KeyShift = Arc::new(move |keys: &mut [f32], delta: i64| {
             for key in keys.chunks_exact_mut(D) {
                 key[0] += delta as f32;
@@ -80,29 +75,44 @@ proptest! {
             }
         });
         let pool = pool(1024);
-        let mut kv = SequenceKv::with_slot_keys(&pool, 1, 2, shift);
+        let mut kv = SequenceKv::with_cache_positions(&pool, 1, 2, shift);
         let (mut next_id, mut pos) = (0.0, 0u32);
         let mut ids: Vec<Vec<f32>> = vec![Vec::new(); 2];
-        for (n, bits) in steps {
+        for (n, bits, max_span) in steps {
             let before = next_id;
             append(&mut kv, 0, pos, n, &mut next_id);
             pos += n as u32;
             for (h, head_ids) in ids.iter_mut().enumerate() {
                 head_ids.extend((0..n).map(|t| before + 1.0 + (t * 2 + h) as f32));
-            }
-            for (h, head_ids) in ids.iter_mut().enumerate() {
                 let keep = mask(kv.retained(0, h), bits.rotate_left(h as u32 * 7));
-                shifted.store(0, Ordering::Relaxed);
                 kv.evict(0, h, &keep).unwrap();
-                let kept = keep.iter().filter(|&&k| k).count();
-                // Only the keys outside the longest same-shift run moved.
-                prop_assert_eq!(shifted.load(Ordering::Relaxed), kept - longest_run(&keep));
                 let mut flags = keep.iter();
                 head_ids.retain(|_| *flags.next().unwrap());
-                let base = kv.slot_base(0, h).unwrap();
+            }
+            let spans: Vec<u32> = (0..2)
+                .map(|h| {
+                    let at = kv.cache_positions(0, h);
+                    at.last().map_or(0, |&l| l + 1 - at[0])
+                })
+                .collect();
+            let runs: Vec<usize> = (0..2).map(|h| longest_run(&kv.cache_positions(0, h))).collect();
+            shifted.store(0, Ordering::Relaxed);
+            kv.repack_cache_positions(max_span);
+            // Heads wider than the span were closed, moving only keys outside the longest run.
+            let expected: usize = (0..2)
+                .filter(|&h| spans[h] > max_span)
+                .map(|h| kv.retained(0, h) - runs[h])
+                .sum();
+            prop_assert_eq!(shifted.load(Ordering::Relaxed), expected);
+            for (h, head_ids) in ids.iter().enumerate() {
+                let at = kv.cache_positions(0, h);
+                if spans[h] > max_span {
+                    prop_assert!(at.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", at);
+                }
+                prop_assert!(at.windows(2).all(|w| w[1] > w[0]));
                 let keys = kv.read_head(0, h).keys;
                 for (i, key) in keys.chunks_exact(D).enumerate() {
-                    prop_assert_eq!(key[0], (base + i as u64) as f32, "slot of entry {}", i);
+                    prop_assert_eq!(key[0], at[i] as f32, "entry {} is not at its position", i);
                     prop_assert_eq!(key[1], head_ids[i], "entry {} is not the one kept", i);
                 }
             }
@@ -115,7 +125,7 @@ proptest! {
         pass in 1..9usize,
     ) {
         let pool = pool(256);
-        let mut kv = SequenceKv::new(&pool, 2, 2);
+        let mut kv = SequenceKv::with_cache_positions(&pool, 2, 2, Arc::new(|_: &mut [f32], _| {}));
         let (mut next_id, mut pos) = (0.0, 0u32);
         for (n, bits) in before {
             for layer in 0..2 {
@@ -130,6 +140,7 @@ proptest! {
         let stats = kv.stats();
         let pool_stats = pool.stats();
         let contents: Vec<_> = (0..4).map(|i| kv.read_head(i / 2, i % 2)).collect();
+        let at: Vec<_> = (0..4).map(|i| kv.cache_positions(i / 2, i % 2)).collect();
         for layer in 0..2 {
             append(&mut kv, layer, pos, pass, &mut next_id);
         }
@@ -142,6 +153,7 @@ proptest! {
         prop_assert_eq!(after, pool_stats);
         for (i, head) in contents.iter().enumerate() {
             prop_assert_eq!(&kv.read_head(i / 2, i % 2), head);
+            prop_assert_eq!(&kv.cache_positions(i / 2, i % 2), &at[i]);
         }
     }
 }

@@ -8,9 +8,9 @@
 //!
 //! Invariants: hidden states are f32 `[n, hidden]`; positions passed in are the true positions
 //! (tokens seen so far, evicted or not), which the store keeps for masking. RoPE uses them too,
-//! unless the store binds keys to their slots (the cache positions mode): then each KV head's
-//! keys are rotated for their slot in that head's cache and re-rotated by the store when
-//! eviction moves them, so query-key distances never exceed the head's retained count.
+//! unless the store has cache positions (the cache positions mode): then each KV head's keys are
+//! rotated for their position in that head's cache, whose gaps the store closes by shifting
+//! keys when asked, so query-key distances stay within what the caller allows.
 
 use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, KeyShift, SequenceKv};
@@ -91,11 +91,11 @@ impl LlamaModel {
     /// Runs `tokens` at positions `start..start+n` through the decoder, appending their keys and
     /// values to `kv` and letting `hook` steer eviction. Returns f32 logits.
     ///
-    /// Keys and queries are rotated for their token positions, or, when `kv` binds keys to their
-    /// slots (`SequenceKv::with_slot_keys`, the cache positions mode), for their slot in each KV
-    /// head's cache: the new tokens of KV head `g` take the slots after its retained entries,
-    /// and the query heads of `g`'s group take the same positions (heads may retain different
-    /// counts). The pass is all-or-nothing: if anything fails before it commits (including
+    /// Keys and queries are rotated for their token positions, or, when `kv` has cache
+    /// positions (`SequenceKv::with_cache_positions`, the cache positions mode), for their
+    /// position in each KV head's cache: the new tokens of KV head `g` take the cache positions
+    /// after its last entry, and the query heads of `g`'s group take the same positions (heads
+    /// may retain different counts). The pass is all-or-nothing: if anything fails before it commits (including
     /// non-finite logits, [`ModelError::NonFinite`]), the appended entries are removed, the hook
     /// is told to undo its plans, and nothing was evicted; on success every layer's
     /// `after_attention` runs once the logits are known to be finite.
@@ -133,8 +133,8 @@ impl LlamaModel {
         Ok(logits)
     }
 
-    /// How a store with slot-bound keys re-binds a key moved by `delta` slots: a rotation by
-    /// `delta` positions (for `kv_store::SequenceKv::with_slot_keys`).
+    /// How a store with cache positions moves a key by `delta` positions: a rotation by `delta`
+    /// (for `kv_store::SequenceKv::with_cache_positions`).
     pub fn key_shift(&self) -> KeyShift {
         let rope = self.rope.clone();
         std::sync::Arc::new(move |keys: &mut [f32], delta: i64| rope.rotate_by(keys, delta))
@@ -235,8 +235,8 @@ impl LlamaModel {
         })
     }
 
-    /// RoPE for one layer's new queries and keys: at their token positions, or (slot-bound
-    /// keys) at each KV head's next slots, its query group with it.
+    /// RoPE for one layer's new queries and keys: at their token positions, or (cache
+    /// positions) at each KV head's next cache positions, its query group with it.
     fn rotate(
         &self,
         layer: usize,
@@ -246,16 +246,13 @@ impl LlamaModel {
         kv: &SequenceKv,
     ) {
         let cfg = &self.cfg;
-        if !kv.slot_keyed() {
+        if !kv.has_cache_positions() {
             self.rope.apply(q, cfg.n_heads, positions);
             self.rope.apply(k, cfg.n_kv_heads, positions);
             return;
         }
         let next: Vec<f64> = (0..cfg.n_kv_heads)
-            .map(|g| {
-                let base = kv.slot_base(layer, g).unwrap_or(0);
-                (base + kv.retained(layer, g) as u64) as f64
-            })
+            .map(|g| f64::from(kv.next_cache_position(layer, g).unwrap_or(0)))
             .collect();
         let at = |t: usize, g: usize| next[g] + t as f64;
         self.rope
