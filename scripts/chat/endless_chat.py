@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Drives `agate chat` through a long conversation and records what a user would see.
 
-The conversation: paragraphs of held-out Paul Graham essays (`cargo xtask fetch-data`), each
-followed by a question about it, every fourth turn a follow-up about the answer before; greedy
+The conversation: paragraphs of the held-out CPT text (`cargo xtask fetch-data`: Paul Graham
+essays, LAMBADA fiction, CoQA stories), each followed by a question about it, every fourth turn a follow-up about the answer before; greedy
 sampling, so the run is reproducible. Every `--stats-every` turns it asks `/stats` and reads the
 process's resident memory. Writes, into OUT (default docs/results/endless_chat):
   transcript.md  - every turn (question, answer, finish reason)
   stats.jsonl    - tokens seen, retained, KV bytes, RSS at each /stats
-Usage: scripts/chat/endless_chat.py [--tokens 20000] [--keep 512] [--policy streaming] [OUT]
+Usage: scripts/chat/endless_chat.py [--tokens 20000] [--keep 512] [--policy streaming]
+       [--positions original|cache] [--threads N] [OUT]
+The same conversation with the full cache, for comparison (it ends at the 8,192-token context):
+  scripts/chat/endless_chat.py --policy full --keep 0 --positions original --tokens 8000 OUT
 """
 
 import argparse
@@ -42,17 +45,25 @@ def rss_kib(pid):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--keep", type=int, default=512)
+    ap.add_argument("--keep", type=int, default=512, help="0: no --keep (e.g. --policy full)")
+    ap.add_argument("--positions", default=None, help="agate --positions (chat's default: cache)")
     ap.add_argument("--policy", default="streaming")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--stats-every", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="agate --threads (1 on a busy machine)")
     ap.add_argument("--agate", default=str(ROOT / "target/release/agate"))
     ap.add_argument("out", nargs="?", default=str(ROOT / "docs/results/endless_chat"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [args.agate, "chat", "--policy", args.policy, "--keep", str(args.keep),
-           "--temp", "0", "--max-tokens", str(args.max_tokens)]
+    cmd = [args.agate, "chat", "--policy", args.policy, "--temp", "0",
+           "--max-tokens", str(args.max_tokens)]
+    if args.keep:
+        cmd += ["--keep", str(args.keep)]
+    if args.positions:
+        cmd += ["--positions", args.positions]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, bufsize=0)
 

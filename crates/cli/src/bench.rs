@@ -105,6 +105,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             r.time_to_first_token_s.median,
             r.eviction_ratio
         )?;
+        if r.generate == 0 {
+            continue;
+        }
         outln!(
             "| {} | {} | tg{} | {:.1} | {:.1}–{:.1} | | {kv} | {:.2} | {rss:.0} |",
             r.policy,

@@ -170,8 +170,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--out: cannot create {}", dir.display()))?;
+        engine::atomic::ensure_dir(dir).context("--out")?;
     }
     let engine = load_engine(&args.model)?;
     let (label, mut tasks) = match (tasks_from_file.take(), args.synthetic) {

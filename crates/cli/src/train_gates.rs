@@ -24,6 +24,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::args::{load_engine, ModelArgs};
 use crate::plot::{self, line_chart_png, line_chart_svg, Series};
 
+/// Default of `--heldout-seqs`.
+const DEFAULT_HELDOUT_SEQS: usize = 16;
+
 /// Quantile rounds of `--calibrate-seqs` (each re-measures with the previous round's tau).
 const CALIBRATION_ROUNDS: usize = 3;
 
@@ -45,7 +48,7 @@ pub struct TrainGatesArgs {
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub heldout: Vec<PathBuf>,
     /// Held-out sequences evaluated at the end.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_HELDOUT_SEQS)]
     pub heldout_seqs: usize,
     /// Target eviction ratio r.
     #[arg(long, default_value_t = 0.5)]
@@ -149,6 +152,11 @@ pub struct TrainGatesArgs {
 }
 
 impl TrainGatesArgs {
+    /// Whether `--heldout-seqs` was moved off its default with no held-out file to use it on.
+    fn heldout_given_without_files(&self) -> bool {
+        self.heldout.is_empty() && self.heldout_seqs != DEFAULT_HELDOUT_SEQS
+    }
+
     fn train_config(&self) -> anyhow::Result<TrainConfig> {
         let train = Trainables::parse(&self.train)?;
         Ok(TrainConfig {
@@ -223,6 +231,24 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.plot {
         plot::check_extension(p, "--plot", &["svg", "png"])?;
     }
+    // Flags this run would ignore (or fail on only after training) are refused now.
+    let lora = args.train != "gates";
+    anyhow::ensure!(
+        lora || args.lora_rank.is_none(),
+        "--lora-rank does nothing with --train gates; use --train lora or both"
+    );
+    anyhow::ensure!(
+        lora || args.lora_out.is_none(),
+        "--lora-out does nothing with --train gates (no adapters are trained)"
+    );
+    anyhow::ensure!(
+        args.train != "lora" || args.calibrate_seqs == 0,
+        "--calibrate-seqs does nothing with --train lora (no gates are trained)"
+    );
+    anyhow::ensure!(
+        !args.heldout_given_without_files(),
+        "--heldout-seqs does nothing without --heldout FILE"
+    );
     let dtype = match args.out_dtype.as_str() {
         "f32" => StoreDtype::F32,
         "bf16" => StoreDtype::BF16,

@@ -141,6 +141,28 @@ fn nan_weights_stop_with_the_cause_at_any_temperature() {
         let out = agate(&["generate", "hello", "--model", s(&model), "--temp", temp]);
         fails_with(&out, &["non-finite logits", "tiny", "NaN weights"]);
     }
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
+    let out = agate(&[
+        "train-gates",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir.path().join("g.safetensors")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("cross-entropy is not finite"),
+        "{err}"
+    );
     let tasks = dir.path().join("ppl.jsonl");
     std::fs::write(
         &tasks,
@@ -496,6 +518,35 @@ fn flags_the_policy_ignores_are_refused() {
         "4",
     ]);
     fails_with(&out, &["--window does nothing with --policy streaming"]);
+    // train-gates: flags the run would ignore, or fail on only after training.
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train-gates", "--model", m, "--data", "x.txt"];
+        args.extend(extra);
+        agate(&args)
+    };
+    fails_with(
+        &train(&["--lora-out", "a.safetensors"]),
+        &["--lora-out does nothing with --train gates"],
+    );
+    fails_with(
+        &train(&["--lora-rank", "4"]),
+        &["--lora-rank does nothing with --train gates"],
+    );
+    fails_with(
+        &train(&[
+            "--train",
+            "lora",
+            "--lora-rank",
+            "4",
+            "--calibrate-seqs",
+            "2",
+        ]),
+        &["--calibrate-seqs does nothing with --train lora"],
+    );
+    fails_with(
+        &train(&["--heldout-seqs", "4"]),
+        &["--heldout-seqs does nothing without --heldout"],
+    );
     // Several policies: a warning names those that run without the flag.
     let out = agate(&[
         "bench", "--model", m, "--policy", "full,h2o", "--evict", "0.5", "-p", "8", "-n", "2",

@@ -14,6 +14,7 @@
 //!   the link stays a link; a dangling link creates its target;
 //! - a FIFO or a character device (`/dev/null`, `/dev/stdout`, a terminal, `/dev/full`): written
 //!   through in place, where no rename could be right; a write error is an error naming the path;
+//!   a FIFO that no process reads is refused at once rather than waited on forever;
 //! - a directory, a socket or a block device: refused, with the reason.
 //!
 //! Temporary files and staging directories that a killed process left beside a destination
@@ -183,7 +184,7 @@ pub fn write_atomically<E: From<io::Error>>(
 ) -> Result<(), E> {
     match resolve(path)? {
         Target::Through(p) => {
-            let file = OpenOptions::new().write(true).open(&p).map_err(named(&p))?;
+            let file = open_through(&p)?;
             let mut w = NamedWriter {
                 inner: BufWriter::new(file),
                 path,
@@ -197,6 +198,46 @@ pub fn write_atomically<E: From<io::Error>>(
     }
 }
 
+/// Opens a FIFO or character device for writing. A FIFO without a reader is refused (a plain
+/// open would wait for one forever); the file is blocking once open.
+#[cfg(unix)]
+fn open_through(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(refused(
+                path,
+                "is a FIFO that no process is reading; start its reader first",
+            ))
+        }
+        other => other.map_err(named(path))?,
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is a valid descriptor owned by `file` for the duration of both calls, and
+    // F_GETFL/F_SETFL only read and set its status flags.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if !cleared {
+        return Err(named(path)(io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+fn open_through(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(named(path))
+}
+
 /// The temporary-file-and-rename write of a regular destination `path`.
 fn replace<E: From<io::Error>>(
     path: &Path,
@@ -205,11 +246,18 @@ fn replace<E: From<io::Error>>(
 ) -> Result<(), E> {
     let named = named(path);
     let (dir, prefix) = temp_place(path)?;
+    if !dir.is_dir() {
+        return Err(refused(
+            path,
+            &format!("the directory {} does not exist", dir.display()),
+        )
+        .into());
+    }
     clean_stale(&dir, &prefix);
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!("{prefix}{}.", std::process::id()))
         .tempfile_in(&dir)
-        .map_err(&named)?;
+        .map_err(temp_error(path))?;
     {
         let mut w = NamedWriter {
             inner: BufWriter::new(tmp.as_file_mut()),
@@ -224,7 +272,7 @@ fn replace<E: From<io::Error>>(
         None => new_file_permissions(),
     };
     tmp.as_file().set_permissions(perms).map_err(&named)?;
-    tmp.persist(path).map_err(|e| named(e.error))?;
+    tmp.persist(path).map_err(|e| temp_error(path)(e.error))?;
     // The rename is durable once the directory is synced; a failure here loses nothing.
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
@@ -250,16 +298,43 @@ fn new_file_permissions() -> std::fs::Permissions {
     }
 }
 
+/// Creates the directory `path` and its parents unless they exist; a path that exists and is
+/// not a directory is refused with that reason.
+pub fn ensure_dir(path: &Path) -> io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(refused(path, "exists and is not a directory")),
+        Err(_) => std::fs::create_dir_all(path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => {
+                refused(path, "a part of it exists and is not a directory")
+            }
+            _ => named(path)(e),
+        }),
+    }
+}
+
+/// A temporary file or directory could not be made beside `path` (or renamed onto it): the
+/// cause, named by `path`, without the temporary name tempfile adds to its errors.
+fn temp_error(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| {
+        let cause = e
+            .get_ref()
+            .and_then(|inner| inner.source())
+            .map_or_else(|| e.to_string(), ToString::to_string);
+        io::Error::new(e.kind(), format!("{}: {cause}", path.display()))
+    }
+}
+
 /// A hidden working directory beside `path` (`.NAME.agate-tmp.PID.XXXXXX`, its parent created
 /// if missing), removed when dropped; those of killed processes are removed first.
 pub fn scratch_dir(path: &Path) -> io::Result<tempfile::TempDir> {
     let (parent, prefix) = temp_place(path)?;
-    std::fs::create_dir_all(&parent).map_err(named(&parent))?;
+    ensure_dir(&parent)?;
     clean_stale(&parent, &prefix);
     tempfile::Builder::new()
         .prefix(&format!("{prefix}{}.", std::process::id()))
         .tempdir_in(&parent)
-        .map_err(named(&parent))
+        .map_err(temp_error(path))
 }
 
 /// A log written line by line: its first content as [`write_atomically`] writes files, then
@@ -276,7 +351,7 @@ impl AppendLog {
         let target = resolve(path)?;
         let file = match &target {
             Target::Through(p) => {
-                let mut f = OpenOptions::new().write(true).open(p).map_err(named(p))?;
+                let mut f = open_through(p)?;
                 f.write_all(initial).map_err(named(p))?;
                 f
             }
@@ -435,7 +510,10 @@ mod tests {
         assert_eq!(left.len(), 1, "temporary file left behind: {left:?}");
         let missing = dir.path().join("no-such-dir").join("x");
         let err = write_atomically(&missing, |w| w.write_all(b"x")).unwrap_err();
-        assert!(err.to_string().contains("no-such-dir"), "{err}");
+        assert!(
+            err.to_string().ends_with("no-such-dir does not exist"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]
@@ -468,6 +546,15 @@ mod tests {
             std::fs::read_to_string(dir.path().join("created.txt")).unwrap(),
             "made"
         );
+        // A FIFO nobody reads is refused at once, not waited on.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let err = write_atomically(&fifo, |w| w.write_all(b"x")).unwrap_err();
+        assert!(err.to_string().contains("no process is reading"), "{err}");
         // Devices are written through; a directory is refused.
         write_atomically(Path::new("/dev/null"), |w| w.write_all(b"gone")).unwrap();
         assert!(Path::new("/dev/null").exists());

@@ -31,6 +31,17 @@ pub enum EngineError {
         /// Position of the first token whose logits are not finite.
         position: u32,
     },
+    /// Training's cross-entropy is not finite: the frozen model's weights or metadata are broken.
+    #[error(
+        "{}: the model's cross-entropy is not finite at step {step}: its weights or metadata are broken (e.g. NaN weights)",
+        model.display()
+    )]
+    NonFiniteLoss {
+        /// The model file or directory.
+        model: std::path::PathBuf,
+        /// The optimiser step (1-based).
+        step: usize,
+    },
     /// In cache positions, the tokens do not fit beside what the widest KV head holds.
     #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads hold)")]
     CacheOverflow {

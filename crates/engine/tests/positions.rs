@@ -147,7 +147,10 @@ fn moved_keys_stay_rotated_for_their_cache_position() {
             assert_eq!(c.positions, o.positions, "{name}: different evictions");
             let at = cache.kv().cache_positions(0, h);
             assert_eq!(at.len(), c.positions.len());
-            assert!(at.last() < c.positions.last(), "{name}: no gap was ever closed");
+            assert!(
+                at.last() < c.positions.last(),
+                "{name}: no gap was ever closed"
+            );
             for (i, (kc, ko)) in c.keys.chunks(d).zip(o.keys.chunks(d)).enumerate() {
                 let (mut kc, mut ko) = (kc.to_vec(), ko.to_vec());
                 shift(&mut kc, -i64::from(at[i]));

@@ -320,10 +320,17 @@ impl ModelConfig {
             rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position: req_usize("max_position_embeddings")?,
-            tie_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            tie_embeddings: match json.get("tie_word_embeddings") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ModelError::config(
+                        path,
+                        "tie_word_embeddings",
+                        format!("must be true or false, got {v}"),
+                    ))
+                }
+            },
         };
         cfg.validate(path, &|f| f.hf_key().to_string())?;
         Ok(cfg)

@@ -67,12 +67,32 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// Fails unless `path` is a regular file (after links): a FIFO or device would block a read or
+/// cannot be memory-mapped.
+pub(crate) fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "{} is not a regular file (a model is a GGUF file or a Hugging Face directory)",
+            path.display()
+        )))
+    }
+}
+
 fn load_unchecked(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     if meta.is_dir() {
+        for file in ["config.json", "tokenizer.json"] {
+            regular_file(&path.join(file))?;
+        }
         let cfg = ModelConfig::from_hf_json(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let weights = Weights::from_safetensors_dir(path, format)?;

@@ -226,6 +226,7 @@ impl GgufFile {
     /// Opens and memory-maps `path`, checks its structure as ggml does ([`crate::gguf::check`]:
     /// alignment, offsets, overlap, sizes, extents) and parses the header and metadata.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::regular_file(path)?;
         let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -338,6 +339,9 @@ impl Weights {
                 path: dir.to_path_buf(),
                 name: "*.safetensors (no weight files)".into(),
             });
+        }
+        for f in &files {
+            crate::regular_file(f)?;
         }
         // SAFETY: read-only maps; see `GgufFile::open`.
         let st =

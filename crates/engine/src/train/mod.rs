@@ -54,6 +54,9 @@ fn gate_err(e: gate_core::GateError) -> EngineError {
 /// `tokens × vocab × 4` bytes.
 pub const MAX_MICRO_BATCH_TOKENS: usize = 16_384;
 
+/// Most micro-batches per optimiser step (a step must end, and checkpoint, in reasonable time).
+pub const MAX_GRAD_ACCUM: usize = 4096;
+
 /// How far the adaptive controller may move the eviction loss's soft target from the run's
 /// target.
 pub const SOFT_TARGET_RANGE: f64 = 0.25;
@@ -163,6 +166,13 @@ impl TrainConfig {
             if v == 0 {
                 return bad(flag, v.to_string(), "a positive number");
             }
+        }
+        if self.grad_accum > MAX_GRAD_ACCUM {
+            return bad(
+                "--grad-accum",
+                self.grad_accum.to_string(),
+                &format!("at most {MAX_GRAD_ACCUM} micro-batches per optimiser step"),
+            );
         }
         if self.batch.saturating_mul(self.seq_len) > MAX_MICRO_BATCH_TOKENS {
             return bad(
@@ -461,8 +471,15 @@ impl Trainer {
         optim::save_checkpoint(path, &self.opt, &self.state, &log)
     }
 
-    /// Writes the gates (with the model identity) to `path` atomically in `dtype`.
+    /// Writes the gates (with the model identity) to `path` atomically in `dtype`; a run whose
+    /// parameters are no longer finite (it diverged) writes nothing.
     pub fn save_gates(&self, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+        if let Some(name) = self.opt.first_non_finite()? {
+            return Err(EngineError::Invalid(format!(
+                "{}: not written: parameter `{name}` is no longer finite, the run diverged (lower --lr or --lambda)",
+                path.display()
+            )));
+        }
         let mut g = self.gates.clone();
         g.set_identity(self.engine.model_identity()?);
         write_gates(&g, path, dtype)
@@ -633,10 +650,10 @@ impl Trainer {
     /// The error of a non-finite cross-entropy: the frozen base model's weights (or metadata)
     /// are broken, no training can help.
     fn broken_model(&self, step: usize) -> EngineError {
-        EngineError::Invalid(format!(
-            "{}: the model's cross-entropy is not finite at step {step}: its weights or metadata are broken (e.g. NaN weights)",
-            self.engine.model_path().display()
-        ))
+        EngineError::NonFiniteLoss {
+            model: self.engine.model_path().to_path_buf(),
+            step,
+        }
     }
 
     /// The controller of `adapt_lambda` (see the module header), after a step with these

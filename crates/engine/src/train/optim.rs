@@ -70,6 +70,17 @@ impl AdamW {
         &self.vars
     }
 
+    /// The name of the first parameter holding a NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        for (name, var) in &self.vars {
+            let sum = var.as_tensor().abs()?.sum_all()?.to_dtype(DType::F64)?;
+            if !sum.to_scalar::<f64>()?.is_finite() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// One update with `grads` (one per var, same order; `None` = zero gradient) at `lr`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         let (b1, b2, eps, wd) = self.hyper;
@@ -194,8 +205,7 @@ pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState, log: &str) -
         safetensors::serialize(tensors, Some(meta.into_iter().collect::<HashMap<_, _>>()))
             .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+        crate::atomic::ensure_dir(dir)?;
     }
     crate::atomic::write_atomically(path, |w| w.write_all(&serialized))?;
     Ok(())
