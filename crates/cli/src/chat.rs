@@ -169,15 +169,17 @@ fn handle_command(
         "stats" => {
             let kv = session.kv_report();
             say!(
-                "policy {} ({} positions): {} tokens seen, {} retained per head on average (eviction ratio {:.3}); KV {} bytes in use of {} for the full cache ({} blocks)",
+                "policy {} ({} positions): {} tokens seen, {} retained per head on average (eviction ratio {:.3}); {} bytes in use ({} in {} KV blocks + {} of policy state) of {} for the full cache",
                 session.policy().name(),
                 session.positions().name(),
                 kv.tokens_seen,
                 kv.tokens_retained,
                 kv.eviction_ratio,
                 kv.bytes_in_use,
-                kv.bytes_full,
-                kv.blocks_in_use
+                kv.kv_block_bytes,
+                kv.blocks_in_use,
+                kv.policy_state_bytes,
+                kv.bytes_full
             );
             if let Some(s) = last_speed {
                 say!("last answer: {s}");

@@ -451,7 +451,7 @@ fn run_sweep(
     if args.json {
         outln!("{out}")?;
     } else {
-        print!("{table}");
+        out!("{table}")?;
     }
     Ok(())
 }

@@ -23,19 +23,26 @@ pub struct InitGatesArgs {
     /// coin flip, to see eviction happen).
     #[arg(long, allow_negative_numbers = true)]
     pub bias: Option<f32>,
+    /// The gate's own attention window in tokens (0: unbounded; default 64).
+    #[arg(long, value_name = "TOKENS")]
+    pub attention_window: Option<usize>,
 }
 
 /// Runs `agate init-gates`.
 pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
     let engine = load_engine(&args.model)?;
-    let gates = engine.random_gates(args.seed, args.bias)?;
+    let mut gate_cfg = engine.gate_config();
+    gate_cfg.bias_init = args.bias.unwrap_or(gate_cfg.bias_init);
+    gate_cfg.attention_window = args.attention_window.unwrap_or(gate_cfg.attention_window);
+    let gates = engine.random_gates(&gate_cfg, args.seed)?;
     engine::train::write_gates(&gates, &args.out, StoreDtype::F32)?;
     let cfg = gates.config();
     say!(
-        "wrote random gates ({} layers × {} heads of dim {}, keep bias {}) to {}",
+        "wrote random gates ({} layers × {} heads of dim {}, attention window {}, keep bias {}) to {}",
         cfg.n_layers,
         cfg.heads,
         cfg.head_dim,
+        cfg.attention_window,
         cfg.bias_init,
         args.out.display()
     );

@@ -6,6 +6,7 @@ mod out;
 
 mod args;
 mod bench;
+mod bench_serve;
 mod chat;
 mod docs;
 mod eval;
@@ -14,6 +15,7 @@ mod init_gates;
 mod inspect;
 mod plot;
 mod policy_args;
+mod serve;
 mod train_gates;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -41,8 +43,12 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Write randomly initialised Attention-Gate parameters for a model.
     InitGates(init_gates::InitGatesArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
+    Serve(serve::ServeArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Measure a running server: N concurrent streaming clients (tokens/s, time to first token).
+    BenchServe(bench_serve::BenchServeArgs),
     /// Score task files or synthetic long-context tasks; sweep policies × eviction ratios.
     Eval(eval::EvalArgs),
     /// Train Attention-Gates (and optionally LoRA) on a frozen model: CPT or SFT.
@@ -85,7 +91,9 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::Eval(a) => eval::run(a),
         Command::InitGates(a) => init_gates::run(a),
         Command::TrainGates(a) => train_gates::run(a),

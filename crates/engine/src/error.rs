@@ -52,6 +52,24 @@ pub enum EngineError {
         /// The model's context length.
         context: usize,
     },
+    /// The scheduler's queue is full.
+    #[error("the server is busy: {capacity} requests are already waiting")]
+    QueueFull {
+        /// Requests the queue holds.
+        capacity: usize,
+    },
+    /// A request needs more KV blocks than the whole pool holds, even with nothing else in it.
+    #[error("the request needs {needed} KV blocks but the whole pool has {capacity}: give the engine more KV memory, or use an evicting policy")]
+    KvCapacity {
+        /// Blocks needed.
+        needed: usize,
+        /// The pool's capacity in blocks.
+        capacity: usize,
+    },
+    /// The scheduler stopped serving a request: it is shutting down, or a step failed in a way
+    /// that it caught (the message says which).
+    #[error("scheduler: {0}")]
+    Scheduler(String),
     /// The prompt does not fit in the model's context.
     #[error("prompt of {new} tokens does not fit: {seen} tokens already in the session and the model's context is {context} tokens")]
     ContextOverflow {

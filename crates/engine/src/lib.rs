@@ -17,6 +17,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod data;
+mod decoding;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -24,6 +25,7 @@ pub mod model_cache;
 pub mod policy;
 pub mod report;
 pub mod sampling;
+pub mod scheduler;
 pub mod session;
 pub mod text;
 pub mod train;
@@ -31,11 +33,16 @@ pub mod worker;
 
 pub use engine::{Engine, EngineBuilder, EngineConfig};
 pub use error::{EngineError, Result};
+pub use gate_core::gate::DEFAULT_ATTENTION_WINDOW as DEFAULT_GATE_ATTENTION_WINDOW;
 pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::KvDtype;
 pub use model_zoo::{ChatMessage, ModelConfig, WeightFormat};
 pub use policy::{AgMode, Policy, PolicySpec, Recent, Setting};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
+pub use scheduler::{
+    EventSink, MetricsSnapshot, Prompt, RequestEvent, RequestStream, Scheduler, SchedulerConfig,
+    Submission, Usage,
+};
 pub use session::{FinishReason, GenerateRequest, Generation, Positions, Session};
 pub use worker::{SessionWorker, StreamEvent, TextStream};

@@ -1,9 +1,14 @@
-//! KV reports: tokens seen vs. retained per layer and KV head, the hard eviction ratio, and the
-//! bytes the store really holds, next to what a full cache of the same block layout would hold.
+//! KV reports: tokens seen vs. retained per layer and KV head, the hard eviction ratio, and every
+//! byte of per-session state that grows with the tokens seen — the KV blocks the store holds plus
+//! the eviction policy's own state (a gate's cache, accumulated scores, flags) — next to what a
+//! full cache of the same block layout would hold.
 //!
 //! Invariants: `eviction_ratio = 1 - (sum of retained entries) / (tokens_seen * layers * heads)`;
-//! `bytes_full` counts, for every (layer, head), the blocks `tokens_seen` entries would need, so
-//! `bytes_in_use <= bytes_full` always and the two are comparable at block granularity.
+//! `bytes_in_use = kv_block_bytes + policy_state_bytes`; `bytes_full` counts, for every (layer,
+//! head), the blocks `tokens_seen` entries would need (KV only: the full cache has no policy
+//! state), so `kv_block_bytes <= bytes_full` always and the two are comparable at block
+//! granularity, while `bytes_in_use` may exceed `bytes_full` when a policy's state costs more
+//! than its eviction saves.
 
 use kv_store::SequenceKv;
 
@@ -16,9 +21,13 @@ pub struct KvReport {
     pub tokens_retained: usize,
     /// Fraction of (token, layer, head) entries evicted.
     pub eviction_ratio: f64,
-    /// Bytes of the blocks this session holds.
+    /// Every byte of the session's growing state: `kv_block_bytes + policy_state_bytes`.
     pub bytes_in_use: usize,
-    /// Bytes the same store would hold with nothing evicted.
+    /// Bytes of the KV blocks this session holds.
+    pub kv_block_bytes: usize,
+    /// Bytes of the eviction policy's per-session state.
+    pub policy_state_bytes: usize,
+    /// KV bytes the same store would hold with nothing evicted (and no policy state).
     pub bytes_full: usize,
     /// Blocks held.
     pub blocks_in_use: usize,
@@ -27,8 +36,9 @@ pub struct KvReport {
 }
 
 impl KvReport {
-    /// Reads the store of a session that has seen `tokens_seen` tokens.
-    pub fn new(kv: &SequenceKv, tokens_seen: usize) -> Self {
+    /// Reads the store of a session that has seen `tokens_seen` tokens and whose policy holds
+    /// `policy_state_bytes` of state.
+    pub fn new(kv: &SequenceKv, tokens_seen: usize, policy_state_bytes: usize) -> Self {
         let retained: Vec<Vec<usize>> = (0..kv.n_layers())
             .map(|l| (0..kv.n_kv_heads()).map(|h| kv.retained(l, h)).collect())
             .collect();
@@ -49,7 +59,9 @@ impl KvReport {
             } else {
                 1.0 - total as f64 / (tokens_seen * heads) as f64
             },
-            bytes_in_use: stats.bytes_in_use,
+            bytes_in_use: stats.bytes_in_use + policy_state_bytes,
+            kv_block_bytes: stats.bytes_in_use,
+            policy_state_bytes,
             bytes_full: blocks_full * block_bytes,
             blocks_in_use: stats.blocks_in_use,
             retained_per_layer_head: retained,
@@ -63,6 +75,8 @@ impl KvReport {
             "tokens_retained": self.tokens_retained,
             "eviction_ratio": self.eviction_ratio,
             "bytes_in_use": self.bytes_in_use,
+            "kv_block_bytes": self.kv_block_bytes,
+            "policy_state_bytes": self.policy_state_bytes,
             "bytes_full": self.bytes_full,
             "blocks_in_use": self.blocks_in_use,
         })

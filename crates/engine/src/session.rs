@@ -1,6 +1,7 @@
 //! `Session`: one conversation — its KV cache, its eviction policy, every token it has seen, and
 //! its chat transcript. Prefill, decode and chat turns all append to the same cache, so a second
-//! chat turn feeds only its new tokens.
+//! chat turn feeds only its new tokens. Every forward pass goes through
+//! `Session::forward_batch`, the same path the scheduler uses to run many sessions in one step.
 //!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
@@ -8,18 +9,19 @@
 //! a step is planned (context, KV blocks reserved) before anything changes, and every forward
 //! pass is all-or-nothing, so a failed step leaves all of these as they were.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use kv_store::SequenceKv;
-use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass};
+use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass, SequenceInput};
 
+use crate::decoding::{Decoding, Progress};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::policy::Policy;
 use crate::report::KvReport;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text::{Detokenizer, StopMatcher};
+use crate::sampling::SamplingParams;
 
 /// What to generate.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -110,8 +112,8 @@ pub enum Positions {
     /// papers' setting; a session ends when the text reaches the model's context.
     #[default]
     Original,
-    /// At their slot in each KV head's cache (StreamingLLM's positions): evicted gaps close, so
-    /// query-key distances never exceed what a head retains, and a session whose policy bounds
+    /// At their position in each KV head's cache (StreamingLLM's positions): evicted gaps
+    /// close, so query-key distances stay within the context, and a session whose policy bounds
     /// its cache can run past the model's context, endlessly.
     Cache,
 }
@@ -139,14 +141,15 @@ impl Positions {
 
 /// One conversation over an [`Engine`].
 ///
-/// Every step (a prefill, a generation, a chat turn) is planned before it starts: the tokens
-/// must fit the model's context (in [`Positions::Cache`], the fullest KV head plus the new
-/// tokens must), and the KV blocks the step may need, at most, are reserved in the pool, so it
-/// cannot run out of memory half-way. A step that fails before it changes anything leaves the
-/// session exactly as it was (cache, policy state, tokens seen, pending token, transcript);
-/// each forward pass is all-or-nothing. A generation that fails after some tokens were
-/// produced (only non-finite logits from a broken model can do that once memory is reserved)
-/// keeps what it produced, as a cancelled one does, so that cache and transcript agree.
+/// Every step of the session's own API (a prefill, a generation, a chat turn) is planned before
+/// it starts: the tokens must fit the model's context (in [`Positions::Cache`], the widest KV
+/// head plus the new tokens must), and the KV blocks the step may need, at most, are reserved in
+/// the pool, so it cannot run out of memory half-way. A step that fails before it changes
+/// anything leaves the session exactly as it was (cache, policy state, tokens seen, pending
+/// token, transcript); each forward pass is all-or-nothing. A generation that fails after some
+/// tokens were produced (only non-finite logits from a broken model can do that once memory is
+/// reserved) keeps what it produced, as a cancelled one does, so that cache and transcript
+/// agree. (The scheduler plans its own steps: it admits a pass only when the pool has room.)
 pub struct Session {
     engine: Engine,
     kv: SequenceKv,
@@ -154,16 +157,12 @@ pub struct Session {
     hook: Box<dyn LayerHook + Send>,
     positions: Positions,
     seen: Vec<u32>,
-    pending: Option<u32>,
-    logits: Option<Vec<f32>>,
+    pub(crate) pending: Option<u32>,
+    pub(crate) logits: Option<Vec<f32>>,
     messages: Vec<ChatMessage>,
     transcript: String,
     system: Option<String>,
 }
-
-/// A generation's result and, when it ended on an error, that error (the tokens produced
-/// before it are part of the session).
-type Outcome = (Generation, Option<EngineError>);
 
 impl Session {
     pub(crate) fn new(engine: Engine, policy: Policy) -> Result<Self> {
@@ -258,38 +257,77 @@ impl Session {
         self.step(tokens.len(), 0, |s| s.prefill_reserved(tokens))
     }
 
-    /// The prefill of a planned step.
+    /// The prefill of a planned step. If its first pass fails the session is unchanged (the
+    /// pending token included).
     fn prefill_reserved(&mut self, tokens: &[u32]) -> Result<f64> {
         let started = Instant::now();
-        let mut run: Vec<u32> = self.pending.into_iter().collect();
-        run.extend_from_slice(tokens);
-        if run.is_empty() {
-            return Ok(0.0);
-        }
-        let pieces = self.chunks(run.len());
-        let last = pieces.len() - 1;
-        for (i, range) in pieces.into_iter().enumerate() {
-            let logits = self.pass(
-                &run[range],
-                Pass::Prefill {
-                    final_chunk: i == last,
-                },
-                LogitsFor::Last,
-            )?;
-            self.pending = None;
-            self.logits = Some(
-                logits
-                    .to_vec1::<f32>()
-                    .map_err(model_zoo::ModelError::from)?,
-            );
+        let pending = self.pending;
+        let mut plan = self.plan_prefill(tokens)?;
+        let mut first = true;
+        while let Some((chunk, pass)) = plan.next_chunk() {
+            let logits = self.pass(chunk, pass, LogitsFor::Last).inspect_err(|_| {
+                if first {
+                    self.pending = pending;
+                }
+            })?;
+            self.set_logits(&logits)?;
+            plan.advance();
+            first = false;
         }
         Ok(started.elapsed().as_secs_f64())
     }
 
-    /// The prefill chunks of a run of `n` tokens.
-    fn chunks(&self, n: usize) -> Vec<std::ops::Range<usize>> {
-        let min_final = self.hook.min_final_chunk(n);
-        chunk_bounds(n, self.engine.config().prefill_chunk, min_final)
+    /// Cuts the pending token (if any) and `tokens` into prefill passes, checking that they fit
+    /// in the model's context (on error the session is unchanged).
+    pub(crate) fn plan_prefill(&mut self, tokens: &[u32]) -> Result<PrefillPlan> {
+        let mut run: Vec<u32> = self.pending.into_iter().collect();
+        run.extend_from_slice(tokens);
+        let plan = self.plan_run(run);
+        let passes: Vec<usize> = plan.chunks.iter().map(|r| r.len()).collect();
+        self.check_fits(&passes)?;
+        self.pending = None;
+        Ok(plan)
+    }
+
+    /// The prefill passes of `run`: chunks of the engine's prefill size whose last one is long
+    /// enough for the policy.
+    fn plan_run(&self, run: Vec<u32>) -> PrefillPlan {
+        let chunks = if run.is_empty() {
+            Vec::new()
+        } else {
+            let min_final = self.hook.min_final_chunk(run.len());
+            chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final)
+        };
+        PrefillPlan {
+            run,
+            chunks,
+            next: 0,
+        }
+    }
+
+    /// Empties the cache and returns the passes that rebuild it: every token seen, the pending
+    /// one (so that afterwards the session holds the logits after it, as after a decode pass),
+    /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. This is the
+    /// scheduler's preemption: the blocks go back to the pool now, and the conversation resumes
+    /// later by recomputing its cache.
+    pub(crate) fn reset_for_replay(&mut self, unfed: &[u32]) -> Result<PrefillPlan> {
+        let mut run = std::mem::take(&mut self.seen);
+        run.extend(self.pending.take());
+        run.extend_from_slice(unfed);
+        self.kv.clear();
+        self.hook = self.policy.hook(self.engine.model_config())?;
+        self.logits = None;
+        Ok(self.plan_run(run))
+    }
+
+    /// Keeps the logits of a pass's last token as the next-token logits.
+    pub(crate) fn set_logits(&mut self, logits: &Tensor) -> Result<()> {
+        self.logits = Some(
+            logits
+                .to_vec1::<f32>()
+                .map_err(model_zoo::ModelError::from)?,
+        );
+        Ok(())
     }
 
     /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
@@ -329,7 +367,15 @@ impl Session {
         body: impl FnOnce(&mut Self) -> Result<T>,
     ) -> Result<T> {
         let run = prompt + usize::from(self.pending.is_some());
-        let passes: Vec<usize> = self.chunks(run).iter().map(|r| r.len()).collect();
+        let passes: Vec<usize> = if run == 0 {
+            Vec::new()
+        } else {
+            let min_final = self.hook.min_final_chunk(run);
+            chunk_bounds(run, self.engine.config().prefill_chunk, min_final)
+                .iter()
+                .map(|r| r.len())
+                .collect()
+        };
         self.step_with(&passes, decode, body)
     }
 
@@ -405,7 +451,7 @@ impl Session {
     }
 
     /// How many more tokens one pass may add before positions leave the model's context.
-    fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         let context = self.engine.model_config().max_position;
         let room = match self.positions {
             Positions::Original => context.saturating_sub(self.seen.len()),
@@ -414,32 +460,67 @@ impl Session {
         room.min((u32::MAX as usize).saturating_sub(self.seen.len()))
     }
 
-    /// One forward pass of `tokens` after the history, announced to the policy as `pass`; all
-    /// or nothing (the decoder undoes a failed pass, and nothing here changes before it
-    /// succeeds).
+    /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
     fn pass(&mut self, tokens: &[u32], pass: Pass, logits_for: LogitsFor) -> Result<Tensor> {
-        self.hook.begin_pass(pass);
-        let logits = self
-            .engine
-            .model()
-            .forward(
-                tokens,
-                self.seen.len() as u32,
-                &mut self.kv,
-                self.hook.as_mut(),
-                logits_for,
-            )
-            .map_err(|e| match e {
-                model_zoo::ModelError::NonFinite { position } => EngineError::NonFiniteLogits {
-                    model: self.engine.model_path().to_path_buf(),
-                    position,
-                },
-                other => other.into(),
-            })?;
-        self.seen.extend_from_slice(tokens);
-        let span = self.repack_span() as u32;
-        self.kv.repack_cache_positions(span);
-        Ok(logits)
+        let mut out = Session::forward_batch(&mut [PassInput {
+            session: self,
+            tokens,
+            pass,
+            logits_for,
+        }])?;
+        out.pop().expect("one result per session")
+    }
+
+    /// One forward pass over several sessions of the same engine (each with its own tokens,
+    /// policy and cache; the model's projections see all of them at once). Returns one result
+    /// per session, in order. A session whose result is an error is as it was before the pass
+    /// (the decoder rolls a failed sequence back; only an internal error while evicting leaves
+    /// one part-way); so is every session when the outer error is returned.
+    pub(crate) fn forward_batch(batch: &mut [PassInput<'_, '_>]) -> Result<Vec<Result<Tensor>>> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let engine = first.session.engine.clone();
+        if batch
+            .iter()
+            .any(|item| !item.session.engine.same_engine(&engine))
+        {
+            return Err(EngineError::Invalid(
+                "a batched pass runs sessions of one engine only".into(),
+            ));
+        }
+        let mut inputs = Vec::with_capacity(batch.len());
+        for item in batch.iter_mut() {
+            let session = &mut *item.session;
+            session.hook.begin_pass(item.pass);
+            inputs.push(SequenceInput {
+                tokens: item.tokens,
+                start: session.seen.len() as u32,
+                kv: &mut session.kv,
+                hook: session.hook.as_mut(),
+                logits_for: item.logits_for,
+            });
+        }
+        let results = engine.model().forward_batch(&mut inputs)?;
+        drop(inputs);
+        Ok(results
+            .into_iter()
+            .zip(batch.iter_mut())
+            .map(|(result, item)| {
+                let session = &mut *item.session;
+                let logits = result.map_err(|e| match e {
+                    model_zoo::ModelError::NonFinite { position } => EngineError::NonFiniteLogits {
+                        model: session.engine.model_path().to_path_buf(),
+                        position,
+                    },
+                    other => other.into(),
+                })?;
+                session.seen.extend_from_slice(item.tokens);
+                let span = session.repack_span() as u32;
+                session.kv.repack_cache_positions(span);
+                Ok(logits)
+            })
+            .collect())
     }
 
     /// Tokenizes and prefills raw text (no chat template), then generates.
@@ -484,7 +565,7 @@ impl Session {
             .engine
             .tokenizer()
             .apply_chat_template(&messages, true)?;
-        let delta = match rendered.strip_prefix(self.transcript.as_str()) {
+        let delta = match self.continuation(&rendered) {
             Some(delta) => delta.to_string(),
             None => {
                 // The template re-rendered history differently (e.g. it trims answers): start over.
@@ -500,11 +581,30 @@ impl Session {
             .tokenizer()
             .encode(&delta, self.seen.is_empty())?;
         let (generation, error) = self.generate_after(&tokens, request, on_text)?;
-        let answer = self.engine.tokenizer().decode(&generation.tokens)?;
-        self.transcript = rendered + &answer;
+        let answer = self.record_answer(rendered, &generation.tokens)?;
         self.messages.push(ChatMessage::new("user", user_message));
         self.messages.push(ChatMessage::new("assistant", &answer));
         error.map_or(Ok(generation), Err)
+    }
+
+    /// The part of `rendered` (a whole conversation rendered with the chat template) that is
+    /// not in the cache yet: `None` unless the session's transcript is a prefix of it.
+    pub(crate) fn continuation<'r>(&self, rendered: &'r str) -> Option<&'r str> {
+        rendered.strip_prefix(self.transcript.as_str())
+    }
+
+    /// Records a finished turn: the transcript becomes `rendered` followed by the answer's
+    /// text, which is returned.
+    pub(crate) fn record_answer(&mut self, rendered: String, answer: &[u32]) -> Result<String> {
+        let answer = self.engine.tokenizer().decode(answer)?;
+        self.transcript = rendered + &answer;
+        Ok(answer)
+    }
+
+    /// Replaces the recorded conversation (the scheduler's sessions keep what the client sent).
+    pub(crate) fn set_messages(&mut self, messages: Vec<ChatMessage>) {
+        self.system = None;
+        self.messages = messages;
     }
 
     /// Prefills token ids (no text involved), then generates: the benchmark's entry point.
@@ -561,119 +661,54 @@ impl Session {
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Outcome {
-        let engine = self.engine.clone();
-        let tokenizer = engine.tokenizer();
-        let eos = tokenizer.eos_ids();
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut detok = Detokenizer::new(tokenizer);
-        let mut stops = StopMatcher::new(&request.stop);
-        let (mut text, mut tokens) = (String::new(), Vec::new());
-        let started = Instant::now();
-        let mut first_token_secs = None;
-        let mut decode_steps = 0;
-        let mut finish = FinishReason::Length;
+        let mut decoding = Decoding::new(request);
         let mut error = None;
         if self.pending.is_some() {
-            if let Err(e) = self.prefill_reserved(&[]) {
-                error = Some(e);
+            error = self.prefill_reserved(&[]).err();
+        }
+        while error.is_none() {
+            match decoding.advance(self, on_text) {
+                Ok(Progress::NeedsPass) => match self.feed_pending() {
+                    Ok(()) => decoding.record_pass(),
+                    Err(e) => error = Some(e),
+                },
+                Ok(Progress::Finished) => break,
+                Err(e) => error = Some(e),
             }
         }
-        while error.is_none() && tokens.len() < request.max_tokens {
-            let logits = match (self.logits.take(), self.pending) {
-                (Some(l), _) => l,
-                (None, None) => {
-                    error = Some(EngineError::Invalid(
-                        "nothing to continue from: prefill a prompt first".into(),
-                    ));
-                    break;
-                }
-                (None, Some(next)) => {
-                    if self.room() == 0 {
-                        finish = FinishReason::ContextFull;
-                        break;
-                    }
-                    decode_steps += 1;
-                    let logits = self
-                        .pass(&[next], Pass::Decode, LogitsFor::Last)
-                        .and_then(|l| {
-                            Ok(l.to_vec1::<f32>().map_err(model_zoo::ModelError::from)?)
-                        });
-                    match logits {
-                        Ok(l) => {
-                            self.pending = None;
-                            l
-                        }
-                        Err(e) => {
-                            error = Some(e);
-                            break;
-                        }
-                    }
-                }
-            };
-            let recent_from = self
-                .seen
-                .len()
-                .saturating_sub(request.sampling.repeat_last_n);
-            let token = sampler.sample(&logits, &self.seen[recent_from..]);
-            first_token_secs.get_or_insert(started.elapsed().as_secs_f64());
-            if request.stop_at_eos && eos.contains(&token) {
-                self.logits = Some(logits);
-                finish = FinishReason::Eos;
-                break;
-            }
-            tokens.push(token);
-            self.pending = Some(token);
-            let chunk = match detok.push(token) {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    error = Some(e.into());
-                    break;
-                }
-            };
-            if let Some(chunk) = chunk {
-                let (out, hit) = stops.push(&chunk);
-                text.push_str(&out);
-                let keep_going = out.is_empty() || on_text(&out);
-                if hit {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                if !keep_going {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
+        let tokens = decoding.tokens().to_vec();
+        match decoding.finish(self, on_text) {
+            Ok(generation) => (generation, error),
+            Err(e) => {
+                let generation = Generation {
+                    text: String::new(),
+                    tokens,
+                    prompt_tokens: 0,
+                    finish_reason: FinishReason::Cancelled,
+                    prefill_secs: 0.0,
+                    time_to_first_token_secs: 0.0,
+                    decode_secs: 0.0,
+                    decode_steps: 0,
+                };
+                (generation, Some(error.unwrap_or(e)))
             }
         }
-        if finish != FinishReason::Stop {
-            let mut tail = match detok.finish() {
-                Ok(c) => c.map(|c| stops.push(&c).0).unwrap_or_default(),
-                Err(e) => {
-                    error.get_or_insert(e.into());
-                    String::new()
-                }
-            };
-            tail.push_str(&stops.flush());
-            if !tail.is_empty() {
-                on_text(&tail);
-                text.push_str(&tail);
-            }
-        }
-        let generation = Generation {
-            text,
-            tokens,
-            prompt_tokens: 0,
-            finish_reason: finish,
-            prefill_secs: 0.0,
-            time_to_first_token_secs: first_token_secs.unwrap_or(0.0),
-            decode_secs: started.elapsed().as_secs_f64(),
-            decode_steps,
+    }
+
+    /// The decode pass: runs the pending token through the model (it stays pending if the
+    /// pass fails).
+    fn feed_pending(&mut self) -> Result<()> {
+        let Some(next) = self.pending else {
+            return Ok(());
         };
-        (generation, error)
+        let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
+        self.pending = None;
+        self.set_logits(&logits)
     }
 
     /// Tokens seen vs. retained per layer and head, and KV memory in use.
     pub fn kv_report(&self) -> KvReport {
-        KvReport::new(&self.kv, self.seen.len())
+        KvReport::new(&self.kv, self.seen.len(), self.hook.state_bytes())
     }
 
     /// Next-token logits after the last fed token (`None` before any prefill, or while a
@@ -690,6 +725,61 @@ impl Session {
     /// The session's KV store (read-only).
     pub fn kv(&self) -> &SequenceKv {
         &self.kv
+    }
+}
+
+/// A generation's result and, when it ended on an error, that error (the tokens produced
+/// before it are part of the session).
+type Outcome = (Generation, Option<EngineError>);
+
+/// One session's share of a batched forward pass ([`Session::forward_batch`]).
+pub(crate) struct PassInput<'s, 't> {
+    /// The session.
+    pub(crate) session: &'s mut Session,
+    /// Its new tokens.
+    pub(crate) tokens: &'t [u32],
+    /// The kind of pass, announced to its policy.
+    pub(crate) pass: Pass,
+    /// Which logits it needs.
+    pub(crate) logits_for: LogitsFor,
+}
+
+/// The forward passes of one prefill, run one by one (by `Session::prefill`, or by the scheduler
+/// between decode steps).
+#[derive(Debug)]
+pub(crate) struct PrefillPlan {
+    run: Vec<u32>,
+    chunks: Vec<Range<usize>>,
+    next: usize,
+}
+
+impl PrefillPlan {
+    /// The next chunk and how to announce it, or `None` when the prefill is done.
+    pub(crate) fn next_chunk(&self) -> Option<(&[u32], Pass)> {
+        let range = self.chunks.get(self.next)?;
+        let final_chunk = self.next + 1 == self.chunks.len();
+        Some((&self.run[range.clone()], Pass::Prefill { final_chunk }))
+    }
+
+    /// Marks the next chunk as done.
+    pub(crate) fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    /// The tokens not fed yet, in order.
+    pub(crate) fn unfed(&self) -> &[u32] {
+        self.chunks
+            .get(self.next)
+            .map_or(&[], |r| &self.run[r.start..])
+    }
+
+    /// Tokens of the longest chunk not fed yet (0 when done).
+    pub(crate) fn largest_chunk(&self) -> usize {
+        self.chunks[self.next.min(self.chunks.len())..]
+            .iter()
+            .map(|r| r.len())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -732,7 +822,7 @@ fn peak_entries(held: usize, passes: &[usize], decode: usize, cap: Option<usize>
 
 /// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least
 /// `min_final` tokens (or all of them, when fewer). Chunks may exceed `chunk` only to satisfy that.
-fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<std::ops::Range<usize>> {
+fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<Range<usize>> {
     let final_len = (n % chunk)
         .max(if n.is_multiple_of(chunk) { chunk } else { 0 })
         .max(min_final)

@@ -7,32 +7,26 @@
 
 use model_zoo::Tokenizer;
 
-/// Turns a stream of token ids into a stream of text chunks.
-pub struct Detokenizer<'a> {
-    tokenizer: &'a Tokenizer,
+/// Turns a stream of token ids into a stream of text chunks (one generation, one tokenizer: the
+/// caller passes the same tokenizer to every call).
+#[derive(Debug, Default)]
+pub struct Detokenizer {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
 }
 
-impl<'a> Detokenizer<'a> {
+impl Detokenizer {
     /// A detokenizer for one generation.
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Detokenizer {
-            tokenizer,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Adds one id; returns the new text it completes, if any.
-    pub fn push(&mut self, id: u32) -> model_zoo::Result<Option<String>> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> model_zoo::Result<Option<String>> {
         self.ids.push(id);
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let after = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         if after.len() > before.len()
             && !after.ends_with('\u{FFFD}')
             && after.is_char_boundary(before.len())
@@ -47,11 +41,9 @@ impl<'a> Detokenizer<'a> {
     }
 
     /// Text still held back (an incomplete character at the end).
-    pub fn finish(&mut self) -> model_zoo::Result<Option<String>> {
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> model_zoo::Result<Option<String>> {
+        let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let after = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         self.read_offset = self.ids.len();
         self.prefix_offset = self.read_offset;
         Ok(
@@ -62,6 +54,7 @@ impl<'a> Detokenizer<'a> {
 }
 
 /// Finds stop strings in streamed text, holding back what might be the start of one.
+#[derive(Debug)]
 pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,

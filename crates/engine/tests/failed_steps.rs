@@ -1,7 +1,9 @@
 //! A failed step leaves the session exactly as before it, under every policy: a chat turn that
 //! the KV pool cannot hold is refused before it starts (cache, policy state, tokens seen,
 //! pending token, transcript and logits unchanged, and later turns give exactly what a session
-//! that never tried it gives), and a forward pass that fails half-way is undone by the decoder.
+//! that never tried it gives), a pass whose logits are not finite is undone (the gate's own
+//! cache included, after the pass overwrote its ring), and a forward pass that fails half-way is
+//! undone by the decoder.
 
 use engine::{Engine, GenerateRequest, PolicySpec, Session};
 use kv_store::SequenceKv;
@@ -13,6 +15,26 @@ fn tiny_engine(dir: &std::path::Path) -> Engine {
     let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
     cfg.max_position = 8192;
     engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 3)).unwrap();
+    load(dir)
+}
+
+/// [`tiny_engine`] whose embedding of token `POISON` is NaN: a pass holding it fails with
+/// non-finite logits after every layer ran (appends, plans, the gate's own cache).
+fn poisoned_engine(dir: &std::path::Path) -> Engine {
+    tiny_engine(dir);
+    let weights = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let embedding = tensors.get_mut("model.embed_tokens.weight").unwrap();
+    let mut rows = embedding.to_vec2::<f32>().unwrap();
+    rows[POISON as usize].fill(f32::NAN);
+    *embedding = candle_core::Tensor::new(rows, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    load(dir)
+}
+
+const POISON: u32 = 255;
+
+fn load(dir: &std::path::Path) -> Engine {
     Engine::builder()
         .model(dir)
         .kv_memory_mb(1)
@@ -53,6 +75,30 @@ fn request() -> GenerateRequest {
     }
 }
 
+const POLICIES: [&str; 9] = [
+    "full",
+    "random",
+    "streaming",
+    "h2o",
+    "tova",
+    "snapkv",
+    "knorm",
+    "nacl",
+    "ag",
+];
+
+/// Random gates near a coin flip (keep bias 0), written to `dir`.
+fn coin_flip_gates(engine: &Engine, dir: &std::path::Path) -> std::path::PathBuf {
+    let gates = dir.join("gates.safetensors");
+    let cfg = engine::GateConfig {
+        bias_init: 0.0,
+        ..engine.gate_config()
+    };
+    let g = engine.random_gates(&cfg, 5).unwrap();
+    engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
+    gates
+}
+
 fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
     match name {
         "full" => PolicySpec::named("full"),
@@ -71,21 +117,9 @@ fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
 fn a_turn_the_pool_cannot_hold_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(&dir.path().join("model"));
-    let gates = dir.path().join("gates.safetensors");
-    let g = engine.random_gates(5, Some(0.0)).unwrap();
-    engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
+    let gates = coin_flip_gates(&engine, dir.path());
     let long = "a long message that will not fit ".repeat(40);
-    for name in [
-        "full",
-        "random",
-        "streaming",
-        "h2o",
-        "tova",
-        "snapkv",
-        "knorm",
-        "nacl",
-        "ag",
-    ] {
+    for name in POLICIES {
         let policy = spec(name, &gates).build(&engine).unwrap();
         let mut session = engine.session_with(policy.clone()).unwrap();
         let mut twin = engine.session_with(policy).unwrap();
@@ -127,6 +161,49 @@ fn a_turn_the_pool_cannot_hold_changes_nothing() {
         .unwrap();
         assert_eq!(a, b, "{name}: the answer after a failed turn differs");
         assert_eq!(observe(&session), observe(&twin), "{name}");
+    }
+}
+
+#[test]
+fn a_pass_with_non_finite_logits_is_undone_under_every_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = poisoned_engine(&dir.path().join("model"));
+    let gates = coin_flip_gates(&engine, dir.path());
+    // The failed pass is longer than the gate's window: it overwrites the whole ring.
+    assert!(engine.gate_config().attention_window < 80);
+    let text =
+        |n: usize, seed: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + seed) % 200).collect() };
+    let mut bad = text(79, 1);
+    bad.push(POISON);
+    for positions in [engine::Positions::Original, engine::Positions::Cache] {
+        for name in POLICIES {
+            let policy = spec(name, &gates).build(&engine).unwrap();
+            let mut session = engine.session_with(policy.clone()).unwrap();
+            let mut twin = engine.session_with(policy).unwrap();
+            for s in [&mut session, &mut twin] {
+                s.set_positions(positions).unwrap();
+                s.prefill(&text(100, 3)).unwrap();
+            }
+            let before = observe(&session);
+            let err = session.prefill(&bad).expect_err("a NaN embedding");
+            assert!(
+                err.to_string().contains("non-finite logits"),
+                "{name}: {err}"
+            );
+            assert_eq!(
+                observe(&session),
+                before,
+                "{name}: the failed pass changed the session"
+            );
+            // A prefill, then one-token passes (the gate's decode step): exactly as the twin.
+            for s in [&mut session, &mut twin] {
+                s.prefill(&text(70, 5)).unwrap();
+                for t in text(5, 11) {
+                    s.prefill(&[t]).unwrap();
+                }
+            }
+            assert_eq!(observe(&session), observe(&twin), "{name} ({positions:?})");
+        }
     }
 }
 

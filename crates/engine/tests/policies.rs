@@ -72,16 +72,22 @@ impl LayerHook for MaskHook {
         if positions[0] < self.from {
             return Ok(LayerPlan::default());
         }
-        let visible = (0..kv.n_kv_heads())
+        let visible_until = (0..kv.n_kv_heads())
             .map(|h| {
                 kv.positions(layer, h)
                     .iter()
-                    .map(|p| *p >= self.from || self.kept[layer][h].contains(p))
+                    .map(|p| {
+                        if *p >= self.from || self.kept[layer][h].contains(p) {
+                            u32::MAX
+                        } else {
+                            *p
+                        }
+                    })
                     .collect()
             })
             .collect();
         Ok(LayerPlan {
-            visible: Some(visible),
+            visible_until: Some(visible_until),
             ..LayerPlan::default()
         })
     }
@@ -186,8 +192,20 @@ impl LayerHook for GateMaskHook {
             self.flags[layer][h].extend(f);
         }
         assert!((0..kv.n_kv_heads()).all(|h| kv.retained(layer, h) == self.flags[layer][h].len()));
+        // A flagged-out key is visible to its own query only (no protection).
+        let visible_until = self.flags[layer]
+            .iter()
+            .enumerate()
+            .map(|(h, flags)| {
+                kv.positions(layer, h)
+                    .iter()
+                    .zip(flags)
+                    .map(|(&p, &keep)| if keep { u32::MAX } else { p })
+                    .collect()
+            })
+            .collect();
         Ok(LayerPlan {
-            visible: Some(self.flags[layer].clone()),
+            visible_until: Some(visible_until),
             ..LayerPlan::default()
         })
     }
@@ -242,7 +260,13 @@ fn assert_masked_equals_physical(
     let dir = tempfile::tempdir().unwrap();
     let gates = dir.path().join("gates.safetensors");
     engine
-        .random_gates(3, Some(0.0))
+        .random_gates(
+            &engine::GateConfig {
+                bias_init: 0.0,
+                ..engine.gate_config()
+            },
+            3,
+        )
         .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let diff = ag_equivalence(engine, &gates, prompt, continuation);
@@ -295,7 +319,7 @@ fn budgets_are_met_exactly_and_memory_follows() {
     let (dir, engine) = tiny_engine(engine::KvDtype::F16);
     let gates = dir.path().join("gates.safetensors");
     engine
-        .random_gates(4, None)
+        .random_gates(&engine.gate_config(), 4)
         .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let prompt = tokens(333, 3);
@@ -305,6 +329,7 @@ fn budgets_are_met_exactly_and_memory_follows() {
     let full_report = full.kv_report();
     assert_eq!(full_report.eviction_ratio, 0.0);
     assert_eq!(full_report.bytes_in_use, full_report.bytes_full);
+    assert_eq!(full_report.policy_state_bytes, 0);
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
     for ratio in [0.25f32, 0.5, 0.75] {
@@ -336,13 +361,25 @@ fn budgets_are_met_exactly_and_memory_follows() {
                     );
                 }
             }
-            // Bytes in use: the retained entries' blocks, within one block per head.
+            // KV bytes: the retained entries' blocks, within one block per head; every byte of
+            // the session is the blocks plus the policy's own state, which only H2O (scores)
+            // and Attention-Gate (its cache and per-entry probabilities) hold.
             let ideal = heads * keep * block_bytes / engine.pool().config().block_size;
             assert!(
-                report.bytes_in_use >= ideal && report.bytes_in_use <= ideal + heads * block_bytes,
+                report.kv_block_bytes >= ideal
+                    && report.kv_block_bytes <= ideal + heads * block_bytes,
                 "{name} {ratio}"
             );
-            assert!(report.bytes_in_use < full_report.bytes_in_use);
+            assert_eq!(
+                report.bytes_in_use,
+                report.kv_block_bytes + report.policy_state_bytes
+            );
+            assert_eq!(
+                report.policy_state_bytes > 0,
+                matches!(name, "h2o" | "ag"),
+                "{name}"
+            );
+            assert!(report.kv_block_bytes < full_report.kv_block_bytes);
         }
     }
 }
@@ -369,19 +406,29 @@ fn pyramid_budgets_average_to_the_request() {
     assert!((mean - 200.0).abs() <= 1.0, "mean budget {mean}");
 }
 
-/// 4,000 tokens of conversation with `keep 512`: bytes stay at the budget's blocks while the
-/// tokens seen grow, for every continuous policy.
+/// 4,000 tokens of conversation with `keep 512`: bytes stay at the budget's blocks (plus the
+/// policy's own bounded state) while the tokens seen grow, for every continuous policy.
 #[test]
 fn long_conversation_stays_within_its_budget() {
     let (dir, engine) = tiny_engine(engine::KvDtype::F16);
     let gates = dir.path().join("gates.safetensors");
     engine
-        .random_gates(6, None)
+        .random_gates(&engine.gate_config(), 6)
         .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
     let cap = heads * 512usize.div_ceil(engine.pool().config().block_size) * block_bytes;
+    // At most 16 bytes per retained entry (H2O's sum and count; the gate's probability takes
+    // 4), plus the gate's own cache of its attention window (K', V' in f32 and a position).
+    let gc = engine
+        .random_gates(&engine.gate_config(), 6)
+        .unwrap()
+        .config()
+        .clone();
+    let gate_cache =
+        engine.model_config().n_layers * gc.attention_window * (2 * gc.heads * gc.head_dim * 4 + 4);
+    let state_cap = heads * 512 * 16 + gate_cache;
     for name in ["streaming", "h2o", "tova", "random", "ag"] {
         let mut s = PolicySpec {
             keep: Some(512),
@@ -402,9 +449,10 @@ fn long_conversation_stays_within_its_budget() {
                 .unwrap();
             let report = session.kv_report();
             assert!(
-                report.bytes_in_use <= cap,
-                "{name}: {} bytes after {} tokens (cap {cap})",
-                report.bytes_in_use,
+                report.kv_block_bytes <= cap && report.policy_state_bytes <= state_cap,
+                "{name}: {} + {} bytes after {} tokens (caps {cap} + {state_cap})",
+                report.kv_block_bytes,
+                report.policy_state_bytes,
                 report.tokens_seen
             );
             assert!(report
@@ -416,8 +464,115 @@ fn long_conversation_stays_within_its_budget() {
         }
         let report = session.kv_report();
         assert!(
-            report.tokens_seen >= 4000 && report.bytes_full > 7 * report.bytes_in_use,
+            report.tokens_seen >= 4000 && report.bytes_full > 7 * report.kv_block_bytes,
             "{name}: {report:?}"
         );
+    }
+}
+
+/// Attention-Gate's state is counted and bounded: the gate's own cache holds the last
+/// `attention_window` tokens per layer whatever the length, and the per-entry state follows the
+/// retained count (flags in threshold mode, probabilities in budget mode).
+#[test]
+fn attention_gate_state_is_counted_and_bounded() {
+    let (dir, engine) = tiny_engine(engine::KvDtype::F16);
+    let path = dir.path().join("gates.safetensors");
+    let gates = engine
+        .random_gates(
+            &engine::GateConfig {
+                bias_init: 0.0,
+                ..engine.gate_config()
+            },
+            6,
+        )
+        .unwrap();
+    engine::train::write_gates(&gates, &path, engine::StoreDtype::F32).unwrap();
+    let gc = gates.config().clone();
+    let cfg = engine.model_config();
+    let row = 2 * gc.heads * gc.head_dim * 4 + 4; // K', V' in f32 and a position
+    let cache_bytes = cfg.n_layers * gc.attention_window * row;
+    for budget_mode in [false, true] {
+        let mut s = spec("ag", 0.5, Some(&path));
+        s.ag_budget_mode = budget_mode;
+        let mut session = engine.session_with(s.build(&engine).unwrap()).unwrap();
+        let mut last = 0;
+        for n in [200, 400, 800] {
+            session.prefill(&tokens(n - last, n as u32)).unwrap();
+            last = n;
+            let r = session.kv_report();
+            let retained: usize = r.retained_per_layer_head.iter().flatten().sum();
+            let per_entry = if budget_mode { 4 } else { 1 };
+            assert_eq!(
+                r.policy_state_bytes,
+                cache_bytes + retained * per_entry,
+                "budget mode {budget_mode}, {n} tokens"
+            );
+            assert_eq!(r.bytes_in_use, r.kv_block_bytes + r.policy_state_bytes);
+        }
+    }
+}
+
+/// Budget-mode Attention-Gate evicts in context: a prompt prefilled in one pass (keys hidden
+/// inside the pass), in chunks of 7, or token by token (physical eviction after every token)
+/// ends with the same cache and gives the same logits.
+#[test]
+fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = model_zoo::random::tiny_config(3, 6, 2);
+    cfg.max_position = 8192;
+    engine::atomic::write_dir(dir.path(), |s| {
+        model_zoo::random::write_random_model(s, &cfg, 11)
+    })
+    .unwrap();
+    let engine = Engine::builder()
+        .model(dir.path())
+        .kv_dtype(engine::KvDtype::F32)
+        .build()
+        .unwrap();
+    let path = dir.path().join("gates.safetensors");
+    engine
+        .random_gates(
+            &engine::GateConfig {
+                bias_init: 0.0,
+                ..engine.gate_config()
+            },
+            8,
+        )
+        .and_then(|g| engine::train::write_gates(&g, &path, engine::StoreDtype::F32))
+        .unwrap();
+    let prompt = tokens(150, 4);
+    let continuation = tokens(5, 9);
+    let mut runs = Vec::new();
+    for chunk in [prompt.len(), 7, 1] {
+        let policy = PolicySpec {
+            keep: Some(40),
+            sinks: Some(2),
+            window: Some(3),
+            gates: Some(path.clone()),
+            ag_budget_mode: true,
+            ..PolicySpec::named("ag")
+        }
+        .build(&engine)
+        .unwrap();
+        let mut session = engine.session_with(policy).unwrap();
+        for piece in prompt.chunks(chunk) {
+            session.prefill(piece).unwrap();
+        }
+        let first = session.last_logits().unwrap().to_vec();
+        let rest = session
+            .prefill_all_logits(&continuation)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        runs.push((chunk, kept_positions(session.kv()), first, rest));
+    }
+    let (_, kept, first, rest) = &runs[0];
+    assert!(kept.iter().flatten().all(|h| h.len() == 40));
+    for (chunk, k, f, r) in &runs[1..] {
+        assert_eq!(k, kept, "chunks of {chunk}: different tokens kept");
+        let d = max_abs_diff(f, first).max(max_abs_diff(r, rest));
+        assert!(d < 1e-4, "chunks of {chunk}: logits differ by {d}");
     }
 }

@@ -53,7 +53,7 @@ fn a_bounded_chat_runs_past_the_context_under_every_fixed_budget() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(dir.path(), 64);
     let gates = dir.path().join("gates.safetensors");
-    let g = engine.random_gates(1, None).unwrap();
+    let g = engine.random_gates(&engine.gate_config(), 1).unwrap();
     engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
     let ag_budget = PolicySpec {
         keep: Some(32),
@@ -147,10 +147,7 @@ fn moved_keys_stay_rotated_for_their_cache_position() {
             assert_eq!(c.positions, o.positions, "{name}: different evictions");
             let at = cache.kv().cache_positions(0, h);
             assert_eq!(at.len(), c.positions.len());
-            assert!(
-                at.last() < c.positions.last(),
-                "{name}: no gap was ever closed"
-            );
+            assert_ne!(at, c.positions, "{name}: no key was ever moved");
             for (i, (kc, ko)) in c.keys.chunks(d).zip(o.keys.chunks(d)).enumerate() {
                 let (mut kc, mut ko) = (kc.to_vec(), ko.to_vec());
                 shift(&mut kc, -i64::from(at[i]));

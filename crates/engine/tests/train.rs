@@ -98,8 +98,14 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
     let engine = tiny_engine(dir.path());
     let gates_path = dir.path().join("gates.safetensors");
     engine
-        .random_gates(7, Some(0.0))
-        .and_then(|g| engine::train::write_gates(&g, &gates_path, engine::StoreDtype::F32))
+        .random_gates(
+            &engine::GateConfig {
+                bias_init: 0.0,
+                ..engine.gate_config()
+            },
+            7,
+        )
+        .and_then(|g| engine::train::write_gates(&g, &gates_path, StoreDtype::F32))
         .unwrap();
     let gates = gate_core::AttentionGate::load(
         &gates_path,
@@ -202,6 +208,7 @@ fn tiny_config(data: PathBuf, steps: usize) -> TrainConfig {
         lambda: 10.0,
         adapt_lambda: true,
         gate_bias_init: Some(1.0),
+        gate_attention_window: None,
         init_gates: None,
         sinks: 0,
         window: 0,
@@ -353,8 +360,8 @@ fn init_gates_starts_from_saved_gates() {
     let other = Engine::builder().model(&other_dir).build().unwrap();
     let wrong = dir.path().join("wrong.safetensors");
     other
-        .random_gates(0, None)
-        .and_then(|g| engine::train::write_gates(&g, &wrong, engine::StoreDtype::F32))
+        .random_gates(&engine.gate_config(), 0)
+        .and_then(|g| engine::train::write_gates(&g, &wrong, StoreDtype::F32))
         .unwrap();
     let cfg = TrainConfig {
         init_gates: Some(wrong),
@@ -452,4 +459,81 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--gates"), "{err}");
+}
+
+/// A multi-turn chat item learns every assistant answer (and its end of turn), its tokens are
+/// the conversation as a chat session renders it, and `mix` reads CPT and SFT files together;
+/// a chat that does not end with an answer is refused with its file and line.
+#[test]
+fn chats_learn_every_answer_and_mix_reads_both_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let tok = engine.tokenizer();
+    let chat = dir.path().join("chat.jsonl");
+    let turns = [
+        ("user", "My dog is called Max."),
+        ("assistant", "Nice name."),
+        ("user", "What is my dog called?"),
+        ("assistant", "Max"),
+    ];
+    let messages: Vec<serde_json::Value> = turns
+        .iter()
+        .map(|(r, c)| serde_json::json!({ "role": r, "content": c }))
+        .collect();
+    std::fs::write(
+        &chat,
+        serde_json::json!({ "messages": messages }).to_string(),
+    )
+    .unwrap();
+    let ex = engine::train::dataset::load_sft(std::slice::from_ref(&chat), tok, 128).unwrap();
+    let e = &ex[0];
+    let end = tok
+        .token_id("<|im_end|>")
+        .or(tok.eos_ids().first().copied());
+    let mut want = Vec::new();
+    for answer in ["Nice name.", "Max"] {
+        want.extend(tok.encode(answer, false).unwrap());
+        want.extend(end);
+    }
+    let targets: Vec<u32> = (0..128)
+        .filter(|&i| e.target_mask[i])
+        .map(|i| e.tokens[i + 1])
+        .collect();
+    assert_eq!(targets, want);
+    let n = e.valid.iter().filter(|&&v| v).count();
+    let all: Vec<engine::ChatMessage> = turns
+        .iter()
+        .map(|(r, c)| engine::ChatMessage::new(r, c))
+        .collect();
+    // The whole rendering, up to the last end of turn (what follows it is never fed).
+    let fed = tok.decode(&e.tokens[..n]).unwrap();
+    let rendered = tok.apply_chat_template(&all, false).unwrap();
+    assert!(
+        rendered.starts_with(&fed) && rendered[fed.len()..].trim().is_empty(),
+        "{fed:?} vs {rendered:?}"
+    );
+
+    let text = prose(dir.path());
+    let mixed =
+        engine::train::dataset::load(Mode::Mix, &[text.clone(), chat.clone()], tok, 128).unwrap();
+    let cpt = engine::train::dataset::load_cpt(&[text], tok, 128).unwrap();
+    assert_eq!(mixed.len(), cpt.len() + 1);
+    assert!(mixed[..cpt.len()]
+        .iter()
+        .all(|e| e.target_mask.iter().all(|&m| m)));
+    assert_eq!(mixed[cpt.len()], *e);
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let err = engine::train::dataset::load(Mode::Mix, &[bad], tok, 128)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("assistant"),
+        "{err}"
+    );
 }

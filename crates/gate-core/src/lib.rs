@@ -22,4 +22,6 @@ pub use gate::{
 pub use loss::{
     eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights, EvictionRatios,
 };
-pub use select::{pyramid_budgets, select_threshold, select_top_k, Budget, Protection};
+pub use select::{
+    evict_greedily, pyramid_budgets, select_threshold, select_top_k, Budget, Protection,
+};

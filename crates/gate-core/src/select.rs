@@ -1,7 +1,8 @@
 //! Selectors: turn one (layer, KV head)'s per-entry scores into a keep mask.
 //!
-//! Owns [`Budget`], [`Protection`], [`select_top_k`], [`select_threshold`] and
-//! [`pyramid_budgets`], plus the one ranking rule every top-k in this crate uses.
+//! Owns [`Budget`], [`Protection`], [`select_top_k`], [`select_threshold`],
+//! [`evict_greedily`] and [`pyramid_budgets`], plus the one ranking rule every top-k in this
+//! crate uses.
 //!
 //! Invariants:
 //! - A mask has exactly one flag per input entry, in entry order (oldest first).
@@ -12,6 +13,7 @@
 //!   result is therefore deterministic and independent of the sort algorithm.
 
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 use crate::error::{invalid, Result};
 
@@ -157,6 +159,86 @@ pub fn select_threshold(scores: &[f32], tau: f32, protect: &Protection) -> Vec<b
         .enumerate()
         .map(|(i, &s)| s > tau || protect.is_protected(i, n))
         .collect()
+}
+
+/// Greedy eviction under a budget, one arrival at a time — what a head does when it evicts
+/// whenever it exceeds its budget, played over several new entries at once so that a prefill
+/// can hide, inside the pass, exactly the keys a token-by-token run would have removed.
+///
+/// Entries `0..first_new` are already retained (in order, oldest first); entries
+/// `first_new..scores.len()` arrive one by one. After arrival `a` (whose query saw every live
+/// entry, itself included), while more than `keep_after(a)` entries live, the worst live entry
+/// is evicted by the crate's ranking rule over the live entries in order (protected: the first
+/// `sinks` and the last `recent` live entries; then score; then recency). Returns, for every
+/// entry, the arrival after which it was evicted (`None`: it survives all of them).
+///
+/// Evicting the worst entry one at a time keeps exactly what [`select_top_k`] keeps when the
+/// budget is exceeded by one entry per arrival, as a budget that grows by at most one per token
+/// is ([`Budget::keep_count`]). Cost: `O(log n + sinks + recent)` per eviction.
+pub fn evict_greedily(
+    scores: &[f32],
+    first_new: usize,
+    keep_after: &dyn Fn(usize) -> usize,
+    protect: &Protection,
+) -> Vec<Option<usize>> {
+    let n = scores.len();
+    let mut evicted_after = vec![None; n];
+    // Live entries, by index and by rank (worst first: lower score, then older).
+    let key = |i: usize| (RankedScore(scores[i]), i);
+    let mut live: BTreeSet<usize> = (0..first_new.min(n)).collect();
+    let mut by_rank: BTreeSet<(RankedScore, usize)> = live.iter().map(|&i| key(i)).collect();
+    for arrival in first_new..n {
+        live.insert(arrival);
+        by_rank.insert(key(arrival));
+        let keep = keep_after(arrival);
+        while live.len() > keep {
+            // Protected: index at most the sinks-th live one, or at least the recent-th newest
+            // (every live entry when fewer live).
+            let sinks_end = (protect.sinks > 0)
+                .then(|| live.iter().nth(protect.sinks - 1).or(live.last()))
+                .flatten();
+            let recent_start = (protect.recent > 0)
+                .then(|| live.iter().nth_back(protect.recent - 1).or(live.first()))
+                .flatten();
+            let protected = |i: usize| {
+                sinks_end.is_some_and(|&e| i <= e) || recent_start.is_some_and(|&s| i >= s)
+            };
+            let victim = by_rank
+                .iter()
+                .find(|(_, i)| !protected(*i))
+                .or_else(|| by_rank.iter().next())
+                .copied();
+            let Some((score, i)) = victim else { break };
+            by_rank.remove(&(score, i));
+            live.remove(&i);
+            evicted_after[i] = Some(arrival);
+        }
+    }
+    evicted_after
+}
+
+/// A score under the ranking rule's total order (NaN lowest, `-0.0 == +0.0`), for ordered sets.
+#[derive(Clone, Copy, Debug)]
+struct RankedScore(f32);
+
+impl PartialEq for RankedScore {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for RankedScore {}
+
+impl PartialOrd for RankedScore {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RankedScore {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_score(f64::from(self.0), f64::from(other.0))
+    }
 }
 
 /// PyramidKV per-layer keep budgets (window included), falling linearly with depth.

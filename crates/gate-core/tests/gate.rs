@@ -155,46 +155,102 @@ fn causal_future_tokens_do_not_change_earlier_s() {
     assert_ne!(a[9], b[9]);
 }
 
+/// With an attention window `W`, a token's `s` depends only on the last `W` tokens: it equals
+/// the last row of a forward over just those tokens (at their positions), and a change further
+/// back changes nothing.
+#[test]
+fn the_attention_window_bounds_what_a_token_sees() {
+    let c = GateConfig {
+        attention_window: 6,
+        ..cfg()
+    };
+    let g = spread_gate(&c);
+    let (t, w) = (20, 6);
+    let pos: Vec<u32> = (300..300 + t as u32).collect();
+    let x = det_input(t, 11);
+    let full = rows(&g.keep_probs(1, &x, &pos).unwrap());
+    for i in w..t {
+        let alone = rows(
+            &g.keep_probs(1, &x.narrow(0, i + 1 - w, w).unwrap(), &pos[i + 1 - w..=i])
+                .unwrap(),
+        );
+        for (a, b) in full[i].iter().zip(&alone[w - 1]) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "token {i}: {:?} vs {:?}",
+                full[i],
+                alone[w - 1]
+            );
+        }
+    }
+    // Unbounded, the same tokens do see further back.
+    let unbounded = spread_gate(&GateConfig {
+        attention_window: 0,
+        ..cfg()
+    });
+    let far = rows(&unbounded.keep_probs(1, &x, &pos).unwrap());
+    assert!(full[t - 1]
+        .iter()
+        .zip(&far[t - 1])
+        .any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
 #[test]
 fn prefill_then_step_equals_the_full_forward() {
-    let c = cfg();
-    let g = spread_gate(&c);
-    let (t, t0) = (24, 9);
-    let pos: Vec<u32> = (1000..1000 + t as u32).collect();
-    let x = det_input(t, 6);
-    for layer in 0..c.n_layers {
-        let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
-        let mut cache = GateCache::new(&c);
-        // Prefill in two chunks (the second attends to the first through the cache), then decode.
-        let a = g
-            .prefill(layer, &x.narrow(0, 0, 4).unwrap(), &pos[..4], &mut cache)
-            .unwrap();
-        let b = g
-            .prefill(
-                layer,
-                &x.narrow(0, 4, t0 - 4).unwrap(),
-                &pos[4..t0],
-                &mut cache,
-            )
-            .unwrap();
-        let mut got = rows(&a);
-        got.extend(rows(&b));
-        for (i, &p) in pos.iter().enumerate().skip(t0) {
-            got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
-        }
-        assert_eq!(cache.len(layer), t);
-        for (i, (f, s)) in full.iter().zip(&got).enumerate() {
-            for (a, b) in f.iter().zip(s) {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "layer {layer} token {i}: {f:?} vs {s:?}"
-                );
+    // Unbounded (older gates), and a window of 5 that the ring wraps many times.
+    for attention_window in [0, 5] {
+        let c = GateConfig {
+            attention_window,
+            ..cfg()
+        };
+        let g = spread_gate(&c);
+        let (t, t0) = (24, 9);
+        let pos: Vec<u32> = (1000..1000 + t as u32).collect();
+        let x = det_input(t, 6);
+        for layer in 0..c.n_layers {
+            let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
+            let mut cache = GateCache::new(&c);
+            // Prefill in two chunks (the second attends to the first through the cache), then
+            // decode.
+            let a = g
+                .prefill(layer, &x.narrow(0, 0, 4).unwrap(), &pos[..4], &mut cache)
+                .unwrap();
+            let b = g
+                .prefill(
+                    layer,
+                    &x.narrow(0, 4, t0 - 4).unwrap(),
+                    &pos[4..t0],
+                    &mut cache,
+                )
+                .unwrap();
+            let mut got = rows(&a);
+            got.extend(rows(&b));
+            for (i, &p) in pos.iter().enumerate().skip(t0) {
+                got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
+            }
+            let held = if attention_window == 0 {
+                t
+            } else {
+                attention_window
+            };
+            assert_eq!(cache.len(layer), held);
+            for (i, (f, s)) in full.iter().zip(&got).enumerate() {
+                for (a, b) in f.iter().zip(s) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "window {attention_window} layer {layer} token {i}: {f:?} vs {s:?}"
+                    );
+                }
             }
         }
     }
+    let c = cfg();
+    let g = spread_gate(&c);
+    let x = det_input(2, 6);
     let mut cache = GateCache::new(&c);
     g.step(0, &x.get(0).unwrap(), 0, &mut cache).unwrap();
-    assert_eq!(cache.bytes(), 2 * c.heads * c.head_dim * 4);
+    // K' and V' in f32 and the position.
+    assert_eq!(cache.bytes(), 2 * c.heads * c.head_dim * 4 + 4);
     let err = g
         .step(0, &x.narrow(0, 0, 2).unwrap(), 0, &mut cache)
         .unwrap_err()
@@ -211,6 +267,68 @@ fn prefill_then_step_equals_the_full_forward() {
         .contains("GateCache"));
     cache.clear();
     assert!(cache.is_empty());
+}
+
+#[test]
+fn a_rolled_back_pass_leaves_the_cache_as_at_its_mark() {
+    // Unbounded, and a ring of 5 that failed passes of up to 13 tokens wrap more than twice.
+    for attention_window in [0, 5] {
+        let c = GateConfig {
+            attention_window,
+            ..cfg()
+        };
+        let g = spread_gate(&c);
+        let x = det_input(40, 8);
+        let pos: Vec<u32> = (0..40).collect();
+        let feed = |cache: &mut GateCache, from: usize, to: usize| {
+            for layer in 0..c.n_layers {
+                g.prefill(
+                    layer,
+                    &x.narrow(0, from, to - from).unwrap(),
+                    &pos[from..to],
+                    cache,
+                )
+                .unwrap();
+            }
+        };
+        for (before, failed) in [(3, 1), (3, 13), (7, 4), (9, 6)] {
+            let mut clean = GateCache::new(&c);
+            feed(&mut clean, 0, before);
+            let mut undone = clean.clone();
+            undone.mark();
+            // The failed pass: a prefill chunk, then decode steps, of other tokens.
+            let half = failed / 2;
+            feed(&mut undone, 20, 20 + failed - half);
+            for i in 0..half {
+                g.step(0, &x.get(30 + i).unwrap(), pos[before + i], &mut undone)
+                    .unwrap();
+            }
+            undone.rollback();
+            assert_eq!(undone.bytes(), clean.bytes());
+            // The next pass sees exactly what it would have seen.
+            for layer in 0..c.n_layers {
+                assert_eq!(undone.len(layer), clean.len(layer));
+                for (i, &p) in pos.iter().enumerate().skip(before).take(3) {
+                    let row = x.get(i).unwrap();
+                    let a = g.step(layer, &row, p, &mut undone).unwrap();
+                    let b = g.step(layer, &row, p, &mut clean).unwrap();
+                    assert_eq!(
+                        a, b,
+                        "window {attention_window}, {before}+{failed}, layer {layer}"
+                    );
+                }
+            }
+        }
+        // A committed pass stays; a rollback without a mark does nothing.
+        let mut cache = GateCache::new(&c);
+        cache.mark();
+        feed(&mut cache, 0, 8);
+        cache.commit();
+        let bytes = cache.bytes();
+        cache.rollback();
+        assert_eq!(cache.bytes(), bytes);
+        assert_eq!(cache.len(0), if attention_window == 0 { 8 } else { 5 });
+    }
 }
 
 #[test]
@@ -311,6 +429,32 @@ fn half_precision_files_round_to_the_stored_dtype() {
             assert_eq!(a, b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
     }
+}
+
+#[test]
+fn the_attention_window_round_trips_and_older_files_are_unbounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, path) = saved(dir.path(), StoreDtype::F32);
+    assert_eq!(
+        g.config().attention_window,
+        gate_core::gate::DEFAULT_ATTENTION_WINDOW
+    );
+    let back = AttentionGate::load(&path, &identity(), &Device::Cpu).unwrap();
+    assert_eq!(back.config().attention_window, g.config().attention_window);
+    // A file written before the window existed has no such field: its gate attends to all.
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&meta["gate_config"]).unwrap();
+    cfg.as_object_mut()
+        .unwrap()
+        .remove("attention_window")
+        .unwrap();
+    meta.insert("gate_config".into(), cfg.to_string());
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    std::fs::write(&path, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
+    let old = AttentionGate::load(&path, &identity(), &Device::Cpu).unwrap();
+    assert_eq!(old.config().attention_window, 0);
 }
 
 /// Rewrites the gate file at `path` with `edit` applied to its tensors, keeping its metadata.

@@ -1,7 +1,10 @@
 //! Selectors against naive references: budgets and their rounding, top-k (ties, NaN,
-//! protection, exact counts), threshold, and PyramidKV budgets by hand.
+//! protection, exact counts), threshold, greedy eviction one arrival at a time, and PyramidKV
+//! budgets by hand.
 
-use gate_core::{pyramid_budgets, select_threshold, select_top_k, Budget, Protection};
+use gate_core::{
+    evict_greedily, pyramid_budgets, select_threshold, select_top_k, Budget, Protection,
+};
 use proptest::prelude::*;
 
 /// Naive top-k: pick the best remaining entry `keep` times by a linear scan, comparing the
@@ -47,7 +50,59 @@ fn score_strategy() -> impl Strategy<Value = f32> {
     ]
 }
 
+/// The reference of [`evict_greedily`]: after each arrival, the live entries (in order) are cut
+/// to the budget by the naive top-k; returns the arrival after which each entry left.
+fn naive_greedy(
+    scores: &[f32],
+    first_new: usize,
+    budget: Budget,
+    protect: &Protection,
+) -> Vec<Option<usize>> {
+    let mut live: Vec<usize> = (0..first_new).collect();
+    let mut out = vec![None; scores.len()];
+    for a in first_new..scores.len() {
+        live.push(a);
+        let keep = budget.keep_count(a + 1);
+        if live.len() > keep {
+            let s: Vec<f32> = live.iter().map(|&i| scores[i]).collect();
+            let mask = naive_top_k(&s, keep, protect);
+            let mut next = Vec::new();
+            for (&i, &k) in live.iter().zip(&mask) {
+                if k {
+                    next.push(i);
+                } else {
+                    out[i] = Some(a);
+                }
+            }
+            live = next;
+        }
+    }
+    out
+}
+
 proptest! {
+    #[test]
+    fn greedy_eviction_matches_top_k_after_every_arrival(
+        scores in prop::collection::vec(score_strategy(), 0..60),
+        ratio in 0.0f32..0.95,
+        keep in 1usize..20,
+        by_ratio in any::<bool>(),
+        sinks in 0usize..5,
+        recent in 0usize..8,
+        first_new in 0usize..4,
+    ) {
+        let budget = if by_ratio { Budget::EvictRatio(ratio) } else { Budget::Keep(keep) };
+        let protect = Protection { sinks, recent };
+        // Start from a prefix that the budget never had to cut.
+        let first_new = first_new.min(scores.len());
+        let first_new = (0..=first_new)
+            .take_while(|&p| (0..p).all(|a| budget.keep_count(a + 1) > a))
+            .last()
+            .unwrap_or(0);
+        let got = evict_greedily(&scores, first_new, &|a| budget.keep_count(a + 1), &protect);
+        prop_assert_eq!(got, naive_greedy(&scores, first_new, budget, &protect));
+    }
+
     #[test]
     fn top_k_matches_naive(
         scores in prop::collection::vec(score_strategy(), 0..40),

@@ -12,8 +12,8 @@
 //! - softmax is online (running max and denominator per query vector, f32 accumulators), and
 //!   split-K partials are merged by the same max-shift rule, so it is stable for any score
 //!   magnitude; a query row with no visible key gets a zero output and zero probabilities;
-//! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and (`visible[j]` or
-//!   `pos_i - window <= pos_j <= pos_i`);
+//! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and
+//!   `pos_i <= visible_until[j]` (when a `visible_until` mask is given);
 //! - units run on rayon only when the whole call has at least [`PAR_MIN_WORK`] multiply-adds;
 //!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
@@ -49,13 +49,13 @@ pub struct AttendOptions<'a> {
     /// Causal (default): key `j` is visible to query `i` iff `pos_j <= pos_i`. Non-causal: every
     /// retained key is visible (NACL proxy scoring).
     pub causal: bool,
-    /// In-context eviction: per KV head, one flag per retained entry of this layer. A key whose
-    /// flag is false is visible only to the queries at most [`AttendOptions::window`] positions
-    /// after its own (a token always sees itself). `None`: all visible.
-    pub visible: Option<&'a [Vec<bool>]>,
-    /// The local window of in-context eviction: a flagged-out key at `pos_j` is still visible to
-    /// a query at `pos_i` when `pos_j <= pos_i <= pos_j + window` (0: only to itself).
-    pub window: u32,
+    /// In-context eviction: per KV head, one position per retained entry of this layer, the
+    /// last query position that still sees the key (`u32::MAX`: every later query). A key is
+    /// hidden from the queries after that position, as if it had been evicted right after
+    /// attending them, which is how policies that evict inside a prefill chunk mask what they
+    /// will remove. A value below the key's own position hides it from itself too; policies
+    /// give at least the key's position. `None`: all visible.
+    pub visible_until: Option<&'a [Vec<u32>]>,
     /// When `Some(rows)`: also return, per KV head and per retained key, the attention
     /// probability summed over query rows `rows` (indices into the `n_q` rows) and averaged over
     /// the `G` query heads of that KV head's group.
@@ -68,8 +68,7 @@ impl<'a> AttendOptions<'a> {
         AttendOptions {
             scale,
             causal: true,
-            visible: None,
-            window: 0,
+            visible_until: None,
             prob_sums: None,
         }
     }
@@ -85,15 +84,9 @@ impl<'a> AttendOptions<'a> {
         self
     }
 
-    /// Sets [`AttendOptions::visible`].
-    pub fn visible(mut self, visible: &'a [Vec<bool>]) -> Self {
-        self.visible = Some(visible);
-        self
-    }
-
-    /// Sets [`AttendOptions::window`].
-    pub fn window(mut self, window: u32) -> Self {
-        self.window = window;
+    /// Sets [`AttendOptions::visible_until`].
+    pub fn visible_until(mut self, visible_until: &'a [Vec<u32>]) -> Self {
+        self.visible_until = Some(visible_until);
         self
     }
 
@@ -232,11 +225,11 @@ fn validate(
             n_kv_heads: n_kv,
         });
     }
-    if let Some(vis) = opts.visible {
+    if let Some(vis) = opts.visible_until {
         if vis.len() != n_kv {
             return Err(KvError::ShapeMismatch {
                 layer,
-                what: "visible (one Vec per KV head)",
+                what: "visible_until (one Vec per KV head)",
                 expected: n_kv,
                 got: vis.len(),
             });
@@ -246,7 +239,7 @@ fn validate(
                 return Err(KvError::MaskLength {
                     layer,
                     head,
-                    what: "visible",
+                    what: "visible_until",
                     retained: hv.len,
                     got: flags.len(),
                 });
@@ -339,8 +332,8 @@ pub(crate) fn attend_heads(
     let sh = validate(layer, heads, head_dim, q, q_positions, opts)?;
     let (units, parallel) = plan(heads, &sh);
     let run = |u: &Unit| {
-        let flags = opts.visible.map(|v| v[u.head].as_slice());
-        attend_part(&heads[u.head], flags, q, q_positions, opts, &sh, u)
+        let until = opts.visible_until.map(|v| v[u.head].as_slice());
+        attend_part(&heads[u.head], until, q, q_positions, opts, &sh, u)
     };
     let partials: Vec<Partial> = if parallel {
         units.par_iter().map(run).collect()
@@ -419,7 +412,7 @@ fn merge(
 /// [`CHUNK`] entries), with an online softmax per query vector.
 fn attend_part(
     hv: &HeadView<'_>,
-    flags: Option<&[bool]>,
+    until: Option<&[u32]>,
     q: &[f32],
     q_positions: &[u32],
     opts: &AttendOptions<'_>,
@@ -470,9 +463,8 @@ fn attend_part(
                     continue; // the whole chunk is in this row's future (prefill)
                 }
                 for (jj, (vis, &pj)) in vis.iter_mut().zip(pos).enumerate() {
-                    let shown = flags.is_none_or(|f| f[j0 + jj]);
-                    let local = pj <= qp && qp - pj <= opts.window;
-                    *vis = (!opts.causal || pj <= qp) && (shown || local);
+                    let shown = until.is_none_or(|u| qp <= u[j0 + jj]);
+                    *vis = (!opts.causal || pj <= qp) && shown;
                 }
                 for qi in r * g..(r + 1) * g {
                     let qv = &qs[qi * d..(qi + 1) * d];

@@ -77,7 +77,7 @@ pub enum KvError {
         layer: usize,
         /// KV head of the mask.
         head: usize,
-        /// Which mask (`keep` or `visible`).
+        /// Which mask (`keep` or `visible_until`).
         what: &'static str,
         /// Retained entries of that head.
         retained: usize,

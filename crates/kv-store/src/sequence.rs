@@ -480,6 +480,16 @@ impl SequenceKv {
         Ok(())
     }
 
+    /// Blocks that appending `tokens` entries to every (layer, KV head) table would take from the
+    /// pool: the most one forward pass of that many tokens can take, whatever a policy evicts.
+    pub fn blocks_to_append(&self, tokens: usize) -> usize {
+        let bs = self.cfg.block_size;
+        self.tables
+            .iter()
+            .map(|t| t.blocks_needed(bs, tokens))
+            .sum()
+    }
+
     /// Keeps the retained entries of (`layer`, `head`) whose `keep` flag is true and removes the
     /// others: survivors move forward in order (compaction) and every emptied block returns to
     /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`].

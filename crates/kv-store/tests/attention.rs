@@ -94,10 +94,23 @@ impl Case {
         }
     }
 
-    fn random_visibility(&mut self) -> Vec<Vec<bool>> {
-        let lens: Vec<usize> = self.heads.iter().map(|h| h.positions.len()).collect();
-        lens.into_iter()
-            .map(|n| (0..n).map(|_| self.rng.random_bool(0.6)).collect())
+    /// A random in-context eviction mask: 60% of the keys visible to every query, the others
+    /// to the queries up to 0–7 positions after their own.
+    fn random_visibility(&mut self) -> Vec<Vec<u32>> {
+        let heads: Vec<Vec<u32>> = self.heads.iter().map(|h| h.positions.clone()).collect();
+        heads
+            .into_iter()
+            .map(|pos| {
+                pos.into_iter()
+                    .map(|p| {
+                        if self.rng.random_bool(0.6) {
+                            u32::MAX
+                        } else {
+                            p + self.rng.random_range(0..8)
+                        }
+                    })
+                    .collect()
+            })
             .collect()
     }
 }
@@ -130,9 +143,8 @@ fn reference(
         for i in 0..n_q {
             for j in 0..len {
                 let (pj, pi) = (head.positions[j], qpos[i]);
-                let shown = opts.visible.is_none_or(|v| v[h / g_size][j]);
-                let local = pj <= pi && pi - pj <= opts.window;
-                if !((!opts.causal || pj <= pi) && (shown || local)) {
+                let shown = opts.visible_until.is_none_or(|v| pi <= v[h / g_size][j]);
+                if !((!opts.causal || pj <= pi) && shown) {
                     mask[i * len + j] = f32::NEG_INFINITY;
                 }
             }
@@ -228,7 +240,7 @@ fn scenario(dtype: KvDtype, seed: u64) {
             &case,
             &q,
             &pos,
-            &opts.clone().visible(&vis).prob_sums(0..1),
+            &opts.clone().visible_until(&vis).prob_sums(0..1),
             &format!("{dtype} decode masked G={group}"),
         );
 
@@ -243,20 +255,13 @@ fn scenario(dtype: KvDtype, seed: u64) {
             &format!("{dtype} prefill G={group}"),
         );
         let vis = case.random_visibility();
-        let masked = opts.clone().visible(&vis).prob_sums(5..19);
+        let masked = opts.clone().visible_until(&vis).prob_sums(5..19);
         check(
             &case,
             &q,
             &pos,
             &masked,
             &format!("{dtype} prefill masked G={group}"),
-        );
-        check(
-            &case,
-            &q,
-            &pos,
-            &masked.clone().window(5),
-            &format!("{dtype} prefill masked, window 5, G={group}"),
         );
         check(
             &case,
@@ -315,18 +320,25 @@ fn eviction_equals_masking() {
         .map(|g| (0..100).map(|j| (j * (g + 2)) % 5 != 0).collect())
         .collect();
     let pos = case.append(1);
-    let vis: Vec<Vec<bool>> = keep
+    // Kept keys (and the new token) visible to every query, the others to none.
+    let vis: Vec<Vec<u32>> = keep
         .iter()
-        .map(|k| k.iter().copied().chain([true]).collect())
+        .map(|k| {
+            k.iter()
+                .map(|&kept| if kept { u32::MAX } else { 0 })
+                .chain([u32::MAX])
+                .collect()
+        })
         .collect();
     let q = queries(&mut case, 1, 6);
     let opts = AttendOptions::for_head_dim(16);
     let masked = case
         .kv
-        .attend(0, &q, &pos, &opts.clone().visible(&vis))
+        .attend(0, &q, &pos, &opts.clone().visible_until(&vis))
         .unwrap();
-    for (g, v) in vis.iter().enumerate() {
-        case.kv.evict(0, g, v).unwrap();
+    for (g, k) in keep.iter().enumerate() {
+        let mask: Vec<bool> = k.iter().copied().chain([true]).collect();
+        case.kv.evict(0, g, &mask).unwrap();
     }
     let evicted = case.kv.attend(0, &q, &pos, &opts).unwrap();
     assert_close_rows(&evicted.out, &masked.out, 16, "evicted vs masked");
@@ -378,14 +390,16 @@ fn row_without_visible_keys_is_zero() {
     let mut case = Case::new(3, 1, 8, KvDtype::F32, 4);
     case.append(10);
     let q = queries(&mut case, 1, 1);
-    let vis = vec![vec![false; 10]];
+    let vis = vec![vec![0u32; 10]];
     let got = case
         .kv
         .attend(
             0,
             &q,
             &[50],
-            &AttendOptions::for_head_dim(8).visible(&vis).prob_sums(0..1),
+            &AttendOptions::for_head_dim(8)
+                .visible_until(&vis)
+                .prob_sums(0..1),
         )
         .unwrap();
     assert!(got.out.iter().all(|&x| x == 0.0));
@@ -409,7 +423,7 @@ fn split_k_decode_matches() {
             &case,
             &q,
             &pos,
-            &opts.clone().visible(&vis),
+            &opts.clone().visible_until(&vis),
             &format!("{dtype} split-K masked"),
         );
     }

@@ -185,28 +185,28 @@ fn attend_errors() {
     let (_, m) = err_msg(kv.attend(3, &q, &[5], &opts));
     assert_eq!(m, "layer 3 is out of range: the sequence has 2 layers");
 
-    let vis = vec![vec![true; 5]];
-    let (_, m) = err_msg(kv.attend(0, &q, &[5], &opts.clone().visible(&vis)));
+    let vis = vec![vec![u32::MAX; 5]];
+    let (_, m) = err_msg(kv.attend(0, &q, &[5], &opts.clone().visible_until(&vis)));
     assert_eq!(
         m,
-        "layer 0: `visible (one Vec per KV head)` has length 1, expected 2"
+        "layer 0: `visible_until (one Vec per KV head)` has length 1, expected 2"
     );
 
-    let vis = vec![vec![true; 5], vec![true; 6]];
-    let (e, m) = err_msg(kv.attend(1, &q, &[5], &opts.clone().visible(&vis)));
+    let vis = vec![vec![u32::MAX; 5], vec![u32::MAX; 6]];
+    let (e, m) = err_msg(kv.attend(1, &q, &[5], &opts.clone().visible_until(&vis)));
     assert_eq!(
         e,
         KvError::MaskLength {
             layer: 1,
             head: 1,
-            what: "visible",
+            what: "visible_until",
             retained: 5,
             got: 6
         }
     );
     assert_eq!(
         m,
-        "layer 1 KV head 1: `visible` has length 6, but the head retains 5 entries"
+        "layer 1 KV head 1: `visible_until` has length 6, but the head retains 5 entries"
     );
 
     let (_, m) = err_msg(kv.attend(0, &q, &[5], &opts.clone().prob_sums(0..2)));

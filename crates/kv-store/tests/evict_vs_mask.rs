@@ -58,12 +58,13 @@ fn check_one(dtype: KvDtype, old: usize, new: usize, density: usize) {
             &AttendOptions::new(scale).prob_sums(0..new),
         )
         .unwrap();
-    let visible: Vec<Vec<bool>> = keep
+    // Evicted keys visible to no query of the new chunk, kept ones and the chunk to all.
+    let visible: Vec<Vec<u32>> = keep
         .iter()
         .map(|m| {
             m.iter()
-                .copied()
-                .chain(std::iter::repeat_n(true, new))
+                .map(|&kept| if kept { u32::MAX } else { 0 })
+                .chain(std::iter::repeat_n(u32::MAX, new))
                 .collect()
         })
         .collect();
@@ -72,7 +73,7 @@ fn check_one(dtype: KvDtype, old: usize, new: usize, density: usize) {
             0,
             &q,
             &new_positions,
-            &AttendOptions::new(scale).visible(&visible),
+            &AttendOptions::new(scale).visible_until(&visible),
         )
         .unwrap();
     let row = q_heads * d;

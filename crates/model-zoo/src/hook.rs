@@ -8,7 +8,8 @@
 //! and may evict from the store. A pass that fails before it commits leaves the store as it
 //! found it and calls `LayerHook::abort_pass`, so a hook undoes what its `plan` calls recorded:
 //! nothing is evicted before a pass is certain to succeed. The decoder computes nothing a hook
-//! did not ask for.
+//! did not ask for. A hook reports the bytes of its own per-session state
+//! (`LayerHook::state_bytes`), so that a session's memory is counted whole.
 
 use std::ops::Range;
 
@@ -20,13 +21,10 @@ use crate::error::Result;
 /// What a hook wants for one layer of one forward pass.
 #[derive(Clone, Debug, Default)]
 pub struct LayerPlan {
-    /// Per KV head, one flag per retained entry (after the append): false hides the key from
-    /// every query but those within `window` positions after it (in-context eviction). `None`:
-    /// all visible.
-    pub visible: Option<Vec<Vec<bool>>>,
-    /// With `visible`: a hidden key stays visible to the queries at most this many positions
-    /// after its own (0: only to itself), like `kv_store::AttendOptions::window`.
-    pub window: u32,
+    /// In-context eviction: per KV head, one position per retained entry (after the append),
+    /// the last query position that still sees the key (`u32::MAX`: all), as
+    /// `kv_store::AttendOptions::visible_until`. `None`: all visible.
+    pub visible_until: Option<Vec<Vec<u32>>>,
     /// Query rows (indices into this pass's new tokens) whose attention probabilities are summed
     /// per key and returned to `after_attention`.
     pub prob_rows: Option<Range<usize>>,
@@ -100,6 +98,12 @@ pub trait LayerHook {
     /// `after_attention` call was made): undo whatever its `plan` calls recorded, so that the
     /// hook is as it was before the pass.
     fn abort_pass(&mut self) {}
+
+    /// Bytes of the per-session state this hook holds that grows with the tokens seen (scores,
+    /// flags, a gate's own cache), counted in the session's memory beside its KV blocks.
+    fn state_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// The full cache: keeps everything.

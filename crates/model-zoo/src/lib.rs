@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass};
-pub use llama::{LlamaModel, LogitsFor};
+pub use llama::{LlamaModel, LogitsFor, SequenceInput};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{GgufFile, WeightFormat, Weights};
 

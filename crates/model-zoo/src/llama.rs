@@ -1,16 +1,22 @@
 //! The Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) over agate's KV store.
 //!
-//! Data flow per layer: RMSNorm → q/k/v projections (+bias for Qwen2) → RoPE at the tokens'
-//! absolute positions → append k/v to the store → hook plan → attention over the store's
-//! retained entries → hook after_attention (eviction) → output projection, residual → RMSNorm →
-//! SwiGLU FFN, residual. Keys are stored after RoPE. All layers run before any eviction: the
-//! hooks' `after_attention` calls come once the logits are finite (see [`LlamaModel::forward`]).
+//! Data flow per layer: RMSNorm → q/k/v projections (+bias for Qwen2) → RoPE → append k/v to the
+//! store → hook plan → attention over the store's retained entries → output projection,
+//! residual → RMSNorm → SwiGLU FFN, residual. Keys are stored after RoPE. All layers run before
+//! any eviction: the hooks' `after_attention` calls come once a sequence's logits are finite
+//! (see [`LlamaModel::forward_batch`]).
 //!
-//! Invariants: hidden states are f32 `[n, hidden]`; positions passed in are the true positions
+//! Batching: [`LlamaModel::forward_batch`] runs several sequences' new tokens through each
+//! layer's projections at once (rows stacked, one sequence after another) while RoPE, the
+//! store, the hook and attention stay per sequence; [`LlamaModel::forward`] is its batch of one.
+//!
+//! Invariants: hidden states are f32 `[rows, hidden]`; positions passed in are the true positions
 //! (tokens seen so far, evicted or not), which the store keeps for masking. RoPE uses them too,
 //! unless the store has cache positions (the cache positions mode): then each KV head's keys are
 //! rotated for their position in that head's cache, whose gaps the store closes by shifting
-//! keys when asked, so query-key distances stay within what the caller allows.
+//! keys when asked, so query-key distances stay within what the caller allows. With quantized
+//! weights a sequence's logits do not depend on which other sequences share its pass (float
+//! weights: up to rounding).
 
 use candle_core::{Device, Tensor};
 use kv_store::{AttendOptions, KeyShift, SequenceKv};
@@ -40,6 +46,29 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+/// One sequence's share of a batched forward pass ([`LlamaModel::forward_batch`]).
+pub struct SequenceInput<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first of them (tokens seen so far, evicted or not).
+    pub start: u32,
+    /// The sequence's store; the new keys and values are appended to it.
+    pub kv: &'a mut SequenceKv,
+    /// The sequence's eviction policy.
+    pub hook: &'a mut dyn LayerHook,
+    /// Which logits to return.
+    pub logits_for: LogitsFor,
+}
+
+/// One sequence's slices of a layer's projections.
+struct AttentionInput<'a> {
+    normed: &'a Tensor,
+    q: &'a mut [f32],
+    k: &'a mut [f32],
+    v: &'a [f32],
+    positions: &'a [u32],
 }
 
 /// A loaded decoder.
@@ -89,16 +118,8 @@ impl LlamaModel {
     }
 
     /// Runs `tokens` at positions `start..start+n` through the decoder, appending their keys and
-    /// values to `kv` and letting `hook` steer eviction. Returns f32 logits.
-    ///
-    /// Keys and queries are rotated for their token positions, or, when `kv` has cache
-    /// positions (`SequenceKv::with_cache_positions`, the cache positions mode), for their
-    /// position in each KV head's cache: the new tokens of KV head `g` take the cache positions
-    /// after its last entry, and the query heads of `g`'s group take the same positions (heads
-    /// may retain different counts). The pass is all-or-nothing: if anything fails before it commits (including
-    /// non-finite logits, [`ModelError::NonFinite`]), the appended entries are removed, the hook
-    /// is told to undo its plans, and nothing was evicted; on success every layer's
-    /// `after_attention` runs once the logits are known to be finite.
+    /// values to `kv` and letting `hook` steer eviction. Returns f32 logits. The batch-of-one case
+    /// of [`LlamaModel::forward_batch`].
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -107,30 +128,190 @@ impl LlamaModel {
         hook: &mut dyn LayerHook,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
-        let positions = self.check_input(tokens, start, kv)?;
-        let mut pending = Vec::with_capacity(self.layers.len());
-        let logits = match self.run(tokens, &positions, kv, hook, logits_for, &mut pending) {
+        let mut batch = [SequenceInput {
+            tokens,
+            start,
+            kv,
+            hook,
+            logits_for,
+        }];
+        let mut out = self.forward_batch(&mut batch)?;
+        out.pop().expect("one result per sequence")
+    }
+
+    /// Runs the new tokens of several sequences through the decoder in one pass: every
+    /// projection sees all of their rows at once (the weights are read once per layer, whatever
+    /// the batch size), while RoPE, the store append, the hook and attention run per sequence
+    /// over its own cache at its own positions. Each sequence's logits are bit for bit those it
+    /// gets alone with quantized weights ([`Linear::forward_segments`]; every other operation is
+    /// row-wise), and to rounding with float weights.
+    ///
+    /// Keys and queries are rotated for their token positions, or, when a sequence's store has
+    /// cache positions (`SequenceKv::with_cache_positions`, the cache positions mode), for their
+    /// position in each KV head's cache: the new tokens of KV head `g` take the cache positions
+    /// after its last entry, and the query heads of `g`'s group take the same positions (heads
+    /// may retain different counts).
+    ///
+    /// Each sequence's pass is all-or-nothing. Every layer runs (append, plan, attention) with
+    /// nothing evicted; then a sequence whose logits are finite commits (its hook's
+    /// `after_attention` for every layer, in order), and one that failed anywhere before that,
+    /// non-finite logits included ([`ModelError::NonFinite`]), is rolled back: its appended
+    /// entries are removed and its hook is told to undo its plans, so its session is as it was.
+    /// Returns one result per sequence, in order; the others carry on unaffected. The outer
+    /// `Err` means a shared operation failed: every sequence of the batch is then rolled back.
+    /// Only a failing commit (a hook's eviction: an internal error) leaves a sequence part-way.
+    pub fn forward_batch(&self, batch: &mut [SequenceInput<'_>]) -> Result<Vec<Result<Tensor>>> {
+        let mut failed: Vec<Option<ModelError>> =
+            batch.iter().map(|s| self.check_input(s).err()).collect();
+        let mut pending: Vec<Vec<Pending>> = batch.iter().map(|_| Vec::new()).collect();
+        let run = self.run_batch(batch, &mut failed, &mut pending);
+        let logits = match run {
             Ok(logits) => logits,
             Err(e) => {
-                kv.truncate_from(start);
-                hook.abort_pass();
+                // Sequences that had already failed are rolled back too (undoing is idempotent).
+                batch.iter_mut().for_each(SequenceInput::rollback);
                 return Err(e);
             }
         };
         let scale = self.attention_scale();
-        for (layer, p) in pending.into_iter().enumerate() {
-            hook.after_attention(
-                layer,
-                AttentionOutcome {
-                    kv,
-                    queries: &p.queries,
-                    positions: &positions,
-                    prob_sums: p.prob_sums,
-                    scale,
-                },
-            )?;
+        Ok(batch
+            .iter_mut()
+            .zip(failed)
+            .zip(logits)
+            .zip(pending)
+            .map(|(((seq, error), logits), pending)| {
+                let logits = match (error, logits) {
+                    (None, Some(l)) => l,
+                    (error, _) => {
+                        seq.rollback();
+                        return Err(error.unwrap_or_else(|| {
+                            ModelError::Input("internal: a live sequence got no logits".into())
+                        }));
+                    }
+                };
+                if let Err(e) = check_finite(&logits, seq) {
+                    seq.rollback();
+                    return Err(e);
+                }
+                let positions: Vec<u32> =
+                    (seq.start..seq.start + seq.tokens.len() as u32).collect();
+                for (layer, p) in pending.into_iter().enumerate() {
+                    seq.hook.after_attention(
+                        layer,
+                        AttentionOutcome {
+                            kv: seq.kv,
+                            queries: &p.queries,
+                            positions: &positions,
+                            prob_sums: p.prob_sums,
+                            scale,
+                        },
+                    )?;
+                }
+                Ok(match seq.logits_for {
+                    LogitsFor::Last => logits.squeeze(0)?,
+                    LogitsFor::All => logits,
+                })
+            })
+            .collect())
+    }
+
+    /// Phase one of a batched pass: every layer's projections, and per live sequence its
+    /// append, plan and attention (nothing evicted; what `after_attention` will need goes to
+    /// `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
+    /// sequence's logits `[rows, vocab]` (`None` for one that failed).
+    fn run_batch(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        failed: &mut [Option<ModelError>],
+        pending: &mut [Vec<Pending>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let cfg = &self.cfg;
+        let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
+        let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
+        if live.is_empty() {
+            return Ok(batch.iter().map(|_| None).collect());
         }
-        Ok(logits)
+        let total: usize = rows.iter().sum();
+        let tokens: Vec<u32> = live
+            .iter()
+            .flat_map(|&i| batch[i].tokens.iter().copied())
+            .collect();
+        let positions: Vec<Vec<u32>> = live
+            .iter()
+            .map(|&i| (batch[i].start..batch[i].start + batch[i].tokens.len() as u32).collect())
+            .collect();
+        let eps = cfg.rms_norm_eps as f32;
+        let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let mut x = self.embedding.forward(&tokens)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let project = |w: &Linear| -> Result<Vec<f32>> {
+                Ok(w.forward_segments(&normed, &rows)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            };
+            let (mut q, mut k, v) = (project(&layer.q)?, project(&layer.k)?, project(&layer.v)?);
+            let mut attn = vec![0f32; total * q_width];
+            let mut first = 0;
+            for (j, &i) in live.iter().enumerate() {
+                let (n, seq_rows) = (rows[j], first..first + rows[j]);
+                first += n;
+                if failed[i].is_some() {
+                    continue;
+                }
+                let slice = |r: &std::ops::Range<usize>, w: usize| r.start * w..r.end * w;
+                let step = self.attend_sequence(
+                    l,
+                    &mut batch[i],
+                    AttentionInput {
+                        normed: &normed.narrow(0, seq_rows.start, n)?,
+                        q: &mut q[slice(&seq_rows, q_width)],
+                        k: &mut k[slice(&seq_rows, kv_width)],
+                        v: &v[slice(&seq_rows, kv_width)],
+                        positions: &positions[j],
+                    },
+                );
+                match step {
+                    Ok((out, p)) => {
+                        attn[slice(&seq_rows, q_width)].copy_from_slice(&out);
+                        pending[i].push(p);
+                    }
+                    Err(e) => failed[i] = Some(e),
+                }
+            }
+            let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
+            x = (x + layer.o.forward_segments(&attn, &rows)?)?;
+            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gated = (candle_nn::ops::silu(&layer.gate.forward_segments(&normed, &rows)?)?
+                * layer.up.forward_segments(&normed, &rows)?)?;
+            x = (x + layer.down.forward_segments(&gated, &rows)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        // The LM head sees only the rows each sequence wants logits for.
+        let (mut picks, mut head_rows, mut first) = (Vec::new(), Vec::new(), 0u32);
+        let mut head_range = vec![0..0; batch.len()];
+        for (j, &i) in live.iter().enumerate() {
+            let n = rows[j] as u32;
+            let range = match batch[i].logits_for {
+                LogitsFor::Last => first + n - 1..first + n,
+                LogitsFor::All => first..first + n,
+            };
+            head_range[i] = picks.len()..picks.len() + range.len();
+            head_rows.push(range.len());
+            picks.extend(range);
+            first += n;
+        }
+        let picked = x.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
+        let logits = self.lm_head.forward_segments(&picked, &head_rows)?;
+        (0..batch.len())
+            .map(|i| {
+                if failed[i].is_some() {
+                    return Ok(None);
+                }
+                let r = &head_range[i];
+                Ok(Some(logits.narrow(0, r.start, r.len())?))
+            })
+            .collect()
     }
 
     /// How a store with cache positions moves a key by `delta` positions: a rotation by `delta`
@@ -144,21 +325,33 @@ impl LlamaModel {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// Checks a pass's input against the model and the store before anything changes; returns
-    /// the tokens' positions.
-    fn check_input(&self, tokens: &[u32], start: u32, kv: &SequenceKv) -> Result<Vec<u32>> {
+    /// Checks one sequence's input against the model before anything runs.
+    fn check_input(&self, seq: &SequenceInput<'_>) -> Result<()> {
         let cfg = &self.cfg;
-        if tokens.is_empty() {
+        if seq.tokens.is_empty() {
             return Err(ModelError::Input(
                 "forward pass needs at least one token".into(),
             ));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 cfg.vocab_size
             )));
         }
+        if u32::try_from(seq.tokens.len())
+            .ok()
+            .and_then(|n| seq.start.checked_add(n))
+            .is_none()
+        {
+            return Err(ModelError::Input(format!(
+                "{} tokens after position {} exceed the {} positions a sequence can hold",
+                seq.tokens.len(),
+                seq.start,
+                u32::MAX
+            )));
+        }
+        let kv = &seq.kv;
         if kv.n_layers() != cfg.n_layers
             || kv.n_kv_heads() != cfg.n_kv_heads
             || kv.head_dim() != cfg.head_dim
@@ -168,71 +361,37 @@ impl LlamaModel {
                 kv.n_layers(), kv.n_kv_heads(), kv.head_dim(), cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
             )));
         }
-        let end = u32::try_from(tokens.len())
-            .ok()
-            .and_then(|n| start.checked_add(n))
-            .ok_or_else(|| {
-                ModelError::Input(format!(
-                    "{} tokens after position {start} exceed the {} positions a sequence can hold",
-                    tokens.len(),
-                    u32::MAX
-                ))
-            })?;
-        Ok((start..end).collect())
+        Ok(())
     }
 
-    /// Phase one of a pass: every layer's append, plan and attention, then the logits, checked
-    /// finite. Nothing is evicted; what `after_attention` will need is left in `pending`.
-    fn run(
+    /// One sequence's share of layer `layer`: RoPE, the store append, the hook's plan and
+    /// attention over its retained entries. Returns the attention output `[n, n_heads *
+    /// head_dim]` and what the layer's `after_attention` will need.
+    fn attend_sequence(
         &self,
-        tokens: &[u32],
-        positions: &[u32],
-        kv: &mut SequenceKv,
-        hook: &mut dyn LayerHook,
-        logits_for: LogitsFor,
-        pending: &mut Vec<Pending>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let n = tokens.len();
-        let eps = cfg.rms_norm_eps as f32;
-        let scale = self.attention_scale();
-        let mut x = self.embedding.forward(tokens)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.q.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.k.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.v.forward(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-            self.rotate(l, &mut q, &mut k, positions, kv);
-            kv.append(l, &k, &v, positions)?;
-            let plan = hook.plan(l, &normed, positions, kv)?;
-            let mut opts = AttendOptions::new(scale);
-            opts.visible = plan.visible.as_deref();
-            opts.window = plan.window;
-            opts.prob_sums = plan.prob_rows.clone();
-            let attended = kv.attend(l, &q, positions, &opts)?;
-            pending.push(Pending {
-                queries: if plan.queries { q } else { Vec::new() },
-                prob_sums: attended.prob_sums,
-            });
-            let attn =
-                Tensor::from_vec(attended.out, (n, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
-                * layer.up.forward(&normed)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
-        }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let x = match logits_for {
-            LogitsFor::Last => x.narrow(0, n - 1, 1)?,
-            LogitsFor::All => x,
+        layer: usize,
+        seq: &mut SequenceInput<'_>,
+        input: AttentionInput<'_>,
+    ) -> Result<(Vec<f32>, Pending)> {
+        let AttentionInput {
+            normed,
+            q,
+            k,
+            v,
+            positions,
+        } = input;
+        self.rotate(layer, q, k, positions, seq.kv);
+        seq.kv.append(layer, k, v, positions)?;
+        let plan = seq.hook.plan(layer, normed, positions, seq.kv)?;
+        let mut opts = AttendOptions::new(self.attention_scale());
+        opts.visible_until = plan.visible_until.as_deref();
+        opts.prob_sums = plan.prob_rows.clone();
+        let attended = seq.kv.attend(layer, q, positions, &opts)?;
+        let pending = Pending {
+            queries: if plan.queries { q.to_vec() } else { Vec::new() },
+            prob_sums: attended.prob_sums,
         };
-        let logits = self.lm_head.forward(&x)?;
-        check_finite(&logits, positions, logits_for)?;
-        Ok(match logits_for {
-            LogitsFor::Last => logits.squeeze(0)?,
-            LogitsFor::All => logits,
-        })
+        Ok((attended.out, pending))
     }
 
     /// RoPE for one layer's new queries and keys: at their token positions, or (cache
@@ -261,6 +420,15 @@ impl LlamaModel {
     }
 }
 
+impl SequenceInput<'_> {
+    /// Undoes this sequence's part of a pass that will not commit: its appended entries go,
+    /// its hook forgets its plans.
+    fn rollback(&mut self) {
+        self.kv.truncate_from(self.start);
+        self.hook.abort_pass();
+    }
+}
+
 /// What a layer's `after_attention` needs once the pass commits.
 struct Pending {
     queries: Vec<f32>,
@@ -269,7 +437,7 @@ struct Pending {
 
 /// Fails with [`ModelError::NonFinite`] naming the first position whose logits (`[rows, vocab]`)
 /// hold a NaN or an infinity. One reduction when they are all finite.
-fn check_finite(logits: &Tensor, positions: &[u32], logits_for: LogitsFor) -> Result<()> {
+fn check_finite(logits: &Tensor, seq: &SequenceInput<'_>) -> Result<()> {
     if logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
         return Ok(());
     }
@@ -281,11 +449,9 @@ fn check_finite(logits: &Tensor, positions: &[u32], logits_for: LogitsFor) -> Re
     else {
         return Ok(());
     };
-    let position = match logits_for {
-        LogitsFor::Last => positions.last(),
-        LogitsFor::All => positions.get(row),
+    let position = match seq.logits_for {
+        LogitsFor::Last => seq.start + seq.tokens.len() as u32 - 1,
+        LogitsFor::All => seq.start + row as u32,
     };
-    Err(ModelError::NonFinite {
-        position: position.copied().unwrap_or(0),
-    })
+    Err(ModelError::NonFinite { position })
 }

@@ -70,8 +70,14 @@ enum LinearWeight {
 impl Linear {
     /// Applies the projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, self.takes_dense_gemm(x.dim(0)?))
+    }
+
+    /// Applies the projection; a quantized weight runs as a dequantized dense GEMM when
+    /// `dense_gemm` is set, else with the quantized kernel.
+    fn apply(&self, x: &Tensor, dense_gemm: bool) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Quantized(QMatMul::QTensor(q)) if x.dim(0)? >= DENSE_GEMM_MIN_ROWS => {
+            LinearWeight::Quantized(QMatMul::QTensor(q)) if dense_gemm => {
                 x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
             }
             LinearWeight::Quantized(m) => m.forward(x)?,
@@ -84,6 +90,44 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Applies the projection to the rows of several sequences stacked in `x` (`rows[i]`
+    /// consecutive rows for sequence `i`). With quantized weights every row gets bit for bit what
+    /// [`Linear::forward`] gives it when its sequence's rows run alone: the quantized kernel quantizes and dots each
+    /// row on its own, so rows that take it share one call (the weights are read once for all of
+    /// them); a sequence whose row count selects the dense GEMM, whose rounding depends on the row
+    /// count, gets a call of its own. Dense float weights take one GEMM for all rows (there,
+    /// results equal lone passes to rounding: the GEMM's blocking depends on the row count).
+    pub fn forward_segments(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        if !rows.iter().any(|&r| self.takes_dense_gemm(r)) {
+            // However many rows there are in all: each one takes the kernel it takes alone.
+            return self.apply(x, false);
+        }
+        let mut parts = Vec::new();
+        let (mut start, mut shared) = (0, 0);
+        for &r in rows {
+            if self.takes_dense_gemm(r) {
+                if shared > 0 {
+                    parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
+                    shared = 0;
+                }
+                parts.push(self.apply(&x.narrow(0, start, r)?, true)?);
+            } else {
+                shared += r;
+            }
+            start += r;
+        }
+        if shared > 0 {
+            parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Whether `rows` rows of a quantized weight run as a dequantized dense GEMM.
+    fn takes_dense_gemm(&self, rows: usize) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(QMatMul::QTensor(_)))
+            && rows >= DENSE_GEMM_MIN_ROWS
     }
 
     /// The weight dequantized to a dense f32 `[out, in]` tensor.

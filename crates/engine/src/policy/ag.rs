@@ -1,6 +1,7 @@
 //! The Attention-Gate hook. Before attention in every layer, the gate reads the layer's normed
-//! hidden states (through its own small causal K'/V' cache, so decode costs one row) and gives
-//! each new token a keep probability `s` per KV head.
+//! hidden states (through its own small cache of the last `attention_window` tokens, so decode
+//! costs one row and the state is bounded) and gives each new token a keep probability `s` per
+//! KV head.
 //!
 //! - Threshold mode: a token's flag is `s > tau`. A flagged-out key is invisible to every later
 //!   query (in-context eviction, inside the same forward pass too) and is physically removed
@@ -8,13 +9,19 @@
 //!   visible and stay; a flagged-out key stays visible to the queries at most `recent` positions
 //!   after it (the local window, the same rule as the training forward's), and is removed when
 //!   it ages out of that window.
-//! - Budget mode: no flags; each head keeps its top-k retained tokens by `s` (sinks and recent
-//!   protected), evicting whenever it exceeds the budget.
+//! - Budget mode: each head keeps at most its budget, evicting its worst entry by `s` (sinks and
+//!   the `recent` newest protected) whenever an arrival puts it over budget — one arrival at a
+//!   time, also inside a prefill pass, where the keys a token-by-token run would have removed
+//!   are hidden from the later queries of the pass (`gate_core::select::evict_greedily`), then
+//!   removed at its end. So any prefill chunking gives the same cache and the same logits.
 //!
-//! Invariants: `flags[l][h]` and `probs[l][h]` are aligned with the store's retained entries of
-//! (l, h) after every pass (a pass that fails is undone: `abort_pass` truncates what its plans
-//! appended, to the gate's cache too); in threshold mode the sinks (positions `0..sinks`) are never evicted,
-//! so they are a head's first entries; with `decode = false` generated tokens are always kept.
+//! Invariants: the per-entry state (threshold: flags; budget: keep probabilities) is aligned
+//! with the store's retained entries of (l, h) after every pass; in threshold mode the sinks
+//! (positions `0..sinks`) are never evicted; with `decode = false` generated tokens are always
+//! kept; after a pass every retained key is visible to the next query, so a one-token pass needs
+//! no mask; a pass that fails is undone (`abort_pass` rolls the gate's cache back to its mark
+//! at `begin_pass`, in time proportional to the pass, and cuts the per-entry state back). `state_bytes` counts the gate cache
+//! and the per-entry state.
 
 use std::sync::Arc;
 
@@ -33,20 +40,34 @@ pub enum AgMode {
     Budget(Budget),
 }
 
+/// The mode's decision rule and what it remembers per retained entry, `[layer][head][entry]`.
+enum Entries {
+    /// Threshold mode: the threshold and each entry's hard keep flag.
+    Flags {
+        tau: f32,
+        flags: Vec<Vec<Vec<bool>>>,
+    },
+    /// Budget mode: the budget, each entry's keep probability (`+inf` for a generated token
+    /// with decode flags off), and the keep masks of the pass in flight, `[layer][head]`
+    /// (decided in `plan`, applied when the pass commits).
+    Probs {
+        budget: Budget,
+        probs: Vec<Vec<Vec<f32>>>,
+        pending: Vec<Vec<Vec<bool>>>,
+    },
+}
+
 pub(super) struct AgHook {
     gates: Arc<AttentionGate>,
-    mode: AgMode,
     decode: bool,
     protect: Protection,
     cache: GateCache,
     pass: Pass,
-    /// Keep probability of every retained entry, `[layer][head][entry]`.
-    probs: Vec<Vec<Vec<f32>>>,
-    /// Hard flag of every retained entry (threshold mode), `[layer][head][entry]`.
-    flags: Vec<Vec<Vec<bool>>>,
-    /// At the start of the current pass, per layer: the gate cache's tokens and every head's
-    /// probability and flag counts (what `abort_pass` restores).
-    before_pass: Vec<(usize, Vec<usize>, Vec<usize>)>,
+    entries: Entries,
+    /// Each (layer, head)'s count of per-entry state at the start of the pass in flight (what
+    /// `abort_pass` cuts back to; the gate's cache keeps its own undo journal from its mark);
+    /// dropped once the pass commits.
+    before_pass: Option<Vec<Vec<usize>>>,
 }
 
 impl AgHook {
@@ -58,16 +79,25 @@ impl AgHook {
         cfg: &ModelConfig,
     ) -> Self {
         let heads = cfg.n_kv_heads;
+        let entries = match mode {
+            AgMode::Threshold(tau) => Entries::Flags {
+                tau,
+                flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
+            },
+            AgMode::Budget(budget) => Entries::Probs {
+                budget,
+                probs: vec![vec![Vec::new(); heads]; cfg.n_layers],
+                pending: vec![Vec::new(); cfg.n_layers],
+            },
+        };
         AgHook {
             cache: GateCache::new(gates.config()),
             gates,
-            mode,
             decode,
             protect,
             pass: Pass::Decode,
-            probs: vec![vec![Vec::new(); heads]; cfg.n_layers],
-            flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
-            before_pass: Vec::new(),
+            entries,
+            before_pass: None,
         }
     }
 
@@ -92,42 +122,54 @@ impl AgHook {
         // [T, heads] → [heads][T]
         Ok(s.t()?.to_vec2::<f32>()?)
     }
-
-    /// Whether the entry at `position` is still protected after `tokens_seen` tokens.
-    fn protected(&self, position: u32, tokens_seen: usize) -> bool {
-        (position as usize) < self.protect.sinks
-            || tokens_seen - (position as usize) <= self.protect.recent
-    }
 }
 
 fn gate_error(e: gate_core::GateError) -> ModelError {
     ModelError::Input(format!("attention gate: {e}"))
 }
 
+impl Entries {
+    /// Per-entry state counts, `[layer][head]`.
+    fn lens(&self) -> Vec<Vec<usize>> {
+        fn lens<T>(v: &[Vec<Vec<T>>]) -> Vec<Vec<usize>> {
+            v.iter().map(|l| l.iter().map(Vec::len).collect()).collect()
+        }
+        match self {
+            Entries::Flags { flags, .. } => lens(flags),
+            Entries::Probs { probs, .. } => lens(probs),
+        }
+    }
+
+    /// Cuts the per-entry state back to `lens`.
+    fn truncate(&mut self, lens: &[Vec<usize>]) {
+        fn cut<T>(v: &mut [Vec<Vec<T>>], lens: &[Vec<usize>]) {
+            for (layer, lens) in v.iter_mut().zip(lens) {
+                for (head, &n) in layer.iter_mut().zip(lens) {
+                    head.truncate(n);
+                }
+            }
+        }
+        match self {
+            Entries::Flags { flags, .. } => cut(flags, lens),
+            Entries::Probs { probs, pending, .. } => {
+                cut(probs, lens);
+                pending.iter_mut().for_each(Vec::clear);
+            }
+        }
+    }
+}
+
 impl LayerHook for AgHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
-        let lens = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).collect();
-        self.before_pass = (0..self.probs.len())
-            .map(|l| {
-                let flags = self.flags[l].iter().map(Vec::len).collect();
-                (self.cache.len(l), lens(&self.probs[l]), flags)
-            })
-            .collect();
+        self.cache.mark();
+        self.before_pass = Some(self.entries.lens());
     }
 
     fn abort_pass(&mut self) {
-        for (l, (tokens, probs, flags)) in std::mem::take(&mut self.before_pass)
-            .into_iter()
-            .enumerate()
-        {
-            self.cache.truncate(l, tokens);
-            for (h, n) in probs.into_iter().enumerate() {
-                self.probs[l][h].truncate(n);
-            }
-            for (h, n) in flags.into_iter().enumerate() {
-                self.flags[l][h].truncate(n);
-            }
+        self.cache.rollback();
+        if let Some(lens) = self.before_pass.take() {
+            self.entries.truncate(&lens);
         }
     }
 
@@ -136,41 +178,78 @@ impl LayerHook for AgHook {
         layer: usize,
         normed: &Tensor,
         positions: &[u32],
-        _kv: &SequenceKv,
+        kv: &SequenceKv,
     ) -> model_zoo::Result<LayerPlan> {
         let probs = self.keep_probs(layer, normed, positions)?;
         let keep_all = self.pass == Pass::Decode && !self.decode;
-        let mut visible = None;
-        if let AgMode::Threshold(tau) = self.mode {
-            let mut vis = Vec::with_capacity(probs.len());
-            for (head, head_probs) in probs.iter().enumerate() {
-                let flags = &mut self.flags[layer][head];
-                flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
-                // Sinks always (they are never evicted, so they are the first entries),
-                // flagged-out keys only to the queries of their local window.
-                let sinks = self.protect.sinks;
-                vis.push(
-                    flags
-                        .iter()
-                        .enumerate()
-                        .map(|(entry, &f)| f || entry < sinks)
-                        .collect(),
-                );
+        let many = positions.len() > 1;
+        let mut until = Vec::with_capacity(probs.len());
+        match &mut self.entries {
+            Entries::Flags { tau, flags } => {
+                let tau = *tau;
+                let (sinks, window) = (self.protect.sinks as u32, self.protect.recent as u32);
+                for (head, head_probs) in probs.iter().enumerate() {
+                    let flags = &mut flags[layer][head];
+                    flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
+                    if many {
+                        // Sinks always; a flagged-out key only to the queries of its window.
+                        let positions = kv.positions(layer, head);
+                        until.push(
+                            positions
+                                .iter()
+                                .zip(flags.iter())
+                                .map(|(&p, &keep)| {
+                                    if keep || p < sinks {
+                                        u32::MAX
+                                    } else {
+                                        p.saturating_add(window)
+                                    }
+                                })
+                                .collect(),
+                        );
+                    }
+                }
             }
-            visible = Some(vis);
-        }
-        for (head, head_probs) in probs.into_iter().enumerate() {
-            // With decode flags off, generated tokens outrank every prompt token in budget mode.
-            let head_probs = head_probs
-                .into_iter()
-                .map(|s| if keep_all { f32::INFINITY } else { s });
-            self.probs[layer][head].extend(head_probs);
+            Entries::Probs {
+                budget,
+                probs: all,
+                pending,
+            } => {
+                let budget = *budget;
+                let pending = &mut pending[layer];
+                pending.clear();
+                for (head, head_probs) in probs.into_iter().enumerate() {
+                    let scores = &mut all[layer][head];
+                    let first_new = scores.len();
+                    // With decode flags off, generated tokens outrank every prompt token.
+                    scores.extend(head_probs.into_iter().map(|s| {
+                        if keep_all {
+                            f32::INFINITY
+                        } else {
+                            s
+                        }
+                    }));
+                    let evicted = select::evict_greedily(
+                        scores,
+                        first_new,
+                        &|arrival| budget.keep_count(positions[arrival - first_new] as usize + 1),
+                        &self.protect,
+                    );
+                    if many {
+                        until.push(
+                            evicted
+                                .iter()
+                                .map(|e| e.map_or(u32::MAX, |a| positions[a - first_new]))
+                                .collect(),
+                        );
+                    }
+                    pending.push(evicted.iter().map(Option::is_none).collect());
+                }
+            }
         }
         Ok(LayerPlan {
-            visible,
-            window: u32::try_from(self.protect.recent).unwrap_or(u32::MAX),
-            prob_rows: None,
-            queries: false,
+            visible_until: many.then_some(until),
+            ..LayerPlan::default()
         })
     }
 
@@ -179,34 +258,46 @@ impl LayerHook for AgHook {
         layer: usize,
         outcome: AttentionOutcome<'_>,
     ) -> model_zoo::Result<()> {
+        if layer == 0 {
+            // The pass commits (every layer follows, in order): it can no longer be undone.
+            self.cache.commit();
+            self.before_pass = None;
+        }
         let kv = outcome.kv;
         let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
         for head in 0..kv.n_kv_heads() {
-            let positions = kv.positions(layer, head);
-            let mask: Vec<bool> = match self.mode {
-                AgMode::Threshold(_) => positions
+            let mask: Vec<bool> = match &mut self.entries {
+                Entries::Flags { flags, .. } => kv
+                    .positions(layer, head)
                     .iter()
-                    .zip(&self.flags[layer][head])
-                    .map(|(&p, &flag)| flag || self.protected(p, tokens_seen))
+                    .zip(&flags[layer][head])
+                    .map(|(&p, &flag)| {
+                        flag || (p as usize) < self.protect.sinks
+                            || tokens_seen - (p as usize) <= self.protect.recent
+                    })
                     .collect(),
-                AgMode::Budget(budget) => {
-                    let keep = budget.keep_count(tokens_seen);
-                    if positions.len() <= keep {
-                        continue;
-                    }
-                    select::select_top_k(&self.probs[layer][head], keep, &self.protect)
-                }
+                Entries::Probs { pending, .. } => std::mem::take(&mut pending[layer][head]),
             };
             if mask.iter().all(|&k| k) {
                 continue;
             }
             kv.evict(layer, head, &mask)?;
-            retain(&mut self.probs[layer][head], &mask);
-            if matches!(self.mode, AgMode::Threshold(_)) {
-                retain(&mut self.flags[layer][head], &mask);
+            match &mut self.entries {
+                Entries::Flags { flags, .. } => retain(&mut flags[layer][head], &mask),
+                Entries::Probs { probs, .. } => retain(&mut probs[layer][head], &mask),
             }
         }
         Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        let entries = match &self.entries {
+            Entries::Flags { flags, .. } => flags.iter().flatten().map(Vec::len).sum::<usize>(),
+            Entries::Probs { probs, .. } => {
+                probs.iter().flatten().map(Vec::len).sum::<usize>() * std::mem::size_of::<f32>()
+            }
+        };
+        self.cache.bytes() + entries
     }
 }
 

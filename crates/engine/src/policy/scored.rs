@@ -374,4 +374,11 @@ impl LayerHook for ScoredHook {
         }
         Ok(())
     }
+
+    fn state_bytes(&self) -> usize {
+        match &self.scorer {
+            Scorer::H2o { acc, .. } => acc.bytes(),
+            _ => 0,
+        }
+    }
 }

@@ -7,8 +7,15 @@
 //!   (`seq_len` inputs, the next token as target), the remainder dropped. CE on every target.
 //! - SFT files: JSONL, one `{"prompt": ..., "answer": ...}` per line; the prompt is rendered as a
 //!   user turn with the chat template (generation prompt added) and the answer plus the end of
-//!   turn follows; CE on answer tokens only. Too-long items are cut from the left (the prompt's
-//!   start); items are padded (with EOS, masked out of CE and of the eviction loss) to `seq_len`.
+//!   turn follows; CE on answer tokens only. Or a multi-turn chat, `{"messages": [{"role",
+//!   "content"}, ...]}` ending with an assistant turn: the conversation is tokenized turn by
+//!   turn as a chat session feeds it (each turn's template text is a delta of the rendering),
+//!   and every assistant answer is a CE target. Too-long items are cut from the left (the
+//!   prompt's start); items are padded (with EOS, masked out of CE and of the eviction loss) to
+//!   `seq_len`.
+//! - Mixed (`Mode::Mix`): each file is CPT or SFT by its content (plain text, or JSONL whose
+//!   first record has `text`: CPT; else SFT), and the examples of all files are visited
+//!   together.
 //!
 //! Invariants: errors name the file and the 1-based line; the batch order of step `s` depends
 //! only on `(seed, s)` (an epoch permutation seeded by `seed + epoch`), so a resumed run sees
@@ -43,19 +50,61 @@ pub enum Mode {
     Cpt,
     /// Supervised fine-tuning: CE on answer tokens only.
     Sft,
+    /// Both, each file by its content (see the module header).
+    Mix,
 }
 
 impl Mode {
-    /// Parses `cpt` or `sft`.
+    /// Parses `cpt`, `sft` or `mix`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "cpt" => Ok(Mode::Cpt),
             "sft" => Ok(Mode::Sft),
+            "mix" => Ok(Mode::Mix),
             other => Err(EngineError::Invalid(format!(
-                "invalid training mode `{other}` (expected cpt or sft)"
+                "invalid training mode `{other}` (expected cpt, sft or mix)"
             ))),
         }
     }
+}
+
+/// The examples of `files` in `mode`.
+pub fn load(
+    mode: Mode,
+    files: &[PathBuf],
+    tok: &Tokenizer,
+    seq_len: usize,
+) -> Result<Vec<Example>> {
+    match mode {
+        Mode::Cpt => load_cpt(files, tok, seq_len),
+        Mode::Sft => load_sft(files, tok, seq_len),
+        Mode::Mix => {
+            let mut out = Vec::new();
+            for path in files {
+                let file = std::slice::from_ref(path);
+                out.extend(if is_cpt_file(path)? {
+                    load_cpt(file, tok, seq_len)?
+                } else {
+                    load_sft(file, tok, seq_len)?
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Whether a file holds CPT text: not JSONL, or JSONL whose first record has `text`.
+fn is_cpt_file(path: &Path) -> Result<bool> {
+    if !is_jsonl(path) {
+        return Ok(true);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+    let Some((i, first)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
+        return Err(file_err(path, None, "no examples (empty file)"));
+    };
+    let v: serde_json::Value = serde_json::from_str(first)
+        .map_err(|e| file_err(path, Some(i + 1), format!("invalid JSON: {e}")))?;
+    Ok(v.get("text").is_some())
 }
 
 fn file_err(path: &Path, line: Option<usize>, msg: impl std::fmt::Display) -> EngineError {
@@ -142,68 +191,148 @@ pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
     Ok(examples)
 }
 
-/// SFT: one example per `{"prompt", "answer"}` line, chat template applied.
+/// SFT: one example per line, `{"prompt", "answer"}` or `{"messages"}`, chat template applied.
 pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
-    let pad = tok.eos_ids().first().copied().unwrap_or(0);
-    let end = tok
-        .token_id("<|im_end|>")
-        .or(tok.eos_ids().first().copied());
     let mut out = Vec::new();
     for path in files {
         if !is_jsonl(path) {
             return Err(file_err(
                 path,
                 None,
-                "SFT data must be JSONL (.jsonl) with prompt and answer fields",
+                "SFT data must be JSONL (.jsonl) with prompt and answer fields, or messages",
             ));
         }
-        for (i, row) in read_jsonl_fields(path, &["prompt", "answer"])?
-            .into_iter()
-            .enumerate()
-        {
-            let (prompt, answer) = (&row[0], &row[1]);
-            let rendered = tok
-                .apply_chat_template(&[ChatMessage::new("user", prompt)], true)
-                .map_err(|e| file_err(path, Some(i + 1), e))?;
-            let p = tok
-                .encode(&rendered, false)
-                .map_err(|e| file_err(path, Some(i + 1), e))?;
-            let mut a = tok
-                .encode(answer, false)
-                .map_err(|e| file_err(path, Some(i + 1), e))?;
-            a.extend(end);
-            if a.is_empty() || a.len() >= seq_len {
-                return Err(file_err(
-                    path,
-                    Some(i + 1),
-                    format!(
-                        "answer of {} tokens does not fit in --seq-len {seq_len}",
-                        a.len()
-                    ),
-                ));
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
             }
-            let keep_p = (seq_len + 1 - a.len()).min(p.len());
-            let mut tokens: Vec<u32> = p[p.len() - keep_p..].to_vec();
-            let n_prompt = tokens.len();
-            tokens.extend(&a);
-            let n = tokens.len();
-            tokens.resize(seq_len + 1, pad);
-            // Target i predicts tokens[i + 1]: an answer token iff i + 1 in [n_prompt, n).
-            let target_mask = (0..seq_len)
-                .map(|i| i + 1 >= n_prompt && i + 1 < n)
-                .collect();
-            let valid = (0..seq_len).map(|i| i < n).collect();
-            out.push(Example {
-                tokens,
-                target_mask,
-                valid,
-            });
+            let at = |e: &dyn std::fmt::Display| file_err(path, Some(i + 1), e);
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
+            let messages = sft_messages(&v).map_err(|e| at(&e))?;
+            let pieces = chat_pieces(&messages, tok).map_err(|e| at(&e))?;
+            out.push(sft_example(&pieces, tok, seq_len).map_err(|e| at(&e))?);
         }
     }
     if out.is_empty() {
         return Err(EngineError::Invalid("no SFT examples".into()));
     }
     Ok(out)
+}
+
+/// The conversation of one SFT record: `prompt` + `answer` as a user and an assistant turn, or
+/// `messages` as given (non-empty, ending with an assistant turn).
+fn sft_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let field = |name: &str| -> std::result::Result<String, String> {
+        v.get(name)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("expected a string field `{name}`"))
+    };
+    if let Some(list) = v.get("messages") {
+        let list = list
+            .as_array()
+            .ok_or("`messages` must be an array of {role, content}")?;
+        let messages = list
+            .iter()
+            .enumerate()
+            .map(|(k, m)| match (m["role"].as_str(), m["content"].as_str()) {
+                (Some(role @ ("system" | "user" | "assistant")), Some(content)) => {
+                    Ok(ChatMessage::new(role, content))
+                }
+                _ => Err(format!(
+                    "messages[{k}]: expected role system, user or assistant and a string content"
+                )),
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        if messages.last().is_none_or(|m| m.role != "assistant") {
+            return Err("`messages` must end with an assistant turn (the answer to learn)".into());
+        }
+        return Ok(messages);
+    }
+    Ok(vec![
+        ChatMessage::new("user", &field("prompt")?),
+        ChatMessage::new("assistant", &field("answer")?),
+    ])
+}
+
+/// The conversation as token pieces in order, each flagged when it is an answer to learn (an
+/// assistant turn and its end-of-turn token). Turns are tokenized as a chat session feeds them:
+/// the template text before each answer (rendered with the generation prompt) and each answer
+/// are deltas of the rendering so far.
+fn chat_pieces(
+    messages: &[ChatMessage],
+    tok: &Tokenizer,
+) -> std::result::Result<Vec<(Vec<u32>, bool)>, String> {
+    let end = tok
+        .token_id("<|im_end|>")
+        .or(tok.eos_ids().first().copied());
+    let mut pieces = Vec::new();
+    let mut rendered = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let head = tok
+            .apply_chat_template(&messages[..i], true)
+            .map_err(|e| e.to_string())?;
+        let delta = head
+            .strip_prefix(rendered.as_str())
+            .ok_or("the chat template re-renders earlier turns differently")?;
+        pieces.push((
+            tok.encode(delta, rendered.is_empty())
+                .map_err(|e| e.to_string())?,
+            false,
+        ));
+        if m.content.trim().is_empty() {
+            return Err(format!("assistant turn {i} is empty"));
+        }
+        let mut answer = tok.encode(&m.content, false).map_err(|e| e.to_string())?;
+        answer.extend(end);
+        // What a session has fed after this answer: the answer and its end-of-turn token (the
+        // template's text after that token comes with the next turn's delta).
+        let end_text = match end {
+            Some(id) => tok.decode(&[id]).map_err(|e| e.to_string())?,
+            None => String::new(),
+        };
+        rendered = format!("{head}{}{end_text}", m.content);
+        pieces.push((answer, true));
+    }
+    Ok(pieces)
+}
+
+/// One padded example from token pieces: the last `seq_len + 1` tokens (the conversation's
+/// start is cut when too long), CE on the answer pieces, padding with EOS after the end.
+fn sft_example(
+    pieces: &[(Vec<u32>, bool)],
+    tok: &Tokenizer,
+    seq_len: usize,
+) -> std::result::Result<Example, String> {
+    let pad = tok.eos_ids().first().copied().unwrap_or(0);
+    let last_answer = pieces.last().map_or(0, |(p, _)| p.len());
+    if last_answer == 0 || last_answer >= seq_len {
+        return Err(format!(
+            "answer of {last_answer} tokens does not fit in --seq-len {seq_len}"
+        ));
+    }
+    let (mut tokens, mut answer) = (Vec::new(), Vec::new());
+    for (piece, is_answer) in pieces {
+        tokens.extend_from_slice(piece);
+        answer.extend(std::iter::repeat_n(*is_answer, piece.len()));
+    }
+    let cut = tokens.len().saturating_sub(seq_len + 1);
+    let (mut tokens, answer) = (tokens.split_off(cut), answer.split_off(cut));
+    let n = tokens.len();
+    tokens.resize(seq_len + 1, pad);
+    // Target i predicts tokens[i + 1]: counted iff that token is part of an answer.
+    let target_mask = (0..seq_len).map(|i| i + 1 < n && answer[i + 1]).collect();
+    let valid = (0..seq_len).map(|i| i < n).collect();
+    Ok(Example {
+        tokens,
+        target_mask,
+        valid,
+    })
 }
 
 /// The example indices of micro-batch `micro` (global count) of size `batch`: the examples are

@@ -130,6 +130,9 @@ pub struct TrainConfig {
     pub adapt_lambda: bool,
     /// Initial gate bias (keep logit); `None` = the gate default (+3).
     pub gate_bias_init: Option<f32>,
+    /// The gate's own attention window (tokens; 0 unbounded); `None` = the gate default.
+    #[serde(default)]
+    pub gate_attention_window: Option<usize>,
     /// Start from these trained gates (e.g. CPT gates fine-tuned by SFT) instead of a random
     /// init; they must have been made for this model. The threshold is reset to 0.5.
     #[serde(default)]
@@ -351,10 +354,7 @@ impl Trainer {
                 )));
             }
         }
-        let examples = match cfg.mode {
-            Mode::Cpt => dataset::load_cpt(&cfg.data, engine.tokenizer(), cfg.seq_len)?,
-            Mode::Sft => dataset::load_sft(&cfg.data, engine.tokenizer(), cfg.seq_len)?,
-        };
+        let examples = dataset::load(cfg.mode, &cfg.data, engine.tokenizer(), cfg.seq_len)?;
         let decoder = open_trainable(engine.model_path(), engine.model_config())?;
         let mut gates = match &cfg.init_gates {
             Some(path) => {
@@ -363,7 +363,14 @@ impl Trainer {
                 g.set_threshold(0.5).map_err(gate_err)?;
                 g
             }
-            None => engine.random_gates(cfg.seed, cfg.gate_bias_init)?,
+            None => {
+                let mut gate_cfg = engine.gate_config();
+                gate_cfg.bias_init = cfg.gate_bias_init.unwrap_or(gate_cfg.bias_init);
+                gate_cfg.attention_window = cfg
+                    .gate_attention_window
+                    .unwrap_or(gate_cfg.attention_window);
+                engine.random_gates(&gate_cfg, cfg.seed)?
+            }
         };
         gates.set_protection(Protection {
             sinks: cfg.sinks,
@@ -688,18 +695,18 @@ impl Trainer {
         }
     }
 
-    /// Sets the threshold `tau` so that the hard eviction ratio over the first `seqs` training
-    /// sequences (valid tokens, every layer and KV head) equals the target: `tau` becomes the
-    /// target quantile of the keep probabilities. The probabilities of later layers depend on
+    /// Sets the threshold `tau` so that the hard eviction ratio over `seqs` training sequences
+    /// spread evenly over the training set (valid tokens, every layer and KV head) equals the
+    /// target: `tau` becomes the target quantile of the keep probabilities. The probabilities of later layers depend on
     /// the flags of earlier ones, so this repeats `rounds` times from the new `tau`. Returns the
     /// hard ratio measured with the final `tau` (the fixed point is approached, not exact).
     pub fn calibrate_threshold(&mut self, seqs: usize, rounds: usize) -> Result<f64> {
-        let n = seqs.clamp(1, self.examples.len());
-        // The first sequences: the data files' order decides what the ratio is calibrated on
-        // (`fetch-data` puts the long essays first). The ratio a threshold gives depends on the
-        // kind of text: calibrated over the whole CPT mixture, the committed gates got tau
-        // 0.500, which evicts only 0.456 of held-out essays (docs/training.md).
-        let idx: Vec<usize> = (0..n).collect();
+        let total = self.examples.len();
+        let n = seqs.clamp(1, total);
+        // Evenly spaced over the training set, so that every kind of text in a mixture (files
+        // in the order given: prose, retrieval prompts, chats) weighs in as it does in training:
+        // the ratio a threshold gives depends on the kind of text.
+        let idx: Vec<usize> = (0..n).map(|k| k * total / n).collect();
         let mut measured = 0.0;
         for round in 0..=rounds {
             let mut probs: Vec<f32> = Vec::new();
@@ -747,10 +754,7 @@ impl Trainer {
     /// and the eviction ratios.
     pub fn evaluate(&self, files: &[PathBuf], max_seqs: usize) -> Result<HeldOut> {
         let tok = self.engine.tokenizer();
-        let mut ex = match self.cfg.mode {
-            Mode::Cpt => dataset::load_cpt(files, tok, self.cfg.seq_len)?,
-            Mode::Sft => dataset::load_sft(files, tok, self.cfg.seq_len)?,
-        };
+        let mut ex = dataset::load(self.cfg.mode, files, tok, self.cfg.seq_len)?;
         ex.truncate(max_seqs.max(1));
         let lora = self.lora.as_ref();
         let (mut nll_base, mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0.0, 0.0);

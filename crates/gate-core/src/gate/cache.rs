@@ -1,91 +1,224 @@
-//! Decode for the Attention-Gate: [`GateCache`] (the gate's own `K'`, `V'` of every token seen,
-//! per layer) and [`AttentionGate::step`] (one new token's keep probabilities).
+//! Decode for the Attention-Gate: [`GateCache`] (the gate's own `K'`, `V'` of the tokens its
+//! attention can still see, per layer) and [`AttentionGate::step`] (one new token's keep
+//! probabilities).
 //!
 //! Invariants: per layer the cache holds, token-major on the host, `K'` (after RoPE at the
-//! token's true position) and `V'` of *every* token the gate has seen, retained by the model's
-//! cache or not: `2 * heads * head_dim` f32 per token per layer. Entries are only appended
-//! (by [`AttentionGate::prefill`] and [`AttentionGate::step`]), never evicted, so a step sees
-//! exactly what the full causal forward over the same tokens would see, and gives the same `s`
-//! up to float rounding.
+//! token's true position), `V'` and the position of the most recent tokens the gate has seen,
+//! retained by the model's cache or not: at most `attention_window` of them (a ring: the oldest
+//! is overwritten), every one when the window is 0 (unbounded, older gates). A query's
+//! attention window never reaches further back than that, so a step sees exactly what the full
+//! forward over the same tokens would see, and gives the same `s` up to float rounding; the
+//! cache's memory is bounded by `2 * attention_window * heads * head_dim` f32 per layer.
+//! Between [`GateCache::mark`] and [`GateCache::commit`] each layer journals what a push
+//! overwrites (at most one saved row per slot), so [`GateCache::rollback`] restores the cache
+//! as it was at the mark in time proportional to the rows pushed since, however long the
+//! sequence.
 
 use candle_core::{DType, Tensor};
 
 use super::{AttentionGate, GateConfig};
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
 
-/// One layer's cached `K'`, `V'`: `[n_tokens, heads, head_dim]` row-major each.
+/// One layer's cached rows: `K'`, `V'` (`[slots, heads * head_dim]` each) and positions, a ring
+/// of `capacity` slots when bounded (`next` is the slot the next token overwrites once full).
 #[derive(Debug, Clone, Default)]
 pub(super) struct LayerCache {
-    pub(super) keys: Vec<f32>,
-    pub(super) values: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    positions: Vec<u32>,
+    capacity: usize,
+    next: usize,
+    /// Since the last [`GateCache::mark`], when one is open.
+    journal: Option<Journal>,
 }
 
-/// The gate's own per-sequence cache: `K'`, `V'` of every token seen, for every layer.
+/// What a layer held at a mark: its row count, ring cursor, and the first row each overwritten
+/// slot held (a slot's later overwrites need nothing more: the first save restores it).
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    len: usize,
+    next: usize,
+    slots: Vec<usize>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    positions: Vec<u32>,
+}
+
+/// Past rows in position order, for a prefill chunk's attention.
+pub(super) struct PastRows {
+    pub(super) keys: Vec<f32>,
+    pub(super) values: Vec<f32>,
+    pub(super) positions: Vec<u32>,
+}
+
+impl LayerCache {
+    /// Appends one token's `K'`, `V'` (`[heads * head_dim]` each), overwriting the oldest when
+    /// the ring is full.
+    pub(super) fn push(&mut self, k: &[f32], v: &[f32], position: u32) {
+        let row = k.len();
+        if self.capacity == 0 || self.positions.len() < self.capacity {
+            self.keys.extend_from_slice(k);
+            self.values.extend_from_slice(v);
+            self.positions.push(position);
+            return;
+        }
+        let at = self.next * row;
+        if let Some(j) = self
+            .journal
+            .as_mut()
+            .filter(|j| j.slots.len() < self.capacity)
+        {
+            // Overwrites go round the ring from the mark's cursor: the first `capacity` of them
+            // are distinct slots, every later one hits a slot already saved.
+            j.slots.push(self.next);
+            j.keys.extend_from_slice(&self.keys[at..at + row]);
+            j.values.extend_from_slice(&self.values[at..at + row]);
+            j.positions.push(self.positions[self.next]);
+        }
+        self.keys[at..at + row].copy_from_slice(k);
+        self.values[at..at + row].copy_from_slice(v);
+        self.positions[self.next] = position;
+        self.next = (self.next + 1) % self.capacity;
+    }
+
+    /// The cached rows, oldest first.
+    pub(super) fn past(&self) -> PastRows {
+        let n = self.positions.len();
+        let row = self.keys.len().checked_div(n).unwrap_or(0);
+        let order = (0..n).map(|i| (self.next + i) % n.max(1));
+        let mut past = PastRows {
+            keys: Vec::with_capacity(self.keys.len()),
+            values: Vec::with_capacity(self.values.len()),
+            positions: Vec::with_capacity(n),
+        };
+        for slot in order {
+            past.keys
+                .extend_from_slice(&self.keys[slot * row..(slot + 1) * row]);
+            past.values
+                .extend_from_slice(&self.values[slot * row..(slot + 1) * row]);
+            past.positions.push(self.positions[slot]);
+        }
+        past
+    }
+
+    /// Back to the mark: saved rows restored, rows pushed since removed, cursor reset.
+    fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else {
+            return;
+        };
+        let row = j.keys.len().checked_div(j.slots.len()).unwrap_or(0);
+        for (i, &slot) in j.slots.iter().enumerate() {
+            self.keys[slot * row..(slot + 1) * row]
+                .copy_from_slice(&j.keys[i * row..(i + 1) * row]);
+            self.values[slot * row..(slot + 1) * row]
+                .copy_from_slice(&j.values[i * row..(i + 1) * row]);
+            self.positions[slot] = j.positions[i];
+        }
+        let row = self
+            .keys
+            .len()
+            .checked_div(self.positions.len())
+            .unwrap_or(0);
+        self.keys.truncate(j.len * row);
+        self.values.truncate(j.len * row);
+        self.positions.truncate(j.len);
+        self.next = j.next;
+    }
+
+    fn bytes(&self) -> usize {
+        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
+            + self.positions.len() * std::mem::size_of::<u32>()
+    }
+}
+
+/// The gate's own per-sequence cache: `K'`, `V'` of the tokens the gate's attention can still
+/// see, for every layer.
 #[derive(Debug, Clone)]
 pub struct GateCache {
     heads: usize,
     head_dim: usize,
+    attention_window: usize,
     layers: Vec<LayerCache>,
 }
 
 impl GateCache {
     /// An empty cache shaped for gates of configuration `cfg`.
     pub fn new(cfg: &GateConfig) -> Self {
+        let layer = LayerCache {
+            capacity: cfg.attention_window,
+            ..LayerCache::default()
+        };
         Self {
             heads: cfg.heads,
             head_dim: cfg.head_dim,
-            layers: vec![LayerCache::default(); cfg.n_layers],
+            attention_window: cfg.attention_window,
+            layers: vec![layer; cfg.n_layers],
         }
     }
 
-    /// Number of tokens cached for `layer` (0 for a layer out of range).
+    /// Number of tokens cached for `layer` (0 for a layer out of range): every token seen, or
+    /// the last `attention_window` of them.
     pub fn len(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |l| l.keys.len() / (self.heads * self.head_dim).max(1))
+        self.layers.get(layer).map_or(0, |l| l.positions.len())
     }
 
     /// Whether no layer holds any token.
     pub fn is_empty(&self) -> bool {
-        self.layers.iter().all(|l| l.keys.is_empty())
+        self.layers.iter().all(|l| l.positions.is_empty())
     }
 
-    /// Bytes of `K'` and `V'` held, all layers together.
+    /// Bytes of `K'`, `V'` and positions held, all layers together.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| (l.keys.len() + l.values.len()) * std::mem::size_of::<f32>())
-            .sum()
+        self.layers.iter().map(LayerCache::bytes).sum()
     }
 
-    /// Forgets the tokens of `layer` after its first `tokens` (undoes a failed pass's steps).
-    pub fn truncate(&mut self, layer: usize, tokens: usize) {
-        let row = self.heads * self.head_dim;
-        if let Some(l) = self.layers.get_mut(layer) {
-            l.keys.truncate(tokens * row);
-            l.values.truncate(tokens * row);
+    /// Starts recording what pushes change (a pass that may fail), dropping any earlier mark.
+    pub fn mark(&mut self) {
+        for l in &mut self.layers {
+            l.journal = Some(Journal {
+                len: l.positions.len(),
+                next: l.next,
+                ..Journal::default()
+            });
         }
+    }
+
+    /// Keeps everything pushed since the mark (the pass succeeded) and stops recording.
+    pub fn commit(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.journal = None);
+    }
+
+    /// Restores the cache exactly as it was at the last [`GateCache::mark`] (the pass failed)
+    /// and stops recording; without a mark, does nothing.
+    pub fn rollback(&mut self) {
+        self.layers.iter_mut().for_each(LayerCache::rollback);
     }
 
     /// Forgets every token (a new sequence).
     pub fn clear(&mut self) {
+        let capacity = self.attention_window;
         self.layers.iter_mut().for_each(|l| {
-            l.keys.clear();
-            l.values.clear();
+            *l = LayerCache {
+                capacity,
+                ..LayerCache::default()
+            }
         });
     }
 
     /// The cache of `layer`, after checking that this cache was built for `cfg`'s shape.
     pub(super) fn layer_mut(&mut self, cfg: &GateConfig, layer: usize) -> Result<&mut LayerCache> {
-        if (self.heads, self.head_dim, self.layers.len()) != (cfg.heads, cfg.head_dim, cfg.n_layers)
-        {
+        let mine = (
+            self.heads,
+            self.head_dim,
+            self.layers.len(),
+            self.attention_window,
+        );
+        let theirs = (cfg.heads, cfg.head_dim, cfg.n_layers, cfg.attention_window);
+        if mine != theirs {
             return Err(invalid(
-                "GateCache (heads, head_dim, n_layers)",
-                format!("({}, {}, {})", self.heads, self.head_dim, self.layers.len()),
-                format!(
-                    "the gate's ({}, {}, {})",
-                    cfg.heads, cfg.head_dim, cfg.n_layers
-                ),
+                "GateCache (heads, head_dim, n_layers, attention_window)",
+                format!("{mine:?}"),
+                format!("the gate's {theirs:?}"),
             ));
         }
         let len = self.layers.len();
@@ -133,8 +266,8 @@ impl AttentionGate {
     }
 
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)
-    /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over every cached
-    /// token (itself included) and returns `s` per KV head (f32). Runs on host copies of the
+    /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over the cached
+    /// tokens its window sees (itself included) and returns `s` per KV head (f32). Runs on host copies of the
     /// parameters: a few hundred thousand multiply-adds, no tensor dispatch.
     pub fn step(
         &self,
@@ -165,9 +298,8 @@ impl AttentionGate {
         self.rope_row(q, position);
         self.rope_row(k, position);
         let entry = cache.layer_mut(&self.cfg, layer)?;
-        entry.keys.extend_from_slice(k);
-        entry.values.extend_from_slice(v);
-        let o = attend_one(q, &entry.keys, &entry.values, ha, da);
+        entry.push(k, v, position);
+        let o = attend_one(q, entry, position, &self.cfg);
         Ok(hl
             .wg
             .chunks_exact(inner)
@@ -211,32 +343,31 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Softmax attention of one query `q: [ha, da]` over token-major `keys`, `values`
-/// (`[n, ha, da]`), per head, scaled by `1/sqrt(da)`; returns `[ha * da]`.
-fn attend_one(q: &[f32], keys: &[f32], values: &[f32], ha: usize, da: usize) -> Vec<f32> {
+/// Softmax attention of one query `q: [ha, da]` at `position` over the cached rows it sees
+/// ([`GateConfig::sees`]), per head, scaled by `1/sqrt(da)`; returns `[ha * da]`. Slot order
+/// does not matter (a softmax is a sum).
+fn attend_one(q: &[f32], cache: &LayerCache, position: u32, cfg: &GateConfig) -> Vec<f32> {
+    let (ha, da) = (cfg.heads, cfg.head_dim);
     let scale = 1.0 / (da as f32).sqrt();
     let row = ha * da;
     let mut out = vec![0f32; row];
-    let mut logits = Vec::with_capacity(keys.len() / row.max(1));
+    let slots: Vec<usize> = (0..cache.positions.len())
+        .filter(|&i| cfg.sees(position, cache.positions[i]))
+        .collect();
+    let mut logits = Vec::with_capacity(slots.len());
     for h in 0..ha {
         let qh = &q[h * da..(h + 1) * da];
+        let at = |i: usize| i * row + h * da..i * row + (h + 1) * da;
         logits.clear();
-        logits.extend(keys.chunks_exact(row).map(|k| {
-            k[h * da..(h + 1) * da]
-                .iter()
-                .zip(qh)
-                .map(|(a, b)| a * b)
-                .sum::<f32>()
-                * scale
-        }));
+        logits.extend(slots.iter().map(|&i| dot(&cache.keys[at(i)], qh) * scale));
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut z = 0f32;
         let oh = &mut out[h * da..(h + 1) * da];
-        for (l, v) in logits.iter().zip(values.chunks_exact(row)) {
+        for (l, &i) in logits.iter().zip(&slots) {
             let e = (l - max).exp();
             z += e;
             oh.iter_mut()
-                .zip(&v[h * da..(h + 1) * da])
+                .zip(&cache.values[at(i)])
                 .for_each(|(o, &x)| *o += e * x);
         }
         oh.iter_mut().for_each(|o| *o /= z);

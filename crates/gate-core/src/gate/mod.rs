@@ -5,10 +5,13 @@
 //! [`GateCache`], constructors) and [`hard_flags`]. Decode lives in `cache.rs`, the file format
 //! in `file.rs`.
 //!
-//! Forward, layer `l` (design/ALGORITHMS.md): `Q' = X Wq'^T`, `K' = X Wk'^T`, `V' = X Wv'^T`
+//! Forward, layer `l` (docs/policies.md): `Q' = X Wq'^T`, `K' = X Wk'^T`, `V' = X Wv'^T`
 //! (`[B, T, heads, head_dim]`, no bias); non-interleaved ("HF", rotate-half) RoPE on `Q'`,
-//! `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + causal) V'`;
-//! `z = O' Wg^T + bg` (`[B, T, n_kv_heads]`); `s = sigmoid(z)`; hard `keep = s > threshold`.
+//! `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + mask) V'` where the mask
+//! is causal and, with an `attention_window` `W > 0`, banded: the query at position `p` sees
+//! the keys at positions `p - W < q <= p`; `z = O' Wg^T + bg` (`[B, T, n_kv_heads]`);
+//! `s = sigmoid(z)`; hard `keep = s > threshold`. The window bounds what a session must keep
+//! for the gate ([`GateCache`]: the last `W` tokens per layer), and training uses the same mask.
 //!
 //! Invariants:
 //! - Weights use the PyTorch `Linear` layout `[out, in]`: `wq`, `wk`, `wv` are
@@ -17,7 +20,7 @@
 //!   and `s` is returned as f32. Every op is differentiable, so gradients reach `Var`s built by
 //!   [`AttentionGate::into_trainable`].
 //! - The gate's attention is causal: `s` at token `i` depends only on tokens `<= i` (and on
-//!   what a [`GateCache`] holds before them).
+//!   what a [`GateCache`] holds before them), and with a window only on the last `W` of them.
 
 mod cache;
 mod file;
@@ -63,11 +66,16 @@ pub struct GateConfig {
     /// flagged-out token stays visible to the next `window` queries (default 0: only to itself).
     #[serde(default)]
     pub window: usize,
+    /// The gate's own attention window `W`: a token's gate attends to the tokens at most
+    /// `W - 1` positions before it (and itself), so a session keeps `K'`, `V'` of only the last
+    /// `W` tokens per layer. 0: unbounded (gates written before the window existed).
+    #[serde(default)]
+    pub attention_window: usize,
 }
 
 impl GateConfig {
     /// A configuration with the default gate shape (`heads = 4`, `head_dim = 32`,
-    /// `threshold = 0.5`, `bias_init = 3.0`).
+    /// `attention_window = 64`, `threshold = 0.5`, `bias_init = 3.0`).
     pub fn new(hidden: usize, n_kv_heads: usize, n_layers: usize, rope_theta: f32) -> Self {
         Self {
             hidden,
@@ -80,7 +88,14 @@ impl GateConfig {
             bias_init: 3.0,
             sinks: 0,
             window: 0,
+            attention_window: DEFAULT_ATTENTION_WINDOW,
         }
+    }
+
+    /// Whether a query at position `query` sees the key at position `key` in the gate's own
+    /// attention (causal, and within the attention window when there is one).
+    pub fn sees(&self, query: u32, key: u32) -> bool {
+        key <= query && (self.attention_window == 0 || query - key < self.attention_window as u32)
     }
 
     /// The protection the gates were trained with (`sinks`, `window` as `recent`).
@@ -168,6 +183,11 @@ impl GateConfig {
             .collect()
     }
 }
+
+/// The gate's own attention window of new gates: 64 tokens keep its per-session state at
+/// `2 * 64 * heads * head_dim` f32 per layer (64 KiB with the default shape), about 2% of the
+/// default model's full f16 KV cache at 4,096 tokens, whatever the conversation's length.
+pub const DEFAULT_ATTENTION_WINDOW: usize = 64;
 
 /// Per-layer parameter names, in [`GateConfig::param_shapes`] order.
 const PARAM_NAMES: [&str; 5] = ["wq", "wk", "wv", "wg", "bg"];
@@ -457,39 +477,44 @@ impl AttentionGate {
         candle_nn::ops::sigmoid(&z)
     }
 
-    /// Full forward over `x: [B, T, hidden]` after `past` (host `K'`, `V'` of `n_past` earlier
-    /// tokens, token-major `[n_past, Ha, da]`, batch 1): returns `s: [B, T, Hkv]` and the new
-    /// tokens' `K'`, `V'` (`[B, Ha, T, da]`).
+    /// Full forward over `x: [B, T, hidden]` at `positions` after `past` (host `K'`, `V'`,
+    /// token-major `[n_past, Ha, da]`, and their positions, batch 1): returns `s: [B, T, Hkv]`
+    /// and the new tokens' `K'`, `V'` (`[B, Ha, T, da]`). A query sees the past and new keys
+    /// [`GateConfig::sees`] allows.
     fn forward(
         &self,
         p: &GateLayer,
         x: &Tensor,
         positions: &[u32],
-        past: Option<(&[f32], &[f32])>,
+        past: Option<&cache::PastRows>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
         let (q, k, v) = self.project(p, x, positions)?;
-        let (k_all, v_all, n_past) = match past {
-            Some((pk, pv)) if !pk.is_empty() => {
-                let n_past = pk.len() / (ha * da);
+        let (k_all, v_all, key_positions) = match past {
+            Some(past) if !past.positions.is_empty() => {
+                let n_past = past.positions.len();
                 let host = |d: &[f32]| {
                     Tensor::from_slice(d, (1, n_past, ha, da), x.device())?
                         .to_dtype(x.dtype())?
                         .transpose(1, 2)
                 };
+                let mut key_positions = past.positions.clone();
+                key_positions.extend_from_slice(positions);
                 (
-                    Tensor::cat(&[host(pk)?, k.clone()], 2)?,
-                    Tensor::cat(&[host(pv)?, v.clone()], 2)?,
-                    n_past,
+                    Tensor::cat(&[host(&past.keys)?, k.clone()], 2)?,
+                    Tensor::cat(&[host(&past.values)?, v.clone()], 2)?,
+                    key_positions,
                 )
             }
-            _ => (k.clone(), v.clone(), 0),
+            _ => (k.clone(), v.clone(), positions.to_vec()),
         };
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..n_past + t).map(move |j| {
-                    if j <= n_past + i {
+        let n_keys = key_positions.len();
+        let mask: Vec<f32> = positions
+            .iter()
+            .flat_map(|&qp| {
+                key_positions.iter().map(move |&kp| {
+                    if self.cfg.sees(qp, kp) {
                         0.0
                     } else {
                         f32::NEG_INFINITY
@@ -497,7 +522,7 @@ impl AttentionGate {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, n_past + t), x.device())?.to_dtype(x.dtype())?;
+        let mask = Tensor::from_vec(mask, (t, n_keys), x.device())?.to_dtype(x.dtype())?;
         let scale = 1.0 / (da as f64).sqrt();
         let att = (q.matmul(&k_all.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
@@ -542,8 +567,9 @@ impl AttentionGate {
     /// `V'` are appended to it so that [`AttentionGate::step`] continues from here. Returns
     /// `s: [T, n_kv_heads]` (f32).
     ///
-    /// Memory is `heads * T * (n_past + T)` scores: feed long prompts in chunks (each chunk a
-    /// call) to bound it; chunked and whole prefills give the same `s` up to rounding.
+    /// Memory is `heads * T * (n_past + T)` scores (`n_past` at most the attention window when
+    /// there is one): feed long prompts in chunks (each chunk a call) to bound it; chunked and
+    /// whole prefills give the same `s` up to rounding.
     pub fn prefill(
         &self,
         layer: usize,
@@ -561,8 +587,9 @@ impl AttentionGate {
             ));
         }
         let entry = cache.layer_mut(&self.cfg, layer)?;
+        let past = entry.past();
         let (s, k, v) = self
-            .forward(p, &x3, positions, Some((&entry.keys, &entry.values)))
+            .forward(p, &x3, positions, Some(&past))
             .ctx("running the gate prefill")?;
         let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
             t.squeeze(0)?
@@ -575,8 +602,10 @@ impl AttentionGate {
             host(&k).ctx("copying K' to the gate cache")?,
             host(&v).ctx("copying V' to the gate cache")?,
         );
-        entry.keys.extend_from_slice(&k);
-        entry.values.extend_from_slice(&v);
+        let row = self.cfg.inner();
+        for ((k, v), &position) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions) {
+            entry.push(k, v, position);
+        }
         s.squeeze(0)
             .and_then(|s| s.to_dtype(DType::F32))
             .ctx("reshaping gate output")

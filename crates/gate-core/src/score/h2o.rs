@@ -65,6 +65,12 @@ impl H2oAccumulator {
         Ok(layer * self.n_heads + head)
     }
 
+    /// Bytes of the accumulated state (a sum and a count per tracked entry), all heads.
+    pub fn bytes(&self) -> usize {
+        let per_entry = std::mem::size_of::<f64>() + std::mem::size_of::<u64>();
+        self.sums.iter().map(Vec::len).sum::<usize>() * per_entry
+    }
+
     /// Number of entries tracked for (layer, head).
     pub fn len(&self, layer: usize, head: usize) -> Result<usize> {
         Ok(self.sums[self.slot(layer, head)?].len())

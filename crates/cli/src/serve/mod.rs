@@ -1,0 +1,693 @@
+//! `agate serve`: an OpenAI-compatible HTTP server (axum on tokio) over the engine's
+//! continuous-batching [`Scheduler`]. Routes: `POST /v1/chat/completions`,
+//! `POST /v1/completions` (JSON or server-sent events with `stream: true`), `GET /v1/models`,
+//! `GET /health`, `GET /metrics` (Prometheus text). Requests may carry agate's `kv_*` policy
+//! settings; the server's policy flags are the defaults.
+//!
+//! Invariants: a handler never blocks the async runtime (the model runs on the scheduler's
+//! thread; events come back through an async channel); the HTTP status is decided when the
+//! scheduler admits or refuses the request, before any byte of the body is sent; a client that
+//! goes away (closed connection, dropped stream) closes its channel, which cancels its request
+//! and frees its blocks at the next step boundary; every error body is OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+mod metrics;
+mod openai;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use engine::{
+    EventSink, GenerateRequest, Policy, PolicySpec, Prompt, RequestEvent, SamplingParams,
+    Scheduler, SchedulerConfig, Submission,
+};
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use crate::args::{ModelArgs, SamplingArgs};
+use crate::policy_args::PolicyArgs;
+use openai::{
+    parse_body, unix_now, usage_json, ApiError, ChatRequest, Common, CompletionRequest, Endpoint,
+    ResponseMeta, Stop,
+};
+
+/// Flags of `agate serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on. The default answers only this machine; 0.0.0.0 exposes the server
+    /// to the network (set --api-key then).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port; 0 picks a free one (the address is printed on stdout).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Tokens generated when a request sets no max_tokens.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
+    /// Requests generating at once (one batched forward step serves them all).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_sessions: u64,
+    /// Requests waiting for admission; beyond that the server answers 503.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queue: u64,
+    /// Finished conversations kept so that the next turn prefills only its new text (0: off).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_cache: usize,
+    /// Prompt tokens per prefill step (long prompts are prefilled in chunks between decode
+    /// steps).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub prefill_chunk: u64,
+    /// Require `Authorization: Bearer KEY` on the /v1/ routes.
+    #[arg(long, value_name = "KEY", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub api_key: Option<String>,
+    /// Model id shown by /v1/models and in responses (default: the model file's name).
+    #[arg(long, value_name = "ID")]
+    pub model_name: Option<String>,
+}
+
+/// Request defaults taken from the server's flags.
+struct Defaults {
+    /// The policy of requests that name none (`kv_policy`).
+    policy: PolicySpec,
+    sampling: SamplingParams,
+    /// Whether `--seed` was given (else unseeded requests get a fresh seed each).
+    seeded: bool,
+    max_tokens: usize,
+}
+
+/// Resolved policies kept by spec (gates load once), at most this many.
+const POLICY_CACHE: usize = 64;
+
+/// Everything the handlers share.
+struct App {
+    scheduler: Scheduler,
+    model_id: String,
+    created: u64,
+    api_key: Option<String>,
+    defaults: Defaults,
+    policies: Mutex<HashMap<String, Policy>>,
+    /// HTTP responses by (route, status).
+    responses: Mutex<BTreeMap<(String, u16), u64>>,
+    serial: AtomicU64,
+}
+
+/// Runs `agate serve` until Ctrl-C or SIGTERM.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let policy = args.policy.single()?.spec().clone();
+    let openai_defaults = SamplingParams {
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let sampling = args.sampling.params(openai_defaults)?;
+    let mut engine_cfg = args.model.engine_config();
+    engine_cfg.prefill_chunk = args.prefill_chunk as usize;
+    let engine = engine::Engine::builder()
+        .config(engine_cfg)
+        .on_progress(|line| say!("agate: {line}"))
+        .build()?;
+    // The default policy must build (a bad --policy is a startup error, not a 400 per request).
+    let default_policy = policy.build(&engine)?;
+    let model_id = args.model_name.clone().unwrap_or_else(|| {
+        engine
+            .model_path()
+            .file_stem()
+            .map_or_else(|| "agate".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let scheduler = Scheduler::spawn(
+        &engine,
+        SchedulerConfig {
+            max_sessions: args.max_sessions as usize,
+            max_queue: args.max_queue as usize,
+            prompt_cache: args.prompt_cache,
+        },
+    )?;
+    let app = Arc::new(App {
+        scheduler,
+        model_id,
+        created: unix_now(),
+        api_key: args.api_key.clone(),
+        policies: Mutex::new(HashMap::from([(format!("{policy:?}"), default_policy)])),
+        defaults: Defaults {
+            policy,
+            seeded: args.sampling.seed.is_some(),
+            sampling,
+            max_tokens: args.max_tokens as usize,
+        },
+        responses: Mutex::new(BTreeMap::new()),
+        serial: AtomicU64::new(0),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(app, &args.host, args.port))
+}
+
+async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let engine = app.scheduler.engine();
+    say!(
+        "agate serve: {} ({} layers), default policy {}, KV pool {} MiB, up to {} sessions at once",
+        engine.model_path().display(),
+        engine.model_config().n_layers,
+        app.defaults.policy.name,
+        engine.pool().config().capacity_bytes() >> 20,
+        app.scheduler.config().max_sessions,
+    );
+    outln!("listening on http://{addr}")?;
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    say!("agate serve: stopped");
+    Ok(())
+}
+
+fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_responses,
+        ))
+        .with_state(app)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+/// Counts every response by route and status (for `/metrics`).
+async fn count_responses(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let mut counts = app.responses.lock().unwrap_or_else(|e| e.into_inner());
+    *counts
+        .entry((route, response.status().as_u16()))
+        .or_default() += 1;
+    response
+}
+
+/// With `--api-key`, the /v1/ routes need `Authorization: Bearer KEY`.
+async fn require_key(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &app.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or incorrect API key: send `Authorization: Bearer KEY`",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {} (agate serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)",
+            uri.path()
+        ),
+    )
+    .with_code("unknown_url")
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with_code("method_not_allowed")
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.model_id,
+            "object": "model",
+            "created": app.created,
+            "owned_by": "agate",
+        }],
+    }))
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    let responses = app
+        .responses
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let text = metrics::render(&app.scheduler.metrics(), &responses);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let handled = async {
+        let (request, common) = parse_body::<ChatRequest>(&body.map_err(rejected)?)?;
+        let prompt = Prompt::Chat(request.conversation()?);
+        app.generate(Endpoint::Chat, prompt, &common).await
+    };
+    handled.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let handled = async {
+        let (request, common) = parse_body::<CompletionRequest>(&body.map_err(rejected)?)?;
+        let prompt = Prompt::Text(request.prompt_text()?);
+        app.generate(Endpoint::Completion, prompt, &common).await
+    };
+    handled.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A body axum could not read (too large, not UTF-8…), as an OpenAI error.
+fn rejected(e: BytesRejection) -> ApiError {
+    ApiError::new(e.status(), e.body_text())
+}
+
+/// A request's events, delivered into the async world; closed when the handler or the
+/// response stream is dropped (the client went away).
+struct ChannelSink(UnboundedSender<RequestEvent>);
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: RequestEvent) -> bool {
+        self.0.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// How a request is to be answered.
+struct Answer {
+    stream: bool,
+    include_usage: bool,
+}
+
+impl App {
+    /// Submits one request and answers it, as JSON or as a stream of chunks.
+    async fn generate(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        prompt: Prompt,
+        common: &Common,
+    ) -> Result<Response, ApiError> {
+        let request = self.generate_request(common)?;
+        let (policy, policy_key) = self.policy(common).await?;
+        let answer = Answer {
+            stream: common.stream,
+            include_usage: common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        };
+        let (tx, mut events) = unbounded_channel();
+        let submission = Submission {
+            prompt,
+            policy,
+            policy_key,
+            request,
+        };
+        self.scheduler
+            .submit_to(submission, Box::new(ChannelSink(tx)))
+            .map_err(ApiError::from_engine)?;
+        match events.recv().await {
+            Some(RequestEvent::Started { .. }) => {}
+            Some(RequestEvent::Failed(e)) => return Err(ApiError::from_engine(e)),
+            _ => {
+                return Err(ApiError::from_engine(engine::EngineError::Scheduler(
+                    "the request ended before it started".into(),
+                )))
+            }
+        }
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let meta = ResponseMeta::new(endpoint, &self.model_id, serial);
+        if !answer.stream {
+            let mut text = String::new();
+            while let Some(event) = events.recv().await {
+                match event {
+                    RequestEvent::Started { .. } => {}
+                    RequestEvent::Text(t) => text.push_str(&t),
+                    RequestEvent::Done {
+                        generation,
+                        usage,
+                        kv,
+                    } => {
+                        let body =
+                            meta.response(&text, generation.finish_reason, usage_json(&usage, &kv));
+                        return Ok(Json(body).into_response());
+                    }
+                    RequestEvent::Failed(e) => return Err(ApiError::from_engine(e)),
+                }
+            }
+            return Err(ApiError::from_engine(engine::EngineError::Scheduler(
+                "the request ended without a result".into(),
+            )));
+        }
+        let first = (endpoint == Endpoint::Chat).then(|| data(&meta.chunk(Some(""), true, None)));
+        let events = stream::poll_fn(move |cx| events.poll_recv(cx));
+        let chunks = events.flat_map(move |event| stream::iter(sse_events(&meta, &answer, event)));
+        let body = stream::iter(first)
+            .chain(chunks)
+            .map(Ok::<Event, Infallible>);
+        Ok(Sse::new(body)
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    }
+
+    /// The generation settings of a request over the server's defaults.
+    fn generate_request(&self, c: &Common) -> Result<GenerateRequest, ApiError> {
+        if let Some(n) = c.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    Some("n"),
+                    format!("only n = 1 is supported, got {n}"),
+                ));
+            }
+        }
+        if matches!(&c.logprobs, Some(v) if !v.is_null() && *v != Value::Bool(false)) {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported",
+            ));
+        }
+        let (max_param, max_tokens) = match (c.max_completion_tokens, c.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max_tokens {
+            None => self.defaults.max_tokens,
+            Some(m) if m >= 1 => m as usize,
+            Some(m) => {
+                return Err(ApiError::invalid(
+                    Some(max_param),
+                    format!("{max_param} must be >= 1, got {m}"),
+                ))
+            }
+        };
+        let d = &self.defaults.sampling;
+        let top_k = match c.top_k {
+            None => d.top_k,
+            Some(k) if k >= 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    Some("top_k"),
+                    format!("top_k must be >= 0, got {k}"),
+                ))
+            }
+        };
+        let sampling = SamplingParams {
+            temperature: c.temperature.unwrap_or(d.temperature),
+            top_k,
+            top_p: c.top_p.unwrap_or(d.top_p),
+            min_p: c.min_p.unwrap_or(d.min_p),
+            repetition_penalty: c.repetition_penalty.unwrap_or(d.repetition_penalty),
+            repeat_last_n: d.repeat_last_n,
+            seed: c.seed.unwrap_or_else(|| self.default_seed()),
+        };
+        sampling
+            .validate()
+            .map_err(|e| ApiError::invalid(None, e))?;
+        let stop = match &c.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let ignore_eos = match c.extra.get("ignore_eos") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("ignore_eos"),
+                    "ignore_eos must be a boolean",
+                ))
+            }
+        };
+        Ok(GenerateRequest {
+            max_tokens,
+            sampling,
+            stop,
+            stop_at_eos: !ignore_eos,
+        })
+    }
+
+    /// `--seed` when given, else a fresh seed per request (as OpenAI does without `seed`).
+    fn default_seed(&self) -> u64 {
+        if self.defaults.seeded {
+            return self.defaults.sampling.seed;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos
+            ^ self
+                .serial
+                .load(Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The request's policy (`kv_*` fields over the server's default) and its cache key.
+    async fn policy(self: &Arc<Self>, c: &Common) -> Result<(Policy, String), ApiError> {
+        let spec = policy_spec(&self.defaults.policy, &c.extra)?;
+        let key = format!("{spec:?}");
+        if let Some(p) = self.lock_policies().get(&key) {
+            return Ok((p.clone(), key));
+        }
+        // Gates files load from disk: off the async threads.
+        let engine = self.scheduler.engine().clone();
+        let build = spec.clone();
+        let built = tokio::task::spawn_blocking(move || build.build(&engine))
+            .await
+            .map_err(|e| ApiError::from_engine(engine::EngineError::Scheduler(e.to_string())))?;
+        let policy = built.map_err(|e| {
+            ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
+        })?;
+        let mut cache = self.lock_policies();
+        if cache.len() >= POLICY_CACHE {
+            cache.clear();
+        }
+        cache.insert(key.clone(), policy.clone());
+        Ok((policy, key))
+    }
+
+    fn lock_policies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy>> {
+        self.policies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// agate's request fields, with what they set.
+const KV_FIELDS: [&str; 9] = [
+    "kv_policy",
+    "kv_evict",
+    "kv_keep",
+    "kv_sinks",
+    "kv_window",
+    "kv_threshold",
+    "kv_ag_mode",
+    "kv_ag_decode",
+    "kv_seed",
+];
+
+/// The policy a request asks for: with `kv_policy`, that policy with the request's knobs only;
+/// without, the server's default with the request's knobs on top.
+fn policy_spec(
+    default: &PolicySpec,
+    extra: &serde_json::Map<String, Value>,
+) -> Result<PolicySpec, ApiError> {
+    if let Some(unknown) = extra
+        .keys()
+        .find(|k| k.starts_with("kv_") && !KV_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            Some(unknown),
+            format!(
+                "unknown field `{unknown}` (agate's fields: {})",
+                KV_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let field = |name: &str| extra.get(name).filter(|v| !v.is_null());
+    let bad = |name: &str, what: &str| {
+        ApiError::invalid(
+            Some(name),
+            format!(
+                "{name} must be {what}, got {}",
+                field(name).map_or(Value::Null, Clone::clone)
+            ),
+        )
+    };
+    let count = |name: &str, min: u64| -> Result<Option<usize>, ApiError> {
+        field(name)
+            .map(|v| match v.as_u64() {
+                Some(n) if n >= min => Ok(n as usize),
+                _ => Err(bad(name, &format!("an integer >= {min}"))),
+            })
+            .transpose()
+    };
+    let ratio = |name: &str| -> Result<Option<f32>, ApiError> {
+        field(name)
+            .map(|v| match v.as_f64() {
+                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
+                _ => Err(bad(name, "a number in [0, 1)")),
+            })
+            .transpose()
+    };
+    let mut spec = match field("kv_policy") {
+        None => default.clone(),
+        Some(Value::String(name)) => PolicySpec::named(name),
+        Some(_) => return Err(bad("kv_policy", "a policy name")),
+    };
+    if let Some(r) = ratio("kv_evict")? {
+        spec.evict = Some(r);
+        spec.keep = None;
+    }
+    if let Some(k) = count("kv_keep", 1)? {
+        if field("kv_evict").is_some() {
+            return Err(ApiError::invalid(
+                Some("kv_keep"),
+                "give either kv_evict or kv_keep, not both",
+            ));
+        }
+        spec.keep = Some(k);
+        spec.evict = None;
+    }
+    if let Some(s) = count("kv_sinks", 0)? {
+        spec.sinks = Some(s);
+    }
+    if let Some(w) = count("kv_window", 0)? {
+        spec.window = Some(w);
+    }
+    if let Some(t) = ratio("kv_threshold")? {
+        spec.threshold = Some(t);
+    }
+    match field("kv_ag_mode") {
+        None => {}
+        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
+            spec.ag_budget_mode = m == "budget";
+        }
+        Some(_) => return Err(bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
+    }
+    match field("kv_ag_decode") {
+        None => {}
+        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
+        Some(_) => return Err(bad("kv_ag_decode", "a boolean")),
+    }
+    if let Some(s) = count("kv_seed", 0)? {
+        spec.seed = Some(s as u64);
+    }
+    Ok(spec)
+}
+
+/// The SSE events one scheduler event becomes.
+fn sse_events(meta: &ResponseMeta, answer: &Answer, event: RequestEvent) -> Vec<Event> {
+    match event {
+        RequestEvent::Started { .. } => Vec::new(),
+        RequestEvent::Text(t) => vec![data(&meta.chunk(Some(&t), false, None))],
+        RequestEvent::Done {
+            generation,
+            usage,
+            kv,
+        } => {
+            let mut out = vec![data(&meta.chunk(
+                None,
+                false,
+                Some(generation.finish_reason),
+            ))];
+            if answer.include_usage {
+                out.push(data(&meta.usage_chunk(usage_json(&usage, &kv))));
+            }
+            out.push(Event::default().data("[DONE]"));
+            out
+        }
+        RequestEvent::Failed(e) => vec![
+            data(&ApiError::from_engine(e).body()),
+            Event::default().data("[DONE]"),
+        ],
+    }
+}
+
+fn data(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
