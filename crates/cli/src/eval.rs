@@ -4,10 +4,11 @@
 //! accuracy-vs-eviction plots (`--out DIR`).
 //!
 //! Stable contract: `--json` prints exactly one JSON object on stdout. A single run prints
-//! `{tasks, policy, n, accuracy, eviction_ratio, kv_bytes_in_use, kv_bytes_full, per_type,
-//! by_depth?, model, query_aware}`; a sweep prints `{tasks, model, query_aware, rows: [{policy,
-//! target_ratio, matched_to, n, accuracy, eviction_ratio, kv_bytes_in_use, kv_bytes_full,
-//! per_type, by_depth?}]}`. Progress bars (tasks/s, ETA) go to stderr.
+//! `{tasks, policy, n, accuracy, accuracy_ci95, eviction_ratio, kv_bytes_in_use, kv_bytes_full,
+//! per_type, by_depth?, model, query_aware, chat}`; a sweep prints `{tasks, model, query_aware,
+//! chat, rows: [{policy, target_ratio, matched_to, n, accuracy, accuracy_ci95, eviction_ratio,
+//! kv_bytes_in_use, kv_bytes_full, per_type, by_depth?}]}`. Intervals are 95% ones
+//! (engine::eval::stats). Progress bars (tasks/s, ETA) go to stderr.
 //!
 //! Invariants: every flag is validated before the model loads (except what needs the model's
 //! tokenizer); files under `--out` are written atomically; a failed task fails the command.
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use engine::eval::sweep::{self, SweepPlan, SweepRow};
+use engine::eval::sweep::{self, SweepPlan, SweepRow, SweepRun};
 use engine::eval::synthetic::{self, Family, SyntheticSpec};
 use engine::eval::{self, EvalOptions, EvalSummary, PplContext, Task, TaskOutcome};
 use engine::{Engine, Policy};
@@ -56,7 +57,8 @@ pub struct EvalArgs {
     /// Synthetic: random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Synthetic: haystack text file (default: RULER's repeated neutral sentences).
+    /// Synthetic: haystack text file, split into sentences (default: RULER's noise, its block of
+    /// neutral sentences repeated whole, one per line).
     #[arg(long, value_name = "FILE")]
     pub filler: Option<PathBuf>,
     /// Synthetic niah-multi: keys hidden (the asked one included).
@@ -72,6 +74,16 @@ pub struct EvalArgs {
     /// setting); by default the question is appended after the context is evicted.
     #[arg(long)]
     pub query_aware: bool,
+    /// Render choice and generate tasks (synthetic ones too) through the model's chat template,
+    /// as the instruct model is used: the context is compressed with the template's head, the
+    /// question and the assistant header follow (a task's `chat` field overrides this).
+    #[arg(long)]
+    pub chat: bool,
+    /// Prefill each policy's context separately instead of once per task for every policy
+    /// (forking the cache copy-on-write): the same results, slower — to check or time the
+    /// shared path.
+    #[arg(long)]
+    pub separate_prefills: bool,
     /// Generate tasks: tokens allowed beyond the reference answer's length.
     #[arg(long, default_value_t = 8)]
     pub answer_margin: usize,
@@ -151,9 +163,11 @@ fn parse_ppl_context(s: &str) -> Result<PplContext, String> {
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let choices = args.policy.policies()?;
     let filler = match &args.filler {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("--filler: cannot read {}", p.display()))?,
-        None => synthetic::DEFAULT_FILLER.to_string(),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--filler: cannot read {}", p.display()))?,
+        ),
+        None => None,
     };
     let mut tasks_from_file = match &args.tasks {
         Some(p) => Some(eval::load_tasks(p)?),
@@ -209,6 +223,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
                 seed: args.seed,
                 filler,
                 keys: args.keys as usize,
+                overhead: if args.chat {
+                    eval::chat_template_overhead(&engine)?
+                } else {
+                    0
+                },
             };
             let count = |t: &str| -> engine::Result<usize> {
                 Ok(engine.tokenizer().encode(t, false)?.len())
@@ -232,9 +251,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let opts = EvalOptions {
         positions: args.policy.positions_or(engine::Positions::Original),
         query_aware: args.query_aware,
+        chat: args.chat,
         answer_margin: args.answer_margin,
         ppl_context: args.ppl_context,
         ppl_chunk: args.ppl_chunk as usize,
+        shared_prefill: !args.separate_prefills,
     };
     match plan {
         None => single(args, &engine, &choices[0], &label, &tasks, &opts),
@@ -266,25 +287,26 @@ fn sweep_plan(
     Ok(plan)
 }
 
-/// Runs the tasks under one policy with a progress bar labelled `what`.
-fn run_one(
+/// Runs the tasks under every policy (task by task, see `eval::run_policies`) with one progress
+/// bar over tasks × policies labelled `what`.
+fn run_many(
     engine: &Engine,
-    policy: &Policy,
+    policies: &[Policy],
     what: &str,
     tasks: &[Task],
     opts: &EvalOptions,
-) -> anyhow::Result<Vec<TaskOutcome>> {
-    let bar = ProgressBar::new(tasks.len() as u64);
+) -> anyhow::Result<Vec<Vec<TaskOutcome>>> {
+    let bar = ProgressBar::new((tasks.len() * policies.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} tasks  {per_sec}  ETA {eta}  acc {msg}",
+            "{prefix} [{bar:30}] {pos}/{len} task runs  {per_sec}  ETA {eta}  mean acc {msg}",
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     let (mut sum, mut count) = (0.0, 0usize);
-    let outcomes = eval::run_tasks(engine, policy, tasks, opts, &mut |o| {
+    let outcomes = eval::run_policies(engine, policies, tasks, opts, &mut |_, o| {
         sum += o.score;
         count += 1;
         bar.set_message(format!("{:.3}", sum / count as f64));
@@ -301,6 +323,7 @@ fn summary_json(label: &str, policy: &str, s: &EvalSummary) -> Value {
         "policy": policy,
         "n": s.n,
         "accuracy": s.accuracy,
+        "accuracy_ci95": s.accuracy_ci95,
         "eviction_ratio": s.eviction_ratio,
         "kv_bytes_in_use": s.kv_bytes_in_use,
         "kv_bytes_full": s.kv_bytes_full,
@@ -320,11 +343,20 @@ fn single(
     tasks: &[Task],
     opts: &EvalOptions,
 ) -> anyhow::Result<()> {
-    let outcomes = run_one(engine, &choice.resolve(engine)?, choice.name(), tasks, opts)?;
+    let outcomes = run_many(
+        engine,
+        &[choice.resolve(engine)?],
+        choice.name(),
+        tasks,
+        opts,
+    )?
+    .pop()
+    .unwrap_or_default();
     let summary = EvalSummary::from_outcomes(&outcomes)?;
     let mut out = summary_json(label, choice.name(), &summary);
     out["model"] = json!(engine.model_path().display().to_string());
     out["query_aware"] = json!(args.query_aware);
+    out["chat"] = json!(args.chat);
     if let Some(dir) = &args.out {
         write_text(
             &dir.join("summary.json"),
@@ -340,17 +372,40 @@ fn single(
         outln!("{out}")?;
         return Ok(());
     }
+    let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
     outln!("tasks      {label}")?;
     outln!("policy     {}", choice.name())?;
-    outln!("n          {}", summary.n)?;
-    outln!("accuracy   {:.4}", summary.accuracy)?;
-    for (kind, t) in &summary.per_type {
-        let mut line = format!("  {kind:<10} n={} acc={:.4}", t.n, t.accuracy);
-        if let Some(a) = t.acc_norm {
-            line.push_str(&format!(" acc_norm={a:.4}"));
+    outln!(
+        "protocol   {}{}",
+        if args.chat {
+            "chat template"
+        } else {
+            "raw text"
+        },
+        if args.query_aware {
+            ", query-aware"
+        } else {
+            ""
         }
-        if let Some(p) = t.perplexity {
-            line.push_str(&format!(" ppl={p:.4}"));
+    )?;
+    outln!("n          {}", summary.n)?;
+    outln!(
+        "accuracy   {:.4}  95% CI {}",
+        summary.accuracy,
+        ci(summary.accuracy_ci95)
+    )?;
+    for (kind, t) in &summary.per_type {
+        let mut line = format!(
+            "  {kind:<10} n={} acc={:.4} {}",
+            t.n,
+            t.accuracy,
+            ci(t.accuracy_ci95)
+        );
+        if let (Some(a), Some(c)) = (t.acc_norm, t.acc_norm_ci95) {
+            line.push_str(&format!(" acc_norm={a:.4} {}", ci(c)));
+        }
+        if let (Some(p), Some(c)) = (t.perplexity, t.perplexity_ci95) {
+            line.push_str(&format!(" ppl={p:.4} [{:.3}, {:.3}]", c[0], c[1]));
         }
         if let Some(k) = t.kl {
             line.push_str(&format!(" kl={k:.5}"));
@@ -378,35 +433,48 @@ fn run_sweep(
     tasks: &[Task],
     opts: &EvalOptions,
 ) -> anyhow::Result<()> {
-    let mut k = 0;
+    let mut batches = 0;
     let mut failure = None;
-    let rows = plan.run(&mut |name, ratio| {
-        k += 1;
-        let what = match ratio {
-            Some(r) => format!("[{k}] {name} evict={r:.3}"),
-            None => format!("[{k}] {name}"),
-        };
-        let base = choices.iter().find(|c| c.name() == name);
-        let policy = match (base, ratio) {
-            (None, _) => Ok(Policy::Full),
-            (Some(c), Some(r)) => c.with_evict(r as f32).resolve(engine),
-            (Some(c), None) => c.resolve(engine),
-        };
-        let outcomes = match policy.and_then(|p| run_one(engine, &p, &what, tasks, opts)) {
-            Ok(o) => o,
-            Err(e) => {
-                let msg = format!("{name}: {e:#}");
-                failure = Some(e);
-                return Err(engine::EngineError::Invalid(msg));
-            }
-        };
-        let s = EvalSummary::from_outcomes(&outcomes)?;
-        say!(
-            "{what}: accuracy {:.3}, evicted {:.1}%",
-            s.accuracy,
-            s.eviction_ratio * 100.0
-        );
-        Ok(s)
+    let mut run_batch = |batch: &[SweepRun]| -> anyhow::Result<Vec<EvalSummary>> {
+        batches += 1;
+        let policies = batch
+            .iter()
+            .map(|r| {
+                let base = choices.iter().find(|c| c.name() == r.policy);
+                match (base, r.ratio) {
+                    (None, _) => Ok(Policy::Full),
+                    (Some(c), Some(ratio)) => c.with_evict(ratio as f32).resolve(engine),
+                    (Some(c), None) => c.resolve(engine),
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let what = format!("[batch {batches}: {} runs]", batch.len());
+        let outcomes = run_many(engine, &policies, &what, tasks, opts)?;
+        batch
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, o)| {
+                let s = EvalSummary::from_outcomes(o)?;
+                say!(
+                    "{}{}: accuracy {:.3} [{:.3}, {:.3}], evicted {:.1}%",
+                    r.policy,
+                    r.ratio
+                        .map_or_else(String::new, |x| format!(" evict={x:.3}")),
+                    s.accuracy,
+                    s.accuracy_ci95[0],
+                    s.accuracy_ci95[1],
+                    s.eviction_ratio * 100.0
+                );
+                Ok(s)
+            })
+            .collect()
+    };
+    let rows = plan.run(&mut |batch| {
+        run_batch(batch).map_err(|e| {
+            let msg = format!("{e:#}");
+            failure = Some(e);
+            engine::EngineError::Invalid(msg)
+        })
     });
     let rows = match (rows, failure) {
         (Ok(rows), _) => rows,
@@ -417,21 +485,36 @@ fn run_sweep(
         "tasks": label,
         "model": engine.model_path().display().to_string(),
         "query_aware": args.query_aware,
+        "chat": args.chat,
         "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
     });
     let table = sweep::markdown_table(&rows);
+    let protocol = match (args.chat, args.query_aware) {
+        (true, true) => "chat template, query-aware",
+        (true, false) => "chat template",
+        (false, true) => "raw text, query-aware",
+        (false, false) => "raw text",
+    };
     if let Some(dir) = &args.out {
         write_text(
             &dir.join("sweep.json"),
             &(serde_json::to_string_pretty(&out)? + "\n"),
         )?;
         write_text(&dir.join("sweep.csv"), &sweep::csv(&rows))?;
-        write_text(&dir.join("sweep.md"), &table)?;
+        let caption = format!(
+            "Tasks `{label}`, protocol: {protocol}; `accuracy_lo`/`accuracy_hi`: 95% interval \
+             (Wilson for 0/1 scores, bootstrap over tasks otherwise).\n\n"
+        );
+        write_text(&dir.join("sweep.md"), &(caption + &table))?;
         let series: Vec<Series> = sweep::accuracy_series(&rows)
             .into_iter()
-            .map(|(label, points)| Series { label, points })
+            .map(|(label, points)| Series {
+                label,
+                points: points.iter().map(|p| (p.x, p.y)).collect(),
+                errors: points.iter().map(|p| (p.ci95[0], p.ci95[1])).collect(),
+            })
             .collect();
-        let title = format!("{label}: accuracy vs eviction");
+        let title = format!("{label} ({protocol}): accuracy vs eviction, 95% CI");
         plot::line_chart_svg(
             &dir.join("accuracy.svg"),
             &title,
@@ -442,7 +525,7 @@ fn run_sweep(
         plot::line_chart_png(
             &dir.join("accuracy.png"),
             "eviction ratio (measured)",
-            "accuracy",
+            "accuracy (bars: 95% CI)",
             (0.0, 1.0),
             &series,
         )?;

@@ -1,7 +1,8 @@
 //! Pictures people look at: the eviction map (which prompt tokens each layer and KV head kept,
-//! PNG) and line charts (accuracy vs eviction ratio: SVG through plotters, and PNG drawn here
-//! with a built-in 5×7 pixel font, so no system font is needed). Files are written by
-//! `engine::atomic` (a temporary name and a rename: a crash never leaves half a picture).
+//! PNG) and line charts (accuracy vs eviction ratio with 95% error bars: SVG through plotters,
+//! and PNG drawn here with a built-in 5×7 pixel font, so no system font is needed). Files are
+//! written by `engine::atomic` (a temporary name and a rename: a crash never leaves half a
+//! picture).
 
 use std::path::Path;
 
@@ -82,7 +83,12 @@ pub struct Series {
     pub label: String,
     /// Points (x, y), drawn in order.
     pub points: Vec<(f64, f64)>,
+    /// Per point, a vertical error bar `(y_lo, y_hi)` (e.g. a 95% interval); empty: none.
+    pub errors: Vec<(f64, f64)>,
 }
+
+/// Half the width of an error bar's caps in the PNG chart, in pixels.
+const CAP_PX: i32 = 4;
 
 /// Draws line series as an SVG chart with axes, labels and a legend.
 pub fn line_chart_svg(
@@ -99,6 +105,10 @@ pub fn line_chart_svg(
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
+    }
+    for &(lo, hi) in series.iter().flat_map(|s| s.errors.iter()) {
+        y0 = y0.min(lo);
+        y1 = y1.max(hi);
     }
     anyhow::ensure!(x0 <= x1, "nothing to draw: no points");
     let pad = |a: f64, b: f64| {
@@ -140,6 +150,22 @@ pub fn line_chart_svg(
                 });
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Error bars: a vertical line with caps (cap half-width: 1% of the x range).
+            let cap = (x1 - x0) * 0.01;
+            let bars = s
+                .points
+                .iter()
+                .zip(&s.errors)
+                .flat_map(|(&(x, _), &(lo, hi))| {
+                    [
+                        vec![(x, lo), (x, hi)],
+                        vec![(x - cap, lo), (x + cap, lo)],
+                        vec![(x - cap, hi), (x + cap, hi)],
+                    ]
+                });
+            chart
+                .draw_series(bars.map(|path| PathElement::new(path, color.stroke_width(1))))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         chart
@@ -250,6 +276,13 @@ pub fn line_chart_png(
         if s.points.len() <= MARKER_MAX_POINTS {
             for &(x, y) in &s.points {
                 c.dot(px(x), py(y), 4, color);
+            }
+        }
+        for (&(x, _), &(lo, hi)) in s.points.iter().zip(&s.errors) {
+            let (x, cap) = (px(x), f64::from(CAP_PX));
+            c.line((x, py(lo)), (x, py(hi)), color, 1);
+            for y in [py(lo), py(hi)] {
+                c.line((x - cap, y), (x + cap, y), color, 1);
             }
         }
         let ly = t + 10 + i * 22;
@@ -417,10 +450,12 @@ mod tests {
             Series {
                 label: "full".into(),
                 points: vec![(0.0, 1.0)],
+                errors: vec![(0.9, 1.0)],
             },
             Series {
                 label: "h2o".into(),
                 points: vec![(0.25, 0.9), (0.5, 0.6), (0.75, 0.2)],
+                errors: Vec::new(),
             },
         ];
         let png_path = dir.path().join("a.png");

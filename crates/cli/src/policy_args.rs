@@ -1,17 +1,18 @@
 //! Eviction-policy flags shared by generate, chat, eval and bench: `--policy NAME[,NAME…]`,
-//! `--evict RATIO` or `--keep TOKENS`, the policy-specific knobs, and `--positions`. Values are
-//! range-checked by clap before the model loads; the engine checks the rest against the model.
-//! Errors name the flag and the value.
+//! `--evict RATIO` or `--keep TOKENS`, the policy-specific knobs, `--policy-opt KEY=VALUE` for
+//! the design's \[choice\] defaults without a flag of their own (engine::PolicyOptions), and
+//! `--positions`. Values are range-checked by clap before the model loads; the engine checks the
+//! rest against the model. Errors name the flag and the value.
 //!
 //! A flag that does nothing for the chosen policy is an error (`--evict` with `full`,
-//! `--gates` with `h2o`, `--evict` with `ag` in threshold mode); when several policies are
-//! named, a flag is an error if none of them uses it and a warning naming those that ignore it
-//! otherwise (they run without it).
+//! `--gates` with `h2o`, `--evict` with `ag` in threshold mode, a `--policy-opt` key of another
+//! policy); when several policies are named, a flag is an error if none of them uses it and a
+//! warning naming those that ignore it otherwise (they run without it).
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use engine::{Engine, Policy, PolicySpec, Positions, Setting};
+use engine::{Engine, Policy, PolicyOptions, PolicySpec, Positions, Setting};
 
 /// Attention-Gate decision mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,6 +75,11 @@ pub struct PolicyArgs {
     /// cache for chat, original elsewhere (docs/policies.md).
     #[arg(long, value_parser = parse_positions)]
     pub positions: Option<Positions>,
+    /// A policy's [choice] default, KEY=VALUE (comma-separate or repeat): normalise (h2o),
+    /// kernel (snapkv, pyramidkv), beta (pyramidkv), proxy_frac, sink_frac, recent_frac, kp_frac,
+    /// kr_frac, min_len (nacl). Defaults and meaning: docs/policies.md.
+    #[arg(long = "policy-opt", value_name = "KEY=VALUE", value_delimiter = ',')]
+    pub options: Vec<String>,
 }
 
 fn parse_positions(s: &str) -> Result<Positions, String> {
@@ -153,31 +159,64 @@ impl PolicyChoice {
 }
 
 impl PolicyArgs {
-    /// Every policy named (`all` expands to every policy but ag), with the shared knobs; flags
-    /// that none of them uses are an error, and a warning names the policies that ignore a flag
-    /// the others use (see the module header).
+    /// Every policy named (`all` expands to every policy but ag, unless `--gates` is given;
+    /// a name given twice counts once), with the shared knobs; each gets the `--policy-opt`
+    /// options that apply to it. Flags and options that none of them uses are an error, and a
+    /// warning names the policies that ignore one the others use (see the module header).
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        let mut names = Vec::new();
+        let mut names: Vec<String> = Vec::new();
         for n in &self.names {
-            match n.as_str() {
-                "all" => names.extend(
-                    Policy::NAMES
-                        .iter()
-                        .filter(|&&p| p != "ag" || self.gates.is_some())
-                        .map(|s| s.to_string()),
-                ),
-                known if Policy::NAMES.contains(&known) => names.push(known.to_string()),
+            let add: Vec<String> = match n.as_str() {
+                "all" => Policy::NAMES
+                    .iter()
+                    .filter(|&&p| p != "ag" || self.gates.is_some())
+                    .map(|s| s.to_string())
+                    .collect(),
+                known if Policy::NAMES.contains(&known) => vec![known.to_string()],
                 other => anyhow::bail!(
                     "--policy: unknown policy `{other}` (expected {} or all)",
                     Policy::NAMES.join(", ")
                 ),
+            };
+            for name in add {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let mut options = PolicyOptions::default();
+        for pair in &self.options {
+            options
+                .set_pair(pair)
+                .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;
+        }
+        for key in options.keys_set() {
+            let ignoring: Vec<&str> = names
+                .iter()
+                .filter(|n| !PolicyOptions::applies_to(key, n))
+                .map(String::as_str)
+                .collect();
+            if ignoring.len() == names.len() {
+                let applies_to = PolicyOptions::KEYS
+                    .iter()
+                    .find(|k| k.name == key)
+                    .map_or_else(String::new, |k| k.policies.join(", "));
+                anyhow::bail!(
+                    "--policy-opt: `{key}` does not apply to {} (it applies to {applies_to})",
+                    names.join(", ")
+                );
+            }
+            if !ignoring.is_empty() {
+                say!(
+                    "agate: note: --policy-opt {key} does nothing with {}; they run without it",
+                    ignoring.join(", ")
+                );
             }
         }
         let mut choices: Vec<PolicyChoice> = names
             .into_iter()
             .map(|name| PolicyChoice {
                 spec: PolicySpec {
-                    name,
                     evict: self.evict,
                     keep: self.keep.map(|k| k as usize),
                     sinks: self.sinks,
@@ -187,6 +226,8 @@ impl PolicyArgs {
                     ag_budget_mode: self.ag_mode == Some(AgModeArg::Budget),
                     ag_decode: self.ag_decode.map(|d| d == Switch::On),
                     seed: self.policy_seed,
+                    options: options.for_policy(&name),
+                    name,
                 },
             })
             .collect();

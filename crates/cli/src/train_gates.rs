@@ -470,6 +470,7 @@ fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
     let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
         label: label.to_string(),
         points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
+        errors: Vec::new(),
     };
     if path.extension().is_some_and(|e| e == "png") {
         // Per-step CE is noisy (each step is another text): its running mean over the last
@@ -488,6 +489,7 @@ fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
                 .zip(&ce_mean)
                 .map(|(r, m)| (r.step as f64, m / ce_max))
                 .collect(),
+            errors: Vec::new(),
         };
         let last = h.last().map_or(1, |r| r.step.max(1)) as f64;
         line_chart_png(

@@ -257,3 +257,95 @@ fn train_gates_resumes_and_draws_the_whole_run() {
     );
     assert_ne!(cfg["threshold"].as_f64(), Some(0.5), "{cfg}");
 }
+
+/// Issue 11, defect 1: `generate --policy pyramidkv --evict R --json` on a 30-layer model and a
+/// 1,009-token prompt reports the requested ratio (within one token).
+#[test]
+fn generate_pyramidkv_meets_the_requested_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = model_zoo::random::tiny_config(30, 4, 2);
+    cfg.max_position = 4096;
+    let model = dir.path().join("tiny30");
+    engine::atomic::write_dir(&model, |s| {
+        model_zoo::random::write_random_model(s, &cfg, 5)
+    })
+    .unwrap();
+    // The random models' tokenizer is byte-level: one token per byte.
+    let prompt: String = "The grass is green. The sky is blue. "
+        .chars()
+        .cycle()
+        .take(1009)
+        .collect();
+    for ratio in ["0.25", "0.5", "0.75"] {
+        let out = agate(&[
+            "generate",
+            &prompt,
+            "--model",
+            model.to_str().unwrap(),
+            "--policy",
+            "pyramidkv",
+            "--evict",
+            ratio,
+            "--max-tokens",
+            "1",
+            "--json",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let t = v["kv"]["tokens_seen"].as_f64().unwrap();
+        assert_eq!(t, 1009.0, "{v}");
+        let measured = v["kv"]["eviction_ratio"].as_f64().unwrap();
+        let want: f64 = ratio.parse().unwrap();
+        assert!(
+            (measured - want).abs() <= 1.0 / t,
+            "requested {ratio}, measured {measured}"
+        );
+    }
+}
+
+/// Issue 11, defect 5: the [choice] knobs are settable with `--policy-opt key=value`, and a bad
+/// key, value or policy is one error line naming it.
+#[test]
+fn policy_options_are_settable_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 512);
+    let m = model.to_str().unwrap();
+    let ok = agate(&[
+        "generate",
+        "hello there, a short prompt",
+        "--model",
+        m,
+        "--policy",
+        "pyramidkv",
+        "--policy-opt",
+        "beta=5,kernel=3",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (policy, opt, needle) in [
+        ("pyramidkv", "beta=0.5", "beta"),
+        ("snapkv", "kernel=4", "kernel"),
+        ("h2o", "beta=5", "does not apply to h2o"),
+        ("nacl", "nonsense=1", "normalise"),
+        ("nacl", "kp_frac", "key=value"),
+    ] {
+        let out = agate(&[
+            "generate",
+            "hello",
+            "--model",
+            m,
+            "--policy",
+            policy,
+            "--policy-opt",
+            opt,
+        ]);
+        assert_one_line_error(&out, needle);
+    }
+}

@@ -271,3 +271,97 @@ fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
     assert_eq!(rows[3].1, Some(anchor));
     assert_eq!(rows[3].2.as_deref(), Some("streaming"));
 }
+
+/// Issue 11: `--chat` renders every task through the model's chat template, and `--json` gives
+/// each accuracy with its sample size and 95% interval, and says which protocol ran.
+#[test]
+fn chat_json_has_the_protocol_and_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let tasks = dir.path().join("tasks.jsonl");
+    std::fs::write(&tasks, MIXED).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--tasks",
+            tasks.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--policy",
+            "full",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        stdout_json(&agate(&args))
+    };
+    let v = run(&["--chat"]);
+    for key in [
+        "tasks",
+        "policy",
+        "n",
+        "accuracy",
+        "accuracy_ci95",
+        "chat",
+        "eviction_ratio",
+        "kv_bytes_in_use",
+        "kv_bytes_full",
+        "per_type",
+        "model",
+        "query_aware",
+    ] {
+        assert!(v.get(key).is_some(), "missing `{key}` in {v}");
+    }
+    assert_eq!(v["chat"], true);
+    assert_eq!(v["n"], 3);
+    let acc = v["accuracy"].as_f64().unwrap();
+    let ci: Vec<f64> = v["accuracy_ci95"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(ci.len(), 2);
+    assert!(
+        ci[0] <= acc && acc <= ci[1] && ci[0] >= 0.0 && ci[1] <= 1.0,
+        "{v}"
+    );
+    let ppl = &v["per_type"]["perplexity"];
+    let pci = ppl["perplexity_ci95"].as_array().unwrap();
+    assert!(pci[0].as_f64().unwrap() <= ppl["perplexity"].as_f64().unwrap());
+    // The chat template adds tokens around the same tasks: more KV bytes than the raw protocol.
+    let raw = run(&[]);
+    assert_eq!(raw["chat"], false);
+    assert!(
+        v["kv_bytes_full"].as_u64().unwrap() > raw["kv_bytes_full"].as_u64().unwrap(),
+        "{v} vs {raw}"
+    );
+}
+
+/// A sweep shares one prefill of each context between its policies (copy-on-write forks); the
+/// same sweep with a separate prefill per policy gives the very same rows.
+#[test]
+fn shared_and_separate_prefills_give_the_same_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    let common = [
+        "eval",
+        "--synthetic",
+        "kv",
+        "--length",
+        "300",
+        "-n",
+        "2",
+        "--model",
+        m,
+        "--policy",
+        "all",
+        "--sweep",
+        "0.3,0.6",
+        "--json",
+    ];
+    let shared = stdout_json(&agate(&common));
+    let separate = stdout_json(&agate(&[&common[..], &["--separate-prefills"]].concat()));
+    assert_eq!(shared["rows"], separate["rows"]);
+    assert_eq!(shared["rows"].as_array().unwrap().len(), 1 + 8 * 2);
+}

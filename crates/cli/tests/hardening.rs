@@ -518,6 +518,20 @@ fn flags_the_policy_ignores_are_refused() {
         "4",
     ]);
     fails_with(&out, &["--window does nothing with --policy streaming"]);
+    // A policy option of another policy.
+    let out = agate(&[
+        "generate",
+        "hi",
+        "--model",
+        m,
+        "--policy",
+        "h2o",
+        "--evict",
+        "0.5",
+        "--policy-opt",
+        "kernel=5",
+    ]);
+    fails_with(&out, &["--policy-opt: `kernel` does not apply to h2o"]);
     // train-gates: flags the run would ignore, or fail on only after training.
     let train = |extra: &[&str]| {
         let mut args = vec!["train-gates", "--model", m, "--data", "x.txt"];
@@ -555,6 +569,29 @@ fn flags_the_policy_ignores_are_refused() {
     succeeds(&out);
     assert!(
         text(&out).contains("--evict does nothing with full"),
+        "{}",
+        text(&out)
+    );
+    let out = agate(&[
+        "bench",
+        "--model",
+        m,
+        "--policy",
+        "h2o,snapkv",
+        "--evict",
+        "0.5",
+        "--policy-opt",
+        "kernel=5",
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+    ]);
+    succeeds(&out);
+    assert!(
+        text(&out).contains("--policy-opt kernel does nothing with h2o"),
         "{}",
         text(&out)
     );

@@ -392,19 +392,20 @@ fn synthetic_sft(filler: &str, seed: u64, per_depth: usize) -> Result<Vec<serde_
                 depths: SYNTHETIC_DEPTHS.to_vec(),
                 n: per_depth,
                 seed: seed.wrapping_mul(1_000).wrapping_add(length as u64),
-                filler: filler.to_string(),
+                filler: Some(filler.to_string()),
                 ..SyntheticSpec::new(family, length)
             };
             for task in synthetic::generate(&spec, &count)? {
                 if let Task::Generate {
                     context,
                     question,
+                    answer_prefix,
                     answer,
                     ..
                 } = task
                 {
                     items.push(serde_json::json!({
-                        "prompt": format!("{context}\n{question}"),
+                        "prompt": format!("{context}\n{question}{answer_prefix}"),
                         "answer": answer,
                     }));
                 }

@@ -16,6 +16,33 @@ pub enum EngineError {
     /// A request or setting has an invalid value.
     #[error("{0}")]
     Invalid(String),
+    /// A policy option (`key=value`) has an unknown key or a value outside its domain.
+    #[error("policy option `{key}={value}`: expected {expected}")]
+    PolicyOption {
+        /// The key as given.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What the key accepts.
+        expected: String,
+    },
+    /// A policy option was given to a policy it does not apply to.
+    #[error("policy option `{key}` does not apply to {policy} (it applies to {applies_to})")]
+    PolicyOptionNotApplicable {
+        /// The key.
+        key: String,
+        /// The policy it was given to.
+        policy: String,
+        /// The policies it applies to.
+        applies_to: String,
+    },
+    /// A policy that evicts inside the prefill (Attention-Gate) cannot start from a
+    /// [`crate::SharedContext`].
+    #[error("policy {policy} cannot start from a shared context: it evicts inside the prefill")]
+    NotShareable {
+        /// The policy's name.
+        policy: &'static str,
+    },
     /// Reading or writing a file failed (the message names the file).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -27,6 +27,7 @@ pub mod report;
 pub mod sampling;
 pub mod scheduler;
 pub mod session;
+pub mod shared_context;
 pub mod text;
 pub mod train;
 pub mod worker;
@@ -36,8 +37,8 @@ pub use error::{EngineError, Result};
 pub use gate_core::gate::DEFAULT_ATTENTION_WINDOW as DEFAULT_GATE_ATTENTION_WINDOW;
 pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::KvDtype;
-pub use model_zoo::{ChatMessage, ModelConfig, WeightFormat};
-pub use policy::{AgMode, Policy, PolicySpec, Recent, Setting};
+pub use model_zoo::{ChatMessage, ModelConfig, PrefillKind, WeightFormat};
+pub use policy::{AgMode, Policy, PolicyOptions, PolicySpec, Recent, Setting};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use scheduler::{
@@ -45,4 +46,5 @@ pub use scheduler::{
     Submission, Usage,
 };
 pub use session::{FinishReason, GenerateRequest, Generation, Positions, Session};
+pub use shared_context::SharedContext;
 pub use worker::{SessionWorker, StreamEvent, TextStream};

@@ -8,7 +8,10 @@
 //! head), the blocks `tokens_seen` entries would need (KV only: the full cache has no policy
 //! state), so `kv_block_bytes <= bytes_full` always and the two are comparable at block
 //! granularity, while `bytes_in_use` may exceed `bytes_full` when a policy's state costs more
-//! than its eviction saves.
+//! than its eviction saves. `kv_block_bytes` counts every block the session holds, including
+//! blocks it shares copy-on-write with other sessions (a [`crate::SharedContext`] and its forks):
+//! a forked session reports what the same session would hold on its own; `bytes_shared` says how
+//! much of it is shared, and the pool ([`kv_store::PoolStats`]) counts each shared block once.
 
 use kv_store::SequenceKv;
 
@@ -29,6 +32,8 @@ pub struct KvReport {
     pub policy_state_bytes: usize,
     /// KV bytes the same store would hold with nothing evicted (and no policy state).
     pub bytes_full: usize,
+    /// Of `kv_block_bytes`, the bytes of blocks other sessions hold too (copy-on-write).
+    pub bytes_shared: usize,
     /// Blocks held.
     pub blocks_in_use: usize,
     /// Retained entries, `[layer][kv_head]`.
@@ -63,6 +68,7 @@ impl KvReport {
             kv_block_bytes: stats.bytes_in_use,
             policy_state_bytes,
             bytes_full: blocks_full * block_bytes,
+            bytes_shared: stats.bytes_shared,
             blocks_in_use: stats.blocks_in_use,
             retained_per_layer_head: retained,
         }
@@ -78,6 +84,7 @@ impl KvReport {
             "kv_block_bytes": self.kv_block_bytes,
             "policy_state_bytes": self.policy_state_bytes,
             "bytes_full": self.bytes_full,
+            "bytes_shared": self.bytes_shared,
             "blocks_in_use": self.blocks_in_use,
         })
     }

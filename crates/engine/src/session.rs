@@ -3,18 +3,31 @@
 //! chat turn feeds only its new tokens. Every forward pass goes through
 //! `Session::forward_batch`, the same path the scheduler uses to run many sessions in one step.
 //!
+//! What a prefill is to the policy is said by the caller ([`PrefillKind`]): [`Session::prefill`]
+//! feeds *context*, which one-shot policies (SnapKV, PyramidKV, KNorm, NACL) compress once at its
+//! end; [`Session::prefill_as`] with [`PrefillKind::Continuation`] feeds tokens that follow a
+//! compressed context (a question, the rest of a chat turn), which they keep, like every token
+//! generated. Every chat turn ([`Session::chat`]) and every [`Session::complete`] prompt is
+//! context: in a conversation, one-shot policies compress the whole retained cache again at the
+//! end of each user turn (to the budget of all tokens seen), so memory stays within the budget
+//! plus one answer. Continuous policies keep each head within budget at every step either way.
+//!
 //! Invariants: `seen` holds exactly the tokens whose keys went through the model (the store's
 //! positions are their indices); `pending` is at most one sampled token not yet fed; `logits`
 //! holds the next-token logits after the last fed token and is `None` while a token is pending;
-//! a step is planned (context, KV blocks reserved) before anything changes, and every forward
-//! pass is all-or-nothing, so a failed step leaves all of these as they were.
+//! a prefill is fed in chunks of at most the engine's prefill chunk as a [`PrefillPlan`] cuts it,
+//! the one chunking every path shares (sessions, the scheduler, and [`run_prefill`], so that a
+//! [`crate::SharedContext`] prefills exactly like a session); a step is planned (context, KV
+//! blocks reserved) before anything changes, and every forward pass is all-or-nothing, so a
+//! failed step leaves all of these as they were.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use kv_store::SequenceKv;
-use model_zoo::{ChatMessage, LayerHook, LogitsFor, Pass, SequenceInput};
+use model_zoo::{
+    ChatMessage, LayerHook, LogitsFor, Pass, PrefillChunk, PrefillKind, SequenceInput,
+};
 
 use crate::decoding::{Decoding, Progress};
 use crate::engine::Engine;
@@ -166,22 +179,40 @@ pub struct Session {
 
 impl Session {
     pub(crate) fn new(engine: Engine, policy: Policy) -> Result<Self> {
-        let cfg = engine.model_config();
-        let kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
-        let hook = policy.hook(cfg)?;
-        Ok(Session {
+        let kv = empty_store(&engine, Positions::Original);
+        let hook = policy.hook(engine.model_config())?;
+        Ok(Self::resumed(engine, policy, hook, kv, Vec::new(), None))
+    }
+
+    /// A session in a given state: `kv` holds exactly `seen`, `hook` is the policy's hook in the
+    /// state it reached feeding them, `logits` follow the last of them. Its positions are the
+    /// store's (cache positions if it has them).
+    pub(crate) fn resumed(
+        engine: Engine,
+        policy: Policy,
+        hook: Box<dyn LayerHook + Send>,
+        kv: SequenceKv,
+        seen: Vec<u32>,
+        logits: Option<Vec<f32>>,
+    ) -> Self {
+        let positions = if kv.has_cache_positions() {
+            Positions::Cache
+        } else {
+            Positions::Original
+        };
+        Session {
             engine,
             kv,
             policy,
             hook,
-            positions: Positions::Original,
-            seen: Vec::new(),
+            positions,
+            seen,
             pending: None,
-            logits: None,
+            logits,
             messages: Vec::new(),
             transcript: String::new(),
             system: None,
-        })
+        }
     }
 
     /// The engine this session runs on.
@@ -202,17 +233,7 @@ impl Session {
     /// Sets where RoPE places keys and queries; the conversation restarts (the system prompt
     /// stays).
     pub fn set_positions(&mut self, positions: Positions) -> Result<()> {
-        let cfg = self.engine.model_config();
-        let pool = self.engine.pool();
-        self.kv = match positions {
-            Positions::Original => SequenceKv::new(pool, cfg.n_layers, cfg.n_kv_heads),
-            Positions::Cache => SequenceKv::with_cache_positions(
-                pool,
-                cfg.n_layers,
-                cfg.n_kv_heads,
-                self.engine.model().key_shift(),
-            ),
-        };
+        self.kv = empty_store(&self.engine, positions);
         self.positions = positions;
         self.clear()
     }
@@ -250,19 +271,27 @@ impl Session {
         &self.messages
     }
 
-    /// Runs `tokens` through the model after everything seen so far (and a pending sampled
-    /// token). Returns seconds spent. Fails, changing nothing, when they do not fit the context
-    /// or the KV pool.
+    /// Runs `tokens` through the model after everything seen so far, as context: a one-shot
+    /// policy compresses the cache at its end. Returns seconds spent. Fails, changing nothing,
+    /// when they do not fit the context or the KV pool.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
-        self.step(tokens.len(), 0, |s| s.prefill_reserved(tokens))
+        self.prefill_as(tokens, PrefillKind::Context)
+    }
+
+    /// Runs `tokens` through the model after everything seen so far, as `kind`: context (one-shot
+    /// policies compress the cache at its end) or a continuation of a compressed context (they
+    /// keep it). A sampled token not yet fed goes first. Returns seconds spent. Fails, changing
+    /// nothing, when they do not fit the context or the KV pool.
+    pub fn prefill_as(&mut self, tokens: &[u32], kind: PrefillKind) -> Result<f64> {
+        self.step(tokens.len(), 0, |s| s.prefill_reserved(tokens, kind))
     }
 
     /// The prefill of a planned step. If its first pass fails the session is unchanged (the
     /// pending token included).
-    fn prefill_reserved(&mut self, tokens: &[u32]) -> Result<f64> {
+    fn prefill_reserved(&mut self, tokens: &[u32], kind: PrefillKind) -> Result<f64> {
         let started = Instant::now();
         let pending = self.pending;
-        let mut plan = self.plan_prefill(tokens)?;
+        let mut plan = self.plan_prefill(tokens, kind)?;
         let mut first = true;
         while let Some((chunk, pass)) = plan.next_chunk() {
             let logits = self.pass(chunk, pass, LogitsFor::Last).inspect_err(|_| {
@@ -277,39 +306,29 @@ impl Session {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    /// Cuts the pending token (if any) and `tokens` into prefill passes, checking that they fit
-    /// in the model's context (on error the session is unchanged).
-    pub(crate) fn plan_prefill(&mut self, tokens: &[u32]) -> Result<PrefillPlan> {
+    /// Cuts the pending token (if any) and `tokens` into the passes of one prefill of `kind`,
+    /// checking that they fit in the model's context (on error the session is unchanged).
+    pub(crate) fn plan_prefill(
+        &mut self,
+        tokens: &[u32],
+        kind: PrefillKind,
+    ) -> Result<PrefillPlan> {
         let mut run: Vec<u32> = self.pending.into_iter().collect();
         run.extend_from_slice(tokens);
-        let plan = self.plan_run(run);
-        let passes: Vec<usize> = plan.chunks.iter().map(|r| r.len()).collect();
-        self.check_fits(&passes)?;
+        self.check_fits(&[run.len()])?;
         self.pending = None;
-        Ok(plan)
-    }
-
-    /// The prefill passes of `run`: chunks of the engine's prefill size whose last one is long
-    /// enough for the policy.
-    fn plan_run(&self, run: Vec<u32>) -> PrefillPlan {
-        let chunks = if run.is_empty() {
-            Vec::new()
-        } else {
-            let min_final = self.hook.min_final_chunk(run.len());
-            chunk_bounds(run.len(), self.engine.config().prefill_chunk, min_final)
-        };
-        PrefillPlan {
+        Ok(PrefillPlan::new(
             run,
-            chunks,
-            next: 0,
-        }
+            kind,
+            self.engine.config().prefill_chunk,
+        ))
     }
 
     /// Empties the cache and returns the passes that rebuild it: every token seen, the pending
     /// one (so that afterwards the session holds the logits after it, as after a decode pass),
     /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. This is the
     /// scheduler's preemption: the blocks go back to the pool now, and the conversation resumes
-    /// later by recomputing its cache.
+    /// later by recomputing its cache, as one context prefill.
     pub(crate) fn reset_for_replay(&mut self, unfed: &[u32]) -> Result<PrefillPlan> {
         let mut run = std::mem::take(&mut self.seen);
         run.extend(self.pending.take());
@@ -317,7 +336,11 @@ impl Session {
         self.kv.clear();
         self.hook = self.policy.hook(self.engine.model_config())?;
         self.logits = None;
-        Ok(self.plan_run(run))
+        Ok(PrefillPlan::new(
+            run,
+            PrefillKind::Context,
+            self.engine.config().prefill_chunk,
+        ))
     }
 
     /// Keeps the logits of a pass's last token as the next-token logits.
@@ -331,7 +354,8 @@ impl Session {
     }
 
     /// Logits of every token of `tokens` fed after the session's history (`[n, vocab]`), for
-    /// scoring (perplexity, multiple choice). The tokens join the session like a prefill.
+    /// scoring (perplexity, multiple choice). The tokens join the session in one forward pass,
+    /// as a continuation ([`PrefillKind::Continuation`]): one-shot policies keep them.
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(EngineError::Invalid(
@@ -345,10 +369,14 @@ impl Session {
             .chain([tokens.len()])
             .collect();
         self.step_with(&passes, 0, |s| {
-            if s.pending.is_some() {
-                s.prefill_reserved(&[])?;
-            }
-            let logits = s.pass(tokens, Pass::Prefill { final_chunk: true }, LogitsFor::All)?;
+            s.feed_pending()?;
+            let chunk = PrefillChunk {
+                start: 0,
+                end: tokens.len(),
+                len: tokens.len(),
+                kind: PrefillKind::Continuation,
+            };
+            let logits = s.pass(tokens, Pass::Prefill(chunk), LogitsFor::All)?;
             let last = logits
                 .get(tokens.len() - 1)
                 .and_then(|t| t.to_vec1::<f32>())
@@ -358,8 +386,9 @@ impl Session {
         })
     }
 
-    /// Plans a step of a `prompt`-token prefill (after a pending token, in chunks) and up to
-    /// `decode` generated tokens, then runs `body` with its KV blocks reserved.
+    /// Plans a step of a `prompt`-token prefill (after a pending token) and up to `decode`
+    /// generated tokens, then runs `body` with its KV blocks reserved. The prefill counts as one
+    /// pass however it is chunked: no policy evicts between its chunks.
     fn step<T>(
         &mut self,
         prompt: usize,
@@ -367,15 +396,7 @@ impl Session {
         body: impl FnOnce(&mut Self) -> Result<T>,
     ) -> Result<T> {
         let run = prompt + usize::from(self.pending.is_some());
-        let passes: Vec<usize> = if run == 0 {
-            Vec::new()
-        } else {
-            let min_final = self.hook.min_final_chunk(run);
-            chunk_bounds(run, self.engine.config().prefill_chunk, min_final)
-                .iter()
-                .map(|r| r.len())
-                .collect()
-        };
+        let passes: Vec<usize> = if run == 0 { Vec::new() } else { vec![run] };
         self.step_with(&passes, decode, body)
     }
 
@@ -422,6 +443,13 @@ impl Session {
             }
             Positions::Original => Ok(()),
         }
+    }
+
+    /// In cache positions, closes the gaps of every head whose span exceeds
+    /// [`Session::repack_span`] (after every pass, and after a shared context's eviction).
+    pub(crate) fn close_cache_gaps(&mut self) -> Result<()> {
+        let span = self.repack_span() as u32;
+        Ok(self.kv.repack_cache_positions(span)?)
     }
 
     /// In cache positions, the span of cache positions beyond which a head's gaps are closed
@@ -475,7 +503,10 @@ impl Session {
     /// policy and cache; the model's projections see all of them at once). Returns one result
     /// per session, in order. A session whose result is an error is as it was before the pass
     /// (the decoder rolls a failed sequence back; only an internal error while evicting leaves
-    /// one part-way); so is every session when the outer error is returned.
+    /// one part-way, and a repack of cache positions that finds no block to copy a block shared
+    /// with a fork into — impossible within a step, whose reservation covers those copies —
+    /// reports its error after the pass took effect); so is every session when the outer error
+    /// is returned.
     pub(crate) fn forward_batch(batch: &mut [PassInput<'_, '_>]) -> Result<Vec<Result<Tensor>>> {
         let Some(first) = batch.first() else {
             return Ok(Vec::new());
@@ -516,8 +547,7 @@ impl Session {
                     other => other.into(),
                 })?;
                 session.seen.extend_from_slice(item.tokens);
-                let span = session.repack_span() as u32;
-                session.kv.repack_cache_positions(span);
+                session.close_cache_gaps()?;
                 Ok(logits)
             })
             .collect())
@@ -626,7 +656,7 @@ impl Session {
     ) -> Result<Outcome> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
         self.step(prompt.len(), request.max_tokens, |s| {
-            let prefill_secs = s.prefill_reserved(prompt)?;
+            let prefill_secs = s.prefill_reserved(prompt, PrefillKind::Context)?;
             let (mut generation, error) = s.generate_reserved(request, on_text);
             generation.prompt_tokens = prompt.len();
             generation.prefill_secs = prefill_secs;
@@ -664,7 +694,7 @@ impl Session {
         let mut decoding = Decoding::new(request);
         let mut error = None;
         if self.pending.is_some() {
-            error = self.prefill_reserved(&[]).err();
+            error = self.feed_pending().err();
         }
         while error.is_none() {
             match decoding.advance(self, on_text) {
@@ -728,6 +758,22 @@ impl Session {
     }
 }
 
+/// An empty store for a session of `engine` with `positions`: in cache positions, keys are
+/// rotated for their cache positions and shifted by the model's key shift when gaps close.
+pub(crate) fn empty_store(engine: &Engine, positions: Positions) -> SequenceKv {
+    let cfg = engine.model_config();
+    let pool = engine.pool();
+    match positions {
+        Positions::Original => SequenceKv::new(pool, cfg.n_layers, cfg.n_kv_heads),
+        Positions::Cache => SequenceKv::with_cache_positions(
+            pool,
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            engine.model().key_shift(),
+        ),
+    }
+}
+
 /// A generation's result and, when it ended on an error, that error (the tokens produced
 /// before it are part of the session).
 type Outcome = (Generation, Option<EngineError>);
@@ -744,42 +790,53 @@ pub(crate) struct PassInput<'s, 't> {
     pub(crate) logits_for: LogitsFor,
 }
 
-/// The forward passes of one prefill, run one by one (by `Session::prefill`, or by the scheduler
-/// between decode steps).
+/// The forward passes of one prefill of `kind`, run one by one (by `Session::prefill_as`, by
+/// the scheduler between decode steps, or by [`run_prefill`]): chunks of at most the engine's
+/// prefill chunk, each announced with where it sits in the prefill.
 #[derive(Debug)]
 pub(crate) struct PrefillPlan {
     run: Vec<u32>,
-    chunks: Vec<Range<usize>>,
-    next: usize,
+    kind: PrefillKind,
+    chunk: usize,
+    next_start: usize,
 }
 
 impl PrefillPlan {
+    /// The passes of `run` in chunks of at most `chunk` tokens.
+    pub(crate) fn new(run: Vec<u32>, kind: PrefillKind, chunk: usize) -> Self {
+        PrefillPlan {
+            run,
+            kind,
+            chunk: chunk.max(1),
+            next_start: 0,
+        }
+    }
+
     /// The next chunk and how to announce it, or `None` when the prefill is done.
     pub(crate) fn next_chunk(&self) -> Option<(&[u32], Pass)> {
-        let range = self.chunks.get(self.next)?;
-        let final_chunk = self.next + 1 == self.chunks.len();
-        Some((&self.run[range.clone()], Pass::Prefill { final_chunk }))
+        let start = self.next_start;
+        let len = self.run.len();
+        if start >= len {
+            return None;
+        }
+        let end = (start + self.chunk).min(len);
+        let chunk = PrefillChunk {
+            start,
+            end,
+            len,
+            kind: self.kind,
+        };
+        Some((&self.run[start..end], Pass::Prefill(chunk)))
     }
 
     /// Marks the next chunk as done.
     pub(crate) fn advance(&mut self) {
-        self.next += 1;
+        self.next_start = (self.next_start + self.chunk).min(self.run.len());
     }
 
     /// The tokens not fed yet, in order.
     pub(crate) fn unfed(&self) -> &[u32] {
-        self.chunks
-            .get(self.next)
-            .map_or(&[], |r| &self.run[r.start..])
-    }
-
-    /// Tokens of the longest chunk not fed yet (0 when done).
-    pub(crate) fn largest_chunk(&self) -> usize {
-        self.chunks[self.next.min(self.chunks.len())..]
-            .iter()
-            .map(|r| r.len())
-            .max()
-            .unwrap_or(0)
+        &self.run[self.next_start..]
     }
 }
 
@@ -820,43 +877,61 @@ fn peak_entries(held: usize, passes: &[usize], decode: usize, cap: Option<usize>
     peak
 }
 
-/// Splits `n` tokens into chunks of at most `chunk` tokens whose last one holds at least
-/// `min_final` tokens (or all of them, when fewer). Chunks may exceed `chunk` only to satisfy that.
-fn chunk_bounds(n: usize, chunk: usize, min_final: usize) -> Vec<Range<usize>> {
-    let final_len = (n % chunk)
-        .max(if n.is_multiple_of(chunk) { chunk } else { 0 })
-        .max(min_final)
-        .min(n);
-    let head = n - final_len;
-    let mut bounds: Vec<_> = (0..head)
-        .step_by(chunk)
-        .map(|s| s..(s + chunk).min(head))
-        .collect();
-    bounds.push(head..n);
-    bounds
+/// Feeds `tokens` (at least one) after the `seen` tokens through the model of `engine`, chunked
+/// and announced to `hook` exactly as a session's prefill of `kind` is; each chunk joins `seen`
+/// once it went through. Returns the last token's logits. For a store and hook that are not a
+/// session's ([`crate::SharedContext`]).
+pub(crate) fn run_prefill(
+    engine: &Engine,
+    kv: &mut SequenceKv,
+    hook: &mut dyn LayerHook,
+    seen: &mut Vec<u32>,
+    tokens: &[u32],
+    kind: PrefillKind,
+) -> Result<Vec<f32>> {
+    let mut plan = PrefillPlan::new(tokens.to_vec(), kind, engine.config().prefill_chunk);
+    let mut logits = Vec::new();
+    while let Some((chunk, pass)) = plan.next_chunk() {
+        hook.begin_pass(pass);
+        logits = engine
+            .model()
+            .forward(chunk, seen.len() as u32, kv, hook, LogitsFor::Last)?
+            .to_vec1::<f32>()
+            .map_err(model_zoo::ModelError::from)?;
+        seen.extend_from_slice(chunk);
+        plan.advance();
+    }
+    Ok(logits)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_bounds;
+    use super::PrefillPlan;
+    use model_zoo::{Pass, PrefillKind};
 
     #[test]
-    fn chunks_cover_everything_in_order_with_a_long_enough_tail() {
-        for n in 1..70 {
+    fn a_plan_covers_everything_in_order_in_announced_chunks() {
+        for n in 0..70usize {
             for chunk in [1, 4, 16] {
-                for min_final in [1, 5, 32] {
-                    let b = chunk_bounds(n, chunk, min_final);
-                    assert_eq!(b.first().unwrap().start, 0);
-                    assert_eq!(b.last().unwrap().end, n);
-                    assert!(b.windows(2).all(|w| w[0].end == w[1].start));
-                    assert!(
-                        b.last().unwrap().len() >= min_final.min(n),
-                        "{n} {chunk} {min_final} {b:?}"
+                let run: Vec<u32> = (0..n as u32).collect();
+                let mut plan = PrefillPlan::new(run.clone(), PrefillKind::Continuation, chunk);
+                let mut fed = Vec::new();
+                while let Some((tokens, pass)) = plan.next_chunk() {
+                    let Pass::Prefill(c) = pass else {
+                        panic!("a prefill announced {pass:?}")
+                    };
+                    assert_eq!(
+                        (c.start, c.len, c.kind),
+                        (fed.len(), n, PrefillKind::Continuation)
                     );
-                    assert!(b[..b.len() - 1]
-                        .iter()
-                        .all(|r| r.len() <= chunk && !r.is_empty()));
+                    assert_eq!(c.end - c.start, tokens.len());
+                    assert!(!tokens.is_empty() && tokens.len() <= chunk);
+                    fed.extend_from_slice(tokens);
+                    plan.advance();
+                    assert_eq!(plan.unfed(), &run[fed.len()..]);
                 }
+                assert_eq!(fed, run);
+                assert!(plan.unfed().is_empty());
             }
         }
     }

@@ -288,10 +288,45 @@ fn needles_sit_at_the_requested_depth() {
     }
 }
 
+/// RULER's noise haystack (the default): whole blocks, one per line after the instructions'
+/// line, the needle on its own line between two blocks, never after the last (as RULER and
+/// llama.cpp's passkey place it), at any depth.
+#[test]
+fn the_noise_haystack_keeps_its_blocks_whole() {
+    let mut spec = SyntheticSpec::new(Family::Passkey, 600);
+    spec.depths = vec![0.0, 0.3, 1.0];
+    spec.n = 3;
+    for task in synthetic::generate(&spec, &words).unwrap() {
+        let Task::Generate { context, meta, .. } = &task else {
+            panic!()
+        };
+        let lines: Vec<&str> = context.lines().collect();
+        assert!(
+            lines[0].starts_with("There is an important info"),
+            "{context}"
+        );
+        let needle = lines
+            .iter()
+            .position(|l| l.starts_with("The pass key is"))
+            .unwrap();
+        assert!(
+            needle >= 1 && needle + 1 < lines.len(),
+            "needle on line {needle} of {} at depth {}",
+            lines.len(),
+            meta["depth"]
+        );
+        for (i, line) in lines.iter().enumerate().skip(1) {
+            if i != needle {
+                assert_eq!(*line, synthetic::NOISE_BLOCK);
+            }
+        }
+    }
+}
+
 #[test]
 fn any_filler_text_works_and_short_lengths_are_refused() {
     let mut spec = SyntheticSpec::new(Family::Passkey, 300);
-    spec.filler = "Alpha beta gamma! Delta epsilon?\nZeta eta theta".into();
+    spec.filler = Some("Alpha beta gamma! Delta epsilon?\nZeta eta theta".into());
     let tasks = synthetic::generate(&spec, &words).unwrap();
     let Task::Generate { context, .. } = &tasks[0] else {
         panic!()
@@ -311,6 +346,7 @@ fn summary(ratio: f64) -> EvalSummary {
     EvalSummary {
         n: 2,
         accuracy: 1.0 - ratio,
+        accuracy_ci95: [0.5 - ratio, 1.0],
         eviction_ratio: ratio,
         kv_bytes_in_use: 1 << 20,
         kv_bytes_full: 2 << 20,
@@ -327,17 +363,26 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
         anchors: vec!["a".into()],
         tolerance: 0.005,
     };
+    let mut batches = Vec::new();
     let rows = plan
-        .run(&mut |p, r| {
+        .run(&mut |batch| {
+            batches.push(batch.len());
             // Full keeps everything; the anchor, at its own settings, reaches 0.35.
-            Ok(summary(match (p, r) {
-                ("full", None) => 0.0,
-                ("a", None) => 0.35,
-                (_, Some(r)) => r,
-                other => panic!("unexpected run {other:?}"),
-            }))
+            Ok(batch
+                .iter()
+                .map(|r| {
+                    summary(match (r.policy.as_str(), r.ratio) {
+                        ("full", None) => 0.0,
+                        ("a", None) => 0.35,
+                        (_, Some(r)) => r,
+                        other => panic!("unexpected run {other:?}"),
+                    })
+                })
+                .collect())
         })
         .unwrap();
+    // Full, the anchor and the baselines at the grid first; then the matched runs.
+    assert_eq!(batches, [6, 2]);
     let names: Vec<(&str, Option<f64>, Option<&str>)> = rows
         .iter()
         .map(|r| (r.policy.as_str(), r.target_ratio, r.matched_to.as_deref()))
@@ -357,18 +402,34 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
     );
     let md = sweep::markdown_table(&rows);
     assert_eq!(md.lines().count(), rows.len() + 2);
-    assert!(md.contains("| b | 0.350 | 0.350 | 0.650 |"), "{md}");
+    assert!(
+        md.contains("| b | 0.350 | 0.350 | 0.650 | 0.150 | 1.000 |"),
+        "{md}"
+    );
     assert!(md.contains("| a | - | 0.350 | 0.650 |"), "{md}");
     // An anchor landing on a requested ratio gets no matched runs.
     let on_grid = plan
-        .run(&mut |p, r| Ok(summary(if p == "a" { 0.5 } else { r.unwrap_or(0.0) })))
+        .run(&mut |batch| {
+            Ok(batch
+                .iter()
+                .map(|r| {
+                    summary(if r.policy == "a" {
+                        0.5
+                    } else {
+                        r.ratio.unwrap_or(0.0)
+                    })
+                })
+                .collect())
+        })
         .unwrap();
     assert_eq!(on_grid.len(), 6);
     assert_eq!(sweep::csv(&rows).lines().count(), rows.len() + 1);
     let series = sweep::accuracy_series(&rows);
+    let xy = |i: usize| -> Vec<(f64, f64)> { series[i].1.iter().map(|p| (p.x, p.y)).collect() };
     assert_eq!(series[2].0, "b");
-    assert_eq!(series[1], ("a".to_string(), vec![(0.35, 0.65)]));
-    assert_eq!(series[2].1, vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+    assert_eq!((series[1].0.as_str(), xy(1)), ("a", vec![(0.35, 0.65)]));
+    assert_eq!(xy(2), vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
+    assert_eq!(series[2].1[0].ci95, [0.25, 1.0]);
 }
 
 #[test]
@@ -411,21 +472,41 @@ fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
     let engine = common::default_engine(engine::WeightFormat::Auto);
     let tok = engine.tokenizer();
     let count = |t: &str| -> engine::Result<usize> { Ok(tok.encode(t, false)?.len()) };
+    let overhead = eval::chat_template_overhead(&engine).unwrap();
+    assert!(
+        overhead > 10,
+        "SmolLM2's template: markers and a default system prompt"
+    );
     for family in Family::ALL {
-        for length in [512, 2048] {
+        for (length, chat) in [(512, false), (2048, false), (1024, true)] {
             let mut spec = SyntheticSpec::new(family, length);
             spec.n = 2;
             spec.depths = vec![0.0, 1.0];
+            spec.overhead = if chat { overhead } else { 0 };
             for t in synthetic::generate(&spec, &count).unwrap() {
                 let Task::Generate {
-                    context, question, ..
+                    context,
+                    question,
+                    answer_prefix,
+                    ..
                 } = &t
                 else {
                     panic!("{family:?}: not a generate task")
                 };
-                let n = tok.encode(context, true).unwrap().len()
-                    + tok.encode(&format!("\n{question}"), false).unwrap().len();
-                // Within one filler sentence (< 40 tokens), one JSON pair of two UUIDs (< 100
+                let n = if chat {
+                    let user = engine::ChatMessage::new("user", &format!("{context}\n{question}"));
+                    let rendered = tok.apply_chat_template(&[user], true).unwrap();
+                    tok.encode(&format!("{rendered}{}", answer_prefix.trim_start()), true)
+                        .unwrap()
+                        .len()
+                } else {
+                    tok.encode(context, true).unwrap().len()
+                        + tok
+                            .encode(&format!("\n{question}{answer_prefix}"), false)
+                            .unwrap()
+                            .len()
+                };
+                // Within one noise block (< 40 tokens), one JSON pair of two UUIDs (< 100
                 // tokens) or one rare word's three numbered items (< 60 tokens) of the length.
                 let slack = match family {
                     Family::Kv => 100,
@@ -434,7 +515,7 @@ fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
                 };
                 assert!(
                     n <= length && n + slack > length,
-                    "{family:?} at {length}: {n} tokens"
+                    "{family:?} at {length} (chat {chat}): {n} tokens"
                 );
             }
         }

@@ -268,3 +268,48 @@ fn a_pass_that_fails_half_way_is_undone() {
         assert_eq!(&kv.read_head(i / 2, i % 2), head);
     }
 }
+
+/// A prefill interrupted after its first chunk leaves the policy's prefill statistics (the
+/// query tails of the window scorers, H2O's sums) part-way; a later pass that fails in its first
+/// chunk, which starts a new prefill, must leave them as they were (`abort_pass`).
+#[test]
+fn a_failed_first_chunk_keeps_the_prefill_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model");
+    poisoned_engine(&path);
+    let engine = Engine::builder()
+        .model(&path)
+        .kv_memory_mb(1)
+        .prefill_chunk(32)
+        .build()
+        .unwrap();
+    let text =
+        |n: usize, seed: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + seed) % 200).collect() };
+    // Chunk 1 (32 tokens) goes through; chunk 2 holds the NaN embedding.
+    let mut interrupted = text(40, 1);
+    interrupted.push(POISON);
+    let mut bad = vec![POISON];
+    bad.extend(text(10, 2));
+    for positions in [engine::Positions::Original, engine::Positions::Cache] {
+        for name in POLICIES.iter().filter(|n| !matches!(**n, "full" | "ag")) {
+            let policy = spec(name, std::path::Path::new("")).build(&engine).unwrap();
+            let mut session = engine.session_with(policy).unwrap();
+            session.set_positions(positions).unwrap();
+            session.prefill(&text(100, 3)).unwrap();
+            session
+                .prefill(&interrupted)
+                .expect_err("chunk 2 holds a NaN embedding");
+            assert_eq!(session.tokens_seen(), 132, "{name}");
+            let before = observe(&session);
+            if matches!(*name, "snapkv" | "h2o") {
+                assert!(before.kv.policy_state_bytes > 0, "{name}: nothing recorded");
+            }
+            session.prefill(&bad).expect_err("a NaN embedding");
+            assert_eq!(
+                observe(&session),
+                before,
+                "{name} ({positions:?}): the failed pass changed the policy's statistics"
+            );
+        }
+    }
+}

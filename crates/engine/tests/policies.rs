@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::HashSet;
 
+use common::tokens;
 use engine::{Engine, Policy, PolicySpec};
 use gate_core::select::Budget;
 use kv_store::SequenceKv;
@@ -17,25 +18,7 @@ use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, LogitsFor};
 
 /// A tiny random model (3 layers, 6 query / 2 KV heads) in a temp dir, loaded.
 fn tiny_engine(kv_dtype: engine::KvDtype) -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = model_zoo::random::tiny_config(3, 6, 2);
-    cfg.max_position = 8192;
-    engine::atomic::write_dir(dir.path(), |s| {
-        model_zoo::random::write_random_model(s, &cfg, 11)
-    })
-    .unwrap();
-    let engine = Engine::builder()
-        .model(dir.path())
-        .kv_dtype(kv_dtype)
-        .build()
-        .unwrap();
-    (dir, engine)
-}
-
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
-        .collect()
+    common::tiny_engine(3, 11, kv_dtype, 512)
 }
 
 fn spec(name: &str, evict: f32, gates: Option<&std::path::Path>) -> PolicySpec {

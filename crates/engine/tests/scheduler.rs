@@ -269,7 +269,8 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
         refused.collect_all(),
         Err(EngineError::KvCapacity { .. })
     ));
-    // StreamingLLM at 64 tokens per head runs the same prompt and more in bounded memory.
+    // StreamingLLM at 64 tokens per head holds a prompt that fits the pool until the prefill's
+    // end, then generates past what a full cache could hold, in bounded memory.
     let streaming = engine::PolicySpec {
         keep: Some(64),
         ..engine::PolicySpec::named("streaming")
@@ -280,7 +281,7 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
         .submit(Submission {
             policy: streaming,
             policy_key: "streaming 64".into(),
-            ..submission(Prompt::Text(prompt), 200)
+            ..submission(Prompt::Text("y".repeat(300)), 400)
         })
         .unwrap();
     // A full cache that outgrows the pool while decoding fails alone; a small request beside
@@ -292,7 +293,7 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
         .submit(submission(Prompt::Text("small".into()), 8))
         .unwrap();
     let (_, g, _, kv) = bounded.collect_all().unwrap();
-    assert_eq!(g.tokens.len(), 200);
+    assert_eq!(g.tokens.len(), 400);
     assert!(kv.tokens_retained <= 64 + 64, "{kv:?}");
     assert!(matches!(
         grows.collect_all(),

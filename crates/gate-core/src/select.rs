@@ -241,23 +241,33 @@ impl Ord for RankedScore {
     }
 }
 
-/// PyramidKV per-layer keep budgets (window included), falling linearly with depth.
+/// PyramidKV per-layer keep budgets (window included) for a `prompt_len`-token cache, falling
+/// linearly with depth, with the reference implementation's two safeguards
+/// (`Zefan-Cai/PyramidKV`, `PyramidKVCluster.update_kv`).
 ///
-/// With average budget `C = total_keep_per_layer_avg` and window `w`: `min = (C-w)/beta`,
-/// `max = 2(C-w) - min`, `b_l = w + max - l(max-min)/(L-1)` (real-valued), then rounded to
-/// integers by largest remainder (floor everything, give the leftover units to the layers with
-/// the largest fractional parts, earlier layer first on ties) so that the budgets are
-/// non-increasing and sum to exactly `L * C`: they average to the target. The layer keeps the
-/// top `b_l - w` prefix entries by SnapKV score plus the `w`-token window. With one layer, or
-/// `C <= w`, every layer gets `C`. Budgets are not clamped to a prompt length: apply them with
-/// [`Budget::Keep`].
+/// With average budget `C = keep_avg`, window `w`, prompt length `T` and `S = C - w`:
+/// - `C >= T`: nothing to compress, every layer keeps `T`;
+/// - `C <= w`, one layer, or `T < 2S` (the pyramid's top would exceed the prompt): uniform
+///   SnapKV budgets, every layer keeps `C`;
+/// - otherwise `min = S/beta`, `max = 2S - min`; if `max > T - w` the top is capped,
+///   `max = T - w` and `min = 2S - max` (so the mean stays `S`); layer `l` keeps
+///   `b_l = w + max - l(max-min)/(L-1)` (real-valued, the spec's linear fall), rounded by
+///   largest remainder (floor everything, give the leftover units to the layers with the largest
+///   fractional parts, earlier layer first on ties, never above `T`).
+///
+/// So the budgets are non-increasing, each lies in `[min(C, w), T]`, and they sum to exactly
+/// `L * min(C, T)`: the measured ratio is the requested one. (The reference steps by
+/// `(max-min) // L` in integers, which lets its mean drift from `C`; the spec's `L-1` and exact
+/// rounding keep it.) The layer keeps the top `b_l - w` prefix entries by SnapKV score plus the
+/// `w`-token window.
 ///
 /// Errors: `n_layers == 0`, or `beta` not finite or below 1 (the pyramid would invert).
 pub fn pyramid_budgets(
-    total_keep_per_layer_avg: usize,
+    keep_avg: usize,
     window: usize,
     n_layers: usize,
     beta: f32,
+    prompt_len: usize,
 ) -> Result<Vec<usize>> {
     if n_layers == 0 {
         return Err(invalid(
@@ -269,26 +279,37 @@ pub fn pyramid_budgets(
     if !(beta.is_finite() && beta >= 1.0) {
         return Err(invalid("pyramid_budgets: beta", beta, "a finite beta >= 1"));
     }
-    let c = total_keep_per_layer_avg;
-    if n_layers == 1 || c <= window {
+    let (c, t) = (keep_avg.min(prompt_len), prompt_len);
+    if n_layers == 1 || c <= window || t < 2 * (c - window) {
         return Ok(vec![c; n_layers]);
     }
     let span = (c - window) as f64;
-    let min = span / f64::from(beta);
-    let max = 2.0 * span - min;
+    let mut min = span / f64::from(beta);
+    let mut max = 2.0 * span - min;
+    let top = (t - window) as f64;
+    if max > top {
+        max = top;
+        min = 2.0 * span - max;
+    }
     let step = (max - min) / (n_layers - 1) as f64;
     let real: Vec<f64> = (0..n_layers)
-        .map(|l| window as f64 + max - l as f64 * step)
+        .map(|l| (window as f64 + max - l as f64 * step).clamp(0.0, t as f64))
         .collect();
-    // Non-negative, bounded by 2C: the casts are exact.
+    // Non-negative, bounded by T: the casts are exact.
     let mut budgets: Vec<usize> = real.iter().map(|b| b.floor() as usize).collect();
     let target = c * n_layers;
-    let leftover = target.saturating_sub(budgets.iter().sum());
+    let mut leftover = target.saturating_sub(budgets.iter().sum());
     let mut by_fraction: Vec<usize> = (0..n_layers).collect();
     by_fraction
         .sort_by(|&a, &b| cmp_score(real[b].fract(), real[a].fract()).then_with(|| a.cmp(&b)));
-    for &l in by_fraction.iter().take(leftover) {
-        budgets[l] += 1;
+    for &l in &by_fraction {
+        if leftover == 0 {
+            break;
+        }
+        if budgets[l] < t {
+            budgets[l] += 1;
+            leftover -= 1;
+        }
     }
     Ok(budgets)
 }

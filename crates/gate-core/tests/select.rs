@@ -228,33 +228,62 @@ fn budget_rounding_and_validation() {
 
 #[test]
 fn pyramid_budgets_by_hand() {
-    // C = 100, w = 20, L = 5, beta = 20: min = 4, max = 156, step = 38.
+    // C = 100, w = 20, L = 5, beta = 20, T = 1000: min = 4, max = 156, step = 38.
     assert_eq!(
-        pyramid_budgets(100, 20, 5, 20.0).unwrap(),
+        pyramid_budgets(100, 20, 5, 20.0, 1000).unwrap(),
         [176, 138, 100, 62, 24]
     );
     // C = 10, w = 2, L = 3: min = 0.4, max = 15.6 -> 17.6, 10, 2.4 -> largest remainder.
-    assert_eq!(pyramid_budgets(10, 2, 3, 20.0).unwrap(), [18, 10, 2]);
-    assert_eq!(pyramid_budgets(50, 8, 1, 20.0).unwrap(), [50]);
-    assert_eq!(pyramid_budgets(8, 32, 4, 20.0).unwrap(), [8; 4]);
-    assert!(pyramid_budgets(100, 20, 0, 20.0)
+    assert_eq!(pyramid_budgets(10, 2, 3, 20.0, 100).unwrap(), [18, 10, 2]);
+    // The reference's cap: T = 170, max = 156 > T - w = 150, so max = 150 and min = 2S - max = 10.
+    assert_eq!(
+        pyramid_budgets(100, 20, 5, 20.0, 170).unwrap(),
+        [170, 135, 100, 65, 30]
+    );
+    // The reference's fallback: T = 150 < 2(C - w) = 160, uniform SnapKV budgets.
+    assert_eq!(pyramid_budgets(100, 20, 5, 20.0, 150).unwrap(), [100; 5]);
+    // Nothing to compress: C >= T.
+    assert_eq!(pyramid_budgets(100, 20, 3, 20.0, 80).unwrap(), [80; 3]);
+    assert_eq!(pyramid_budgets(50, 8, 1, 20.0, 500).unwrap(), [50]);
+    assert_eq!(pyramid_budgets(8, 32, 4, 20.0, 500).unwrap(), [8; 4]);
+    assert!(pyramid_budgets(100, 20, 0, 20.0, 500)
         .unwrap_err()
         .to_string()
         .contains("n_layers"));
-    assert!(pyramid_budgets(100, 20, 4, 0.5)
+    assert!(pyramid_budgets(100, 20, 4, 0.5, 500)
         .unwrap_err()
         .to_string()
         .contains("beta"));
 }
 
+/// Issue 11, defect 1: at T = 1009 on 30 layers the budgets average to the request at 0.25, 0.5
+/// and 0.75 (so the measured ratio is within 1/T of it) and each lies in `[w, T]`.
+#[test]
+fn pyramid_budgets_meet_the_ratio_on_a_1k_prompt() {
+    let (t, w, layers) = (1009usize, 32usize, 30usize);
+    for ratio in [0.25f32, 0.5, 0.75] {
+        let keep = Budget::EvictRatio(ratio).keep_count(t);
+        let b = pyramid_budgets(keep, w, layers, 20.0, t).unwrap();
+        let kept: usize = b.iter().sum();
+        let measured = 1.0 - kept as f64 / (t * layers) as f64;
+        assert!(
+            (measured - f64::from(ratio)).abs() <= 1.0 / t as f64,
+            "{ratio}: measured {measured}, budgets {b:?}"
+        );
+        assert!(b.iter().all(|&x| (w..=t).contains(&x)), "{ratio}: {b:?}");
+        assert!(b.windows(2).all(|p| p[0] >= p[1]), "{ratio}: {b:?}");
+    }
+}
+
 proptest! {
     #[test]
-    fn pyramid_budgets_average_to_target_and_fall(c in 0usize..3000, w in 0usize..64, l in 1usize..40, beta in 1.0f32..40.0) {
-        let b = pyramid_budgets(c, w, l, beta).unwrap();
+    fn pyramid_budgets_average_to_target_and_fall(c in 0usize..3000, w in 0usize..64, l in 1usize..40, beta in 1.0f32..40.0, t in 1usize..4000) {
+        let b = pyramid_budgets(c, w, l, beta, t).unwrap();
         prop_assert_eq!(b.len(), l);
-        prop_assert_eq!(b.iter().sum::<usize>(), c * l);
+        prop_assert_eq!(b.iter().sum::<usize>(), c.min(t) * l);
         prop_assert!(b.windows(2).all(|p| p[0] >= p[1]));
-        if c > w {
+        prop_assert!(b.iter().all(|&x| x <= t));
+        if c.min(t) > w {
             prop_assert!(b.iter().all(|&x| x >= w));
         }
     }

@@ -58,6 +58,25 @@ pub enum KvError {
         /// Capacity of the pool in blocks.
         total: usize,
     },
+    /// The pool cannot supply the copies of shared blocks an eviction or a repack of cache
+    /// positions would write to (copy-on-write after a fork); nothing was changed.
+    #[error(
+        "out of KV blocks: writing to layer {layer} KV head {head} (an eviction or a repack) \
+         touches {requested} block(s) shared with a fork, which must be copied first, but the \
+         pool has {free} free of {total}"
+    )]
+    OutOfBlocksForCopy {
+        /// Layer of the failed eviction or repack.
+        layer: usize,
+        /// KV head of the failed eviction or repack.
+        head: usize,
+        /// Copies the eviction or repack needed.
+        requested: usize,
+        /// Blocks free in the pool at the time.
+        free: usize,
+        /// Capacity of the pool in blocks.
+        total: usize,
+    },
     /// A buffer argument has the wrong number of elements.
     #[error("layer {layer}: `{what}` has length {got}, expected {expected}")]
     ShapeMismatch {

@@ -6,16 +6,18 @@
 //!   [`KvDtype`]; it is sized by a memory budget or a token capacity ([`PoolConfig`]).
 //! - [`SequenceKv`] (one per session) keeps a block table per (layer, KV head): append (prefill
 //!   chunks, decode tokens, single heads), evict by keep-mask with compaction that returns every
-//!   emptied block to the pool at once, truncation of a failed pass's appends, reservations
-//!   that make a step's blocks certain before it starts, cache positions (gaps closed by a
-//!   repack that shifts keys through a [`KeyShift`]), reads, accounting, and
-//!   [`SequenceKv::attend`].
+//!   emptied block to the pool at once, copy-on-write forks ([`SequenceKv::fork`]: blocks are
+//!   shared and reference-counted, a write to a shared block goes to a copy), truncation of a
+//!   failed pass's appends, reservations that make a step's blocks certain before it starts,
+//!   cache positions (gaps closed by a repack that shifts keys through a [`KeyShift`]), reads,
+//!   accounting, and [`SequenceKv::attend`].
 //! - [`attend_dense`] runs the same kernel over contiguous buffers (baseline for benches/tests).
 //!
 //! Invariants the crate guarantees: retained entries keep their original positions and order;
 //! bytes in use follow the retained count up to one block per head; running out of blocks is a
-//! [`KvError::OutOfBlocks`], never a panic or an overwrite; one sequence never touches another's
-//! blocks; no public function panics on bad input — it returns a [`KvError`].
+//! [`KvError::OutOfBlocks`], never a panic or an overwrite; one sequence never sees another's
+//! writes (shared blocks are copied before they are written); no public function panics on bad
+//! input — it returns a [`KvError`].
 
 mod attention;
 mod dtype;

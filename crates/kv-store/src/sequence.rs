@@ -1,5 +1,6 @@
 //! One session's cache: `n_layers × n_kv_heads` block tables over a shared [`BlockPool`]
-//! ([`SequenceKv`]), with append, evict-by-mask compaction, reads, statistics and attention.
+//! ([`SequenceKv`]), with append, evict-by-mask compaction, copy-on-write forks, reads,
+//! statistics and attention.
 //!
 //! Invariants, per (layer, KV head) table:
 //! - entry `i` (in order of retention) lives in block `i / block_size`, slot `i % block_size`;
@@ -7,17 +8,25 @@
 //! - `blocks.len() == ceil(retained / block_size)`: no empty block is ever held, so the bytes
 //!   in use follow the retained count up to one partly filled block per head;
 //! - operations are all-or-nothing: a failed call (bad argument, pool exhausted) changes nothing;
-//! - the sequence owns its blocks exclusively; every path that drops entries (evict, clear,
-//!   truncate, drop) returns the emptied blocks to the pool in one call;
+//!   every block a call may need (new blocks, copies of shared ones) is taken from the pool
+//!   before anything is written;
+//! - blocks are reference-counted: [`SequenceKv::fork`] shares every block with the new
+//!   sequence, and a table writes only to blocks it holds alone — a shared block is copied into
+//!   a fresh one first (copy-on-write), so no sequence ever sees another's writes;
+//! - a block returns to the pool when its last holder drops it (evict, clear, truncate, drop),
+//!   so the pool counts each physical block once however many sequences share it; every path
+//!   that drops entries returns the emptied blocks to the pool in one call;
 //! - cache positions (a sequence built by [`SequenceKv::with_cache_positions`]): besides its
 //!   token position, every entry has a cache position, the one its key was rotated for: new
 //!   entries take the positions after the table's last one, eviction leaves gaps, and
 //!   [`SequenceKv::repack_cache_positions`] closes them — the longest run of entries whose
 //!   positions are already consecutive stays, every other run's keys are shifted by the
 //!   [`KeyShift`], so a repack moves the fewest keys; cache positions increase within a table
-//!   and never exceed the last entry's token position;
-//! - a reservation ([`SequenceKv::reserve_blocks`]) keeps `ceiling - held` blocks set aside in
-//!   the pool for this sequence: appends draw on it first, freed blocks refill it.
+//!   and never exceed the last entry's token position; a fork carries them (and the shift);
+//! - a reservation ([`SequenceKv::reserve_blocks`]) keeps `ceiling - owned` blocks set aside in
+//!   the pool for this sequence, `owned` being the blocks it holds alone (a shared block may
+//!   need a copy before it is written, so it counts as not yet paid for): appends, copies and
+//!   repacks draw on it first, freed blocks refill it.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -53,10 +62,15 @@ pub struct SequenceStats {
     pub appended: Vec<Vec<u64>>,
     /// Tokens seen per layer: one past the highest position ever appended to any of its heads.
     pub tokens_seen: Vec<u64>,
-    /// Blocks owned by this sequence.
+    /// Blocks this sequence's tables hold (a block shared with a fork counts here in full).
     pub blocks_in_use: usize,
     /// Bytes of those blocks.
     pub bytes_in_use: usize,
+    /// Of `blocks_in_use`, the blocks other sequences hold too (copy-on-write sharing after
+    /// [`SequenceKv::fork`]); the pool counts each of them once.
+    pub blocks_shared: usize,
+    /// Bytes of the shared blocks.
+    pub bytes_shared: usize,
 }
 
 impl SequenceStats {
@@ -66,10 +80,34 @@ impl SequenceStats {
     }
 }
 
-/// One (layer, KV head) block table.
-#[derive(Default)]
+/// The only writable access to a held block. Every write path first makes the block the
+/// table's alone ([`HeadTable::own`]), so this never finds it shared.
+fn unique(block: &mut Arc<Block>) -> &mut Block {
+    Arc::get_mut(block).expect("copy-on-write: a block is made unique before it is written")
+}
+
+/// Drops one holder of `block`; the last holder's block goes to `released` (for the pool).
+fn drop_holder(block: Arc<Block>, released: &mut Vec<Block>) {
+    released.extend(Arc::into_inner(block));
+}
+
+/// A run of entries a repack shifts: the shift (in positions) and the entries' indices.
+type KeyMove = (i64, Range<usize>);
+
+/// The blocks holding the entries of `moves` (ranges of entry indices, in order), in order.
+fn blocks_written(moves: &[KeyMove], bs: usize) -> Vec<usize> {
+    let mut blocks: Vec<usize> = moves
+        .iter()
+        .flat_map(|(_, span)| span.start / bs..span.end.div_ceil(bs))
+        .collect();
+    blocks.dedup();
+    blocks
+}
+
+/// One (layer, KV head) block table. Cloning it (a fork) shares every block.
+#[derive(Default, Clone)]
 struct HeadTable {
-    blocks: Vec<Block>,
+    blocks: Vec<Arc<Block>>,
     positions: Vec<u32>,
     appended: u64,
     /// Cache positions of the entries (empty unless the sequence has them).
@@ -82,26 +120,61 @@ impl HeadTable {
         (self.positions.len() + extra).div_ceil(bs) - self.blocks.len()
     }
 
-    /// Writes key `k` and value `v` into slot `idx` (its block must exist).
+    /// How many of the blocks `range` other tables hold too (each needs a copy before a write).
+    fn shared(&self, range: Range<usize>) -> usize {
+        self.blocks[range]
+            .iter()
+            .filter(|b| Arc::strong_count(b) > 1)
+            .count()
+    }
+
+    /// Copies a block an append would write (the partly filled last one) if it is shared.
+    fn shared_for_append(&self, bs: usize) -> usize {
+        if self.positions.len() % bs == 0 {
+            0
+        } else {
+            self.shared(self.blocks.len() - 1..self.blocks.len())
+        }
+    }
+
+    /// Makes block `b` this table's alone: a shared block is replaced by a copy written into
+    /// one of `fresh` (reserved by the caller), and this table's hold on the original is dropped.
+    fn own(&mut self, b: usize, fresh: &mut Vec<Block>, released: &mut Vec<Block>) {
+        if Arc::get_mut(&mut self.blocks[b]).is_some() {
+            return;
+        }
+        if let Some(mut copy) = fresh.pop() {
+            copy.bytes_mut().copy_from_slice(self.blocks[b].bytes());
+            drop_holder(
+                std::mem::replace(&mut self.blocks[b], Arc::new(copy)),
+                released,
+            );
+        }
+    }
+
+    /// Writes key `k` and value `v` into slot `idx` (its block must exist and be owned).
     fn write(&mut self, cfg: &PoolConfig, idx: usize, k: &[f32], v: &[f32]) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let off = (idx % bs) * eb;
-        let bytes = self.blocks[idx / bs].bytes_mut();
+        let bytes = unique(&mut self.blocks[idx / bs]).bytes_mut();
         write_f32(cfg.dtype, &mut bytes[off..off + eb], k);
         write_f32(cfg.dtype, &mut bytes[bs * eb + off..bs * eb + off + eb], v);
     }
 
-    /// Moves entry `from` to slot `to < from` (keys and values).
+    /// Moves entry `from` to slot `to < from` (keys and values; the target block is owned).
     fn move_entry(&mut self, cfg: &PoolConfig, from: usize, to: usize) {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let (fb, tb) = (from / bs, to / bs);
         for base in [0, bs * eb] {
             let (fo, to_) = (base + (from % bs) * eb, base + (to % bs) * eb);
             if fb == tb {
-                self.blocks[fb].bytes_mut().copy_within(fo..fo + eb, to_);
+                unique(&mut self.blocks[fb])
+                    .bytes_mut()
+                    .copy_within(fo..fo + eb, to_);
             } else {
                 let (lo, hi) = self.blocks.split_at_mut(fb);
-                lo[tb].bytes_mut()[to_..to_ + eb].copy_from_slice(&hi[0].bytes()[fo..fo + eb]);
+                unique(&mut lo[tb]).bytes_mut()[to_..to_ + eb]
+                    .copy_from_slice(&hi[0].bytes()[fo..fo + eb]);
             }
         }
         self.positions[to] = self.positions[from];
@@ -110,9 +183,33 @@ impl HeadTable {
         }
     }
 
-    /// Keeps the entries flagged in `keep` (same length as the table), in order; returns the
-    /// blocks left empty.
-    fn compact(&mut self, cfg: &PoolConfig, keep: &[bool]) -> Vec<Block> {
+    /// The blocks a compaction by `keep` writes to: from the first dropped entry's block to the
+    /// last block that still holds entries (empty when nothing is dropped).
+    fn compaction_writes(&self, bs: usize, keep: &[bool]) -> Range<usize> {
+        let Some(first) = keep.iter().position(|&k| !k) else {
+            return 0..0;
+        };
+        // Kept entries after the first dropped one move to slots `first..first + moved`.
+        match keep[first..].iter().filter(|&&k| k).count() {
+            0 => 0..0,
+            moved => first / bs..(first + moved).div_ceil(bs),
+        }
+    }
+
+    /// Keeps the entries flagged in `keep` (same length as the table), in order. Shared blocks
+    /// that the compaction writes are first copied into `fresh` (the caller reserved
+    /// [`HeadTable::shared`] of [`HeadTable::compaction_writes`] of them); blocks this table no
+    /// longer holds alone or at all go to `released`.
+    fn compact(
+        &mut self,
+        cfg: &PoolConfig,
+        keep: &[bool],
+        fresh: &mut Vec<Block>,
+        released: &mut Vec<Block>,
+    ) {
+        for b in self.compaction_writes(cfg.block_size, keep) {
+            self.own(b, fresh, released);
+        }
         let mut w = 0;
         for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
             if w != r {
@@ -122,12 +219,15 @@ impl HeadTable {
         }
         self.positions.truncate(w);
         self.cache_positions.truncate(w);
-        self.blocks.split_off(w.div_ceil(cfg.block_size))
+        for block in self.blocks.split_off(w.div_ceil(cfg.block_size)) {
+            drop_holder(block, released);
+        }
     }
 
-    /// Makes the cache positions consecutive: the longest run of entries whose positions are
-    /// already consecutive keeps them; every other run's keys are shifted to match.
-    fn repack(&mut self, cfg: &PoolConfig, shift: &KeyShift) {
+    /// What a repack does: the offset (`cache position - index`) of the longest run of entries
+    /// whose cache positions are already consecutive, which stays, and every other run with the
+    /// shift its keys need. `None` for an empty table.
+    fn repack_plan(&self) -> Option<(i64, Vec<KeyMove>)> {
         // Runs of entries sharing `cache position - index`: (that offset, first index).
         let mut runs: Vec<(i64, usize)> = Vec::new();
         for (i, &p) in self.cache_positions.iter().enumerate() {
@@ -146,21 +246,57 @@ impl HeadTable {
             .zip(ends)
             .map(|(&(offset, start), end)| (offset, start..end))
             .collect();
-        let Some(anchor) = spans
+        let anchor = spans
             .iter()
             .max_by_key(|(_, span)| span.len())
-            .map(|&(offset, _)| offset)
-        else {
+            .map(|&(offset, _)| offset)?;
+        let moves = spans
+            .into_iter()
+            .filter(|(o, _)| *o != anchor)
+            .map(|(offset, span)| (anchor - offset, span))
+            .collect();
+        Some((anchor, moves))
+    }
+
+    /// The blocks a repack writes to (those holding a shifted key), in order.
+    fn repack_writes(&self, bs: usize) -> Vec<usize> {
+        self.repack_plan()
+            .map_or_else(Vec::new, |(_, moves)| blocks_written(&moves, bs))
+    }
+
+    /// Makes the cache positions consecutive: the longest run of entries whose positions are
+    /// already consecutive keeps them; every other run's keys are shifted to match. Shared
+    /// blocks it writes are first copied into `fresh` (the caller reserved one per shared block
+    /// of [`HeadTable::repack_writes`]); originals this table no longer holds go to `released`.
+    fn repack(
+        &mut self,
+        cfg: &PoolConfig,
+        shift: &KeyShift,
+        fresh: &mut Vec<Block>,
+        released: &mut Vec<Block>,
+    ) {
+        let Some((anchor, moves)) = self.repack_plan() else {
             return;
         };
-        for (offset, span) in spans.into_iter().filter(|(o, _)| *o != anchor) {
+        for b in blocks_written(&moves, cfg.block_size) {
+            self.own(b, fresh, released);
+        }
+        for (delta, span) in moves {
             let mut keys = self.read_keys(cfg, span.clone());
-            shift(&mut keys, anchor - offset);
+            shift(&mut keys, delta);
             self.write_keys(cfg, span.start, &keys);
         }
         for (i, p) in self.cache_positions.iter_mut().enumerate() {
             // Never below 0 or above the last position: the anchor run is among them.
             *p = (anchor + i as i64) as u32;
+        }
+    }
+
+    /// The span of cache positions this table covers, its next entry included.
+    fn cache_span(&self) -> u32 {
+        match self.cache_positions.first() {
+            Some(&first) => self.next_cache_position() - first,
+            None => 0,
         }
     }
 
@@ -190,7 +326,7 @@ impl HeadTable {
             let off = (idx % bs) * eb;
             write_f32(
                 cfg.dtype,
-                &mut self.blocks[idx / bs].bytes_mut()[off..off + eb],
+                &mut unique(&mut self.blocks[idx / bs]).bytes_mut()[off..off + eb],
                 key,
             );
         }
@@ -309,10 +445,7 @@ impl SequenceKv {
     pub fn widest_cache_span(&self) -> u32 {
         self.tables
             .iter()
-            .map(|t| match t.cache_positions.first() {
-                Some(&first) => t.next_cache_position() - first,
-                None => 0,
-            })
+            .map(HeadTable::cache_span)
             .max()
             .unwrap_or(0)
     }
@@ -320,20 +453,48 @@ impl SequenceKv {
     /// Closes the gaps eviction left in the cache positions of every head whose span
     /// ([`SequenceKv::widest_cache_span`]) exceeds `max_span`, shifting the fewest keys (see the
     /// module header). Each repack shifts keys by whole gaps at once, rarely, so keys stored in
-    /// f16 lose no rotation to rounding. A no-op without cache positions.
-    pub fn repack_cache_positions(&mut self, max_span: u32) {
+    /// f16 lose no rotation to rounding. A no-op without cache positions. Blocks shared with a
+    /// fork that a repack writes are copied first (from the reservation, if any); if the pool
+    /// cannot supply those copies the call fails with [`KvError::OutOfBlocksForCopy`] (naming
+    /// the first head that needed one) and changes nothing.
+    pub fn repack_cache_positions(&mut self, max_span: u32) -> Result<(), KvError> {
         let Some(shift) = self.key_shift.clone() else {
-            return;
+            return Ok(());
         };
-        for t in &mut self.tables {
-            let span = match t.cache_positions.first() {
-                Some(&first) => t.next_cache_position() - first,
-                None => 0,
-            };
-            if span > max_span {
-                t.repack(&self.cfg, &shift);
+        let bs = self.cfg.block_size;
+        let due: Vec<usize> = (0..self.tables.len())
+            .filter(|&i| self.tables[i].cache_span() > max_span)
+            .collect();
+        let copies: Vec<(usize, usize)> = due
+            .iter()
+            .map(|&i| {
+                let t = &self.tables[i];
+                let shared = t
+                    .repack_writes(bs)
+                    .into_iter()
+                    .filter(|&b| t.shared(b..b + 1) > 0)
+                    .count();
+                (i, shared)
+            })
+            .collect();
+        let requested = copies.iter().map(|&(_, n)| n).sum();
+        let mut fresh = self.take_blocks(requested).map_err(|free| {
+            let first = copies.iter().find(|&&(_, n)| n > 0).map_or(0, |&(i, _)| i);
+            KvError::OutOfBlocksForCopy {
+                layer: first / self.n_kv_heads,
+                head: first % self.n_kv_heads,
+                requested,
+                free,
+                total: self.cfg.capacity_blocks,
             }
+        })?;
+        let mut released = Vec::new();
+        for i in due {
+            self.tables[i].repack(&self.cfg, &shift, &mut fresh, &mut released);
         }
+        released.append(&mut fresh);
+        self.give_back(released);
+        Ok(())
     }
 
     /// Number of layers.
@@ -438,29 +599,35 @@ impl SequenceKv {
         }
         let base = layer * self.n_kv_heads;
         let bs = self.cfg.block_size;
+        // New blocks, plus a copy of each shared partly filled last block (copy-on-write).
         let needs: Vec<usize> = heads
             .clone()
             .map(|h| self.tables[base + h].blocks_needed(bs, n))
             .collect();
-        let requested = needs.iter().sum();
-        let from_reserve = self.reservation.map_or(0, |r| r.withheld.min(requested));
-        let mut fresh =
-            self.pool
-                .alloc(requested, from_reserve)
-                .map_err(|free| KvError::OutOfBlocks {
-                    layer,
-                    tokens: n,
-                    requested,
-                    free,
-                    total: self.cfg.capacity_blocks,
-                })?;
-        if let Some(r) = &mut self.reservation {
-            r.withheld -= from_reserve;
-        }
+        let copies: usize = heads
+            .clone()
+            .map(|h| self.tables[base + h].shared_for_append(bs))
+            .sum();
+        let requested = needs.iter().sum::<usize>() + copies;
+        let mut fresh = self
+            .take_blocks(requested)
+            .map_err(|free| KvError::OutOfBlocks {
+                layer,
+                tokens: n,
+                requested,
+                free,
+                total: self.cfg.capacity_blocks,
+            })?;
+        let mut released = Vec::new();
         for (slot, (h, need)) in heads.zip(needs).enumerate() {
             let cfg = self.cfg;
             let table = &mut self.tables[base + h];
-            table.blocks.extend(fresh.drain(fresh.len() - need..));
+            if table.positions.len() % bs != 0 {
+                table.own(table.blocks.len() - 1, &mut fresh, &mut released);
+            }
+            table
+                .blocks
+                .extend(fresh.drain(fresh.len() - need..).map(Arc::new));
             let start = table.positions.len();
             for t in 0..n {
                 let src = (t * nh + slot) * d;
@@ -475,6 +642,9 @@ impl SequenceKv {
             table.positions.extend_from_slice(positions);
             table.appended += n as u64;
         }
+        // Copies reserved for blocks another holder let go of meanwhile are not needed.
+        released.append(&mut fresh);
+        self.give_back(released);
         let top = positions.iter().max().map_or(0, |&p| u64::from(p) + 1);
         self.tokens_seen[layer] = self.tokens_seen[layer].max(top);
         Ok(())
@@ -492,7 +662,9 @@ impl SequenceKv {
 
     /// Keeps the retained entries of (`layer`, `head`) whose `keep` flag is true and removes the
     /// others: survivors move forward in order (compaction) and every emptied block returns to
-    /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`].
+    /// the pool at once. `keep.len()` must equal [`SequenceKv::retained`]. Blocks shared with a
+    /// fork that the compaction writes to are copied first; if the pool cannot supply those
+    /// copies the call fails with [`KvError::OutOfBlocksForCopy`] and changes nothing.
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
         let i = self.index(layer, head)?;
         let retained = self.tables[i].positions.len();
@@ -505,44 +677,91 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
-        let freed = self.tables[i].compact(&self.cfg, keep);
-        self.give_back(freed);
+        let table = &self.tables[i];
+        let requested = table.shared(table.compaction_writes(self.cfg.block_size, keep));
+        let mut fresh =
+            self.take_blocks(requested)
+                .map_err(|free| KvError::OutOfBlocksForCopy {
+                    layer,
+                    head,
+                    requested,
+                    free,
+                    total: self.cfg.capacity_blocks,
+                })?;
+        let mut released = Vec::new();
+        self.tables[i].compact(&self.cfg, keep, &mut fresh, &mut released);
+        released.append(&mut fresh);
+        self.give_back(released);
         Ok(())
+    }
+
+    /// A new sequence with the same entries, sharing every block with this one (copy-on-write):
+    /// no block is allocated or copied now; whichever sequence later writes to a shared block
+    /// (an append into a partly filled block, a compaction, a repack) writes to its own copy.
+    /// The pool counts each shared block once; each sequence's [`SequenceStats`] counts every
+    /// block it holds and says how many of them are shared. The fork has the same cache
+    /// positions (and key shift) as this sequence, and no reservation.
+    pub fn fork(&self) -> SequenceKv {
+        SequenceKv {
+            pool: self.pool.clone(),
+            cfg: self.cfg,
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            tables: self.tables.clone(),
+            tokens_seen: self.tokens_seen.clone(),
+            key_shift: self.key_shift.clone(),
+            reservation: None,
+        }
     }
 
     /// Removes, from every table, the entries at `position` or later (each table's tail:
     /// positions grow within a table) and frees their blocks, setting `tokens_seen` back to at
     /// most `position`: undoes appends that no eviction has touched yet (a failed forward pass),
-    /// leaving the tables, counts and accounting as they were before those appends.
+    /// leaving the tables and counts as they were before those appends. Nothing is written, so
+    /// a block shared with a fork keeps the other holder's entries; a shared block that one of
+    /// those appends copied stays this sequence's own copy (same contents, one more block in
+    /// the pool until it is freed).
     pub fn truncate_from(&mut self, position: u32) {
         let bs = self.cfg.block_size;
-        let mut freed = Vec::new();
+        let mut released = Vec::new();
         for t in &mut self.tables {
             let keep = t.positions.partition_point(|&p| p < position);
             let removed = t.positions.len() - keep;
             t.positions.truncate(keep);
             t.cache_positions.truncate(keep);
             t.appended = t.appended.saturating_sub(removed as u64);
-            freed.extend(t.blocks.split_off(keep.div_ceil(bs)));
+            for block in t.blocks.split_off(keep.div_ceil(bs)) {
+                drop_holder(block, &mut released);
+            }
         }
         for seen in &mut self.tokens_seen {
             *seen = (*seen).min(u64::from(position));
         }
-        self.give_back(freed);
+        self.give_back(released);
     }
 
-    /// Blocks this sequence holds.
+    /// Blocks this sequence holds (shared ones included).
     pub fn blocks_held(&self) -> usize {
         self.tables.iter().map(|t| t.blocks.len()).sum()
     }
 
+    /// Blocks this sequence holds alone (not shared with a fork): the ones it has paid for.
+    fn blocks_owned(&self) -> usize {
+        self.tables
+            .iter()
+            .map(|t| t.blocks.len() - t.shared(0..t.blocks.len()))
+            .sum()
+    }
+
     /// Sets blocks aside so that this sequence can hold `ceiling` blocks in all (those it holds
-    /// included) whatever other sequences do, until [`SequenceKv::release_reservation`]: appends
-    /// draw on the reservation first and freed blocks refill it up to the ceiling. Replaces an
-    /// earlier reservation; fails with [`KvError::ReserveFailed`], changing nothing, when the
-    /// pool cannot set that many aside.
+    /// included) whatever other sequences do, until [`SequenceKv::release_reservation`]: appends,
+    /// copies of shared blocks and repacks draw on the reservation first, and freed blocks refill
+    /// it up to the ceiling. A block shared with a fork counts as not paid for (writing it takes
+    /// a copy), so `ceiling - owned` blocks are set aside. Replaces an earlier reservation;
+    /// fails with [`KvError::ReserveFailed`], changing nothing, when the pool cannot set that
+    /// many aside.
     pub fn reserve_blocks(&mut self, ceiling: usize) -> Result<(), KvError> {
-        let want = ceiling.saturating_sub(self.blocks_held());
+        let want = ceiling.saturating_sub(self.blocks_owned());
         let had = self.reservation.map_or(0, |r| r.withheld);
         if want > had {
             self.pool
@@ -569,19 +788,35 @@ impl SequenceKv {
         }
     }
 
-    /// Returns blocks that left the tables to the pool, refilling the reservation first.
+    /// Takes `n` blocks from the pool, from this sequence's reservation first; `Err(free)` (and
+    /// nothing taken) when the rest exceeds the blocks free for anyone.
+    fn take_blocks(&mut self, n: usize) -> Result<Vec<Block>, usize> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let from_reserve = self.reservation.map_or(0, |r| r.withheld.min(n));
+        let fresh = self.pool.alloc(n, from_reserve)?;
+        if let Some(r) = &mut self.reservation {
+            r.withheld -= from_reserve;
+        }
+        Ok(fresh)
+    }
+
+    /// Returns blocks that left the tables (or were taken and not needed) to the pool,
+    /// refilling the reservation first.
     fn give_back(&mut self, blocks: Vec<Block>) {
         if blocks.is_empty() {
             return;
         }
-        let held = self.blocks_held();
-        let to_reserve = match &mut self.reservation {
+        let to_reserve = match self.reservation {
             Some(r) => {
                 let room = r
                     .ceiling
-                    .saturating_sub(held + r.withheld)
+                    .saturating_sub(self.blocks_owned() + r.withheld)
                     .min(blocks.len());
-                r.withheld += room;
+                if let Some(r) = &mut self.reservation {
+                    r.withheld += room;
+                }
                 room
             }
             None => 0,
@@ -668,13 +903,14 @@ impl SequenceKv {
 
     /// Drops every entry of every table, returns all blocks to the pool and resets the counts.
     pub fn clear(&mut self) {
-        let blocks: Vec<Block> = self
-            .tables
-            .iter_mut()
-            .flat_map(|t| std::mem::take(t).blocks)
-            .collect();
+        let mut released = Vec::new();
+        for table in &mut self.tables {
+            for block in std::mem::take(table).blocks {
+                drop_holder(block, &mut released);
+            }
+        }
         self.tokens_seen.fill(0);
-        self.give_back(blocks);
+        self.give_back(released);
     }
 
     /// Accounting of this sequence.
@@ -682,6 +918,11 @@ impl SequenceKv {
         let h = self.n_kv_heads;
         let layer_tables = |l: usize| &self.tables[l * h..(l + 1) * h];
         let blocks_in_use: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
+        let blocks_shared: usize = self
+            .tables
+            .iter()
+            .map(|t| t.shared(0..t.blocks.len()))
+            .sum();
         SequenceStats {
             retained: (0..self.n_layers)
                 .map(|l| layer_tables(l).iter().map(|t| t.positions.len()).collect())
@@ -692,6 +933,8 @@ impl SequenceKv {
             tokens_seen: self.tokens_seen.clone(),
             blocks_in_use,
             bytes_in_use: blocks_in_use * self.cfg.block_bytes(),
+            blocks_shared,
+            bytes_shared: blocks_shared * self.cfg.block_bytes(),
         }
     }
 }

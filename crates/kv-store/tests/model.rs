@@ -1,14 +1,16 @@
 //! Property tests of the store against a dense reference model, and the memory-accounting test.
 //!
-//! Owns: random interleavings of append / append_head / evict / clear / drop over several
+//! Owns: random interleavings of append / append_head / evict / clear / drop / fork over several
 //! sessions sharing one small pool. Invariants checked after every step: retained keys, values
-//! and positions equal the reference (values rounded to the pool dtype); no block id is owned
-//! twice; blocks in use = Σ ceil(retained / block_size) over every head of every session, and the
-//! pool agrees; a failed append (pool exhausted) returns `OutOfBlocks` and changes nothing.
+//! and positions equal the reference (values rounded to the pool dtype), so no session ever sees
+//! a write of another, forks included; each session holds Σ ceil(retained / block_size) blocks
+//! and reports as shared exactly those another table also holds; the pool counts every distinct
+//! block once; a failed append or eviction (pool exhausted, copies of shared blocks included)
+//! returns its `OutOfBlocks*` error and changes nothing.
 
 use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 use proptest::prelude::*;
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 const LAYERS: usize = 2;
 const HEADS: usize = 2;
@@ -41,6 +43,10 @@ enum Op {
     Drop {
         s: usize,
     },
+    Fork {
+        from: usize,
+        to: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,7 +58,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (s.clone(), 0..LAYERS, 0..HEADS, any::<u64>())
             .prop_map(|(s, layer, head, seed)| Op::Evict { s, layer, head, seed }),
         1 => s.clone().prop_map(|s| Op::Clear { s }),
-        1 => s.prop_map(|s| Op::Drop { s }),
+        1 => s.clone().prop_map(|s| Op::Drop { s }),
+        2 => (s.clone(), s).prop_map(|(from, to)| Op::Fork { from, to }),
     ]
 }
 
@@ -113,20 +120,59 @@ impl World {
         n.div_ceil(BS)
     }
 
+    /// How many tables (over every session) hold each block id.
+    fn holders(&self) -> HashMap<u32, usize> {
+        let mut holders = HashMap::new();
+        for sess in &self.sessions {
+            for l in 0..LAYERS {
+                for h in 0..HEADS {
+                    for id in sess.kv.block_ids(l, h) {
+                        *holders.entry(id).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        holders
+    }
+
+    /// Whether block `b` of session `s`'s (layer, head) table is held by another table too.
+    fn is_shared(
+        &self,
+        holders: &HashMap<u32, usize>,
+        s: usize,
+        l: usize,
+        h: usize,
+        b: usize,
+    ) -> bool {
+        holders[&self.sessions[s].kv.block_ids(l, h)[b]] > 1
+    }
+
+    /// Blocks an append of `n` to one head needs: new ones, plus a copy of a shared partly
+    /// filled last block.
+    fn append_need(
+        &self,
+        holders: &HashMap<u32, usize>,
+        s: usize,
+        l: usize,
+        h: usize,
+        n: usize,
+    ) -> usize {
+        let len = self.sessions[s].heads[l * HEADS + h].len();
+        let copy = len % BS != 0 && self.is_shared(holders, s, l, h, len / BS);
+        Self::blocks_for(len + n) - Self::blocks_for(len) + usize::from(copy)
+    }
+
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Append { s, layer, n } => {
                 let k = self.values(n * HEADS * D);
                 let v = self.values(n * HEADS * D);
-                let sess = &self.sessions[s];
-                let p0 = sess.next_pos[layer];
-                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
+                let holders = self.holders();
                 let need: usize = (0..HEADS)
-                    .map(|h| {
-                        let len = sess.heads[layer * HEADS + h].len();
-                        Self::blocks_for(len + n) - Self::blocks_for(len)
-                    })
+                    .map(|h| self.append_need(&holders, s, layer, h, n))
                     .sum();
+                let p0 = self.sessions[s].next_pos[layer];
+                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
                 let free = self.pool.stats().blocks_free;
                 let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
                 self.expect(
@@ -153,11 +199,9 @@ impl World {
             Op::AppendHead { s, layer, head, n } => {
                 let k = self.values(n * D);
                 let v = self.values(n * D);
-                let sess = &self.sessions[s];
-                let p0 = sess.next_pos[layer];
+                let need = self.append_need(&self.holders(), s, layer, head, n);
+                let p0 = self.sessions[s].next_pos[layer];
                 let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-                let len = sess.heads[layer * HEADS + head].len();
-                let need = Self::blocks_for(len + n) - Self::blocks_for(len);
                 let free = self.pool.stats().blocks_free;
                 let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
                 self.expect(
@@ -187,10 +231,9 @@ impl World {
                 head,
                 seed,
             } => {
-                let sess = &mut self.sessions[s];
-                let entries = &mut sess.heads[layer * HEADS + head];
+                let len = self.sessions[s].heads[layer * HEADS + head].len();
                 let mut x = seed | 1;
-                let keep: Vec<bool> = (0..entries.len())
+                let keep: Vec<bool> = (0..len)
                     .map(|_| {
                         x ^= x << 13;
                         x ^= x >> 7;
@@ -198,11 +241,39 @@ impl World {
                         x % 3 != 0
                     })
                     .collect();
-                sess.kv
-                    .evict(layer, head, &keep)
-                    .expect("evict with a mask of the right length");
-                let mut it = keep.iter();
-                entries.retain(|_| *it.next().unwrap());
+                // Blocks the compaction writes: from the first dropped entry's to the last one
+                // a moved entry lands in; the shared ones need copies.
+                let holders = self.holders();
+                let need = match keep.iter().position(|&k| !k) {
+                    Some(first) => {
+                        let moved = keep[first..].iter().filter(|&&k| k).count();
+                        let written = if moved == 0 {
+                            0..0
+                        } else {
+                            first / BS..(first + moved).div_ceil(BS)
+                        };
+                        written
+                            .filter(|&b| self.is_shared(&holders, s, layer, head, b))
+                            .count()
+                    }
+                    None => 0,
+                };
+                let free = self.pool.stats().blocks_free;
+                let res = self.sessions[s].kv.evict(layer, head, &keep);
+                if need > free {
+                    let want = KvError::OutOfBlocksForCopy {
+                        layer,
+                        head,
+                        requested: need,
+                        free,
+                        total: self.pool.config().capacity_blocks,
+                    };
+                    assert_eq!(res, Err(want));
+                } else {
+                    res.expect("evict with a mask of the right length");
+                    let mut it = keep.iter();
+                    self.sessions[s].heads[layer * HEADS + head].retain(|_| *it.next().unwrap());
+                }
             }
             Op::Clear { s } => {
                 let sess = &mut self.sessions[s];
@@ -213,6 +284,15 @@ impl World {
             Op::Drop { s } => {
                 let fresh = Session::new(&self.pool);
                 self.sessions[s] = fresh; // the old SequenceKv is dropped here
+            }
+            Op::Fork { from, to } => {
+                let src = &self.sessions[from];
+                let fork = Session {
+                    kv: src.kv.fork(),
+                    heads: src.heads.clone(),
+                    next_pos: src.next_pos.clone(),
+                };
+                self.sessions[to] = fork; // the old one is dropped (its blocks, if last held)
             }
         }
     }
@@ -245,10 +325,9 @@ impl World {
     }
 
     fn check(&self) {
-        let mut ids = HashSet::new();
-        let mut blocks = 0;
-        for sess in &self.sessions {
-            let mut sess_blocks = 0;
+        let holders = self.holders();
+        for (s, sess) in self.sessions.iter().enumerate() {
+            let (mut sess_blocks, mut shared) = (0, 0);
             for l in 0..LAYERS {
                 for h in 0..HEADS {
                     let want = &sess.heads[l * HEADS + h];
@@ -273,9 +352,9 @@ impl World {
                     }
                     let bids = sess.kv.block_ids(l, h);
                     assert_eq!(bids.len(), want.len().div_ceil(BS));
-                    for id in bids {
-                        assert!(ids.insert(id), "block {id} owned twice");
-                    }
+                    shared += (0..bids.len())
+                        .filter(|&b| self.is_shared(&holders, s, l, h, b))
+                        .count();
                     sess_blocks += want.len().div_ceil(BS);
                 }
             }
@@ -285,12 +364,15 @@ impl World {
                 st.bytes_in_use,
                 sess_blocks * self.pool.config().block_bytes()
             );
+            assert_eq!(st.blocks_shared, shared);
+            assert_eq!(st.bytes_shared, shared * self.pool.config().block_bytes());
             assert_eq!(
                 st.retained_total(),
                 sess.heads.iter().map(Vec::len).sum::<usize>()
             );
-            blocks += sess_blocks;
         }
+        // The pool counts each physical block once, however many tables share it.
+        let blocks = holders.len();
         let ps = self.pool.stats();
         assert_eq!(ps.blocks_in_use, blocks);
         assert_eq!(ps.blocks_free, ps.blocks_total - blocks);
@@ -427,4 +509,104 @@ fn pool_and_sequences_are_send_and_sync() {
     assert_eq!(total, 10 + 11 + 12 + 13);
     assert_eq!(pool.stats().blocks_in_use, 0);
     assert!(pool.stats().peak_blocks_in_use >= 3);
+}
+
+/// A fork shares every block (the pool counts them once, each sequence reports them as held and
+/// shared); writes go to copies: an append into the shared partly filled block copies that block
+/// only, a compaction copies only the blocks it writes; the parent never changes; dropping the
+/// parent leaves the fork's blocks alone, dropping both returns everything.
+#[test]
+fn forks_share_blocks_copy_on_write() {
+    let pool = BlockPool::new(PoolConfig::from_token_capacity(8, 2, KvDtype::F32, 4096));
+    let mut parent = SequenceKv::new(&pool, 1, 1);
+    let pos: Vec<u32> = (0..20).collect();
+    let xs: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    parent.append(0, &xs, &xs, &pos).unwrap();
+    let before = parent.read_head(0, 0);
+    let ids = parent.block_ids(0, 0);
+    assert_eq!(pool.stats().blocks_in_use, 3);
+
+    let mut fork = parent.fork();
+    assert_eq!(fork.block_ids(0, 0), ids);
+    assert_eq!(fork.read_head(0, 0), before);
+    assert_eq!(pool.stats().blocks_in_use, 3, "a fork allocates nothing");
+    let st = fork.stats();
+    assert_eq!((st.blocks_in_use, st.blocks_shared), (3, 3));
+    assert_eq!(st.bytes_shared, 3 * pool.config().block_bytes());
+
+    // Append into the shared, partly filled third block: only that block is copied.
+    fork.append(0, &[100.0, 101.0], &[100.0, 101.0], &[20])
+        .unwrap();
+    let fork_ids = fork.block_ids(0, 0);
+    assert_eq!(fork_ids[..2], ids[..2]);
+    assert_ne!(fork_ids[2], ids[2]);
+    assert_eq!(pool.stats().blocks_in_use, 4);
+    assert_eq!(parent.read_head(0, 0), before);
+    assert_eq!(fork.retained(0, 0), 21);
+    assert_eq!(fork.stats().blocks_shared, 2);
+
+    // Keep entries 0..8 and every third after: block 0 is untouched and stays shared, block 1
+    // is written (copied), block 2 (the fork's own) is written in place.
+    let keep: Vec<bool> = (0..21).map(|i| i < 8 || i % 3 == 0).collect();
+    fork.evict(0, 0, &keep).unwrap();
+    let kept: Vec<u32> = (0..21).filter(|&i| i < 8 || i % 3 == 0).collect();
+    assert_eq!(fork.positions(0, 0), kept);
+    let fk = fork.read_head(0, 0).keys;
+    let want: Vec<f32> = kept
+        .iter()
+        .flat_map(|&p| {
+            if p == 20 {
+                vec![100.0, 101.0]
+            } else {
+                vec![(2 * p) as f32, (2 * p + 1) as f32]
+            }
+        })
+        .collect();
+    assert_eq!(fk, want);
+    assert_eq!(fork.block_ids(0, 0)[0], ids[0]);
+    assert_eq!(fork.stats().blocks_shared, 1);
+    assert_eq!(parent.read_head(0, 0), before);
+    // Parent: 3 blocks; fork: block 0 shared, a copy of block 1 (its block 2 was freed by the
+    // compaction: 13 entries need 2 blocks).
+    assert_eq!(pool.stats().blocks_in_use, 4);
+
+    drop(parent);
+    assert_eq!(pool.stats().blocks_in_use, 2);
+    assert_eq!(fork.stats().blocks_shared, 0);
+    assert_eq!(fork.positions(0, 0), kept);
+    drop(fork);
+    assert_eq!(pool.stats().blocks_in_use, 0);
+}
+
+/// A copy-on-write eviction that cannot get its copies fails whole and changes nothing.
+#[test]
+fn an_eviction_without_room_for_its_copies_changes_nothing() {
+    let pool = BlockPool::new(PoolConfig::from_token_capacity(4, 1, KvDtype::F32, 12));
+    let mut parent = SequenceKv::new(&pool, 1, 1);
+    let pos: Vec<u32> = (0..12).collect();
+    let xs: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    parent.append(0, &xs, &xs, &pos).unwrap();
+    let mut fork = parent.fork();
+    let keep: Vec<bool> = (0..12).map(|i| i % 2 == 0).collect();
+    let err = fork.evict(0, 0, &keep).unwrap_err();
+    assert_eq!(
+        err,
+        KvError::OutOfBlocksForCopy {
+            layer: 0,
+            head: 0,
+            requested: 2,
+            free: 0,
+            total: 3
+        }
+    );
+    assert!(err.to_string().contains("shared with a fork"), "{err}");
+    assert_eq!(fork.read_head(0, 0), parent.read_head(0, 0));
+    drop(parent);
+    // Now the fork holds its blocks alone and compacts in place.
+    fork.evict(0, 0, &keep).unwrap();
+    assert_eq!(
+        fork.positions(0, 0),
+        (0..12).step_by(2).collect::<Vec<u32>>()
+    );
+    assert_eq!(pool.stats().blocks_in_use, 2);
 }

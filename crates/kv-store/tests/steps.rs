@@ -1,6 +1,8 @@
 //! What a decoder step relies on: keys stay rotated for their cache positions through any
 //! eviction and repack (a repack moves the fewest keys), `truncate_from` undoes a pass's appends
-//! exactly, and a reservation makes a step's blocks certain whatever other sequences do.
+//! exactly, and a reservation makes a step's blocks certain whatever other sequences do — also
+//! on a copy-on-write fork, whose writes (appends, truncation, evictions, repacks) never reach
+//! the sequence it shares blocks with.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -97,7 +99,7 @@ proptest! {
                 .collect();
             let runs: Vec<usize> = (0..2).map(|h| longest_run(&kv.cache_positions(0, h))).collect();
             shifted.store(0, Ordering::Relaxed);
-            kv.repack_cache_positions(max_span);
+            kv.repack_cache_positions(max_span).unwrap();
             // Heads wider than the span were closed, moving only keys outside the longest run.
             let expected: usize = (0..2)
                 .filter(|&h| spans[h] > max_span)
@@ -156,6 +158,118 @@ proptest! {
             prop_assert_eq!(&kv.cache_positions(i / 2, i % 2), &at[i]);
         }
     }
+}
+
+proptest! {
+    #[test]
+    fn a_fork_truncates_evicts_and_repacks_without_touching_its_parent(
+        before in proptest::collection::vec((1..9usize, any::<u64>()), 1..6),
+        pass in 1..9usize,
+        bits in any::<u64>(),
+        max_span in 0..20u32,
+    ) {
+        let shift: KeyShift = Arc::new(|keys: &mut [f32], delta: i64| {
+            for key in keys.chunks_exact_mut(D) {
+                key[0] += delta as f32;
+            }
+        });
+        let pool = pool(512);
+        let mut parent = SequenceKv::with_cache_positions(&pool, 1, 2, shift);
+        let (mut next_id, mut pos) = (0.0, 0u32);
+        for (n, bits) in before {
+            append(&mut parent, 0, pos, n, &mut next_id);
+            for h in 0..2 {
+                let keep = mask(parent.retained(0, h), bits ^ h as u64);
+                parent.evict(0, h, &keep).unwrap();
+            }
+            pos += n as u32;
+        }
+        let heads = |kv: &SequenceKv| -> Vec<_> {
+            (0..2).map(|h| (kv.read_head(0, h), kv.cache_positions(0, h))).collect()
+        };
+        let parent_heads = heads(&parent);
+        let in_use = pool.stats().blocks_in_use;
+        let mut fork = parent.fork();
+        prop_assert!(fork.has_cache_positions());
+        prop_assert_eq!(heads(&fork), parent_heads.clone());
+        prop_assert_eq!(pool.stats().blocks_in_use, in_use, "a fork allocates nothing");
+        // A failed pass on the fork, undone.
+        fork.reserve_blocks(fork.blocks_held() + fork.blocks_to_append(pass)).unwrap();
+        append(&mut fork, 0, pos, pass, &mut next_id);
+        fork.truncate_from(pos);
+        prop_assert_eq!(heads(&fork), parent_heads.clone());
+        // Then a pass that stays, an eviction and a repack on the fork.
+        append(&mut fork, 0, pos, pass, &mut next_id);
+        for h in 0..2 {
+            let keep = mask(fork.retained(0, h), bits.rotate_left(h as u32 * 5));
+            fork.evict(0, h, &keep).unwrap();
+        }
+        fork.repack_cache_positions(max_span).unwrap();
+        fork.release_reservation();
+        prop_assert_eq!(heads(&parent), parent_heads, "the parent saw a write of its fork");
+        for h in 0..2 {
+            let at = fork.cache_positions(0, h);
+            let keys = fork.read_head(0, h).keys;
+            for (i, key) in keys.chunks_exact(D).enumerate() {
+                prop_assert_eq!(key[0], at[i] as f32, "fork entry {} is not at its position", i);
+            }
+        }
+        drop(fork);
+        drop(parent);
+        prop_assert_eq!(pool.stats().blocks_free, 512);
+    }
+}
+
+#[test]
+fn a_fork_reserves_copies_of_the_blocks_it_shares() -> Result<(), KvError> {
+    let pool = pool(8);
+    let shift: KeyShift = Arc::new(|_: &mut [f32], _| {});
+    let mut parent = SequenceKv::with_cache_positions(&pool, 1, 1, shift);
+    let mut id = 0.0;
+    append(&mut parent, 0, 0, 10, &mut id); // 3 blocks, the last partly filled
+    let mut fork = parent.fork();
+    // The fork owns none of its 3 blocks: writing any of them takes a copy, so 3 are set aside.
+    fork.reserve_blocks(3)?;
+    assert_eq!(pool.stats().blocks_set_aside, 3);
+    // Another sequence takes everything else.
+    let mut other = SequenceKv::new(&pool, 1, 1);
+    append(&mut other, 0, 0, 8, &mut id);
+    assert_eq!(pool.stats().blocks_free, 0);
+    // Evicting entry 5 rewrites blocks 1 and 2: their copies come from the reservation.
+    let mut keep = vec![true; 10];
+    keep[5] = false;
+    fork.evict(0, 0, &keep)?;
+    assert_eq!(fork.stats().blocks_shared, 1);
+    assert_eq!(parent.stats().blocks_shared, 1);
+    assert_eq!(parent.positions(0, 0), (0..10).collect::<Vec<u32>>());
+    let kept: Vec<u32> = (0..10).filter(|&p| p != 5).collect();
+    assert_eq!(fork.positions(0, 0), kept);
+    assert_eq!(pool.stats().blocks_free, 0);
+    // Without a reservation a repack that must copy shared blocks (1 and 2, holding entries
+    // after the gap) fails and changes nothing.
+    fork.release_reservation();
+    assert_eq!(pool.stats().blocks_free, 1);
+    let mut second = fork.fork();
+    let before = second.cache_positions(0, 0);
+    let err = second
+        .repack_cache_positions(0)
+        .expect_err("no block is free for the copy");
+    assert!(
+        matches!(
+            err,
+            KvError::OutOfBlocksForCopy {
+                layer: 0,
+                head: 0,
+                requested: 2,
+                free: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(second.cache_positions(0, 0), before);
+    assert_eq!(second.stats().blocks_shared, 3);
+    Ok(())
 }
 
 #[test]

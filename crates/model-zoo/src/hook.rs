@@ -49,15 +49,50 @@ pub struct AttentionOutcome<'a> {
     pub scale: f32,
 }
 
+/// What a prefill is to an eviction policy, said by whoever feeds it (kvpress' protocol: the
+/// context is compressed, what follows it is not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillKind {
+    /// Context: a one-shot policy compresses the cache once, at the prefill's end.
+    #[default]
+    Context,
+    /// Tokens that follow a compressed context (a question, the rest of a chat turn, scored
+    /// continuations): a one-shot policy keeps them all and does not compress again. Continuous
+    /// policies keep every head within budget either way.
+    Continuation,
+}
+
+/// Where one prefill chunk sits in its prefill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillChunk {
+    /// Offset of the chunk's first token in the prefill (0: the prefill's first chunk).
+    pub start: usize,
+    /// Offset one past the chunk's last token.
+    pub end: usize,
+    /// Tokens in the whole prefill (all chunks).
+    pub len: usize,
+    /// What the prefill is.
+    pub kind: PrefillKind,
+}
+
+impl PrefillChunk {
+    /// Whether this chunk opens its prefill.
+    pub fn is_first(&self) -> bool {
+        self.start == 0
+    }
+
+    /// Whether this chunk ends its prefill (where policies evict once, with statistics over the
+    /// whole prefill).
+    pub fn is_last(&self) -> bool {
+        self.end >= self.len
+    }
+}
+
 /// The kind of forward pass about to run, announced by the caller before each pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
-    /// A chunk of a prompt; `final_chunk` marks the end of this prefill (where one-shot policies
-    /// compress the cache).
-    Prefill {
-        /// Whether this is the prompt's last chunk.
-        final_chunk: bool,
-    },
+    /// One chunk of a prefill (prompts are fed in chunks of at most the engine's prefill chunk).
+    Prefill(PrefillChunk),
     /// One generated token.
     Decode,
 }
@@ -67,13 +102,6 @@ pub trait LayerHook {
     /// Announces the next forward pass.
     fn begin_pass(&mut self, pass: Pass) {
         let _ = pass;
-    }
-
-    /// The fewest tokens the final prefill chunk of a `prompt_len`-token prompt must hold (window
-    /// scorers need their whole window in one pass).
-    fn min_final_chunk(&self, prompt_len: usize) -> usize {
-        let _ = prompt_len;
-        1
     }
 
     /// Called after the append, before attention.

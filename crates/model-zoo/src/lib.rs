@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass};
+pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass, PrefillChunk, PrefillKind};
 pub use llama::{LlamaModel, LogitsFor, SequenceInput};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{GgufFile, WeightFormat, Weights};

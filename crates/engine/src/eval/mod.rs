@@ -1,40 +1,63 @@
-//! Evaluation: scoring [`Task`]s (from JSONL task files or the [`synthetic`] generators) on a
-//! session under an eviction policy, with the kvpress protocol, and sweeping policies × eviction
-//! ratios ([`sweep`]).
+//! Evaluation: scoring [`Task`]s (from JSONL task files or the [`synthetic`] generators) on
+//! sessions under eviction policies, with the kvpress protocol, with or without the model's chat
+//! template, with 95% intervals ([`stats`]), and sweeping policies × eviction ratios
+//! ([`sweep`]).
 //!
 //! Protocol (documented in `docs/eval.md`, kept in step with this code):
-//! - The *context* is prefilled first (with BOS) and is what the policy evicts; the *question*
-//!   (`"\n" + question` when both are non-empty) is prefilled after it, so one-shot policies,
-//!   which evict at the end of a prefill, never drop it. With `query_aware` the two are
-//!   prefilled as one run, so the policy sees the question before it evicts.
-//! - choice: for each choice, the session restarts, context and question are prefilled, and
-//!   `" " + choice` is scored: the sum of its tokens' log-probabilities (log-softmax in f64).
-//!   `acc` picks the largest sum, `acc_norm` the largest sum divided by the choice's length in
-//!   characters (Unicode scalar values, the leading space not counted), as lm-eval-harness'
-//!   `acc_norm` does (`len(choice)` of the Python string). Ties go to the lowest index.
+//! - A task's prompt is split in two: the *context*, prefilled first (with BOS) as
+//!   [`PrefillKind::Context`] — what the policy compresses, once, at its end — and the
+//!   *continuation*, prefilled after it as [`PrefillKind::Continuation`], which one-shot policies
+//!   (SnapKV, PyramidKV, KNorm, NACL) keep whole (kvpress: compress the context, then feed the
+//!   question). Continuous policies (random, streaming, H2O, TOVA) keep every head within its
+//!   budget at every step, continuation included. With `query_aware` the two are prefilled as
+//!   one context, so the policy sees the question before it evicts.
+//! - Raw text: context = the task's context; continuation = `"\n" + question + answer_prefix`.
+//!   With the chat template (`chat`, per task or per run), the user's message is
+//!   `context + "\n" + question`, rendered with the generation prompt; the context part is the
+//!   template's head plus the context, the continuation is `"\n" + question`, the end of the
+//!   user turn, the assistant header and `answer_prefix` (leading whitespace dropped). A task
+//!   without a context is all context (its question is what there is to compress).
+//! - choice: each choice is scored after the prompt: the sum of its tokens' log-probabilities
+//!   (log-softmax in f64) of `" " + choice` in raw text, of `choice` as the assistant's answer
+//!   with the template (lm-eval-harness drops the space there). `acc` picks the largest sum,
+//!   `acc_norm` the largest sum divided by the choice's length in characters (Unicode scalar
+//!   values, the leading space not counted), as lm-eval-harness' `acc_norm` does. Ties go to the
+//!   lowest index.
 //! - generate: greedy, at most `tokens(answer) + answer_margin` tokens, stop at EOS; scored by
 //!   [`MatchKind`] after [`task::normalize`].
-//! - perplexity: the text (with BOS) is split at `ppl_context`; the head is prefilled (and
-//!   evicted), the tail is scored teacher-forced in chunks of `ppl_chunk` tokens, both under
-//!   the policy and under a full cache in lockstep: PPL = exp(mean NLL of the tail tokens), KL =
-//!   mean over tail tokens of KL(full ‖ policy), accuracy = next-token top-1 accuracy.
-//! - KV figures (eviction ratio, bytes in use, bytes full) are read once the question is in the
-//!   cache, before any answer token (perplexity: after the last chunk), and averaged over tasks.
+//! - perplexity (raw text only): the text (with BOS) is split at `ppl_context`; the head is the
+//!   context, the tail is scored teacher-forced in chunks of `ppl_chunk` tokens (continuations),
+//!   both under the policy and under a full cache in lockstep: PPL = exp(mean NLL of the tail
+//!   tokens), KL = mean over tail tokens of KL(full ‖ policy), accuracy = next-token top-1
+//!   accuracy.
+//! - KV figures (eviction ratio, bytes in use, bytes full) are read once the continuation is in
+//!   the cache, before any answer token (perplexity: after the last chunk), and averaged over
+//!   tasks.
+//! - Speed without changing a result: with `shared_prefill` (the default) each task's context is
+//!   prefilled once for every policy of the run that can share it ([`SharedContext`]: a
+//!   full-cache prefill recording what the policies need, then a copy-on-write fork per policy
+//!   and per choice); otherwise every policy (and every choice) prefills it again. Both give the
+//!   same outcomes (tested).
 //!
 //! Invariants: a task either scores or the whole run fails with an error naming the task's
-//! index; no task is skipped; the session is cleared before every task (and every choice).
+//! index and the policy; no task is skipped; every policy's session starts from a fresh
+//! context.
 
+pub mod stats;
 pub mod sweep;
 pub mod synthetic;
 pub mod task;
 
 use std::collections::BTreeMap;
 
+use model_zoo::{ChatMessage, PrefillKind};
+
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::policy::Policy;
 use crate::report::KvReport;
 use crate::session::{GenerateRequest, Session};
+use crate::shared_context::SharedContext;
 use crate::SamplingParams;
 
 pub use task::{load_tasks, parse_tasks, MatchKind, Task};
@@ -52,17 +75,23 @@ pub enum PplContext {
 /// How tasks are run.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
-    /// Where RoPE places the policy session's keys (the full-cache reference of perplexity
-    /// tasks keeps original positions).
+    /// Where RoPE places the sessions' keys (shared contexts included; a full cache's cache
+    /// positions are its token positions, so the full-cache reference is the same either way).
     pub positions: crate::Positions,
     /// Prefill the question with the context, before eviction.
     pub query_aware: bool,
+    /// Render choice and generate tasks through the model's chat template (a task's own `chat`
+    /// field overrides it).
+    pub chat: bool,
     /// Generate tasks: tokens allowed beyond the reference answer's length.
     pub answer_margin: usize,
     /// Perplexity tasks: the evicted head.
     pub ppl_context: PplContext,
     /// Perplexity tasks: tokens scored per forward pass.
     pub ppl_chunk: usize,
+    /// Prefill each task's context once for all the policies that can share it, forking the
+    /// cache per policy and choice (same results as separate prefills, faster).
+    pub shared_prefill: bool,
 }
 
 impl Default for EvalOptions {
@@ -70,9 +99,11 @@ impl Default for EvalOptions {
         EvalOptions {
             positions: crate::Positions::Original,
             query_aware: false,
+            chat: false,
             answer_margin: 8,
             ppl_context: PplContext::Fraction(0.5),
             ppl_chunk: 256,
+            shared_prefill: true,
         }
     }
 }
@@ -103,8 +134,10 @@ pub struct TaskOutcome {
     pub kl: Option<f64>,
     /// Perplexity tasks: tokens scored.
     pub scored_tokens: usize,
-    /// Prompt tokens (context + question, or the whole text).
+    /// Prompt tokens (context + continuation, or the whole text).
     pub prompt_tokens: usize,
+    /// Whether the task was rendered through the chat template.
+    pub chat: bool,
     /// The cache when the answer was produced.
     pub kv: KvSnapshot,
     /// The task's `meta` labels (synthetic tasks: family, depth, …).
@@ -133,19 +166,27 @@ impl From<&KvReport> for KvSnapshot {
     }
 }
 
-/// Figures for one task type.
+/// Figures for one task type; every interval is a 95% one ([`stats`]).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct TypeSummary {
     /// Tasks of this type.
     pub n: usize,
-    /// Mean score (see [`TaskOutcome::score`]).
+    /// Mean score (see [`TaskOutcome::score`]; perplexity tasks: token-weighted).
     pub accuracy: f64,
+    /// Interval of `accuracy`: Wilson for 0/1 scores, bootstrap over tasks (texts) otherwise.
+    pub accuracy_ci95: [f64; 2],
     /// Choice: mean character-length-normalised accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acc_norm: Option<f64>,
+    /// Choice: Wilson interval of `acc_norm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc_norm_ci95: Option<[f64; 2]>,
     /// Perplexity: exp(total NLL / total scored tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<f64>,
+    /// Perplexity: bootstrap interval over texts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity_ci95: Option<[f64; 2]>,
     /// Perplexity: mean KL(full ‖ policy) per scored token, in nats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
@@ -159,6 +200,8 @@ pub struct EvalSummary {
     /// Mean score over choice and generate tasks; over perplexity tasks (next-token accuracy)
     /// when the run has no other kind.
     pub accuracy: f64,
+    /// 95% interval of `accuracy` (Wilson for 0/1 scores, bootstrap over tasks otherwise).
+    pub accuracy_ci95: [f64; 2],
     /// Mean eviction ratio over tasks.
     pub eviction_ratio: f64,
     /// Mean KV bytes in use over tasks (rounded).
@@ -182,42 +225,55 @@ impl EvalSummary {
         let mean = |f: &dyn Fn(&TaskOutcome) -> f64, of: &[&TaskOutcome]| {
             of.iter().map(|o| f(o)).sum::<f64>() / of.len().max(1) as f64
         };
+        let column = |f: &dyn Fn(&TaskOutcome) -> f64, of: &[&TaskOutcome]| -> Vec<f64> {
+            of.iter().map(|o| f(o)).collect()
+        };
         let mut per_type = BTreeMap::new();
         for kind in ["choice", "generate", "perplexity"] {
             let of: Vec<&TaskOutcome> = outcomes.iter().filter(|o| o.kind == kind).collect();
             if of.is_empty() {
                 continue;
             }
-            let tokens: usize = of.iter().map(|o| o.scored_tokens).sum();
-            let ppl = kind == "perplexity";
-            per_type.insert(
-                kind.to_string(),
+            let tokens = column(&|o| o.scored_tokens as f64, &of);
+            let total: f64 = tokens.iter().sum();
+            let summary = if kind == "perplexity" {
+                let correct = column(&|o| o.score * o.scored_tokens as f64, &of);
+                let nll = column(&|o| o.nll.unwrap_or(0.0), &of);
                 TypeSummary {
                     n: of.len(),
-                    accuracy: if ppl {
-                        of.iter()
-                            .map(|o| o.score * o.scored_tokens as f64)
-                            .sum::<f64>()
-                            / tokens.max(1) as f64
-                    } else {
-                        mean(&|o| o.score, &of)
-                    },
-                    acc_norm: (kind == "choice").then(|| mean(&|o| o.acc_norm.unwrap_or(0.0), &of)),
-                    perplexity: ppl.then(|| {
-                        (of.iter().filter_map(|o| o.nll).sum::<f64>() / tokens.max(1) as f64).exp()
-                    }),
-                    kl: ppl.then(|| {
-                        of.iter().filter_map(|o| o.kl).sum::<f64>() / tokens.max(1) as f64
-                    }),
-                },
-            );
+                    accuracy: correct.iter().sum::<f64>() / total.max(1.0),
+                    accuracy_ci95: stats::ratio_interval(&correct, &tokens, |x| x),
+                    perplexity: Some((nll.iter().sum::<f64>() / total.max(1.0)).exp()),
+                    perplexity_ci95: Some(stats::ratio_interval(&nll, &tokens, f64::exp)),
+                    kl: Some(of.iter().filter_map(|o| o.kl).sum::<f64>() / total.max(1.0)),
+                    ..TypeSummary::default()
+                }
+            } else {
+                let scores = column(&|o| o.score, &of);
+                let choice = kind == "choice";
+                let norm = column(&|o| o.acc_norm.unwrap_or(0.0), &of);
+                TypeSummary {
+                    n: of.len(),
+                    accuracy: mean(&|o| o.score, &of),
+                    accuracy_ci95: stats::mean_interval(&scores),
+                    acc_norm: choice.then(|| mean(&|o| o.acc_norm.unwrap_or(0.0), &of)),
+                    acc_norm_ci95: choice.then(|| stats::mean_interval(&norm)),
+                    ..TypeSummary::default()
+                }
+            };
+            per_type.insert(kind.to_string(), summary);
         }
         let graded: Vec<&TaskOutcome> =
             outcomes.iter().filter(|o| o.kind != "perplexity").collect();
-        let accuracy = if graded.is_empty() {
-            per_type.get("perplexity").map_or(0.0, |t| t.accuracy)
+        let (accuracy, accuracy_ci95) = if graded.is_empty() {
+            per_type
+                .get("perplexity")
+                .map_or((0.0, [0.0, 0.0]), |t| (t.accuracy, t.accuracy_ci95))
         } else {
-            mean(&|o| o.score, &graded)
+            (
+                mean(&|o| o.score, &graded),
+                stats::mean_interval(&column(&|o| o.score, &graded)),
+            )
         };
         let all: Vec<&TaskOutcome> = outcomes.iter().collect();
         let mut depths: BTreeMap<String, (f64, usize)> = BTreeMap::new();
@@ -235,6 +291,7 @@ impl EvalSummary {
                 .collect(),
             n: outcomes.len(),
             accuracy,
+            accuracy_ci95,
             eviction_ratio: mean(&|o| o.kv.eviction_ratio, &all),
             kv_bytes_in_use: mean(&|o| o.kv.bytes_in_use as f64, &all).round() as usize,
             kv_bytes_full: mean(&|o| o.kv.bytes_full as f64, &all).round() as usize,
@@ -252,6 +309,28 @@ pub fn run_tasks(
     opts: &EvalOptions,
     on_task: &mut dyn FnMut(&TaskOutcome) -> bool,
 ) -> Result<Vec<TaskOutcome>> {
+    let mut all = run_policies(
+        engine,
+        std::slice::from_ref(policy),
+        tasks,
+        opts,
+        &mut |_, o| on_task(o),
+    )?;
+    Ok(all.pop().unwrap_or_default())
+}
+
+/// Runs every task under every policy, task by task (all policies of a task, then the next
+/// task), prefilling each task's context once for the policies that can share it when
+/// `opts.shared_prefill` is set. Returns one outcome list per policy, in `policies` order;
+/// `on_task(policy_index, outcome)` sees each outcome as it is produced and returns false to
+/// stop early (the outcomes so far are returned).
+pub fn run_policies(
+    engine: &Engine,
+    policies: &[Policy],
+    tasks: &[Task],
+    opts: &EvalOptions,
+    on_task: &mut dyn FnMut(usize, &TaskOutcome) -> bool,
+) -> Result<Vec<Vec<TaskOutcome>>> {
     if opts.ppl_chunk == 0 {
         return Err(EngineError::Invalid(
             "--ppl-chunk: must be at least 1".into(),
@@ -264,96 +343,261 @@ pub fn run_tasks(
             )));
         }
     }
-    let mut session = engine.session_with(policy.clone())?;
-    session.set_positions(opts.positions)?;
-    let mut full = None;
-    let mut out = Vec::with_capacity(tasks.len());
+    for p in policies {
+        p.validate(engine.model_config())?;
+    }
+    let sharing: Vec<Policy> = policies
+        .iter()
+        .filter(|p| opts.shared_prefill && p.shares_context())
+        .cloned()
+        .collect();
+    let mut out = vec![Vec::with_capacity(tasks.len()); policies.len()];
     for (index, task) in tasks.iter().enumerate() {
-        let outcome = match task {
-            Task::Choice {
-                context,
-                question,
-                choices,
-                answer,
-            } => score_choice(&mut session, context, question, choices, *answer, opts),
-            Task::Generate {
-                context,
-                question,
-                answer,
-                match_kind,
-                meta,
-            } => score_generate(&mut session, context, question, answer, *match_kind, opts).map(
-                |mut o| {
-                    o.meta = meta.clone();
-                    o
-                },
-            ),
-            Task::Perplexity { text } => {
-                let full = match &mut full {
-                    Some(f) => f,
-                    None => full.insert(engine.session_with(Policy::Full)?),
-                };
-                score_perplexity(
-                    &mut session,
-                    full,
-                    text,
-                    opts,
-                    matches!(policy, Policy::Full),
-                )
+        let failed = |policy: Option<&Policy>, e: EngineError| {
+            let under = policy.map_or_else(String::new, |p| format!(", policy {}", p.name()));
+            EngineError::Invalid(format!("task {} ({}{under}): {e}", index + 1, task.kind()))
+        };
+        let prompt = TaskPrompt::new(engine, task, opts).map_err(|e| failed(None, e))?;
+        let shared = if sharing.is_empty() {
+            None
+        } else {
+            Some(
+                SharedContext::prefill_in(engine, &prompt.context, &sharing, opts.positions)
+                    .map_err(|e| failed(None, e))?,
+            )
+        };
+        for (pi, policy) in policies.iter().enumerate() {
+            let start = match &shared {
+                Some(ctx) if policy.shares_context() => Start::Shared(ctx),
+                _ => Start::Fresh(opts.positions),
+            };
+            let outcome = score_task(engine, policy, task, &prompt, &start, opts)
+                .map_err(|e| failed(Some(policy), e))?;
+            let outcome = TaskOutcome { index, ..outcome };
+            let go_on = on_task(pi, &outcome);
+            out[pi].push(outcome);
+            if !go_on {
+                return Ok(out);
             }
-        }
-        .map_err(|e| EngineError::Invalid(format!("task {} ({}): {e}", index + 1, task.kind())))?;
-        let outcome = TaskOutcome { index, ..outcome };
-        let go_on = on_task(&outcome);
-        out.push(outcome);
-        if !go_on {
-            break;
         }
     }
     Ok(out)
 }
 
-/// Token ids of the evicted lead and of the question run after it (empty with `query_aware`,
-/// which joins the two token lists, so both modes feed the same tokens).
-fn prompt_ids(
+/// A task's prompt as token ids: the context the policy compresses and the continuation fed
+/// after it (see the module's protocol), plus what is scored after them.
+struct TaskPrompt {
+    context: Vec<u32>,
+    continuation: Vec<u32>,
+    chat: bool,
+    /// Choice tasks: each choice's tokens.
+    choices: Vec<Vec<u32>>,
+    /// Perplexity tasks: the whole text's tokens (the context is its head).
+    text: Vec<u32>,
+}
+
+impl TaskPrompt {
+    fn new(engine: &Engine, task: &Task, opts: &EvalOptions) -> Result<Self> {
+        let tok = engine.tokenizer();
+        let chat = match task {
+            Task::Choice { chat, .. } | Task::Generate { chat, .. } => chat.unwrap_or(opts.chat),
+            Task::Perplexity { .. } => false,
+        };
+        let (context, question, answer_prefix) = match task {
+            Task::Choice {
+                context, question, ..
+            } => (context.as_str(), question.as_str(), ""),
+            Task::Generate {
+                context,
+                question,
+                answer_prefix,
+                ..
+            } => (context.as_str(), question.as_str(), answer_prefix.as_str()),
+            Task::Perplexity { text } => {
+                let ids = tok.encode(text, true)?;
+                let n = ids.len();
+                if n < 2 {
+                    return Err(EngineError::Invalid(format!(
+                        "the text has {n} token(s); perplexity needs at least 2"
+                    )));
+                }
+                let head = match opts.ppl_context {
+                    PplContext::Fraction(f) => (f * n as f64).round() as usize,
+                    PplContext::Tokens(t) => t,
+                }
+                .clamp(1, n - 1);
+                return Ok(TaskPrompt {
+                    context: ids[..head].to_vec(),
+                    continuation: Vec::new(),
+                    chat: false,
+                    choices: Vec::new(),
+                    text: ids,
+                });
+            }
+        };
+        let (head, tail, bos) = if chat {
+            chat_split(engine, context, question, answer_prefix)?
+        } else if context.is_empty() {
+            (format!("{question}{answer_prefix}"), String::new(), true)
+        } else if question.is_empty() && answer_prefix.is_empty() {
+            (context.to_string(), String::new(), true)
+        } else {
+            (
+                context.to_string(),
+                format!("\n{question}{answer_prefix}"),
+                true,
+            )
+        };
+        let mut context_ids = tok.encode(&head, bos)?;
+        let mut continuation = if tail.is_empty() {
+            Vec::new()
+        } else {
+            tok.encode(&tail, false)?
+        };
+        if opts.query_aware || context_ids.is_empty() {
+            context_ids.append(&mut continuation);
+        }
+        if context_ids.is_empty() {
+            return Err(EngineError::Invalid(
+                "the prompt tokenizes to nothing".into(),
+            ));
+        }
+        let choices = match task {
+            Task::Choice { choices, .. } => choices
+                .iter()
+                .map(|c| {
+                    // lm-eval-harness: a space before the choice in raw text, none after the
+                    // chat template's assistant header.
+                    let text = if chat { c.clone() } else { format!(" {c}") };
+                    let ids = tok.encode(&text, false)?;
+                    if ids.is_empty() {
+                        return Err(EngineError::Invalid(format!(
+                            "choice `{c}` tokenizes to nothing"
+                        )));
+                    }
+                    Ok(ids)
+                })
+                .collect::<Result<_>>()?,
+            _ => Vec::new(),
+        };
+        Ok(TaskPrompt {
+            context: context_ids,
+            continuation,
+            chat,
+            choices,
+            text: Vec::new(),
+        })
+    }
+
+    fn prompt_tokens(&self) -> usize {
+        if self.text.is_empty() {
+            self.context.len() + self.continuation.len()
+        } else {
+            self.text.len()
+        }
+    }
+}
+
+/// The chat-templated prompt split into (template head + context, the rest + answer prefix,
+/// whether to add BOS): the user's message is `context + "\n" + question`.
+fn chat_split(
     engine: &Engine,
     context: &str,
     question: &str,
-    query_aware: bool,
-) -> Result<(Vec<u32>, Vec<u32>)> {
+    answer_prefix: &str,
+) -> Result<(String, String, bool)> {
     let tok = engine.tokenizer();
-    if context.is_empty() {
-        return Ok((tok.encode(question, true)?, Vec::new()));
-    }
-    let mut lead = tok.encode(context, true)?;
-    let q = if question.is_empty() {
-        Vec::new()
-    } else {
-        tok.encode(&format!("\n{question}"), false)?
+    let user = match (context.is_empty(), question.is_empty()) {
+        (false, false) => format!("{context}\n{question}"),
+        (true, _) => question.to_string(),
+        (false, true) => context.to_string(),
     };
-    if query_aware {
-        lead.extend(q);
-        return Ok((lead, Vec::new()));
-    }
-    Ok((lead, q))
+    let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &user)], true)?;
+    let at = rendered.rfind(&user).ok_or_else(|| {
+        EngineError::Invalid(
+            "the chat template changed the user's message; cannot tell its context from its question"
+                .into(),
+        )
+    })?;
+    let split = if context.is_empty() {
+        at
+    } else {
+        at + context.len()
+    };
+    let tail = format!("{}{}", &rendered[split..], answer_prefix.trim_start());
+    // Templates that write the BOS token themselves must not get a second one.
+    let bos_text = tok
+        .bos_id()
+        .and_then(|id| tok.inner().id_to_token(id))
+        .unwrap_or_default();
+    let bos = bos_text.is_empty() || !rendered.starts_with(&bos_text);
+    Ok((rendered[..split].to_string(), tail, bos))
 }
 
-/// Clears the session and prefills the lead, then the question; returns prompt tokens.
-fn prefill_prompt(session: &mut Session, lead: &[u32], question: &[u32]) -> Result<usize> {
-    if lead.is_empty() {
-        return Err(EngineError::Invalid(
-            "the prompt tokenizes to nothing".into(),
-        ));
-    }
-    session.clear()?;
-    session.prefill(lead)?;
-    if !question.is_empty() {
-        session.prefill(question)?;
-    }
-    Ok(lead.len() + question.len())
+/// Where a policy's session for a task starts.
+enum Start<'a> {
+    /// A fresh session (with these positions) prefills the context itself.
+    Fresh(crate::Positions),
+    /// A fork of the context prefilled once for every policy.
+    Shared(&'a SharedContext),
 }
 
-fn blank(kind: &'static str, prompt_tokens: usize, kv: KvSnapshot) -> TaskOutcome {
+impl Start<'_> {
+    /// A session under `policy` that has just prefilled `context`, then `continuation`.
+    fn session(
+        &self,
+        engine: &Engine,
+        policy: &Policy,
+        context: &[u32],
+        continuation: &[u32],
+    ) -> Result<Session> {
+        let mut session = match self {
+            Start::Fresh(positions) => {
+                let mut s = engine.session_with(policy.clone())?;
+                s.set_positions(*positions)?;
+                s.prefill(context)?;
+                s
+            }
+            Start::Shared(shared) => shared.session(policy)?,
+        };
+        if !continuation.is_empty() {
+            session.prefill_as(continuation, PrefillKind::Continuation)?;
+        }
+        Ok(session)
+    }
+}
+
+fn score_task(
+    engine: &Engine,
+    policy: &Policy,
+    task: &Task,
+    prompt: &TaskPrompt,
+    start: &Start<'_>,
+    opts: &EvalOptions,
+) -> Result<TaskOutcome> {
+    let mut outcome = match task {
+        Task::Choice {
+            answer, choices, ..
+        } => score_choice(engine, policy, prompt, start, choices, *answer),
+        Task::Generate {
+            answer,
+            match_kind,
+            meta,
+            ..
+        } => {
+            score_generate(engine, policy, prompt, start, answer, *match_kind, opts).map(|mut o| {
+                o.meta = meta.clone();
+                o
+            })
+        }
+        Task::Perplexity { .. } => score_perplexity(engine, policy, prompt, start, opts),
+    }?;
+    outcome.chat = prompt.chat;
+    outcome.prompt_tokens = prompt.prompt_tokens();
+    Ok(outcome)
+}
+
+fn blank(kind: &'static str, kv: KvSnapshot) -> TaskOutcome {
     TaskOutcome {
         index: 0,
         kind,
@@ -364,7 +608,8 @@ fn blank(kind: &'static str, prompt_tokens: usize, kv: KvSnapshot) -> TaskOutcom
         nll: None,
         kl: None,
         scored_tokens: 0,
-        prompt_tokens,
+        prompt_tokens: 0,
+        chat: false,
         kv,
         meta: serde_json::Map::new(),
     }
@@ -400,28 +645,20 @@ fn first_max(values: &[f64]) -> usize {
 }
 
 fn score_choice(
-    session: &mut Session,
-    context: &str,
-    question: &str,
+    engine: &Engine,
+    policy: &Policy,
+    prompt: &TaskPrompt,
+    start: &Start<'_>,
     choices: &[String],
     answer: usize,
-    opts: &EvalOptions,
 ) -> Result<TaskOutcome> {
-    let engine = session.engine().clone();
-    let (lead, q) = prompt_ids(&engine, context, question, opts.query_aware)?;
     let mut lls = Vec::with_capacity(choices.len());
     let mut kv = None;
-    let mut prompt_tokens = 0;
-    for choice in choices {
-        let ids = engine.tokenizer().encode(&format!(" {choice}"), false)?;
-        if ids.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "choice `{choice}` tokenizes to nothing"
-            )));
-        }
-        prompt_tokens = prefill_prompt(session, &lead, &q)?;
+    for ids in &prompt.choices {
+        // Every choice from the same freshly compressed prompt.
+        let mut session = start.session(engine, policy, &prompt.context, &prompt.continuation)?;
         kv.get_or_insert_with(|| KvSnapshot::from(&session.kv_report()));
-        let mut ll = log_softmax(&last_logits(session)?)[ids[0] as usize];
+        let mut ll = log_softmax(&last_logits(&session)?)[ids[0] as usize];
         if ids.len() > 1 {
             let logits = rows(&session.prefill_all_logits(&ids[..ids.len() - 1])?)?;
             for (row, &next) in logits.iter().zip(&ids[1..]) {
@@ -435,7 +672,7 @@ fn score_choice(
         .zip(choices)
         .map(|(ll, c)| ll / c.chars().count().max(1) as f64)
         .collect();
-    let mut o = blank("choice", prompt_tokens, kv.unwrap_or_default());
+    let mut o = blank("choice", kv.unwrap_or_default());
     o.score = f64::from(u8::from(first_max(&lls) == answer));
     o.acc_norm = Some(f64::from(u8::from(first_max(&normed) == answer)));
     o.loglikelihoods = lls;
@@ -443,16 +680,15 @@ fn score_choice(
 }
 
 fn score_generate(
-    session: &mut Session,
-    context: &str,
-    question: &str,
+    engine: &Engine,
+    policy: &Policy,
+    prompt: &TaskPrompt,
+    start: &Start<'_>,
     answer: &str,
     match_kind: MatchKind,
     opts: &EvalOptions,
 ) -> Result<TaskOutcome> {
-    let engine = session.engine().clone();
-    let (lead, q) = prompt_ids(&engine, context, question, opts.query_aware)?;
-    let prompt_tokens = prefill_prompt(session, &lead, &q)?;
+    let mut session = start.session(engine, policy, &prompt.context, &prompt.continuation)?;
     let kv = KvSnapshot::from(&session.kv_report());
     let request = GenerateRequest {
         max_tokens: engine
@@ -465,43 +701,31 @@ fn score_generate(
         stop_at_eos: true,
     };
     let generation = session.generate(&request, &mut |_| true)?;
-    let mut o = blank("generate", prompt_tokens, kv);
+    let mut o = blank("generate", kv);
     o.score = match_kind.score(&generation.text, answer);
     o.output = Some(generation.text);
     Ok(o)
 }
 
 fn score_perplexity(
-    session: &mut Session,
-    full: &mut Session,
-    text: &str,
+    engine: &Engine,
+    policy: &Policy,
+    prompt: &TaskPrompt,
+    start: &Start<'_>,
     opts: &EvalOptions,
-    policy_is_full: bool,
 ) -> Result<TaskOutcome> {
-    let ids = session.engine().tokenizer().encode(text, true)?;
-    let n = ids.len();
-    if n < 2 {
-        return Err(EngineError::Invalid(format!(
-            "the text has {n} token(s); perplexity needs at least 2"
-        )));
+    let ids = &prompt.text;
+    let (n, head) = (ids.len(), prompt.context.len());
+    let policy_is_full = matches!(policy, Policy::Full);
+    // The policy's session, and a full-cache one in lockstep for the KL (unless it is full).
+    let mut sessions = vec![start.session(engine, policy, &prompt.context, &[])?];
+    if !policy_is_full {
+        sessions.push(start.session(engine, &Policy::Full, &prompt.context, &[])?);
     }
-    let head = match opts.ppl_context {
-        PplContext::Fraction(f) => (f * n as f64).round() as usize,
-        PplContext::Tokens(t) => t,
-    }
-    .clamp(1, n - 1);
-    let sessions: Vec<&mut Session> = if policy_is_full {
-        vec![session]
-    } else {
-        vec![session, full]
-    };
-    let mut sessions = sessions;
-    let mut firsts = Vec::new();
-    for s in sessions.iter_mut() {
-        s.clear()?;
-        s.prefill(&ids[..head])?;
-        firsts.push(last_logits(s)?);
-    }
+    let firsts = sessions
+        .iter()
+        .map(last_logits)
+        .collect::<Result<Vec<_>>>()?;
     let (mut nll, mut kl, mut correct, mut scored) = (0.0, 0.0, 0usize, 0usize);
     // Predictions for ids[head..]: the prefill's last logits, then one row per fed tail token.
     let mut score_rows = |policy_rows: &[Vec<f32>], full_rows: &[Vec<f32>], targets: &[u32]| {
@@ -534,11 +758,20 @@ fn score_perplexity(
         let last = out.len() - 1;
         score_rows(&out[0], &out[last], targets);
     }
-    let kv = KvSnapshot::from(&sessions[0].kv_report());
-    let mut o = blank("perplexity", n, kv);
+    let mut o = blank("perplexity", KvSnapshot::from(&sessions[0].kv_report()));
     o.score = correct as f64 / scored.max(1) as f64;
     o.nll = Some(nll);
     o.kl = Some(kl);
     o.scored_tokens = scored;
     Ok(o)
+}
+
+/// Tokens the chat template adds around a user message (its markers, default system prompt and
+/// generation prompt), beyond the BOS a raw prompt has too: what `--chat` costs a synthetic
+/// task's length budget.
+pub fn chat_template_overhead(engine: &Engine) -> Result<usize> {
+    let (head, tail, bos) = chat_split(engine, "", "x", "")?;
+    let tok = engine.tokenizer();
+    let rendered = tok.encode(&format!("{head}{tail}"), bos)?.len();
+    Ok(rendered.saturating_sub(tok.encode("x", false)?.len() + usize::from(tok.adds_bos())))
 }

@@ -3,11 +3,15 @@
 //! run once at its own settings, and every other policy is run again at the ratio the anchor
 //! actually reached, so the comparison is at equal memory.
 //!
+//! Runs are handed to the caller in two batches — full, the anchors and every baseline at every
+//! requested ratio; then the matched runs, which need the anchors' measured ratios — so that the
+//! caller can run a batch task by task, prefilling each context once for all its runs.
+//!
 //! Invariants: `full` always runs, once, first, with no target (ratio 0); rows come in run order
 //! (full, anchors, baselines at the requested ratios, baselines matched to anchors); a matched
 //! run is added only when the measured ratio differs from every requested ratio by more than
 //! the tolerance; the renderers give one line per row with the same columns in the same order
-//! (markdown and CSV alike).
+//! (markdown and CSV alike), accuracies and perplexities with their 95% intervals.
 
 use super::EvalSummary;
 use crate::error::{EngineError, Result};
@@ -23,6 +27,15 @@ pub struct SweepPlan {
     pub anchors: Vec<String>,
     /// Measured ratios within this of a requested one get no matched run.
     pub tolerance: f64,
+}
+
+/// One run to make: a policy at a ratio (`None`: full, or an anchor at its own settings).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepRun {
+    /// Policy name.
+    pub policy: String,
+    /// Requested eviction ratio.
+    pub ratio: Option<f64>,
 }
 
 /// One run of a sweep.
@@ -63,83 +76,112 @@ impl SweepPlan {
         Ok(())
     }
 
-    /// Runs the sweep; `run(policy, Some(ratio))` evaluates one policy at one eviction ratio,
-    /// `run(policy, None)` at its own settings (full and anchors).
+    /// Runs the sweep: `run(batch)` evaluates every run of a batch and returns their
+    /// summaries in batch order. The first batch is full, the anchors at their own settings and
+    /// every baseline at every requested ratio; the second (possibly empty, then not made) the
+    /// baselines at each anchor's measured ratio.
     pub fn run(
         &self,
-        run: &mut dyn FnMut(&str, Option<f64>) -> Result<EvalSummary>,
+        run: &mut dyn FnMut(&[SweepRun]) -> Result<Vec<EvalSummary>>,
     ) -> Result<Vec<SweepRow>> {
         self.validate()?;
-        let mut rows = Vec::new();
-        let mut push =
-            |rows: &mut Vec<SweepRow>, p: &str, r: Option<f64>, m: Option<&str>| -> Result<()> {
-                let summary = run(p, r)?;
-                rows.push(SweepRow {
-                    policy: p.to_string(),
-                    target_ratio: r,
-                    matched_to: m.map(str::to_string),
-                    summary,
-                });
-                Ok(())
-            };
-        push(&mut rows, "full", None, None)?;
         let baselines: Vec<&String> = self
             .policies
             .iter()
             .filter(|p| *p != "full" && !self.anchors.contains(p))
             .collect();
-        for anchor in &self.anchors {
-            push(&mut rows, anchor, None, None)?;
-        }
+        let at = |p: &str, ratio: Option<f64>| SweepRun {
+            policy: p.to_string(),
+            ratio,
+        };
+        let mut first = vec![at("full", None)];
+        first.extend(self.anchors.iter().map(|a| at(a, None)));
         for &r in &self.ratios {
-            for p in &baselines {
-                push(&mut rows, p, Some(r), None)?;
-            }
+            first.extend(baselines.iter().map(|p| at(p, Some(r))));
         }
+        let mut rows = Vec::new();
+        let mut add = |rows: &mut Vec<SweepRow>,
+                       batch: &[SweepRun],
+                       matched: &[Option<String>]|
+         -> Result<()> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let summaries = run(batch)?;
+            if summaries.len() != batch.len() {
+                return Err(EngineError::Invalid(format!(
+                    "sweep: {} summaries for {} runs",
+                    summaries.len(),
+                    batch.len()
+                )));
+            }
+            for ((r, summary), m) in batch.iter().zip(summaries).zip(matched) {
+                rows.push(SweepRow {
+                    policy: r.policy.clone(),
+                    target_ratio: r.ratio,
+                    matched_to: m.clone(),
+                    summary,
+                });
+            }
+            Ok(())
+        };
+        add(&mut rows, &first, &vec![None; first.len()])?;
         let measured: Vec<(String, f64)> = rows
             .iter()
             .filter(|row| self.anchors.contains(&row.policy))
             .map(|row| (row.policy.clone(), row.summary.eviction_ratio))
             .collect();
+        let (mut second, mut matched) = (Vec::new(), Vec::new());
         for (anchor, m) in measured {
             if self.ratios.iter().any(|r| (r - m).abs() <= self.tolerance) {
                 continue;
             }
             for p in &baselines {
-                push(&mut rows, p, Some(m), Some(&anchor))?;
+                second.push(at(p, Some(m)));
+                matched.push(Some(anchor.clone()));
             }
         }
+        add(&mut rows, &second, &matched)?;
         Ok(rows)
     }
 }
 
-/// Column names of [`markdown_table`] and [`csv`].
-pub const COLUMNS: [&str; 10] = [
+/// Column names of [`markdown_table`] and [`csv`] (`*_lo`, `*_hi`: the 95% interval).
+pub const COLUMNS: [&str; 14] = [
     "policy",
     "target_evict",
     "measured_evict",
     "accuracy",
+    "accuracy_lo",
+    "accuracy_hi",
     "acc_norm",
     "perplexity",
+    "perplexity_lo",
+    "perplexity_hi",
     "kl",
     "kv_mib_in_use",
     "n",
     "matched_to",
 ];
 
-fn cells(row: &SweepRow) -> [String; 10] {
+fn cells(row: &SweepRow) -> [String; 14] {
     let s = &row.summary;
     let opt = |f: Option<f64>, prec: usize| f.map_or(String::new(), |v| format!("{v:.prec$}"));
-    let t = |k: &str| s.per_type.get(k);
+    let ppl = s.per_type.get("perplexity");
+    let ppl_ci = ppl.and_then(|c| c.perplexity_ci95);
     [
         row.policy.clone(),
         row.target_ratio
             .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
         format!("{:.3}", s.eviction_ratio),
         format!("{:.3}", s.accuracy),
-        opt(t("choice").and_then(|c| c.acc_norm), 3),
-        opt(t("perplexity").and_then(|c| c.perplexity), 3),
-        opt(t("perplexity").and_then(|c| c.kl), 4),
+        format!("{:.3}", s.accuracy_ci95[0]),
+        format!("{:.3}", s.accuracy_ci95[1]),
+        opt(s.per_type.get("choice").and_then(|c| c.acc_norm), 3),
+        opt(ppl.and_then(|c| c.perplexity), 3),
+        opt(ppl_ci.map(|c| c[0]), 3),
+        opt(ppl_ci.map(|c| c[1]), 3),
+        opt(ppl.and_then(|c| c.kl), 4),
         format!("{:.2}", s.kv_bytes_in_use as f64 / (1 << 20) as f64),
         s.n.to_string(),
         row.matched_to.clone().unwrap_or_default(),
@@ -177,18 +219,33 @@ pub fn csv(rows: &[SweepRow]) -> String {
     out
 }
 
+/// One point of an accuracy-vs-eviction chart: measured ratio, accuracy and its 95% interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccuracyPoint {
+    /// Measured eviction ratio.
+    pub x: f64,
+    /// Accuracy.
+    pub y: f64,
+    /// The accuracy's 95% interval.
+    pub ci95: [f64; 2],
+}
+
 /// Accuracy-vs-measured-eviction points per policy, in first-seen policy order, sorted by x.
-pub fn accuracy_series(rows: &[SweepRow]) -> Vec<(String, Vec<(f64, f64)>)> {
-    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+pub fn accuracy_series(rows: &[SweepRow]) -> Vec<(String, Vec<AccuracyPoint>)> {
+    let mut out: Vec<(String, Vec<AccuracyPoint>)> = Vec::new();
     for row in rows {
-        let point = (row.summary.eviction_ratio, row.summary.accuracy);
+        let point = AccuracyPoint {
+            x: row.summary.eviction_ratio,
+            y: row.summary.accuracy,
+            ci95: row.summary.accuracy_ci95,
+        };
         match out.iter_mut().find(|(p, _)| *p == row.policy) {
             Some((_, pts)) => pts.push(point),
             None => out.push((row.policy.clone(), vec![point])),
         }
     }
     for (_, pts) in &mut out {
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts.sort_by(|a, b| a.x.total_cmp(&b.x));
     }
     out
 }
@@ -203,6 +260,7 @@ mod tests {
         let summary = |r: f64| super::EvalSummary {
             n: 1,
             accuracy: 0.0,
+            accuracy_ci95: [0.0, 0.0],
             eviction_ratio: r,
             kv_bytes_in_use: 0,
             kv_bytes_full: 0,
@@ -216,7 +274,12 @@ mod tests {
             tolerance: 0.0,
         };
         let err = plan
-            .run(&mut |_, r| Ok(summary(r.unwrap_or(0.0))))
+            .run(&mut |batch| {
+                Ok(batch
+                    .iter()
+                    .map(|r| summary(r.ratio.unwrap_or(0.0)))
+                    .collect())
+            })
             .unwrap_err()
             .to_string();
         assert!(err.contains("--sweep"), "{err}");

@@ -1,13 +1,24 @@
-//! Synthetic long-context tasks (RULER's families), generated from a seed and any filler text:
+//! Synthetic long-context tasks (RULER's families), generated from a seed and a haystack:
 //! passkey retrieval, needle in a haystack (single and multi key), key-value retrieval, variable
 //! tracking and common-word extraction. They need no dataset and yield ordinary
 //! [`Task::Generate`] tasks, so they run through the same scorer as task files.
 //!
+//! The haystack is RULER's noise by default — [`NOISE_BLOCK`] repeated as a whole, one block
+//! per line, needles placed between blocks and never after the last one (RULER's `noise`
+//! haystack; llama.cpp's passkey example places its needle between whole blocks too) — or any
+//! text (`filler`): its sentences joined by spaces, needles between sentences (RULER's essay
+//! haystack). The instructions open the context on their own line, as in RULER's templates.
+//!
+//! Every task asks its question and then starts the answer for the model (RULER's answer
+//! prefix, e.g. `The pass key is`), as [`Task::Generate::answer_prefix`]: in raw text it follows
+//! the question; with the chat template it opens the assistant's turn.
+//!
 //! Invariants: the same [`SyntheticSpec`] and token counter always give the same tasks; every
-//! task's prompt (context + `"\n"` + question) is at most `length` tokens as the counter counts
-//! them, and within one filler sentence (kv: one JSON pair; cwe: one rare word's three list
-//! items) of it; a needle asked about sits at the sentence boundary nearest to its requested
-//! depth (fraction of the filler before it).
+//! task's prompt (context + `"\n"` + question + answer prefix, plus `overhead` tokens of chat
+//! template) is at most `length` tokens as the counter counts them, and within one filler
+//! sentence (kv: one JSON pair; cwe: one rare word's three list items) of it; a needle asked
+//! about sits at the sentence boundary nearest to its requested depth (fraction of the filler
+//! before it).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,8 +27,8 @@ use serde_json::{json, Map, Value};
 use super::task::{MatchKind, Task};
 use crate::error::{EngineError, Result};
 
-/// RULER's default noise: neutral sentences repeated as the haystack.
-pub const DEFAULT_FILLER: &str =
+/// RULER's noise haystack: this block, repeated whole.
+pub const NOISE_BLOCK: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 
 /// A family of synthetic tasks.
@@ -97,14 +108,18 @@ pub struct SyntheticSpec {
     pub n: usize,
     /// Random seed.
     pub seed: u64,
-    /// Haystack text, split into sentences and cycled ([`DEFAULT_FILLER`] by default).
-    pub filler: String,
+    /// Haystack text, split into sentences and cycled; `None`: RULER's noise ([`NOISE_BLOCK`]
+    /// blocks).
+    pub filler: Option<String>,
     /// Keys hidden by `niah-multi` (the asked one included).
     pub keys: usize,
+    /// Tokens the prompt format adds around context and question (a chat template's markers
+    /// and default system prompt), taken from `length`.
+    pub overhead: usize,
 }
 
 impl SyntheticSpec {
-    /// A spec with the defaults: depths {0.5}, 10 tasks, seed 1, built-in filler, 4 keys.
+    /// A spec with the defaults: depths {0.5}, 10 tasks, seed 1, RULER's noise, 4 keys.
     pub fn new(family: Family, length: usize) -> Self {
         SyntheticSpec {
             family,
@@ -112,8 +127,9 @@ impl SyntheticSpec {
             depths: vec![0.5],
             n: 10,
             seed: 1,
-            filler: DEFAULT_FILLER.to_string(),
+            filler: None,
             keys: 4,
+            overhead: 0,
         }
     }
 }
@@ -137,8 +153,17 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
             "--keys: niah-multi needs at least 2".into(),
         ));
     }
-    let sentences = split_sentences(&spec.filler);
-    if sentences.is_empty() {
+    if spec.overhead >= spec.length {
+        return Err(EngineError::Invalid(format!(
+            "--length {}: the chat template alone takes {} tokens",
+            spec.length, spec.overhead
+        )));
+    }
+    let (units, noise) = match &spec.filler {
+        Some(text) => (split_sentences(text), false),
+        None => (vec![NOISE_BLOCK.to_string()], true),
+    };
+    if units.is_empty() {
         return Err(EngineError::Invalid(
             "the filler text has no sentences".into(),
         ));
@@ -149,7 +174,9 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
         vec![None]
     };
     let mut gen = Generator {
-        sentences,
+        units,
+        joiner: if noise { "\n" } else { " " },
+        last_is_free: !noise,
         counts: Vec::new(),
         count,
     };
@@ -200,12 +227,18 @@ pub fn split_sentences(text: &str) -> Vec<String> {
 }
 
 struct Generator<'a> {
-    sentences: Vec<String>,
+    /// The haystack's units, cycled: noise blocks or a text's sentences.
+    units: Vec<String>,
+    /// What separates units and inserts: a line break between noise blocks, a space between
+    /// sentences.
+    joiner: &'static str,
+    /// Whether an insert may follow the last unit (not in RULER's noise haystack).
+    last_is_free: bool,
     counts: Vec<usize>,
     count: &'a dyn Fn(&str) -> Result<usize>,
 }
 
-/// A piece of the haystack inserted between filler sentences at a depth.
+/// A piece of the haystack inserted between units at a depth.
 struct Insert {
     depth: f64,
     text: String,
@@ -214,15 +247,15 @@ struct Insert {
 }
 
 impl Generator<'_> {
-    fn sentence_tokens(&mut self, i: usize) -> Result<usize> {
+    fn unit_tokens(&mut self, i: usize) -> Result<usize> {
         if self.counts.is_empty() {
             self.counts = self
-                .sentences
+                .units
                 .iter()
-                .map(|s| (self.count)(&format!(" {s}")))
+                .map(|s| (self.count)(&format!("{}{s}", self.joiner)))
                 .collect::<Result<_>>()?;
         }
-        Ok(self.counts[i % self.sentences.len()].max(1))
+        Ok(self.counts[i % self.units.len()].max(1))
     }
 
     fn make(&mut self, spec: &SyntheticSpec, depth: Option<f64>, rng: &mut StdRng) -> Result<Task> {
@@ -233,7 +266,8 @@ impl Generator<'_> {
         if let Some(d) = depth {
             meta.insert("depth".into(), json!(d));
         }
-        let (prefix, inserts, question, answer, kind) = match spec.family {
+        let length = spec.length - spec.overhead;
+        let (prefix, inserts, question, answer_prefix, answer, kind) = match spec.family {
             Family::Passkey => {
                 let key = rng.random_range(10_000..100_000u32);
                 (
@@ -243,7 +277,8 @@ impl Generator<'_> {
                         text: format!("The pass key is {key}. Remember it. {key} is the pass key."),
                         asked: true,
                     }],
-                    "What is the pass key? The pass key is".to_string(),
+                    "What is the pass key?".to_string(),
+                    " The pass key is".to_string(),
                     key.to_string(),
                     MatchKind::Contains,
                 )
@@ -277,7 +312,8 @@ impl Generator<'_> {
                 (
                     "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.",
                     inserts,
-                    format!("What is the special magic number for {key} mentioned in the provided text? The special magic number for {key} mentioned in the provided text is"),
+                    format!("What is the special magic number for {key} mentioned in the provided text?"),
+                    format!(" The special magic number for {key} mentioned in the provided text is"),
                     values[0].to_string(),
                     MatchKind::Contains,
                 )
@@ -301,7 +337,8 @@ impl Generator<'_> {
                 (
                     "Memorize and track the chain(s) of variable assignment hidden in the following text.",
                     inserts,
-                    format!("Question: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
+                    format!("Question: Find all variables that are assigned the value {value} in the text above."),
+                    format!(" Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
                     names.join(", "),
                     MatchKind::All,
                 )
@@ -309,14 +346,14 @@ impl Generator<'_> {
             Family::Kv => return self.kv(spec, d, rng, meta),
             Family::Cwe => return self.cwe(spec, rng, meta),
         };
-        let question_tokens = (self.count)(&format!("\n{question}"))?;
-        let fixed = (self.count)(prefix)?
+        let question_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
+        let joiner = self.joiner;
+        let fixed = (self.count)(&format!("{prefix}\n"))?
             + inserts
                 .iter()
-                .map(|i| (self.count)(&format!(" {}", i.text)))
+                .map(|i| (self.count)(&format!("{joiner}{}", i.text)))
                 .sum::<Result<usize>>()?;
-        let budget = spec
-            .length
+        let budget = length
             .checked_sub(1 + question_tokens + fixed)
             .filter(|b| *b > 0)
             .ok_or_else(|| {
@@ -324,56 +361,59 @@ impl Generator<'_> {
                     "--length {}: too short for a {} task ({} tokens without filler)",
                     spec.length,
                     spec.family.name(),
-                    1 + question_tokens + fixed
+                    1 + question_tokens + fixed + spec.overhead
                 ))
             })?;
-        // Filler sentences from a seeded offset, as many as fit the budget.
-        let start = rng.random_range(0..self.sentences.len());
+        // Haystack units from a seeded offset, as many as fit the budget.
+        let start = rng.random_range(0..self.units.len());
         let mut filler = Vec::new();
         let mut used = 0;
         loop {
             let i = start + filler.len();
-            let t = self.sentence_tokens(i)?;
+            let t = self.unit_tokens(i)?;
             if used + t > budget {
                 break;
             }
             used += t;
-            filler.push((i % self.sentences.len(), t));
+            filler.push((i % self.units.len(), t));
         }
-        // Place each insert at the sentence boundary nearest its depth (by filler tokens).
-        let build = |filler: &[(usize, usize)], sentences: &[String]| {
+        // Place each insert at the unit boundary nearest its depth (by haystack tokens); in the
+        // noise haystack never after the last block.
+        let last_is_free = self.last_is_free;
+        let build = |filler: &[(usize, usize)], units: &[String]| {
             let total: usize = filler.iter().map(|f| f.1).sum();
-            let mut text = prefix.to_string();
+            let mut pieces: Vec<&str> = Vec::new();
             let mut cum = 0;
             let mut next = 0;
             let mut needle_at = None;
-            for &(si, t) in filler {
-                while next < inserts.len() && boundary_before(inserts[next].depth, total, cum, t) {
+            for (k, &(ui, t)) in filler.iter().enumerate() {
+                let last = k + 1 == filler.len();
+                while next < inserts.len()
+                    && (boundary_before(inserts[next].depth, total, cum, t)
+                        || (last && !last_is_free))
+                {
                     if inserts[next].asked {
                         needle_at = Some(cum as f64 / total.max(1) as f64);
                     }
-                    text.push(' ');
-                    text.push_str(&inserts[next].text);
+                    pieces.push(&inserts[next].text);
                     next += 1;
                 }
-                text.push(' ');
-                text.push_str(&sentences[si]);
+                pieces.push(&units[ui]);
                 cum += t;
             }
             for ins in &inserts[next..] {
                 if ins.asked {
                     needle_at = Some(1.0);
                 }
-                text.push(' ');
-                text.push_str(&ins.text);
+                pieces.push(&ins.text);
             }
-            (text, needle_at)
+            (format!("{prefix}\n{}", pieces.join(joiner)), needle_at)
         };
-        let (mut context, mut placed) = build(&filler, &self.sentences);
-        // Sentence-wise counts may undercount the joined text: trim until it fits.
-        while 1 + (self.count)(&context)? + question_tokens > spec.length && !filler.is_empty() {
+        let (mut context, mut placed) = build(&filler, &self.units);
+        // Unit-wise counts may undercount the joined text: trim until it fits.
+        while 1 + (self.count)(&context)? + question_tokens > length && !filler.is_empty() {
             filler.pop();
-            (context, placed) = build(&filler, &self.sentences);
+            (context, placed) = build(&filler, &self.units);
         }
         if spec.family.uses_depth() {
             if let Some(p) = placed {
@@ -383,9 +423,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context,
             question,
+            answer_prefix,
             answer,
             match_kind: kind,
             meta,
+            chat: None,
         })
     }
 
@@ -399,12 +441,13 @@ impl Generator<'_> {
         let head = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{";
         let pair = |rng: &mut StdRng| (uuid(rng), uuid(rng));
         let (qk, qv) = pair(rng);
-        let question =
-            format!("}}\n\nKey: \"{qk}\"\nThe value associated with the specified key is:");
-        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let length = spec.length - spec.overhead;
+        let question = format!("}}\n\nKey: \"{qk}\"");
+        let answer_prefix = "\nThe value associated with the specified key is:".to_string();
+        let q_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let pair_tokens = |k: &str, v: &str| (self.count)(&format!("\"{k}\": \"{v}\", "));
         let mut used = 1 + q_tokens + (self.count)(head)? + pair_tokens(&qk, &qv)?;
-        if used > spec.length {
+        if used > length {
             return Err(EngineError::Invalid(format!(
                 "--length {}: too short for a kv task",
                 spec.length
@@ -415,7 +458,7 @@ impl Generator<'_> {
         loop {
             let (k, v) = pair(rng);
             let t = pair_tokens(&k, &v)?;
-            if used + t > spec.length {
+            if used + t > length {
                 break;
             }
             used += t;
@@ -431,7 +474,7 @@ impl Generator<'_> {
             format!("{head}{}", body.join(", "))
         };
         let mut context = render(&pairs);
-        while 1 + (self.count)(&context)? + q_tokens > spec.length && pairs.len() > 1 {
+        while 1 + (self.count)(&context)? + q_tokens > length && pairs.len() > 1 {
             // Drop a pair away from the asked one.
             let drop = if at + 1 < pairs.len() {
                 pairs.len() - 1
@@ -449,9 +492,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context,
             question,
+            answer_prefix,
             answer: qv,
             match_kind: MatchKind::Contains,
             meta,
+            chat: None,
         })
     }
 
@@ -475,13 +520,15 @@ impl Generator<'_> {
             .collect();
         shuffle(&mut pairs, rng);
         rare.extend(pairs);
-        let question = format!("Question: What are the {COMMON} most common words in the above list? Answer: The top {COMMON} words that appear most often in the list are:");
-        let q_tokens = (self.count)(&format!("\n{question}"))?;
+        let length = spec.length - spec.overhead;
+        let question =
+            format!("Question: What are the {COMMON} most common words in the above list?");
+        let answer_prefix =
+            format!(" Answer: The top {COMMON} words that appear most often in the list are:");
+        let q_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n";
         let per_word = (self.count)(" 100. alpha")?.max(1);
-        let budget = spec
-            .length
-            .saturating_sub(1 + q_tokens + (self.count)(head)?);
+        let budget = length.saturating_sub(1 + q_tokens + (self.count)(head)?);
         let total_words = budget / per_word;
         let order = rng.clone();
         // The list with `cf` copies of each common word and `rn` rare words, if it fits.
@@ -500,7 +547,7 @@ impl Generator<'_> {
                 .map(|(i, w)| format!("{}. {w}", i + 1))
                 .collect();
             let context = format!("{head}{}", list.join(" "));
-            let fits = 1 + (self.count)(&context)? + q_tokens <= spec.length;
+            let fits = 1 + (self.count)(&context)? + q_tokens <= length;
             Ok(fits.then_some(context))
         };
         let too_short = || {
@@ -542,9 +589,11 @@ impl Generator<'_> {
         Ok(Task::Generate {
             context: best.ok_or_else(too_short)?,
             question,
+            answer_prefix,
             answer: common.join(", "),
             match_kind: MatchKind::All,
             meta,
+            chat: None,
         })
     }
 }

@@ -84,6 +84,9 @@ pub enum Task {
         choices: Vec<String>,
         /// Index of the correct choice.
         answer: usize,
+        /// Render through the model's chat template (`None`: the run's `--chat`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat: Option<bool>,
     },
     /// Greedy generation scored by string match.
     Generate {
@@ -91,6 +94,11 @@ pub enum Task {
         context: String,
         /// Appended after the context's eviction (before it with `query_aware`).
         question: String,
+        /// Text the answer starts with, already written for the model (RULER's answer prefix,
+        /// e.g. ` The pass key is`): appended to the question as is, or, with the chat template,
+        /// opening the assistant's turn (leading whitespace dropped).
+        #[serde(skip_serializing_if = "String::is_empty")]
+        answer_prefix: String,
         /// The reference answer.
         answer: String,
         /// How the output is compared with `answer`.
@@ -99,6 +107,9 @@ pub enum Task {
         /// Free-form labels (synthetic tasks record family, depth, length), echoed in reports.
         #[serde(skip_serializing_if = "Map::is_empty")]
         meta: Map<String, Value>,
+        /// Render through the model's chat template (`None`: the run's `--chat`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat: Option<bool>,
     },
     /// Perplexity and KL divergence from the full cache over a text.
     Perplexity {
@@ -157,10 +168,18 @@ fn parse_line(line: &str) -> std::result::Result<Task, String> {
     let kind = string(obj, "type")?;
     let known: &[&str] = match kind.as_str() {
         "choice" => &[
-            "type", "id", "meta", "context", "question", "choices", "answer",
+            "type", "id", "meta", "context", "question", "choices", "answer", "chat",
         ],
         "generate" => &[
-            "type", "id", "meta", "context", "question", "answer", "match",
+            "type",
+            "id",
+            "meta",
+            "context",
+            "question",
+            "answer_prefix",
+            "answer",
+            "match",
+            "chat",
         ],
         "perplexity" => &["type", "id", "meta", "text"],
         other => {
@@ -210,6 +229,7 @@ fn parse_line(line: &str) -> std::result::Result<Task, String> {
                 question: string(obj, "question")?,
                 choices,
                 answer: answer as usize,
+                chat: chat_field(obj)?,
             })
         }
         "generate" => {
@@ -241,12 +261,18 @@ fn parse_line(line: &str) -> std::result::Result<Task, String> {
             if context.is_empty() && question.is_empty() {
                 return Err("fields `context` and `question` are both empty".into());
             }
+            let answer_prefix = match obj.get("answer_prefix") {
+                None => String::new(),
+                Some(_) => string(obj, "answer_prefix")?,
+            };
             Ok(Task::Generate {
                 context,
                 question,
+                answer_prefix,
                 answer,
                 match_kind,
                 meta,
+                chat: chat_field(obj)?,
             })
         }
         _ => {
@@ -256,6 +282,15 @@ fn parse_line(line: &str) -> std::result::Result<Task, String> {
             }
             Ok(Task::Perplexity { text })
         }
+    }
+}
+
+/// The optional `chat` field: a boolean.
+fn chat_field(obj: &Map<String, Value>) -> std::result::Result<Option<bool>, String> {
+    match obj.get("chat") {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err("field `chat` must be true or false".into()),
     }
 }
 
@@ -289,6 +324,7 @@ mod tests {
             question: "q".into(),
             choices: vec!["a".into(), "b".into()],
             answer: 1,
+            chat: Some(true),
         };
         assert_eq!(parse_tasks(&t.to_json_line(), "x").unwrap(), vec![t]);
     }

@@ -3,12 +3,16 @@
 //!
 //! Budgets are per (layer, KV head): `--evict r` keeps `round((1 - r) * T)` of the `T` tokens a
 //! head has seen, `--keep k` keeps `k`. One-shot policies (SnapKV, PyramidKV, KNorm, NACL)
-//! compress at the end of every prefill and keep generated tokens; continuous ones (Random,
-//! StreamingLLM, H2O, TOVA, Attention-Gate in budget mode) evict whenever a head exceeds its
-//! budget; Attention-Gate in threshold mode evicts by its flags, inside the prefill too.
+//! compress once, at the end of a *context* prefill ([`model_zoo::PrefillKind::Context`]), and
+//! keep everything fed after it (a question, generated tokens); continuous ones (Random,
+//! StreamingLLM, H2O, TOVA) evict once at the end of every prefill, with statistics over the
+//! whole prefill, then after every generated token, keeping each head within its budget;
+//! Attention-Gate evicts by its flags inside the prefill too (threshold mode), or whenever a
+//! head exceeds its budget (budget mode).
 
 mod ag;
-mod scored;
+mod options;
+pub(crate) mod scored;
 mod spec;
 
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use model_zoo::{LayerHook, ModelConfig};
 use crate::error::{EngineError, Result};
 
 pub use ag::AgMode;
+pub use options::{OptionKey, PolicyOptions};
 pub use spec::{PolicySpec, Setting};
 
 /// H2O's share of the budget kept for the most recent tokens.
@@ -71,6 +76,8 @@ pub enum Policy {
         recent: Recent,
         /// Protected first tokens.
         sinks: usize,
+        /// Score by the mean attention per query that saw the token instead of the sum.
+        normalise: bool,
     },
     /// TOVA: drop the token the current query attends least to (averaged over the layer's heads).
     Tova {
@@ -107,10 +114,11 @@ pub enum Policy {
         protect: Protection,
     },
     /// NACL: proxy-token attention (the last 1% of the prompt, non-causal) plus seeded random
-    /// sampling; once per prefill.
+    /// sampling; once per context prefill.
     Nacl {
-        /// Per-head budget.
-        budget: Budget,
+        /// Per-head budget; `None`: the released defaults (fractions of the prompt, no eviction
+        /// below `config.min_len` tokens).
+        budget: Option<Budget>,
         /// Fractions of the prompt (proxy queries, sinks, recent, Kp:Kr).
         config: NaclConfig,
         /// Seed of the sampling.
@@ -178,8 +186,8 @@ impl Policy {
             | Policy::Tova { budget, .. }
             | Policy::SnapKv { budget, .. }
             | Policy::PyramidKv { budget, .. }
-            | Policy::KNorm { budget, .. }
-            | Policy::Nacl { budget, .. } => Some(*budget),
+            | Policy::KNorm { budget, .. } => Some(*budget),
+            Policy::Nacl { budget, .. } => *budget,
         }
     }
 
@@ -198,6 +206,13 @@ impl Policy {
             } => Some(budget.keep_count(tokens_seen).max(1)),
             _ => None,
         }
+    }
+
+    /// Whether a session under this policy can start from a [`crate::SharedContext`]: every
+    /// policy whose prefill is a full-cache prefill followed by one eviction at its end (all but
+    /// Attention-Gate, whose flags act inside the prefill).
+    pub fn shares_context(&self) -> bool {
+        !matches!(self, Policy::Ag { .. })
     }
 
     /// Checks the parameters against the model; errors name the parameter and value.

@@ -1,27 +1,47 @@
 //! The hook behind every score-based baseline (Random, StreamingLLM, H2O, TOVA, SnapKV,
-//! PyramidKV, KNorm, NACL): it asks the decoder for the attention statistics its scorer needs,
-//! decides when to evict (at the end of a prefill, or whenever a head exceeds its budget), builds
-//! each head's keep mask with gate-core's scorers and selectors, and evicts from the store.
+//! PyramidKV, KNorm, NACL), and the statistics recorder of a [`crate::SharedContext`].
+//!
+//! When each policy evicts (the reference implementations' rules):
+//! - one-shot policies (SnapKV, PyramidKV, KNorm, NACL) compress once, at the end of a *context*
+//!   prefill ([`PrefillKind::Context`]); what is fed after it (a question, the rest of a chat
+//!   turn, scored continuations, generated tokens) is never touched;
+//! - continuous policies (Random, StreamingLLM, H2O, TOVA) evict once at the end of every
+//!   prefill, with statistics over the whole prefill, then after every generated token.
+//!
+//! No policy evicts between the chunks of a prefill, so what is kept does not depend on the
+//! prefill chunk size. Statistics: H2O accumulates the attention every query gives every
+//! retained entry (all passes); SnapKV/PyramidKV (the last `w` queries), NACL (the last
+//! `proxy_frac` of the prefill, non-causal) and TOVA (the last query) attend again, at the
+//! prefill's end, from the prefill's last queries of the layer, which a rolling [`QueryTail`]
+//! keeps across chunks.
 //!
 //! Invariants: after a triggered eviction every (layer, head) holds exactly
-//! `min(retained, budget)` entries; per-entry state (H2O's accumulated attention) is compacted in
-//! step with the store; attention statistics are computed only for passes that use them (H2O's
-//! accumulation must see every query, so it asks on every pass).
+//! `min(retained, budget)` entries; H2O's sums are compacted in step with the store; the
+//! end-of-prefill eviction of a layer depends only on that layer's store, the prefill's last
+//! queries of that layer, H2O's sums and the prefill's length — so [`ScoredHook::after_shared_context`],
+//! fed the same inputs recorded once by a [`ContextRecorder`] during a full-cache prefill, makes
+//! exactly the eviction a fresh session would. A pass that fails before it commits leaves the
+//! statistics as they were (the first chunk of a prefill keeps what it replaced until its pass
+//! commits; `abort_pass` puts it back): a failed step does not change the policy's state.
+
+use std::ops::Range;
 
 use gate_core::score::{self, H2oAccumulator, NaclConfig};
 use gate_core::select::{self, Budget, Protection};
 use kv_store::{AttendOptions, SequenceKv};
-use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass};
+use model_zoo::{
+    AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass, PrefillKind,
+};
 
 use super::{Policy, Recent};
 
 /// When a policy evicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trigger {
-    /// Once at the end of every prefill; generated tokens are kept.
-    PrefillEnd,
-    /// After any pass that leaves a head over its budget.
-    OverBudget,
+    /// Once, at the end of every context prefill; everything fed after it is kept.
+    ContextEnd,
+    /// At the end of every prefill and after every generated token.
+    EveryStep,
 }
 
 /// What a policy scores with.
@@ -34,7 +54,6 @@ enum Scorer {
         sinks: usize,
     },
     H2o {
-        acc: H2oAccumulator,
         recent: Recent,
         sinks: usize,
     },
@@ -55,22 +74,219 @@ enum Scorer {
     },
 }
 
-pub(super) struct ScoredHook {
-    scorer: Scorer,
-    trigger: Trigger,
-    budget: Budget,
-    n_layers: usize,
-    head_dim: usize,
-    pass: Pass,
-}
-
 fn gate_error(e: gate_core::GateError) -> ModelError {
     ModelError::Input(format!("eviction: {e}"))
 }
 
+/// The last queries of the current prefill in one layer: a rolling window over its chunks.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QueryTail {
+    /// Token-major `[rows, n_heads * head_dim]`, after RoPE.
+    queries: Vec<f32>,
+    /// Their absolute positions.
+    positions: Vec<u32>,
+    /// The layer's softmax scale.
+    scale: f32,
+}
+
+impl QueryTail {
+    /// Bytes held (queries and positions).
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.queries.as_slice())
+            + std::mem::size_of_val(self.positions.as_slice())
+    }
+
+    /// Appends one pass's queries, keeping the last `rows`.
+    fn push(&mut self, queries: &[f32], positions: &[u32], scale: f32, rows: usize) {
+        let n = positions.len();
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let width = queries.len() / n;
+        let take = n.min(rows);
+        self.queries
+            .extend_from_slice(&queries[(n - take) * width..]);
+        self.positions.extend_from_slice(&positions[n - take..]);
+        let excess = self.positions.len().saturating_sub(rows);
+        self.queries.drain(..excess * width);
+        self.positions.drain(..excess);
+        self.scale = scale;
+    }
+
+    /// Attention of the last `rows` queries (fewer if the prefill had fewer) over `layer`'s
+    /// retained entries: per KV head, per entry, summed over those queries, group mean.
+    fn attention(
+        &self,
+        kv: &SequenceKv,
+        layer: usize,
+        rows: usize,
+        causal: bool,
+    ) -> model_zoo::Result<Vec<Vec<f32>>> {
+        let held = self.positions.len();
+        let k = rows.min(held);
+        if k == 0 {
+            return Err(ModelError::Input(
+                "eviction: no queries of the prefill were recorded".into(),
+            ));
+        }
+        let width = self.queries.len() / held;
+        let opts = AttendOptions::new(self.scale)
+            .causal(causal)
+            .prob_sums(0..k);
+        kv.attend(
+            layer,
+            &self.queries[(held - k) * width..],
+            &self.positions[held - k..],
+            &opts,
+        )?
+        .prob_sums
+        .ok_or_else(|| ModelError::Input("eviction: no attention statistics".into()))
+    }
+}
+
+/// What a prefill gathers for the eviction at its end (and H2O's sums, which live on).
+#[derive(Clone, Debug)]
+pub(crate) struct PrefillStats {
+    /// Per layer: the current prefill's last queries.
+    tails: Vec<QueryTail>,
+    /// Rows each tail keeps in the current prefill.
+    tail_rows: usize,
+    /// Tokens in the current prefill, all chunks.
+    prefill_len: usize,
+    /// H2O: the attention each retained entry has received from every query so far.
+    h2o: Option<H2oAccumulator>,
+    /// What the first chunk of a prefill replaced, until its pass commits (`commit`) or fails
+    /// (`abort` puts it back): a failed pass leaves the statistics as they were.
+    undo: Option<PrefillStart>,
+}
+
+/// The prefill state a new prefill's first chunk replaces.
+#[derive(Clone, Debug)]
+struct PrefillStart {
+    tails: Vec<QueryTail>,
+    tail_rows: usize,
+    prefill_len: usize,
+}
+
+impl PrefillStats {
+    fn new(cfg: &ModelConfig, h2o: bool) -> model_zoo::Result<Self> {
+        Ok(PrefillStats {
+            tails: vec![QueryTail::default(); cfg.n_layers],
+            tail_rows: 0,
+            prefill_len: 0,
+            h2o: if h2o {
+                Some(H2oAccumulator::new(cfg.n_layers, cfg.n_kv_heads, false).map_err(gate_error)?)
+            } else {
+                None
+            },
+            undo: None,
+        })
+    }
+
+    /// A pass starts; the first chunk of a prefill resets the tails to hold `rows` rows (what
+    /// it replaces is kept until the pass commits).
+    fn begin(&mut self, pass: Pass, rows: usize) {
+        self.undo = None;
+        let Pass::Prefill(chunk) = pass else {
+            return;
+        };
+        if chunk.is_first() {
+            self.undo = Some(PrefillStart {
+                tails: self.tails.iter_mut().map(std::mem::take).collect(),
+                tail_rows: self.tail_rows,
+                prefill_len: self.prefill_len,
+            });
+            self.tail_rows = rows;
+            self.prefill_len = chunk.len;
+        }
+    }
+
+    /// The pass went through: what its start replaced is gone for good.
+    fn commit(&mut self) {
+        self.undo = None;
+    }
+
+    /// The pass failed before it committed (nothing was recorded): the statistics go back to
+    /// what they were before it started.
+    fn abort(&mut self) {
+        if let Some(start) = self.undo.take() {
+            self.tails = start.tails;
+            self.tail_rows = start.tail_rows;
+            self.prefill_len = start.prefill_len;
+        }
+    }
+
+    /// Bytes held: the query tails (those a running pass may still restore included) and H2O's
+    /// sums.
+    fn bytes(&self) -> usize {
+        let undo = self
+            .undo
+            .as_ref()
+            .map_or(0, |u| u.tails.iter().map(QueryTail::bytes).sum());
+        self.tails.iter().map(QueryTail::bytes).sum::<usize>()
+            + undo
+            + self.h2o.as_ref().map_or(0, H2oAccumulator::bytes)
+    }
+
+    /// Whether a pass must hand its queries to `after_attention`: a prefill whose tails keep
+    /// rows.
+    fn wants_queries(&self, pass: Pass) -> bool {
+        matches!(pass, Pass::Prefill(_)) && self.tail_rows > 0
+    }
+
+    /// Query rows whose attention a pass of `n` tokens must return (H2O: all of them).
+    fn prob_rows(&self, n: usize) -> Option<Range<usize>> {
+        self.h2o.is_some().then_some(0..n)
+    }
+
+    /// Records one layer's pass.
+    fn record(
+        &mut self,
+        layer: usize,
+        outcome: &AttentionOutcome<'_>,
+        prefill: bool,
+    ) -> model_zoo::Result<()> {
+        if let (Some(acc), Some(sums)) = (&mut self.h2o, &outcome.prob_sums) {
+            let queries = outcome.positions.len();
+            for (head, head_sums) in sums.iter().enumerate() {
+                acc.add(layer, head, head_sums, queries)
+                    .map_err(gate_error)?;
+            }
+        }
+        if prefill {
+            self.tails[layer].push(
+                outcome.queries,
+                outcome.positions,
+                outcome.scale,
+                self.tail_rows,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where an eviction happens, with the statistics available there.
+enum EvictAt<'a> {
+    /// The end of a prefill: the prefill's last queries of the layer.
+    PrefillEnd(&'a QueryTail),
+    /// After a generated token: that token's attention, when the plan asked for it.
+    Decode(Option<&'a [Vec<f32>]>),
+}
+
+pub(crate) struct ScoredHook {
+    scorer: Scorer,
+    trigger: Trigger,
+    /// `None`: NACL's released defaults (fractions of the prompt).
+    budget: Option<Budget>,
+    n_layers: usize,
+    head_dim: usize,
+    pass: Pass,
+    stats: PrefillStats,
+}
+
 impl ScoredHook {
-    pub(super) fn new(policy: &Policy, cfg: &ModelConfig) -> model_zoo::Result<Self> {
-        let (scorer, trigger, budget) = match policy {
+    pub(crate) fn new(policy: &Policy, cfg: &ModelConfig) -> model_zoo::Result<Self> {
+        let (scorer, trigger, budget, normalise) = match policy {
             Policy::Random {
                 budget,
                 protect,
@@ -80,31 +296,36 @@ impl ScoredHook {
                     seed: *seed,
                     protect: *protect,
                 },
-                Trigger::OverBudget,
-                *budget,
+                Trigger::EveryStep,
+                Some(*budget),
+                None,
             ),
             Policy::Streaming { budget, sinks } => (
                 Scorer::Streaming { sinks: *sinks },
-                Trigger::OverBudget,
-                *budget,
+                Trigger::EveryStep,
+                Some(*budget),
+                None,
             ),
             Policy::H2o {
                 budget,
                 recent,
                 sinks,
+                normalise,
             } => (
                 Scorer::H2o {
-                    acc: H2oAccumulator::new(cfg.n_layers, cfg.n_kv_heads, false)
-                        .map_err(gate_error)?,
                     recent: *recent,
                     sinks: *sinks,
                 },
-                Trigger::OverBudget,
-                *budget,
+                Trigger::EveryStep,
+                Some(*budget),
+                Some(*normalise),
             ),
-            Policy::Tova { budget, sinks } => {
-                (Scorer::Tova { sinks: *sinks }, Trigger::OverBudget, *budget)
-            }
+            Policy::Tova { budget, sinks } => (
+                Scorer::Tova { sinks: *sinks },
+                Trigger::EveryStep,
+                Some(*budget),
+                None,
+            ),
             Policy::SnapKv {
                 budget,
                 window,
@@ -115,8 +336,9 @@ impl ScoredHook {
                     kernel: *kernel,
                     beta: None,
                 },
-                Trigger::PrefillEnd,
-                *budget,
+                Trigger::ContextEnd,
+                Some(*budget),
+                None,
             ),
             Policy::PyramidKv {
                 budget,
@@ -129,13 +351,15 @@ impl ScoredHook {
                     kernel: *kernel,
                     beta: Some(*beta),
                 },
-                Trigger::PrefillEnd,
-                *budget,
+                Trigger::ContextEnd,
+                Some(*budget),
+                None,
             ),
             Policy::KNorm { budget, protect } => (
                 Scorer::KNorm { protect: *protect },
-                Trigger::PrefillEnd,
-                *budget,
+                Trigger::ContextEnd,
+                Some(*budget),
+                None,
             ),
             Policy::Nacl {
                 budget,
@@ -146,8 +370,9 @@ impl ScoredHook {
                     config: *config,
                     seed: *seed,
                 },
-                Trigger::PrefillEnd,
+                Trigger::ContextEnd,
                 *budget,
+                None,
             ),
             Policy::Full | Policy::Ag { .. } => {
                 return Err(ModelError::Input(format!(
@@ -156,6 +381,10 @@ impl ScoredHook {
                 )))
             }
         };
+        let mut stats = PrefillStats::new(cfg, normalise.is_some())?;
+        stats.h2o = stats
+            .h2o
+            .map(|acc| acc.with_normalise(normalise.unwrap_or(false)));
         Ok(ScoredHook {
             scorer,
             trigger,
@@ -163,59 +392,133 @@ impl ScoredHook {
             n_layers: cfg.n_layers,
             head_dim: cfg.head_dim,
             pass: Pass::Decode,
+            stats,
         })
     }
 
-    /// Whether this pass may evict.
-    fn evicts_now(&self) -> bool {
-        match self.trigger {
-            Trigger::OverBudget => true,
-            Trigger::PrefillEnd => self.pass == Pass::Prefill { final_chunk: true },
+    /// A hook for `policy` continuing from a shared context: it makes, on `kv` (a fork of the
+    /// context's full cache), exactly the eviction a fresh session of the policy makes at the
+    /// end of prefilling the same tokens as context, from the same statistics (`recorded`, by a
+    /// [`ContextRecorder`] that was given this policy).
+    pub(crate) fn after_shared_context(
+        policy: &Policy,
+        cfg: &ModelConfig,
+        kv: &mut SequenceKv,
+        recorded: &PrefillStats,
+        tokens_seen: usize,
+    ) -> model_zoo::Result<Self> {
+        let mut hook = Self::new(policy, cfg)?;
+        if let Some(acc) = &mut hook.stats.h2o {
+            let sums = recorded.h2o.as_ref().ok_or_else(|| {
+                ModelError::Input("the shared context recorded no H2O statistics".into())
+            })?;
+            *acc = sums.clone().with_normalise(acc.normalised());
         }
+        hook.stats.prefill_len = recorded.prefill_len;
+        hook.stats.tail_rows = hook.tail_rows(recorded.prefill_len);
+        if hook.stats.tail_rows > recorded.tail_rows {
+            return Err(ModelError::Input(format!(
+                "the shared context recorded {} queries per layer; {} needs {}",
+                recorded.tail_rows,
+                policy.name(),
+                hook.stats.tail_rows
+            )));
+        }
+        if hook.evicts_at_prefill_end(PrefillKind::Context) {
+            for (layer, tail) in recorded.tails.iter().enumerate() {
+                hook.evict_layer(layer, kv, EvictAt::PrefillEnd(tail), tokens_seen)?;
+            }
+        }
+        Ok(hook)
     }
 
-    /// The budget of one head of `layer` after `tokens_seen` tokens.
-    fn keep_count(&self, layer: usize, tokens_seen: usize) -> model_zoo::Result<usize> {
-        let keep = self.budget.keep_count(tokens_seen).max(1);
-        Ok(match &self.scorer {
+    /// Query rows the scorer attends from at the end of a prefill of `len` tokens.
+    fn tail_rows(&self, len: usize) -> usize {
+        match &self.scorer {
+            Scorer::SnapKv { window, .. } => *window,
+            Scorer::Nacl { config, .. } => config.proxy_count(len),
+            Scorer::Tova { .. } => 1,
+            _ => 0,
+        }
+        .min(len)
+    }
+
+    /// Whether the policy evicts at the end of a prefill of this kind.
+    fn evicts_at_prefill_end(&self, kind: PrefillKind) -> bool {
+        self.trigger == Trigger::EveryStep || kind == PrefillKind::Context
+    }
+
+    /// The budget of one head of `layer` after `tokens_seen` tokens (`None`: NACL's released
+    /// defaults, which size themselves).
+    fn keep_count(&self, layer: usize, tokens_seen: usize) -> model_zoo::Result<Option<usize>> {
+        let Some(budget) = self.budget else {
+            return Ok(None);
+        };
+        let keep = budget.keep_count(tokens_seen).max(1);
+        Ok(Some(match &self.scorer {
             Scorer::SnapKv {
                 window,
                 beta: Some(beta),
                 ..
-            } => select::pyramid_budgets(keep, *window, self.n_layers, *beta)
+            } => select::pyramid_budgets(keep, *window, self.n_layers, *beta, tokens_seen)
                 .map_err(gate_error)?[layer]
                 .max(1),
             _ => keep,
-        })
+        }))
     }
 
-    /// Query rows whose attention the scorer needs in this pass of `n` new tokens.
-    fn prob_rows(&self, n: usize) -> Option<std::ops::Range<usize>> {
-        match &self.scorer {
-            Scorer::H2o { .. } => Some(0..n),
-            Scorer::Tova { .. } if self.evicts_now() => Some(n - 1..n),
-            Scorer::SnapKv { window, .. } if self.evicts_now() => {
-                Some(n.saturating_sub(*window)..n)
-            }
-            _ => None,
-        }
-    }
-
-    /// The keep masks of every head of `layer`, each keeping `keep` entries.
-    fn layer_masks(
+    /// Evicts `layer`'s heads down to their budget.
+    fn evict_layer(
         &mut self,
         layer: usize,
-        keep: usize,
+        kv: &mut SequenceKv,
+        at: EvictAt<'_>,
         tokens_seen: usize,
-        outcome: &AttentionOutcome<'_>,
-    ) -> model_zoo::Result<Vec<Vec<bool>>> {
-        let kv: &SequenceKv = outcome.kv;
+    ) -> model_zoo::Result<()> {
+        let keep = self.keep_count(layer, tokens_seen)?;
         let heads = kv.n_kv_heads();
-        let missing =
-            || ModelError::Input("eviction: the decoder returned no attention statistics".into());
+        if let Some(k) = keep {
+            if (0..heads).all(|h| kv.retained(layer, h) <= k) {
+                return Ok(());
+            }
+        }
+        let masks = self.layer_masks(layer, keep, tokens_seen, kv, at)?;
+        for (head, mask) in masks.iter().enumerate() {
+            if mask.iter().all(|&k| k) {
+                continue;
+            }
+            kv.evict(layer, head, mask)?;
+            if let Some(acc) = &mut self.stats.h2o {
+                acc.retain(layer, head, mask).map_err(gate_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The keep masks of every head of `layer`, each keeping `keep` entries (NACL's released
+    /// defaults: its own counts).
+    fn layer_masks(
+        &self,
+        layer: usize,
+        keep: Option<usize>,
+        tokens_seen: usize,
+        kv: &SequenceKv,
+        at: EvictAt<'_>,
+    ) -> model_zoo::Result<Vec<Vec<bool>>> {
+        let heads = kv.n_kv_heads();
+        let keep_n = keep.unwrap_or(usize::MAX);
         let per_head =
             |f: &mut dyn FnMut(usize) -> model_zoo::Result<Vec<bool>>| (0..heads).map(f).collect();
-        match &mut self.scorer {
+        let tail = match at {
+            EvictAt::PrefillEnd(tail) => Some(tail),
+            EvictAt::Decode(_) => None,
+        };
+        let needs_tail = || {
+            tail.ok_or_else(|| {
+                ModelError::Input("eviction: this policy evicts only at a prefill's end".into())
+            })
+        };
+        match &self.scorer {
             Scorer::Random { seed, protect } => {
                 let seed = seed.wrapping_add(tokens_seen as u64);
                 per_head(&mut |h| {
@@ -223,21 +526,24 @@ impl ScoredHook {
                         kv.retained(layer, h),
                         score::seed_for(seed, layer, h),
                     );
-                    Ok(select::select_top_k(&scores, keep, protect))
+                    Ok(select::select_top_k(&scores, keep_n, protect))
                 })
             }
             Scorer::Streaming { sinks } => {
-                per_head(&mut |h| Ok(score::streaming_keep(kv.retained(layer, h), *sinks, keep)))
+                per_head(&mut |h| Ok(score::streaming_keep(kv.retained(layer, h), *sinks, keep_n)))
             }
-            Scorer::H2o { acc, recent, sinks } => {
+            Scorer::H2o { recent, sinks } => {
+                let acc = self.stats.h2o.as_ref().ok_or_else(|| {
+                    ModelError::Input("eviction: H2O has no accumulated attention".into())
+                })?;
                 let protect = Protection {
                     sinks: *sinks,
-                    recent: recent.count(keep),
+                    recent: recent.count(keep_n),
                 };
                 per_head(&mut |h| {
                     Ok(select::select_top_k(
                         &acc.scores(layer, h).map_err(gate_error)?,
-                        keep,
+                        keep_n,
                         &protect,
                     ))
                 })
@@ -245,7 +551,15 @@ impl ScoredHook {
             Scorer::Tova { sinks } => {
                 // The current query's attention averaged over every head of the layer; TOVA keeps
                 // the same tokens in every head, so the heads' entries are aligned.
-                let sums = outcome.prob_sums.as_ref().ok_or_else(missing)?;
+                let sums = match at {
+                    EvictAt::PrefillEnd(tail) => tail.attention(kv, layer, 1, true)?,
+                    EvictAt::Decode(Some(sums)) => sums.to_vec(),
+                    EvictAt::Decode(None) => {
+                        return Err(ModelError::Input(
+                            "eviction: the decoder returned no attention statistics".into(),
+                        ))
+                    }
+                };
                 let n = sums[0].len();
                 let mut mean = vec![0f32; n];
                 for s in sums.iter().filter(|s| s.len() == n) {
@@ -257,13 +571,14 @@ impl ScoredHook {
                     sinks: *sinks,
                     recent: 0,
                 };
-                let mask = select::select_top_k(&mean, keep, &protect);
+                let mask = select::select_top_k(&mean, keep_n, &protect);
                 per_head(&mut |_| Ok(mask.clone()))
             }
             Scorer::SnapKv { window, kernel, .. } => {
-                let sums = outcome.prob_sums.as_ref().ok_or_else(missing)?;
+                let rows = self.tail_rows(self.stats.prefill_len);
+                let sums = needs_tail()?.attention(kv, layer, rows, true)?;
                 per_head(&mut |h| {
-                    score::snapkv_keep(&sums[h], *window, keep, *kernel).map_err(gate_error)
+                    score::snapkv_keep(&sums[h], *window, keep_n, *kernel).map_err(gate_error)
                 })
             }
             Scorer::KNorm { protect } => {
@@ -271,14 +586,16 @@ impl ScoredHook {
                 per_head(&mut |h| {
                     let keys = kv.read_head(layer, h).keys;
                     let scores = score::key_norm_scores(&keys, head_dim).map_err(gate_error)?;
-                    Ok(select::select_top_k(&scores, keep, protect))
+                    Ok(select::select_top_k(&scores, keep_n, protect))
                 })
             }
             Scorer::Nacl { config, seed } => {
-                let proxy = nacl_proxy_sums(layer, config, outcome)?;
+                // Proxy queries: the last `proxy_frac` of the prefill, attending non-causally.
+                let rows = self.tail_rows(self.stats.prefill_len);
+                let proxy = needs_tail()?.attention(kv, layer, rows, false)?;
                 per_head(&mut |h| {
                     let plan = config
-                        .plan(kv.retained(layer, h), Some(keep))
+                        .plan(kv.retained(layer, h), keep)
                         .map_err(gate_error)?;
                     Ok(score::nacl_keep(
                         &proxy[h],
@@ -291,40 +608,119 @@ impl ScoredHook {
     }
 }
 
-/// NACL's proxy scores: attention of the last `proxy_frac` of this prefill's queries over every
-/// retained key of `layer`, non-causal, summed over the proxy queries, group mean per KV head.
-fn nacl_proxy_sums(
-    layer: usize,
-    config: &NaclConfig,
-    outcome: &AttentionOutcome<'_>,
-) -> model_zoo::Result<Vec<Vec<f32>>> {
-    let n = outcome.positions.len();
-    let p = config.proxy_count(n).clamp(1, n);
-    let row = outcome.queries.len() / n;
-    let mut opts = AttendOptions::new(outcome.scale);
-    opts.causal = false;
-    opts.prob_sums = Some(0..p);
-    let out = outcome.kv.attend(
-        layer,
-        &outcome.queries[(n - p) * row..],
-        &outcome.positions[n - p..],
-        &opts,
-    )?;
-    out.prob_sums
-        .ok_or_else(|| ModelError::Input("eviction: no NACL proxy scores".into()))
-}
-
 impl LayerHook for ScoredHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
+        let rows = match pass {
+            Pass::Prefill(chunk) if self.evicts_at_prefill_end(chunk.kind) => {
+                self.tail_rows(chunk.len)
+            }
+            _ => 0,
+        };
+        self.stats.begin(pass, rows);
     }
 
-    fn min_final_chunk(&self, prompt_len: usize) -> usize {
-        match &self.scorer {
-            Scorer::SnapKv { window, .. } => *window,
-            Scorer::Nacl { config, .. } => config.proxy_count(prompt_len),
-            _ => 1,
+    fn plan(
+        &mut self,
+        _layer: usize,
+        _normed: &candle_core::Tensor,
+        positions: &[u32],
+        _kv: &SequenceKv,
+    ) -> model_zoo::Result<LayerPlan> {
+        let n = positions.len();
+        let prob_rows = match (&self.scorer, self.pass) {
+            (Scorer::Tova { .. }, Pass::Decode) => Some(n - 1..n),
+            _ => self.stats.prob_rows(n),
+        };
+        Ok(LayerPlan {
+            prob_rows,
+            queries: self.stats.wants_queries(self.pass),
+            ..LayerPlan::default()
+        })
+    }
+
+    fn after_attention(
+        &mut self,
+        layer: usize,
+        outcome: AttentionOutcome<'_>,
+    ) -> model_zoo::Result<()> {
+        self.stats.commit();
+        let chunk = match self.pass {
+            Pass::Prefill(chunk) => Some(chunk),
+            Pass::Decode => None,
+        };
+        self.stats.record(layer, &outcome, chunk.is_some())?;
+        let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
+        match chunk {
+            Some(c) if c.is_last() && self.evicts_at_prefill_end(c.kind) => {
+                // The tail has served its one eviction: its memory goes now, not at the next prefill.
+                let tail = std::mem::take(&mut self.stats.tails[layer]);
+                self.evict_layer(layer, outcome.kv, EvictAt::PrefillEnd(&tail), tokens_seen)
+            }
+            None if self.trigger == Trigger::EveryStep => self.evict_layer(
+                layer,
+                outcome.kv,
+                EvictAt::Decode(outcome.prob_sums.as_deref()),
+                tokens_seen,
+            ),
+            _ => Ok(()),
         }
+    }
+
+    fn abort_pass(&mut self) {
+        self.stats.abort();
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.stats.bytes()
+    }
+}
+
+/// Records, during a shared context's full-cache prefill, what the given policies need for their
+/// eviction at its end: the most query rows any of them attends from, and H2O's sums if one of
+/// them is H2O. Evicts nothing.
+pub(crate) struct ContextRecorder {
+    hooks: Vec<ScoredHook>,
+    stats: PrefillStats,
+    /// The pass running.
+    pass: Pass,
+}
+
+impl ContextRecorder {
+    /// A recorder for `policies` (full and Attention-Gate need nothing and are skipped).
+    pub(crate) fn new(policies: &[Policy], cfg: &ModelConfig) -> model_zoo::Result<Self> {
+        let hooks = policies
+            .iter()
+            .filter(|p| !matches!(p, Policy::Full | Policy::Ag { .. }))
+            .map(|p| ScoredHook::new(p, cfg))
+            .collect::<model_zoo::Result<Vec<_>>>()?;
+        let h2o = hooks.iter().any(|h| h.stats.h2o.is_some());
+        Ok(ContextRecorder {
+            stats: PrefillStats::new(cfg, h2o)?,
+            hooks,
+            pass: Pass::Decode,
+        })
+    }
+
+    /// What was recorded.
+    pub(crate) fn into_stats(self) -> PrefillStats {
+        self.stats
+    }
+}
+
+impl LayerHook for ContextRecorder {
+    fn begin_pass(&mut self, pass: Pass) {
+        self.pass = pass;
+        let rows = match pass {
+            Pass::Prefill(chunk) => self
+                .hooks
+                .iter()
+                .map(|h| h.tail_rows(chunk.len))
+                .max()
+                .unwrap_or(0),
+            Pass::Decode => 0,
+        };
+        self.stats.begin(pass, rows);
     }
 
     fn plan(
@@ -335,8 +731,8 @@ impl LayerHook for ScoredHook {
         _kv: &SequenceKv,
     ) -> model_zoo::Result<LayerPlan> {
         Ok(LayerPlan {
-            prob_rows: self.prob_rows(positions.len()),
-            queries: matches!(self.scorer, Scorer::Nacl { .. }) && self.evicts_now(),
+            prob_rows: self.stats.prob_rows(positions.len()),
+            queries: self.stats.wants_queries(self.pass),
             ..LayerPlan::default()
         })
     }
@@ -346,39 +742,11 @@ impl LayerHook for ScoredHook {
         layer: usize,
         outcome: AttentionOutcome<'_>,
     ) -> model_zoo::Result<()> {
-        if let (Scorer::H2o { acc, .. }, Some(sums)) = (&mut self.scorer, &outcome.prob_sums) {
-            let queries = outcome.positions.len();
-            for (head, head_sums) in sums.iter().enumerate() {
-                acc.add(layer, head, head_sums, queries)
-                    .map_err(gate_error)?;
-            }
-        }
-        if !self.evicts_now() {
-            return Ok(());
-        }
-        let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
-        let keep = self.keep_count(layer, tokens_seen)?;
-        let heads = outcome.kv.n_kv_heads();
-        if (0..heads).all(|h| outcome.kv.retained(layer, h) <= keep) {
-            return Ok(());
-        }
-        let masks = self.layer_masks(layer, keep, tokens_seen, &outcome)?;
-        for (head, mask) in masks.iter().enumerate() {
-            if mask.iter().all(|&k| k) {
-                continue;
-            }
-            if let Scorer::H2o { acc, .. } = &mut self.scorer {
-                acc.retain(layer, head, mask).map_err(gate_error)?;
-            }
-            outcome.kv.evict(layer, head, mask)?;
-        }
-        Ok(())
+        self.stats.commit();
+        self.stats.record(layer, &outcome, true)
     }
 
-    fn state_bytes(&self) -> usize {
-        match &self.scorer {
-            Scorer::H2o { acc, .. } => acc.bytes(),
-            _ => 0,
-        }
+    fn abort_pass(&mut self) {
+        self.stats.abort();
     }
 }

@@ -1,6 +1,7 @@
 //! `PolicySpec`: a policy named as a user names it (`--policy h2o --evict 0.5 --sinks 4`), with
 //! every knob optional, turned into a validated [`Policy`] with the spec's defaults
-//! (`shared/design/ALGORITHMS.md`; all listed in `docs/policies.md`).
+//! (`shared/design/ALGORITHMS.md`; all listed in `docs/policies.md`), the **\[choice\]** knobs
+//! without a flag of their own coming from [`PolicyOptions`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,11 +10,12 @@ use gate_core::gate::AttentionGate;
 use gate_core::score::NaclConfig;
 use gate_core::select::{Budget, Protection};
 
-use super::{AgMode, Policy, Recent};
+use super::{AgMode, Policy, PolicyOptions, Recent};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 
-/// Default eviction ratio of budget policies when neither `--evict` nor `--keep` is given.
+/// Default eviction ratio of budget policies when neither `--evict` nor `--keep` is given (NACL
+/// then runs its released defaults instead).
 pub const DEFAULT_EVICT: f32 = 0.5;
 /// StreamingLLM's attention sinks.
 pub const DEFAULT_SINKS: usize = 4;
@@ -50,6 +52,8 @@ pub struct PolicySpec {
     pub ag_decode: Option<bool>,
     /// Seed of Random and NACL.
     pub seed: Option<u64>,
+    /// The \[choice\] knobs (`key=value`); each must apply to this policy.
+    pub options: PolicyOptions,
 }
 
 /// A setting of a [`PolicySpec`], to say which ones a policy would ignore.
@@ -138,6 +142,14 @@ impl PolicySpec {
         }
     }
 
+    /// The budget given by `--evict`/`--keep`, if any.
+    fn given_budget(&self) -> Result<Option<Budget>> {
+        match (self.evict, self.keep) {
+            (None, None) => Ok(None),
+            _ => self.budget().map(Some),
+        }
+    }
+
     fn budget(&self) -> Result<Budget> {
         let budget = match (self.evict, self.keep) {
             (Some(_), Some(_)) => {
@@ -170,6 +182,9 @@ impl PolicySpec {
     pub fn build(&self, engine: &Engine) -> Result<Policy> {
         let cfg = engine.model_config();
         let seed = self.seed.unwrap_or(0);
+        self.options.check_applies(&self.name)?;
+        let opts = &self.options;
+        let kernel = opts.kernel.unwrap_or(DEFAULT_SNAPKV_KERNEL);
         let recent = self.window.unwrap_or(0);
         let protect = Protection {
             sinks: self.sinks.unwrap_or(0),
@@ -192,6 +207,7 @@ impl PolicySpec {
                     .window
                     .map_or(Recent::Fraction(DEFAULT_H2O_RECENT), Recent::Tokens),
                 sinks: self.sinks.unwrap_or(0),
+                normalise: opts.normalise.unwrap_or(false),
             },
             "tova" => Policy::Tova {
                 budget: self.budget()?,
@@ -200,23 +216,33 @@ impl PolicySpec {
             "snapkv" => Policy::SnapKv {
                 budget: self.budget()?,
                 window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
-                kernel: DEFAULT_SNAPKV_KERNEL,
+                kernel,
             },
             "pyramidkv" => Policy::PyramidKv {
                 budget: self.budget()?,
                 window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
-                kernel: DEFAULT_SNAPKV_KERNEL,
-                beta: DEFAULT_PYRAMID_BETA,
+                kernel,
+                beta: opts.beta.unwrap_or(DEFAULT_PYRAMID_BETA),
             },
             "knorm" => Policy::KNorm {
                 budget: self.budget()?,
                 protect,
             },
-            "nacl" => Policy::Nacl {
-                budget: self.budget()?,
-                config: NaclConfig::default(),
-                seed,
-            },
+            "nacl" => {
+                let d = NaclConfig::default();
+                Policy::Nacl {
+                    budget: self.given_budget()?,
+                    config: NaclConfig {
+                        proxy_frac: opts.proxy_frac.unwrap_or(d.proxy_frac),
+                        sink_frac: opts.sink_frac.unwrap_or(d.sink_frac),
+                        recent_frac: opts.recent_frac.unwrap_or(d.recent_frac),
+                        kp_frac: opts.kp_frac.unwrap_or(d.kp_frac),
+                        kr_frac: opts.kr_frac.unwrap_or(d.kr_frac),
+                        min_len: opts.min_len.unwrap_or(d.min_len),
+                    },
+                    seed,
+                }
+            }
             "ag" => {
                 let gates = match &self.gates {
                     Some(path) => AttentionGate::load(

@@ -22,8 +22,10 @@
 //!   before the policy evicts): cached sessions are dropped LRU-first, then the newest active
 //!   requests are preempted (their blocks freed; they go back to the head of the queue and
 //!   resume later by recomputing their cache from their tokens). A request that cannot fit even
-//!   alone fails with [`EngineError::KvCapacity`]. Sessions with an evicting policy stay within
-//!   their budget, so they fit where full caches do not.
+//!   alone fails with [`EngineError::KvCapacity`]; so does, at admission, a prompt whose whole
+//!   cache cannot fit (the baselines evict at a prefill's end, as their references do). Sessions
+//!   with an evicting policy then stay within their budget while they decode and over later
+//!   turns, so they fit where full caches do not.
 //! - **Isolation.** A step that fails for one session (its store, its policy) fails only that
 //!   request; its session is discarded, never reused. A panic inside a step fails the requests
 //!   of that step only. A caller that goes away (its sink closes) cancels its request at the

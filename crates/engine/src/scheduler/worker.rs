@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use model_zoo::{LogitsFor, Pass};
+use model_zoo::{LogitsFor, Pass, PrefillKind};
 
 use super::prompt_cache::PromptCache;
 use super::{
@@ -284,15 +284,11 @@ impl Worker {
         };
         let cached = session.tokens_seen();
         let evicted_before = evicted_entries(&session);
-        let plan = session.plan_prefill(&tokens)?;
-        // A full cache keeps its whole prompt; an evicting policy needs room for its largest
-        // chunk (it evicts back to its budget after each).
-        let kept = if sub.policy.budget().is_some() {
-            plan.largest_chunk()
-        } else {
-            plan.unfed().len()
-        };
-        let needed = session.kv().stats().blocks_in_use + session.kv().blocks_to_append(kept);
+        let plan = session.plan_prefill(&tokens, PrefillKind::Context)?;
+        // The whole prompt must fit: the baselines evict at the end of a prefill, as their
+        // references do, so every chunk's keys are held until then.
+        let needed =
+            session.kv().stats().blocks_in_use + session.kv().blocks_to_append(plan.unfed().len());
         let capacity = self.engine.pool().config().capacity_blocks;
         if needed > capacity {
             return Err(EngineError::KvCapacity { needed, capacity });
@@ -489,7 +485,7 @@ impl Worker {
                 },
                 (Phase::Decode, None) => continue,
             };
-            if matches!(pass, Pass::Prefill { .. }) {
+            if matches!(pass, Pass::Prefill(_)) {
                 prefilled += tokens.len();
             }
             fed[i] = true;

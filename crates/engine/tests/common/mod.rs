@@ -62,3 +62,47 @@ pub fn llama_cpp() -> Reference {
 pub fn numpy() -> Reference {
     serde_json::from_str(include_str!("../fixtures/numpy_reference.json")).expect("fixture parses")
 }
+
+/// A tiny random Llama (`layers` layers, 6 query / 2 KV heads, head dim 16, context 8192)
+/// written to a temp dir (kept alive by the returned guard) and loaded with the given KV dtype
+/// and prefill chunk.
+pub fn tiny_engine(
+    layers: usize,
+    seed: u64,
+    kv_dtype: engine::KvDtype,
+    prefill_chunk: usize,
+) -> (tempfile::TempDir, Engine) {
+    tiny_engine_with_context(layers, seed, kv_dtype, prefill_chunk, 8192)
+}
+
+/// [`tiny_engine`] with a context of `context` tokens.
+pub fn tiny_engine_with_context(
+    layers: usize,
+    seed: u64,
+    kv_dtype: engine::KvDtype,
+    prefill_chunk: usize,
+    context: usize,
+) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = model_zoo::random::tiny_config(layers, 6, 2);
+    cfg.max_position = context;
+    engine::atomic::write_dir(dir.path(), |s| {
+        model_zoo::random::write_random_model(s, &cfg, seed)
+    })
+    .expect("write tiny model");
+    let engine = Engine::builder()
+        .model(dir.path())
+        .weights(WeightFormat::Dense(candle_core::DType::F32))
+        .kv_dtype(kv_dtype)
+        .prefill_chunk(prefill_chunk)
+        .build()
+        .expect("load tiny model");
+    (dir, engine)
+}
+
+/// `n` pseudo-random byte tokens (the tiny models' vocabulary), different per seed.
+pub fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
+        .collect()
+}

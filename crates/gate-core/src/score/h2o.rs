@@ -47,6 +47,18 @@ impl H2oAccumulator {
         })
     }
 
+    /// The same sums and counts, scored with or without normalisation (a policy continuing
+    /// from statistics gathered for another).
+    pub fn with_normalise(mut self, normalise: bool) -> Self {
+        self.normalise = normalise;
+        self
+    }
+
+    /// Whether scores are normalised by the number of queries that saw each entry.
+    pub fn normalised(&self) -> bool {
+        self.normalise
+    }
+
     fn slot(&self, layer: usize, head: usize) -> Result<usize> {
         if layer >= self.n_layers {
             return Err(GateError::OutOfRange {
