@@ -1,8 +1,8 @@
 //! `cargo xtask convert`: GGUF → Hugging Face directory (dequantized, q/k permutation undone) or a
 //! dtype cast of a safetensors checkpoint, with `--gates FILE` merged in. The work is done by
-//! `model_zoo::convert` (streaming, staged in a hidden directory and renamed when complete); this
-//! file owns the flags, the per-tensor progress bar and cancellation: Ctrl-C stops between
-//! tensors and removes the partial output.
+//! `model_zoo::convert` (streaming) into an `engine::atomic::StagedDir` (a hidden directory
+//! renamed onto the output when complete); this file owns the flags, the per-tensor progress
+//! bar and cancellation: Ctrl-C stops between tensors and removes the partial output.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,7 +75,7 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     let Layout::Safetensors = args.to;
     let src = match &args.from {
         Some(p) => p.clone(),
-        None => engine::model_cache::ensure_default_model(&mut |l| eprintln!("xtask: {l}"))?,
+        None => engine::model_cache::ensure_default_model(&mut |l| say!("xtask: {l}"))?,
     };
     if !src.exists() {
         bail!("--from {}: no such file or directory", src.display());
@@ -122,16 +122,17 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         Ok(())
     };
     let started = Instant::now();
-    eprintln!(
+    say!(
         "xtask: converting {} → {} ({:?})",
         src.display(),
         args.out.display(),
         args.dtype
     );
+    let mut out = engine::atomic::StagedDir::new(&args.out)?;
     let summary = if is_gguf {
-        convert::gguf_to_hf(&src, &args.out, &opts, &mut on_event)
+        convert::gguf_to_hf(&src, &mut out, &opts, &mut on_event)
     } else {
-        convert::cast_safetensors(&src, &args.out, &opts, &mut on_event)
+        convert::cast_safetensors(&src, &mut out, &opts, &mut on_event)
     };
     bar.finish_and_clear();
     let summary = summary.with_context(|| {
@@ -141,7 +142,8 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             args.out.display()
         )
     })?;
-    eprintln!(
+    out.commit()?;
+    say!(
         "xtask: wrote {} tensors ({:.1} MB) in {:.1} s: {}",
         summary.tensors,
         summary.tensor_bytes as f64 / 1e6,
@@ -149,20 +151,19 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         summary.files.join(", ")
     );
     if !summary.skipped.is_empty() {
-        eprintln!(
+        say!(
             "xtask: not carried over (derived from config.json by loaders): {}",
             summary.skipped.join(", ")
         );
     }
     if summary.gate_tensors > 0 {
-        eprintln!(
+        say!(
             "xtask: merged {} gate tensors under `{}`",
             summary.gate_tensors,
             convert::GATES_PREFIX
         );
     }
-    println!("{}", summary.out_dir.display());
-    Ok(())
+    crate::stdout_line(&args.out.display().to_string())
 }
 
 /// Whether a file starts with the GGUF magic.

@@ -3,8 +3,9 @@
 //! DIR/agate-VERSION-TARGET[-cuda].tar.gz holding the binary, README.md, the licence files and
 //! docs/, plus DIR/SHA256SUMS (`sha256sum -c` format) covering every agate tarball in DIR.
 //!
-//! Invariants: the tarball and SHA256SUMS are written to temporary names and renamed; entries are
-//! sorted with owner 0 and a fixed mtime, so the same inputs give the same archive.
+//! Invariants: the tarball and SHA256SUMS are written through `engine::atomic` (temporary
+//! names and renames); entries are sorted with owner 0 and a fixed mtime, so the same inputs
+//! give the same archive.
 //! `--binary PATH` packages an already-built binary (tests use it; a fat-LTO build takes minutes).
 
 use std::path::{Path, PathBuf};
@@ -58,13 +59,13 @@ pub fn run(args: &DistArgs) -> anyhow::Result<()> {
     let tarball = package(&root, &binary, &name, &args.out)?;
     let sums = write_sha256sums(&args.out)?;
     let size = std::fs::metadata(&tarball).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
+    say!(
         "xtask: {} ({:.1} MB), {}",
         tarball.display(),
         size as f64 / 1e6,
         sums.display()
     );
-    println!("{}", tarball.display());
+    crate::stdout_line(&tarball.display().to_string())?;
     Ok(())
 }
 
@@ -80,7 +81,7 @@ fn build(root: &Path, features: Option<&str>) -> anyhow::Result<PathBuf> {
     if let Some(f) = features {
         cmd.args(["--features", &prefixed_features(f)]);
     }
-    eprintln!(
+    say!(
         "xtask: RUSTFLAGS='-C target-cpu={TARGET_CPU}' cargo build --profile dist -p cli{}",
         features
             .map(|f| format!(" --features {f}"))
@@ -93,7 +94,7 @@ fn build(root: &Path, features: Option<&str>) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("the dist build failed ({status})");
     }
-    eprintln!(
+    say!(
         "xtask: dist build took {:.0} s",
         started.elapsed().as_secs_f64()
     );
@@ -136,8 +137,7 @@ fn package(root: &Path, binary: &Path, name: &str, out: &Path) -> anyhow::Result
     }
     copy_dir(&root.join("docs"), &top.join("docs"))?;
     let tarball = out.join(format!("{name}.tar.gz"));
-    let tmp = out.join(format!(".{name}.tar.gz.tmp"));
-    let status = Command::new("tar")
+    let mut tar = Command::new("tar")
         .args([
             "--sort=name",
             "--owner=0",
@@ -145,19 +145,23 @@ fn package(root: &Path, binary: &Path, name: &str, out: &Path) -> anyhow::Result
             "--numeric-owner",
             "--mtime=@0",
             "-czf",
+            "-",
         ])
-        .arg(&tmp)
         .arg("-C")
         .arg(stage.path())
         .arg(name)
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("cannot run tar")?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("tar failed ({status}) writing {}", tmp.display());
-    }
-    std::fs::rename(&tmp, &tarball)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), tarball.display()))?;
+    let mut archive = tar.stdout.take().context("tar has no stdout")?;
+    engine::atomic::write_atomically(&tarball, |w| -> anyhow::Result<()> {
+        std::io::copy(&mut archive, w)?;
+        let status = tar.wait().context("cannot wait for tar")?;
+        if !status.success() {
+            bail!("tar failed ({status}) writing {}", tarball.display());
+        }
+        Ok(())
+    })?;
     Ok(tarball)
 }
 
@@ -176,7 +180,7 @@ fn write_sha256sums(out: &Path) -> anyhow::Result<PathBuf> {
         text.push_str(&format!("{digest}  {n}\n"));
     }
     let path = out.join("SHA256SUMS");
-    crate::write_atomic(&path, text.as_bytes())?;
+    engine::atomic::write_atomically(&path, |w| w.write_all(text.as_bytes()))?;
     Ok(path)
 }
 

@@ -61,7 +61,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
             }
         )),
         Some(path) => match nvcc_release(path) {
-            Some(r) if r == CUDA_RELEASE => eprintln!("xtask: nvcc {} (release {r})", path.display()),
+            Some(r) if r == CUDA_RELEASE => say!("xtask: nvcc {} (release {r})", path.display()),
             Some(r) => missing.push(format!(
                 "nvcc {} is release {r}; build with CUDA {CUDA_RELEASE} exactly (the GPU machines' driver is CUDA {CUDA_RELEASE}; newer PTX fails to load)",
                 path.display()
@@ -75,7 +75,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
 
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     match cap.parse::<u32>() {
-        Ok(c) if (50..=130).contains(&c) => eprintln!(
+        Ok(c) if (50..=130).contains(&c) => say!(
             "xtask: compute capability {c}{}",
             if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
                 " (default: H100/H200)"
@@ -159,7 +159,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
         bail!("{msg}");
     }
     if args.check_only {
-        eprintln!("xtask: every CUDA prerequisite is present");
+        say!("xtask: every CUDA prerequisite is present");
         return Ok(());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -170,7 +170,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
         .join("cuda");
     let started = Instant::now();
-    eprintln!(
+    say!(
         "xtask: cargo build --release -p cli --features cuda --target-dir {} (CUDA_COMPUTE_CAP={cap})",
         target_dir.display()
     );
@@ -192,7 +192,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
     if !status.success() {
         bail!("cargo build --features cuda failed ({status})");
     }
-    eprintln!(
+    say!(
         "xtask: CUDA build done in {:.0} s: {} (carry it to the GPU machine)",
         started.elapsed().as_secs_f64(),
         target_dir.join("release/agate").display()

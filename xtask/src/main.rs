@@ -1,14 +1,25 @@
 //! `cargo xtask`: project tasks that are not the runtime — fetching the default model, running
 //! every test (fetching first, then running the embedding example), weight conversion
 //! (`convert`), file inspection (`inspect`), CUDA prerequisite checks and builds (`kernels`),
-//! release packaging (`dist`) and regenerating `docs/cli.md` (`docs`). Each task says what it does
+//! release packaging (`dist`), regenerating `docs/cli.md` (`docs`) and small random models
+//! (`random-model`). Every file is written through `engine::atomic`. Each task says what it does
 //! on stderr and fails with one clear line (exit status 1).
+
+/// `eprintln!` that never panics (stderr may be closed or full: nowhere left to report).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod convert;
 mod dist;
 mod inspect;
 mod kernels;
+mod random_model;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -49,11 +60,21 @@ enum Task {
     Dist(dist::DistArgs),
     /// Regenerate docs/cli.md from the `agate` clap definitions.
     Docs,
+    /// Write a small random model (a Hugging Face directory with a byte-level tokenizer) for
+    /// trying things without the default model.
+    RandomModel(random_model::RandomModelArgs),
 }
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("xtask: error: {e:#}");
+        // Each cause once: a message that quotes its cause does not repeat it.
+        let mut line = e.to_string();
+        for cause in e.chain().skip(1).map(|c| c.to_string()) {
+            if !line.contains(&cause) {
+                line = format!("{line}: {cause}");
+            }
+        }
+        let _ = writeln!(std::io::stderr(), "xtask: error: {line}");
         std::process::exit(1);
     }
 }
@@ -61,18 +82,16 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.task {
         Task::FetchModel => {
-            let path = engine::model_cache::ensure_default_model(&mut |l| eprintln!("xtask: {l}"))?;
-            println!("{}", path.display());
-            Ok(())
+            let path = engine::model_cache::ensure_default_model(&mut |l| say!("xtask: {l}"))?;
+            stdout_line(&path.display().to_string())
         }
         Task::FetchData => {
-            let summary = engine::data::fetch_data(None, &mut |l| eprintln!("xtask: {l}"))?;
-            println!("{}", summary.dir.display());
-            Ok(())
+            let summary = engine::data::fetch_data(None, &mut |l| say!("xtask: {l}"))?;
+            stdout_line(&summary.dir.display().to_string())
         }
         Task::Test { cargo_args } => {
-            let path = engine::model_cache::ensure_default_model(&mut |l| eprintln!("xtask: {l}"))?;
-            eprintln!("xtask: default model at {}", path.display());
+            let path = engine::model_cache::ensure_default_model(&mut |l| say!("xtask: {l}"))?;
+            say!("xtask: default model at {}", path.display());
             cargo(
                 &["test", "--release", "--workspace", "--all-targets"],
                 &cargo_args,
@@ -97,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Kernels(args) => kernels::run(&args),
         Task::Dist(args) => dist::run(&args),
         Task::Docs => docs(),
+        Task::RandomModel(args) => random_model::run(&args),
     }
 }
 
@@ -106,30 +126,13 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Prints `line` to stdout: an error (not a panic) when stdout cannot be written.
+pub fn stdout_line(line: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".xtask-tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // Temporary files are created private; the result gets the usual mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    }
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
 }
 
 /// `cargo xtask docs`: runs the hidden `agate docs` command and writes its output to docs/cli.md.
@@ -148,8 +151,8 @@ fn docs() -> anyhow::Result<()> {
         );
     }
     let path = workspace_root().join("docs").join("cli.md");
-    write_atomic(&path, &out.stdout)?;
-    eprintln!("xtask: wrote {}", path.display());
+    engine::atomic::write_atomically(&path, |w| w.write_all(&out.stdout))?;
+    say!("xtask: wrote {}", path.display());
     Ok(())
 }
 
@@ -161,7 +164,7 @@ fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
-    eprintln!("xtask: cargo {} {}", args.join(" "), extra.join(" "));
+    say!("xtask: cargo {} {}", args.join(" "), extra.join(" "));
     let status = cmd
         .status()
         .with_context(|| format!("cannot run {cargo}"))?;

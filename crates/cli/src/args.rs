@@ -100,6 +100,6 @@ impl SamplingArgs {
 pub fn load_engine(args: &ModelArgs) -> anyhow::Result<engine::Engine> {
     Ok(engine::Engine::builder()
         .config(args.engine_config())
-        .on_progress(|line| eprintln!("agate: {line}"))
+        .on_progress(|line| say!("agate: {line}"))
         .build()?)
 }

@@ -30,8 +30,8 @@ pub struct BenchArgs {
     )]
     pub depths: Vec<usize>,
     /// Repetitions per configuration.
-    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
-    pub repetitions: usize,
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub repetitions: u64,
     /// Seed of the random prompt tokens.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -53,10 +53,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         prompt: args.prompt,
         generate: args.generate,
         depths: args.depths.clone(),
-        repetitions: args.repetitions,
+        repetitions: args.repetitions as usize,
         seed: args.seed,
+        positions: args.policy.positions_or(engine::Positions::Original),
     };
-    let bar = ProgressBar::new((policies.len() * spec.depths.len() * spec.repetitions) as u64);
+    let runs = policies
+        .len()
+        .saturating_mul(spec.depths.len())
+        .saturating_mul(spec.repetitions);
+    let bar = ProgressBar::new(runs as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} runs  {per_sec}  ETA {eta}  {msg}",
     )?);
@@ -82,17 +87,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.json {
         for row in &rows {
-            println!("{}", serde_json::to_string(row)?);
+            outln!("{}", serde_json::to_string(row)?)?;
         }
         return Ok(());
     }
-    println!(
+    outln!(
         "model: {} | threads: {}",
         engine.model_path().display(),
         rayon::current_num_threads()
-    );
-    println!("| policy | depth | test | t/s (median) | range | TTFT s | KV MiB in use / full | evicted | peak RSS MiB |");
-    println!("|---|---:|---|---:|---|---:|---|---:|---:|");
+    )?;
+    outln!("| policy | depth | test | t/s (median) | range | TTFT s | KV MiB in use / full | evicted | peak RSS MiB |")?;
+    outln!("|---|---:|---|---:|---|---:|---|---:|---:|")?;
     let mib = |b: f64| b / (1 << 20) as f64;
     for r in &rows {
         let kv = format!(
@@ -101,7 +106,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             mib(r.kv_bytes_full as f64)
         );
         let rss = mib(r.peak_rss_bytes as f64);
-        println!(
+        outln!(
             "| {} | {} | pp{} | {:.1} | {:.1}–{:.1} | {:.3} | {kv} | {:.2} | {rss:.0} |",
             r.policy,
             r.depth,
@@ -111,8 +116,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             r.prefill_tokens_per_s.max,
             r.time_to_first_token_s.median,
             r.eviction_ratio
-        );
-        println!(
+        )?;
+        if r.generate == 0 {
+            continue;
+        }
+        outln!(
             "| {} | {} | tg{} | {:.1} | {:.1}–{:.1} | | {kv} | {:.2} | {rss:.0} |",
             r.policy,
             r.depth,
@@ -121,7 +129,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             r.decode_tokens_per_s.min,
             r.decode_tokens_per_s.max,
             r.eviction_ratio
-        );
+        )?;
     }
     if let Some(bw) = rows.first().and_then(|r| r.roofline) {
         println!();

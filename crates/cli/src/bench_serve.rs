@@ -119,9 +119,9 @@ async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
     let after = scrape(&client, &base).await;
     let report = summarize(args, &results, wall, before.as_ref(), after.as_ref());
     if args.json {
-        println!("{report}");
+        outln!("{report}")?;
     } else {
-        print_table(&report, &results);
+        print_table(&report, &results)?;
     }
     let failed = results.iter().filter(|r| !r.ok).count();
     anyhow::ensure!(failed == 0, "{failed} of {} requests failed", results.len());
@@ -348,9 +348,9 @@ fn summarize(
     })
 }
 
-fn print_table(report: &Value, results: &[RequestResult]) {
+fn print_table(report: &Value, results: &[RequestResult]) -> anyhow::Result<()> {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!(
+    outln!(
         "{} clients × {} requests, {} tokens each: {} tokens in {:.2} s = {:.1} tokens/s aggregate",
         report["clients"],
         results.len() as u64 / report["clients"].as_u64().unwrap_or(1).max(1),
@@ -358,49 +358,50 @@ fn print_table(report: &Value, results: &[RequestResult]) {
         report["completion_tokens"],
         f(&report["wall_s"]),
         f(&report["aggregate_tokens_per_s"]),
-    );
+    )?;
     let per = &report["per_request_decode_tokens_per_s"];
-    println!(
+    outln!(
         "aggregate decode: {:.1} tokens/s (from the first token of any request to the last end)",
         f(&report["aggregate_decode_tokens_per_s"])
-    );
-    println!(
+    )?;
+    outln!(
         "per request: {:.1} tokens/s median ({:.1}–{:.1})",
         f(&per["median"]),
         f(&per["min"]),
         f(&per["max"])
-    );
+    )?;
     let t = &report["ttft_s"];
-    println!(
+    outln!(
         "time to first token: p50 {:.3} s, p90 {:.3} s, p99 {:.3} s, max {:.3} s",
         f(&t["p50"]),
         f(&t["p90"]),
         f(&t["p99"]),
         f(&t["max"])
-    );
+    )?;
     let kv = &report["kv"];
     let mib = |v: &Value| {
         v.as_f64()
             .map_or("?".to_string(), |b| format!("{:.1}", b / 1048576.0))
     };
-    println!(
+    outln!(
         "KV per request (max): {} MiB in use of {} MiB full; server peak {} MiB of {} MiB",
         mib(&kv["bytes_in_use_per_request_max"]),
         mib(&kv["bytes_full_per_request_max"]),
         mib(&kv["server_peak_bytes"]),
         mib(&kv["server_capacity_bytes"]),
-    );
+    )?;
     let s = &report["server"];
-    println!(
+    outln!(
         "server: {} preemptions, mean batch {:.2} sequences",
         s["preemptions"],
         f(&s["mean_batch"])
-    );
+    )?;
     for r in results.iter().filter(|r| !r.ok) {
-        println!(
+        outln!(
             "client {} failed: {}",
             r.client,
             r.error.as_deref().unwrap_or("?")
-        );
+        )?;
     }
+    Ok(())
 }

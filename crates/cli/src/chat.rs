@@ -1,13 +1,15 @@
 //! `agate chat`: an interactive conversation in the terminal. Answers stream as they are
 //! generated; Ctrl-C stops the current answer (not the program); slash commands adjust the
 //! session. The session's cache persists across turns, so each turn prefills only its new text.
+//! Keys sit at cache positions by default, so a chat whose policy keeps a fixed budget
+//! (`--policy streaming --keep 512`) never ends; a failed turn leaves the conversation as it was.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Args;
-use engine::{GenerateRequest, SamplingParams, Session};
+use engine::{GenerateRequest, Positions, SamplingParams, Session};
 
 use crate::args::{load_engine, ModelArgs, SamplingArgs};
 use crate::policy_args::PolicyArgs;
@@ -56,21 +58,22 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let choice = args.policy.single()?;
     let engine = load_engine(&args.model)?;
     let mut session = engine.session_with(choice.resolve(&engine)?)?;
+    session.set_positions(args.policy.positions_or(Positions::Cache))?;
     session.set_system_prompt(args.system.clone())?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
-    eprintln!(
-        "agate chat: {} ({} layers), policy {}. /help for commands, Ctrl-C stops an answer, /exit quits.",
+    say!(
+        "agate chat: {} ({} layers), policy {}, {} positions. /help for commands, Ctrl-C stops an answer, /exit quits.",
         engine.model_path().display(),
         engine.model_config().n_layers,
-        session.policy().name()
+        session.policy().name(),
+        session.positions().name()
     );
     let stdin = std::io::stdin();
     let mut last_speed: Option<String> = None;
     loop {
-        eprint!("> ");
-        let _ = std::io::stderr().flush();
+        crate::out::stderr(format_args!("> "));
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
             break;
@@ -85,20 +88,27 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say!("error: {e}");
                     continue;
                 }
             }
         }
         interrupted.store(false, Ordering::SeqCst);
-        let mut on_text = |t: &str| {
-            print!("{t}");
-            let _ = std::io::stdout().flush();
-            !interrupted.load(Ordering::SeqCst)
+        let mut write_error = None;
+        let mut on_text = |t: &str| match out!("{t}") {
+            Ok(()) => !interrupted.load(Ordering::SeqCst),
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
         };
-        match session.chat(line, &request, &mut on_text) {
+        let result = session.chat(line, &request, &mut on_text);
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+        match result {
             Ok(g) => {
-                println!();
+                outln!()?;
                 let speed = format!(
                     "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({:?})",
                     g.prompt_tokens,
@@ -107,10 +117,10 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
                     g.decode_tokens_per_s(),
                     g.finish_reason
                 );
-                eprintln!("[{speed}]");
+                say!("[{speed}]");
                 last_speed = Some(speed);
             }
-            Err(e) => eprintln!("\nerror: {e}"),
+            Err(e) => say!("\nerror: {e}"),
         }
     }
     Ok(())
@@ -131,15 +141,15 @@ fn handle_command(
             .map_err(|_| anyhow::anyhow!("/{what} needs a number, got `{rest}`"))
     };
     match name {
-        "help" => eprintln!("{HELP}"),
+        "help" => say!("{HELP}"),
         "exit" | "quit" => return Ok(false),
         "clear" => {
             session.clear()?;
-            eprintln!("conversation cleared");
+            say!("conversation cleared");
         }
         "system" => {
             session.set_system_prompt((!rest.is_empty()).then(|| rest.to_string()))?;
-            eprintln!(
+            say!(
                 "system prompt {}; conversation restarted",
                 if rest.is_empty() { "removed" } else { "set" }
             );
@@ -158,9 +168,10 @@ fn handle_command(
         }
         "stats" => {
             let kv = session.kv_report();
-            eprintln!(
-                "policy {}: {} tokens seen, {} retained per head on average (eviction ratio {:.3}); {} bytes in use ({} in {} KV blocks + {} of policy state) of {} for the full cache",
+            say!(
+                "policy {} ({} positions): {} tokens seen, {} retained per head on average (eviction ratio {:.3}); {} bytes in use ({} in {} KV blocks + {} of policy state) of {} for the full cache",
                 session.policy().name(),
+                session.positions().name(),
                 kv.tokens_seen,
                 kv.tokens_retained,
                 kv.eviction_ratio,
@@ -171,7 +182,7 @@ fn handle_command(
                 kv.bytes_full
             );
             if let Some(s) = last_speed {
-                eprintln!("last answer: {s}");
+                say!("last answer: {s}");
             }
         }
         other => anyhow::bail!("unknown command /{other}; /help lists them"),

@@ -28,6 +28,9 @@ use crate::args::{load_engine, ModelArgs};
 use crate::plot::{self, Series};
 use crate::policy_args::{AgModeArg, PolicyArgs, PolicyChoice};
 
+/// Most synthetic tasks one run makes (they are all made before the first runs).
+const MAX_SYNTHETIC_TASKS: usize = 100_000;
+
 /// Flags of `agate eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -181,8 +184,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--out: cannot create {}", dir.display()))?;
+        engine::atomic::ensure_dir(dir).context("--out")?;
     }
     let engine = load_engine(&args.model)?;
     let (label, mut tasks) = match (tasks_from_file.take(), args.synthetic) {
@@ -195,6 +197,24 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             t,
         ),
         (None, Some(family)) => {
+            // Sizes are checked before any task is made.
+            let context = engine.model_config().max_position;
+            anyhow::ensure!(
+                args.length as usize <= context,
+                "--length {}: longer than the model's context of {context} tokens",
+                args.length
+            );
+            let per_run = if family.uses_depth() {
+                args.depths.len()
+            } else {
+                1
+            };
+            let count = (args.samples as usize).saturating_mul(per_run);
+            anyhow::ensure!(
+                count <= MAX_SYNTHETIC_TASKS,
+                "--samples {} × {per_run} depth(s) = {count} tasks: at most {MAX_SYNTHETIC_TASKS} are made at once",
+                args.samples
+            );
             let spec = SyntheticSpec {
                 family,
                 length: args.length as usize,
@@ -225,10 +245,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.write_tasks {
         let text: String = tasks.iter().map(|t| t.to_json_line() + "\n").collect();
         write_text(path, &text)?;
-        eprintln!("{} tasks written to {}", tasks.len(), path.display());
+        say!("{} tasks written to {}", tasks.len(), path.display());
         return Ok(());
     }
     let opts = EvalOptions {
+        positions: args.policy.positions_or(engine::Positions::Original),
         query_aware: args.query_aware,
         chat: args.chat,
         answer_margin: args.answer_margin,
@@ -251,7 +272,7 @@ fn sweep_plan(
     let anchors = match &args.match_to {
         Some(m) if m.iter().any(|n| n == "none") => Vec::new(),
         Some(m) => m.clone(),
-        None if args.policy.ag_mode == AgModeArg::Threshold => {
+        None if args.policy.ag_mode != Some(AgModeArg::Budget) => {
             names.iter().filter(|n| *n == "ag").cloned().collect()
         }
         None => Vec::new(),
@@ -348,13 +369,13 @@ fn single(
         write_text(&dir.join("outcomes.jsonl"), &lines)?;
     }
     if args.json {
-        println!("{out}");
+        outln!("{out}")?;
         return Ok(());
     }
     let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
-    println!("tasks      {label}");
-    println!("policy     {}", choice.name());
-    println!(
+    outln!("tasks      {label}")?;
+    outln!("policy     {}", choice.name())?;
+    outln!(
         "protocol   {}{}",
         if args.chat {
             "chat template"
@@ -366,13 +387,13 @@ fn single(
         } else {
             ""
         }
-    );
-    println!("n          {}", summary.n);
-    println!(
+    )?;
+    outln!("n          {}", summary.n)?;
+    outln!(
         "accuracy   {:.4}  95% CI {}",
         summary.accuracy,
         ci(summary.accuracy_ci95)
-    );
+    )?;
     for (kind, t) in &summary.per_type {
         let mut line = format!(
             "  {kind:<10} n={} acc={:.4} {}",
@@ -389,17 +410,17 @@ fn single(
         if let Some(k) = t.kl {
             line.push_str(&format!(" kl={k:.5}"));
         }
-        println!("{line}");
+        outln!("{line}")?;
     }
     for (depth, acc) in &summary.by_depth {
-        println!("  depth {depth:<5} acc={acc:.4}");
+        outln!("  depth {depth:<5} acc={acc:.4}")?;
     }
-    println!("evicted    {:.2}%", summary.eviction_ratio * 100.0);
-    println!(
+    outln!("evicted    {:.2}%", summary.eviction_ratio * 100.0)?;
+    outln!(
         "KV         {:.2} MiB in use of {:.2} MiB full",
         summary.kv_bytes_in_use as f64 / (1 << 20) as f64,
         summary.kv_bytes_full as f64 / (1 << 20) as f64
-    );
+    )?;
     Ok(())
 }
 
@@ -434,7 +455,7 @@ fn run_sweep(
             .zip(&outcomes)
             .map(|(r, o)| {
                 let s = EvalSummary::from_outcomes(o)?;
-                eprintln!(
+                say!(
                     "{}{}: accuracy {:.3} [{:.3}, {:.3}], evicted {:.1}%",
                     r.policy,
                     r.ratio
@@ -508,12 +529,12 @@ fn run_sweep(
             (0.0, 1.0),
             &series,
         )?;
-        eprintln!("results written to {}", dir.display());
+        say!("results written to {}", dir.display());
     }
     if args.json {
-        println!("{out}");
+        outln!("{out}")?;
     } else {
-        print!("{table}");
+        out!("{table}")?;
     }
     Ok(())
 }
@@ -529,9 +550,6 @@ fn row_json(row: &SweepRow) -> Value {
 }
 
 fn write_text(path: &Path, text: &str) -> anyhow::Result<()> {
-    plot::write_atomically(path, |f| {
-        use std::io::Write;
-        f.write_all(text.as_bytes())?;
-        Ok(())
-    })
+    engine::atomic::write_atomically(path, |f| f.write_all(text.as_bytes()))?;
+    Ok(())
 }

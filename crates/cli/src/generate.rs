@@ -1,11 +1,10 @@
 //! `agate generate`: one prompt, streamed to stdout, with timings on stderr or as one JSON object
 //! (`--json`, a stable contract: text, prompt_tokens, generated_tokens, prefill_tokens_per_s,
-//! decode_tokens_per_s, kv{tokens_seen, tokens_retained, eviction_ratio, bytes_in_use, bytes_full}).
-
-use std::io::Write;
+//! decode_tokens_per_s, positions, kv{tokens_seen, tokens_retained, eviction_ratio, bytes_in_use,
+//! bytes_full}).
 
 use clap::Args;
-use engine::{GenerateRequest, SamplingParams};
+use engine::{GenerateRequest, Positions, SamplingParams};
 
 use crate::args::{load_engine, ModelArgs, SamplingArgs};
 use crate::policy_args::PolicyArgs;
@@ -47,9 +46,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
+    if let Some(path) = &args.eviction_map {
+        crate::plot::check_extension(path, "--eviction-map", &["png"])?;
+    }
     let choice = args.policy.single()?;
     let engine = load_engine(&args.model)?;
     let mut session = engine.session_with(choice.resolve(&engine)?)?;
+    session.set_positions(args.policy.positions_or(Positions::Original))?;
     let request = GenerateRequest {
         max_tokens: args.max_tokens,
         sampling,
@@ -57,12 +60,18 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         stop_at_eos: true,
     };
     let stream = !args.json;
+    let mut write_error = None;
     let mut on_text = |t: &str| {
-        if stream {
-            print!("{t}");
-            let _ = std::io::stdout().flush();
+        if !stream {
+            return true;
         }
-        true
+        match out!("{t}") {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
+        }
     };
     let generation = if args.chat {
         session.set_system_prompt(args.system.clone())?;
@@ -70,6 +79,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         session.complete(&args.prompt, &request, &mut on_text)?
     };
+    if let Some(e) = write_error {
+        return Err(e);
+    }
     let kv = session.kv_report();
     if let Some(path) = &args.eviction_map {
         let store = session.kv();
@@ -81,7 +93,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             })
             .collect();
         crate::plot::eviction_map_png(path, kv.tokens_seen, &kept)?;
-        eprintln!(
+        say!(
             "eviction map written to {}: one band per layer (layer 0 on top), one row per KV head, one column per token (scaled to at most 2048); dark = kept, light = evicted",
             path.display()
         );
@@ -97,12 +109,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "time_to_first_token_s": generation.time_to_first_token_secs,
             "model": engine.model_path().display().to_string(),
             "policy": session.policy().name(),
+            "positions": session.positions(),
             "kv": kv.to_json(),
         });
-        println!("{out}");
+        outln!("{out}")?;
     } else {
-        println!();
-        eprintln!(
+        outln!()?;
+        say!(
             "[prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s | KV {} of {} tokens retained, {} bytes]",
             generation.prompt_tokens,
             generation.prefill_tokens_per_s(),

@@ -35,9 +35,9 @@ pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
     gate_cfg.bias_init = args.bias.unwrap_or(gate_cfg.bias_init);
     gate_cfg.attention_window = args.attention_window.unwrap_or(gate_cfg.attention_window);
     let gates = engine.random_gates(&gate_cfg, args.seed)?;
-    gates.save(&args.out, StoreDtype::F32)?;
+    engine::train::write_gates(&gates, &args.out, StoreDtype::F32)?;
     let cfg = gates.config();
-    eprintln!(
+    say!(
         "wrote random gates ({} layers × {} heads of dim {}, attention window {}, keep bias {}) to {}",
         cfg.n_layers,
         cfg.heads,

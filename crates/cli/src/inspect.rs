@@ -45,47 +45,49 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         "gates": gates,
     });
     if args.json {
-        println!("{info}");
+        outln!("{info}")?;
         return Ok(());
     }
-    println!("model          {}", engine.model_path().display());
-    println!(
+    outln!("model          {}", engine.model_path().display())?;
+    outln!(
         "architecture   {:?} ({:?})",
         cfg.architecture,
         engine.source_kind()
-    );
-    println!("parameters     {:.1} M", params as f64 / 1e6);
-    println!("layers         {}", cfg.n_layers);
-    println!(
+    )?;
+    outln!("parameters     {:.1} M", params as f64 / 1e6)?;
+    outln!("layers         {}", cfg.n_layers)?;
+    outln!(
         "hidden / ffn   {} / {}",
-        cfg.hidden_size, cfg.intermediate_size
-    );
-    println!(
+        cfg.hidden_size,
+        cfg.intermediate_size
+    )?;
+    outln!(
         "heads          {} query, {} KV (group {}), head dim {}",
         cfg.n_heads,
         cfg.n_kv_heads,
         cfg.group_size(),
         cfg.head_dim
-    );
-    println!("vocabulary     {}", cfg.vocab_size);
-    println!(
+    )?;
+    outln!("vocabulary     {}", cfg.vocab_size)?;
+    outln!(
         "context        {} tokens (rope theta {})",
-        cfg.max_position, cfg.rope_theta
-    );
-    println!(
+        cfg.max_position,
+        cfg.rope_theta
+    )?;
+    outln!(
         "KV per token   {} bytes ({:?})",
         kv_per_token,
         engine.config().kv_dtype
-    );
-    println!(
+    )?;
+    outln!(
         "KV full ctx    {:.1} MiB",
         (kv_per_token * cfg.max_position) as f64 / (1 << 20) as f64
-    );
-    println!(
+    )?;
+    outln!(
         "gates          {}",
         gates.as_deref().unwrap_or(
             "none for this model (--policy ag needs --gates FILE; see docs/training.md)"
         )
-    );
+    )?;
     Ok(())
 }

@@ -1,5 +1,8 @@
 //! The `agate` binary: argument parsing and dispatch. Every error reaches the user as one line
-//! (`error: …`) and a non-zero exit status; no panic is expected to escape.
+//! (`error: …`, each cause once) and a non-zero exit status; no panic is expected to escape.
+
+#[macro_use]
+mod out;
 
 mod args;
 mod bench;
@@ -57,7 +60,24 @@ enum Command {
 
 fn main() {
     restore_default_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => e.exit(),
+        Err(e) => {
+            // --help and --version are results: a failed write to stdout is an error.
+            let text = e.render();
+            let text = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                text.ansi().to_string()
+            } else {
+                text.to_string()
+            };
+            if let Err(err) = out!("{text}") {
+                say!("error: {}", one_line(&err));
+                std::process::exit(1);
+            }
+            std::process::exit(e.exit_code());
+        }
+    };
     if let Some(n) = cli.threads {
         // candle's quantized kernels run on its own spin-barrier pool, sized from
         // RAYON_NUM_THREADS when it starts; rayon's global pool (gemm, the KV store) is sized
@@ -77,15 +97,44 @@ fn main() {
         Command::Eval(a) => eval::run(a),
         Command::InitGates(a) => init_gates::run(a),
         Command::TrainGates(a) => train_gates::run(a),
-        Command::Docs => {
-            print!("{}", docs::render(Cli::command()));
-            Ok(())
-        }
+        Command::Docs => out!("{}", docs::render(Cli::command())),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        say!("error: {}", one_line(&e));
+        // An interrupted run is not a failure of its input: the shell's code for SIGINT.
+        let code = if e.downcast_ref::<Interrupted>().is_some() {
+            130
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
+}
+
+/// A command stopped by Ctrl-C before it finished: the program ends with status 130.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The error and its causes on one line, each cause once: a message that already quotes its
+/// cause (`cannot read X: No such file`) does not repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// Rust ignores SIGPIPE, so printing into a closed pipe (`agate inspect | head -1`) would

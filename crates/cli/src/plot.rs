@@ -1,11 +1,12 @@
 //! Pictures people look at: the eviction map (which prompt tokens each layer and KV head kept,
 //! PNG) and line charts (accuracy vs eviction ratio with 95% error bars: SVG through plotters,
 //! and PNG drawn here with a built-in 5×7 pixel font, so no system font is needed). Files are
-//! written to a temporary name and renamed, so a crash never leaves half a picture.
+//! written by `engine::atomic` (a temporary name and a rename: a crash never leaves half a
+//! picture).
 
 use std::path::Path;
 
-use anyhow::Context;
+use engine::atomic::write_atomically;
 use plotters::prelude::*;
 
 /// Pixel height of one (layer, head) row of the eviction map.
@@ -46,7 +47,7 @@ pub fn eviction_map_png(
             }
         }
     }
-    write_atomically(path, |file| {
+    write_atomically(path, |file| -> anyhow::Result<()> {
         let mut encoder = png::Encoder::new(file, width as u32, height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
@@ -57,13 +58,23 @@ pub fn eviction_map_png(
     })
 }
 
-/// Writes `path` atomically through `write` (`engine::atomic`), naming the file on error.
-pub fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<&mut std::fs::File>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    engine::atomic::write_atomically(path, write)
-        .with_context(|| format!("cannot write {}", path.display()))
+/// Fails when the extension of `path` names none of `formats` (lower case, without the dot),
+/// since the format follows the extension; a name without one (`/dev/stdout`) is accepted when
+/// there is only one format to write.
+pub fn check_extension(path: &Path, flag: &str, formats: &[&str]) -> anyhow::Result<()> {
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+    match ext {
+        Some(e) if formats.contains(&e.as_str()) => Ok(()),
+        None if formats.len() == 1 => Ok(()),
+        _ => {
+            let expected: Vec<String> = formats.iter().map(|e| format!(".{e}")).collect();
+            anyhow::bail!(
+                "{flag} {}: the file name must end in {} (the format follows the extension)",
+                path.display(),
+                expected.join(" or ")
+            )
+        }
+    }
 }
 
 /// One line of a chart.
@@ -165,11 +176,8 @@ pub fn line_chart_svg(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    write_atomically(path, |file| {
-        use std::io::Write;
-        file.write_all(svg.as_bytes())?;
-        Ok(())
-    })
+    write_atomically(path, |file| file.write_all(svg.as_bytes()))?;
+    Ok(())
 }
 
 /// Chart size of [`line_chart_png`], in pixels.
@@ -287,7 +295,7 @@ pub fn line_chart_png(
         c.dot(r as f64 + 35.0, ly as f64 + 6.0, 4, color);
         c.text(r + 58, ly, &s.label, [0, 0, 0]);
     }
-    write_atomically(path, |file| {
+    write_atomically(path, |file| -> anyhow::Result<()> {
         let mut encoder = png::Encoder::new(file, PNG_W as u32, PNG_H as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);

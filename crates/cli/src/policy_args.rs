@@ -1,13 +1,18 @@
 //! Eviction-policy flags shared by generate, chat, eval and bench: `--policy NAME[,NAME…]`,
-//! `--evict RATIO` or `--keep TOKENS`, the policy-specific knobs, and `--policy-opt KEY=VALUE`
-//! for the design's \[choice\] defaults without a flag of their own (engine::PolicyOptions).
-//! Values are range-checked by clap before the model loads; the engine checks the rest against
-//! the model. Errors name the flag and the value.
+//! `--evict RATIO` or `--keep TOKENS`, the policy-specific knobs, `--policy-opt KEY=VALUE` for
+//! the design's \[choice\] defaults without a flag of their own (engine::PolicyOptions), and
+//! `--positions`. Values are range-checked by clap before the model loads; the engine checks the
+//! rest against the model. Errors name the flag and the value.
+//!
+//! A flag that does nothing for the chosen policy is an error (`--evict` with `full`,
+//! `--gates` with `h2o`, `--evict` with `ag` in threshold mode, a `--policy-opt` key of another
+//! policy); when several policies are named, a flag is an error if none of them uses it and a
+//! warning naming those that ignore it otherwise (they run without it).
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use engine::{Engine, Policy, PolicyOptions, PolicySpec};
+use engine::{Engine, Policy, PolicyOptions, PolicySpec, Positions, Setting};
 
 /// Attention-Gate decision mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,20 +59,63 @@ pub struct PolicyArgs {
     /// Attention-Gate keep threshold in [0, 1) (default: the checkpoint's, usually 0.5).
     #[arg(long, value_parser = parse_ratio)]
     pub threshold: Option<f32>,
-    /// Attention-Gate mode.
-    #[arg(long, value_enum, default_value = "threshold")]
-    pub ag_mode: AgModeArg,
-    /// Attention-Gate flags generated tokens too (off: generated tokens are all kept).
-    #[arg(long, value_enum, default_value = "on")]
-    pub ag_decode: Switch,
-    /// Seed of the random and NACL policies.
-    #[arg(long, default_value_t = 0)]
-    pub policy_seed: u64,
+    /// Attention-Gate mode [default: threshold].
+    #[arg(long, value_enum)]
+    pub ag_mode: Option<AgModeArg>,
+    /// Attention-Gate flags generated tokens too (off: generated tokens are all kept)
+    /// [default: on].
+    #[arg(long, value_enum)]
+    pub ag_decode: Option<Switch>,
+    /// Seed of the random and NACL policies [default: 0].
+    #[arg(long)]
+    pub policy_seed: Option<u64>,
+    /// Where RoPE places keys: `original` (their position in the text, the papers' setting; a
+    /// conversation ends at the model's context) or `cache` (their slot in each KV head's
+    /// cache, StreamingLLM's positions: with a fixed --keep budget a chat never ends). Default:
+    /// cache for chat, original elsewhere (docs/policies.md).
+    #[arg(long, value_parser = parse_positions)]
+    pub positions: Option<Positions>,
     /// A policy's [choice] default, KEY=VALUE (comma-separate or repeat): normalise (h2o),
     /// kernel (snapkv, pyramidkv), beta (pyramidkv), proxy_frac, sink_frac, recent_frac, kp_frac,
     /// kr_frac, min_len (nacl). Defaults and meaning: docs/policies.md.
     #[arg(long = "policy-opt", value_name = "KEY=VALUE", value_delimiter = ',')]
     pub options: Vec<String>,
+}
+
+fn parse_positions(s: &str) -> Result<Positions, String> {
+    Positions::parse(s).map_err(|e| e.to_string())
+}
+
+/// The flag a user gives for a policy setting.
+fn flag(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Evict => "--evict",
+        Setting::Keep => "--keep",
+        Setting::Sinks => "--sinks",
+        Setting::Window => "--window",
+        Setting::Gates => "--gates",
+        Setting::Threshold => "--threshold",
+        Setting::AgBudgetMode => "--ag-mode",
+        Setting::AgDecode => "--ag-decode",
+        Setting::Seed => "--policy-seed",
+    }
+}
+
+/// Why a policy does without a setting, for the message.
+fn why(policy: &str, setting: Setting) -> &'static str {
+    match (policy, setting) {
+        ("full", Setting::Evict | Setting::Keep) => " (it keeps every token)",
+        ("ag", Setting::Evict | Setting::Keep) => {
+            " in threshold mode (the gates decide; --ag-mode budget keeps a budget)"
+        }
+        ("streaming", Setting::Window) => {
+            " with a budget (its window is --keep or the evicted share minus --sinks)"
+        }
+        (_, Setting::Gates | Setting::Threshold | Setting::AgDecode | Setting::AgBudgetMode) => {
+            " (Attention-Gate only)"
+        }
+        _ => "",
+    }
 }
 
 fn parse_ratio(s: &str) -> Result<f32, String> {
@@ -113,7 +161,8 @@ impl PolicyChoice {
 impl PolicyArgs {
     /// Every policy named (`all` expands to every policy but ag, unless `--gates` is given;
     /// a name given twice counts once), with the shared knobs; each gets the `--policy-opt`
-    /// options that apply to it, and an option that applies to none of them is an error.
+    /// options that apply to it. Flags and options that none of them uses are an error, and a
+    /// warning names the policies that ignore one the others use (see the module header).
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
         let mut names: Vec<String> = Vec::new();
         for n in &self.names {
@@ -141,21 +190,30 @@ impl PolicyArgs {
                 .set_pair(pair)
                 .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;
         }
-        if let Some(key) = options
-            .keys_set()
-            .into_iter()
-            .find(|k| !names.iter().any(|n| PolicyOptions::applies_to(k, n)))
-        {
-            let applies_to = PolicyOptions::KEYS
+        for key in options.keys_set() {
+            let ignoring: Vec<&str> = names
                 .iter()
-                .find(|k| k.name == key)
-                .map_or_else(String::new, |k| k.policies.join(", "));
-            anyhow::bail!(
-                "--policy-opt: `{key}` does not apply to {} (it applies to {applies_to})",
-                names.join(", ")
-            );
+                .filter(|n| !PolicyOptions::applies_to(key, n))
+                .map(String::as_str)
+                .collect();
+            if ignoring.len() == names.len() {
+                let applies_to = PolicyOptions::KEYS
+                    .iter()
+                    .find(|k| k.name == key)
+                    .map_or_else(String::new, |k| k.policies.join(", "));
+                anyhow::bail!(
+                    "--policy-opt: `{key}` does not apply to {} (it applies to {applies_to})",
+                    names.join(", ")
+                );
+            }
+            if !ignoring.is_empty() {
+                say!(
+                    "agate: note: --policy-opt {key} does nothing with {}; they run without it",
+                    ignoring.join(", ")
+                );
+            }
         }
-        Ok(names
+        let mut choices: Vec<PolicyChoice> = names
             .into_iter()
             .map(|name| PolicyChoice {
                 spec: PolicySpec {
@@ -165,14 +223,71 @@ impl PolicyArgs {
                     window: self.window,
                     gates: self.gates.clone(),
                     threshold: self.threshold,
-                    ag_budget_mode: self.ag_mode == AgModeArg::Budget,
-                    ag_decode: Some(self.ag_decode == Switch::On),
-                    seed: Some(self.policy_seed),
+                    ag_budget_mode: self.ag_mode == Some(AgModeArg::Budget),
+                    ag_decode: self.ag_decode.map(|d| d == Switch::On),
+                    seed: self.policy_seed,
                     options: options.for_policy(&name),
                     name,
                 },
             })
-            .collect())
+            .collect();
+        let ignored: Vec<Vec<Setting>> = choices
+            .iter()
+            .map(|c| {
+                let mut ignored = c.spec.ignored();
+                // `--ag-mode threshold` leaves the spec as it is; only ag reads the flag.
+                if self.ag_mode.is_some()
+                    && c.name() != "ag"
+                    && !ignored.contains(&Setting::AgBudgetMode)
+                {
+                    ignored.push(Setting::AgBudgetMode);
+                }
+                ignored
+            })
+            .collect();
+        let all = [
+            Setting::Evict,
+            Setting::Keep,
+            Setting::Sinks,
+            Setting::Window,
+            Setting::Gates,
+            Setting::Threshold,
+            Setting::AgBudgetMode,
+            Setting::AgDecode,
+            Setting::Seed,
+        ];
+        for setting in all {
+            let ignoring: Vec<&str> = choices
+                .iter()
+                .zip(&ignored)
+                .filter(|(_, i)| i.contains(&setting))
+                .map(|(c, _)| c.name())
+                .collect();
+            if ignoring.is_empty() {
+                continue;
+            }
+            if ignoring.len() == choices.len() {
+                let policy = ignoring.join(", ");
+                anyhow::bail!(
+                    "{} does nothing with --policy {policy}{}; remove it",
+                    flag(setting),
+                    if ignoring.len() == 1 {
+                        why(ignoring[0], setting)
+                    } else {
+                        ""
+                    }
+                );
+            }
+            say!(
+                "agate: note: {} does nothing with {}; they run without it",
+                flag(setting),
+                ignoring.join(", ")
+            );
+        }
+        for (choice, ignored) in choices.iter_mut().zip(ignored) {
+            choice.spec.drop_settings(&ignored);
+        }
+        Ok(choices)
     }
 
     /// The single policy of generate/chat (an error if several are named).
@@ -184,5 +299,10 @@ impl PolicyArgs {
             self.names.join(",")
         );
         Ok(all.remove(0))
+    }
+
+    /// `--positions`, or `default`.
+    pub fn positions_or(&self, default: Positions) -> Positions {
+        self.positions.unwrap_or(default)
     }
 }

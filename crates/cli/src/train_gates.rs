@@ -3,10 +3,12 @@
 //! `--resume`, a held-out evaluation and a loss/eviction chart at the end.
 //!
 //! Invariants: the final gates file is written atomically with the model's identity; a
-//! checkpoint is written every `--checkpoint-every` steps and at the end (and on Ctrl-C, which
-//! stops after the current step), so an interrupted run resumes where it stopped.
+//! checkpoint (checksummed, holding every step's report) is written every `--checkpoint-every`
+//! steps and at the end. Ctrl-C stops after the current step, writes a checkpoint and no final
+//! outputs, and ends with status 130 naming the checkpoint, so a script can tell an interrupted
+//! run from a finished one; `--resume` continues it exactly, its log rebuilt from the
+//! checkpoint (never a log with holes).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,12 +16,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use engine::atomic::AppendLog;
 use engine::train::{Mode, StepReport, TrainConfig, Trainables, Trainer};
 use engine::StoreDtype;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{load_engine, ModelArgs};
 use crate::plot::{self, line_chart_png, line_chart_svg, Series};
+
+/// Default of `--heldout-seqs`.
+const DEFAULT_HELDOUT_SEQS: usize = 16;
 
 /// Quantile rounds of `--calibrate-seqs` (each re-measures with the previous round's tau).
 const CALIBRATION_ROUNDS: usize = 3;
@@ -42,7 +48,7 @@ pub struct TrainGatesArgs {
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub heldout: Vec<PathBuf>,
     /// Held-out sequences evaluated at the end.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_HELDOUT_SEQS)]
     pub heldout_seqs: usize,
     /// Target eviction ratio r.
     #[arg(long, default_value_t = 0.5)]
@@ -150,6 +156,11 @@ pub struct TrainGatesArgs {
 }
 
 impl TrainGatesArgs {
+    /// Whether `--heldout-seqs` was moved off its default with no held-out file to use it on.
+    fn heldout_given_without_files(&self) -> bool {
+        self.heldout.is_empty() && self.heldout_seqs != DEFAULT_HELDOUT_SEQS
+    }
+
     fn train_config(&self) -> anyhow::Result<TrainConfig> {
         let train = Trainables::parse(&self.train)?;
         Ok(TrainConfig {
@@ -222,27 +233,51 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.log_every > 0,
         "--log-every 0: expected a positive number"
     );
+    if let Some(p) = &args.plot {
+        plot::check_extension(p, "--plot", &["svg", "png"])?;
+    }
+    // Flags this run would ignore (or fail on only after training) are refused now.
+    let lora = args.train != "gates";
+    anyhow::ensure!(
+        lora || args.lora_rank.is_none(),
+        "--lora-rank does nothing with --train gates; use --train lora or both"
+    );
+    anyhow::ensure!(
+        lora || args.lora_out.is_none(),
+        "--lora-out does nothing with --train gates (no adapters are trained)"
+    );
+    anyhow::ensure!(
+        args.train != "lora" || args.calibrate_seqs == 0,
+        "--calibrate-seqs does nothing with --train lora (no gates are trained)"
+    );
+    anyhow::ensure!(
+        !args.heldout_given_without_files(),
+        "--heldout-seqs does nothing without --heldout FILE"
+    );
     let dtype = match args.out_dtype.as_str() {
         "f32" => StoreDtype::F32,
         "bf16" => StoreDtype::BF16,
         _ => StoreDtype::F16,
     };
+    let stop = stop_on_interrupt()?;
     let engine = load_engine(&args.model)?;
     let mut trainer = Trainer::new(&engine, cfg)?;
     let ckpt = args
         .checkpoint_dir
         .as_ref()
         .map(|d| d.join("checkpoint.safetensors"));
+    // Every step's report: the checkpoint records them, the log and the curve come from them.
+    let mut history: Vec<StepReport> = Vec::new();
     if args.resume {
         let path = ckpt.as_ref().context("--resume needs --checkpoint-dir")?;
-        trainer.resume(path)?;
-        eprintln!(
+        history = trainer.resume(path)?;
+        say!(
             "agate: resumed from {} at step {}",
             path.display(),
             trainer.step()
         );
     }
-    eprintln!(
+    say!(
         "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
         args.train,
         trainer.n_examples(),
@@ -251,35 +286,11 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.batch,
         args.grad_accum
     );
-    // On --resume the log keeps the steps up to the checkpoint (a crash may have logged later
-    // ones) and they start the curve; otherwise it starts empty.
-    let mut history: Vec<StepReport> = match (&args.log, args.resume) {
-        (Some(p), true) if p.exists() => logged_steps(p, trainer.step())?,
-        _ => Vec::new(),
-    };
+    let logged = |r: &StepReport| r.step.is_multiple_of(args.log_every) || r.step == args.steps;
     let mut log = match &args.log {
-        Some(p) => {
-            plot::write_atomically(p, |w| {
-                for r in &history {
-                    writeln!(w, "{}", serde_json::to_string(r)?)?;
-                }
-                Ok(())
-            })?;
-            Some(
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("cannot open --log {}", p.display()))?,
-            )
-        }
+        Some(p) => Some(start_log(p, &history, &logged, args.resume)?),
         None => None,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // Only fails if a handler is already installed, which this program never does.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -297,55 +308,78 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
             "loss {:.3} ce {:.3} evict soft {:.3} (target {:.3}) hard {:.3} λ {:.2} {:.0} tok/s",
             r.loss, r.ce, r.soft_evict, r.soft_target, r.hard_evict, r.lambda, r.tokens_per_s
         ));
-        if r.step % args.log_every == 0 || r.step == args.steps {
-            if let Some(f) = log.as_mut() {
-                writeln!(f, "{}", serde_json::to_string(&r)?)?;
-                f.flush()?;
-            }
-        }
-        if let Some(p) = &ckpt {
-            if r.step % args.checkpoint_every == 0 {
-                trainer.save_checkpoint(p)?;
-            }
+        if let Some(log) = log.as_mut().filter(|_| logged(&r)) {
+            log.line(&serde_json::to_string(&r)?)?;
         }
         history.push(r);
+        if let Some(p) = &ckpt {
+            if trainer.step().is_multiple_of(args.checkpoint_every) {
+                trainer.save_checkpoint(p, &history)?;
+            }
+        }
     }
     bar.finish();
     let train_secs = started.elapsed().as_secs_f64();
     if let Some(p) = &ckpt {
-        trainer.save_checkpoint(p)?;
-        eprintln!(
+        trainer.save_checkpoint(p, &history)?;
+        say!(
             "agate: checkpoint at step {} in {}",
             trainer.step(),
             p.display()
         );
     }
+    let checkpoint_note = match &ckpt {
+        Some(p) => format!(
+            "the last checkpoint (step {}) is {}: continue with --resume",
+            trainer.step(),
+            p.display()
+        ),
+        None => "no checkpoint was written (--checkpoint-dir DIR keeps one)".into(),
+    };
+    let (stopped_at, steps) = (trainer.step(), args.steps);
+    let interrupted = || -> anyhow::Result<()> {
+        if !stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(crate::Interrupted(format!(
+            "train-gates was interrupted at step {stopped_at} of {steps}; no final outputs were written; {checkpoint_note}"
+        ))
+        .into())
+    };
+    interrupted()?;
     if trainer.config().train != Trainables::Lora {
         if args.calibrate_seqs > 0 {
             let ratio = trainer.calibrate_threshold(args.calibrate_seqs, CALIBRATION_ROUNDS)?;
-            eprintln!(
+            say!(
                 "agate: threshold calibrated on {} training sequences: tau {:.4}, hard eviction {:.3}",
                 args.calibrate_seqs.min(trainer.n_examples()),
                 trainer.gates().config().threshold,
                 ratio
             );
+            interrupted()?;
         }
         trainer.save_gates(&args.out, dtype)?;
-        eprintln!("agate: wrote gates to {}", args.out.display());
+        say!("agate: wrote gates to {}", args.out.display());
     }
     if let Some(p) = &args.lora_out {
         trainer.save_lora(p)?;
-        eprintln!("agate: wrote LoRA adapters to {}", p.display());
+        say!("agate: wrote LoRA adapters to {}", p.display());
     }
     let steps_run = trainer.step() - first_step;
     if steps_run > 0 {
         let per_step = (args.seq_len * args.batch * args.grad_accum) as f64;
-        eprintln!(
+        say!(
             "agate: {steps_run} steps in {train_secs:.0} s, mean {:.1} tokens/s",
             per_step * steps_run as f64 / train_secs
         );
     }
     if !args.heldout.is_empty() {
+        if stop.load(Ordering::SeqCst) {
+            return Err(crate::Interrupted(
+                "train-gates was interrupted before its held-out evaluation (training finished and its outputs were written)".into(),
+            )
+            .into());
+        }
         let h = trainer.evaluate(&args.heldout, args.heldout_seqs)?;
         let gated = match h.ppl_gates {
             Some(p) => format!(
@@ -356,40 +390,76 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
             ),
             None => String::new(),
         };
-        eprintln!(
+        say!(
             "agate: held-out ({} seqs, {} scored tokens): PPL base {:.3}, trained with full cache {:.3}{gated}",
             h.sequences, h.tokens, h.ppl_base, h.ppl_full
         );
-        if let Some(f) = log.as_mut() {
-            writeln!(f, "{}", serde_json::json!({ "heldout": h }))?;
+        if let Some(log) = log.as_mut() {
+            log.line(&serde_json::json!({ "heldout": h }).to_string())?;
         }
     }
     if let Some(p) = &args.plot {
         plot(p, &history)?;
-        eprintln!("agate: wrote {}", p.display());
+        say!("agate: wrote {}", p.display());
     }
     Ok(())
 }
 
-/// The step lines of a training log up to step `last` (other lines, such as the held-out
-/// result, are dropped).
-fn logged_steps(path: &std::path::Path, last: usize) -> anyhow::Result<Vec<StepReport>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --log {}", path.display()))?;
-    let mut steps = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        if value.get("step").is_none() {
-            continue;
+/// Ctrl-C (or SIGTERM) stops the run after the current step (then it checkpoints and ends with
+/// status 130); a second one ends the program at once.
+fn stop_on_interrupt() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            say!("\nagate: interrupted again: stopping now");
+            std::process::exit(130);
         }
-        let r: StepReport = serde_json::from_value(value)
-            .with_context(|| format!("{}:{}: not a step record", path.display(), i + 1))?;
-        if r.step <= last {
-            steps.push(r);
+        say!("\nagate: interrupted: stopping after this step (Ctrl-C again stops at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+/// Starts the JSONL log at `path` with the `logged` reports of `history` (the checkpoint's, on
+/// `--resume`). A resumed run's log is rewritten from the checkpoint, so it never has holes;
+/// a note says so when the file on disk was missing, truncated or different.
+fn start_log(
+    path: &std::path::Path,
+    history: &[StepReport],
+    logged: &dyn Fn(&StepReport) -> bool,
+    resumed: bool,
+) -> anyhow::Result<AppendLog> {
+    let mut text = String::new();
+    for r in history.iter().filter(|r| logged(r)) {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    if resumed {
+        let on_disk = std::fs::read_to_string(path).ok();
+        let steps = on_disk.as_deref().map(|t| step_lines(t, history.len()));
+        let expected: Vec<&str> = text.lines().collect();
+        match steps {
+            None => say!(
+                "agate: the log {} is missing: rebuilt from the checkpoint",
+                path.display()
+            ),
+            Some(lines) if lines != expected => say!(
+                "agate: the log {} does not match the checkpoint (truncated or edited): rebuilt from it",
+                path.display()
+            ),
+            Some(_) => {}
         }
     }
-    Ok(steps)
+    AppendLog::start(path, text.as_bytes()).with_context(|| format!("--log {}", path.display()))
+}
+
+/// The step lines of a log up to step `last`, as written (other lines, such as a held-out
+/// result, are left out).
+fn step_lines(text: &str, last: usize) -> Vec<&str> {
+    text.lines()
+        .filter(|l| serde_json::from_str::<StepReport>(l).is_ok_and(|r| r.step <= last))
+        .collect()
 }
 
 /// Steps of the running CE mean drawn in the PNG curve.

@@ -29,7 +29,8 @@ fn tiny_model(dir: &Path, max_position: usize) -> PathBuf {
     let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
     cfg.max_position = max_position;
     let path = dir.join("tiny");
-    model_zoo::random::write_random_model(&path, &cfg, 7).unwrap();
+    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
+        .unwrap();
     path
 }
 
@@ -265,7 +266,10 @@ fn generate_pyramidkv_meets_the_requested_ratio() {
     let mut cfg = model_zoo::random::tiny_config(30, 4, 2);
     cfg.max_position = 4096;
     let model = dir.path().join("tiny30");
-    model_zoo::random::write_random_model(&model, &cfg, 5).unwrap();
+    engine::atomic::write_dir(&model, |s| {
+        model_zoo::random::write_random_model(s, &cfg, 5)
+    })
+    .unwrap();
     // The random models' tokenizer is byte-level: one token per byte.
     let prompt: String = "The grass is green. The sky is blue. "
         .chars()

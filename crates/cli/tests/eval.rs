@@ -16,7 +16,8 @@ fn agate(args: &[&str]) -> Output {
 fn tiny_model(dir: &Path) -> PathBuf {
     let cfg = model_zoo::random::tiny_config(2, 4, 2);
     let path = dir.join("tiny");
-    model_zoo::random::write_random_model(&path, &cfg, 7).unwrap();
+    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
+        .unwrap();
     path
 }
 

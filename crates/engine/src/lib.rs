@@ -38,13 +38,13 @@ pub use gate_core::gate::DEFAULT_ATTENTION_WINDOW as DEFAULT_GATE_ATTENTION_WIND
 pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::KvDtype;
 pub use model_zoo::{ChatMessage, ModelConfig, PrefillKind, WeightFormat};
-pub use policy::{AgMode, Policy, PolicyOptions, PolicySpec, Recent};
+pub use policy::{AgMode, Policy, PolicyOptions, PolicySpec, Recent, Setting};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use scheduler::{
     EventSink, MetricsSnapshot, Prompt, RequestEvent, RequestStream, Scheduler, SchedulerConfig,
     Submission, Usage,
 };
-pub use session::{FinishReason, GenerateRequest, Generation, Session};
+pub use session::{FinishReason, GenerateRequest, Generation, Positions, Session};
 pub use shared_context::SharedContext;
 pub use worker::{SessionWorker, StreamEvent, TextStream};

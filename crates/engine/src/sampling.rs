@@ -2,7 +2,8 @@
 //!
 //! Invariants: `temperature == 0` is exactly greedy (argmax, lowest id wins ties); filters apply
 //! in the order penalty → temperature → top-k → top-p → min-p; the same seed, params and logits
-//! always give the same token.
+//! always give the same token; no input makes it panic: non-finite logits are never drawn (the
+//! session refuses non-finite logits before sampling; all non-finite gives token 0).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -88,11 +89,13 @@ impl Sampler {
             for &t in &history[start..] {
                 if let Some(l) = logits.get_mut(t as usize) {
                     if seen.insert(t) {
-                        *l = if *l > 0.0 {
+                        let penalised = if *l > 0.0 {
                             *l / p.repetition_penalty
                         } else {
                             *l * p.repetition_penalty
                         };
+                        // An extreme penalty must not turn a logit into an infinity.
+                        *l = penalised.clamp(-f32::MAX, f32::MAX);
                     }
                 }
             }
@@ -105,7 +108,7 @@ impl Sampler {
         // vocabulary costs milliseconds per token).
         let mut order = LazyOrder::new(&logits);
         if order.is_empty() {
-            return argmax(&logits); // every logit is NaN
+            return argmax(&logits); // no logit is finite
         }
         if p.top_k > 0 {
             order.keep_best(p.top_k);
@@ -164,7 +167,7 @@ struct LazyOrder<'a> {
 impl<'a> LazyOrder<'a> {
     fn new(logits: &'a [f32]) -> Self {
         let ids = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
+            .filter(|&i| logits[i as usize].is_finite())
             .collect();
         LazyOrder {
             logits,
@@ -215,11 +218,11 @@ impl<'a> LazyOrder<'a> {
     }
 }
 
-/// Index of the largest value; the lowest index wins ties; NaN never wins.
+/// Index of the largest value; the lowest index wins ties; NaN never wins (all NaN: 0).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, &v) in values.iter().enumerate() {
-        if v > values[best] || values[best].is_nan() {
+        if v > values[best] || (values[best].is_nan() && !v.is_nan()) {
             best = i;
         }
     }
@@ -291,7 +294,7 @@ mod tests {
     /// The kept candidates and their probabilities by the naive full sort (the definition).
     fn naive_nucleus(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
         let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
+            .filter(|&i| logits[i as usize].is_finite())
             .collect();
         order.sort_by(|&a, &b| {
             logits[b as usize]
@@ -386,6 +389,22 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn non_finite_logits_never_panic_nor_win() {
+        for temperature in [0.0, 0.7] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                top_k: 2,
+                repetition_penalty: 1e-30,
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&[f32::NAN; 4], &[1]), 0);
+            assert_eq!(s.sample(&[f32::NAN, 0.5, f32::NAN], &[]), 1);
+            let t = s.sample(&[f32::INFINITY, 0.5, f32::NEG_INFINITY, 0.2], &[3]);
+            assert!(t < 4);
+        }
     }
 
     #[test]

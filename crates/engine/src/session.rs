@@ -17,7 +17,9 @@
 //! holds the next-token logits after the last fed token and is `None` while a token is pending;
 //! a prefill is fed in chunks of at most the engine's prefill chunk as a [`PrefillPlan`] cuts it,
 //! the one chunking every path shares (sessions, the scheduler, and [`run_prefill`], so that a
-//! [`crate::SharedContext`] prefills exactly like a session).
+//! [`crate::SharedContext`] prefills exactly like a session); a step is planned (context, KV
+//! blocks reserved) before anything changes, and every forward pass is all-or-nothing, so a
+//! failed step leaves all of these as they were.
 
 use std::time::Instant;
 
@@ -115,12 +117,58 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
+/// Where RoPE places a session's keys and queries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// At their token's position in the text (tokens seen before it, evicted or not): the
+    /// papers' setting; a session ends when the text reaches the model's context.
+    #[default]
+    Original,
+    /// At their position in each KV head's cache (StreamingLLM's positions): evicted gaps
+    /// close, so query-key distances stay within the context, and a session whose policy bounds
+    /// its cache can run past the model's context, endlessly.
+    Cache,
+}
+
+impl Positions {
+    /// `original` or `cache`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Positions::Original => "original",
+            Positions::Cache => "cache",
+        }
+    }
+
+    /// Parses `original` or `cache`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "original" => Ok(Positions::Original),
+            "cache" => Ok(Positions::Cache),
+            other => Err(EngineError::Invalid(format!(
+                "unknown positions mode `{other}` (expected original or cache)"
+            ))),
+        }
+    }
+}
+
 /// One conversation over an [`Engine`].
+///
+/// Every step of the session's own API (a prefill, a generation, a chat turn) is planned before
+/// it starts: the tokens must fit the model's context (in [`Positions::Cache`], the widest KV
+/// head plus the new tokens must), and the KV blocks the step may need, at most, are reserved in
+/// the pool, so it cannot run out of memory half-way. A step that fails before it changes
+/// anything leaves the session exactly as it was (cache, policy state, tokens seen, pending
+/// token, transcript); each forward pass is all-or-nothing. A generation that fails after some
+/// tokens were produced (only non-finite logits from a broken model can do that once memory is
+/// reserved) keeps what it produced, as a cancelled one does, so that cache and transcript
+/// agree. (The scheduler plans its own steps: it admits a pass only when the pool has room.)
 pub struct Session {
     engine: Engine,
     kv: SequenceKv,
     policy: Policy,
     hook: Box<dyn LayerHook + Send>,
+    positions: Positions,
     seen: Vec<u32>,
     pub(crate) pending: Option<u32>,
     pub(crate) logits: Option<Vec<f32>>,
@@ -131,14 +179,14 @@ pub struct Session {
 
 impl Session {
     pub(crate) fn new(engine: Engine, policy: Policy) -> Result<Self> {
-        let cfg = engine.model_config();
-        let kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
-        let hook = policy.hook(cfg)?;
+        let kv = empty_store(&engine, Positions::Original);
+        let hook = policy.hook(engine.model_config())?;
         Ok(Self::resumed(engine, policy, hook, kv, Vec::new(), None))
     }
 
     /// A session in a given state: `kv` holds exactly `seen`, `hook` is the policy's hook in the
-    /// state it reached feeding them, `logits` follow the last of them.
+    /// state it reached feeding them, `logits` follow the last of them. Its positions are the
+    /// store's (cache positions if it has them).
     pub(crate) fn resumed(
         engine: Engine,
         policy: Policy,
@@ -147,11 +195,17 @@ impl Session {
         seen: Vec<u32>,
         logits: Option<Vec<f32>>,
     ) -> Self {
+        let positions = if kv.has_cache_positions() {
+            Positions::Cache
+        } else {
+            Positions::Original
+        };
         Session {
             engine,
             kv,
             policy,
             hook,
+            positions,
             seen,
             pending: None,
             logits,
@@ -169,6 +223,19 @@ impl Session {
     /// The eviction policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Where RoPE places keys and queries.
+    pub fn positions(&self) -> Positions {
+        self.positions
+    }
+
+    /// Sets where RoPE places keys and queries; the conversation restarts (the system prompt
+    /// stays).
+    pub fn set_positions(&mut self, positions: Positions) -> Result<()> {
+        self.kv = empty_store(&self.engine, positions);
+        self.positions = positions;
+        self.clear()
     }
 
     /// Tokens seen so far (fed through the model, retained or not).
@@ -205,21 +272,36 @@ impl Session {
     }
 
     /// Runs `tokens` through the model after everything seen so far, as context: a one-shot
-    /// policy compresses the cache at its end. Returns seconds spent.
+    /// policy compresses the cache at its end. Returns seconds spent. Fails, changing nothing,
+    /// when they do not fit the context or the KV pool.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<f64> {
         self.prefill_as(tokens, PrefillKind::Context)
     }
 
     /// Runs `tokens` through the model after everything seen so far, as `kind`: context (one-shot
     /// policies compress the cache at its end) or a continuation of a compressed context (they
-    /// keep it). A sampled token not yet fed goes first. Returns seconds spent.
+    /// keep it). A sampled token not yet fed goes first. Returns seconds spent. Fails, changing
+    /// nothing, when they do not fit the context or the KV pool.
     pub fn prefill_as(&mut self, tokens: &[u32], kind: PrefillKind) -> Result<f64> {
+        self.step(tokens.len(), 0, |s| s.prefill_reserved(tokens, kind))
+    }
+
+    /// The prefill of a planned step. If its first pass fails the session is unchanged (the
+    /// pending token included).
+    fn prefill_reserved(&mut self, tokens: &[u32], kind: PrefillKind) -> Result<f64> {
         let started = Instant::now();
+        let pending = self.pending;
         let mut plan = self.plan_prefill(tokens, kind)?;
+        let mut first = true;
         while let Some((chunk, pass)) = plan.next_chunk() {
-            let logits = self.pass(chunk, pass, LogitsFor::Last)?;
+            let logits = self.pass(chunk, pass, LogitsFor::Last).inspect_err(|_| {
+                if first {
+                    self.pending = pending;
+                }
+            })?;
             self.set_logits(&logits)?;
             plan.advance();
+            first = false;
         }
         Ok(started.elapsed().as_secs_f64())
     }
@@ -233,7 +315,7 @@ impl Session {
     ) -> Result<PrefillPlan> {
         let mut run: Vec<u32> = self.pending.into_iter().collect();
         run.extend_from_slice(tokens);
-        self.check_context(run.len())?;
+        self.check_fits(&[run.len()])?;
         self.pending = None;
         Ok(PrefillPlan::new(
             run,
@@ -280,34 +362,130 @@ impl Session {
                 "nothing to score: empty token list".into(),
             ));
         }
-        self.feed_pending()?;
-        self.check_context(tokens.len())?;
-        let chunk = PrefillChunk {
-            start: 0,
-            end: tokens.len(),
-            len: tokens.len(),
-            kind: PrefillKind::Continuation,
-        };
-        let logits = self.pass(tokens, Pass::Prefill(chunk), LogitsFor::All)?;
-        let last = logits
-            .get(tokens.len() - 1)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(model_zoo::ModelError::from)?;
-        self.logits = Some(last);
-        Ok(logits)
+        let passes: Vec<usize> = self
+            .pending
+            .map(|_| 1)
+            .into_iter()
+            .chain([tokens.len()])
+            .collect();
+        self.step_with(&passes, 0, |s| {
+            s.feed_pending()?;
+            let chunk = PrefillChunk {
+                start: 0,
+                end: tokens.len(),
+                len: tokens.len(),
+                kind: PrefillKind::Continuation,
+            };
+            let logits = s.pass(tokens, Pass::Prefill(chunk), LogitsFor::All)?;
+            let last = logits
+                .get(tokens.len() - 1)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(model_zoo::ModelError::from)?;
+            s.logits = Some(last);
+            Ok(logits)
+        })
     }
 
-    /// Fails if `new` more tokens would not fit in the model's context.
-    fn check_context(&self, new: usize) -> Result<()> {
+    /// Plans a step of a `prompt`-token prefill (after a pending token) and up to `decode`
+    /// generated tokens, then runs `body` with its KV blocks reserved. The prefill counts as one
+    /// pass however it is chunked: no policy evicts between its chunks.
+    fn step<T>(
+        &mut self,
+        prompt: usize,
+        decode: usize,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let run = prompt + usize::from(self.pending.is_some());
+        let passes: Vec<usize> = if run == 0 { Vec::new() } else { vec![run] };
+        self.step_with(&passes, decode, body)
+    }
+
+    /// [`Session::step`] with the prefill passes given by length.
+    fn step_with<T>(
+        &mut self,
+        passes: &[usize],
+        decode: usize,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.check_fits(passes)?;
+        let ceiling = self.blocks_needed(passes, decode);
+        self.kv.reserve_blocks(ceiling)?;
+        let out = body(self);
+        self.kv.release_reservation();
+        out
+    }
+
+    /// Fails with a context error, before anything changes, when the prefill passes would take
+    /// positions beyond the model's context.
+    fn check_fits(&self, passes: &[usize]) -> Result<()> {
         let context = self.engine.model_config().max_position;
-        if self.seen.len() + new > context {
+        let new: usize = passes.iter().sum();
+        let seen = self.seen.len();
+        // Stored positions are u32 in both modes.
+        if seen.saturating_add(new) > u32::MAX as usize {
             return Err(EngineError::ContextOverflow {
                 new,
-                seen: self.seen.len(),
-                context,
+                seen,
+                context: u32::MAX as usize,
             });
         }
-        Ok(())
+        match self.positions {
+            Positions::Original if seen + new > context => {
+                Err(EngineError::ContextOverflow { new, seen, context })
+            }
+            Positions::Cache => {
+                let cap = self.policy.retained_cap(seen + new);
+                let span = self.kv.widest_cache_span() as usize;
+                if peak_span(span, passes, cap, self.repack_span()) > context {
+                    return Err(EngineError::CacheOverflow { new, span, context });
+                }
+                Ok(())
+            }
+            Positions::Original => Ok(()),
+        }
+    }
+
+    /// In cache positions, closes the gaps of every head whose span exceeds
+    /// [`Session::repack_span`] (after every pass, and after a shared context's eviction).
+    pub(crate) fn close_cache_gaps(&mut self) -> Result<()> {
+        let span = self.repack_span() as u32;
+        Ok(self.kv.repack_cache_positions(span)?)
+    }
+
+    /// In cache positions, the span of cache positions beyond which a head's gaps are closed
+    /// after a pass: the model's context less room for one prefill chunk (at most half the
+    /// context), so that rotations are rare and by whole gaps at once.
+    fn repack_span(&self) -> usize {
+        let context = self.engine.model_config().max_position;
+        context - self.engine.config().prefill_chunk.min(context / 2)
+    }
+
+    /// The most KV blocks this session can hold during the prefill `passes` and `decode`
+    /// one-token passes: per head, its peak entry count under the policy's cap (at most the
+    /// model's context), in whole blocks.
+    fn blocks_needed(&self, passes: &[usize], decode: usize) -> usize {
+        let cfg = self.engine.model_config();
+        let block = self.kv.pool().config().block_size;
+        let total = self.seen.len() + passes.iter().sum::<usize>();
+        let cap = self.policy.retained_cap(total.saturating_add(decode));
+        let mut blocks = 0usize;
+        for l in 0..cfg.n_layers {
+            for h in 0..cfg.n_kv_heads {
+                let peak = peak_entries(self.kv.retained(l, h), passes, decode, cap);
+                blocks = blocks.saturating_add(peak.min(cfg.max_position).div_ceil(block));
+            }
+        }
+        blocks
+    }
+
+    /// How many more tokens one pass may add before positions leave the model's context.
+    pub(crate) fn room(&self) -> usize {
+        let context = self.engine.model_config().max_position;
+        let room = match self.positions {
+            Positions::Original => context.saturating_sub(self.seen.len()),
+            Positions::Cache => context.saturating_sub(self.kv.widest_cache_span() as usize),
+        };
+        room.min((u32::MAX as usize).saturating_sub(self.seen.len()))
     }
 
     /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
@@ -323,20 +501,27 @@ impl Session {
 
     /// One forward pass over several sessions of the same engine (each with its own tokens,
     /// policy and cache; the model's projections see all of them at once). Returns one result
-    /// per session, in order. A session whose result is an error holds a cache part-way through
-    /// the pass and must be discarded; the outer error means every session is in that state.
+    /// per session, in order. A session whose result is an error is as it was before the pass
+    /// (the decoder rolls a failed sequence back; only an internal error while evicting leaves
+    /// one part-way, and a repack of cache positions that finds no block to copy a block shared
+    /// with a fork into — impossible within a step, whose reservation covers those copies —
+    /// reports its error after the pass took effect); so is every session when the outer error
+    /// is returned.
     pub(crate) fn forward_batch(batch: &mut [PassInput<'_, '_>]) -> Result<Vec<Result<Tensor>>> {
         let Some(first) = batch.first() else {
             return Ok(Vec::new());
         };
         let engine = first.session.engine.clone();
+        if batch
+            .iter()
+            .any(|item| !item.session.engine.same_engine(&engine))
+        {
+            return Err(EngineError::Invalid(
+                "a batched pass runs sessions of one engine only".into(),
+            ));
+        }
         let mut inputs = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
-            if !item.session.engine.same_engine(&engine) {
-                return Err(EngineError::Invalid(
-                    "a batched pass runs sessions of one engine only".into(),
-                ));
-            }
             let session = &mut *item.session;
             session.hook.begin_pass(item.pass);
             inputs.push(SequenceInput {
@@ -353,8 +538,16 @@ impl Session {
             .into_iter()
             .zip(batch.iter_mut())
             .map(|(result, item)| {
-                let logits = result?;
-                item.session.seen.extend_from_slice(item.tokens);
+                let session = &mut *item.session;
+                let logits = result.map_err(|e| match e {
+                    model_zoo::ModelError::NonFinite { position } => EngineError::NonFiniteLogits {
+                        model: session.engine.model_path().to_path_buf(),
+                        position,
+                    },
+                    other => other.into(),
+                })?;
+                session.seen.extend_from_slice(item.tokens);
+                session.close_cache_gaps()?;
                 Ok(logits)
             })
             .collect())
@@ -374,11 +567,14 @@ impl Session {
             .engine
             .tokenizer()
             .encode(prompt, self.seen.is_empty())?;
-        self.generate_after(&tokens, request, on_text)
+        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
+        error.map_or(Ok(generation), Err)
     }
 
     /// One chat turn: the user's message is rendered with the model's chat template and only
-    /// the part not yet in the cache is prefilled; the answer is generated and recorded.
+    /// the part not yet in the cache is prefilled; the answer is generated and recorded. A
+    /// turn that fails before its answer starts leaves the conversation as it was; one that
+    /// fails during its answer keeps the answer so far, as a cancelled one does.
     pub fn chat(
         &mut self,
         user_message: &str,
@@ -414,11 +610,11 @@ impl Session {
             .engine
             .tokenizer()
             .encode(&delta, self.seen.is_empty())?;
-        let generation = self.generate_after(&tokens, request, on_text)?;
+        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
         let answer = self.record_answer(rendered, &generation.tokens)?;
         self.messages.push(ChatMessage::new("user", user_message));
         self.messages.push(ChatMessage::new("assistant", &answer));
-        Ok(generation)
+        error.map_or(Ok(generation), Err)
     }
 
     /// The part of `rendered` (a whole conversation rendered with the chat template) that is
@@ -447,22 +643,26 @@ impl Session {
         prompt: &[u32],
         request: &GenerateRequest,
     ) -> Result<Generation> {
-        self.generate_after(prompt, request, &mut |_| true)
+        let (generation, error) = self.generate_after(prompt, request, &mut |_| true)?;
+        error.map_or(Ok(generation), Err)
     }
 
+    /// Prefills `prompt` and generates, as one planned step. `Err`: nothing changed.
     fn generate_after(
         &mut self,
         prompt: &[u32],
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Generation> {
+    ) -> Result<Outcome> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
-        let prefill_secs = self.prefill(prompt)?;
-        let mut generation = self.generate(request, on_text)?;
-        generation.prompt_tokens = prompt.len();
-        generation.prefill_secs = prefill_secs;
-        generation.time_to_first_token_secs += prefill_secs;
-        Ok(generation)
+        self.step(prompt.len(), request.max_tokens, |s| {
+            let prefill_secs = s.prefill_reserved(prompt, PrefillKind::Context)?;
+            let (mut generation, error) = s.generate_reserved(request, on_text);
+            generation.prompt_tokens = prompt.len();
+            generation.prefill_secs = prefill_secs;
+            generation.time_to_first_token_secs += prefill_secs;
+            Ok((generation, error))
+        })
     }
 
     /// Generates from the current state (after a prefill). `on_text` receives text as it is
@@ -473,21 +673,66 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         request.sampling.validate().map_err(EngineError::Invalid)?;
-        self.feed_pending()?;
-        let mut decoding = Decoding::new(request);
-        while decoding.advance(self, on_text)? == Progress::NeedsPass {
-            self.feed_pending()?;
-            decoding.record_pass();
+        if self.pending.is_none() && self.logits.is_none() {
+            return Err(EngineError::Invalid(
+                "nothing to continue from: prefill a prompt first".into(),
+            ));
         }
-        decoding.finish(self, on_text)
+        let (generation, error) = self.step(0, request.max_tokens, |s| {
+            Ok(s.generate_reserved(request, on_text))
+        })?;
+        error.map_or(Ok(generation), Err)
     }
 
-    /// The decode pass: runs the pending token through the model.
+    /// The generation of a planned step: the tokens produced, and the error that ended it, if
+    /// one did (what was produced before it stays in the session).
+    fn generate_reserved(
+        &mut self,
+        request: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Outcome {
+        let mut decoding = Decoding::new(request);
+        let mut error = None;
+        if self.pending.is_some() {
+            error = self.feed_pending().err();
+        }
+        while error.is_none() {
+            match decoding.advance(self, on_text) {
+                Ok(Progress::NeedsPass) => match self.feed_pending() {
+                    Ok(()) => decoding.record_pass(),
+                    Err(e) => error = Some(e),
+                },
+                Ok(Progress::Finished) => break,
+                Err(e) => error = Some(e),
+            }
+        }
+        let tokens = decoding.tokens().to_vec();
+        match decoding.finish(self, on_text) {
+            Ok(generation) => (generation, error),
+            Err(e) => {
+                let generation = Generation {
+                    text: String::new(),
+                    tokens,
+                    prompt_tokens: 0,
+                    finish_reason: FinishReason::Cancelled,
+                    prefill_secs: 0.0,
+                    time_to_first_token_secs: 0.0,
+                    decode_secs: 0.0,
+                    decode_steps: 0,
+                };
+                (generation, Some(error.unwrap_or(e)))
+            }
+        }
+    }
+
+    /// The decode pass: runs the pending token through the model (it stays pending if the
+    /// pass fails).
     fn feed_pending(&mut self) -> Result<()> {
-        let Some(next) = self.pending.take() else {
+        let Some(next) = self.pending else {
             return Ok(());
         };
         let logits = self.pass(&[next], Pass::Decode, LogitsFor::Last)?;
+        self.pending = None;
         self.set_logits(&logits)
     }
 
@@ -502,11 +747,36 @@ impl Session {
         self.logits.as_deref()
     }
 
+    /// The sampled token not yet fed through the model, if any.
+    pub fn pending_token(&self) -> Option<u32> {
+        self.pending
+    }
+
     /// The session's KV store (read-only).
     pub fn kv(&self) -> &SequenceKv {
         &self.kv
     }
 }
+
+/// An empty store for a session of `engine` with `positions`: in cache positions, keys are
+/// rotated for their cache positions and shifted by the model's key shift when gaps close.
+pub(crate) fn empty_store(engine: &Engine, positions: Positions) -> SequenceKv {
+    let cfg = engine.model_config();
+    let pool = engine.pool();
+    match positions {
+        Positions::Original => SequenceKv::new(pool, cfg.n_layers, cfg.n_kv_heads),
+        Positions::Cache => SequenceKv::with_cache_positions(
+            pool,
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            engine.model().key_shift(),
+        ),
+    }
+}
+
+/// A generation's result and, when it ended on an error, that error (the tokens produced
+/// before it are part of the session).
+type Outcome = (Generation, Option<EngineError>);
 
 /// One session's share of a batched forward pass ([`Session::forward_batch`]).
 pub(crate) struct PassInput<'s, 't> {
@@ -568,6 +838,43 @@ impl PrefillPlan {
     pub(crate) fn unfed(&self) -> &[u32] {
         &self.run[self.next_start..]
     }
+}
+
+/// The widest span of cache positions (the largest query-key distance) a head reaches over
+/// prefill passes of lengths `passes`, starting from `span`: after a pass its span is closed
+/// down to what it retains (at most `cap`) once it exceeds `repack`.
+fn peak_span(span: usize, passes: &[usize], cap: Option<usize>, repack: usize) -> usize {
+    let (mut span, mut peak) = (span, span);
+    for &n in passes {
+        let after = span.saturating_add(n);
+        peak = peak.max(after);
+        span = match cap {
+            Some(k) if after > repack => after.min(k),
+            _ => after,
+        };
+    }
+    peak
+}
+
+/// The most entries a KV head holding `held` reaches over prefill passes of lengths `passes`
+/// then `decode` one-token passes, when the policy caps every head at `cap` after each pass
+/// (`None`: no cap). Saturates instead of overflowing.
+fn peak_entries(held: usize, passes: &[usize], decode: usize, cap: Option<usize>) -> usize {
+    let (mut held, mut peak) = (held, held);
+    for &n in passes {
+        let after = held.saturating_add(n);
+        peak = peak.max(after);
+        held = cap.map_or(after, |k| after.min(k));
+    }
+    if decode > 0 {
+        let after = held.saturating_add(decode);
+        peak = peak.max(match cap {
+            // Grows to the cap, then every pass holds one entry above it until evicting.
+            Some(k) if after > k => held.max(k).saturating_add(1),
+            _ => after,
+        });
+    }
+    peak
 }
 
 /// Feeds `tokens` (at least one) after the `seen` tokens through the model of `engine`, chunked

@@ -17,7 +17,8 @@
 //!
 //! Memory: the context's blocks are held once in the pool while forks share them; a fork's
 //! [`crate::KvReport`] counts every block it holds (as it would alone) and reports the shared
-//! part as `bytes_shared`.
+//! part as `bytes_shared`. A context prefilled in cache positions
+//! ([`SharedContext::prefill_in`]) hands them to every fork, so its sessions run in that mode.
 
 use kv_store::SequenceKv;
 
@@ -26,7 +27,7 @@ use crate::error::{EngineError, Result};
 use crate::policy::scored::{ContextRecorder, PrefillStats, ScoredHook};
 use crate::policy::Policy;
 use crate::report::KvReport;
-use crate::session::{run_prefill, Session};
+use crate::session::{empty_store, run_prefill, Positions, Session};
 use model_zoo::PrefillKind;
 
 /// A context prefilled once and shared, copy-on-write, by sessions under different policies.
@@ -45,6 +46,17 @@ impl SharedContext {
     /// Errors: no tokens, a context longer than the model's, a policy that cannot share a
     /// context (Attention-Gate), or a model failure.
     pub fn prefill(engine: &Engine, tokens: &[u32], policies: &[Policy]) -> Result<Self> {
+        Self::prefill_in(engine, tokens, policies, Positions::Original)
+    }
+
+    /// [`SharedContext::prefill`] with keys placed by `positions`: in cache positions the forks
+    /// carry the context's cache positions, and their sessions are in that mode too.
+    pub fn prefill_in(
+        engine: &Engine,
+        tokens: &[u32],
+        policies: &[Policy],
+        positions: Positions,
+    ) -> Result<Self> {
         if tokens.is_empty() {
             return Err(EngineError::Invalid("the shared context is empty".into()));
         }
@@ -60,7 +72,7 @@ impl SharedContext {
             return Err(EngineError::NotShareable { policy: p.name() });
         }
         let cfg = engine.model_config();
-        let mut kv = SequenceKv::new(engine.pool(), cfg.n_layers, cfg.n_kv_heads);
+        let mut kv = empty_store(engine, positions);
         let mut recorder = ContextRecorder::new(policies, cfg)?;
         let mut seen = Vec::with_capacity(tokens.len());
         let logits = run_prefill(
@@ -101,14 +113,17 @@ impl SharedContext {
                 self.tokens.len(),
             )?),
         };
-        Ok(Session::resumed(
+        let mut session = Session::resumed(
             self.engine.clone(),
             policy.clone(),
             hook,
             kv,
             self.tokens.clone(),
             Some(self.logits.clone()),
-        ))
+        );
+        // As after a fresh session's last prefill pass: its eviction's gaps close if wide.
+        session.close_cache_gaps()?;
+        Ok(session)
     }
 
     /// The context's tokens.

@@ -16,7 +16,7 @@ use engine::{
 /// 64-token prefill chunks, so that prompts of a few hundred bytes take several steps.
 fn tiny_engine(dir: &std::path::Path, kv_memory_mb: usize) -> Engine {
     let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    model_zoo::random::write_random_model(dir, &cfg, 11).unwrap();
+    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 11)).unwrap();
     Engine::builder()
         .model(dir)
         .weights(WeightFormat::Quantize(GgmlDType::Q8_0))
@@ -248,7 +248,10 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
     // 8 layers × 4 KV heads = 32 tables; 1 MiB = 1024 blocks of 16 tokens: 512 tokens of full
     // cache per session.
     let cfg = model_zoo::random::tiny_config(8, 4, 4);
-    model_zoo::random::write_random_model(dir.path(), &cfg, 3).unwrap();
+    engine::atomic::write_dir(dir.path(), |s| {
+        model_zoo::random::write_random_model(s, &cfg, 3)
+    })
+    .unwrap();
     let engine = Engine::builder()
         .model(dir.path())
         .weights(WeightFormat::Quantize(GgmlDType::Q8_0))

@@ -17,7 +17,7 @@ use common::tokens;
 use engine::{Engine, PolicyOptions, PolicySpec};
 use gate_core::select::Budget;
 use kv_store::SequenceKv;
-use model_zoo::{AttentionOutcome, LayerHook, LogitsFor};
+use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, LogitsFor};
 
 const CHUNK: usize = 64;
 const WINDOW: usize = 32;
@@ -34,6 +34,20 @@ struct Capture {
 }
 
 impl LayerHook for Capture {
+    fn plan(
+        &mut self,
+        _layer: usize,
+        _normed: &candle_core::Tensor,
+        _positions: &[u32],
+        _kv: &SequenceKv,
+    ) -> model_zoo::Result<LayerPlan> {
+        // The decoder hands queries only to hooks that ask for them.
+        Ok(LayerPlan {
+            queries: true,
+            ..LayerPlan::default()
+        })
+    }
+
     fn after_attention(&mut self, layer: usize, o: AttentionOutcome<'_>) -> model_zoo::Result<()> {
         if self.queries.len() <= layer {
             self.queries.resize(layer + 1, Vec::new());

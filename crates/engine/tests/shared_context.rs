@@ -2,12 +2,14 @@
 //! baseline policy, exactly the session a fresh prefill gives — same kept entries, bit-identical
 //! logits, the same continuation — while the pool holds the context once; and what follows a
 //! compressed context (a question) is kept whole by the one-shot policies, while a new context
-//! (the next chat turn) is compressed again to the budget of everything seen.
+//! (the next chat turn) is compressed again to the budget of everything seen. The same holds in
+//! cache positions, where a fork carries the context's cache positions and closes the gaps its
+//! eviction left as a fresh session does after its last prefill pass.
 
 mod common;
 
 use common::tokens;
-use engine::{Engine, Policy, PolicySpec, PrefillKind, SharedContext};
+use engine::{Engine, Policy, PolicySpec, Positions, PrefillKind, SharedContext};
 use gate_core::select::Budget;
 
 fn tiny_engine(prefill_chunk: usize) -> (tempfile::TempDir, Engine) {
@@ -102,13 +104,58 @@ fn forked_sessions_equal_separate_prefills() {
 }
 
 #[test]
+fn forked_sessions_in_cache_positions_equal_separate_prefills() {
+    // A 1,024-token context and 512-token chunks: gaps close once a head spans 512 positions,
+    // so the eviction of a 700-token context is followed by a repack.
+    let (_dir, engine) = common::tiny_engine_with_context(2, 29, engine::KvDtype::F16, 512, 1024);
+    let context = tokens(700, 5);
+    let question = tokens(20, 6);
+    let request = engine::GenerateRequest {
+        max_tokens: 5,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let policies = baselines(&engine, 0.5);
+    let shared = SharedContext::prefill_in(&engine, &context, &policies, Positions::Cache).unwrap();
+    let cache_positions = |s: &engine::Session| -> Vec<Vec<u32>> {
+        let kv = s.kv();
+        (0..kv.n_layers() * kv.n_kv_heads())
+            .map(|i| kv.cache_positions(i / kv.n_kv_heads(), i % kv.n_kv_heads()))
+            .collect()
+    };
+    let mut repacked = 0;
+    for policy in &policies {
+        let name = policy.name();
+        let mut fork = shared.session(policy).unwrap();
+        let mut fresh = engine.session_with(policy.clone()).unwrap();
+        fresh.set_positions(Positions::Cache).unwrap();
+        fresh.prefill(&context).unwrap();
+        assert_eq!(fork.positions(), Positions::Cache, "{name}");
+        assert_eq!(kept(&fork), kept(&fresh), "{name}: kept entries");
+        assert_eq!(cache_positions(&fork), cache_positions(&fresh), "{name}");
+        let token_positions: Vec<Vec<u32>> = kept(&fork).concat();
+        repacked += usize::from(cache_positions(&fork) != token_positions);
+        for s in [&mut fork, &mut fresh] {
+            s.prefill_as(&question, PrefillKind::Continuation).unwrap();
+        }
+        let (ga, gb) = (
+            fork.generate_from_tokens(&[], &request).unwrap(),
+            fresh.generate_from_tokens(&[], &request).unwrap(),
+        );
+        assert_eq!(ga.tokens, gb.tokens, "{name}: generated tokens");
+        assert_eq!(fork.last_logits(), fresh.last_logits(), "{name}");
+        assert_eq!(cache_positions(&fork), cache_positions(&fresh), "{name}");
+    }
+    assert!(repacked > 0, "no fork closed the gaps of its eviction");
+}
+
+#[test]
 fn attention_gate_cannot_share_a_context() {
     let (dir, engine) = tiny_engine(128);
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 1)
-        .unwrap()
-        .save(&gates, engine::StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
         .unwrap();
     let ag = PolicySpec {
         gates: Some(gates),

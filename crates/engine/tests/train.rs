@@ -24,7 +24,7 @@ use model_zoo::{KeepAll, LogitsFor, WeightFormat};
 fn tiny_engine(dir: &Path) -> Engine {
     let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
     cfg.max_position = 4096;
-    model_zoo::random::write_random_model(dir, &cfg, 5).unwrap();
+    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 5)).unwrap();
     Engine::builder()
         .model(dir)
         .kv_dtype(engine::KvDtype::F32)
@@ -105,8 +105,7 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
             },
             7,
         )
-        .unwrap()
-        .save(&gates_path, StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &gates_path, StoreDtype::F32))
         .unwrap();
     let gates = gate_core::AttentionGate::load(
         &gates_path,
@@ -270,14 +269,17 @@ fn resume_continues_exactly() {
     }
     let ckpt = dir.path().join("ckpt").join("checkpoint.safetensors");
     let mut first = Trainer::new(&engine, cfg.clone()).unwrap();
-    for _ in 0..3 {
-        first.train_step().unwrap();
-    }
-    first.save_checkpoint(&ckpt).unwrap();
+    let reports: Vec<_> = (0..3).map(|_| first.train_step().unwrap()).collect();
+    first.save_checkpoint(&ckpt, &reports).unwrap();
     drop(first);
     let mut resumed = Trainer::new(&engine, cfg.clone()).unwrap();
-    resumed.resume(&ckpt).unwrap();
-    assert_eq!(resumed.step(), 3);
+    let steps: Vec<usize> = resumed
+        .resume(&ckpt)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!((resumed.step(), steps), (3, vec![1, 2, 3]));
     for _ in 0..3 {
         resumed.train_step().unwrap();
     }
@@ -351,13 +353,15 @@ fn init_gates_starts_from_saved_gates() {
     let other_dir = dir.path().join("other-model");
     let mut other_cfg = model_zoo::random::tiny_config(2, 4, 2);
     other_cfg.max_position = 4096;
-    model_zoo::random::write_random_model(&other_dir, &other_cfg, 6).unwrap();
+    engine::atomic::write_dir(&other_dir, |s| {
+        model_zoo::random::write_random_model(s, &other_cfg, 6)
+    })
+    .unwrap();
     let other = Engine::builder().model(&other_dir).build().unwrap();
     let wrong = dir.path().join("wrong.safetensors");
     other
         .random_gates(&engine.gate_config(), 0)
-        .unwrap()
-        .save(&wrong, StoreDtype::F32)
+        .and_then(|g| engine::train::write_gates(&g, &wrong, StoreDtype::F32))
         .unwrap();
     let cfg = TrainConfig {
         init_gates: Some(wrong),

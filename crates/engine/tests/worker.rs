@@ -7,7 +7,7 @@ use engine::{Engine, GenerateRequest, Policy, SessionWorker, StreamEvent};
 
 fn tiny_engine(dir: &std::path::Path) -> Engine {
     let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    model_zoo::random::write_random_model(dir, &cfg, 11).unwrap();
+    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 11)).unwrap();
     Engine::builder().model(dir).build().unwrap()
 }
 

@@ -45,19 +45,32 @@ pub enum KvError {
         /// Capacity of the pool in blocks.
         total: usize,
     },
-    /// The pool cannot supply the copies of shared blocks an eviction would write to
-    /// (copy-on-write after a fork); nothing was evicted.
+    /// The pool cannot set aside the blocks a step may need; nothing was reserved.
     #[error(
-        "out of KV blocks: evicting from layer {layer} KV head {head} writes to {requested} \
-         block(s) shared with a fork, which must be copied first, but the pool has {free} free \
-         of {total}"
+        "out of KV blocks: this step may need {requested} more block(s) but the pool has {free} \
+         free of {total}"
+    )]
+    ReserveFailed {
+        /// Blocks the reservation asked for beyond what the sequence holds or had reserved.
+        requested: usize,
+        /// Blocks free in the pool at the time.
+        free: usize,
+        /// Capacity of the pool in blocks.
+        total: usize,
+    },
+    /// The pool cannot supply the copies of shared blocks an eviction or a repack of cache
+    /// positions would write to (copy-on-write after a fork); nothing was changed.
+    #[error(
+        "out of KV blocks: writing to layer {layer} KV head {head} (an eviction or a repack) \
+         touches {requested} block(s) shared with a fork, which must be copied first, but the \
+         pool has {free} free of {total}"
     )]
     OutOfBlocksForCopy {
-        /// Layer of the failed eviction.
+        /// Layer of the failed eviction or repack.
         layer: usize,
-        /// KV head of the failed eviction.
+        /// KV head of the failed eviction or repack.
         head: usize,
-        /// Copies the eviction needed.
+        /// Copies the eviction or repack needed.
         requested: usize,
         /// Blocks free in the pool at the time.
         free: usize,

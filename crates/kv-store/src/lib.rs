@@ -7,8 +7,10 @@
 //! - [`SequenceKv`] (one per session) keeps a block table per (layer, KV head): append (prefill
 //!   chunks, decode tokens, single heads), evict by keep-mask with compaction that returns every
 //!   emptied block to the pool at once, copy-on-write forks ([`SequenceKv::fork`]: blocks are
-//!   shared and reference-counted, a write to a shared block goes to a copy), reads, accounting,
-//!   and [`SequenceKv::attend`].
+//!   shared and reference-counted, a write to a shared block goes to a copy), truncation of a
+//!   failed pass's appends, reservations that make a step's blocks certain before it starts,
+//!   cache positions (gaps closed by a repack that shifts keys through a [`KeyShift`]), reads,
+//!   accounting, and [`SequenceKv::attend`].
 //! - [`attend_dense`] runs the same kernel over contiguous buffers (baseline for benches/tests).
 //!
 //! Invariants the crate guarantees: retained entries keep their original positions and order;
@@ -28,4 +30,4 @@ pub use attention::{attend_dense, AttendOptions, AttendOutput, DenseHead, Parall
 pub use dtype::{KvDtype, KvSlice, Q8_BLOCK};
 pub use error::KvError;
 pub use pool::{BlockPool, PoolConfig, PoolStats, DEFAULT_BLOCK_SIZE};
-pub use sequence::{HeadContents, SequenceKv, SequenceStats};
+pub use sequence::{HeadContents, KeyShift, SequenceKv, SequenceStats};

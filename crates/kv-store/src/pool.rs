@@ -6,8 +6,9 @@
 //!   go back to free lists and are reused;
 //! - a [`Block`] may be held by several sequences at once (a fork shares it copy-on-write, see
 //!   `sequence.rs`); it counts once in `blocks_in_use` and comes back once, from its last holder;
-//! - `blocks_in_use <= capacity_blocks`: an allocation that would exceed it fails as a whole,
-//!   leaving the pool unchanged;
+//! - `blocks_in_use + blocks_set_aside <= capacity_blocks`: an allocation that would exceed it
+//!   fails as a whole, leaving the pool unchanged; blocks set aside for one sequence
+//!   (a reservation, see `SequenceKv::reserve_blocks`) are handed only to that sequence;
 //! - a block buffer is 64-byte aligned and [`PoolConfig::block_bytes`] long: keys
 //!   `[block_size, head_dim]` first, then values `[block_size, head_dim]`, in the pool's dtype;
 //! - buffers are allocated lazily (zeroed) on first use; released buffers are cached for reuse
@@ -112,7 +113,9 @@ pub struct PoolStats {
     pub blocks_total: usize,
     /// Blocks owned by sequences.
     pub blocks_in_use: usize,
-    /// Blocks that can still be handed out (`blocks_total - blocks_in_use`).
+    /// Blocks set aside for sequences that reserved them, not yet handed out.
+    pub blocks_set_aside: usize,
+    /// Blocks any sequence can still take (`blocks_total - blocks_in_use - blocks_set_aside`).
     pub blocks_free: usize,
     /// Bytes of one block.
     pub block_bytes: usize,
@@ -145,6 +148,7 @@ impl Block {
 #[derive(Default)]
 struct PoolState {
     in_use: usize,
+    reserved: usize,
     peak: usize,
     next_id: u32,
     free_ids: Vec<u32>,
@@ -209,7 +213,8 @@ impl BlockPool {
         PoolStats {
             blocks_total: cfg.capacity_blocks,
             blocks_in_use: st.in_use,
-            blocks_free: cfg.capacity_blocks.saturating_sub(st.in_use),
+            blocks_set_aside: st.reserved,
+            blocks_free: cfg.capacity_blocks.saturating_sub(st.in_use + st.reserved),
             block_bytes,
             bytes_in_use: st.in_use * block_bytes,
             bytes_reserved: (st.in_use + st.cached.len()) * block_bytes,
@@ -230,12 +235,14 @@ impl BlockPool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
-    /// Hands out `n` blocks, or none: `Err(free_blocks)` when fewer than `n` are free.
-    pub(crate) fn alloc(&self, n: usize) -> Result<Vec<Block>, usize> {
+    /// Hands out `n` blocks, `reserved` of them (at most `n`) from the caller's reservation, or
+    /// none: `Err(free_blocks)` when the rest exceeds the blocks free for anyone.
+    pub(crate) fn alloc(&self, n: usize, reserved: usize) -> Result<Vec<Block>, usize> {
         let capacity = self.shared.cfg.capacity_blocks;
         let mut st = self.lock();
-        let free = capacity.saturating_sub(st.in_use);
-        if n > free {
+        let reserved = reserved.min(n).min(st.reserved);
+        let free = capacity.saturating_sub(st.in_use + st.reserved);
+        if n - reserved > free {
             return Err(free);
         }
         let lines = self.shared.cfg.lines_per_block();
@@ -252,19 +259,43 @@ impl BlockPool {
                 Block { id, buf }
             })
             .collect();
+        st.reserved -= reserved;
         st.in_use += n;
         st.peak = st.peak.max(st.in_use);
         Ok(blocks)
     }
 
-    /// Takes blocks back (all at once, one lock).
-    pub(crate) fn release(&self, blocks: impl IntoIterator<Item = Block>) {
+    /// Takes blocks back (all at once, one lock); `to_reserve` of them (at most their number)
+    /// stay set aside for the caller's reservation.
+    pub(crate) fn release(&self, blocks: impl IntoIterator<Item = Block>, to_reserve: usize) {
         let mut st = self.lock();
+        let mut n = 0;
         for b in blocks {
-            st.in_use = st.in_use.saturating_sub(1);
+            n += 1;
             st.free_ids.push(b.id);
             st.cached.push(b.buf);
         }
+        st.in_use = st.in_use.saturating_sub(n);
+        st.reserved += to_reserve.min(n);
+    }
+
+    /// Sets `n` free blocks aside for one caller; `Err(free_blocks)` (and nothing set aside)
+    /// when fewer are free.
+    pub(crate) fn reserve(&self, n: usize) -> Result<(), usize> {
+        let capacity = self.shared.cfg.capacity_blocks;
+        let mut st = self.lock();
+        let free = capacity.saturating_sub(st.in_use + st.reserved);
+        if n > free {
+            return Err(free);
+        }
+        st.reserved += n;
+        Ok(())
+    }
+
+    /// Gives `n` set-aside blocks back to everyone.
+    pub(crate) fn unreserve(&self, n: usize) {
+        let mut st = self.lock();
+        st.reserved = st.reserved.saturating_sub(n);
     }
 
     /// Locks the state; a poisoned lock is still consistent (no update can panic half-way).

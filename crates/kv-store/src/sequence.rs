@@ -15,8 +15,20 @@
 //! - blocks are reference-counted: [`SequenceKv::fork`] shares every block with the new
 //!   sequence, and a table writes only to blocks it holds alone — a shared block is copied into
 //!   a fresh one first (copy-on-write), so no sequence ever sees another's writes;
-//! - a block returns to the pool when its last holder drops it (evict, clear, drop), so the
-//!   pool counts each physical block once however many sequences share it.
+//! - a block returns to the pool when its last holder drops it (evict, clear, truncate, drop),
+//!   so the pool counts each physical block once however many sequences share it; every path
+//!   that drops entries returns the emptied blocks to the pool in one call;
+//! - cache positions (a sequence built by [`SequenceKv::with_cache_positions`]): besides its
+//!   token position, every entry has a cache position, the one its key was rotated for: new
+//!   entries take the positions after the table's last one, eviction leaves gaps, and
+//!   [`SequenceKv::repack_cache_positions`] closes them — the longest run of entries whose
+//!   positions are already consecutive stays, every other run's keys are shifted by the
+//!   [`KeyShift`], so a repack moves the fewest keys; cache positions increase within a table
+//!   and never exceed the last entry's token position; a fork carries them (and the shift);
+//! - a reservation ([`SequenceKv::reserve_blocks`]) keeps `ceiling - owned` blocks set aside in
+//!   the pool for this sequence, `owned` being the blocks it holds alone (a shared block may
+//!   need a copy before it is written, so it counts as not yet paid for): appends, copies and
+//!   repacks draw on it first, freed blocks refill it.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -25,6 +37,12 @@ use crate::attention::{attend_heads, HeadView, Segment};
 use crate::dtype::write_f32;
 use crate::pool::Block;
 use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, PoolConfig};
+
+/// Rewrites keys whose cache position moved: `keys` is `[m, head_dim]` f32 (read from the
+/// store, written back in the pool's dtype after the call), each moved by `delta` positions.
+/// A decoder that rotates keys for their cache position passes a rotary re-rotation by `delta`
+/// positions: rotations compose.
+pub type KeyShift = Arc<dyn Fn(&mut [f32], i64) + Send + Sync>;
 
 /// A copy of one KV head's retained entries, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,8 +93,23 @@ fn drop_holder(block: Arc<Block>, released: &mut Vec<Block>) {
     released.extend(Arc::into_inner(block));
 }
 
+/// A run of entries a repack shifts: the shift (in positions) and the entries' indices.
+type KeyMove = (i64, Range<usize>);
+
+/// The blocks holding the entries of `moves` (ranges of entry indices, in order) in a table
+/// whose first `head` slots are free, in order.
+fn blocks_written(moves: &[KeyMove], bs: usize, head: usize) -> Vec<usize> {
+    let mut blocks: Vec<usize> = moves
+        .iter()
+        .flat_map(|(_, span)| (head + span.start) / bs..(head + span.end).div_ceil(bs))
+        .collect();
+    blocks.dedup();
+    blocks
+}
+
 /// One (layer, KV head) block table. Entry `i` lives in slot `head + i` (block `slot / bs`,
-/// offset `slot % bs`); `positions` is indexed by slot, its first `head` items unused. Cloning
+/// offset `slot % bs`); `positions` (and `cache_positions`) are indexed by slot, their first
+/// `head` items unused. Cloning
 /// it (a fork) shares every block.
 #[derive(Default, Clone)]
 struct HeadTable {
@@ -85,6 +118,8 @@ struct HeadTable {
     /// Free slots at the start of the first block (`< block_size`).
     head: usize,
     appended: u64,
+    /// Cache positions, indexed by slot like `positions` (empty unless the sequence has them).
+    cache_positions: Vec<u32>,
 }
 
 /// See [`HeadTable::compaction_plan`].
@@ -104,6 +139,21 @@ impl HeadTable {
     /// Positions of the retained entries, in order.
     fn positions(&self) -> &[u32] {
         &self.positions[self.head..]
+    }
+
+    /// Cache positions of the retained entries, in order (empty without them).
+    fn entry_cache_positions(&self) -> &[u32] {
+        self.cache_positions.get(self.head..).unwrap_or(&[])
+    }
+
+    /// Drops every entry and block.
+    fn clear_entries(&mut self, released: &mut Vec<Block>) {
+        self.positions.clear();
+        self.cache_positions.clear();
+        self.head = 0;
+        for block in self.blocks.drain(..) {
+            drop_holder(block, released);
+        }
     }
 
     /// Blocks this table must gain to hold `extra` more entries.
@@ -186,6 +236,9 @@ impl HeadTable {
             }
         }
         self.positions[to] = self.positions[from];
+        if let Some(&p) = self.cache_positions.get(from) {
+            self.cache_positions[to] = p;
+        }
     }
 
     /// Where a compaction by `keep` moves entries: `None` when nothing is dropped, else the first
@@ -249,14 +302,11 @@ impl HeadTable {
             }
             if w == h {
                 // Nothing left: no first-block offset to keep either.
-                self.positions.clear();
-                self.head = 0;
-                for block in self.blocks.drain(..) {
-                    drop_holder(block, released);
-                }
+                self.clear_entries(released);
                 return;
             }
             self.positions.truncate(w);
+            self.cache_positions.truncate(w);
             for block in self.blocks.split_off(w.div_ceil(bs)) {
                 drop_holder(block, released);
             }
@@ -270,10 +320,129 @@ impl HeadTable {
             let free = w + 1;
             let whole = free / bs;
             self.positions.drain(..whole * bs);
+            if !self.cache_positions.is_empty() {
+                self.cache_positions.drain(..whole * bs);
+            }
             self.head = free - whole * bs;
             for block in self.blocks.drain(..whole) {
                 drop_holder(block, released);
             }
+        }
+    }
+
+    /// What a repack does: the offset (`cache position - index`) of the longest run of entries
+    /// whose cache positions are already consecutive, which stays, and every other run with the
+    /// shift its keys need. `None` for an empty table.
+    fn repack_plan(&self) -> Option<(i64, Vec<KeyMove>)> {
+        // Runs of entries sharing `cache position - index`: (that offset, first index).
+        let mut runs: Vec<(i64, usize)> = Vec::new();
+        let cache_positions = self.entry_cache_positions();
+        for (i, &p) in cache_positions.iter().enumerate() {
+            let offset = i64::from(p) - i as i64;
+            if runs.last().is_none_or(|&(o, _)| o != offset) {
+                runs.push((offset, i));
+            }
+        }
+        let ends = runs
+            .iter()
+            .skip(1)
+            .map(|&(_, start)| start)
+            .chain([cache_positions.len()]);
+        let spans: Vec<(i64, Range<usize>)> = runs
+            .iter()
+            .zip(ends)
+            .map(|(&(offset, start), end)| (offset, start..end))
+            .collect();
+        let anchor = spans
+            .iter()
+            .max_by_key(|(_, span)| span.len())
+            .map(|&(offset, _)| offset)?;
+        let moves = spans
+            .into_iter()
+            .filter(|(o, _)| *o != anchor)
+            .map(|(offset, span)| (anchor - offset, span))
+            .collect();
+        Some((anchor, moves))
+    }
+
+    /// The blocks a repack writes to (those holding a shifted key), in order.
+    fn repack_writes(&self, bs: usize) -> Vec<usize> {
+        self.repack_plan()
+            .map_or_else(Vec::new, |(_, moves)| blocks_written(&moves, bs, self.head))
+    }
+
+    /// Makes the cache positions consecutive: the longest run of entries whose positions are
+    /// already consecutive keeps them; every other run's keys are shifted to match. Shared
+    /// blocks it writes are first copied into `fresh` (the caller reserved one per shared block
+    /// of [`HeadTable::repack_writes`]); originals this table no longer holds go to `released`.
+    fn repack(
+        &mut self,
+        cfg: &PoolConfig,
+        shift: &KeyShift,
+        fresh: &mut Vec<Block>,
+        released: &mut Vec<Block>,
+    ) {
+        let Some((anchor, moves)) = self.repack_plan() else {
+            return;
+        };
+        for b in blocks_written(&moves, cfg.block_size, self.head) {
+            self.own(b, fresh, released);
+        }
+        for (delta, span) in moves {
+            let mut keys = self.read_keys(cfg, span.clone());
+            shift(&mut keys, delta);
+            self.write_keys(cfg, span.start, &keys);
+        }
+        let head = self.head;
+        for (i, p) in self.cache_positions[head..].iter_mut().enumerate() {
+            // Never below 0 or above the last position: the anchor run is among them.
+            *p = (anchor + i as i64) as u32;
+        }
+    }
+
+    /// The span of cache positions this table covers, its next entry included.
+    fn cache_span(&self) -> u32 {
+        match self.entry_cache_positions().first() {
+            Some(&first) => self.next_cache_position() - first,
+            None => 0,
+        }
+    }
+
+    /// The cache position a new entry takes (after the last one; 0 in an empty table).
+    fn next_cache_position(&self) -> u32 {
+        self.cache_positions.last().map_or(0, |&p| p + 1)
+    }
+
+    /// The keys of entries `range`, as f32 `[range.len(), head_dim]`.
+    fn read_keys(&self, cfg: &PoolConfig, range: Range<usize>) -> Vec<f32> {
+        let (bs, eb, d) = (cfg.block_size, cfg.entry_bytes(), cfg.head_dim);
+        let mut out = Vec::with_capacity(range.len() * d);
+        let mut scratch = vec![0f32; d];
+        for idx in range.start + self.head..range.end + self.head {
+            let off = (idx % bs) * eb;
+            let bytes = &self.blocks[idx / bs].bytes()[off..off + eb];
+            out.extend_from_slice(KvSlice::from_bytes(cfg.dtype, d, bytes).view(
+                0,
+                1,
+                d,
+                &mut scratch,
+            ));
+        }
+        out
+    }
+
+    /// Overwrites the keys of the entries from `start` on with `keys` (`[m, head_dim]` f32).
+    fn write_keys(&mut self, cfg: &PoolConfig, start: usize, keys: &[f32]) {
+        let (bs, eb, d) = (cfg.block_size, cfg.entry_bytes(), cfg.head_dim);
+        for (i, key) in keys.chunks_exact(d).enumerate() {
+            let idx = self.head + start + i;
+            let off = (idx % bs) * eb;
+            write_f32(
+                cfg.dtype,
+                d,
+                &mut unique(&mut self.blocks[idx / bs]).bytes_mut()[off..off + eb],
+                key,
+            );
         }
     }
 
@@ -322,6 +491,17 @@ pub struct SequenceKv {
     tables: Vec<HeadTable>,
     /// Per layer: one past the highest position appended.
     tokens_seen: Vec<u64>,
+    /// Cache positions: how a key is shifted to another cache position.
+    key_shift: Option<KeyShift>,
+    /// Blocks set aside for this sequence, if it reserved any.
+    reservation: Option<Reservation>,
+}
+
+/// A reservation: the sequence may grow to `ceiling` blocks; `withheld` are set aside now.
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    ceiling: usize,
+    withheld: usize,
 }
 
 impl std::fmt::Debug for SequenceKv {
@@ -329,6 +509,8 @@ impl std::fmt::Debug for SequenceKv {
         f.debug_struct("SequenceKv")
             .field("n_layers", &self.n_layers)
             .field("n_kv_heads", &self.n_kv_heads)
+            .field("cache_positions", &self.key_shift.is_some())
+            .field("reservation", &self.reservation)
             .field("stats", &self.stats())
             .finish()
     }
@@ -346,7 +528,99 @@ impl SequenceKv {
                 .map(|_| HeadTable::default())
                 .collect(),
             tokens_seen: vec![0; n_layers],
+            key_shift: None,
+            reservation: None,
         }
+    }
+
+    /// An empty cache whose entries also have cache positions (see the module header); `shift`
+    /// moves a key to another one when [`SequenceKv::repack_cache_positions`] closes gaps. The
+    /// decoder's cache positions mode rotates keys for their cache position.
+    pub fn with_cache_positions(
+        pool: &BlockPool,
+        n_layers: usize,
+        n_kv_heads: usize,
+        shift: KeyShift,
+    ) -> Self {
+        let mut kv = Self::new(pool, n_layers, n_kv_heads);
+        kv.key_shift = Some(shift);
+        kv
+    }
+
+    /// Whether entries have cache positions ([`SequenceKv::with_cache_positions`]).
+    pub fn has_cache_positions(&self) -> bool {
+        self.key_shift.is_some()
+    }
+
+    /// The cache position the next entry of (`layer`, `head`) takes; `None` without cache
+    /// positions or out of range.
+    pub fn next_cache_position(&self, layer: usize, head: usize) -> Option<u32> {
+        self.key_shift.as_ref()?;
+        self.table(layer, head).map(HeadTable::next_cache_position)
+    }
+
+    /// Cache positions of the retained entries of (`layer`, `head`), in order; empty without
+    /// them or out of range.
+    pub fn cache_positions(&self, layer: usize, head: usize) -> Vec<u32> {
+        self.table(layer, head)
+            .map_or_else(Vec::new, |t| t.entry_cache_positions().to_vec())
+    }
+
+    /// The widest span of cache positions any head covers, its next entry included (`next -
+    /// first`): the largest query-key distance the next token would see. 0 without them.
+    pub fn widest_cache_span(&self) -> u32 {
+        self.tables
+            .iter()
+            .map(HeadTable::cache_span)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Closes the gaps eviction left in the cache positions of every head whose span
+    /// ([`SequenceKv::widest_cache_span`]) exceeds `max_span`, shifting the fewest keys (see the
+    /// module header). Each repack shifts keys by whole gaps at once, rarely, so keys stored in
+    /// f16 lose no rotation to rounding. A no-op without cache positions. Blocks shared with a
+    /// fork that a repack writes are copied first (from the reservation, if any); if the pool
+    /// cannot supply those copies the call fails with [`KvError::OutOfBlocksForCopy`] (naming
+    /// the first head that needed one) and changes nothing.
+    pub fn repack_cache_positions(&mut self, max_span: u32) -> Result<(), KvError> {
+        let Some(shift) = self.key_shift.clone() else {
+            return Ok(());
+        };
+        let bs = self.cfg.block_size;
+        let due: Vec<usize> = (0..self.tables.len())
+            .filter(|&i| self.tables[i].cache_span() > max_span)
+            .collect();
+        let copies: Vec<(usize, usize)> = due
+            .iter()
+            .map(|&i| {
+                let t = &self.tables[i];
+                let shared = t
+                    .repack_writes(bs)
+                    .into_iter()
+                    .filter(|&b| t.shared(b..b + 1) > 0)
+                    .count();
+                (i, shared)
+            })
+            .collect();
+        let requested = copies.iter().map(|&(_, n)| n).sum();
+        let mut fresh = self.take_blocks(requested).map_err(|free| {
+            let first = copies.iter().find(|&&(_, n)| n > 0).map_or(0, |&(i, _)| i);
+            KvError::OutOfBlocksForCopy {
+                layer: first / self.n_kv_heads,
+                head: first % self.n_kv_heads,
+                requested,
+                free,
+                total: self.cfg.capacity_blocks,
+            }
+        })?;
+        let mut released = Vec::new();
+        for i in due {
+            self.tables[i].repack(&self.cfg, &shift, &mut fresh, &mut released);
+        }
+        released.append(&mut fresh);
+        self.give_back(released);
+        Ok(())
     }
 
     /// Number of layers.
@@ -462,8 +736,7 @@ impl SequenceKv {
             .sum();
         let requested = needs.iter().sum::<usize>() + copies;
         let mut fresh = self
-            .pool
-            .alloc(requested)
+            .take_blocks(requested)
             .map_err(|free| KvError::OutOfBlocks {
                 layer,
                 tokens: n,
@@ -486,11 +759,18 @@ impl SequenceKv {
                 let src = (t * nh + slot) * d;
                 table.write(&cfg, start + t, &k[src..src + d], &v[src..src + d]);
             }
+            if self.key_shift.is_some() {
+                let next = table.next_cache_position();
+                table
+                    .cache_positions
+                    .extend((0..n as u32).map(|t| next + t));
+            }
             table.positions.extend_from_slice(positions);
             table.appended += n as u64;
         }
         // Copies reserved for blocks another holder let go of meanwhile are not needed.
-        self.pool.release(released.into_iter().chain(fresh));
+        released.append(&mut fresh);
+        self.give_back(released);
         let top = positions.iter().max().map_or(0, |&p| u64::from(p) + 1);
         self.tokens_seen[layer] = self.tokens_seen[layer].max(top);
         Ok(())
@@ -525,19 +805,19 @@ impl SequenceKv {
         }
         let table = &self.tables[i];
         let requested = table.shared(table.compaction_writes(self.cfg.block_size, keep));
-        let mut fresh = self
-            .pool
-            .alloc(requested)
-            .map_err(|free| KvError::OutOfBlocksForCopy {
-                layer,
-                head,
-                requested,
-                free,
-                total: self.cfg.capacity_blocks,
-            })?;
+        let mut fresh =
+            self.take_blocks(requested)
+                .map_err(|free| KvError::OutOfBlocksForCopy {
+                    layer,
+                    head,
+                    requested,
+                    free,
+                    total: self.cfg.capacity_blocks,
+                })?;
         let mut released = Vec::new();
         self.tables[i].compact(&self.cfg, keep, &mut fresh, &mut released);
-        self.pool.release(released.into_iter().chain(fresh));
+        released.append(&mut fresh);
+        self.give_back(released);
         Ok(())
     }
 
@@ -550,9 +830,10 @@ impl SequenceKv {
 
     /// A new sequence with the same entries, sharing every block with this one (copy-on-write):
     /// no block is allocated or copied now; whichever sequence later writes to a shared block
-    /// (an append into a partly filled block, a compaction) writes to its own copy. The pool
-    /// counts each shared block once; each sequence's [`SequenceStats`] counts every block it
-    /// holds and says how many of them are shared.
+    /// (an append into a partly filled block, a compaction, a repack) writes to its own copy.
+    /// The pool counts each shared block once; each sequence's [`SequenceStats`] counts every
+    /// block it holds and says how many of them are shared. The fork has the same cache
+    /// positions (and key shift) as this sequence, and no reservation.
     pub fn fork(&self) -> SequenceKv {
         SequenceKv {
             pool: self.pool.clone(),
@@ -561,7 +842,123 @@ impl SequenceKv {
             n_kv_heads: self.n_kv_heads,
             tables: self.tables.clone(),
             tokens_seen: self.tokens_seen.clone(),
+            key_shift: self.key_shift.clone(),
+            reservation: None,
         }
+    }
+
+    /// Removes, from every table, the entries at `position` or later (each table's tail:
+    /// positions grow within a table) and frees their blocks, setting `tokens_seen` back to at
+    /// most `position`: undoes appends that no eviction has touched yet (a failed forward pass),
+    /// leaving the tables and counts as they were before those appends. Nothing is written, so
+    /// a block shared with a fork keeps the other holder's entries; a shared block that one of
+    /// those appends copied stays this sequence's own copy (same contents, one more block in
+    /// the pool until it is freed).
+    pub fn truncate_from(&mut self, position: u32) {
+        let bs = self.cfg.block_size;
+        let mut released = Vec::new();
+        for t in &mut self.tables {
+            let kept = t.positions().partition_point(|&p| p < position);
+            t.appended = t.appended.saturating_sub((t.len() - kept) as u64);
+            if kept == 0 {
+                t.clear_entries(&mut released);
+                continue;
+            }
+            let end = t.head + kept;
+            t.positions.truncate(end);
+            t.cache_positions.truncate(end);
+            for block in t.blocks.split_off(end.div_ceil(bs)) {
+                drop_holder(block, &mut released);
+            }
+        }
+        for seen in &mut self.tokens_seen {
+            *seen = (*seen).min(u64::from(position));
+        }
+        self.give_back(released);
+    }
+
+    /// Blocks this sequence holds (shared ones included).
+    pub fn blocks_held(&self) -> usize {
+        self.tables.iter().map(|t| t.blocks.len()).sum()
+    }
+
+    /// Blocks this sequence holds alone (not shared with a fork): the ones it has paid for.
+    fn blocks_owned(&self) -> usize {
+        self.tables
+            .iter()
+            .map(|t| t.blocks.len() - t.shared(0..t.blocks.len()))
+            .sum()
+    }
+
+    /// Sets blocks aside so that this sequence can hold `ceiling` blocks in all (those it holds
+    /// included) whatever other sequences do, until [`SequenceKv::release_reservation`]: appends,
+    /// copies of shared blocks and repacks draw on the reservation first, and freed blocks refill
+    /// it up to the ceiling. A block shared with a fork counts as not paid for (writing it takes
+    /// a copy), so `ceiling - owned` blocks are set aside. Replaces an earlier reservation;
+    /// fails with [`KvError::ReserveFailed`], changing nothing, when the pool cannot set that
+    /// many aside.
+    pub fn reserve_blocks(&mut self, ceiling: usize) -> Result<(), KvError> {
+        let want = ceiling.saturating_sub(self.blocks_owned());
+        let had = self.reservation.map_or(0, |r| r.withheld);
+        if want > had {
+            self.pool
+                .reserve(want - had)
+                .map_err(|free| KvError::ReserveFailed {
+                    requested: want - had,
+                    free,
+                    total: self.cfg.capacity_blocks,
+                })?;
+        } else {
+            self.pool.unreserve(had - want);
+        }
+        self.reservation = Some(Reservation {
+            ceiling,
+            withheld: want,
+        });
+        Ok(())
+    }
+
+    /// Gives the blocks set aside by [`SequenceKv::reserve_blocks`] back to the pool.
+    pub fn release_reservation(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.pool.unreserve(r.withheld);
+        }
+    }
+
+    /// Takes `n` blocks from the pool, from this sequence's reservation first; `Err(free)` (and
+    /// nothing taken) when the rest exceeds the blocks free for anyone.
+    fn take_blocks(&mut self, n: usize) -> Result<Vec<Block>, usize> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let from_reserve = self.reservation.map_or(0, |r| r.withheld.min(n));
+        let fresh = self.pool.alloc(n, from_reserve)?;
+        if let Some(r) = &mut self.reservation {
+            r.withheld -= from_reserve;
+        }
+        Ok(fresh)
+    }
+
+    /// Returns blocks that left the tables (or were taken and not needed) to the pool,
+    /// refilling the reservation first.
+    fn give_back(&mut self, blocks: Vec<Block>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let to_reserve = match self.reservation {
+            Some(r) => {
+                let room = r
+                    .ceiling
+                    .saturating_sub(self.blocks_owned() + r.withheld)
+                    .min(blocks.len());
+                if let Some(r) = &mut self.reservation {
+                    r.withheld += room;
+                }
+                room
+            }
+            None => 0,
+        };
+        self.pool.release(blocks, to_reserve);
     }
 
     /// Retained entries of (`layer`, `head`); 0 when out of range.
@@ -649,8 +1046,8 @@ impl SequenceKv {
                 drop_holder(block, &mut released);
             }
         }
-        self.pool.release(released);
         self.tokens_seen.fill(0);
+        self.give_back(released);
     }
 
     /// Accounting of this sequence.
@@ -681,6 +1078,7 @@ impl SequenceKv {
 
 impl Drop for SequenceKv {
     fn drop(&mut self) {
+        self.release_reservation();
         self.clear();
     }
 }

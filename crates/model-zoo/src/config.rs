@@ -1,9 +1,12 @@
 //! Model configuration: one `ModelConfig` for the Llama family (Llama 2/3, SmolLM/SmolLM2,
 //! Mistral, Qwen2), read from GGUF metadata or a Hugging Face `config.json`.
 //!
-//! Invariants of a returned config: every size is > 0, `n_heads` is a multiple of `n_kv_heads`,
-//! `head_dim` is even, and `hidden_size == n_heads * head_dim` unless the source says otherwise
-//! through an explicit head dim.
+//! Invariants of a returned config: every field was checked against its meaning, and an error
+//! names the file, the field as the source spells it and the value: every size is > 0 (vocab and
+//! context fit a `u32`; a negative GGUF integer is refused, never read as a huge unsigned one),
+//! `n_heads` is a multiple of `n_kv_heads`, `head_dim` is even, `hidden_size == n_heads *
+//! head_dim` unless the source gives an explicit head dim, the RMSNorm epsilon is in (0, 1), the
+//! rope base is finite and > 1, and rope scaling factors are finite and positive.
 
 use std::path::Path;
 
@@ -152,12 +155,14 @@ impl ModelConfig {
             .clone();
         let architecture = Architecture::from_gguf_name(path, &arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
-        let get_usize = |k: &str| -> Result<usize> {
+        let opt_usize = |k: &str| -> Result<Option<usize>> {
             let full = key(k);
-            let v = md
-                .get(&full)
-                .ok_or_else(|| ModelError::config(path, &full, "is missing"))?;
-            gguf_usize(v).ok_or_else(|| ModelError::config(path, &full, "is not an integer"))
+            md.get(&full)
+                .map(|v| gguf_usize(v).map_err(|problem| ModelError::config(path, &full, problem)))
+                .transpose()
+        };
+        let get_usize = |k: &str| -> Result<usize> {
+            opt_usize(k)?.ok_or_else(|| ModelError::config(path, &key(k), "is missing"))
         };
         let get_f32 = |k: &str| -> Result<Option<f32>> {
             let full = key(k);
@@ -167,26 +172,31 @@ impl ModelConfig {
                     .to_f32()
                     .or_else(|_| v.to_f64().map(|x| x as f32))
                     .map(Some)
-                    .map_err(|_| ModelError::config(path, &full, "is not a float")),
+                    .map_err(|_| {
+                        ModelError::config(path, &full, format!("must be a float, got {v:?}"))
+                    }),
             }
         };
         let hidden_size = get_usize("embedding_length")?;
         let n_heads = get_usize("attention.head_count")?;
-        let n_kv_heads = match md.get(&key("attention.head_count_kv")) {
-            Some(v) => gguf_usize(v).ok_or_else(|| {
-                ModelError::config(path, &key("attention.head_count_kv"), "is not an integer")
-            })?,
-            None => n_heads,
-        };
-        let head_dim = match md.get(&key("attention.key_length")) {
-            Some(v) => gguf_usize(v).ok_or_else(|| {
-                ModelError::config(path, &key("attention.key_length"), "is not an integer")
-            })?,
+        let n_kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(n_heads);
+        let head_dim = match opt_usize("attention.key_length")? {
+            Some(d) => d,
+            None if n_heads > 0 && !hidden_size.is_multiple_of(n_heads) => {
+                return Err(ModelError::config(
+                    path,
+                    &key("embedding_length"),
+                    format!(
+                        "({hidden_size}) must be a multiple of {} ({n_heads}) when {} is absent",
+                        key("attention.head_count"),
+                        key("attention.key_length")
+                    ),
+                ))
+            }
             None => hidden_size / n_heads.max(1),
         };
-        let vocab_size = match md.get(&key("vocab_size")) {
-            Some(v) => gguf_usize(v)
-                .ok_or_else(|| ModelError::config(path, &key("vocab_size"), "is not an integer"))?,
+        let vocab_size = match opt_usize("vocab_size")? {
+            Some(v) => v,
             None => match md.get("tokenizer.ggml.tokens") {
                 Some(gguf_file::Value::Array(tokens)) => tokens.len(),
                 _ => content
@@ -231,7 +241,7 @@ impl ModelConfig {
             max_position: get_usize("context_length")?,
             tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
         };
-        cfg.validate(path)?;
+        cfg.validate(path, &|f| f.gguf_key(&arch_name))?;
         Ok(cfg)
     }
 
@@ -258,9 +268,15 @@ impl ModelConfig {
             let v = json
                 .get(field)
                 .ok_or_else(|| ModelError::config(path, field, "is missing"))?;
-            v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                ModelError::config(path, field, format!("must be an integer, got {v}"))
-            })
+            v.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| {
+                    ModelError::config(
+                        path,
+                        field,
+                        format!("must be a non-negative integer, got {v}"),
+                    )
+                })
         };
         let opt_f64 = |field: &str| -> Result<Option<f64>> {
             match json.get(field) {
@@ -277,6 +293,13 @@ impl ModelConfig {
             Some(_) => req_usize("num_key_value_heads")?,
         };
         let head_dim = match json.get("head_dim") {
+            None | Some(Value::Null) if n_heads > 0 && !hidden_size.is_multiple_of(n_heads) => {
+                return Err(ModelError::config(
+                    path,
+                    "hidden_size",
+                    format!("({hidden_size}) must be a multiple of num_attention_heads ({n_heads}) when head_dim is absent"),
+                ))
+            }
             None | Some(Value::Null) => hidden_size / n_heads.max(1),
             Some(_) => req_usize("head_dim")?,
         };
@@ -297,12 +320,19 @@ impl ModelConfig {
             rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position: req_usize("max_position_embeddings")?,
-            tie_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            tie_embeddings: match json.get("tie_word_embeddings") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ModelError::config(
+                        path,
+                        "tie_word_embeddings",
+                        format!("must be true or false, got {v}"),
+                    ))
+                }
+            },
         };
-        cfg.validate(path)?;
+        cfg.validate(path, &|f| f.hf_key().to_string())?;
         Ok(cfg)
     }
 
@@ -350,50 +380,207 @@ impl ModelConfig {
         v
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    /// Checks every field against its meaning; `key` names a field as the source spells it.
+    fn validate(&self, path: &Path, key: &dyn Fn(Field) -> String) -> Result<()> {
+        let bad =
+            |field: Field, problem: String| Err(ModelError::config(path, &key(field), problem));
         let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.n_layers),
-            ("num_attention_heads", self.n_heads),
-            ("num_key_value_heads", self.n_kv_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_position),
+            (Field::Vocab, self.vocab_size),
+            (Field::Hidden, self.hidden_size),
+            (Field::Ffn, self.intermediate_size),
+            (Field::Layers, self.n_layers),
+            (Field::Heads, self.n_heads),
+            (Field::KvHeads, self.n_kv_heads),
+            (Field::HeadDim, self.head_dim),
+            (Field::Context, self.max_position),
         ];
         for (field, value) in positive {
             if value == 0 {
-                return Err(ModelError::config(path, field, "must be > 0, got 0"));
+                return bad(field, "must be > 0, got 0".into());
+            }
+        }
+        // Token ids and positions are u32.
+        for (field, value) in [
+            (Field::Vocab, self.vocab_size),
+            (Field::Context, self.max_position),
+        ] {
+            if value > u32::MAX as usize {
+                return bad(field, format!("must be at most {}, got {value}", u32::MAX));
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return Err(ModelError::config(
-                path,
-                "num_key_value_heads",
+            return bad(
+                Field::KvHeads,
                 format!(
-                    "({}) must divide num_attention_heads ({})",
-                    self.n_kv_heads, self.n_heads
+                    "({}) must divide {} ({})",
+                    self.n_kv_heads,
+                    key(Field::Heads),
+                    self.n_heads
                 ),
-            ));
+            );
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(ModelError::config(
-                path,
-                "head_dim",
+            return bad(
+                Field::HeadDim,
                 format!("must be even, got {}", self.head_dim),
-            ));
+            );
+        }
+        if self.n_heads.checked_mul(self.head_dim).is_none() {
+            return bad(Field::HeadDim, format!("{} is too large", self.head_dim));
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return bad(
+                Field::Eps,
+                format!(
+                    "must be a small positive number (0 < eps < 1), got {}",
+                    show(eps)
+                ),
+            );
+        }
+        let theta = self.rope_theta;
+        if !(theta.is_finite() && theta > 1.0) {
+            return bad(
+                Field::Theta,
+                format!("must be a finite number > 1, got {theta}"),
+            );
+        }
+        match &self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) if !(factor.is_finite() && *factor > 0.0) => {
+                return bad(
+                    Field::ScalingFactor,
+                    format!(
+                        "must be a finite number > 0, got {}",
+                        show(f64::from(*factor))
+                    ),
+                );
+            }
+            Some(RopeScaling::Linear { .. }) => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            }) => {
+                for (field, v) in [
+                    (Field::ScalingFactor, factor),
+                    (Field::LowFreqFactor, low_freq_factor),
+                    (Field::HighFreqFactor, high_freq_factor),
+                ] {
+                    if !(v.is_finite() && *v > 0.0) {
+                        return bad(
+                            field,
+                            format!("must be a finite number > 0, got {}", show(f64::from(*v))),
+                        );
+                    }
+                }
+                if high_freq_factor <= low_freq_factor {
+                    return bad(
+                        Field::HighFreqFactor,
+                        format!("({high_freq_factor}) must exceed the low frequency factor ({low_freq_factor})"),
+                    );
+                }
+                if *original_max_position == 0 {
+                    return bad(Field::OriginalContext, "must be > 0, got 0".into());
+                }
+            }
         }
         Ok(())
     }
 }
 
-fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
-    v.to_u32()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u64().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .or_else(|_| v.to_i64().map(|x| x as usize))
-        .ok()
+/// A value as its source most likely wrote it: the shortest f32 form when it is an f32 (GGUF
+/// stores f32), else the f64 one.
+fn show(v: f64) -> String {
+    let f = v as f32;
+    if f64::from(f) == v {
+        f.to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The config fields [`ModelConfig::validate`] checks, named per source.
+#[derive(Clone, Copy, Debug)]
+enum Field {
+    Vocab,
+    Hidden,
+    Ffn,
+    Layers,
+    Heads,
+    KvHeads,
+    HeadDim,
+    Context,
+    Eps,
+    Theta,
+    ScalingFactor,
+    LowFreqFactor,
+    HighFreqFactor,
+    OriginalContext,
+}
+
+impl Field {
+    /// The `config.json` key.
+    fn hf_key(self) -> &'static str {
+        match self {
+            Field::Vocab => "vocab_size",
+            Field::Hidden => "hidden_size",
+            Field::Ffn => "intermediate_size",
+            Field::Layers => "num_hidden_layers",
+            Field::Heads => "num_attention_heads",
+            Field::KvHeads => "num_key_value_heads",
+            Field::HeadDim => "head_dim",
+            Field::Context => "max_position_embeddings",
+            Field::Eps => "rms_norm_eps",
+            Field::Theta => "rope_theta",
+            Field::ScalingFactor => "rope_scaling.factor",
+            Field::LowFreqFactor => "rope_scaling.low_freq_factor",
+            Field::HighFreqFactor => "rope_scaling.high_freq_factor",
+            Field::OriginalContext => "rope_scaling.original_max_position_embeddings",
+        }
+    }
+
+    /// The GGUF metadata key for architecture `arch`.
+    fn gguf_key(self, arch: &str) -> String {
+        let k = match self {
+            Field::Vocab => "vocab_size",
+            Field::Hidden => "embedding_length",
+            Field::Ffn => "feed_forward_length",
+            Field::Layers => "block_count",
+            Field::Heads => "attention.head_count",
+            Field::KvHeads => "attention.head_count_kv",
+            Field::HeadDim => "attention.key_length",
+            Field::Context => "context_length",
+            Field::Eps => "attention.layer_norm_rms_epsilon",
+            Field::Theta => "rope.freq_base",
+            Field::ScalingFactor => "rope.scaling.factor",
+            Field::LowFreqFactor => "rope.scaling.low_freq_factor",
+            Field::HighFreqFactor => "rope.scaling.high_freq_factor",
+            Field::OriginalContext => "rope.scaling.original_context_length",
+        };
+        format!("{arch}.{k}")
+    }
+}
+
+/// A GGUF integer as a `usize`: any integer type, negative values refused (a signed `-1` is not
+/// a huge unsigned count).
+pub(crate) fn gguf_usize(v: &gguf_file::Value) -> std::result::Result<usize, String> {
+    use gguf_file::Value as V;
+    let signed = match v {
+        V::U8(x) => return Ok(*x as usize),
+        V::U16(x) => return Ok(*x as usize),
+        V::U32(x) => return Ok(*x as usize),
+        V::U64(x) => {
+            return usize::try_from(*x).map_err(|_| format!("is too large, got {x}"));
+        }
+        V::I8(x) => i64::from(*x),
+        V::I16(x) => i64::from(*x),
+        V::I32(x) => i64::from(*x),
+        V::I64(x) => *x,
+        other => return Err(format!("must be an integer, got {other:?}")),
+    };
+    usize::try_from(signed).map_err(|_| format!("must be a non-negative integer, got {signed}"))
 }
 
 fn parse_hf_rope_scaling(path: &Path, rs: &Value) -> Result<RopeScaling> {
@@ -416,7 +603,17 @@ fn parse_hf_rope_scaling(path: &Path, rs: &Value) -> Result<RopeScaling> {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position: num("original_max_position_embeddings")? as usize,
+            original_max_position: {
+                let v = num("original_max_position_embeddings")?;
+                if !(v.is_finite() && v >= 1.0 && v.fract() == 0.0) {
+                    return Err(ModelError::config(
+                        path,
+                        "rope_scaling.original_max_position_embeddings",
+                        format!("must be a positive integer, got {v}"),
+                    ));
+                }
+                v as usize
+            },
         }),
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
         other => Err(ModelError::config(

@@ -6,16 +6,15 @@
 //! - Streaming: tensors are read one at a time (GGUF and safetensors inputs are memory-mapped),
 //!   converted and written straight to disk; the header is computed up front from shapes and
 //!   dtypes, so at most one tensor is ever held in RAM (twice: source and converted).
-//! - Atomic: everything is written into a hidden staging directory beside the output, which is
-//!   renamed onto the output only once complete. A failure or cancellation (the progress callback
-//!   returning an error) removes the staging directory: no half-written model is ever left at the
-//!   output path. A process killed by SIGKILL leaves only a `.{name}.agate-tmp*` directory.
+//! - No file is opened here: every output file is written into a [`FileSink`] the caller owns
+//!   (engine's `StagedDir` writes the directory atomically and cleans up after failures, a
+//!   cancellation — the progress callback returning an error — or a killed process).
 //! - llama.cpp's converter permutes the rows of `attn_q`/`attn_k` for Llama and Mistral GGUFs;
 //!   GGUF → HF undoes it (`[n_head, out/n_head/2, 2, in]` → swap axes 1, 2), so the result runs
 //!   with the half-split RoPE layout of Hugging Face. Qwen2 GGUFs are not permuted.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -57,12 +56,23 @@ pub enum ConvertEvent<'a> {
     },
 }
 
+/// Where the files of an output directory go: `file(name, body)` creates the file `name` there
+/// and `body` fills it. model-zoo never opens a file for writing; the sink owns the files
+/// (engine's `StagedDir`: atomic, never clobbering). A body reports its writer's I/O errors as
+/// [`ModelError::Write`] with an empty path, which the sink fills in.
+pub trait FileSink {
+    /// Writes one file of the directory.
+    fn file(
+        &mut self,
+        name: &str,
+        body: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+    ) -> Result<()>;
+}
+
 /// What a conversion wrote.
 #[derive(Clone, Debug, Default)]
 pub struct ConvertSummary {
-    /// The output directory.
-    pub out_dir: PathBuf,
-    /// Files written there (names only).
+    /// Files written (names only).
     pub files: Vec<String>,
     /// Tensors written.
     pub tensors: usize,
@@ -107,10 +117,10 @@ enum Origin {
     Safetensors { index: usize, name: String },
 }
 
-/// Converts a GGUF file into a Hugging Face directory at `out` (which must not exist or be empty).
+/// Converts a GGUF file into the files of a Hugging Face directory, written into `out`.
 pub fn gguf_to_hf(
     src: &Path,
-    out: &Path,
+    out: &mut dyn FileSink,
     opts: &ConvertOptions,
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
@@ -188,10 +198,10 @@ pub fn gguf_to_hf(
     let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let gate_tensors = add_gates(opts, &mut plan, &mut origins, &mut sources, &mut metadata)?;
 
-    let staging = Staging::new(out)?;
-    let weights = staging.path().join("model.safetensors");
-    let bytes = write_safetensors(&weights, &plan, &metadata, progress, |i| {
-        match &origins[i] {
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    out.file("model.safetensors", &mut |w| {
+        bytes = write_safetensors(w, &plan, &metadata, progress, |i| match &origins[i] {
             Origin::Gguf {
                 name,
                 unpermute_heads,
@@ -206,20 +216,24 @@ pub fn gguf_to_hf(
             Origin::Safetensors { index, name } => Ok(sources[*index]
                 .load(name, &Device::Cpu)?
                 .to_dtype(plan[i].dtype)?),
-        }
+        })?;
+        Ok(())
     })?;
+    files.push("model.safetensors".to_string());
 
     let mut hf_config = cfg.to_hf_value(tokenizer.bos_id(), tokenizer.eos_ids());
     hf_config["torch_dtype"] = dtype_torch_name(opts.dtype).into();
-    write_json(&staging.path().join("config.json"), &hf_config)?;
-    let tok_path = staging.path().join("tokenizer.json");
-    tokenizer
+    write_json(out, "config.json", &hf_config)?;
+    let tok_json = tokenizer
         .inner()
-        .save(&tok_path, false)
+        .to_string(false)
         .map_err(|e| ModelError::Tokenizer {
-            source_name: tok_path.display().to_string(),
-            reason: format!("cannot write: {e}"),
+            source_name: src.display().to_string(),
+            reason: format!("cannot serialise: {e}"),
         })?;
+    out.file("tokenizer.json", &mut |w| {
+        Ok(w.write_all(tok_json.as_bytes())?)
+    })?;
     let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
     let tok_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -230,10 +244,10 @@ pub fn gguf_to_hf(
         "model_max_length": cfg.max_position,
         "chat_template": tokenizer.chat_template(),
     });
-    write_json(&staging.path().join("tokenizer_config.json"), &tok_config)?;
-    let files = staging.commit()?;
+    write_json(out, "tokenizer_config.json", &tok_config)?;
+    files.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].map(String::from));
+    files.sort();
     Ok(ConvertSummary {
-        out_dir: out.to_path_buf(),
         files,
         tensors: plan.len(),
         tensor_bytes: bytes,
@@ -248,7 +262,7 @@ pub fn gguf_to_hf(
 /// `config.json` with its `torch_dtype` updated. Gates, when given, go into the first shard.
 pub fn cast_safetensors(
     src: &Path,
-    out: &Path,
+    out: &mut dyn FileSink,
     opts: &ConvertOptions,
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
@@ -280,16 +294,15 @@ pub fn cast_safetensors(
             name: "*.safetensors (no weight files)".into(),
         });
     }
-    let staging = Staging::new(out)?;
     let mut total_plan = Vec::new();
     let mut per_shard = Vec::new();
     let mut gate_tensors = 0;
     for (k, shard) in shards.iter().enumerate() {
         // SAFETY: read-only map; like every mmap-based loader we rely on the file not being
         // truncated by another process during the conversion.
-        let st = unsafe { MmapedSafetensors::new(shard) }.map_err(|e| ModelError::Gguf {
+        let st = unsafe { MmapedSafetensors::new(shard) }.map_err(|e| ModelError::Safetensors {
             path: shard.clone(),
-            reason: format!("safetensors: {}", crate::error::candle_message(&e)),
+            reason: crate::error::candle_message(&e),
         })?;
         let mut metadata = read_safetensors_metadata(shard)?;
         metadata
@@ -300,10 +313,13 @@ pub fn cast_safetensors(
         let mut plan = Vec::new();
         let mut origins = Vec::new();
         for (name, view) in tensors {
-            let dtype: DType = view.dtype().try_into().map_err(|e| ModelError::Gguf {
-                path: shard.clone(),
-                reason: format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
-            })?;
+            let dtype: DType = view
+                .dtype()
+                .try_into()
+                .map_err(|e| ModelError::Safetensors {
+                    path: shard.clone(),
+                    reason: format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
+                })?;
             plan.push(TensorPlan {
                 name: name.clone(),
                 dtype: if dtype.is_float() { opts.dtype } else { dtype },
@@ -321,11 +337,10 @@ pub fn cast_safetensors(
     progress(ConvertEvent::Start {
         tensors: total_plan.len(),
     })?;
-    let mut done = 0;
-    let mut bytes = 0;
+    let (mut done, mut bytes) = (0, 0);
+    let mut files = Vec::new();
     for (shard, plan, origins, sources, metadata) in &per_shard {
-        let file_name = shard.file_name().unwrap_or_default();
-        let dest = staging.path().join(file_name);
+        let name = shard.file_name().unwrap_or_default().to_string_lossy();
         let offset = done;
         let mut inner = |e: ConvertEvent<'_>| match e {
             ConvertEvent::Start { .. } => Ok(()),
@@ -334,19 +349,22 @@ pub fn cast_safetensors(
                 name,
             }),
         };
-        bytes += write_safetensors(&dest, plan, metadata, &mut inner, |i| match &origins[i] {
-            Origin::Safetensors { index, name } => Ok(sources[*index]
-                .load(name, &Device::Cpu)?
-                .to_dtype(plan[i].dtype)?),
-            Origin::Gguf { .. } => Err(ModelError::Input(
-                "internal: GGUF origin in a safetensors cast".into(),
-            )),
+        out.file(&name, &mut |w| {
+            bytes += write_safetensors(w, plan, metadata, &mut inner, |i| match &origins[i] {
+                Origin::Safetensors { index, name } => Ok(sources[*index]
+                    .load(name, &Device::Cpu)?
+                    .to_dtype(plan[i].dtype)?),
+                Origin::Gguf { .. } => Err(ModelError::Input(
+                    "internal: GGUF origin in a safetensors cast".into(),
+                )),
+            })?;
+            Ok(())
         })?;
+        files.push(name.into_owned());
         done += plan.len();
     }
     for extra in &extra_files {
-        let name = extra.file_name().unwrap_or_default();
-        let dest = staging.path().join(name);
+        let name = extra.file_name().unwrap_or_default().to_string_lossy();
         if name == "config.json" {
             let text = std::fs::read_to_string(extra).map_err(io(extra))?;
             let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
@@ -358,14 +376,15 @@ pub fn cast_safetensors(
                     dtype_torch_name(opts.dtype).to_string().into(),
                 );
             }
-            write_json(&dest, &v)?;
+            write_json(out, &name, &v)?;
         } else {
-            std::fs::copy(extra, &dest).map_err(io(&dest))?;
+            let bytes = std::fs::read(extra).map_err(io(extra))?;
+            out.file(&name, &mut |w| Ok(w.write_all(&bytes)?))?;
         }
+        files.push(name.into_owned());
     }
-    let files = staging.commit()?;
+    files.sort();
     Ok(ConvertSummary {
-        out_dir: out.to_path_buf(),
         files,
         tensors: total_plan.len(),
         tensor_bytes: bytes,
@@ -389,12 +408,9 @@ fn add_gates(
         return Ok(0);
     };
     // SAFETY: read-only map, see `cast_safetensors`.
-    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Gguf {
+    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
         path: path.clone(),
-        reason: format!(
-            "gates file is not safetensors: {}",
-            crate::error::candle_message(&e)
-        ),
+        reason: format!("gates file: {}", crate::error::candle_message(&e)),
     })?;
     for (k, v) in read_safetensors_metadata(path)? {
         metadata.insert(format!("{GATES_PREFIX}{k}"), v);
@@ -404,10 +420,13 @@ fn add_gates(
     let index = sources.len();
     let count = tensors.len();
     for (name, view) in tensors {
-        let dtype: DType = view.dtype().try_into().map_err(|e| ModelError::Gguf {
-            path: path.clone(),
-            reason: format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
-        })?;
+        let dtype: DType = view
+            .dtype()
+            .try_into()
+            .map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                reason: format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
+            })?;
         let out_name = format!("{GATES_PREFIX}{name}");
         if plan.iter().any(|p| p.name == out_name) {
             return Err(ModelError::Input(format!(
@@ -495,9 +514,9 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>
 /// data.
 pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value> {
     use std::io::Read;
-    let bad = |reason: String| ModelError::Gguf {
+    let bad = |reason: String| ModelError::Safetensors {
         path: path.to_path_buf(),
-        reason: format!("not a safetensors file: {reason}"),
+        reason,
     };
     let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
@@ -525,20 +544,16 @@ pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&buf).map_err(|e| bad(format!("header JSON: {e}")))
 }
 
-/// Writes a safetensors file tensor by tensor: the header comes from `plan`, then `produce(i)`
-/// is called for each tensor in order and its bytes are streamed out. The file is written under a
-/// temporary name in the same directory and renamed when complete. Returns tensor bytes written.
+/// Writes a safetensors file into `w` tensor by tensor: the header comes from `plan`, then
+/// `produce(i)` is called for each tensor in order and its bytes are streamed out. Returns the
+/// tensor bytes written.
 pub fn write_safetensors(
-    path: &Path,
+    w: &mut dyn Write,
     plan: &[TensorPlan],
     metadata: &BTreeMap<String, String>,
     progress: &mut Progress<'_>,
     mut produce: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<u64> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
@@ -560,15 +575,8 @@ pub fn write_safetensors(
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".agate-tmp-")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, tmp);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
     progress(ConvertEvent::Start {
         tensors: plan.len(),
     })?;
@@ -584,29 +592,18 @@ pub fn write_safetensors(
                 p.shape
             )));
         }
-        write_tensor_bytes(&mut w, &t).map_err(|e| match e {
-            ModelError::Io { source, .. } => io(source),
-            other => other,
-        })?;
+        write_tensor_bytes(w, &t)?;
         progress(ConvertEvent::Tensor {
             index: i + 1,
             name: &p.name,
         })?;
     }
-    let tmp = w.into_inner().map_err(|e| io(e.into_error()))?;
-    tmp.as_file().sync_all().map_err(io)?;
-    set_mode(tmp.path(), 0o644)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(offset)
 }
 
 /// Writes a tensor's elements little-endian, in row-major order.
-fn write_tensor_bytes(w: &mut impl Write, t: &Tensor) -> Result<()> {
+fn write_tensor_bytes(w: &mut dyn Write, t: &Tensor) -> Result<()> {
     let flat = t.flatten_all()?;
-    let io = |source| ModelError::Io {
-        path: PathBuf::from("(output)"),
-        source,
-    };
     macro_rules! put {
         ($ty:ty) => {{
             let v = flat.to_vec1::<$ty>()?;
@@ -614,7 +611,7 @@ fn write_tensor_bytes(w: &mut impl Write, t: &Tensor) -> Result<()> {
             for x in &v {
                 buf.extend_from_slice(&x.to_le_bytes());
             }
-            w.write_all(&buf).map_err(io)?;
+            w.write_all(&buf)?;
         }};
     }
     match t.dtype() {
@@ -634,101 +631,10 @@ fn write_tensor_bytes(w: &mut impl Write, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Gives a file or directory the usual permissions (temporary files are created private).
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-            |source| ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
-    }
-    #[cfg(not(unix))]
-    let _ = (path, mode);
-    Ok(())
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    crate::random::write_atomic(path, &serde_json::to_string_pretty(v)?)
-}
-
-/// A hidden directory beside the output; removed on drop unless committed.
-struct Staging {
-    dir: Option<tempfile::TempDir>,
-    out: PathBuf,
-}
-
-impl Staging {
-    fn new(out: &Path) -> Result<Self> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { path, source }
-        };
-        if out.exists() {
-            let mut entries = std::fs::read_dir(out).map_err(io(out))?;
-            if entries.next().is_some() {
-                return Err(ModelError::Input(format!(
-                    "output directory {} exists and is not empty; choose a new directory or remove it",
-                    out.display()
-                )));
-            }
-        }
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.agate-tmp"))
-            .tempdir_in(&parent)
-            .map_err(io(&parent))?;
-        Ok(Staging {
-            dir: Some(dir),
-            out: out.to_path_buf(),
-        })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.as_ref().map(|d| d.path()).unwrap_or(&self.out)
-    }
-
-    /// Renames the staging directory onto the output; returns the file names written.
-    fn commit(mut self) -> Result<Vec<String>> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { path, source }
-        };
-        let Some(dir) = self.dir.take() else {
-            return Ok(Vec::new());
-        };
-        let mut files: Vec<String> = std::fs::read_dir(dir.path())
-            .map_err(io(dir.path()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        files.sort();
-        if self.out.exists() {
-            // Checked empty in `new`; an empty directory is replaced.
-            std::fs::remove_dir(&self.out).map_err(io(&self.out))?;
-        }
-        set_mode(dir.path(), 0o755)?;
-        let kept = dir.keep();
-        if let Err(source) = std::fs::rename(&kept, &self.out) {
-            let _ = std::fs::remove_dir_all(&kept);
-            return Err(ModelError::Io {
-                path: self.out.clone(),
-                source,
-            });
-        }
-        Ok(files)
-    }
+/// Writes `v` as pretty JSON into the file `name` of `out`.
+pub(crate) fn write_json(out: &mut dyn FileSink, name: &str, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    out.file(name, &mut |w| Ok(w.write_all(text.as_bytes())?))
 }
 
 #[cfg(test)]
@@ -760,12 +666,27 @@ mod tests {
         assert!(unpermute_rows(&hf, 5).is_err());
     }
 
+    /// Writes straight into a directory (tests only; engine's `StagedDir` is the real sink).
+    struct Dir(std::path::PathBuf);
+
+    impl FileSink for Dir {
+        fn file(
+            &mut self,
+            name: &str,
+            body: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+        ) -> Result<()> {
+            std::fs::create_dir_all(&self.0)?;
+            let mut f = std::fs::File::create(self.0.join(name))?;
+            body(&mut f)
+        }
+    }
+
     #[test]
     fn cast_round_trips_and_merges_gates() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = crate::random::tiny_config(1, 2, 1);
         let src = dir.path().join("src");
-        crate::random::write_random_model(&src, &cfg, 3).unwrap();
+        crate::random::write_random_model(&mut Dir(src.clone()), &cfg, 3).unwrap();
         let gates = dir.path().join("gates.safetensors");
         let g = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
         let plan = vec![TensorPlan {
@@ -777,13 +698,14 @@ mod tests {
             ("format".to_string(), "agate-gate".to_string()),
             ("gate_config".to_string(), "{\"k\":1}".to_string()),
         ]);
-        write_safetensors(&gates, &plan, &md, &mut |_| Ok(()), |_| Ok(g.clone())).unwrap();
+        let mut f = std::fs::File::create(&gates).unwrap();
+        write_safetensors(&mut f, &plan, &md, &mut |_| Ok(()), |_| Ok(g.clone())).unwrap();
         let out = dir.path().join("out");
         let opts = ConvertOptions {
             dtype: DType::BF16,
             gates: Some(gates),
         };
-        let s = cast_safetensors(&src, &out, &opts, &mut |_| Ok(())).unwrap();
+        let s = cast_safetensors(&src, &mut Dir(out.clone()), &opts, &mut |_| Ok(())).unwrap();
         assert_eq!(s.gate_tensors, 1);
         assert!(s.files.contains(&"config.json".to_string()));
         let md = read_safetensors_metadata(&out.join("model.safetensors")).unwrap();
@@ -802,11 +724,10 @@ mod tests {
                 .unwrap(),
             vec![vec![1.0; 4]; 2]
         );
-        // A cancelled cast leaves nothing behind.
-        let out2 = dir.path().join("out2");
+        // A cancelled cast stops at once with the callback's error.
         let err = cast_safetensors(
             &src,
-            &out2,
+            &mut Dir(dir.path().join("out2")),
             &ConvertOptions {
                 dtype: DType::F16,
                 gates: None,
@@ -816,13 +737,6 @@ mod tests {
                 _ => Ok(()),
             },
         );
-        assert!(err.is_err());
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(!left.iter().any(|n| n.contains("out2")), "{left:?}");
-        // Output that exists and is non-empty is refused.
-        assert!(cast_safetensors(&src, &out, &opts, &mut |_| Ok(())).is_err());
+        assert_eq!(err.unwrap_err().to_string(), "stop");
     }
 }

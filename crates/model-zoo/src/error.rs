@@ -14,10 +14,27 @@ pub enum ModelError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// An output file could not be written (a [`crate::convert::FileSink`] names the file; an
+    /// I/O error of a writer converts to this variant with an empty path, which the sink fills).
+    #[error("cannot write {}: {reason}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// A GGUF file is malformed or truncated.
     #[error("{path} is not a valid GGUF file: {reason}")]
     Gguf {
         /// The file.
+        path: PathBuf,
+        /// What the reader found.
+        reason: String,
+    },
+    /// A safetensors file is malformed or truncated.
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    Safetensors {
+        /// The file (or the directory of shards).
         path: PathBuf,
         /// What the reader found.
         reason: String,
@@ -82,9 +99,27 @@ pub enum ModelError {
     /// JSON could not be written or read.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A forward pass produced NaN or infinite logits: the weights or the metadata are broken.
+    #[error(
+        "the model produced non-finite logits (NaN or infinity) at position {position}: its \
+         weights or metadata are broken (e.g. NaN weights, a non-positive RMSNorm epsilon)"
+    )]
+    NonFinite {
+        /// Position of the first token whose logits are not finite.
+        position: u32,
+    },
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(String),
+}
+
+impl From<std::io::Error> for ModelError {
+    fn from(e: std::io::Error) -> Self {
+        ModelError::Write {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        }
+    }
 }
 
 impl From<candle_core::Error> for ModelError {

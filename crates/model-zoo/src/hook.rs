@@ -1,11 +1,15 @@
 //! The one place per attention layer where an eviction policy plugs into the decoder.
 //!
-//! Order inside every layer of every forward pass: the new tokens' keys and values are appended
-//! to the store; `LayerHook::plan` sees the layer's normed hidden states (the gate's input) and
-//! the store, and says which retained keys are visible and which attention statistics to
-//! compute; attention runs; `LayerHook::after_attention` may then evict from the store. The
-//! decoder computes nothing a hook did not ask for. A hook reports the bytes of its own
-//! per-session state (`LayerHook::state_bytes`), so that a session's memory is counted whole.
+//! Order of a forward pass: `LayerHook::begin_pass`; then, layer by layer, the new tokens' keys
+//! and values are appended to the store, `LayerHook::plan` sees the layer's normed hidden states
+//! (the gate's input) and the store, and says which retained keys are visible and which
+//! attention statistics to compute, and attention runs. Once every layer has run and the logits
+//! are finite, the pass commits: `LayerHook::after_attention` is called for every layer in order
+//! and may evict from the store. A pass that fails before it commits leaves the store as it
+//! found it and calls `LayerHook::abort_pass`, so a hook undoes what its `plan` calls recorded:
+//! nothing is evicted before a pass is certain to succeed. The decoder computes nothing a hook
+//! did not ask for. A hook reports the bytes of its own per-session state
+//! (`LayerHook::state_bytes`), so that a session's memory is counted whole.
 
 use std::ops::Range;
 
@@ -24,13 +28,17 @@ pub struct LayerPlan {
     /// Query rows (indices into this pass's new tokens) whose attention probabilities are summed
     /// per key and returned to `after_attention`.
     pub prob_rows: Option<Range<usize>>,
+    /// Hand this layer's queries to `after_attention` (otherwise it gets none: the decoder keeps
+    /// every layer's queries until the pass commits only for hooks that read them).
+    pub queries: bool,
 }
 
 /// What `after_attention` receives.
 pub struct AttentionOutcome<'a> {
     /// This sequence's store; the hook may evict from it.
     pub kv: &'a mut SequenceKv,
-    /// The new tokens' queries after RoPE, token-major `[n, n_heads, head_dim]`.
+    /// The new tokens' queries after RoPE, token-major `[n, n_heads, head_dim]`, when the
+    /// layer's plan asked for them (`LayerPlan::queries`); empty otherwise.
     pub queries: &'a [f32],
     /// Absolute positions of the new tokens.
     pub positions: &'a [u32],
@@ -108,11 +116,16 @@ pub trait LayerHook {
         Ok(LayerPlan::default())
     }
 
-    /// Called after attention; may evict.
+    /// Called for every layer, in order, once the pass is certain to succeed; may evict.
     fn after_attention(&mut self, layer: usize, outcome: AttentionOutcome<'_>) -> Result<()> {
         let _ = (layer, outcome);
         Ok(())
     }
+
+    /// The pass announced by the last `begin_pass` failed before committing (no
+    /// `after_attention` call was made): undo whatever its `plan` calls recorded, so that the
+    /// hook is as it was before the pass.
+    fn abort_pass(&mut self) {}
 
     /// Bytes of the per-session state this hook holds that grows with the tokens seen (scores,
     /// flags, a gate's own cache), counted in the session's memory beside its KV blocks.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod cpu_pool;
 pub mod error;
+pub mod gguf;
 pub mod hook;
 pub mod llama;
 pub mod packed;
@@ -52,11 +53,50 @@ pub struct LoadedModel {
 
 /// Loads a model from a GGUF file or a Hugging Face directory.
 pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
+    let loaded = load_unchecked(path, format)?;
+    let vocab = loaded.model.config().vocab_size;
+    let tok = &loaded.tokenizer;
+    let ids = tok.bos_id().into_iter().map(|i| ("bos", i));
+    if let Some((which, id)) = ids
+        .chain(tok.eos_ids().iter().map(|&i| ("eos", i)))
+        .find(|&(_, id)| id as usize >= vocab)
+    {
+        return Err(ModelError::Tokenizer {
+            source_name: path.display().to_string(),
+            reason: format!(
+                "the {which} token id {id} is outside the model's vocabulary of {vocab} tokens"
+            ),
+        });
+    }
+    Ok(loaded)
+}
+
+/// Fails unless `path` is a regular file (after links): a FIFO or device would block a read or
+/// cannot be memory-mapped.
+pub(crate) fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "{} is not a regular file (a model is a GGUF file or a Hugging Face directory)",
+            path.display()
+        )))
+    }
+}
+
+fn load_unchecked(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     if meta.is_dir() {
+        for file in ["config.json", "tokenizer.json"] {
+            regular_file(&path.join(file))?;
+        }
         let cfg = ModelConfig::from_hf_json(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let weights = Weights::from_safetensors_dir(path, format)?;

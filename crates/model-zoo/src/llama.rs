@@ -1,21 +1,25 @@
 //! The Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) over agate's KV store.
 //!
-//! Data flow per layer: RMSNorm → q/k/v projections (+bias for Qwen2) → RoPE at the tokens'
-//! absolute positions → append k/v to the store → hook plan → attention over the store's
-//! retained entries → hook after_attention (eviction) → output projection, residual → RMSNorm →
-//! SwiGLU FFN, residual. Keys are stored after RoPE and never re-rotated.
+//! Data flow per layer: RMSNorm → q/k/v projections (+bias for Qwen2) → RoPE → append k/v to the
+//! store → hook plan → attention over the store's retained entries → output projection,
+//! residual → RMSNorm → SwiGLU FFN, residual. Keys are stored after RoPE. All layers run before
+//! any eviction: the hooks' `after_attention` calls come once a sequence's logits are finite
+//! (see [`LlamaModel::forward_batch`]).
 //!
 //! Batching: [`LlamaModel::forward_batch`] runs several sequences' new tokens through each
 //! layer's projections at once (rows stacked, one sequence after another) while RoPE, the
 //! store, the hook and attention stay per sequence; [`LlamaModel::forward`] is its batch of one.
 //!
 //! Invariants: hidden states are f32 `[rows, hidden]`; positions passed in are the true positions
-//! (tokens seen so far, evicted or not), so eviction never shifts RoPE; with quantized weights a
-//! sequence's logits do not depend on which other sequences share its pass (float weights: up to
-//! rounding).
+//! (tokens seen so far, evicted or not), which the store keeps for masking. RoPE uses them too,
+//! unless the store has cache positions (the cache positions mode): then each KV head's keys are
+//! rotated for their position in that head's cache, whose gaps the store closes by shifting
+//! keys when asked, so query-key distances stay within what the caller allows. With quantized
+//! weights a sequence's logits do not depend on which other sequences share its pass (float
+//! weights: up to rounding).
 
 use candle_core::{Device, Tensor};
-use kv_store::{AttendOptions, SequenceKv};
+use kv_store::{AttendOptions, KeyShift, SequenceKv};
 
 use crate::config::ModelConfig;
 use crate::cpu_pool::CpuPool;
@@ -171,22 +175,90 @@ impl LlamaModel {
     /// gate/up projections of [`FusedLinear::forward_parts`]; every other operation is row-wise),
     /// and to rounding with float weights.
     ///
-    /// Returns one result per sequence, in order. A sequence whose input is invalid fails before
-    /// anything is touched; one whose store, hook or attention fails drops out of the rest of the
-    /// pass (its cache is left part-way and must be discarded or rolled back by the caller), and
-    /// the others carry on unaffected. The outer `Err` means a shared operation failed: every
-    /// sequence of the batch is then part-way.
+    /// Keys and queries are rotated for their token positions, or, when a sequence's store has
+    /// cache positions (`SequenceKv::with_cache_positions`, the cache positions mode), for their
+    /// position in each KV head's cache: the new tokens of KV head `g` take the cache positions
+    /// after its last entry, and the query heads of `g`'s group take the same positions (heads
+    /// may retain different counts).
+    ///
+    /// Each sequence's pass is all-or-nothing. Every layer runs (append, plan, attention) with
+    /// nothing evicted; then a sequence whose logits are finite commits (its hook's
+    /// `after_attention` for every layer, in order), and one that failed anywhere before that,
+    /// non-finite logits included ([`ModelError::NonFinite`]), is rolled back: its appended
+    /// entries are removed and its hook is told to undo its plans, so its session is as it was.
+    /// Returns one result per sequence, in order; the others carry on unaffected. The outer
+    /// `Err` means a shared operation failed: every sequence of the batch is then rolled back.
+    /// Only a failing commit (a hook's eviction: an internal error) leaves a sequence part-way.
     pub fn forward_batch(&self, batch: &mut [SequenceInput<'_>]) -> Result<Vec<Result<Tensor>>> {
-        let cfg = &self.cfg;
         let mut failed: Vec<Option<ModelError>> =
             batch.iter().map(|s| self.check_input(s).err()).collect();
+        let mut pending: Vec<Vec<Pending>> = batch.iter().map(|_| Vec::new()).collect();
+        let run = self.run_batch(batch, &mut failed, &mut pending);
+        let logits = match run {
+            Ok(logits) => logits,
+            Err(e) => {
+                // Sequences that had already failed are rolled back too (undoing is idempotent).
+                batch.iter_mut().for_each(SequenceInput::rollback);
+                return Err(e);
+            }
+        };
+        let scale = self.attention_scale();
+        Ok(batch
+            .iter_mut()
+            .zip(failed)
+            .zip(logits)
+            .zip(pending)
+            .map(|(((seq, error), logits), pending)| {
+                let logits = match (error, logits) {
+                    (None, Some(l)) => l,
+                    (error, _) => {
+                        seq.rollback();
+                        return Err(error.unwrap_or_else(|| {
+                            ModelError::Input("internal: a live sequence got no logits".into())
+                        }));
+                    }
+                };
+                if let Err(e) = check_finite(&logits, seq) {
+                    seq.rollback();
+                    return Err(e);
+                }
+                let positions: Vec<u32> =
+                    (seq.start..seq.start + seq.tokens.len() as u32).collect();
+                for (layer, p) in pending.into_iter().enumerate() {
+                    seq.hook.after_attention(
+                        layer,
+                        AttentionOutcome {
+                            kv: seq.kv,
+                            queries: &p.queries,
+                            positions: &positions,
+                            prob_sums: p.prob_sums,
+                            scale,
+                        },
+                    )?;
+                }
+                Ok(match seq.logits_for {
+                    LogitsFor::Last => logits.squeeze(0)?,
+                    LogitsFor::All => logits,
+                })
+            })
+            .collect())
+    }
+
+    /// Phase one of a batched pass: every layer's projections, and per live sequence its
+    /// append, plan and attention (nothing evicted; what `after_attention` will need goes to
+    /// `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
+    /// sequence's logits `[rows, vocab]` (`None` for one that failed).
+    fn run_batch(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        failed: &mut [Option<ModelError>],
+        pending: &mut [Vec<Pending>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let cfg = &self.cfg;
         let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
         let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
         if live.is_empty() {
-            return Ok(failed
-                .into_iter()
-                .map(|e| Err(e.expect("failed")))
-                .collect());
+            return Ok(batch.iter().map(|_| None).collect());
         }
         let total: usize = rows.iter().sum();
         let tokens: Vec<u32> = live
@@ -224,7 +296,10 @@ impl LlamaModel {
                     },
                 );
                 match step {
-                    Ok(out) => attn[slice(&seq_rows, q_width)].copy_from_slice(&out),
+                    Ok((out, p)) => {
+                        attn[slice(&seq_rows, q_width)].copy_from_slice(&out);
+                        pending[i].push(p);
+                    }
                     Err(e) => failed[i] = Some(e),
                 }
             }
@@ -253,21 +328,26 @@ impl LlamaModel {
         }
         let picked = x.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
         let logits = self.lm_head.forward_segments(&picked, &head_rows)?;
-        failed
-            .into_iter()
-            .enumerate()
-            .map(|(i, error)| match error {
-                Some(e) => Ok(Err(e)),
-                None => {
-                    let r = &head_range[i];
-                    let t = logits.narrow(0, r.start, r.len())?;
-                    Ok(Ok(match batch[i].logits_for {
-                        LogitsFor::Last => t.squeeze(0)?,
-                        LogitsFor::All => t,
-                    }))
+        (0..batch.len())
+            .map(|i| {
+                if failed[i].is_some() {
+                    return Ok(None);
                 }
+                let r = &head_range[i];
+                Ok(Some(logits.narrow(0, r.start, r.len())?))
             })
             .collect()
+    }
+
+    /// How a store with cache positions moves a key by `delta` positions: a rotation by `delta`
+    /// (for `kv_store::SequenceKv::with_cache_positions`).
+    pub fn key_shift(&self) -> KeyShift {
+        let rope = self.rope.clone();
+        std::sync::Arc::new(move |keys: &mut [f32], delta: i64| rope.rotate_by(keys, delta))
+    }
+
+    fn attention_scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
     /// Checks one sequence's input against the model before anything runs.
@@ -284,6 +364,18 @@ impl LlamaModel {
                 cfg.vocab_size
             )));
         }
+        if u32::try_from(seq.tokens.len())
+            .ok()
+            .and_then(|n| seq.start.checked_add(n))
+            .is_none()
+        {
+            return Err(ModelError::Input(format!(
+                "{} tokens after position {} exceed the {} positions a sequence can hold",
+                seq.tokens.len(),
+                seq.start,
+                u32::MAX
+            )));
+        }
         let kv = &seq.kv;
         if kv.n_layers() != cfg.n_layers
             || kv.n_kv_heads() != cfg.n_kv_heads
@@ -297,16 +389,15 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// One sequence's share of layer `layer`: RoPE at its positions, the store append, the
-    /// hook's plan, attention over its retained entries, the hook's eviction. Returns the
-    /// attention output `[n, n_heads * head_dim]`.
+    /// One sequence's share of layer `layer`: RoPE, the store append, the hook's plan and
+    /// attention over its retained entries. Returns the attention output `[n, n_heads *
+    /// head_dim]` and what the layer's `after_attention` will need.
     fn attend_sequence(
         &self,
         layer: usize,
         seq: &mut SequenceInput<'_>,
         input: AttentionInput<'_>,
-    ) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
+    ) -> Result<(Vec<f32>, Pending)> {
         let AttentionInput {
             normed,
             q,
@@ -314,27 +405,44 @@ impl LlamaModel {
             v,
             positions,
         } = input;
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        self.rope.apply(q, cfg.n_heads, positions);
-        self.rope.apply(k, cfg.n_kv_heads, positions);
+        self.rotate(layer, q, k, positions, seq.kv);
         seq.kv.append(layer, k, v, positions)?;
         let plan = seq.hook.plan(layer, normed, positions, seq.kv)?;
-        let mut opts = AttendOptions::new(scale);
+        let mut opts = AttendOptions::new(self.attention_scale());
         opts.visible_until = plan.visible_until.as_deref();
         opts.prob_sums = plan.prob_rows.clone();
         opts.parallel = Some(&CpuPool);
         let attended = seq.kv.attend(layer, q, positions, &opts)?;
-        seq.hook.after_attention(
-            layer,
-            AttentionOutcome {
-                kv: seq.kv,
-                queries: q,
-                positions,
-                prob_sums: attended.prob_sums,
-                scale,
-            },
-        )?;
-        Ok(attended.out)
+        let pending = Pending {
+            queries: if plan.queries { q.to_vec() } else { Vec::new() },
+            prob_sums: attended.prob_sums,
+        };
+        Ok((attended.out, pending))
+    }
+
+    /// RoPE for one layer's new queries and keys: at their token positions, or (cache
+    /// positions) at each KV head's next cache positions, its query group with it.
+    fn rotate(
+        &self,
+        layer: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        positions: &[u32],
+        kv: &SequenceKv,
+    ) {
+        let cfg = &self.cfg;
+        if !kv.has_cache_positions() {
+            self.rope.apply(q, cfg.n_heads, positions);
+            self.rope.apply(k, cfg.n_kv_heads, positions);
+            return;
+        }
+        let next: Vec<f64> = (0..cfg.n_kv_heads)
+            .map(|g| f64::from(kv.next_cache_position(layer, g).unwrap_or(0)))
+            .collect();
+        let at = |t: usize, g: usize| next[g] + t as f64;
+        self.rope
+            .apply_grouped(q, cfg.n_heads, cfg.group_size(), at);
+        self.rope.apply_grouped(k, cfg.n_kv_heads, 1, at);
     }
 }
 
@@ -344,4 +452,40 @@ fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
     gate
+}
+
+impl SequenceInput<'_> {
+    /// Undoes this sequence's part of a pass that will not commit: its appended entries go,
+    /// its hook forgets its plans.
+    fn rollback(&mut self) {
+        self.kv.truncate_from(self.start);
+        self.hook.abort_pass();
+    }
+}
+
+/// What a layer's `after_attention` needs once the pass commits.
+struct Pending {
+    queries: Vec<f32>,
+    prob_sums: Option<Vec<Vec<f32>>>,
+}
+
+/// Fails with [`ModelError::NonFinite`] naming the first position whose logits (`[rows, vocab]`)
+/// hold a NaN or an infinity. One reduction when they are all finite.
+fn check_finite(logits: &Tensor, seq: &SequenceInput<'_>) -> Result<()> {
+    if logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Ok(());
+    }
+    // Not finite: a bad value, or a sum of finite values that overflowed.
+    let Some(row) = logits
+        .to_vec2::<f32>()?
+        .iter()
+        .position(|r| r.iter().any(|v| !v.is_finite()))
+    else {
+        return Ok(());
+    };
+    let position = match seq.logits_for {
+        LogitsFor::Last => seq.start + seq.tokens.len() as u32 - 1,
+        LogitsFor::All => seq.start + row as u32,
+    };
+    Err(ModelError::NonFinite { position })
 }

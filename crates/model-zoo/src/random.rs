@@ -4,10 +4,10 @@
 //!
 //! Invariants: the same config and seed always write the same bytes; the tokenizer is byte-level
 //! BPE over the 256 byte symbols plus three control tokens, so `vocab_size` must be at least 259;
-//! files are written to temporary names and renamed.
+//! the files go into a [`FileSink`] (engine's `StagedDir` writes them as one directory).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::io::Write;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -17,6 +17,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use crate::config::ModelConfig;
+use crate::convert::{write_json, write_safetensors, FileSink, TensorPlan};
 use crate::error::{ModelError, Result};
 use crate::weights::{Naming, TensorRole};
 
@@ -127,8 +128,9 @@ pub(crate) fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     specs
 }
 
-/// Writes a random model with `cfg`'s shape into `dir` (created if missing).
-pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
+/// Writes a random model with `cfg`'s shape (`config.json`, `model.safetensors`,
+/// `tokenizer.json`, `tokenizer_config.json`) into `out`.
+pub fn write_random_model(out: &mut dyn FileSink, cfg: &ModelConfig, seed: u64) -> Result<()> {
     if cfg.vocab_size < 256 + RANDOM_SPECIALS.len() {
         return Err(ModelError::Input(format!(
             "random models need vocab_size >= {}, got {}",
@@ -136,12 +138,8 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
             cfg.vocab_size
         )));
     }
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
+    let mut tensors = BTreeMap::new();
     for spec in tensor_specs(cfg) {
         let t = match spec.init {
             Init::Ones => {
@@ -155,33 +153,62 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
         };
         tensors.insert(spec.name, t);
     }
-    let weights = dir.join("model.safetensors");
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    rename(&tmp, &weights)?;
-    let eos = 256 + 2; // <|im_end|>
-    write_atomic(
-        &dir.join("config.json"),
-        &serde_json::to_string_pretty(&cfg.to_hf_value(None, &[eos]))?,
-    )?;
-    write_tokenizer(dir)?;
-    Ok(())
-}
-
-/// The random models' byte-level tokenizer (256 byte symbols and [`RANDOM_SPECIALS`]), built in a
-/// temporary folder; for models with random weights ids past it decode to nothing.
-pub fn byte_tokenizer() -> Result<crate::Tokenizer> {
-    let dir = tempfile::tempdir().map_err(|source| ModelError::Io {
-        path: std::env::temp_dir(),
-        source,
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .map(|(name, t)| TensorPlan {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+        })
+        .collect();
+    let values: Vec<&Tensor> = tensors.values().collect();
+    out.file("model.safetensors", &mut |w| {
+        let no_meta = BTreeMap::new();
+        write_safetensors(w, &plan, &no_meta, &mut |_| Ok(()), |i| {
+            Ok(values[i].clone())
+        })?;
+        Ok(())
     })?;
-    write_tokenizer(dir.path())?;
-    crate::Tokenizer::from_file(&dir.path().join("tokenizer.json"))
+    let eos = 256 + 2; // <|im_end|>
+    write_json(out, "config.json", &cfg.to_hf_value(None, &[eos]))?;
+    write_tokenizer(out)
 }
 
-fn write_tokenizer(dir: &Path) -> Result<()> {
+/// The random models' byte-level tokenizer (256 byte symbols and [`RANDOM_SPECIALS`]), built
+/// in memory; for models with random weights ids past it decode to nothing.
+pub fn byte_tokenizer() -> Result<crate::Tokenizer> {
+    let mut files = MemoryFiles::default();
+    write_tokenizer(&mut files)?;
+    let text = |name: &str| String::from_utf8_lossy(&files.0[name]).into_owned();
+    let config = serde_json::from_str(&text("tokenizer_config.json")).map_err(|e| {
+        ModelError::Tokenizer {
+            source_name: "random model".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    crate::Tokenizer::from_json("random model", &text("tokenizer.json"), &config)
+}
+
+/// Files kept in memory, by name.
+#[derive(Default)]
+struct MemoryFiles(BTreeMap<String, Vec<u8>>);
+
+impl FileSink for MemoryFiles {
+    fn file(
+        &mut self,
+        name: &str,
+        body: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+    ) -> Result<()> {
+        let mut bytes = Vec::new();
+        body(&mut bytes)?;
+        self.0.insert(name.to_string(), bytes);
+        Ok(())
+    }
+}
+
+fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
     let err = |e: String| ModelError::Tokenizer {
-        source_name: dir.display().to_string(),
+        source_name: "random model".into(),
         reason: e,
     };
     let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
@@ -205,34 +232,12 @@ fn write_tokenizer(dir: &Path) -> Result<()> {
     tok.add_special_tokens(specials)
         .map_err(|e| err(e.to_string()))?;
     let json = tok.to_string(true).map_err(|e| err(e.to_string()))?;
-    write_atomic(&dir.join("tokenizer.json"), &json)?;
+    out.file("tokenizer.json", &mut |w| Ok(w.write_all(json.as_bytes())?))?;
     let config = serde_json::json!({
         "eos_token": "<|im_end|>",
         "bos_token": null,
         "add_bos_token": false,
         "chat_template": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     });
-    write_atomic(
-        &dir.join("tokenizer_config.json"),
-        &serde_json::to_string_pretty(&config)?,
-    )
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(|source| ModelError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    rename(&tmp, path)
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to).map_err(|source| ModelError::Io {
-        path: to.to_path_buf(),
-        source,
-    })
+    write_json(out, "tokenizer_config.json", &config)
 }

@@ -89,26 +89,68 @@ impl Rope {
 
     /// Rotates `x` (`[positions.len(), heads, head_dim]`, token-major) in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
-        let half = self.inv_freq.len();
-        let head_dim = 2 * half;
-        let mut cos_sin = vec![(0f32, 0f32); half];
-        for (t, &pos) in positions.iter().enumerate() {
-            for (cs, f) in cos_sin.iter_mut().zip(&self.inv_freq) {
-                let (s, c) = (pos as f64 * f).sin_cos();
-                *cs = (c as f32, s as f32);
-            }
-            let row = &mut x[t * heads * head_dim..(t + 1) * heads * head_dim];
-            for head in row.chunks_exact_mut(head_dim) {
-                for (i, &(c, s)) in cos_sin.iter().enumerate() {
-                    let (a, b) = match self.layout {
-                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                        RopeLayout::Halves => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
+        self.apply_grouped(x, heads, heads, |t, _| f64::from(positions[t]));
+    }
+
+    /// Rotates `x` (`[n, heads, head_dim]`, token-major) in place, the heads of row `t` in
+    /// groups of `group` consecutive heads, group `g` at position `position(t, g)` (the cache
+    /// positions mode rotates each KV head's group for its own slot).
+    pub fn apply_grouped(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        group: usize,
+        position: impl Fn(usize, usize) -> f64,
+    ) {
+        let head_dim = 2 * self.inv_freq.len();
+        let (row_len, group_len) = (heads * head_dim, group.max(1) * head_dim);
+        if row_len == 0 {
+            return;
+        }
+        let mut cos_sin = vec![(0f32, 0f32); self.inv_freq.len()];
+        for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
+            for (g, part) in row.chunks_mut(group_len).enumerate() {
+                self.angles(position(t, g), &mut cos_sin);
+                for head in part.chunks_exact_mut(head_dim) {
+                    self.rotate(head, &cos_sin);
                 }
             }
+        }
+    }
+
+    /// Rotates every `[head_dim]` vector of `x` by `delta` positions (rotations compose: a key
+    /// rotated for position `p` becomes the key for `p + delta`).
+    pub fn rotate_by(&self, x: &mut [f32], delta: i64) {
+        let head_dim = 2 * self.inv_freq.len();
+        if head_dim == 0 {
+            return;
+        }
+        let mut cos_sin = vec![(0f32, 0f32); self.inv_freq.len()];
+        self.angles(delta as f64, &mut cos_sin);
+        for head in x.chunks_exact_mut(head_dim) {
+            self.rotate(head, &cos_sin);
+        }
+    }
+
+    /// `(cos, sin)` of `position × inv_freq`, computed in f64.
+    fn angles(&self, position: f64, cos_sin: &mut [(f32, f32)]) {
+        for (cs, f) in cos_sin.iter_mut().zip(&self.inv_freq) {
+            let (s, c) = (position * f).sin_cos();
+            *cs = (c as f32, s as f32);
+        }
+    }
+
+    /// Rotates one head vector by precomputed angles.
+    fn rotate(&self, head: &mut [f32], cos_sin: &[(f32, f32)]) {
+        let half = cos_sin.len();
+        for (i, &(c, s)) in cos_sin.iter().enumerate() {
+            let (a, b) = match self.layout {
+                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                RopeLayout::Halves => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
         }
     }
 }
@@ -152,5 +194,35 @@ mod tests {
         rope.apply(&mut r, 1, &[5000]);
         let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
         assert!((n(&r) - n(&q)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rotations_compose_and_groups_get_their_own_positions() {
+        for layout in [RopeLayout::Halves, RopeLayout::Interleaved] {
+            let rope = Rope::with_dims(8, 10_000.0, None, layout);
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.9).cos()).collect();
+            let mut at_30 = x.clone();
+            rope.apply(&mut at_30, 1, &[30]);
+            // A key rotated for 30, moved back by 12 slots, is the key for 18.
+            let mut moved = at_30.clone();
+            rope.rotate_by(&mut moved, -12);
+            let mut at_18 = x.clone();
+            rope.apply(&mut at_18, 1, &[18]);
+            for (a, b) in moved.iter().zip(&at_18) {
+                assert!((a - b).abs() < 1e-5, "{layout:?}");
+            }
+            // Two groups of two heads, one row: group g at position 5 + 10 g.
+            let mut grouped: Vec<f32> = x.iter().cycle().take(32).copied().collect();
+            rope.apply_grouped(&mut grouped, 4, 2, |_, g| 5.0 + 10.0 * g as f64);
+            let (mut at_5, mut at_15) = (x.clone(), x.clone());
+            rope.apply(&mut at_5, 1, &[5]);
+            rope.apply(&mut at_15, 1, &[15]);
+            let expected: Vec<f32> = [&at_5, &at_5, &at_15, &at_15]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            assert_eq!(grouped, expected);
+        }
     }
 }

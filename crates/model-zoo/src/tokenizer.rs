@@ -57,11 +57,15 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`; special tokens and the template come from the
     /// `tokenizer_config.json` beside it when present.
     pub fn from_file(path: &Path) -> Result<Self> {
+        let source_name = path.display().to_string();
         let err = |reason: String| ModelError::Tokenizer {
-            source_name: path.display().to_string(),
+            source_name: source_name.clone(),
             reason,
         };
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        let json = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let config: serde_json::Value = match path.parent().map(|d| d.join("tokenizer_config.json"))
         {
             Some(p) if p.exists() => {
@@ -73,6 +77,19 @@ impl Tokenizer {
             }
             _ => serde_json::Value::Null,
         };
+        Self::from_json(&source_name, &json, &config)
+    }
+
+    /// Builds the tokenizer from the text of a `tokenizer.json` and the parsed
+    /// `tokenizer_config.json` (`Null` when there is none); `source_name` names them in errors.
+    pub fn from_json(source_name: &str, json: &str, config: &serde_json::Value) -> Result<Self> {
+        let err = |reason: String| ModelError::Tokenizer {
+            source_name: source_name.to_string(),
+            reason,
+        };
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e: tokenizers::Error| err(e.to_string()))?;
         let token_id = |field: &str| -> Option<u32> {
             let v = config.get(field)?;
             let text = v
@@ -96,7 +113,7 @@ impl Tokenizer {
                 .get("chat_template")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
-            source_name: path.display().to_string(),
+            source_name: source_name.to_string(),
             inner,
         })
     }
@@ -174,12 +191,24 @@ impl Tokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(format!("special tokens: {e}")))?;
-        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let eos = id("tokenizer.ggml.eos_token_id")
+        // A special token id must name a token: an id outside the vocabulary would never be
+        // produced (generation would not stop at an EOS that cannot be sampled).
+        let id = |k: &str| -> Result<Option<u32>> {
+            let Some(v) = md.get(k) else { return Ok(None) };
+            let id = crate::config::gguf_usize(v).map_err(|p| err(format!("`{k}` {p}")))?;
+            if id >= tokens.len() {
+                return Err(err(format!(
+                    "`{k}` is {id}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                )));
+            }
+            Ok(Some(id as u32))
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?
             .into_iter()
             .collect::<Vec<_>>();
         Ok(Tokenizer {
-            bos: id("tokenizer.ggml.bos_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id")?,
             eos,
             add_bos: md
                 .get("tokenizer.ggml.add_bos_token")

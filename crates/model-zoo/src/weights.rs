@@ -353,8 +353,10 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
-    /// Opens and memory-maps `path`, parsing the header and metadata.
+    /// Opens and memory-maps `path`, checks its structure as ggml does ([`crate::gguf::check`]:
+    /// alignment, offsets, overlap, sizes, extents) and parses the header and metadata.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::regular_file(path)?;
         let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -365,20 +367,30 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let content =
-            gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..])).map_err(|e| {
-                ModelError::Gguf {
-                    path: path.to_path_buf(),
-                    reason: candle_message(&e),
-                }
-            })?;
-        let file = GgufFile {
+        let invalid = |reason: String| ModelError::Gguf {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if looks_like_safetensors(&mmap) {
+            return Err(ModelError::Input(format!(
+                "{} is a safetensors file, not a GGUF file: pass the Hugging Face directory that holds it (config.json, tokenizer.json and *.safetensors)",
+                path.display()
+            )));
+        }
+        let layout = crate::gguf::check(&mmap).map_err(invalid)?;
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+            .map_err(|e| invalid(candle_message(&e)))?;
+        if content.tensor_data_offset != layout.data_offset {
+            return Err(invalid(format!(
+                "tensor data starts at byte {}, the header implies {}",
+                content.tensor_data_offset, layout.data_offset
+            )));
+        }
+        Ok(GgufFile {
             path: path.to_path_buf(),
             mmap,
             content,
-        };
-        file.check_extents()?;
-        Ok(file)
+        })
     }
 
     /// The parsed header (metadata and tensor table).
@@ -389,23 +401,6 @@ impl GgufFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Every tensor must lie inside the file: a truncated download fails here, at open.
-    fn check_extents(&self) -> Result<()> {
-        let len = self.mmap.len() as u64;
-        for (name, info) in &self.content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-            let end = self.content.tensor_data_offset + info.offset + bytes;
-            if end > len {
-                return Err(ModelError::Gguf {
-                    path: self.path.clone(),
-                    reason: format!("truncated: tensor `{name}` ends at byte {end} but the file has {len} bytes"),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Reads one tensor (quantized as stored).
@@ -508,11 +503,15 @@ impl Weights {
                 name: "*.safetensors (no weight files)".into(),
             });
         }
+        for f in &files {
+            crate::regular_file(f)?;
+        }
         // SAFETY: read-only maps; see `GgufFile::open`.
-        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Gguf {
-            path: dir.to_path_buf(),
-            reason: format!("safetensors: {}", candle_message(&e)),
-        })?;
+        let st =
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Safetensors {
+                path: dir.to_path_buf(),
+                reason: candle_message(&e),
+            })?;
         Ok(Weights {
             source: Source::Safetensors {
                 dir: dir.to_path_buf(),
@@ -884,6 +883,12 @@ fn pack(path: &Path, name: &str, parts: &[&QTensor]) -> Result<PackedMatrix> {
             parts.iter().map(|q| q.dtype()).collect::<Vec<_>>()
         ),
     })
+}
+
+/// Whether `bytes` start like a safetensors file: a little-endian header length, then a JSON
+/// object (`{"`).
+fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    bytes.len() > 10 && bytes[8..10] == *b"{\"" && bytes[..8] != *b"GGUF\x03\0\0\0"
 }
 
 /// The type a quantized weight runs as on CPU when it has a SIMD kernel in candle; `None` means

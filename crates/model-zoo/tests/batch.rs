@@ -11,9 +11,23 @@ use model_zoo::{
     KeepAll, LayerHook, LayerPlan, LlamaModel, LogitsFor, ModelError, SequenceInput, WeightFormat,
 };
 
+/// Writes a model's files straight into a directory (model-zoo itself never opens a file for
+/// writing; engine's atomic `StagedDir` is the real sink).
+struct Dir<'a>(&'a std::path::Path);
+
+impl model_zoo::convert::FileSink for Dir<'_> {
+    fn file(
+        &mut self,
+        name: &str,
+        body: &mut dyn FnMut(&mut dyn std::io::Write) -> model_zoo::Result<()>,
+    ) -> model_zoo::Result<()> {
+        body(&mut std::fs::File::create(self.0.join(name))?)
+    }
+}
+
 fn tiny_model(dir: &std::path::Path, format: WeightFormat) -> LlamaModel {
     let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    model_zoo::random::write_random_model(dir, &cfg, 5).unwrap();
+    model_zoo::random::write_random_model(&mut Dir(dir), &cfg, 5).unwrap();
     model_zoo::load(dir, format).unwrap().model
 }
 
@@ -220,6 +234,9 @@ fn a_failing_sequence_leaves_the_others_unchanged() {
     let invalid = results.next().unwrap().unwrap_err().to_string();
     assert!(invalid.contains("outside the vocabulary"), "{invalid}");
     assert_eq!(contents(&kv_a), want_cache);
+    // The failing sequence's layer-0 appends were undone.
+    assert_eq!(kv_b.stats().blocks_in_use, 0);
+    assert!(contents(&kv_b).iter().all(Vec::is_empty));
     // The invalid sequence was refused before anything ran: its cache is empty.
     assert_eq!(kv_c.stats().blocks_in_use, 0);
 }

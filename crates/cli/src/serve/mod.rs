@@ -122,7 +122,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     engine_cfg.prefill_chunk = args.prefill_chunk as usize;
     let engine = engine::Engine::builder()
         .config(engine_cfg)
-        .on_progress(|line| eprintln!("agate: {line}"))
+        .on_progress(|line| say!("agate: {line}"))
         .build()?;
     // The default policy must build (a bad --policy is a startup error, not a 400 per request).
     let default_policy = policy.build(&engine)?;
@@ -168,7 +168,7 @@ async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
     let engine = app.scheduler.engine();
-    eprintln!(
+    say!(
         "agate serve: {} ({} layers), default policy {}, KV pool {} MiB, up to {} sessions at once",
         engine.model_path().display(),
         engine.model_config().n_layers,
@@ -176,13 +176,13 @@ async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
         engine.pool().config().capacity_bytes() >> 20,
         app.scheduler.config().max_sessions,
     );
-    println!("listening on http://{addr}");
+    outln!("listening on http://{addr}")?;
     use std::io::Write;
     std::io::stdout().flush()?;
     axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
-    eprintln!("agate serve: stopped");
+    say!("agate serve: stopped");
     Ok(())
 }
 

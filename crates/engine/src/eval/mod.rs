@@ -75,6 +75,9 @@ pub enum PplContext {
 /// How tasks are run.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
+    /// Where RoPE places the sessions' keys (shared contexts included; a full cache's cache
+    /// positions are its token positions, so the full-cache reference is the same either way).
+    pub positions: crate::Positions,
     /// Prefill the question with the context, before eviction.
     pub query_aware: bool,
     /// Render choice and generate tasks through the model's chat template (a task's own `chat`
@@ -94,6 +97,7 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
+            positions: crate::Positions::Original,
             query_aware: false,
             chat: false,
             answer_margin: 8,
@@ -358,14 +362,14 @@ pub fn run_policies(
             None
         } else {
             Some(
-                SharedContext::prefill(engine, &prompt.context, &sharing)
+                SharedContext::prefill_in(engine, &prompt.context, &sharing, opts.positions)
                     .map_err(|e| failed(None, e))?,
             )
         };
         for (pi, policy) in policies.iter().enumerate() {
             let start = match &shared {
                 Some(ctx) if policy.shares_context() => Start::Shared(ctx),
-                _ => Start::Fresh,
+                _ => Start::Fresh(opts.positions),
             };
             let outcome = score_task(engine, policy, task, &prompt, &start, opts)
                 .map_err(|e| failed(Some(policy), e))?;
@@ -532,8 +536,8 @@ fn chat_split(
 
 /// Where a policy's session for a task starts.
 enum Start<'a> {
-    /// A fresh session prefills the context itself.
-    Fresh,
+    /// A fresh session (with these positions) prefills the context itself.
+    Fresh(crate::Positions),
     /// A fork of the context prefilled once for every policy.
     Shared(&'a SharedContext),
 }
@@ -548,8 +552,9 @@ impl Start<'_> {
         continuation: &[u32],
     ) -> Result<Session> {
         let mut session = match self {
-            Start::Fresh => {
+            Start::Fresh(positions) => {
                 let mut s = engine.session_with(policy.clone())?;
+                s.set_positions(*positions)?;
                 s.prefill(context)?;
                 s
             }
@@ -686,7 +691,11 @@ fn score_generate(
     let mut session = start.session(engine, policy, &prompt.context, &prompt.continuation)?;
     let kv = KvSnapshot::from(&session.kv_report());
     let request = GenerateRequest {
-        max_tokens: engine.tokenizer().encode(answer, false)?.len() + opts.answer_margin,
+        max_tokens: engine
+            .tokenizer()
+            .encode(answer, false)?
+            .len()
+            .saturating_add(opts.answer_margin),
         sampling: SamplingParams::default(),
         stop: Vec::new(),
         stop_at_eos: true,

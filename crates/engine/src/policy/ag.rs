@@ -19,7 +19,9 @@
 //! with the store's retained entries of (l, h) after every pass; in threshold mode the sinks
 //! (positions `0..sinks`) are never evicted; with `decode = false` generated tokens are always
 //! kept; after a pass every retained key is visible to the next query, so a one-token pass needs
-//! no mask. `state_bytes` counts the gate cache and the per-entry state.
+//! no mask; a pass that fails is undone (`abort_pass` rolls the gate's cache back to its mark
+//! at `begin_pass`, in time proportional to the pass, and cuts the per-entry state back). `state_bytes` counts the gate cache
+//! and the per-entry state.
 
 use std::sync::Arc;
 
@@ -46,12 +48,12 @@ enum Entries {
         flags: Vec<Vec<Vec<bool>>>,
     },
     /// Budget mode: the budget, each entry's keep probability (`+inf` for a generated token
-    /// with decode flags off), and the keep masks of the pass in flight (decided in `plan`,
-    /// applied after attention).
+    /// with decode flags off), and the keep masks of the pass in flight, `[layer][head]`
+    /// (decided in `plan`, applied when the pass commits).
     Probs {
         budget: Budget,
         probs: Vec<Vec<Vec<f32>>>,
-        pending: Vec<Vec<bool>>,
+        pending: Vec<Vec<Vec<bool>>>,
     },
 }
 
@@ -62,6 +64,10 @@ pub(super) struct AgHook {
     cache: GateCache,
     pass: Pass,
     entries: Entries,
+    /// Each (layer, head)'s count of per-entry state at the start of the pass in flight (what
+    /// `abort_pass` cuts back to; the gate's cache keeps its own undo journal from its mark);
+    /// dropped once the pass commits.
+    before_pass: Option<Vec<Vec<usize>>>,
 }
 
 impl AgHook {
@@ -81,7 +87,7 @@ impl AgHook {
             AgMode::Budget(budget) => Entries::Probs {
                 budget,
                 probs: vec![vec![Vec::new(); heads]; cfg.n_layers],
-                pending: Vec::new(),
+                pending: vec![Vec::new(); cfg.n_layers],
             },
         };
         AgHook {
@@ -91,6 +97,7 @@ impl AgHook {
             protect,
             pass: Pass::Decode,
             entries,
+            before_pass: None,
         }
     }
 
@@ -121,9 +128,49 @@ fn gate_error(e: gate_core::GateError) -> ModelError {
     ModelError::Input(format!("attention gate: {e}"))
 }
 
+impl Entries {
+    /// Per-entry state counts, `[layer][head]`.
+    fn lens(&self) -> Vec<Vec<usize>> {
+        fn lens<T>(v: &[Vec<Vec<T>>]) -> Vec<Vec<usize>> {
+            v.iter().map(|l| l.iter().map(Vec::len).collect()).collect()
+        }
+        match self {
+            Entries::Flags { flags, .. } => lens(flags),
+            Entries::Probs { probs, .. } => lens(probs),
+        }
+    }
+
+    /// Cuts the per-entry state back to `lens`.
+    fn truncate(&mut self, lens: &[Vec<usize>]) {
+        fn cut<T>(v: &mut [Vec<Vec<T>>], lens: &[Vec<usize>]) {
+            for (layer, lens) in v.iter_mut().zip(lens) {
+                for (head, &n) in layer.iter_mut().zip(lens) {
+                    head.truncate(n);
+                }
+            }
+        }
+        match self {
+            Entries::Flags { flags, .. } => cut(flags, lens),
+            Entries::Probs { probs, pending, .. } => {
+                cut(probs, lens);
+                pending.iter_mut().for_each(Vec::clear);
+            }
+        }
+    }
+}
+
 impl LayerHook for AgHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
+        self.cache.mark();
+        self.before_pass = Some(self.entries.lens());
+    }
+
+    fn abort_pass(&mut self) {
+        self.cache.rollback();
+        if let Some(lens) = self.before_pass.take() {
+            self.entries.truncate(&lens);
+        }
     }
 
     fn plan(
@@ -169,6 +216,7 @@ impl LayerHook for AgHook {
                 pending,
             } => {
                 let budget = *budget;
+                let pending = &mut pending[layer];
                 pending.clear();
                 for (head, head_probs) in probs.into_iter().enumerate() {
                     let scores = &mut all[layer][head];
@@ -201,7 +249,7 @@ impl LayerHook for AgHook {
         }
         Ok(LayerPlan {
             visible_until: many.then_some(until),
-            prob_rows: None,
+            ..LayerPlan::default()
         })
     }
 
@@ -210,6 +258,11 @@ impl LayerHook for AgHook {
         layer: usize,
         outcome: AttentionOutcome<'_>,
     ) -> model_zoo::Result<()> {
+        if layer == 0 {
+            // The pass commits (every layer follows, in order): it can no longer be undone.
+            self.cache.commit();
+            self.before_pass = None;
+        }
         let kv = outcome.kv;
         let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
         for head in 0..kv.n_kv_heads() {
@@ -223,7 +276,7 @@ impl LayerHook for AgHook {
                             || tokens_seen - (p as usize) <= self.protect.recent
                     })
                     .collect(),
-                Entries::Probs { pending, .. } => std::mem::take(&mut pending[head]),
+                Entries::Probs { pending, .. } => std::mem::take(&mut pending[layer][head]),
             };
             if mask.iter().all(|&k| k) {
                 continue;

@@ -26,7 +26,7 @@ use crate::error::{EngineError, Result};
 
 pub use ag::AgMode;
 pub use options::{OptionKey, PolicyOptions};
-pub use spec::PolicySpec;
+pub use spec::{PolicySpec, Setting};
 
 /// H2O's share of the budget kept for the most recent tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,6 +191,23 @@ impl Policy {
         }
     }
 
+    /// The most entries a KV head holds after any forward pass of a session that has seen
+    /// `tokens_seen` tokens, for policies that evict after every pass (`None`: one-shot
+    /// policies, Attention-Gate in threshold mode and the full cache, whose heads may grow).
+    pub fn retained_cap(&self, tokens_seen: usize) -> Option<usize> {
+        match self {
+            Policy::Random { budget, .. }
+            | Policy::Streaming { budget, .. }
+            | Policy::H2o { budget, .. }
+            | Policy::Tova { budget, .. }
+            | Policy::Ag {
+                mode: AgMode::Budget(budget),
+                ..
+            } => Some(budget.keep_count(tokens_seen).max(1)),
+            _ => None,
+        }
+    }
+
     /// Whether a session under this policy can start from a [`crate::SharedContext`]: every
     /// policy whose prefill is a full-cache prefill followed by one eviction at its end (all but
     /// Attention-Gate, whose flags act inside the prefill).
@@ -245,9 +262,9 @@ impl Policy {
                     )));
                 }
                 if let AgMode::Threshold(t) = mode {
-                    if !(0.0..1.0).contains(t) {
+                    if !(0.0..=1.0).contains(t) {
                         return Err(EngineError::Invalid(format!(
-                            "gate threshold must be in [0, 1), got {t}"
+                            "gate threshold must be in [0, 1], got {t}"
                         )));
                     }
                 }

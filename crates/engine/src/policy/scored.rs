@@ -20,7 +20,9 @@
 //! end-of-prefill eviction of a layer depends only on that layer's store, the prefill's last
 //! queries of that layer, H2O's sums and the prefill's length — so [`ScoredHook::after_shared_context`],
 //! fed the same inputs recorded once by a [`ContextRecorder`] during a full-cache prefill, makes
-//! exactly the eviction a fresh session would.
+//! exactly the eviction a fresh session would. A pass that fails before it commits leaves the
+//! statistics as they were (the first chunk of a prefill keeps what it replaced until its pass
+//! commits; `abort_pass` puts it back): a failed step does not change the policy's state.
 
 use std::ops::Range;
 
@@ -28,8 +30,7 @@ use gate_core::score::{self, H2oAccumulator, NaclConfig};
 use gate_core::select::{self, Budget, Protection};
 use kv_store::{AttendOptions, SequenceKv};
 use model_zoo::{
-    AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass, PrefillChunk,
-    PrefillKind,
+    AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass, PrefillKind,
 };
 
 use super::{Policy, Recent};
@@ -95,11 +96,6 @@ impl QueryTail {
             + std::mem::size_of_val(self.positions.as_slice())
     }
 
-    fn clear(&mut self) {
-        self.queries.clear();
-        self.positions.clear();
-    }
-
     /// Appends one pass's queries, keeping the last `rows`.
     fn push(&mut self, queries: &[f32], positions: &[u32], scale: f32, rows: usize) {
         let n = positions.len();
@@ -159,6 +155,17 @@ pub(crate) struct PrefillStats {
     prefill_len: usize,
     /// H2O: the attention each retained entry has received from every query so far.
     h2o: Option<H2oAccumulator>,
+    /// What the first chunk of a prefill replaced, until its pass commits (`commit`) or fails
+    /// (`abort` puts it back): a failed pass leaves the statistics as they were.
+    undo: Option<PrefillStart>,
+}
+
+/// The prefill state a new prefill's first chunk replaces.
+#[derive(Clone, Debug)]
+struct PrefillStart {
+    tails: Vec<QueryTail>,
+    tail_rows: usize,
+    prefill_len: usize,
 }
 
 impl PrefillStats {
@@ -172,22 +179,59 @@ impl PrefillStats {
             } else {
                 None
             },
+            undo: None,
         })
     }
 
-    /// A chunk of a prefill starts; a new prefill resets the tails to hold `rows` rows.
-    fn begin(&mut self, chunk: &PrefillChunk, rows: usize) {
+    /// A pass starts; the first chunk of a prefill resets the tails to hold `rows` rows (what
+    /// it replaces is kept until the pass commits).
+    fn begin(&mut self, pass: Pass, rows: usize) {
+        self.undo = None;
+        let Pass::Prefill(chunk) = pass else {
+            return;
+        };
         if chunk.is_first() {
-            self.tails.iter_mut().for_each(QueryTail::clear);
+            self.undo = Some(PrefillStart {
+                tails: self.tails.iter_mut().map(std::mem::take).collect(),
+                tail_rows: self.tail_rows,
+                prefill_len: self.prefill_len,
+            });
             self.tail_rows = rows;
             self.prefill_len = chunk.len;
         }
     }
 
-    /// Bytes held: the query tails and H2O's sums.
+    /// The pass went through: what its start replaced is gone for good.
+    fn commit(&mut self) {
+        self.undo = None;
+    }
+
+    /// The pass failed before it committed (nothing was recorded): the statistics go back to
+    /// what they were before it started.
+    fn abort(&mut self) {
+        if let Some(start) = self.undo.take() {
+            self.tails = start.tails;
+            self.tail_rows = start.tail_rows;
+            self.prefill_len = start.prefill_len;
+        }
+    }
+
+    /// Bytes held: the query tails (those a running pass may still restore included) and H2O's
+    /// sums.
     fn bytes(&self) -> usize {
+        let undo = self
+            .undo
+            .as_ref()
+            .map_or(0, |u| u.tails.iter().map(QueryTail::bytes).sum());
         self.tails.iter().map(QueryTail::bytes).sum::<usize>()
+            + undo
             + self.h2o.as_ref().map_or(0, H2oAccumulator::bytes)
+    }
+
+    /// Whether a pass must hand its queries to `after_attention`: a prefill whose tails keep
+    /// rows.
+    fn wants_queries(&self, pass: Pass) -> bool {
+        matches!(pass, Pass::Prefill(_)) && self.tail_rows > 0
     }
 
     /// Query rows whose attention a pass of `n` tokens must return (H2O: all of them).
@@ -567,14 +611,13 @@ impl ScoredHook {
 impl LayerHook for ScoredHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
-        if let Pass::Prefill(chunk) = pass {
-            let rows = if self.evicts_at_prefill_end(chunk.kind) {
+        let rows = match pass {
+            Pass::Prefill(chunk) if self.evicts_at_prefill_end(chunk.kind) => {
                 self.tail_rows(chunk.len)
-            } else {
-                0
-            };
-            self.stats.begin(&chunk, rows);
-        }
+            }
+            _ => 0,
+        };
+        self.stats.begin(pass, rows);
     }
 
     fn plan(
@@ -591,6 +634,7 @@ impl LayerHook for ScoredHook {
         };
         Ok(LayerPlan {
             prob_rows,
+            queries: self.stats.wants_queries(self.pass),
             ..LayerPlan::default()
         })
     }
@@ -600,6 +644,7 @@ impl LayerHook for ScoredHook {
         layer: usize,
         outcome: AttentionOutcome<'_>,
     ) -> model_zoo::Result<()> {
+        self.stats.commit();
         let chunk = match self.pass {
             Pass::Prefill(chunk) => Some(chunk),
             Pass::Decode => None,
@@ -622,6 +667,10 @@ impl LayerHook for ScoredHook {
         }
     }
 
+    fn abort_pass(&mut self) {
+        self.stats.abort();
+    }
+
     fn state_bytes(&self) -> usize {
         self.stats.bytes()
     }
@@ -633,6 +682,8 @@ impl LayerHook for ScoredHook {
 pub(crate) struct ContextRecorder {
     hooks: Vec<ScoredHook>,
     stats: PrefillStats,
+    /// The pass running.
+    pass: Pass,
 }
 
 impl ContextRecorder {
@@ -647,6 +698,7 @@ impl ContextRecorder {
         Ok(ContextRecorder {
             stats: PrefillStats::new(cfg, h2o)?,
             hooks,
+            pass: Pass::Decode,
         })
     }
 
@@ -658,15 +710,17 @@ impl ContextRecorder {
 
 impl LayerHook for ContextRecorder {
     fn begin_pass(&mut self, pass: Pass) {
-        if let Pass::Prefill(chunk) = pass {
-            let rows = self
+        self.pass = pass;
+        let rows = match pass {
+            Pass::Prefill(chunk) => self
                 .hooks
                 .iter()
                 .map(|h| h.tail_rows(chunk.len))
                 .max()
-                .unwrap_or(0);
-            self.stats.begin(&chunk, rows);
-        }
+                .unwrap_or(0),
+            Pass::Decode => 0,
+        };
+        self.stats.begin(pass, rows);
     }
 
     fn plan(
@@ -678,6 +732,7 @@ impl LayerHook for ContextRecorder {
     ) -> model_zoo::Result<LayerPlan> {
         Ok(LayerPlan {
             prob_rows: self.stats.prob_rows(positions.len()),
+            queries: self.stats.wants_queries(self.pass),
             ..LayerPlan::default()
         })
     }
@@ -687,6 +742,11 @@ impl LayerHook for ContextRecorder {
         layer: usize,
         outcome: AttentionOutcome<'_>,
     ) -> model_zoo::Result<()> {
+        self.stats.commit();
         self.stats.record(layer, &outcome, true)
+    }
+
+    fn abort_pass(&mut self) {
+        self.stats.abort();
     }
 }

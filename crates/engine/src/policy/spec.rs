@@ -56,7 +56,84 @@ pub struct PolicySpec {
     pub options: PolicyOptions,
 }
 
+/// A setting of a [`PolicySpec`], to say which ones a policy would ignore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// `evict` (a ratio of each head's tokens).
+    Evict,
+    /// `keep` (tokens per head).
+    Keep,
+    /// `sinks`.
+    Sinks,
+    /// `window`.
+    Window,
+    /// `gates`.
+    Gates,
+    /// `threshold`.
+    Threshold,
+    /// `ag_budget_mode`.
+    AgBudgetMode,
+    /// `ag_decode`.
+    AgDecode,
+    /// `seed`.
+    Seed,
+}
+
 impl PolicySpec {
+    /// The settings this spec gives (`Some`, or `true` for `ag_budget_mode`) that its policy
+    /// does not use: `evict`/`keep` with `full` or Attention-Gate in threshold mode, `gates`
+    /// with anything but `ag`, `window` with StreamingLLM when a budget is given (the window is
+    /// the budget minus the sinks), and so on. Unknown policy names use nothing.
+    pub fn ignored(&self) -> Vec<Setting> {
+        use Setting::*;
+        let ag_budget = self.ag_budget_mode;
+        let used: &[Setting] = match self.name.as_str() {
+            "random" => &[Evict, Keep, Sinks, Window, Seed],
+            "streaming" if self.evict.is_some() || self.keep.is_some() => &[Evict, Keep, Sinks],
+            "streaming" => &[Evict, Keep, Sinks, Window],
+            "h2o" | "knorm" => &[Evict, Keep, Sinks, Window],
+            "tova" => &[Evict, Keep, Sinks],
+            "snapkv" | "pyramidkv" => &[Evict, Keep, Window],
+            "nacl" => &[Evict, Keep, Seed],
+            "ag" if ag_budget => &[Evict, Keep, Sinks, Window, Gates, AgBudgetMode, AgDecode],
+            "ag" => &[Sinks, Window, Gates, Threshold, AgDecode],
+            _ => &[],
+        };
+        let given = [
+            (Evict, self.evict.is_some()),
+            (Keep, self.keep.is_some()),
+            (Sinks, self.sinks.is_some()),
+            (Window, self.window.is_some()),
+            (Gates, self.gates.is_some()),
+            (Threshold, self.threshold.is_some()),
+            (AgBudgetMode, self.ag_budget_mode),
+            (AgDecode, self.ag_decode.is_some()),
+            (Seed, self.seed.is_some()),
+        ];
+        given
+            .into_iter()
+            .filter(|&(s, g)| g && !used.contains(&s))
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    /// Clears the given settings (back to "the default").
+    pub fn drop_settings(&mut self, settings: &[Setting]) {
+        for s in settings {
+            match s {
+                Setting::Evict => self.evict = None,
+                Setting::Keep => self.keep = None,
+                Setting::Sinks => self.sinks = None,
+                Setting::Window => self.window = None,
+                Setting::Gates => self.gates = None,
+                Setting::Threshold => self.threshold = None,
+                Setting::AgBudgetMode => self.ag_budget_mode = false,
+                Setting::AgDecode => self.ag_decode = None,
+                Setting::Seed => self.seed = None,
+            }
+        }
+    }
+
     /// A spec with only a name.
     pub fn named(name: &str) -> Self {
         PolicySpec {
@@ -83,7 +160,14 @@ impl PolicySpec {
             (Some(r), None) => Budget::EvictRatio(r),
             (None, Some(k)) => Budget::Keep(k),
             (None, None) => match (self.name.as_str(), self.window) {
-                ("streaming", Some(w)) => Budget::Keep(self.sinks.unwrap_or(DEFAULT_SINKS) + w),
+                ("streaming", Some(w)) => {
+                    let sinks = self.sinks.unwrap_or(DEFAULT_SINKS);
+                    Budget::Keep(sinks.checked_add(w).ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "StreamingLLM keeps sinks + window tokens: {sinks} + {w} is too large"
+                        ))
+                    })?)
+                }
                 _ => Budget::EvictRatio(DEFAULT_EVICT),
             },
         };

@@ -6,8 +6,6 @@
 //! shape and weights fingerprint) equals the one stored in the file; for any other model
 //! [`for_engine`] returns `None` and the caller asks for `--gates`.
 
-use std::io::Write;
-
 use gate_core::{AttentionGate, ModelIdentity};
 
 use crate::engine::Engine;
@@ -34,11 +32,8 @@ pub fn for_engine(engine: &Engine) -> Result<Option<AttentionGate>> {
     if identity()? != expected {
         return Ok(None);
     }
-    let io = |e: std::io::Error| EngineError::Invalid(format!("embedded default gates: {e}"));
-    let mut tmp = tempfile::NamedTempFile::new().map_err(io)?;
-    tmp.write_all(BYTES).map_err(io)?;
-    tmp.flush().map_err(io)?;
-    let gates = AttentionGate::load(tmp.path(), &expected, &candle_core::Device::Cpu)
-        .map_err(|e| EngineError::Invalid(format!("embedded default gates: {e}")))?;
+    let name = std::path::Path::new("(embedded default gates)");
+    let gates = AttentionGate::from_bytes(BYTES, name, &expected, &candle_core::Device::Cpu)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
     Ok(Some(gates))
 }

@@ -26,7 +26,6 @@ pub mod dataset;
 pub mod default_gates;
 pub mod optim;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -50,6 +49,13 @@ impl From<candle_core::Error> for EngineError {
 fn gate_err(e: gate_core::GateError) -> EngineError {
     EngineError::Invalid(e.to_string())
 }
+
+/// Most tokens in one micro-batch (`batch × seq_len`): its logits alone take
+/// `tokens × vocab × 4` bytes.
+pub const MAX_MICRO_BATCH_TOKENS: usize = 16_384;
+
+/// Most micro-batches per optimiser step (a step must end, and checkpoint, in reasonable time).
+pub const MAX_GRAD_ACCUM: usize = 4096;
 
 /// How far the adaptive controller may move the eviction loss's soft target from the run's
 /// target.
@@ -164,6 +170,35 @@ impl TrainConfig {
                 return bad(flag, v.to_string(), "a positive number");
             }
         }
+        if self.grad_accum > MAX_GRAD_ACCUM {
+            return bad(
+                "--grad-accum",
+                self.grad_accum.to_string(),
+                &format!("at most {MAX_GRAD_ACCUM} micro-batches per optimiser step"),
+            );
+        }
+        if self.batch.saturating_mul(self.seq_len) > MAX_MICRO_BATCH_TOKENS {
+            return bad(
+                "--batch",
+                format!("{} × --seq-len {}", self.batch, self.seq_len),
+                &format!("at most {MAX_MICRO_BATCH_TOKENS} tokens per micro-batch (use --grad-accum for larger batches)"),
+            );
+        }
+        if self
+            .steps
+            .checked_mul(self.grad_accum)
+            .and_then(|m| m.checked_mul(self.batch))
+            .is_none()
+        {
+            return bad(
+                "--steps",
+                format!(
+                    "{} × --grad-accum {} × --batch {}",
+                    self.steps, self.grad_accum, self.batch
+                ),
+                "a run whose sequence count fits in 64 bits",
+            );
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("--lr", self.lr.to_string(), "a positive learning rate");
         }
@@ -269,6 +304,13 @@ fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
+pub fn write_gates(gates: &AttentionGate, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+    let bytes = gates.to_bytes(path, dtype).map_err(gate_err)?;
+    crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
+    Ok(())
+}
+
 /// Opens the decoder of `path` (GGUF file or Hugging Face directory) with dense f32 weights.
 pub fn open_trainable(path: &std::path::Path, cfg: &ModelConfig) -> Result<TrainableDecoder> {
     let format = WeightFormat::Dense(DType::F32);
@@ -297,6 +339,21 @@ impl Trainer {
     /// with bias `gate_bias_init`), LoRA and the optimiser.
     pub fn new(engine: &Engine, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
+        let model = engine.model_config();
+        if cfg.seq_len > model.max_position {
+            return Err(EngineError::Invalid(format!(
+                "--seq-len {}: longer than the model's context of {} tokens",
+                cfg.seq_len, model.max_position
+            )));
+        }
+        if let Some(l) = &cfg.lora {
+            if l.rank > model.hidden_size {
+                return Err(EngineError::Invalid(format!(
+                    "--lora-rank {}: larger than the model's hidden size {} (a rank above it adds nothing)",
+                    l.rank, model.hidden_size
+                )));
+            }
+        }
         let examples = dataset::load(cfg.mode, &cfg.data, engine.tokenizer(), cfg.seq_len)?;
         let decoder = open_trainable(engine.model_path(), engine.model_config())?;
         let mut gates = match &cfg.init_gates {
@@ -388,9 +445,10 @@ impl Trainer {
         &self.gates
     }
 
-    /// Restores a checkpoint written by this configuration.
-    pub fn resume(&mut self, path: &std::path::Path) -> Result<()> {
-        let state = optim::load_checkpoint(path, &mut self.opt)?;
+    /// Restores a checkpoint written by this configuration; returns the step reports it
+    /// records (every step up to it).
+    pub fn resume(&mut self, path: &std::path::Path) -> Result<Vec<StepReport>> {
+        let (state, log) = optim::load_checkpoint(path, &mut self.opt)?;
         if without_nulls(state.config.clone()) != self.state.config {
             return Err(EngineError::Invalid(format!(
                 "{}: the checkpoint was written by a different configuration ({}); only --steps may change on resume",
@@ -398,20 +456,40 @@ impl Trainer {
                 state.config
             )));
         }
+        let steps: Vec<StepReport> = serde_json::from_str(&log).map_err(|e| {
+            EngineError::Invalid(format!("{}: metadata `log`: {e}", path.display()))
+        })?;
+        if steps.len() != state.step || steps.iter().enumerate().any(|(i, r)| r.step != i + 1) {
+            return Err(EngineError::Invalid(format!(
+                "{}: the checkpoint records {} step reports for {} steps",
+                path.display(),
+                steps.len(),
+                state.step
+            )));
+        }
         self.state = state;
-        Ok(())
+        Ok(steps)
     }
 
-    /// Writes a checkpoint of the current state to `path` (atomic).
-    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
-        optim::save_checkpoint(path, &self.opt, &self.state)
+    /// Writes a checkpoint of the current state and of `steps` (the report of every step so
+    /// far) to `path` (atomic, checksummed).
+    pub fn save_checkpoint(&self, path: &std::path::Path, steps: &[StepReport]) -> Result<()> {
+        let log = serde_json::to_string(steps).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        optim::save_checkpoint(path, &self.opt, &self.state, &log)
     }
 
-    /// Writes the gates (with the model identity) to `path` atomically in `dtype`.
+    /// Writes the gates (with the model identity) to `path` atomically in `dtype`; a run whose
+    /// parameters are no longer finite (it diverged) writes nothing.
     pub fn save_gates(&self, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+        if let Some(name) = self.opt.first_non_finite()? {
+            return Err(EngineError::Invalid(format!(
+                "{}: not written: parameter `{name}` is no longer finite, the run diverged (lower --lr or --lambda)",
+                path.display()
+            )));
+        }
         let mut g = self.gates.clone();
         g.set_identity(self.engine.model_identity()?);
-        g.save(path, dtype).map_err(gate_err)
+        write_gates(&g, path, dtype)
     }
 
     /// Writes the LoRA adapters (if any) as safetensors with their config in the metadata.
@@ -539,7 +617,11 @@ impl Trainer {
                 }
             }
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            ce_sum += ce.to_scalar::<f32>()? as f64;
+            let ce = ce.to_scalar::<f32>()? as f64;
+            if !ce.is_finite() {
+                return Err(self.broken_model(step + 1));
+            }
+            ce_sum += ce;
         }
         let grad_norm = optim::clip_grads(&mut grads, cfg.clip)?;
         // A non-finite gradient (overflow in a straight-through path) would poison every
@@ -570,6 +652,15 @@ impl Trainer {
             tokens_per_s: tokens as f64 / secs.max(1e-9),
             elapsed_s: 0.0,
         })
+    }
+
+    /// The error of a non-finite cross-entropy: the frozen base model's weights (or metadata)
+    /// are broken, no training can help.
+    fn broken_model(&self, step: usize) -> EngineError {
+        EngineError::NonFiniteLoss {
+            model: self.engine.model_path().to_path_buf(),
+            step,
+        }
     }
 
     /// The controller of `adapt_lambda` (see the module header), after a step with these
@@ -695,6 +786,9 @@ impl Trainer {
                 None => full,
             };
             n_tok += n;
+        }
+        if !(nll_base.is_finite() && nll_full.is_finite() && nll_gate.is_finite()) {
+            return Err(self.broken_model(self.state.step));
         }
         let n = ex.len() as f64;
         let ppl = |nll: f64| (nll / n_tok.max(1.0)).exp();

@@ -6,16 +6,19 @@
 //! and second moments, which candle-nn keeps private; the update is the same (PyTorch's AdamW:
 //! bias-corrected moments, `p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`).
 //!
-//! Invariants: the checkpoint is one safetensors file written atomically (temp + rename) whose
+//! Invariants: the checkpoint is one safetensors file written atomically (`crate::atomic`) whose
 //! tensors are f32 copies of every parameter (`param.NAME`), first (`m.NAME`) and second
-//! (`v.NAME`) moment, and whose metadata `state` is the JSON [`LoopState`]; loading checks that
-//! the names and shapes match the run being resumed.
+//! (`v.NAME`) moment, and whose metadata holds `state` (the JSON [`LoopState`]), `adam_t`,
+//! `log` (the caller's JSON record of the steps so far) and `checksum`: sha256 over every
+//! tensor's name, dtype, shape and bytes and over those three fields, so a flipped byte anywhere
+//! is refused on load. Loading also checks that the names and shapes match the run being
+//! resumed and that every value is finite.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 
@@ -65,6 +68,17 @@ impl AdamW {
     /// The parameters, by name.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// The name of the first parameter holding a NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        for (name, var) in &self.vars {
+            let sum = var.as_tensor().abs()?.sum_all()?.to_dtype(DType::F64)?;
+            if !sum.to_scalar::<f64>()?.is_finite() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
     }
 
     /// One update with `grads` (one per var, same order; `None` = zero gradient) at `lr`.
@@ -128,35 +142,85 @@ pub struct LoopState {
     pub config: serde_json::Value,
 }
 
-/// Writes parameters, moments and `state` to `path` atomically.
-pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState) -> Result<()> {
+/// Metadata fields the checksum covers, in order.
+const CHECKED_FIELDS: [&str; 3] = ["state", "adam_t", "log"];
+
+/// The checkpoint checksum: sha256 over each tensor (sorted by name: name, dtype, shape, bytes)
+/// and the [`CHECKED_FIELDS`] of `meta`, every part length-prefixed.
+fn checksum<'a>(
+    tensors: impl Iterator<Item = (&'a str, String, Vec<usize>, &'a [u8])>,
+    meta: &BTreeMap<String, String>,
+) -> String {
+    let mut h = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, dtype, shape, data) in sorted {
+        part(name.as_bytes());
+        part(dtype.as_bytes());
+        part(format!("{shape:?}").as_bytes());
+        part(data);
+    }
+    for field in CHECKED_FIELDS {
+        part(meta.get(field).map_or(&b""[..], |v| v.as_bytes()));
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes parameters, moments, `state` and `log` (JSON) to `path` atomically, with a checksum.
+pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState, log: &str) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (i, (name, var)) in opt.vars.iter().enumerate() {
         tensors.push((format!("param.{name}"), var.as_tensor().detach()));
         tensors.push((format!("m.{name}"), opt.m[i].clone()));
         tensors.push((format!("v.{name}"), opt.v[i].clone()));
     }
-    let mut meta = HashMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "agate-train-checkpoint".to_string());
     meta.insert(
         "state".to_string(),
         serde_json::to_string(state).map_err(|e| EngineError::Invalid(e.to_string()))?,
     );
     meta.insert("adam_t".to_string(), opt.t.to_string());
-    let bytes = safetensors::serialize(tensors, Some(meta))
-        .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
+    meta.insert("log".to_string(), log.to_string());
+    let bytes: Vec<(String, String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| -> Result<_> {
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            let raw: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Ok((n.clone(), "F32".to_string(), t.dims().to_vec(), raw))
+        })
+        .collect::<Result<_>>()?;
+    let sum = checksum(
+        bytes
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), d.clone(), s.clone(), b.as_slice())),
+        &meta,
+    );
+    meta.insert("checksum".to_string(), sum);
+    let serialized =
+        safetensors::serialize(tensors, Some(meta.into_iter().collect::<HashMap<_, _>>()))
+            .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+        crate::atomic::ensure_dir(dir)?;
     }
-    crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
+    crate::atomic::write_atomically(path, |w| w.write_all(&serialized))?;
     Ok(())
 }
 
-/// Restores parameters and moments from `path` into `opt` and returns the loop state.
-pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<LoopState> {
+/// Restores parameters and moments from `path` into `opt`; returns the loop state and the
+/// `log` stored with them.
+pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<(LoopState, String)> {
     let bad = |msg: String| EngineError::Invalid(format!("{}: {msg}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        bad(format!(
+            "not a safetensors file (truncated or corrupt?): {e}"
+        ))
+    })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta: BTreeMap<String, String> = header
@@ -169,6 +233,22 @@ pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<LoopState> {
         return Err(bad(
             "not an agate training checkpoint (metadata `format`)".into()
         ));
+    }
+    let stored = meta.get("checksum").ok_or_else(|| {
+        bad("metadata `checksum` is missing: the checkpoint cannot be verified".into())
+    })?;
+    let names = st.names();
+    let actual = checksum(
+        names.iter().filter_map(|&n| {
+            let v = st.tensor(n).ok()?;
+            Some((n, format!("{:?}", v.dtype()), v.shape().to_vec(), v.data()))
+        }),
+        &meta,
+    );
+    if *stored != actual {
+        return Err(bad(format!(
+            "checksum mismatch (stored {stored}, content {actual}): the checkpoint is corrupt; resume from another one or start again"
+        )));
     }
     let state: LoopState = serde_json::from_str(meta.get("state").map_or("", String::as_str))
         .map_err(|e| bad(format!("metadata `state`: {e}")))?;
@@ -191,6 +271,12 @@ pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<LoopState> {
                 like.dims()
             )));
         }
+        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "tensor `{key}` holds non-finite values: the run had diverged when it was saved"
+            )));
+        }
         Ok(t.to_dtype(like.dtype())?)
     };
     for i in 0..opt.vars.len() {
@@ -201,5 +287,5 @@ pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<LoopState> {
         opt.m[i] = m;
         opt.v[i] = v;
     }
-    Ok(state)
+    Ok((state, meta.get("log").cloned().unwrap_or_default()))
 }

@@ -72,10 +72,24 @@ pub fn tiny_engine(
     kv_dtype: engine::KvDtype,
     prefill_chunk: usize,
 ) -> (tempfile::TempDir, Engine) {
+    tiny_engine_with_context(layers, seed, kv_dtype, prefill_chunk, 8192)
+}
+
+/// [`tiny_engine`] with a context of `context` tokens.
+pub fn tiny_engine_with_context(
+    layers: usize,
+    seed: u64,
+    kv_dtype: engine::KvDtype,
+    prefill_chunk: usize,
+    context: usize,
+) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = model_zoo::random::tiny_config(layers, 6, 2);
-    cfg.max_position = 8192;
-    model_zoo::random::write_random_model(dir.path(), &cfg, seed).expect("write tiny model");
+    cfg.max_position = context;
+    engine::atomic::write_dir(dir.path(), |s| {
+        model_zoo::random::write_random_model(s, &cfg, seed)
+    })
+    .expect("write tiny model");
     let engine = Engine::builder()
         .model(dir.path())
         .weights(WeightFormat::Dense(candle_core::DType::F32))

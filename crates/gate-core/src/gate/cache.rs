@@ -9,6 +9,10 @@
 //! attention window never reaches further back than that, so a step sees exactly what the full
 //! forward over the same tokens would see, and gives the same `s` up to float rounding; the
 //! cache's memory is bounded by `2 * attention_window * heads * head_dim` f32 per layer.
+//! Between [`GateCache::mark`] and [`GateCache::commit`] each layer journals what a push
+//! overwrites (at most one saved row per slot), so [`GateCache::rollback`] restores the cache
+//! as it was at the mark in time proportional to the rows pushed since, however long the
+//! sequence.
 
 use candle_core::{DType, Tensor};
 
@@ -24,6 +28,20 @@ pub(super) struct LayerCache {
     positions: Vec<u32>,
     capacity: usize,
     next: usize,
+    /// Since the last [`GateCache::mark`], when one is open.
+    journal: Option<Journal>,
+}
+
+/// What a layer held at a mark: its row count, ring cursor, and the first row each overwritten
+/// slot held (a slot's later overwrites need nothing more: the first save restores it).
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    len: usize,
+    next: usize,
+    slots: Vec<usize>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    positions: Vec<u32>,
 }
 
 /// Past rows in position order, for a prefill chunk's attention.
@@ -45,6 +63,18 @@ impl LayerCache {
             return;
         }
         let at = self.next * row;
+        if let Some(j) = self
+            .journal
+            .as_mut()
+            .filter(|j| j.slots.len() < self.capacity)
+        {
+            // Overwrites go round the ring from the mark's cursor: the first `capacity` of them
+            // are distinct slots, every later one hits a slot already saved.
+            j.slots.push(self.next);
+            j.keys.extend_from_slice(&self.keys[at..at + row]);
+            j.values.extend_from_slice(&self.values[at..at + row]);
+            j.positions.push(self.positions[self.next]);
+        }
         self.keys[at..at + row].copy_from_slice(k);
         self.values[at..at + row].copy_from_slice(v);
         self.positions[self.next] = position;
@@ -69,6 +99,30 @@ impl LayerCache {
             past.positions.push(self.positions[slot]);
         }
         past
+    }
+
+    /// Back to the mark: saved rows restored, rows pushed since removed, cursor reset.
+    fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else {
+            return;
+        };
+        let row = j.keys.len().checked_div(j.slots.len()).unwrap_or(0);
+        for (i, &slot) in j.slots.iter().enumerate() {
+            self.keys[slot * row..(slot + 1) * row]
+                .copy_from_slice(&j.keys[i * row..(i + 1) * row]);
+            self.values[slot * row..(slot + 1) * row]
+                .copy_from_slice(&j.values[i * row..(i + 1) * row]);
+            self.positions[slot] = j.positions[i];
+        }
+        let row = self
+            .keys
+            .len()
+            .checked_div(self.positions.len())
+            .unwrap_or(0);
+        self.keys.truncate(j.len * row);
+        self.values.truncate(j.len * row);
+        self.positions.truncate(j.len);
+        self.next = j.next;
     }
 
     fn bytes(&self) -> usize {
@@ -116,6 +170,28 @@ impl GateCache {
     /// Bytes of `K'`, `V'` and positions held, all layers together.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerCache::bytes).sum()
+    }
+
+    /// Starts recording what pushes change (a pass that may fail), dropping any earlier mark.
+    pub fn mark(&mut self) {
+        for l in &mut self.layers {
+            l.journal = Some(Journal {
+                len: l.positions.len(),
+                next: l.next,
+                ..Journal::default()
+            });
+        }
+    }
+
+    /// Keeps everything pushed since the mark (the pass succeeded) and stops recording.
+    pub fn commit(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.journal = None);
+    }
+
+    /// Restores the cache exactly as it was at the last [`GateCache::mark`] (the pass failed)
+    /// and stops recording; without a mark, does nothing.
+    pub fn rollback(&mut self) {
+        self.layers.iter_mut().for_each(LayerCache::rollback);
     }
 
     /// Forgets every token (a new sequence).

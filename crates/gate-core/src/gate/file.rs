@@ -4,23 +4,22 @@
 //! (the [`GateConfig`] as JSON) and `model_identity` (a JSON string map the engine fills:
 //! architecture, n_layers, hidden, n_kv_heads, base checksum, ...).
 //!
-//! Invariants: writes are atomic (a temporary file in the destination's directory, flushed,
-//! then renamed over the destination), so a reader never sees a half-written gate. A load
-//! validates the format tag, the config, every expected tensor's presence, shape and dtype,
-//! the absence of unexpected tensors, the identity fields the caller requires, and the
-//! agreement of the stored config with its own identity; each failure names the file and the
-//! tensor or field. Loaded parameters are f32 on the requested device.
+//! Invariants: this crate never writes a file: [`AttentionGate::to_bytes`] gives the file's
+//! bytes and the caller writes them (engine's atomic writer). A load validates the format tag,
+//! the config, every expected tensor's presence, shape, dtype and finiteness (a NaN or infinite
+//! parameter is refused), the absence of unexpected tensors, the identity fields the caller
+//! requires, and the agreement of the stored config with its own identity; each failure names
+//! the file and the tensor or field. Loaded parameters are f32 on the requested device.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{AttentionGate, GateConfig};
-use crate::error::{invalid, CandleContext, GateError, Result};
+use crate::error::{CandleContext, GateError, Result};
 
 /// Free-form description of the base model a gate was trained for (string to string, sorted).
 pub type ModelIdentity = BTreeMap<String, String>;
@@ -106,9 +105,9 @@ fn format_err(path: &Path, detail: impl Into<String>) -> GateError {
 }
 
 impl AttentionGate {
-    /// Writes the gate (parameters cast to `dtype`, its config and [`AttentionGate::identity`])
-    /// to `path` atomically.
-    pub fn save(&self, path: &Path, dtype: StoreDtype) -> Result<()> {
+    /// The gate file's bytes: parameters cast to `dtype`, the config and
+    /// [`AttentionGate::identity`] (see the module header); `path` only names the file in errors.
+    pub fn to_bytes(&self, path: &Path, dtype: StoreDtype) -> Result<Vec<u8>> {
         let tensors = self
             .named_tensors()
             .into_iter()
@@ -129,9 +128,8 @@ impl AttentionGate {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = safetensors::serialize(tensors, Some(metadata))
-            .map_err(|e| format_err(path, format!("serialising safetensors: {e}")))?;
-        write_atomic(path, &bytes)
+        safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| format_err(path, format!("serialising safetensors: {e}")))
     }
 
     /// Loads a gate file onto `device` (parameters as f32), checking that its stored identity
@@ -143,7 +141,17 @@ impl AttentionGate {
             op: "read",
             source,
         })?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
+        Self::from_bytes(&bytes, path, expected, device)
+    }
+
+    /// [`AttentionGate::load`] of a gate file's bytes; `path` names them in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        expected: &ModelIdentity,
+        device: &Device,
+    ) -> Result<Self> {
+        let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| {
@@ -192,7 +200,7 @@ impl AttentionGate {
             })?;
         check_identity(path, &cfg, &identity, expected)?;
 
-        let st = SafeTensors::deserialize(&bytes)
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
         let shapes = cfg.param_shapes();
         let mut tensors = HashMap::new();
@@ -222,6 +230,16 @@ impl AttentionGate {
                 .load(device)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .ctx("loading a gate tensor")?;
+            let values = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .ctx("reading a gate tensor")?;
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return Err(format_err(
+                    path,
+                    format!("tensor `{name}` holds a non-finite value ({bad}): the gates are corrupt or their training diverged"),
+                ));
+            }
             tensors.insert(name.clone(), t);
         }
         if let Some(extra) = st.names().into_iter().find(|n| !tensors.contains_key(*n)) {
@@ -261,43 +279,4 @@ fn check_identity(
         }
     }
     Ok(())
-}
-
-/// Writes `bytes` to a temporary file next to `path`, syncs it, then renames it over `path`;
-/// the temporary file is removed if anything fails.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| {
-        invalid(
-            "AttentionGate::save: path",
-            path.display(),
-            "a path naming a file",
-        )
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp = dir.join(format!(
-        ".{}.{}.{nanos}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let io = |op: &'static str, p: &Path| {
-        let path = p.to_path_buf();
-        move |source| GateError::Io { path, op, source }
-    };
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("rename", path))
-    })();
-    if result.is_err() {
-        // Best effort: the error being returned is the one that matters.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

@@ -106,8 +106,8 @@ impl GateConfig {
         }
     }
 
-    /// Checks every field: non-zero sizes, even `head_dim`, `rope_theta > 0`, finite
-    /// `threshold` and `bias_init`.
+    /// Checks every field: non-zero sizes, even `head_dim`, `rope_theta > 0`, `threshold` in
+    /// `[0, 1]`, finite `bias_init`.
     pub fn validate(&self) -> Result<()> {
         let sizes = [
             ("GateConfig.hidden", self.hidden),
@@ -135,11 +135,18 @@ impl GateConfig {
                 "a finite positive RoPE base",
             ));
         }
-        if !self.threshold.is_finite() {
+        if !(0.0..=1.0).contains(&self.threshold) {
             return Err(invalid(
                 "GateConfig.threshold",
                 self.threshold,
-                "a finite threshold",
+                "a keep-probability threshold in [0, 1]",
+            ));
+        }
+        if self.heads.checked_mul(self.head_dim).is_none() {
+            return Err(invalid(
+                "GateConfig.heads",
+                self.heads,
+                "heads × head_dim that fits in memory",
             ));
         }
         if !self.bias_init.is_finite() {
@@ -348,11 +355,11 @@ impl AttentionGate {
 
     /// Replaces the hard-mode threshold `tau` (e.g. after calibrating it to a target ratio).
     pub fn set_threshold(&mut self, threshold: f32) -> Result<()> {
-        if !threshold.is_finite() {
+        if !(0.0..=1.0).contains(&threshold) {
             return Err(invalid(
                 "GateConfig.threshold",
                 threshold,
-                "a finite threshold",
+                "a keep-probability threshold in [0, 1]",
             ));
         }
         self.cfg.threshold = threshold;
