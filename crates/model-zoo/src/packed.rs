@@ -430,7 +430,8 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// Quantizes `x: [m, cols]` (`cols` a multiple of 32): per block, scale `amax / 127` and
-    /// codes rounded to nearest even (a zero block gets scale 0 and zero codes).
+    /// codes rounded to nearest even (a zero block gets scale 0 and zero codes; a block holding a
+    /// NaN or an infinity gets a NaN scale, so every output it feeds is NaN).
     pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
         let mut q = QuantizedRows {
@@ -448,9 +449,18 @@ impl QuantizedRows {
             if simd {
                 // SAFETY: the CPU has AVX-512 (checked above); both blocks hold 32 values.
                 (q.scales[i], q.sums[i]) = unsafe { vnni::quantize_block(src, dst) };
-                continue;
+            } else {
+                (q.scales[i], q.sums[i]) = quantize_block(src, dst);
             }
-            (q.scales[i], q.sums[i]) = quantize_block(src, dst);
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                (q.scales[i], q.sums[i]) = quantize_block(src, dst);
+            }
+            // A NaN or infinite input must reach the outputs (where the decoder's finiteness
+            // check names it), not vanish into a zero code.
+            if !src.iter().all(|v| v.is_finite()) {
+                q.scales[i] = f32::NAN;
+            }
         }
         q
     }
@@ -742,8 +752,35 @@ mod tests {
             let want = quantize_block(src, &mut a);
             let got = QuantizedRows::new(src, 1, BLOCK);
             b.copy_from_slice(&got.codes);
-            assert_eq!((got.scales[0], got.sums[0]), want, "block {i}");
+            // A block holding a NaN gets a NaN scale on top of the block quantizer's codes.
+            let want_scale = if src.iter().all(|v| v.is_finite()) {
+                want.0
+            } else {
+                f32::NAN
+            };
+            assert_eq!(got.scales[0].to_bits(), want_scale.to_bits(), "block {i}");
+            assert_eq!(got.sums[0], want.1, "block {i}");
             assert_eq!(a, b, "block {i}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_activation_poisons_its_row_only() {
+        let (rows, cols, m) = (16, 64, 3);
+        let (raw, _) = quantized(GgmlDType::Q8_0, rows, cols, 5);
+        let p = PackedMatrix::from_ggml_parts(cols, &[(GgmlDType::Q8_0, rows, &raw)]).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = vec![0.5f32; m * cols];
+            x[cols + 40] = bad; // row 1, second block
+            let out = p.matmul(&x, m);
+            for (row, chunk) in out.chunks(rows).enumerate() {
+                assert_eq!(
+                    chunk.iter().all(|v| v.is_nan()),
+                    row == 1,
+                    "{bad} in row 1: row {row} gave {chunk:?}"
+                );
+                assert!(row == 1 || chunk.iter().all(|v| v.is_finite()));
+            }
         }
     }
 
