@@ -36,6 +36,11 @@ mkdir -p "$OUT"
 MODEL=$(cargo xtask fetch-model)
 CTX=$("$AGATE" inspect --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["config"]["max_position"])')
 : > "$OUT/bench.jsonl"
+# --evict only when a budget policy runs (agate refuses a flag that every chosen policy ignores).
+EVICT_FLAG=()
+if [[ ",$POLICIES," =~ ,(all|random|streaming|h2o|tova|snapkv|pyramidkv|knorm|nacl), ]]; then
+  EVICT_FLAG=(--evict "${EVICT:-0.5}")
+fi
 IFS=, read -ra DS <<< "$DEPTHS"
 for d in "${DS[@]}"; do
   p=$P n=$N
@@ -44,7 +49,7 @@ for d in "${DS[@]}"; do
   for ((r = 1; r <= REPS; r++)); do
     "$PYTHON" scripts/peers/llama_cpp_bench.py "$MODEL" -p "$p" -n "$n" -d "$d" -r 1 -t "$THREADS" --json >> "$OUT/bench.jsonl"
     "$AGATE" --threads "$THREADS" bench -p "$p" -n "$n" -d "$d" -r 1 --policy "$POLICIES" \
-      --evict "${EVICT:-0.5}" --roofline --json ${GATES:+--gates "$GATES"} >> "$OUT/bench.jsonl"
+      "${EVICT_FLAG[@]}" --roofline --json ${GATES:+--gates "$GATES"} >> "$OUT/bench.jsonl"
   done
 done
 "$PYTHON" - "$OUT/bench.jsonl" <<'PY'
