@@ -30,8 +30,8 @@ step() { [ -z "${AG_ONLY:-}" ] || case " $AG_ONLY " in *" $1 "*) ;; *) return 1 
 [ -f "$data/filler-heldout.txt" ] || cargo xtask fetch-data >&2
 
 if step memory; then
-  # The first ~16k characters of the held-out essays: about 4k tokens.
-  prompt=$(head -c 16000 "$data/filler-heldout.txt")
+  # The first 17,200 characters of the held-out essays: about 4,100 tokens.
+  prompt=$(head -c 17200 "$data/filler-heldout.txt")
   for policy in full ag; do
     $agate --threads "$threads" generate --policy "$policy" $gates --max-tokens 32 --temp 0 \
       --json "$prompt" > "$out/ag-memory-$policy.json"

@@ -82,7 +82,7 @@ def sweep_table(sweep):
 
 def matched_table(sweep):
     """Attention-Gate at its own measured ratio and the baselines matched to it."""
-    ag = next((r for r in sweep["rows"] if r["policy"] == "ag"), None)
+    ag = ag_row(sweep)
     if ag is None:
         return []
     matched = [r for r in sweep["rows"] if r["matched_to"] == "ag"]
@@ -107,6 +107,11 @@ def matched_table(sweep):
     return lines + [""]
 
 
+def ag_row(sweep):
+    """Attention-Gate's own row of a sweep (not a matched baseline), or None."""
+    return next((r for r in sweep["rows"] if r["policy"] == "ag"), None)
+
+
 def ag_section(res):
     """Attention-Gate as a user meets it (scripts/eval/ag_acceptance.sh): memory at 4k tokens,
     held-out retrieval with every baseline at its measured ratio, the ratio of a 12-turn chat."""
@@ -117,7 +122,7 @@ def ag_section(res):
         lines += [
             "## Attention-Gate: memory on a 4k-token prompt",
             "",
-            "`agate generate --policy ag --max-tokens 32 --temp 0 --json PROMPT` with the first 16,000",
+            "`agate generate --policy ag --max-tokens 32 --temp 0 --json PROMPT` with the first 17,200",
             "characters of the held-out essays as the prompt (scripts/eval/ag_acceptance.sh, step memory).",
             "`bytes_in_use` is every byte the session holds: its KV blocks plus the policy's own state",
             "(the gate's bounded cache of its last window of rows, and one flag per retained entry).",
@@ -149,6 +154,14 @@ def ag_section(res):
         ]
         lines += matched_table(sw)
         lines += ["At the requested 0.5:", ""] + noise_lines(sw, (0.5,)) + [""]
+        if ag_row(sw) and ag_row(sw)["accuracy"] > full["accuracy"]:
+            lines += [
+                "Attention-Gate scores above the full cache here: a 135M model often answers from the",
+                "prose around a needle instead of the needle, and the gates, trained on retrieval items",
+                "over other essays with other seeds, evict that prose. This is the kind of task they were",
+                "trained for; on other haystacks (RULER's noise, the sweeps above) compare with care.",
+                "",
+            ]
     chat = os.path.join(res, "ag-chat-ratio.txt")
     if os.path.exists(chat):
         rows = [json.loads(l) for l in open(chat) if l.strip()]
