@@ -269,7 +269,7 @@ fn replace<E: From<io::Error>>(
     tmp.as_file().sync_all().map_err(&named)?;
     let perms = match perms {
         Some(p) => p,
-        None => new_file_permissions(),
+        None => new_file_permissions(tmp.as_file()).map_err(&named)?,
     };
     tmp.as_file().set_permissions(perms).map_err(&named)?;
     tmp.persist(path).map_err(|e| temp_error(path)(e.error))?;
@@ -280,21 +280,20 @@ fn replace<E: From<io::Error>>(
     Ok(())
 }
 
-/// 0644 on Unix: temporary files start private, results are ordinary readable files.
-fn new_file_permissions() -> std::fs::Permissions {
+/// 0644 on Unix: temporary files start private, results are ordinary readable files. Elsewhere
+/// the temporary `file`'s own permissions, made writable.
+fn new_file_permissions(file: &File) -> io::Result<std::fs::Permissions> {
     #[cfg(unix)]
     {
+        let _ = file;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::Permissions::from_mode(0o644)
+        Ok(std::fs::Permissions::from_mode(0o644))
     }
     #[cfg(not(unix))]
     {
-        let mut p = tempfile::tempfile()
-            .and_then(|f| f.metadata())
-            .map(|m| m.permissions())
-            .expect("a temporary file has permissions");
+        let mut p = file.metadata()?.permissions();
         p.set_readonly(false);
-        p
+        Ok(p)
     }
 }
 

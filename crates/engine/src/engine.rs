@@ -258,18 +258,8 @@ impl Engine {
         seed: u64,
     ) -> Result<gate_core::AttentionGate> {
         let cfg = self.model_config();
-        if (gate_cfg.n_layers, gate_cfg.hidden, gate_cfg.n_kv_heads)
-            != (cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads)
-        {
-            return Err(EngineError::Invalid(format!(
-                "gate shape: {} layers, hidden {}, {} KV heads do not match the model's {}, {}, {}",
-                gate_cfg.n_layers,
-                gate_cfg.hidden,
-                gate_cfg.n_kv_heads,
-                cfg.n_layers,
-                cfg.hidden_size,
-                cfg.n_kv_heads
-            )));
+        if let Some(why) = cfg.gate_shape_mismatch(gate_cfg) {
+            return Err(EngineError::Invalid(why));
         }
         let invalid = |e: gate_core::GateError| EngineError::Invalid(e.to_string());
         let mut gates = gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)

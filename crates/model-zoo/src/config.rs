@@ -134,6 +134,23 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Why gates of shape `g` cannot run on this model (layers, hidden size, KV heads), or `None`
+    /// when they fit.
+    pub fn gate_shape_mismatch(&self, g: &gate_core::GateConfig) -> Option<String> {
+        ((g.n_layers, g.hidden, g.n_kv_heads) != (self.n_layers, self.hidden_size, self.n_kv_heads))
+            .then(|| {
+                format!(
+                    "gates are for {} layers, hidden {}, {} KV heads; the model has {}, {}, {}",
+                    g.n_layers,
+                    g.hidden,
+                    g.n_kv_heads,
+                    self.n_layers,
+                    self.hidden_size,
+                    self.n_kv_heads
+                )
+            })
+    }
+
     /// Query heads per KV head (`G`).
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads

@@ -474,20 +474,8 @@ impl TrainableDecoder {
             ));
         }
         if let Some(Gating { gates: g, .. }) = gating {
-            let gc = g.config();
-            if gc.n_layers != cfg.n_layers
-                || gc.hidden != cfg.hidden_size
-                || gc.n_kv_heads != cfg.n_kv_heads
-            {
-                return Err(ModelError::Input(format!(
-                    "gates are for {} layers, hidden {}, {} KV heads; the model has {}, {}, {}",
-                    gc.n_layers,
-                    gc.hidden,
-                    gc.n_kv_heads,
-                    cfg.n_layers,
-                    cfg.hidden_size,
-                    cfg.n_kv_heads
-                )));
+            if let Some(why) = cfg.gate_shape_mismatch(g.config()) {
+                return Err(ModelError::Input(why));
             }
         }
         let max = tokens.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;

@@ -247,19 +247,8 @@ impl Policy {
                 .validate()
                 .map_err(|e| EngineError::Invalid(e.to_string()))?,
             Policy::Ag { gates, mode, .. } => {
-                let g = gates.config();
-                if (g.n_layers, g.hidden, g.n_kv_heads)
-                    != (cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads)
-                {
-                    return Err(EngineError::Invalid(format!(
-                        "gates are for {} layers, hidden {}, {} KV heads; the model has {}, {}, {}",
-                        g.n_layers,
-                        g.hidden,
-                        g.n_kv_heads,
-                        cfg.n_layers,
-                        cfg.hidden_size,
-                        cfg.n_kv_heads
-                    )));
+                if let Some(why) = cfg.gate_shape_mismatch(gates.config()) {
+                    return Err(EngineError::Invalid(why));
                 }
                 if let AgMode::Threshold(t) = mode {
                     if !(0.0..=1.0).contains(t) {
