@@ -102,6 +102,38 @@ fn choice_loglikelihoods_match_a_hand_computation() {
 }
 
 #[test]
+fn a_task_longer_than_the_context_is_refused_before_any_task_runs() {
+    let (_dir, engine) = common::tiny_engine_with_context(1, 3, engine::KvDtype::F32, 16, 64);
+    // A short task first: it must not run (no outcome reaches the callback).
+    let tasks = vec![
+        Task::Perplexity {
+            text: "short text to score".into(),
+        },
+        Task::Perplexity {
+            text: "word ".repeat(100),
+        },
+    ];
+    let mut ran = 0;
+    let err = eval::run_tasks(
+        &engine,
+        &Policy::Full,
+        &tasks,
+        &EvalOptions::default(),
+        &mut |_| {
+            ran += 1;
+            true
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(ran, 0, "{err}");
+    assert!(
+        err.contains("task 2 (perplexity)") && err.contains("context is 64"),
+        "{err}"
+    );
+}
+
+#[test]
 fn full_cache_perplexity_matches_a_hand_computation_with_zero_kl() {
     let (_dir, engine) = tiny_engine();
     let text = "one two three four five six seven eight nine ten";

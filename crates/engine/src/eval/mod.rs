@@ -351,13 +351,29 @@ pub fn run_policies(
         .filter(|p| opts.shared_prefill && p.shares_context())
         .cloned()
         .collect();
+    // Every task is tokenized and checked against the context before any work starts.
+    let context = engine.model_config().max_position;
+    let prompts = tasks
+        .iter()
+        .enumerate()
+        .map(|(index, task)| {
+            let prompt = TaskPrompt::new(engine, task, opts)
+                .map_err(|e| task_error(index, task, None, e))?;
+            let new = prompt.prompt_tokens();
+            if new > context {
+                let e = EngineError::ContextOverflow {
+                    new,
+                    seen: 0,
+                    context,
+                };
+                return Err(task_error(index, task, None, e));
+            }
+            Ok(prompt)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut out = vec![Vec::with_capacity(tasks.len()); policies.len()];
-    for (index, task) in tasks.iter().enumerate() {
-        let failed = |policy: Option<&Policy>, e: EngineError| {
-            let under = policy.map_or_else(String::new, |p| format!(", policy {}", p.name()));
-            EngineError::Invalid(format!("task {} ({}{under}): {e}", index + 1, task.kind()))
-        };
-        let prompt = TaskPrompt::new(engine, task, opts).map_err(|e| failed(None, e))?;
+    for (index, (task, prompt)) in tasks.iter().zip(&prompts).enumerate() {
+        let failed = |policy: Option<&Policy>, e| task_error(index, task, policy, e);
         let shared = if sharing.is_empty() {
             None
         } else {
@@ -371,7 +387,7 @@ pub fn run_policies(
                 Some(ctx) if policy.shares_context() => Start::Shared(ctx),
                 _ => Start::Fresh(opts.positions),
             };
-            let outcome = score_task(engine, policy, task, &prompt, &start, opts)
+            let outcome = score_task(engine, policy, task, prompt, &start, opts)
                 .map_err(|e| failed(Some(policy), e))?;
             let outcome = TaskOutcome { index, ..outcome };
             let go_on = on_task(pi, &outcome);
@@ -382,6 +398,12 @@ pub fn run_policies(
         }
     }
     Ok(out)
+}
+
+/// An error of task `index` (under `policy`, if one), saying which task it is.
+fn task_error(index: usize, task: &Task, policy: Option<&Policy>, e: EngineError) -> EngineError {
+    let under = policy.map_or_else(String::new, |p| format!(", policy {}", p.name()));
+    EngineError::Invalid(format!("task {} ({}{under}): {e}", index + 1, task.kind()))
 }
 
 /// A task's prompt as token ids: the context the policy compresses and the continuation fed
