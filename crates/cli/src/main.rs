@@ -59,7 +59,7 @@ enum Command {
 }
 
 fn main() {
-    restore_default_sigpipe();
+    sigpipe_ends_the_process(true);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => e.exit(),
@@ -78,6 +78,9 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
+    if matches!(cli.command, Command::Serve(_) | Command::BenchServe(_)) {
+        sigpipe_ends_the_process(false);
+    }
     if let Some(n) = cli.threads {
         // candle's quantized kernels run on its own spin-barrier pool, sized from
         // RAYON_NUM_THREADS when it starts; rayon's global pool (gemm, the KV store) is sized
@@ -138,11 +141,20 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Rust ignores SIGPIPE, so printing into a closed pipe (`agate inspect | head -1`) would
-/// panic; like other Unix tools, agate ends quietly instead.
-fn restore_default_sigpipe() {
+/// panic; like other Unix tools, agate ends quietly instead (`true`). The HTTP commands keep it
+/// ignored (`false`): a client that hangs up must cost only its own connection's write (EPIPE),
+/// never the server and every other client's request — hyper writes streamed chunks with
+/// `writev`, which raises SIGPIPE on a reset socket.
+fn sigpipe_ends_the_process(ends: bool) {
     #[cfg(unix)]
-    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    // SAFETY: called from main before any thread exists (argument parsing starts none); SIG_DFL
+    // and SIG_IGN are valid dispositions.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            if ends { libc::SIG_DFL } else { libc::SIG_IGN },
+        );
     }
+    #[cfg(not(unix))]
+    let _ = ends;
 }

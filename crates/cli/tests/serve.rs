@@ -2,7 +2,7 @@
 //! OpenAI shapes of chat and text completions, streamed and not; /v1/models, /health, /metrics;
 //! the error cases with their statuses and OpenAI error bodies; 16 concurrent streams that all
 //! finish and leave no block in use beyond the prompt cache; a client that disconnects
-//! mid-stream frees its blocks; a 3-turn conversation reuses the prompt cache; and, on the
+//! mid-stream frees its blocks, and clients hanging up never stop the server; a 3-turn conversation reuses the prompt cache; and, on the
 //! default model, greedy outputs of 8 concurrent requests equal `agate generate`'s.
 //!
 //! Every request loop is bounded (counts and timeouts); the servers stop when a test ends.
@@ -400,6 +400,63 @@ fn sixteen_streams_finish_and_a_disconnect_frees_its_blocks() {
         assert!(
             text.contains("agate_requests_total{outcome=\"cancelled\"} 1"),
             "{text}"
+        );
+    });
+}
+
+/// Clients that hang up in the middle of a stream cost the server only those connections: its
+/// writes into the closed sockets fail (EPIPE) instead of raising SIGPIPE, which would end the
+/// whole process and every other client's request with it.
+#[test]
+fn clients_hanging_up_mid_stream_never_stop_the_server() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2);
+    let mut server = Server::start(&["--model", model.to_str().unwrap(), "--weights", "q8_0"]);
+    #[cfg(target_os = "linux")]
+    {
+        // The cause itself, which the race below only sometimes reaches: SIGPIPE (13) must be
+        // in the server's ignored set (bit 12 of /proc/PID/status's SigIgn mask).
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        assert_ne!(ignored & (1 << 12), 0, "SIGPIPE is not ignored: {status}");
+    }
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut body = chat_body("Tell me everything.", 1500);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    for _ in 0..20 {
+        let mut socket = std::net::TcpStream::connect(&address).unwrap();
+        write!(
+            socket,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut first = [0u8; 256];
+        socket.read_exact(&mut first).unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+        drop(socket);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "the server ended when a client hung up"
+        );
+    }
+    runtime().block_on(async {
+        let c = client();
+        let r = c.get(server.url("/health")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let m = idle_metrics(&c, &server).await;
+        assert_eq!(
+            sample(&m, "agate_kv_blocks_in_use"),
+            sample(&m, "agate_kv_blocks_cached"),
+            "{m:?}"
         );
     });
 }

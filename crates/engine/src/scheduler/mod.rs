@@ -329,16 +329,11 @@ impl Scheduler {
         })
     }
 
-    /// Counters, gauges and histograms as of the last step boundary, with the pool's current
-    /// block counts.
+    /// Counters, gauges and histograms as of the last step boundary: the pool's block counts
+    /// are sampled there too, so they always agree with the session gauges (a request being
+    /// prefilled holds blocks before it is counted active).
     pub fn metrics(&self) -> MetricsSnapshot {
-        let mut m = self.shared.lock_metrics().clone();
-        let pool = self.engine.pool().stats();
-        m.kv_blocks_in_use = pool.blocks_in_use;
-        m.kv_blocks_free = pool.blocks_free;
-        m.kv_blocks_peak = pool.peak_blocks_in_use;
-        m.kv_block_bytes = pool.block_bytes;
-        m
+        self.shared.lock_metrics().clone()
     }
 }
 

@@ -125,7 +125,7 @@ impl Worker {
     pub(super) fn new(engine: Engine, config: SchedulerConfig, shared: Arc<Shared>) -> Self {
         let cfg = engine.model_config();
         let tables = cfg.n_layers * cfg.n_kv_heads;
-        Worker {
+        let mut worker = Worker {
             cache: PromptCache::new(config.prompt_cache),
             engine,
             config,
@@ -133,7 +133,9 @@ impl Worker {
             waiting: VecDeque::new(),
             active: Vec::new(),
             tables,
-        }
+        };
+        worker.publish();
+        worker
     }
 
     /// Runs until the handle is dropped.
@@ -701,11 +703,16 @@ impl Worker {
     fn publish(&mut self) {
         let (queue, active) = (self.waiting.len(), self.active.len());
         let (cached, cached_blocks) = (self.cache.len(), self.cache.blocks());
+        let pool = self.engine.pool().stats();
         self.with_metrics(|m| {
             m.queue_length = queue;
             m.active_sessions = active;
             m.cached_sessions = cached;
             m.cached_blocks = cached_blocks;
+            m.kv_blocks_in_use = pool.blocks_in_use;
+            m.kv_blocks_free = pool.blocks_free;
+            m.kv_blocks_peak = pool.peak_blocks_in_use;
+            m.kv_block_bytes = pool.block_bytes;
         });
     }
 
