@@ -24,9 +24,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "agate", version, about, propagate_version = true)]
 struct Cli {
-    /// CPU threads for the kernels (default: all cores). On a busy machine use fewer threads
-    /// than cores: the kernels' thread pools spin-wait on each other and slow down sharply
-    /// when another process holds a core.
+    /// CPU threads for the kernels (default: all cores; at most the cores available). On a busy
+    /// machine use fewer threads than cores: the kernels' thread pools spin-wait on each other
+    /// and slow down sharply when another process holds a core.
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
     #[command(subcommand)]
@@ -81,7 +81,14 @@ fn main() {
     if matches!(cli.command, Command::Serve(_) | Command::BenchServe(_)) {
         sigpipe_ends_the_process(false);
     }
-    if let Some(n) = cli.threads {
+    if let Some(asked) = cli.threads {
+        // The pools spin-wait at every barrier: a thread without a core of its own stalls
+        // every kernel (1000 threads on 2 cores run ~100x slower and look like a hang).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let n = asked.min(cores);
+        if n < asked {
+            say!("agate: --threads {asked} is more than the {cores} cores available; using {n}");
+        }
         // candle's quantized kernels run on its own spin-barrier pool, sized from
         // RAYON_NUM_THREADS when it starts; rayon's global pool (gemm, the KV store) is sized
         // here. Nothing has started either pool this early.
