@@ -18,7 +18,7 @@ mod policy_args;
 mod serve;
 mod train_gates;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// agate: LLM inference with a KV cache that learns what to forget.
 #[derive(Parser, Debug)]
@@ -60,7 +60,10 @@ enum Command {
 
 fn main() {
     sigpipe_ends_the_process(true);
-    let cli = match Cli::try_parse() {
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => e.exit(),
         Err(e) => {
@@ -132,6 +135,19 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// The command line, where a negative number is read as a flag's value, so that `--temp -1` is
+/// refused by the flag's own check, naming it, instead of as an unknown argument `-1`.
+fn command() -> clap::Command {
+    fn negative_values(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let takes_values = a.get_action().takes_values();
+            a.allow_negative_numbers(takes_values)
+        })
+        .mut_subcommands(negative_values)
+    }
+    negative_values(Cli::command())
+}
 
 /// The error and its causes on one line, each cause once: a message that already quotes its
 /// cause (`cannot read X: No such file`) does not repeat it.

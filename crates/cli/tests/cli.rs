@@ -124,6 +124,13 @@ fn invalid_flag_values_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid weight format `q3`"));
     let out = agate(&["generate", "hi", "--top-p", "1.5"]);
     assert_one_line_error(&out, "top-p must be in (0, 1], got 1.5");
+    // A negative number is a flag's (bad) value, not an unknown argument.
+    let out = agate(&["generate", "hi", "--max-tokens", "-3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'-3' for '--max-tokens"));
+    let out = agate(&["generate", "hi", "--policy", "h2o", "--evict", "-0.5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be in [0, 1), got -0.5"));
+    let out = agate(&["generate", "hi", "--temp", "-1"]);
+    assert_one_line_error(&out, "temperature must be >= 0, got -1");
 }
 
 /// More threads than cores would make the spin-waiting pools crawl (it looks like a hang):
