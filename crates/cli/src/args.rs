@@ -91,7 +91,15 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n.unwrap_or(defaults.repeat_last_n),
             seed: self.seed.unwrap_or(defaults.seed),
         };
-        p.validate().map_err(anyhow::Error::msg)?;
+        if let Some((field, why)) = p.invalid_field() {
+            let flag = match field {
+                "temperature" => "--temp",
+                "top_p" => "--top-p",
+                "min_p" => "--min-p",
+                _ => "--repeat-penalty",
+            };
+            anyhow::bail!("{flag}: {why}");
+        }
         Ok(p)
     }
 }

@@ -114,12 +114,12 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
             Ok(g) => {
                 outln!()?;
                 let speed = format!(
-                    "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({:?})",
+                    "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({})",
                     g.prompt_tokens,
                     g.prefill_tokens_per_s(),
                     g.tokens.len(),
                     g.decode_tokens_per_s(),
-                    g.finish_reason
+                    g.finish_reason.describe()
                 );
                 say!("[{speed}]");
                 last_speed = Some(speed);

@@ -277,6 +277,16 @@ fn sweep_plan(
         }
         None => Vec::new(),
     };
+    // A budget flag sets only the anchors' own runs; the grid sets every other run's ratio.
+    for (flag, given) in [
+        ("--evict", args.policy.evict.is_some()),
+        ("--keep", args.policy.keep.is_some()),
+    ] {
+        anyhow::ensure!(
+            !given || !anchors.is_empty(),
+            "{flag} does nothing with --sweep, which sets each run's eviction ratio, unless a --match-to policy runs at it; remove it"
+        );
+    }
     let plan = SweepPlan {
         policies: names,
         ratios: ratios.to_vec(),

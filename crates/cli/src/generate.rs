@@ -116,11 +116,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         outln!()?;
         say!(
-            "[prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s | KV {} of {} tokens retained, {} bytes]",
+            "[prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s, {} | KV {} of {} tokens retained, {} bytes]",
             generation.prompt_tokens,
             generation.prefill_tokens_per_s(),
             generation.tokens.len(),
             generation.decode_tokens_per_s(),
+            generation.finish_reason.describe(),
             kv.tokens_retained,
             kv.tokens_seen,
             kv.bytes_in_use

@@ -65,7 +65,7 @@ fn main() {
         .and_then(|m| Cli::from_arg_matches(&m))
     {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => e.exit(),
+        Err(e) if e.use_stderr() => plain_number_error(e).exit(),
         Err(e) => {
             // --help and --version are results: a failed write to stdout is an error.
             let text = e.render();
@@ -147,6 +147,28 @@ fn command() -> clap::Command {
         .mut_subcommands(negative_values)
     }
     negative_values(Cli::command())
+}
+
+/// clap reports a negative number given to a flag that takes a count with Rust's parse message
+/// ("invalid digit found in string"); this says what the flag takes instead.
+fn plain_number_error(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return e;
+    };
+    let negative_count = e.kind() == ErrorKind::ValueValidation
+        && value.starts_with('-')
+        && e.to_string().contains("invalid digit found in string");
+    if !negative_count {
+        return e;
+    }
+    clap::Error::raw(
+        ErrorKind::ValueValidation,
+        format!("invalid value '{value}' for '{arg}': expected a whole number >= 0\n"),
+    )
 }
 
 /// The error and its causes on one line, each cause once: a message that already quotes its

@@ -60,9 +60,9 @@ pub fn eviction_map_png(
 
 /// Checks an output path before any work: its extension must name one of `formats` (lower
 /// case, without the dot), since the format follows the extension (a name without one, such as
-/// `/dev/stdout`, is accepted when there is only one format to write), and its folder must
-/// exist and the path must not be a folder, so that hours of work never end in a file that
-/// cannot be written.
+/// `/dev/stdout`, is accepted when there is only one format to write), and it must be
+/// writable ([`check_writable`]), so that hours of work never end in a file that cannot be
+/// written.
 pub fn check_output(path: &Path, flag: &str, formats: &[&str]) -> anyhow::Result<()> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
     let known = match ext {
@@ -77,21 +77,13 @@ pub fn check_output(path: &Path, flag: &str, formats: &[&str]) -> anyhow::Result
             expected.join(" or ")
         )
     }
-    if path.is_dir() {
-        anyhow::bail!("{flag} {}: is a directory", path.display())
-    }
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !folder.is_dir() {
-        anyhow::bail!(
-            "{flag} {}: the folder {} does not exist",
-            path.display(),
-            folder.display()
-        )
-    }
-    Ok(())
+    check_writable(path, flag)
+}
+
+/// Checks before any work that `path` can be written (see `engine::atomic::check_writable`);
+/// the error names the flag.
+pub fn check_writable(path: &Path, flag: &str) -> anyhow::Result<()> {
+    engine::atomic::check_writable(path).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// One line of a chart.

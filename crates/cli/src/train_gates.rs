@@ -9,7 +9,7 @@
 //! run from a finished one; `--resume` continues it exactly, its log rebuilt from the
 //! checkpoint (never a log with holes).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,13 +102,14 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Initial gate bias (keep logit). Default: 1.0 (s ≈ 0.73: everything kept, close enough
-    /// to the threshold that a short CPU run reaches the target).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub gate_bias_init: f32,
+    /// to the threshold that a short CPU run reaches the target). Not with --init-gates.
+    #[arg(long, allow_negative_numbers = true)]
+    pub gate_bias_init: Option<f32>,
     /// The gate's own attention window in tokens: the gate of a token attends to at most this
     /// many tokens (itself included), which bounds its per-session cache (0: unbounded).
-    #[arg(long, default_value_t = engine::DEFAULT_GATE_ATTENTION_WINDOW, value_name = "TOKENS")]
-    pub gate_attention_window: usize,
+    /// Default: 64. Not with --init-gates (those gates keep their own window).
+    #[arg(long, value_name = "TOKENS")]
+    pub gate_attention_window: Option<usize>,
     /// Start from these gates (e.g. fine-tune CPT gates by SFT) instead of a random init.
     #[arg(long, value_name = "FILE")]
     pub init_gates: Option<PathBuf>,
@@ -181,8 +182,11 @@ impl TrainGatesArgs {
             target_evict: self.target_evict,
             lambda: self.lambda,
             adapt_lambda: self.adapt_lambda,
-            gate_bias_init: Some(self.gate_bias_init),
-            gate_attention_window: Some(self.gate_attention_window),
+            gate_bias_init: Some(self.gate_bias_init.unwrap_or(DEFAULT_GATE_BIAS_INIT)),
+            gate_attention_window: Some(
+                self.gate_attention_window
+                    .unwrap_or(engine::DEFAULT_GATE_ATTENTION_WINDOW),
+            ),
             init_gates: self.init_gates.clone(),
             sinks: self.sinks,
             window: self.window,
@@ -217,6 +221,49 @@ fn keep_freed_memory() {
     }
 }
 
+/// Every output of the run is checked before training starts: each can be written (its folder
+/// exists and takes a file; `--plot`'s extension names a format), the checkpoint folder exists
+/// or is created, and no output is one of the run's inputs or another output (training would
+/// overwrite its own data, or one result another).
+fn check_outputs(args: &TrainGatesArgs) -> anyhow::Result<()> {
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
+    outputs.extend(args.lora_out.as_deref().map(|p| ("--lora-out", p)));
+    outputs.extend(args.log.as_deref().map(|p| ("--log", p)));
+    outputs.extend(args.plot.as_deref().map(|p| ("--plot", p)));
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    inputs.extend(args.data.iter().map(|p| ("--data", p.as_path())));
+    inputs.extend(args.heldout.iter().map(|p| ("--heldout", p.as_path())));
+    inputs.extend(args.init_gates.as_deref().map(|p| ("--init-gates", p)));
+    let same = |a: &Path, b: &Path| {
+        a == b
+            || matches!(
+                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                (Ok(x), Ok(y)) if x == y
+            )
+    };
+    for (i, &(flag, out)) in outputs.iter().enumerate() {
+        let others = inputs.iter().chain(&outputs[..i]);
+        if let Some((other, _)) = others.clone().find(|(_, p)| same(out, p)) {
+            anyhow::bail!(
+                "{flag} {} is also {other}: it would be overwritten; choose another path",
+                out.display()
+            );
+        }
+        match flag {
+            "--plot" => plot::check_output(out, flag, &["svg", "png"])?,
+            _ => plot::check_writable(out, flag)?,
+        }
+    }
+    if let Some(dir) = &args.checkpoint_dir {
+        engine::atomic::ensure_dir(dir).map_err(|e| anyhow::anyhow!("--checkpoint-dir: {e}"))?;
+        plot::check_writable(&dir.join("checkpoint.safetensors"), "--checkpoint-dir")?;
+    }
+    Ok(())
+}
+
+/// The initial gate bias when `--gate-bias-init` is not given.
+const DEFAULT_GATE_BIAS_INIT: f32 = 1.0;
+
 /// Runs `agate train-gates`.
 pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     keep_freed_memory();
@@ -233,9 +280,7 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.log_every > 0,
         "--log-every 0: expected a positive number"
     );
-    if let Some(p) = &args.plot {
-        plot::check_output(p, "--plot", &["svg", "png"])?;
-    }
+    check_outputs(args)?;
     // Flags this run would ignore (or fail on only after training) are refused now.
     let lora = args.train != "gates";
     anyhow::ensure!(
@@ -250,6 +295,20 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.train != "lora" || args.calibrate_seqs == 0,
         "--calibrate-seqs does nothing with --train lora (no gates are trained)"
     );
+    if args.init_gates.is_some() {
+        for (flag, given) in [
+            ("--gate-bias-init", args.gate_bias_init.is_some()),
+            (
+                "--gate-attention-window",
+                args.gate_attention_window.is_some(),
+            ),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag} does nothing with --init-gates (training starts from those gates, with their own bias and window)"
+            );
+        }
+    }
     anyhow::ensure!(
         !args.heldout_given_without_files(),
         "--heldout-seqs does nothing without --heldout FILE"

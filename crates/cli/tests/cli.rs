@@ -114,7 +114,7 @@ fn prompt_longer_than_context() {
 #[test]
 fn negative_temperature() {
     let out = agate(&["generate", "hi", "--temp", "-1"]);
-    assert_one_line_error(&out, "temperature must be >= 0, got -1");
+    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got -1");
 }
 
 #[test]
@@ -123,14 +123,17 @@ fn invalid_flag_values_are_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid weight format `q3`"));
     let out = agate(&["generate", "hi", "--top-p", "1.5"]);
-    assert_one_line_error(&out, "top-p must be in (0, 1], got 1.5");
+    assert_one_line_error(&out, "--top-p: top-p must be in (0, 1], got 1.5");
     // A negative number is a flag's (bad) value, not an unknown argument.
     let out = agate(&["generate", "hi", "--max-tokens", "-3"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'-3' for '--max-tokens"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("'-3' for '--max-tokens <MAX_TOKENS>': expected a whole number >= 0"));
     let out = agate(&["generate", "hi", "--policy", "h2o", "--evict", "-0.5"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be in [0, 1), got -0.5"));
     let out = agate(&["generate", "hi", "--temp", "-1"]);
-    assert_one_line_error(&out, "temperature must be >= 0, got -1");
+    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got -1");
+    let out = agate(&["generate", "hi", "--temp", "inf"]);
+    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got inf");
 }
 
 /// More threads than cores would make the spin-waiting pools crawl (it looks like a hang):

@@ -164,6 +164,22 @@ fn sweeps_write_table_json_csv_and_plots() {
     ]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("| policy | target_evict |"));
+    // A budget flag beside --sweep would be ignored: refused.
+    let out = agate(&[
+        "eval",
+        "--tasks",
+        tasks.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--policy",
+        "h2o",
+        "--sweep",
+        "0.5",
+        "--keep",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--keep does nothing with --sweep"));
 }
 
 #[test]

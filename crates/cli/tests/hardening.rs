@@ -608,6 +608,50 @@ fn flags_the_policy_ignores_are_refused() {
         "{}",
         text(&out)
     );
+    // Training from given gates keeps their bias and window: flags setting them are refused.
+    for flag in ["--gate-attention-window", "--gate-bias-init"] {
+        let out = agate(&[
+            "train-gates",
+            "--model",
+            m,
+            "--data",
+            "d.jsonl",
+            "--init-gates",
+            "g.safetensors",
+            flag,
+            "8",
+            "--out",
+            "o.safetensors",
+        ]);
+        fails_with(&out, &[flag, "does nothing with --init-gates"]);
+    }
+    // Outputs are checked before training: never one of the inputs, always writable.
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n").unwrap();
+    let d = s(&data);
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train-gates", "--model", m, "--data", d, "--steps", "1"];
+        args.extend_from_slice(extra);
+        agate(&args)
+    };
+    fails_with(&train(&["--out", d]), &["--out", "is also --data"]);
+    fails_with(
+        &train(&["--out", "g.safetensors", "--log", d]),
+        &["--log", "is also --data"],
+    );
+    let missing = dir.path().join("no/such/g.safetensors");
+    fails_with(
+        &train(&["--out", s(&missing)]),
+        &["--out", "does not exist"],
+    );
+    fails_with(
+        &train(&["--out", s(dir.path())]),
+        &["--out", "is a directory"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&data).unwrap(),
+        "{\"text\": \"hello\"}\n"
+    );
 }
 
 // ---- files ----

@@ -268,6 +268,19 @@ fn openai_shapes_routes_and_errors() {
         bad["temperature"] = json!("hot");
         let (s, b) = post(&c, &url, &bad).await;
         assert_error(s, &b, 400, Some("temperature"));
+        // Values out of their domain name their field too.
+        for (field, value) in [
+            ("temperature", json!(-1)),
+            ("temperature", json!(1e39)),
+            ("top_p", json!(0)),
+            ("min_p", json!(1)),
+            ("repetition_penalty", json!(0)),
+        ] {
+            let mut bad = chat_body("x", 4);
+            bad[field] = value;
+            let (s, b) = post(&c, &url, &bad).await;
+            assert_error(s, &b, 400, Some(field));
+        }
         let mut bad = chat_body("x", 4);
         bad["kv_policy"] = json!("nope");
         let (s, b) = post(&c, &url, &bad).await;
@@ -289,6 +302,24 @@ fn openai_shapes_routes_and_errors() {
         bad["max_tokens"] = json!(0);
         let (s, b) = post(&c, &url, &bad).await;
         assert_error(s, &b, 400, Some("max_tokens"));
+        // A knob the policy does not read is refused, naming it (the CLI refuses its flag).
+        for (policy, knob, value) in [
+            (None, "kv_evict", json!(0.9)),
+            (Some("full"), "kv_keep", json!(3)),
+            (Some("ag"), "kv_keep", json!(8)),
+            (Some("nacl"), "kv_sinks", json!(8)),
+            (Some("h2o"), "kv_threshold", json!(0.5)),
+            (Some("h2o"), "kv_ag_mode", json!("budget")),
+        ] {
+            let mut bad = chat_body("x", 4);
+            if let Some(p) = policy {
+                bad["kv_policy"] = json!(p);
+            }
+            bad[knob] = value;
+            let (s, b) = post(&c, &url, &bad).await;
+            assert_error(s, &b, 400, Some(knob));
+            assert!(b["error"]["message"].as_str().unwrap().contains("does nothing"));
+        }
         let mut bad = chat_body("x", 4);
         bad["stop"] = json!(7);
         let (s, b) = post(&c, &url, &bad).await;

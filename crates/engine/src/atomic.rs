@@ -92,6 +92,30 @@ fn special(path: &Path, _: &std::fs::Metadata) -> io::Result<Target> {
     Err(refused(path, "is not a regular file"))
 }
 
+/// Checks, before any work, that [`write_atomically`] could write `path`: what it refuses is
+/// refused now (a folder, a socket, a file the user may not write), and for a new path or a
+/// regular file a temporary file is created in its folder (and removed), so a missing or
+/// read-only folder is found before hours of work rather than after. FIFOs and devices are
+/// not opened (opening may block or consume).
+pub fn check_writable(path: &Path) -> io::Result<()> {
+    let target = match resolve(path)? {
+        Target::Through(_) => return Ok(()),
+        Target::Create(p) | Target::Replace(p, _) => p,
+    };
+    let (dir, prefix) = temp_place(&target)?;
+    if !dir.is_dir() {
+        return Err(refused(
+            path,
+            &format!("the directory {} does not exist", dir.display()),
+        ));
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}.", std::process::id()))
+        .tempfile_in(&dir)
+        .map(drop)
+        .map_err(temp_error(path))
+}
+
 /// Where a missing destination is created: itself, or the final target of a dangling link.
 fn link_target(path: &Path) -> io::Result<PathBuf> {
     let mut p = path.to_path_buf();

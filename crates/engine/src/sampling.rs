@@ -42,27 +42,44 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks every value; the error names the flag and the value.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
+    /// The first field outside its domain: its name (as in this struct, which is also the
+    /// OpenAI request field) and why; `None` when every field is valid.
+    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+        let t = self.temperature;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Some((
+                "temperature",
+                format!("temperature must be finite and >= 0, got {t}"),
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top-p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..1.0).contains(&self.min_p) {
-            return Err(format!("min-p must be in [0, 1), got {}", self.min_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!(
-                "repetition penalty must be > 0, got {}",
-                self.repetition_penalty
+            return Some((
+                "top_p",
+                format!("top-p must be in (0, 1], got {}", self.top_p),
             ));
         }
-        Ok(())
+        if !(0.0..1.0).contains(&self.min_p) {
+            return Some((
+                "min_p",
+                format!("min-p must be in [0, 1), got {}", self.min_p),
+            ));
+        }
+        let r = self.repetition_penalty;
+        if !(r > 0.0 && r.is_finite()) {
+            return Some((
+                "repetition_penalty",
+                format!("repetition penalty must be finite and > 0, got {r}"),
+            ));
+        }
+        None
+    }
+
+    /// Checks every field ([`SamplingParams::invalid_field`]).
+    pub fn validate(&self) -> Result<(), String> {
+        match self.invalid_field() {
+            Some((_, why)) => Err(why),
+            None => Ok(()),
+        }
     }
 }
 
@@ -415,7 +432,18 @@ mod tests {
         };
         assert_eq!(
             bad.validate().unwrap_err(),
-            "temperature must be >= 0, got -1"
+            "temperature must be finite and >= 0, got -1"
+        );
+        let hot = SamplingParams {
+            temperature: f32::INFINITY,
+            ..Default::default()
+        };
+        assert_eq!(
+            hot.invalid_field(),
+            Some((
+                "temperature",
+                "temperature must be finite and >= 0, got inf".to_string()
+            ))
         );
         assert!(SamplingParams {
             top_p: 0.0,

@@ -76,6 +76,19 @@ pub enum FinishReason {
     Cancelled,
 }
 
+impl FinishReason {
+    /// In words, for people (the JSON name is its snake_case serialisation).
+    pub fn describe(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "end of text",
+            FinishReason::Stop => "stop string",
+            FinishReason::Length => "max tokens reached",
+            FinishReason::ContextFull => "the model's context is full",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// The result of one generation.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {

@@ -409,40 +409,57 @@ fn pyramid_budgets_average_to_the_request() {
 #[test]
 fn protections_that_do_not_fit_a_fixed_budget_are_refused() {
     let (_dir, engine) = tiny_engine(engine::KvDtype::F16);
-    let build = |name: &str, keep: usize, sinks: usize, window: Option<usize>| {
+    let build = |name: &str, keep: usize, sinks: Option<usize>, window: Option<usize>| {
         PolicySpec {
             keep: Some(keep),
-            sinks: Some(sinks),
+            sinks,
             window,
             ..PolicySpec::named(name)
         }
         .build(&engine)
     };
     for (name, keep, sinks, window) in [
-        ("streaming", 4, 4, None),
-        ("streaming", 4, 9, None),
-        ("h2o", 12, 4, Some(10)),
-        ("h2o", 8, 9, None),
-        ("tova", 10, 20, None),
-        ("random", 4, 3, Some(2)),
-        ("knorm", 4, 0, Some(5)),
+        ("streaming", 4, Some(4), None),
+        ("streaming", 4, Some(9), None),
+        ("h2o", 12, Some(4), Some(10)),
+        ("h2o", 8, Some(9), None),
+        ("tova", 10, Some(20), None),
+        ("random", 4, Some(3), Some(2)),
+        ("knorm", 4, None, Some(5)),
+        ("snapkv", 4, None, Some(32)),
+        ("pyramidkv", 4, None, Some(5)),
     ] {
         let e = build(name, keep, sinks, window).unwrap_err().to_string();
         assert!(
-            e.contains(name) && e.contains(&format!("--keep {keep}")) && e.contains("--sinks"),
-            "{name} keep {keep} sinks {sinks} window {window:?}: {e}"
+            e.contains(name)
+                && e.contains(&format!("--keep {keep}"))
+                && e.contains(if sinks.is_some() {
+                    "--sinks"
+                } else {
+                    "--window"
+                }),
+            "{name} keep {keep} sinks {sinks:?} window {window:?}: {e}"
         );
     }
     for (name, keep, sinks, window) in [
-        ("streaming", 4, 3, None),
-        ("h2o", 12, 4, Some(8)),
-        ("tova", 10, 10, None),
-        ("random", 4, 2, Some(2)),
+        ("streaming", 4, Some(3), None),
+        ("h2o", 12, Some(4), Some(8)),
+        ("tova", 10, Some(10), None),
+        ("random", 4, Some(2), Some(2)),
+        ("snapkv", 8, None, Some(8)),
     ] {
         build(name, keep, sinks, window).unwrap();
     }
+    // StreamingLLM's window alone is the budget beside the sinks: it must hold a token.
+    let e = PolicySpec {
+        window: Some(0),
+        ..PolicySpec::named("streaming")
+    }
+    .build(&engine)
+    .unwrap_err();
+    assert!(e.to_string().contains("--window must be at least 1"), "{e}");
     // Three sinks and one recent token: every head keeps positions 0, 1, 2 and the newest.
-    let policy = build("streaming", 4, 3, None).unwrap();
+    let policy = build("streaming", 4, Some(3), None).unwrap();
     let mut session = engine.session_with(policy).unwrap();
     session.prefill(&tokens(20, 1)).unwrap();
     let want: HashSet<u32> = [0, 1, 2, 19].into_iter().collect();

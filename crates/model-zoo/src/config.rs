@@ -243,24 +243,6 @@ impl ModelConfig {
             }
             None => None,
         };
-        // agate rotates the whole head and gives values the keys' width; a file that says
-        // otherwise would run with the wrong math.
-        for (field, meaning) in [
-            ("rope.dimension_count", "rotary dimensions"),
-            ("attention.value_length", "value head width"),
-        ] {
-            if let Some(d) = opt_usize(field)? {
-                if d != head_dim {
-                    return Err(ModelError::config(
-                        path,
-                        &key(field),
-                        format!(
-                            "is {d}, but agate supports only {meaning} equal to the key head width ({head_dim})"
-                        ),
-                    ));
-                }
-            }
-        }
         let cfg = ModelConfig {
             architecture,
             vocab_size,
@@ -277,6 +259,25 @@ impl ModelConfig {
             tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
         };
         cfg.validate(path, &|f| f.gguf_key(&arch_name))?;
+        // agate rotates the whole head and gives values the keys' width; a file that says
+        // otherwise would run with the wrong math.
+        for (field, meaning) in [
+            ("rope.dimension_count", "rotary dimensions"),
+            ("attention.value_length", "value head width"),
+        ] {
+            let head_dim = cfg.head_dim;
+            if let Some(d) = opt_usize(field)? {
+                if d != head_dim {
+                    return Err(ModelError::config(
+                        path,
+                        &key(field),
+                        format!(
+                            "is {d}, but agate supports only {meaning} equal to the key head width ({head_dim})"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(cfg)
     }
 

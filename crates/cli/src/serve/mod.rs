@@ -31,7 +31,7 @@ use axum::{Json, Router};
 use clap::Args;
 use engine::{
     EventSink, GenerateRequest, Policy, PolicySpec, Prompt, RequestEvent, SamplingParams,
-    Scheduler, SchedulerConfig, Submission,
+    Scheduler, SchedulerConfig, Setting, Submission,
 };
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -506,9 +506,9 @@ impl App {
             repeat_last_n: d.repeat_last_n,
             seed: c.seed.unwrap_or_else(|| self.default_seed()),
         };
-        sampling
-            .validate()
-            .map_err(|e| ApiError::invalid(None, e))?;
+        if let Some((field, why)) = sampling.invalid_field() {
+            return Err(ApiError::invalid(Some(field), why));
+        }
         let stop = match &c.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -675,6 +675,33 @@ fn policy_spec(
     }
     if let Some(s) = count("kv_seed", 0)? {
         spec.seed = Some(s as u64);
+    }
+    // A knob the policy does not read is an error, as its flag is on the command line: it
+    // must not be silently ignored.
+    if !Policy::NAMES.contains(&spec.name.as_str()) {
+        return Ok(spec); // refused by name when it is built
+    }
+    let mut ignored = spec.ignored();
+    if spec.name != "ag" {
+        ignored.push(Setting::AgBudgetMode);
+    }
+    let unused = ignored.iter().filter_map(|s| match s {
+        Setting::Evict => Some("kv_evict"),
+        Setting::Keep => Some("kv_keep"),
+        Setting::Sinks => Some("kv_sinks"),
+        Setting::Window => Some("kv_window"),
+        Setting::Threshold => Some("kv_threshold"),
+        Setting::AgBudgetMode => Some("kv_ag_mode"),
+        Setting::AgDecode => Some("kv_ag_decode"),
+        Setting::Seed => Some("kv_seed"),
+        Setting::Gates => None,
+    });
+    if let Some(name) = unused.into_iter().find(|name| field(name).is_some()) {
+        return Err(ApiError::invalid(
+            Some(name),
+            format!("{name} does nothing with the policy `{}`", spec.name),
+        )
+        .with_code("invalid_policy"));
     }
     Ok(spec)
 }

@@ -274,7 +274,8 @@ impl Policy {
     /// Protected tokens count toward the budget, and the budget is never exceeded; so with a
     /// fixed budget (`--keep K`) what a policy always keeps must fit in it, or "always kept"
     /// would silently not hold: StreamingLLM needs room for its window beside the sinks
-    /// (`sinks < K`), the other policies at most `K` protected tokens (`sinks + recent`). A ratio
+    /// (`sinks < K`), the other policies at most `K` protected tokens (`sinks + recent`, or
+    /// SnapKV's and PyramidKV's observation window). A ratio
     /// budget (`--evict`) follows the prompt's length; while it is below the protection (a short
     /// prompt), the budget wins and the oldest protected tokens are kept first
     /// (docs/policies.md).
@@ -282,32 +283,45 @@ impl Policy {
         let Some(Budget::Keep(keep)) = self.budget() else {
             return Ok(());
         };
-        let (protected, room_needed) = match self {
-            Policy::Streaming { sinks, .. } => (*sinks, 1),
+        let protected = |sinks: usize, recent: usize| sinks.saturating_add(recent);
+        let (needed, what) = match self {
+            Policy::Streaming { sinks, .. } => (
+                sinks.saturating_add(1),
+                format!("its {sinks} --sinks leave no room for a window"),
+            ),
             Policy::Random { protect, .. }
             | Policy::KNorm { protect, .. }
-            | Policy::Ag { protect, .. } => (protect.sinks.saturating_add(protect.recent), 0),
+            | Policy::Ag { protect, .. } => {
+                let n = protected(protect.sinks, protect.recent);
+                (
+                    n,
+                    format!("its {n} always-kept tokens (--sinks + --window) do not fit"),
+                )
+            }
             Policy::H2o { recent, sinks, .. } => {
                 let recent = match recent {
                     Recent::Tokens(w) => *w,
                     Recent::Fraction(_) => recent.count(keep),
                 };
-                (sinks.saturating_add(recent), 0)
+                let n = protected(*sinks, recent);
+                (
+                    n,
+                    format!("its {n} always-kept tokens (--sinks + recent --window) do not fit"),
+                )
             }
-            Policy::Tova { sinks, .. } => (*sinks, 0),
+            Policy::Tova { sinks, .. } => (*sinks, format!("its {sinks} --sinks do not fit")),
+            Policy::SnapKv { window, .. } | Policy::PyramidKv { window, .. } => (
+                *window,
+                format!("its observation window of {window} tokens (--window) does not fit"),
+            ),
             _ => return Ok(()),
         };
-        if protected.saturating_add(room_needed) <= keep {
+        if needed <= keep {
             return Ok(());
         }
-        let what = if room_needed > 0 {
-            format!("its {protected} sinks leave no room for a window")
-        } else {
-            format!("its {protected} always-kept tokens (sinks + window) do not fit")
-        };
         Err(EngineError::Invalid(format!(
             "{} keeps at most --keep {keep} tokens per head, and {what}: protected tokens count \
-             toward the budget (lower --sinks/--window or raise --keep)",
+             toward the budget (lower them or raise --keep)",
             self.name()
         )))
     }

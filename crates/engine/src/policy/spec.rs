@@ -160,6 +160,11 @@ impl PolicySpec {
             (Some(r), None) => Budget::EvictRatio(r),
             (None, Some(k)) => Budget::Keep(k),
             (None, None) => match (self.name.as_str(), self.window) {
+                ("streaming", Some(0)) => {
+                    return Err(EngineError::Invalid(
+                        "StreamingLLM's --window must be at least 1: it keeps the sinks and the newest W tokens".into(),
+                    ))
+                }
                 ("streaming", Some(w)) => {
                     let sinks = self.sinks.unwrap_or(DEFAULT_SINKS);
                     Budget::Keep(sinks.checked_add(w).ok_or_else(|| {
