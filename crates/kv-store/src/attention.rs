@@ -22,12 +22,14 @@
 //!   each call is split into the units it gets alone: its results do not depend on the batch;
 //! - raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use crate::simd::{self, CHUNK};
-use crate::{KvError, KvSlice};
+use crate::sequence::HeadTable;
+use crate::{KvError, KvSlice, PoolConfig};
 
 /// Upper bound on `query vectors × keys` of one work unit when probabilities are requested (query
 /// rows are tiled to fit): it bounds the raw-score buffer kept for them.
@@ -146,6 +148,7 @@ pub struct AttendOutput {
 }
 
 /// A contiguous run of one KV head's retained entries.
+#[derive(Clone, Copy)]
 pub(crate) struct Segment<'a> {
     /// Keys `[len, head_dim]`.
     pub(crate) keys: KvSlice<'a>,
@@ -155,10 +158,29 @@ pub(crate) struct Segment<'a> {
     pub(crate) positions: &'a [u32],
 }
 
-/// All retained entries of one KV head, as segments in order.
+/// All retained entries of one KV head: their count, and their segments in order.
 pub(crate) struct HeadView<'a> {
-    pub(crate) segments: Vec<Segment<'a>>,
+    pub(crate) segments: Segments<'a>,
     pub(crate) len: usize,
+}
+
+/// The segments of a [`HeadView`].
+pub(crate) enum Segments<'a> {
+    /// Listed up front (the contiguous baseline: one segment).
+    Listed(Vec<Segment<'a>>),
+    /// A paged table, one segment per block, listed by each work unit that reads them: on the
+    /// pool's threads, where reading the blocks' scattered headers (a cache miss each, after a
+    /// pass over the weights) overlaps other units' work instead of delaying the handoff.
+    Table(&'a HeadTable, &'a PoolConfig),
+}
+
+impl<'a> Segments<'a> {
+    fn list(&self) -> Cow<'_, [Segment<'a>]> {
+        match self {
+            Segments::Listed(s) => Cow::Borrowed(s),
+            Segments::Table(table, cfg) => Cow::Owned(table.segments(cfg)),
+        }
+    }
 }
 
 /// One KV head of a contiguous (dense) cache, for [`attend_dense`].
@@ -202,11 +224,11 @@ pub fn attend_dense(
             }
         }
         views.push(HeadView {
-            segments: vec![Segment {
+            segments: Segments::Listed(vec![Segment {
                 keys: dh.keys,
                 values: dh.values,
                 positions: dh.positions,
-            }],
+            }]),
             len,
         });
     }
@@ -581,7 +603,7 @@ fn attend_part(
     let mut shown = vec![0u32; u.rows.len()];
 
     let mut seg_start = 0;
-    for seg in &hv.segments {
+    for seg in hv.segments.list().iter() {
         let n = seg.positions.len();
         let (lo, hi) = (u.keys.start.max(seg_start), u.keys.end.min(seg_start + n));
         let base = seg_start;

@@ -33,7 +33,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::attention::{attend_calls, attend_heads, HeadView, HeadsCall, Segment};
+use crate::attention::{attend_calls, attend_heads, HeadView, HeadsCall, Segment, Segments};
 use crate::dtype::write_f32;
 use crate::pool::Block;
 use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, Parallel, PoolConfig};
@@ -128,7 +128,7 @@ fn blocks_written(moves: &[KeyMove], bs: usize, head: usize) -> Vec<usize> {
 /// `head` items unused. Cloning
 /// it (a fork) shares every block.
 #[derive(Default, Clone)]
-struct HeadTable {
+pub(crate) struct HeadTable {
     blocks: Vec<Arc<Block>>,
     positions: Vec<u32>,
     /// Free slots at the start of the first block (`< block_size`).
@@ -463,11 +463,10 @@ impl HeadTable {
     }
 
     /// The table's entries as in-place segments, one per block.
-    fn view(&self, cfg: &PoolConfig) -> HeadView<'_> {
+    pub(crate) fn segments(&self, cfg: &PoolConfig) -> Vec<Segment<'_>> {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let end = self.positions.len();
-        let segments = self
-            .blocks
+        self.blocks
             .iter()
             .enumerate()
             .map(|(b, blk)| {
@@ -488,9 +487,13 @@ impl HeadTable {
                     positions: &self.positions[lo..hi],
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The table for an attention call (its segments are listed where a work unit runs).
+    fn view<'a>(&'a self, cfg: &'a PoolConfig) -> HeadView<'a> {
         HeadView {
-            segments,
+            segments: Segments::Table(self, cfg),
             len: self.len(),
         }
     }
@@ -1007,7 +1010,7 @@ impl SequenceKv {
             positions: t.positions().to_vec(),
         };
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
-        for seg in t.view(&self.cfg).segments {
+        for seg in t.segments(&self.cfg) {
             let n = seg.positions.len();
             out.keys
                 .extend_from_slice(seg.keys.view(0, n, d, &mut scratch));
@@ -1026,7 +1029,7 @@ impl SequenceKv {
         let d = self.cfg.head_dim;
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         let mut norms = Vec::with_capacity(t.len());
-        for seg in t.view(&self.cfg).segments {
+        for seg in t.segments(&self.cfg) {
             let keys = seg.keys.view(0, seg.positions.len(), d, &mut scratch);
             norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
         }

@@ -477,11 +477,35 @@ impl LlamaModel {
     }
 }
 
-/// `silu(gate) * up` elementwise, in place of `gate`.
+/// Values of [`swiglu`] per piece of work on the pool; calls of fewer than four pieces (a few
+/// decode rows of a small model: microseconds of work) stay on the calling thread.
+const SWIGLU_PIECE: usize = 1 << 12;
+
+/// `silu(gate) * up` elementwise, in place of `gate`; large calls (a batch of decode rows, a
+/// prefill chunk) are split over the pool (each value is computed alike wherever it runs).
 fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    let run = |gate: &mut [f32], up: &[f32]| {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() < 4 * SWIGLU_PIECE {
+        run(&mut gate, up);
+        return gate;
     }
+    let pieces: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = gate
+        .chunks_mut(SWIGLU_PIECE)
+        .zip(up.chunks(SWIGLU_PIECE))
+        .map(std::sync::Mutex::new)
+        .collect();
+    CpuPool::run_chunked(pieces.len(), |range| {
+        for piece in &pieces[range] {
+            let mut piece = piece.lock().unwrap_or_else(|e| e.into_inner());
+            let (gate, up) = &mut *piece;
+            run(gate, up);
+        }
+    });
+    drop(pieces);
     gate
 }
 
