@@ -27,8 +27,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::simd::{self, CHUNK};
 use crate::sequence::HeadTable;
+use crate::simd::{self, CHUNK};
 use crate::{KvError, KvSlice, PoolConfig};
 
 /// Upper bound on `query vectors × keys` of one work unit when probabilities are requested (query
