@@ -1,13 +1,17 @@
 # Sourced by the scripts in scripts/serve: start_server FLAGS… starts `agate serve` on
-# 127.0.0.1 on a free port (THREADS threads, logs in $OUT) and sets SERVER (its pid) and URL;
-# stop_server stops it. The wait for the address is bounded (120 s).
+# 127.0.0.1 on a free port (THREADS threads, logs in $OUT; the binary: SERVE_BIN, default
+# target/release/agate) and sets SERVER (its pid) and URL; stop_server stops it. The wait for
+# the address is bounded (120 s).
 SERVER=${SERVER:-}
 start_server() {
-  target/release/agate --threads "${THREADS:-2}" serve --host 127.0.0.1 --port 0 "$@" \
-    >"$OUT/server.out" 2>"$OUT/server.err" &
+  # The background job truncates the log only when it starts: a previous server's line must not
+  # be read as this one's address.
+  rm -f "$OUT/server.out"
+  "${SERVE_BIN:-target/release/agate}" --threads "${THREADS:-2}" serve --host 127.0.0.1 --port 0 \
+    "$@" >"$OUT/server.out" 2>"$OUT/server.err" &
   SERVER=$!
   for _ in $(seq 1 240); do
-    grep -q '^listening on ' "$OUT/server.out" && break
+    grep -qs '^listening on ' "$OUT/server.out" && break
     kill -0 "$SERVER" 2>/dev/null || { cat "$OUT/server.err"; exit 1; }
     sleep 0.5
   done

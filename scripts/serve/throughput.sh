@@ -8,7 +8,7 @@
 #     then the same 16 with the full cache (FULL=0 skips it), which must queue or preempt.
 # Everything runs on 127.0.0.1; each server is stopped at the end of its part.
 # Env: THREADS (2), REPS (2), MAX_TOKENS (128), POOL_MB (179), OUT (target/serve-bench),
-# PARTS ("1 2": which parts to run).
+# PARTS ("1 2": which parts to run). Two binaries side by side: scripts/serve/ab.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 THREADS=${THREADS:-2} REPS=${REPS:-2} MAX_TOKENS=${MAX_TOKENS:-128} POOL_MB=${POOL_MB:-179}

@@ -16,15 +16,20 @@
 //! - key `j` is visible to query row `i` iff (`!causal` or `pos_j <= pos_i`) and
 //!   `pos_i <= visible_until[j]` (when a `visible_until` mask is given);
 //! - units run in parallel (on rayon, or on the caller's [`Parallel`] pool) only when the whole
-//!   call has at least [`Parallel::min_work`] multiply-adds ([`PAR_MIN_WORK`] for rayon);
-//!   raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
+//!   call has at least [`Parallel::min_work`] multiply-adds ([`PAR_MIN_WORK`] for rayon); a
+//!   batch of calls ([`SequenceKv::attend_batch`](crate::SequenceKv::attend_batch): one per
+//!   sequence) runs all their units in one job, by the same rule on their summed work, while
+//!   each call is split into the units it gets alone: its results do not depend on the batch;
+//! - raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::sequence::HeadTable;
 use crate::simd::{self, CHUNK};
-use crate::{KvError, KvSlice};
+use crate::{KvError, KvSlice, PoolConfig};
 
 /// Upper bound on `query vectors × keys` of one work unit when probabilities are requested (query
 /// rows are tiled to fit): it bounds the raw-score buffer kept for them.
@@ -143,6 +148,7 @@ pub struct AttendOutput {
 }
 
 /// A contiguous run of one KV head's retained entries.
+#[derive(Clone, Copy)]
 pub(crate) struct Segment<'a> {
     /// Keys `[len, head_dim]`.
     pub(crate) keys: KvSlice<'a>,
@@ -152,10 +158,29 @@ pub(crate) struct Segment<'a> {
     pub(crate) positions: &'a [u32],
 }
 
-/// All retained entries of one KV head, as segments in order.
+/// All retained entries of one KV head: their count, and their segments in order.
 pub(crate) struct HeadView<'a> {
-    pub(crate) segments: Vec<Segment<'a>>,
+    pub(crate) segments: Segments<'a>,
     pub(crate) len: usize,
+}
+
+/// The segments of a [`HeadView`].
+pub(crate) enum Segments<'a> {
+    /// Listed up front (the contiguous baseline: one segment).
+    Listed(Vec<Segment<'a>>),
+    /// A paged table, one segment per block, listed by each work unit that reads them: on the
+    /// pool's threads, where reading the blocks' scattered headers (a cache miss each, after a
+    /// pass over the weights) overlaps other units' work instead of delaying the handoff.
+    Table(&'a HeadTable, &'a PoolConfig),
+}
+
+impl<'a> Segments<'a> {
+    fn list(&self) -> Cow<'_, [Segment<'a>]> {
+        match self {
+            Segments::Listed(s) => Cow::Borrowed(s),
+            Segments::Table(table, cfg) => Cow::Owned(table.segments(cfg)),
+        }
+    }
 }
 
 /// One KV head of a contiguous (dense) cache, for [`attend_dense`].
@@ -199,15 +224,22 @@ pub fn attend_dense(
             }
         }
         views.push(HeadView {
-            segments: vec![Segment {
+            segments: Segments::Listed(vec![Segment {
                 keys: dh.keys,
                 values: dh.values,
                 positions: dh.positions,
-            }],
+            }]),
             len,
         });
     }
-    attend_heads(0, &views, head_dim, q, q_positions, opts)
+    attend_heads(HeadsCall {
+        layer: 0,
+        heads: views,
+        head_dim,
+        q,
+        q_positions,
+        opts,
+    })
 }
 
 /// Shape of a validated call.
@@ -312,15 +344,13 @@ struct Partial {
 }
 
 /// Splits the call into units: row tiles of about [`TILE_QUERY_VECTORS`] query vectors (fewer
-/// when the raw scores of [`SCORE_BUDGET`] must be kept) and, when running in
+/// when the raw scores of [`SCORE_BUDGET`] must be kept) and, when the call alone would run in
 /// parallel, key ranges of at least [`MIN_PART_KEYS`] so that every thread gets work even with
-/// few KV heads (split-K, merged by [`merge`]). Returns the units and whether to run in parallel.
-fn plan(heads: &[HeadView<'_>], sh: &Shape, opts: &AttendOptions<'_>) -> (Vec<Unit>, bool) {
+/// few KV heads (split-K, merged by [`merge`]). Returns the units and the call's multiply-adds.
+/// The split depends on this call and its options only, never on the calls it runs with.
+fn plan(heads: &[HeadView<'_>], sh: &Shape, opts: &AttendOptions<'_>) -> (Vec<Unit>, usize) {
     let work: usize = heads.iter().map(|h| sh.n_q * sh.group * h.len * sh.d).sum();
-    let (threads, min_work) = match opts.parallel {
-        Some(p) => (p.threads(), p.min_work()),
-        None => (rayon::current_num_threads(), PAR_MIN_WORK),
-    };
+    let (threads, min_work) = pool_size(opts.parallel);
     let parallel = work >= min_work && threads > 1;
     let rows_per_tile = TILE_QUERY_VECTORS.div_ceil(sh.group.max(1));
     let tiles: Vec<usize> = heads
@@ -353,43 +383,121 @@ fn plan(heads: &[HeadView<'_>], sh: &Shape, opts: &AttendOptions<'_>) -> (Vec<Un
             r0 = r1;
         }
     }
-    let parallel = parallel && units.len() > 1;
-    (units, parallel)
+    (units, work)
 }
 
-/// Validates and runs attention of `q` over `heads` (one view per KV head of `layer`).
-pub(crate) fn attend_heads(
-    layer: usize,
-    heads: &[HeadView<'_>],
-    head_dim: usize,
-    q: &[f32],
-    q_positions: &[u32],
-    opts: &AttendOptions<'_>,
-) -> Result<AttendOutput, KvError> {
-    let sh = validate(layer, heads, head_dim, q, q_positions, opts)?;
-    let (units, parallel) = plan(heads, &sh, opts);
-    let run = |u: &Unit| {
-        let until = opts.visible_until.map(|v| v[u.head].as_slice());
-        attend_part(&heads[u.head], until, q, q_positions, opts, &sh, u)
+/// Threads of `pool` (rayon's global pool when `None`) and the multiply-adds below which work
+/// stays on the calling thread.
+fn pool_size(pool: Option<&dyn Parallel>) -> (usize, usize) {
+    match pool {
+        Some(p) => (p.threads(), p.min_work()),
+        None => (rayon::current_num_threads(), PAR_MIN_WORK),
+    }
+}
+
+/// A validated call split into units ([`plan`]), and its multiply-adds.
+struct Planned {
+    shape: Shape,
+    units: Vec<Unit>,
+    work: usize,
+}
+
+/// One attention call of [`attend_calls`]: `q` of new query rows at `q_positions` over `heads`
+/// (one view per KV head of `layer`).
+pub(crate) struct HeadsCall<'a> {
+    pub(crate) layer: usize,
+    pub(crate) heads: Vec<HeadView<'a>>,
+    pub(crate) head_dim: usize,
+    pub(crate) q: &'a [f32],
+    pub(crate) q_positions: &'a [u32],
+    pub(crate) opts: &'a AttendOptions<'a>,
+}
+
+/// Validates and runs one attention call; its units run on `opts.parallel` (rayon when `None`).
+pub(crate) fn attend_heads(call: HeadsCall<'_>) -> Result<AttendOutput, KvError> {
+    let pool = call.opts.parallel;
+    attend_calls(&[call], pool)
+        .pop()
+        .expect("one result per call")
+}
+
+/// Validates and runs several attention calls (e.g. one per sequence of a batch) as one job:
+/// each call is validated and split into units exactly as it is alone ([`plan`]), and the units
+/// of all of them run together, in parallel on `pool` (rayon when `None`) when their summed
+/// work reaches the pool's threshold, so a batch of short calls costs one handoff instead of
+/// one each, and its threads share out every call's units. A call's result is therefore bit for
+/// bit what it gets alone. Returns one result per call, in order.
+pub(crate) fn attend_calls(
+    calls: &[HeadsCall<'_>],
+    pool: Option<&dyn Parallel>,
+) -> Vec<Result<AttendOutput, KvError>> {
+    let planned: Vec<Result<Planned, KvError>> = calls
+        .iter()
+        .map(|c| {
+            let shape = validate(c.layer, &c.heads, c.head_dim, c.q, c.q_positions, c.opts)?;
+            let (units, work) = plan(&c.heads, &shape, c.opts);
+            Ok(Planned { shape, units, work })
+        })
+        .collect();
+    // Every unit of every valid call, as (call, unit index).
+    let items: Vec<(usize, usize)> = planned
+        .iter()
+        .enumerate()
+        .filter_map(|(c, p)| p.as_ref().ok().map(|p| (c, p.units.len())))
+        .flat_map(|(c, n)| (0..n).map(move |u| (c, u)))
+        .collect();
+    let work: usize = planned.iter().flatten().map(|p| p.work).sum();
+    let run = |&(c, u): &(usize, usize)| {
+        let (call, p) = (&calls[c], planned[c].as_ref().expect("a valid call"));
+        let unit = &p.units[u];
+        let until = call.opts.visible_until.map(|v| v[unit.head].as_slice());
+        attend_part(
+            &call.heads[unit.head],
+            until,
+            call.q,
+            call.q_positions,
+            call.opts,
+            &p.shape,
+            unit,
+        )
     };
-    let partials: Vec<Partial> = match (parallel, opts.parallel) {
-        (false, _) => units.iter().map(run).collect(),
-        (true, None) => units.par_iter().map(run).collect(),
+    let (threads, min_work) = pool_size(pool);
+    let parallel = work >= min_work && threads > 1 && items.len() > 1;
+    let partials: Vec<Partial> = match (parallel, pool) {
+        (false, _) => items.iter().map(run).collect(),
+        (true, None) => items.par_iter().map(run).collect(),
         (true, Some(pool)) => {
             let slots: Vec<std::sync::OnceLock<Partial>> =
-                units.iter().map(|_| std::sync::OnceLock::new()).collect();
-            pool.for_each(units.len(), &|i| {
-                let _ = slots[i].set(run(&units[i]));
+                items.iter().map(|_| std::sync::OnceLock::new()).collect();
+            pool.for_each(items.len(), &|i| {
+                let _ = slots[i].set(run(&items[i]));
             });
             // A unit the pool skipped (a broken pool) runs here: the result never misses one.
             slots
                 .into_iter()
-                .zip(&units)
-                .map(|(slot, u)| slot.into_inner().unwrap_or_else(|| run(u)))
+                .zip(&items)
+                .map(|(slot, item)| slot.into_inner().unwrap_or_else(|| run(item)))
                 .collect()
         }
     };
-    Ok(merge(heads, &sh, opts, &units, &partials, q.len()))
+    // Each valid call's partials are a run of `partials`, in call order.
+    let mut rest = partials.into_iter();
+    calls
+        .iter()
+        .zip(planned)
+        .map(|(call, p)| {
+            let p = p?;
+            let mine: Vec<Partial> = rest.by_ref().take(p.units.len()).collect();
+            Ok(merge(
+                &call.heads,
+                &p.shape,
+                call.opts,
+                &p.units,
+                &mine,
+                call.q.len(),
+            ))
+        })
+        .collect()
 }
 
 /// Combines the partials of each (head, row tile) into normalised outputs and, when requested,
@@ -495,7 +603,7 @@ fn attend_part(
     let mut shown = vec![0u32; u.rows.len()];
 
     let mut seg_start = 0;
-    for seg in &hv.segments {
+    for seg in hv.segments.list().iter() {
         let n = seg.positions.len();
         let (lo, hi) = (u.keys.start.max(seg_start), u.keys.end.min(seg_start + n));
         let base = seg_start;

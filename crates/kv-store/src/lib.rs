@@ -10,7 +10,8 @@
 //!   shared and reference-counted, a write to a shared block goes to a copy), truncation of a
 //!   failed pass's appends, reservations that make a step's blocks certain before it starts,
 //!   cache positions (gaps closed by a repack that shifts keys through a [`KeyShift`]), reads,
-//!   accounting, and [`SequenceKv::attend`].
+//!   accounting, and [`SequenceKv::attend`] (several sequences' calls at once:
+//!   [`SequenceKv::attend_batch`]).
 //! - [`attend_dense`] runs the same kernel over contiguous buffers (baseline for benches/tests).
 //!
 //! Invariants the crate guarantees: retained entries keep their original positions and order;
@@ -30,4 +31,4 @@ pub use attention::{attend_dense, AttendOptions, AttendOutput, DenseHead, Parall
 pub use dtype::{KvDtype, KvSlice, Q8_BLOCK};
 pub use error::KvError;
 pub use pool::{BlockPool, PoolConfig, PoolStats, DEFAULT_BLOCK_SIZE};
-pub use sequence::{HeadContents, KeyShift, SequenceKv, SequenceStats};
+pub use sequence::{AttendCall, HeadContents, KeyShift, SequenceKv, SequenceStats};

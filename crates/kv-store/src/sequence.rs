@@ -33,10 +33,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::attention::{attend_heads, HeadView, Segment};
+use crate::attention::{attend_calls, attend_heads, HeadView, HeadsCall, Segment, Segments};
 use crate::dtype::write_f32;
 use crate::pool::Block;
-use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, PoolConfig};
+use crate::{simd, AttendOptions, AttendOutput, BlockPool, KvError, KvSlice, Parallel, PoolConfig};
 
 /// Rewrites keys whose cache position moved: `keys` is `[m, head_dim]` f32 (read from the
 /// store, written back in the pool's dtype after the call), each moved by `delta` positions.
@@ -53,6 +53,22 @@ pub struct HeadContents {
     pub values: Vec<f32>,
     /// Absolute positions `[retained]`.
     pub positions: Vec<u32>,
+}
+
+/// One sequence's attention call in a batch ([`SequenceKv::attend_batch`]): the arguments of
+/// [`SequenceKv::attend`].
+#[derive(Clone)]
+pub struct AttendCall<'a> {
+    /// The sequence's store.
+    pub kv: &'a SequenceKv,
+    /// The layer attended.
+    pub layer: usize,
+    /// Queries, token-major `[n_q, n_q_heads, head_dim]`.
+    pub q: &'a [f32],
+    /// The queries' absolute positions.
+    pub q_positions: &'a [u32],
+    /// Masking, probabilities, and the pool that decides the call's split (as alone).
+    pub opts: AttendOptions<'a>,
 }
 
 /// Accounting of one sequence.
@@ -112,7 +128,7 @@ fn blocks_written(moves: &[KeyMove], bs: usize, head: usize) -> Vec<usize> {
 /// `head` items unused. Cloning
 /// it (a fork) shares every block.
 #[derive(Default, Clone)]
-struct HeadTable {
+pub(crate) struct HeadTable {
     blocks: Vec<Arc<Block>>,
     positions: Vec<u32>,
     /// Free slots at the start of the first block (`< block_size`).
@@ -447,11 +463,10 @@ impl HeadTable {
     }
 
     /// The table's entries as in-place segments, one per block.
-    fn view(&self, cfg: &PoolConfig) -> HeadView<'_> {
+    pub(crate) fn segments(&self, cfg: &PoolConfig) -> Vec<Segment<'_>> {
         let (bs, eb) = (cfg.block_size, cfg.entry_bytes());
         let end = self.positions.len();
-        let segments = self
-            .blocks
+        self.blocks
             .iter()
             .enumerate()
             .map(|(b, blk)| {
@@ -472,9 +487,13 @@ impl HeadTable {
                     positions: &self.positions[lo..hi],
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The table for an attention call (its segments are listed where a work unit runs).
+    fn view<'a>(&'a self, cfg: &'a PoolConfig) -> HeadView<'a> {
         HeadView {
-            segments,
+            segments: Segments::Table(self, cfg),
             len: self.len(),
         }
     }
@@ -991,7 +1010,7 @@ impl SequenceKv {
             positions: t.positions().to_vec(),
         };
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
-        for seg in t.view(&self.cfg).segments {
+        for seg in t.segments(&self.cfg) {
             let n = seg.positions.len();
             out.keys
                 .extend_from_slice(seg.keys.view(0, n, d, &mut scratch));
@@ -1010,7 +1029,7 @@ impl SequenceKv {
         let d = self.cfg.head_dim;
         let mut scratch = vec![0.0f32; self.cfg.block_size * d];
         let mut norms = Vec::with_capacity(t.len());
-        for seg in t.view(&self.cfg).segments {
+        for seg in t.segments(&self.cfg) {
             let keys = seg.keys.view(0, seg.positions.len(), d, &mut scratch);
             norms.extend(keys.chunks_exact(d).map(|k| simd::dot(k, k).sqrt()));
         }
@@ -1029,13 +1048,62 @@ impl SequenceKv {
         q_positions: &[u32],
         opts: &AttendOptions<'_>,
     ) -> Result<AttendOutput, KvError> {
+        attend_heads(self.heads_call(layer, q, q_positions, opts)?)
+    }
+
+    /// Several sequences' attention calls ([`SequenceKv::attend`] each) as one job: the work
+    /// units of every call run together on `pool` (rayon's global pool when `None`), so a batch
+    /// of decode rows, each too short to split over threads alone, keeps every thread busy at the
+    /// cost of one handoff. Each call is validated and split into units as it is alone (by its
+    /// own options), so its result is bit for bit what [`SequenceKv::attend`] returns for it.
+    /// Returns one result per call, in order; a call's error leaves the others unaffected.
+    pub fn attend_batch(
+        calls: &[AttendCall<'_>],
+        pool: Option<&dyn Parallel>,
+    ) -> Vec<Result<AttendOutput, KvError>> {
+        let mut results: Vec<Option<Result<AttendOutput, KvError>>> =
+            calls.iter().map(|_| None).collect();
+        let mut valid = Vec::with_capacity(calls.len());
+        let mut heads_calls = Vec::with_capacity(calls.len());
+        for (i, c) in calls.iter().enumerate() {
+            match c.kv.heads_call(c.layer, c.q, c.q_positions, &c.opts) {
+                Ok(call) => {
+                    valid.push(i);
+                    heads_calls.push(call);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        for (i, r) in valid.into_iter().zip(attend_calls(&heads_calls, pool)) {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every call answered"))
+            .collect()
+    }
+
+    /// The views of `layer`'s KV heads for an attention call.
+    fn heads_call<'a>(
+        &'a self,
+        layer: usize,
+        q: &'a [f32],
+        q_positions: &'a [u32],
+        opts: &'a AttendOptions<'a>,
+    ) -> Result<HeadsCall<'a>, KvError> {
         self.check_layer(layer)?;
         let base = layer * self.n_kv_heads;
-        let views: Vec<HeadView<'_>> = self.tables[base..base + self.n_kv_heads]
-            .iter()
-            .map(|t| t.view(&self.cfg))
-            .collect();
-        attend_heads(layer, &views, self.cfg.head_dim, q, q_positions, opts)
+        Ok(HeadsCall {
+            layer,
+            heads: self.tables[base..base + self.n_kv_heads]
+                .iter()
+                .map(|t| t.view(&self.cfg))
+                .collect(),
+            head_dim: self.cfg.head_dim,
+            q,
+            q_positions,
+            opts,
+        })
     }
 
     /// Drops every entry of every table, returns all blocks to the pool and resets the counts.

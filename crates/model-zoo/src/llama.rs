@@ -8,7 +8,9 @@
 //!
 //! Batching: [`LlamaModel::forward_batch`] runs several sequences' new tokens through each
 //! layer's projections at once (rows stacked, one sequence after another) while RoPE, the
-//! store, the hook and attention stay per sequence; [`LlamaModel::forward`] is its batch of one.
+//! store, the hook and attention stay per sequence; the sequences' attention calls of a layer
+//! run as one job on the pool (`SequenceKv::attend_batch`: one handoff, every thread busy even
+//! when each call alone is too short to split). [`LlamaModel::forward`] is its batch of one.
 //!
 //! Invariants: hidden states are f32 `[rows, hidden]`; positions passed in are the true positions
 //! (tokens seen so far, evicted or not), which the store keeps for masking. RoPE uses them too,
@@ -19,12 +21,12 @@
 //! weights: up to rounding).
 
 use candle_core::{Device, Tensor};
-use kv_store::{AttendOptions, KeyShift, SequenceKv};
+use kv_store::{AttendCall, AttendOptions, KeyShift, SequenceKv};
 
 use crate::config::ModelConfig;
 use crate::cpu_pool::CpuPool;
 use crate::error::{ModelError, Result};
-use crate::hook::{AttentionOutcome, LayerHook};
+use crate::hook::{AttentionOutcome, LayerHook, LayerPlan};
 use crate::rope::Rope;
 use crate::weights::{Embedding, FusedLinear, Linear, TensorRole, Weights};
 
@@ -170,10 +172,11 @@ impl LlamaModel {
     /// Runs the new tokens of several sequences through the decoder in one pass: every
     /// projection sees all of their rows at once (the weights are read once per layer, whatever
     /// the batch size), while RoPE, the store append, the hook and attention run per sequence
-    /// over its own cache at its own positions. Each sequence's logits are bit for bit those it
-    /// gets alone with quantized weights ([`Linear::forward_segments`], and the fused q/k/v and
-    /// gate/up projections of [`FusedLinear::forward_parts`]; every other operation is row-wise),
-    /// and to rounding with float weights.
+    /// over its own cache at its own positions (the attention calls of a layer as one job on the
+    /// pool, each split into the work units it gets alone). Each sequence's logits are bit for
+    /// bit those it gets alone with quantized weights ([`Linear::forward_segments`], and the
+    /// fused q/k/v and gate/up projections of [`FusedLinear::forward_parts`]; every other
+    /// operation is row-wise), and to rounding with float weights.
     ///
     /// Keys and queries are rotated for their token positions, or, when a sequence's store has
     /// cache positions (`SequenceKv::with_cache_positions`, the cache positions mode), for their
@@ -244,9 +247,9 @@ impl LlamaModel {
             .collect())
     }
 
-    /// Phase one of a batched pass: every layer's projections, and per live sequence its
-    /// append, plan and attention (nothing evicted; what `after_attention` will need goes to
-    /// `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
+    /// Phase one of a batched pass: every layer's projections, per live sequence its append
+    /// and plan, and the attention of all of them as one job on the pool (nothing evicted;
+    /// what `after_attention` will need goes to `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
     /// sequence's logits `[rows, vocab]` (`None` for one that failed).
     fn run_batch(
         &self,
@@ -272,35 +275,74 @@ impl LlamaModel {
         let eps = cfg.rms_norm_eps as f32;
         let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
         let mut x = self.embedding.forward(&tokens)?;
+        // Each live sequence's rows: `first..first + rows[j]` of the stacked hidden states.
+        let firsts: Vec<usize> = rows
+            .iter()
+            .scan(0, |first, &n| {
+                *first += n;
+                Some(*first - n)
+            })
+            .collect();
+        let span = |j: usize, width: usize| firsts[j] * width..(firsts[j] + rows[j]) * width;
+        let scale = self.attention_scale();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &rows)?;
-            let mut attn = vec![0f32; total * q_width];
-            let mut first = 0;
+            // Per sequence: RoPE, the store append and the hook's plan.
+            let mut planned = Vec::with_capacity(live.len());
             for (j, &i) in live.iter().enumerate() {
-                let (n, seq_rows) = (rows[j], first..first + rows[j]);
-                first += n;
                 if failed[i].is_some() {
                     continue;
                 }
-                let slice = |r: &std::ops::Range<usize>, w: usize| r.start * w..r.end * w;
-                let step = self.attend_sequence(
+                let step = self.prepare_attention(
                     l,
                     &mut batch[i],
                     AttentionInput {
-                        normed: &normed.narrow(0, seq_rows.start, n)?,
-                        q: &mut q[slice(&seq_rows, q_width)],
-                        k: &mut k[slice(&seq_rows, kv_width)],
-                        v: &v[slice(&seq_rows, kv_width)],
+                        normed: &normed.narrow(0, firsts[j], rows[j])?,
+                        q: &mut q[span(j, q_width)],
+                        k: &mut k[span(j, kv_width)],
+                        v: &v[span(j, kv_width)],
                         positions: &positions[j],
                     },
                 );
                 match step {
-                    Ok((out, p)) => {
-                        attn[slice(&seq_rows, q_width)].copy_from_slice(&out);
-                        pending[i].push(p);
-                    }
+                    Ok(plan) => planned.push((j, i, plan)),
                     Err(e) => failed[i] = Some(e),
+                }
+            }
+            // Attention of every planned sequence over its own store, as one job on the pool.
+            let calls: Vec<AttendCall<'_>> = planned
+                .iter()
+                .map(|(j, i, plan)| {
+                    let mut opts = AttendOptions::new(scale);
+                    opts.visible_until = plan.visible_until.as_deref();
+                    opts.prob_sums = plan.prob_rows.clone();
+                    opts.parallel = Some(&CpuPool);
+                    AttendCall {
+                        kv: &*batch[*i].kv,
+                        layer: l,
+                        q: &q[span(*j, q_width)],
+                        q_positions: &positions[*j],
+                        opts,
+                    }
+                })
+                .collect();
+            let attended = SequenceKv::attend_batch(&calls, Some(&CpuPool));
+            let mut attn = vec![0f32; total * q_width];
+            for ((j, i, plan), result) in planned.into_iter().zip(attended) {
+                match result {
+                    Ok(out) => {
+                        attn[span(j, q_width)].copy_from_slice(&out.out);
+                        pending[i].push(Pending {
+                            queries: if plan.queries {
+                                q[span(j, q_width)].to_vec()
+                            } else {
+                                Vec::new()
+                            },
+                            prob_sums: out.prob_sums,
+                        });
+                    }
+                    Err(e) => failed[i] = Some(e.into()),
                 }
             }
             let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
@@ -389,15 +431,14 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// One sequence's share of layer `layer`: RoPE, the store append, the hook's plan and
-    /// attention over its retained entries. Returns the attention output `[n, n_heads *
-    /// head_dim]` and what the layer's `after_attention` will need.
-    fn attend_sequence(
+    /// One sequence's share of layer `layer` before attention: RoPE (in place on `q` and `k`),
+    /// the store append and the hook's plan.
+    fn prepare_attention(
         &self,
         layer: usize,
         seq: &mut SequenceInput<'_>,
         input: AttentionInput<'_>,
-    ) -> Result<(Vec<f32>, Pending)> {
+    ) -> Result<LayerPlan> {
         let AttentionInput {
             normed,
             q,
@@ -407,17 +448,7 @@ impl LlamaModel {
         } = input;
         self.rotate(layer, q, k, positions, seq.kv);
         seq.kv.append(layer, k, v, positions)?;
-        let plan = seq.hook.plan(layer, normed, positions, seq.kv)?;
-        let mut opts = AttendOptions::new(self.attention_scale());
-        opts.visible_until = plan.visible_until.as_deref();
-        opts.prob_sums = plan.prob_rows.clone();
-        opts.parallel = Some(&CpuPool);
-        let attended = seq.kv.attend(layer, q, positions, &opts)?;
-        let pending = Pending {
-            queries: if plan.queries { q.to_vec() } else { Vec::new() },
-            prob_sums: attended.prob_sums,
-        };
-        Ok((attended.out, pending))
+        seq.hook.plan(layer, normed, positions, seq.kv)
     }
 
     /// RoPE for one layer's new queries and keys: at their token positions, or (cache
@@ -446,11 +477,35 @@ impl LlamaModel {
     }
 }
 
-/// `silu(gate) * up` elementwise, in place of `gate`.
+/// Values of [`swiglu`] per piece of work on the pool; calls of fewer than four pieces (a few
+/// decode rows of a small model: microseconds of work) stay on the calling thread.
+const SWIGLU_PIECE: usize = 1 << 12;
+
+/// `silu(gate) * up` elementwise, in place of `gate`; large calls (a batch of decode rows, a
+/// prefill chunk) are split over the pool (each value is computed alike wherever it runs).
 fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    let run = |gate: &mut [f32], up: &[f32]| {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() < 4 * SWIGLU_PIECE {
+        run(&mut gate, up);
+        return gate;
     }
+    let pieces: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = gate
+        .chunks_mut(SWIGLU_PIECE)
+        .zip(up.chunks(SWIGLU_PIECE))
+        .map(std::sync::Mutex::new)
+        .collect();
+    CpuPool::run_chunked(pieces.len(), |range| {
+        for piece in &pieces[range] {
+            let mut piece = piece.lock().unwrap_or_else(|e| e.into_inner());
+            let (gate, up) = &mut *piece;
+            run(gate, up);
+        }
+    });
+    drop(pieces);
     gate
 }
 
