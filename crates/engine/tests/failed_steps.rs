@@ -107,7 +107,7 @@ fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
             ..PolicySpec::named("ag")
         },
         other => PolicySpec {
-            keep: Some(24),
+            keep: Some(40), // at least SnapKV's default observation window (32)
             ..PolicySpec::named(other)
         },
     }
