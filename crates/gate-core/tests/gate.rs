@@ -195,6 +195,73 @@ fn the_attention_window_bounds_what_a_token_sees() {
         .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
+/// The decode step (plain Rust on host copies, the projection shared over the thread pool, one
+/// online-softmax pass) equals the tensor path to float rounding at the default gate shape,
+/// for random gates and random inputs: a prefill, then steps that wrap the window's ring
+/// twice, at positions where RoPE angles are large.
+#[test]
+fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
+    use rand::{Rng, SeedableRng};
+    let c = GateConfig::new(576, 3, 2, 100_000.0);
+    let (t, t0) = (2 * c.attention_window + 40, 30);
+    for seed in [1u64, 2, 3] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let g = AttentionGate::random(&c, seed, &Device::Cpu).unwrap();
+        // `wg` scaled up and `bg` random, so that `s` spreads over (0, 1) instead of sitting
+        // near `sigmoid(bias_init)`, where any difference would vanish.
+        let tensors: HashMap<String, Tensor> = g
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if n.ends_with(".wg") {
+                    (t * 200.0).unwrap()
+                } else if n.ends_with(".bg") {
+                    let b: Vec<f32> = (0..c.n_kv_heads)
+                        .map(|_| rng.random_range(-1.0f32..1.0))
+                        .collect();
+                    Tensor::new(b, &Device::Cpu).unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        let g = AttentionGate::from_tensors(&c, tensors).unwrap();
+        let data: Vec<f32> = (0..t * c.hidden)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let x = Tensor::from_vec(data, (t, c.hidden), &Device::Cpu).unwrap();
+        let pos: Vec<u32> = (7000..7000 + t as u32).collect();
+        for layer in 0..c.n_layers {
+            let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
+            let mut cache = GateCache::new(&c);
+            let mut got = rows(
+                &g.prefill(layer, &x.narrow(0, 0, t0).unwrap(), &pos[..t0], &mut cache)
+                    .unwrap(),
+            );
+            for (i, &p) in pos.iter().enumerate().skip(t0) {
+                got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
+            }
+            let spread = full
+                .iter()
+                .flatten()
+                .fold((1f32, 0f32), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+            assert!(
+                spread.0 < 0.2 && spread.1 > 0.8,
+                "s does not spread: {spread:?}"
+            );
+            for (i, (f, s)) in full.iter().zip(&got).enumerate() {
+                for (a, b) in f.iter().zip(s) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "seed {seed} layer {layer} token {i}: {f:?} vs {s:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn prefill_then_step_equals_the_full_forward() {
     // Unbounded (older gates), and a window of 5 that the ring wraps many times.
