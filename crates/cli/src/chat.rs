@@ -74,10 +74,14 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let mut last_speed: Option<String> = None;
     loop {
         crate::out::stderr(format_args!("> "));
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
             break;
         }
+        let Ok(line) = std::str::from_utf8(&bytes) else {
+            say!("error: that line is not valid UTF-8 text; it was skipped");
+            continue;
+        };
         let line = line.trim();
         if line.is_empty() {
             interrupted.store(false, Ordering::SeqCst);

@@ -47,7 +47,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("the prompt is empty");
     }
     if let Some(path) = &args.eviction_map {
-        crate::plot::check_extension(path, "--eviction-map", &["png"])?;
+        crate::plot::check_output(path, "--eviction-map", &["png"])?;
     }
     let choice = args.policy.single()?;
     let engine = load_engine(&args.model)?;

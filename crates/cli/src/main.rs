@@ -18,15 +18,15 @@ mod policy_args;
 mod serve;
 mod train_gates;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// agate: LLM inference with a KV cache that learns what to forget.
 #[derive(Parser, Debug)]
 #[command(name = "agate", version, about, propagate_version = true)]
 struct Cli {
-    /// CPU threads for the kernels (default: all cores). On a busy machine use fewer threads
-    /// than cores: the kernels' thread pools spin-wait on each other and slow down sharply
-    /// when another process holds a core.
+    /// CPU threads for the kernels (default: all cores; at most the cores available). On a busy
+    /// machine use fewer threads than cores: the kernels' thread pools spin-wait on each other
+    /// and slow down sharply when another process holds a core.
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
     #[command(subcommand)]
@@ -60,7 +60,10 @@ enum Command {
 
 fn main() {
     sigpipe_ends_the_process(true);
-    let cli = match Cli::try_parse() {
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => e.exit(),
         Err(e) => {
@@ -81,7 +84,14 @@ fn main() {
     if matches!(cli.command, Command::Serve(_) | Command::BenchServe(_)) {
         sigpipe_ends_the_process(false);
     }
-    if let Some(n) = cli.threads {
+    if let Some(asked) = cli.threads {
+        // The pools spin-wait at every barrier: a thread without a core of its own stalls
+        // every kernel (1000 threads on 2 cores run ~100x slower and look like a hang).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let n = asked.min(cores);
+        if n < asked {
+            say!("agate: --threads {asked} is more than the {cores} cores available; using {n}");
+        }
         // candle's quantized kernels run on its own spin-barrier pool, sized from
         // RAYON_NUM_THREADS when it starts; rayon's global pool (gemm, the KV store) is sized
         // here. Nothing has started either pool this early.
@@ -125,6 +135,19 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// The command line, where a negative number is read as a flag's value, so that `--temp -1` is
+/// refused by the flag's own check, naming it, instead of as an unknown argument `-1`.
+fn command() -> clap::Command {
+    fn negative_values(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let takes_values = a.get_action().takes_values();
+            a.allow_negative_numbers(takes_values)
+        })
+        .mut_subcommands(negative_values)
+    }
+    negative_values(Cli::command())
+}
 
 /// The error and its causes on one line, each cause once: a message that already quotes its
 /// cause (`cannot read X: No such file`) does not repeat it.

@@ -58,23 +58,40 @@ pub fn eviction_map_png(
     })
 }
 
-/// Fails when the extension of `path` names none of `formats` (lower case, without the dot),
-/// since the format follows the extension; a name without one (`/dev/stdout`) is accepted when
-/// there is only one format to write.
-pub fn check_extension(path: &Path, flag: &str, formats: &[&str]) -> anyhow::Result<()> {
+/// Checks an output path before any work: its extension must name one of `formats` (lower
+/// case, without the dot), since the format follows the extension (a name without one, such as
+/// `/dev/stdout`, is accepted when there is only one format to write), and its folder must
+/// exist and the path must not be a folder, so that hours of work never end in a file that
+/// cannot be written.
+pub fn check_output(path: &Path, flag: &str, formats: &[&str]) -> anyhow::Result<()> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
-    match ext {
-        Some(e) if formats.contains(&e.as_str()) => Ok(()),
-        None if formats.len() == 1 => Ok(()),
-        _ => {
-            let expected: Vec<String> = formats.iter().map(|e| format!(".{e}")).collect();
-            anyhow::bail!(
-                "{flag} {}: the file name must end in {} (the format follows the extension)",
-                path.display(),
-                expected.join(" or ")
-            )
-        }
+    let known = match ext {
+        Some(e) => formats.contains(&e.as_str()),
+        None => formats.len() == 1,
+    };
+    if !known {
+        let expected: Vec<String> = formats.iter().map(|e| format!(".{e}")).collect();
+        anyhow::bail!(
+            "{flag} {}: the file name must end in {} (the format follows the extension)",
+            path.display(),
+            expected.join(" or ")
+        )
     }
+    if path.is_dir() {
+        anyhow::bail!("{flag} {}: is a directory", path.display())
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        )
+    }
+    Ok(())
 }
 
 /// One line of a chart.

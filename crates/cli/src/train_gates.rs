@@ -234,7 +234,7 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         "--log-every 0: expected a positive number"
     );
     if let Some(p) = &args.plot {
-        plot::check_extension(p, "--plot", &["svg", "png"])?;
+        plot::check_output(p, "--plot", &["svg", "png"])?;
     }
     // Flags this run would ignore (or fail on only after training) are refused now.
     let lora = args.train != "gates";

@@ -124,6 +124,40 @@ fn invalid_flag_values_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid weight format `q3`"));
     let out = agate(&["generate", "hi", "--top-p", "1.5"]);
     assert_one_line_error(&out, "top-p must be in (0, 1], got 1.5");
+    // A negative number is a flag's (bad) value, not an unknown argument.
+    let out = agate(&["generate", "hi", "--max-tokens", "-3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'-3' for '--max-tokens"));
+    let out = agate(&["generate", "hi", "--policy", "h2o", "--evict", "-0.5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be in [0, 1), got -0.5"));
+    let out = agate(&["generate", "hi", "--temp", "-1"]);
+    assert_one_line_error(&out, "temperature must be >= 0, got -1");
+}
+
+/// More threads than cores would make the spin-waiting pools crawl (it looks like a hang):
+/// agate says so and uses the cores it has.
+#[test]
+fn more_threads_than_cores_are_capped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 64);
+    let out = agate(&[
+        "--threads",
+        "1024",
+        "generate",
+        "hi",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        stderr.contains(&format!(
+            "--threads 1024 is more than the {cores} cores available; using {cores}"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! field or tensor and value; sizes that overflow are refused before any work; stdout write
 //! errors end the program with status 1; flags a policy ignores are refused; output paths that
 //! are links, FIFOs or devices are written through, never replaced, and stale temporaries of a
-//! killed run are removed; a chat whose pool runs out keeps its state; a bounded chat in cache
+//! killed run are removed; a chat whose pool runs out keeps its state, and one given a line
+//! that is not UTF-8 goes on; a bounded chat in cache
 //! positions runs past the context; train-gates checkpoints are checksummed, its log is never
 //! left with holes, and Ctrl-C ends it with status 130. No output may contain `panicked`.
 
@@ -19,7 +20,7 @@ fn agate(args: &[&str]) -> Output {
 }
 
 /// Runs agate with `stdin` as its standard input.
-fn agate_with_input(args: &[&str], stdin: &str) -> Output {
+fn agate_with_input(args: &[&str], stdin: impl AsRef<[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agate"))
         .args(args)
         .stdin(Stdio::piped())
@@ -31,7 +32,7 @@ fn agate_with_input(args: &[&str], stdin: &str) -> Output {
         .stdin
         .take()
         .unwrap()
-        .write_all(stdin.as_bytes())
+        .write_all(stdin.as_ref())
         .unwrap();
     child.wait_with_output().unwrap()
 }
@@ -271,8 +272,8 @@ fn gguf_structure_and_metadata_are_checked_as_ggml_does() {
     );
     let out = run("overlap.gguf", &|b| put(b, at, &0u64.to_le_bytes()));
     fails_with(&out, &["overlap.gguf", &second, "overlaps"]);
-    // Metadata: a negative epsilon, a NaN rope base, a negative count, an EOS outside the
-    // vocabulary, a zero alignment.
+    // Metadata: a negative epsilon, a NaN rope base, a negative count, partial rotary
+    // dimensions, an EOS outside the vocabulary, a zero alignment.
     let (eps, ty) = value("llama.attention.layer_norm_rms_epsilon");
     assert_eq!(ty, 6);
     let out = run("eps.gguf", &|b| put(b, eps, &(-1e-5f32).to_le_bytes()));
@@ -294,6 +295,18 @@ fn gguf_structure_and_metadata_are_checked_as_ggml_does() {
         put(b, layers, &(-1i32).to_le_bytes());
     });
     fails_with(&out, &["llama.block_count", "non-negative integer, got -1"]);
+    let (rotary, ty) = value("llama.rope.dimension_count");
+    assert_eq!(ty, 4);
+    let out = run("rotary.gguf", &|b| put(b, rotary, &32u32.to_le_bytes()));
+    fails_with(
+        &out,
+        &[
+            "rotary.gguf",
+            "llama.rope.dimension_count",
+            "is 32",
+            "key head width (64)",
+        ],
+    );
     let (eos, _) = value("tokenizer.ggml.eos_token_id");
     let out = run("eos.gguf", &|b| put(b, eos, &60_000u32.to_le_bytes()));
     fails_with(
@@ -660,6 +673,10 @@ fn outputs_are_written_through_links_fifos_and_devices_never_replaced() {
         &map(&dir.path().join("x.bmp")),
         &["--eviction-map", "x.bmp", ".png"],
     );
+    fails_with(
+        &map(&dir.path().join("no/such/map.png")),
+        &["--eviction-map", "no/such", "does not exist"],
+    );
     // A temporary file of a killed run is removed on the next write of that output.
     let out = dir.path().join("map.png");
     let dead = Command::new("true").spawn().unwrap();
@@ -714,6 +731,21 @@ fn a_chat_whose_pool_runs_out_keeps_its_state() {
     };
     assert!(seen(stats[2]) > seen(stats[1]));
     assert!(!stderr.contains("eviction ratio -"), "{stderr}");
+}
+
+/// A line that is not UTF-8 is skipped with a message; the chat goes on.
+#[test]
+fn a_chat_line_that_is_not_utf8_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 256);
+    let out = agate_with_input(
+        &["chat", "--model", s(&model), "--max-tokens", "2"],
+        b"\xff\xfe bad\nhello\n/stats\n/exit\n",
+    );
+    succeeds(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+    assert!(stderr.contains("tokens seen"), "{stderr}");
 }
 
 #[test]

@@ -289,6 +289,15 @@ fn openai_shapes_routes_and_errors() {
         bad["max_tokens"] = json!(0);
         let (s, b) = post(&c, &url, &bad).await;
         assert_error(s, &b, 400, Some("max_tokens"));
+        let mut bad = chat_body("x", 4);
+        bad["stop"] = json!(7);
+        let (s, b) = post(&c, &url, &bad).await;
+        assert_error(s, &b, 400, Some("stop"));
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("a string or a list of strings") && !message.contains("untagged"),
+            "{message}"
+        );
         let (s, b) = post(&c, &url, &json!({"messages": []})).await;
         assert_error(s, &b, 400, Some("messages"));
         let (s, b) = post(&c, &url, &json!({"messages": [{"role": "tool", "content": "x"}]})).await;

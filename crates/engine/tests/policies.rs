@@ -6,7 +6,8 @@
 //!   differently, ~4e-6 relative after 30 layers of the default model);
 //! - budgets: every head keeps exactly `Budget::keep_count(T)` (the requested ratio within one
 //!   token per head), Full evicts nothing, and KV bytes fall with the retained count;
-//! - a long multi-turn conversation with `--keep 512` keeps KV bytes flat while tokens grow.
+//! - a long multi-turn conversation with `--keep 512` keeps KV bytes flat while tokens grow;
+//! - protected tokens that do not fit a fixed budget are refused.
 
 mod common;
 
@@ -402,6 +403,56 @@ fn pyramid_budgets_average_to_the_request() {
 /// 4,000 tokens of conversation with `keep 512`: bytes stay at the budget's blocks (one more per
 /// head at most, plus the policy's own bounded state) while the tokens seen grow, for every
 /// continuous policy.
+/// Protected tokens count toward the budget: with `--keep K` a policy whose always-kept tokens
+/// do not fit is refused by name (StreamingLLM also needs room for a window), and one that fits
+/// keeps every protected token.
+#[test]
+fn protections_that_do_not_fit_a_fixed_budget_are_refused() {
+    let (_dir, engine) = tiny_engine(engine::KvDtype::F16);
+    let build = |name: &str, keep: usize, sinks: usize, window: Option<usize>| {
+        PolicySpec {
+            keep: Some(keep),
+            sinks: Some(sinks),
+            window,
+            ..PolicySpec::named(name)
+        }
+        .build(&engine)
+    };
+    for (name, keep, sinks, window) in [
+        ("streaming", 4, 4, None),
+        ("streaming", 4, 9, None),
+        ("h2o", 12, 4, Some(10)),
+        ("h2o", 8, 9, None),
+        ("tova", 10, 20, None),
+        ("random", 4, 3, Some(2)),
+        ("knorm", 4, 0, Some(5)),
+    ] {
+        let e = build(name, keep, sinks, window).unwrap_err().to_string();
+        assert!(
+            e.contains(name) && e.contains(&format!("--keep {keep}")) && e.contains("--sinks"),
+            "{name} keep {keep} sinks {sinks} window {window:?}: {e}"
+        );
+    }
+    for (name, keep, sinks, window) in [
+        ("streaming", 4, 3, None),
+        ("h2o", 12, 4, Some(8)),
+        ("tova", 10, 10, None),
+        ("random", 4, 2, Some(2)),
+    ] {
+        build(name, keep, sinks, window).unwrap();
+    }
+    // Three sinks and one recent token: every head keeps positions 0, 1, 2 and the newest.
+    let policy = build("streaming", 4, 3, None).unwrap();
+    let mut session = engine.session_with(policy).unwrap();
+    session.prefill(&tokens(20, 1)).unwrap();
+    let want: HashSet<u32> = [0, 1, 2, 19].into_iter().collect();
+    for layer in kept_positions(session.kv()) {
+        for head in layer {
+            assert_eq!(head, want);
+        }
+    }
+}
+
 #[test]
 fn long_conversation_stays_within_its_budget() {
     let (dir, engine) = tiny_engine(engine::KvDtype::F16);

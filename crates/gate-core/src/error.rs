@@ -14,7 +14,7 @@ pub enum GateError {
     /// slice whose length does not match the one it must match, ...).
     #[error("gate-core: invalid argument `{name}` = {value}: {expected}")]
     InvalidArgument {
-        /// The parameter or field name, e.g. `"Budget::EvictRatio"` or `"GateConfig.head_dim"`.
+        /// The parameter or field name, e.g. `"eviction ratio"` or `"GateConfig.head_dim"`.
         name: &'static str,
         /// The offending value, formatted.
         value: String,

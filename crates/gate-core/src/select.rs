@@ -31,11 +31,11 @@ impl Budget {
     pub fn validate(&self) -> Result<()> {
         match *self {
             Budget::EvictRatio(r) if !(0.0..1.0).contains(&r) => Err(invalid(
-                "Budget::EvictRatio",
+                "eviction ratio",
                 r,
                 "a finite eviction ratio in [0, 1)",
             )),
-            Budget::Keep(0) => Err(invalid("Budget::Keep", 0, "a keep count of at least 1")),
+            Budget::Keep(0) => Err(invalid("keep count", 0, "at least 1 token per head")),
             _ => Ok(()),
         }
     }

@@ -243,6 +243,24 @@ impl ModelConfig {
             }
             None => None,
         };
+        // agate rotates the whole head and gives values the keys' width; a file that says
+        // otherwise would run with the wrong math.
+        for (field, meaning) in [
+            ("rope.dimension_count", "rotary dimensions"),
+            ("attention.value_length", "value head width"),
+        ] {
+            if let Some(d) = opt_usize(field)? {
+                if d != head_dim {
+                    return Err(ModelError::config(
+                        path,
+                        &key(field),
+                        format!(
+                            "is {d}, but agate supports only {meaning} equal to the key head width ({head_dim})"
+                        ),
+                    ));
+                }
+            }
+        }
         let cfg = ModelConfig {
             architecture,
             vocab_size,

@@ -179,8 +179,8 @@ async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
     outln!("listening on http://{addr}")?;
     use std::io::Write;
     std::io::stdout().flush()?;
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown_signal())
+    axum::serve(listener, router(app.clone()))
+        .with_graceful_shutdown(shutdown_signal(app))
         .await?;
     say!("agate serve: stopped");
     Ok(())
@@ -208,7 +208,26 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn shutdown_signal() {
+/// Resolves on the first Ctrl-C or SIGTERM, which starts a graceful stop: no new connections,
+/// running requests finish. A second signal ends the process at once (exit status 130).
+async fn shutdown_signal(app: Arc<App>) {
+    next_signal().await;
+    let m = app.scheduler.metrics();
+    let busy = m.active_sessions + m.queue_length;
+    if busy > 0 {
+        say!(
+            "agate serve: stopping once {busy} running or queued request(s) finish; Ctrl-C again stops now"
+        );
+    }
+    tokio::spawn(async {
+        next_signal().await;
+        say!("agate serve: stopped with requests unfinished");
+        std::process::exit(130);
+    });
+}
+
+/// The next Ctrl-C or SIGTERM.
+async fn next_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -231,6 +231,7 @@ impl Policy {
                 .validate()
                 .map_err(|e| EngineError::Invalid(e.to_string()))?;
         }
+        self.check_protection_fits()?;
         match self {
             Policy::H2o {
                 recent: Recent::Fraction(f),
@@ -268,6 +269,47 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Protected tokens count toward the budget, and the budget is never exceeded; so with a
+    /// fixed budget (`--keep K`) what a policy always keeps must fit in it, or "always kept"
+    /// would silently not hold: StreamingLLM needs room for its window beside the sinks
+    /// (`sinks < K`), the other policies at most `K` protected tokens (`sinks + recent`). A ratio
+    /// budget (`--evict`) follows the prompt's length; while it is below the protection (a short
+    /// prompt), the budget wins and the oldest protected tokens are kept first
+    /// (docs/policies.md).
+    fn check_protection_fits(&self) -> Result<()> {
+        let Some(Budget::Keep(keep)) = self.budget() else {
+            return Ok(());
+        };
+        let (protected, room_needed) = match self {
+            Policy::Streaming { sinks, .. } => (*sinks, 1),
+            Policy::Random { protect, .. }
+            | Policy::KNorm { protect, .. }
+            | Policy::Ag { protect, .. } => (protect.sinks.saturating_add(protect.recent), 0),
+            Policy::H2o { recent, sinks, .. } => {
+                let recent = match recent {
+                    Recent::Tokens(w) => *w,
+                    Recent::Fraction(_) => recent.count(keep),
+                };
+                (sinks.saturating_add(recent), 0)
+            }
+            Policy::Tova { sinks, .. } => (*sinks, 0),
+            _ => return Ok(()),
+        };
+        if protected.saturating_add(room_needed) <= keep {
+            return Ok(());
+        }
+        let what = if room_needed > 0 {
+            format!("its {protected} sinks leave no room for a window")
+        } else {
+            format!("its {protected} always-kept tokens (sinks + window) do not fit")
+        };
+        Err(EngineError::Invalid(format!(
+            "{} keeps at most --keep {keep} tokens per head, and {what}: protected tokens count \
+             toward the budget (lower --sinks/--window or raise --keep)",
+            self.name()
+        )))
     }
 
     /// A fresh hook for one session (the policy must have passed [`Policy::validate`]).
