@@ -31,22 +31,29 @@ fn det_input(t: usize, seed: u64) -> Tensor {
     Tensor::from_vec(data, (t, HIDDEN), &Device::Cpu).unwrap()
 }
 
-/// A gate whose `wg` is scaled up so that `s` varies a lot across tokens and heads.
-fn spread_gate(cfg: &GateConfig) -> AttentionGate {
-    let g = AttentionGate::random(cfg, 5, &Device::Cpu).unwrap();
+/// A random gate (seeded) with each parameter tensor passed through `map(name, tensor)`.
+fn mapped_gate(cfg: &GateConfig, seed: u64, map: impl Fn(&str, Tensor) -> Tensor) -> AttentionGate {
+    let g = AttentionGate::random(cfg, seed, &Device::Cpu).unwrap();
     let tensors: HashMap<String, Tensor> = g
         .named_tensors()
         .into_iter()
         .map(|(n, t)| {
-            let t = if n.ends_with(".wg") {
-                (t * 300.0).unwrap()
-            } else {
-                t
-            };
+            let t = map(&n, t);
             (n, t)
         })
         .collect();
     AttentionGate::from_tensors(cfg, tensors).unwrap()
+}
+
+/// A gate whose `wg` is scaled up so that `s` varies a lot across tokens and heads.
+fn spread_gate(cfg: &GateConfig) -> AttentionGate {
+    mapped_gate(cfg, 5, |n, t| {
+        if n.ends_with(".wg") {
+            (t * 300.0).unwrap()
+        } else {
+            t
+        }
+    })
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -206,27 +213,20 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
     let (t, t0) = (2 * c.attention_window + 40, 30);
     for seed in [1u64, 2, 3] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let g = AttentionGate::random(&c, seed, &Device::Cpu).unwrap();
         // `wg` scaled up and `bg` random, so that `s` spreads over (0, 1) instead of sitting
         // near `sigmoid(bias_init)`, where any difference would vanish.
-        let tensors: HashMap<String, Tensor> = g
-            .named_tensors()
-            .into_iter()
-            .map(|(n, t)| {
-                let t = if n.ends_with(".wg") {
-                    (t * 200.0).unwrap()
-                } else if n.ends_with(".bg") {
-                    let b: Vec<f32> = (0..c.n_kv_heads)
-                        .map(|_| rng.random_range(-1.0f32..1.0))
-                        .collect();
-                    Tensor::new(b, &Device::Cpu).unwrap()
-                } else {
-                    t
-                };
-                (n, t)
-            })
+        let bias: Vec<f32> = (0..c.n_kv_heads)
+            .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
-        let g = AttentionGate::from_tensors(&c, tensors).unwrap();
+        let g = mapped_gate(&c, seed, |n, t| {
+            if n.ends_with(".wg") {
+                (t * 200.0).unwrap()
+            } else if n.ends_with(".bg") {
+                Tensor::new(bias.as_slice(), &Device::Cpu).unwrap()
+            } else {
+                t
+            }
+        });
         let data: Vec<f32> = (0..t * c.hidden)
             .map(|_| rng.random_range(-3.0f32..3.0))
             .collect();
