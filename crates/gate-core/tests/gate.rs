@@ -31,22 +31,29 @@ fn det_input(t: usize, seed: u64) -> Tensor {
     Tensor::from_vec(data, (t, HIDDEN), &Device::Cpu).unwrap()
 }
 
-/// A gate whose `wg` is scaled up so that `s` varies a lot across tokens and heads.
-fn spread_gate(cfg: &GateConfig) -> AttentionGate {
-    let g = AttentionGate::random(cfg, 5, &Device::Cpu).unwrap();
+/// A random gate (seeded) with each parameter tensor passed through `map(name, tensor)`.
+fn mapped_gate(cfg: &GateConfig, seed: u64, map: impl Fn(&str, Tensor) -> Tensor) -> AttentionGate {
+    let g = AttentionGate::random(cfg, seed, &Device::Cpu).unwrap();
     let tensors: HashMap<String, Tensor> = g
         .named_tensors()
         .into_iter()
         .map(|(n, t)| {
-            let t = if n.ends_with(".wg") {
-                (t * 300.0).unwrap()
-            } else {
-                t
-            };
+            let t = map(&n, t);
             (n, t)
         })
         .collect();
     AttentionGate::from_tensors(cfg, tensors).unwrap()
+}
+
+/// A gate whose `wg` is scaled up so that `s` varies a lot across tokens and heads.
+fn spread_gate(cfg: &GateConfig) -> AttentionGate {
+    mapped_gate(cfg, 5, |n, t| {
+        if n.ends_with(".wg") {
+            (t * 300.0).unwrap()
+        } else {
+            t
+        }
+    })
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -193,6 +200,66 @@ fn the_attention_window_bounds_what_a_token_sees() {
         .iter()
         .zip(&far[t - 1])
         .any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
+/// The decode step (plain Rust on host copies, the projection shared over the thread pool, one
+/// online-softmax pass) equals the tensor path to float rounding at the default gate shape,
+/// for random gates and random inputs: a prefill, then steps that wrap the window's ring
+/// twice, at positions where RoPE angles are large.
+#[test]
+fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
+    use rand::{Rng, SeedableRng};
+    let c = GateConfig::new(576, 3, 2, 100_000.0);
+    let (t, t0) = (2 * c.attention_window + 40, 30);
+    for seed in [1u64, 2, 3] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // `wg` scaled up and `bg` random, so that `s` spreads over (0, 1) instead of sitting
+        // near `sigmoid(bias_init)`, where any difference would vanish.
+        let bias: Vec<f32> = (0..c.n_kv_heads)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let g = mapped_gate(&c, seed, |n, t| {
+            if n.ends_with(".wg") {
+                (t * 200.0).unwrap()
+            } else if n.ends_with(".bg") {
+                Tensor::new(bias.as_slice(), &Device::Cpu).unwrap()
+            } else {
+                t
+            }
+        });
+        let data: Vec<f32> = (0..t * c.hidden)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let x = Tensor::from_vec(data, (t, c.hidden), &Device::Cpu).unwrap();
+        let pos: Vec<u32> = (7000..7000 + t as u32).collect();
+        for layer in 0..c.n_layers {
+            let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
+            let mut cache = GateCache::new(&c);
+            let mut got = rows(
+                &g.prefill(layer, &x.narrow(0, 0, t0).unwrap(), &pos[..t0], &mut cache)
+                    .unwrap(),
+            );
+            for (i, &p) in pos.iter().enumerate().skip(t0) {
+                got.push(g.step(layer, &x.get(i).unwrap(), p, &mut cache).unwrap());
+            }
+            let spread = full
+                .iter()
+                .flatten()
+                .fold((1f32, 0f32), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+            assert!(
+                spread.0 < 0.2 && spread.1 > 0.8,
+                "s does not spread: {spread:?}"
+            );
+            for (i, (f, s)) in full.iter().zip(&got).enumerate() {
+                for (a, b) in f.iter().zip(s) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "seed {seed} layer {layer} token {i}: {f:?} vs {s:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

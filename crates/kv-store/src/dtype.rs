@@ -129,6 +129,21 @@ pub enum KvSlice<'a> {
 }
 
 impl<'a> KvSlice<'a> {
+    /// The stored bytes of the run.
+    fn bytes(&self) -> &'a [u8] {
+        match *self {
+            KvSlice::F32(s) => bytemuck::cast_slice(s),
+            KvSlice::F16(s) => bytemuck::cast_slice(s),
+            KvSlice::BF16(s) => bytemuck::cast_slice(s),
+            KvSlice::Quantized { bytes, .. } => bytes,
+        }
+    }
+
+    /// Asks the CPU to start loading the run into its L2 cache (a hint: no effect on results).
+    pub(crate) fn prefetch(&self) {
+        simd::prefetch_l2(self.bytes());
+    }
+
     /// Number of values (entries × head_dim).
     pub fn len(&self) -> usize {
         match self {

@@ -987,8 +987,12 @@ impl SequenceKv {
 
     /// Positions of the retained entries, in order; empty when out of range.
     pub fn positions(&self, layer: usize, head: usize) -> Vec<u32> {
-        self.table(layer, head)
-            .map_or_else(Vec::new, |t| t.positions().to_vec())
+        self.retained_positions(layer, head).to_vec()
+    }
+
+    /// [`SequenceKv::positions`] borrowed (no copy: for per-token bookkeeping).
+    pub fn retained_positions(&self, layer: usize, head: usize) -> &[u32] {
+        self.table(layer, head).map_or(&[], HeadTable::positions)
     }
 
     /// Ids of the pool blocks held by (`layer`, `head`), in order; empty when out of range.

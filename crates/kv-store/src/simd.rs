@@ -1,12 +1,13 @@
 //! Vectorisable f32 inner loops of the attention kernel: dot product, axpy, max, a polynomial
-//! `exp`, and the chunk micro-kernels (scores of many query vectors against a transposed chunk
-//! of keys, the probability-weighted sum of a chunk of values, the chunk transposition).
+//! `exp`, the chunk micro-kernels (scores of many query vectors against a transposed chunk
+//! of keys, the probability-weighted sum of a chunk of values, the chunk transposition), and a
+//! cache prefetch hint.
 //!
 //! Invariants: safe Rust written in fixed-width lane chunks so LLVM emits SIMD for the build's
-//! `target-cpu`, except the AVX lane reduction and the AVX-512 16×16 transposition (runtime
-//! detected, with a portable fallback that gives identical results); results agree with the
-//! scalar definitions to f32 rounding (the `exp` to about 2 ulp, and exactly 0 for inputs below
-//! -87, which includes `-inf`).
+//! `target-cpu`, except the AVX lane reduction, the AVX-512 16×16 transposition (runtime
+//! detected, with a portable fallback that gives identical results) and the cache prefetch
+//! hint (reads no value); results agree with the scalar definitions to f32 rounding (the `exp`
+//! to about 2 ulp, and exactly 0 for inputs below -87, which includes `-inf`).
 
 /// Lanes per chunk: two AVX2 registers or one AVX-512 register of f32.
 const LANES: usize = 16;
@@ -69,6 +70,28 @@ pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi = xi.mul_add(alpha, *yi);
     }
+}
+
+/// Bytes of a cache line, the stride of [`prefetch_l2`].
+const CACHE_LINE: usize = 64;
+
+/// Hints the CPU to load every cache line of `bytes` into its L2 cache, so that reading a run
+/// that does not follow the previous one in memory (a KV block anywhere in the pool) does not
+/// wait for the hardware prefetcher to notice a new stream. No effect on any value; a no-op off
+/// x86-64. L2, not L1: a whole block's lines requested into L1 at once crowd out the demand
+/// loads of the chunk being computed (measured: 15% slower on contiguous blocks, while L2
+/// costs nothing there and makes scattered blocks as fast as contiguous ones).
+#[inline]
+pub(crate) fn prefetch_l2(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(CACHE_LINE) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: sse is part of the x86-64 baseline; a prefetch reads no value and never
+        // faults, and the pointer is inside `bytes` anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Keys per kernel chunk: one 16-lane vector of scores.

@@ -19,9 +19,11 @@
 //! with the store's retained entries of (l, h) after every pass; in threshold mode the sinks
 //! (positions `0..sinks`) are never evicted; with `decode = false` generated tokens are always
 //! kept; after a pass every retained key is visible to the next query, so a one-token pass needs
-//! no mask; a pass that fails is undone (`abort_pass` rolls the gate's cache back to its mark
-//! at `begin_pass`, in time proportional to the pass, and cuts the per-entry state back). `state_bytes` counts the gate cache
-//! and the per-entry state.
+//! no mask, and a pass (which starts where the previous one ended) checks only the entries its
+//! tokens pushed out of the local window, not every retained one; a pass that fails is undone
+//! (`abort_pass` rolls the gate's cache back to its mark at `begin_pass`, in time proportional
+//! to the pass, and cuts the per-entry state back). `state_bytes` counts the gate cache and the
+//! per-entry state.
 
 use std::sync::Arc;
 
@@ -193,7 +195,7 @@ impl LayerHook for AgHook {
                     flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
                     if many {
                         // Sinks always; a flagged-out key only to the queries of its window.
-                        let positions = kv.positions(layer, head);
+                        let positions = kv.retained_positions(layer, head);
                         until.push(
                             positions
                                 .iter()
@@ -264,18 +266,19 @@ impl LayerHook for AgHook {
             self.before_pass = None;
         }
         let kv = outcome.kv;
-        let tokens_seen = outcome.positions.last().map_or(0, |&p| p as usize + 1);
+        let (Some(&first), Some(&last)) = (outcome.positions.first(), outcome.positions.last())
+        else {
+            return Ok(());
+        };
         for head in 0..kv.n_kv_heads() {
             let mask: Vec<bool> = match &mut self.entries {
-                Entries::Flags { flags, .. } => kv
-                    .positions(layer, head)
-                    .iter()
-                    .zip(&flags[layer][head])
-                    .map(|(&p, &flag)| {
-                        flag || (p as usize) < self.protect.sinks
-                            || tokens_seen - (p as usize) <= self.protect.recent
-                    })
-                    .collect(),
+                Entries::Flags { flags, .. } => {
+                    let positions = kv.retained_positions(layer, head);
+                    match aged_out(positions, &flags[layer][head], first, last, &self.protect) {
+                        Some(mask) => mask,
+                        None => continue,
+                    }
+                }
                 Entries::Probs { pending, .. } => std::mem::take(&mut pending[layer][head]),
             };
             if mask.iter().all(|&k| k) {
@@ -301,8 +304,81 @@ impl LayerHook for AgHook {
     }
 }
 
+/// Threshold mode's keep mask of one head's retained entries (`positions`, `flags`) after a
+/// pass over positions `first..=last`, or `None` when every entry stays: an entry stays while
+/// it is flagged, a sink, or at most `recent` positions older than the pass's last token.
+/// Every earlier pass left only such entries and a pass starts where the previous one ended,
+/// so the entries more than `recent` positions older than `first` all stay and only the newer
+/// tail is read: a decode step costs O(`recent`), not O(retained).
+fn aged_out(
+    positions: &[u32],
+    flags: &[bool],
+    first: u32,
+    last: u32,
+    protect: &Protection,
+) -> Option<Vec<bool>> {
+    let (sinks, recent) = (protect.sinks as u64, protect.recent as u64);
+    let from = positions.partition_point(|&p| u64::from(p) + recent < u64::from(first));
+    let stays = |p: u32, flag: bool| {
+        flag || u64::from(p) < sinks || u64::from(last.saturating_sub(p)) < recent
+    };
+    let tail = positions[from..].iter().zip(&flags[from..]);
+    if tail.clone().all(|(&p, &flag)| stays(p, flag)) {
+        return None;
+    }
+    let mut mask = vec![true; positions.len()];
+    for (keep, (&p, &flag)) in mask[from..].iter_mut().zip(tail) {
+        *keep = stays(p, flag);
+    }
+    Some(mask)
+}
+
 /// Keeps the elements whose mask entry is true, in order.
 fn retain<T>(values: &mut Vec<T>, mask: &[bool]) {
     let mut keep = mask.iter();
     values.retain(|_| *keep.next().unwrap_or(&true));
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// Passes of random lengths with random flags: checking only the tail `aged_out` reads
+    /// leaves exactly the entries the rule keeps when every entry is checked after every pass.
+    #[test]
+    fn checking_the_tail_keeps_what_checking_every_entry_keeps() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (sinks, recent) in [(0, 0), (0, 1), (4, 32), (2, 5), (0, 300)] {
+            let protect = Protection { sinks, recent };
+            let (mut positions, mut flags) = (Vec::<u32>::new(), Vec::<bool>::new());
+            let mut next = 0u32;
+            while next < 2000 {
+                let len = if rng.random_bool(0.8) {
+                    1
+                } else {
+                    rng.random_range(2..90)
+                };
+                let (first, last) = (next, next + len - 1);
+                positions.extend(first..=last);
+                flags.extend((0..len).map(|_| rng.random_bool(0.5)));
+                next += len;
+                let expected: Vec<bool> = positions
+                    .iter()
+                    .zip(&flags)
+                    .map(|(&p, &f)| f || (p as usize) < sinks || ((last - p) as usize) < recent)
+                    .collect();
+                match aged_out(&positions, &flags, first, last, &protect) {
+                    Some(mask) => {
+                        assert_eq!(mask, expected, "sinks {sinks} recent {recent} at {last}");
+                        retain(&mut positions, &mask);
+                        retain(&mut flags, &mask);
+                    }
+                    None => assert!(expected.iter().all(|&k| k), "missed an eviction at {last}"),
+                }
+            }
+        }
+    }
 }

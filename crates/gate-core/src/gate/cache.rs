@@ -8,11 +8,14 @@
 //! is overwritten), every one when the window is 0 (unbounded, older gates). A query's
 //! attention window never reaches further back than that, so a step sees exactly what the full
 //! forward over the same tokens would see, and gives the same `s` up to float rounding; the
-//! cache's memory is bounded by `2 * attention_window * heads * head_dim` f32 per layer.
+//! cache's memory is bounded by `2 * attention_window * heads * head_dim` f32 per layer (plus
+//! the RoPE factors of the last position stepped, a memo keyed by position and RoPE base).
 //! Between [`GateCache::mark`] and [`GateCache::commit`] each layer journals what a push
 //! overwrites (at most one saved row per slot), so [`GateCache::rollback`] restores the cache
 //! as it was at the mark in time proportional to the rows pushed since, however long the
 //! sequence.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::{DType, Tensor};
 
@@ -139,6 +142,8 @@ pub struct GateCache {
     head_dim: usize,
     attention_window: usize,
     layers: Vec<LayerCache>,
+    /// The RoPE factors of the last position stepped (a few dozen floats, not per token).
+    rope: RopeRow,
 }
 
 impl GateCache {
@@ -153,6 +158,7 @@ impl GateCache {
             head_dim: cfg.head_dim,
             attention_window: cfg.attention_window,
             layers: vec![layer; cfg.n_layers],
+            rope: RopeRow::default(),
         }
     }
 
@@ -267,8 +273,11 @@ impl AttentionGate {
 
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)
     /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over the cached
-    /// tokens its window sees (itself included) and returns `s` per KV head (f32). Runs on host copies of the
-    /// parameters: a few hundred thousand multiply-adds, no tensor dispatch.
+    /// tokens its window sees (itself included) and returns `s` per KV head (f32). Runs on host
+    /// copies of the parameters, no tensor dispatch: the projection's rows are shared out over
+    /// candle's CPU thread pool (the decoder's; inline when called from one of its threads),
+    /// the RoPE angles are computed once per position for every layer, and the attention is
+    /// one pass over the window's rows.
     pub fn step(
         &self,
         layer: usize,
@@ -290,13 +299,14 @@ impl AttentionGate {
             .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
             .ctx("reading the decode row")?;
         let hl = &self.host_layers()?[layer];
-        let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
-        let inner = ha * da;
-        let mut qkv: Vec<f32> = hl.wqkv.chunks_exact(hidden).map(|w| dot(w, &x)).collect();
+        let inner = self.cfg.inner();
+        let mut qkv = project(&hl.wqkv, &x);
         let (q, kv) = qkv.split_at_mut(inner);
         let (k, v) = kv.split_at_mut(inner);
-        self.rope_row(q, position);
-        self.rope_row(k, position);
+        cache.layer_mut(&self.cfg, layer)?; // the shape check, before the RoPE factors
+        let rope = cache.rope_at(self, position);
+        rope.apply(q);
+        rope.apply(k);
         let entry = cache.layer_mut(&self.cfg, layer)?;
         entry.push(k, v, position);
         let o = attend_one(q, entry, position, &self.cfg);
@@ -307,21 +317,72 @@ impl AttentionGate {
             .map(|(w, b)| 1.0 / (1.0 + (-(dot(w, &o) + b)).exp()))
             .collect())
     }
+}
 
-    /// Rotate-half RoPE of one token's heads `[heads, head_dim]` in place, with the same f64
-    /// angles as the tensor path.
-    fn rope_row(&self, x: &mut [f32], position: u32) {
-        let half = self.cfg.head_dim / 2;
-        for head in x.chunks_exact_mut(self.cfg.head_dim) {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let a = f64::from(position) * f;
-                let (sin, cos) = (a.sin() as f32, a.cos() as f32);
-                let (x1, x2) = (head[i], head[i + half]);
-                head[i] = x1 * cos - x2 * sin;
-                head[i + half] = x2 * cos + x1 * sin;
+/// The rotate-half RoPE factors of one position, `cos` and `sin` of `position * inv_freq[i]`
+/// (angles in f64, as the tensor path computes them, then rounded to f32).
+#[derive(Debug, Clone, Default)]
+struct RopeRow {
+    /// The position and the RoPE base (f32 bits) the factors are for.
+    key: Option<(u32, u32)>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeRow {
+    /// Rotates each head of `x` (`[heads, head_dim]`, `head_dim = 2 * cos.len()`) in place.
+    fn apply(&self, x: &mut [f32]) {
+        let half = self.cos.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            let (x1, x2) = head.split_at_mut(half);
+            for (((a, b), &cos), &sin) in x1.iter_mut().zip(x2).zip(&self.cos).zip(&self.sin) {
+                (*a, *b) = (*a * cos - *b * sin, *b * cos + *a * sin);
             }
         }
     }
+}
+
+impl GateCache {
+    /// The RoPE factors at `position`, computed at most once per position (every layer's step
+    /// of a token uses the same).
+    fn rope_at(&mut self, gate: &AttentionGate, position: u32) -> &RopeRow {
+        let key = Some((position, gate.cfg.rope_theta.to_bits()));
+        if self.rope.key != key {
+            let angles = gate.inv_freq.iter().map(|&f| f64::from(position) * f);
+            (self.rope.cos, self.rope.sin) =
+                angles.map(|a| (a.cos() as f32, a.sin() as f32)).unzip();
+            self.rope.key = key;
+        }
+        &self.rope
+    }
+}
+
+/// Rows of the projection below which the step stays on the calling thread (a handoff to the
+/// pool costs a few microseconds, about what this many 576-wide rows take).
+const PARALLEL_MIN_ROWS: usize = 64;
+
+/// `w x` for the row-major `w` (`[rows, x.len()]`). Memory-bound (the default gate's 30 layers
+/// stream 26 MiB of f32 weights per token), so the rows are shared out over candle's thread
+/// pool, whose threads also stream the decoder's weights; each row's sum is the same whichever
+/// thread computes it.
+fn project(w: &[f32], x: &[f32]) -> Vec<f32> {
+    let rows = w.len() / x.len().max(1);
+    let pool = candle_core::utils::barrier_pool();
+    if rows < PARALLEL_MIN_ROWS || pool.n_workers() == 0 {
+        return w.chunks_exact(x.len()).map(|r| dot(r, x)).collect();
+    }
+    // f32 bits in atomics: disjoint rows written from several threads, read after the pool's
+    // barrier (which orders every worker's writes before the call returns).
+    let out: Vec<AtomicU32> = (0..rows).map(|_| AtomicU32::new(0)).collect();
+    pool.execute_chunked(rows, |range| {
+        for r in range {
+            let y = dot(&w[r * x.len()..(r + 1) * x.len()], x);
+            out[r].store(y.to_bits(), Ordering::Relaxed);
+        }
+    });
+    out.into_iter()
+        .map(|y| f32::from_bits(y.into_inner()))
+        .collect()
 }
 
 /// Dot product with 8 independent accumulators, so the compiler can keep them in one SIMD
@@ -344,33 +405,42 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Softmax attention of one query `q: [ha, da]` at `position` over the cached rows it sees
-/// ([`GateConfig::sees`]), per head, scaled by `1/sqrt(da)`; returns `[ha * da]`. Slot order
-/// does not matter (a softmax is a sum).
+/// ([`GateConfig::sees`]), per head, scaled by `1/sqrt(da)`; returns `[ha * da]`. One pass over
+/// the rows (each `K'` and `V'` row read once, for every head) with an online softmax per head:
+/// a running maximum, the sum of `exp(logit - max)` and the output rescaled when the maximum
+/// grows. Slot order does not matter (a softmax is a sum).
 fn attend_one(q: &[f32], cache: &LayerCache, position: u32, cfg: &GateConfig) -> Vec<f32> {
     let (ha, da) = (cfg.heads, cfg.head_dim);
     let scale = 1.0 / (da as f32).sqrt();
     let row = ha * da;
     let mut out = vec![0f32; row];
-    let slots: Vec<usize> = (0..cache.positions.len())
-        .filter(|&i| cfg.sees(position, cache.positions[i]))
-        .collect();
-    let mut logits = Vec::with_capacity(slots.len());
-    for h in 0..ha {
-        let qh = &q[h * da..(h + 1) * da];
-        let at = |i: usize| i * row + h * da..i * row + (h + 1) * da;
-        logits.clear();
-        logits.extend(slots.iter().map(|&i| dot(&cache.keys[at(i)], qh) * scale));
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut z = 0f32;
-        let oh = &mut out[h * da..(h + 1) * da];
-        for (l, &i) in logits.iter().zip(&slots) {
-            let e = (l - max).exp();
-            z += e;
-            oh.iter_mut()
-                .zip(&cache.values[at(i)])
-                .for_each(|(o, &x)| *o += e * x);
+    let mut max = vec![f32::NEG_INFINITY; ha];
+    let mut sum = vec![0f32; ha];
+    let rows = cache
+        .keys
+        .chunks_exact(row)
+        .zip(cache.values.chunks_exact(row));
+    for ((k, v), &p) in rows.zip(&cache.positions) {
+        if !cfg.sees(position, p) {
+            continue;
         }
-        oh.iter_mut().for_each(|o| *o /= z);
+        let heads = k.chunks_exact(da).zip(v.chunks_exact(da));
+        let state = q.chunks_exact(da).zip(out.chunks_exact_mut(da));
+        for (((k, v), (q, o)), (max, sum)) in heads.zip(state).zip(max.iter_mut().zip(&mut sum)) {
+            let logit = dot(k, q) * scale;
+            if logit > *max {
+                let shrink = (*max - logit).exp();
+                *sum *= shrink;
+                o.iter_mut().for_each(|o| *o *= shrink);
+                *max = logit;
+            }
+            let e = (logit - *max).exp();
+            *sum += e;
+            o.iter_mut().zip(v).for_each(|(o, &x)| *o += e * x);
+        }
+    }
+    for (o, sum) in out.chunks_exact_mut(da).zip(&sum) {
+        o.iter_mut().for_each(|o| *o /= sum);
     }
     out
 }
