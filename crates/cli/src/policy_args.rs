@@ -36,7 +36,8 @@ pub enum Switch {
 #[derive(Args, Clone, Debug)]
 pub struct PolicyArgs {
     /// Eviction policy: full, ag, random, streaming, h2o, tova, snapkv, pyramidkv, knorm, nacl.
-    /// Comma-separate several (or `all`) for bench and eval sweeps.
+    /// Comma-separate several for bench and eval sweeps: `all` is full and every baseline
+    /// (add `,ag` for Attention-Gate, or give `--gates FILE`).
     #[arg(long = "policy", value_delimiter = ',', default_value = "full")]
     pub names: Vec<String>,
     /// Fraction of each head's tokens to evict, in [0, 1) (default 0.5 for budget policies).
