@@ -94,6 +94,13 @@ async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout))
         .build()?;
+    // A server that is not there is one error, before any client starts.
+    let health = format!("{base}/health");
+    match client.get(&health).send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => anyhow::bail!("--url {}: {health} answered {}", args.url, r.status()),
+        Err(e) => anyhow::bail!("--url {}: cannot reach the server: {e}", args.url),
+    }
     let before = scrape(&client, &base).await;
     let started = Instant::now();
     let mut tasks = Vec::new();

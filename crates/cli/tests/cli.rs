@@ -136,6 +136,14 @@ fn invalid_flag_values_are_named() {
     assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got inf");
 }
 
+/// bench-serve without a server fails at once, naming the URL (no table of zeros).
+#[test]
+fn bench_serve_without_a_server_is_one_error() {
+    let out = agate(&["bench-serve", "--url", "http://127.0.0.1:1"]);
+    assert_one_line_error(&out, "--url http://127.0.0.1:1: cannot reach the server");
+    assert!(out.stdout.is_empty());
+}
+
 /// More threads than cores would make the spin-waiting pools crawl (it looks like a hang):
 /// agate says so and uses the cores it has.
 #[test]
