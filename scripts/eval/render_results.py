@@ -270,13 +270,13 @@ def main():
         any_sweep = next(iter(ruler.values()))
         length = any_sweep["tasks"].split(":")[-1]
         ratio = next(r["target_ratio"] for r in any_sweep["rows"] if r["target_ratio"] is not None)
-        n = any_sweep["rows"][0]["n"]
         cols = [f for f, _ in RULER_FAMILIES if f in ruler]
+        sizes = ", ".join(f"{dict(RULER_FAMILIES)[f]} {ruler[f]['rows'][0]['n']}" for f in cols)
         lines += [
             f"## RULER, kvpress-style: five task families at {length} tokens, evict {ratio}, chat template",
             "",
             f"`agate eval --synthetic FAMILY --length {length} -n … --seed 1 --chat --sweep {ratio} --policy all,ag`"
-            f" for FAMILY in {', '.join(cols)} ({n} tasks per cell; vt and cwe are scored by the fraction of",
+            f" for FAMILY in {', '.join(cols)} (tasks per cell: {sizes}; vt and cwe, which have no needle depth, are scored by the fraction of",
             "the expected items in the answer, RULER's `string_match_all`, so their intervals are bootstrap",
             "ones). One row per policy, one column per family, as kvpress reports RULER; `avg` is the",
             "unweighted mean of the columns. Attention-Gate runs at its own threshold (its measured ratio",
@@ -310,8 +310,16 @@ def main():
         for f in cols:
             at = rows_at(ruler[f], ratio)
             best = max(at.values(), key=lambda r: r["accuracy"])
+            name = dict(RULER_FAMILIES)[f]
+            if best["accuracy"] == 0:
+                full = next(r for r in ruler[f]["rows"] if r["policy"] == "full")
+                lines.append(
+                    f"- {name}: every policy scores 0 at this ratio; the full cache scores {ci(full)}:"
+                    f" the model itself can hardly do {name} at {length} tokens."
+                )
+                continue
             tied = sorted(p for p, r in at.items() if p != best["policy"] and overlaps(r, best))
-            lines.append(f"- {dict(RULER_FAMILIES)[f]}: best {best['policy']} ({ci(best)}); tied with it: {', '.join(tied) or 'none'}.")
+            lines.append(f"- {name}: best {best['policy']} ({ci(best)}); tied with it: {', '.join(tied) or 'none'}.")
         lines.append("")
     pk = os.path.join(res, "passkey-2k-full.json")
     if os.path.exists(pk):
