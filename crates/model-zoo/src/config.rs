@@ -190,7 +190,11 @@ impl ModelConfig {
                     .or_else(|_| v.to_f64().map(|x| x as f32))
                     .map(Some)
                     .map_err(|_| {
-                        ModelError::config(path, &full, format!("must be a float, got {v:?}"))
+                        ModelError::config(
+                            path,
+                            &full,
+                            format!("must be a float, got {}", gguf_value_words(v)),
+                        )
                     }),
             }
         };
@@ -614,9 +618,28 @@ pub(crate) fn gguf_usize(v: &gguf_file::Value) -> std::result::Result<usize, Str
         V::I16(x) => i64::from(*x),
         V::I32(x) => i64::from(*x),
         V::I64(x) => *x,
-        other => return Err(format!("must be an integer, got {other:?}")),
+        other => {
+            return Err(format!(
+                "must be an integer, got {}",
+                gguf_value_words(other)
+            ))
+        }
     };
     usize::try_from(signed).map_err(|_| format!("must be a non-negative integer, got {signed}"))
+}
+
+/// A GGUF value as an error message shows it: its kind and, when short, the value.
+fn gguf_value_words(v: &gguf_file::Value) -> String {
+    use gguf_file::Value as V;
+    match v {
+        V::String(s) if s.chars().count() <= 40 => format!("the string {s:?}"),
+        V::String(_) => "a long string".into(),
+        V::Bool(b) => format!("the boolean {b}"),
+        V::F32(x) => format!("the float {x}"),
+        V::F64(x) => format!("the float {x}"),
+        V::Array(a) => format!("an array of {} values", a.len()),
+        other => format!("{other:?}"),
+    }
 }
 
 fn parse_hf_rope_scaling(path: &Path, rs: &Value) -> Result<RopeScaling> {
@@ -671,6 +694,24 @@ mod tests {
             "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
             "max_position_embeddings": 8192, "tie_word_embeddings": true
         })
+    }
+
+    #[test]
+    fn gguf_integers_of_the_wrong_kind_are_named_in_words() {
+        use gguf_file::Value as V;
+        assert_eq!(
+            gguf_usize(&V::String("thirty".into())).unwrap_err(),
+            "must be an integer, got the string \"thirty\""
+        );
+        assert_eq!(
+            gguf_usize(&V::F32(30.0)).unwrap_err(),
+            "must be an integer, got the float 30"
+        );
+        assert_eq!(
+            gguf_usize(&V::I32(-1)).unwrap_err(),
+            "must be a non-negative integer, got -1"
+        );
+        assert_eq!(gguf_usize(&V::U32(30)), Ok(30));
     }
 
     #[test]
