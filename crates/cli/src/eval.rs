@@ -33,14 +33,10 @@ const MAX_SYNTHETIC_TASKS: usize = 100_000;
 
 /// Flags of `agate eval`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("task_source").required(true).args(["tasks", "synthetic"])))]
 pub struct EvalArgs {
     /// A JSONL task file (format: docs/eval.md).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "synthetic",
-        conflicts_with = "synthetic"
-    )]
+    #[arg(long, value_name = "FILE")]
     pub tasks: Option<PathBuf>,
     /// A synthetic task family: passkey, niah, niah-multi, kv, vt, cwe.
     #[arg(long, value_name = "FAMILY", value_parser = parse_family)]

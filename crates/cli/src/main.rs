@@ -113,7 +113,7 @@ fn main() {
         Command::Docs => out!("{}", docs::render(Cli::command())),
     };
     if let Err(e) = result {
-        say!("error: {}", one_line(&e));
+        say!("error: {}{}", one_line(&e), hint(&e));
         // An interrupted run is not a failure of its input: the shell's code for SIGINT.
         let code = if e.downcast_ref::<Interrupted>().is_some() {
             130
@@ -169,6 +169,25 @@ fn plain_number_error(e: clap::Error) -> clap::Error {
         ErrorKind::ValueValidation,
         format!("invalid value '{value}' for '{arg}': expected a whole number >= 0\n"),
     )
+}
+
+/// What the user can do about an error whose cause is a flag's value (empty: nothing to add).
+fn hint(e: &anyhow::Error) -> &'static str {
+    let pool_full = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<engine::KvError>(),
+            Some(
+                engine::KvError::OutOfBlocks { .. }
+                    | engine::KvError::ReserveFailed { .. }
+                    | engine::KvError::OutOfBlocksForCopy { .. }
+            )
+        )
+    });
+    if pool_full {
+        " (the KV pool is sized by --kv-memory-mb: raise it, or evict with --policy … --keep N)"
+    } else {
+        ""
+    }
 }
 
 /// The error and its causes on one line, each cause once: a message that already quotes its

@@ -136,6 +136,26 @@ fn invalid_flag_values_are_named() {
     assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got inf");
 }
 
+/// A prompt the KV pool cannot hold: the error says which flag sizes the pool.
+#[test]
+fn a_full_pool_names_the_flag_that_sizes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 8192);
+    let prompt = "x".repeat(5000);
+    let out = agate(&[
+        "generate",
+        &prompt,
+        "--model",
+        model.to_str().unwrap(),
+        "--kv-memory-mb",
+        "1",
+        "--max-tokens",
+        "2",
+    ]);
+    assert_one_line_error(&out, "out of KV blocks");
+    assert_one_line_error(&out, "--kv-memory-mb");
+}
+
 /// bench-serve without a server fails at once, naming the URL (no table of zeros).
 #[test]
 fn bench_serve_without_a_server_is_one_error() {

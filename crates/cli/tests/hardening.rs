@@ -307,6 +307,11 @@ fn gguf_structure_and_metadata_are_checked_as_ggml_does() {
             "key head width (64)",
         ],
     );
+    let (template, ty) = value("tokenizer.chat_template");
+    assert_eq!(ty, 8);
+    let len = u64::from_le_bytes(gguf.bytes[template..template + 8].try_into().unwrap()) as usize;
+    let out = run("template.gguf", &|b| put(b, template + 8, &vec![b' '; len]));
+    fails_with(&out, &["tokenizer.chat_template", "is empty"]);
     let (eos, _) = value("tokenizer.ggml.eos_token_id");
     let out = run("eos.gguf", &|b| put(b, eos, &60_000u32.to_le_bytes()));
     fails_with(

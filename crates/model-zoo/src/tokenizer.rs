@@ -214,9 +214,18 @@ impl Tokenizer {
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(false),
-            chat_template: md
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok().cloned()),
+            chat_template: match md.get("tokenizer.chat_template") {
+                None => None,
+                Some(gguf_file::Value::String(t)) if !t.trim().is_empty() => Some(t.clone()),
+                Some(gguf_file::Value::String(_)) => {
+                    return Err(err("`tokenizer.chat_template` is empty".into()))
+                }
+                Some(_) => {
+                    return Err(err(
+                        "`tokenizer.chat_template` must be a string (a Jinja template)".into(),
+                    ))
+                }
+            },
             source_name,
             inner,
         })
