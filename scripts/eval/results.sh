@@ -11,8 +11,8 @@
 #     AGATE_RESULTS_ONLY="sweeps ruler" scripts/eval/results.sh   # only some steps, then render
 #
 # Steps: sweeps (passkey, niah-multi and kv at 1k tokens, 100 tasks each, every policy at
-# evict 0.25/0.5/0.75, chat template), ruler (five RULER families at 2k tokens, 30 tasks each,
-# evict 0.5, chat template), peer (passkey at 2k, full cache, raw text, with llama.cpp on the same tasks), arc
+# evict 0.25/0.5/0.75, chat template), ruler (five RULER families at 2k tokens, 30 tasks each (vt and
+# cwe, which have no depths: 10), evict 0.5, chat template), peer (passkey at 2k, full cache, raw text, with llama.cpp on the same tasks), arc
 # (ARC-Easy, full cache), ag (Attention-Gate: memory, held-out essays and retrieval, chat ratio). Each
 # sweep prefills every context once for all its baselines (copy-on-write forks); on 2 quiet
 # cores a 1k sweep takes well under an hour (scripts/eval/sweep_speed.sh measures it).
@@ -32,7 +32,7 @@ if step sweeps; then
   done
 fi
 
-# 2. RULER, kvpress-style: niah, multi-key, kv (3 depths x 10 seeds), vt and cwe (30 tasks) at 2k
+# 2. RULER, kvpress-style: niah, multi-key, kv (3 depths x 10 seeds), vt and cwe (no depths: 10 tasks) at 2k
 #    tokens, every policy at evict 0.5 and Attention-Gate at its own ratio, chat template (the
 #    longest length whose five families fit in about an hour on 2 cores).
 if step ruler; then

@@ -2,8 +2,8 @@
 """llama.cpp (through llama-cpp-python) on `agate eval` generate tasks: the same protocol with a
 full cache, as a peer for agate's full-cache accuracy and greedy outputs.
 
-Protocol, as agate's (docs/eval.md): the context is tokenized with BOS, "\\n" + question without
-BOS (separately, then joined); greedy decoding of at most tokens(answer) + margin tokens, stopping
+Protocol, as agate's (docs/eval.md): the context is tokenized with BOS, "\\n" + question +
+answer_prefix without BOS (separately, then joined); greedy decoding of at most tokens(answer) + margin tokens, stopping
 at end of sequence; the output is scored after lower-casing and collapsing whitespace (exact,
 contains, or `all`: the fraction of the answer's comma-separated items found).
 
@@ -63,7 +63,7 @@ def main():
     eos = llm.token_eos()
     outputs, scores = [], []
     for i, t in enumerate(tasks):
-        ctx, q = t["context"], t["question"]
+        ctx, q = t["context"], t["question"] + t.get("answer_prefix", "")
         if ctx and q:
             ids = llm.tokenize(ctx.encode(), add_bos=True, special=False) + llm.tokenize(
                 ("\n" + q).encode(), add_bos=False, special=False
