@@ -30,6 +30,10 @@ pub struct InitGatesArgs {
 
 /// Runs `agate init-gates`.
 pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
+    if let Some(b) = args.bias {
+        anyhow::ensure!(b.is_finite(), "--bias must be a finite number, got {b}");
+    }
+    crate::plot::check_writable(&args.out, "--out")?;
     let engine = load_engine(&args.model)?;
     let mut gate_cfg = engine.gate_config();
     gate_cfg.bias_init = args.bias.unwrap_or(gate_cfg.bias_init);

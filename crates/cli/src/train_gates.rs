@@ -295,6 +295,12 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.train != "lora" || args.calibrate_seqs == 0,
         "--calibrate-seqs does nothing with --train lora (no gates are trained)"
     );
+    if let Some(b) = args.gate_bias_init {
+        anyhow::ensure!(
+            b.is_finite(),
+            "--gate-bias-init must be a finite number, got {b}"
+        );
+    }
     if args.init_gates.is_some() {
         for (flag, given) in [
             ("--gate-bias-init", args.gate_bias_init.is_some()),

@@ -375,6 +375,19 @@ fn nan_gates_are_refused() {
         "--out",
         s(&gates),
     ]));
+    // Nor can random gates be made with a bias that is not a number.
+    for bias in ["NaN", "inf"] {
+        let out = agate(&[
+            "init-gates",
+            "--model",
+            s(&model),
+            "--bias",
+            bias,
+            "--out",
+            "x.safetensors",
+        ]);
+        fails_with(&out, &["--bias must be a finite number", bias]);
+    }
     let bytes = std::fs::read(&gates).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut tensors: Vec<(String, candle_core::Tensor)> =
