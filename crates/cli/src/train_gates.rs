@@ -242,8 +242,8 @@ fn check_outputs(args: &TrainGatesArgs) -> anyhow::Result<()> {
             )
     };
     for (i, &(flag, out)) in outputs.iter().enumerate() {
-        let others = inputs.iter().chain(&outputs[..i]);
-        if let Some((other, _)) = others.clone().find(|(_, p)| same(out, p)) {
+        let mut others = inputs.iter().chain(&outputs[..i]);
+        if let Some((other, _)) = others.find(|(_, p)| same(out, p)) {
             anyhow::bail!(
                 "{flag} {} is also {other}: it would be overwritten; choose another path",
                 out.display()
