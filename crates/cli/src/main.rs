@@ -174,14 +174,8 @@ fn plain_number_error(e: clap::Error) -> clap::Error {
 /// What the user can do about an error whose cause is a flag's value (empty: nothing to add).
 fn hint(e: &anyhow::Error) -> &'static str {
     let pool_full = e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<engine::KvError>(),
-            Some(
-                engine::KvError::OutOfBlocks { .. }
-                    | engine::KvError::ReserveFailed { .. }
-                    | engine::KvError::OutOfBlocksForCopy { .. }
-            )
-        )
+        c.downcast_ref::<engine::KvError>()
+            .is_some_and(engine::KvError::is_out_of_blocks)
     });
     if pool_full {
         " (the KV pool is sized by --kv-memory-mb: raise it, or evict with --policy … --keep N)"

@@ -140,3 +140,16 @@ pub enum KvError {
     #[error("unknown KV dtype `{0}` (expected f32, f16, bf16, q8_0 or q4_0)")]
     UnknownDtype(String),
 }
+
+impl KvError {
+    /// Whether the pool ran out of blocks (for an append, a step's reservation or a
+    /// copy-on-write): a larger pool or more eviction would have avoided it.
+    pub fn is_out_of_blocks(&self) -> bool {
+        matches!(
+            self,
+            KvError::OutOfBlocks { .. }
+                | KvError::ReserveFailed { .. }
+                | KvError::OutOfBlocksForCopy { .. }
+        )
+    }
+}

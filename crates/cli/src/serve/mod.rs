@@ -685,7 +685,7 @@ fn policy_spec(
     if spec.name != "ag" {
         ignored.push(Setting::AgBudgetMode);
     }
-    let unused = ignored.iter().filter_map(|s| match s {
+    let mut unused = ignored.iter().filter_map(|s| match s {
         Setting::Evict => Some("kv_evict"),
         Setting::Keep => Some("kv_keep"),
         Setting::Sinks => Some("kv_sinks"),
@@ -696,7 +696,7 @@ fn policy_spec(
         Setting::Seed => Some("kv_seed"),
         Setting::Gates => None,
     });
-    if let Some(name) = unused.into_iter().find(|name| field(name).is_some()) {
+    if let Some(name) = unused.find(|name| field(name).is_some()) {
         return Err(ApiError::invalid(
             Some(name),
             format!("{name} does nothing with the policy `{}`", spec.name),
