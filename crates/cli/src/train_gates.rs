@@ -234,12 +234,18 @@ fn check_outputs(args: &TrainGatesArgs) -> anyhow::Result<()> {
     inputs.extend(args.data.iter().map(|p| ("--data", p.as_path())));
     inputs.extend(args.heldout.iter().map(|p| ("--heldout", p.as_path())));
     inputs.extend(args.init_gates.as_deref().map(|p| ("--init-gates", p)));
+    // The file a path names, whether it exists yet or not: its folder resolved, then its name.
+    let resolved = |p: &Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let folder = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            Some(std::fs::canonicalize(folder).ok()?.join(p.file_name()?))
+        })
+    };
     let same = |a: &Path, b: &Path| {
-        a == b
-            || matches!(
-                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
-                (Ok(x), Ok(y)) if x == y
-            )
+        a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
     };
     for (i, &(flag, out)) in outputs.iter().enumerate() {
         let mut others = inputs.iter().chain(&outputs[..i]);

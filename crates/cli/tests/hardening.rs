@@ -657,6 +657,22 @@ fn flags_the_policy_ignores_are_refused() {
         &train(&["--out", "g.safetensors", "--log", d]),
         &["--log", "is also --data"],
     );
+    // Outputs that do not exist yet are compared by the file they name.
+    // (Refused before anything is written, so the working folder is left as it was.)
+    fails_with(
+        &train(&[
+            "--out",
+            "./no-such-gates.safetensors",
+            "--log",
+            "no-such-gates.safetensors",
+        ]),
+        &["--log", "is also --out"],
+    );
+    let plot = dir.path().join("p.svg");
+    fails_with(
+        &train(&["--out", s(&plot), "--plot", s(&plot)]),
+        &["--plot", "is also --out"],
+    );
     let missing = dir.path().join("no/such/g.safetensors");
     fails_with(
         &train(&["--out", s(&missing)]),

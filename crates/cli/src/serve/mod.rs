@@ -218,6 +218,8 @@ async fn shutdown_signal(app: Arc<App>) {
         say!(
             "agate serve: stopping once {busy} running or queued request(s) finish; Ctrl-C again stops now"
         );
+    } else {
+        say!("agate serve: stopping once open requests finish; Ctrl-C again stops now");
     }
     tokio::spawn(async {
         next_signal().await;
