@@ -11,6 +11,7 @@
 //! head exceeds its budget (budget mode).
 
 mod ag;
+mod gates;
 mod options;
 pub(crate) mod scored;
 mod spec;
@@ -25,6 +26,7 @@ use model_zoo::{LayerHook, ModelConfig};
 use crate::error::{EngineError, Result};
 
 pub use ag::AgMode;
+pub use gates::{default_gates, write_gates};
 pub use options::{OptionKey, PolicyOptions};
 pub use spec::{PolicySpec, Setting};
 

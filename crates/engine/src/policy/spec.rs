@@ -1,6 +1,6 @@
 //! `PolicySpec`: a policy named as a user names it (`--policy h2o --evict 0.5 --sinks 4`), with
 //! every knob optional, turned into a validated [`Policy`] with the spec's defaults
-//! (`shared/design/ALGORITHMS.md`; all listed in `docs/policies.md`), the **\[choice\]** knobs
+//! (defined in `docs/algorithms.md`; all listed in `docs/policies.md`), the **\[choice\]** knobs
 //! without a flag of their own coming from [`PolicyOptions`].
 
 use std::path::PathBuf;
@@ -257,9 +257,9 @@ impl PolicySpec {
                     )
                     .map_err(|e| EngineError::Invalid(e.to_string()))?,
                     // The committed gates of the default model (docs/training.md).
-                    None => crate::train::default_gates::for_engine(engine)?.ok_or_else(|| {
+                    None => super::default_gates(engine)?.ok_or_else(|| {
                         EngineError::Invalid(
-                            "--policy ag needs --gates FILE for this model (trained gates ship only for the default model; random gates for testing: `agate init-gates --out FILE`)".into(),
+                            "--policy ag needs --gates FILE for this model (trained gates ship only for the default model, embedded with the engine's `default-gates` feature; random gates for testing: `agate init-gates --out FILE`)".into(),
                         )
                     })?,
                 };
