@@ -1,5 +1,6 @@
 //! The `agate` binary as a user meets it: bad input gives one line naming what is wrong and a
 //! non-zero exit (never a panic), and `generate --json` keeps its key contract.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

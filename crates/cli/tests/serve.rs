@@ -6,6 +6,7 @@
 //! default model, greedy outputs of 8 concurrent requests equal `agate generate`'s.
 //!
 //! Every request loop is bounded (counts and timeouts); the servers stop when a test ends.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 //! fail with `FILE:LINE` and the field; synthetic tasks are deterministic by seed, fit their
 //! length and put the needle at the requested depth; sweeps match baselines to the anchor's
 //! measured ratio. One test uses the default model's tokenizer (prompt lengths in real tokens).
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 

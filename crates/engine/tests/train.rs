@@ -9,6 +9,7 @@
 //! - threshold calibration reaches the target ratio; `init_gates` starts from saved gates and
 //!   refuses another model's;
 //! - bad data files fail with errors naming the file and line.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
 
