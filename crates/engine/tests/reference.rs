@@ -97,6 +97,24 @@ const QUANTIZED_VS_EXACT: f32 = 1.25;
 /// Between two such paths (agate's Q8_0, llama.cpp's Q4_1×Q8_1) the two errors add up.
 const QUANTIZED_VS_QUANTIZED: f32 = 2.0;
 
+/// Least share of greedy tokens (over all prompts) that must agree with each reference before
+/// the first near-tie ends a comparison. Measured: 84 of 112 against the exact reference, 91 of
+/// 224 against llama.cpp (whose own run leaves the exact one at near-ties on 5 of 7 prompts).
+const MIN_AGREEMENT_VS_EXACT: f64 = 0.6;
+const MIN_AGREEMENT_VS_LLAMA_CPP: f64 = 0.3;
+
+/// Asserts that the tokens agreeing per prompt add up to at least `min_share` of `per_prompt`
+/// tokens for every prompt.
+fn assert_min_agreement(agreed: &[usize], per_prompt: usize, min_share: f64, reference: &str) {
+    let total: usize = agreed.iter().sum();
+    let possible = agreed.len() * per_prompt;
+    eprintln!("tokens agreeing with {reference} per prompt (of {per_prompt}): {agreed:?}");
+    assert!(
+        total as f64 >= min_share * possible as f64,
+        "only {total} of {possible} greedy tokens agree with {reference} (at least {min_share} expected): {agreed:?}"
+    );
+}
+
 /// Compares a greedy run with a reference case: tokens must be equal until the first step where
 /// the reference itself is a near-tie; logits must agree within `tolerance` until then. Returns
 /// how many leading tokens agree.
@@ -147,7 +165,7 @@ fn quantized_path_matches_llama_cpp_up_to_near_ties() {
             QUANTIZED_VS_QUANTIZED,
         ));
     }
-    eprintln!("tokens agreeing with llama.cpp per prompt (of 32): {agreed:?}");
+    assert_min_agreement(&agreed, 32, MIN_AGREEMENT_VS_LLAMA_CPP, "llama.cpp");
 }
 
 /// The quantized path against the exact reference, first 16 tokens: equal up to the first
@@ -165,7 +183,7 @@ fn quantized_and_exact_paths_agree_on_16_tokens() {
             QUANTIZED_VS_EXACT,
         ));
     }
-    eprintln!("tokens agreeing with the exact reference per prompt (of 16): {agreed:?}");
+    assert_min_agreement(&agreed, 16, MIN_AGREEMENT_VS_EXACT, "the exact reference");
 }
 
 #[test]
