@@ -252,8 +252,8 @@ fn dist_packages_a_runnable_binary_with_checksums() {
     let Some(model) = default_model() else {
         return;
     };
-    let i = run(&["inspect", "--model", model.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&i.stdout);
+    let i = run(&["inspect", "--model", model.to_str().unwrap(), "--json"]);
     assert!(i.status.success(), "{}", String::from_utf8_lossy(&i.stderr));
-    assert!(text.contains("layers         30"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+    assert_eq!(report["config"]["n_layers"], 30, "{report}");
 }
