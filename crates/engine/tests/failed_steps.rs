@@ -4,6 +4,7 @@
 //! that never tried it gives), a pass whose logits are not finite is undone (the gate's own
 //! cache included, after the pass overwrote its ring), and a forward pass that fails half-way is
 //! undone by the decoder.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use engine::{Engine, GenerateRequest, PolicySpec, Session};
 use kv_store::SequenceKv;

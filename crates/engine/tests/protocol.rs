@@ -8,6 +8,7 @@
 //! - in the default (not query-aware) protocol the one-shot policies compress the context once
 //!   and keep every question token, in every head;
 //! - the design's [choice] defaults are settable (`PolicyOptions`) and change what is kept.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
