@@ -124,7 +124,11 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
                 say!("[{speed}]");
                 last_speed = Some(speed);
             }
-            Err(e) => say!("\nerror: {e}"),
+            Err(e) => say!(
+                "\nerror: {}{}",
+                crate::errors::describe(&e),
+                crate::errors::hint_for(&e)
+            ),
         }
     }
     Ok(())

@@ -259,11 +259,10 @@ impl Engine {
     ) -> Result<gate_core::AttentionGate> {
         let cfg = self.model_config();
         if let Some(why) = cfg.gate_shape_mismatch(gate_cfg) {
-            return Err(EngineError::Invalid(why));
+            return Err(crate::PolicyError::GatesDoNotFit(why).into());
         }
-        let invalid = |e: gate_core::GateError| EngineError::Invalid(e.to_string());
-        let mut gates = gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)
-            .map_err(invalid)?;
+        let mut gates =
+            gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)?;
         gates.set_identity(self.model_identity()?);
         Ok(gates)
     }

@@ -1,5 +1,12 @@
 //! The engine's error type: every failure a user can cause, with a one-line message that names
 //! the value at fault.
+//!
+//! Invariants: an error from another crate or module is wrapped, never flattened to a string,
+//! so [`std::error::Error::source`] reaches it (`Model`, with candle's errors, `Kv`, `Gate`,
+//! `Policy`, `Io`);
+//! messages name settings by their library names (`keep`, `SweepPlan.ratios`), never by a
+//! command-line flag: front ends map them to their own names (the CLI to `--keep`, the server
+//! to `kv_keep`) from the typed variants.
 
 /// Errors from loading models, running sessions and fetching the default model.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +23,22 @@ pub enum EngineError {
     /// A request or setting has an invalid value.
     #[error("{0}")]
     Invalid(String),
+    /// A policy cannot be built or does not fit the model; front ends name its settings
+    /// ([`crate::PolicyError::describe`]).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// A setting of a plan (a sweep, a benchmark, a task set) is outside its domain; `setting`
+    /// is the field (`SweepPlan.ratios`), which a front end maps to its own name.
+    #[error("{setting}: {problem}")]
+    Setting {
+        /// The field at fault, as `Type.field`.
+        setting: &'static str,
+        /// What is wrong, naming the value.
+        problem: String,
+    },
+    /// Attention-Gate parameters or a gates file are unusable.
+    #[error(transparent)]
+    Gate(#[from] gate_core::GateError),
     /// A policy option (`key=value`) has an unknown key or a value outside its domain.
     #[error("policy option `{key}={value}`: expected {expected}")]
     PolicyOption {
@@ -32,7 +55,7 @@ pub enum EngineError {
         /// The key.
         key: String,
         /// The policy it was given to.
-        policy: String,
+        policy: crate::policy::PolicyKind,
         /// The policies it applies to.
         applies_to: String,
     },
@@ -69,8 +92,9 @@ pub enum EngineError {
         /// The optimiser step (1-based).
         step: usize,
     },
-    /// In cache positions, the tokens do not fit beside what the widest KV head holds.
-    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads hold)")]
+    /// In cache positions, the tokens do not fit beside what the widest KV head holds (a policy
+    /// with a fixed budget, `keep`, bounds what heads hold).
+    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens")]
     CacheOverflow {
         /// Tokens to add.
         new: usize,

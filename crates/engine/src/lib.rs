@@ -38,7 +38,10 @@ pub use gate_core::gate::DEFAULT_ATTENTION_WINDOW as DEFAULT_GATE_ATTENTION_WIND
 pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
 pub use kv_store::{KvDtype, KvError};
 pub use model_zoo::{ChatMessage, ModelConfig, PrefillKind, WeightFormat};
-pub use policy::{AgMode, Policy, PolicyOptions, PolicySpec, Recent, Setting};
+pub use policy::{
+    AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, PolicySpec, Recent, Setting,
+    UnknownPolicy,
+};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use scheduler::{

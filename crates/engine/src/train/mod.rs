@@ -46,10 +46,6 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
-fn gate_err(e: gate_core::GateError) -> EngineError {
-    EngineError::Invalid(e.to_string())
-}
-
 /// Most tokens in one micro-batch (`batch × seq_len`): its logits alone take
 /// `tokens × vocab × 4` bytes.
 pub const MAX_MICRO_BATCH_TOKENS: usize = 16_384;
@@ -306,7 +302,7 @@ fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
 
 /// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
 pub fn write_gates(gates: &AttentionGate, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
-    let bytes = gates.to_bytes(path, dtype).map_err(gate_err)?;
+    let bytes = gates.to_bytes(path, dtype)?;
     crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
     Ok(())
 }
@@ -358,9 +354,8 @@ impl Trainer {
         let decoder = open_trainable(engine.model_path(), engine.model_config())?;
         let mut gates = match &cfg.init_gates {
             Some(path) => {
-                let mut g = AttentionGate::load(path, &engine.model_identity()?, &Device::Cpu)
-                    .map_err(gate_err)?;
-                g.set_threshold(0.5).map_err(gate_err)?;
+                let mut g = AttentionGate::load(path, &engine.model_identity()?, &Device::Cpu)?;
+                g.set_threshold(0.5)?;
                 g
             }
             None => {
@@ -376,7 +371,7 @@ impl Trainer {
             sinks: cfg.sinks,
             recent: cfg.window,
         });
-        let (gates, gate_vars) = gates.into_trainable().map_err(gate_err)?;
+        let (gates, gate_vars) = gates.into_trainable()?;
         let lora = match &cfg.lora {
             Some(l) if cfg.train != Trainables::Gates => {
                 Some(Lora::new(&decoder, l, cfg.seed ^ 0x10ba)?)
@@ -599,9 +594,8 @@ impl Trainer {
                     &vmask,
                     self.state.soft_target as f32,
                     self.state.lambda as f32,
-                )
-                .map_err(gate_err)?;
-                let r = gate_core::eviction_ratios(&s.detach(), &vmask, tau).map_err(gate_err)?;
+                )?;
+                let r = gate_core::eviction_ratios(&s.detach(), &vmask, tau)?;
                 soft_sum += r.soft;
                 hard_sum += r.hard;
                 loss = (loss + ev)?;
@@ -740,9 +734,7 @@ impl Trainer {
                 .clamp(1, probs.len());
             // Evicted iff s <= tau: the k smallest probabilities.
             let above = probs.get(k).copied().unwrap_or(1.0);
-            self.gates
-                .set_threshold(0.5 * (probs[k - 1] + above))
-                .map_err(gate_err)?;
+            self.gates.set_threshold(0.5 * (probs[k - 1] + above))?;
         }
         Ok(measured)
     }
@@ -774,8 +766,7 @@ impl Trainer {
                 let s = Tensor::stack(&gated.keep_probs, 0)?.detach();
                 let l = s.dim(0)?;
                 let vmask = valid.broadcast_as((l, 1, self.cfg.seq_len))?.contiguous()?;
-                let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)
-                    .map_err(gate_err)?;
+                let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)?;
                 soft += r.soft;
                 hard += r.hard;
             }

@@ -1,0 +1,195 @@
+//! agate's `kv_*` request fields: the policy a request asks for ([`spec`]), built once per
+//! distinct spec and cached (`App::policy`), and the 400 a policy that does not build becomes
+//! ([`api_error`]), each naming the JSON field at fault (`kv_keep`), never a command-line flag.
+//!
+//! Invariants: an unknown `kv_*` field is an error (a typo must not silently run the default);
+//! a field the policy does not read is an error, as its flag is on the command line.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use engine::{EngineError, Policy, PolicyKind, PolicySpec, Setting};
+use serde_json::Value;
+
+use super::openai::{ApiError, Common};
+use super::{App, POLICY_CACHE};
+
+impl App {
+    /// The request's policy (`kv_*` fields over the server's default) and its cache key.
+    pub(super) async fn policy(self: &Arc<Self>, c: &Common) -> Result<(Policy, String), ApiError> {
+        let spec = spec(&self.defaults.policy, &c.extra)?;
+        let key = format!("{spec:?}");
+        if let Some(p) = self.lock_policies().get(&key) {
+            return Ok((p.clone(), key));
+        }
+        // Gates files load from disk: off the async threads.
+        let engine = self.scheduler.engine().clone();
+        let build = spec.clone();
+        let built = tokio::task::spawn_blocking(move || build.build(&engine))
+            .await
+            .map_err(|e| ApiError::from_engine(engine::EngineError::Scheduler(e.to_string())))?;
+        let policy = built.map_err(api_error)?;
+        let mut cache = self.lock_policies();
+        if cache.len() >= POLICY_CACHE {
+            cache.clear();
+        }
+        cache.insert(key.clone(), policy.clone());
+        Ok((policy, key))
+    }
+
+    fn lock_policies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy>> {
+        self.policies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// agate's request fields, with what they set.
+const KV_FIELDS: [&str; 9] = [
+    "kv_policy",
+    "kv_evict",
+    "kv_keep",
+    "kv_sinks",
+    "kv_window",
+    "kv_threshold",
+    "kv_ag_mode",
+    "kv_ag_decode",
+    "kv_seed",
+];
+
+/// The request field that sets a policy setting (`kv_window` is SnapKV's observation window
+/// and every other policy's recent tokens); the gates come from the server's command line.
+fn field(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Evict => "kv_evict",
+        Setting::Keep => "kv_keep",
+        Setting::Sinks => "kv_sinks",
+        Setting::Recent | Setting::Window => "kv_window",
+        Setting::Threshold => "kv_threshold",
+        Setting::AgBudgetMode => "kv_ag_mode",
+        Setting::AgDecode => "kv_ag_decode",
+        Setting::Seed => "kv_seed",
+        Setting::Gates => "the server's --gates",
+    }
+}
+
+/// The 400 for a policy that does not build, naming the request field at fault.
+pub fn api_error(e: EngineError) -> ApiError {
+    let (param, message) = match &e {
+        EngineError::Policy(p) => (
+            p.setting()
+                .filter(|s| *s != Setting::Gates)
+                .map_or("kv_policy", field),
+            p.describe(&field),
+        ),
+        _ => ("kv_policy", e.to_string()),
+    };
+    ApiError::invalid(Some(param), format!("policy: {message}")).with_code("invalid_policy")
+}
+
+/// The policy a request asks for: with `kv_policy`, that policy with the request's knobs only;
+/// without, the server's default with the request's knobs on top.
+pub fn spec(
+    default: &PolicySpec,
+    extra: &serde_json::Map<String, Value>,
+) -> Result<PolicySpec, ApiError> {
+    if let Some(unknown) = extra
+        .keys()
+        .find(|k| k.starts_with("kv_") && !KV_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            Some(unknown),
+            format!(
+                "unknown field `{unknown}` (agate's fields: {})",
+                KV_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let field_value = |name: &str| extra.get(name).filter(|v| !v.is_null());
+    let bad = |name: &str, what: &str| {
+        ApiError::invalid(
+            Some(name),
+            format!(
+                "{name} must be {what}, got {}",
+                field_value(name).map_or(Value::Null, Clone::clone)
+            ),
+        )
+    };
+    let count = |name: &str, min: u64| -> Result<Option<usize>, ApiError> {
+        field_value(name)
+            .map(|v| match v.as_u64() {
+                Some(n) if n >= min => Ok(n as usize),
+                _ => Err(bad(name, &format!("an integer >= {min}"))),
+            })
+            .transpose()
+    };
+    let ratio = |name: &str| -> Result<Option<f32>, ApiError> {
+        field_value(name)
+            .map(|v| match v.as_f64() {
+                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
+                _ => Err(bad(name, "a number in [0, 1)")),
+            })
+            .transpose()
+    };
+    let mut spec = match field_value("kv_policy") {
+        None => default.clone(),
+        Some(Value::String(name)) => PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
+            ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
+        })?),
+        Some(_) => return Err(bad("kv_policy", "a policy name")),
+    };
+    if let Some(r) = ratio("kv_evict")? {
+        spec.evict = Some(r);
+        spec.keep = None;
+    }
+    if let Some(k) = count("kv_keep", 1)? {
+        if field_value("kv_evict").is_some() {
+            return Err(ApiError::invalid(
+                Some("kv_keep"),
+                "give either kv_evict or kv_keep, not both",
+            ));
+        }
+        spec.keep = Some(k);
+        spec.evict = None;
+    }
+    if let Some(s) = count("kv_sinks", 0)? {
+        spec.sinks = Some(s);
+    }
+    if let Some(w) = count("kv_window", 0)? {
+        spec.set_window(w);
+    }
+    if let Some(t) = ratio("kv_threshold")? {
+        spec.threshold = Some(t);
+    }
+    match field_value("kv_ag_mode") {
+        None => {}
+        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
+            spec.ag_budget_mode = m == "budget";
+        }
+        Some(_) => return Err(bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
+    }
+    match field_value("kv_ag_decode") {
+        None => {}
+        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
+        Some(_) => return Err(bad("kv_ag_decode", "a boolean")),
+    }
+    if let Some(s) = count("kv_seed", 0)? {
+        spec.seed = Some(s as u64);
+    }
+    // A knob the policy does not read is an error, as its flag is on the command line: it
+    // must not be silently ignored.
+    let mut ignored = spec.ignored();
+    if spec.kind != PolicyKind::Ag {
+        ignored.push(Setting::AgBudgetMode);
+    }
+    let mut unused = ignored
+        .iter()
+        .filter(|s| **s != Setting::Gates)
+        .map(|s| field(*s));
+    if let Some(name) = unused.find(|name| field_value(name).is_some()) {
+        return Err(ApiError::invalid(
+            Some(name),
+            format!("{name} does nothing with the policy `{}`", spec.kind),
+        )
+        .with_code("invalid_policy"));
+    }
+    Ok(spec)
+}
