@@ -102,14 +102,14 @@ fn coin_flip_gates(engine: &Engine, dir: &std::path::Path) -> std::path::PathBuf
 
 fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
     match name {
-        "full" => PolicySpec::named("full"),
+        "full" => PolicySpec::new(engine::PolicyKind::Full),
         "ag" => PolicySpec {
             gates: Some(gates.to_path_buf()),
-            ..PolicySpec::named("ag")
+            ..PolicySpec::new(engine::PolicyKind::Ag)
         },
         other => PolicySpec {
             keep: Some(40), // at least SnapKV's default observation window (32)
-            ..PolicySpec::named(other)
+            ..PolicySpec::new(other.parse().unwrap())
         },
     }
 }

@@ -129,8 +129,8 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
         let policy = PolicySpec {
             gates: Some(gates_path.clone()),
             sinks: Some(protect.sinks),
-            window: Some(protect.recent),
-            ..PolicySpec::named("ag")
+            recent: Some(protect.recent),
+            ..PolicySpec::new(engine::PolicyKind::Ag)
         }
         .build(&engine)
         .unwrap();
@@ -447,7 +447,10 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
 fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
     let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
     let engine = Engine::builder().model(&path).build().unwrap();
-    match PolicySpec::named("ag").build(&engine).unwrap() {
+    match PolicySpec::new(engine::PolicyKind::Ag)
+        .build(&engine)
+        .unwrap()
+    {
         engine::Policy::Ag { gates, .. } => {
             assert_eq!(gates.identity(), &engine.model_identity().unwrap())
         }
@@ -455,11 +458,17 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_engine(dir.path());
-    let err = PolicySpec::named("ag")
+    let err = PolicySpec::new(engine::PolicyKind::Ag)
         .build(&tiny)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--gates"), "{err}");
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            engine::EngineError::Policy(engine::PolicyError::NeedsGates)
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs gates"), "{err}");
 }
 
 /// A multi-turn chat item learns every assistant answer (and its end of turn), its tokens are
