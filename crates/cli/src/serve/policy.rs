@@ -193,3 +193,68 @@ pub fn spec(
     }
     Ok(spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::PolicyError;
+    use serde_json::json;
+
+    fn extra(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn kv_window_sets_the_window_the_policy_reads() {
+        let default = PolicySpec::new(PolicyKind::Full);
+        let s = spec(
+            &default,
+            &extra(json!({"kv_policy": "snapkv", "kv_window": 8})),
+        )
+        .unwrap();
+        assert_eq!((s.window, s.recent), (Some(8), None));
+        let s = spec(
+            &default,
+            &extra(json!({"kv_policy": "h2o", "kv_window": 8})),
+        )
+        .unwrap();
+        assert_eq!((s.window, s.recent), (None, Some(8)));
+        let e = spec(
+            &default,
+            &extra(json!({"kv_policy": "tova", "kv_window": 8})),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_window"));
+        let e = spec(&default, &extra(json!({"kv_policy": "nope"}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_policy"));
+        assert!(e.message.contains("unknown policy `nope`"), "{}", e.message);
+    }
+
+    #[test]
+    fn policy_errors_name_the_request_fields_never_a_flag() {
+        let e = api_error(EngineError::from(PolicyError::ProtectionExceedsBudget {
+            policy: PolicyKind::Streaming,
+            keep: 4,
+            protected: 4,
+            by: &[Setting::Sinks],
+        }));
+        assert_eq!(e.param.as_deref(), Some("kv_keep"));
+        assert!(
+            e.message.contains("at most kv_keep 4 tokens")
+                && e.message.contains("its 4 kv_sinks leave no room")
+                && !e.message.contains("--"),
+            "{}",
+            e.message
+        );
+        let e = api_error(EngineError::from(PolicyError::EmptyStreamingWindow));
+        assert_eq!(e.param.as_deref(), Some("kv_window"));
+        assert!(
+            e.message.contains("kv_window must be at least 1"),
+            "{}",
+            e.message
+        );
+        let e = api_error(EngineError::from(PolicyError::NeedsGates));
+        assert_eq!(e.param.as_deref(), Some("kv_policy"));
+        assert!(e.message.contains("the server's --gates"), "{}", e.message);
+    }
+}
