@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use engine::train::{open_trainable, Mode, StepReport, TrainConfig, Trainables, Trainer};
-use engine::{Engine, PolicySpec, StoreDtype};
+use engine::{Engine, GateFileDtype, PolicySpec};
 use gate_core::Protection;
 use model_zoo::train::{GateMode, Gating};
 use model_zoo::{KeepAll, LogitsFor, WeightFormat};
@@ -106,7 +106,7 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
             },
             7,
         )
-        .and_then(|g| engine::train::write_gates(&g, &gates_path, StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates_path, GateFileDtype::F32))
         .unwrap();
     let gates = gate_core::AttentionGate::load(
         &gates_path,
@@ -335,7 +335,7 @@ fn init_gates_starts_from_saved_gates() {
         first.train_step().unwrap();
     }
     let saved = dir.path().join("cpt.safetensors");
-    first.save_gates(&saved, StoreDtype::F32).unwrap();
+    first.save_gates(&saved, GateFileDtype::F32).unwrap();
     let cfg = TrainConfig {
         init_gates: Some(saved),
         seed: 99, // a random init would differ
@@ -362,7 +362,7 @@ fn init_gates_starts_from_saved_gates() {
     let wrong = dir.path().join("wrong.safetensors");
     other
         .random_gates(&engine.gate_config(), 0)
-        .and_then(|g| engine::train::write_gates(&g, &wrong, StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &wrong, GateFileDtype::F32))
         .unwrap();
     let cfg = TrainConfig {
         init_gates: Some(wrong),

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use gate_core::{AttentionGate, Protection, StoreDtype};
+use gate_core::{AttentionGate, GateFileDtype, Protection};
 pub use model_zoo::train::LoraConfig;
 use model_zoo::train::{GateMode, Gating, Lora, TrainableDecoder};
 use model_zoo::{GgufFile, ModelConfig, WeightFormat, Weights};
@@ -301,7 +301,11 @@ fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
 }
 
 /// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
-pub fn write_gates(gates: &AttentionGate, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+pub fn write_gates(
+    gates: &AttentionGate,
+    path: &std::path::Path,
+    dtype: GateFileDtype,
+) -> Result<()> {
     let bytes = gates.to_bytes(path, dtype)?;
     crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
     Ok(())
@@ -475,7 +479,7 @@ impl Trainer {
 
     /// Writes the gates (with the model identity) to `path` atomically in `dtype`; a run whose
     /// parameters are no longer finite (it diverged) writes nothing.
-    pub fn save_gates(&self, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+    pub fn save_gates(&self, path: &std::path::Path, dtype: GateFileDtype) -> Result<()> {
         if let Some(name) = self.opt.first_non_finite()? {
             return Err(EngineError::Invalid(format!(
                 "{}: not written: parameter `{name}` is no longer finite, the run diverged (lower --lr or --lambda)",
