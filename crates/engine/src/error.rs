@@ -36,9 +36,9 @@ pub enum EngineError {
         /// What is wrong, naming the value.
         problem: String,
     },
-    /// Attention-Gate parameters or a gates file are unusable.
+    /// Attention-Gate parameters or a gates file are unusable (boxed: the variant stays small).
     #[error(transparent)]
-    Gate(#[from] gate_core::GateError),
+    Gate(Box<gate_core::GateError>),
     /// A policy option (`key=value`) has an unknown key or a value outside its domain.
     #[error("policy option `{key}={value}`: expected {expected}")]
     PolicyOption {
@@ -131,6 +131,12 @@ pub enum EngineError {
         /// The model's context length.
         context: usize,
     },
+}
+
+impl From<gate_core::GateError> for EngineError {
+    fn from(e: gate_core::GateError) -> Self {
+        EngineError::Gate(Box::new(e))
+    }
 }
 
 /// Result alias for the engine.

@@ -28,8 +28,8 @@ pub enum PolicyError {
     /// Attention-Gate without a gates file for a model that has no default gates.
     NeedsGates,
     /// A parameter outside its domain that no setting names directly (a budget, the NACL
-    /// fractions, a gates file that does not load, …).
-    Gate(GateError),
+    /// fractions, a gates file that does not load, …); boxed, so that the error stays small.
+    Gate(Box<GateError>),
     /// The gates were made for another model shape (the message says which field).
     GatesDoNotFit(String),
     /// A parameter outside its domain.
@@ -136,7 +136,7 @@ impl fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PolicyError::Gate(e) => Some(e),
+            PolicyError::Gate(e) => Some(e.as_ref()),
             _ => None,
         }
     }
@@ -144,6 +144,6 @@ impl std::error::Error for PolicyError {
 
 impl From<GateError> for PolicyError {
     fn from(e: GateError) -> Self {
-        PolicyError::Gate(e)
+        PolicyError::Gate(Box::new(e))
     }
 }
