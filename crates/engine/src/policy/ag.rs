@@ -31,7 +31,7 @@ use candle_core::Tensor;
 use gate_core::gate::{AttentionGate, GateCache};
 use gate_core::select::{self, Budget, Protection};
 use kv_store::SequenceKv;
-use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass};
+use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, Pass};
 
 /// How Attention-Gate decides.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -111,23 +111,15 @@ impl AgHook {
         positions: &[u32],
     ) -> model_zoo::Result<Vec<Vec<f32>>> {
         if let [position] = positions {
-            let s = self
-                .gates
-                .step(layer, normed, *position, &mut self.cache)
-                .map_err(gate_error)?;
+            let s = self.gates.step(layer, normed, *position, &mut self.cache)?;
             return Ok(s.into_iter().map(|p| vec![p]).collect());
         }
         let s = self
             .gates
-            .prefill(layer, normed, positions, &mut self.cache)
-            .map_err(gate_error)?;
+            .prefill(layer, normed, positions, &mut self.cache)?;
         // [T, heads] → [heads][T]
         Ok(s.t()?.to_vec2::<f32>()?)
     }
-}
-
-fn gate_error(e: gate_core::GateError) -> ModelError {
-    ModelError::Input(format!("attention gate: {e}"))
 }
 
 impl Entries {

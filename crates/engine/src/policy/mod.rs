@@ -14,6 +14,7 @@ mod ag;
 mod error;
 mod kind;
 mod options;
+mod prefill_stats;
 pub(crate) mod scored;
 mod spec;
 
@@ -30,6 +31,7 @@ pub use ag::AgMode;
 pub use error::PolicyError;
 pub use kind::{PolicyKind, UnknownPolicy};
 pub use options::{OptionKey, PolicyOptions};
+pub(crate) use prefill_stats::PrefillStats;
 pub use spec::{PolicySpec, Setting};
 
 /// H2O's share of the budget kept for the most recent tokens.
