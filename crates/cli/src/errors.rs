@@ -19,6 +19,18 @@ pub fn describe(cause: &(dyn std::error::Error + 'static)) -> String {
         Some(EngineError::Setting { setting, problem }) => {
             format!("{}: {problem}", setting_flag(setting))
         }
+        Some(EngineError::Task {
+            number,
+            kind,
+            policy,
+            source,
+        }) => {
+            let under = policy.map_or_else(String::new, |p| format!(", policy {p}"));
+            format!(
+                "task {number} ({kind}{under}): {}",
+                describe(source.as_ref())
+            )
+        }
         _ => cause.to_string(),
     }
 }
@@ -30,6 +42,8 @@ fn setting_flag(setting: &'static str) -> &'static str {
         "SweepPlan.policies" => "--policy",
         "SweepPlan.ratios" => "--sweep",
         "SweepPlan.anchors" => "--match-to",
+        "EvalOptions.ppl_chunk" => "--ppl-chunk",
+        "EvalOptions.ppl_context" => "--ppl-context",
         other => other,
     }
 }
@@ -83,5 +97,20 @@ mod tests {
         assert_eq!(describe(&e), "--sweep: ratio 1 is outside [0, 1)");
         let e = EngineError::from(PolicyError::NeedsGates);
         assert!(describe(&e).contains("--gates FILE"));
+        // A task's failure keeps its cause, worded with flags too.
+        let e = EngineError::Task {
+            number: 3,
+            kind: "perplexity",
+            policy: Some(PolicyKind::Tova),
+            source: Box::new(EngineError::Setting {
+                setting: "EvalOptions.ppl_chunk",
+                problem: "must be at least 1".into(),
+            }),
+        };
+        assert_eq!(
+            describe(&e),
+            "task 3 (perplexity, policy tova): --ppl-chunk: must be at least 1"
+        );
+        assert!(e.to_string().contains("EvalOptions.ppl_chunk"), "{e}");
     }
 }

@@ -36,6 +36,22 @@ pub enum EngineError {
         /// What is wrong, naming the value.
         problem: String,
     },
+    /// Scoring one evaluation task failed (the source says why).
+    #[error(
+        "task {number} ({kind}{}): {source}",
+        policy.map_or_else(String::new, |p| format!(", policy {p}"))
+    )]
+    Task {
+        /// The task's number in its file or set (1-based).
+        number: usize,
+        /// Its kind (`choice`, `generate`, `perplexity`).
+        kind: &'static str,
+        /// The policy it ran under, if the failure is a policy's.
+        policy: Option<crate::policy::PolicyKind>,
+        /// What failed.
+        #[source]
+        source: Box<EngineError>,
+    },
     /// Attention-Gate parameters or a gates file are unusable (boxed: the variant stays small).
     #[error(transparent)]
     Gate(Box<gate_core::GateError>),
