@@ -44,7 +44,6 @@ fn setting_flag(setting: &'static str) -> &'static str {
         "SweepPlan.anchors" => "--match-to",
         "EvalOptions.ppl_chunk" => "--ppl-chunk",
         "EvalOptions.ppl_context" => "--ppl-context",
-        "SyntheticSpec.family" => "--synthetic",
         "SyntheticSpec.length" => "--length",
         "SyntheticSpec.depths" => "--depths",
         "SyntheticSpec.keys" => "--keys",

@@ -112,7 +112,7 @@ pub struct EvalArgs {
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
-    Family::parse(s).map_err(|e| e.to_string())
+    s.parse::<Family>().map_err(|e| e.to_string())
 }
 
 fn parse_depth(s: &str) -> Result<f64, String> {

@@ -365,11 +365,17 @@ fn any_filler_text_works_and_short_lengths_are_refused() {
         panic!()
     };
     assert!(context.contains("Delta epsilon?"));
-    let err = synthetic::generate(&SyntheticSpec::new(Family::Niah, 20), &words)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--length 20"), "{err}");
-    assert!(Family::parse("nope")
+    let err = synthetic::generate(&SyntheticSpec::new(Family::Niah, 20), &words).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            engine::EngineError::Setting { setting: "SyntheticSpec.length", problem }
+                if problem.contains("20 tokens is too short for a niah task")
+        ),
+        "{err}"
+    );
+    assert!("nope"
+        .parse::<Family>()
         .unwrap_err()
         .to_string()
         .contains("passkey"));

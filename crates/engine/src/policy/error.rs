@@ -108,10 +108,14 @@ impl PolicyError {
                 by,
             } => {
                 let names: Vec<&str> = by.iter().map(|s| name(*s)).collect();
-                let what = match policy {
-                    PolicyKind::Streaming => {
+                let what = match by {
+                    [Sinks] if *policy == PolicyKind::Streaming => {
                         format!("its {protected} {} leave no room for a window", names[0])
                     }
+                    [Window] => format!(
+                        "its observation window of {protected} tokens ({}) does not fit",
+                        names[0]
+                    ),
                     _ => format!(
                         "its {protected} always-kept tokens ({}) do not fit",
                         names.join(" + ")

@@ -1,7 +1,6 @@
 //! [`Family`]: which of RULER's synthetic task families to generate, by the name users write.
 
-use super::spec_error;
-use crate::error::Result;
+use std::str::FromStr;
 
 /// A family of synthetic tasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -44,28 +43,32 @@ impl Family {
         }
     }
 
-    /// Parses a name.
-    pub fn parse(name: &str) -> Result<Family> {
-        Family::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
-                spec_error(
-                    "SyntheticSpec.family",
-                    format!(
-                        "unknown family `{name}` (expected one of {})",
-                        names.join(", ")
-                    ),
-                )
-            })
-    }
-
     /// Whether the family places its needle at a requested depth.
     pub fn uses_depth(self) -> bool {
         matches!(
             self,
             Family::Passkey | Family::Niah | Family::NiahMulti | Family::Kv
         )
+    }
+}
+
+/// A name that is no [`Family`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown family `{name}` (expected one of {})", Family::ALL.map(Family::name).join(", "))]
+pub struct UnknownFamily {
+    /// The name as given.
+    pub name: String,
+}
+
+impl FromStr for Family {
+    type Err = UnknownFamily;
+
+    fn from_str(s: &str) -> Result<Self, UnknownFamily> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| UnknownFamily {
+                name: s.to_string(),
+            })
     }
 }

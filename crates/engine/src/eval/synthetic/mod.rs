@@ -31,7 +31,7 @@ use words::{distinct_keys, distinct_var_names, shuffle, uuid, ADJECTIVES, WORDS}
 mod family;
 mod words;
 
-pub use family::Family;
+pub use family::{Family, UnknownFamily};
 
 /// RULER's noise haystack: this block, repeated whole.
 pub const NOISE_BLOCK: &str =
