@@ -515,7 +515,9 @@ fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_
 
 #[test]
 fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
-    let engine = common::default_engine(engine::WeightFormat::Auto);
+    let Some(engine) = common::default_engine(engine::WeightFormat::Auto) else {
+        return;
+    };
     let tok = engine.tokenizer();
     let count = |t: &str| -> engine::Result<usize> { Ok(tok.encode(t, false)?.len()) };
     let overhead = eval::chat_template_overhead(&engine).unwrap();

@@ -55,7 +55,9 @@ fn fixtures_are_for_the_default_model() {
 
 #[test]
 fn tokenizer_matches_llama_cpp() {
-    let engine = common::default_engine(WeightFormat::Auto);
+    let Some(engine) = common::default_engine(WeightFormat::Auto) else {
+        return;
+    };
     let reference = common::llama_cpp();
     for case in &reference.tokenizer {
         let ids = engine.tokenizer().encode(&case.text, false).unwrap();
@@ -76,7 +78,9 @@ fn tokenizer_matches_llama_cpp() {
 /// 0.02 (f32 vs f64 accumulation through 30 layers, logits of magnitude ~20).
 #[test]
 fn dequantized_f32_path_matches_the_exact_reference() {
-    let engine = common::default_engine(WeightFormat::Dense(candle_core::DType::F32));
+    let Some(engine) = common::default_engine(WeightFormat::Dense(candle_core::DType::F32)) else {
+        return;
+    };
     let mut worst = 0f32;
     for case in &common::numpy().cases {
         let (ids, logits) = greedy(&engine, &case.prompt_ids, case.greedy_ids.len());
@@ -96,6 +100,24 @@ const NEAR_TIE: f64 = 0.5;
 const QUANTIZED_VS_EXACT: f32 = 1.25;
 /// Between two such paths (agate's Q8_0, llama.cpp's Q4_1×Q8_1) the two errors add up.
 const QUANTIZED_VS_QUANTIZED: f32 = 2.0;
+
+/// Least share of greedy tokens (over all prompts) that must agree with each reference before
+/// the first near-tie ends a comparison. Measured: 84 of 112 against the exact reference, 91 of
+/// 224 against llama.cpp (whose own run leaves the exact one at near-ties on 5 of 7 prompts).
+const MIN_AGREEMENT_VS_EXACT: f64 = 0.6;
+const MIN_AGREEMENT_VS_LLAMA_CPP: f64 = 0.3;
+
+/// Asserts that the tokens agreeing per prompt add up to at least `min_share` of `per_prompt`
+/// tokens for every prompt.
+fn assert_min_agreement(agreed: &[usize], per_prompt: usize, min_share: f64, reference: &str) {
+    let total: usize = agreed.iter().sum();
+    let possible = agreed.len() * per_prompt;
+    eprintln!("tokens agreeing with {reference} per prompt (of {per_prompt}): {agreed:?}");
+    assert!(
+        total as f64 >= min_share * possible as f64,
+        "only {total} of {possible} greedy tokens agree with {reference} (at least {min_share} expected): {agreed:?}"
+    );
+}
 
 /// Compares a greedy run with a reference case: tokens must be equal until the first step where
 /// the reference itself is a near-tie; logits must agree within `tolerance` until then. Returns
@@ -136,7 +158,9 @@ fn agree_up_to_near_tie(case: &Case, ids: &[u32], logits: &[Vec<f32>], tolerance
 /// (llama.cpp itself leaves the exact reference at near-ties on 5 of the 7 prompts.)
 #[test]
 fn quantized_path_matches_llama_cpp_up_to_near_ties() {
-    let engine = common::default_engine(WeightFormat::Auto);
+    let Some(engine) = common::default_engine(WeightFormat::Auto) else {
+        return;
+    };
     let mut agreed = Vec::new();
     for case in &common::llama_cpp().cases {
         let (ids, logits) = greedy(&engine, &case.prompt_ids, case.greedy_ids.len());
@@ -147,14 +171,16 @@ fn quantized_path_matches_llama_cpp_up_to_near_ties() {
             QUANTIZED_VS_QUANTIZED,
         ));
     }
-    eprintln!("tokens agreeing with llama.cpp per prompt (of 32): {agreed:?}");
+    assert_min_agreement(&agreed, 32, MIN_AGREEMENT_VS_LLAMA_CPP, "llama.cpp");
 }
 
 /// The quantized path against the exact reference, first 16 tokens: equal up to the first
 /// near-tie of the exact reference (where 8-bit activations can flip the choice).
 #[test]
 fn quantized_and_exact_paths_agree_on_16_tokens() {
-    let engine = common::default_engine(WeightFormat::Auto);
+    let Some(engine) = common::default_engine(WeightFormat::Auto) else {
+        return;
+    };
     let mut agreed = Vec::new();
     for case in &common::numpy().cases {
         let (ids, logits) = greedy(&engine, &case.prompt_ids, 16);
@@ -165,12 +191,14 @@ fn quantized_and_exact_paths_agree_on_16_tokens() {
             QUANTIZED_VS_EXACT,
         ));
     }
-    eprintln!("tokens agreeing with the exact reference per prompt (of 16): {agreed:?}");
+    assert_min_agreement(&agreed, 16, MIN_AGREEMENT_VS_EXACT, "the exact reference");
 }
 
 #[test]
 fn capital_of_france() {
-    let engine = common::default_engine(WeightFormat::Auto);
+    let Some(engine) = common::default_engine(WeightFormat::Auto) else {
+        return;
+    };
     let mut session = engine.new_session();
     let request = GenerateRequest {
         max_tokens: 8,
@@ -191,7 +219,9 @@ fn capital_of_france() {
 /// The second turn refers to the first and is prefilled without the history.
 #[test]
 fn chat_second_turn_reuses_the_cache() {
-    let engine = common::default_engine(WeightFormat::Auto);
+    let Some(engine) = common::default_engine(WeightFormat::Auto) else {
+        return;
+    };
     let mut session = engine.new_session();
     let sampling = engine::SamplingParams {
         repetition_penalty: 1.1,
