@@ -85,8 +85,45 @@ pub fn api_error(e: EngineError) -> ApiError {
     ApiError::invalid(Some(param), format!("policy: {message}")).with_code("invalid_policy")
 }
 
+/// The request's `kv_*` fields, read with their domain checks.
+struct Fields<'a>(&'a serde_json::Map<String, Value>);
+
+impl Fields<'_> {
+    /// The field's value, unless absent or null.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A 400 naming the field, what it must be and what it is.
+    fn bad(&self, name: &str, what: &str) -> ApiError {
+        let got = self.get(name).map_or(Value::Null, Clone::clone);
+        ApiError::invalid(Some(name), format!("{name} must be {what}, got {got}"))
+    }
+
+    /// An integer of at least `min`.
+    fn count(&self, name: &str, min: u64) -> Result<Option<usize>, ApiError> {
+        self.get(name)
+            .map(|v| match v.as_u64() {
+                Some(n) if n >= min => Ok(n as usize),
+                _ => Err(self.bad(name, &format!("an integer >= {min}"))),
+            })
+            .transpose()
+    }
+
+    /// A number in `[0, 1)`.
+    fn ratio(&self, name: &str) -> Result<Option<f32>, ApiError> {
+        self.get(name)
+            .map(|v| match v.as_f64() {
+                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
+                _ => Err(self.bad(name, "a number in [0, 1)")),
+            })
+            .transpose()
+    }
+}
+
 /// The policy a request asks for: with `kv_policy`, that policy with the request's knobs only;
-/// without, the server's default with the request's knobs on top.
+/// without, the server's default with the request's knobs on top. A knob the policy does not
+/// read is an error, as its flag is on the command line: it must not be silently ignored.
 pub fn spec(
     default: &PolicySpec,
     extra: &serde_json::Map<String, Value>,
@@ -103,79 +140,15 @@ pub fn spec(
             ),
         ));
     }
-    let field_value = |name: &str| extra.get(name).filter(|v| !v.is_null());
-    let bad = |name: &str, what: &str| {
-        ApiError::invalid(
-            Some(name),
-            format!(
-                "{name} must be {what}, got {}",
-                field_value(name).map_or(Value::Null, Clone::clone)
-            ),
-        )
-    };
-    let count = |name: &str, min: u64| -> Result<Option<usize>, ApiError> {
-        field_value(name)
-            .map(|v| match v.as_u64() {
-                Some(n) if n >= min => Ok(n as usize),
-                _ => Err(bad(name, &format!("an integer >= {min}"))),
-            })
-            .transpose()
-    };
-    let ratio = |name: &str| -> Result<Option<f32>, ApiError> {
-        field_value(name)
-            .map(|v| match v.as_f64() {
-                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
-                _ => Err(bad(name, "a number in [0, 1)")),
-            })
-            .transpose()
-    };
-    let mut spec = match field_value("kv_policy") {
+    let fields = Fields(extra);
+    let mut spec = match fields.get("kv_policy") {
         None => default.clone(),
         Some(Value::String(name)) => PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
             ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
         })?),
-        Some(_) => return Err(bad("kv_policy", "a policy name")),
+        Some(_) => return Err(fields.bad("kv_policy", "a policy name")),
     };
-    if let Some(r) = ratio("kv_evict")? {
-        spec.evict = Some(r);
-        spec.keep = None;
-    }
-    if let Some(k) = count("kv_keep", 1)? {
-        if field_value("kv_evict").is_some() {
-            return Err(ApiError::invalid(
-                Some("kv_keep"),
-                "give either kv_evict or kv_keep, not both",
-            ));
-        }
-        spec.keep = Some(k);
-        spec.evict = None;
-    }
-    if let Some(s) = count("kv_sinks", 0)? {
-        spec.sinks = Some(s);
-    }
-    if let Some(w) = count("kv_window", 0)? {
-        spec.set_window(w);
-    }
-    if let Some(t) = ratio("kv_threshold")? {
-        spec.threshold = Some(t);
-    }
-    match field_value("kv_ag_mode") {
-        None => {}
-        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
-            spec.ag_budget_mode = m == "budget";
-        }
-        Some(_) => return Err(bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
-    }
-    match field_value("kv_ag_decode") {
-        None => {}
-        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
-        Some(_) => return Err(bad("kv_ag_decode", "a boolean")),
-    }
-    if let Some(s) = count("kv_seed", 0)? {
-        spec.seed = Some(s as u64);
-    }
-    // A knob the policy does not read is an error, as its flag is on the command line: it
-    // must not be silently ignored.
+    set_knobs(&mut spec, &fields)?;
     let mut ignored = spec.ignored();
     if spec.kind != PolicyKind::Ag {
         ignored.push(Setting::AgBudgetMode);
@@ -184,7 +157,7 @@ pub fn spec(
         .iter()
         .filter(|s| **s != Setting::Gates)
         .map(|s| field(*s));
-    if let Some(name) = unused.find(|name| field_value(name).is_some()) {
+    if let Some(name) = unused.find(|name| fields.get(name).is_some()) {
         return Err(ApiError::invalid(
             Some(name),
             format!("{name} does nothing with the policy `{}`", spec.kind),
@@ -192,6 +165,49 @@ pub fn spec(
         .with_code("invalid_policy"));
     }
     Ok(spec)
+}
+
+/// Sets every knob the request gives (`kv_evict` … `kv_seed`) on `spec`.
+fn set_knobs(spec: &mut PolicySpec, fields: &Fields) -> Result<(), ApiError> {
+    if let Some(r) = fields.ratio("kv_evict")? {
+        spec.evict = Some(r);
+        spec.keep = None;
+    }
+    if let Some(k) = fields.count("kv_keep", 1)? {
+        if fields.get("kv_evict").is_some() {
+            return Err(ApiError::invalid(
+                Some("kv_keep"),
+                "give either kv_evict or kv_keep, not both",
+            ));
+        }
+        spec.keep = Some(k);
+        spec.evict = None;
+    }
+    if let Some(s) = fields.count("kv_sinks", 0)? {
+        spec.sinks = Some(s);
+    }
+    if let Some(w) = fields.count("kv_window", 0)? {
+        spec.set_window(w);
+    }
+    if let Some(t) = fields.ratio("kv_threshold")? {
+        spec.threshold = Some(t);
+    }
+    match fields.get("kv_ag_mode") {
+        None => {}
+        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
+            spec.ag_budget_mode = m == "budget";
+        }
+        Some(_) => return Err(fields.bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
+    }
+    match fields.get("kv_ag_decode") {
+        None => {}
+        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
+        Some(_) => return Err(fields.bad("kv_ag_decode", "a boolean")),
+    }
+    if let Some(s) = fields.count("kv_seed", 0)? {
+        spec.seed = Some(s as u64);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
