@@ -472,7 +472,7 @@ fn sizes_that_overflow_are_refused_before_any_work() {
         "--window",
         huge,
     ]);
-    fails_with(&out, &["sinks + window", "too large"]);
+    fails_with(&out, &["--sinks + --window", "too large"]);
     let out = agate(&["bench", "--model", m, "-r", huge]);
     assert!(!out.status.success() && !text(&out).contains("panicked"));
 }

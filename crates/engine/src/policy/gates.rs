@@ -14,23 +14,19 @@
 
 use std::path::Path;
 
-use gate_core::{AttentionGate, StoreDtype};
+use gate_core::{AttentionGate, GateFileDtype};
 
 use crate::engine::Engine;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 
 /// The committed gates file of the default model, byte for byte (with `default-gates`).
 #[cfg(feature = "default-gates")]
 const DEFAULT_GATES: &[u8] =
     include_bytes!("../../../../gates/smollm2-135m-instruct.ag.safetensors");
 
-fn gate_err(e: gate_core::GateError) -> EngineError {
-    EngineError::Invalid(e.to_string())
-}
-
 /// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
-pub fn write_gates(gates: &AttentionGate, path: &Path, dtype: StoreDtype) -> Result<()> {
-    let bytes = gates.to_bytes(path, dtype).map_err(gate_err)?;
+pub fn write_gates(gates: &AttentionGate, path: &Path, dtype: GateFileDtype) -> Result<()> {
+    let bytes = gates.to_bytes(path, dtype)?;
     crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
     Ok(())
 }
@@ -45,8 +41,7 @@ pub fn default_gates(engine: &Engine) -> Result<Option<AttentionGate>> {
     }
     let name = Path::new("(embedded default gates)");
     let gates =
-        AttentionGate::from_bytes(DEFAULT_GATES, name, &expected, &candle_core::Device::Cpu)
-            .map_err(gate_err)?;
+        AttentionGate::from_bytes(DEFAULT_GATES, name, &expected, &candle_core::Device::Cpu)?;
     Ok(Some(gates))
 }
 
@@ -59,7 +54,7 @@ pub fn default_gates(_engine: &Engine) -> Result<Option<AttentionGate>> {
 /// The model identity recorded in the embedded file (read from its header alone).
 #[cfg(feature = "default-gates")]
 fn embedded_identity() -> Result<gate_core::ModelIdentity> {
-    let bad = |e: String| EngineError::Invalid(format!("embedded default gates: {e}"));
+    let bad = |e: String| crate::EngineError::Invalid(format!("embedded default gates: {e}"));
     let (_, header) =
         safetensors::SafeTensors::read_metadata(DEFAULT_GATES).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
