@@ -1,5 +1,5 @@
 #!/bin/sh
-# Times the evaluation sweep of issue 11: every baseline at evict 0.25/0.5/0.75 over N passkey
+# Times an evaluation sweep: every baseline at evict 0.25/0.5/0.75 over N passkey
 # tasks of ~1k tokens through the chat template, with each context prefilled once and forked per
 # run (the default), and with a separate prefill per run (--separate-prefills, what every sweep
 # did before), alternating REPS times so both see the same machine. Prints one JSON line per

@@ -1,9 +1,9 @@
-//! `cargo xtask`: project tasks that are not the runtime — fetching the default model, running
-//! every test (fetching first, then running the embedding example), weight conversion
-//! (`convert`), file inspection (`inspect`), CUDA prerequisite checks and builds (`kernels`),
-//! release packaging (`dist`), regenerating `docs/cli.md` (`docs`) and small random models
-//! (`random-model`). Every file is written through `engine::atomic`. Each task says what it does
-//! on stderr and fails with one clear line (exit status 1).
+//! `cargo xtask`: project tasks that are not the runtime — fetching the default model and the
+//! gate-training data (`data`), running every test (fetching first, then running the embedding
+//! example), weight conversion (`convert`), file inspection (`inspect`), CUDA prerequisite checks
+//! and builds (`kernels`), release packaging (`dist`), regenerating `docs/cli.md` (`docs`) and
+//! small random models (`random-model`). Every file is written through `engine::atomic`. Each
+//! task says what it does on stderr and fails with one clear line (exit status 1).
 
 /// `eprintln!` that never panics (stderr may be closed or full: nowhere left to report).
 macro_rules! say {
@@ -14,6 +14,7 @@ macro_rules! say {
 }
 
 mod convert;
+mod data;
 mod dist;
 mod inspect;
 mod kernels;
@@ -86,8 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stdout_line(&path.display().to_string())
         }
         Task::FetchData => {
-            let summary = engine::data::fetch_data(None, &mut |l| say!("xtask: {l}"))?;
-            stdout_line(&summary.dir.display().to_string())
+            let dir = data::data_dir();
+            data::fetch_data(&dir, &mut |l| say!("xtask: {l}"))?;
+            stdout_line(&dir.display().to_string())
         }
         Task::Test { cargo_args } => {
             let path = engine::model_cache::ensure_default_model(&mut |l| say!("xtask: {l}"))?;

@@ -39,7 +39,7 @@ pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
     gate_cfg.bias_init = args.bias.unwrap_or(gate_cfg.bias_init);
     gate_cfg.attention_window = args.attention_window.unwrap_or(gate_cfg.attention_window);
     let gates = engine.random_gates(&gate_cfg, args.seed)?;
-    engine::train::write_gates(&gates, &args.out, GateFileDtype::F32)?;
+    engine::policy::write_gates(&gates, &args.out, GateFileDtype::F32)?;
     let cfg = gates.config();
     say!(
         "wrote random gates ({} layers × {} heads of dim {}, attention window {}, keep bias {}) to {}",

@@ -20,7 +20,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let engine = load_engine(&args.model)?;
     let cfg = engine.model_config();
     // Built-in trained gates apply only to the exact model they were trained for.
-    let gates = engine::train::default_gates::for_engine(&engine)?.map(|g| {
+    let gates = engine::policy::default_gates(&engine)?.map(|g| {
         let c = g.config();
         format!(
             "built-in Attention-Gate ({} layers × {} heads of dim {}, threshold {:.4}, sinks {}, window {}); --policy ag uses it",

@@ -349,7 +349,7 @@ fn train_gates_resumes_and_draws_the_whole_run() {
     assert_ne!(cfg["threshold"].as_f64(), Some(0.5), "{cfg}");
 }
 
-/// Issue 11, defect 1: `generate --policy pyramidkv --evict R --json` on a 30-layer model and a
+/// `generate --policy pyramidkv --evict R --json` on a 30-layer model and a
 /// 1,009-token prompt reports the requested ratio (within one token).
 #[test]
 fn generate_pyramidkv_meets_the_requested_ratio() {
@@ -395,7 +395,7 @@ fn generate_pyramidkv_meets_the_requested_ratio() {
     }
 }
 
-/// Issue 11, defect 5: the [choice] knobs are settable with `--policy-opt key=value`, and a bad
+/// The [choice] knobs are settable with `--policy-opt key=value`, and a bad
 /// key, value or policy is one error line naming it.
 #[test]
 fn policy_options_are_settable_and_checked() {

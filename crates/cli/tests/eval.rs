@@ -289,7 +289,7 @@ fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
     assert_eq!(rows[3].2.as_deref(), Some("streaming"));
 }
 
-/// Issue 11: `--chat` renders every task through the model's chat template, and `--json` gives
+/// `--chat` renders every task through the model's chat template, and `--json` gives
 /// each accuracy with its sample size and 95% interval, and says which protocol ran.
 #[test]
 fn chat_json_has_the_protocol_and_intervals() {

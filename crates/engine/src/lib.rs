@@ -1,6 +1,13 @@
 //! engine: agate's runtime. An [`Engine`] holds a loaded model and the KV block pool; a
 //! [`Session`] is one conversation (prefill → evict → decode, sampling, stop strings, streaming,
-//! chat turns that reuse the cache). Also: the default-model cache and fetch.
+//! chat turns that reuse the cache); [`policy`] builds the eviction policies; a [`Scheduler`]
+//! runs many sessions in batched steps; [`model_cache`] fetches and verifies the default model.
+//!
+//! Cargo features (all on by default and in the `agate` CLI; an embedding program that only runs
+//! sessions takes `default-features = false`): `train` (gate training, `engine::train`), `eval`
+//! (`engine::eval`: task files, synthetic tasks, sweeps), `bench` (`engine::bench`: decode
+//! benchmarks), `default-gates` (the default model's trained gates embedded, 13 MB, for `ag`
+//! without a gates file); `cuda` is off by default.
 //!
 //! ```no_run
 //! use engine::{Engine, GenerateRequest};
@@ -15,11 +22,12 @@
 //! ```
 
 pub mod atomic;
+#[cfg(feature = "bench")]
 pub mod bench;
-pub mod data;
 mod decoding;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "eval")]
 pub mod eval;
 pub mod model_cache;
 pub mod policy;
@@ -29,6 +37,7 @@ pub mod scheduler;
 pub mod session;
 pub mod shared_context;
 pub mod text;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod worker;
 

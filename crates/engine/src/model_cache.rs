@@ -14,7 +14,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-/// The default model's provenance and checksums (see `shared/design/MODELS.md`).
+/// The default model's provenance and checksums (see `docs/models.md`).
 pub struct DefaultModel;
 
 impl DefaultModel {

@@ -96,7 +96,7 @@ fn coin_flip_gates(engine: &Engine, dir: &std::path::Path) -> std::path::PathBuf
         ..engine.gate_config()
     };
     let g = engine.random_gates(&cfg, 5).unwrap();
-    engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
+    engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
     gates
 }
 

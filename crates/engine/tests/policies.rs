@@ -262,7 +262,7 @@ fn assert_masked_equals_physical(
             },
             3,
         )
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let (diff, tol) = ag_equivalence(engine, &gates, prompt, continuation);
     assert!(
@@ -317,7 +317,7 @@ fn budgets_are_met_exactly_and_memory_follows() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 4)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let prompt = tokens(333, 3);
     let t = prompt.len();
@@ -499,7 +499,7 @@ fn long_conversation_stays_within_its_budget() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 6)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
@@ -573,7 +573,7 @@ fn attention_gate_state_is_counted_and_bounded() {
             6,
         )
         .unwrap();
-    engine::train::write_gates(&gates, &path, engine::GateFileDtype::F32).unwrap();
+    engine::policy::write_gates(&gates, &path, engine::GateFileDtype::F32).unwrap();
     let gc = gates.config().clone();
     let cfg = engine.model_config();
     let row = 2 * gc.heads * gc.head_dim * 4 + 4; // K', V' in f32 and a position
@@ -625,7 +625,7 @@ fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
             },
             8,
         )
-        .and_then(|g| engine::train::write_gates(&g, &path, engine::GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &path, engine::GateFileDtype::F32))
         .unwrap();
     let prompt = tokens(150, 4);
     let continuation = tokens(5, 9);

@@ -55,7 +55,7 @@ fn a_bounded_chat_runs_past_the_context_under_every_fixed_budget() {
     let engine = tiny_engine(dir.path(), 64);
     let gates = dir.path().join("gates.safetensors");
     let g = engine.random_gates(&engine.gate_config(), 1).unwrap();
-    engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
+    engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
     let ag_budget = PolicySpec {
         keep: Some(32),
         gates: Some(gates),

@@ -1,5 +1,5 @@
-//! When the baselines evict, on tiny random models (issue 11's defects, each a test that failed
-//! before its fix):
+//! When the baselines evict, on tiny random models (defects found in review, each a test that
+//! failed before its fix):
 //! - PyramidKV's measured ratio equals the request at 0.25/0.5/0.75 on a 30-layer model with a
 //!   1,009-token prompt, and every layer keeps between `w` and `T` tokens;
 //! - H2O and TOVA evict once at the end of a prefill: the kept positions are the same for prefill

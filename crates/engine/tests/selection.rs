@@ -1,7 +1,7 @@
 //! End-to-end selection, per policy, against the papers' formulas computed here: on a tiny
 //! random model, the queries and keys of every layer are captured from a full-cache prefill,
 //! the attention matrices are recomputed in plain f64 loops (not the engine's scorer or kernel),
-//! each policy's kept positions are derived from its definition (`shared/design/ALGORITHMS.md`),
+//! each policy's kept positions are derived from its definition (`docs/algorithms.md`),
 //! and compared with what a session under the policy kept. The prefill runs in 64-token chunks,
 //! so the policies' statistics span chunks.
 //!

@@ -159,7 +159,7 @@ fn attention_gate_cannot_share_a_context() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 1)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let ag = PolicySpec {
         gates: Some(gates),

@@ -108,7 +108,7 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
             },
             7,
         )
-        .and_then(|g| engine::train::write_gates(&g, &gates_path, GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &gates_path, GateFileDtype::F32))
         .unwrap();
     let gates = gate_core::AttentionGate::load(
         &gates_path,
@@ -366,7 +366,7 @@ fn init_gates_starts_from_saved_gates() {
     let wrong = dir.path().join("wrong.safetensors");
     other
         .random_gates(&engine.gate_config(), 0)
-        .and_then(|g| engine::train::write_gates(&g, &wrong, GateFileDtype::F32))
+        .and_then(|g| engine::policy::write_gates(&g, &wrong, GateFileDtype::F32))
         .unwrap();
     let cfg = TrainConfig {
         init_gates: Some(wrong),
@@ -447,6 +447,7 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
     t.save_lora(&dir.path().join("lora.safetensors")).unwrap();
 }
 
+#[cfg(feature = "default-gates")]
 #[test]
 fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
     let Some(path) = common::default_model() else {

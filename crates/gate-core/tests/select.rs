@@ -274,7 +274,7 @@ fn pyramid_budgets_by_hand() {
         .contains("beta"));
 }
 
-/// Issue 11, defect 1: at T = 1009 on 30 layers the budgets average to the request at 0.25, 0.5
+/// PyramidKV's budgets: at T = 1009 on 30 layers the budgets average to the request at 0.25, 0.5
 /// and 0.75 (so the measured ratio is within 1/T of it) and each lies in `[w, T]`.
 #[test]
 fn pyramid_budgets_meet_the_ratio_on_a_1k_prompt() {

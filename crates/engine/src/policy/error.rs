@@ -90,7 +90,7 @@ impl PolicyError {
                 name(Recent)
             ),
             PolicyError::NeedsGates => format!(
-                "Attention-Gate needs {} for this model (trained gates ship only for the default model)",
+                "Attention-Gate needs {} for this model (trained gates ship only for the default model, embedded with the engine's `default-gates` feature)",
                 name(Gates)
             ),
             PolicyError::Gate(e) => e.to_string(),

@@ -12,6 +12,7 @@
 
 mod ag;
 mod error;
+mod gates;
 mod kind;
 mod options;
 mod prefill_stats;
@@ -29,6 +30,7 @@ use crate::error::Result;
 
 pub use ag::AgMode;
 pub use error::PolicyError;
+pub use gates::{default_gates, write_gates};
 pub use kind::{PolicyKind, UnknownPolicy};
 pub use options::{OptionKey, PolicyOptions};
 pub(crate) use prefill_stats::PrefillStats;

@@ -1,4 +1,4 @@
-//! `PolicyOptions`: the baselines' **\[choice\]** knobs of `shared/design/ALGORITHMS.md` that have
+//! `PolicyOptions`: the baselines' **\[choice\]** knobs (defined in `docs/algorithms.md`) that have
 //! no flag of their own, set as `key=value` (`agate … --policy-opt beta=10,kernel=7`; the keys and
 //! defaults are listed in `docs/policies.md` and in [`PolicyOptions::KEYS`]).
 //!

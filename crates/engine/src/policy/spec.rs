@@ -1,6 +1,6 @@
 //! `PolicySpec`: a policy named as a user names it (`--policy h2o --evict 0.5 --sinks 4`), with
 //! every knob optional, turned into a validated [`Policy`] with the spec's defaults
-//! (`shared/design/ALGORITHMS.md`; all listed in `docs/policies.md`), the **\[choice\]** knobs
+//! (defined in `docs/algorithms.md`; all listed in `docs/policies.md`), the **\[choice\]** knobs
 //! without a flag of their own coming from [`PolicyOptions`].
 
 use std::path::PathBuf;
@@ -324,9 +324,7 @@ impl PolicySpec {
                 AttentionGate::load(path, &engine.model_identity()?, &candle_core::Device::Cpu)
                     .map_err(PolicyError::from)?
             }
-            None => {
-                crate::train::default_gates::for_engine(engine)?.ok_or(PolicyError::NeedsGates)?
-            }
+            None => super::default_gates(engine)?.ok_or(PolicyError::NeedsGates)?,
         };
         let mode = if self.ag_budget_mode {
             AgMode::Budget(self.budget()?)

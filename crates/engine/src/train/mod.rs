@@ -1,4 +1,4 @@
-//! Attention-Gate training on a frozen base model (issue 7): continual pre-training (CPT) and
+//! Attention-Gate training on a frozen base model: continual pre-training (CPT) and
 //! supervised fine-tuning (SFT), optionally with LoRA adapters, with candle autograd.
 //!
 //! Owns [`TrainConfig`], [`Trainer`] (the loop), [`StepReport`] and [`HeldOut`]. The loop, per
@@ -23,7 +23,6 @@
 //! final gates file are written atomically; the final gates carry the engine's model identity.
 
 pub mod dataset;
-pub mod default_gates;
 pub mod optim;
 
 use std::path::PathBuf;
@@ -300,17 +299,6 @@ fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
-pub fn write_gates(
-    gates: &AttentionGate,
-    path: &std::path::Path,
-    dtype: GateFileDtype,
-) -> Result<()> {
-    let bytes = gates.to_bytes(path, dtype)?;
-    crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
-    Ok(())
-}
-
 /// Opens the decoder of `path` (GGUF file or Hugging Face directory) with dense f32 weights.
 pub fn open_trainable(path: &std::path::Path, cfg: &ModelConfig) -> Result<TrainableDecoder> {
     let format = WeightFormat::Dense(DType::F32);
@@ -488,7 +476,7 @@ impl Trainer {
         }
         let mut g = self.gates.clone();
         g.set_identity(self.engine.model_identity()?);
-        write_gates(&g, path, dtype)
+        crate::policy::write_gates(&g, path, dtype)
     }
 
     /// Writes the LoRA adapters (if any) as safetensors with their config in the metadata.
