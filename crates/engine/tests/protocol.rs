@@ -24,7 +24,7 @@ fn tiny_engine(layers: usize, prefill_chunk: usize) -> (tempfile::TempDir, Engin
 fn spec(name: &str, evict: f32) -> PolicySpec {
     PolicySpec {
         evict: Some(evict),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 
@@ -150,7 +150,7 @@ fn policy_options_change_what_is_kept() {
     let with = |name: &str, evict: Option<f32>, pairs: &[&str]| {
         let mut spec = PolicySpec {
             evict,
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(name.parse().unwrap())
         };
         for p in pairs {
             spec.options.set_pair(p).unwrap();

@@ -275,7 +275,7 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
     // end, then generates past what a full cache could hold, in bounded memory.
     let streaming = engine::PolicySpec {
         keep: Some(64),
-        ..engine::PolicySpec::named("streaming")
+        ..engine::PolicySpec::new(engine::PolicyKind::Streaming)
     }
     .build(&engine)
     .unwrap();

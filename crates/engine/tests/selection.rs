@@ -238,7 +238,7 @@ fn session_kept(engine: &Engine, spec: &PolicySpec, prompt: &[u32]) -> Vec<Vec<V
 fn spec(name: &str, evict: f32) -> PolicySpec {
     PolicySpec {
         evict: Some(evict),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 
