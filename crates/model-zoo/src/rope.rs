@@ -299,22 +299,14 @@ mod tests {
             let tensor = Tensor::from_vec(x.clone(), (1, heads, t, 8), &Device::Cpu).unwrap();
             let tables = rope.tables(t, &Device::Cpu).unwrap();
             let rotated = rope.rotate_tensor(&tensor, &tables).unwrap();
-            let mut token_major: Vec<f32> = tensor
-                .transpose(1, 2)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let to_token_major = |x: &Tensor| -> Vec<f32> {
+                let x = x.transpose(1, 2).and_then(|x| x.flatten_all());
+                x.and_then(|x| x.to_vec1()).unwrap()
+            };
+            let mut token_major = to_token_major(&tensor);
             let positions: Vec<u32> = (0..t as u32).collect();
             rope.apply(&mut token_major, heads, &positions);
-            let got: Vec<f32> = rotated
-                .transpose(1, 2)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got = to_token_major(&rotated);
             for (a, b) in got.iter().zip(&token_major) {
                 assert!((a - b).abs() < 1e-6, "{layout:?}: {a} vs {b}");
             }
