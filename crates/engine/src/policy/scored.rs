@@ -92,102 +92,121 @@ pub(crate) struct ScoredHook {
     stats: PrefillStats,
 }
 
+/// How a scored policy evicts: its scorer, when, to what budget, and (H2O) whether its
+/// accumulated scores are normalised.
+type ScorerPlan = (Scorer, Trigger, Option<Budget>, Option<bool>);
+
+/// The plan of a policy that evicts at every step (random, StreamingLLM, H2O, TOVA).
+fn every_step_plan(policy: &Policy) -> Option<ScorerPlan> {
+    Some(match policy {
+        Policy::Random {
+            budget,
+            protect,
+            seed,
+        } => (
+            Scorer::Random {
+                seed: *seed,
+                protect: *protect,
+            },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        Policy::Streaming { budget, sinks } => (
+            Scorer::Streaming { sinks: *sinks },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        Policy::H2o {
+            budget,
+            recent,
+            sinks,
+            normalise,
+        } => (
+            Scorer::H2o {
+                recent: *recent,
+                sinks: *sinks,
+            },
+            Trigger::EveryStep,
+            Some(*budget),
+            Some(*normalise),
+        ),
+        Policy::Tova { budget, sinks } => (
+            Scorer::Tova { sinks: *sinks },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        _ => return None,
+    })
+}
+
+/// The plan of a policy that evicts once, at the end of the context (SnapKV, PyramidKV,
+/// K-norm, NACL).
+fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
+    Some(match policy {
+        Policy::SnapKv {
+            budget,
+            window,
+            kernel,
+        } => (
+            Scorer::SnapKv {
+                window: *window,
+                kernel: *kernel,
+                beta: None,
+            },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::PyramidKv {
+            budget,
+            window,
+            kernel,
+            beta,
+        } => (
+            Scorer::SnapKv {
+                window: *window,
+                kernel: *kernel,
+                beta: Some(*beta),
+            },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::KNorm { budget, protect } => (
+            Scorer::KNorm { protect: *protect },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::Nacl {
+            budget,
+            config,
+            seed,
+        } => (
+            Scorer::Nacl {
+                config: *config,
+                seed: *seed,
+            },
+            Trigger::ContextEnd,
+            *budget,
+            None,
+        ),
+        _ => return None,
+    })
+}
+
 impl ScoredHook {
     pub(crate) fn new(policy: &Policy, cfg: &ModelConfig) -> model_zoo::Result<Self> {
-        let (scorer, trigger, budget, normalise) = match policy {
-            Policy::Random {
-                budget,
-                protect,
-                seed,
-            } => (
-                Scorer::Random {
-                    seed: *seed,
-                    protect: *protect,
-                },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::Streaming { budget, sinks } => (
-                Scorer::Streaming { sinks: *sinks },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::H2o {
-                budget,
-                recent,
-                sinks,
-                normalise,
-            } => (
-                Scorer::H2o {
-                    recent: *recent,
-                    sinks: *sinks,
-                },
-                Trigger::EveryStep,
-                Some(*budget),
-                Some(*normalise),
-            ),
-            Policy::Tova { budget, sinks } => (
-                Scorer::Tova { sinks: *sinks },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::SnapKv {
-                budget,
-                window,
-                kernel,
-            } => (
-                Scorer::SnapKv {
-                    window: *window,
-                    kernel: *kernel,
-                    beta: None,
-                },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::PyramidKv {
-                budget,
-                window,
-                kernel,
-                beta,
-            } => (
-                Scorer::SnapKv {
-                    window: *window,
-                    kernel: *kernel,
-                    beta: Some(*beta),
-                },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::KNorm { budget, protect } => (
-                Scorer::KNorm { protect: *protect },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::Nacl {
-                budget,
-                config,
-                seed,
-            } => (
-                Scorer::Nacl {
-                    config: *config,
-                    seed: *seed,
-                },
-                Trigger::ContextEnd,
-                *budget,
-                None,
-            ),
-            Policy::Full | Policy::Ag { .. } => {
-                return Err(ModelError::Input(format!(
-                    "policy {} has no scored hook",
-                    policy.name()
-                )))
-            }
+        let Some((scorer, trigger, budget, normalise)) =
+            every_step_plan(policy).or_else(|| context_end_plan(policy))
+        else {
+            return Err(ModelError::Input(format!(
+                "policy {} has no scored hook",
+                policy.name()
+            )));
         };
         let mut stats = PrefillStats::new(cfg, normalise.is_some())?;
         stats.h2o = stats
