@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use engine::atomic::write_atomically;
+use engine::train::StepReport;
 use plotters::prelude::*;
 
 /// Pixel height of one (layer, head) row of the eviction map.
@@ -445,6 +446,63 @@ fn glyph(ch: char) -> [u8; 7] {
         'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
         'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
         _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+    }
+}
+
+/// Steps of the running CE mean drawn in the PNG curve.
+const CE_MEAN_STEPS: usize = 10;
+
+/// Draws a gate-training run's curves (`agate train-gates --plot`).
+pub fn training_curves(path: &Path, h: &[StepReport]) -> anyhow::Result<()> {
+    let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
+        label: label.to_string(),
+        points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
+        errors: Vec::new(),
+    };
+    if path.extension().is_some_and(|e| e == "png") {
+        // Per-step CE is noisy (each step is another text): its running mean over the last
+        // CE_MEAN_STEPS steps, relative to that mean's maximum, shares the [0, 1] axis.
+        let ce_mean: Vec<f64> = (0..h.len())
+            .map(|i| {
+                let w = &h[i.saturating_sub(CE_MEAN_STEPS - 1)..=i];
+                w.iter().map(|r| r.ce).sum::<f64>() / w.len() as f64
+            })
+            .collect();
+        let ce_max = ce_mean.iter().copied().fold(1e-9, f64::max);
+        let ce = Series {
+            label: format!("CE ({CE_MEAN_STEPS}-step mean) / max"),
+            points: h
+                .iter()
+                .zip(&ce_mean)
+                .map(|(r, m)| (r.step as f64, m / ce_max))
+                .collect(),
+            errors: Vec::new(),
+        };
+        let last = h.last().map_or(1, |r| r.step.max(1)) as f64;
+        line_chart_png(
+            path,
+            "step",
+            "CE (relative) / eviction ratio",
+            (0.0, last),
+            &[
+                ce,
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
+    } else {
+        line_chart_svg(
+            path,
+            "Attention-Gate training",
+            "step",
+            "loss / eviction ratio",
+            &[
+                series("loss", &|r| r.loss),
+                series("CE", &|r| r.ce),
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
     }
 }
 
