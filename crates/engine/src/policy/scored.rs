@@ -198,6 +198,37 @@ fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
     })
 }
 
+/// TOVA's one mask for every KV head of `layer`: the current query's attention averaged over
+/// the layer's heads (TOVA keeps the same tokens in every head, so the heads' entries are
+/// aligned), its top `keep_n` kept after the first `sinks`.
+fn tova_mask(
+    at: EvictAt<'_>,
+    kv: &SequenceKv,
+    layer: usize,
+    keep_n: usize,
+    sinks: usize,
+) -> model_zoo::Result<Vec<bool>> {
+    let heads = kv.n_kv_heads();
+    let sums = match at {
+        EvictAt::PrefillEnd(tail) => tail.attention(kv, layer, 1, true)?,
+        EvictAt::Decode(Some(sums)) => sums.to_vec(),
+        EvictAt::Decode(None) => {
+            return Err(ModelError::Input(
+                "eviction: the decoder returned no attention statistics".into(),
+            ))
+        }
+    };
+    let n = sums[0].len();
+    let mut mean = vec![0f32; n];
+    for s in sums.iter().filter(|s| s.len() == n) {
+        mean.iter_mut()
+            .zip(s)
+            .for_each(|(m, v)| *m += v / heads as f32);
+    }
+    let protect = Protection { sinks, recent: 0 };
+    Ok(select::select_top_k(&mean, keep_n, &protect))
+}
+
 impl ScoredHook {
     pub(crate) fn new(policy: &Policy, cfg: &ModelConfig) -> model_zoo::Result<Self> {
         let Some((scorer, trigger, budget, normalise)) =
@@ -335,14 +366,11 @@ impl ScoredHook {
         let keep_n = keep.unwrap_or(usize::MAX);
         let per_head =
             |f: &mut dyn FnMut(usize) -> model_zoo::Result<Vec<bool>>| (0..heads).map(f).collect();
-        let tail = match at {
-            EvictAt::PrefillEnd(tail) => Some(tail),
-            EvictAt::Decode(_) => None,
-        };
-        let needs_tail = || {
-            tail.ok_or_else(|| {
-                ModelError::Input("eviction: this policy evicts only at a prefill's end".into())
-            })
+        let needs_tail = || match at {
+            EvictAt::PrefillEnd(tail) => Ok(tail),
+            EvictAt::Decode(_) => Err(ModelError::Input(
+                "eviction: this policy evicts only at a prefill's end".into(),
+            )),
         };
         match &self.scorer {
             Scorer::Random { seed, protect } => {
@@ -375,29 +403,7 @@ impl ScoredHook {
                 })
             }
             Scorer::Tova { sinks } => {
-                // The current query's attention averaged over every head of the layer; TOVA keeps
-                // the same tokens in every head, so the heads' entries are aligned.
-                let sums = match at {
-                    EvictAt::PrefillEnd(tail) => tail.attention(kv, layer, 1, true)?,
-                    EvictAt::Decode(Some(sums)) => sums.to_vec(),
-                    EvictAt::Decode(None) => {
-                        return Err(ModelError::Input(
-                            "eviction: the decoder returned no attention statistics".into(),
-                        ))
-                    }
-                };
-                let n = sums[0].len();
-                let mut mean = vec![0f32; n];
-                for s in sums.iter().filter(|s| s.len() == n) {
-                    mean.iter_mut()
-                        .zip(s)
-                        .for_each(|(m, v)| *m += v / heads as f32);
-                }
-                let protect = Protection {
-                    sinks: *sinks,
-                    recent: 0,
-                };
-                let mask = select::select_top_k(&mean, keep_n, &protect);
+                let mask = tova_mask(at, kv, layer, keep_n, *sinks)?;
                 per_head(&mut |_| Ok(mask.clone()))
             }
             Scorer::SnapKv { window, kernel, .. } => {
