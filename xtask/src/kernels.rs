@@ -50,12 +50,35 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
     let cuda_home = std::env::var_os("CUDA_HOME")
         .or_else(|| std::env::var_os("CUDA_PATH"))
         .map(PathBuf::from);
+    check_nvcc(cuda_home.as_deref(), &mut missing);
+    let cap = check_compute_cap(&mut missing);
+    check_libraries(cuda_home.as_deref(), &mut missing);
+    if args.flash_attn {
+        check_flash_attn(&mut missing);
+    }
+    if !missing.is_empty() {
+        let mut msg = String::from("cannot build the CUDA kernels; missing:\n");
+        for m in &missing {
+            msg.push_str(&format!("  - {m}\n"));
+        }
+        msg.push_str(RECIPE);
+        bail!("{msg}");
+    }
+    if args.check_only {
+        say!("xtask: every CUDA prerequisite is present");
+        return Ok(());
+    }
+    build(&cap)
+}
 
-    let nvcc = find_nvcc(cuda_home.as_deref());
+/// nvcc, found (on PATH or in `cuda_home/bin`) and of release [`CUDA_RELEASE`]; else what is
+/// wrong goes into `missing`.
+fn check_nvcc(cuda_home: Option<&Path>, missing: &mut Vec<String>) {
+    let nvcc = find_nvcc(cuda_home);
     match &nvcc {
         None => missing.push(format!(
             "nvcc: not on PATH{}",
-            match &cuda_home {
+            match cuda_home {
                 Some(h) => format!(" nor in {}/bin", h.display()),
                 None => " and CUDA_HOME is not set".into(),
             }
@@ -72,7 +95,11 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
             )),
         },
     }
+}
 
+/// The compute capability to build for (CUDA_COMPUTE_CAP, default 90); one that is not a
+/// capability goes into `missing`.
+fn check_compute_cap(missing: &mut Vec<String>) -> String {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     match cap.parse::<u32>() {
         Ok(c) if (50..=130).contains(&c) => say!(
@@ -87,8 +114,12 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
             "CUDA_COMPUTE_CAP={cap:?} is not a compute capability like 80, 89 or 90 (unset = 90, H100/H200)"
         )),
     }
+    cap
+}
 
-    let lib_dirs = library_dirs(cuda_home.as_deref());
+/// The CUDA libraries the link needs; each one not found goes into `missing`.
+fn check_libraries(cuda_home: Option<&Path>, missing: &mut Vec<String>) {
+    let lib_dirs = library_dirs(cuda_home);
     for lib in [
         "libcudart.so",
         "libcublas.so",
@@ -116,52 +147,45 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
             ));
         }
     }
+}
 
-    if args.flash_attn {
-        match std::env::var_os("CUDAFORGE_HOME").map(PathBuf::from) {
-            None => missing.push(format!(
-                "CUTLASS for flash-attn: CUDAFORGE_HOME is not set; pre-seed an offline checkout: \
-                 pip download nvidia-cutlass==3.5.0.0 (headers identical to commit {CUTLASS_COMMIT}), \
-                 unpack its include/ into $CUDAFORGE_HOME/{CUTLASS_CHECKOUT}/include and write the commit \
-                 to $CUDAFORGE_HOME/{CUTLASS_CHECKOUT}/.git/HEAD"
-            )),
-            Some(home) => {
-                let checkout = home.join(CUTLASS_CHECKOUT);
-                let head = std::fs::read_to_string(checkout.join(".git/HEAD")).unwrap_or_default();
-                if head.trim() != CUTLASS_COMMIT {
-                    missing.push(format!(
-                        "CUTLASS for flash-attn: {} must hold {CUTLASS_COMMIT} (found {:?})",
-                        checkout.join(".git/HEAD").display(),
-                        head.trim()
-                    ));
-                }
-                if !checkout.join("include/cutlass/cutlass.h").exists() {
-                    missing.push(format!(
-                        "CUTLASS for flash-attn: {} is missing; unpack the headers of the nvidia-cutlass==3.5.0.0 wheel there",
-                        checkout.join("include/cutlass/cutlass.h").display()
-                    ));
-                }
+/// The flash-attn prerequisites (an offline CUTLASS checkout) and the missing feature, into
+/// `missing`.
+fn check_flash_attn(missing: &mut Vec<String>) {
+    match std::env::var_os("CUDAFORGE_HOME").map(PathBuf::from) {
+        None => missing.push(format!(
+            "CUTLASS for flash-attn: CUDAFORGE_HOME is not set; pre-seed an offline checkout: \
+             pip download nvidia-cutlass==3.5.0.0 (headers identical to commit {CUTLASS_COMMIT}), \
+             unpack its include/ into $CUDAFORGE_HOME/{CUTLASS_CHECKOUT}/include and write the commit \
+             to $CUDAFORGE_HOME/{CUTLASS_CHECKOUT}/.git/HEAD"
+        )),
+        Some(home) => {
+            let checkout = home.join(CUTLASS_CHECKOUT);
+            let head = std::fs::read_to_string(checkout.join(".git/HEAD")).unwrap_or_default();
+            if head.trim() != CUTLASS_COMMIT {
+                missing.push(format!(
+                    "CUTLASS for flash-attn: {} must hold {CUTLASS_COMMIT} (found {:?})",
+                    checkout.join(".git/HEAD").display(),
+                    head.trim()
+                ));
+            }
+            if !checkout.join("include/cutlass/cutlass.h").exists() {
+                missing.push(format!(
+                    "CUTLASS for flash-attn: {} is missing; unpack the headers of the nvidia-cutlass==3.5.0.0 wheel there",
+                    checkout.join("include/cutlass/cutlass.h").display()
+                ));
             }
         }
-        missing.push(
-            "flash-attn: the workspace has no `flash-attn` feature yet (candle-flash-attn's 53 kernels take \
-             ~4-5 h on 2 cores); the cuda build uses candle's matmul attention"
-                .into(),
-        );
     }
+    missing.push(
+        "flash-attn: the workspace has no `flash-attn` feature yet (candle-flash-attn's 53 kernels take \
+         ~4-5 h on 2 cores); the cuda build uses candle's matmul attention"
+            .into(),
+    );
+}
 
-    if !missing.is_empty() {
-        let mut msg = String::from("cannot build the CUDA kernels; missing:\n");
-        for m in &missing {
-            msg.push_str(&format!("  - {m}\n"));
-        }
-        msg.push_str(RECIPE);
-        bail!("{msg}");
-    }
-    if args.check_only {
-        say!("xtask: every CUDA prerequisite is present");
-        return Ok(());
-    }
+/// Builds `agate` with `--features cuda` for compute capability `cap` into target/cuda/.
+fn build(cap: &str) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // A separate target directory: the CUDA binary must never replace target/release/agate,
     // which does not start on a machine without libcuda.so.1.
@@ -185,7 +209,7 @@ pub fn run(args: &KernelsArgs) -> anyhow::Result<()> {
             "--target-dir",
         ])
         .arg(&target_dir)
-        .env("CUDA_COMPUTE_CAP", &cap)
+        .env("CUDA_COMPUTE_CAP", cap)
         .current_dir(crate::workspace_root())
         .status()
         .with_context(|| format!("cannot run {cargo}"))?;

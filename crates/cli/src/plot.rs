@@ -1,12 +1,16 @@
 //! Pictures people look at: the eviction map (which prompt tokens each layer and KV head kept,
 //! PNG) and line charts (accuracy vs eviction ratio with 95% error bars: SVG through plotters,
-//! and PNG drawn here with a built-in 5×7 pixel font, so no system font is needed). Files are
+//! and PNG drawn here with a built-in 5×7 pixel font, so no system font is needed: plotters'
+//! bitmap backend panics on any text without its `ttf` (system fonts through font-kit) or
+//! `ab_glyph` (a font file we would have to ship) feature, and `bitmap_encoder` alone adds 22
+//! crates, image 0.24 and a second png among them, measured for issue 16). Files are
 //! written by `engine::atomic` (a temporary name and a rename: a crash never leaves half a
 //! picture).
 
 use std::path::Path;
 
 use engine::atomic::write_atomically;
+use engine::train::StepReport;
 use plotters::prelude::*;
 
 /// Pixel height of one (layer, head) row of the eviction map.
@@ -231,9 +235,72 @@ pub fn line_chart_png(
         "bad x range {x0}..{x1}"
     );
     let mut c = Canvas::new(PNG_W, PNG_H);
+    let frame = Frame { x0, x1 };
+    draw_axes(&mut c, &frame, x_label, y_label);
+    let (px, py) = (|x| frame.px(x), |y| frame.py(y));
+    let (t, r) = (AREA.1, AREA.2);
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        for w in s.points.windows(2) {
+            c.line((px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), color, 2);
+        }
+        if s.points.len() <= MARKER_MAX_POINTS {
+            for &(x, y) in &s.points {
+                c.dot(px(x), py(y), 4, color);
+            }
+        }
+        for (&(x, _), &(lo, hi)) in s.points.iter().zip(&s.errors) {
+            let (x, cap) = (px(x), f64::from(CAP_PX));
+            c.line((x, py(lo)), (x, py(hi)), color, 1);
+            for y in [py(lo), py(hi)] {
+                c.line((x - cap, y), (x + cap, y), color, 1);
+            }
+        }
+        let ly = t + 10 + i * 22;
+        c.line(
+            (r as f64 + 20.0, ly as f64 + 6.0),
+            (r as f64 + 50.0, ly as f64 + 6.0),
+            color,
+            3,
+        );
+        c.dot(r as f64 + 35.0, ly as f64 + 6.0, 4, color);
+        c.text(r + 58, ly, &s.label, [0, 0, 0]);
+    }
+    write_atomically(path, |file| -> anyhow::Result<()> {
+        let mut encoder = png::Encoder::new(file, PNG_W as u32, PNG_H as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(&c.pixels)?;
+        writer.finish()?;
+        Ok(())
+    })
+}
+
+/// Where chart values land in [`AREA`] of [`line_chart_png`] (x over `x0..x1`, y over
+/// `[0, 1]`), clamped to the frame.
+struct Frame {
+    x0: f64,
+    x1: f64,
+}
+
+impl Frame {
+    fn px(&self, x: f64) -> f64 {
+        let (l, _, r, _) = AREA;
+        l as f64 + ((x - self.x0) / (self.x1 - self.x0)).clamp(0.0, 1.0) * (r - l) as f64
+    }
+
+    fn py(&self, y: f64) -> f64 {
+        let (_, t, _, b) = AREA;
+        b as f64 - y.clamp(0.0, 1.0) * (b - t) as f64
+    }
+}
+
+/// The grid (ten intervals each way), tick labels, axes and axis labels of [`line_chart_png`].
+fn draw_axes(c: &mut Canvas, frame: &Frame, x_label: &str, y_label: &str) {
     let (l, t, r, b) = AREA;
-    let px = |x: f64| l as f64 + ((x - x0) / (x1 - x0)).clamp(0.0, 1.0) * (r - l) as f64;
-    let py = |y: f64| b as f64 - y.clamp(0.0, 1.0) * (b - t) as f64;
+    let (px, py) = (|x| frame.px(x), |y| frame.py(y));
+    let (x0, x1) = (frame.x0, frame.x1);
     for i in 0..=10 {
         let (xv, yv) = (x0 + (x1 - x0) * i as f64 / 10.0, i as f64 / 10.0);
         let (x, y) = (px(xv) as usize, py(yv) as usize);
@@ -277,42 +344,6 @@ pub fn line_chart_png(
         [0, 0, 0],
     );
     c.text(8, 8, y_label, [0, 0, 0]);
-    for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        for w in s.points.windows(2) {
-            c.line((px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), color, 2);
-        }
-        if s.points.len() <= MARKER_MAX_POINTS {
-            for &(x, y) in &s.points {
-                c.dot(px(x), py(y), 4, color);
-            }
-        }
-        for (&(x, _), &(lo, hi)) in s.points.iter().zip(&s.errors) {
-            let (x, cap) = (px(x), f64::from(CAP_PX));
-            c.line((x, py(lo)), (x, py(hi)), color, 1);
-            for y in [py(lo), py(hi)] {
-                c.line((x - cap, y), (x + cap, y), color, 1);
-            }
-        }
-        let ly = t + 10 + i * 22;
-        c.line(
-            (r as f64 + 20.0, ly as f64 + 6.0),
-            (r as f64 + 50.0, ly as f64 + 6.0),
-            color,
-            3,
-        );
-        c.dot(r as f64 + 35.0, ly as f64 + 6.0, 4, color);
-        c.text(r + 58, ly, &s.label, [0, 0, 0]);
-    }
-    write_atomically(path, |file| -> anyhow::Result<()> {
-        let mut encoder = png::Encoder::new(file, PNG_W as u32, PNG_H as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&c.pixels)?;
-        writer.finish()?;
-        Ok(())
-    })
 }
 
 /// An RGB raster.
@@ -445,6 +476,63 @@ fn glyph(ch: char) -> [u8; 7] {
         'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
         'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
         _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+    }
+}
+
+/// Steps of the running CE mean drawn in the PNG curve.
+const CE_MEAN_STEPS: usize = 10;
+
+/// Draws a gate-training run's curves (`agate train-gates --plot`).
+pub fn training_curves(path: &Path, h: &[StepReport]) -> anyhow::Result<()> {
+    let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
+        label: label.to_string(),
+        points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
+        errors: Vec::new(),
+    };
+    if path.extension().is_some_and(|e| e == "png") {
+        // Per-step CE is noisy (each step is another text): its running mean over the last
+        // CE_MEAN_STEPS steps, relative to that mean's maximum, shares the [0, 1] axis.
+        let ce_mean: Vec<f64> = (0..h.len())
+            .map(|i| {
+                let w = &h[i.saturating_sub(CE_MEAN_STEPS - 1)..=i];
+                w.iter().map(|r| r.ce).sum::<f64>() / w.len() as f64
+            })
+            .collect();
+        let ce_max = ce_mean.iter().copied().fold(1e-9, f64::max);
+        let ce = Series {
+            label: format!("CE ({CE_MEAN_STEPS}-step mean) / max"),
+            points: h
+                .iter()
+                .zip(&ce_mean)
+                .map(|(r, m)| (r.step as f64, m / ce_max))
+                .collect(),
+            errors: Vec::new(),
+        };
+        let last = h.last().map_or(1, |r| r.step.max(1)) as f64;
+        line_chart_png(
+            path,
+            "step",
+            "CE (relative) / eviction ratio",
+            (0.0, last),
+            &[
+                ce,
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
+    } else {
+        line_chart_svg(
+            path,
+            "Attention-Gate training",
+            "step",
+            "loss / eviction ratio",
+            &[
+                series("loss", &|r| r.loss),
+                series("CE", &|r| r.ce),
+                series("soft eviction", &|r| r.soft_evict),
+                series("hard eviction", &|r| r.hard_evict),
+            ],
+        )
     }
 }
 

@@ -22,7 +22,7 @@ use engine::GateFileDtype;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{load_engine, ModelArgs};
-use crate::plot::{self, line_chart_png, line_chart_svg, Series};
+use crate::plot;
 
 /// Default of `--heldout-seqs`.
 const DEFAULT_HELDOUT_SEQS: usize = 16;
@@ -274,6 +274,83 @@ const DEFAULT_GATE_BIAS_INIT: f32 = 1.0;
 pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     keep_freed_memory();
     let cfg = args.train_config()?;
+    check_flags(args)?;
+    let dtype = match args.out_dtype.as_str() {
+        "f32" => GateFileDtype::F32,
+        "bf16" => GateFileDtype::BF16,
+        _ => GateFileDtype::F16,
+    };
+    let stop = stop_on_interrupt()?;
+    let engine = load_engine(&args.model)?;
+    let mut trainer = Trainer::new(&engine, cfg)?;
+    let ckpt = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|d| d.join("checkpoint.safetensors"));
+    // Every step's report: the checkpoint records them, the log and the curve come from them.
+    let mut history: Vec<StepReport> = Vec::new();
+    if args.resume {
+        let path = ckpt.as_ref().context("--resume needs --checkpoint-dir")?;
+        history = trainer.resume(path)?;
+        say!(
+            "agate: resumed from {} at step {}",
+            path.display(),
+            trainer.step()
+        );
+    }
+    say!(
+        "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
+        args.train,
+        trainer.n_examples(),
+        args.seq_len,
+        args.steps,
+        args.batch,
+        args.grad_accum
+    );
+    let logged = |r: &StepReport| logged(args, r);
+    let mut log = match &args.log {
+        Some(p) => Some(start_log(p, &history, &logged, args.resume)?),
+        None => None,
+    };
+    let first_step = trainer.step();
+    let train_secs = train(
+        args,
+        &mut trainer,
+        &mut history,
+        log.as_mut(),
+        ckpt.as_deref(),
+        &stop,
+    )?;
+    if let Some(p) = &ckpt {
+        trainer.save_checkpoint(p, &history)?;
+        say!(
+            "agate: checkpoint at step {} in {}",
+            trainer.step(),
+            p.display()
+        );
+    }
+    write_outputs(args, &mut trainer, ckpt.as_deref(), &stop, dtype)?;
+    let steps_run = trainer.step() - first_step;
+    if steps_run > 0 {
+        let per_step = (args.seq_len * args.batch * args.grad_accum) as f64;
+        say!(
+            "agate: {steps_run} steps in {train_secs:.0} s, mean {:.1} tokens/s",
+            per_step * steps_run as f64 / train_secs
+        );
+    }
+    if !args.heldout.is_empty() {
+        heldout(args, &mut trainer, log.as_mut(), &stop)?;
+    }
+    if let Some(p) = &args.plot {
+        plot::training_curves(p, &history)?;
+        say!("agate: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// Refuses, before any work, flag values that are out of range and flags this run would ignore
+/// (or fail on only after training); checks that every output can be written.
+fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.resume || args.checkpoint_dir.is_some(),
         "--resume needs --checkpoint-dir DIR"
@@ -325,81 +402,19 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         !args.heldout_given_without_files(),
         "--heldout-seqs does nothing without --heldout FILE"
     );
-    let dtype = match args.out_dtype.as_str() {
-        "f32" => GateFileDtype::F32,
-        "bf16" => GateFileDtype::BF16,
-        _ => GateFileDtype::F16,
-    };
-    let stop = stop_on_interrupt()?;
-    let engine = load_engine(&args.model)?;
-    let mut trainer = Trainer::new(&engine, cfg)?;
-    let ckpt = args
-        .checkpoint_dir
-        .as_ref()
-        .map(|d| d.join("checkpoint.safetensors"));
-    // Every step's report: the checkpoint records them, the log and the curve come from them.
-    let mut history: Vec<StepReport> = Vec::new();
-    if args.resume {
-        let path = ckpt.as_ref().context("--resume needs --checkpoint-dir")?;
-        history = trainer.resume(path)?;
-        say!(
-            "agate: resumed from {} at step {}",
-            path.display(),
-            trainer.step()
-        );
-    }
-    say!(
-        "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
-        args.train,
-        trainer.n_examples(),
-        args.seq_len,
-        args.steps,
-        args.batch,
-        args.grad_accum
-    );
-    let logged = |r: &StepReport| r.step.is_multiple_of(args.log_every) || r.step == args.steps;
-    let mut log = match &args.log {
-        Some(p) => Some(start_log(p, &history, &logged, args.resume)?),
-        None => None,
-    };
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(trainer.step() as u64);
-    let (started, first_step) = (Instant::now(), trainer.step());
-    while trainer.step() < args.steps && !stop.load(Ordering::SeqCst) {
-        let mut r = trainer.train_step()?;
-        r.elapsed_s = started.elapsed().as_secs_f64();
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "loss {:.3} ce {:.3} evict soft {:.3} (target {:.3}) hard {:.3} λ {:.2} {:.0} tok/s",
-            r.loss, r.ce, r.soft_evict, r.soft_target, r.hard_evict, r.lambda, r.tokens_per_s
-        ));
-        if let Some(log) = log.as_mut().filter(|_| logged(&r)) {
-            log.line(&serde_json::to_string(&r)?)?;
-        }
-        history.push(r);
-        if let Some(p) = &ckpt {
-            if trainer.step().is_multiple_of(args.checkpoint_every) {
-                trainer.save_checkpoint(p, &history)?;
-            }
-        }
-    }
-    bar.finish();
-    let train_secs = started.elapsed().as_secs_f64();
-    if let Some(p) = &ckpt {
-        trainer.save_checkpoint(p, &history)?;
-        say!(
-            "agate: checkpoint at step {} in {}",
-            trainer.step(),
-            p.display()
-        );
-    }
-    let checkpoint_note = match &ckpt {
+    Ok(())
+}
+
+/// Writes the final outputs (the gates, calibrated first if asked; the LoRA adapters), unless
+/// `stop` was set: then an interruption error that names the last checkpoint.
+fn write_outputs(
+    args: &TrainGatesArgs,
+    trainer: &mut Trainer,
+    ckpt: Option<&Path>,
+    stop: &AtomicBool,
+    dtype: GateFileDtype,
+) -> anyhow::Result<()> {
+    let checkpoint_note = match ckpt {
         Some(p) => format!(
             "the last checkpoint (step {}) is {}: continue with --resume",
             trainer.step(),
@@ -436,42 +451,85 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         trainer.save_lora(p)?;
         say!("agate: wrote LoRA adapters to {}", p.display());
     }
-    let steps_run = trainer.step() - first_step;
-    if steps_run > 0 {
-        let per_step = (args.seq_len * args.batch * args.grad_accum) as f64;
-        say!(
-            "agate: {steps_run} steps in {train_secs:.0} s, mean {:.1} tokens/s",
-            per_step * steps_run as f64 / train_secs
-        );
-    }
-    if !args.heldout.is_empty() {
-        if stop.load(Ordering::SeqCst) {
-            return Err(crate::Interrupted(
-                "train-gates was interrupted before its held-out evaluation (training finished and its outputs were written)".into(),
-            )
-            .into());
+    Ok(())
+}
+
+/// Whether step report `r` goes into the `--log` (every `--log-every` steps and the last).
+fn logged(args: &TrainGatesArgs, r: &StepReport) -> bool {
+    r.step.is_multiple_of(args.log_every) || r.step == args.steps
+}
+
+/// Runs the training steps up to `--steps` (or until `stop`) with a progress bar, appending
+/// each report to `history` (and the logged ones to `log`), checkpointing every
+/// `--checkpoint-every` steps to `ckpt`; returns the seconds spent.
+fn train(
+    args: &TrainGatesArgs,
+    trainer: &mut Trainer,
+    history: &mut Vec<StepReport>,
+    mut log: Option<&mut AppendLog>,
+    ckpt: Option<&Path>,
+    stop: &AtomicBool,
+) -> anyhow::Result<f64> {
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step() as u64);
+    let started = Instant::now();
+    while trainer.step() < args.steps && !stop.load(Ordering::SeqCst) {
+        let mut r = trainer.train_step()?;
+        r.elapsed_s = started.elapsed().as_secs_f64();
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.3} ce {:.3} evict soft {:.3} (target {:.3}) hard {:.3} λ {:.2} {:.0} tok/s",
+            r.loss, r.ce, r.soft_evict, r.soft_target, r.hard_evict, r.lambda, r.tokens_per_s
+        ));
+        if let Some(log) = log.as_mut().filter(|_| logged(args, &r)) {
+            log.line(&serde_json::to_string(&r)?)?;
         }
-        let h = trainer.evaluate(&args.heldout, args.heldout_seqs)?;
-        let gated = match h.ppl_gates {
-            Some(p) => format!(
-                ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",
-                100.0 * (p / h.ppl_full - 1.0),
-                h.hard_evict,
-                h.soft_evict
-            ),
-            None => String::new(),
-        };
-        say!(
-            "agate: held-out ({} seqs, {} scored tokens): PPL base {:.3}, trained with full cache {:.3}{gated}",
-            h.sequences, h.tokens, h.ppl_base, h.ppl_full
-        );
-        if let Some(log) = log.as_mut() {
-            log.line(&serde_json::json!({ "heldout": h }).to_string())?;
+        history.push(r);
+        if let Some(p) = ckpt {
+            if trainer.step().is_multiple_of(args.checkpoint_every) {
+                trainer.save_checkpoint(p, history)?;
+            }
         }
     }
-    if let Some(p) = &args.plot {
-        plot(p, &history)?;
-        say!("agate: wrote {}", p.display());
+    bar.finish();
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The held-out evaluation after training: printed, and added to the log.
+fn heldout(
+    args: &TrainGatesArgs,
+    trainer: &mut Trainer,
+    log: Option<&mut AppendLog>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        return Err(crate::Interrupted(
+            "train-gates was interrupted before its held-out evaluation (training finished and its outputs were written)".into(),
+        )
+        .into());
+    }
+    let h = trainer.evaluate(&args.heldout, args.heldout_seqs)?;
+    let gated = match h.ppl_gates {
+        Some(p) => format!(
+            ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",
+            100.0 * (p / h.ppl_full - 1.0),
+            h.hard_evict,
+            h.soft_evict
+        ),
+        None => String::new(),
+    };
+    say!(
+        "agate: held-out ({} seqs, {} scored tokens): PPL base {:.3}, trained with full cache {:.3}{gated}",
+        h.sequences, h.tokens, h.ppl_base, h.ppl_full
+    );
+    if let Some(log) = log {
+        log.line(&serde_json::json!({ "heldout": h }).to_string())?;
     }
     Ok(())
 }
@@ -531,61 +589,4 @@ fn step_lines(text: &str, last: usize) -> Vec<&str> {
     text.lines()
         .filter(|l| serde_json::from_str::<StepReport>(l).is_ok_and(|r| r.step <= last))
         .collect()
-}
-
-/// Steps of the running CE mean drawn in the PNG curve.
-const CE_MEAN_STEPS: usize = 10;
-
-/// Draws the run's curves (see `--plot`).
-fn plot(path: &std::path::Path, h: &[StepReport]) -> anyhow::Result<()> {
-    let series = |label: &str, f: &dyn Fn(&StepReport) -> f64| Series {
-        label: label.to_string(),
-        points: h.iter().map(|r| (r.step as f64, f(r))).collect(),
-        errors: Vec::new(),
-    };
-    if path.extension().is_some_and(|e| e == "png") {
-        // Per-step CE is noisy (each step is another text): its running mean over the last
-        // CE_MEAN_STEPS steps, relative to that mean's maximum, shares the [0, 1] axis.
-        let ce_mean: Vec<f64> = (0..h.len())
-            .map(|i| {
-                let w = &h[i.saturating_sub(CE_MEAN_STEPS - 1)..=i];
-                w.iter().map(|r| r.ce).sum::<f64>() / w.len() as f64
-            })
-            .collect();
-        let ce_max = ce_mean.iter().copied().fold(1e-9, f64::max);
-        let ce = Series {
-            label: format!("CE ({CE_MEAN_STEPS}-step mean) / max"),
-            points: h
-                .iter()
-                .zip(&ce_mean)
-                .map(|(r, m)| (r.step as f64, m / ce_max))
-                .collect(),
-            errors: Vec::new(),
-        };
-        let last = h.last().map_or(1, |r| r.step.max(1)) as f64;
-        line_chart_png(
-            path,
-            "step",
-            "CE (relative) / eviction ratio",
-            (0.0, last),
-            &[
-                ce,
-                series("soft eviction", &|r| r.soft_evict),
-                series("hard eviction", &|r| r.hard_evict),
-            ],
-        )
-    } else {
-        line_chart_svg(
-            path,
-            "Attention-Gate training",
-            "step",
-            "loss / eviction ratio",
-            &[
-                series("loss", &|r| r.loss),
-                series("CE", &|r| r.ce),
-                series("soft eviction", &|r| r.soft_evict),
-                series("hard eviction", &|r| r.hard_evict),
-            ],
-        )
-    }
 }

@@ -2,15 +2,12 @@
 //! non-zero exit (never a panic), and `generate --json` keeps its key contract.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn agate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agate"))
-        .args(args)
-        .output()
-        .expect("run agate")
-}
+use common::{agate, tiny_model};
 
 /// Asserts failure with exactly one stderr line that starts with `error:` and contains `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {
@@ -24,15 +21,6 @@ fn assert_one_line_error(out: &Output, needle: &str) {
         lines[0].contains(needle),
         "expected {needle:?} in: {stderr}"
     );
-}
-
-fn tiny_model(dir: &Path, max_position: usize) -> PathBuf {
-    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
-    cfg.max_position = max_position;
-    let path = dir.join("tiny");
-    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
-        .unwrap();
-    path
 }
 
 #[test]
@@ -107,7 +95,7 @@ fn unsupported_architecture() {
 #[test]
 fn config_json_missing_field() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let config = model.join("config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
@@ -127,7 +115,7 @@ fn empty_prompt() {
 #[test]
 fn prompt_longer_than_context() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let prompt = "x".repeat(100); // byte-level tokenizer: 100 tokens
     let out = agate(&["generate", &prompt, "--model", model.to_str().unwrap()]);
     assert_one_line_error(&out, "prompt of 100 tokens does not fit");
@@ -163,7 +151,7 @@ fn invalid_flag_values_are_named() {
 #[test]
 fn a_full_pool_names_the_flag_that_sizes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 8192);
+    let model = tiny_model(dir.path(), 2, 2, 8192);
     let prompt = "x".repeat(5000);
     let out = agate(&[
         "generate",
@@ -192,7 +180,7 @@ fn bench_serve_without_a_server_is_one_error() {
 #[test]
 fn more_threads_than_cores_are_capped_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let out = agate(&[
         "--threads",
         "1024",
@@ -257,7 +245,7 @@ fn generate_json_contract() {
 #[test]
 fn train_gates_resumes_and_draws_the_whole_run() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 4096);
+    let model = tiny_model(dir.path(), 2, 2, 4096);
     let data = dir.path().join("prose.txt");
     std::fs::write(
         &data,
@@ -400,7 +388,7 @@ fn generate_pyramidkv_meets_the_requested_ratio() {
 #[test]
 fn policy_options_are_settable_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 512);
+    let model = tiny_model(dir.path(), 2, 2, 512);
     let m = model.to_str().unwrap();
     let ok = agate(&[
         "generate",

@@ -4,23 +4,11 @@
 //! out as a task file and read back.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn agate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agate"))
-        .args(args)
-        .output()
-        .expect("run agate")
-}
+use std::process::Output;
 
-fn tiny_model(dir: &Path) -> PathBuf {
-    let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    let path = dir.join("tiny");
-    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
-        .unwrap();
-    path
-}
+use common::{agate, tiny_model};
 
 fn stdout_json(out: &Output) -> serde_json::Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -38,7 +26,7 @@ const MIXED: &str = r#"{"type":"choice","context":"The sky is","question":"Colou
 #[test]
 fn json_output_keeps_its_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let tasks = dir.path().join("tasks.jsonl");
     std::fs::write(&tasks, MIXED).unwrap();
     let out = agate(&[
@@ -104,7 +92,7 @@ fn bad_task_files_fail_with_the_line_and_field() {
 #[test]
 fn sweeps_write_table_json_csv_and_plots() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let tasks = dir.path().join("tasks.jsonl");
     std::fs::write(&tasks, MIXED).unwrap();
     let out_dir = dir.path().join("out");
@@ -186,7 +174,7 @@ fn sweeps_write_table_json_csv_and_plots() {
 #[test]
 fn synthetic_tasks_round_trip_through_a_task_file() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let file = dir.path().join("pk.jsonl");
     let m = model.to_str().unwrap();
     let common = [
@@ -243,7 +231,7 @@ fn synthetic_tasks_round_trip_through_a_task_file() {
 #[test]
 fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let tasks = dir.path().join("tasks.jsonl");
     std::fs::write(&tasks, MIXED).unwrap();
     // streaming keeps 8 tokens per head (its own setting): its measured ratio is not on the grid,
@@ -294,7 +282,7 @@ fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
 #[test]
 fn chat_json_has_the_protocol_and_intervals() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let tasks = dir.path().join("tasks.jsonl");
     std::fs::write(&tasks, MIXED).unwrap();
     let run = |extra: &[&str]| {
@@ -359,7 +347,7 @@ fn chat_json_has_the_protocol_and_intervals() {
 #[test]
 fn shared_and_separate_prefills_give_the_same_sweep() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let m = model.to_str().unwrap();
     let common = [
         "eval",

@@ -9,16 +9,13 @@
 //! left with holes, and Ctrl-C ends it with status 130. No output may contain `panicked`.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-fn agate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agate"))
-        .args(args)
-        .output()
-        .expect("run agate")
-}
+use common::{agate, tiny_model};
 
 /// Runs agate with `stdin` as its standard input.
 fn agate_with_input(args: &[&str], stdin: impl AsRef<[u8]>) -> Output {
@@ -64,15 +61,6 @@ fn succeeds(out: &Output) {
     assert!(!text(out).contains("panicked"), "panic: {}", text(out));
 }
 
-fn tiny_model(dir: &Path, context: usize) -> PathBuf {
-    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
-    cfg.max_position = context;
-    let path = dir.join("tiny");
-    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
-        .unwrap();
-    path
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -108,12 +96,12 @@ fn metadata_outside_its_meaning_is_named() {
         ),
     ];
     for (i, (field, value, says)) in cases.into_iter().enumerate() {
-        let model = tiny_model(&dir.path().join(i.to_string()), 64);
+        let model = tiny_model(&dir.path().join(i.to_string()), 2, 2, 64);
         edit_config(&model, |j| j[field] = value);
         let out = agate(&["generate", "hi", "--model", s(&model)]);
         fails_with(&out, &["config.json", field, says]);
     }
-    let model = tiny_model(&dir.path().join("scaling"), 64);
+    let model = tiny_model(&dir.path().join("scaling"), 2, 2, 64);
     edit_config(&model, |j| {
         j["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0})
     });
@@ -124,7 +112,7 @@ fn metadata_outside_its_meaning_is_named() {
 #[test]
 fn nan_weights_stop_with_the_cause_at_any_temperature() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let weights = model.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     let poisoned: std::collections::HashMap<String, candle_core::Tensor> = tensors
@@ -352,7 +340,11 @@ fn gguf_structure_and_metadata_are_checked_as_ggml_does() {
     );
     // A safetensors file given as a model is called one.
     let st = dir.path().join("w.safetensors");
-    std::fs::copy(tiny_model(dir.path(), 64).join("model.safetensors"), &st).unwrap();
+    std::fs::copy(
+        tiny_model(dir.path(), 2, 2, 64).join("model.safetensors"),
+        &st,
+    )
+    .unwrap();
     let out = agate(&["inspect", "--model", s(&st)]);
     fails_with(
         &out,
@@ -374,7 +366,7 @@ fn a_missing_file_is_named_once() {
 #[test]
 fn nan_gates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let gates = dir.path().join("g.safetensors");
     succeeds(&agate(&[
         "init-gates",
@@ -431,7 +423,7 @@ fn nan_gates_are_refused() {
 #[test]
 fn sizes_that_overflow_are_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let m = s(&model);
     let huge = "18446744073709551615";
     let out = agate(&[
@@ -483,7 +475,7 @@ fn sizes_that_overflow_are_refused_before_any_work() {
 #[test]
 fn a_full_stdout_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let full = || {
         std::fs::OpenOptions::new()
             .write(true)
@@ -523,7 +515,7 @@ fn a_full_stdout_is_an_error_not_a_panic() {
 #[test]
 fn flags_the_policy_ignores_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let m = s(&model);
     let out = agate(&[
         "generate", "hi", "--model", m, "--policy", "full", "--evict", "0.5",
@@ -708,7 +700,7 @@ fn is_png(path: &Path) -> bool {
 fn outputs_are_written_through_links_fifos_and_devices_never_replaced() {
     use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let map = |out: &Path| {
         agate(&[
             "generate",
@@ -780,7 +772,7 @@ fn outputs_are_written_through_links_fifos_and_devices_never_replaced() {
 #[test]
 fn a_chat_whose_pool_runs_out_keeps_its_state() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 8192);
+    let model = tiny_model(dir.path(), 2, 2, 8192);
     // 1 MiB: 1,024 blocks of 16 tokens of one head; 4 heads: about 4,000 tokens.
     let long = "x".repeat(5000);
     let input = format!("hello\n/stats\n{long}\n/stats\nhi again\n/stats\n/exit\n");
@@ -823,7 +815,7 @@ fn a_chat_whose_pool_runs_out_keeps_its_state() {
 #[test]
 fn a_chat_line_that_is_not_utf8_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 256);
+    let model = tiny_model(dir.path(), 2, 2, 256);
     let out = agate_with_input(
         &["chat", "--model", s(&model), "--max-tokens", "2"],
         b"\xff\xfe bad\nhello\n/stats\n/exit\n",
@@ -837,7 +829,7 @@ fn a_chat_line_that_is_not_utf8_is_skipped() {
 #[test]
 fn a_bounded_chat_in_cache_positions_runs_past_the_context() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     // Short turns: each must fit beside the 32 kept tokens in the 64-token context.
     let mut input: String = (0..60).map(|i| format!("go {i}\n")).collect();
     input.push_str("/stats\n/exit\n");
@@ -915,7 +907,7 @@ fn train_args<'a>(model: &'a str, data: &'a str, dir: &'a str, steps: &'a str) -
 #[test]
 fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let data = dir.path().join("data.txt");
     std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
     let ckpt_dir = dir.path().join("ckpt");
@@ -965,7 +957,7 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
 #[test]
 fn ctrl_c_ends_training_with_130_and_names_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 64);
+    let model = tiny_model(dir.path(), 2, 2, 64);
     let data = dir.path().join("data.txt");
     std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
     let ckpt_dir = dir.path().join("ckpt");

@@ -8,10 +8,13 @@
 //! Every request loop is bounded (counts and timeouts); the servers stop when a test ends.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::tiny_model;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -62,14 +65,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn tiny_model(dir: &Path, layers: usize, kv_heads: usize) -> PathBuf {
-    let cfg = model_zoo::random::tiny_config(layers, 4, kv_heads);
-    let path = dir.join("tiny");
-    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
-        .unwrap();
-    path
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -188,7 +183,7 @@ fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>
 #[test]
 fn openai_shapes_routes_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2);
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let server = Server::start(&["--model", model.to_str().unwrap(), "--weights", "q8_0"]);
     runtime().block_on(async {
         let c = client();
@@ -387,7 +382,7 @@ fn openai_shapes_routes_and_errors() {
 #[test]
 fn sixteen_streams_finish_and_a_disconnect_frees_its_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2);
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let server = Server::start(&["--model", model.to_str().unwrap(), "--weights", "q8_0"]);
     runtime().block_on(async {
         let c = client();
@@ -452,7 +447,7 @@ fn sixteen_streams_finish_and_a_disconnect_frees_its_blocks() {
 fn clients_hanging_up_mid_stream_never_stop_the_server() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2);
+    let model = tiny_model(dir.path(), 2, 2, 2048);
     let mut server = Server::start(&["--model", model.to_str().unwrap(), "--weights", "q8_0"]);
     #[cfg(target_os = "linux")]
     {
@@ -506,7 +501,7 @@ fn clients_hanging_up_mid_stream_never_stop_the_server() {
 fn api_key_queue_and_pool_limits() {
     let dir = tempfile::tempdir().unwrap();
     // 8 layers × 4 KV heads in a 1 MiB pool: a full cache holds 512 tokens.
-    let model = tiny_model(dir.path(), 8, 4);
+    let model = tiny_model(dir.path(), 8, 4, 2048);
     let server = Server::start(&[
         "--model",
         model.to_str().unwrap(),

@@ -17,11 +17,7 @@ use engine::{Engine, Policy};
 
 fn tiny_engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    engine::atomic::write_dir(dir.path(), |s| {
-        model_zoo::random::write_random_model(s, &cfg, 7)
-    })
-    .unwrap();
+    common::write_tiny_model(dir.path(), 2, 4, 7, 2048);
     let engine = Engine::builder()
         .model(dir.path())
         .weights(engine::WeightFormat::Dense(candle_core::DType::F32))

@@ -6,6 +6,8 @@
 //! undone by the decoder.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use engine::{Engine, GenerateRequest, PolicySpec, Session};
 use kv_store::SequenceKv;
 use model_zoo::{LayerHook, LayerPlan, LogitsFor};
@@ -13,9 +15,7 @@ use model_zoo::{LayerHook, LayerPlan, LogitsFor};
 /// A tiny random model (2 layers, 4 query / 2 KV heads, head dim 16) with a 1 MiB KV pool:
 /// 1,024 blocks of 16 tokens of one head.
 fn tiny_engine(dir: &std::path::Path) -> Engine {
-    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
-    cfg.max_position = 8192;
-    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 3)).unwrap();
+    common::write_tiny_model(dir, 2, 4, 3, 8192);
     load(dir)
 }
 

@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::tokens;
+use common::{max_abs_diff, tokens};
 use engine::{Engine, EngineError, Policy, PolicyError, PolicySpec, Setting};
 use gate_core::select::Budget;
 use kv_store::SequenceKv;
@@ -31,13 +31,6 @@ fn spec(name: &str, evict: f32, gates: Option<&std::path::Path>) -> PolicySpec {
         gates: gates.map(|p| p.to_path_buf()),
         ..PolicySpec::new(name.parse().unwrap())
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The tolerance of mask/physical equivalence for logits `a`: 1e-5 of the largest magnitude,

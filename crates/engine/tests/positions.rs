@@ -5,14 +5,14 @@
 //! computation; keys stay rotated for their cache position through every repack.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use engine::{Engine, GenerateRequest, PolicySpec, Positions, Session};
 
 /// A tiny random model (2 layers, 4 query / 2 KV heads, head dim 16) with a `context`-token
 /// context and an f32 KV cache.
 fn tiny_engine(dir: &std::path::Path, context: usize) -> Engine {
-    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
-    cfg.max_position = context;
-    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 9)).unwrap();
+    common::write_tiny_model(dir, 2, 4, 9, context);
     Engine::builder()
         .model(dir)
         .kv_dtype(engine::KvDtype::F32)
@@ -162,11 +162,7 @@ fn moved_keys_stay_rotated_for_their_cache_position() {
                 let (mut kc, mut ko) = (kc.to_vec(), ko.to_vec());
                 shift(&mut kc, -i64::from(at[i]));
                 shift(&mut ko, -i64::from(o.positions[i]));
-                let diff = kc
-                    .iter()
-                    .zip(&ko)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+                let diff = common::max_abs_diff(&kc, &ko);
                 assert!(diff < 1e-3, "{name} head {h} entry {i}: {diff}");
             }
         }

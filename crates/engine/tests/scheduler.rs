@@ -5,6 +5,8 @@
 //! full queue, a prompt over the context or over the pool are refused cleanly.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
@@ -16,8 +18,7 @@ use engine::{
 /// The tiny model with Q8_0 weights (the quantized kernel, like the default model's) and
 /// 64-token prefill chunks, so that prompts of a few hundred bytes take several steps.
 fn tiny_engine(dir: &std::path::Path, kv_memory_mb: usize) -> Engine {
-    let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 11)).unwrap();
+    common::write_tiny_model(dir, 2, 4, 11, 2048);
     Engine::builder()
         .model(dir)
         .weights(WeightFormat::Quantize(GgmlDType::Q8_0))

@@ -7,13 +7,6 @@ mod common;
 
 use engine::{GenerateRequest, WeightFormat};
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn two_chat_turns_equal_one_fresh_prefill() {
     let Some(engine) = common::default_engine(WeightFormat::Dense(candle_core::DType::F32)) else {
@@ -37,7 +30,7 @@ fn two_chat_turns_equal_one_fresh_prefill() {
     assert_eq!(transcript.len(), fed);
     let mut fresh = engine.new_session();
     fresh.prefill(&transcript).unwrap();
-    let diff = max_abs_diff(session.last_logits().unwrap(), fresh.last_logits().unwrap());
+    let diff = common::max_abs_diff(session.last_logits().unwrap(), fresh.last_logits().unwrap());
     // Batched vs one-token matmuls sum in different orders; through 30 layers and f16 KV rounding
     // that moves logits of magnitude ~20 by a few thousandths.
     assert!(diff < 0.02, "continued vs fresh logits differ by {diff}");

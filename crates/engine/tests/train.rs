@@ -16,6 +16,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::tokens;
 use engine::train::{open_trainable, Mode, StepReport, TrainConfig, Trainables, Trainer};
 use engine::{Engine, GateFileDtype, PolicySpec};
 use gate_core::Protection;
@@ -25,9 +26,7 @@ use model_zoo::{KeepAll, LogitsFor, WeightFormat};
 /// A tiny random model whose prefill runs in chunks of 16 tokens (so that protections cross
 /// chunk boundaries).
 fn tiny_engine(dir: &Path) -> Engine {
-    let mut cfg = model_zoo::random::tiny_config(2, 4, 2);
-    cfg.max_position = 4096;
-    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 5)).unwrap();
+    common::write_tiny_model(dir, 2, 4, 5, 4096);
     Engine::builder()
         .model(dir)
         .kv_dtype(engine::KvDtype::F32)
@@ -36,21 +35,8 @@ fn tiny_engine(dir: &Path) -> Engine {
         .unwrap()
 }
 
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
-        .collect()
-}
-
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    gate_core::testing::max_abs_diff(a, b).unwrap()
 }
 
 /// Inference logits `[T, V]` of `toks` with a full cache (dense f32 weights).

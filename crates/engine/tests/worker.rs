@@ -4,11 +4,12 @@
 //! dropping the worker joins its thread.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
+mod common;
+
 use engine::{Engine, GenerateRequest, Policy, SessionWorker, StreamEvent};
 
 fn tiny_engine(dir: &std::path::Path) -> Engine {
-    let cfg = model_zoo::random::tiny_config(2, 4, 2);
-    engine::atomic::write_dir(dir, |s| model_zoo::random::write_random_model(s, &cfg, 11)).unwrap();
+    common::write_tiny_model(dir, 2, 4, 11, 2048);
     Engine::builder().model(dir).build().unwrap()
 }
 

@@ -21,7 +21,23 @@ pub use gate::{
 };
 pub use loss::{
     eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights, EvictionRatios,
+    Visibility,
 };
 pub use select::{
     evict_greedily, pyramid_budgets, select_threshold, select_top_k, Budget, Protection,
 };
+
+/// Helpers for the tests of agate's crates (not part of the API).
+#[doc(hidden)]
+pub mod testing {
+    use candle_core::Tensor;
+
+    /// The largest `|a - b|` over two tensors of one shape, as f32.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()
+    }
+}

@@ -10,11 +10,12 @@
 //! Invariants: every op is a differentiable candle op in the inputs' dtype (f32 for training,
 //! f64 for gradient checks); `log(keep)` is never taken (keep is exactly 0 for evicted
 //! tokens); an evicted key's weight is exactly 0 for every later query, while each token always
-//! sees itself.
+//! sees itself and the keys its [`Visibility`] protects (sinks, local window).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{bad_tensor, invalid, CandleContext, Result};
+use crate::select::Protection;
 
 /// Hard keep values `1[s > tau]` in `s`'s dtype and shape (no gradient).
 pub fn hard_keep(s: &Tensor, tau: f32) -> Result<Tensor> {
@@ -146,28 +147,65 @@ pub fn eviction_ratios(s: &Tensor, valid_mask: &Tensor, tau: f32) -> Result<Evic
     })
 }
 
-/// Upper bound on `S_ij - m_i` inside [`masked_attention_weights`]' `exp` (finite in f32:
-/// `e^80 < 3.4e38`).
-pub const EXPONENT_CAP: f64 = 80.0;
+/// Which keys each of `T` queries sees under in-context eviction: `gated` (past keys visible
+/// only while kept) and `shown` (keys always visible: the query itself, the sinks, its local
+/// window), `[1, 1, 1, T, T]` 0/1 each in one float dtype. Built once per forward and shared by
+/// every layer's [`masked_attention_weights`].
+#[derive(Clone, Debug)]
+pub struct Visibility {
+    gated: Tensor,
+    shown: Tensor,
+}
+
+impl Visibility {
+    /// The causal visibility of positions `0..t` under `protect`: query `i` always sees itself,
+    /// the first `protect.sinks` keys and the `protect.recent` keys before it; any other past
+    /// key only while kept; no future key. [`Protection::NONE`] is the paper's setting.
+    pub fn causal(t: usize, protect: &Protection, dtype: DType, device: &Device) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(invalid("dtype", format!("{dtype:?}"), "a float dtype"));
+        }
+        let always = |i: usize, j: usize| j < protect.sinks || i - j <= protect.recent;
+        let table = |f: &dyn Fn(usize, usize) -> bool| {
+            let v: Vec<f32> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| (i, j)))
+                .map(|(i, j)| f32::from(u8::from(f(i, j))))
+                .collect();
+            Tensor::from_vec(v, (1, 1, 1, t, t), device).and_then(|m| m.to_dtype(dtype))
+        };
+        Ok(Visibility {
+            gated: table(&|i, j| j < i && !always(i, j)).ctx("building the visibility masks")?,
+            shown: table(&|i, j| j <= i && always(i, j)).ctx("building the visibility masks")?,
+        })
+    }
+}
 
 /// Training attention weights under in-context eviction, multiplicative and log-free:
-/// `e_ij = exp(S_ij - m_i) * vis_ij`, `P_ij = e_ij / sum_j e_ij`, with `vis_ij = keep[g, j]`
-/// for `j < i`, 1 for `j == i`, 0 for `j > i` (`g` the query head's KV head).
+/// `e_ij = exp(S_ij - m_i) * vis_ij`, `P_ij = e_ij / sum_j e_ij`, with `vis_ij = 1` for keys
+/// `visibility` always shows (the query itself, protected keys), `keep[g, j]` for the other past
+/// keys and 0 for future keys (`g` the query head's KV head).
 ///
 /// `scores: [B, Hq, T, T]`, `keep: [B, Hkv, T]` (normally [`keep_ste`] output, transposed from
-/// the gate's `[B, T, Hkv]`), same float dtype; returns `P: [B, Hq, T, T]`.
+/// the gate's `[B, T, Hkv]`), `visibility` of the same `T`, all in one float dtype; returns
+/// `P: [B, Hq, T, T]`.
 ///
 /// Stability: `m_i` is the detached maximum of `S_ij` over the *visible* keys (`vis_ij > 0`,
 /// the diagonal always among them), so visible exponents are `<= 0`, the row's own maximum
 /// contributes `exp(0) * vis`, and no row underflows to 0/0. Invisible keys' exponents are
-/// capped at [`EXPONENT_CAP`] before `exp`: their forward weight is exactly 0 either way, and
-/// the cap only bounds the straight-through gradient toward re-admitting a key whose logit
-/// exceeds every visible one by more than that. `m_i` cancels in `P`, so gradients are exact.
+/// capped at `exponent_cap` before `exp` (at most 80 in f32: `e^80 < 3.4e38`): their forward
+/// weight is exactly 0 either way, and the cap only bounds the straight-through gradient toward
+/// re-admitting a key whose logit exceeds every visible one by more than that. `m_i` cancels in
+/// `P`, so gradients are exact.
 ///
 /// Errors: ranks, `T` mismatches, `Hq` not a multiple of `Hkv`, or dtype mismatch.
-pub fn masked_attention_weights(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
-    let (b, hq, t, t2) = match *scores.dims() {
-        [b, hq, t, t2] if t == t2 && scores.dtype().is_float() => (b, hq, t, t2),
+pub fn masked_attention_weights(
+    scores: &Tensor,
+    keep: &Tensor,
+    visibility: &Visibility,
+    exponent_cap: f64,
+) -> Result<Tensor> {
+    let (b, hq, t) = match *scores.dims() {
+        [b, hq, t, t2] if t == t2 && scores.dtype().is_float() => (b, hq, t),
         _ => {
             return Err(bad_tensor(
                 "scores",
@@ -193,32 +231,29 @@ pub fn masked_attention_weights(scores: &Tensor, keep: &Tensor) -> Result<Tensor
             ))
         }
     };
+    let Visibility { gated, shown } = visibility;
+    if gated.dims() != [1, 1, 1, t, t] || gated.dtype() != scores.dtype() {
+        return Err(bad_tensor(
+            "visibility",
+            gated,
+            format!("[1, 1, 1, {t}, {t}] in {:?}", scores.dtype()),
+        ));
+    }
     let g = hq / hkv;
-    let dev = scores.device();
-    let table = |f: &dyn Fn(usize, usize) -> f64| {
-        let data: Vec<f64> = (0..t)
-            .flat_map(|i| (0..t2).map(move |j| (i, j)))
-            .map(|(i, j)| f(i, j))
-            .collect();
-        Tensor::from_vec(data, (t, t2), dev).and_then(|m| m.to_dtype(scores.dtype()))
-    };
     let run = || -> candle_core::Result<Tensor> {
-        let past = table(&|i, j| if j < i { 1.0 } else { 0.0 })?.reshape((1, 1, 1, t, t))?;
-        let diag = table(&|i, j| if j == i { 1.0 } else { 0.0 })?.reshape((1, 1, 1, t, t))?;
         let vis = keep
             .reshape((b, hkv, 1, 1, t))?
-            .broadcast_mul(&past)?
-            .broadcast_add(&diag)?;
+            .broadcast_mul(gated)?
+            .broadcast_add(shown)?;
         let s5 = scores.reshape((b, hkv, g, t, t))?;
-        let hidden = (s5.zeros_like()? - f64::INFINITY)?;
         let visible = vis.gt(0.0)?.broadcast_as(s5.shape())?;
+        let hidden = (s5.zeros_like()? - f64::INFINITY)?;
         let m = visible
-            .where_cond(&s5, &hidden)?
-            .max_keepdim(D::Minus1)?
-            .detach();
+            .where_cond(&s5.detach(), &hidden)?
+            .max_keepdim(D::Minus1)?;
         let e = s5
             .broadcast_sub(&m)?
-            .minimum(EXPONENT_CAP)?
+            .minimum(exponent_cap)?
             .exp()?
             .broadcast_mul(&vis)?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?

@@ -75,14 +75,7 @@ fn output_shapes() {
     assert_eq!(s.dtype(), DType::F32);
     // Batch rows are independent: row 0 equals the unbatched forward.
     let s0 = g.keep_probs(0, &det_input(7, 1), &pos).unwrap();
-    let d = (s.get(0).unwrap() - s0)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = gate_core::testing::max_abs_diff(&s.get(0).unwrap(), &s0).unwrap();
     assert!(d < 1e-6);
     let flags = g.keep_flags(0, &det_input(7, 1), &pos).unwrap();
     assert_eq!((flags.len(), flags[0].len()), (3, 7));

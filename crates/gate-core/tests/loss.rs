@@ -1,10 +1,14 @@
 //! Loss terms: straight-through keep (exact 0/1 forward, soft gradient), eviction loss and
-//! ratios, masked attention weights (rows sum to 1, evicted keys exactly 0, self always seen),
+//! ratios, masked attention weights (rows sum to 1, evicted keys exactly 0, self and protected
+//! keys always seen),
 //! and a finite-difference gradient check of masked attention + STE in f64.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use gate_core::{eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights};
+use gate_core::{
+    eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights, Protection,
+    Visibility,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -107,6 +111,38 @@ fn eviction_loss_and_ratios_by_hand() {
         .contains("valid_mask"));
 }
 
+/// The paper's masked attention: no protections, the f32 bound on invisible exponents.
+fn plain_masked_attention(scores: &Tensor, keep: &Tensor) -> gate_core::Result<Tensor> {
+    let t = scores.dims().get(2).copied().unwrap_or(0);
+    let vis = Visibility::causal(t, &Protection::NONE, scores.dtype(), scores.device())?;
+    masked_attention_weights(scores, keep, &vis, 80.0)
+}
+
+#[test]
+fn protected_keys_stay_visible_when_flagged_out() {
+    // One head, 5 tokens, every key flagged out: query 4 sees the sink 0, its window (3) and
+    // itself; query 1 sees the sink (also its window) and itself.
+    let t = 5;
+    let scores = tensor(vec![0.0; t * t], &[1, 1, t, t], DType::F64);
+    let keep = tensor(vec![0.0; t], &[1, 1, t], DType::F64);
+    let protect = Protection {
+        sinks: 1,
+        recent: 1,
+    };
+    let vis = Visibility::causal(t, &protect, DType::F64, &Device::Cpu).unwrap();
+    let p = masked_attention_weights(&scores, &keep, &vis, 80.0).unwrap();
+    let rows = p.get(0).unwrap().get(0).unwrap().to_vec2::<f64>().unwrap();
+    let third = 1.0 / 3.0;
+    assert_eq!(rows[1], [0.5, 0.5, 0.0, 0.0, 0.0]);
+    for (j, want) in [third, 0.0, 0.0, third, third].iter().enumerate() {
+        assert!((rows[4][j] - want).abs() < 1e-12, "{:?}", rows[4]);
+    }
+    // A visibility of another length is refused, naming it.
+    let short = Visibility::causal(4, &protect, DType::F64, &Device::Cpu).unwrap();
+    let err = masked_attention_weights(&scores, &keep, &short, 80.0).unwrap_err();
+    assert!(err.to_string().contains("`visibility`"), "{err}");
+}
+
 #[test]
 fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
     let (b, hq, hkv, t) = (2, 4, 2, 6);
@@ -122,7 +158,7 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
     keep[2 * t] = 0.0;
     keep[2 * t + 4] = 0.0;
     let keep = tensor(keep.clone(), &[b, hkv, t], DType::F32);
-    let p = masked_attention_weights(&scores, &keep).unwrap();
+    let p = plain_masked_attention(&scores, &keep).unwrap();
     assert_eq!(p.dims(), [b, hq, t, t]);
     let sums = to_vec(&p.sum(D::Minus1).unwrap());
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6), "{sums:?}");
@@ -163,7 +199,7 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
         assert!((p4[0][2][4][j] as f64 - want).abs() < 1e-6);
     }
     // With everything kept it is the plain causal softmax.
-    let full = masked_attention_weights(&scores, &keep.ones_like().unwrap()).unwrap();
+    let full = plain_masked_attention(&scores, &keep.ones_like().unwrap()).unwrap();
     let causal = Tensor::from_vec(
         (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0f32 } else { f32::NEG_INFINITY }))
@@ -174,21 +210,14 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
     .unwrap();
     let reference =
         candle_nn::ops::softmax(&scores.broadcast_add(&causal).unwrap(), D::Minus1).unwrap();
-    let d = (full - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = gate_core::testing::max_abs_diff(&full, &reference).unwrap();
     assert!(d < 1e-6);
     // A huge score on an evicted key neither overflows nor leaks.
     let mut s = vec![0.0; t * t];
     s[3 * t + 1] = 500.0;
     let mut k = vec![1.0; t];
     k[1] = 0.0;
-    let p = masked_attention_weights(
+    let p = plain_masked_attention(
         &tensor(s, &[1, 1, t, t], DType::F32),
         &tensor(k, &[1, 1, t], DType::F32),
     )
@@ -201,11 +230,11 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
         "{row3:?}"
     );
     // Shape errors name the argument.
-    let err = masked_attention_weights(&scores, &keep.narrow(2, 0, 5).unwrap())
+    let err = plain_masked_attention(&scores, &keep.narrow(2, 0, 5).unwrap())
         .unwrap_err()
         .to_string();
     assert!(err.contains("`keep`"), "{err}");
-    let err = masked_attention_weights(&scores.narrow(3, 0, 5).unwrap(), &keep)
+    let err = plain_masked_attention(&scores.narrow(3, 0, 5).unwrap(), &keep)
         .unwrap_err()
         .to_string();
     assert!(err.contains("`scores`"), "{err}");
@@ -213,7 +242,7 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
 
 /// Loss of the masked attention under keep values `keep` ([1, Hkv, T]).
 fn attn_loss(scores: &Tensor, keep: &Tensor, w: &Tensor) -> Tensor {
-    (masked_attention_weights(scores, keep).unwrap() * w)
+    (plain_masked_attention(scores, keep).unwrap() * w)
         .unwrap()
         .sum_all()
         .unwrap()

@@ -14,6 +14,7 @@ pub mod llama;
 pub mod packed;
 pub mod random;
 pub mod rope;
+mod safetensors_io;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -4,6 +4,12 @@
 //! pairs are adjacent (`Interleaved`: pairs `(2i, 2i+1)`), while Hugging Face checkpoints rotate
 //! the two halves (`Halves`: pairs `(i, i + d/2)`). Both give identical attention when paired with
 //! their weights. Angles are computed in f64 so that large positions stay exact.
+//!
+//! The same rotation exists twice here, never elsewhere: in place on f32 slices for the decoder
+//! ([`Rope::apply`]), and with candle tensor ops for the differentiable training forward
+//! ([`Rope::rotate_tensor`], positions `0..T` from [`Rope::tables`]); a test holds them equal.
+
+use candle_core::{Device, Tensor, D};
 
 use crate::config::{ModelConfig, RopeScaling};
 
@@ -155,6 +161,61 @@ impl Rope {
     }
 }
 
+/// `cos` and `sin` of positions `0..T` times each inverse frequency, `[T, head_dim / 2]` f32
+/// each: built once per training forward and shared by every layer's queries and keys.
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// The tables of positions `0..t` (angles in f64, like [`Rope::apply`]).
+    pub fn tables(&self, t: usize, device: &Device) -> candle_core::Result<RopeTables> {
+        let freqs = &self.inv_freq;
+        let angles: Vec<f64> = (0..t)
+            .flat_map(|p| freqs.iter().map(move |&f| p as f64 * f))
+            .collect();
+        let table = |f: fn(f64) -> f64| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
+            Tensor::from_vec(v, (t, freqs.len()), device)
+        };
+        Ok(RopeTables {
+            cos: table(f64::cos)?,
+            sin: table(f64::sin)?,
+        })
+    }
+
+    /// RoPE of `x: [B, H, T, head_dim]` at positions `0..T` (`tables` of the same `T`) in this
+    /// layout, with differentiable tensor ops.
+    pub fn rotate_tensor(&self, x: &Tensor, tables: &RopeTables) -> candle_core::Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
+        let half = hd / 2;
+        let (cos, sin) = (&tables.cos, &tables.sin);
+        match self.layout {
+            RopeLayout::Halves => {
+                let (cos, sin) = (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?);
+                let x1 = x.narrow(D::Minus1, 0, half)?;
+                let x2 = x.narrow(D::Minus1, half, half)?;
+                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+                Tensor::cat(&[r1, r2], D::Minus1)
+            }
+            RopeLayout::Interleaved => {
+                let (cos, sin) = (
+                    cos.reshape((1, 1, t, half, 1))?,
+                    sin.reshape((1, 1, t, half, 1))?,
+                );
+                let x5 = x.reshape((b, h, t, half, 2))?;
+                let x0 = x5.narrow(D::Minus1, 0, 1)?;
+                let x1 = x5.narrow(D::Minus1, 1, 1)?;
+                let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+                let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+                Tensor::cat(&[r0, r1], D::Minus1)?.reshape((b, h, t, hd))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +284,32 @@ mod tests {
                 .copied()
                 .collect();
             assert_eq!(grouped, expected);
+        }
+    }
+
+    #[test]
+    fn tensor_rotation_equals_the_in_place_one() {
+        for layout in [RopeLayout::Halves, RopeLayout::Interleaved] {
+            let rope = Rope::with_dims(8, 10_000.0, None, layout);
+            let (heads, t) = (3, 5);
+            let x: Vec<f32> = (0..heads * t * 8)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            // `x` is `[1, H, T, d]`; the in-place rotation takes token-major `[T, H, d]`.
+            let tensor = Tensor::from_vec(x.clone(), (1, heads, t, 8), &Device::Cpu).unwrap();
+            let tables = rope.tables(t, &Device::Cpu).unwrap();
+            let rotated = rope.rotate_tensor(&tensor, &tables).unwrap();
+            let to_token_major = |x: &Tensor| -> Vec<f32> {
+                let x = x.transpose(1, 2).and_then(|x| x.flatten_all());
+                x.and_then(|x| x.to_vec1()).unwrap()
+            };
+            let mut token_major = to_token_major(&tensor);
+            let positions: Vec<u32> = (0..t as u32).collect();
+            rope.apply(&mut token_major, heads, &positions);
+            let got = to_token_major(&rotated);
+            for (a, b) in got.iter().zip(&token_major) {
+                assert!((a - b).abs() < 1e-6, "{layout:?}: {a} vs {b}");
+            }
         }
     }
 }

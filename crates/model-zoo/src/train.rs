@@ -9,9 +9,9 @@
 //! f32): RMSNorm → q/k/v (+bias) (+LoRA) → RoPE in the weights' layout (interleaved pairs for
 //! GGUF Llama, halves for Hugging Face) at positions `0..T` → gate `s = keep_probs(layer,
 //! normed)` (`[B, T, Hkv]`) → `keep = keep_ste(hard_keep(s, tau), s)` → multiplicative masked
-//! attention (gate-core's `masked_attention_weights` with a tighter cap on the straight-through
-//! gradient, see [`STE_EXPONENT_CAP`]: a token always sees itself, a flagged-out key is
-//! invisible to every later query, never `log(keep)`) → o, residual → RMSNorm → SwiGLU,
+//! attention (gate-core's `masked_attention_weights` under the protections' `Visibility`, with
+//! a tight cap on the straight-through gradient, see [`STE_EXPONENT_CAP`]: a token always sees
+//! itself, a flagged-out key is invisible to every later query, never `log(keep)`) → o, residual → RMSNorm → SwiGLU,
 //! residual → final norm → LM head.
 //!
 //! Invariants:
@@ -24,14 +24,14 @@
 
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, Var, D};
 use gate_core::select::Protection;
-use gate_core::AttentionGate;
+use gate_core::{AttentionGate, Visibility};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::rope::{Rope, RopeLayout};
+use crate::rope::{Rope, RopeTables};
 use crate::weights::{TensorRole, Weights};
 
 /// A frozen projection `y = x W^T` (`x: [n, in]` f32, `W: [out, in]` f32) whose backward
@@ -246,77 +246,13 @@ impl TrainLayer {
     }
 }
 
-/// Cap on `S_ij - m_i` of keys invisible to query `i` in [`masked_attention`] (`e^8 ≈ 3000`
-/// times the row's largest visible weight).
-pub const STE_EXPONENT_CAP: f64 = 8.0;
-
-/// The multiplicative masked softmax of `gate_core::masked_attention_weights` (same forward:
-/// `e_ij = exp(S_ij - m_i) * vis_ij`, `m_i` the detached maximum over visible keys, a token
-/// always sees itself; `masks` add the inference policy's protections: sinks always visible, a
-/// flagged-out key visible to the `recent` queries after it), with invisible keys' exponents
-/// capped at [`STE_EXPONENT_CAP`] instead of gate-core's 80. The forward value is identical (those weights are exactly 0); only the
+/// Cap on `S_ij - m_i` of keys invisible to a query in the training forward's
+/// `gate_core::masked_attention_weights` (`e^8 ≈ 3000` times the row's largest visible weight).
+/// The forward value does not depend on it (those weights are exactly 0); only the
 /// straight-through gradient toward re-admitting an evicted key whose logit dwarfs every visible
-/// one is bounded. With gate-core's cap, evicting an attention-sink token produced gradients of
-/// `e^80` and NaN within a few steps on the default model (measured).
-fn masked_attention(
-    scores: &Tensor,
-    keep: &Tensor,
-    g: usize,
-    masks: &VisibilityMasks,
-) -> Result<Tensor> {
-    let (b, hq, t, _) = scores.dims4()?;
-    let hkv = hq / g;
-    let vis = keep
-        .reshape((b, hkv, 1, 1, t))?
-        .broadcast_mul(&masks.gated)?
-        .broadcast_add(&masks.shown)?;
-    let s5 = scores.reshape((b, hkv, g, t, t))?;
-    let visible = vis.gt(0.0)?.broadcast_as(s5.shape())?;
-    let hidden = (s5.zeros_like()? - f64::INFINITY)?;
-    let m = visible
-        .where_cond(&s5.detach(), &hidden)?
-        .max_keepdim(D::Minus1)?;
-    let e = s5
-        .broadcast_sub(&m)?
-        .minimum(STE_EXPONENT_CAP)?
-        .exp()?
-        .broadcast_mul(&vis)?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-        .reshape((b, hq, t, t))?)
-}
-
-/// The causal visibility of one forward's `T` positions under a protection, `[1, 1, 1, T, T]`
-/// 0/1 each, built once per forward and shared by every layer.
-struct VisibilityMasks {
-    /// Past keys that query `i` sees only when kept (not itself, not a sink, not in its window).
-    gated: Tensor,
-    /// Keys query `i` always sees: itself, the sinks, its local window.
-    shown: Tensor,
-}
-
-impl VisibilityMasks {
-    fn new(t: usize, protect: &Protection, device: &Device) -> Result<Self> {
-        let tri = |f: &dyn Fn(usize, usize) -> bool| -> candle_core::Result<Tensor> {
-            let v: Vec<f32> = (0..t)
-                .flat_map(|i| (0..t).map(move |j| (i, j)))
-                .map(|(i, j)| f32::from(u8::from(f(i, j))))
-                .collect();
-            Tensor::from_vec(v, (1, 1, 1, t, t), device)
-        };
-        let always = |i: usize, j: usize| j < protect.sinks || i - j <= protect.recent;
-        Ok(VisibilityMasks {
-            gated: tri(&|i, j| j < i && !always(i, j))?,
-            shown: tri(&|i, j| j <= i && always(i, j))?,
-        })
-    }
-}
-
-/// RoPE tables of one forward's positions `0..T`, `[T, head_dim / 2]` each, shared by every
-/// layer's queries and keys.
-struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
-}
+/// one is bounded. With the f32 limit of 80, evicting an attention-sink token produced gradients
+/// of `e^80` and NaN within a few steps on the default model (measured).
+pub const STE_EXPONENT_CAP: f64 = 8.0;
 
 /// How the gates steer the training forward's attention.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -410,52 +346,6 @@ impl TrainableDecoder {
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
     }
 
-    /// The RoPE tables of positions `0..t`.
-    fn rope_tables(&self, t: usize) -> Result<RopeTables> {
-        let freqs = self.rope.inv_freq();
-        let angles: Vec<f64> = (0..t)
-            .flat_map(|p| freqs.iter().map(move |&f| p as f64 * f))
-            .collect();
-        let table = |f: fn(f64) -> f64| -> candle_core::Result<Tensor> {
-            let v: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
-            Tensor::from_vec(v, (t, freqs.len()), &Device::Cpu)
-        };
-        Ok(RopeTables {
-            cos: table(f64::cos)?,
-            sin: table(f64::sin)?,
-        })
-    }
-
-    /// RoPE of `x: [B, H, T, hd]` at positions `0..T` (`tables` of the same `T`), in the
-    /// weights' layout, with tensor ops.
-    fn rope(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
-        let (b, h, t, hd) = x.dims4()?;
-        let half = hd / 2;
-        let (cos, sin) = (&tables.cos, &tables.sin);
-        Ok(match self.rope.layout() {
-            RopeLayout::Halves => {
-                let (cos, sin) = (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?);
-                let x1 = x.narrow(D::Minus1, 0, half)?;
-                let x2 = x.narrow(D::Minus1, half, half)?;
-                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-                Tensor::cat(&[r1, r2], D::Minus1)?
-            }
-            RopeLayout::Interleaved => {
-                let (cos, sin) = (
-                    cos.reshape((1, 1, t, half, 1))?,
-                    sin.reshape((1, 1, t, half, 1))?,
-                );
-                let x5 = x.reshape((b, h, t, half, 2))?;
-                let x0 = x5.narrow(D::Minus1, 0, 1)?;
-                let x1 = x5.narrow(D::Minus1, 1, 1)?;
-                let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-                let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-                Tensor::cat(&[r0, r1], D::Minus1)?.reshape((b, h, t, hd))?
-            }
-        })
-    }
-
     /// The training forward of `tokens: [B, T]` (u32) at positions `0..T`. With `gating`, each
     /// layer's attention is masked by the gate's flags as its mode says (threshold from the gate
     /// config) under its protections; without, plain causal attention. `lora` adds adapters.
@@ -467,99 +357,30 @@ impl TrainableDecoder {
         lora: Option<&Lora>,
     ) -> Result<TrainOutput> {
         let cfg = &self.cfg;
-        let (b, t) = tokens.dims2()?;
-        if t == 0 || b == 0 {
-            return Err(ModelError::Input(
-                "training forward needs a non-empty [B, T] batch".into(),
-            ));
-        }
-        if let Some(Gating { gates: g, .. }) = gating {
-            if let Some(why) = cfg.gate_shape_mismatch(g.config()) {
-                return Err(ModelError::Input(why));
-            }
-        }
-        let max = tokens.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
-        if max as usize >= cfg.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token id {max} is outside the vocabulary ({})",
-                cfg.vocab_size
-            )));
-        }
-        let (hq, hkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let g = hq / hkv;
-        let positions: Vec<u32> = (0..t as u32).collect();
-        let rope = self.rope_tables(t)?;
+        let (b, t) = self.check_batch(tokens, gating)?;
         let protect = gating.map_or(Protection::NONE, |gt| gt.protect);
-        let masks = VisibilityMasks::new(t, &protect, &Device::Cpu)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let gate_err = |e: gate_core::GateError| ModelError::Input(e.to_string());
+        let pass = Pass {
+            b,
+            t,
+            positions: (0..t as u32).collect(),
+            rope: self.rope.tables(t, &Device::Cpu)?,
+            visibility: Visibility::causal(t, &protect, DType::F32, &Device::Cpu)
+                .map_err(gate_err)?,
+            gating,
+            lora,
+        };
         let mut x = self
             .embedding
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b * t, cfg.hidden_size))?;
-        let ones = Tensor::ones((b, hkv, t), DType::F32, &Device::Cpu)?;
         let mut keep_probs = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = self.rms_norm(&x, &layer.attn_norm)?;
-            let proj = |name: &str, p: &FrozenLinear| -> Result<Tensor> {
-                match lora {
-                    Some(lo) => lo.apply(l, name, p, &normed),
-                    None => p.forward(&normed),
-                }
-            };
-            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = self.rope(&heads(proj("q", &layer.q)?, hq)?, &rope)?;
-            let k = self.rope(&heads(proj("k", &layer.k)?, hkv)?, &rope)?;
-            let v = heads(proj("v", &layer.v)?, hkv)?;
-            let keep = match gating {
-                Some(Gating { gates, mode, .. }) => {
-                    let s = gates
-                        .keep_probs(l, &normed.reshape((b, t, cfg.hidden_size))?, &positions)
-                        .map_err(gate_err)?;
-                    let tau = gates.config().threshold;
-                    let keep = match mode {
-                        GateMode::Ste => {
-                            let hard = gate_core::hard_keep(&s, tau).map_err(gate_err)?;
-                            gate_core::keep_ste(&hard, &s).map_err(gate_err)?
-                        }
-                        GateMode::Hard => {
-                            gate_core::hard_keep(&s.detach(), tau).map_err(gate_err)?
-                        }
-                        GateMode::Soft => s.clone(),
-                    };
-                    keep_probs.push(s);
-                    keep.transpose(1, 2)?.contiguous()?
-                }
-                None => ones.clone(),
-            };
-            let k_rep = k
-                .unsqueeze(2)?
-                .broadcast_as((b, hkv, g, t, hd))?
-                .reshape((b, hq, t, hd))?;
-            let v_rep = v
-                .unsqueeze(2)?
-                .broadcast_as((b, hkv, g, t, hd))?
-                .reshape((b, hq, t, hd))?;
-            let scores = (q.matmul(&k_rep.t()?)? * scale)?;
-            let p = masked_attention(&scores, &keep, g, &masks)?;
-            let attn = p
-                .matmul(&v_rep)?
-                .transpose(1, 2)?
-                .reshape((b * t, hq * hd))?;
-            let o = match lora {
-                Some(lo) => lo.apply(l, "o", &layer.o, &attn)?,
-                None => layer.o.forward(&attn)?,
-            };
-            x = (x + o)?;
+            let (attn, s) = self.attention(l, layer, &normed, &pass)?;
+            keep_probs.extend(s);
+            x = (x + attn)?;
             let normed = self.rms_norm(&x, &layer.ffn_norm)?;
-            let ffn = |name: &str, p: &FrozenLinear, h: &Tensor| -> Result<Tensor> {
-                match lora {
-                    Some(lo) => lo.apply(l, name, p, h),
-                    None => p.forward(h),
-                }
-            };
+            let ffn = |name: &str, p: &FrozenLinear, h: &Tensor| pass.project(l, name, p, h);
             let gated = (candle_nn::ops::silu(&ffn("gate", &layer.gate, &normed)?)?
                 * ffn("up", &layer.up, &normed)?)?;
             x = (x + ffn("down", &layer.down, &gated)?)?;
@@ -568,4 +389,124 @@ impl TrainableDecoder {
         let logits = self.lm_head.forward(&x)?.reshape((b, t, cfg.vocab_size))?;
         Ok(TrainOutput { logits, keep_probs })
     }
+
+    /// `[B, T]` of `tokens`, checked: non-empty, every id inside the vocabulary, and the gates
+    /// (if any) shaped for this model.
+    fn check_batch(&self, tokens: &Tensor, gating: Option<Gating<'_>>) -> Result<(usize, usize)> {
+        let (b, t) = tokens.dims2()?;
+        if t == 0 || b == 0 {
+            return Err(ModelError::Input(
+                "training forward needs a non-empty [B, T] batch".into(),
+            ));
+        }
+        if let Some(Gating { gates: g, .. }) = gating {
+            if let Some(why) = self.cfg.gate_shape_mismatch(g.config()) {
+                return Err(ModelError::Input(why));
+            }
+        }
+        let max = tokens.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token id {max} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok((b, t))
+    }
+
+    /// Layer `l`'s attention block on `normed: [B*T, hidden]`: its output after `o`
+    /// (`[B*T, hidden]`), and the gate's soft keep probabilities `[B, T, Hkv]` when gated.
+    fn attention(
+        &self,
+        l: usize,
+        layer: &TrainLayer,
+        normed: &Tensor,
+        pass: &Pass<'_>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t) = (pass.b, pass.t);
+        let (hq, hkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        let g = hq / hkv;
+        let heads = |name: &str, p: &FrozenLinear, n: usize| -> Result<Tensor> {
+            let y = pass.project(l, name, p, normed)?;
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self
+            .rope
+            .rotate_tensor(&heads("q", &layer.q, hq)?, &pass.rope)?;
+        let k = self
+            .rope
+            .rotate_tensor(&heads("k", &layer.k, hkv)?, &pass.rope)?;
+        let v = heads("v", &layer.v, hkv)?;
+        let (keep, s) = match pass.gating {
+            Some(gating) => {
+                let normed = normed.reshape((b, t, self.cfg.hidden_size))?;
+                let (keep, s) = gate_keep(l, &normed, &pass.positions, gating)?;
+                (keep.transpose(1, 2)?.contiguous()?, Some(s))
+            }
+            None => (Tensor::ones((b, hkv, t), DType::F32, &Device::Cpu)?, None),
+        };
+        let repeat = |x: Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, hkv, g, t, hd))?
+                .reshape((b, hq, t, hd))?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&repeat(k)?.t()?)? * scale)?;
+        let p =
+            gate_core::masked_attention_weights(&scores, &keep, &pass.visibility, STE_EXPONENT_CAP)
+                .map_err(gate_err)?;
+        let attn = p
+            .matmul(&repeat(v)?)?
+            .transpose(1, 2)?
+            .reshape((b * t, hq * hd))?;
+        Ok((pass.project(l, "o", &layer.o, &attn)?, s))
+    }
+}
+
+/// What every layer of one training forward shares.
+struct Pass<'a> {
+    b: usize,
+    t: usize,
+    positions: Vec<u32>,
+    rope: RopeTables,
+    visibility: Visibility,
+    gating: Option<Gating<'a>>,
+    lora: Option<&'a Lora>,
+}
+
+impl Pass<'_> {
+    /// `x` through projection `name` of layer `l`, with its LoRA adapter if any.
+    fn project(&self, l: usize, name: &str, p: &FrozenLinear, x: &Tensor) -> Result<Tensor> {
+        match self.lora {
+            Some(lo) => lo.apply(l, name, p, x),
+            None => p.forward(x),
+        }
+    }
+}
+
+/// The keep values layer `l`'s attention uses (`[B, T, Hkv]`, as the gating's mode says), and
+/// the gate's soft keep probabilities `s` they come from.
+fn gate_keep(
+    l: usize,
+    normed: &Tensor,
+    positions: &[u32],
+    gating: Gating<'_>,
+) -> Result<(Tensor, Tensor)> {
+    let Gating { gates, mode, .. } = gating;
+    let s = gates.keep_probs(l, normed, positions).map_err(gate_err)?;
+    let tau = gates.config().threshold;
+    let keep = match mode {
+        GateMode::Ste => {
+            let hard = gate_core::hard_keep(&s, tau).map_err(gate_err)?;
+            gate_core::keep_ste(&hard, &s).map_err(gate_err)?
+        }
+        GateMode::Hard => gate_core::hard_keep(&s.detach(), tau).map_err(gate_err)?,
+        GateMode::Soft => s.clone(),
+    };
+    Ok((keep, s))
+}
+
+/// A gate-core error inside the training forward.
+fn gate_err(e: gate_core::GateError) -> ModelError {
+    ModelError::Input(e.to_string())
 }

@@ -160,6 +160,7 @@ pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
     Ok(tasks)
 }
 
+/// One line of a task file: a JSON object of a known `type` with its fields, each checked.
 fn parse_line(line: &str) -> std::result::Result<Task, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let obj = value
@@ -192,97 +193,106 @@ fn parse_line(line: &str) -> std::result::Result<Task, String> {
         return Err(format!("unknown field `{extra}` for a {kind} task"));
     }
     match kind.as_str() {
-        "choice" => {
-            let choices = match obj.get("choices") {
-                None => return Err("field `choices` is missing".into()),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        c.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| format!("field `choices`: element {i} is not a string"))
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?,
-                Some(_) => return Err("field `choices` must be an array of strings".into()),
-            };
-            if choices.len() < 2 {
-                return Err("field `choices` needs at least two choices".into());
-            }
-            if let Some(i) = choices.iter().position(|c| c.is_empty()) {
-                return Err(format!("field `choices`: choice {i} is empty"));
-            }
-            let answer = match obj.get("answer") {
-                None => return Err("field `answer` is missing".into()),
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| "field `answer` must be a choice index (0, 1, …)".to_string())?,
-            };
-            if answer as usize >= choices.len() {
-                return Err(format!(
-                    "field `answer`: index {answer} is out of range ({} choices)",
-                    choices.len()
-                ));
-            }
-            Ok(Task::Choice {
-                context: string(obj, "context")?,
-                question: string(obj, "question")?,
-                choices,
-                answer: answer as usize,
-                chat: chat_field(obj)?,
-            })
-        }
-        "generate" => {
-            let answer = string(obj, "answer")?;
-            if answer.trim().is_empty() {
-                return Err("field `answer` is empty".into());
-            }
-            let match_kind = match obj.get("match") {
-                None => MatchKind::Contains,
-                Some(Value::String(s)) => match s.as_str() {
-                    "exact" => MatchKind::Exact,
-                    "contains" => MatchKind::Contains,
-                    "all" => MatchKind::All,
-                    other => {
-                        return Err(format!(
-                            "field `match`: unknown `{other}` (expected exact, contains or all)"
-                        ))
-                    }
-                },
-                Some(_) => return Err("field `match` must be a string".into()),
-            };
-            let meta = match obj.get("meta") {
-                None => Map::new(),
-                Some(Value::Object(m)) => m.clone(),
-                Some(_) => return Err("field `meta` must be an object".into()),
-            };
-            let context = string(obj, "context")?;
-            let question = string(obj, "question")?;
-            if context.is_empty() && question.is_empty() {
-                return Err("fields `context` and `question` are both empty".into());
-            }
-            let answer_prefix = match obj.get("answer_prefix") {
-                None => String::new(),
-                Some(_) => string(obj, "answer_prefix")?,
-            };
-            Ok(Task::Generate {
-                context,
-                question,
-                answer_prefix,
-                answer,
-                match_kind,
-                meta,
-                chat: chat_field(obj)?,
-            })
-        }
-        _ => {
-            let text = string(obj, "text")?;
-            if text.is_empty() {
-                return Err("field `text` is empty".into());
-            }
-            Ok(Task::Perplexity { text })
-        }
+        "choice" => parse_choice(obj),
+        "generate" => parse_generate(obj),
+        _ => parse_perplexity(obj),
     }
+}
+
+/// The fields of a `choice` task.
+fn parse_choice(obj: &Map<String, Value>) -> std::result::Result<Task, String> {
+    let choices = match obj.get("choices") {
+        None => return Err("field `choices` is missing".into()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("field `choices`: element {i} is not a string"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        Some(_) => return Err("field `choices` must be an array of strings".into()),
+    };
+    if choices.len() < 2 {
+        return Err("field `choices` needs at least two choices".into());
+    }
+    if let Some(i) = choices.iter().position(|c| c.is_empty()) {
+        return Err(format!("field `choices`: choice {i} is empty"));
+    }
+    let answer = match obj.get("answer") {
+        None => return Err("field `answer` is missing".into()),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| "field `answer` must be a choice index (0, 1, …)".to_string())?,
+    };
+    if answer as usize >= choices.len() {
+        return Err(format!(
+            "field `answer`: index {answer} is out of range ({} choices)",
+            choices.len()
+        ));
+    }
+    Ok(Task::Choice {
+        context: string(obj, "context")?,
+        question: string(obj, "question")?,
+        choices,
+        answer: answer as usize,
+        chat: chat_field(obj)?,
+    })
+}
+
+/// The fields of a `generate` task.
+fn parse_generate(obj: &Map<String, Value>) -> std::result::Result<Task, String> {
+    let answer = string(obj, "answer")?;
+    if answer.trim().is_empty() {
+        return Err("field `answer` is empty".into());
+    }
+    let match_kind = match obj.get("match") {
+        None => MatchKind::Contains,
+        Some(Value::String(s)) => match s.as_str() {
+            "exact" => MatchKind::Exact,
+            "contains" => MatchKind::Contains,
+            "all" => MatchKind::All,
+            other => {
+                return Err(format!(
+                    "field `match`: unknown `{other}` (expected exact, contains or all)"
+                ))
+            }
+        },
+        Some(_) => return Err("field `match` must be a string".into()),
+    };
+    let meta = match obj.get("meta") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err("field `meta` must be an object".into()),
+    };
+    let context = string(obj, "context")?;
+    let question = string(obj, "question")?;
+    if context.is_empty() && question.is_empty() {
+        return Err("fields `context` and `question` are both empty".into());
+    }
+    let answer_prefix = match obj.get("answer_prefix") {
+        None => String::new(),
+        Some(_) => string(obj, "answer_prefix")?,
+    };
+    Ok(Task::Generate {
+        context,
+        question,
+        answer_prefix,
+        answer,
+        match_kind,
+        meta,
+        chat: chat_field(obj)?,
+    })
+}
+
+/// The fields of a `perplexity` task.
+fn parse_perplexity(obj: &Map<String, Value>) -> std::result::Result<Task, String> {
+    let text = string(obj, "text")?;
+    if text.is_empty() {
+        return Err("field `text` is empty".into());
+    }
+    Ok(Task::Perplexity { text })
 }
 
 /// The optional `chat` field: a boolean.

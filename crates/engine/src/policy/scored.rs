@@ -92,102 +92,152 @@ pub(crate) struct ScoredHook {
     stats: PrefillStats,
 }
 
+/// How a scored policy evicts: its scorer, when, to what budget, and (H2O) whether its
+/// accumulated scores are normalised.
+type ScorerPlan = (Scorer, Trigger, Option<Budget>, Option<bool>);
+
+/// The plan of a policy that evicts at every step (random, StreamingLLM, H2O, TOVA).
+fn every_step_plan(policy: &Policy) -> Option<ScorerPlan> {
+    Some(match policy {
+        Policy::Random {
+            budget,
+            protect,
+            seed,
+        } => (
+            Scorer::Random {
+                seed: *seed,
+                protect: *protect,
+            },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        Policy::Streaming { budget, sinks } => (
+            Scorer::Streaming { sinks: *sinks },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        Policy::H2o {
+            budget,
+            recent,
+            sinks,
+            normalise,
+        } => (
+            Scorer::H2o {
+                recent: *recent,
+                sinks: *sinks,
+            },
+            Trigger::EveryStep,
+            Some(*budget),
+            Some(*normalise),
+        ),
+        Policy::Tova { budget, sinks } => (
+            Scorer::Tova { sinks: *sinks },
+            Trigger::EveryStep,
+            Some(*budget),
+            None,
+        ),
+        _ => return None,
+    })
+}
+
+/// The plan of a policy that evicts once, at the end of the context (SnapKV, PyramidKV,
+/// K-norm, NACL).
+fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
+    Some(match policy {
+        Policy::SnapKv {
+            budget,
+            window,
+            kernel,
+        } => (
+            Scorer::SnapKv {
+                window: *window,
+                kernel: *kernel,
+                beta: None,
+            },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::PyramidKv {
+            budget,
+            window,
+            kernel,
+            beta,
+        } => (
+            Scorer::SnapKv {
+                window: *window,
+                kernel: *kernel,
+                beta: Some(*beta),
+            },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::KNorm { budget, protect } => (
+            Scorer::KNorm { protect: *protect },
+            Trigger::ContextEnd,
+            Some(*budget),
+            None,
+        ),
+        Policy::Nacl {
+            budget,
+            config,
+            seed,
+        } => (
+            Scorer::Nacl {
+                config: *config,
+                seed: *seed,
+            },
+            Trigger::ContextEnd,
+            *budget,
+            None,
+        ),
+        _ => return None,
+    })
+}
+
+/// TOVA's one mask for every KV head of `layer`: the current query's attention averaged over
+/// the layer's heads (TOVA keeps the same tokens in every head, so the heads' entries are
+/// aligned), its top `keep_n` kept after the first `sinks`.
+fn tova_mask(
+    at: EvictAt<'_>,
+    kv: &SequenceKv,
+    layer: usize,
+    keep_n: usize,
+    sinks: usize,
+) -> model_zoo::Result<Vec<bool>> {
+    let heads = kv.n_kv_heads();
+    let sums = match at {
+        EvictAt::PrefillEnd(tail) => tail.attention(kv, layer, 1, true)?,
+        EvictAt::Decode(Some(sums)) => sums.to_vec(),
+        EvictAt::Decode(None) => {
+            return Err(ModelError::Input(
+                "eviction: the decoder returned no attention statistics".into(),
+            ))
+        }
+    };
+    let n = sums[0].len();
+    let mut mean = vec![0f32; n];
+    for s in sums.iter().filter(|s| s.len() == n) {
+        mean.iter_mut()
+            .zip(s)
+            .for_each(|(m, v)| *m += v / heads as f32);
+    }
+    let protect = Protection { sinks, recent: 0 };
+    Ok(select::select_top_k(&mean, keep_n, &protect))
+}
+
 impl ScoredHook {
     pub(crate) fn new(policy: &Policy, cfg: &ModelConfig) -> model_zoo::Result<Self> {
-        let (scorer, trigger, budget, normalise) = match policy {
-            Policy::Random {
-                budget,
-                protect,
-                seed,
-            } => (
-                Scorer::Random {
-                    seed: *seed,
-                    protect: *protect,
-                },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::Streaming { budget, sinks } => (
-                Scorer::Streaming { sinks: *sinks },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::H2o {
-                budget,
-                recent,
-                sinks,
-                normalise,
-            } => (
-                Scorer::H2o {
-                    recent: *recent,
-                    sinks: *sinks,
-                },
-                Trigger::EveryStep,
-                Some(*budget),
-                Some(*normalise),
-            ),
-            Policy::Tova { budget, sinks } => (
-                Scorer::Tova { sinks: *sinks },
-                Trigger::EveryStep,
-                Some(*budget),
-                None,
-            ),
-            Policy::SnapKv {
-                budget,
-                window,
-                kernel,
-            } => (
-                Scorer::SnapKv {
-                    window: *window,
-                    kernel: *kernel,
-                    beta: None,
-                },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::PyramidKv {
-                budget,
-                window,
-                kernel,
-                beta,
-            } => (
-                Scorer::SnapKv {
-                    window: *window,
-                    kernel: *kernel,
-                    beta: Some(*beta),
-                },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::KNorm { budget, protect } => (
-                Scorer::KNorm { protect: *protect },
-                Trigger::ContextEnd,
-                Some(*budget),
-                None,
-            ),
-            Policy::Nacl {
-                budget,
-                config,
-                seed,
-            } => (
-                Scorer::Nacl {
-                    config: *config,
-                    seed: *seed,
-                },
-                Trigger::ContextEnd,
-                *budget,
-                None,
-            ),
-            Policy::Full | Policy::Ag { .. } => {
-                return Err(ModelError::Input(format!(
-                    "policy {} has no scored hook",
-                    policy.name()
-                )))
-            }
+        let Some((scorer, trigger, budget, normalise)) =
+            every_step_plan(policy).or_else(|| context_end_plan(policy))
+        else {
+            return Err(ModelError::Input(format!(
+                "policy {} has no scored hook",
+                policy.name()
+            )));
         };
         let mut stats = PrefillStats::new(cfg, normalise.is_some())?;
         stats.h2o = stats
@@ -316,14 +366,11 @@ impl ScoredHook {
         let keep_n = keep.unwrap_or(usize::MAX);
         let per_head =
             |f: &mut dyn FnMut(usize) -> model_zoo::Result<Vec<bool>>| (0..heads).map(f).collect();
-        let tail = match at {
-            EvictAt::PrefillEnd(tail) => Some(tail),
-            EvictAt::Decode(_) => None,
-        };
-        let needs_tail = || {
-            tail.ok_or_else(|| {
-                ModelError::Input("eviction: this policy evicts only at a prefill's end".into())
-            })
+        let needs_tail = || match at {
+            EvictAt::PrefillEnd(tail) => Ok(tail),
+            EvictAt::Decode(_) => Err(ModelError::Input(
+                "eviction: this policy evicts only at a prefill's end".into(),
+            )),
         };
         match &self.scorer {
             Scorer::Random { seed, protect } => {
@@ -356,29 +403,7 @@ impl ScoredHook {
                 })
             }
             Scorer::Tova { sinks } => {
-                // The current query's attention averaged over every head of the layer; TOVA keeps
-                // the same tokens in every head, so the heads' entries are aligned.
-                let sums = match at {
-                    EvictAt::PrefillEnd(tail) => tail.attention(kv, layer, 1, true)?,
-                    EvictAt::Decode(Some(sums)) => sums.to_vec(),
-                    EvictAt::Decode(None) => {
-                        return Err(ModelError::Input(
-                            "eviction: the decoder returned no attention statistics".into(),
-                        ))
-                    }
-                };
-                let n = sums[0].len();
-                let mut mean = vec![0f32; n];
-                for s in sums.iter().filter(|s| s.len() == n) {
-                    mean.iter_mut()
-                        .zip(s)
-                        .for_each(|(m, v)| *m += v / heads as f32);
-                }
-                let protect = Protection {
-                    sinks: *sinks,
-                    recent: 0,
-                };
-                let mask = select::select_top_k(&mean, keep_n, &protect);
+                let mask = tova_mask(at, kv, layer, keep_n, *sinks)?;
                 per_head(&mut |_| Ok(mask.clone()))
             }
             Scorer::SnapKv { window, kernel, .. } => {

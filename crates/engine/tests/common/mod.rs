@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use engine::{Engine, WeightFormat};
@@ -97,12 +97,7 @@ pub fn tiny_engine_with_context(
     context: usize,
 ) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cfg = model_zoo::random::tiny_config(layers, 6, 2);
-    cfg.max_position = context;
-    engine::atomic::write_dir(dir.path(), |s| {
-        model_zoo::random::write_random_model(s, &cfg, seed)
-    })
-    .expect("write tiny model");
+    write_tiny_model(dir.path(), layers, 6, seed, context);
     let engine = Engine::builder()
         .model(dir.path())
         .weights(WeightFormat::Dense(candle_core::DType::F32))
@@ -111,6 +106,25 @@ pub fn tiny_engine_with_context(
         .build()
         .expect("load tiny model");
     (dir, engine)
+}
+
+/// Writes a tiny random Llama into `dir`: `layers` layers, `heads` query / 2 KV heads, head
+/// dim 16, a context of `context` tokens, weights drawn from `seed`.
+pub fn write_tiny_model(dir: &Path, layers: usize, heads: usize, seed: u64, context: usize) {
+    let mut cfg = model_zoo::random::tiny_config(layers, heads, 2);
+    cfg.max_position = context;
+    engine::atomic::write_dir(dir, |s| {
+        model_zoo::random::write_random_model(s, &cfg, seed)
+    })
+    .expect("write tiny model");
+}
+
+/// The largest `|a[i] - b[i]|`.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// `n` pseudo-random byte tokens (the tiny models' vocabulary), different per seed.

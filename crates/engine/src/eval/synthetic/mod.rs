@@ -26,9 +26,11 @@ use serde_json::{json, Map, Value};
 
 use super::task::{MatchKind, Task};
 use crate::error::{EngineError, Result};
-use words::{distinct_keys, distinct_var_names, shuffle, uuid, ADJECTIVES, WORDS};
+use puzzle::puzzle;
+use words::{shuffle, uuid, ADJECTIVES, WORDS};
 
 mod family;
+mod puzzle;
 mod words;
 
 pub use family::{Family, UnknownFamily};
@@ -193,6 +195,46 @@ struct Insert {
     asked: bool,
 }
 
+/// The context: `prefix`, then the `filler` units (index into `units`, tokens) joined by
+/// `joiner`, each insert at the unit boundary nearest its depth by haystack tokens (unless
+/// `last_is_free`, never after the last unit); and where the asked needle landed (a fraction of
+/// the haystack).
+fn haystack(
+    prefix: &str,
+    inserts: &[Insert],
+    filler: &[(usize, usize)],
+    units: &[String],
+    joiner: &str,
+    last_is_free: bool,
+) -> (String, Option<f64>) {
+    let total: usize = filler.iter().map(|f| f.1).sum();
+    let mut pieces: Vec<&str> = Vec::new();
+    let mut cum = 0;
+    let mut next = 0;
+    let mut needle_at = None;
+    for (k, &(ui, t)) in filler.iter().enumerate() {
+        let last = k + 1 == filler.len();
+        while next < inserts.len()
+            && (boundary_before(inserts[next].depth, total, cum, t) || (last && !last_is_free))
+        {
+            if inserts[next].asked {
+                needle_at = Some(cum as f64 / total.max(1) as f64);
+            }
+            pieces.push(&inserts[next].text);
+            next += 1;
+        }
+        pieces.push(&units[ui]);
+        cum += t;
+    }
+    for ins in &inserts[next..] {
+        if ins.asked {
+            needle_at = Some(1.0);
+        }
+        pieces.push(&ins.text);
+    }
+    (format!("{prefix}\n{}", pieces.join(joiner)), needle_at)
+}
+
 impl Generator<'_> {
     fn unit_tokens(&mut self, i: usize) -> Result<usize> {
         if self.counts.is_empty() {
@@ -214,84 +256,12 @@ impl Generator<'_> {
             meta.insert("depth".into(), json!(d));
         }
         let length = spec.length - spec.overhead;
-        let (prefix, inserts, question, answer_prefix, answer, kind) = match spec.family {
-            Family::Passkey => {
-                let key = rng.random_range(10_000..100_000u32);
-                (
-                    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.",
-                    vec![Insert {
-                        depth: d,
-                        text: format!("The pass key is {key}. Remember it. {key} is the pass key."),
-                        asked: true,
-                    }],
-                    "What is the pass key?".to_string(),
-                    " The pass key is".to_string(),
-                    key.to_string(),
-                    MatchKind::Contains,
-                )
-            }
-            Family::Niah | Family::NiahMulti => {
-                let n_keys = if spec.family == Family::Niah {
-                    1
-                } else {
-                    spec.keys
-                };
-                let keys = distinct_keys(rng, n_keys);
-                let values: Vec<u32> = (0..n_keys)
-                    .map(|_| rng.random_range(1_000_000..10_000_000))
-                    .collect();
-                let mut inserts: Vec<Insert> = keys
-                    .iter()
-                    .zip(&values)
-                    .enumerate()
-                    .map(|(i, (k, v))| Insert {
-                        depth: if i == 0 {
-                            d
-                        } else {
-                            rng.random_range(0.0..=1.0)
-                        },
-                        text: format!("One of the special magic numbers for {k} is: {v}."),
-                        asked: i == 0,
-                    })
-                    .collect();
-                inserts.sort_by(|a, b| a.depth.total_cmp(&b.depth));
-                let key = &keys[0];
-                (
-                    "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.",
-                    inserts,
-                    format!("What is the special magic number for {key} mentioned in the provided text?"),
-                    format!(" The special magic number for {key} mentioned in the provided text is"),
-                    values[0].to_string(),
-                    MatchKind::Contains,
-                )
-            }
-            Family::Vt => {
-                let names = distinct_var_names(rng, 5);
-                let value = rng.random_range(10_000..100_000u32);
-                let inserts = names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| Insert {
-                        depth: (i as f64 + 0.5) / names.len() as f64,
-                        text: if i == 0 {
-                            format!("VAR {n} = {value}.")
-                        } else {
-                            format!("VAR {n} = VAR {}.", names[i - 1])
-                        },
-                        asked: i == 0,
-                    })
-                    .collect();
-                (
-                    "Memorize and track the chain(s) of variable assignment hidden in the following text.",
-                    inserts,
-                    format!("Question: Find all variables that are assigned the value {value} in the text above."),
-                    format!(" Answer: According to the chain(s) of variables assigned in the text above, {} variables are assigned the value {value}, they are:", names.len()),
-                    names.join(", "),
-                    MatchKind::All,
-                )
-            }
-            Family::Kv => return self.kv(spec, d, rng, meta),
-            Family::Cwe => return self.cwe(spec, rng, meta),
+        let Some((prefix, inserts, question, answer_prefix, answer, kind)) = puzzle(spec, d, rng)
+        else {
+            return match spec.family {
+                Family::Kv => self.kv(spec, d, rng, meta),
+                _ => self.cwe(spec, rng, meta),
+            };
         };
         let question_tokens = (self.count)(&format!("\n{question}{answer_prefix}"))?;
         let joiner = self.joiner;
@@ -314,50 +284,10 @@ impl Generator<'_> {
                     ),
                 )
             })?;
-        // Haystack units from a seeded offset, as many as fit the budget.
-        let start = rng.random_range(0..self.units.len());
-        let mut filler = Vec::new();
-        let mut used = 0;
-        loop {
-            let i = start + filler.len();
-            let t = self.unit_tokens(i)?;
-            if used + t > budget {
-                break;
-            }
-            used += t;
-            filler.push((i % self.units.len(), t));
-        }
-        // Place each insert at the unit boundary nearest its depth (by haystack tokens); in the
-        // noise haystack never after the last block.
+        let mut filler = self.filler(budget, rng)?;
         let last_is_free = self.last_is_free;
         let build = |filler: &[(usize, usize)], units: &[String]| {
-            let total: usize = filler.iter().map(|f| f.1).sum();
-            let mut pieces: Vec<&str> = Vec::new();
-            let mut cum = 0;
-            let mut next = 0;
-            let mut needle_at = None;
-            for (k, &(ui, t)) in filler.iter().enumerate() {
-                let last = k + 1 == filler.len();
-                while next < inserts.len()
-                    && (boundary_before(inserts[next].depth, total, cum, t)
-                        || (last && !last_is_free))
-                {
-                    if inserts[next].asked {
-                        needle_at = Some(cum as f64 / total.max(1) as f64);
-                    }
-                    pieces.push(&inserts[next].text);
-                    next += 1;
-                }
-                pieces.push(&units[ui]);
-                cum += t;
-            }
-            for ins in &inserts[next..] {
-                if ins.asked {
-                    needle_at = Some(1.0);
-                }
-                pieces.push(&ins.text);
-            }
-            (format!("{prefix}\n{}", pieces.join(joiner)), needle_at)
+            haystack(prefix, &inserts, filler, units, joiner, last_is_free)
         };
         let (mut context, mut placed) = build(&filler, &self.units);
         // Unit-wise counts may undercount the joined text: trim until it fits.
@@ -379,6 +309,24 @@ impl Generator<'_> {
             meta,
             chat: None,
         })
+    }
+
+    /// Haystack units from a seeded offset, as many as fit `budget` tokens: (unit index,
+    /// tokens) each.
+    fn filler(&mut self, budget: usize, rng: &mut StdRng) -> Result<Vec<(usize, usize)>> {
+        let start = rng.random_range(0..self.units.len());
+        let mut filler = Vec::new();
+        let mut used = 0;
+        loop {
+            let i = start + filler.len();
+            let t = self.unit_tokens(i)?;
+            if used + t > budget {
+                break;
+            }
+            used += t;
+            filler.push((i % self.units.len(), t));
+        }
+        Ok(filler)
     }
 
     fn kv(

@@ -1,0 +1,26 @@
+//! Shared fixtures for the `agate` binary's integration tests: running the binary, and tiny
+//! random models written to a test's temporary directory.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs the `agate` binary with `args` and collects its output.
+pub fn agate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agate"))
+        .args(args)
+        .output()
+        .expect("run agate")
+}
+
+/// Writes a tiny random Llama to `dir/tiny` and returns that path: `layers` layers, 4 query /
+/// `kv_heads` KV heads, head dim 16, a context of `context` tokens, seed 7.
+pub fn tiny_model(dir: &Path, layers: usize, kv_heads: usize, context: usize) -> PathBuf {
+    let mut cfg = model_zoo::random::tiny_config(layers, 4, kv_heads);
+    cfg.max_position = context;
+    let path = dir.join("tiny");
+    engine::atomic::write_dir(&path, |s| model_zoo::random::write_random_model(s, &cfg, 7))
+        .expect("write tiny model");
+    path
+}
