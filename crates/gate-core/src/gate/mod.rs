@@ -24,6 +24,7 @@
 
 mod cache;
 mod file;
+mod project;
 
 use std::collections::HashMap;
 
