@@ -225,7 +225,10 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
             } else if n.ends_with(".bg") {
                 Tensor::new(bias.as_slice(), &Device::Cpu).unwrap()
             } else if seed == 3 {
-                t.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap()
+                t.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
             } else {
                 t
             }
