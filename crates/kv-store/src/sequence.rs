@@ -138,6 +138,26 @@ pub(crate) struct HeadTable {
     cache_positions: Vec<u32>,
 }
 
+/// A keep flag per retained entry of a table, the first `skip` entries kept without a flag
+/// (an eviction that reads only the newest entries costs what it reads, not the table's length).
+#[derive(Clone, Copy)]
+struct KeepMask<'a> {
+    skip: usize,
+    tail: &'a [bool],
+}
+
+impl KeepMask<'_> {
+    /// Entries flagged (the table's retained count).
+    fn len(&self) -> usize {
+        self.skip + self.tail.len()
+    }
+
+    /// Whether entry `i` stays.
+    fn keeps(&self, i: usize) -> bool {
+        i < self.skip || self.tail[i - self.skip]
+    }
+}
+
 /// See [`HeadTable::compaction_plan`].
 struct CompactionPlan {
     first: usize,
@@ -262,21 +282,22 @@ impl HeadTable {
     /// last (`before`). The cheaper side moves: with `after <= before` the survivors after the
     /// first dropped entry shift towards the front, else those before the last dropped entry
     /// shift towards the back.
-    fn compaction_plan(keep: &[bool]) -> Option<CompactionPlan> {
-        let first = keep.iter().position(|&k| !k)?;
-        let last = keep.iter().rposition(|&k| !k)?;
+    fn compaction_plan(keep: KeepMask<'_>) -> Option<CompactionPlan> {
+        let (skip, tail) = (keep.skip, keep.tail);
+        let first = tail.iter().position(|&k| !k)?;
+        let last = tail.iter().rposition(|&k| !k)?;
         Some(CompactionPlan {
-            first,
-            last,
-            after: keep[first..].iter().filter(|&&k| k).count(),
-            before: keep[..last].iter().filter(|&&k| k).count(),
+            first: skip + first,
+            last: skip + last,
+            after: tail[first..].iter().filter(|&&k| k).count(),
+            before: skip + tail[..last].iter().filter(|&&k| k).count(),
         })
     }
 
     /// The blocks a compaction by `keep` writes to (empty when nothing moves): towards the
     /// front, slots `head + first..head + first + after`; towards the back, the `before` slots
     /// ending at `head + last`.
-    fn compaction_writes(&self, bs: usize, keep: &[bool]) -> Range<usize> {
+    fn compaction_writes(&self, bs: usize, keep: KeepMask<'_>) -> Range<usize> {
         let Some(c) = Self::compaction_plan(keep) else {
             return 0..0;
         };
@@ -298,7 +319,7 @@ impl HeadTable {
     fn compact(
         &mut self,
         cfg: &PoolConfig,
-        keep: &[bool],
+        keep: KeepMask<'_>,
         fresh: &mut Vec<Block>,
         released: &mut Vec<Block>,
     ) {
@@ -312,7 +333,7 @@ impl HeadTable {
         let h = self.head;
         if c.after <= c.before {
             let mut w = h + c.first;
-            for r in (c.first..keep.len()).filter(|&r| keep[r]) {
+            for r in (c.first..keep.len()).filter(|&r| keep.keeps(r)) {
                 self.move_slot(cfg, h + r, w);
                 w += 1;
             }
@@ -328,7 +349,7 @@ impl HeadTable {
             }
         } else {
             let mut w = h + c.last;
-            for r in (0..c.last).rev().filter(|&r| keep[r]) {
+            for r in (0..c.last).rev().filter(|&r| keep.keeps(r)) {
                 self.move_slot(cfg, h + r, w);
                 w -= 1;
             }
@@ -811,8 +832,7 @@ impl SequenceKv {
     /// fork that the compaction writes to are copied first; if the pool cannot supply those
     /// copies the call fails with [`KvError::OutOfBlocksForCopy`] and changes nothing.
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
-        let i = self.index(layer, head)?;
-        let retained = self.tables[i].len();
+        let retained = self.tables[self.index(layer, head)?].len();
         if keep.len() != retained {
             return Err(KvError::MaskLength {
                 layer,
@@ -822,6 +842,34 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
+        self.evict_tail(layer, head, keep)
+    }
+
+    /// [`SequenceKv::evict`] with a flag for each of the newest `keep_tail.len()` retained
+    /// entries of (`layer`, `head`) only; every older entry stays. Costs what it reads and
+    /// moves (a policy that evicts only among recent entries never scans the whole table).
+    /// `keep_tail.len()` must be at most [`SequenceKv::retained`].
+    pub fn evict_tail(
+        &mut self,
+        layer: usize,
+        head: usize,
+        keep_tail: &[bool],
+    ) -> Result<(), KvError> {
+        let i = self.index(layer, head)?;
+        let retained = self.tables[i].len();
+        let Some(skip) = retained.checked_sub(keep_tail.len()) else {
+            return Err(KvError::MaskLength {
+                layer,
+                head,
+                what: "keep_tail (at most one flag per retained entry)",
+                retained,
+                got: keep_tail.len(),
+            });
+        };
+        let keep = KeepMask {
+            skip,
+            tail: keep_tail,
+        };
         let table = &self.tables[i];
         let requested = table.shared(table.compaction_writes(self.cfg.block_size, keep));
         let mut fresh =
