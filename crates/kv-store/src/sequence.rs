@@ -31,6 +31,7 @@
 //!   repacks draw on it first, freed blocks refill it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::attention::{attend_calls, attend_heads, HeadView, HeadsCall, Segment, Segments};
@@ -535,6 +536,10 @@ pub struct SequenceKv {
     key_shift: Option<KeyShift>,
     /// Blocks set aside for this sequence, if it reserved any.
     reservation: Option<Reservation>,
+    /// Whether another sequence may hold some of this one's blocks: set by a fork (of this
+    /// sequence, or the fork it is), cleared when a count finds none shared. While clear, every
+    /// block is held alone and counting them reads no block.
+    may_share: AtomicBool,
 }
 
 /// A reservation: the sequence may grow to `ceiling` blocks; `withheld` are set aside now.
@@ -570,6 +575,7 @@ impl SequenceKv {
             tokens_seen: vec![0; n_layers],
             key_shift: None,
             reservation: None,
+            may_share: AtomicBool::new(false),
         }
     }
 
@@ -902,6 +908,7 @@ impl SequenceKv {
     /// block it holds and says how many of them are shared. The fork has the same cache
     /// positions (and key shift) as this sequence, and no reservation.
     pub fn fork(&self) -> SequenceKv {
+        self.may_share.store(true, Ordering::Relaxed);
         SequenceKv {
             pool: self.pool.clone(),
             cfg: self.cfg,
@@ -911,6 +918,7 @@ impl SequenceKv {
             tokens_seen: self.tokens_seen.clone(),
             key_shift: self.key_shift.clone(),
             reservation: None,
+            may_share: AtomicBool::new(true),
         }
     }
 
@@ -950,11 +958,24 @@ impl SequenceKv {
     }
 
     /// Blocks this sequence holds alone (not shared with a fork): the ones it has paid for.
+    /// Blocks this sequence holds alone. Reads every block's holder count only while some may
+    /// be shared ([`SequenceKv::may_share`]): per block freed, an eviction would otherwise read
+    /// every block of the sequence.
     fn blocks_owned(&self) -> usize {
-        self.tables
+        let held: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
+        if !self.may_share.load(Ordering::Relaxed) {
+            return held;
+        }
+        let shared: usize = self
+            .tables
             .iter()
-            .map(|t| t.blocks.len() - t.shared(0..t.blocks.len()))
-            .sum()
+            .map(|t| t.shared(0..t.blocks.len()))
+            .sum();
+        if shared == 0 {
+            // Sharing only starts at a fork, which sets the flag again.
+            self.may_share.store(false, Ordering::Relaxed);
+        }
+        held - shared
     }
 
     /// Sets blocks aside so that this sequence can hold `ceiling` blocks in all (those it holds
