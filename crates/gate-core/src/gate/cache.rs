@@ -260,7 +260,7 @@ impl AttentionGate {
                 wqkv.extend(flat(&p.wk)?);
                 wqkv.extend(flat(&p.wv)?);
                 Ok(HostLayer {
-                    wqkv: HostMatrix::new(&wqkv, self.cfg.hidden),
+                    wqkv: HostMatrix::new(&wqkv, self.cfg.hidden_size),
                     wg: flat(&p.wg)?,
                     bg: flat(&p.bg)?,
                 })
