@@ -4,6 +4,8 @@
 //! same blocks and leave their pools with the same free blocks; a tail longer than the table is
 //! refused and changes nothing.
 
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
+
 use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 use proptest::prelude::*;
 
