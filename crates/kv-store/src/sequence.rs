@@ -31,6 +31,7 @@
 //!   repacks draw on it first, freed blocks refill it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::attention::{attend_calls, attend_heads, HeadView, HeadsCall, Segment, Segments};
@@ -136,6 +137,26 @@ pub(crate) struct HeadTable {
     appended: u64,
     /// Cache positions, indexed by slot like `positions` (empty unless the sequence has them).
     cache_positions: Vec<u32>,
+}
+
+/// A keep flag per retained entry of a table, the first `skip` entries kept without a flag
+/// (an eviction that reads only the newest entries costs what it reads, not the table's length).
+#[derive(Clone, Copy)]
+struct KeepMask<'a> {
+    skip: usize,
+    tail: &'a [bool],
+}
+
+impl KeepMask<'_> {
+    /// Entries flagged (the table's retained count).
+    fn len(&self) -> usize {
+        self.skip + self.tail.len()
+    }
+
+    /// Whether entry `i` stays.
+    fn keeps(&self, i: usize) -> bool {
+        i < self.skip || self.tail[i - self.skip]
+    }
 }
 
 /// See [`HeadTable::compaction_plan`].
@@ -262,21 +283,22 @@ impl HeadTable {
     /// last (`before`). The cheaper side moves: with `after <= before` the survivors after the
     /// first dropped entry shift towards the front, else those before the last dropped entry
     /// shift towards the back.
-    fn compaction_plan(keep: &[bool]) -> Option<CompactionPlan> {
-        let first = keep.iter().position(|&k| !k)?;
-        let last = keep.iter().rposition(|&k| !k)?;
+    fn compaction_plan(keep: KeepMask<'_>) -> Option<CompactionPlan> {
+        let (skip, tail) = (keep.skip, keep.tail);
+        let first = tail.iter().position(|&k| !k)?;
+        let last = tail.iter().rposition(|&k| !k)?;
         Some(CompactionPlan {
-            first,
-            last,
-            after: keep[first..].iter().filter(|&&k| k).count(),
-            before: keep[..last].iter().filter(|&&k| k).count(),
+            first: skip + first,
+            last: skip + last,
+            after: tail[first..].iter().filter(|&&k| k).count(),
+            before: skip + tail[..last].iter().filter(|&&k| k).count(),
         })
     }
 
     /// The blocks a compaction by `keep` writes to (empty when nothing moves): towards the
     /// front, slots `head + first..head + first + after`; towards the back, the `before` slots
     /// ending at `head + last`.
-    fn compaction_writes(&self, bs: usize, keep: &[bool]) -> Range<usize> {
+    fn compaction_writes(&self, bs: usize, keep: KeepMask<'_>) -> Range<usize> {
         let Some(c) = Self::compaction_plan(keep) else {
             return 0..0;
         };
@@ -298,7 +320,7 @@ impl HeadTable {
     fn compact(
         &mut self,
         cfg: &PoolConfig,
-        keep: &[bool],
+        keep: KeepMask<'_>,
         fresh: &mut Vec<Block>,
         released: &mut Vec<Block>,
     ) {
@@ -312,7 +334,7 @@ impl HeadTable {
         let h = self.head;
         if c.after <= c.before {
             let mut w = h + c.first;
-            for r in (c.first..keep.len()).filter(|&r| keep[r]) {
+            for r in (c.first..keep.len()).filter(|&r| keep.keeps(r)) {
                 self.move_slot(cfg, h + r, w);
                 w += 1;
             }
@@ -328,7 +350,7 @@ impl HeadTable {
             }
         } else {
             let mut w = h + c.last;
-            for r in (0..c.last).rev().filter(|&r| keep[r]) {
+            for r in (0..c.last).rev().filter(|&r| keep.keeps(r)) {
                 self.move_slot(cfg, h + r, w);
                 w -= 1;
             }
@@ -514,6 +536,10 @@ pub struct SequenceKv {
     key_shift: Option<KeyShift>,
     /// Blocks set aside for this sequence, if it reserved any.
     reservation: Option<Reservation>,
+    /// Whether another sequence may hold some of this one's blocks: set by a fork (of this
+    /// sequence, or the fork it is), cleared when a count finds none shared. While clear, every
+    /// block is held alone and counting them reads no block.
+    may_share: AtomicBool,
 }
 
 /// A reservation: the sequence may grow to `ceiling` blocks; `withheld` are set aside now.
@@ -549,6 +575,7 @@ impl SequenceKv {
             tokens_seen: vec![0; n_layers],
             key_shift: None,
             reservation: None,
+            may_share: AtomicBool::new(false),
         }
     }
 
@@ -811,8 +838,7 @@ impl SequenceKv {
     /// fork that the compaction writes to are copied first; if the pool cannot supply those
     /// copies the call fails with [`KvError::OutOfBlocksForCopy`] and changes nothing.
     pub fn evict(&mut self, layer: usize, head: usize, keep: &[bool]) -> Result<(), KvError> {
-        let i = self.index(layer, head)?;
-        let retained = self.tables[i].len();
+        let retained = self.tables[self.index(layer, head)?].len();
         if keep.len() != retained {
             return Err(KvError::MaskLength {
                 layer,
@@ -822,6 +848,34 @@ impl SequenceKv {
                 got: keep.len(),
             });
         }
+        self.evict_tail(layer, head, keep)
+    }
+
+    /// [`SequenceKv::evict`] with a flag for each of the newest `keep_tail.len()` retained
+    /// entries of (`layer`, `head`) only; every older entry stays. Costs what it reads and
+    /// moves (a policy that evicts only among recent entries never scans the whole table).
+    /// `keep_tail.len()` must be at most [`SequenceKv::retained`].
+    pub fn evict_tail(
+        &mut self,
+        layer: usize,
+        head: usize,
+        keep_tail: &[bool],
+    ) -> Result<(), KvError> {
+        let i = self.index(layer, head)?;
+        let retained = self.tables[i].len();
+        let Some(skip) = retained.checked_sub(keep_tail.len()) else {
+            return Err(KvError::MaskLength {
+                layer,
+                head,
+                what: "keep_tail (at most one flag per retained entry)",
+                retained,
+                got: keep_tail.len(),
+            });
+        };
+        let keep = KeepMask {
+            skip,
+            tail: keep_tail,
+        };
         let table = &self.tables[i];
         let requested = table.shared(table.compaction_writes(self.cfg.block_size, keep));
         let mut fresh =
@@ -854,6 +908,7 @@ impl SequenceKv {
     /// block it holds and says how many of them are shared. The fork has the same cache
     /// positions (and key shift) as this sequence, and no reservation.
     pub fn fork(&self) -> SequenceKv {
+        self.may_share.store(true, Ordering::Relaxed);
         SequenceKv {
             pool: self.pool.clone(),
             cfg: self.cfg,
@@ -863,6 +918,7 @@ impl SequenceKv {
             tokens_seen: self.tokens_seen.clone(),
             key_shift: self.key_shift.clone(),
             reservation: None,
+            may_share: AtomicBool::new(true),
         }
     }
 
@@ -902,11 +958,24 @@ impl SequenceKv {
     }
 
     /// Blocks this sequence holds alone (not shared with a fork): the ones it has paid for.
+    /// Blocks this sequence holds alone. Reads every block's holder count only while some may
+    /// be shared ([`SequenceKv::may_share`]): per block freed, an eviction would otherwise read
+    /// every block of the sequence.
     fn blocks_owned(&self) -> usize {
-        self.tables
+        let held: usize = self.tables.iter().map(|t| t.blocks.len()).sum();
+        if !self.may_share.load(Ordering::Relaxed) {
+            return held;
+        }
+        let shared: usize = self
+            .tables
             .iter()
-            .map(|t| t.blocks.len() - t.shared(0..t.blocks.len()))
-            .sum()
+            .map(|t| t.shared(0..t.blocks.len()))
+            .sum();
+        if shared == 0 {
+            // Sharing only starts at a fork, which sets the flag again.
+            self.may_share.store(false, Ordering::Relaxed);
+        }
+        held - shared
     }
 
     /// Sets blocks aside so that this sequence can hold `ceiling` blocks in all (those it holds

@@ -312,3 +312,26 @@ fn a_reservation_is_certain_whatever_other_sequences_do() -> Result<(), KvError>
     assert_eq!(pool.stats().blocks_free, 10);
     Ok(())
 }
+
+/// A reservation refills from freed blocks by the blocks held alone: while a fork shares them
+/// none is, once the fork is gone every one is again (the count is not left stale by the fork).
+#[test]
+fn freed_blocks_refill_a_reservation_by_the_blocks_held_alone() -> Result<(), KvError> {
+    let pool = pool(16);
+    let mut a = SequenceKv::new(&pool, 1, 1);
+    let mut id = 0.0;
+    append(&mut a, 0, 0, 16, &mut id); // 4 blocks
+    a.reserve_blocks(6)?; // 2 set aside
+    let fork = a.fork();
+    // Shared blocks count as not paid for: the reservation grows to cover copies of them.
+    a.reserve_blocks(6)?;
+    assert_eq!(pool.stats().blocks_set_aside, 6);
+    drop(fork);
+    a.reserve_blocks(6)?;
+    assert_eq!(pool.stats().blocks_set_aside, 2);
+    // Dropping the first 8 entries frees 2 blocks, which refill the reservation to 6 - 2 held.
+    a.evict(0, 0, &mask(16, 0xff00))?;
+    assert_eq!((a.blocks_held(), pool.stats().blocks_set_aside), (2, 4));
+    assert_eq!(pool.stats().blocks_free, 10);
+    Ok(())
+}

@@ -263,23 +263,24 @@ impl LayerHook for AgHook {
             return Ok(());
         };
         for head in 0..kv.n_kv_heads() {
-            let mask: Vec<bool> = match &mut self.entries {
+            match &mut self.entries {
                 Entries::Flags { flags, .. } => {
+                    let flags = &mut flags[layer][head];
                     let positions = kv.retained_positions(layer, head);
-                    match aged_out(positions, &flags[layer][head], first, last, &self.protect) {
-                        Some(mask) => mask,
-                        None => continue,
+                    if let Some((from, mask)) =
+                        aged_out(positions, flags, first, last, &self.protect)
+                    {
+                        kv.evict_tail(layer, head, &mask)?;
+                        retain_tail(flags, from, &mask);
                     }
                 }
-                Entries::Probs { pending, .. } => std::mem::take(&mut pending[layer][head]),
-            };
-            if mask.iter().all(|&k| k) {
-                continue;
-            }
-            kv.evict(layer, head, &mask)?;
-            match &mut self.entries {
-                Entries::Flags { flags, .. } => retain(&mut flags[layer][head], &mask),
-                Entries::Probs { probs, .. } => retain(&mut probs[layer][head], &mask),
+                Entries::Probs { pending, probs, .. } => {
+                    let mask = std::mem::take(&mut pending[layer][head]);
+                    if !mask.iter().all(|&k| k) {
+                        kv.evict(layer, head, &mask)?;
+                        retain_tail(&mut probs[layer][head], 0, &mask);
+                    }
+                }
             }
         }
         Ok(())
@@ -297,18 +298,19 @@ impl LayerHook for AgHook {
 }
 
 /// Threshold mode's keep mask of one head's retained entries (`positions`, `flags`) after a
-/// pass over positions `first..=last`, or `None` when every entry stays: an entry stays while
-/// it is flagged, a sink, or at most `recent` positions older than the pass's last token.
-/// Every earlier pass left only such entries and a pass starts where the previous one ended,
-/// so the entries more than `recent` positions older than `first` all stay and only the newer
-/// tail is read: a decode step costs O(`recent`), not O(retained).
+/// pass over positions `first..=last`, as `(from, keep)`: `keep[i]` for entry `from + i`, every
+/// entry before `from` staying; `None` when every entry stays. An entry stays while it is
+/// flagged, a sink, or at most `recent` positions older than the pass's last token. Every
+/// earlier pass left only such entries and a pass starts where the previous one ended, so the
+/// entries more than `recent` positions older than `first` all stay and only the newer tail is
+/// read and flagged: a decode step costs O(`recent`), not O(retained).
 fn aged_out(
     positions: &[u32],
     flags: &[bool],
     first: u32,
     last: u32,
     protect: &Protection,
-) -> Option<Vec<bool>> {
+) -> Option<(usize, Vec<bool>)> {
     let (sinks, recent) = (protect.sinks as u64, protect.recent as u64);
     let from = positions.partition_point(|&p| u64::from(p) + recent < u64::from(first));
     let stays = |p: u32, flag: bool| {
@@ -318,17 +320,20 @@ fn aged_out(
     if tail.clone().all(|(&p, &flag)| stays(p, flag)) {
         return None;
     }
-    let mut mask = vec![true; positions.len()];
-    for (keep, (&p, &flag)) in mask[from..].iter_mut().zip(tail) {
-        *keep = stays(p, flag);
-    }
-    Some(mask)
+    Some((from, tail.map(|(&p, &flag)| stays(p, flag)).collect()))
 }
 
-/// Keeps the elements whose mask entry is true, in order.
-fn retain<T>(values: &mut Vec<T>, mask: &[bool]) {
-    let mut keep = mask.iter();
-    values.retain(|_| *keep.next().unwrap_or(&true));
+/// Keeps, of the elements from `from` on, those whose `keep` flag is true (in order; the
+/// elements before `from` all stay). Costs O(`keep.len()`).
+fn retain_tail<T: Copy>(values: &mut Vec<T>, from: usize, keep: &[bool]) {
+    let mut w = from;
+    for (r, &k) in keep.iter().enumerate() {
+        if k {
+            values[w] = values[from + r];
+            w += 1;
+        }
+    }
+    values.truncate(w);
 }
 
 #[cfg(test)]
@@ -363,10 +368,15 @@ mod tests {
                     .map(|(&p, &f)| f || (p as usize) < sinks || ((last - p) as usize) < recent)
                     .collect();
                 match aged_out(&positions, &flags, first, last, &protect) {
-                    Some(mask) => {
-                        assert_eq!(mask, expected, "sinks {sinks} recent {recent} at {last}");
-                        retain(&mut positions, &mask);
-                        retain(&mut flags, &mask);
+                    Some((from, mask)) => {
+                        assert!(expected[..from].iter().all(|&k| k), "before the tail");
+                        assert_eq!(
+                            mask,
+                            expected[from..],
+                            "sinks {sinks} recent {recent} at {last}"
+                        );
+                        retain_tail(&mut positions, from, &mask);
+                        retain_tail(&mut flags, from, &mask);
                     }
                     None => assert!(expected.iter().all(|&k| k), "missed an eviction at {last}"),
                 }

@@ -15,10 +15,9 @@
 //! as it was at the mark in time proportional to the rows pushed since, however long the
 //! sequence.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use candle_core::{DType, Tensor};
 
+use super::project::{dot, HostMatrix};
 use super::{AttentionGate, GateConfig};
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
 
@@ -236,11 +235,11 @@ impl GateCache {
     }
 }
 
-/// One layer's parameters as host f32 rows, for the decode step.
+/// One layer's parameters as host rows, for the decode step.
 #[derive(Debug, Clone)]
 pub(super) struct HostLayer {
-    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv`.
-    wqkv: Vec<f32>,
+    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv` (f16 when exact).
+    wqkv: HostMatrix,
     /// `[n_kv_heads, inner]`.
     wg: Vec<f32>,
     /// `[n_kv_heads]`.
@@ -261,7 +260,7 @@ impl AttentionGate {
                 wqkv.extend(flat(&p.wk)?);
                 wqkv.extend(flat(&p.wv)?);
                 Ok(HostLayer {
-                    wqkv,
+                    wqkv: HostMatrix::new(&wqkv, self.cfg.hidden_size),
                     wg: flat(&p.wg)?,
                     bg: flat(&p.bg)?,
                 })
@@ -274,8 +273,8 @@ impl AttentionGate {
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)
     /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over the cached
     /// tokens its window sees (itself included) and returns `s` per KV head (f32). Runs on host
-    /// copies of the parameters, no tensor dispatch: the projection's rows are shared out over
-    /// candle's CPU thread pool (the decoder's; inline when called from one of its threads),
+    /// copies of the parameters, no tensor dispatch: the projection ([`HostMatrix::matvec`], on
+    /// the f16 weights when they are exact) is shared out over candle's CPU thread pool,
     /// the RoPE angles are computed once per position for every layer, and the attention is
     /// one pass over the window's rows.
     pub fn step(
@@ -300,7 +299,7 @@ impl AttentionGate {
             .ctx("reading the decode row")?;
         let hl = &self.host_layers()?[layer];
         let inner = self.cfg.inner();
-        let mut qkv = project(&hl.wqkv, &x);
+        let mut qkv = hl.wqkv.matvec(&x);
         let (q, kv) = qkv.split_at_mut(inner);
         let (k, v) = kv.split_at_mut(inner);
         cache.layer_mut(&self.cfg, layer)?; // the shape check, before the RoPE factors
@@ -355,53 +354,6 @@ impl GateCache {
         }
         &self.rope
     }
-}
-
-/// Rows of the projection below which the step stays on the calling thread (a handoff to the
-/// pool costs a few microseconds, about what this many 576-wide rows take).
-const PARALLEL_MIN_ROWS: usize = 64;
-
-/// `w x` for the row-major `w` (`[rows, x.len()]`). Memory-bound (the default gate's 30 layers
-/// stream 26 MiB of f32 weights per token), so the rows are shared out over candle's thread
-/// pool, whose threads also stream the decoder's weights; each row's sum is the same whichever
-/// thread computes it.
-fn project(w: &[f32], x: &[f32]) -> Vec<f32> {
-    let rows = w.len() / x.len().max(1);
-    let pool = candle_core::utils::barrier_pool();
-    if rows < PARALLEL_MIN_ROWS || pool.n_workers() == 0 {
-        return w.chunks_exact(x.len()).map(|r| dot(r, x)).collect();
-    }
-    // f32 bits in atomics: disjoint rows written from several threads, read after the pool's
-    // barrier (which orders every worker's writes before the call returns).
-    let out: Vec<AtomicU32> = (0..rows).map(|_| AtomicU32::new(0)).collect();
-    pool.execute_chunked(rows, |range| {
-        for r in range {
-            let y = dot(&w[r * x.len()..(r + 1) * x.len()], x);
-            out[r].store(y.to_bits(), Ordering::Relaxed);
-        }
-    });
-    out.into_iter()
-        .map(|y| f32::from_bits(y.into_inner()))
-        .collect()
-}
-
-/// Dot product with 8 independent accumulators, so the compiler can keep them in one SIMD
-/// register (a plain `sum()` is a strict sequential chain).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Softmax attention of one query `q: [ha, da]` at `position` over the cached rows it sees

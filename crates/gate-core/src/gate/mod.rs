@@ -24,6 +24,7 @@
 
 mod cache;
 mod file;
+mod project;
 
 use std::collections::HashMap;
 
@@ -123,7 +124,7 @@ impl GateConfig {
                 return Err(invalid(name, v, "a non-zero size"));
             }
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "GateConfig.head_dim",
                 self.head_dim,

@@ -9,7 +9,7 @@ use crate::error::{invalid, Result};
 ///
 /// Errors: `head_dim == 0`, or `keys.len()` not a multiple of `head_dim`.
 pub fn key_norm_scores(keys: &[f32], head_dim: usize) -> Result<Vec<f32>> {
-    if head_dim == 0 || keys.len() % head_dim != 0 {
+    if head_dim == 0 || !keys.len().is_multiple_of(head_dim) {
         return Err(invalid(
             "key_norm_scores: keys.len() / head_dim",
             format!("{} / {head_dim}", keys.len()),

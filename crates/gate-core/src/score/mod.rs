@@ -38,7 +38,7 @@ pub fn group_mean(
     n_kv_heads: usize,
     n: usize,
 ) -> Result<Vec<f32>> {
-    if n_kv_heads == 0 || n_q_heads == 0 || n_q_heads % n_kv_heads != 0 {
+    if n_kv_heads == 0 || n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv_heads) {
         return Err(invalid(
             "group_mean: n_q_heads / n_kv_heads",
             format!("{n_q_heads} / {n_kv_heads}"),

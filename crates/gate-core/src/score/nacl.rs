@@ -204,7 +204,10 @@ pub fn nacl_keep(proxy: &[f32], plan: &NaclPlan, seed: u64) -> Vec<bool> {
 ///
 /// Errors: `head_dim == 0`, or a slice length not a multiple of `head_dim`.
 pub fn nacl_proxy_scores(queries: &[f32], keys: &[f32], head_dim: usize) -> Result<Vec<f32>> {
-    if head_dim == 0 || queries.len() % head_dim != 0 || keys.len() % head_dim != 0 {
+    if head_dim == 0
+        || !queries.len().is_multiple_of(head_dim)
+        || !keys.len().is_multiple_of(head_dim)
+    {
         return Err(invalid(
             "nacl_proxy_scores: queries.len() / keys.len() / head_dim",
             format!("{} / {} / {head_dim}", queries.len(), keys.len()),

@@ -20,7 +20,7 @@ pub const SNAPKV_KERNEL: usize = 5;
 ///
 /// Errors: `kernel` even or zero (same padding needs an odd kernel).
 pub fn avg_pool_same(x: &[f32], kernel: usize) -> Result<Vec<f32>> {
-    if kernel % 2 == 0 {
+    if kernel.is_multiple_of(2) {
         return Err(invalid(
             "avg_pool_same: kernel",
             kernel,

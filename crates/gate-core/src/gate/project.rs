@@ -1,0 +1,340 @@
+//! The decode step's projection `y = W x` ([`HostMatrix`]): the gate's `wq`, `wk`, `wv` rows as
+//! host copies, read once per token and layer (the default gates' 30 layers hold 6.6 M weights,
+//! more than the L3 cache: the step streams them from memory, so their bytes set its cost).
+//!
+//! Invariants:
+//! - the weights are held as f16 when every one of them is exactly an f16 value (gates loaded
+//!   from an f16 file, the committed ones: half the bytes of f32, the same values), else as
+//!   f32; either way `y` is the exact products summed in f32, so it equals the f32 computation
+//!   up to the order of the additions (f32 rounding);
+//! - layout: rows in groups of [`GROUP`], each group's rows interleaved in chunks of [`LANES`]
+//!   columns (chunk `c` of the group's row `i` at `(c * k + i) * LANES` after the group's
+//!   start, `k` its rows), each row padded with zeros to a whole number of chunks: the kernel
+//!   computes a group's rows at once and reads the weights as one sequential stream, which the
+//!   hardware prefetcher follows (rows read side by side are separate short streams);
+//! - on AVX-512 (runtime detected, F16C conversion in registers) each row of a group has its
+//!   own accumulator register and every load of `x` serves the whole group; elsewhere a portable
+//!   loop of the same shape; both give the same sums up to f32 rounding;
+//! - [`HostMatrix::matvec`] shares groups out over candle's CPU thread pool (the decoder's,
+//!   whose threads also stream the model's weights); a row's sum does not depend on which
+//!   thread computes it or with which rows.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use half::f16;
+
+/// Rows of the projection below which [`HostMatrix::matvec`] stays on the calling thread (a
+/// handoff to the pool costs a few microseconds, about what this many 576-wide rows take).
+const PARALLEL_MIN_ROWS: usize = 64;
+
+/// Lanes of one AVX-512 register of f32: the column chunk of the layout.
+const LANES: usize = 16;
+
+/// Rows computed at once, interleaved in the layout.
+const GROUP: usize = 4;
+
+/// The weights of a [`HostMatrix`] in the packed layout.
+#[derive(Debug, Clone)]
+enum Packed {
+    /// Every weight is an f16 value.
+    F16(Vec<f16>),
+    /// Some weight is not.
+    F32(Vec<f32>),
+}
+
+/// A `[rows, cols]` matrix in the packed layout (module header), f16 when that is exact.
+#[derive(Debug, Clone)]
+pub(super) struct HostMatrix {
+    rows: usize,
+    cols: usize,
+    w: Packed,
+}
+
+impl HostMatrix {
+    /// The row-major matrix `w` (`[w.len() / cols, cols]`), packed, narrowed to f16 if no
+    /// value changes.
+    pub(super) fn new(w: &[f32], cols: usize) -> Self {
+        let rows = w.len().checked_div(cols).unwrap_or(0);
+        let padded = cols.div_ceil(LANES) * LANES;
+        let mut packed = vec![0f32; rows * padded];
+        for (g, group) in w.chunks(GROUP * cols.max(1)).enumerate() {
+            let k = group.len() / cols;
+            let dst = &mut packed[g * GROUP * padded..];
+            for (i, row) in group.chunks_exact(cols).enumerate() {
+                for (c, chunk) in row.chunks(LANES).enumerate() {
+                    let at = (c * k + i) * LANES;
+                    dst[at..at + chunk.len()].copy_from_slice(chunk);
+                }
+            }
+        }
+        let w = if packed.iter().all(|&v| f16::from_f32(v).to_f32() == v) {
+            Packed::F16(packed.iter().map(|&v| f16::from_f32(v)).collect())
+        } else {
+            Packed::F32(packed)
+        };
+        HostMatrix { rows, cols, w }
+    }
+
+    /// Whether the weights are held as f16.
+    #[cfg(test)]
+    fn is_f16(&self) -> bool {
+        matches!(self.w, Packed::F16(_))
+    }
+
+    /// `out[i] = W[g * GROUP + i] · x` for the rows of the groups `groups` (`x`: `cols` values
+    /// padded with zeros to the layout's width; `out`: those rows).
+    fn groups_into(&self, groups: Range<usize>, x: &[f32], out: &mut [f32]) {
+        let padded = x.len();
+        let row = |g: usize| (g * GROUP).min(self.rows);
+        let span = row(groups.start) * padded..row(groups.end) * padded;
+        assert!(
+            padded.is_multiple_of(LANES) && out.len() * padded == span.len(),
+            "HostMatrix::groups_into: shapes"
+        );
+        match &self.w {
+            Packed::F16(w) => kernel(&w[span], x, out),
+            Packed::F32(w) => kernel(&w[span], x, out),
+        }
+    }
+
+    /// `W x` (`x.len() == cols`), groups of rows shared out over candle's CPU thread pool
+    /// (inline when called from one of its threads, or when there are few rows).
+    pub(super) fn matvec(&self, x: &[f32]) -> Vec<f32> {
+        assert_eq!(x.len(), self.cols, "HostMatrix::matvec: x");
+        let mut xp = x.to_vec();
+        xp.resize(self.cols.div_ceil(LANES) * LANES, 0.0);
+        let (rows, groups) = (self.rows, self.rows.div_ceil(GROUP));
+        let pool = candle_core::utils::barrier_pool();
+        if rows < PARALLEL_MIN_ROWS || pool.n_workers() == 0 {
+            let mut out = vec![0f32; rows];
+            self.groups_into(0..groups, &xp, &mut out);
+            return out;
+        }
+        // f32 bits in atomics: disjoint rows written from several threads, read after the
+        // pool's barrier (which orders every worker's writes before the call returns).
+        let out: Vec<AtomicU32> = (0..rows).map(|_| AtomicU32::new(0)).collect();
+        pool.execute_chunked(groups, |range| {
+            let mine = range.start * GROUP..(range.end * GROUP).min(rows);
+            let mut part = vec![0f32; mine.len()];
+            self.groups_into(range, &xp, &mut part);
+            for (slot, y) in out[mine].iter().zip(part) {
+                slot.store(y.to_bits(), Ordering::Relaxed);
+            }
+        });
+        out.into_iter()
+            .map(|y| f32::from_bits(y.into_inner()))
+            .collect()
+    }
+}
+
+/// Whether the AVX-512 kernel can run (F16C included).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(std::cell::Cell::get) {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// A weight element, f16 or f32, as the kernels read it.
+trait Weight: Copy {
+    fn to_f32(self) -> f32;
+
+    /// [`LANES`] elements from `p` in f32 lanes.
+    ///
+    /// # Safety
+    /// avx512f and f16c; `p` points at `LANES` readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Weight for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps};
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+}
+
+impl Weight for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+/// `out[r] = W[r] · x` for the packed groups of `w` (`out.len()` rows, `x` padded).
+fn kernel<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the features are present; `groups_into` checked that `w` holds `out.len()`
+        // rows of `x.len()` (a multiple of the register width) values.
+        unsafe { avx512::groups(w, x, out) };
+        return;
+    }
+    let padded = x.len();
+    for (group, y) in w.chunks(GROUP * padded).zip(out.chunks_mut(GROUP)) {
+        let k = y.len();
+        let mut acc = [[0f32; LANES]; GROUP];
+        for (chunk, xc) in group.chunks_exact(k * LANES).zip(x.chunks_exact(LANES)) {
+            for (row, acc) in chunk.chunks_exact(LANES).zip(&mut acc) {
+                for l in 0..LANES {
+                    acc[l] += row[l].to_f32() * xc[l];
+                }
+            }
+        }
+        for (y, acc) in y.iter_mut().zip(acc) {
+            *y = acc.iter().sum();
+        }
+    }
+}
+
+/// Dot product with 8 independent accumulators, so the compiler can keep them in one SIMD
+/// register (a plain `sum()` is a strict sequential chain).
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 kernel: a group's rows per pass over `x`, one accumulator register each.
+
+    use std::arch::x86_64::*;
+
+    use super::{Weight, GROUP, LANES};
+
+    /// `out[r] = W[r] · x` over the packed groups of `w`.
+    ///
+    /// # Safety
+    /// avx512f and f16c; `x.len()` a multiple of [`LANES`]; `w` holds the packed groups of
+    /// `out.len()` rows of `x.len()` values.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn groups<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
+        let (padded, xp) = (x.len(), x.as_ptr());
+        for (g, y) in out.chunks_mut(GROUP).enumerate() {
+            let k = y.len();
+            let mut p = w.as_ptr().add(g * GROUP * padded);
+            let mut acc = [_mm512_setzero_ps(); GROUP];
+            if k == GROUP {
+                for c in (0..padded).step_by(LANES) {
+                    let xv = _mm512_loadu_ps(xp.add(c));
+                    acc[0] = _mm512_fmadd_ps(W::load(p), xv, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(W::load(p.add(LANES)), xv, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(W::load(p.add(2 * LANES)), xv, acc[2]);
+                    acc[3] = _mm512_fmadd_ps(W::load(p.add(3 * LANES)), xv, acc[3]);
+                    p = p.add(GROUP * LANES);
+                }
+            } else {
+                for c in (0..padded).step_by(LANES) {
+                    let xv = _mm512_loadu_ps(xp.add(c));
+                    for a in &mut acc[..k] {
+                        *a = _mm512_fmadd_ps(W::load(p), xv, *a);
+                        p = p.add(LANES);
+                    }
+                }
+            }
+            for (y, a) in y.iter_mut().zip(acc) {
+                *y = _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::Cell;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    thread_local! {
+        /// Makes this thread's kernels take the portable path.
+        pub(crate) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// `f` on the portable path, then on this CPU's best path.
+    fn both_paths<T>(mut f: impl FnMut() -> T) -> (T, T) {
+        FORCE_PORTABLE.with(|c| c.set(true));
+        let portable = f();
+        FORCE_PORTABLE.with(|c| c.set(false));
+        (portable, f())
+    }
+
+    /// `W x` in f64, and the bound `sum |w| |x|` that scales its rounding error.
+    fn reference(w: &[f32], x: &[f32]) -> Vec<(f64, f64)> {
+        w.chunks_exact(x.len())
+            .map(|r| {
+                r.iter().zip(x).fold((0.0, 0.0), |(s, m), (&a, &b)| {
+                    let p = f64::from(a) * f64::from(b);
+                    (s + p, m + p.abs())
+                })
+            })
+            .collect()
+    }
+
+    /// Both kernels, both storage types, widths on and off the register width, row counts on
+    /// and off whole groups, whole and over a range of groups: the sums of a naive f64
+    /// reference to f32 rounding of the magnitudes summed.
+    #[test]
+    fn projection_matches_a_naive_reference() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for (rows, cols) in [(7, 576), (384, 576), (5, 40), (1, 16), (9, 3)] {
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let exact: Vec<f32> = (0..rows * cols)
+                .map(|_| f16::from_f32(rng.random_range(-0.1..0.1)).to_f32())
+                .collect();
+            let mut inexact = exact.clone();
+            inexact[rows * cols / 2] += 1e-7;
+            for (w, narrow) in [(exact, true), (inexact, false)] {
+                let m = HostMatrix::new(&w, cols);
+                assert_eq!(m.is_f16(), narrow, "{rows}x{cols}");
+                let want = reference(&w, &x);
+                // Groups from the second on: rows 4.. (none when there is one group).
+                let mut xp = x.clone();
+                xp.resize(cols.div_ceil(LANES) * LANES, 0.0);
+                let groups = rows.div_ceil(GROUP);
+                let (a, b) = both_paths(|| {
+                    let mut out = vec![0f32; rows.saturating_sub(GROUP)];
+                    m.groups_into(1.min(groups)..groups, &xp, &mut out);
+                    (m.matvec(&x), out)
+                });
+                for (whole, part) in [a, b] {
+                    let got = whole.iter().chain(&part);
+                    let expect = want.iter().chain(want.get(GROUP..).unwrap_or(&[]));
+                    assert_eq!(whole.len() + part.len(), rows + rows.saturating_sub(GROUP));
+                    for (&y, &(s, mag)) in got.zip(expect) {
+                        let err = (f64::from(y) - s).abs();
+                        assert!(err <= 1e-6 * mag + 1e-30, "{rows}x{cols}: {y} vs {s}");
+                    }
+                }
+            }
+        }
+    }
+}
