@@ -98,36 +98,57 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
             }
         }
         interrupted.store(false, Ordering::SeqCst);
-        let mut write_error = None;
-        let mut on_text = |t: &str| match out!("{t}") {
-            Ok(()) => !interrupted.load(Ordering::SeqCst),
-            Err(e) => {
-                write_error = Some(e);
-                false
-            }
-        };
-        let result = session.chat(line, &request, &mut on_text);
-        if let Some(e) = write_error {
-            return Err(e);
-        }
-        match result {
-            Ok(g) => {
-                outln!()?;
-                let speed = format!(
-                    "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({})",
-                    g.prompt_tokens,
-                    g.prefill_tokens_per_s(),
-                    g.tokens.len(),
-                    g.decode_tokens_per_s(),
-                    g.finish_reason.describe()
-                );
-                say!("[{speed}]");
-                last_speed = Some(speed);
-            }
-            Err(e) => say!("\nerror: {e}"),
+        if let Some(speed) = answer(&mut session, line, &request, &interrupted)? {
+            last_speed = Some(speed);
         }
     }
     Ok(())
+}
+
+/// Answers one message, streaming the text to stdout until the answer ends or Ctrl-C sets
+/// `interrupted`; returns its speed line, or `None` when the turn failed (the error is printed:
+/// the chat goes on). A failed write to stdout ends the chat.
+fn answer(
+    session: &mut Session,
+    line: &str,
+    request: &GenerateRequest,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<Option<String>> {
+    let mut write_error = None;
+    let mut on_text = |t: &str| match out!("{t}") {
+        Ok(()) => !interrupted.load(Ordering::SeqCst),
+        Err(e) => {
+            write_error = Some(e);
+            false
+        }
+    };
+    let result = session.chat(line, request, &mut on_text);
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    match result {
+        Ok(g) => {
+            outln!()?;
+            let speed = format!(
+                "prefill {} tok at {:.1} tok/s, answer {} tok at {:.1} tok/s ({})",
+                g.prompt_tokens,
+                g.prefill_tokens_per_s(),
+                g.tokens.len(),
+                g.decode_tokens_per_s(),
+                g.finish_reason.describe()
+            );
+            say!("[{speed}]");
+            Ok(Some(speed))
+        }
+        Err(e) => {
+            say!(
+                "\nerror: {}{}",
+                crate::errors::describe(&e),
+                crate::errors::hint_for(&e)
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Handles a slash command; returns false to quit.

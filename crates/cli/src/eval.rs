@@ -20,7 +20,7 @@ use clap::Args;
 use engine::eval::sweep::{self, SweepPlan, SweepRow, SweepRun};
 use engine::eval::synthetic::{self, Family, SyntheticSpec};
 use engine::eval::{self, EvalOptions, EvalSummary, PplContext, Task, TaskOutcome};
-use engine::{Engine, Policy};
+use engine::{Engine, Policy, PolicyKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
@@ -112,7 +112,7 @@ pub struct EvalArgs {
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
-    Family::parse(s).map_err(|e| e.to_string())
+    s.parse::<Family>().map_err(|e| e.to_string())
 }
 
 fn parse_depth(s: &str) -> Result<f64, String> {
@@ -264,13 +264,21 @@ fn sweep_plan(
     choices: &[PolicyChoice],
     ratios: &[f64],
 ) -> anyhow::Result<SweepPlan> {
-    let names: Vec<String> = choices.iter().map(|c| c.name().to_string()).collect();
+    let kinds: Vec<PolicyKind> = choices.iter().map(PolicyChoice::kind).collect();
     let anchors = match &args.match_to {
         Some(m) if m.iter().any(|n| n == "none") => Vec::new(),
-        Some(m) => m.clone(),
-        None if args.policy.ag_mode != Some(AgModeArg::Budget) => {
-            names.iter().filter(|n| *n == "ag").cloned().collect()
-        }
+        Some(m) => m
+            .iter()
+            .map(|n| {
+                n.parse()
+                    .map_err(|e| anyhow::anyhow!("--match-to: {e} or none"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None if args.policy.ag_mode != Some(AgModeArg::Budget) => kinds
+            .iter()
+            .copied()
+            .filter(|&k| k == PolicyKind::Ag)
+            .collect(),
         None => Vec::new(),
     };
     // A budget flag sets only the anchors' own runs; the grid sets every other run's ratio.
@@ -284,7 +292,7 @@ fn sweep_plan(
         );
     }
     let plan = SweepPlan {
-        policies: names,
+        policies: kinds,
         ratios: ratios.to_vec(),
         anchors,
         tolerance: 0.005,
@@ -446,7 +454,7 @@ fn run_sweep(
         let policies = batch
             .iter()
             .map(|r| {
-                let base = choices.iter().find(|c| c.name() == r.policy);
+                let base = choices.iter().find(|c| c.kind() == r.policy);
                 match (base, r.ratio) {
                     (None, _) => Ok(Policy::Full),
                     (Some(c), Some(ratio)) => c.with_evict(ratio as f32).resolve(engine),
@@ -546,7 +554,7 @@ fn run_sweep(
 }
 
 fn row_json(row: &SweepRow) -> Value {
-    let mut v = summary_json("", &row.policy, &row.summary);
+    let mut v = summary_json("", row.policy.name(), &row.summary);
     if let Some(o) = v.as_object_mut() {
         o.remove("tasks");
         o.insert("target_ratio".into(), json!(row.target_ratio));

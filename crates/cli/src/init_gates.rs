@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use engine::StoreDtype;
+use engine::GateFileDtype;
 
 use crate::args::{load_engine, ModelArgs};
 
@@ -39,7 +39,7 @@ pub fn run(args: &InitGatesArgs) -> anyhow::Result<()> {
     gate_cfg.bias_init = args.bias.unwrap_or(gate_cfg.bias_init);
     gate_cfg.attention_window = args.attention_window.unwrap_or(gate_cfg.attention_window);
     let gates = engine.random_gates(&gate_cfg, args.seed)?;
-    engine::train::write_gates(&gates, &args.out, StoreDtype::F32)?;
+    engine::train::write_gates(&gates, &args.out, GateFileDtype::F32)?;
     let cfg = gates.config();
     say!(
         "wrote random gates ({} layers × {} heads of dim {}, attention window {}, keep bias {}) to {}",

@@ -24,7 +24,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         let c = g.config();
         format!(
             "built-in Attention-Gate ({} layers × {} heads of dim {}, threshold {:.4}, sinks {}, window {}); --policy ag uses it",
-            c.n_layers, c.heads, c.head_dim, c.threshold, c.sinks, c.window
+            c.n_layers, c.heads, c.head_dim, c.threshold, c.sinks, c.recent
         )
     });
     let kv_per_token = cfg.kv_bytes_per_token(engine.config().kv_dtype);

@@ -9,6 +9,7 @@ mod bench;
 mod bench_serve;
 mod chat;
 mod docs;
+mod errors;
 mod eval;
 mod generate;
 mod init_gates;
@@ -113,7 +114,7 @@ fn main() {
         Command::Docs => out!("{}", docs::render(Cli::command())),
     };
     if let Err(e) = result {
-        say!("error: {}{}", one_line(&e), hint(&e));
+        say!("error: {}{}", one_line(&e), errors::hint(&e));
         // An interrupted run is not a failure of its input: the shell's code for SIGINT.
         let code = if e.downcast_ref::<Interrupted>().is_some() {
             130
@@ -171,25 +172,12 @@ fn plain_number_error(e: clap::Error) -> clap::Error {
     )
 }
 
-/// What the user can do about an error whose cause is a flag's value (empty: nothing to add).
-fn hint(e: &anyhow::Error) -> &'static str {
-    let pool_full = e.chain().any(|c| {
-        c.downcast_ref::<engine::KvError>()
-            .is_some_and(engine::KvError::is_out_of_blocks)
-    });
-    if pool_full {
-        " (the KV pool is sized by --kv-memory-mb: raise it, or evict with --policy … --keep N)"
-    } else {
-        ""
-    }
-}
-
 /// The error and its causes on one line, each cause once: a message that already quotes its
 /// cause (`cannot read X: No such file`) does not repeat it.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = e.to_string();
+    let mut line = errors::describe(e.as_ref());
     for cause in e.chain().skip(1) {
-        let text = cause.to_string();
+        let text = errors::describe(cause);
         if !line.contains(&text) {
             line.push_str(": ");
             line.push_str(&text);

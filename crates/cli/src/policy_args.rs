@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use engine::{Engine, Policy, PolicyOptions, PolicySpec, Positions, Setting};
+use engine::{Engine, Policy, PolicyKind, PolicyOptions, PolicySpec, Positions, Setting};
 
 /// Attention-Gate decision mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -38,8 +38,8 @@ pub struct PolicyArgs {
     /// Eviction policy: full, ag, random, streaming, h2o, tova, snapkv, pyramidkv, knorm, nacl.
     /// Comma-separate several for bench and eval sweeps: `all` is full and every baseline
     /// (add `,ag` for Attention-Gate, or give `--gates FILE`).
-    #[arg(long = "policy", value_delimiter = ',', default_value = "full")]
-    pub names: Vec<String>,
+    #[arg(long = "policy", value_delimiter = ',', default_value = "full", value_parser = parse_policy)]
+    pub names: Vec<PolicyName>,
     /// Fraction of each head's tokens to evict, in [0, 1) (default 0.5 for budget policies).
     #[arg(long, value_parser = parse_ratio, conflicts_with = "keep")]
     pub evict: Option<f32>,
@@ -50,8 +50,9 @@ pub struct PolicyArgs {
     /// 0 elsewhere).
     #[arg(long)]
     pub sinks: Option<usize>,
-    /// Recent-token window: StreamingLLM's window, SnapKV's observation window (default 32),
-    /// H2O's recent tokens, Attention-Gate's local window (default: the gates file's).
+    /// SnapKV's and PyramidKV's observation window (default 32); for the other policies the
+    /// most recent tokens always kept: StreamingLLM's window, H2O's recent tokens,
+    /// Attention-Gate's local window (default: the gates file's).
     #[arg(long)]
     pub window: Option<usize>,
     /// Attention-Gate checkpoint (safetensors).
@@ -83,17 +84,37 @@ pub struct PolicyArgs {
     pub options: Vec<String>,
 }
 
+/// A `--policy` value: one policy, or `all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyName {
+    /// Full and every baseline (and Attention-Gate when `--gates` is given).
+    All,
+    /// One policy.
+    One(PolicyKind),
+}
+
+fn parse_policy(s: &str) -> Result<PolicyName, String> {
+    match s {
+        "all" => Ok(PolicyName::All),
+        one => one
+            .parse()
+            .map(PolicyName::One)
+            .map_err(|e| format!("{e} or all")),
+    }
+}
+
 fn parse_positions(s: &str) -> Result<Positions, String> {
     Positions::parse(s).map_err(|e| e.to_string())
 }
 
-/// The flag a user gives for a policy setting.
-fn flag(setting: Setting) -> &'static str {
+/// The flag a user gives for a policy setting (`--window` is SnapKV's observation window and
+/// every other policy's recent tokens).
+pub fn flag(setting: Setting) -> &'static str {
     match setting {
         Setting::Evict => "--evict",
         Setting::Keep => "--keep",
         Setting::Sinks => "--sinks",
-        Setting::Window => "--window",
+        Setting::Recent | Setting::Window => "--window",
         Setting::Gates => "--gates",
         Setting::Threshold => "--threshold",
         Setting::AgBudgetMode => "--ag-mode",
@@ -103,13 +124,13 @@ fn flag(setting: Setting) -> &'static str {
 }
 
 /// Why a policy does without a setting, for the message.
-fn why(policy: &str, setting: Setting) -> &'static str {
+fn why(policy: PolicyKind, setting: Setting) -> &'static str {
     match (policy, setting) {
-        ("full", Setting::Evict | Setting::Keep) => " (it keeps every token)",
-        ("ag", Setting::Evict | Setting::Keep) => {
+        (PolicyKind::Full, Setting::Evict | Setting::Keep) => " (it keeps every token)",
+        (PolicyKind::Ag, Setting::Evict | Setting::Keep) => {
             " in threshold mode (the gates decide; --ag-mode budget keeps a budget)"
         }
-        ("streaming", Setting::Window) => {
+        (PolicyKind::Streaming, Setting::Recent) => {
             " with a budget (its window is --keep or the evicted share minus --sinks)"
         }
         (_, Setting::Gates | Setting::Threshold | Setting::AgDecode | Setting::AgBudgetMode) => {
@@ -136,8 +157,13 @@ pub struct PolicyChoice {
 
 impl PolicyChoice {
     /// The policy's name.
-    pub fn name(&self) -> &str {
-        &self.spec.name
+    pub fn name(&self) -> &'static str {
+        self.spec.kind.name()
+    }
+
+    /// The policy.
+    pub fn kind(&self) -> PolicyKind {
+        self.spec.kind
     }
 
     /// The policy as named, before it is resolved.
@@ -165,71 +191,26 @@ impl PolicyArgs {
     /// options that apply to it. Flags and options that none of them uses are an error, and a
     /// warning names the policies that ignore one the others use (see the module header).
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        let mut names: Vec<String> = Vec::new();
-        for n in &self.names {
-            let add: Vec<String> = match n.as_str() {
-                "all" => Policy::NAMES
-                    .iter()
-                    .filter(|&&p| p != "ag" || self.gates.is_some())
-                    .map(|s| s.to_string())
+        let mut kinds: Vec<PolicyKind> = Vec::new();
+        for name in &self.names {
+            let add = match name {
+                PolicyName::All => PolicyKind::ALL
+                    .into_iter()
+                    .filter(|&p| p != PolicyKind::Ag || self.gates.is_some())
                     .collect(),
-                known if Policy::NAMES.contains(&known) => vec![known.to_string()],
-                other => anyhow::bail!(
-                    "--policy: unknown policy `{other}` (expected {} or all)",
-                    Policy::NAMES.join(", ")
-                ),
+                PolicyName::One(kind) => vec![*kind],
             };
-            for name in add {
-                if !names.contains(&name) {
-                    names.push(name);
+            for kind in add {
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
                 }
             }
         }
-        let mut options = PolicyOptions::default();
-        for pair in &self.options {
-            options
-                .set_pair(pair)
-                .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;
-        }
-        for key in options.keys_set() {
-            let ignoring: Vec<&str> = names
-                .iter()
-                .filter(|n| !PolicyOptions::applies_to(key, n))
-                .map(String::as_str)
-                .collect();
-            if ignoring.len() == names.len() {
-                let applies_to = PolicyOptions::KEYS
-                    .iter()
-                    .find(|k| k.name == key)
-                    .map_or_else(String::new, |k| k.policies.join(", "));
-                anyhow::bail!(
-                    "--policy-opt: `{key}` does not apply to {} (it applies to {applies_to})",
-                    names.join(", ")
-                );
-            }
-            if !ignoring.is_empty() {
-                say!(
-                    "agate: note: --policy-opt {key} does nothing with {}; they run without it",
-                    ignoring.join(", ")
-                );
-            }
-        }
-        let mut choices: Vec<PolicyChoice> = names
+        let options = self.options(&kinds)?;
+        let mut choices: Vec<PolicyChoice> = kinds
             .into_iter()
-            .map(|name| PolicyChoice {
-                spec: PolicySpec {
-                    evict: self.evict,
-                    keep: self.keep.map(|k| k as usize),
-                    sinks: self.sinks,
-                    window: self.window,
-                    gates: self.gates.clone(),
-                    threshold: self.threshold,
-                    ag_budget_mode: self.ag_mode == Some(AgModeArg::Budget),
-                    ag_decode: self.ag_decode.map(|d| d == Switch::On),
-                    seed: self.policy_seed,
-                    options: options.for_policy(&name),
-                    name,
-                },
+            .map(|kind| PolicyChoice {
+                spec: self.spec(kind, &options),
             })
             .collect();
         let ignored: Vec<Vec<Setting>> = choices
@@ -238,7 +219,7 @@ impl PolicyArgs {
                 let mut ignored = c.spec.ignored();
                 // `--ag-mode threshold` leaves the spec as it is; only ag reads the flag.
                 if self.ag_mode.is_some()
-                    && c.name() != "ag"
+                    && c.kind() != PolicyKind::Ag
                     && !ignored.contains(&Setting::AgBudgetMode)
                 {
                     ignored.push(Setting::AgBudgetMode);
@@ -246,31 +227,20 @@ impl PolicyArgs {
                 ignored
             })
             .collect();
-        let all = [
-            Setting::Evict,
-            Setting::Keep,
-            Setting::Sinks,
-            Setting::Window,
-            Setting::Gates,
-            Setting::Threshold,
-            Setting::AgBudgetMode,
-            Setting::AgDecode,
-            Setting::Seed,
-        ];
-        for setting in all {
-            let ignoring: Vec<&str> = choices
+        for setting in Setting::ALL {
+            let ignoring: Vec<PolicyKind> = choices
                 .iter()
                 .zip(&ignored)
                 .filter(|(_, i)| i.contains(&setting))
-                .map(|(c, _)| c.name())
+                .map(|(c, _)| c.kind())
                 .collect();
             if ignoring.is_empty() {
                 continue;
             }
+            let names = join(&ignoring);
             if ignoring.len() == choices.len() {
-                let policy = ignoring.join(", ");
                 anyhow::bail!(
-                    "{} does nothing with --policy {policy}{}; remove it",
+                    "{} does nothing with --policy {names}{}; remove it",
                     flag(setting),
                     if ignoring.len() == 1 {
                         why(ignoring[0], setting)
@@ -280,9 +250,8 @@ impl PolicyArgs {
                 );
             }
             say!(
-                "agate: note: {} does nothing with {}; they run without it",
-                flag(setting),
-                ignoring.join(", ")
+                "agate: note: {} does nothing with {names}; they run without it",
+                flag(setting)
             );
         }
         for (choice, ignored) in choices.iter_mut().zip(ignored) {
@@ -291,13 +260,65 @@ impl PolicyArgs {
         Ok(choices)
     }
 
+    /// The `--policy-opt` options: an error if none of `kinds` uses one, a note naming those
+    /// that ignore one the others use.
+    fn options(&self, kinds: &[PolicyKind]) -> anyhow::Result<PolicyOptions> {
+        let mut options = PolicyOptions::default();
+        for pair in &self.options {
+            options
+                .set_pair(pair)
+                .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;
+        }
+        for key in options.keys_set() {
+            let ignoring: Vec<PolicyKind> = kinds
+                .iter()
+                .copied()
+                .filter(|&k| !PolicyOptions::applies_to(key, k))
+                .collect();
+            if ignoring.len() == kinds.len() {
+                anyhow::bail!(
+                    "--policy-opt: `{key}` does not apply to {} (it applies to {})",
+                    join(kinds),
+                    PolicyOptions::policies_of(key)
+                );
+            }
+            if !ignoring.is_empty() {
+                say!(
+                    "agate: note: --policy-opt {key} does nothing with {}; they run without it",
+                    join(&ignoring)
+                );
+            }
+        }
+        Ok(options)
+    }
+
+    /// The spec of one policy from the shared flags (`--window` as that policy reads it).
+    fn spec(&self, kind: PolicyKind, options: &PolicyOptions) -> PolicySpec {
+        let mut spec = PolicySpec {
+            evict: self.evict,
+            keep: self.keep.map(|k| k as usize),
+            sinks: self.sinks,
+            gates: self.gates.clone(),
+            threshold: self.threshold,
+            ag_budget_mode: self.ag_mode == Some(AgModeArg::Budget),
+            ag_decode: self.ag_decode.map(|d| d == Switch::On),
+            seed: self.policy_seed,
+            options: options.for_policy(kind),
+            ..PolicySpec::new(kind)
+        };
+        if let Some(w) = self.window {
+            spec.set_window(w);
+        }
+        spec
+    }
+
     /// The single policy of generate/chat (an error if several are named).
     pub fn single(&self) -> anyhow::Result<PolicyChoice> {
         let mut all = self.policies()?;
         anyhow::ensure!(
             all.len() == 1,
             "--policy: name one policy here, got {}",
-            self.names.join(",")
+            join(&all.iter().map(PolicyChoice::kind).collect::<Vec<_>>()).replace(", ", ",")
         );
         Ok(all.remove(0))
     }
@@ -306,4 +327,10 @@ impl PolicyArgs {
     pub fn positions_or(&self, default: Positions) -> Positions {
         self.positions.unwrap_or(default)
     }
+}
+
+/// Policy names, comma-separated.
+fn join(kinds: &[PolicyKind]) -> String {
+    let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    names.join(", ")
 }

@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use engine::atomic::AppendLog;
 use engine::train::{Mode, StepReport, TrainConfig, Trainables, Trainer};
-use engine::StoreDtype;
+use engine::GateFileDtype;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{load_engine, ModelArgs};
@@ -327,9 +327,9 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         "--heldout-seqs does nothing without --heldout FILE"
     );
     let dtype = match args.out_dtype.as_str() {
-        "f32" => StoreDtype::F32,
-        "bf16" => StoreDtype::BF16,
-        _ => StoreDtype::F16,
+        "f32" => GateFileDtype::F32,
+        "bf16" => GateFileDtype::BF16,
+        _ => GateFileDtype::F16,
     };
     let stop = stop_on_interrupt()?;
     let engine = load_engine(&args.model)?;

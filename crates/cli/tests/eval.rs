@@ -2,6 +2,7 @@
 //! contract's keys; a bad task file fails with one `error:` line naming file, line and field;
 //! `--sweep --out` writes the table, JSON, CSV and both plots; synthetic tasks can be written
 //! out as a task file and read back.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

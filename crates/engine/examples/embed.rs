@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let streaming = PolicySpec {
         keep: Some(32),
         sinks: Some(4),
-        ..PolicySpec::named("streaming")
+        ..PolicySpec::new(engine::PolicyKind::Streaming)
     }
     .build(&engine)?;
     let request = GenerateRequest {

@@ -110,13 +110,16 @@ impl EngineBuilder {
     /// Loads the model and creates the block pool.
     pub fn build(self) -> Result<Engine> {
         let EngineBuilder { cfg, say } = self;
-        for (name, value) in [
-            ("block size", cfg.block_size),
-            ("KV memory (MiB)", cfg.kv_memory_mb),
-            ("prefill chunk", cfg.prefill_chunk),
+        for (setting, value) in [
+            ("EngineConfig.block_size", cfg.block_size),
+            ("EngineConfig.kv_memory_mb", cfg.kv_memory_mb),
+            ("EngineConfig.prefill_chunk", cfg.prefill_chunk),
         ] {
             if value == 0 {
-                return Err(EngineError::Invalid(format!("{name} must be > 0, got 0")));
+                return Err(EngineError::Setting {
+                    setting,
+                    problem: "must be > 0, got 0".into(),
+                });
             }
         }
         let started = Instant::now();
@@ -259,11 +262,10 @@ impl Engine {
     ) -> Result<gate_core::AttentionGate> {
         let cfg = self.model_config();
         if let Some(why) = cfg.gate_shape_mismatch(gate_cfg) {
-            return Err(EngineError::Invalid(why));
+            return Err(crate::PolicyError::GatesDoNotFit(why).into());
         }
-        let invalid = |e: gate_core::GateError| EngineError::Invalid(e.to_string());
-        let mut gates = gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)
-            .map_err(invalid)?;
+        let mut gates =
+            gate_core::AttentionGate::random(gate_cfg, seed, &candle_core::Device::Cpu)?;
         gates.set_identity(self.model_identity()?);
         Ok(gates)
     }

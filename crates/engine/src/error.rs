@@ -1,5 +1,12 @@
 //! The engine's error type: every failure a user can cause, with a one-line message that names
 //! the value at fault.
+//!
+//! Invariants: an error from another crate or module is wrapped, never flattened to a string,
+//! so [`std::error::Error::source`] reaches it (`Model`, with candle's errors, `Kv`, `Gate`,
+//! `Policy`, `Io`);
+//! messages name settings by their library names (`keep`, `SweepPlan.ratios`), never by a
+//! command-line flag: front ends map them to their own names (the CLI to `--keep`, the server
+//! to `kv_keep`) from the typed variants.
 
 /// Errors from loading models, running sessions and fetching the default model.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +23,38 @@ pub enum EngineError {
     /// A request or setting has an invalid value.
     #[error("{0}")]
     Invalid(String),
+    /// A policy cannot be built or does not fit the model; front ends name its settings
+    /// ([`crate::PolicyError::describe`]).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// A setting of a plan (a sweep, a benchmark, a task set) is outside its domain; `setting`
+    /// is the field (`SweepPlan.ratios`), which a front end maps to its own name.
+    #[error("{setting}: {problem}")]
+    Setting {
+        /// The field at fault, as `Type.field`.
+        setting: &'static str,
+        /// What is wrong, naming the value.
+        problem: String,
+    },
+    /// Scoring one evaluation task failed (the source says why).
+    #[error(
+        "task {number} ({kind}{}): {source}",
+        policy.map_or_else(String::new, |p| format!(", policy {p}"))
+    )]
+    Task {
+        /// The task's number in its file or set (1-based).
+        number: usize,
+        /// Its kind (`choice`, `generate`, `perplexity`).
+        kind: &'static str,
+        /// The policy it ran under, if the failure is a policy's.
+        policy: Option<crate::policy::PolicyKind>,
+        /// What failed.
+        #[source]
+        source: Box<EngineError>,
+    },
+    /// Attention-Gate parameters or a gates file are unusable (boxed: the variant stays small).
+    #[error(transparent)]
+    Gate(Box<gate_core::GateError>),
     /// A policy option (`key=value`) has an unknown key or a value outside its domain.
     #[error("policy option `{key}={value}`: expected {expected}")]
     PolicyOption {
@@ -32,7 +71,7 @@ pub enum EngineError {
         /// The key.
         key: String,
         /// The policy it was given to.
-        policy: String,
+        policy: crate::policy::PolicyKind,
         /// The policies it applies to.
         applies_to: String,
     },
@@ -69,8 +108,9 @@ pub enum EngineError {
         /// The optimiser step (1-based).
         step: usize,
     },
-    /// In cache positions, the tokens do not fit beside what the widest KV head holds.
-    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens (cache positions: a policy with a fixed --keep budget bounds what heads hold)")]
+    /// In cache positions, the tokens do not fit beside what the widest KV head holds (a policy
+    /// with a fixed budget, `keep`, bounds what heads hold).
+    #[error("prompt of {new} tokens does not fit: the widest KV head already spans {span} cache positions and the model's context is {context} tokens")]
     CacheOverflow {
         /// Tokens to add.
         new: usize,
@@ -107,6 +147,12 @@ pub enum EngineError {
         /// The model's context length.
         context: usize,
     },
+}
+
+impl From<gate_core::GateError> for EngineError {
+    fn from(e: gate_core::GateError) -> Self {
+        EngineError::Gate(Box::new(e))
+    }
 }
 
 /// Result alias for the engine.

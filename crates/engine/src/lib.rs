@@ -35,10 +35,13 @@ pub mod worker;
 pub use engine::{Engine, EngineBuilder, EngineConfig};
 pub use error::{EngineError, Result};
 pub use gate_core::gate::DEFAULT_ATTENTION_WINDOW as DEFAULT_GATE_ATTENTION_WINDOW;
-pub use gate_core::{AttentionGate, GateConfig, StoreDtype};
+pub use gate_core::{AttentionGate, GateConfig, GateFileDtype};
 pub use kv_store::{KvDtype, KvError};
 pub use model_zoo::{ChatMessage, ModelConfig, PrefillKind, WeightFormat};
-pub use policy::{AgMode, Policy, PolicyOptions, PolicySpec, Recent, Setting};
+pub use policy::{
+    AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, PolicySpec, Recent, Setting,
+    UnknownPolicy,
+};
 pub use report::KvReport;
 pub use sampling::SamplingParams;
 pub use scheduler::{

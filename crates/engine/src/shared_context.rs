@@ -24,8 +24,9 @@ use kv_store::SequenceKv;
 
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::policy::scored::{ContextRecorder, PrefillStats, ScoredHook};
+use crate::policy::scored::{ContextRecorder, ScoredHook};
 use crate::policy::Policy;
+use crate::policy::PrefillStats;
 use crate::report::KvReport;
 use crate::session::{empty_store, run_prefill, Positions, Session};
 use model_zoo::PrefillKind;

@@ -4,6 +4,7 @@
 //! fail with `FILE:LINE` and the field; synthetic tasks are deterministic by seed, fit their
 //! length and put the needle at the requested depth; sweeps match baselines to the anchor's
 //! measured ratio. One test uses the default model's tokenizer (prompt lengths in real tokens).
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
@@ -364,11 +365,17 @@ fn any_filler_text_works_and_short_lengths_are_refused() {
         panic!()
     };
     assert!(context.contains("Delta epsilon?"));
-    let err = synthetic::generate(&SyntheticSpec::new(Family::Niah, 20), &words)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--length 20"), "{err}");
-    assert!(Family::parse("nope")
+    let err = synthetic::generate(&SyntheticSpec::new(Family::Niah, 20), &words).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            engine::EngineError::Setting { setting: "SyntheticSpec.length", problem }
+                if problem.contains("20 tokens is too short for a niah task")
+        ),
+        "{err}"
+    );
+    assert!("nope"
+        .parse::<Family>()
         .unwrap_err()
         .to_string()
         .contains("passkey"));
@@ -389,10 +396,11 @@ fn summary(ratio: f64) -> EvalSummary {
 
 #[test]
 fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
+    use engine::PolicyKind::{Ag, H2o, Tova};
     let plan = SweepPlan {
-        policies: vec!["a".into(), "b".into(), "c".into()],
+        policies: vec![Ag, H2o, Tova],
         ratios: vec![0.25, 0.5],
-        anchors: vec!["a".into()],
+        anchors: vec![Ag],
         tolerance: 0.005,
     };
     let mut batches = Vec::new();
@@ -403,9 +411,9 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
             Ok(batch
                 .iter()
                 .map(|r| {
-                    summary(match (r.policy.as_str(), r.ratio) {
+                    summary(match (r.policy.name(), r.ratio) {
                         ("full", None) => 0.0,
-                        ("a", None) => 0.35,
+                        ("ag", None) => 0.35,
                         (_, Some(r)) => r,
                         other => panic!("unexpected run {other:?}"),
                     })
@@ -417,35 +425,41 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
     assert_eq!(batches, [6, 2]);
     let names: Vec<(&str, Option<f64>, Option<&str>)> = rows
         .iter()
-        .map(|r| (r.policy.as_str(), r.target_ratio, r.matched_to.as_deref()))
+        .map(|r| {
+            (
+                r.policy.name(),
+                r.target_ratio,
+                r.matched_to.map(|m| m.name()),
+            )
+        })
         .collect();
     assert_eq!(
         names,
         vec![
             ("full", None, None),
-            ("a", None, None),
-            ("b", Some(0.25), None),
-            ("c", Some(0.25), None),
-            ("b", Some(0.5), None),
-            ("c", Some(0.5), None),
-            ("b", Some(0.35), Some("a")),
-            ("c", Some(0.35), Some("a")),
+            ("ag", None, None),
+            ("h2o", Some(0.25), None),
+            ("tova", Some(0.25), None),
+            ("h2o", Some(0.5), None),
+            ("tova", Some(0.5), None),
+            ("h2o", Some(0.35), Some("ag")),
+            ("tova", Some(0.35), Some("ag")),
         ]
     );
     let md = sweep::markdown_table(&rows);
     assert_eq!(md.lines().count(), rows.len() + 2);
     assert!(
-        md.contains("| b | 0.350 | 0.350 | 0.650 | 0.150 | 1.000 |"),
+        md.contains("| h2o | 0.350 | 0.350 | 0.650 | 0.150 | 1.000 |"),
         "{md}"
     );
-    assert!(md.contains("| a | - | 0.350 | 0.650 |"), "{md}");
+    assert!(md.contains("| ag | - | 0.350 | 0.650 |"), "{md}");
     // An anchor landing on a requested ratio gets no matched runs.
     let on_grid = plan
         .run(&mut |batch| {
             Ok(batch
                 .iter()
                 .map(|r| {
-                    summary(if r.policy == "a" {
+                    summary(if r.policy == Ag {
                         0.5
                     } else {
                         r.ratio.unwrap_or(0.0)
@@ -458,8 +472,8 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
     assert_eq!(sweep::csv(&rows).lines().count(), rows.len() + 1);
     let series = sweep::accuracy_series(&rows);
     let xy = |i: usize| -> Vec<(f64, f64)> { series[i].1.iter().map(|p| (p.x, p.y)).collect() };
-    assert_eq!(series[2].0, "b");
-    assert_eq!((series[1].0.as_str(), xy(1)), ("a", vec![(0.35, 0.65)]));
+    assert_eq!(series[2].0, "h2o");
+    assert_eq!((series[1].0.as_str(), xy(1)), ("ag", vec![(0.35, 0.65)]));
     assert_eq!(xy(2), vec![(0.25, 0.75), (0.35, 0.65), (0.5, 0.5)]);
     assert_eq!(series[2].1[0].ci95, [0.25, 1.0]);
 }
@@ -471,7 +485,7 @@ fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_
     let tasks = vec![Task::Perplexity { text }];
     let spec = engine::PolicySpec {
         keep: Some(16),
-        ..engine::PolicySpec::named("streaming")
+        ..engine::PolicySpec::new(engine::PolicyKind::Streaming)
     };
     let policy = spec.build(&engine).unwrap();
     let opts = EvalOptions::default();
@@ -501,7 +515,9 @@ fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_
 
 #[test]
 fn synthetic_prompts_fit_their_length_in_the_default_models_tokens() {
-    let engine = common::default_engine(engine::WeightFormat::Auto);
+    let Some(engine) = common::default_engine(engine::WeightFormat::Auto) else {
+        return;
+    };
     let tok = engine.tokenizer();
     let count = |t: &str| -> engine::Result<usize> { Ok(tok.encode(t, false)?.len()) };
     let overhead = eval::chat_template_overhead(&engine).unwrap();

@@ -4,6 +4,7 @@
 //! that never tried it gives), a pass whose logits are not finite is undone (the gate's own
 //! cache included, after the pass overwrote its ring), and a forward pass that fails half-way is
 //! undone by the decoder.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use engine::{Engine, GenerateRequest, PolicySpec, Session};
 use kv_store::SequenceKv;
@@ -95,20 +96,20 @@ fn coin_flip_gates(engine: &Engine, dir: &std::path::Path) -> std::path::PathBuf
         ..engine.gate_config()
     };
     let g = engine.random_gates(&cfg, 5).unwrap();
-    engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
+    engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
     gates
 }
 
 fn spec(name: &str, gates: &std::path::Path) -> PolicySpec {
     match name {
-        "full" => PolicySpec::named("full"),
+        "full" => PolicySpec::new(engine::PolicyKind::Full),
         "ag" => PolicySpec {
             gates: Some(gates.to_path_buf()),
-            ..PolicySpec::named("ag")
+            ..PolicySpec::new(engine::PolicyKind::Ag)
         },
         other => PolicySpec {
             keep: Some(40), // at least SnapKV's default observation window (32)
-            ..PolicySpec::named(other)
+            ..PolicySpec::new(other.parse().unwrap())
         },
     }
 }

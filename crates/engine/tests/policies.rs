@@ -8,13 +8,14 @@
 //!   token per head), Full evicts nothing, and KV bytes fall with the retained count;
 //! - a long multi-turn conversation with `--keep 512` keeps KV bytes flat while tokens grow;
 //! - protected tokens that do not fit a fixed budget are refused.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
 use std::collections::HashSet;
 
 use common::tokens;
-use engine::{Engine, Policy, PolicySpec};
+use engine::{Engine, EngineError, Policy, PolicyError, PolicySpec, Setting};
 use gate_core::select::Budget;
 use kv_store::SequenceKv;
 use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, LogitsFor};
@@ -28,7 +29,7 @@ fn spec(name: &str, evict: f32, gates: Option<&std::path::Path>) -> PolicySpec {
     PolicySpec {
         evict: Some(evict),
         gates: gates.map(|p| p.to_path_buf()),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 
@@ -261,7 +262,7 @@ fn assert_masked_equals_physical(
             },
             3,
         )
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let (diff, tol) = ag_equivalence(engine, &gates, prompt, continuation);
     assert!(
@@ -287,7 +288,9 @@ fn masked_equals_physical_on_a_tiny_model() {
 /// SnapKV case), which is no eviction error.
 #[test]
 fn masked_equals_physical_on_the_default_model() {
-    let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
+    let Some(path) = common::default_model() else {
+        return;
+    };
     let engine = Engine::builder()
         .model(path)
         .weights(model_zoo::WeightFormat::Dense(candle_core::DType::F32))
@@ -314,7 +317,7 @@ fn budgets_are_met_exactly_and_memory_follows() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 4)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let prompt = tokens(333, 3);
     let t = prompt.len();
@@ -409,14 +412,17 @@ fn pyramid_budgets_average_to_the_request() {
 #[test]
 fn protections_that_do_not_fit_a_fixed_budget_are_refused() {
     let (_dir, engine) = tiny_engine(engine::KvDtype::F16);
+    // `window`: SnapKV's observation window, every other policy's recent tokens.
     let build = |name: &str, keep: usize, sinks: Option<usize>, window: Option<usize>| {
-        PolicySpec {
+        let mut spec = PolicySpec {
             keep: Some(keep),
             sinks,
-            window,
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(name.parse().unwrap())
+        };
+        if let Some(w) = window {
+            spec.set_window(w);
         }
-        .build(&engine)
+        spec.build(&engine)
     };
     for (name, keep, sinks, window) in [
         ("streaming", 4, Some(4), None),
@@ -429,16 +435,29 @@ fn protections_that_do_not_fit_a_fixed_budget_are_refused() {
         ("snapkv", 4, None, Some(32)),
         ("pyramidkv", 4, None, Some(5)),
     ] {
-        let e = build(name, keep, sinks, window).unwrap_err().to_string();
+        let e = build(name, keep, sinks, window).unwrap_err();
+        let EngineError::Policy(PolicyError::ProtectionExceedsBudget {
+            policy,
+            keep: k,
+            by,
+            ..
+        }) = &e
+        else {
+            panic!("{name} keep {keep} sinks {sinks:?} window {window:?}: {e}");
+        };
+        assert_eq!((policy.name(), *k), (name, keep), "{e}");
+        let named = if sinks.is_some() {
+            Setting::Sinks
+        } else if policy.observes_a_window() {
+            Setting::Window
+        } else {
+            Setting::Recent
+        };
+        assert!(by.contains(&named), "{e}");
         assert!(
-            e.contains(name)
-                && e.contains(&format!("--keep {keep}"))
-                && e.contains(if sinks.is_some() {
-                    "--sinks"
-                } else {
-                    "--window"
-                }),
-            "{name} keep {keep} sinks {sinks:?} window {window:?}: {e}"
+            e.to_string()
+                .contains(&format!("{name} keeps at most keep {keep}")),
+            "{e}"
         );
     }
     for (name, keep, sinks, window) in [
@@ -452,12 +471,16 @@ fn protections_that_do_not_fit_a_fixed_budget_are_refused() {
     }
     // StreamingLLM's window alone is the budget beside the sinks: it must hold a token.
     let e = PolicySpec {
-        window: Some(0),
-        ..PolicySpec::named("streaming")
+        recent: Some(0),
+        ..PolicySpec::new(engine::PolicyKind::Streaming)
     }
     .build(&engine)
     .unwrap_err();
-    assert!(e.to_string().contains("--window must be at least 1"), "{e}");
+    assert!(
+        matches!(e, EngineError::Policy(PolicyError::EmptyStreamingWindow)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("recent must be at least 1"), "{e}");
     // Three sinks and one recent token: every head keeps positions 0, 1, 2 and the newest.
     let policy = build("streaming", 4, Some(3), None).unwrap();
     let mut session = engine.session_with(policy).unwrap();
@@ -476,7 +499,7 @@ fn long_conversation_stays_within_its_budget() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 6)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
@@ -497,7 +520,7 @@ fn long_conversation_stays_within_its_budget() {
         let mut s = PolicySpec {
             keep: Some(512),
             gates: Some(gates.clone()),
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(name.parse().unwrap())
         };
         s.ag_budget_mode = true;
         let mut session = engine.session_with(s.build(&engine).unwrap()).unwrap();
@@ -550,7 +573,7 @@ fn attention_gate_state_is_counted_and_bounded() {
             6,
         )
         .unwrap();
-    engine::train::write_gates(&gates, &path, engine::StoreDtype::F32).unwrap();
+    engine::train::write_gates(&gates, &path, engine::GateFileDtype::F32).unwrap();
     let gc = gates.config().clone();
     let cfg = engine.model_config();
     let row = 2 * gc.heads * gc.head_dim * 4 + 4; // K', V' in f32 and a position
@@ -602,7 +625,7 @@ fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
             },
             8,
         )
-        .and_then(|g| engine::train::write_gates(&g, &path, engine::StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &path, engine::GateFileDtype::F32))
         .unwrap();
     let prompt = tokens(150, 4);
     let continuation = tokens(5, 9);
@@ -611,10 +634,10 @@ fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
         let policy = PolicySpec {
             keep: Some(40),
             sinks: Some(2),
-            window: Some(3),
+            recent: Some(3),
             gates: Some(path.clone()),
             ag_budget_mode: true,
-            ..PolicySpec::named("ag")
+            ..PolicySpec::new(engine::PolicyKind::Ag)
         }
         .build(&engine)
         .unwrap();

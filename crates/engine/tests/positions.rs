@@ -3,6 +3,7 @@
 //! runs past the model's context, for every policy that keeps one; the default original
 //! positions still stop at the context; with nothing evicted both modes are the same
 //! computation; keys stay rotated for their cache position through every repack.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use engine::{Engine, GenerateRequest, PolicySpec, Positions, Session};
 
@@ -28,7 +29,7 @@ fn session(engine: &Engine, spec: PolicySpec, positions: Positions) -> Session {
 fn keep(name: &str, tokens: usize) -> PolicySpec {
     PolicySpec {
         keep: Some(tokens),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 
@@ -54,12 +55,12 @@ fn a_bounded_chat_runs_past_the_context_under_every_fixed_budget() {
     let engine = tiny_engine(dir.path(), 64);
     let gates = dir.path().join("gates.safetensors");
     let g = engine.random_gates(&engine.gate_config(), 1).unwrap();
-    engine::train::write_gates(&g, &gates, engine::StoreDtype::F32).unwrap();
+    engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
     let ag_budget = PolicySpec {
         keep: Some(32),
         gates: Some(gates),
         ag_budget_mode: true,
-        ..PolicySpec::named("ag")
+        ..PolicySpec::new(engine::PolicyKind::Ag)
     };
     for spec in [
         keep("streaming", 32),
@@ -68,7 +69,7 @@ fn a_bounded_chat_runs_past_the_context_under_every_fixed_budget() {
         keep("random", 32),
         ag_budget,
     ] {
-        let name = spec.name.clone();
+        let name = spec.kind;
         let mut s = session(&engine, spec, Positions::Cache);
         let turns = converse(&mut s, 1000).unwrap_or_else(|e| panic!("{name}: {e}"));
         let kv = s.kv_report();
@@ -102,7 +103,11 @@ fn original_positions_end_at_the_context_and_unbounded_caches_end_in_cache_posit
         "{err}"
     );
     // A cache that keeps everything fills the context in cache positions too.
-    let mut s = session(&engine, PolicySpec::named("full"), Positions::Cache);
+    let mut s = session(
+        &engine,
+        PolicySpec::new(engine::PolicyKind::Full),
+        Positions::Cache,
+    );
     let err = converse(&mut s, 1000).unwrap_err().to_string();
     assert!(err.contains("widest KV head"), "{err}");
 }
@@ -113,7 +118,11 @@ fn with_nothing_evicted_both_modes_are_the_same_computation() {
     let engine = tiny_engine(dir.path(), 256);
     let mut logits = Vec::new();
     for positions in [Positions::Original, Positions::Cache] {
-        let mut s = session(&engine, PolicySpec::named("full"), positions);
+        let mut s = session(
+            &engine,
+            PolicySpec::new(engine::PolicyKind::Full),
+            positions,
+        );
         converse(&mut s, 100).unwrap();
         logits.push(s.last_logits().map(<[f32]>::to_vec));
     }
@@ -135,7 +144,7 @@ fn moved_keys_stay_rotated_for_their_cache_position() {
     let shift = engine.model().key_shift();
     let d = engine.model_config().head_dim;
     for spec in [keep("streaming", 24), keep("random", 24)] {
-        let name = spec.name.clone();
+        let name = spec.kind;
         let mut cache = session(&engine, spec.clone(), Positions::Cache);
         let mut original = session(&reference, spec, Positions::Original);
         for chunk in 0..30u32 {

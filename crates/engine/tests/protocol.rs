@@ -8,6 +8,7 @@
 //! - in the default (not query-aware) protocol the one-shot policies compress the context once
 //!   and keep every question token, in every head;
 //! - the design's [choice] defaults are settable (`PolicyOptions`) and change what is kept.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
@@ -23,7 +24,7 @@ fn tiny_engine(layers: usize, prefill_chunk: usize) -> (tempfile::TempDir, Engin
 fn spec(name: &str, evict: f32) -> PolicySpec {
     PolicySpec {
         evict: Some(evict),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 
@@ -149,7 +150,7 @@ fn policy_options_change_what_is_kept() {
     let with = |name: &str, evict: Option<f32>, pairs: &[&str]| {
         let mut spec = PolicySpec {
             evict,
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(name.parse().unwrap())
         };
         for p in pairs {
             spec.options.set_pair(p).unwrap();

@@ -3,6 +3,7 @@
 //! conversations (and gives the same tokens as one session chatting), pool pressure preempts
 //! instead of failing and leaks no block, a dropped stream cancels and frees its blocks, and a
 //! full queue, a prompt over the context or over the pool are refused cleanly.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::time::{Duration, Instant};
 
@@ -273,7 +274,7 @@ fn what_cannot_fit_the_pool_fails_alone_and_evicting_policies_fit() {
     // end, then generates past what a full cache could hold, in bounded memory.
     let streaming = engine::PolicySpec {
         keep: Some(64),
-        ..engine::PolicySpec::named("streaming")
+        ..engine::PolicySpec::new(engine::PolicyKind::Streaming)
     }
     .build(&engine)
     .unwrap();

@@ -7,6 +7,7 @@
 //!
 //! Two selections may differ only where the reference scores of the swapped entries tie within
 //! rounding (the engine accumulates in f32).
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
@@ -237,7 +238,7 @@ fn session_kept(engine: &Engine, spec: &PolicySpec, prompt: &[u32]) -> Vec<Vec<V
 fn spec(name: &str, evict: f32) -> PolicySpec {
     PolicySpec {
         evict: Some(evict),
-        ..PolicySpec::named(name)
+        ..PolicySpec::new(name.parse().unwrap())
     }
 }
 

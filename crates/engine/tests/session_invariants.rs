@@ -1,6 +1,7 @@
 //! Session invariants on the default model: continuing a session (chat turns, decode, lazy feed
 //! of the last sampled token) gives the same next-token logits as one fresh prefill of the same
 //! tokens; the KV report matches what was fed.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
@@ -15,7 +16,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn two_chat_turns_equal_one_fresh_prefill() {
-    let engine = common::default_engine(WeightFormat::Dense(candle_core::DType::F32));
+    let Some(engine) = common::default_engine(WeightFormat::Dense(candle_core::DType::F32)) else {
+        return;
+    };
     let mut session = engine.new_session();
     let request = GenerateRequest {
         max_tokens: 12,

@@ -5,11 +5,12 @@
 //! (the next chat turn) is compressed again to the budget of everything seen. The same holds in
 //! cache positions, where a fork carries the context's cache positions and closes the gaps its
 //! eviction left as a fresh session does after its last prefill pass.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
 
 use common::tokens;
-use engine::{Engine, Policy, PolicySpec, Positions, PrefillKind, SharedContext};
+use engine::{Engine, Policy, PolicyKind, PolicySpec, Positions, PrefillKind, SharedContext};
 use gate_core::select::Budget;
 
 fn tiny_engine(prefill_chunk: usize) -> (tempfile::TempDir, Engine) {
@@ -18,10 +19,13 @@ fn tiny_engine(prefill_chunk: usize) -> (tempfile::TempDir, Engine) {
 
 fn baselines(engine: &Engine, ratio: f32) -> Vec<Policy> {
     let mut out = vec![Policy::Full];
-    for name in Policy::NAMES.iter().filter(|n| !["full", "ag"].contains(n)) {
+    for kind in PolicyKind::ALL
+        .into_iter()
+        .filter(|k| ![PolicyKind::Full, PolicyKind::Ag].contains(k))
+    {
         let spec = PolicySpec {
             evict: Some(ratio),
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(kind)
         };
         out.push(spec.build(engine).unwrap());
     }
@@ -155,11 +159,11 @@ fn attention_gate_cannot_share_a_context() {
     let gates = dir.path().join("gates.safetensors");
     engine
         .random_gates(&engine.gate_config(), 1)
-        .and_then(|g| engine::train::write_gates(&g, &gates, engine::StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates, engine::GateFileDtype::F32))
         .unwrap();
     let ag = PolicySpec {
         gates: Some(gates),
-        ..PolicySpec::named("ag")
+        ..PolicySpec::new(engine::PolicyKind::Ag)
     }
     .build(&engine)
     .unwrap();
@@ -187,7 +191,7 @@ fn one_shot_policies_keep_continuations_and_recompress_at_the_next_context() {
     for name in ["snapkv", "pyramidkv", "knorm", "nacl"] {
         let spec = PolicySpec {
             evict: Some(0.5),
-            ..PolicySpec::named(name)
+            ..PolicySpec::new(name.parse().unwrap())
         };
         let mut s = engine.session_with(spec.build(&engine).unwrap()).unwrap();
         s.prefill(&context).unwrap();

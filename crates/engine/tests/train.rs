@@ -9,12 +9,15 @@
 //! - threshold calibration reaches the target ratio; `init_gates` starts from saved gates and
 //!   refuses another model's;
 //! - bad data files fail with errors naming the file and line.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use engine::train::{open_trainable, Mode, StepReport, TrainConfig, Trainables, Trainer};
-use engine::{Engine, PolicySpec, StoreDtype};
+use engine::{Engine, GateFileDtype, PolicySpec};
 use gate_core::Protection;
 use model_zoo::train::{GateMode, Gating};
 use model_zoo::{KeepAll, LogitsFor, WeightFormat};
@@ -105,7 +108,7 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
             },
             7,
         )
-        .and_then(|g| engine::train::write_gates(&g, &gates_path, StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &gates_path, GateFileDtype::F32))
         .unwrap();
     let gates = gate_core::AttentionGate::load(
         &gates_path,
@@ -128,8 +131,8 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
         let policy = PolicySpec {
             gates: Some(gates_path.clone()),
             sinks: Some(protect.sinks),
-            window: Some(protect.recent),
-            ..PolicySpec::named("ag")
+            recent: Some(protect.recent),
+            ..PolicySpec::new(engine::PolicyKind::Ag)
         }
         .build(&engine)
         .unwrap();
@@ -160,7 +163,9 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
 
 #[test]
 fn training_forward_equals_inference_on_the_default_model() {
-    let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
+    let Some(path) = common::default_model() else {
+        return;
+    };
     let engine = Engine::builder()
         .model(&path)
         .weights(WeightFormat::Dense(DType::F32))
@@ -334,7 +339,7 @@ fn init_gates_starts_from_saved_gates() {
         first.train_step().unwrap();
     }
     let saved = dir.path().join("cpt.safetensors");
-    first.save_gates(&saved, StoreDtype::F32).unwrap();
+    first.save_gates(&saved, GateFileDtype::F32).unwrap();
     let cfg = TrainConfig {
         init_gates: Some(saved),
         seed: 99, // a random init would differ
@@ -361,7 +366,7 @@ fn init_gates_starts_from_saved_gates() {
     let wrong = dir.path().join("wrong.safetensors");
     other
         .random_gates(&engine.gate_config(), 0)
-        .and_then(|g| engine::train::write_gates(&g, &wrong, StoreDtype::F32))
+        .and_then(|g| engine::train::write_gates(&g, &wrong, GateFileDtype::F32))
         .unwrap();
     let cfg = TrainConfig {
         init_gates: Some(wrong),
@@ -444,9 +449,14 @@ fn lora_trains_alone_and_sft_masks_the_prompt() {
 
 #[test]
 fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
-    let path = engine::model_cache::ensure_default_model(&mut |_| {}).unwrap();
+    let Some(path) = common::default_model() else {
+        return;
+    };
     let engine = Engine::builder().model(&path).build().unwrap();
-    match PolicySpec::named("ag").build(&engine).unwrap() {
+    match PolicySpec::new(engine::PolicyKind::Ag)
+        .build(&engine)
+        .unwrap()
+    {
         engine::Policy::Ag { gates, .. } => {
             assert_eq!(gates.identity(), &engine.model_identity().unwrap())
         }
@@ -454,11 +464,17 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_engine(dir.path());
-    let err = PolicySpec::named("ag")
+    let err = PolicySpec::new(engine::PolicyKind::Ag)
         .build(&tiny)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--gates"), "{err}");
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            engine::EngineError::Policy(engine::PolicyError::NeedsGates)
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs gates"), "{err}");
 }
 
 /// A multi-turn chat item learns every assistant answer (and its end of turn), its tokens are

@@ -2,6 +2,7 @@
 //! whose text matches the chunks and an in-thread session's output; requests run in order on one
 //! session (the cache grows across them); dropping a stream early cancels only that request;
 //! dropping the worker joins its thread.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use engine::{Engine, GenerateRequest, Policy, SessionWorker, StreamEvent};
 

@@ -17,7 +17,7 @@ pub mod select;
 
 pub use error::{GateError, Result};
 pub use gate::{
-    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, ModelIdentity, StoreDtype,
+    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, GateFileDtype, ModelIdentity,
 };
 pub use loss::{
     eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights, EvictionRatios,

@@ -1,14 +1,15 @@
 //! Attention-Gate mechanics: shapes, initial keep probability, hard flags, causality,
 //! prefill + step decode equal to the full forward, trainable parameters, and the file format
 //! (bit-exact round trip, f16, and every load error naming what is wrong).
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use gate_core::{
-    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, GateError, ModelIdentity,
-    StoreDtype,
+    hard_flags, model_identity, AttentionGate, GateCache, GateConfig, GateError, GateFileDtype,
+    ModelIdentity,
 };
 
 const HIDDEN: usize = 48;
@@ -227,10 +228,10 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
                 t
             }
         });
-        let data: Vec<f32> = (0..t * c.hidden)
+        let data: Vec<f32> = (0..t * c.hidden_size)
             .map(|_| rng.random_range(-3.0f32..3.0))
             .collect();
-        let x = Tensor::from_vec(data, (t, c.hidden), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(data, (t, c.hidden_size), &Device::Cpu).unwrap();
         let pos: Vec<u32> = (7000..7000 + t as u32).collect();
         for layer in 0..c.n_layers {
             let full = rows(&g.keep_probs(layer, &x, &pos).unwrap());
@@ -438,7 +439,7 @@ fn identity() -> ModelIdentity {
     model_identity("llama", 2, HIDDEN, 3, "sha256:abc")
 }
 
-fn saved(dir: &Path, dtype: StoreDtype) -> (AttentionGate, std::path::PathBuf) {
+fn saved(dir: &Path, dtype: GateFileDtype) -> (AttentionGate, std::path::PathBuf) {
     let mut g = spread_gate(&cfg());
     g.set_identity(identity());
     let path = dir.join("gate.safetensors");
@@ -449,7 +450,7 @@ fn saved(dir: &Path, dtype: StoreDtype) -> (AttentionGate, std::path::PathBuf) {
 #[test]
 fn save_load_round_trip_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (g, path) = saved(dir.path(), StoreDtype::F32);
+    let (g, path) = saved(dir.path(), GateFileDtype::F32);
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -477,8 +478,8 @@ fn save_load_round_trip_is_bit_exact() {
 fn half_precision_files_round_to_the_stored_dtype() {
     let dir = tempfile::tempdir().unwrap();
     for (dtype, cd) in [
-        (StoreDtype::F16, DType::F16),
-        (StoreDtype::BF16, DType::BF16),
+        (GateFileDtype::F16, DType::F16),
+        (GateFileDtype::BF16, DType::BF16),
     ] {
         let (g, path) = saved(dir.path(), dtype);
         let back = AttentionGate::load(&path, &identity(), &Device::Cpu).unwrap();
@@ -501,7 +502,7 @@ fn half_precision_files_round_to_the_stored_dtype() {
 #[test]
 fn the_attention_window_round_trips_and_older_files_are_unbounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (g, path) = saved(dir.path(), StoreDtype::F32);
+    let (g, path) = saved(dir.path(), GateFileDtype::F32);
     assert_eq!(
         g.config().attention_window,
         gate_core::gate::DEFAULT_ATTENTION_WINDOW
@@ -548,7 +549,7 @@ fn load_err(path: &Path, expected: &ModelIdentity) -> (GateError, String) {
 #[test]
 fn load_errors_name_file_tensor_and_shapes() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, path) = saved(dir.path(), StoreDtype::F32);
+    let (_, path) = saved(dir.path(), GateFileDtype::F32);
     let file = path.display().to_string();
 
     rewrite(&path, |t| t.retain(|(n, _)| n != "layers.1.wv"));
@@ -559,7 +560,7 @@ fn load_errors_name_file_tensor_and_shapes() {
         "{msg}"
     );
 
-    saved(dir.path(), StoreDtype::F32);
+    saved(dir.path(), GateFileDtype::F32);
     rewrite(&path, |t| {
         for (n, x) in t.iter_mut() {
             if n == "layers.0.wq" {
@@ -577,7 +578,7 @@ fn load_errors_name_file_tensor_and_shapes() {
         "{msg}"
     );
 
-    saved(dir.path(), StoreDtype::F32);
+    saved(dir.path(), GateFileDtype::F32);
     rewrite(&path, |t| {
         for (n, x) in t.iter_mut() {
             if n == "layers.1.bg" {
@@ -592,7 +593,7 @@ fn load_errors_name_file_tensor_and_shapes() {
         "{msg}"
     );
 
-    saved(dir.path(), StoreDtype::F32);
+    saved(dir.path(), GateFileDtype::F32);
     rewrite(&path, |t| {
         t.push((
             "layers.9.wq".into(),
@@ -604,7 +605,7 @@ fn load_errors_name_file_tensor_and_shapes() {
 
     // A NaN or infinite parameter would flag tokens at random: refused, named.
     for bad in [f32::NAN, f32::INFINITY] {
-        saved(dir.path(), StoreDtype::F32);
+        saved(dir.path(), GateFileDtype::F32);
         rewrite(&path, |t| {
             for (n, x) in t.iter_mut() {
                 if n == "layers.1.wk" {
@@ -625,7 +626,7 @@ fn load_errors_name_file_tensor_and_shapes() {
 #[test]
 fn load_errors_on_identity_and_format() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut g, path) = saved(dir.path(), StoreDtype::F32);
+    let (mut g, path) = saved(dir.path(), GateFileDtype::F32);
     let other = model_identity("llama", 2, HIDDEN, 3, "sha256:def");
     let (e, msg) = load_err(&path, &other);
     assert!(matches!(e, GateError::IdentityMismatch { .. }), "{msg}");
@@ -640,7 +641,7 @@ fn load_errors_on_identity_and_format() {
 
     // A file whose identity disagrees with its own config.
     g.set_identity(model_identity("llama", 5, HIDDEN, 3, "x"));
-    std::fs::write(&path, g.to_bytes(&path, StoreDtype::F32).unwrap()).unwrap();
+    std::fs::write(&path, g.to_bytes(&path, GateFileDtype::F32).unwrap()).unwrap();
     let (_, msg) = load_err(&path, &ModelIdentity::new());
     assert!(
         msg.contains("n_layers") && msg.contains("from gate_config"),

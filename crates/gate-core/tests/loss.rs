@@ -1,6 +1,7 @@
 //! Loss terms: straight-through keep (exact 0/1 forward, soft gradient), eviction loss and
 //! ratios, masked attention weights (rows sum to 1, evicted keys exactly 0, self always seen),
 //! and a finite-difference gradient check of masked attention + STE in f64.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use gate_core::{eviction_loss, eviction_ratios, hard_keep, keep_ste, masked_attention_weights};

@@ -1,6 +1,7 @@
 //! Selectors against naive references: budgets and their rounding, top-k (ties, NaN,
 //! protection, exact counts), threshold, greedy eviction one arrival at a time, and PyramidKV
 //! budgets by hand.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use gate_core::{
     evict_greedily, pyramid_budgets, select_threshold, select_top_k, Budget, Protection,

@@ -14,6 +14,7 @@
 //! compare kernels on a busy machine.
 //!
 //! Run: `cargo bench -p kv-store --bench decode_attention [-- --json] [-- --cpu]`.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

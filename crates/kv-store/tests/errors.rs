@@ -1,5 +1,6 @@
 //! Error cases of the public API: each bad call returns the right `KvError`, its message names
 //! the layer / head / length / value involved, and the store is left unchanged.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use kv_store::{AttendOptions, BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 

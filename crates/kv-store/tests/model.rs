@@ -9,6 +9,7 @@
 //! append needs exactly the blocks its tokens overflow the head's spare slots by (plus a copy of
 //! a shared partly filled last block), and a failed append or eviction (pool exhausted, copies
 //! of shared blocks included) returns its `OutOfBlocks*` error and changes nothing.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use kv_store::{BlockPool, KvDtype, KvError, PoolConfig, SequenceKv};
 use proptest::prelude::*;

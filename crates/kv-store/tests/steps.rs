@@ -3,6 +3,7 @@
 //! exactly, and a reservation makes a step's blocks certain whatever other sequences do — also
 //! on a copy-on-write fork, whose writes (appends, truncation, evictions, repacks) never reach
 //! the sequence it shares blocks with.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -11,6 +11,7 @@
 //! [-- --steps N] [-- --only B]` (`--only B` runs just batch size `B` for `--steps` steps, e.g.
 //! under `perf record --call-graph dwarf`; valgrind cannot run the AVX-512 kernels). The model:
 //! `AGATE_MODEL` or `~/.cache/agate/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -14,6 +14,7 @@
 //! weight bytes read per call. Threads: candle's pool size (`RAYON_NUM_THREADS`).
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench -p model-zoo --bench qmatmul [-- --json] [-- --quick]`.
+#![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -137,12 +137,12 @@ impl ModelConfig {
     /// Why gates of shape `g` cannot run on this model (layers, hidden size, KV heads), or `None`
     /// when they fit.
     pub fn gate_shape_mismatch(&self, g: &gate_core::GateConfig) -> Option<String> {
-        ((g.n_layers, g.hidden, g.n_kv_heads) != (self.n_layers, self.hidden_size, self.n_kv_heads))
+        ((g.n_layers, g.hidden_size, g.n_kv_heads) != (self.n_layers, self.hidden_size, self.n_kv_heads))
             .then(|| {
                 format!(
-                    "gates are for {} layers, hidden {}, {} KV heads; the model has {}, {}, {}",
+                    "gates are for {} layers, hidden size {}, {} KV heads; the model has {}, {}, {}",
                     g.n_layers,
-                    g.hidden,
+                    g.hidden_size,
                     g.n_kv_heads,
                     self.n_layers,
                     self.hidden_size,

@@ -108,9 +108,12 @@ pub enum ModelError {
         /// Position of the first token whose logits are not finite.
         position: u32,
     },
-    /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
-    Candle(String),
+    /// A tensor operation failed (the message without the backtrace candle may attach).
+    #[error("tensor operation failed: {}", candle_message(.0))]
+    Candle(#[source] candle_core::Error),
+    /// An eviction policy's scorer or selector refused its input.
+    #[error("eviction: {0}")]
+    Eviction(#[from] gate_core::GateError),
 }
 
 impl From<std::io::Error> for ModelError {
@@ -124,7 +127,7 @@ impl From<std::io::Error> for ModelError {
 
 impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        ModelError::Candle(candle_message(&e))
+        ModelError::Candle(e)
     }
 }
 

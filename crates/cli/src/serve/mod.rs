@@ -13,6 +13,7 @@
 
 mod metrics;
 mod openai;
+mod policy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -31,7 +32,7 @@ use axum::{Json, Router};
 use clap::Args;
 use engine::{
     EventSink, GenerateRequest, Policy, PolicySpec, Prompt, RequestEvent, SamplingParams,
-    Scheduler, SchedulerConfig, Setting, Submission,
+    Scheduler, SchedulerConfig, Submission,
 };
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -172,7 +173,7 @@ async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
         "agate serve: {} ({} layers), default policy {}, KV pool {} MiB, up to {} sessions at once",
         engine.model_path().display(),
         engine.model_config().n_layers,
-        app.defaults.policy.name,
+        app.defaults.policy.kind,
         engine.pool().config().capacity_bytes() >> 20,
         app.scheduler.config().max_sessions,
     );
@@ -548,164 +549,6 @@ impl App {
                 .load(Ordering::Relaxed)
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
-
-    /// The request's policy (`kv_*` fields over the server's default) and its cache key.
-    async fn policy(self: &Arc<Self>, c: &Common) -> Result<(Policy, String), ApiError> {
-        let spec = policy_spec(&self.defaults.policy, &c.extra)?;
-        let key = format!("{spec:?}");
-        if let Some(p) = self.lock_policies().get(&key) {
-            return Ok((p.clone(), key));
-        }
-        // Gates files load from disk: off the async threads.
-        let engine = self.scheduler.engine().clone();
-        let build = spec.clone();
-        let built = tokio::task::spawn_blocking(move || build.build(&engine))
-            .await
-            .map_err(|e| ApiError::from_engine(engine::EngineError::Scheduler(e.to_string())))?;
-        let policy = built.map_err(|e| {
-            ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
-        })?;
-        let mut cache = self.lock_policies();
-        if cache.len() >= POLICY_CACHE {
-            cache.clear();
-        }
-        cache.insert(key.clone(), policy.clone());
-        Ok((policy, key))
-    }
-
-    fn lock_policies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy>> {
-        self.policies.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// agate's request fields, with what they set.
-const KV_FIELDS: [&str; 9] = [
-    "kv_policy",
-    "kv_evict",
-    "kv_keep",
-    "kv_sinks",
-    "kv_window",
-    "kv_threshold",
-    "kv_ag_mode",
-    "kv_ag_decode",
-    "kv_seed",
-];
-
-/// The policy a request asks for: with `kv_policy`, that policy with the request's knobs only;
-/// without, the server's default with the request's knobs on top.
-fn policy_spec(
-    default: &PolicySpec,
-    extra: &serde_json::Map<String, Value>,
-) -> Result<PolicySpec, ApiError> {
-    if let Some(unknown) = extra
-        .keys()
-        .find(|k| k.starts_with("kv_") && !KV_FIELDS.contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid(
-            Some(unknown),
-            format!(
-                "unknown field `{unknown}` (agate's fields: {})",
-                KV_FIELDS.join(", ")
-            ),
-        ));
-    }
-    let field = |name: &str| extra.get(name).filter(|v| !v.is_null());
-    let bad = |name: &str, what: &str| {
-        ApiError::invalid(
-            Some(name),
-            format!(
-                "{name} must be {what}, got {}",
-                field(name).map_or(Value::Null, Clone::clone)
-            ),
-        )
-    };
-    let count = |name: &str, min: u64| -> Result<Option<usize>, ApiError> {
-        field(name)
-            .map(|v| match v.as_u64() {
-                Some(n) if n >= min => Ok(n as usize),
-                _ => Err(bad(name, &format!("an integer >= {min}"))),
-            })
-            .transpose()
-    };
-    let ratio = |name: &str| -> Result<Option<f32>, ApiError> {
-        field(name)
-            .map(|v| match v.as_f64() {
-                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
-                _ => Err(bad(name, "a number in [0, 1)")),
-            })
-            .transpose()
-    };
-    let mut spec = match field("kv_policy") {
-        None => default.clone(),
-        Some(Value::String(name)) => PolicySpec::named(name),
-        Some(_) => return Err(bad("kv_policy", "a policy name")),
-    };
-    if let Some(r) = ratio("kv_evict")? {
-        spec.evict = Some(r);
-        spec.keep = None;
-    }
-    if let Some(k) = count("kv_keep", 1)? {
-        if field("kv_evict").is_some() {
-            return Err(ApiError::invalid(
-                Some("kv_keep"),
-                "give either kv_evict or kv_keep, not both",
-            ));
-        }
-        spec.keep = Some(k);
-        spec.evict = None;
-    }
-    if let Some(s) = count("kv_sinks", 0)? {
-        spec.sinks = Some(s);
-    }
-    if let Some(w) = count("kv_window", 0)? {
-        spec.window = Some(w);
-    }
-    if let Some(t) = ratio("kv_threshold")? {
-        spec.threshold = Some(t);
-    }
-    match field("kv_ag_mode") {
-        None => {}
-        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
-            spec.ag_budget_mode = m == "budget";
-        }
-        Some(_) => return Err(bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
-    }
-    match field("kv_ag_decode") {
-        None => {}
-        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
-        Some(_) => return Err(bad("kv_ag_decode", "a boolean")),
-    }
-    if let Some(s) = count("kv_seed", 0)? {
-        spec.seed = Some(s as u64);
-    }
-    // A knob the policy does not read is an error, as its flag is on the command line: it
-    // must not be silently ignored.
-    if !Policy::NAMES.contains(&spec.name.as_str()) {
-        return Ok(spec); // refused by name when it is built
-    }
-    let mut ignored = spec.ignored();
-    if spec.name != "ag" {
-        ignored.push(Setting::AgBudgetMode);
-    }
-    let mut unused = ignored.iter().filter_map(|s| match s {
-        Setting::Evict => Some("kv_evict"),
-        Setting::Keep => Some("kv_keep"),
-        Setting::Sinks => Some("kv_sinks"),
-        Setting::Window => Some("kv_window"),
-        Setting::Threshold => Some("kv_threshold"),
-        Setting::AgBudgetMode => Some("kv_ag_mode"),
-        Setting::AgDecode => Some("kv_ag_decode"),
-        Setting::Seed => Some("kv_seed"),
-        Setting::Gates => None,
-    });
-    if let Some(name) = unused.find(|name| field(name).is_some()) {
-        return Err(ApiError::invalid(
-            Some(name),
-            format!("{name} does nothing with the policy `{}`", spec.name),
-        )
-        .with_code("invalid_policy"));
-    }
-    Ok(spec)
 }
 
 /// The SSE events one scheduler event becomes.

@@ -15,16 +15,17 @@
 
 use super::EvalSummary;
 use crate::error::{EngineError, Result};
+use crate::policy::PolicyKind;
 
 /// What to sweep.
 #[derive(Clone, Debug)]
 pub struct SweepPlan {
-    /// Policy names, in the order given (`full` included or not).
-    pub policies: Vec<String>,
+    /// The policies, in the order given (`full` included or not).
+    pub policies: Vec<PolicyKind>,
     /// Requested eviction ratios, each in `[0, 1)`.
     pub ratios: Vec<f64>,
-    /// Names among `policies` whose measured ratio the others are matched to.
-    pub anchors: Vec<String>,
+    /// Policies among `policies` whose measured ratio the others are matched to.
+    pub anchors: Vec<PolicyKind>,
     /// Measured ratios within this of a requested one get no matched run.
     pub tolerance: f64,
 }
@@ -32,8 +33,8 @@ pub struct SweepPlan {
 /// One run to make: a policy at a ratio (`None`: full, or an anchor at its own settings).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SweepRun {
-    /// Policy name.
-    pub policy: String,
+    /// The policy.
+    pub policy: PolicyKind,
     /// Requested eviction ratio.
     pub ratio: Option<f64>,
 }
@@ -41,13 +42,13 @@ pub struct SweepRun {
 /// One run of a sweep.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SweepRow {
-    /// Policy name.
-    pub policy: String,
+    /// The policy.
+    pub policy: PolicyKind,
     /// The eviction ratio the policy was asked for (`None`: full, or an anchor at its own
     /// settings).
     pub target_ratio: Option<f64>,
     /// The anchor whose measured ratio this run matches, if any.
-    pub matched_to: Option<String>,
+    pub matched_to: Option<PolicyKind>,
     /// The run's figures.
     pub summary: EvalSummary,
 }
@@ -55,23 +56,24 @@ pub struct SweepRow {
 impl SweepPlan {
     /// Checks names and ratios.
     pub fn validate(&self) -> Result<()> {
+        let bad = |setting, problem: String| Err(EngineError::Setting { setting, problem });
         if self.policies.is_empty() {
-            return Err(EngineError::Invalid("--policy: no policy to sweep".into()));
+            return bad("SweepPlan.policies", "no policy to sweep".into());
         }
         if let Some(r) = self.ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
-            return Err(EngineError::Invalid(format!(
-                "--sweep: ratio {r} is outside [0, 1)"
-            )));
+            return bad("SweepPlan.ratios", format!("ratio {r} is outside [0, 1)"));
         }
         if self.ratios.is_empty() {
-            return Err(EngineError::Invalid(
-                "--sweep: give the ratios to sweep (e.g. 0.25,0.5,0.75)".into(),
-            ));
+            return bad(
+                "SweepPlan.ratios",
+                "give the ratios to sweep (e.g. 0.25,0.5,0.75)".into(),
+            );
         }
         if let Some(a) = self.anchors.iter().find(|a| !self.policies.contains(a)) {
-            return Err(EngineError::Invalid(format!(
-                "--match-to: `{a}` is not among the swept policies"
-            )));
+            return bad(
+                "SweepPlan.anchors",
+                format!("`{a}` is not among the swept policies"),
+            );
         }
         Ok(())
     }
@@ -85,24 +87,22 @@ impl SweepPlan {
         run: &mut dyn FnMut(&[SweepRun]) -> Result<Vec<EvalSummary>>,
     ) -> Result<Vec<SweepRow>> {
         self.validate()?;
-        let baselines: Vec<&String> = self
+        let baselines: Vec<PolicyKind> = self
             .policies
             .iter()
-            .filter(|p| *p != "full" && !self.anchors.contains(p))
+            .copied()
+            .filter(|p| *p != PolicyKind::Full && !self.anchors.contains(p))
             .collect();
-        let at = |p: &str, ratio: Option<f64>| SweepRun {
-            policy: p.to_string(),
-            ratio,
-        };
-        let mut first = vec![at("full", None)];
-        first.extend(self.anchors.iter().map(|a| at(a, None)));
+        let at = |policy: PolicyKind, ratio: Option<f64>| SweepRun { policy, ratio };
+        let mut first = vec![at(PolicyKind::Full, None)];
+        first.extend(self.anchors.iter().map(|&a| at(a, None)));
         for &r in &self.ratios {
-            first.extend(baselines.iter().map(|p| at(p, Some(r))));
+            first.extend(baselines.iter().map(|&p| at(p, Some(r))));
         }
         let mut rows = Vec::new();
         let mut add = |rows: &mut Vec<SweepRow>,
                        batch: &[SweepRun],
-                       matched: &[Option<String>]|
+                       matched: &[Option<PolicyKind>]|
          -> Result<()> {
             if batch.is_empty() {
                 return Ok(());
@@ -117,28 +117,28 @@ impl SweepPlan {
             }
             for ((r, summary), m) in batch.iter().zip(summaries).zip(matched) {
                 rows.push(SweepRow {
-                    policy: r.policy.clone(),
+                    policy: r.policy,
                     target_ratio: r.ratio,
-                    matched_to: m.clone(),
+                    matched_to: *m,
                     summary,
                 });
             }
             Ok(())
         };
         add(&mut rows, &first, &vec![None; first.len()])?;
-        let measured: Vec<(String, f64)> = rows
+        let measured: Vec<(PolicyKind, f64)> = rows
             .iter()
             .filter(|row| self.anchors.contains(&row.policy))
-            .map(|row| (row.policy.clone(), row.summary.eviction_ratio))
+            .map(|row| (row.policy, row.summary.eviction_ratio))
             .collect();
         let (mut second, mut matched) = (Vec::new(), Vec::new());
         for (anchor, m) in measured {
             if self.ratios.iter().any(|r| (r - m).abs() <= self.tolerance) {
                 continue;
             }
-            for p in &baselines {
+            for &p in &baselines {
                 second.push(at(p, Some(m)));
-                matched.push(Some(anchor.clone()));
+                matched.push(Some(anchor));
             }
         }
         add(&mut rows, &second, &matched)?;
@@ -170,7 +170,7 @@ fn cells(row: &SweepRow) -> [String; 14] {
     let ppl = s.per_type.get("perplexity");
     let ppl_ci = ppl.and_then(|c| c.perplexity_ci95);
     [
-        row.policy.clone(),
+        row.policy.to_string(),
         row.target_ratio
             .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
         format!("{:.3}", s.eviction_ratio),
@@ -184,7 +184,7 @@ fn cells(row: &SweepRow) -> [String; 14] {
         opt(ppl.and_then(|c| c.kl), 4),
         format!("{:.2}", s.kv_bytes_in_use as f64 / (1 << 20) as f64),
         s.n.to_string(),
-        row.matched_to.clone().unwrap_or_default(),
+        row.matched_to.map_or_else(String::new, |m| m.to_string()),
     ]
 }
 
@@ -239,9 +239,9 @@ pub fn accuracy_series(rows: &[SweepRow]) -> Vec<(String, Vec<AccuracyPoint>)> {
             y: row.summary.accuracy,
             ci95: row.summary.accuracy_ci95,
         };
-        match out.iter_mut().find(|(p, _)| *p == row.policy) {
+        match out.iter_mut().find(|(p, _)| *p == row.policy.name()) {
             Some((_, pts)) => pts.push(point),
-            None => out.push((row.policy.clone(), vec![point])),
+            None => out.push((row.policy.to_string(), vec![point])),
         }
     }
     for (_, pts) in &mut out {
@@ -256,7 +256,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
-    fn bad_plans_name_the_flag() {
+    fn bad_plans_name_the_setting() {
         let summary = |r: f64| super::EvalSummary {
             n: 1,
             accuracy: 0.0,
@@ -268,7 +268,7 @@ mod tests {
             by_depth: BTreeMap::new(),
         };
         let plan = SweepPlan {
-            policies: vec!["a".into()],
+            policies: vec![PolicyKind::H2o],
             ratios: vec![1.0],
             anchors: vec![],
             tolerance: 0.0,
@@ -280,8 +280,16 @@ mod tests {
                     .map(|r| summary(r.ratio.unwrap_or(0.0)))
                     .collect())
             })
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--sweep"), "{err}");
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EngineError::Setting {
+                    setting: "SweepPlan.ratios",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! costs one row and the state is bounded) and gives each new token a keep probability `s` per
 //! KV head.
 //!
-//! - Threshold mode: a token's flag is `s > tau`. A flagged-out key is invisible to every later
+//! - Threshold mode: a token's flag is `s > threshold`. A flagged-out key is invisible to every later
 //!   query (in-context eviction, inside the same forward pass too) and is physically removed
 //!   once no future query can see it — unless protected: the first `sinks` tokens are always
 //!   visible and stay; a flagged-out key stays visible to the queries at most `recent` positions
@@ -31,7 +31,7 @@ use candle_core::Tensor;
 use gate_core::gate::{AttentionGate, GateCache};
 use gate_core::select::{self, Budget, Protection};
 use kv_store::SequenceKv;
-use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, ModelError, Pass};
+use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, Pass};
 
 /// How Attention-Gate decides.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,7 +46,7 @@ pub enum AgMode {
 enum Entries {
     /// Threshold mode: the threshold and each entry's hard keep flag.
     Flags {
-        tau: f32,
+        threshold: f32,
         flags: Vec<Vec<Vec<bool>>>,
     },
     /// Budget mode: the budget, each entry's keep probability (`+inf` for a generated token
@@ -82,8 +82,8 @@ impl AgHook {
     ) -> Self {
         let heads = cfg.n_kv_heads;
         let entries = match mode {
-            AgMode::Threshold(tau) => Entries::Flags {
-                tau,
+            AgMode::Threshold(threshold) => Entries::Flags {
+                threshold,
                 flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
             },
             AgMode::Budget(budget) => Entries::Probs {
@@ -111,23 +111,15 @@ impl AgHook {
         positions: &[u32],
     ) -> model_zoo::Result<Vec<Vec<f32>>> {
         if let [position] = positions {
-            let s = self
-                .gates
-                .step(layer, normed, *position, &mut self.cache)
-                .map_err(gate_error)?;
+            let s = self.gates.step(layer, normed, *position, &mut self.cache)?;
             return Ok(s.into_iter().map(|p| vec![p]).collect());
         }
         let s = self
             .gates
-            .prefill(layer, normed, positions, &mut self.cache)
-            .map_err(gate_error)?;
+            .prefill(layer, normed, positions, &mut self.cache)?;
         // [T, heads] → [heads][T]
         Ok(s.t()?.to_vec2::<f32>()?)
     }
-}
-
-fn gate_error(e: gate_core::GateError) -> ModelError {
-    ModelError::Input(format!("attention gate: {e}"))
 }
 
 impl Entries {
@@ -187,12 +179,12 @@ impl LayerHook for AgHook {
         let many = positions.len() > 1;
         let mut until = Vec::with_capacity(probs.len());
         match &mut self.entries {
-            Entries::Flags { tau, flags } => {
-                let tau = *tau;
+            Entries::Flags { threshold, flags } => {
+                let threshold = *threshold;
                 let (sinks, window) = (self.protect.sinks as u32, self.protect.recent as u32);
                 for (head, head_probs) in probs.iter().enumerate() {
                     let flags = &mut flags[layer][head];
-                    flags.extend(head_probs.iter().map(|&s| keep_all || s > tau));
+                    flags.extend(head_probs.iter().map(|&s| keep_all || s > threshold));
                     if many {
                         // Sinks always; a flagged-out key only to the queries of its window.
                         let positions = kv.retained_positions(layer, head);

@@ -11,7 +11,10 @@
 //! head exceeds its budget (budget mode).
 
 mod ag;
+mod error;
+mod kind;
 mod options;
+mod prefill_stats;
 pub(crate) mod scored;
 mod spec;
 
@@ -22,10 +25,13 @@ use gate_core::score::NaclConfig;
 use gate_core::select::{Budget, Protection};
 use model_zoo::{LayerHook, ModelConfig};
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 
 pub use ag::AgMode;
+pub use error::PolicyError;
+pub use kind::{PolicyKind, UnknownPolicy};
 pub use options::{OptionKey, PolicyOptions};
+pub(crate) use prefill_stats::PrefillStats;
 pub use spec::{PolicySpec, Setting};
 
 /// H2O's share of the budget kept for the most recent tokens.
@@ -138,34 +144,25 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// Every policy name, as the CLI spells it.
-    pub const NAMES: [&'static str; 10] = [
-        "full",
-        "ag",
-        "random",
-        "streaming",
-        "h2o",
-        "tova",
-        "snapkv",
-        "pyramidkv",
-        "knorm",
-        "nacl",
-    ];
-
-    /// The policy's name as the CLI spells it.
-    pub fn name(&self) -> &'static str {
+    /// Which policy this is.
+    pub fn kind(&self) -> PolicyKind {
         match self {
-            Policy::Full => "full",
-            Policy::Random { .. } => "random",
-            Policy::Streaming { .. } => "streaming",
-            Policy::H2o { .. } => "h2o",
-            Policy::Tova { .. } => "tova",
-            Policy::SnapKv { .. } => "snapkv",
-            Policy::PyramidKv { .. } => "pyramidkv",
-            Policy::KNorm { .. } => "knorm",
-            Policy::Nacl { .. } => "nacl",
-            Policy::Ag { .. } => "ag",
+            Policy::Full => PolicyKind::Full,
+            Policy::Random { .. } => PolicyKind::Random,
+            Policy::Streaming { .. } => PolicyKind::Streaming,
+            Policy::H2o { .. } => PolicyKind::H2o,
+            Policy::Tova { .. } => PolicyKind::Tova,
+            Policy::SnapKv { .. } => PolicyKind::SnapKv,
+            Policy::PyramidKv { .. } => PolicyKind::PyramidKv,
+            Policy::KNorm { .. } => PolicyKind::KNorm,
+            Policy::Nacl { .. } => PolicyKind::Nacl,
+            Policy::Ag { .. } => PolicyKind::Ag,
         }
+    }
+
+    /// The policy's name as users write it.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
     }
 
     /// The per-head budget, if the policy has one.
@@ -217,113 +214,98 @@ impl Policy {
 
     /// Checks the parameters against the model; errors name the parameter and value.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        let fraction = |name: &str, v: f32| -> Result<()> {
-            if (0.0..=1.0).contains(&v) {
-                Ok(())
-            } else {
-                Err(EngineError::Invalid(format!(
-                    "{name} must be in [0, 1], got {v}"
-                )))
+        let out_of_range = |setting, what, value: &dyn std::fmt::Display, expected| {
+            Err(PolicyError::OutOfRange {
+                setting,
+                what,
+                value: value.to_string(),
+                expected,
             }
+            .into())
         };
         if let Some(budget) = self.budget() {
-            budget
-                .validate()
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            budget.validate().map_err(PolicyError::from)?;
         }
         self.check_protection_fits()?;
         match self {
             Policy::H2o {
                 recent: Recent::Fraction(f),
                 ..
-            } => fraction("H2O recent fraction", *f)?,
-            Policy::SnapKv { window, kernel, .. } | Policy::PyramidKv { window, kernel, .. }
-                if *window == 0 || kernel % 2 == 0 =>
-            {
-                return Err(EngineError::Invalid(format!(
-                    "SnapKV window must be > 0 and the pooling kernel odd, got window {window}, kernel {kernel}"
-                )));
+            } if !(0.0..=1.0).contains(f) => {
+                out_of_range(None, "H2O recent fraction", f, "in [0, 1]")
             }
-            Policy::Nacl { config, .. } => config
-                .validate()
-                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+            Policy::SnapKv { window: 0, .. } | Policy::PyramidKv { window: 0, .. } => out_of_range(
+                Some(Setting::Window),
+                "SnapKV observation window",
+                &0,
+                "> 0",
+            ),
+            Policy::SnapKv { kernel, .. } | Policy::PyramidKv { kernel, .. } if kernel % 2 == 0 => {
+                out_of_range(None, "SnapKV pooling kernel", kernel, "odd")
+            }
+            Policy::PyramidKv { beta, .. } if beta.is_nan() || *beta < 1.0 => {
+                out_of_range(None, "PyramidKV beta", beta, ">= 1")
+            }
+            Policy::Nacl { config, .. } => Ok(config.validate().map_err(PolicyError::from)?),
             Policy::Ag { gates, mode, .. } => {
                 if let Some(why) = cfg.gate_shape_mismatch(gates.config()) {
-                    return Err(EngineError::Invalid(why));
+                    return Err(PolicyError::GatesDoNotFit(why).into());
                 }
-                if let AgMode::Threshold(t) = mode {
-                    if !(0.0..=1.0).contains(t) {
-                        return Err(EngineError::Invalid(format!(
-                            "gate threshold must be in [0, 1], got {t}"
-                        )));
+                match mode {
+                    AgMode::Threshold(t) if !(0.0..=1.0).contains(t) => {
+                        out_of_range(Some(Setting::Threshold), "gate threshold", t, "in [0, 1]")
                     }
+                    _ => Ok(()),
                 }
             }
-            _ => {}
+            _ => Ok(()),
         }
-        if let Policy::PyramidKv { beta, .. } = self {
-            if beta.is_nan() || *beta < 1.0 {
-                return Err(EngineError::Invalid(format!(
-                    "PyramidKV beta must be >= 1, got {beta}"
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Protected tokens count toward the budget, and the budget is never exceeded; so with a
-    /// fixed budget (`--keep K`) what a policy always keeps must fit in it, or "always kept"
+    /// fixed budget (`keep`) what a policy always keeps must fit in it, or "always kept"
     /// would silently not hold: StreamingLLM needs room for its window beside the sinks
-    /// (`sinks < K`), the other policies at most `K` protected tokens (`sinks + recent`, or
-    /// SnapKV's and PyramidKV's observation window). A ratio
-    /// budget (`--evict`) follows the prompt's length; while it is below the protection (a short
-    /// prompt), the budget wins and the oldest protected tokens are kept first
-    /// (docs/policies.md).
+    /// (`sinks < keep`), the other policies at most `keep` protected tokens (`sinks + recent`,
+    /// or SnapKV's and PyramidKV's observation window). A ratio budget (`evict`) follows the
+    /// prompt's length; while it is below the protection (a short prompt), the budget wins and
+    /// the oldest protected tokens are kept first (docs/policies.md).
     fn check_protection_fits(&self) -> Result<()> {
+        use Setting::{Recent as R, Sinks, Window};
         let Some(Budget::Keep(keep)) = self.budget() else {
             return Ok(());
         };
-        let protected = |sinks: usize, recent: usize| sinks.saturating_add(recent);
-        let (needed, what) = match self {
-            Policy::Streaming { sinks, .. } => (
-                sinks.saturating_add(1),
-                format!("its {sinks} --sinks leave no room for a window"),
-            ),
+        let (protected, needed, by): (usize, usize, &'static [Setting]) = match self {
+            Policy::Streaming { sinks, .. } => (*sinks, sinks.saturating_add(1), &[Sinks]),
             Policy::Random { protect, .. }
             | Policy::KNorm { protect, .. }
             | Policy::Ag { protect, .. } => {
-                let n = protected(protect.sinks, protect.recent);
-                (
-                    n,
-                    format!("its {n} always-kept tokens (--sinks + --window) do not fit"),
-                )
+                let n = protect.sinks.saturating_add(protect.recent);
+                (n, n, &[Sinks, R])
             }
             Policy::H2o { recent, sinks, .. } => {
                 let recent = match recent {
                     Recent::Tokens(w) => *w,
                     Recent::Fraction(_) => recent.count(keep),
                 };
-                let n = protected(*sinks, recent);
-                (
-                    n,
-                    format!("its {n} always-kept tokens (--sinks + recent --window) do not fit"),
-                )
+                let n = sinks.saturating_add(recent);
+                (n, n, &[Sinks, R])
             }
-            Policy::Tova { sinks, .. } => (*sinks, format!("its {sinks} --sinks do not fit")),
-            Policy::SnapKv { window, .. } | Policy::PyramidKv { window, .. } => (
-                *window,
-                format!("its observation window of {window} tokens (--window) does not fit"),
-            ),
+            Policy::Tova { sinks, .. } => (*sinks, *sinks, &[Sinks]),
+            Policy::SnapKv { window, .. } | Policy::PyramidKv { window, .. } => {
+                (*window, *window, &[Window])
+            }
             _ => return Ok(()),
         };
         if needed <= keep {
             return Ok(());
         }
-        Err(EngineError::Invalid(format!(
-            "{} keeps at most --keep {keep} tokens per head, and {what}: protected tokens count \
-             toward the budget (lower them or raise --keep)",
-            self.name()
-        )))
+        Err(PolicyError::ProtectionExceedsBudget {
+            policy: self.kind(),
+            keep,
+            protected,
+            by,
+        }
+        .into())
     }
 
     /// A fresh hook for one session (the policy must have passed [`Policy::validate`]).

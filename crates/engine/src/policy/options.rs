@@ -6,14 +6,15 @@
 //! only ever reaches a policy it applies to ([`PolicyOptions::for_policy`]), and building a
 //! policy with an option that does not apply to it is an error, never silently ignored.
 
+use super::PolicyKind;
 use crate::error::{EngineError, Result};
 
 /// One settable key: its name, the policies it applies to, and what it means (with its default).
 pub struct OptionKey {
     /// The key as written in `key=value`.
     pub name: &'static str,
-    /// Policy names it applies to.
-    pub policies: &'static [&'static str],
+    /// The policies it applies to.
+    pub policies: &'static [PolicyKind],
     /// What it sets, and its default.
     pub help: &'static str,
 }
@@ -46,47 +47,47 @@ impl PolicyOptions {
     pub const KEYS: [OptionKey; 9] = [
         OptionKey {
             name: "normalise",
-            policies: &["h2o"],
+            policies: &[PolicyKind::H2o],
             help: "true: score = accumulated attention / number of queries that saw the token (default false: the plain sum)",
         },
         OptionKey {
             name: "kernel",
-            policies: &["snapkv", "pyramidkv"],
+            policies: &[PolicyKind::SnapKv, PolicyKind::PyramidKv],
             help: "1-D average pooling kernel over the window's attention, odd (default 5)",
         },
         OptionKey {
             name: "beta",
-            policies: &["pyramidkv"],
+            policies: &[PolicyKind::PyramidKv],
             help: "steepness of the pyramid, >= 1: min = (C-w)/beta (default 20)",
         },
         OptionKey {
             name: "proxy_frac",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "fraction of the prompt used as proxy queries, in [0, 1] (default 0.01; at least one)",
         },
         OptionKey {
             name: "sink_frac",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "fraction of the prompt kept as leading sinks (default 0.005)",
         },
         OptionKey {
             name: "recent_frac",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "fraction of the prompt kept as most recent tokens (default 0.005)",
         },
         OptionKey {
             name: "kp_frac",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "fraction kept greedily by proxy score, Kp (default 0.12; with a budget, Kp:Kr splits it)",
         },
         OptionKey {
             name: "kr_frac",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "fraction sampled without replacement by softmax(proxy score), Kr (default 0.07)",
         },
         OptionKey {
             name: "min_len",
-            policies: &["nacl"],
+            policies: &[PolicyKind::Nacl],
             help: "without --evict/--keep (released defaults): prompts shorter than this are not evicted (default 512)",
         },
     ];
@@ -170,17 +171,28 @@ impl PolicyOptions {
             .collect()
     }
 
-    /// Whether `key` applies to the policy `name`.
-    pub fn applies_to(key: &str, name: &str) -> bool {
+    /// Whether `key` applies to the policy `kind`.
+    pub fn applies_to(key: &str, kind: PolicyKind) -> bool {
         Self::KEYS
             .iter()
-            .any(|k| k.name == key && k.policies.contains(&name))
+            .any(|k| k.name == key && k.policies.contains(&kind))
     }
 
-    /// The options that apply to the policy `name` (the others unset), for sweeps that pass
+    /// The policies `key` applies to, comma-separated (empty for an unknown key).
+    pub fn policies_of(key: &str) -> String {
+        Self::KEYS
+            .iter()
+            .find(|k| k.name == key)
+            .map_or_else(String::new, |k| {
+                let names: Vec<&str> = k.policies.iter().map(|p| p.name()).collect();
+                names.join(", ")
+            })
+    }
+
+    /// The options that apply to the policy `kind` (the others unset), for sweeps that pass
     /// one option list to several policies.
-    pub fn for_policy(&self, name: &str) -> PolicyOptions {
-        let keep = |key: &str| Self::applies_to(key, name);
+    pub fn for_policy(&self, kind: PolicyKind) -> PolicyOptions {
+        let keep = |key: &str| Self::applies_to(key, kind);
         PolicyOptions {
             normalise: self.normalise.filter(|_| keep("normalise")),
             kernel: self.kernel.filter(|_| keep("kernel")),
@@ -194,21 +206,18 @@ impl PolicyOptions {
         }
     }
 
-    /// Fails if a set key does not apply to the policy `name`.
-    pub fn check_applies(&self, name: &str) -> Result<()> {
+    /// Fails if a set key does not apply to the policy `kind`.
+    pub fn check_applies(&self, kind: PolicyKind) -> Result<()> {
         match self
             .keys_set()
             .into_iter()
-            .find(|k| !Self::applies_to(k, name))
+            .find(|k| !Self::applies_to(k, kind))
         {
             None => Ok(()),
             Some(key) => Err(EngineError::PolicyOptionNotApplicable {
                 key: key.to_string(),
-                policy: name.to_string(),
-                applies_to: Self::KEYS
-                    .iter()
-                    .find(|k| k.name == key)
-                    .map_or_else(String::new, |k| k.policies.join(", ")),
+                policy: kind,
+                applies_to: Self::policies_of(key),
             }),
         }
     }
@@ -251,11 +260,14 @@ mod tests {
             .to_string();
         assert!(e.contains("key=value"), "{e}");
         // Each policy gets only its keys; a key given to a policy it does not fit is an error.
-        let pyramid = o.for_policy("pyramidkv");
+        let pyramid = o.for_policy(PolicyKind::PyramidKv);
         assert_eq!(pyramid.keys_set(), ["kernel", "beta"]);
-        assert!(pyramid.check_applies("pyramidkv").is_ok());
-        let e = o.check_applies("h2o").unwrap_err().to_string();
+        assert!(pyramid.check_applies(PolicyKind::PyramidKv).is_ok());
+        let e = o.check_applies(PolicyKind::H2o).unwrap_err().to_string();
         assert!(e.contains("`kernel` does not apply to h2o"), "{e}");
-        assert_eq!(o.for_policy("streaming"), PolicyOptions::default());
+        assert_eq!(
+            o.for_policy(PolicyKind::Streaming),
+            PolicyOptions::default()
+        );
     }
 }

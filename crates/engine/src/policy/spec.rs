@@ -10,16 +10,16 @@ use gate_core::gate::AttentionGate;
 use gate_core::score::NaclConfig;
 use gate_core::select::{Budget, Protection};
 
-use super::{AgMode, Policy, PolicyOptions, Recent};
+use super::{AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, Recent};
 use crate::engine::Engine;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 
 /// Default eviction ratio of budget policies when neither `--evict` nor `--keep` is given (NACL
 /// then runs its released defaults instead).
 pub const DEFAULT_EVICT: f32 = 0.5;
 /// StreamingLLM's attention sinks.
 pub const DEFAULT_SINKS: usize = 4;
-/// SnapKV/PyramidKV observation window.
+/// SnapKV's and PyramidKV's observation window.
 pub const DEFAULT_SNAPKV_WINDOW: usize = 32;
 /// SnapKV pooling kernel.
 pub const DEFAULT_SNAPKV_KERNEL: usize = 5;
@@ -29,18 +29,22 @@ pub const DEFAULT_PYRAMID_BETA: f32 = 20.0;
 pub const DEFAULT_H2O_RECENT: f32 = 0.5;
 
 /// A policy as a user names it; `None` means "the default".
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PolicySpec {
-    /// One of [`Policy::NAMES`].
-    pub name: String,
+    /// Which policy.
+    pub kind: PolicyKind,
     /// Fraction of each head's tokens to evict.
     pub evict: Option<f32>,
     /// Tokens each head keeps.
     pub keep: Option<usize>,
-    /// Always-kept first tokens.
+    /// Always-kept first tokens (the attention sinks).
     pub sinks: Option<usize>,
-    /// Recent-token window (StreamingLLM window, SnapKV observation window, H2O recent tokens,
-    /// Attention-Gate local window, protected recent tokens elsewhere).
+    /// Always-kept most recent tokens: StreamingLLM's window, H2O's recent tokens,
+    /// Attention-Gate's local window (a flagged-out token stays visible to the next `recent`
+    /// queries), Random's and KNorm's protected tail.
+    pub recent: Option<usize>,
+    /// SnapKV's and PyramidKV's observation window: the last prompt queries whose attention
+    /// scores the prompt (also always kept).
     pub window: Option<usize>,
     /// Attention-Gate checkpoint.
     pub gates: Option<PathBuf>,
@@ -56,7 +60,8 @@ pub struct PolicySpec {
     pub options: PolicyOptions,
 }
 
-/// A setting of a [`PolicySpec`], to say which ones a policy would ignore.
+/// A setting of a [`PolicySpec`], to say which ones a policy would ignore and to name them in
+/// errors ([`super::PolicyError::describe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Setting {
     /// `evict` (a ratio of each head's tokens).
@@ -65,7 +70,9 @@ pub enum Setting {
     Keep,
     /// `sinks`.
     Sinks,
-    /// `window`.
+    /// `recent`.
+    Recent,
+    /// `window` (SnapKV's observation window).
     Window,
     /// `gates`.
     Gates,
@@ -79,42 +86,109 @@ pub enum Setting {
     Seed,
 }
 
+impl Setting {
+    /// Every setting, in [`PolicySpec`] field order.
+    pub const ALL: [Setting; 10] = [
+        Setting::Evict,
+        Setting::Keep,
+        Setting::Sinks,
+        Setting::Recent,
+        Setting::Window,
+        Setting::Gates,
+        Setting::Threshold,
+        Setting::AgBudgetMode,
+        Setting::AgDecode,
+        Setting::Seed,
+    ];
+
+    /// The [`PolicySpec`] field it is.
+    pub fn field(self) -> &'static str {
+        match self {
+            Setting::Evict => "evict",
+            Setting::Keep => "keep",
+            Setting::Sinks => "sinks",
+            Setting::Recent => "recent",
+            Setting::Window => "window",
+            Setting::Gates => "gates",
+            Setting::Threshold => "threshold",
+            Setting::AgBudgetMode => "ag_budget_mode",
+            Setting::AgDecode => "ag_decode",
+            Setting::Seed => "seed",
+        }
+    }
+}
+
 impl PolicySpec {
+    /// A spec of `kind` with every setting at its default.
+    pub fn new(kind: PolicyKind) -> Self {
+        PolicySpec {
+            kind,
+            evict: None,
+            keep: None,
+            sinks: None,
+            recent: None,
+            window: None,
+            gates: None,
+            threshold: None,
+            ag_budget_mode: false,
+            ag_decode: None,
+            seed: None,
+            options: PolicyOptions::default(),
+        }
+    }
+
+    /// Sets what users call the window (`--window`, `kv_window`): the observation window of
+    /// SnapKV and PyramidKV, the most recent tokens kept by every other policy.
+    pub fn set_window(&mut self, tokens: usize) {
+        if self.kind.observes_a_window() {
+            self.window = Some(tokens);
+        } else {
+            self.recent = Some(tokens);
+        }
+    }
+
     /// The settings this spec gives (`Some`, or `true` for `ag_budget_mode`) that its policy
     /// does not use: `evict`/`keep` with `full` or Attention-Gate in threshold mode, `gates`
-    /// with anything but `ag`, `window` with StreamingLLM when a budget is given (the window is
-    /// the budget minus the sinks), and so on. Unknown policy names use nothing.
+    /// with anything but `ag`, `recent` with StreamingLLM when a budget is given (the window is
+    /// the budget minus the sinks), and so on.
     pub fn ignored(&self) -> Vec<Setting> {
         use Setting::*;
-        let ag_budget = self.ag_budget_mode;
-        let used: &[Setting] = match self.name.as_str() {
-            "random" => &[Evict, Keep, Sinks, Window, Seed],
-            "streaming" if self.evict.is_some() || self.keep.is_some() => &[Evict, Keep, Sinks],
-            "streaming" => &[Evict, Keep, Sinks, Window],
-            "h2o" | "knorm" => &[Evict, Keep, Sinks, Window],
-            "tova" => &[Evict, Keep, Sinks],
-            "snapkv" | "pyramidkv" => &[Evict, Keep, Window],
-            "nacl" => &[Evict, Keep, Seed],
-            "ag" if ag_budget => &[Evict, Keep, Sinks, Window, Gates, AgBudgetMode, AgDecode],
-            "ag" => &[Sinks, Window, Gates, Threshold, AgDecode],
-            _ => &[],
+        let budget = self.evict.is_some() || self.keep.is_some();
+        let used: &[Setting] = match self.kind {
+            PolicyKind::Full => &[],
+            PolicyKind::Random => &[Evict, Keep, Sinks, Recent, Seed],
+            PolicyKind::Streaming if budget => &[Evict, Keep, Sinks],
+            PolicyKind::Streaming | PolicyKind::H2o | PolicyKind::KNorm => {
+                &[Evict, Keep, Sinks, Recent]
+            }
+            PolicyKind::Tova => &[Evict, Keep, Sinks],
+            PolicyKind::SnapKv | PolicyKind::PyramidKv => &[Evict, Keep, Window],
+            PolicyKind::Nacl => &[Evict, Keep, Seed],
+            PolicyKind::Ag if self.ag_budget_mode => {
+                &[Evict, Keep, Sinks, Recent, Gates, AgBudgetMode, AgDecode]
+            }
+            PolicyKind::Ag => &[Sinks, Recent, Gates, Threshold, AgDecode],
         };
-        let given = [
-            (Evict, self.evict.is_some()),
-            (Keep, self.keep.is_some()),
-            (Sinks, self.sinks.is_some()),
-            (Window, self.window.is_some()),
-            (Gates, self.gates.is_some()),
-            (Threshold, self.threshold.is_some()),
-            (AgBudgetMode, self.ag_budget_mode),
-            (AgDecode, self.ag_decode.is_some()),
-            (Seed, self.seed.is_some()),
-        ];
-        given
+        Setting::ALL
             .into_iter()
-            .filter(|&(s, g)| g && !used.contains(&s))
-            .map(|(s, _)| s)
+            .filter(|&s| self.gives(s) && !used.contains(&s))
             .collect()
+    }
+
+    /// Whether the spec gives `setting` (`Some`, or `true` for `ag_budget_mode`).
+    fn gives(&self, setting: Setting) -> bool {
+        match setting {
+            Setting::Evict => self.evict.is_some(),
+            Setting::Keep => self.keep.is_some(),
+            Setting::Sinks => self.sinks.is_some(),
+            Setting::Recent => self.recent.is_some(),
+            Setting::Window => self.window.is_some(),
+            Setting::Gates => self.gates.is_some(),
+            Setting::Threshold => self.threshold.is_some(),
+            Setting::AgBudgetMode => self.ag_budget_mode,
+            Setting::AgDecode => self.ag_decode.is_some(),
+            Setting::Seed => self.seed.is_some(),
+        }
     }
 
     /// Clears the given settings (back to "the default").
@@ -124,6 +198,7 @@ impl PolicySpec {
                 Setting::Evict => self.evict = None,
                 Setting::Keep => self.keep = None,
                 Setting::Sinks => self.sinks = None,
+                Setting::Recent => self.recent = None,
                 Setting::Window => self.window = None,
                 Setting::Gates => self.gates = None,
                 Setting::Threshold => self.threshold = None,
@@ -134,15 +209,7 @@ impl PolicySpec {
         }
     }
 
-    /// A spec with only a name.
-    pub fn named(name: &str) -> Self {
-        PolicySpec {
-            name: name.to_string(),
-            ..Default::default()
-        }
-    }
-
-    /// The budget given by `--evict`/`--keep`, if any.
+    /// The budget given by `evict`/`keep`, if any.
     fn given_budget(&self) -> Result<Option<Budget>> {
         match (self.evict, self.keep) {
             (None, None) => Ok(None),
@@ -152,142 +219,129 @@ impl PolicySpec {
 
     fn budget(&self) -> Result<Budget> {
         let budget = match (self.evict, self.keep) {
-            (Some(_), Some(_)) => {
-                return Err(EngineError::Invalid(
-                    "give either --evict or --keep, not both".into(),
-                ))
-            }
+            (Some(_), Some(_)) => return Err(PolicyError::EvictAndKeep.into()),
             (Some(r), None) => Budget::EvictRatio(r),
             (None, Some(k)) => Budget::Keep(k),
-            (None, None) => match (self.name.as_str(), self.window) {
-                ("streaming", Some(0)) => {
-                    return Err(EngineError::Invalid(
-                        "StreamingLLM's --window must be at least 1: it keeps the sinks and the newest W tokens".into(),
-                    ))
+            (None, None) => match (self.kind, self.recent) {
+                (PolicyKind::Streaming, Some(0)) => {
+                    return Err(PolicyError::EmptyStreamingWindow.into())
                 }
-                ("streaming", Some(w)) => {
+                (PolicyKind::Streaming, Some(recent)) => {
                     let sinks = self.sinks.unwrap_or(DEFAULT_SINKS);
-                    Budget::Keep(sinks.checked_add(w).ok_or_else(|| {
-                        EngineError::Invalid(format!(
-                            "StreamingLLM keeps sinks + window tokens: {sinks} + {w} is too large"
-                        ))
-                    })?)
+                    Budget::Keep(
+                        sinks
+                            .checked_add(recent)
+                            .ok_or(PolicyError::StreamingWindowTooLarge { sinks, recent })?,
+                    )
                 }
                 _ => Budget::EvictRatio(DEFAULT_EVICT),
             },
         };
-        budget
-            .validate()
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        budget.validate().map_err(PolicyError::from)?;
         Ok(budget)
     }
 
     /// The policy, with defaults filled in and every value checked against the engine's model
     /// (gates must have been made for it).
     pub fn build(&self, engine: &Engine) -> Result<Policy> {
-        let cfg = engine.model_config();
+        self.options.check_applies(self.kind)?;
         let seed = self.seed.unwrap_or(0);
-        self.options.check_applies(&self.name)?;
         let opts = &self.options;
         let kernel = opts.kernel.unwrap_or(DEFAULT_SNAPKV_KERNEL);
-        let recent = self.window.unwrap_or(0);
+        let window = self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW);
         let protect = Protection {
             sinks: self.sinks.unwrap_or(0),
-            recent,
+            recent: self.recent.unwrap_or(0),
         };
-        let policy = match self.name.as_str() {
-            "full" => Policy::Full,
-            "random" => Policy::Random {
+        let policy = match self.kind {
+            PolicyKind::Full => Policy::Full,
+            PolicyKind::Random => Policy::Random {
                 budget: self.budget()?,
                 protect,
                 seed,
             },
-            "streaming" => Policy::Streaming {
+            PolicyKind::Streaming => Policy::Streaming {
                 budget: self.budget()?,
                 sinks: self.sinks.unwrap_or(DEFAULT_SINKS),
             },
-            "h2o" => Policy::H2o {
+            PolicyKind::H2o => Policy::H2o {
                 budget: self.budget()?,
                 recent: self
-                    .window
+                    .recent
                     .map_or(Recent::Fraction(DEFAULT_H2O_RECENT), Recent::Tokens),
-                sinks: self.sinks.unwrap_or(0),
+                sinks: protect.sinks,
                 normalise: opts.normalise.unwrap_or(false),
             },
-            "tova" => Policy::Tova {
+            PolicyKind::Tova => Policy::Tova {
                 budget: self.budget()?,
-                sinks: self.sinks.unwrap_or(0),
+                sinks: protect.sinks,
             },
-            "snapkv" => Policy::SnapKv {
+            PolicyKind::SnapKv => Policy::SnapKv {
                 budget: self.budget()?,
-                window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
+                window,
                 kernel,
             },
-            "pyramidkv" => Policy::PyramidKv {
+            PolicyKind::PyramidKv => Policy::PyramidKv {
                 budget: self.budget()?,
-                window: self.window.unwrap_or(DEFAULT_SNAPKV_WINDOW),
+                window,
                 kernel,
                 beta: opts.beta.unwrap_or(DEFAULT_PYRAMID_BETA),
             },
-            "knorm" => Policy::KNorm {
+            PolicyKind::KNorm => Policy::KNorm {
                 budget: self.budget()?,
                 protect,
             },
-            "nacl" => {
-                let d = NaclConfig::default();
-                Policy::Nacl {
-                    budget: self.given_budget()?,
-                    config: NaclConfig {
-                        proxy_frac: opts.proxy_frac.unwrap_or(d.proxy_frac),
-                        sink_frac: opts.sink_frac.unwrap_or(d.sink_frac),
-                        recent_frac: opts.recent_frac.unwrap_or(d.recent_frac),
-                        kp_frac: opts.kp_frac.unwrap_or(d.kp_frac),
-                        kr_frac: opts.kr_frac.unwrap_or(d.kr_frac),
-                        min_len: opts.min_len.unwrap_or(d.min_len),
-                    },
-                    seed,
-                }
+            PolicyKind::Nacl => Policy::Nacl {
+                budget: self.given_budget()?,
+                config: self.nacl_config(),
+                seed,
+            },
+            PolicyKind::Ag => self.attention_gate(engine)?,
+        };
+        policy.validate(engine.model_config())?;
+        Ok(policy)
+    }
+
+    /// NACL's fractions: the released defaults under the options given.
+    fn nacl_config(&self) -> NaclConfig {
+        let (d, o) = (NaclConfig::default(), &self.options);
+        NaclConfig {
+            proxy_frac: o.proxy_frac.unwrap_or(d.proxy_frac),
+            sink_frac: o.sink_frac.unwrap_or(d.sink_frac),
+            recent_frac: o.recent_frac.unwrap_or(d.recent_frac),
+            kp_frac: o.kp_frac.unwrap_or(d.kp_frac),
+            kr_frac: o.kr_frac.unwrap_or(d.kr_frac),
+            min_len: o.min_len.unwrap_or(d.min_len),
+        }
+    }
+
+    /// Attention-Gate: the gates file given, or the committed gates of the default model
+    /// (docs/training.md); unless given, the threshold and protections the gates were trained
+    /// with.
+    fn attention_gate(&self, engine: &Engine) -> Result<Policy> {
+        let gates = match &self.gates {
+            Some(path) => {
+                AttentionGate::load(path, &engine.model_identity()?, &candle_core::Device::Cpu)
+                    .map_err(PolicyError::from)?
             }
-            "ag" => {
-                let gates = match &self.gates {
-                    Some(path) => AttentionGate::load(
-                        path,
-                        &engine.model_identity()?,
-                        &candle_core::Device::Cpu,
-                    )
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?,
-                    // The committed gates of the default model (docs/training.md).
-                    None => crate::train::default_gates::for_engine(engine)?.ok_or_else(|| {
-                        EngineError::Invalid(
-                            "--policy ag needs --gates FILE for this model (trained gates ship only for the default model; random gates for testing: `agate init-gates --out FILE`)".into(),
-                        )
-                    })?,
-                };
-                let mode = if self.ag_budget_mode {
-                    AgMode::Budget(self.budget()?)
-                } else {
-                    AgMode::Threshold(self.threshold.unwrap_or(gates.config().threshold))
-                };
-                // Unless given, the protections the gates were trained with.
-                let trained = gates.config().protection();
-                Policy::Ag {
-                    protect: Protection {
-                        sinks: self.sinks.unwrap_or(trained.sinks),
-                        recent: self.window.unwrap_or(trained.recent),
-                    },
-                    gates: Arc::new(gates),
-                    mode,
-                    decode: self.ag_decode.unwrap_or(true),
-                }
-            }
-            other => {
-                return Err(EngineError::Invalid(format!(
-                    "unknown policy `{other}` (expected one of {})",
-                    Policy::NAMES.join(", ")
-                )))
+            None => {
+                crate::train::default_gates::for_engine(engine)?.ok_or(PolicyError::NeedsGates)?
             }
         };
-        policy.validate(cfg)?;
-        Ok(policy)
+        let mode = if self.ag_budget_mode {
+            AgMode::Budget(self.budget()?)
+        } else {
+            AgMode::Threshold(self.threshold.unwrap_or(gates.config().threshold))
+        };
+        let trained = gates.config().protection();
+        Ok(Policy::Ag {
+            protect: Protection {
+                sinks: self.sinks.unwrap_or(trained.sinks),
+                recent: self.recent.unwrap_or(trained.recent),
+            },
+            gates: Arc::new(gates),
+            mode,
+            decode: self.ag_decode.unwrap_or(true),
+        })
     }
 }

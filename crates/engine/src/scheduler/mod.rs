@@ -244,9 +244,10 @@ impl Scheduler {
     /// Starts the scheduler's thread over `engine`.
     pub fn spawn(engine: &Engine, config: SchedulerConfig) -> Result<Self> {
         if config.max_sessions == 0 {
-            return Err(EngineError::Invalid(
-                "the scheduler needs max_sessions >= 1".into(),
-            ));
+            return Err(EngineError::Setting {
+                setting: "SchedulerConfig.max_sessions",
+                problem: "must be at least 1, got 0".into(),
+            });
         }
         let shared = Arc::new(Shared {
             waiting: AtomicUsize::new(0),

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use gate_core::{AttentionGate, Protection, StoreDtype};
+use gate_core::{AttentionGate, GateFileDtype, Protection};
 pub use model_zoo::train::LoraConfig;
 use model_zoo::train::{GateMode, Gating, Lora, TrainableDecoder};
 use model_zoo::{GgufFile, ModelConfig, WeightFormat, Weights};
@@ -44,10 +44,6 @@ impl From<candle_core::Error> for EngineError {
     fn from(e: candle_core::Error) -> Self {
         EngineError::Model(model_zoo::ModelError::from(e))
     }
-}
-
-fn gate_err(e: gate_core::GateError) -> EngineError {
-    EngineError::Invalid(e.to_string())
 }
 
 /// Most tokens in one micro-batch (`batch × seq_len`): its logits alone take
@@ -305,8 +301,12 @@ fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
 }
 
 /// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
-pub fn write_gates(gates: &AttentionGate, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
-    let bytes = gates.to_bytes(path, dtype).map_err(gate_err)?;
+pub fn write_gates(
+    gates: &AttentionGate,
+    path: &std::path::Path,
+    dtype: GateFileDtype,
+) -> Result<()> {
+    let bytes = gates.to_bytes(path, dtype)?;
     crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
     Ok(())
 }
@@ -358,9 +358,8 @@ impl Trainer {
         let decoder = open_trainable(engine.model_path(), engine.model_config())?;
         let mut gates = match &cfg.init_gates {
             Some(path) => {
-                let mut g = AttentionGate::load(path, &engine.model_identity()?, &Device::Cpu)
-                    .map_err(gate_err)?;
-                g.set_threshold(0.5).map_err(gate_err)?;
+                let mut g = AttentionGate::load(path, &engine.model_identity()?, &Device::Cpu)?;
+                g.set_threshold(0.5)?;
                 g
             }
             None => {
@@ -376,7 +375,7 @@ impl Trainer {
             sinks: cfg.sinks,
             recent: cfg.window,
         });
-        let (gates, gate_vars) = gates.into_trainable().map_err(gate_err)?;
+        let (gates, gate_vars) = gates.into_trainable()?;
         let lora = match &cfg.lora {
             Some(l) if cfg.train != Trainables::Gates => {
                 Some(Lora::new(&decoder, l, cfg.seed ^ 0x10ba)?)
@@ -480,7 +479,7 @@ impl Trainer {
 
     /// Writes the gates (with the model identity) to `path` atomically in `dtype`; a run whose
     /// parameters are no longer finite (it diverged) writes nothing.
-    pub fn save_gates(&self, path: &std::path::Path, dtype: StoreDtype) -> Result<()> {
+    pub fn save_gates(&self, path: &std::path::Path, dtype: GateFileDtype) -> Result<()> {
         if let Some(name) = self.opt.first_non_finite()? {
             return Err(EngineError::Invalid(format!(
                 "{}: not written: parameter `{name}` is no longer finite, the run diverged (lower --lr or --lambda)",
@@ -599,9 +598,8 @@ impl Trainer {
                     &vmask,
                     self.state.soft_target as f32,
                     self.state.lambda as f32,
-                )
-                .map_err(gate_err)?;
-                let r = gate_core::eviction_ratios(&s.detach(), &vmask, tau).map_err(gate_err)?;
+                )?;
+                let r = gate_core::eviction_ratios(&s.detach(), &vmask, tau)?;
                 soft_sum += r.soft;
                 hard_sum += r.hard;
                 loss = (loss + ev)?;
@@ -740,9 +738,7 @@ impl Trainer {
                 .clamp(1, probs.len());
             // Evicted iff s <= tau: the k smallest probabilities.
             let above = probs.get(k).copied().unwrap_or(1.0);
-            self.gates
-                .set_threshold(0.5 * (probs[k - 1] + above))
-                .map_err(gate_err)?;
+            self.gates.set_threshold(0.5 * (probs[k - 1] + above))?;
         }
         Ok(measured)
     }
@@ -774,8 +770,7 @@ impl Trainer {
                 let s = Tensor::stack(&gated.keep_probs, 0)?.detach();
                 let l = s.dim(0)?;
                 let vmask = valid.broadcast_as((l, 1, self.cfg.seq_len))?.contiguous()?;
-                let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)
-                    .map_err(gate_err)?;
+                let r = gate_core::eviction_ratios(&s, &vmask, self.gates.config().threshold)?;
                 soft += r.soft;
                 hard += r.hard;
             }

@@ -1,14 +1,28 @@
 //! Shared fixtures for the engine's integration tests: the default model (fetched on first use,
-//! loaded once per test binary) and the llama.cpp reference outputs.
+//! loaded once per test binary; with `AGATE_OFFLINE` set and no cached copy, the tests that need
+//! it print why they are skipped and return) and the llama.cpp reference outputs.
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use engine::{Engine, WeightFormat};
 
-/// The default model in the given weight format, loaded once per format per test binary.
-pub fn default_engine(format: WeightFormat) -> Engine {
+/// The default model's path, fetched on first use; `None` (after saying why the calling test
+/// is skipped) when it is not cached and `AGATE_OFFLINE` forbids fetching it.
+pub fn default_model() -> Option<PathBuf> {
+    let path = engine::model_cache::default_model_unless_offline(&mut |l| eprintln!("{l}"))
+        .expect("default model");
+    if path.is_none() {
+        eprintln!("skipped: this test needs the default model, which is not cached, and AGATE_OFFLINE is set");
+    }
+    path
+}
+
+/// The default model in the given weight format, loaded once per format per test binary
+/// (`None`: skipped, see [`default_model`]).
+pub fn default_engine(format: WeightFormat) -> Option<Engine> {
     static AUTO: OnceLock<Engine> = OnceLock::new();
     static F32: OnceLock<Engine> = OnceLock::new();
     let cell = match format {
@@ -16,16 +30,15 @@ pub fn default_engine(format: WeightFormat) -> Engine {
         WeightFormat::Dense(candle_core::DType::F32) => &F32,
         other => panic!("no shared engine for {other:?}"),
     };
-    cell.get_or_init(|| {
-        let path = engine::model_cache::ensure_default_model(&mut |l| eprintln!("{l}"))
-            .expect("default model");
+    let path = default_model()?;
+    let engine = cell.get_or_init(|| {
         Engine::builder()
             .model(path)
             .weights(format)
             .build()
             .expect("load default model")
-    })
-    .clone()
+    });
+    Some(engine.clone())
 }
 
 /// One reference case recorded by a script in `scripts/reference/`.

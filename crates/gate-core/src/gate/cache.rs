@@ -286,7 +286,7 @@ impl AttentionGate {
         cache: &mut GateCache,
     ) -> Result<Vec<f32>> {
         self.layer(layer)?;
-        let hidden = self.cfg.hidden;
+        let hidden = self.cfg.hidden_size;
         if !matches!(*x_row.dims(), [h] | [1, h] if h == hidden) {
             return Err(bad_tensor(
                 "x_row",

@@ -28,19 +28,19 @@ pub type ModelIdentity = BTreeMap<String, String>;
 /// identity on one of them is rejected.
 const CONFIG_IDENTITY_KEYS: [&str; 3] = ["n_layers", "hidden", "n_kv_heads"];
 
-/// The identity the engine records: `architecture`, `n_layers`, `hidden`, `n_kv_heads` and
-/// `base_checksum` (of the base weights).
+/// The identity the engine records: `architecture`, `n_layers`, `hidden` (the hidden size),
+/// `n_kv_heads` and `base_checksum` (of the base weights).
 pub fn model_identity(
     architecture: &str,
     n_layers: usize,
-    hidden: usize,
+    hidden_size: usize,
     n_kv_heads: usize,
     base_checksum: &str,
 ) -> ModelIdentity {
     [
         ("architecture", architecture.to_string()),
         ("n_layers", n_layers.to_string()),
-        ("hidden", hidden.to_string()),
+        ("hidden", hidden_size.to_string()),
         ("n_kv_heads", n_kv_heads.to_string()),
         ("base_checksum", base_checksum.to_string()),
     ]
@@ -51,7 +51,7 @@ pub fn model_identity(
 
 /// The dtype parameters are stored in (compute is f32 after loading).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StoreDtype {
+pub enum GateFileDtype {
     /// 32-bit float: bit-exact round trip (the default).
     #[default]
     F32,
@@ -61,34 +61,34 @@ pub enum StoreDtype {
     BF16,
 }
 
-impl StoreDtype {
+impl GateFileDtype {
     /// The metadata spelling: `f32`, `f16`, `bf16`.
     pub fn as_str(self) -> &'static str {
         match self {
-            StoreDtype::F32 => "f32",
-            StoreDtype::F16 => "f16",
-            StoreDtype::BF16 => "bf16",
+            GateFileDtype::F32 => "f32",
+            GateFileDtype::F16 => "f16",
+            GateFileDtype::BF16 => "bf16",
         }
     }
 
     fn candle(self) -> DType {
         match self {
-            StoreDtype::F32 => DType::F32,
-            StoreDtype::F16 => DType::F16,
-            StoreDtype::BF16 => DType::BF16,
+            GateFileDtype::F32 => DType::F32,
+            GateFileDtype::F16 => DType::F16,
+            GateFileDtype::BF16 => DType::BF16,
         }
     }
 
     fn safetensors(self) -> Dtype {
         match self {
-            StoreDtype::F32 => Dtype::F32,
-            StoreDtype::F16 => Dtype::F16,
-            StoreDtype::BF16 => Dtype::BF16,
+            GateFileDtype::F32 => Dtype::F32,
+            GateFileDtype::F16 => Dtype::F16,
+            GateFileDtype::BF16 => Dtype::BF16,
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16]
+        [GateFileDtype::F32, GateFileDtype::F16, GateFileDtype::BF16]
             .into_iter()
             .find(|d| d.as_str() == s)
     }
@@ -107,7 +107,7 @@ fn format_err(path: &Path, detail: impl Into<String>) -> GateError {
 impl AttentionGate {
     /// The gate file's bytes: parameters cast to `dtype`, the config and
     /// [`AttentionGate::identity`] (see the module header); `path` only names the file in errors.
-    pub fn to_bytes(&self, path: &Path, dtype: StoreDtype) -> Result<Vec<u8>> {
+    pub fn to_bytes(&self, path: &Path, dtype: GateFileDtype) -> Result<Vec<u8>> {
         let tensors = self
             .named_tensors()
             .into_iter()
@@ -177,7 +177,7 @@ impl AttentionGate {
             ));
         }
         let dtype_name = field("dtype")?;
-        let dtype = StoreDtype::parse(dtype_name).ok_or_else(|| {
+        let dtype = GateFileDtype::parse(dtype_name).ok_or_else(|| {
             format_err(
                 path,
                 format!("metadata `dtype` is {dtype_name:?}, expected f32, f16 or bf16"),
@@ -272,7 +272,7 @@ fn check_identity(
             return Err(mismatch(field, want.clone()));
         }
     }
-    let from_cfg = [cfg.n_layers, cfg.hidden, cfg.n_kv_heads];
+    let from_cfg = [cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads];
     for (field, value) in CONFIG_IDENTITY_KEYS.into_iter().zip(from_cfg) {
         if found.get(field).is_some_and(|v| *v != value.to_string()) {
             return Err(mismatch(field, format!("{value} (from gate_config)")));

@@ -34,7 +34,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use cache::GateCache;
-pub use file::{model_identity, ModelIdentity, StoreDtype};
+pub use file::{model_identity, GateFileDtype, ModelIdentity};
 
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
 use crate::select::Protection;
@@ -42,8 +42,9 @@ use crate::select::Protection;
 /// Shape and hyper-parameters of an Attention-Gate for one base model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateConfig {
-    /// Hidden size `D` of the base model (the gate's input width).
-    pub hidden: usize,
+    /// Hidden size `D` of the base model (the gate's input width; `hidden` in gate files).
+    #[serde(rename = "hidden")]
+    pub hidden_size: usize,
     /// Number of KV heads of the base model (one keep probability each).
     pub n_kv_heads: usize,
     /// Number of decoder layers (one gate each).
@@ -63,9 +64,10 @@ pub struct GateConfig {
     #[serde(default)]
     pub sinks: usize,
     /// Protection the gates were trained with, the default of the inference policy: a
-    /// flagged-out token stays visible to the next `window` queries (default 0: only to itself).
-    #[serde(default)]
-    pub window: usize,
+    /// flagged-out token stays visible to the next `recent` queries (default 0: only to itself;
+    /// `window` in gate files).
+    #[serde(default, rename = "window")]
+    pub recent: usize,
     /// The gate's own attention window `W`: a token's gate attends to the tokens at most
     /// `W - 1` positions before it (and itself), so a session keeps `K'`, `V'` of only the last
     /// `W` tokens per layer. 0: unbounded (gates written before the window existed).
@@ -76,9 +78,9 @@ pub struct GateConfig {
 impl GateConfig {
     /// A configuration with the default gate shape (`heads = 4`, `head_dim = 32`,
     /// `attention_window = 64`, `threshold = 0.5`, `bias_init = 3.0`).
-    pub fn new(hidden: usize, n_kv_heads: usize, n_layers: usize, rope_theta: f32) -> Self {
+    pub fn new(hidden_size: usize, n_kv_heads: usize, n_layers: usize, rope_theta: f32) -> Self {
         Self {
-            hidden,
+            hidden_size,
             n_kv_heads,
             n_layers,
             heads: 4,
@@ -87,7 +89,7 @@ impl GateConfig {
             threshold: 0.5,
             bias_init: 3.0,
             sinks: 0,
-            window: 0,
+            recent: 0,
             attention_window: DEFAULT_ATTENTION_WINDOW,
         }
     }
@@ -98,11 +100,11 @@ impl GateConfig {
         key <= query && (self.attention_window == 0 || query - key < self.attention_window as u32)
     }
 
-    /// The protection the gates were trained with (`sinks`, `window` as `recent`).
+    /// The protection the gates were trained with (`sinks`, `recent`).
     pub fn protection(&self) -> Protection {
         Protection {
             sinks: self.sinks,
-            recent: self.window,
+            recent: self.recent,
         }
     }
 
@@ -110,7 +112,7 @@ impl GateConfig {
     /// `[0, 1]`, finite `bias_init`.
     pub fn validate(&self) -> Result<()> {
         let sizes = [
-            ("GateConfig.hidden", self.hidden),
+            ("GateConfig.hidden_size", self.hidden_size),
             ("GateConfig.n_kv_heads", self.n_kv_heads),
             ("GateConfig.n_layers", self.n_layers),
             ("GateConfig.heads", self.heads),
@@ -168,7 +170,7 @@ impl GateConfig {
     /// `layers.{l}.wq`, `.wk`, `.wv` (`[inner, hidden]`), `.wg` (`[n_kv_heads, inner]`),
     /// `.bg` (`[n_kv_heads]`).
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (inner, hidden, kv) = (self.inner(), self.hidden, self.n_kv_heads);
+        let (inner, hidden, kv) = (self.inner(), self.hidden_size, self.n_kv_heads);
         (0..self.n_layers)
             .flat_map(|l| {
                 [
@@ -232,7 +234,7 @@ impl AttentionGate {
     pub fn random(cfg: &GateConfig, seed: u64, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
-        let proj = 1.0 / (cfg.hidden as f64).sqrt();
+        let proj = 1.0 / (cfg.hidden_size as f64).sqrt();
         let out = GATE_OUT_INIT / (cfg.inner() as f64).sqrt();
         let mut tensors = HashMap::new();
         for (name, shape) in cfg.param_shapes() {
@@ -350,7 +352,7 @@ impl AttentionGate {
     /// Records the protection the gates are trained with (the inference policy's default).
     pub fn set_protection(&mut self, protect: Protection) {
         self.cfg.sinks = protect.sinks;
-        self.cfg.window = protect.recent;
+        self.cfg.recent = protect.recent;
     }
 
     /// Replaces the hard-mode threshold `tau` (e.g. after calibrating it to a target ratio).
@@ -409,14 +411,14 @@ impl AttentionGate {
     fn input(&self, x: &Tensor, positions: &[u32]) -> Result<(Tensor, bool)> {
         let expected = format!(
             "[T, {0}] or [B, T, {0}] with T = positions.len() = {1}",
-            self.cfg.hidden,
+            self.cfg.hidden_size,
             positions.len()
         );
         let (x3, two_d) = match *x.dims() {
-            [t, h] if h == self.cfg.hidden && t == positions.len() => {
+            [t, h] if h == self.cfg.hidden_size && t == positions.len() => {
                 (x.unsqueeze(0).ctx("reshaping gate input")?, true)
             }
-            [_, t, h] if h == self.cfg.hidden && t == positions.len() => (x.clone(), false),
+            [_, t, h] if h == self.cfg.hidden_size && t == positions.len() => (x.clone(), false),
             _ => return Err(bad_tensor("x", x, expected)),
         };
         if !x.dtype().is_float() {
@@ -459,7 +461,7 @@ impl AttentionGate {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (ha, da) = (self.cfg.heads, self.cfg.head_dim);
-        let x2 = x.reshape((b * t, self.cfg.hidden))?;
+        let x2 = x.reshape((b * t, self.cfg.hidden_size))?;
         let heads = |w: &Tensor| {
             x2.matmul(&w.t()?)?
                 .reshape((b, t, ha, da))?

@@ -26,74 +26,16 @@ use serde_json::{json, Map, Value};
 
 use super::task::{MatchKind, Task};
 use crate::error::{EngineError, Result};
+use words::{distinct_keys, distinct_var_names, shuffle, uuid, ADJECTIVES, WORDS};
+
+mod family;
+mod words;
+
+pub use family::{Family, UnknownFamily};
 
 /// RULER's noise haystack: this block, repeated whole.
 pub const NOISE_BLOCK: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
-
-/// A family of synthetic tasks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Family {
-    /// A 5-digit pass key hidden in filler.
-    Passkey,
-    /// One "special magic number" for a key, hidden in filler.
-    Niah,
-    /// Several keys with their numbers in filler; one is asked about.
-    NiahMulti,
-    /// A JSON object of random UUID keys and values; one key is asked about.
-    Kv,
-    /// A chain of variable assignments spread through filler; all names are asked for.
-    Vt,
-    /// A numbered word list where ten words are frequent; the ten are asked for.
-    Cwe,
-}
-
-impl Family {
-    /// Every family, in documentation order.
-    pub const ALL: [Family; 6] = [
-        Family::Passkey,
-        Family::Niah,
-        Family::NiahMulti,
-        Family::Kv,
-        Family::Vt,
-        Family::Cwe,
-    ];
-
-    /// The CLI name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Passkey => "passkey",
-            Family::Niah => "niah",
-            Family::NiahMulti => "niah-multi",
-            Family::Kv => "kv",
-            Family::Vt => "vt",
-            Family::Cwe => "cwe",
-        }
-    }
-
-    /// Parses a CLI name.
-    pub fn parse(name: &str) -> Result<Family> {
-        Family::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
-                EngineError::Invalid(format!(
-                    "--synthetic: unknown family `{name}` (expected one of {})",
-                    names.join(", ")
-                ))
-            })
-    }
-
-    /// Whether the family places its needle at a requested depth.
-    pub fn uses_depth(self) -> bool {
-        matches!(
-            self,
-            Family::Passkey | Family::Niah | Family::NiahMulti | Family::Kv
-        )
-    }
-}
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -138,26 +80,31 @@ impl SyntheticSpec {
 /// budget leaves one token for a BOS.
 pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> Result<Vec<Task>> {
     if spec.n == 0 {
-        return Err(EngineError::Invalid("-n: must be at least 1".into()));
+        return Err(spec_error("SyntheticSpec.n", "must be at least 1".into()));
     }
     if let Some(d) = spec.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
-        return Err(EngineError::Invalid(format!(
-            "--depths: {d} is outside [0, 1]"
-        )));
+        return Err(spec_error(
+            "SyntheticSpec.depths",
+            format!("{d} is outside [0, 1]"),
+        ));
     }
     if spec.depths.is_empty() {
-        return Err(EngineError::Invalid("--depths: no depth given".into()));
+        return Err(spec_error("SyntheticSpec.depths", "no depth given".into()));
     }
     if spec.family == Family::NiahMulti && spec.keys < 2 {
-        return Err(EngineError::Invalid(
-            "--keys: niah-multi needs at least 2".into(),
+        return Err(spec_error(
+            "SyntheticSpec.keys",
+            "niah-multi needs at least 2".into(),
         ));
     }
     if spec.overhead >= spec.length {
-        return Err(EngineError::Invalid(format!(
-            "--length {}: the chat template alone takes {} tokens",
-            spec.length, spec.overhead
-        )));
+        return Err(spec_error(
+            "SyntheticSpec.length",
+            format!(
+                "{} tokens: the chat template alone takes {}",
+                spec.length, spec.overhead
+            ),
+        ));
     }
     let (units, noise) = match &spec.filler {
         Some(text) => (split_sentences(text), false),
@@ -357,12 +304,15 @@ impl Generator<'_> {
             .checked_sub(1 + question_tokens + fixed)
             .filter(|b| *b > 0)
             .ok_or_else(|| {
-                EngineError::Invalid(format!(
-                    "--length {}: too short for a {} task ({} tokens without filler)",
-                    spec.length,
-                    spec.family.name(),
-                    1 + question_tokens + fixed + spec.overhead
-                ))
+                spec_error(
+                    "SyntheticSpec.length",
+                    format!(
+                        "{} tokens is too short for a {} task ({} tokens without filler)",
+                        spec.length,
+                        spec.family.name(),
+                        1 + question_tokens + fixed + spec.overhead
+                    ),
+                )
             })?;
         // Haystack units from a seeded offset, as many as fit the budget.
         let start = rng.random_range(0..self.units.len());
@@ -448,10 +398,10 @@ impl Generator<'_> {
         let pair_tokens = |k: &str, v: &str| (self.count)(&format!("\"{k}\": \"{v}\", "));
         let mut used = 1 + q_tokens + (self.count)(head)? + pair_tokens(&qk, &qv)?;
         if used > length {
-            return Err(EngineError::Invalid(format!(
-                "--length {}: too short for a kv task",
-                spec.length
-            )));
+            return Err(spec_error(
+                "SyntheticSpec.length",
+                format!("{} tokens is too short for a kv task", spec.length),
+            ));
         }
         // Distractor pairs, each counted, as many as fit.
         let mut pairs: Vec<(String, String)> = Vec::new();
@@ -551,10 +501,10 @@ impl Generator<'_> {
             Ok(fits.then_some(context))
         };
         let too_short = || {
-            EngineError::Invalid(format!(
-                "--length {}: too short for a cwe task",
-                spec.length
-            ))
+            spec_error(
+                "SyntheticSpec.length",
+                format!("{} tokens is too short for a cwe task", spec.length),
+            )
         };
         let mut cf = COMMON_FREQ
             .min(total_words / (2 * COMMON))
@@ -598,88 +548,17 @@ impl Generator<'_> {
     }
 }
 
+/// A setting of the spec outside what it can make.
+pub(super) fn spec_error(setting: &'static str, problem: String) -> EngineError {
+    EngineError::Setting { setting, problem }
+}
+
 /// Whether an insert at `depth` goes before the filler sentence starting at token `cum`.
 fn boundary_before(depth: f64, total: usize, cum: usize, t: usize) -> bool {
     let target = depth * total as f64;
     // Nearest boundary: this one (at `cum`) rather than the next (at `cum + t`).
     target <= cum as f64 + t as f64 / 2.0
 }
-
-fn shuffle<T>(v: &mut [T], rng: &mut StdRng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.random_range(0..=i);
-        v.swap(i, j);
-    }
-}
-
-fn uuid(rng: &mut StdRng) -> String {
-    let hex: String = (0..32)
-        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
-        .collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
-fn distinct_keys(rng: &mut StdRng, n: usize) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    while out.len() < n {
-        let k = format!(
-            "{}-{}",
-            ADJECTIVES[rng.random_range(0..ADJECTIVES.len())],
-            WORDS[rng.random_range(0..WORDS.len())]
-        );
-        if !out.contains(&k) {
-            out.push(k);
-        }
-    }
-    out
-}
-
-fn distinct_var_names(rng: &mut StdRng, n: usize) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    while out.len() < n {
-        let k: String = (0..5)
-            .map(|_| char::from(b'A' + rng.random_range(0..26u8)))
-            .collect();
-        if !out.contains(&k) {
-            out.push(k);
-        }
-    }
-    out
-}
-
-const ADJECTIVES: &[&str] = &[
-    "ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "damp", "eager",
-    "elegant", "fancy", "fierce", "gentle", "gloomy", "grumpy", "hollow", "humble", "jolly",
-    "lazy", "lively", "lucky", "mighty", "noisy", "odd", "plain", "proud", "quiet", "rapid",
-    "rough", "shiny", "silent", "silly", "sleepy", "smooth", "sour", "spicy", "steep", "sturdy",
-    "tender", "tidy", "tiny", "vast", "wicked", "wild", "wise", "witty", "young", "zealous",
-];
-
-const WORDS: &[&str] = &[
-    "apple", "anchor", "badge", "basket", "beacon", "blanket", "bottle", "bridge", "bucket",
-    "button", "cabin", "camera", "candle", "canyon", "carpet", "castle", "cactus", "chair",
-    "cherry", "circle", "cloud", "compass", "copper", "cottage", "crayon", "dagger", "desert",
-    "dinner", "dragon", "drum", "eagle", "engine", "feather", "fence", "forest", "fountain",
-    "garden", "garlic", "ginger", "glacier", "guitar", "hammer", "harbor", "helmet", "honey",
-    "island", "jacket", "jungle", "kettle", "kitten", "ladder", "lantern", "lemon", "lizard",
-    "magnet", "marble", "meadow", "mirror", "monkey", "needle", "noodle", "ocean", "orange",
-    "oyster", "paddle", "parrot", "pebble", "pencil", "pepper", "piano", "pillow", "planet",
-    "pocket", "potato", "puzzle", "rabbit", "radio", "ribbon", "river", "rocket", "saddle",
-    "salmon", "sandal", "scarf", "shadow", "shovel", "silver", "spider", "spoon", "squirrel",
-    "statue", "stone", "sugar", "sunset", "swan", "table", "teapot", "thunder", "tiger", "tomato",
-    "towel", "tractor", "trumpet", "tunnel", "turtle", "umbrella", "valley", "velvet", "violin",
-    "wagon", "walnut", "window", "winter", "wizard", "wolf", "yogurt", "zebra", "acorn", "barrel",
-    "biscuit", "blossom", "boulder", "canoe", "chimney", "cobweb", "cricket", "dolphin", "falcon",
-    "goblet", "hedgehog", "iceberg", "jigsaw", "kayak", "lobster", "mango", "nectar", "orchid",
-    "pelican", "quilt", "raisin", "sparrow", "thimble", "tulip", "walrus", "whistle",
-];
 
 #[cfg(test)]
 mod tests {
@@ -691,13 +570,5 @@ mod tests {
             split_sentences("A b. C? D\nE 1.5 f"),
             vec!["A b.", "C?", "D", "E 1.5 f"]
         );
-    }
-
-    #[test]
-    fn word_lists_are_distinct() {
-        let mut w = WORDS.to_vec();
-        w.sort_unstable();
-        w.dedup();
-        assert_eq!(w.len(), WORDS.len());
     }
 }

@@ -1,0 +1,276 @@
+//! agate's `kv_*` request fields: the policy a request asks for ([`spec`]), built once per
+//! distinct spec and cached (`App::policy`), and the 400 a policy that does not build becomes
+//! ([`api_error`]), each naming the JSON field at fault (`kv_keep`), never a command-line flag.
+//!
+//! Invariants: an unknown `kv_*` field is an error (a typo must not silently run the default);
+//! a field the policy does not read is an error, as its flag is on the command line.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use engine::{EngineError, Policy, PolicyKind, PolicySpec, Setting};
+use serde_json::Value;
+
+use super::openai::{ApiError, Common};
+use super::{App, POLICY_CACHE};
+
+impl App {
+    /// The request's policy (`kv_*` fields over the server's default) and its cache key.
+    pub(super) async fn policy(self: &Arc<Self>, c: &Common) -> Result<(Policy, String), ApiError> {
+        let spec = spec(&self.defaults.policy, &c.extra)?;
+        let key = format!("{spec:?}");
+        if let Some(p) = self.lock_policies().get(&key) {
+            return Ok((p.clone(), key));
+        }
+        // Gates files load from disk: off the async threads.
+        let engine = self.scheduler.engine().clone();
+        let build = spec.clone();
+        let built = tokio::task::spawn_blocking(move || build.build(&engine))
+            .await
+            .map_err(|e| ApiError::from_engine(engine::EngineError::Scheduler(e.to_string())))?;
+        let policy = built.map_err(api_error)?;
+        let mut cache = self.lock_policies();
+        if cache.len() >= POLICY_CACHE {
+            cache.clear();
+        }
+        cache.insert(key.clone(), policy.clone());
+        Ok((policy, key))
+    }
+
+    fn lock_policies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy>> {
+        self.policies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// agate's request fields, with what they set.
+const KV_FIELDS: [&str; 9] = [
+    "kv_policy",
+    "kv_evict",
+    "kv_keep",
+    "kv_sinks",
+    "kv_window",
+    "kv_threshold",
+    "kv_ag_mode",
+    "kv_ag_decode",
+    "kv_seed",
+];
+
+/// The request field that sets a policy setting (`kv_window` is SnapKV's observation window
+/// and every other policy's recent tokens); the gates come from the server's command line.
+fn field(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Evict => "kv_evict",
+        Setting::Keep => "kv_keep",
+        Setting::Sinks => "kv_sinks",
+        Setting::Recent | Setting::Window => "kv_window",
+        Setting::Threshold => "kv_threshold",
+        Setting::AgBudgetMode => "kv_ag_mode",
+        Setting::AgDecode => "kv_ag_decode",
+        Setting::Seed => "kv_seed",
+        Setting::Gates => "the server's --gates",
+    }
+}
+
+/// The 400 for a policy that does not build, naming the request field at fault.
+pub fn api_error(e: EngineError) -> ApiError {
+    let (param, message) = match &e {
+        EngineError::Policy(p) => (
+            p.setting()
+                .filter(|s| *s != Setting::Gates)
+                .map_or("kv_policy", field),
+            p.describe(&field),
+        ),
+        _ => ("kv_policy", e.to_string()),
+    };
+    ApiError::invalid(Some(param), format!("policy: {message}")).with_code("invalid_policy")
+}
+
+/// The request's `kv_*` fields, read with their domain checks.
+struct Fields<'a>(&'a serde_json::Map<String, Value>);
+
+impl Fields<'_> {
+    /// The field's value, unless absent or null.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A 400 naming the field, what it must be and what it is.
+    fn bad(&self, name: &str, what: &str) -> ApiError {
+        let got = self.get(name).map_or(Value::Null, Clone::clone);
+        ApiError::invalid(Some(name), format!("{name} must be {what}, got {got}"))
+    }
+
+    /// An integer of at least `min`.
+    fn count(&self, name: &str, min: u64) -> Result<Option<usize>, ApiError> {
+        self.get(name)
+            .map(|v| match v.as_u64() {
+                Some(n) if n >= min => Ok(n as usize),
+                _ => Err(self.bad(name, &format!("an integer >= {min}"))),
+            })
+            .transpose()
+    }
+
+    /// A number in `[0, 1)`.
+    fn ratio(&self, name: &str) -> Result<Option<f32>, ApiError> {
+        self.get(name)
+            .map(|v| match v.as_f64() {
+                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
+                _ => Err(self.bad(name, "a number in [0, 1)")),
+            })
+            .transpose()
+    }
+}
+
+/// The policy a request asks for: with `kv_policy`, that policy with the request's knobs only;
+/// without, the server's default with the request's knobs on top. A knob the policy does not
+/// read is an error, as its flag is on the command line: it must not be silently ignored.
+pub fn spec(
+    default: &PolicySpec,
+    extra: &serde_json::Map<String, Value>,
+) -> Result<PolicySpec, ApiError> {
+    if let Some(unknown) = extra
+        .keys()
+        .find(|k| k.starts_with("kv_") && !KV_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            Some(unknown),
+            format!(
+                "unknown field `{unknown}` (agate's fields: {})",
+                KV_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let fields = Fields(extra);
+    let mut spec = match fields.get("kv_policy") {
+        None => default.clone(),
+        Some(Value::String(name)) => PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
+            ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
+        })?),
+        Some(_) => return Err(fields.bad("kv_policy", "a policy name")),
+    };
+    set_knobs(&mut spec, &fields)?;
+    let mut ignored = spec.ignored();
+    if spec.kind != PolicyKind::Ag {
+        ignored.push(Setting::AgBudgetMode);
+    }
+    let mut unused = ignored
+        .iter()
+        .filter(|s| **s != Setting::Gates)
+        .map(|s| field(*s));
+    if let Some(name) = unused.find(|name| fields.get(name).is_some()) {
+        return Err(ApiError::invalid(
+            Some(name),
+            format!("{name} does nothing with the policy `{}`", spec.kind),
+        )
+        .with_code("invalid_policy"));
+    }
+    Ok(spec)
+}
+
+/// Sets every knob the request gives (`kv_evict` … `kv_seed`) on `spec`.
+fn set_knobs(spec: &mut PolicySpec, fields: &Fields) -> Result<(), ApiError> {
+    if let Some(r) = fields.ratio("kv_evict")? {
+        spec.evict = Some(r);
+        spec.keep = None;
+    }
+    if let Some(k) = fields.count("kv_keep", 1)? {
+        if fields.get("kv_evict").is_some() {
+            return Err(ApiError::invalid(
+                Some("kv_keep"),
+                "give either kv_evict or kv_keep, not both",
+            ));
+        }
+        spec.keep = Some(k);
+        spec.evict = None;
+    }
+    if let Some(s) = fields.count("kv_sinks", 0)? {
+        spec.sinks = Some(s);
+    }
+    if let Some(w) = fields.count("kv_window", 0)? {
+        spec.set_window(w);
+    }
+    if let Some(t) = fields.ratio("kv_threshold")? {
+        spec.threshold = Some(t);
+    }
+    match fields.get("kv_ag_mode") {
+        None => {}
+        Some(Value::String(m)) if m == "threshold" || m == "budget" => {
+            spec.ag_budget_mode = m == "budget";
+        }
+        Some(_) => return Err(fields.bad("kv_ag_mode", "\"threshold\" or \"budget\"")),
+    }
+    match fields.get("kv_ag_decode") {
+        None => {}
+        Some(Value::Bool(b)) => spec.ag_decode = Some(*b),
+        Some(_) => return Err(fields.bad("kv_ag_decode", "a boolean")),
+    }
+    if let Some(s) = fields.count("kv_seed", 0)? {
+        spec.seed = Some(s as u64);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::PolicyError;
+    use serde_json::json;
+
+    fn extra(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn kv_window_sets_the_window_the_policy_reads() {
+        let default = PolicySpec::new(PolicyKind::Full);
+        let s = spec(
+            &default,
+            &extra(json!({"kv_policy": "snapkv", "kv_window": 8})),
+        )
+        .unwrap();
+        assert_eq!((s.window, s.recent), (Some(8), None));
+        let s = spec(
+            &default,
+            &extra(json!({"kv_policy": "h2o", "kv_window": 8})),
+        )
+        .unwrap();
+        assert_eq!((s.window, s.recent), (None, Some(8)));
+        let e = spec(
+            &default,
+            &extra(json!({"kv_policy": "tova", "kv_window": 8})),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_window"));
+        let e = spec(&default, &extra(json!({"kv_policy": "nope"}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_policy"));
+        assert!(e.message.contains("unknown policy `nope`"), "{}", e.message);
+    }
+
+    #[test]
+    fn policy_errors_name_the_request_fields_never_a_flag() {
+        let e = api_error(EngineError::from(PolicyError::ProtectionExceedsBudget {
+            policy: PolicyKind::Streaming,
+            keep: 4,
+            protected: 4,
+            by: &[Setting::Sinks],
+        }));
+        assert_eq!(e.param.as_deref(), Some("kv_keep"));
+        assert!(
+            e.message.contains("at most kv_keep 4 tokens")
+                && e.message.contains("its 4 kv_sinks leave no room")
+                && !e.message.contains("--"),
+            "{}",
+            e.message
+        );
+        let e = api_error(EngineError::from(PolicyError::EmptyStreamingWindow));
+        assert_eq!(e.param.as_deref(), Some("kv_window"));
+        assert!(
+            e.message.contains("kv_window must be at least 1"),
+            "{}",
+            e.message
+        );
+        let e = api_error(EngineError::from(PolicyError::NeedsGates));
+        assert_eq!(e.param.as_deref(), Some("kv_policy"));
+        assert!(e.message.contains("the server's --gates"), "{}", e.message);
+    }
+}
