@@ -39,7 +39,8 @@ pub struct TrainGatesArgs {
     /// {"messages"}, CE on answer tokens) or mix (each file CPT or SFT by its content).
     #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft", "mix"])]
     pub mode: String,
-    /// Training data files.
+    /// Training data files. Steps draw uniformly from the sequences of all files, so a file
+    /// listed k times weighs k times as much in the mixture.
     #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Held-out files in the --mode's formats (CPT text, or SFT items scored on their answers)

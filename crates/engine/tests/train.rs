@@ -519,12 +519,23 @@ fn chats_learn_every_answer_and_mix_reads_both_kinds() {
     let text = prose(dir.path());
     let mixed =
         engine::train::dataset::load(Mode::Mix, &[text.clone(), chat.clone()], tok, 128).unwrap();
-    let cpt = engine::train::dataset::load_cpt(&[text], tok, 128).unwrap();
+    let cpt = engine::train::dataset::load_cpt(&[text.clone()], tok, 128).unwrap();
     assert_eq!(mixed.len(), cpt.len() + 1);
     assert!(mixed[..cpt.len()]
         .iter()
         .all(|e| e.target_mask.iter().all(|&m| m)));
     assert_eq!(mixed[cpt.len()], *e);
+    // A file listed twice weighs twice: its examples appear twice, in the order given.
+    let weighted = engine::train::dataset::load(
+        Mode::Mix,
+        &[text.clone(), text.clone(), chat.clone()],
+        tok,
+        128,
+    )
+    .unwrap();
+    assert_eq!(weighted.len(), 2 * cpt.len() + 1);
+    assert_eq!(weighted[..cpt.len()], weighted[cpt.len()..2 * cpt.len()]);
+    assert_eq!(weighted[2 * cpt.len()], *e);
 
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(

@@ -15,7 +15,8 @@
 //!   `seq_len`.
 //! - Mixed (`Mode::Mix`): each file is CPT or SFT by its content (plain text, or JSONL whose
 //!   first record has `text`: CPT; else SFT), and the examples of all files are visited
-//!   together.
+//!   together. A file given k times contributes its examples k times: its weight in the
+//!   mixture (the epoch permutation draws uniformly over all examples).
 //!
 //! Invariants: errors name the file and the 1-based line; the batch order of step `s` depends
 //! only on `(seed, s)` (an epoch permutation seeded by `seed + epoch`), so a resumed run sees
