@@ -519,7 +519,7 @@ fn chats_learn_every_answer_and_mix_reads_both_kinds() {
     let text = prose(dir.path());
     let mixed =
         engine::train::dataset::load(Mode::Mix, &[text.clone(), chat.clone()], tok, 128).unwrap();
-    let cpt = engine::train::dataset::load_cpt(&[text.clone()], tok, 128).unwrap();
+    let cpt = engine::train::dataset::load_cpt(std::slice::from_ref(&text), tok, 128).unwrap();
     assert_eq!(mixed.len(), cpt.len() + 1);
     assert!(mixed[..cpt.len()]
         .iter()
