@@ -121,10 +121,12 @@ pub(crate) fn transpose_chunk(rows: &[f32], n: usize, d: usize, kt: &mut [f32]) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_avx512(rows: &[f32], d: usize, kt: &mut [f32]) {
-    use std::arch::x86_64::_mm512_loadu_ps;
-    for c0 in (0..d).step_by(CHUNK) {
-        let r = std::array::from_fn(|j| _mm512_loadu_ps(rows.as_ptr().add(j * d + c0)));
-        transpose16(r, kt.as_mut_ptr().add(c0 * CHUNK));
+    unsafe {
+        use std::arch::x86_64::_mm512_loadu_ps;
+        for c0 in (0..d).step_by(CHUNK) {
+            let r = std::array::from_fn(|j| _mm512_loadu_ps(rows.as_ptr().add(j * d + c0)));
+            transpose16(r, kt.as_mut_ptr().add(c0 * CHUNK));
+        }
     }
 }
 
@@ -136,42 +138,44 @@ unsafe fn transpose_avx512(rows: &[f32], d: usize, kt: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn transpose16(r: [std::arch::x86_64::__m512; 16], dst: *mut f32) {
-    use std::arch::x86_64::*;
-    // Interleave pairs of rows, then quads, then 128-bit lanes twice.
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
+    unsafe {
+        use std::arch::x86_64::*;
+        // Interleave pairs of rows, then quads, then 128-bit lanes twice.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (base, k) = (4 * (i / 4), i % 4);
+            let (a, b) = (t[base + k % 2], t[base + 2 + k % 2]);
+            if k < 2 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xee>(a, b)
+            }
+        });
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let (base, k) = (8 * (i / 8), i % 8);
+            let (a, b) = (u[base + k % 4], u[base + 4 + k % 4]);
+            if k < 4 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            }
+        });
+        for i in 0..16 {
+            let (a, b) = (v[i % 8], v[8 + i % 8]);
+            let w = if i < 8 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            };
+            _mm512_storeu_ps(dst.add(TRANSPOSE_DIM[i] * CHUNK), w);
         }
-    });
-    let u: [__m512; 16] = std::array::from_fn(|i| {
-        let (base, k) = (4 * (i / 4), i % 4);
-        let (a, b) = (t[base + k % 2], t[base + 2 + k % 2]);
-        if k < 2 {
-            _mm512_shuffle_ps::<0x44>(a, b)
-        } else {
-            _mm512_shuffle_ps::<0xee>(a, b)
-        }
-    });
-    let v: [__m512; 16] = std::array::from_fn(|i| {
-        let (base, k) = (8 * (i / 8), i % 8);
-        let (a, b) = (u[base + k % 4], u[base + 4 + k % 4]);
-        if k < 4 {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        }
-    });
-    for i in 0..16 {
-        let (a, b) = (v[i % 8], v[8 + i % 8]);
-        let w = if i < 8 {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        };
-        _mm512_storeu_ps(dst.add(TRANSPOSE_DIM[i] * CHUNK), w);
     }
 }
 
@@ -438,44 +442,48 @@ mod avx512 {
     /// avx512f; `qs`: `nq * d`, `kt`: `d * CHUNK`, `s`: `nq * CHUNK` floats at least.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(qs: &[f32], kt: &[f32], d: usize, nq: usize, s: &mut [f32]) {
-        let mut q0 = 0;
-        while q0 < nq {
-            let (q, o) = (qs.as_ptr().add(q0 * d), s.as_mut_ptr().add(q0 * CHUNK));
-            match nq - q0 {
-                1 => scores_group::<1>(q, kt.as_ptr(), d, o),
-                2 => scores_group::<2>(q, kt.as_ptr(), d, o),
-                3 => scores_group::<3>(q, kt.as_ptr(), d, o),
-                _ => scores_group::<4>(q, kt.as_ptr(), d, o),
+        unsafe {
+            let mut q0 = 0;
+            while q0 < nq {
+                let (q, o) = (qs.as_ptr().add(q0 * d), s.as_mut_ptr().add(q0 * CHUNK));
+                match nq - q0 {
+                    1 => scores_group::<1>(q, kt.as_ptr(), d, o),
+                    2 => scores_group::<2>(q, kt.as_ptr(), d, o),
+                    3 => scores_group::<3>(q, kt.as_ptr(), d, o),
+                    _ => scores_group::<4>(q, kt.as_ptr(), d, o),
+                }
+                q0 += 4;
             }
-            q0 += 4;
         }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn scores_group<const N: usize>(qs: *const f32, kt: *const f32, d: usize, s: *mut f32) {
-        let mut even = [_mm512_setzero_ps(); N];
-        let mut odd = [_mm512_setzero_ps(); N];
-        let mut c = 0;
-        while c + 1 < d {
-            let (k0, k1) = (
-                _mm512_loadu_ps(kt.add(c * CHUNK)),
-                _mm512_loadu_ps(kt.add((c + 1) * CHUNK)),
-            );
-            for q in 0..N {
-                even[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c)), k0, even[q]);
-                odd[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c + 1)), k1, odd[q]);
+        unsafe {
+            let mut even = [_mm512_setzero_ps(); N];
+            let mut odd = [_mm512_setzero_ps(); N];
+            let mut c = 0;
+            while c + 1 < d {
+                let (k0, k1) = (
+                    _mm512_loadu_ps(kt.add(c * CHUNK)),
+                    _mm512_loadu_ps(kt.add((c + 1) * CHUNK)),
+                );
+                for q in 0..N {
+                    even[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c)), k0, even[q]);
+                    odd[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c + 1)), k1, odd[q]);
+                }
+                c += 2;
             }
-            c += 2;
-        }
-        if c < d {
-            let k = _mm512_loadu_ps(kt.add(c * CHUNK));
-            for (q, e) in even.iter_mut().enumerate() {
-                *e = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c)), k, *e);
+            if c < d {
+                let k = _mm512_loadu_ps(kt.add(c * CHUNK));
+                for (q, e) in even.iter_mut().enumerate() {
+                    *e = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + c)), k, *e);
+                }
             }
-        }
-        for (q, (e, o)) in even.iter().zip(&odd).enumerate() {
-            _mm512_storeu_ps(s.add(q * CHUNK), _mm512_add_ps(*e, *o));
+            for (q, (e, o)) in even.iter().zip(&odd).enumerate() {
+                _mm512_storeu_ps(s.add(q * CHUNK), _mm512_add_ps(*e, *o));
+            }
         }
     }
 
@@ -512,32 +520,34 @@ mod avx512 {
         acc: &mut [f32],
         d: usize,
     ) {
-        for qi in 0..m.len() {
-            let sp = s.as_mut_ptr().add(qi * CHUNK);
-            let v = _mm512_loadu_ps(sp);
-            let mc = _mm512_reduce_max_ps(v);
-            if mc == f32::NEG_INFINITY {
-                _mm512_storeu_ps(sp, _mm512_setzero_ps());
-                continue;
-            }
-            let (mq, lq) = (m.get_unchecked_mut(qi), l.get_unchecked_mut(qi));
-            if mc > *mq {
-                let f = super::exp(*mq - mc);
-                let a = acc.as_mut_ptr().add(qi * d);
-                let fv = _mm512_set1_ps(f);
-                let full = d - d % LANES;
-                for c in (0..full).step_by(LANES) {
-                    _mm512_storeu_ps(a.add(c), _mm512_mul_ps(_mm512_loadu_ps(a.add(c)), fv));
+        unsafe {
+            for qi in 0..m.len() {
+                let sp = s.as_mut_ptr().add(qi * CHUNK);
+                let v = _mm512_loadu_ps(sp);
+                let mc = _mm512_reduce_max_ps(v);
+                if mc == f32::NEG_INFINITY {
+                    _mm512_storeu_ps(sp, _mm512_setzero_ps());
+                    continue;
                 }
-                for c in full..d {
-                    *a.add(c) *= f;
+                let (mq, lq) = (m.get_unchecked_mut(qi), l.get_unchecked_mut(qi));
+                if mc > *mq {
+                    let f = super::exp(*mq - mc);
+                    let a = acc.as_mut_ptr().add(qi * d);
+                    let fv = _mm512_set1_ps(f);
+                    let full = d - d % LANES;
+                    for c in (0..full).step_by(LANES) {
+                        _mm512_storeu_ps(a.add(c), _mm512_mul_ps(_mm512_loadu_ps(a.add(c)), fv));
+                    }
+                    for c in full..d {
+                        *a.add(c) *= f;
+                    }
+                    *lq *= f;
+                    *mq = mc;
                 }
-                *lq *= f;
-                *mq = mc;
+                let p = exp(_mm512_sub_ps(v, _mm512_set1_ps(*mq)));
+                _mm512_storeu_ps(sp, p);
+                *lq += _mm512_reduce_add_ps(p);
             }
-            let p = exp(_mm512_sub_ps(v, _mm512_set1_ps(*mq)));
-            _mm512_storeu_ps(sp, p);
-            *lq += _mm512_reduce_add_ps(p);
         }
     }
 
@@ -554,7 +564,9 @@ mod avx512 {
         nq: usize,
         acc: &mut [f32],
     ) {
-        weighted_rows(p, F32Rows(values.as_ptr()), n, d, nq, acc);
+        unsafe {
+            weighted_rows(p, F32Rows(values.as_ptr()), n, d, nq, acc);
+        }
     }
 
     /// [`super::weighted_values`] over f16 value rows, converted in registers.
@@ -570,7 +582,9 @@ mod avx512 {
         nq: usize,
         acc: &mut [f32],
     ) {
-        weighted_rows(p, F16Rows(values.as_ptr().cast()), n, d, nq, acc);
+        unsafe {
+            weighted_rows(p, F16Rows(values.as_ptr().cast()), n, d, nq, acc);
+        }
     }
 
     /// Rows of `d` values readable 16 lanes at a time as f32.
@@ -585,7 +599,7 @@ mod avx512 {
     impl Rows for F32Rows {
         #[inline(always)]
         unsafe fn load(self, j: usize, d: usize, c: usize) -> __m512 {
-            _mm512_loadu_ps(self.0.add(j * d + c))
+            unsafe { _mm512_loadu_ps(self.0.add(j * d + c)) }
         }
     }
 
@@ -595,7 +609,7 @@ mod avx512 {
     impl Rows for F16Rows {
         #[inline(always)]
         unsafe fn load(self, j: usize, d: usize, c: usize) -> __m512 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(self.0.add(j * d + c).cast()))
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.0.add(j * d + c).cast())) }
         }
     }
 
@@ -609,16 +623,18 @@ mod avx512 {
         nq: usize,
         acc: &mut [f32],
     ) {
-        let mut q0 = 0;
-        while q0 < nq {
-            let (pq, aq) = (p.as_ptr().add(q0 * CHUNK), acc.as_mut_ptr().add(q0 * d));
-            match nq - q0 {
-                1 => values_group::<1, R>(pq, rows, n, d, aq),
-                2 => values_group::<2, R>(pq, rows, n, d, aq),
-                3 => values_group::<3, R>(pq, rows, n, d, aq),
-                _ => values_group::<4, R>(pq, rows, n, d, aq),
+        unsafe {
+            let mut q0 = 0;
+            while q0 < nq {
+                let (pq, aq) = (p.as_ptr().add(q0 * CHUNK), acc.as_mut_ptr().add(q0 * d));
+                match nq - q0 {
+                    1 => values_group::<1, R>(pq, rows, n, d, aq),
+                    2 => values_group::<2, R>(pq, rows, n, d, aq),
+                    3 => values_group::<3, R>(pq, rows, n, d, aq),
+                    _ => values_group::<4, R>(pq, rows, n, d, aq),
+                }
+                q0 += 4;
             }
-            q0 += 4;
         }
     }
 
@@ -633,32 +649,34 @@ mod avx512 {
         d: usize,
         acc: *mut f32,
     ) {
-        let mut c0 = 0;
-        while c0 < d {
-            let two = c0 + LANES < d;
-            let mut r = [[_mm512_setzero_ps(); 2]; N];
-            for (q, r) in r.iter_mut().enumerate() {
-                r[0] = _mm512_loadu_ps(acc.add(q * d + c0));
-                if two {
-                    r[1] = _mm512_loadu_ps(acc.add(q * d + c0 + LANES));
-                }
-            }
-            for j in 0..n {
-                let v0 = rows.load(j, d, c0);
-                let v1 = if two { rows.load(j, d, c0 + LANES) } else { v0 };
+        unsafe {
+            let mut c0 = 0;
+            while c0 < d {
+                let two = c0 + LANES < d;
+                let mut r = [[_mm512_setzero_ps(); 2]; N];
                 for (q, r) in r.iter_mut().enumerate() {
-                    let pj = _mm512_set1_ps(*p.add(q * CHUNK + j));
-                    r[0] = _mm512_fmadd_ps(pj, v0, r[0]);
-                    r[1] = _mm512_fmadd_ps(pj, v1, r[1]);
+                    r[0] = _mm512_loadu_ps(acc.add(q * d + c0));
+                    if two {
+                        r[1] = _mm512_loadu_ps(acc.add(q * d + c0 + LANES));
+                    }
                 }
-            }
-            for (q, r) in r.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(q * d + c0), r[0]);
-                if two {
-                    _mm512_storeu_ps(acc.add(q * d + c0 + LANES), r[1]);
+                for j in 0..n {
+                    let v0 = rows.load(j, d, c0);
+                    let v1 = if two { rows.load(j, d, c0 + LANES) } else { v0 };
+                    for (q, r) in r.iter_mut().enumerate() {
+                        let pj = _mm512_set1_ps(*p.add(q * CHUNK + j));
+                        r[0] = _mm512_fmadd_ps(pj, v0, r[0]);
+                        r[1] = _mm512_fmadd_ps(pj, v1, r[1]);
+                    }
                 }
+                for (q, r) in r.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add(q * d + c0), r[0]);
+                    if two {
+                        _mm512_storeu_ps(acc.add(q * d + c0 + LANES), r[1]);
+                    }
+                }
+                c0 += 2 * LANES;
             }
-            c0 += 2 * LANES;
         }
     }
 
@@ -668,12 +686,14 @@ mod avx512 {
     /// avx512f and f16c; `rows`: `16 * d` halves, `kt`: `d * 16` floats, `d` a multiple of 16.
     #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn transpose_f16(rows: &[half::f16], d: usize, kt: &mut [f32]) {
-        let src = rows.as_ptr().cast::<u16>();
-        for c0 in (0..d).step_by(CHUNK) {
-            let r: [__m512; 16] = std::array::from_fn(|j| {
-                _mm512_cvtph_ps(_mm256_loadu_si256(src.add(j * d + c0).cast()))
-            });
-            super::transpose16(r, kt.as_mut_ptr().add(c0 * CHUNK));
+        unsafe {
+            let src = rows.as_ptr().cast::<u16>();
+            for c0 in (0..d).step_by(CHUNK) {
+                let r: [__m512; 16] = std::array::from_fn(|j| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(src.add(j * d + c0).cast()))
+                });
+                super::transpose16(r, kt.as_mut_ptr().add(c0 * CHUNK));
+            }
         }
     }
 }

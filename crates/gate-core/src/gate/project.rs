@@ -158,8 +158,10 @@ impl Weight for f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load(p: *const f16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps};
-        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        unsafe {
+            use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps};
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
     }
 }
 
@@ -171,7 +173,7 @@ impl Weight for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load(p: *const f32) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -235,31 +237,33 @@ mod avx512 {
     /// `out.len()` rows of `x.len()` values.
     #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn groups<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
-        let (padded, xp) = (x.len(), x.as_ptr());
-        for (g, y) in out.chunks_mut(GROUP).enumerate() {
-            let k = y.len();
-            let mut p = w.as_ptr().add(g * GROUP * padded);
-            let mut acc = [_mm512_setzero_ps(); GROUP];
-            if k == GROUP {
-                for c in (0..padded).step_by(LANES) {
-                    let xv = _mm512_loadu_ps(xp.add(c));
-                    acc[0] = _mm512_fmadd_ps(W::load(p), xv, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(W::load(p.add(LANES)), xv, acc[1]);
-                    acc[2] = _mm512_fmadd_ps(W::load(p.add(2 * LANES)), xv, acc[2]);
-                    acc[3] = _mm512_fmadd_ps(W::load(p.add(3 * LANES)), xv, acc[3]);
-                    p = p.add(GROUP * LANES);
-                }
-            } else {
-                for c in (0..padded).step_by(LANES) {
-                    let xv = _mm512_loadu_ps(xp.add(c));
-                    for a in &mut acc[..k] {
-                        *a = _mm512_fmadd_ps(W::load(p), xv, *a);
-                        p = p.add(LANES);
+        unsafe {
+            let (padded, xp) = (x.len(), x.as_ptr());
+            for (g, y) in out.chunks_mut(GROUP).enumerate() {
+                let k = y.len();
+                let mut p = w.as_ptr().add(g * GROUP * padded);
+                let mut acc = [_mm512_setzero_ps(); GROUP];
+                if k == GROUP {
+                    for c in (0..padded).step_by(LANES) {
+                        let xv = _mm512_loadu_ps(xp.add(c));
+                        acc[0] = _mm512_fmadd_ps(W::load(p), xv, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(W::load(p.add(LANES)), xv, acc[1]);
+                        acc[2] = _mm512_fmadd_ps(W::load(p.add(2 * LANES)), xv, acc[2]);
+                        acc[3] = _mm512_fmadd_ps(W::load(p.add(3 * LANES)), xv, acc[3]);
+                        p = p.add(GROUP * LANES);
+                    }
+                } else {
+                    for c in (0..padded).step_by(LANES) {
+                        let xv = _mm512_loadu_ps(xp.add(c));
+                        for a in &mut acc[..k] {
+                            *a = _mm512_fmadd_ps(W::load(p), xv, *a);
+                            p = p.add(LANES);
+                        }
                     }
                 }
-            }
-            for (y, a) in y.iter_mut().zip(acc) {
-                *y = _mm512_reduce_add_ps(a);
+                for (y, a) in y.iter_mut().zip(acc) {
+                    *y = _mm512_reduce_add_ps(a);
+                }
             }
         }
     }
