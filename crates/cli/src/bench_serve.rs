@@ -40,7 +40,7 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100000))]
     pub prompt_repeat: u64,
     /// Sampling temperature of the requests.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_negative_numbers = true)]
     pub temperature: f32,
     /// `kv_policy` of the requests (default: the server's).
     #[arg(long)]
@@ -49,7 +49,7 @@ pub struct BenchServeArgs {
     #[arg(long)]
     pub kv_keep: Option<u64>,
     /// `kv_evict` of the requests.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_finite, allow_negative_numbers = true)]
     pub kv_evict: Option<f32>,
     /// Bearer token, when the server has --api-key.
     #[arg(long, value_name = "KEY")]
@@ -60,6 +60,16 @@ pub struct BenchServeArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A finite number: JSON has no NaN or infinity (they would go out as `null`, and the server
+/// would use its default instead of the value asked for). Ranges are the server's to check.
+fn parse_finite(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("must be a finite number, got {v}")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
 }
 
 /// What one request measured.

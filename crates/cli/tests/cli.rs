@@ -175,6 +175,25 @@ fn bench_serve_without_a_server_is_one_error() {
     assert!(out.stdout.is_empty());
 }
 
+/// JSON has no NaN or infinity: bench-serve refuses them instead of sending `null` (which the
+/// server would read as "use the default", measuring a setting nobody asked for).
+#[test]
+fn bench_serve_refuses_non_finite_request_values() {
+    for (flag, value) in [
+        ("--kv-evict", "NaN"),
+        ("--kv-evict", "inf"),
+        ("--temperature", "NaN"),
+    ] {
+        let out = agate(&["bench-serve", "--url", "http://127.0.0.1:1", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(flag) && stderr.contains("must be a finite number"),
+            "{stderr}"
+        );
+    }
+}
+
 /// More threads than cores would make the spin-waiting pools crawl (it looks like a hang):
 /// agate says so and uses the cores it has.
 #[test]
