@@ -284,6 +284,9 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     let stop = stop_on_interrupt()?;
     let engine = load_engine(&args.model)?;
     let mut trainer = Trainer::new(&engine, cfg)?;
+    if !args.heldout.is_empty() {
+        trainer.check_heldout(&args.heldout)?;
+    }
     let ckpt = args
         .checkpoint_dir
         .as_ref()

@@ -258,6 +258,36 @@ fn generate_json_contract() {
     assert_eq!(kv["bytes_in_use"], kv["bytes_full"]);
 }
 
+/// A held-out file that cannot be used is refused before training, not after it: nothing is
+/// written.
+#[test]
+fn train_gates_checks_the_heldout_file_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 4096);
+    let (data, empty) = (dir.path().join("prose.txt"), dir.path().join("empty.txt"));
+    std::fs::write(&data, "The river ran past the old mill. ".repeat(40)).unwrap();
+    std::fs::write(&empty, "").unwrap();
+    let out_file = dir.path().join("gates.safetensors");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let out = agate(&[
+        "train-gates",
+        "--model",
+        &p(&model),
+        "--data",
+        &p(&data),
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--heldout",
+        &p(&empty),
+        "--out",
+        &p(&out_file),
+    ]);
+    assert_one_line_error(&out, "empty.txt");
+    assert!(!out_file.exists());
+}
+
 /// `train-gates` end to end on a tiny model: checkpoints, an interrupted run resumed with the
 /// log kept up to the checkpoint, the curve drawn as PNG and SVG over the whole run, and the
 /// threshold calibrated into the gates file with the training protections.

@@ -731,6 +731,18 @@ impl Trainer {
         Ok(measured)
     }
 
+    /// Reads the held-out files as [`Trainer::evaluate`] will, so that a bad or empty file is
+    /// refused before training rather than after it.
+    pub fn check_heldout(&self, files: &[PathBuf]) -> Result<()> {
+        dataset::load(
+            self.cfg.mode,
+            files,
+            self.engine.tokenizer(),
+            self.cfg.seq_len,
+        )
+        .map(drop)
+    }
+
     /// Evaluates on held-out data (`files`, in the run's format: CPT text packed at `seq_len`,
     /// or SFT items scored on their answer tokens), over at most `max_seqs` sequences (the
     /// first ones, in file order): perplexity of the base model with the full cache, of the
