@@ -53,8 +53,8 @@ fn offline_without_a_cached_model_names_the_switch() {
 fn truncated_gguf() {
     let dir = tempfile::tempdir().unwrap();
     // A valid header and metadata, cut off in the middle of the tensor data.
-    let Some(real) = engine::model_cache::default_model_unless_offline(&mut |_| {}).unwrap() else {
-        return eprintln!("skipped: needs the default model (not cached; AGATE_OFFLINE is set)");
+    let Some(real) = common::default_model() else {
+        return;
     };
     let bytes = std::fs::read(&real).unwrap();
     let cut = dir.path().join("cut.gguf");
@@ -223,8 +223,8 @@ fn more_threads_than_cores_are_capped_with_a_warning() {
 
 #[test]
 fn generate_json_contract() {
-    let Some(_) = engine::model_cache::default_model_unless_offline(&mut |_| {}).unwrap() else {
-        return eprintln!("skipped: needs the default model (not cached; AGATE_OFFLINE is set)");
+    let Some(_) = common::default_model() else {
+        return;
     };
     let out = agate(&[
         "generate",

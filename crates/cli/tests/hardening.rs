@@ -180,10 +180,7 @@ struct Gguf {
 /// The default model's GGUF, parsed; `None` (skipped) when it is not cached and `AGATE_OFFLINE`
 /// forbids fetching it.
 fn default_gguf() -> Option<Gguf> {
-    let Some(path) = engine::model_cache::default_model_unless_offline(&mut |_| {}).unwrap() else {
-        eprintln!("skipped: needs the default model (not cached; AGATE_OFFLINE is set)");
-        return None;
-    };
+    let path = common::default_model()?;
     let bytes = std::fs::read(path).unwrap();
     let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());

@@ -1,10 +1,23 @@
-//! Shared fixtures for the `agate` binary's integration tests: running the binary, and tiny
-//! random models written to a test's temporary directory.
+//! Shared fixtures for the `agate` binary's integration tests: running the binary, tiny
+//! random models written to a test's temporary directory, and the default model (`None`, with
+//! the reason on stderr, when it is not cached and `AGATE_OFFLINE` forbids fetching it: the
+//! test then reports itself skipped).
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// The default model's path, fetched on first use; `None` (after saying why the calling test
+/// is skipped) when it is not cached and `AGATE_OFFLINE` is set.
+pub fn default_model() -> Option<PathBuf> {
+    let path = engine::model_cache::default_model_unless_offline(&mut |l| eprintln!("{l}"))
+        .expect("default model");
+    if path.is_none() {
+        eprintln!("skipped: needs the default model (not cached; AGATE_OFFLINE is set)");
+    }
+    path
+}
 
 /// Runs the `agate` binary with `args` and collects its output.
 pub fn agate(args: &[&str]) -> Output {
