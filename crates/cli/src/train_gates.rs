@@ -284,9 +284,12 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     let stop = stop_on_interrupt()?;
     let engine = load_engine(&args.model)?;
     let mut trainer = Trainer::new(&engine, cfg)?;
-    if !args.heldout.is_empty() {
-        trainer.check_heldout(&args.heldout)?;
-    }
+    // Read before training: a bad held-out file is refused before the run, not after it.
+    let heldout_examples = if args.heldout.is_empty() {
+        None
+    } else {
+        Some(trainer.load_heldout(&args.heldout)?)
+    };
     let ckpt = args
         .checkpoint_dir
         .as_ref()
@@ -342,8 +345,8 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
             per_step * steps_run as f64 / train_secs
         );
     }
-    if !args.heldout.is_empty() {
-        heldout(args, &mut trainer, log.as_mut(), &stop)?;
+    if let Some(examples) = heldout_examples {
+        heldout(args, examples, &mut trainer, log.as_mut(), &stop)?;
     }
     if let Some(p) = &args.plot {
         plot::training_curves(p, &history)?;
@@ -508,6 +511,7 @@ fn train(
 /// The held-out evaluation after training: printed, and added to the log.
 fn heldout(
     args: &TrainGatesArgs,
+    examples: Vec<engine::train::dataset::Example>,
     trainer: &mut Trainer,
     log: Option<&mut AppendLog>,
     stop: &AtomicBool,
@@ -518,7 +522,7 @@ fn heldout(
         )
         .into());
     }
-    let h = trainer.evaluate(&args.heldout, args.heldout_seqs)?;
+    let h = trainer.evaluate(examples, args.heldout_seqs)?;
     let gated = match h.ppl_gates {
         Some(p) => format!(
             ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",

@@ -731,26 +731,23 @@ impl Trainer {
         Ok(measured)
     }
 
-    /// Reads the held-out files as [`Trainer::evaluate`] will, so that a bad or empty file is
-    /// refused before training rather than after it.
-    pub fn check_heldout(&self, files: &[PathBuf]) -> Result<()> {
+    /// Reads held-out files in the run's format (CPT text packed at `seq_len`, or SFT items
+    /// scored on their answer tokens), for [`Trainer::evaluate`]: a caller reads them before
+    /// training, so that a bad or empty file is refused before the run rather than after it.
+    pub fn load_heldout(&self, files: &[PathBuf]) -> Result<Vec<dataset::Example>> {
         dataset::load(
             self.cfg.mode,
             files,
             self.engine.tokenizer(),
             self.cfg.seq_len,
         )
-        .map(drop)
     }
 
-    /// Evaluates on held-out data (`files`, in the run's format: CPT text packed at `seq_len`,
-    /// or SFT items scored on their answer tokens), over at most `max_seqs` sequences (the
-    /// first ones, in file order): perplexity of the base model with the full cache, of the
-    /// trained model (LoRA adapters, if any) with the full cache and with the gates' hard flags,
-    /// and the eviction ratios.
-    pub fn evaluate(&self, files: &[PathBuf], max_seqs: usize) -> Result<HeldOut> {
-        let tok = self.engine.tokenizer();
-        let mut ex = dataset::load(self.cfg.mode, files, tok, self.cfg.seq_len)?;
+    /// Evaluates on held-out examples ([`Trainer::load_heldout`]), over at most `max_seqs`
+    /// sequences (the first ones, in file order): perplexity of the base model with the full
+    /// cache, of the trained model (LoRA adapters, if any) with the full cache and with the
+    /// gates' hard flags, and the eviction ratios.
+    pub fn evaluate(&self, mut ex: Vec<dataset::Example>, max_seqs: usize) -> Result<HeldOut> {
         ex.truncate(max_seqs.max(1));
         let lora = self.lora.as_ref();
         let (mut nll_base, mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0.0, 0.0);
