@@ -3,7 +3,7 @@
 //! ([`attend_dense`]), and argument validation.
 //!
 //! Kernel invariants:
-//! - keys and values are read in place, one chunk of at most [`CHUNK`] entries at a time (a
+//! - keys and values are read in place, one chunk of at most [`CHUNK`](crate::simd::CHUNK) entries at a time (a
 //!   block, or a slice of a contiguous run), converted to f32 on the fly (keys transposed) —
 //!   never gathered whole; each chunk's keys and values are read and converted once per work
 //!   unit, for all its query vectors (one score vector of 16 keys per query vector); while a
@@ -24,6 +24,14 @@
 //!   sequence) runs all their units in one job, by the same rule on their summed work, while
 //!   each call is split into the units it gets alone: its results do not depend on the batch;
 //! - raw scores are kept, and probabilities summed, only when `prob_sums` is requested.
+//!
+//! Layout: the kernel of one work unit and the merge of partial results are in `kernel.rs`, the
+//! portable-versus-SIMD test in `tests.rs`; here the API, validation, the split into units and
+//! the dispatch of units to threads.
+
+mod kernel;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -31,8 +39,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::sequence::HeadTable;
-use crate::simd::{self, CHUNK};
 use crate::{KvError, KvSlice, PoolConfig};
+use kernel::{attend_part, merge, Partial};
 
 /// Upper bound on `query vectors × keys` of one work unit when probabilities are requested (query
 /// rows are tiled to fit): it bounds the raw-score buffer kept for them.
@@ -336,16 +344,6 @@ struct Unit {
     keys: Range<usize>,
 }
 
-/// Partial result of one unit, per query vector (`[rows][G]`): running max `m`, softmax
-/// denominator `l` relative to `m`, un-normalised output `acc` `[.., d]`; and the raw scores
-/// `[rows * G, keys.len()]` when probabilities were requested.
-struct Partial {
-    m: Vec<f32>,
-    l: Vec<f32>,
-    acc: Vec<f32>,
-    scores: Option<Vec<f32>>,
-}
-
 /// Splits the call into units: row tiles of about [`TILE_QUERY_VECTORS`] query vectors (fewer
 /// when the raw scores of [`SCORE_BUDGET`] must be kept) and, when the call alone would run in
 /// parallel, key ranges of at least [`MIN_PART_KEYS`] so that every thread gets work even with
@@ -501,247 +499,4 @@ pub(crate) fn attend_calls(
             ))
         })
         .collect()
-}
-
-/// Combines the partials of each (head, row tile) into normalised outputs and, when requested,
-/// probability sums.
-fn merge(
-    heads: &[HeadView<'_>],
-    sh: &Shape,
-    opts: &AttendOptions<'_>,
-    units: &[Unit],
-    partials: &[Partial],
-    out_len: usize,
-) -> AttendOutput {
-    let (d, g) = (sh.d, sh.group);
-    let mut out = vec![0.0f32; out_len];
-    let mut prob_sums = opts.prob_sums.as_ref().map(|_| {
-        heads
-            .iter()
-            .map(|h| vec![0.0f32; h.len])
-            .collect::<Vec<_>>()
-    });
-    let mut i = 0;
-    while i < units.len() {
-        let (head, rows) = (units[i].head, units[i].rows.clone());
-        let n = units[i..]
-            .iter()
-            .take_while(|u| u.head == head && u.rows == rows)
-            .count();
-        let (group_units, group) = (&units[i..i + n], &partials[i..i + n]);
-        i += n;
-        for qi in 0..rows.len() * g {
-            let m = group.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.m[qi]));
-            if m == f32::NEG_INFINITY {
-                continue; // no visible key: zero output, zero probabilities
-            }
-            let factors: Vec<f32> = group.iter().map(|p| simd::exp(p.m[qi] - m)).collect();
-            let inv_l = 1.0
-                / group
-                    .iter()
-                    .zip(&factors)
-                    .map(|(p, f)| p.l[qi] * f)
-                    .sum::<f32>();
-            let (row, gi) = (rows.start + qi / g, qi % g);
-            let dst = (row * sh.n_q_heads + head * g + gi) * d;
-            let o = &mut out[dst..dst + d];
-            for (p, f) in group.iter().zip(&factors) {
-                simd::axpy(o, f * inv_l, &p.acc[qi * d..(qi + 1) * d]);
-            }
-            let (Some(sums), Some(want)) = (prob_sums.as_mut(), opts.prob_sums.as_ref()) else {
-                continue;
-            };
-            if !want.contains(&row) {
-                continue;
-            }
-            for (u, p) in group_units.iter().zip(group) {
-                let Some(scores) = &p.scores else { continue };
-                let klen = u.keys.len();
-                let dst = &mut sums[head][u.keys.clone()];
-                let inv = inv_l / g as f32;
-                for (acc, &s) in dst.iter_mut().zip(&scores[qi * klen..(qi + 1) * klen]) {
-                    *acc += simd::exp(s - m) * inv;
-                }
-            }
-        }
-    }
-    AttendOutput { out, prob_sums }
-}
-
-/// The kernel: one pass over the unit's key range in chunks of at most [`CHUNK`] entries
-/// (never across a segment boundary). Per chunk: the keys, converted to f32 and transposed,
-/// give the scores of every query vector of the unit at once; masked scores become `-inf`; an
-/// online softmax per query vector turns them into weights; the values, converted once, are
-/// accumulated for every query vector.
-fn attend_part(
-    hv: &HeadView<'_>,
-    until: Option<&[u32]>,
-    q: &[f32],
-    q_positions: &[u32],
-    opts: &AttendOptions<'_>,
-    sh: &Shape,
-    u: &Unit,
-) -> Partial {
-    let (d, g) = (sh.d, sh.group);
-    let nqv = u.rows.len() * g;
-    let klen = u.keys.len();
-    let qpos = &q_positions[u.rows.clone()];
-    let last_pos = qpos.iter().copied().max().unwrap_or(0);
-    // This group's query vectors, pre-scaled: [rows * g, d].
-    let mut qs = Vec::with_capacity(nqv * d);
-    for row in u.rows.clone() {
-        let src = (row * sh.n_q_heads + u.head * g) * d;
-        qs.extend(q[src..src + g * d].iter().map(|x| x * opts.scale));
-    }
-    let mut m = vec![f32::NEG_INFINITY; nqv];
-    let mut l = vec![0.0f32; nqv];
-    let mut acc = vec![0.0f32; nqv * d];
-    let mut scores = opts
-        .prob_sums
-        .as_ref()
-        .map(|_| vec![f32::NEG_INFINITY; nqv * klen]);
-    let mut scratch = vec![0.0f32; CHUNK * d];
-    let mut kt = vec![0.0f32; d * CHUNK];
-    let mut s = vec![0.0f32; nqv * CHUNK];
-    let mut shown = vec![0u32; u.rows.len()];
-
-    let mut seg_start = 0;
-    let segments = hv.segments.list();
-    for (i, seg) in segments.iter().enumerate() {
-        let n = seg.positions.len();
-        if let Some(next) = segments.get(i + 1).filter(|_| seg_start + n < u.keys.end) {
-            // A segment is a block anywhere in the pool: start loading the next one now.
-            next.keys.prefetch();
-            next.values.prefetch();
-        }
-        let (lo, hi) = (u.keys.start.max(seg_start), u.keys.end.min(seg_start + n));
-        let base = seg_start;
-        seg_start += n;
-        let mut c0 = lo.saturating_sub(base);
-        while lo < hi && c0 < hi - base {
-            let c1 = (c0 + CHUNK).min(hi - base);
-            let cn = c1 - c0;
-            let pos = &seg.positions[c0..c1];
-            let j0 = base + c0; // index of the chunk's first entry in the head
-            c0 = c1;
-            if opts.causal && pos.iter().all(|&p| p > last_pos) {
-                continue; // the whole chunk is in every row's future (prefill)
-            }
-            let every = (1u32 << cn) - 1;
-            let (mut any, mut all) = (0u32, every);
-            for (bits, &qp) in shown.iter_mut().zip(qpos) {
-                *bits = visible_bits(pos, until.map(|u| &u[j0..j0 + cn]), qp, opts.causal);
-                any |= *bits;
-                all &= *bits;
-            }
-            if any == 0 {
-                continue;
-            }
-            seg.keys
-                .keys_transposed(c1 - cn, cn, d, &mut scratch, &mut kt);
-            simd::scores_transposed(&qs, &kt, d, &mut s);
-            if all != every || cn < CHUNK {
-                for (r, &bits) in shown.iter().enumerate() {
-                    for sq in s[r * g * CHUNK..(r + 1) * g * CHUNK].chunks_exact_mut(CHUNK) {
-                        for (j, x) in sq.iter_mut().enumerate() {
-                            if bits >> j & 1 == 0 {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some(sc) = scores.as_mut() {
-                let at = j0 - u.keys.start;
-                for (qi, sq) in s.chunks_exact(CHUNK).enumerate() {
-                    sc[qi * klen + at..qi * klen + at + cn].copy_from_slice(&sq[..cn]);
-                }
-            }
-            simd::softmax_chunk(&mut s, &mut m, &mut l, &mut acc, d);
-            seg.values
-                .add_weighted(c1 - cn, cn, d, &s, &mut scratch, &mut acc);
-        }
-        if seg_start >= u.keys.end {
-            break;
-        }
-    }
-    Partial { m, l, acc, scores }
-}
-
-/// Bit `j` set iff entry `j` of a chunk (positions `pos`, last visible query positions `until`)
-/// is visible to the query at `qp` (see the module's visibility rule).
-#[inline]
-fn visible_bits(pos: &[u32], until: Option<&[u32]>, qp: u32, causal: bool) -> u32 {
-    let mut bits = 0u32;
-    for (j, &pj) in pos.iter().enumerate() {
-        let shown = until.is_none_or(|u| qp <= u[j]);
-        if (!causal || pj <= qp) && shown {
-            bits |= 1 << j;
-        }
-    }
-    bits
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::simd::tests::both_paths;
-    use crate::{AttendOptions, BlockPool, KvDtype, PoolConfig, SequenceKv};
-
-    /// The whole kernel (decode and a prefill chunk, masked, with probabilities) gives the same
-    /// results on the portable paths as on this CPU's SIMD paths, for every dtype.
-    #[test]
-    fn portable_and_simd_attention_agree() {
-        for dtype in KvDtype::ALL {
-            let (heads, d, n) = (2, 64, 70);
-            let pool = BlockPool::new(PoolConfig::from_token_capacity(16, d, dtype, 4096));
-            let mut kv = SequenceKv::new(&pool, 1, heads);
-            let vals = |len: usize, seed: f32| -> Vec<f32> {
-                (0..len).map(|i| (i as f32 * 0.731 + seed).sin()).collect()
-            };
-            let pos: Vec<u32> = (0..n as u32).collect();
-            kv.append(
-                0,
-                &vals(n * heads * d, 1.0),
-                &vals(n * heads * d, 2.0),
-                &pos,
-            )
-            .unwrap();
-            let keep: Vec<bool> = (0..n).map(|i| i % 3 != 1).collect();
-            kv.evict(0, 1, &keep).unwrap();
-            // Every fourth key is hidden part-way through the prefill rows (positions 61..70).
-            let until: Vec<Vec<u32>> = (0..heads)
-                .map(|h| {
-                    (0..kv.retained(0, h))
-                        .map(|i| {
-                            if i % 4 == 2 {
-                                (n - 6 + i % 5) as u32
-                            } else {
-                                u32::MAX
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
-            for rows in [1usize, 9] {
-                let q = vals(rows * heads * 3 * d, 3.0);
-                let qpos = &pos[n - rows..];
-                let opts = AttendOptions::for_head_dim(d)
-                    .visible_until(&until)
-                    .prob_sums(0..rows);
-                let (a, b) = both_paths(|| kv.attend(0, &q, qpos, &opts).unwrap());
-                for (x, y) in a.out.iter().zip(&b.out) {
-                    assert!((x - y).abs() <= 1e-5, "{dtype} rows {rows}: {x} vs {y}");
-                }
-                for (x, y) in a
-                    .prob_sums
-                    .iter()
-                    .flatten()
-                    .flatten()
-                    .zip(b.prob_sums.iter().flatten().flatten())
-                {
-                    assert!((x - y).abs() <= 1e-5, "{dtype} rows {rows}: {x} vs {y}");
-                }
-            }
-        }
-    }
 }
