@@ -1,4 +1,5 @@
-//! Property tests of the store against a dense reference model, and the memory-accounting test.
+//! Property tests of the store against a dense reference model (the scenario tests of block
+//! accounting and sharing are in `blocks.rs`).
 //!
 //! Owns: random interleavings of append / append_head / evict / clear / drop / fork over several
 //! sessions sharing one small pool. Invariants checked after every step: retained keys, values
@@ -170,132 +171,14 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Append { s, layer, n } => {
-                let k = self.values(n * HEADS * D);
-                let v = self.values(n * HEADS * D);
-                let holders = self.holders();
-                let need: usize = (0..HEADS)
-                    .map(|h| self.append_need(&holders, s, layer, h, n))
-                    .sum();
-                let p0 = self.sessions[s].next_pos[layer];
-                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-                let free = self.pool.stats().blocks_free;
-                let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
-                self.expect(
-                    res,
-                    need,
-                    free,
-                    layer,
-                    n,
-                    |sess, dtype| {
-                        for h in 0..HEADS {
-                            for (t, &p) in pos.iter().enumerate() {
-                                let at = (t * HEADS + h) * D;
-                                let r = |x: &[f32]| {
-                                    let mut e = x[at..at + D].to_vec();
-                                    dtype.round_entry(&mut e);
-                                    e
-                                };
-                                sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
-                            }
-                        }
-                        sess.next_pos[layer] += n as u32;
-                    },
-                    s,
-                );
-            }
-            Op::AppendHead { s, layer, head, n } => {
-                let k = self.values(n * D);
-                let v = self.values(n * D);
-                let need = self.append_need(&self.holders(), s, layer, head, n);
-                let p0 = self.sessions[s].next_pos[layer];
-                let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-                let free = self.pool.stats().blocks_free;
-                let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
-                self.expect(
-                    res,
-                    need,
-                    free,
-                    layer,
-                    n,
-                    |sess, dtype| {
-                        for t in 0..n {
-                            let r = |x: &[f32]| {
-                                let mut e = x[t * D..(t + 1) * D].to_vec();
-                                dtype.round_entry(&mut e);
-                                e
-                            };
-                            sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
-                        }
-                        sess.next_pos[layer] += n as u32;
-                    },
-                    s,
-                );
-            }
+            Op::Append { s, layer, n } => self.append(s, layer, n),
+            Op::AppendHead { s, layer, head, n } => self.append_head(s, layer, head, n),
             Op::Evict {
                 s,
                 layer,
                 head,
                 seed,
-            } => {
-                let len = self.sessions[s].heads[layer * HEADS + head].len();
-                let mut x = seed | 1;
-                let keep: Vec<bool> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x % 3 != 0
-                    })
-                    .collect();
-                // Blocks the compaction writes (the survivors on the cheaper side move: after the
-                // first dropped entry towards the front, or before the last one towards the
-                // back); the shared ones need copies. `front`: free slots before the first entry.
-                let holders = self.holders();
-                let kv = &self.sessions[s].kv;
-                let front =
-                    kv.block_ids(layer, head).len() * BS - len - kv.spare_slots(layer, head);
-                let need = match (
-                    keep.iter().position(|&k| !k),
-                    keep.iter().rposition(|&k| !k),
-                ) {
-                    (Some(first), Some(last)) => {
-                        let after = keep[first..].iter().filter(|&&k| k).count();
-                        let before = keep[..last].iter().filter(|&&k| k).count();
-                        let written = if after <= before {
-                            if after == 0 {
-                                0..0
-                            } else {
-                                (front + first) / BS..(front + first + after).div_ceil(BS)
-                            }
-                        } else if before == 0 {
-                            0..0
-                        } else {
-                            (front + last + 1 - before) / BS..(front + last) / BS + 1
-                        };
-                        written
-                            .filter(|&b| self.is_shared(&holders, s, layer, head, b))
-                            .count()
-                    }
-                    _ => 0,
-                };
-                let free = self.pool.stats().blocks_free;
-                let res = self.sessions[s].kv.evict(layer, head, &keep);
-                if need > free {
-                    let want = KvError::OutOfBlocksForCopy {
-                        layer,
-                        head,
-                        requested: need,
-                        free,
-                        total: self.pool.config().capacity_blocks,
-                    };
-                    assert_eq!(res, Err(want));
-                } else {
-                    res.expect("evict with a mask of the right length");
-                    let mut it = keep.iter();
-                    self.sessions[s].heads[layer * HEADS + head].retain(|_| *it.next().unwrap());
-                }
-            }
+            } => self.evict(s, layer, head, seed),
             Op::Clear { s } => {
                 let sess = &mut self.sessions[s];
                 sess.kv.clear();
@@ -316,6 +199,137 @@ impl World {
                 self.sessions[to] = fork; // the old one is dropped (its blocks, if last held)
             }
         }
+    }
+
+    /// [`Op::Append`]: `n` new tokens to every head of `layer` of session `s`.
+    fn append(&mut self, s: usize, layer: usize, n: usize) {
+        let k = self.values(n * HEADS * D);
+        let v = self.values(n * HEADS * D);
+        let holders = self.holders();
+        let need: usize = (0..HEADS)
+            .map(|h| self.append_need(&holders, s, layer, h, n))
+            .sum();
+        let p0 = self.sessions[s].next_pos[layer];
+        let pos: Vec<u32> = (p0..p0 + n as u32).collect();
+        let free = self.pool.stats().blocks_free;
+        let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
+        self.expect(
+            res,
+            need,
+            free,
+            layer,
+            n,
+            |sess, dtype| {
+                for h in 0..HEADS {
+                    for (t, &p) in pos.iter().enumerate() {
+                        let at = (t * HEADS + h) * D;
+                        let r = |x: &[f32]| {
+                            let mut e = x[at..at + D].to_vec();
+                            dtype.round_entry(&mut e);
+                            e
+                        };
+                        sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
+                    }
+                }
+                sess.next_pos[layer] += n as u32;
+            },
+            s,
+        );
+    }
+
+    /// [`Op::AppendHead`]: `n` new tokens to (`layer`, `head`) of session `s` only.
+    fn append_head(&mut self, s: usize, layer: usize, head: usize, n: usize) {
+        let k = self.values(n * D);
+        let v = self.values(n * D);
+        let need = self.append_need(&self.holders(), s, layer, head, n);
+        let p0 = self.sessions[s].next_pos[layer];
+        let pos: Vec<u32> = (p0..p0 + n as u32).collect();
+        let free = self.pool.stats().blocks_free;
+        let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
+        self.expect(
+            res,
+            need,
+            free,
+            layer,
+            n,
+            |sess, dtype| {
+                for t in 0..n {
+                    let r = |x: &[f32]| {
+                        let mut e = x[t * D..(t + 1) * D].to_vec();
+                        dtype.round_entry(&mut e);
+                        e
+                    };
+                    sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
+                }
+                sess.next_pos[layer] += n as u32;
+            },
+            s,
+        );
+    }
+
+    /// [`Op::Evict`]: a random keep mask (drawn from `seed`) over (`layer`, `head`) of session
+    /// `s`; it fails whole when the pool cannot supply the copies of the shared blocks it writes.
+    fn evict(&mut self, s: usize, layer: usize, head: usize, seed: u64) {
+        let len = self.sessions[s].heads[layer * HEADS + head].len();
+        let mut x = seed | 1;
+        let keep: Vec<bool> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                !x.is_multiple_of(3)
+            })
+            .collect();
+        let need = self.eviction_copies(s, layer, head, &keep);
+        let free = self.pool.stats().blocks_free;
+        let res = self.sessions[s].kv.evict(layer, head, &keep);
+        if need > free {
+            let want = KvError::OutOfBlocksForCopy {
+                layer,
+                head,
+                requested: need,
+                free,
+                total: self.pool.config().capacity_blocks,
+            };
+            assert_eq!(res, Err(want));
+        } else {
+            res.expect("evict with a mask of the right length");
+            let mut it = keep.iter();
+            self.sessions[s].heads[layer * HEADS + head].retain(|_| *it.next().unwrap());
+        }
+    }
+
+    /// Copies of shared blocks an eviction by `keep` of (`layer`, `head`) of session `s` needs:
+    /// the shared ones among the blocks the compaction writes (the survivors on the cheaper side
+    /// move: after the first dropped entry towards the front, or before the last one towards the
+    /// back).
+    fn eviction_copies(&self, s: usize, layer: usize, head: usize, keep: &[bool]) -> usize {
+        let holders = self.holders();
+        let kv = &self.sessions[s].kv;
+        // Free slots before the first entry.
+        let front = kv.block_ids(layer, head).len() * BS - keep.len() - kv.spare_slots(layer, head);
+        let (Some(first), Some(last)) = (
+            keep.iter().position(|&k| !k),
+            keep.iter().rposition(|&k| !k),
+        ) else {
+            return 0;
+        };
+        let after = keep[first..].iter().filter(|&&k| k).count();
+        let before = keep[..last].iter().filter(|&&k| k).count();
+        let written = if after <= before {
+            if after == 0 {
+                0..0
+            } else {
+                (front + first) / BS..(front + first + after).div_ceil(BS)
+            }
+        } else if before == 0 {
+            0..0
+        } else {
+            (front + last + 1 - before) / BS..(front + last) / BS + 1
+        };
+        written
+            .filter(|&b| self.is_shared(&holders, s, layer, head, b))
+            .count()
     }
 
     /// Checks an append's result against the pool's free count before it, and updates the model.
@@ -430,228 +444,26 @@ fn run(dtype: KvDtype, capacity: usize, ops: &[Op]) {
     );
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
-
-    #[test]
-    fn store_matches_reference_f32(ops in prop::collection::vec(op(), 1..60), capacity in 4..40usize) {
-        run(KvDtype::F32, capacity, &ops);
-    }
-
-    #[test]
-    fn store_matches_reference_f16(ops in prop::collection::vec(op(), 1..60), capacity in 4..40usize) {
-        run(KvDtype::F16, capacity, &ops);
-    }
-
-    #[test]
-    fn store_matches_reference_bf16(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
-        run(KvDtype::BF16, capacity, &ops);
-    }
-
-    #[test]
-    fn store_matches_reference_q8_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
-        run(KvDtype::Q8_0, capacity, &ops);
-    }
-
-    #[test]
-    fn store_matches_reference_q4_0(ops in prop::collection::vec(op(), 1..40), capacity in 4..40usize) {
-        run(KvDtype::Q4_0, capacity, &ops);
-    }
-}
-
-/// Evicting half of every head frees real memory: bytes in use fall to within one block per head
-/// of half the full figure, in the sequence's and in the pool's accounting.
-#[test]
-fn half_eviction_halves_bytes_in_use() {
-    let (layers, heads, d, tokens) = (3, 4, 64, 1000usize);
-    for dtype in [KvDtype::F32, KvDtype::F16] {
-        let pool = BlockPool::new(PoolConfig::from_memory_budget(16, d, dtype, 64 << 20));
-        let mut kv = SequenceKv::new(&pool, layers, heads);
-        let pos: Vec<u32> = (0..tokens as u32).collect();
-        let k: Vec<f32> = (0..tokens * heads * d).map(|i| (i % 97) as f32).collect();
-        for l in 0..layers {
-            kv.append(l, &k, &k, &pos).unwrap();
-        }
-        let full = kv.stats().bytes_in_use;
-        assert_eq!(full, pool.stats().bytes_in_use);
-        let mut x = 12345u64;
-        for l in 0..layers {
-            for h in 0..heads {
-                // A different random half per head.
-                let mut idx: Vec<usize> = (0..tokens).collect();
-                for i in (1..tokens).rev() {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    idx.swap(i, (x >> 33) as usize % (i + 1));
+/// One property test per storage dtype: up to `max_ops` random operations over a pool of 4 to 40
+/// blocks.
+macro_rules! store_matches_reference {
+    ($($name:ident: $dtype:ident, $max_ops:literal;)*) => {
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+            $(
+                #[test]
+                fn $name(ops in prop::collection::vec(op(), 1..$max_ops), capacity in 4..40usize) {
+                    run(KvDtype::$dtype, capacity, &ops);
                 }
-                let mut keep = vec![false; tokens];
-                idx[..tokens / 2].iter().for_each(|&i| keep[i] = true);
-                kv.evict(l, h, &keep).unwrap();
-                assert_eq!(kv.retained(l, h), tokens / 2);
-            }
+            )*
         }
-        let half = kv.stats().bytes_in_use;
-        let slack = layers * heads * pool.config().block_bytes();
-        assert!(
-            half.abs_diff(full / 2) <= slack,
-            "{dtype}: {half} bytes after eviction, full {full}"
-        );
-        assert_eq!(half, pool.stats().bytes_in_use);
-        drop(kv);
-        assert_eq!(pool.stats().bytes_in_use, 0);
-        assert!(pool.stats().bytes_reserved >= full);
-        assert!(pool.trim() >= full);
-        assert_eq!(pool.stats().bytes_reserved, 0);
-    }
+    };
 }
 
-/// Sessions are independent: one session's eviction never changes another's contents or blocks.
-#[test]
-fn sessions_do_not_share_blocks() {
-    let pool = BlockPool::new(PoolConfig::from_token_capacity(8, 2, KvDtype::F32, 4096));
-    let mut a = SequenceKv::new(&pool, 1, 1);
-    let mut b = SequenceKv::new(&pool, 1, 1);
-    let pos: Vec<u32> = (0..40).collect();
-    let xs: Vec<f32> = (0..80).map(|i| i as f32).collect();
-    a.append(0, &xs, &xs, &pos).unwrap();
-    b.append(0, &xs, &xs, &pos).unwrap();
-    let before = b.read_head(0, 0);
-    let b_ids = b.block_ids(0, 0);
-    let keep: Vec<bool> = (0..40).map(|i| i % 4 == 0).collect();
-    a.evict(0, 0, &keep).unwrap();
-    assert_eq!(a.retained(0, 0), 10);
-    assert_eq!(a.positions(0, 0), (0..40).step_by(4).collect::<Vec<u32>>());
-    assert_eq!(b.read_head(0, 0), before);
-    assert_eq!(b.block_ids(0, 0), b_ids);
-    assert_eq!(pool.stats().blocks_in_use, 2 + 5);
-    let st = a.stats();
-    assert_eq!(st.appended, vec![vec![40]]);
-    assert_eq!(st.tokens_seen, vec![40]);
-    assert_eq!(st.retained, vec![vec![10]]);
-}
-
-/// The pool is shared across threads and sessions move between them.
-#[test]
-fn pool_and_sequences_are_send_and_sync() {
-    fn assert_send_sync<T: Send + Sync>() {}
-    assert_send_sync::<BlockPool>();
-    assert_send_sync::<SequenceKv>();
-    let pool = BlockPool::new(PoolConfig::from_token_capacity(4, 2, KvDtype::BF16, 1024));
-    let handles: Vec<_> = (0..4u32)
-        .map(|t| {
-            let pool = pool.clone();
-            std::thread::spawn(move || {
-                let mut kv = SequenceKv::new(&pool, 1, 1);
-                let pos: Vec<u32> = (0..10 + t).collect();
-                let x = vec![t as f32; pos.len() * 2];
-                kv.append(0, &x, &x, &pos).unwrap();
-                kv.retained(0, 0)
-            })
-        })
-        .collect();
-    let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    assert_eq!(total, 10 + 11 + 12 + 13);
-    assert_eq!(pool.stats().blocks_in_use, 0);
-    assert!(pool.stats().peak_blocks_in_use >= 3);
-}
-
-/// A fork shares every block (the pool counts them once, each sequence reports them as held and
-/// shared); writes go to copies: an append into the shared partly filled block copies that block
-/// only, a compaction copies only the blocks it writes; the parent never changes; dropping the
-/// parent leaves the fork's blocks alone, dropping both returns everything.
-#[test]
-fn forks_share_blocks_copy_on_write() {
-    let pool = BlockPool::new(PoolConfig::from_token_capacity(8, 2, KvDtype::F32, 4096));
-    let mut parent = SequenceKv::new(&pool, 1, 1);
-    let pos: Vec<u32> = (0..20).collect();
-    let xs: Vec<f32> = (0..40).map(|i| i as f32).collect();
-    parent.append(0, &xs, &xs, &pos).unwrap();
-    let before = parent.read_head(0, 0);
-    let ids = parent.block_ids(0, 0);
-    assert_eq!(pool.stats().blocks_in_use, 3);
-
-    let mut fork = parent.fork();
-    assert_eq!(fork.block_ids(0, 0), ids);
-    assert_eq!(fork.read_head(0, 0), before);
-    assert_eq!(pool.stats().blocks_in_use, 3, "a fork allocates nothing");
-    let st = fork.stats();
-    assert_eq!((st.blocks_in_use, st.blocks_shared), (3, 3));
-    assert_eq!(st.bytes_shared, 3 * pool.config().block_bytes());
-
-    // Append into the shared, partly filled third block: only that block is copied.
-    fork.append(0, &[100.0, 101.0], &[100.0, 101.0], &[20])
-        .unwrap();
-    let fork_ids = fork.block_ids(0, 0);
-    assert_eq!(fork_ids[..2], ids[..2]);
-    assert_ne!(fork_ids[2], ids[2]);
-    assert_eq!(pool.stats().blocks_in_use, 4);
-    assert_eq!(parent.read_head(0, 0), before);
-    assert_eq!(fork.retained(0, 0), 21);
-    assert_eq!(fork.stats().blocks_shared, 2);
-
-    // Keep entries 0..8 and every third after: block 0 is untouched and stays shared, block 1
-    // is written (copied), block 2 (the fork's own) is written in place.
-    let keep: Vec<bool> = (0..21).map(|i| i < 8 || i % 3 == 0).collect();
-    fork.evict(0, 0, &keep).unwrap();
-    let kept: Vec<u32> = (0..21).filter(|&i| i < 8 || i % 3 == 0).collect();
-    assert_eq!(fork.positions(0, 0), kept);
-    let fk = fork.read_head(0, 0).keys;
-    let want: Vec<f32> = kept
-        .iter()
-        .flat_map(|&p| {
-            if p == 20 {
-                vec![100.0, 101.0]
-            } else {
-                vec![(2 * p) as f32, (2 * p + 1) as f32]
-            }
-        })
-        .collect();
-    assert_eq!(fk, want);
-    assert_eq!(fork.block_ids(0, 0)[0], ids[0]);
-    assert_eq!(fork.stats().blocks_shared, 1);
-    assert_eq!(parent.read_head(0, 0), before);
-    // Parent: 3 blocks; fork: block 0 shared, a copy of block 1 (its block 2 was freed by the
-    // compaction: 13 entries need 2 blocks).
-    assert_eq!(pool.stats().blocks_in_use, 4);
-
-    drop(parent);
-    assert_eq!(pool.stats().blocks_in_use, 2);
-    assert_eq!(fork.stats().blocks_shared, 0);
-    assert_eq!(fork.positions(0, 0), kept);
-    drop(fork);
-    assert_eq!(pool.stats().blocks_in_use, 0);
-}
-
-/// A copy-on-write eviction that cannot get its copies fails whole and changes nothing.
-#[test]
-fn an_eviction_without_room_for_its_copies_changes_nothing() {
-    let pool = BlockPool::new(PoolConfig::from_token_capacity(4, 1, KvDtype::F32, 12));
-    let mut parent = SequenceKv::new(&pool, 1, 1);
-    let pos: Vec<u32> = (0..12).collect();
-    let xs: Vec<f32> = (0..12).map(|i| i as f32).collect();
-    parent.append(0, &xs, &xs, &pos).unwrap();
-    let mut fork = parent.fork();
-    let keep: Vec<bool> = (0..12).map(|i| i % 2 == 0).collect();
-    let err = fork.evict(0, 0, &keep).unwrap_err();
-    assert_eq!(
-        err,
-        KvError::OutOfBlocksForCopy {
-            layer: 0,
-            head: 0,
-            requested: 2,
-            free: 0,
-            total: 3
-        }
-    );
-    assert!(err.to_string().contains("shared with a fork"), "{err}");
-    assert_eq!(fork.read_head(0, 0), parent.read_head(0, 0));
-    drop(parent);
-    // Now the fork holds its blocks alone and compacts in place.
-    fork.evict(0, 0, &keep).unwrap();
-    assert_eq!(
-        fork.positions(0, 0),
-        (0..12).step_by(2).collect::<Vec<u32>>()
-    );
-    assert_eq!(pool.stats().blocks_in_use, 2);
+store_matches_reference! {
+    store_matches_reference_f32: F32, 60;
+    store_matches_reference_f16: F16, 60;
+    store_matches_reference_bf16: BF16, 40;
+    store_matches_reference_q8_0: Q8_0, 40;
+    store_matches_reference_q4_0: Q4_0, 40;
 }
