@@ -129,6 +129,54 @@ struct Row {
     prefill: f64,
 }
 
+/// The contiguous baseline's copy of a context: per KV head `[ctx, D]`, in f32 and in f16.
+struct Dense {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    keys16: Vec<Vec<f16>>,
+    values16: Vec<Vec<f16>>,
+}
+
+impl Dense {
+    /// The copy of token-major `[ctx, HKV, D]` keys `k` and values `v`.
+    fn new(k: &[f32], v: &[f32], ctx: usize) -> Self {
+        let per_head = |src: &[f32], h: usize| -> Vec<f32> {
+            (0..ctx)
+                .flat_map(|t| src[(t * HKV + h) * D..(t * HKV + h + 1) * D].to_vec())
+                .collect()
+        };
+        let keys: Vec<Vec<f32>> = (0..HKV).map(|h| per_head(k, h)).collect();
+        let values: Vec<Vec<f32>> = (0..HKV).map(|h| per_head(v, h)).collect();
+        let to16 = |x: &Vec<f32>| x.iter().map(|&e| f16::from_f32(e)).collect::<Vec<f16>>();
+        Dense {
+            keys16: keys.iter().map(to16).collect(),
+            values16: values.iter().map(to16).collect(),
+            keys,
+            values,
+        }
+    }
+
+    /// The heads for [`attend_dense`] in `dtype`'s storage (f32, else f16) at `positions`.
+    fn heads<'a>(&'a self, dtype: KvDtype, positions: &'a [u32]) -> Vec<DenseHead<'a>> {
+        (0..HKV)
+            .map(|h| {
+                let (keys, values) = match dtype {
+                    KvDtype::F32 => (KvSlice::F32(&self.keys[h]), KvSlice::F32(&self.values[h])),
+                    _ => (
+                        KvSlice::F16(&self.keys16[h]),
+                        KvSlice::F16(&self.values16[h]),
+                    ),
+                };
+                DenseHead {
+                    keys,
+                    values,
+                    positions,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Query rows of the prefill variant: a prompt chunk attending causally to itself and the context.
 const PREFILL: usize = 512;
 
@@ -160,30 +208,8 @@ fn bench(
             .expect("mask of the head's length");
     }
 
-    // Contiguous baseline: per head [ctx, D] in the same dtype.
-    let per_head = |src: &[f32], h: usize| -> Vec<f32> {
-        (0..ctx)
-            .flat_map(|t| src[(t * HKV + h) * D..(t * HKV + h + 1) * D].to_vec())
-            .collect()
-    };
-    let dk: Vec<Vec<f32>> = (0..HKV).map(|h| per_head(&k, h)).collect();
-    let dv: Vec<Vec<f32>> = (0..HKV).map(|h| per_head(&v, h)).collect();
-    let to16 = |x: &Vec<f32>| x.iter().map(|&e| f16::from_f32(e)).collect::<Vec<f16>>();
-    let hk: Vec<Vec<f16>> = dk.iter().map(to16).collect();
-    let hv: Vec<Vec<f16>> = dv.iter().map(to16).collect();
-    let heads: Vec<DenseHead<'_>> = (0..HKV)
-        .map(|h| {
-            let (keys, values) = match dtype {
-                KvDtype::F32 => (KvSlice::F32(&dk[h]), KvSlice::F32(&dv[h])),
-                _ => (KvSlice::F16(&hk[h]), KvSlice::F16(&hv[h])),
-            };
-            DenseHead {
-                keys,
-                values,
-                positions: &pos,
-            }
-        })
-        .collect();
+    let dense = Dense::new(&k, &v, ctx);
+    let heads = dense.heads(dtype, &pos);
 
     // Inside a 1-thread pool the kernel takes its sequential path.
     let one_thread = rayon::ThreadPoolBuilder::new()
