@@ -151,96 +151,14 @@ impl AttentionGate {
         expected: &ModelIdentity,
         device: &Device,
     ) -> Result<Self> {
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| {
-            meta.get(key).ok_or_else(|| {
-                format_err(
-                    path,
-                    format!("metadata field `{key}` is missing (not an agate gate file?)"),
-                )
-            })
-        };
-        let format = field("format")?;
-        if format != FORMAT {
-            return Err(format_err(
-                path,
-                format!("metadata `format` is {format:?}, expected {FORMAT:?}"),
-            ));
-        }
-        let version = field("version")?;
-        if version != VERSION {
-            return Err(format_err(
-                path,
-                format!("metadata `version` is {version:?}, expected {VERSION:?}"),
-            ));
-        }
-        let dtype_name = field("dtype")?;
-        let dtype = GateFileDtype::parse(dtype_name).ok_or_else(|| {
-            format_err(
-                path,
-                format!("metadata `dtype` is {dtype_name:?}, expected f32, f16 or bf16"),
-            )
-        })?;
-        let cfg: GateConfig = serde_json::from_str(field("gate_config")?).map_err(|e| {
-            format_err(
-                path,
-                format!("metadata `gate_config` is not a valid GateConfig: {e}"),
-            )
-        })?;
-        cfg.validate()
-            .map_err(|e| format_err(path, format!("metadata `gate_config` is invalid: {e}")))?;
-        let identity: ModelIdentity =
-            serde_json::from_str(field("model_identity")?).map_err(|e| {
-                format_err(
-                    path,
-                    format!("metadata `model_identity` is not a string map: {e}"),
-                )
-            })?;
+        let (dtype, cfg, identity) = read_metadata(bytes, path)?;
         check_identity(path, &cfg, &identity, expected)?;
-
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
-        let shapes = cfg.param_shapes();
         let mut tensors = HashMap::new();
-        for (name, shape) in &shapes {
-            let view = st.tensor(name).map_err(|_| GateError::MissingTensor {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                expected: shape.clone(),
-            })?;
-            if view.shape() != shape.as_slice() {
-                return Err(GateError::WrongShape {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    expected: shape.clone(),
-                    actual: view.shape().to_vec(),
-                });
-            }
-            if view.dtype() != dtype.safetensors() {
-                return Err(GateError::WrongDtype {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    expected: dtype.as_str().to_string(),
-                    actual: format!("{:?}", view.dtype()),
-                });
-            }
-            let t = view
-                .load(device)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .ctx("loading a gate tensor")?;
-            let values = t
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .ctx("reading a gate tensor")?;
-            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                return Err(format_err(
-                    path,
-                    format!("tensor `{name}` holds a non-finite value ({bad}): the gates are corrupt or their training diverged"),
-                ));
-            }
-            tensors.insert(name.clone(), t);
+        for (name, shape) in cfg.param_shapes() {
+            let t = load_tensor(&st, &name, &shape, dtype, path, device)?;
+            tensors.insert(name, t);
         }
         if let Some(extra) = st.names().into_iter().find(|n| !tensors.contains_key(*n)) {
             return Err(format_err(
@@ -252,6 +170,106 @@ impl AttentionGate {
         gate.identity = identity;
         Ok(gate)
     }
+}
+
+/// The metadata of a gate file's bytes, checked: the format tag and version, the parameters'
+/// dtype, the (valid) gate config and the model identity.
+fn read_metadata(bytes: &[u8], path: &Path) -> Result<(GateFileDtype, GateConfig, ModelIdentity)> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let field = |key: &str| {
+        meta.get(key).ok_or_else(|| {
+            format_err(
+                path,
+                format!("metadata field `{key}` is missing (not an agate gate file?)"),
+            )
+        })
+    };
+    let format = field("format")?;
+    if format != FORMAT {
+        return Err(format_err(
+            path,
+            format!("metadata `format` is {format:?}, expected {FORMAT:?}"),
+        ));
+    }
+    let version = field("version")?;
+    if version != VERSION {
+        return Err(format_err(
+            path,
+            format!("metadata `version` is {version:?}, expected {VERSION:?}"),
+        ));
+    }
+    let dtype_name = field("dtype")?;
+    let dtype = GateFileDtype::parse(dtype_name).ok_or_else(|| {
+        format_err(
+            path,
+            format!("metadata `dtype` is {dtype_name:?}, expected f32, f16 or bf16"),
+        )
+    })?;
+    let cfg: GateConfig = serde_json::from_str(field("gate_config")?).map_err(|e| {
+        format_err(
+            path,
+            format!("metadata `gate_config` is not a valid GateConfig: {e}"),
+        )
+    })?;
+    cfg.validate()
+        .map_err(|e| format_err(path, format!("metadata `gate_config` is invalid: {e}")))?;
+    let identity: ModelIdentity = serde_json::from_str(field("model_identity")?).map_err(|e| {
+        format_err(
+            path,
+            format!("metadata `model_identity` is not a string map: {e}"),
+        )
+    })?;
+    Ok((dtype, cfg, identity))
+}
+
+/// Parameter `name` of a gate file, checked (present, of `shape`, stored in `dtype`, every
+/// value finite), as f32 on `device`.
+fn load_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    dtype: GateFileDtype,
+    path: &Path,
+    device: &Device,
+) -> Result<Tensor> {
+    let view = st.tensor(name).map_err(|_| GateError::MissingTensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        expected: shape.to_vec(),
+    })?;
+    if view.shape() != shape {
+        return Err(GateError::WrongShape {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            expected: shape.to_vec(),
+            actual: view.shape().to_vec(),
+        });
+    }
+    if view.dtype() != dtype.safetensors() {
+        return Err(GateError::WrongDtype {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            expected: dtype.as_str().to_string(),
+            actual: format!("{:?}", view.dtype()),
+        });
+    }
+    let t = view
+        .load(device)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .ctx("loading a gate tensor")?;
+    let values = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .ctx("reading a gate tensor")?;
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(format_err(
+            path,
+            format!("tensor `{name}` holds a non-finite value ({bad}): the gates are corrupt or their training diverged"),
+        ));
+    }
+    Ok(t)
 }
 
 /// Checks `found` (the file's identity) against `expected` and against the file's own config.
