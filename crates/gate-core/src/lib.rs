@@ -12,6 +12,7 @@
 pub mod error;
 pub mod gate;
 pub mod loss;
+pub mod rope;
 pub mod score;
 pub mod select;
 

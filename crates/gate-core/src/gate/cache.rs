@@ -303,9 +303,9 @@ impl AttentionGate {
         let (q, kv) = qkv.split_at_mut(inner);
         let (k, v) = kv.split_at_mut(inner);
         cache.layer_mut(&self.cfg, layer)?; // the shape check, before the RoPE factors
-        let rope = cache.rope_at(self, position);
-        rope.apply(q);
-        rope.apply(k);
+        let cos_sin = &cache.rope_at(self, position).cos_sin;
+        self.rope.rotate_heads(q, cos_sin);
+        self.rope.rotate_heads(k, cos_sin);
         let entry = cache.layer_mut(&self.cfg, layer)?;
         entry.push(k, v, position);
         let o = attend_one(q, entry, position, &self.cfg);
@@ -318,27 +318,14 @@ impl AttentionGate {
     }
 }
 
-/// The rotate-half RoPE factors of one position, `cos` and `sin` of `position * inv_freq[i]`
-/// (angles in f64, as the tensor path computes them, then rounded to f32).
+/// The RoPE factors of one position ([`Rope::angles`](crate::rope::Rope::angles)), kept for
+/// every layer's step of the token.
 #[derive(Debug, Clone, Default)]
 struct RopeRow {
     /// The position and the RoPE base (f32 bits) the factors are for.
     key: Option<(u32, u32)>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-}
-
-impl RopeRow {
-    /// Rotates each head of `x` (`[heads, head_dim]`, `head_dim = 2 * cos.len()`) in place.
-    fn apply(&self, x: &mut [f32]) {
-        let half = self.cos.len();
-        for head in x.chunks_exact_mut(2 * half) {
-            let (x1, x2) = head.split_at_mut(half);
-            for (((a, b), &cos), &sin) in x1.iter_mut().zip(x2).zip(&self.cos).zip(&self.sin) {
-                (*a, *b) = (*a * cos - *b * sin, *b * cos + *a * sin);
-            }
-        }
-    }
+    /// `(cos, sin)` per rotation pair.
+    cos_sin: Vec<(f32, f32)>,
 }
 
 impl GateCache {
@@ -347,9 +334,10 @@ impl GateCache {
     fn rope_at(&mut self, gate: &AttentionGate, position: u32) -> &RopeRow {
         let key = Some((position, gate.cfg.rope_theta.to_bits()));
         if self.rope.key != key {
-            let angles = gate.inv_freq.iter().map(|&f| f64::from(position) * f);
-            (self.rope.cos, self.rope.sin) =
-                angles.map(|a| (a.cos() as f32, a.sin() as f32)).unzip();
+            let pairs = gate.rope.inv_freq().len();
+            self.rope.cos_sin.resize(pairs, (0.0, 0.0));
+            gate.rope
+                .angles(f64::from(position), &mut self.rope.cos_sin);
             self.rope.key = key;
         }
         &self.rope

@@ -6,8 +6,8 @@
 //! in `file.rs`.
 //!
 //! Forward, layer `l` (docs/policies.md): `Q' = X Wq'^T`, `K' = X Wk'^T`, `V' = X Wv'^T`
-//! (`[B, T, heads, head_dim]`, no bias); non-interleaved ("HF", rotate-half) RoPE on `Q'`,
-//! `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + mask) V'` where the mask
+//! (`[B, T, heads, head_dim]`, no bias); non-interleaved ("HF", rotate-half) RoPE
+//! ([`crate::rope`]) on `Q'`, `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + mask) V'` where the mask
 //! is causal and, with an `attention_window` `W > 0`, banded: the query at position `p` sees
 //! the keys at positions `p - W < q <= p`; `z = O' Wg^T + bg` (`[B, T, n_kv_heads]`);
 //! `s = sigmoid(z)`; hard `keep = s > threshold`. The window bounds what a session must keep
@@ -38,6 +38,7 @@ pub use cache::GateCache;
 pub use file::{model_identity, GateFileDtype, ModelIdentity};
 
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
+use crate::rope::{Rope, RopeLayout};
 use crate::select::Protection;
 
 /// Shape and hyper-parameters of an Attention-Gate for one base model.
@@ -223,8 +224,8 @@ pub struct AttentionGate {
     /// Host f32 copies of the parameters for [`AttentionGate::step`], made at the first decode
     /// step (a gate being trained is never decoded with, so the copies cannot go stale).
     host: std::sync::OnceLock<Vec<cache::HostLayer>>,
-    /// RoPE inverse frequencies, `theta^(-2i/head_dim)` for `i < head_dim/2`, in f64.
-    inv_freq: Vec<f64>,
+    /// The rotate-half RoPE of `Q'` and `K'` (unscaled frequencies of `rope_theta`).
+    rope: Rope,
     identity: ModelIdentity,
 }
 
@@ -302,16 +303,11 @@ impl AttentionGate {
                 "only the gate's parameter names",
             ));
         }
-        let half = cfg.head_dim / 2;
-        let theta = f64::from(cfg.rope_theta);
-        let inv_freq = (0..half)
-            .map(|i| theta.powf(-((2 * i) as f64) / cfg.head_dim as f64))
-            .collect();
         Ok(Self {
             cfg: cfg.clone(),
             layers,
             host: std::sync::OnceLock::new(),
-            inv_freq,
+            rope: Rope::new(cfg.head_dim, cfg.rope_theta, RopeLayout::Halves),
             identity: ModelIdentity::new(),
         })
     }
@@ -428,30 +424,6 @@ impl AttentionGate {
         Ok((x3.to_dtype(self.dtype()).ctx("casting gate input")?, two_d))
     }
 
-    /// RoPE (rotate-half) of `x: [B, Ha, T, da]` at `positions` (length `T`).
-    fn rope(&self, x: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
-        let half = self.cfg.head_dim / 2;
-        let t = positions.len();
-        let angles: Vec<f64> = positions
-            .iter()
-            .flat_map(|&p| self.inv_freq.iter().map(move |&f| f64::from(p) * f))
-            .collect();
-        let table = |f: fn(f64) -> f64| {
-            Tensor::from_vec(
-                angles.iter().map(|&a| f(a)).collect::<Vec<_>>(),
-                (1, 1, t, half),
-                x.device(),
-            )?
-            .to_dtype(x.dtype())
-        };
-        let (cos, sin) = (table(f64::cos)?, table(f64::sin)?);
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Tensor::cat(&[r1, r2], D::Minus1)
-    }
-
     /// Projects `x: [B, T, hidden]` to `(Q', K', V')`, each `[B, Ha, T, da]`, RoPE applied to
     /// `Q'` and `K'`.
     fn project(
@@ -469,8 +441,9 @@ impl AttentionGate {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = self.rope(&heads(&p.wq)?, positions)?;
-        let k = self.rope(&heads(&p.wk)?, positions)?;
+        let tables = self.rope.tables_at(positions, x.dtype(), x.device())?;
+        let q = self.rope.rotate_tensor(&heads(&p.wq)?, &tables)?;
+        let k = self.rope.rotate_tensor(&heads(&p.wk)?, &tables)?;
         Ok((q, k, heads(&p.wv)?))
     }
 
@@ -631,56 +604,4 @@ pub fn hard_flags(s: &Tensor, tau: f32) -> Result<Vec<Vec<bool>>> {
         .into_iter()
         .map(|r| r.into_iter().map(|v| v > tau).collect())
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The gate's rotate-half RoPE equals candle's non-interleaved `rope` kernel.
-    #[test]
-    fn rope_matches_candle_kernel() {
-        let cfg = GateConfig {
-            heads: 2,
-            head_dim: 8,
-            ..GateConfig::new(16, 1, 1, 500.0)
-        };
-        let g = AttentionGate::random(&cfg, 0, &Device::Cpu).unwrap();
-        let positions = [0u32, 3, 4, 17, 900];
-        let n = 2 * positions.len() * 8;
-        let x = Tensor::from_vec(
-            (0..n).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
-            (1, 2, 5, 8),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let ours = g.rope(&x, &positions).unwrap();
-        let ang: Vec<f32> = positions
-            .iter()
-            .flat_map(|&p| g.inv_freq.iter().map(move |f| (f64::from(p) * f) as f32))
-            .collect();
-        let cos = Tensor::from_vec(
-            ang.iter().map(|a| a.cos()).collect::<Vec<_>>(),
-            (5, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let sin = Tensor::from_vec(
-            ang.iter().map(|a| a.sin()).collect::<Vec<_>>(),
-            (5, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let theirs = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
-        let d = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        // Our angles are computed in f64, the reference ones in f32 (position 900: ~1e-6 apart).
-        assert!(d < 1e-5, "max difference {d}");
-    }
 }
