@@ -143,21 +143,30 @@ fn protected_keys_stay_visible_when_flagged_out() {
     assert!(err.to_string().contains("`visibility`"), "{err}");
 }
 
-#[test]
-fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
-    let (b, hq, hkv, t) = (2, 4, 2, 6);
+/// Shape of [`evicting_case`]: batch, query heads, KV heads, tokens.
+const CASE: (usize, usize, usize, usize) = (2, 4, 2, 6);
+
+/// Random f32 scores `[b, hq, t, t]` (shape [`CASE`]) and keep flags `[b, hkv, t]` where batch 0,
+/// KV head 1 evicts token 2 and batch 1, KV head 0 evicts tokens 0 and 4.
+fn evicting_case() -> (Tensor, Tensor) {
+    let (b, hq, hkv, t) = CASE;
     let mut rng = StdRng::seed_from_u64(2);
     let scores = tensor(
         rand_vec(&mut rng, b * hq * t * t, 3.0),
         &[b, hq, t, t],
         DType::F32,
     );
-    // Batch 0, KV head 1 evicts token 2; batch 1, KV head 0 evicts tokens 0 and 4.
     let mut keep = vec![1.0; b * hkv * t];
     keep[t + 2] = 0.0;
     keep[2 * t] = 0.0;
     keep[2 * t + 4] = 0.0;
-    let keep = tensor(keep.clone(), &[b, hkv, t], DType::F32);
+    (scores, tensor(keep, &[b, hkv, t], DType::F32))
+}
+
+#[test]
+fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
+    let (b, hq, hkv, t) = CASE;
+    let (scores, keep) = evicting_case();
     let p = plain_masked_attention(&scores, &keep).unwrap();
     assert_eq!(p.dims(), [b, hq, t, t]);
     let sums = to_vec(&p.sum(D::Minus1).unwrap());
@@ -198,7 +207,13 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
         let want = (sc[j] as f64).exp() / z;
         assert!((p4[0][2][4][j] as f64 - want).abs() < 1e-6);
     }
-    // With everything kept it is the plain causal softmax.
+}
+
+/// With every key kept, masked attention is the plain causal softmax.
+#[test]
+fn masked_attention_keeping_everything_is_the_causal_softmax() {
+    let t = CASE.3;
+    let (scores, keep) = evicting_case();
     let full = plain_masked_attention(&scores, &keep.ones_like().unwrap()).unwrap();
     let causal = Tensor::from_vec(
         (0..t)
@@ -212,7 +227,12 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
         candle_nn::ops::softmax(&scores.broadcast_add(&causal).unwrap(), D::Minus1).unwrap();
     let d = gate_core::testing::max_abs_diff(&full, &reference).unwrap();
     assert!(d < 1e-6);
-    // A huge score on an evicted key neither overflows nor leaks.
+}
+
+/// A huge score on an evicted key neither overflows nor leaks into the row.
+#[test]
+fn a_huge_score_on_an_evicted_key_neither_overflows_nor_leaks() {
+    let t = CASE.3;
     let mut s = vec![0.0; t * t];
     s[3 * t + 1] = 500.0;
     let mut k = vec![1.0; t];
@@ -229,7 +249,12 @@ fn masked_attention_rows_sum_to_one_and_evicted_keys_vanish() {
             && (row3.iter().sum::<f64>() - 1.0).abs() < 1e-6,
         "{row3:?}"
     );
-    // Shape errors name the argument.
+}
+
+/// Masked attention refuses mismatched shapes, naming the argument.
+#[test]
+fn masked_attention_shape_errors_name_the_argument() {
+    let (scores, keep) = evicting_case();
     let err = plain_masked_attention(&scores, &keep.narrow(2, 0, 5).unwrap())
         .unwrap_err()
         .to_string();
