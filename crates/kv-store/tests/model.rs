@@ -171,8 +171,8 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Append { s, layer, n } => self.append(s, layer, n),
-            Op::AppendHead { s, layer, head, n } => self.append_head(s, layer, head, n),
+            Op::Append { s, layer, n } => self.append(s, layer, None, n),
+            Op::AppendHead { s, layer, head, n } => self.append(s, layer, Some(head), n),
             Op::Evict {
                 s,
                 layer,
@@ -201,18 +201,26 @@ impl World {
         }
     }
 
-    /// [`Op::Append`]: `n` new tokens to every head of `layer` of session `s`.
-    fn append(&mut self, s: usize, layer: usize, n: usize) {
-        let k = self.values(n * HEADS * D);
-        let v = self.values(n * HEADS * D);
+    /// [`Op::Append`] (`head: None`, every head of `layer`) and [`Op::AppendHead`] (that head
+    /// only): `n` new tokens to session `s`.
+    fn append(&mut self, s: usize, layer: usize, head: Option<usize>, n: usize) {
+        let heads = head.map_or(0..HEADS, |h| h..h + 1);
+        let nh = heads.len();
+        let k = self.values(n * nh * D);
+        let v = self.values(n * nh * D);
         let holders = self.holders();
-        let need: usize = (0..HEADS)
+        let need: usize = heads
+            .clone()
             .map(|h| self.append_need(&holders, s, layer, h, n))
             .sum();
         let p0 = self.sessions[s].next_pos[layer];
         let pos: Vec<u32> = (p0..p0 + n as u32).collect();
         let free = self.pool.stats().blocks_free;
-        let res = self.sessions[s].kv.append(layer, &k, &v, &pos);
+        let kv = &mut self.sessions[s].kv;
+        let res = match head {
+            None => kv.append(layer, &k, &v, &pos),
+            Some(h) => kv.append_head(layer, h, &k, &v, &pos),
+        };
         self.expect(
             res,
             need,
@@ -220,9 +228,9 @@ impl World {
             layer,
             n,
             |sess, dtype| {
-                for h in 0..HEADS {
+                for (slot, h) in heads.enumerate() {
                     for (t, &p) in pos.iter().enumerate() {
-                        let at = (t * HEADS + h) * D;
+                        let at = (t * nh + slot) * D;
                         let r = |x: &[f32]| {
                             let mut e = x[at..at + D].to_vec();
                             dtype.round_entry(&mut e);
@@ -230,36 +238,6 @@ impl World {
                         };
                         sess.heads[layer * HEADS + h].push((r(&k), r(&v), p));
                     }
-                }
-                sess.next_pos[layer] += n as u32;
-            },
-            s,
-        );
-    }
-
-    /// [`Op::AppendHead`]: `n` new tokens to (`layer`, `head`) of session `s` only.
-    fn append_head(&mut self, s: usize, layer: usize, head: usize, n: usize) {
-        let k = self.values(n * D);
-        let v = self.values(n * D);
-        let need = self.append_need(&self.holders(), s, layer, head, n);
-        let p0 = self.sessions[s].next_pos[layer];
-        let pos: Vec<u32> = (p0..p0 + n as u32).collect();
-        let free = self.pool.stats().blocks_free;
-        let res = self.sessions[s].kv.append_head(layer, head, &k, &v, &pos);
-        self.expect(
-            res,
-            need,
-            free,
-            layer,
-            n,
-            |sess, dtype| {
-                for t in 0..n {
-                    let r = |x: &[f32]| {
-                        let mut e = x[t * D..(t + 1) * D].to_vec();
-                        dtype.round_entry(&mut e);
-                        e
-                    };
-                    sess.heads[layer * HEADS + head].push((r(&k), r(&v), pos[t]));
                 }
                 sess.next_pos[layer] += n as u32;
             },
