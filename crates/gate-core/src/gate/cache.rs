@@ -273,7 +273,7 @@ impl AttentionGate {
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)
     /// at absolute `position`: appends its `K'`, `V'` to `cache`, attends over the cached
     /// tokens its window sees (itself included) and returns `s` per KV head (f32). Runs on host
-    /// copies of the parameters, no tensor dispatch: the projection ([`HostMatrix::matvec`], on
+    /// copies of the parameters, no tensor dispatch: the projection (`HostMatrix::matvec`, on
     /// the f16 weights when they are exact) is shared out over candle's CPU thread pool,
     /// the RoPE angles are computed once per position for every layer, and the attention is
     /// one pass over the window's rows.

@@ -216,7 +216,7 @@ impl AttentionGate {
         &self.identity
     }
 
-    /// Replaces the model identity written by [`AttentionGate::save`].
+    /// Replaces the model identity written by [`AttentionGate::to_bytes`].
     pub fn set_identity(&mut self, identity: ModelIdentity) {
         self.identity = identity;
     }
