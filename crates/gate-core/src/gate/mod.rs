@@ -7,7 +7,8 @@
 //!
 //! Forward, layer `l` (docs/policies.md): `Q' = X Wq'^T`, `K' = X Wk'^T`, `V' = X Wv'^T`
 //! (`[B, T, heads, head_dim]`, no bias); non-interleaved ("HF", rotate-half) RoPE
-//! ([`crate::rope`]) on `Q'`, `K'` at the true positions; `O' = softmax(Q'K'^T / sqrt(head_dim) + mask) V'` where the mask
+//! ([`crate::rope`]) on `Q'`, `K'` at the true positions;
+//! `O' = softmax(Q'K'^T / sqrt(head_dim) + mask) V'` where the mask
 //! is causal and, with an `attention_window` `W > 0`, banded: the query at position `p` sees
 //! the keys at positions `p - W < q <= p`; `z = O' Wg^T + bg` (`[B, T, n_kv_heads]`);
 //! `s = sigmoid(z)`; hard `keep = s > threshold`. The window bounds what a session must keep
