@@ -1,5 +1,6 @@
-//! `gate-core`: the Attention-Gate module, the eviction scorers and selectors, and the
-//! training loss terms of agate (design/ALGORITHMS.md is the spec).
+//! `gate-core`: the Attention-Gate module, the eviction scorers and selectors, the training loss
+//! terms of agate (`docs/algorithms.md` is the spec), and agate's one rotary position embedding
+//! ([`rope`]: the gate's, and the decoder's through model-zoo).
 //!
 //! Owns no model, cache or tokenizer: everything here works on slices in entry order (oldest
 //! first) for one (layer, KV head), or on candle tensors. Invariants shared by all modules: no

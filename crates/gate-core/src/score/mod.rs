@@ -1,6 +1,6 @@
 //! Eviction scorers: per-entry scores (higher = more worth keeping) for one (layer, KV head),
 //! or, where the policy is inherently a selection (StreamingLLM, SnapKV's window, TOVA, NACL's
-//! sampling), the keep mask itself. Exactly the definitions of `design/ALGORITHMS.md`.
+//! sampling), the keep mask itself. Exactly the definitions of `docs/algorithms.md`.
 //!
 //! Owns the scorers and [`group_mean`]. Invariants: scorers never see models or caches, only
 //! slices in entry order (oldest first), and any selection they make goes through the ranking
