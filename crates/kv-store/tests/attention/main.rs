@@ -7,6 +7,9 @@
 //! calls (bit for bit each call alone). Tolerance:
 //! max |paged − ref| ≤ 1e-5 × max |ref| per (query row, query head), and the same for probability
 //! sums per KV head.
+//!
+//! The reference and the comparison live in `reference.rs`, the batch tests in `batch.rs` (one
+//! test binary).
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod batch;
