@@ -23,7 +23,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, Llama3Scaling, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass, PrefillChunk, PrefillKind};
 pub use llama::{LlamaModel, LogitsFor, SequenceInput};
