@@ -249,117 +249,150 @@ impl LlamaModel {
 
     /// Phase one of a batched pass: every layer's projections, per live sequence its append
     /// and plan, and the attention of all of them as one job on the pool (nothing evicted;
-    /// what `after_attention` will need goes to `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
-    /// sequence's logits `[rows, vocab]` (`None` for one that failed).
+    /// what `after_attention` will need goes to `pending`). A sequence that fails is marked in
+    /// `failed` and drops out. Returns each sequence's logits `[rows, vocab]` (`None` for one
+    /// that failed).
     fn run_batch(
         &self,
         batch: &mut [SequenceInput<'_>],
         failed: &mut [Option<ModelError>],
         pending: &mut [Vec<Pending>],
     ) -> Result<Vec<Option<Tensor>>> {
-        let cfg = &self.cfg;
-        let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
-        let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
-        if live.is_empty() {
+        let rows = BatchRows::new(batch, failed);
+        if rows.live.is_empty() {
             return Ok(batch.iter().map(|_| None).collect());
         }
-        let total: usize = rows.iter().sum();
-        let tokens: Vec<u32> = live
+        let tokens: Vec<u32> = rows
+            .live
             .iter()
             .flat_map(|&i| batch[i].tokens.iter().copied())
             .collect();
-        let positions: Vec<Vec<u32>> = live
-            .iter()
-            .map(|&i| (batch[i].start..batch[i].start + batch[i].tokens.len() as u32).collect())
-            .collect();
-        let eps = cfg.rms_norm_eps as f32;
-        let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let mut pass = BatchPass {
+            batch,
+            failed,
+            pending,
+            rows,
+        };
         let mut x = self.embedding.forward(&tokens)?;
-        // Each live sequence's rows: `first..first + rows[j]` of the stacked hidden states.
-        let firsts: Vec<usize> = rows
+        for l in 0..self.layers.len() {
+            x = self.run_layer(l, x, &mut pass)?;
+        }
+        self.head_logits(&x, &pass)
+    }
+
+    /// Layer `l` of a batched pass on the stacked hidden states `x`: projections over all rows,
+    /// per sequence RoPE, append, plan and attention, then the FFN; returns the new `x`.
+    fn run_layer(&self, l: usize, x: Tensor, pass: &mut BatchPass<'_, '_>) -> Result<Tensor> {
+        let (layer, eps) = (&self.layers[l], self.cfg.rms_norm_eps as f32);
+        let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+        let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &pass.rows.rows)?;
+        let planned = self.plan_layer(l, &normed, (&mut q, &mut k, &v), pass)?;
+        let attn = self.attend_layer(l, &q, planned, pass)?;
+        let rows = &pass.rows.rows;
+        let x = (x + layer.o.forward_segments(&attn, rows)?)?;
+        let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let [gate, up] = layer.gate_up.forward_parts(&normed, rows)?;
+        let gated = swiglu(gate, &up);
+        let shape = (pass.rows.total, self.cfg.intermediate_size);
+        let gated = Tensor::from_vec(gated, shape, &Device::Cpu)?;
+        Ok((x + layer.down.forward_segments(&gated, rows)?)?)
+    }
+
+    /// Per live sequence of a pass, its share of layer `l` before attention (RoPE in place on
+    /// its rows of `q` and `k`, the store append, the hook's plan); returns the plans of those
+    /// that did not fail, with their indices (live, batch).
+    fn plan_layer(
+        &self,
+        l: usize,
+        normed: &Tensor,
+        (q, k, v): (&mut [f32], &mut [f32], &[f32]),
+        pass: &mut BatchPass<'_, '_>,
+    ) -> Result<Vec<(usize, usize, LayerPlan)>> {
+        let (q_width, kv_width) = self.widths();
+        let rows = &pass.rows;
+        let mut planned = Vec::with_capacity(rows.live.len());
+        for (j, &i) in rows.live.iter().enumerate() {
+            if pass.failed[i].is_some() {
+                continue;
+            }
+            let step = self.prepare_attention(
+                l,
+                &mut pass.batch[i],
+                AttentionInput {
+                    normed: &normed.narrow(0, rows.firsts[j], rows.rows[j])?,
+                    q: &mut q[rows.span(j, q_width)],
+                    k: &mut k[rows.span(j, kv_width)],
+                    v: &v[rows.span(j, kv_width)],
+                    positions: &rows.positions[j],
+                },
+            );
+            match step {
+                Ok(plan) => planned.push((j, i, plan)),
+                Err(e) => pass.failed[i] = Some(e),
+            }
+        }
+        Ok(planned)
+    }
+
+    /// The attention of layer `l` for every planned sequence over its own store, as one job on
+    /// the pool; records what `after_attention` will need in `pending`. Returns the attention
+    /// output of all rows `[total, q_width]` (zero for sequences that failed).
+    fn attend_layer(
+        &self,
+        l: usize,
+        q: &[f32],
+        planned: Vec<(usize, usize, LayerPlan)>,
+        pass: &mut BatchPass<'_, '_>,
+    ) -> Result<Tensor> {
+        let (q_width, _) = self.widths();
+        let scale = self.attention_scale();
+        let rows = &pass.rows;
+        let calls: Vec<AttendCall<'_>> = planned
             .iter()
-            .scan(0, |first, &n| {
-                *first += n;
-                Some(*first - n)
+            .map(|(j, i, plan)| {
+                let mut opts = AttendOptions::new(scale);
+                opts.visible_until = plan.visible_until.as_deref();
+                opts.prob_sums = plan.prob_rows.clone();
+                opts.parallel = Some(&CpuPool);
+                AttendCall {
+                    kv: &*pass.batch[*i].kv,
+                    layer: l,
+                    q: &q[rows.span(*j, q_width)],
+                    q_positions: &rows.positions[*j],
+                    opts,
+                }
             })
             .collect();
-        let span = |j: usize, width: usize| firsts[j] * width..(firsts[j] + rows[j]) * width;
-        let scale = self.attention_scale();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &rows)?;
-            // Per sequence: RoPE, the store append and the hook's plan.
-            let mut planned = Vec::with_capacity(live.len());
-            for (j, &i) in live.iter().enumerate() {
-                if failed[i].is_some() {
-                    continue;
+        let attended = SequenceKv::attend_batch(&calls, Some(&CpuPool));
+        let mut attn = vec![0f32; rows.total * q_width];
+        for ((j, i, plan), result) in planned.into_iter().zip(attended) {
+            match result {
+                Ok(out) => {
+                    attn[rows.span(j, q_width)].copy_from_slice(&out.out);
+                    pass.pending[i].push(Pending {
+                        queries: if plan.queries {
+                            q[rows.span(j, q_width)].to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        prob_sums: out.prob_sums,
+                    });
                 }
-                let step = self.prepare_attention(
-                    l,
-                    &mut batch[i],
-                    AttentionInput {
-                        normed: &normed.narrow(0, firsts[j], rows[j])?,
-                        q: &mut q[span(j, q_width)],
-                        k: &mut k[span(j, kv_width)],
-                        v: &v[span(j, kv_width)],
-                        positions: &positions[j],
-                    },
-                );
-                match step {
-                    Ok(plan) => planned.push((j, i, plan)),
-                    Err(e) => failed[i] = Some(e),
-                }
+                Err(e) => pass.failed[i] = Some(e.into()),
             }
-            // Attention of every planned sequence over its own store, as one job on the pool.
-            let calls: Vec<AttendCall<'_>> = planned
-                .iter()
-                .map(|(j, i, plan)| {
-                    let mut opts = AttendOptions::new(scale);
-                    opts.visible_until = plan.visible_until.as_deref();
-                    opts.prob_sums = plan.prob_rows.clone();
-                    opts.parallel = Some(&CpuPool);
-                    AttendCall {
-                        kv: &*batch[*i].kv,
-                        layer: l,
-                        q: &q[span(*j, q_width)],
-                        q_positions: &positions[*j],
-                        opts,
-                    }
-                })
-                .collect();
-            let attended = SequenceKv::attend_batch(&calls, Some(&CpuPool));
-            let mut attn = vec![0f32; total * q_width];
-            for ((j, i, plan), result) in planned.into_iter().zip(attended) {
-                match result {
-                    Ok(out) => {
-                        attn[span(j, q_width)].copy_from_slice(&out.out);
-                        pending[i].push(Pending {
-                            queries: if plan.queries {
-                                q[span(j, q_width)].to_vec()
-                            } else {
-                                Vec::new()
-                            },
-                            prob_sums: out.prob_sums,
-                        });
-                    }
-                    Err(e) => failed[i] = Some(e.into()),
-                }
-            }
-            let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
-            x = (x + layer.o.forward_segments(&attn, &rows)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [gate, up] = layer.gate_up.forward_parts(&normed, &rows)?;
-            let gated = swiglu(gate, &up);
-            let gated = Tensor::from_vec(gated, (total, cfg.intermediate_size), &Device::Cpu)?;
-            x = (x + layer.down.forward_segments(&gated, &rows)?)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        // The LM head sees only the rows each sequence wants logits for.
+        Ok(Tensor::from_vec(attn, (rows.total, q_width), &Device::Cpu)?)
+    }
+
+    /// The final norm and the LM head over the rows each sequence wants logits for; returns
+    /// each sequence's logits (`None` for one that failed).
+    fn head_logits(&self, x: &Tensor, pass: &BatchPass<'_, '_>) -> Result<Vec<Option<Tensor>>> {
+        let x = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let (mut picks, mut head_rows, mut first) = (Vec::new(), Vec::new(), 0u32);
-        let mut head_range = vec![0..0; batch.len()];
-        for (j, &i) in live.iter().enumerate() {
-            let n = rows[j] as u32;
-            let range = match batch[i].logits_for {
+        let mut head_range = vec![0..0; pass.batch.len()];
+        for (j, &i) in pass.rows.live.iter().enumerate() {
+            let n = pass.rows.rows[j] as u32;
+            let range = match pass.batch[i].logits_for {
                 LogitsFor::Last => first + n - 1..first + n,
                 LogitsFor::All => first..first + n,
             };
@@ -370,15 +403,21 @@ impl LlamaModel {
         }
         let picked = x.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
         let logits = self.lm_head.forward_segments(&picked, &head_rows)?;
-        (0..batch.len())
+        (0..pass.batch.len())
             .map(|i| {
-                if failed[i].is_some() {
+                if pass.failed[i].is_some() {
                     return Ok(None);
                 }
                 let r = &head_range[i];
                 Ok(Some(logits.narrow(0, r.start, r.len())?))
             })
             .collect()
+    }
+
+    /// Row widths of the queries and of the keys (values): `[n_heads | n_kv_heads] * head_dim`.
+    fn widths(&self) -> (usize, usize) {
+        let cfg = &self.cfg;
+        (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
     }
 
     /// How a store with cache positions moves a key by `delta` positions: a rotation by `delta`
@@ -522,6 +561,59 @@ impl SequenceInput<'_> {
 struct Pending {
     queries: Vec<f32>,
     prob_sums: Option<Vec<Vec<f32>>>,
+}
+
+/// Where each live sequence's rows sit in the stacked hidden states of a batched pass.
+struct BatchRows {
+    /// The batch indices of the sequences that run (had not failed before the pass).
+    live: Vec<usize>,
+    /// Rows (new tokens) of each live sequence.
+    rows: Vec<usize>,
+    /// Each live sequence's first row: its rows are `firsts[j]..firsts[j] + rows[j]`.
+    firsts: Vec<usize>,
+    /// The positions of each live sequence's new tokens.
+    positions: Vec<Vec<u32>>,
+    /// Rows in all.
+    total: usize,
+}
+
+impl BatchRows {
+    fn new(batch: &[SequenceInput<'_>], failed: &[Option<ModelError>]) -> Self {
+        let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
+        let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
+        let firsts = rows
+            .iter()
+            .scan(0, |first, &n| {
+                *first += n;
+                Some(*first - n)
+            })
+            .collect();
+        let positions = live
+            .iter()
+            .map(|&i| (batch[i].start..batch[i].start + batch[i].tokens.len() as u32).collect())
+            .collect();
+        BatchRows {
+            total: rows.iter().sum(),
+            live,
+            rows,
+            firsts,
+            positions,
+        }
+    }
+
+    /// Live sequence `j`'s part of a row-major buffer of `width` values per row.
+    fn span(&self, j: usize, width: usize) -> std::ops::Range<usize> {
+        self.firsts[j] * width..(self.firsts[j] + self.rows[j]) * width
+    }
+}
+
+/// A batched pass in progress: its sequences, the error of each that failed, what each one's
+/// commit will need, and where their rows are.
+struct BatchPass<'p, 'a> {
+    batch: &'p mut [SequenceInput<'a>],
+    failed: &'p mut [Option<ModelError>],
+    pending: &'p mut [Vec<Pending>],
+    rows: BatchRows,
 }
 
 /// Fails with [`ModelError::NonFinite`] naming the first position whose logits (`[rows, vocab]`)
