@@ -126,80 +126,17 @@ impl Tokenizer {
             reason,
         };
         let md = &content.metadata;
-        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("`{k}` is missing")));
-        let model = get("tokenizer.ggml.model")?
-            .to_string()
-            .map_err(|e| err(e.to_string()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported from GGUF metadata (only byte-level BPE, `gpt2`); \
-                 put the model's tokenizer.json beside the weights"
-            )));
-        }
-        let strings = |k: &str| -> Result<Vec<String>> {
-            get(k)?
-                .to_vec()
-                .map_err(|e| err(format!("`{k}`: {e}")))?
-                .iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|e| err(format!("`{k}`: {e}")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| err(e.to_string()))?
-                .iter()
-                .map(|t| t.to_i32().unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(format!("BPE: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "default".to_string());
-        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre).map_err(err)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| err(format!("special tokens: {e}")))?;
+        let vocab = GgufVocab::read(md, &err)?;
+        let n_tokens = vocab.tokens.len();
+        let inner = vocab.byte_level_bpe(md, &err)?;
         // A special token id must name a token: an id outside the vocabulary would never be
         // produced (generation would not stop at an EOS that cannot be sampled).
         let id = |k: &str| -> Result<Option<u32>> {
             let Some(v) = md.get(k) else { return Ok(None) };
             let id = crate::config::gguf_usize(v).map_err(|p| err(format!("`{k}` {p}")))?;
-            if id >= tokens.len() {
+            if id >= n_tokens {
                 return Err(err(format!(
-                    "`{k}` is {id}, outside the vocabulary of {} tokens",
-                    tokens.len()
+                    "`{k}` is {id}, outside the vocabulary of {n_tokens} tokens"
                 )));
             }
             Ok(Some(id as u32))
@@ -329,6 +266,106 @@ impl Tokenizer {
                 })
             })
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+    }
+}
+
+/// The vocabulary of a GGUF tokenizer: tokens, BPE merges and token types.
+struct GgufVocab {
+    tokens: Vec<String>,
+    merges: Vec<(String, String)>,
+    /// GGUF token types (3: control, 4: user-defined; both special), one per token.
+    types: Vec<i32>,
+}
+
+/// GGUF metadata, by key.
+type Metadata = std::collections::HashMap<String, gguf_file::Value>;
+
+impl GgufVocab {
+    /// Reads the vocabulary of a byte-level BPE (`tokenizer.ggml.model = gpt2`) tokenizer;
+    /// `err` words an error.
+    fn read(md: &Metadata, err: &dyn Fn(String) -> ModelError) -> Result<Self> {
+        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("`{k}` is missing")));
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| err(e.to_string()))?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer model `{model}` is not supported from GGUF metadata (only byte-level BPE, `gpt2`); \
+                 put the model's tokenizer.json beside the weights"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            get(k)?
+                .to_vec()
+                .map_err(|e| err(format!("`{k}`: {e}")))?
+                .iter()
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| err(format!("`{k}`: {e}")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| err(e.to_string()))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        Ok(GgufVocab {
+            tokens,
+            merges,
+            types,
+        })
+    }
+
+    /// The byte-level BPE tokenizer of this vocabulary: the pre-tokenizer that
+    /// `tokenizer.ggml.pre` names, the byte-level decoder, special tokens matched atomically.
+    fn byte_level_bpe(
+        self,
+        md: &Metadata,
+        err: &dyn Fn(String) -> ModelError,
+    ) -> Result<tokenizers::Tokenizer> {
+        let vocab: tokenizers::models::bpe::Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, self.merges)
+            .build()
+            .map_err(|e| err(format!("BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "default".to_string());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre).map_err(err)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = self
+            .tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| err(format!("special tokens: {e}")))?;
+        Ok(inner)
     }
 }
 

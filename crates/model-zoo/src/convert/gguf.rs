@@ -9,8 +9,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use super::{
-    add_gates, check_output_dtype, dtype_torch_name, write_json, write_shards, ConvertOptions,
-    ConvertSummary, FileSink, Origin, Progress, Shard,
+    add_gates, dtype_torch_name, write_json, write_shards, ConvertOptions, ConvertSummary,
+    FileSink, Origin, Progress, Shard,
 };
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
@@ -63,15 +63,15 @@ fn gguf_to_hf_names(cfg: &ModelConfig) -> BTreeMap<String, (String, Option<usize
     names
 }
 
-/// Converts a GGUF file into the files of a Hugging Face directory, written into `out`.
-pub fn gguf_to_hf(
-    src: &Path,
+/// Converts the opened GGUF `file` into the files of a Hugging Face directory, written into
+/// `out` (`opts.dtype` is one [`super::check_output_dtype`] accepts).
+pub(super) fn gguf_to_hf(
+    file: GgufFile,
     out: &mut dyn FileSink,
     opts: &ConvertOptions,
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
-    check_output_dtype(opts.dtype)?;
-    let file = GgufFile::open(src)?;
+    let src = file.path();
     let cfg = ModelConfig::from_gguf(src, file.content())?;
     let tokenizer = Tokenizer::from_gguf(src, file.content())?;
     let names = gguf_to_hf_names(&cfg);
