@@ -64,12 +64,12 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         .chain(tok.eos_ids().iter().map(|&i| ("eos", i)))
         .find(|&(_, id)| id as usize >= vocab)
     {
-        return Err(ModelError::Tokenizer {
-            source_name: path.display().to_string(),
-            reason: format!(
+        return Err(ModelError::tokenizer(
+            &path.display().to_string(),
+            format!(
                 "the {which} token id {id} is outside the model's vocabulary of {vocab} tokens"
             ),
-        });
+        ));
     }
     Ok(loaded)
 }

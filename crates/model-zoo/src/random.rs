@@ -226,12 +226,8 @@ pub fn byte_tokenizer() -> Result<crate::Tokenizer> {
     let mut files = MemoryFiles::default();
     write_tokenizer(&mut files)?;
     let text = |name: &str| String::from_utf8_lossy(&files.0[name]).into_owned();
-    let config = serde_json::from_str(&text("tokenizer_config.json")).map_err(|e| {
-        ModelError::Tokenizer {
-            source_name: "random model".into(),
-            reason: e.to_string(),
-        }
-    })?;
+    let config = serde_json::from_str(&text("tokenizer_config.json"))
+        .map_err(|e| ModelError::tokenizer_failed("random model", "", e))?;
     crate::Tokenizer::from_json("random model", &text("tokenizer.json"), &config)
 }
 
@@ -253,10 +249,7 @@ impl FileSink for MemoryFiles {
 }
 
 fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
-    let err = |e: String| ModelError::Tokenizer {
-        source_name: "random model".into(),
-        reason: e,
-    };
+    let err = |e| ModelError::tokenizer_failed("random model", "", e);
     let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     symbols.sort_unstable();
     let vocab: tokenizers::models::bpe::Vocab = symbols
@@ -267,7 +260,7 @@ fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, Vec::new())
         .build()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
@@ -275,9 +268,8 @@ fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
         .iter()
         .map(|s| AddedToken::from(s.to_string(), true))
         .collect();
-    tok.add_special_tokens(specials)
-        .map_err(|e| err(e.to_string()))?;
-    let json = tok.to_string(true).map_err(|e| err(e.to_string()))?;
+    tok.add_special_tokens(specials).map_err(err)?;
+    let json = tok.to_string(true).map_err(err)?;
     out.file("tokenizer.json", &mut |w| Ok(w.write_all(json.as_bytes())?))?;
     let config = serde_json::json!({
         "eos_token": "<|im_end|>",

@@ -508,5 +508,5 @@ fn gate_keep(
 
 /// A gate-core error inside the training forward.
 fn gate_err(e: gate_core::GateError) -> ModelError {
-    ModelError::Input(e.to_string())
+    ModelError::Gates(Box::new(e))
 }

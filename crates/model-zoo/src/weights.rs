@@ -80,9 +80,10 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let invalid = |reason: String| ModelError::Gguf {
+        let invalid = |reason: String, source| ModelError::Gguf {
             path: path.to_path_buf(),
             reason,
+            source,
         };
         if looks_like_safetensors(&mmap) {
             return Err(ModelError::Input(format!(
@@ -90,14 +91,17 @@ impl GgufFile {
                 path.display()
             )));
         }
-        let layout = crate::gguf::check(&mmap).map_err(invalid)?;
+        let layout = crate::gguf::check(&mmap).map_err(|reason| invalid(reason, None))?;
         let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-            .map_err(|e| invalid(candle_message(&e)))?;
+            .map_err(|e| invalid(candle_message(&e), Some(e.into())))?;
         if content.tensor_data_offset != layout.data_offset {
-            return Err(invalid(format!(
-                "tensor data starts at byte {}, the header implies {}",
-                content.tensor_data_offset, layout.data_offset
-            )));
+            return Err(invalid(
+                format!(
+                    "tensor data starts at byte {}, the header implies {}",
+                    content.tensor_data_offset, layout.data_offset
+                ),
+                None,
+            ));
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -134,6 +138,7 @@ impl GgufFile {
         .map_err(|e| ModelError::Gguf {
             path: self.path.clone(),
             reason: format!("tensor `{name}`: {}", candle_message(&e)),
+            source: Some(e.into()),
         })
     }
 
@@ -224,6 +229,7 @@ impl Weights {
             unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Safetensors {
                 path: dir.to_path_buf(),
                 reason: candle_message(&e),
+                source: Some(e.into()),
             })?;
         Ok(Weights {
             source: Source::Safetensors {
@@ -539,12 +545,11 @@ fn pack(path: &Path, name: &str, parts: &[&QTensor]) -> Result<PackedMatrix> {
         raw.push((q.dtype(), rows, q.data()?));
     }
     let views: Vec<_> = raw.iter().map(|(t, r, d)| (*t, *r, d.as_ref())).collect();
-    PackedMatrix::from_ggml_parts(cols, &views).ok_or_else(|| ModelError::Gguf {
+    PackedMatrix::from_ggml_parts(cols, &views).ok_or_else(|| ModelError::Pack {
         path: path.to_path_buf(),
-        reason: format!(
-            "tensor `{name}`: cannot pack {:?} blocks of {cols} columns for the VNNI kernel",
-            parts.iter().map(|q| q.dtype()).collect::<Vec<_>>()
-        ),
+        tensor: name.to_string(),
+        dtypes: parts.iter().map(|q| q.dtype()).collect(),
+        cols,
     })
 }
 

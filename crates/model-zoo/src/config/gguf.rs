@@ -18,7 +18,7 @@ impl ModelConfig {
             .get("general.architecture")
             .ok_or_else(|| ModelError::config(path, "general.architecture", "is missing"))?
             .to_string()
-            .map_err(|e| ModelError::config(path, "general.architecture", e.to_string()))?
+            .map_err(|e| ModelError::config_failed(path, "general.architecture", "", e))?
             .clone();
         let architecture = Architecture::from_name(path, &arch_name, Architecture::gguf_name)?;
         let keys = ArchKeys {
@@ -140,9 +140,9 @@ impl ArchKeys<'_> {
         let Some(v) = self.md.get(&self.key("rope.scaling.type")) else {
             return Ok(None);
         };
-        let kind = v
-            .to_string()
-            .map_err(|e| self.error("rope.scaling.type", e.to_string()))?;
+        let kind = v.to_string().map_err(|e| {
+            ModelError::config_failed(self.path, &self.key("rope.scaling.type"), "", e)
+        })?;
         let factor = self.opt_f32("rope.scaling.factor")?.unwrap_or(1.0);
         match kind.as_str() {
             "none" => Ok(None),

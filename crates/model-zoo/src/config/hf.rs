@@ -12,13 +12,7 @@ use crate::error::{ModelError, Result};
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
-        Self::from_hf_value(path, &json)
+        Self::from_hf_value(path, &read_json(path)?)
     }
 
     /// Parses an already-read `config.json` value; `path` is used in error messages.
@@ -138,6 +132,16 @@ impl ModelConfig {
         }
         v
     }
+}
+
+/// The JSON value of the file `path` (a `config.json`); errors name the file.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::config_failed(path, "(file)", "is not valid JSON: ", e))
 }
 
 fn parse_hf_rope_scaling(path: &Path, rs: &Value) -> Result<RopeScaling> {

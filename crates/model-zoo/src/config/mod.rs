@@ -21,6 +21,7 @@ mod hf;
 mod tests;
 
 pub(crate) use gguf::gguf_usize;
+pub(crate) use hf::read_json;
 
 /// The decoder families agate implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -120,13 +120,9 @@ fn write_hf_side_files(
     let mut hf_config = cfg.to_hf_value(tokenizer.bos_id(), tokenizer.eos_ids());
     hf_config["torch_dtype"] = dtype_torch_name(dtype).into();
     write_json(out, "config.json", &hf_config)?;
-    let tok_json = tokenizer
-        .inner()
-        .to_string(false)
-        .map_err(|e| ModelError::Tokenizer {
-            source_name: src.display().to_string(),
-            reason: format!("cannot serialise: {e}"),
-        })?;
+    let tok_json = tokenizer.inner().to_string(false).map_err(|e| {
+        ModelError::tokenizer_failed(&src.display().to_string(), "cannot serialise: ", e)
+    })?;
     out.file("tokenizer.json", &mut |w| {
         Ok(w.write_all(tok_json.as_bytes())?)
     })?;

@@ -54,7 +54,8 @@ pub enum ConvertEvent<'a> {
 /// Where the files of an output directory go: `file(name, body)` creates the file `name` there
 /// and `body` fills it. model-zoo never opens a file for writing; the sink owns the files
 /// (engine's `StagedDir`: atomic, never clobbering). A body reports its writer's I/O errors as
-/// [`ModelError::Write`] with an empty path, which the sink fills in.
+/// [`ModelError::Write`] with an empty path, which the sink fills in
+/// ([`ModelError::written_to`]).
 pub trait FileSink {
     /// Writes one file of the directory.
     fn file(
@@ -314,9 +315,7 @@ fn checkpoint_files(src: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 fn copy_json_file(out: &mut dyn FileSink, path: &Path, dtype: DType) -> Result<String> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     if name == "config.json" {
-        let text = std::fs::read_to_string(path).map_err(io(path))?;
-        let mut v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        let mut v = crate::config::read_json(path)?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
                 "torch_dtype".into(),
