@@ -1,8 +1,9 @@
 //! `cargo xtask` as its users meet it, on the real default model: GGUF → safetensors → agate gives
-//! the same greedy tokens as the GGUF path dequantized to f32 (one conversion, in a temporary
-//! directory); an interrupted conversion leaves no file; `inspect` lists tensors of both formats;
-//! `kernels` without nvcc fails naming what to install; `dist` packages a binary whose `--version`
-//! and `inspect` run from a clean directory, with checksums that verify.
+//! the same greedy tokens as the GGUF path dequantized to f32 (converted twice, in a temporary
+//! directory: the same bytes both times); an interrupted conversion leaves no file; `inspect`
+//! lists tensors of both formats; `kernels` without nvcc fails naming what to install; `dist`
+//! packages a binary whose `--version` and `inspect` run from a clean directory, with checksums
+//! that verify.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
@@ -67,6 +68,24 @@ fn gguf_to_safetensors_keeps_greedy_tokens_and_inspects() {
         model.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A conversion is reproducible: the same input gives the same bytes.
+    let again = tmp.path().join("smol-f32-again");
+    let o = xtask(&[
+        "convert",
+        "--dtype",
+        "f32",
+        "--out",
+        again.to_str().unwrap(),
+        "--from",
+        model.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in entries(&out) {
+        let same =
+            std::fs::read(out.join(&name)).unwrap() == std::fs::read(again.join(&name)).unwrap();
+        assert!(same, "{name} differs between two conversions");
+    }
+    std::fs::remove_dir_all(&again).unwrap();
     let mut files = entries(&out);
     files.sort();
     assert_eq!(

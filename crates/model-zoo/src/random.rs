@@ -128,40 +128,21 @@ pub(crate) fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     )];
     for l in 0..cfg.n_layers {
         let (q, kv) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        specs.push(spec(
-            TensorRole::Q.name(hf, l),
-            vec![q, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::K.name(hf, l),
-            vec![kv, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::V.name(hf, l),
-            vec![kv, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::O.name(hf, l),
-            vec![d, q],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::Gate.name(hf, l),
-            vec![f, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::Up.name(hf, l),
-            vec![f, d],
-            Init::Uniform(w),
-        ));
         let down = Init::Uniform(1.0 / (f as f32).sqrt());
-        specs.push(spec(TensorRole::Down.name(hf, l), vec![d, f], down));
-        specs.push(spec(TensorRole::AttnNorm.name(hf, l), vec![d], Init::Ones));
-        specs.push(spec(TensorRole::FfnNorm.name(hf, l), vec![d], Init::Ones));
+        let layer = [
+            (TensorRole::Q, vec![q, d], Init::Uniform(w)),
+            (TensorRole::K, vec![kv, d], Init::Uniform(w)),
+            (TensorRole::V, vec![kv, d], Init::Uniform(w)),
+            (TensorRole::O, vec![d, q], Init::Uniform(w)),
+            (TensorRole::Gate, vec![f, d], Init::Uniform(w)),
+            (TensorRole::Up, vec![f, d], Init::Uniform(w)),
+            (TensorRole::Down, vec![d, f], down),
+            (TensorRole::AttnNorm, vec![d], Init::Ones),
+            (TensorRole::FfnNorm, vec![d], Init::Ones),
+        ];
+        for (role, shape, init) in layer {
+            specs.push(spec(role.name(hf, l), shape, init));
+        }
         if cfg.architecture.qkv_bias() {
             for (role, n) in [(TensorRole::Q, q), (TensorRole::K, kv), (TensorRole::V, kv)] {
                 specs.push(spec(role.bias_name(hf, l), vec![n], Init::Uniform(0.1)));

@@ -77,23 +77,29 @@ pub(super) fn gguf_to_hf(
     let names = gguf_to_hf_names(&cfg);
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut shard = Shard::new("model.safetensors".into(), metadata);
-    let mut skipped = Vec::new();
-    for (gguf_name, info) in &file.content().tensor_infos {
-        let Some((hf, heads)) = names.get(gguf_name) else {
-            skipped.push(gguf_name.clone());
-            continue;
-        };
-        let shape = info.shape.dims().to_vec();
+    let infos = &file.content().tensor_infos;
+    let (mut planned, mut skipped) = (Vec::new(), Vec::new());
+    for gguf_name in infos.keys() {
+        match names.get(gguf_name) {
+            Some((hf, heads)) => planned.push((hf, gguf_name, *heads)),
+            None => skipped.push(gguf_name.clone()),
+        }
+    }
+    // In the order of the output names, as the cast writes them: the tensor table is a hash
+    // map, whose order would make every conversion a different file.
+    planned.sort();
+    skipped.sort();
+    for (hf, gguf_name, heads) in planned {
+        let shape = infos[gguf_name].shape.dims().to_vec();
         if let Some(h) = heads {
-            check_unpermutable(src, gguf_name, &shape, *h)?;
+            check_unpermutable(src, gguf_name, &shape, h)?;
         }
         let origin = Origin::Gguf {
             name: gguf_name.clone(),
-            unpermute_heads: *heads,
+            unpermute_heads: heads,
         };
         shard.push(hf.clone(), opts.dtype, shape, origin);
     }
-    skipped.sort();
     let gate_tensors = add_gates(opts, &mut shard)?;
     let shards = [shard];
     let (mut files, bytes) = write_shards(out, &shards, Some(&file), progress)?;
