@@ -18,6 +18,13 @@ fn xtask(args: &[&str]) -> Output {
         .expect("run xtask")
 }
 
+/// `cargo xtask convert --from model --out out --dtype dtype` with `extra` flags.
+fn convert(model: &Path, out: &Path, dtype: &str, extra: &[&str]) -> Output {
+    let (model, out) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["convert", "--dtype", dtype, "--out", out, "--from", model];
+    xtask(&[&args[..], extra].concat())
+}
+
 /// The default model (fetched on first use); `None` (skipped) when it is not cached and
 /// `AGATE_OFFLINE` forbids fetching it.
 fn default_model() -> Option<PathBuf> {
@@ -56,29 +63,11 @@ fn gguf_to_safetensors_keeps_greedy_tokens_and_inspects() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smol-f32");
-    let o = xtask(&[
-        "convert",
-        "--to",
-        "safetensors",
-        "--dtype",
-        "f32",
-        "--out",
-        out.to_str().unwrap(),
-        "--from",
-        model.to_str().unwrap(),
-    ]);
+    let o = convert(&model, &out, "f32", &["--to", "safetensors"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A conversion is reproducible: the same input gives the same bytes.
     let again = tmp.path().join("smol-f32-again");
-    let o = xtask(&[
-        "convert",
-        "--dtype",
-        "f32",
-        "--out",
-        again.to_str().unwrap(),
-        "--from",
-        model.to_str().unwrap(),
-    ]);
+    let o = convert(&model, &again, "f32", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for name in entries(&out) {
         let same =
@@ -150,17 +139,7 @@ fn interrupted_conversion_leaves_no_output() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("half");
-    let o = xtask(&[
-        "convert",
-        "--dtype",
-        "bf16",
-        "--out",
-        out.to_str().unwrap(),
-        "--from",
-        model.to_str().unwrap(),
-        "--fail-after-tensors",
-        "20",
-    ]);
+    let o = convert(&model, &out, "bf16", &["--fail-after-tensors", "20"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("injected failure after 20 tensors"), "{err}");
