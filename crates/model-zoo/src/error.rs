@@ -31,7 +31,7 @@ pub enum ModelError {
         path: PathBuf,
         /// What the reader found (with the message of `source`, when there is one).
         reason: String,
-        /// The library error behind it (candle's reader, I/O, JSON), if any.
+        /// The error of candle's GGUF reader behind it, if any.
         #[source]
         source: Option<BoxedError>,
     },
