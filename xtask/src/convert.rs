@@ -85,7 +85,6 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             bail!("--gates {}: no such file", g.display());
         }
     }
-    let is_gguf = src.is_file() && has_gguf_magic(&src)?;
     let opts = ConvertOptions {
         dtype: args.dtype.dtype(),
         gates: args.gates.clone(),
@@ -102,8 +101,37 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let fail_after = args.fail_after_tensors;
-    let mut on_event = |e: ConvertEvent<'_>| -> model_zoo::Result<()> {
+    let mut on_event = progress(&bar, &interrupted, args.fail_after_tensors);
+    let started = Instant::now();
+    say!(
+        "xtask: converting {} → {} ({:?})",
+        src.display(),
+        args.out.display(),
+        args.dtype
+    );
+    let mut out = engine::atomic::StagedDir::new(&args.out)?;
+    let summary = convert::convert(&src, &mut out, &opts, &mut on_event);
+    bar.finish_and_clear();
+    let summary = summary.with_context(|| {
+        format!(
+            "conversion of {} failed; nothing was written to {}",
+            src.display(),
+            args.out.display()
+        )
+    })?;
+    out.commit()?;
+    report(&summary, started);
+    crate::stdout_line(&args.out.display().to_string())
+}
+
+/// The progress callback of a conversion: moves `bar`, and cancels once Ctrl-C has set
+/// `interrupted` or after `fail_after` tensors (`--fail-after-tensors`).
+fn progress<'a>(
+    bar: &'a ProgressBar,
+    interrupted: &'a AtomicBool,
+    fail_after: Option<usize>,
+) -> impl FnMut(ConvertEvent<'_>) -> model_zoo::Result<()> + 'a {
+    move |e| {
         match e {
             ConvertEvent::Start { tensors } => bar.set_length(tensors as u64),
             ConvertEvent::Tensor { index, name } => {
@@ -120,29 +148,11 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             return Err(ModelError::Input("interrupted".into()));
         }
         Ok(())
-    };
-    let started = Instant::now();
-    say!(
-        "xtask: converting {} → {} ({:?})",
-        src.display(),
-        args.out.display(),
-        args.dtype
-    );
-    let mut out = engine::atomic::StagedDir::new(&args.out)?;
-    let summary = if is_gguf {
-        convert::gguf_to_hf(&src, &mut out, &opts, &mut on_event)
-    } else {
-        convert::cast_safetensors(&src, &mut out, &opts, &mut on_event)
-    };
-    bar.finish_and_clear();
-    let summary = summary.with_context(|| {
-        format!(
-            "conversion of {} failed; nothing was written to {}",
-            src.display(),
-            args.out.display()
-        )
-    })?;
-    out.commit()?;
+    }
+}
+
+/// Says what a conversion wrote, and what it left out.
+fn report(summary: &convert::ConvertSummary, started: Instant) {
     say!(
         "xtask: wrote {} tensors ({:.1} MB) in {:.1} s: {}",
         summary.tensors,
@@ -163,14 +173,4 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             convert::GATES_PREFIX
         );
     }
-    crate::stdout_line(&args.out.display().to_string())
-}
-
-/// Whether a file starts with the GGUF magic.
-fn has_gguf_magic(path: &std::path::Path) -> anyhow::Result<bool> {
-    use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut magic = [0u8; 4];
-    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }

@@ -1,8 +1,9 @@
 //! `cargo xtask` as its users meet it, on the real default model: GGUF → safetensors → agate gives
-//! the same greedy tokens as the GGUF path dequantized to f32 (one conversion, in a temporary
-//! directory); an interrupted conversion leaves no file; `inspect` lists tensors of both formats;
-//! `kernels` without nvcc fails naming what to install; `dist` packages a binary whose `--version`
-//! and `inspect` run from a clean directory, with checksums that verify.
+//! the same greedy tokens as the GGUF path dequantized to f32 (converted twice, in a temporary
+//! directory: the same bytes both times); an interrupted conversion leaves no file; `inspect`
+//! lists tensors of both formats; `kernels` without nvcc fails naming what to install; `dist`
+//! packages a binary whose `--version` and `inspect` run from a clean directory, with checksums
+//! that verify.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,13 @@ fn xtask(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run xtask")
+}
+
+/// `cargo xtask convert --from model --out out --dtype dtype` with `extra` flags.
+fn convert(model: &Path, out: &Path, dtype: &str, extra: &[&str]) -> Output {
+    let (model, out) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["convert", "--dtype", dtype, "--out", out, "--from", model];
+    xtask(&[&args[..], extra].concat())
 }
 
 /// The default model (fetched on first use); `None` (skipped) when it is not cached and
@@ -55,18 +63,18 @@ fn gguf_to_safetensors_keeps_greedy_tokens_and_inspects() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smol-f32");
-    let o = xtask(&[
-        "convert",
-        "--to",
-        "safetensors",
-        "--dtype",
-        "f32",
-        "--out",
-        out.to_str().unwrap(),
-        "--from",
-        model.to_str().unwrap(),
-    ]);
+    let o = convert(&model, &out, "f32", &["--to", "safetensors"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A conversion is reproducible: the same input gives the same bytes.
+    let again = tmp.path().join("smol-f32-again");
+    let o = convert(&model, &again, "f32", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in entries(&out) {
+        let same =
+            std::fs::read(out.join(&name)).unwrap() == std::fs::read(again.join(&name)).unwrap();
+        assert!(same, "{name} differs between two conversions");
+    }
+    std::fs::remove_dir_all(&again).unwrap();
     let mut files = entries(&out);
     files.sort();
     assert_eq!(
@@ -131,17 +139,7 @@ fn interrupted_conversion_leaves_no_output() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("half");
-    let o = xtask(&[
-        "convert",
-        "--dtype",
-        "bf16",
-        "--out",
-        out.to_str().unwrap(),
-        "--from",
-        model.to_str().unwrap(),
-        "--fail-after-tensors",
-        "20",
-    ]);
+    let o = convert(&model, &out, "bf16", &["--fail-after-tensors", "20"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("injected failure after 20 tensors"), "{err}");

@@ -477,15 +477,7 @@ impl FileSink for StagedDir {
         };
         let dest = self.out.join(name);
         // The body's writer errors carry no path: they get this file's.
-        let label = |e: model_zoo::ModelError| match e {
-            model_zoo::ModelError::Write { path, reason } if path.as_os_str().is_empty() => {
-                model_zoo::ModelError::Write {
-                    path: dest.clone(),
-                    reason,
-                }
-            }
-            other => other,
-        };
+        let label = |e: model_zoo::ModelError| e.written_to(&dest);
         let file = File::create(staging.path().join(name)).map_err(|e| label(e.into()))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         body(&mut w).map_err(label)?;

@@ -47,6 +47,15 @@ fn time(fs: &mut [&mut dyn FnMut()], batches: usize, batch: Duration) -> Vec<f64
     best
 }
 
+/// The default model's projection shapes: name, rows, columns, stored type.
+const SHAPES: [(&str, usize, usize, GgmlDType); 5] = [
+    ("qkv", 960, 576, GgmlDType::Q4_1),
+    ("o", 576, 576, GgmlDType::Q4_1),
+    ("gate_up", 3072, 576, GgmlDType::Q4_1),
+    ("down", 576, 1536, GgmlDType::Q4_1),
+    ("lm_head", 49152, 576, GgmlDType::Q8_0),
+];
+
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
@@ -56,14 +65,6 @@ fn main() -> candle_core::Result<()> {
     } else {
         (9, Duration::from_millis(50))
     };
-    let dev = Device::Cpu;
-    let shapes: [(&str, usize, usize, GgmlDType); 5] = [
-        ("qkv", 960, 576, GgmlDType::Q4_1),
-        ("o", 576, 576, GgmlDType::Q4_1),
-        ("gate_up", 3072, 576, GgmlDType::Q4_1),
-        ("down", 576, 1536, GgmlDType::Q4_1),
-        ("lm_head", 49152, 576, GgmlDType::Q8_0),
-    ];
     if !json {
         println!(
             "threads: {} | packed kernel: {}",
@@ -77,65 +78,77 @@ fn main() -> candle_core::Result<()> {
         println!("| shape | rows | variant | µs/call | GB/s of weights |");
         println!("|---|---:|---|---:|---:|");
     }
-    for (name, n, k, dtype) in shapes {
-        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
-        let stored = QTensor::quantize(&w, dtype)?;
-        let raw = stored.data()?.into_owned();
-        let requant = QTensor::quantize(&stored.dequantize(&dev)?, GgmlDType::Q8_0)?;
-        let (q8_bytes, stored_bytes) = (
-            requant.storage_size_in_bytes(),
-            stored.storage_size_in_bytes(),
-        );
-        let dense = stored.dequantize(&dev)?;
-        let q8 = QMatMul::from_qtensor(requant)?;
-        let as_stored = QMatMul::from_qtensor(stored)?;
-        let packed = PackedMatrix::from_ggml_parts(k, &[(dtype, n, &raw)]).expect("packs");
-        for m in [1usize, 512] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let mut names = vec!["candle q8_0"];
-            let mut bytes = vec![q8_bytes];
-            let mut f_q8 = || {
-                black_box(q8.forward(&x).unwrap());
-            };
-            let mut f_stored = || {
-                black_box(as_stored.forward(&x).unwrap());
-            };
-            let mut f_dense = || {
-                black_box(x.matmul(&dense.t().unwrap()).unwrap());
-            };
-            let mut f_packed = || {
-                black_box(packed.matmul(&xv, m));
-            };
-            let mut fs: Vec<&mut dyn FnMut()> = vec![&mut f_q8];
-            if m == 1 && dtype == GgmlDType::Q4_1 {
-                names.push("candle q4_1");
-                bytes.push(stored_bytes);
-                fs.push(&mut f_stored);
-            }
-            if m > 1 {
-                names.push("dense f32");
-                bytes.push(n * k * 4);
-                fs.push(&mut f_dense);
-            }
-            names.push("packed");
-            bytes.push(packed.size_bytes());
-            fs.push(&mut f_packed);
-            let secs = time(&mut fs, batches, batch);
-            for ((v, s), b) in names.iter().zip(&secs).zip(&bytes) {
-                let gbs = *b as f64 / s / 1e9;
-                if json {
-                    println!(
-                        "{{\"shape\":\"{name}\",\"rows\":{m},\"variant\":\"{v}\",\"us_per_call\":{:.2},\"weight_gb_per_s\":{gbs:.2}}}",
-                        s * 1e6
-                    );
-                } else {
-                    println!("| {name} {n}x{k} | {m} | {v} | {:.1} | {gbs:.1} |", s * 1e6);
-                }
+    for shape in SHAPES {
+        shape_bench(shape, json, batches, batch)?;
+    }
+    decode_sweep(json, batches)
+}
+
+/// One projection shape's variants, for one activation row and for 512.
+fn shape_bench(
+    (name, n, k, dtype): (&str, usize, usize, GgmlDType),
+    json: bool,
+    batches: usize,
+    batch: Duration,
+) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+    let stored = QTensor::quantize(&w, dtype)?;
+    let raw = stored.data()?.into_owned();
+    let requant = QTensor::quantize(&stored.dequantize(&dev)?, GgmlDType::Q8_0)?;
+    let (q8_bytes, stored_bytes) = (
+        requant.storage_size_in_bytes(),
+        stored.storage_size_in_bytes(),
+    );
+    let dense = stored.dequantize(&dev)?;
+    let q8 = QMatMul::from_qtensor(requant)?;
+    let as_stored = QMatMul::from_qtensor(stored)?;
+    let packed = PackedMatrix::from_ggml_parts(k, &[(dtype, n, &raw)]).expect("packs");
+    for m in [1usize, 512] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut names = vec!["candle q8_0"];
+        let mut bytes = vec![q8_bytes];
+        let mut f_q8 = || {
+            black_box(q8.forward(&x).unwrap());
+        };
+        let mut f_stored = || {
+            black_box(as_stored.forward(&x).unwrap());
+        };
+        let mut f_dense = || {
+            black_box(x.matmul(&dense.t().unwrap()).unwrap());
+        };
+        let mut f_packed = || {
+            black_box(packed.matmul(&xv, m));
+        };
+        let mut fs: Vec<&mut dyn FnMut()> = vec![&mut f_q8];
+        if m == 1 && dtype == GgmlDType::Q4_1 {
+            names.push("candle q4_1");
+            bytes.push(stored_bytes);
+            fs.push(&mut f_stored);
+        }
+        if m > 1 {
+            names.push("dense f32");
+            bytes.push(n * k * 4);
+            fs.push(&mut f_dense);
+        }
+        names.push("packed");
+        bytes.push(packed.size_bytes());
+        fs.push(&mut f_packed);
+        let secs = time(&mut fs, batches, batch);
+        for ((v, s), b) in names.iter().zip(&secs).zip(&bytes) {
+            let gbs = *b as f64 / s / 1e9;
+            if json {
+                println!(
+                    "{{\"shape\":\"{name}\",\"rows\":{m},\"variant\":\"{v}\",\"us_per_call\":{:.2},\"weight_gb_per_s\":{gbs:.2}}}",
+                    s * 1e6
+                );
+            } else {
+                println!("| {name} {n}x{k} | {m} | {v} | {:.1} | {gbs:.1} |", s * 1e6);
             }
         }
     }
-    decode_sweep(json, batches)
+    Ok(())
 }
 
 /// Every projection of a 30-layer decode step plus the LM head, one activation row each.

@@ -15,29 +15,52 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// An output file could not be written (a [`crate::convert::FileSink`] names the file; an
-    /// I/O error of a writer converts to this variant with an empty path, which the sink fills).
-    #[error("cannot write {}: {reason}", path.display())]
+    /// I/O error of a writer converts to this variant with an empty path, which the sink fills
+    /// with [`ModelError::written_to`]).
+    #[error("cannot write {}: {source}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        reason: String,
+        /// The underlying error.
+        source: std::io::Error,
     },
     /// A GGUF file is malformed or truncated.
     #[error("{path} is not a valid GGUF file: {reason}")]
     Gguf {
         /// The file.
         path: PathBuf,
-        /// What the reader found.
+        /// What the reader found (with the message of `source`, when there is one).
         reason: String,
+        /// The error of candle's GGUF reader behind it, if any.
+        #[source]
+        source: Option<BoxedError>,
     },
     /// A safetensors file is malformed or truncated.
     #[error("{path} is not a valid safetensors file: {reason}")]
     Safetensors {
         /// The file (or the directory of shards).
         path: PathBuf,
-        /// What the reader found.
+        /// What the reader found (with the message of `source`, when there is one).
         reason: String,
+        /// The library error behind it (candle's reader, I/O, JSON), if any.
+        #[source]
+        source: Option<BoxedError>,
+    },
+    /// Quantized projection weights could not be repacked for the VNNI kernel (types that do not
+    /// pack together, or rows that are not whole 32-value blocks), whatever file they came from.
+    #[error(
+        "{}: tensor `{tensor}`: cannot pack {dtypes:?} blocks of {cols} columns for the VNNI kernel",
+        path.display()
+    )]
+    Pack {
+        /// The weights file or directory.
+        path: PathBuf,
+        /// The tensor (`a+b+c` for projections stacked into one).
+        tensor: String,
+        /// The GGML type of each stacked part.
+        dtypes: Vec<candle_core::quantized::GgmlDType>,
+        /// The column count.
+        cols: usize,
     },
     /// A config (GGUF metadata or `config.json`) lacks a field or has a bad value.
     #[error("{path}: field `{field}` {problem}")]
@@ -46,8 +69,12 @@ pub enum ModelError {
         path: PathBuf,
         /// The field.
         field: String,
-        /// What is wrong with it ("is missing", "must be > 0, got 0", …).
+        /// What is wrong with it ("is missing", "must be > 0, got 0", …; with the message of
+        /// `source`, when there is one).
         problem: String,
+        /// The library error behind it (a JSON parser's, candle's GGUF reader's), if any.
+        #[source]
+        source: Option<BoxedError>,
     },
     /// The model's architecture is not one agate implements.
     #[error("{path}: unsupported architecture `{architecture}` (supported: {supported})")]
@@ -84,12 +111,15 @@ pub enum ModelError {
     Tokenizer {
         /// Where the tokenizer came from (a file path or "GGUF metadata").
         source_name: String,
-        /// What went wrong.
+        /// What went wrong (with the message of `source`, when there is one).
         reason: String,
+        /// The library error behind it (tokenizers, candle's GGUF reader, serde_json), if any.
+        #[source]
+        source: Option<BoxedError>,
     },
     /// The chat template failed to parse or render.
     #[error("chat template: {0}")]
-    ChatTemplate(String),
+    ChatTemplate(#[source] minijinja::Error),
     /// A forward pass was given bad input.
     #[error("{0}")]
     Input(String),
@@ -114,13 +144,17 @@ pub enum ModelError {
     /// An eviction policy's scorer or selector refused its input.
     #[error("eviction: {0}")]
     Eviction(#[from] gate_core::GateError),
+    /// The gates of a training or evaluation forward pass ([`crate::train`]) refused their
+    /// input (boxed: a second unboxed `GateError` would grow every `ModelError` by a word).
+    #[error("{0}")]
+    Gates(#[source] Box<gate_core::GateError>),
 }
 
 impl From<std::io::Error> for ModelError {
-    fn from(e: std::io::Error) -> Self {
+    fn from(source: std::io::Error) -> Self {
         ModelError::Write {
             path: PathBuf::new(),
-            reason: e.to_string(),
+            source,
         }
     }
 }
@@ -139,15 +173,75 @@ pub fn candle_message(e: &candle_core::Error) -> String {
     }
 }
 
+/// A library error kept as the source of a [`ModelError`] whose variant several libraries feed.
+pub type BoxedError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Result alias for model-zoo.
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
+    /// This error with the file named, when it is a writer's I/O error that does not name one
+    /// yet ([`ModelError::Write`] with an empty path): what a [`crate::convert::FileSink`] does
+    /// with the errors of the body writing its file `path`.
+    pub fn written_to(self, path: &std::path::Path) -> Self {
+        match self {
+            ModelError::Write { path: p, source } if p.as_os_str().is_empty() => {
+                ModelError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A tokenizer error from `source_name`.
+    pub(crate) fn tokenizer(source_name: &str, reason: String) -> Self {
+        ModelError::Tokenizer {
+            source_name: source_name.to_string(),
+            reason,
+            source: None,
+        }
+    }
+
+    /// A tokenizer error from `source_name` whose library error `source` is kept (its message
+    /// ends the reason, after `context`).
+    pub(crate) fn tokenizer_failed(
+        source_name: &str,
+        context: &str,
+        source: impl Into<BoxedError>,
+    ) -> Self {
+        let source = source.into();
+        ModelError::Tokenizer {
+            source_name: source_name.to_string(),
+            reason: format!("{context}{source}"),
+            source: Some(source),
+        }
+    }
+
     pub(crate) fn config(path: &std::path::Path, field: &str, problem: impl Into<String>) -> Self {
         ModelError::Config {
             path: path.to_path_buf(),
             field: field.to_string(),
             problem: problem.into(),
+            source: None,
+        }
+    }
+
+    /// A config error whose library error `source` is kept (its message ends the problem,
+    /// after `context`).
+    pub(crate) fn config_failed(
+        path: &std::path::Path,
+        field: &str,
+        context: &str,
+        source: impl Into<BoxedError>,
+    ) -> Self {
+        let source = source.into();
+        ModelError::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem: format!("{context}{source}"),
+            source: Some(source),
         }
     }
 }

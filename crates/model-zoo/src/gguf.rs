@@ -128,6 +128,28 @@ pub fn check(bytes: &[u8]) -> Result<Layout, String> {
         at: 0,
         v1: false,
     };
+    let (n_tensors, n_kv) = header(&mut c)?;
+    let alignment = metadata(&mut c, n_kv)?;
+    let mut names = std::collections::HashSet::new();
+    let mut tensors = Vec::new();
+    for _ in 0..n_tensors {
+        let info = tensor_info(&mut c)?;
+        if !names.insert(info.name.clone()) {
+            return Err(format!("tensor `{}` appears twice", info.name));
+        }
+        tensors.push(info);
+    }
+    let data_offset = (c.at as u64).div_ceil(alignment) * alignment;
+    check_data_layout(&tensors, data_offset, alignment, bytes.len() as u64)?;
+    Ok(Layout {
+        data_offset,
+        alignment,
+    })
+}
+
+/// Reads and checks the magic, the version and the counts; returns (tensors, metadata
+/// entries).
+fn header(c: &mut Cursor<'_>) -> Result<(u64, u64), String> {
     let magic = c.take(4, "the magic number")?;
     if magic != b"GGUF" {
         return Err(format!(
@@ -143,8 +165,8 @@ pub fn check(bytes: &[u8]) -> Result<Layout, String> {
     c.v1 = version == 1;
     let n_tensors = c.len("the tensor count")?;
     let n_kv = c.len("the metadata count")?;
-    // The smallest possible entries must fit in the file: bounds the loops below.
-    let left = (bytes.len() - c.at) as u64;
+    // The smallest possible entries must fit in the file: bounds the loops that follow.
+    let left = (c.bytes.len() - c.at) as u64;
     if n_kv
         .saturating_mul(13)
         .saturating_add(n_tensors.saturating_mul(24))
@@ -154,6 +176,12 @@ pub fn check(bytes: &[u8]) -> Result<Layout, String> {
             "the header declares {n_tensors} tensors and {n_kv} metadata entries, more than its {left} bytes can hold"
         ));
     }
+    Ok((n_tensors, n_kv))
+}
+
+/// Walks the `n_kv` metadata entries (unique keys); returns the data alignment
+/// (`general.alignment`, a `u32` power of two, or [`DEFAULT_ALIGNMENT`]).
+fn metadata(c: &mut Cursor<'_>, n_kv: u64) -> Result<u64, String> {
     let mut keys = std::collections::HashSet::new();
     let mut alignment = DEFAULT_ALIGNMENT;
     for _ in 0..n_kv {
@@ -175,20 +203,20 @@ pub fn check(bytes: &[u8]) -> Result<Layout, String> {
             alignment = u64::from(a);
         }
     }
-    let mut names = std::collections::HashSet::new();
-    let mut tensors = Vec::new();
-    for _ in 0..n_tensors {
-        let info = tensor_info(&mut c)?;
-        if !names.insert(info.name.clone()) {
-            return Err(format!("tensor `{}` appears twice", info.name));
-        }
-        tensors.push(info);
-    }
-    let data_offset = (c.at as u64).div_ceil(alignment) * alignment;
-    let file_len = bytes.len() as u64;
+    Ok(alignment)
+}
+
+/// Checks that the tensors' data lie as ggml lays them out: in header order, each at the
+/// running offset padded to `alignment`, and inside the file of `file_len` bytes.
+fn check_data_layout(
+    tensors: &[TensorInfo],
+    data_offset: u64,
+    alignment: u64,
+    file_len: u64,
+) -> Result<(), String> {
     let mut expected = 0u64;
     let mut previous: Option<&str> = None;
-    for t in &tensors {
+    for t in tensors {
         if t.offset != expected {
             let after = previous.map_or(String::new(), |p| format!(" after `{p}`"));
             let why = if t.offset % alignment != 0 {
@@ -216,10 +244,7 @@ pub fn check(bytes: &[u8]) -> Result<Layout, String> {
             .ok_or_else(|| format!("tensor `{}`: the data section overflows", t.name))?;
         previous = Some(&t.name);
     }
-    Ok(Layout {
-        data_offset,
-        alignment,
-    })
+    Ok(())
 }
 
 /// Reads and checks one tensor's header entry.

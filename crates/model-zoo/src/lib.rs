@@ -10,18 +10,20 @@ pub mod cpu_pool;
 pub mod error;
 pub mod gguf;
 pub mod hook;
+mod linear;
 pub mod llama;
 pub mod packed;
 pub mod random;
 pub mod rope;
 mod safetensors_io;
+mod tensor_names;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, Llama3Scaling, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use hook::{AttentionOutcome, KeepAll, LayerHook, LayerPlan, Pass, PrefillChunk, PrefillKind};
 pub use llama::{LlamaModel, LogitsFor, SequenceInput};
@@ -62,12 +64,12 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         .chain(tok.eos_ids().iter().map(|&i| ("eos", i)))
         .find(|&(_, id)| id as usize >= vocab)
     {
-        return Err(ModelError::Tokenizer {
-            source_name: path.display().to_string(),
-            reason: format!(
+        return Err(ModelError::tokenizer(
+            &path.display().to_string(),
+            format!(
                 "the {which} token id {id} is outside the model's vocabulary of {vocab} tokens"
             ),
-        });
+        ));
     }
     Ok(loaded)
 }

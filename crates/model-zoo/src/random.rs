@@ -1,17 +1,20 @@
-//! Small random models written to disk as a Hugging Face directory (`config.json`,
+//! Small random models: written to disk as a Hugging Face directory (`config.json`,
 //! `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`), so tests and benchmarks that
-//! need no real weights still exercise the real loading path.
+//! need no real weights still exercise the real loading path, or generated in memory tensor by
+//! tensor for `--dummy-weights` ([`TensorSpec::dense`], [`TensorSpec::quantized`]).
 //!
-//! Invariants: the same config and seed always write the same bytes; the tokenizer is byte-level
+//! Invariants: the same config and seed always write the same bytes, and a tensor generated in
+//! memory depends only on the seed and its name; the tokenizer is byte-level
 //! BPE over the 256 byte symbols plus three control tokens, so `vocab_size` must be at least 259;
 //! the files go into a [`FileSink`] (engine's `StagedDir` writes them as one directory).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
@@ -59,6 +62,58 @@ pub(crate) struct TensorSpec {
     pub(crate) init: Init,
 }
 
+impl TensorSpec {
+    /// The tensor's values drawn from `rng` (f32; ones for a norm weight, which draws nothing).
+    fn values(&self, rng: &mut StdRng) -> Result<Tensor> {
+        let shape = self.shape.as_slice();
+        Ok(match self.init {
+            Init::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+            Init::Uniform(scale) => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+                Tensor::from_vec(data, shape, &Device::Cpu)?
+            }
+        })
+    }
+
+    /// The tensor's value seeded by `seed` and its name (the same whatever else is generated).
+    pub(crate) fn dense(&self, seed: u64) -> Result<Tensor> {
+        self.values(&mut self.rng(seed))
+    }
+
+    /// Random GGUF blocks of `dtype` (Q4_0 or Q8_0) for a `[rows, cols]` spec: random codes with
+    /// the scale that gives the spec's magnitude, written directly (no f32 copy of a large
+    /// matrix), seeded by `seed` and the name.
+    pub(crate) fn quantized(&self, dtype: GgmlDType, seed: u64) -> Result<QTensor> {
+        let scale = match self.init {
+            Init::Uniform(s) => s,
+            Init::Ones => 1.0,
+        };
+        let (block, half_range) = match dtype {
+            GgmlDType::Q4_0 => (18, 8.0),
+            _ => (34, 127.0),
+        };
+        let n: usize = self.shape.iter().product();
+        let mut bytes = vec![0u8; n / 32 * block];
+        self.rng(seed).fill_bytes(&mut bytes);
+        let d = half::f16::from_f32(scale / half_range).to_le_bytes();
+        for b in bytes.chunks_exact_mut(block) {
+            b[..2].copy_from_slice(&d);
+        }
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
+        Ok(QTensor::new(storage, self.shape.as_slice())?)
+    }
+
+    /// The generator of this tensor's values: `seed` mixed with a stable hash of its name
+    /// (FNV-1a).
+    fn rng(&self, seed: u64) -> StdRng {
+        let hash = self.name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+        StdRng::seed_from_u64(seed ^ hash)
+    }
+}
+
 /// Every tensor of a Llama-family model of `cfg`'s shape, in a fixed order: projections scaled by
 /// 1/sqrt(fan-in) (the hidden size; the FFN size for `down`), the embedding by 1, biases by 0.1.
 pub(crate) fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
@@ -73,40 +128,21 @@ pub(crate) fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     )];
     for l in 0..cfg.n_layers {
         let (q, kv) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        specs.push(spec(
-            TensorRole::Q.name(hf, l),
-            vec![q, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::K.name(hf, l),
-            vec![kv, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::V.name(hf, l),
-            vec![kv, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::O.name(hf, l),
-            vec![d, q],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::Gate.name(hf, l),
-            vec![f, d],
-            Init::Uniform(w),
-        ));
-        specs.push(spec(
-            TensorRole::Up.name(hf, l),
-            vec![f, d],
-            Init::Uniform(w),
-        ));
         let down = Init::Uniform(1.0 / (f as f32).sqrt());
-        specs.push(spec(TensorRole::Down.name(hf, l), vec![d, f], down));
-        specs.push(spec(TensorRole::AttnNorm.name(hf, l), vec![d], Init::Ones));
-        specs.push(spec(TensorRole::FfnNorm.name(hf, l), vec![d], Init::Ones));
+        let layer = [
+            (TensorRole::Q, vec![q, d], Init::Uniform(w)),
+            (TensorRole::K, vec![kv, d], Init::Uniform(w)),
+            (TensorRole::V, vec![kv, d], Init::Uniform(w)),
+            (TensorRole::O, vec![d, q], Init::Uniform(w)),
+            (TensorRole::Gate, vec![f, d], Init::Uniform(w)),
+            (TensorRole::Up, vec![f, d], Init::Uniform(w)),
+            (TensorRole::Down, vec![d, f], down),
+            (TensorRole::AttnNorm, vec![d], Init::Ones),
+            (TensorRole::FfnNorm, vec![d], Init::Ones),
+        ];
+        for (role, shape, init) in layer {
+            specs.push(spec(role.name(hf, l), shape, init));
+        }
         if cfg.architecture.qkv_bias() {
             for (role, n) in [(TensorRole::Q, q), (TensorRole::K, kv), (TensorRole::V, kv)] {
                 specs.push(spec(role.bias_name(hf, l), vec![n], Init::Uniform(0.1)));
@@ -141,16 +177,7 @@ pub fn write_random_model(out: &mut dyn FileSink, cfg: &ModelConfig, seed: u64) 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for spec in tensor_specs(cfg) {
-        let t = match spec.init {
-            Init::Ones => {
-                Tensor::ones(spec.shape.as_slice(), candle_core::DType::F32, &Device::Cpu)?
-            }
-            Init::Uniform(scale) => {
-                let n: usize = spec.shape.iter().product();
-                let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-                Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?
-            }
-        };
+        let t = spec.values(&mut rng)?;
         tensors.insert(spec.name, t);
     }
     let plan: Vec<TensorPlan> = tensors
@@ -180,12 +207,8 @@ pub fn byte_tokenizer() -> Result<crate::Tokenizer> {
     let mut files = MemoryFiles::default();
     write_tokenizer(&mut files)?;
     let text = |name: &str| String::from_utf8_lossy(&files.0[name]).into_owned();
-    let config = serde_json::from_str(&text("tokenizer_config.json")).map_err(|e| {
-        ModelError::Tokenizer {
-            source_name: "random model".into(),
-            reason: e.to_string(),
-        }
-    })?;
+    let config = serde_json::from_str(&text("tokenizer_config.json"))
+        .map_err(|e| ModelError::tokenizer_failed("random model", "", e))?;
     crate::Tokenizer::from_json("random model", &text("tokenizer.json"), &config)
 }
 
@@ -207,10 +230,7 @@ impl FileSink for MemoryFiles {
 }
 
 fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
-    let err = |e: String| ModelError::Tokenizer {
-        source_name: "random model".into(),
-        reason: e,
-    };
+    let err = |e| ModelError::tokenizer_failed("random model", "", e);
     let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     symbols.sort_unstable();
     let vocab: tokenizers::models::bpe::Vocab = symbols
@@ -221,7 +241,7 @@ fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, Vec::new())
         .build()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
@@ -229,9 +249,8 @@ fn write_tokenizer(out: &mut dyn FileSink) -> Result<()> {
         .iter()
         .map(|s| AddedToken::from(s.to_string(), true))
         .collect();
-    tok.add_special_tokens(specials)
-        .map_err(|e| err(e.to_string()))?;
-    let json = tok.to_string(true).map_err(|e| err(e.to_string()))?;
+    tok.add_special_tokens(specials).map_err(err)?;
+    let json = tok.to_string(true).map_err(err)?;
     out.file("tokenizer.json", &mut |w| Ok(w.write_all(json.as_bytes())?))?;
     let config = serde_json::json!({
         "eos_token": "<|im_end|>",

@@ -54,18 +54,13 @@ impl Rope {
                 match scaling {
                     None => f,
                     Some(RopeScaling::Linear { factor }) => f / *factor as f64,
-                    Some(RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_position,
-                    }) => {
+                    Some(RopeScaling::Llama3(s)) => {
                         let (factor, low, high) = (
-                            *factor as f64,
-                            *low_freq_factor as f64,
-                            *high_freq_factor as f64,
+                            s.factor as f64,
+                            s.low_freq_factor as f64,
+                            s.high_freq_factor as f64,
                         );
-                        let orig = *original_max_position as f64;
+                        let orig = s.original_max_position as f64;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         let (low_wavelen, high_wavelen) = (orig / low, orig / high);
                         if wavelen < high_wavelen {

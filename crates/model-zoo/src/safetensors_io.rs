@@ -11,7 +11,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Tensor};
 
 use crate::convert::{ConvertEvent, Progress};
-use crate::error::{ModelError, Result};
+use crate::error::{BoxedError, ModelError, Result};
 
 /// One tensor to be written: its name, output dtype and shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +38,7 @@ pub(crate) fn open_safetensors(
     let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
         path: path.to_path_buf(),
         reason: format!("{what}{}", crate::error::candle_message(&e)),
+        source: Some(e.into()),
     })?;
     let mut tensors = Vec::new();
     for (name, view) in st.tensors() {
@@ -47,6 +48,7 @@ pub(crate) fn open_safetensors(
             .map_err(|e| ModelError::Safetensors {
                 path: path.to_path_buf(),
                 reason: format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
+                source: Some(e.into()),
             })?;
         let shape = view.shape().to_vec();
         tensors.push((name, dtype, shape));
@@ -88,6 +90,12 @@ pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value> {
     let bad = |reason: String| ModelError::Safetensors {
         path: path.to_path_buf(),
         reason,
+        source: None,
+    };
+    let failed = |context: &str, e: BoxedError| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason: format!("{context}{e}"),
+        source: Some(e),
     };
     let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
@@ -102,7 +110,7 @@ pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value> {
         .len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
-        .map_err(|e| bad(format!("header length: {e}")))?;
+        .map_err(|e| failed("header length: ", e.into()))?;
     let len = u64::from_le_bytes(len);
     if len.saturating_add(8) > file_len || len > 100 << 20 {
         return Err(bad(format!(
@@ -111,8 +119,8 @@ pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Value> {
     }
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf)
-        .map_err(|e| bad(format!("header: {e}")))?;
-    serde_json::from_slice(&buf).map_err(|e| bad(format!("header JSON: {e}")))
+        .map_err(|e| failed("header: ", e.into()))?;
+    serde_json::from_slice(&buf).map_err(|e| failed("header JSON: ", e.into()))
 }
 
 /// Writes a safetensors file into `w` tensor by tensor: the header comes from `plan`, then

@@ -58,10 +58,6 @@ impl Tokenizer {
     /// `tokenizer_config.json` beside it when present.
     pub fn from_file(path: &Path) -> Result<Self> {
         let source_name = path.display().to_string();
-        let err = |reason: String| ModelError::Tokenizer {
-            source_name: source_name.clone(),
-            reason,
-        };
         let json = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -73,7 +69,9 @@ impl Tokenizer {
                     path: p.clone(),
                     source,
                 })?;
-                serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", p.display())))?
+                serde_json::from_str(&text).map_err(|e| {
+                    ModelError::tokenizer_failed(&source_name, &format!("{}: ", p.display()), e)
+                })?
             }
             _ => serde_json::Value::Null,
         };
@@ -83,13 +81,9 @@ impl Tokenizer {
     /// Builds the tokenizer from the text of a `tokenizer.json` and the parsed
     /// `tokenizer_config.json` (`Null` when there is none); `source_name` names them in errors.
     pub fn from_json(source_name: &str, json: &str, config: &serde_json::Value) -> Result<Self> {
-        let err = |reason: String| ModelError::Tokenizer {
-            source_name: source_name.to_string(),
-            reason,
-        };
         let inner: tokenizers::Tokenizer = json
             .parse()
-            .map_err(|e: tokenizers::Error| err(e.to_string()))?;
+            .map_err(|e: tokenizers::Error| ModelError::tokenizer_failed(source_name, "", e))?;
         let token_id = |field: &str| -> Option<u32> {
             let v = config.get(field)?;
             let text = v
@@ -121,85 +115,19 @@ impl Tokenizer {
     /// Rebuilds the tokenizer from GGUF metadata.
     pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let source_name = format!("{} metadata", path.display());
-        let err = |reason: String| ModelError::Tokenizer {
-            source_name: source_name.clone(),
-            reason,
-        };
+        let err = |reason: String| ModelError::tokenizer(&source_name, reason);
         let md = &content.metadata;
-        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("`{k}` is missing")));
-        let model = get("tokenizer.ggml.model")?
-            .to_string()
-            .map_err(|e| err(e.to_string()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported from GGUF metadata (only byte-level BPE, `gpt2`); \
-                 put the model's tokenizer.json beside the weights"
-            )));
-        }
-        let strings = |k: &str| -> Result<Vec<String>> {
-            get(k)?
-                .to_vec()
-                .map_err(|e| err(format!("`{k}`: {e}")))?
-                .iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|e| err(format!("`{k}`: {e}")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| err(e.to_string()))?
-                .iter()
-                .map(|t| t.to_i32().unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(format!("BPE: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "default".to_string());
-        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre).map_err(err)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| err(format!("special tokens: {e}")))?;
+        let vocab = GgufVocab::read(md, &source_name)?;
+        let n_tokens = vocab.tokens.len();
+        let inner = vocab.byte_level_bpe(md, &source_name)?;
         // A special token id must name a token: an id outside the vocabulary would never be
         // produced (generation would not stop at an EOS that cannot be sampled).
         let id = |k: &str| -> Result<Option<u32>> {
             let Some(v) = md.get(k) else { return Ok(None) };
             let id = crate::config::gguf_usize(v).map_err(|p| err(format!("`{k}` {p}")))?;
-            if id >= tokens.len() {
+            if id >= n_tokens {
                 return Err(err(format!(
-                    "`{k}` is {id}, outside the vocabulary of {} tokens",
-                    tokens.len()
+                    "`{k}` is {id}, outside the vocabulary of {n_tokens} tokens"
                 )));
             }
             Ok(Some(id as u32))
@@ -237,10 +165,7 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer {
-                source_name: self.source_name.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ModelError::tokenizer_failed(&self.source_name, "", e))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && self.add_bos {
             ids.extend(self.bos);
@@ -253,10 +178,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
-            .map_err(|e| ModelError::Tokenizer {
-                source_name: self.source_name.clone(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| ModelError::tokenizer_failed(&self.source_name, "", e))
     }
 
     /// The id of an exact token string.
@@ -314,7 +236,7 @@ impl Tokenizer {
             },
         );
         env.add_template("chat", template)
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+            .map_err(ModelError::ChatTemplate)?;
         let token_text = |id: Option<u32>| {
             id.and_then(|i| self.inner.id_to_token(i))
                 .unwrap_or_default()
@@ -328,7 +250,108 @@ impl Tokenizer {
                     eos_token => token_text(self.eos.first().copied()),
                 })
             })
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+            .map_err(ModelError::ChatTemplate)
+    }
+}
+
+/// The vocabulary of a GGUF tokenizer: tokens, BPE merges and token types.
+struct GgufVocab {
+    tokens: Vec<String>,
+    merges: Vec<(String, String)>,
+    /// GGUF token types (3: control, 4: user-defined; both special), one per token.
+    types: Vec<i32>,
+}
+
+/// GGUF metadata, by key.
+type Metadata = std::collections::HashMap<String, gguf_file::Value>;
+
+impl GgufVocab {
+    /// Reads the vocabulary of a byte-level BPE (`tokenizer.ggml.model = gpt2`) tokenizer;
+    /// `source_name` names the metadata in errors.
+    fn read(md: &Metadata, source_name: &str) -> Result<Self> {
+        let err = |reason: String| ModelError::tokenizer(source_name, reason);
+        let failed = |context: &str, e| ModelError::tokenizer_failed(source_name, context, e);
+        let get = |k: &str| md.get(k).ok_or_else(|| err(format!("`{k}` is missing")));
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| failed("", e))?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer model `{model}` is not supported from GGUF metadata (only byte-level BPE, `gpt2`); \
+                 put the model's tokenizer.json beside the weights"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            get(k)?
+                .to_vec()
+                .map_err(|e| failed(&format!("`{k}`: "), e))?
+                .iter()
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| failed(&format!("`{k}`: "), e))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| failed("", e))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        Ok(GgufVocab {
+            tokens,
+            merges,
+            types,
+        })
+    }
+
+    /// The byte-level BPE tokenizer of this vocabulary: the pre-tokenizer that
+    /// `tokenizer.ggml.pre` names, the byte-level decoder, special tokens matched atomically.
+    fn byte_level_bpe(self, md: &Metadata, source_name: &str) -> Result<tokenizers::Tokenizer> {
+        let failed = |context: &str, e| ModelError::tokenizer_failed(source_name, context, e);
+        let vocab: tokenizers::models::bpe::Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, self.merges)
+            .build()
+            .map_err(|e| failed("BPE: ", e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "default".to_string());
+        let pre =
+            pre_tokenizer(&pre).map_err(|reason| ModelError::tokenizer(source_name, reason))?;
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = self
+            .tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| failed("special tokens: ", e))?;
+        Ok(inner)
     }
 }
 

@@ -5,7 +5,7 @@
 //! projection whose backward yields the input gradient only), [`LoraConfig`]/[`Lora`] (low-rank
 //! adapters as `Var`s) and [`TrainOutput`].
 //!
-//! Forward, per layer (the same maths as `llama.rs`, batched `[B, T]`, every op a candle op in
+//! Forward, per layer (the same maths as the decoder in `llama/`, batched `[B, T]`, every op a candle op in
 //! f32): RMSNorm → q/k/v (+bias) (+LoRA) → RoPE in the weights' layout (interleaved pairs for
 //! GGUF Llama, halves for Hugging Face) at positions `0..T` → gate `s = keep_probs(layer,
 //! normed)` (`[B, T, Hkv]`) → `keep = keep_ste(hard_keep(s, tau), s)` → multiplicative masked
@@ -508,5 +508,5 @@ fn gate_keep(
 
 /// A gate-core error inside the training forward.
 fn gate_err(e: gate_core::GateError) -> ModelError {
-    ModelError::Input(e.to_string())
+    ModelError::Gates(Box::new(e))
 }

@@ -5,20 +5,25 @@
 //! Invariants: every tensor handed out has been checked against the shape the config implies
 //! (errors name the file, tensor and both shapes); hidden states are always f32, whatever the
 //! weight dtype.
+//!
+//! What it hands out lives beside it: the projections and the embedding table in `linear.rs`,
+//! the tensor names of each convention in `tensor_names.rs`, random weights in `random.rs`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{candle_message, ModelError, Result};
+use crate::linear::LinearWeight;
+pub use crate::linear::{Embedding, FusedLinear, Linear, DENSE_GEMM_MIN_ROWS};
 use crate::packed::{PackedKind, PackedMatrix};
-use crate::random::{Init, TensorSpec};
+use crate::random::TensorSpec;
 use crate::rope::RopeLayout;
+pub use crate::tensor_names::{Naming, TensorRole};
 
 /// How weights are held in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,298 +58,6 @@ impl WeightFormat {
     }
 }
 
-/// Rows from which a candle-quantized projection (types not packed, see [`PackedMatrix`])
-/// dequantizes its weight and runs the dense f32 GEMM instead of quantized dot products
-/// (activations then stay f32). Measured on the default model (2 cores, AVX-512): dequantizing
-/// costs ~0.15 s per pass, so this wins from ~128 rows (+25% at 128, +45% at 512); decode (one
-/// row) stays quantized, where reading 8-bit weights is what matters.
-pub const DENSE_GEMM_MIN_ROWS: usize = 128;
-
-/// A projection `y = x W^T (+ b)` with `x: [n, in]` f32 and `y: [n, out]` f32.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    weight: LinearWeight,
-    bias: Option<Tensor>,
-}
-
-#[derive(Clone, Debug)]
-enum LinearWeight {
-    /// GGUF Q4_0/Q4_1/Q8_0 codes in VNNI tiles (CPUs with AVX-512 VNNI).
-    Packed(Arc<PackedMatrix>),
-    Quantized(QMatMul),
-    Dense(Tensor),
-}
-
-impl Linear {
-    /// Applies the projection.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, self.takes_dense_gemm(x.dim(0)?))
-    }
-
-    /// Applies the projection; a quantized weight runs as a dequantized dense GEMM when
-    /// `dense_gemm` is set, else with the quantized kernel.
-    fn apply(&self, x: &Tensor, dense_gemm: bool) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Packed(p) => {
-                let (n, _) = x.dims2()?;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(p.matmul(&xs, n), (n, p.rows()), &Device::Cpu)?
-            }
-            LinearWeight::Quantized(QMatMul::QTensor(q)) if dense_gemm => {
-                x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
-            }
-            LinearWeight::Quantized(m) => m.forward(x)?,
-            LinearWeight::Dense(w) => {
-                let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?;
-                y.to_dtype(DType::F32)?
-            }
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-
-    /// Applies the projection to the rows of several sequences stacked in `x` (`rows[i]`
-    /// consecutive rows for sequence `i`). With quantized weights every row gets bit for bit what
-    /// [`Linear::forward`] gives it when its sequence's rows run alone: the quantized kernel quantizes and dots each
-    /// row on its own, so rows that take it share one call (the weights are read once for all of
-    /// them); a sequence whose row count selects the dense GEMM, whose rounding depends on the row
-    /// count, gets a call of its own. Dense float weights take one GEMM for all rows (there,
-    /// results equal lone passes to rounding: the GEMM's blocking depends on the row count).
-    pub fn forward_segments(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        if !rows.iter().any(|&r| self.takes_dense_gemm(r)) {
-            // However many rows there are in all: each one takes the kernel it takes alone.
-            return self.apply(x, false);
-        }
-        let mut parts = Vec::new();
-        let (mut start, mut shared) = (0, 0);
-        for &r in rows {
-            if self.takes_dense_gemm(r) {
-                if shared > 0 {
-                    parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
-                    shared = 0;
-                }
-                parts.push(self.apply(&x.narrow(0, start, r)?, true)?);
-            } else {
-                shared += r;
-            }
-            start += r;
-        }
-        if shared > 0 {
-            parts.push(self.apply(&x.narrow(0, start - shared, shared)?, false)?);
-        }
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-
-    /// Whether `rows` rows of a quantized weight run as a dequantized dense GEMM.
-    fn takes_dense_gemm(&self, rows: usize) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(QMatMul::QTensor(_)))
-            && rows >= DENSE_GEMM_MIN_ROWS
-    }
-
-    /// The weight dequantized to a dense f32 `[out, in]` tensor.
-    pub fn dense_weight(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
-            LinearWeight::Packed(p) => {
-                Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), &Device::Cpu)?
-            }
-            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
-            LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                t.to_dtype(DType::F32)?
-            }
-            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
-        })
-    }
-
-    /// The bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// Bytes of the weight as held (what one pass over it reads).
-    pub fn weight_bytes(&self) -> usize {
-        match &self.weight {
-            LinearWeight::Packed(p) => p.size_bytes(),
-            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t))
-            | LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-        }
-    }
-}
-
-/// Several projections of the same input, stacked into one weight where the format allows (q, k
-/// and v; gate and up): one pass over the input and one thread-pool handoff instead of several.
-#[derive(Clone, Debug)]
-pub struct FusedLinear {
-    /// Output width of each part, in order.
-    widths: Vec<usize>,
-    /// One stacked projection, or one per part.
-    parts: Vec<Linear>,
-}
-
-impl FusedLinear {
-    /// `x: [n, in]` → one row-major `[n, width_i]` f32 buffer per part; `N` must be the number
-    /// of parts loaded. `rows` splits `x` into sequences as in [`Linear::forward_segments`]:
-    /// every row gets what it gets when its sequence runs alone (a stacked weight is packed,
-    /// whose kernel computes each row on its own).
-    pub fn forward_parts<const N: usize>(
-        &self,
-        x: &Tensor,
-        rows: &[usize],
-    ) -> Result<[Vec<f32>; N]> {
-        if N != self.widths.len() {
-            return Err(ModelError::Input(format!(
-                "a fused projection of {} parts was asked for {N}",
-                self.widths.len()
-            )));
-        }
-        if self.parts.len() == N {
-            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-            for (out, p) in outs.iter_mut().zip(&self.parts) {
-                *out = p
-                    .forward_segments(x, rows)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-            }
-            return Ok(outs);
-        }
-        let y = self.parts[0]
-            .forward_segments(x, rows)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let total: usize = self.widths.iter().sum();
-        let n = y.len() / total.max(1);
-        let mut outs: [Vec<f32>; N] =
-            std::array::from_fn(|i| Vec::with_capacity(n * self.widths[i]));
-        for row in y.chunks_exact(total.max(1)) {
-            let mut at = 0;
-            for (out, &w) in outs.iter_mut().zip(&self.widths) {
-                out.extend_from_slice(&row[at..at + w]);
-                at += w;
-            }
-        }
-        Ok(outs)
-    }
-
-    /// Bytes of the weights as held.
-    pub fn weight_bytes(&self) -> usize {
-        self.parts.iter().map(Linear::weight_bytes).sum()
-    }
-}
-
-/// The token embedding table.
-#[derive(Clone, Debug)]
-pub enum Embedding {
-    /// Rows dequantized on lookup from the stored quantized table.
-    Quantized(std::sync::Arc<QTensor>),
-    /// A dense `[vocab, hidden]` table.
-    Dense(Tensor),
-}
-
-impl Embedding {
-    /// Looks up `ids`, giving `[n, hidden]` f32.
-    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(ids, &Device::Cpu)?;
-        Ok(match self {
-            Embedding::Quantized(q) => q.embedding(&ids)?.to_dtype(DType::F32)?,
-            Embedding::Dense(t) => t.embedding(&ids)?.to_dtype(DType::F32)?,
-        })
-    }
-
-    /// The table as dense f32 `[vocab, hidden]`.
-    pub fn dense(&self) -> Result<Tensor> {
-        Ok(match self {
-            Embedding::Quantized(q) => q.dequantize(&Device::Cpu)?,
-            Embedding::Dense(t) => t.to_dtype(DType::F32)?,
-        })
-    }
-}
-
-/// The logical tensors of a Llama-family decoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TensorRole {
-    /// Token embedding `[vocab, hidden]`.
-    Embedding,
-    /// Final RMSNorm weight.
-    OutputNorm,
-    /// LM head `[vocab, hidden]` (absent when tied).
-    LmHead,
-    /// Pre-attention RMSNorm.
-    AttnNorm,
-    /// Query projection.
-    Q,
-    /// Key projection.
-    K,
-    /// Value projection.
-    V,
-    /// Attention output projection.
-    O,
-    /// Pre-FFN RMSNorm.
-    FfnNorm,
-    /// FFN gate projection.
-    Gate,
-    /// FFN up projection.
-    Up,
-    /// FFN down projection.
-    Down,
-}
-
-/// Tensor naming conventions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Naming {
-    /// llama.cpp's GGUF names (`blk.N.attn_q.weight`).
-    Gguf,
-    /// Hugging Face names (`model.layers.N.self_attn.q_proj.weight`).
-    HuggingFace,
-}
-
-impl TensorRole {
-    /// The weight's name in a convention (`layer` ignored for global tensors).
-    pub fn name(self, naming: Naming, layer: usize) -> String {
-        self.name_with_suffix(naming, layer, "weight")
-    }
-
-    /// The bias's name in a convention.
-    pub fn bias_name(self, naming: Naming, layer: usize) -> String {
-        self.name_with_suffix(naming, layer, "bias")
-    }
-
-    fn name_with_suffix(self, naming: Naming, layer: usize, suffix: &str) -> String {
-        use TensorRole::*;
-        match naming {
-            Naming::Gguf => match self {
-                Embedding => format!("token_embd.{suffix}"),
-                OutputNorm => format!("output_norm.{suffix}"),
-                LmHead => format!("output.{suffix}"),
-                AttnNorm => format!("blk.{layer}.attn_norm.{suffix}"),
-                Q => format!("blk.{layer}.attn_q.{suffix}"),
-                K => format!("blk.{layer}.attn_k.{suffix}"),
-                V => format!("blk.{layer}.attn_v.{suffix}"),
-                O => format!("blk.{layer}.attn_output.{suffix}"),
-                FfnNorm => format!("blk.{layer}.ffn_norm.{suffix}"),
-                Gate => format!("blk.{layer}.ffn_gate.{suffix}"),
-                Up => format!("blk.{layer}.ffn_up.{suffix}"),
-                Down => format!("blk.{layer}.ffn_down.{suffix}"),
-            },
-            Naming::HuggingFace => match self {
-                Embedding => format!("model.embed_tokens.{suffix}"),
-                OutputNorm => format!("model.norm.{suffix}"),
-                LmHead => format!("lm_head.{suffix}"),
-                AttnNorm => format!("model.layers.{layer}.input_layernorm.{suffix}"),
-                Q => format!("model.layers.{layer}.self_attn.q_proj.{suffix}"),
-                K => format!("model.layers.{layer}.self_attn.k_proj.{suffix}"),
-                V => format!("model.layers.{layer}.self_attn.v_proj.{suffix}"),
-                O => format!("model.layers.{layer}.self_attn.o_proj.{suffix}"),
-                FfnNorm => format!("model.layers.{layer}.post_attention_layernorm.{suffix}"),
-                Gate => format!("model.layers.{layer}.mlp.gate_proj.{suffix}"),
-                Up => format!("model.layers.{layer}.mlp.up_proj.{suffix}"),
-                Down => format!("model.layers.{layer}.mlp.down_proj.{suffix}"),
-            },
-        }
-    }
-}
-
 /// An opened GGUF file: its metadata and a memory map of its tensor data.
 pub struct GgufFile {
     path: PathBuf,
@@ -367,9 +80,10 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let invalid = |reason: String| ModelError::Gguf {
+        let invalid = |reason: String, source| ModelError::Gguf {
             path: path.to_path_buf(),
             reason,
+            source,
         };
         if looks_like_safetensors(&mmap) {
             return Err(ModelError::Input(format!(
@@ -377,14 +91,17 @@ impl GgufFile {
                 path.display()
             )));
         }
-        let layout = crate::gguf::check(&mmap).map_err(invalid)?;
+        let layout = crate::gguf::check(&mmap).map_err(|reason| invalid(reason, None))?;
         let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-            .map_err(|e| invalid(candle_message(&e)))?;
+            .map_err(|e| invalid(candle_message(&e), Some(e.into())))?;
         if content.tensor_data_offset != layout.data_offset {
-            return Err(invalid(format!(
-                "tensor data starts at byte {}, the header implies {}",
-                content.tensor_data_offset, layout.data_offset
-            )));
+            return Err(invalid(
+                format!(
+                    "tensor data starts at byte {}, the header implies {}",
+                    content.tensor_data_offset, layout.data_offset
+                ),
+                None,
+            ));
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -421,6 +138,7 @@ impl GgufFile {
         .map_err(|e| ModelError::Gguf {
             path: self.path.clone(),
             reason: format!("tensor `{name}`: {}", candle_message(&e)),
+            source: Some(e.into()),
         })
     }
 
@@ -511,6 +229,7 @@ impl Weights {
             unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Safetensors {
                 path: dir.to_path_buf(),
                 reason: candle_message(&e),
+                source: Some(e.into()),
             })?;
         Ok(Weights {
             source: Source::Safetensors {
@@ -590,7 +309,7 @@ impl Weights {
         Ok(match &self.source {
             Source::Gguf(f) => f.tensor(name)?.dequantize(&Device::Cpu)?,
             Source::Safetensors { st, .. } => st.load(name, &Device::Cpu)?,
-            Source::Random { specs, seed, .. } => random_dense(&specs[name], *seed)?,
+            Source::Random { specs, seed, .. } => specs[name].dense(*seed)?,
         })
     }
 
@@ -747,7 +466,7 @@ impl Weights {
                     WeightFormat::Quantize(t) => t,
                     _ => GgmlDType::Q4_0,
                 };
-                quantized(random_quantized(&specs[name], dtype, *seed)?)
+                quantized(specs[name].quantized(dtype, *seed)?)
             }
             (Source::Gguf(f), WeightFormat::AsStored) => Ok(ProjectionSource::Ready(
                 LinearWeight::Quantized(QMatMul::from_qtensor(f.tensor(name)?)?),
@@ -808,56 +527,6 @@ impl Weights {
     }
 }
 
-/// The value of a random tensor, seeded by `seed` and its name.
-fn random_dense(spec: &TensorSpec, seed: u64) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
-    let shape = spec.shape.as_slice();
-    Ok(match spec.init {
-        Init::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
-        Init::Uniform(scale) => {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-            Tensor::from_vec(data, shape, &Device::Cpu)?
-        }
-    })
-}
-
-/// Random GGUF blocks of `dtype` (Q4_0 or Q8_0) for a `[rows, cols]` spec: random codes with the
-/// scale that gives the spec's magnitude, written directly (no f32 copy of a large matrix).
-fn random_quantized(spec: &TensorSpec, dtype: GgmlDType, seed: u64) -> Result<QTensor> {
-    use rand::{RngCore, SeedableRng};
-    let scale = match spec.init {
-        Init::Uniform(s) => s,
-        Init::Ones => 1.0,
-    };
-    let (block, half_range) = match dtype {
-        GgmlDType::Q4_0 => (18, 8.0),
-        _ => (34, 127.0),
-    };
-    let n: usize = spec.shape.iter().product();
-    let mut bytes = vec![0u8; n / 32 * block];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(&spec.name));
-    rng.fill_bytes(&mut bytes);
-    let d = half::f16::from_f32(scale / half_range).to_le_bytes();
-    for b in bytes.chunks_exact_mut(block) {
-        b[..2].copy_from_slice(&d);
-    }
-    let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(bytes),
-        &Device::Cpu,
-        dtype,
-    )?;
-    Ok(QTensor::new(storage, spec.shape.as_slice())?)
-}
-
-/// A stable hash of a tensor name (FNV-1a), to seed its random values.
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// A projection weight before it is finalised: quantized blocks the packed kernel takes, or a
 /// weight ready as candle holds it.
 enum ProjectionSource {
@@ -876,12 +545,11 @@ fn pack(path: &Path, name: &str, parts: &[&QTensor]) -> Result<PackedMatrix> {
         raw.push((q.dtype(), rows, q.data()?));
     }
     let views: Vec<_> = raw.iter().map(|(t, r, d)| (*t, *r, d.as_ref())).collect();
-    PackedMatrix::from_ggml_parts(cols, &views).ok_or_else(|| ModelError::Gguf {
+    PackedMatrix::from_ggml_parts(cols, &views).ok_or_else(|| ModelError::Pack {
         path: path.to_path_buf(),
-        reason: format!(
-            "tensor `{name}`: cannot pack {:?} blocks of {cols} columns for the VNNI kernel",
-            parts.iter().map(|q| q.dtype()).collect::<Vec<_>>()
-        ),
+        tensor: name.to_string(),
+        dtypes: parts.iter().map(|q| q.dtype()).collect(),
+        cols,
     })
 }
 

@@ -9,8 +9,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use super::{
-    add_gates, check_output_dtype, dtype_torch_name, write_json, write_shards, ConvertOptions,
-    ConvertSummary, FileSink, Origin, Progress, Shard,
+    add_gates, dtype_torch_name, write_json, write_shards, ConvertOptions, ConvertSummary,
+    FileSink, Origin, Progress, Shard,
 };
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
@@ -63,37 +63,43 @@ fn gguf_to_hf_names(cfg: &ModelConfig) -> BTreeMap<String, (String, Option<usize
     names
 }
 
-/// Converts a GGUF file into the files of a Hugging Face directory, written into `out`.
-pub fn gguf_to_hf(
-    src: &Path,
+/// Converts the opened GGUF `file` into the files of a Hugging Face directory, written into
+/// `out` (`opts.dtype` is one [`super::check_output_dtype`] accepts).
+pub(super) fn gguf_to_hf(
+    file: GgufFile,
     out: &mut dyn FileSink,
     opts: &ConvertOptions,
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
-    check_output_dtype(opts.dtype)?;
-    let file = GgufFile::open(src)?;
+    let src = file.path();
     let cfg = ModelConfig::from_gguf(src, file.content())?;
     let tokenizer = Tokenizer::from_gguf(src, file.content())?;
     let names = gguf_to_hf_names(&cfg);
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut shard = Shard::new("model.safetensors".into(), metadata);
-    let mut skipped = Vec::new();
-    for (gguf_name, info) in &file.content().tensor_infos {
-        let Some((hf, heads)) = names.get(gguf_name) else {
-            skipped.push(gguf_name.clone());
-            continue;
-        };
-        let shape = info.shape.dims().to_vec();
+    let infos = &file.content().tensor_infos;
+    let (mut planned, mut skipped) = (Vec::new(), Vec::new());
+    for gguf_name in infos.keys() {
+        match names.get(gguf_name) {
+            Some((hf, heads)) => planned.push((hf, gguf_name, *heads)),
+            None => skipped.push(gguf_name.clone()),
+        }
+    }
+    // In the order of the output names, as the cast writes them: the tensor table is a hash
+    // map, whose order would make every conversion a different file.
+    planned.sort();
+    skipped.sort();
+    for (hf, gguf_name, heads) in planned {
+        let shape = infos[gguf_name].shape.dims().to_vec();
         if let Some(h) = heads {
-            check_unpermutable(src, gguf_name, &shape, *h)?;
+            check_unpermutable(src, gguf_name, &shape, h)?;
         }
         let origin = Origin::Gguf {
             name: gguf_name.clone(),
-            unpermute_heads: *heads,
+            unpermute_heads: heads,
         };
         shard.push(hf.clone(), opts.dtype, shape, origin);
     }
-    skipped.sort();
     let gate_tensors = add_gates(opts, &mut shard)?;
     let shards = [shard];
     let (mut files, bytes) = write_shards(out, &shards, Some(&file), progress)?;
@@ -120,13 +126,9 @@ fn write_hf_side_files(
     let mut hf_config = cfg.to_hf_value(tokenizer.bos_id(), tokenizer.eos_ids());
     hf_config["torch_dtype"] = dtype_torch_name(dtype).into();
     write_json(out, "config.json", &hf_config)?;
-    let tok_json = tokenizer
-        .inner()
-        .to_string(false)
-        .map_err(|e| ModelError::Tokenizer {
-            source_name: src.display().to_string(),
-            reason: format!("cannot serialise: {e}"),
-        })?;
+    let tok_json = tokenizer.inner().to_string(false).map_err(|e| {
+        ModelError::tokenizer_failed(&src.display().to_string(), "cannot serialise: ", e)
+    })?;
     out.file("tokenizer.json", &mut |w| {
         Ok(w.write_all(tok_json.as_bytes())?)
     })?;

@@ -29,7 +29,7 @@ pub use crate::safetensors_io::{
 use crate::weights::GgufFile;
 
 mod gguf;
-pub use gguf::{gguf_to_hf, unpermute_rows};
+pub use gguf::unpermute_rows;
 
 /// Prefix under which merged gate tensors and their metadata keys are stored.
 pub const GATES_PREFIX: &str = "gates.";
@@ -54,7 +54,8 @@ pub enum ConvertEvent<'a> {
 /// Where the files of an output directory go: `file(name, body)` creates the file `name` there
 /// and `body` fills it. model-zoo never opens a file for writing; the sink owns the files
 /// (engine's `StagedDir`: atomic, never clobbering). A body reports its writer's I/O errors as
-/// [`ModelError::Write`] with an empty path, which the sink fills in.
+/// [`ModelError::Write`] with an empty path, which the sink fills in
+/// ([`ModelError::written_to`]).
 pub trait FileSink {
     /// Writes one file of the directory.
     fn file(
@@ -207,17 +208,42 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError {
     }
 }
 
-/// Casts a safetensors checkpoint (one `.safetensors` file, or a Hugging Face directory whose
-/// shards are each cast to a file of the same name) to `opts.dtype`, tensor by tensor from a
-/// memory map. Non-float tensors are copied unchanged. The JSON files of a directory are copied,
-/// `config.json` with its `torch_dtype` updated. Gates, when given, go into the first shard.
-pub fn cast_safetensors(
+/// Converts the model `src` into the files of a Hugging Face directory written into `out`: a
+/// GGUF file (told by its magic) dequantized to `opts.dtype` with its q/k permutation undone
+/// (see `gguf.rs`), or a safetensors checkpoint cast to `opts.dtype` ([`cast_safetensors`]).
+pub fn convert(
     src: &Path,
     out: &mut dyn FileSink,
     opts: &ConvertOptions,
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
     check_output_dtype(opts.dtype)?;
+    if src.is_file() && has_gguf_magic(src)? {
+        gguf::gguf_to_hf(GgufFile::open(src)?, out, opts, progress)
+    } else {
+        cast_safetensors(src, out, opts, progress)
+    }
+}
+
+/// Whether the file `path` starts with the GGUF magic.
+fn has_gguf_magic(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+}
+
+/// Casts a safetensors checkpoint (one `.safetensors` file, or a Hugging Face directory whose
+/// shards are each cast to a file of the same name) to `opts.dtype`, tensor by tensor from a
+/// memory map. Non-float tensors are copied unchanged. The JSON files of a directory are copied,
+/// `config.json` with its `torch_dtype` updated. Gates, when given, go into the first shard.
+/// `opts.dtype` is one [`check_output_dtype`] accepts.
+fn cast_safetensors(
+    src: &Path,
+    out: &mut dyn FileSink,
+    opts: &ConvertOptions,
+    progress: &mut Progress<'_>,
+) -> Result<ConvertSummary> {
     let (shard_paths, extra_files) = checkpoint_files(src)?;
     let mut shards = Vec::new();
     let mut gate_tensors = 0;
@@ -289,9 +315,7 @@ fn checkpoint_files(src: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 fn copy_json_file(out: &mut dyn FileSink, path: &Path, dtype: DType) -> Result<String> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     if name == "config.json" {
-        let text = std::fs::read_to_string(path).map_err(io(path))?;
-        let mut v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        let mut v = crate::config::read_json(path)?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
                 "torch_dtype".into(),
@@ -393,7 +417,7 @@ mod tests {
             dtype: DType::BF16,
             gates: Some(gates),
         };
-        let s = cast_safetensors(&src, &mut Dir(out.clone()), &opts, &mut |_| Ok(())).unwrap();
+        let s = convert(&src, &mut Dir(out.clone()), &opts, &mut |_| Ok(())).unwrap();
         assert_eq!(s.gate_tensors, 1);
         assert!(s.files.contains(&"config.json".to_string()));
         let md = read_safetensors_metadata(&out.join("model.safetensors")).unwrap();
@@ -413,7 +437,7 @@ mod tests {
             vec![vec![1.0; 4]; 2]
         );
         // A cancelled cast stops at once with the callback's error.
-        let err = cast_safetensors(
+        let err = convert(
             &src,
             &mut Dir(dir.path().join("out2")),
             &ConvertOptions {

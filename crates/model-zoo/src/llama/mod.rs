@@ -19,16 +19,21 @@
 //! keys when asked, so query-key distances stay within what the caller allows. With quantized
 //! weights a sequence's logits do not depend on which other sequences share its pass (float
 //! weights: up to rounding).
+//!
+//! Files: this one holds the model, its loading and the pass's protocol (checks, commit,
+//! rollback); `pass.rs` the layers' computation.
 
-use candle_core::{Device, Tensor};
-use kv_store::{AttendCall, AttendOptions, KeyShift, SequenceKv};
+use candle_core::Tensor;
+use kv_store::{KeyShift, SequenceKv};
 
 use crate::config::ModelConfig;
-use crate::cpu_pool::CpuPool;
 use crate::error::{ModelError, Result};
-use crate::hook::{AttentionOutcome, LayerHook, LayerPlan};
+use crate::hook::{AttentionOutcome, LayerHook};
 use crate::rope::Rope;
 use crate::weights::{Embedding, FusedLinear, Linear, TensorRole, Weights};
+
+mod pass;
+use pass::Pending;
 
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,15 +67,6 @@ pub struct SequenceInput<'a> {
     pub hook: &'a mut dyn LayerHook,
     /// Which logits to return.
     pub logits_for: LogitsFor,
-}
-
-/// One sequence's slices of a layer's projections.
-struct AttentionInput<'a> {
-    normed: &'a Tensor,
-    q: &'a mut [f32],
-    k: &'a mut [f32],
-    v: &'a [f32],
-    positions: &'a [u32],
 }
 
 /// A loaded decoder.
@@ -247,140 +243,6 @@ impl LlamaModel {
             .collect())
     }
 
-    /// Phase one of a batched pass: every layer's projections, per live sequence its append
-    /// and plan, and the attention of all of them as one job on the pool (nothing evicted;
-    /// what `after_attention` will need goes to `pending`). A sequence that fails is marked in `failed` and drops out. Returns each
-    /// sequence's logits `[rows, vocab]` (`None` for one that failed).
-    fn run_batch(
-        &self,
-        batch: &mut [SequenceInput<'_>],
-        failed: &mut [Option<ModelError>],
-        pending: &mut [Vec<Pending>],
-    ) -> Result<Vec<Option<Tensor>>> {
-        let cfg = &self.cfg;
-        let live: Vec<usize> = (0..batch.len()).filter(|&i| failed[i].is_none()).collect();
-        let rows: Vec<usize> = live.iter().map(|&i| batch[i].tokens.len()).collect();
-        if live.is_empty() {
-            return Ok(batch.iter().map(|_| None).collect());
-        }
-        let total: usize = rows.iter().sum();
-        let tokens: Vec<u32> = live
-            .iter()
-            .flat_map(|&i| batch[i].tokens.iter().copied())
-            .collect();
-        let positions: Vec<Vec<u32>> = live
-            .iter()
-            .map(|&i| (batch[i].start..batch[i].start + batch[i].tokens.len() as u32).collect())
-            .collect();
-        let eps = cfg.rms_norm_eps as f32;
-        let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let mut x = self.embedding.forward(&tokens)?;
-        // Each live sequence's rows: `first..first + rows[j]` of the stacked hidden states.
-        let firsts: Vec<usize> = rows
-            .iter()
-            .scan(0, |first, &n| {
-                *first += n;
-                Some(*first - n)
-            })
-            .collect();
-        let span = |j: usize, width: usize| firsts[j] * width..(firsts[j] + rows[j]) * width;
-        let scale = self.attention_scale();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [mut q, mut k, v] = layer.qkv.forward_parts(&normed, &rows)?;
-            // Per sequence: RoPE, the store append and the hook's plan.
-            let mut planned = Vec::with_capacity(live.len());
-            for (j, &i) in live.iter().enumerate() {
-                if failed[i].is_some() {
-                    continue;
-                }
-                let step = self.prepare_attention(
-                    l,
-                    &mut batch[i],
-                    AttentionInput {
-                        normed: &normed.narrow(0, firsts[j], rows[j])?,
-                        q: &mut q[span(j, q_width)],
-                        k: &mut k[span(j, kv_width)],
-                        v: &v[span(j, kv_width)],
-                        positions: &positions[j],
-                    },
-                );
-                match step {
-                    Ok(plan) => planned.push((j, i, plan)),
-                    Err(e) => failed[i] = Some(e),
-                }
-            }
-            // Attention of every planned sequence over its own store, as one job on the pool.
-            let calls: Vec<AttendCall<'_>> = planned
-                .iter()
-                .map(|(j, i, plan)| {
-                    let mut opts = AttendOptions::new(scale);
-                    opts.visible_until = plan.visible_until.as_deref();
-                    opts.prob_sums = plan.prob_rows.clone();
-                    opts.parallel = Some(&CpuPool);
-                    AttendCall {
-                        kv: &*batch[*i].kv,
-                        layer: l,
-                        q: &q[span(*j, q_width)],
-                        q_positions: &positions[*j],
-                        opts,
-                    }
-                })
-                .collect();
-            let attended = SequenceKv::attend_batch(&calls, Some(&CpuPool));
-            let mut attn = vec![0f32; total * q_width];
-            for ((j, i, plan), result) in planned.into_iter().zip(attended) {
-                match result {
-                    Ok(out) => {
-                        attn[span(j, q_width)].copy_from_slice(&out.out);
-                        pending[i].push(Pending {
-                            queries: if plan.queries {
-                                q[span(j, q_width)].to_vec()
-                            } else {
-                                Vec::new()
-                            },
-                            prob_sums: out.prob_sums,
-                        });
-                    }
-                    Err(e) => failed[i] = Some(e.into()),
-                }
-            }
-            let attn = Tensor::from_vec(attn, (total, q_width), &Device::Cpu)?;
-            x = (x + layer.o.forward_segments(&attn, &rows)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [gate, up] = layer.gate_up.forward_parts(&normed, &rows)?;
-            let gated = swiglu(gate, &up);
-            let gated = Tensor::from_vec(gated, (total, cfg.intermediate_size), &Device::Cpu)?;
-            x = (x + layer.down.forward_segments(&gated, &rows)?)?;
-        }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        // The LM head sees only the rows each sequence wants logits for.
-        let (mut picks, mut head_rows, mut first) = (Vec::new(), Vec::new(), 0u32);
-        let mut head_range = vec![0..0; batch.len()];
-        for (j, &i) in live.iter().enumerate() {
-            let n = rows[j] as u32;
-            let range = match batch[i].logits_for {
-                LogitsFor::Last => first + n - 1..first + n,
-                LogitsFor::All => first..first + n,
-            };
-            head_range[i] = picks.len()..picks.len() + range.len();
-            head_rows.push(range.len());
-            picks.extend(range);
-            first += n;
-        }
-        let picked = x.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
-        let logits = self.lm_head.forward_segments(&picked, &head_rows)?;
-        (0..batch.len())
-            .map(|i| {
-                if failed[i].is_some() {
-                    return Ok(None);
-                }
-                let r = &head_range[i];
-                Ok(Some(logits.narrow(0, r.start, r.len())?))
-            })
-            .collect()
-    }
-
     /// How a store with cache positions moves a key by `delta` positions: a rotation by `delta`
     /// (for `kv_store::SequenceKv::with_cache_positions`).
     pub fn key_shift(&self) -> KeyShift {
@@ -430,83 +292,6 @@ impl LlamaModel {
         }
         Ok(())
     }
-
-    /// One sequence's share of layer `layer` before attention: RoPE (in place on `q` and `k`),
-    /// the store append and the hook's plan.
-    fn prepare_attention(
-        &self,
-        layer: usize,
-        seq: &mut SequenceInput<'_>,
-        input: AttentionInput<'_>,
-    ) -> Result<LayerPlan> {
-        let AttentionInput {
-            normed,
-            q,
-            k,
-            v,
-            positions,
-        } = input;
-        self.rotate(layer, q, k, positions, seq.kv);
-        seq.kv.append(layer, k, v, positions)?;
-        seq.hook.plan(layer, normed, positions, seq.kv)
-    }
-
-    /// RoPE for one layer's new queries and keys: at their token positions, or (cache
-    /// positions) at each KV head's next cache positions, its query group with it.
-    fn rotate(
-        &self,
-        layer: usize,
-        q: &mut [f32],
-        k: &mut [f32],
-        positions: &[u32],
-        kv: &SequenceKv,
-    ) {
-        let cfg = &self.cfg;
-        if !kv.has_cache_positions() {
-            self.rope.apply(q, cfg.n_heads, positions);
-            self.rope.apply(k, cfg.n_kv_heads, positions);
-            return;
-        }
-        let next: Vec<f64> = (0..cfg.n_kv_heads)
-            .map(|g| f64::from(kv.next_cache_position(layer, g).unwrap_or(0)))
-            .collect();
-        let at = |t: usize, g: usize| next[g] + t as f64;
-        self.rope
-            .apply_grouped(q, cfg.n_heads, cfg.group_size(), at);
-        self.rope.apply_grouped(k, cfg.n_kv_heads, 1, at);
-    }
-}
-
-/// Values of [`swiglu`] per piece of work on the pool; calls of fewer than four pieces (a few
-/// decode rows of a small model: microseconds of work) stay on the calling thread.
-const SWIGLU_PIECE: usize = 1 << 12;
-
-/// `silu(gate) * up` elementwise, in place of `gate`; large calls (a batch of decode rows, a
-/// prefill chunk) are split over the pool (each value is computed alike wherever it runs).
-fn swiglu(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
-    let run = |gate: &mut [f32], up: &[f32]| {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    };
-    if gate.len() < 4 * SWIGLU_PIECE {
-        run(&mut gate, up);
-        return gate;
-    }
-    let pieces: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = gate
-        .chunks_mut(SWIGLU_PIECE)
-        .zip(up.chunks(SWIGLU_PIECE))
-        .map(std::sync::Mutex::new)
-        .collect();
-    CpuPool::run_chunked(pieces.len(), |range| {
-        for piece in &pieces[range] {
-            let mut piece = piece.lock().unwrap_or_else(|e| e.into_inner());
-            let (gate, up) = &mut *piece;
-            run(gate, up);
-        }
-    });
-    drop(pieces);
-    gate
 }
 
 impl SequenceInput<'_> {
@@ -516,12 +301,6 @@ impl SequenceInput<'_> {
         self.kv.truncate_from(self.start);
         self.hook.abort_pass();
     }
-}
-
-/// What a layer's `after_attention` needs once the pass commits.
-struct Pending {
-    queries: Vec<f32>,
-    prob_sums: Option<Vec<Vec<f32>>>,
 }
 
 /// Fails with [`ModelError::NonFinite`] naming the first position whose logits (`[rows, vocab]`)
