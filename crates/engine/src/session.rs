@@ -158,9 +158,7 @@ impl Positions {
         match s {
             "original" => Ok(Positions::Original),
             "cache" => Ok(Positions::Cache),
-            other => Err(EngineError::Invalid(format!(
-                "unknown positions mode `{other}` (expected original or cache)"
-            ))),
+            other => Err(EngineError::UnknownPositions { name: other.into() }),
         }
     }
 }
@@ -371,9 +369,9 @@ impl Session {
     /// as a continuation ([`PrefillKind::Continuation`]): one-shot policies keep them.
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
-            return Err(EngineError::Invalid(
-                "nothing to score: empty token list".into(),
-            ));
+            return Err(EngineError::EmptyInput {
+                what: "the token list to score",
+            });
         }
         let passes: Vec<usize> = self
             .pending
@@ -529,9 +527,7 @@ impl Session {
             .iter()
             .any(|item| !item.session.engine.same_engine(&engine))
         {
-            return Err(EngineError::Invalid(
-                "a batched pass runs sessions of one engine only".into(),
-            ));
+            return Err(EngineError::MixedEngines);
         }
         let mut inputs = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
@@ -574,7 +570,7 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         if prompt.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
+            return Err(EngineError::EmptyInput { what: "the prompt" });
         }
         let tokens = self
             .engine
@@ -595,7 +591,9 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         if user_message.trim().is_empty() {
-            return Err(EngineError::Invalid("the message is empty".into()));
+            return Err(EngineError::EmptyInput {
+                what: "the message",
+            });
         }
         let mut messages: Vec<ChatMessage> = self
             .system
@@ -667,7 +665,7 @@ impl Session {
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Outcome> {
-        request.sampling.validate().map_err(EngineError::Invalid)?;
+        request.sampling.validate()?;
         self.step(prompt.len(), request.max_tokens, |s| {
             let prefill_secs = s.prefill_reserved(prompt, PrefillKind::Context)?;
             let (mut generation, error) = s.generate_reserved(request, on_text);
@@ -685,11 +683,9 @@ impl Session {
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        request.sampling.validate().map_err(EngineError::Invalid)?;
+        request.sampling.validate()?;
         if self.pending.is_none() && self.logits.is_none() {
-            return Err(EngineError::Invalid(
-                "nothing to continue from: prefill a prompt first".into(),
-            ));
+            return Err(EngineError::NothingToContinue);
         }
         let (generation, error) = self.step(0, request.max_tokens, |s| {
             Ok(s.generate_reserved(request, on_text))

@@ -258,7 +258,10 @@ impl Scheduler {
         let thread = std::thread::Builder::new()
             .name("agate-scheduler".into())
             .spawn(move || worker.run(queue))
-            .map_err(|e| EngineError::Scheduler(format!("cannot start its thread: {e}")))?;
+            .map_err(|source| EngineError::ThreadSpawn {
+                thread: "scheduler",
+                source,
+            })?;
         Ok(Scheduler {
             engine: engine.clone(),
             config,
@@ -280,13 +283,9 @@ impl Scheduler {
 
     /// Queues a request whose events go to `sink`. Refused at once with
     /// [`EngineError::QueueFull`] when `max_queue` requests are already waiting, or
-    /// [`EngineError::Invalid`] for bad sampling parameters.
+    /// [`EngineError::Sampling`] for bad sampling parameters.
     pub fn submit_to(&self, submission: Submission, sink: Box<dyn EventSink>) -> Result<()> {
-        submission
-            .request
-            .sampling
-            .validate()
-            .map_err(EngineError::Invalid)?;
+        submission.request.sampling.validate()?;
         let capacity = self.config.max_queue;
         let reserved = self
             .shared

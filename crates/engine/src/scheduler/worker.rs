@@ -271,7 +271,7 @@ impl Worker {
             }
         };
         if text.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
+            return Err(EngineError::EmptyInput { what: "the prompt" });
         }
         let continued = match rendered {
             Some(_) => self.continue_cached(&sub.policy_key, &text)?,
