@@ -172,6 +172,14 @@ pub enum EngineError {
     /// A [`crate::SessionWorker`]'s thread ended before it finished a request (it panicked).
     #[error("the session worker stopped before finishing the request")]
     WorkerStopped,
+    /// A batched forward pass of the scheduler failed as a whole; every request in it fails
+    /// with this (shared) cause.
+    #[error("scheduler: a batched step failed: {source}")]
+    StepFailed {
+        /// Why the pass failed.
+        #[source]
+        source: std::sync::Arc<EngineError>,
+    },
     /// The operating system refused to start a thread.
     #[error("cannot start the {thread} thread: {source}")]
     ThreadSpawn {
