@@ -133,8 +133,9 @@ pub enum EngineError {
         /// The pool's capacity in blocks.
         capacity: usize,
     },
-    /// The scheduler stopped serving a request: it is shutting down, or a step failed in a way
-    /// that it caught (the message says which).
+    /// The scheduler stopped serving a request: it is shutting down, or a step panicked and it
+    /// caught the panic (the message says which; a batched pass that failed with an error is
+    /// [`EngineError::StepFailed`]).
     #[error("scheduler: {0}")]
     Scheduler(String),
     /// The prompt does not fit in the model's context.
