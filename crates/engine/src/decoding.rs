@@ -88,11 +88,7 @@ impl Decoding {
             let logits = match (session.logits.take(), session.pending) {
                 (Some(l), _) => l,
                 (None, Some(_)) => return Ok(Progress::NeedsPass),
-                (None, None) => {
-                    return Err(EngineError::Invalid(
-                        "nothing to continue from: prefill a prompt first".into(),
-                    ))
-                }
+                (None, None) => return Err(EngineError::NothingToContinue),
             };
             let seen = session.seen_tokens();
             let recent_from = seen.len().saturating_sub(self.repeat_last_n);

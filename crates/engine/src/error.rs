@@ -3,7 +3,7 @@
 //!
 //! Invariants: an error from another crate or module is wrapped, never flattened to a string,
 //! so [`std::error::Error::source`] reaches it (`Model`, with candle's errors, `Kv`, `Gate`,
-//! `Policy`, `Io`);
+//! `Policy`, `Sampling`, `ThreadSpawn`, `Io`);
 //! messages name settings by their library names (`keep`, `SweepPlan.ratios`), never by a
 //! command-line flag: front ends map them to their own names (the CLI to `--keep`, the server
 //! to `kv_keep`) from the typed variants.
@@ -133,8 +133,9 @@ pub enum EngineError {
         /// The pool's capacity in blocks.
         capacity: usize,
     },
-    /// The scheduler stopped serving a request: it is shutting down, or a step failed in a way
-    /// that it caught (the message says which).
+    /// The scheduler stopped serving a request: it is shutting down, or a step panicked and it
+    /// caught the panic (the message says which; a batched pass that failed with an error is
+    /// [`EngineError::StepFailed`]).
     #[error("scheduler: {0}")]
     Scheduler(String),
     /// The prompt does not fit in the model's context.
@@ -146,6 +147,48 @@ pub enum EngineError {
         seen: usize,
         /// The model's context length.
         context: usize,
+    },
+    /// An input a step needs is empty; `what` names it (`the prompt`, `the message`, `the
+    /// shared context`, `the token list to score`).
+    #[error("{what} is empty")]
+    EmptyInput {
+        /// The input, in words.
+        what: &'static str,
+    },
+    /// Generation was asked of a session that holds no next-token logits and no pending token.
+    #[error("nothing to continue from: prefill a prompt first")]
+    NothingToContinue,
+    /// A sampling parameter is outside its domain (the source names the field and value).
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::SamplingError),
+    /// A positions mode name other than `original` or `cache`.
+    #[error("unknown positions mode `{name}` (expected original or cache)")]
+    UnknownPositions {
+        /// The name as given.
+        name: String,
+    },
+    /// A batched forward pass was given sessions of different engines.
+    #[error("a batched pass runs sessions of one engine only")]
+    MixedEngines,
+    /// A [`crate::SessionWorker`]'s thread ended before it finished a request (it panicked).
+    #[error("the session worker stopped before finishing the request")]
+    WorkerStopped,
+    /// A batched forward pass of the scheduler failed as a whole; every request in it fails
+    /// with this (shared) cause.
+    #[error("scheduler: a batched step failed: {source}")]
+    StepFailed {
+        /// Why the pass failed.
+        #[source]
+        source: std::sync::Arc<EngineError>,
+    },
+    /// The operating system refused to start a thread.
+    #[error("cannot start the {thread} thread: {source}")]
+    ThreadSpawn {
+        /// The thread's role (`session`, `scheduler`).
+        thread: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
     },
 }
 

@@ -52,7 +52,7 @@ pub use policy::{
     UnknownPolicy,
 };
 pub use report::KvReport;
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingError, SamplingParams};
 pub use scheduler::{
     EventSink, MetricsSnapshot, Prompt, RequestEvent, RequestStream, Scheduler, SchedulerConfig,
     Submission, Usage,

@@ -42,45 +42,60 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// The first field outside its domain: its name (as in this struct, which is also the
-    /// OpenAI request field) and why; `None` when every field is valid.
-    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+    /// Checks every field: `Err` names the first one outside its domain.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let out_of_range = |field, what, value: f32, expected| SamplingError {
+            field,
+            what,
+            value,
+            expected,
+        };
         let t = self.temperature;
         if !(t >= 0.0 && t.is_finite()) {
-            return Some((
+            return Err(out_of_range(
                 "temperature",
-                format!("temperature must be finite and >= 0, got {t}"),
+                "temperature",
+                t,
+                "finite and >= 0",
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Some((
-                "top_p",
-                format!("top-p must be in (0, 1], got {}", self.top_p),
-            ));
+            return Err(out_of_range("top_p", "top-p", self.top_p, "in (0, 1]"));
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return Some((
-                "min_p",
-                format!("min-p must be in [0, 1), got {}", self.min_p),
-            ));
+            return Err(out_of_range("min_p", "min-p", self.min_p, "in [0, 1)"));
         }
         let r = self.repetition_penalty;
         if !(r > 0.0 && r.is_finite()) {
-            return Some((
+            return Err(out_of_range(
                 "repetition_penalty",
-                format!("repetition penalty must be finite and > 0, got {r}"),
+                "repetition penalty",
+                r,
+                "finite and > 0",
             ));
         }
-        None
+        Ok(())
     }
 
-    /// Checks every field ([`SamplingParams::invalid_field`]).
-    pub fn validate(&self) -> Result<(), String> {
-        match self.invalid_field() {
-            Some((_, why)) => Err(why),
-            None => Ok(()),
-        }
+    /// The first field outside its domain: its name (as in this struct, which is also the
+    /// OpenAI request field) and why; `None` when every field is valid.
+    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+        self.validate().err().map(|e| (e.field, e.to_string()))
     }
+}
+
+/// A sampling parameter outside its domain.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{what} must be {expected}, got {value}")]
+pub struct SamplingError {
+    /// The field, as named in [`SamplingParams`] (also the OpenAI request field).
+    pub field: &'static str,
+    /// The parameter in words (`top-p`).
+    pub what: &'static str,
+    /// The value given.
+    pub value: f32,
+    /// What it must be (`in (0, 1]`).
+    pub expected: &'static str,
 }
 
 /// A seeded sampler.
@@ -430,10 +445,9 @@ mod tests {
             temperature: -1.0,
             ..Default::default()
         };
-        assert_eq!(
-            bad.validate().unwrap_err(),
-            "temperature must be finite and >= 0, got -1"
-        );
+        let e = bad.validate().unwrap_err();
+        assert_eq!((e.field, e.value), ("temperature", -1.0));
+        assert_eq!(e.to_string(), "temperature must be finite and >= 0, got -1");
         let hot = SamplingParams {
             temperature: f32::INFINITY,
             ..Default::default()

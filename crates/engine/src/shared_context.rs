@@ -59,7 +59,9 @@ impl SharedContext {
         positions: Positions,
     ) -> Result<Self> {
         if tokens.is_empty() {
-            return Err(EngineError::Invalid("the shared context is empty".into()));
+            return Err(EngineError::EmptyInput {
+                what: "the shared context",
+            });
         }
         let context = engine.model_config().max_position;
         if tokens.len() > context {

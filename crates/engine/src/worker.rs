@@ -66,9 +66,7 @@ impl Iterator for TextStream {
             }
             Err(_) => {
                 self.finished = true;
-                Some(Err(EngineError::Invalid(
-                    "the session worker stopped before finishing the request".into(),
-                )))
+                Some(Err(EngineError::WorkerStopped))
             }
         }
     }
@@ -84,9 +82,7 @@ impl TextStream {
                 StreamEvent::Done { generation, kv } => return Ok((text, generation, kv)),
             }
         }
-        Err(EngineError::Invalid(
-            "the stream ended without a result".into(),
-        ))
+        Err(EngineError::WorkerStopped)
     }
 }
 
@@ -120,7 +116,10 @@ impl SessionWorker {
                     let _ = job.events.send(last);
                 }
             })
-            .map_err(|e| EngineError::Invalid(format!("cannot start a session thread: {e}")))?;
+            .map_err(|source| EngineError::ThreadSpawn {
+                thread: "session",
+                source,
+            })?;
         Ok(SessionWorker {
             jobs: Some(jobs),
             thread: Some(thread),

@@ -59,9 +59,17 @@ impl ApiError {
                 Some("messages"),
                 Some("context_length_exceeded"),
             ),
-            EngineError::Invalid(_) => {
+            EngineError::Invalid(_)
+            | EngineError::EmptyInput { .. }
+            | EngineError::NothingToContinue => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None, None)
             }
+            EngineError::Sampling(s) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(s.field),
+                None,
+            ),
             EngineError::KvCapacity { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",

@@ -24,6 +24,10 @@ use crate::error::Result;
 const DEFAULT_GATES: &[u8] =
     include_bytes!("../../../../gates/smollm2-135m-instruct.ag.safetensors");
 
+/// How errors name the embedded file.
+#[cfg(feature = "default-gates")]
+const EMBEDDED_NAME: &str = "(embedded default gates)";
+
 /// Writes a gates file (parameters in `dtype`, config and identity) to `path` atomically.
 pub fn write_gates(gates: &AttentionGate, path: &Path, dtype: GateFileDtype) -> Result<()> {
     let bytes = gates.to_bytes(path, dtype)?;
@@ -39,7 +43,7 @@ pub fn default_gates(engine: &Engine) -> Result<Option<AttentionGate>> {
     if embedded_identity()? != expected {
         return Ok(None);
     }
-    let name = Path::new("(embedded default gates)");
+    let name = Path::new(EMBEDDED_NAME);
     let gates =
         AttentionGate::from_bytes(DEFAULT_GATES, name, &expected, &candle_core::Device::Cpu)?;
     Ok(Some(gates))
@@ -51,15 +55,23 @@ pub fn default_gates(_engine: &Engine) -> Result<Option<AttentionGate>> {
     Ok(None)
 }
 
-/// The model identity recorded in the embedded file (read from its header alone).
+/// The model identity recorded in the embedded file (read from its header alone); a malformed
+/// header is a [`gate_core::GateError::Format`], as a gates file's would be.
 #[cfg(feature = "default-gates")]
 fn embedded_identity() -> Result<gate_core::ModelIdentity> {
-    let bad = |e: String| crate::EngineError::Invalid(format!("embedded default gates: {e}"));
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(DEFAULT_GATES).map_err(|e| bad(e.to_string()))?;
+    let bad = |detail: String| gate_core::GateError::Format {
+        path: EMBEDDED_NAME.into(),
+        detail,
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(DEFAULT_GATES)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let id = meta
         .get("model_identity")
-        .ok_or_else(|| bad("no model_identity metadata".into()))?;
-    serde_json::from_str(id).map_err(|e| bad(e.to_string()))
+        .ok_or_else(|| bad("metadata field `model_identity` is missing".into()))?;
+    Ok(serde_json::from_str(id).map_err(|e| {
+        bad(format!(
+            "metadata `model_identity` is not a string map: {e}"
+        ))
+    })?)
 }

@@ -98,7 +98,7 @@ type ScorerPlan = (Scorer, Trigger, Option<Budget>, Option<bool>);
 
 /// The plan of a policy that evicts at every step (random, StreamingLLM, H2O, TOVA).
 fn every_step_plan(policy: &Policy) -> Option<ScorerPlan> {
-    Some(match policy {
+    let (scorer, budget, normalise) = match policy {
         Policy::Random {
             budget,
             protect,
@@ -108,16 +108,10 @@ fn every_step_plan(policy: &Policy) -> Option<ScorerPlan> {
                 seed: *seed,
                 protect: *protect,
             },
-            Trigger::EveryStep,
-            Some(*budget),
+            budget,
             None,
         ),
-        Policy::Streaming { budget, sinks } => (
-            Scorer::Streaming { sinks: *sinks },
-            Trigger::EveryStep,
-            Some(*budget),
-            None,
-        ),
+        Policy::Streaming { budget, sinks } => (Scorer::Streaming { sinks: *sinks }, budget, None),
         Policy::H2o {
             budget,
             recent,
@@ -128,24 +122,19 @@ fn every_step_plan(policy: &Policy) -> Option<ScorerPlan> {
                 recent: *recent,
                 sinks: *sinks,
             },
-            Trigger::EveryStep,
-            Some(*budget),
+            budget,
             Some(*normalise),
         ),
-        Policy::Tova { budget, sinks } => (
-            Scorer::Tova { sinks: *sinks },
-            Trigger::EveryStep,
-            Some(*budget),
-            None,
-        ),
+        Policy::Tova { budget, sinks } => (Scorer::Tova { sinks: *sinks }, budget, None),
         _ => return None,
-    })
+    };
+    Some((scorer, Trigger::EveryStep, Some(*budget), normalise))
 }
 
 /// The plan of a policy that evicts once, at the end of the context (SnapKV, PyramidKV,
 /// K-norm, NACL).
 fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
-    Some(match policy {
+    let (scorer, budget) = match policy {
         Policy::SnapKv {
             budget,
             window,
@@ -156,9 +145,7 @@ fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
                 kernel: *kernel,
                 beta: None,
             },
-            Trigger::ContextEnd,
             Some(*budget),
-            None,
         ),
         Policy::PyramidKv {
             budget,
@@ -171,16 +158,9 @@ fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
                 kernel: *kernel,
                 beta: Some(*beta),
             },
-            Trigger::ContextEnd,
             Some(*budget),
-            None,
         ),
-        Policy::KNorm { budget, protect } => (
-            Scorer::KNorm { protect: *protect },
-            Trigger::ContextEnd,
-            Some(*budget),
-            None,
-        ),
+        Policy::KNorm { budget, protect } => (Scorer::KNorm { protect: *protect }, Some(*budget)),
         Policy::Nacl {
             budget,
             config,
@@ -190,12 +170,11 @@ fn context_end_plan(policy: &Policy) -> Option<ScorerPlan> {
                 config: *config,
                 seed: *seed,
             },
-            Trigger::ContextEnd,
             *budget,
-            None,
         ),
         _ => return None,
-    })
+    };
+    Some((scorer, Trigger::ContextEnd, budget, None))
 }
 
 /// TOVA's one mask for every KV head of `layer`: the current query's attention averaged over

@@ -141,6 +141,28 @@ pub enum RequestEvent {
     Failed(EngineError),
 }
 
+impl RequestEvent {
+    /// Folds this event into its request's result, for a caller that reads the events itself
+    /// (an async channel): text is appended to `text`; the last event gives the generation,
+    /// usage and final KV report ([`RequestEvent::Done`]) or the error
+    /// ([`RequestEvent::Failed`]); `None` while the request runs.
+    pub fn collect_into(self, text: &mut String) -> Option<Result<(Generation, Usage, KvReport)>> {
+        match self {
+            RequestEvent::Started { .. } => None,
+            RequestEvent::Text(t) => {
+                text.push_str(&t);
+                None
+            }
+            RequestEvent::Done {
+                generation,
+                usage,
+                kv,
+            } => Some(Ok((generation, usage, kv))),
+            RequestEvent::Failed(e) => Some(Err(e)),
+        }
+    }
+}
+
 /// Where a request's events go. Implemented for whatever the caller reads from (a crossbeam
 /// channel here, an async channel in the HTTP server).
 pub trait EventSink: Send {
@@ -194,15 +216,8 @@ impl RequestStream {
     pub fn collect_all(self) -> Result<(String, Generation, Usage, KvReport)> {
         let mut text = String::new();
         for event in self {
-            match event {
-                RequestEvent::Started { .. } => {}
-                RequestEvent::Text(t) => text.push_str(&t),
-                RequestEvent::Done {
-                    generation,
-                    usage,
-                    kv,
-                } => return Ok((text, generation, usage, kv)),
-                RequestEvent::Failed(e) => return Err(e),
+            if let Some(end) = event.collect_into(&mut text) {
+                return end.map(|(generation, usage, kv)| (text, generation, usage, kv));
             }
         }
         Err(EngineError::Scheduler(
@@ -258,7 +273,10 @@ impl Scheduler {
         let thread = std::thread::Builder::new()
             .name("agate-scheduler".into())
             .spawn(move || worker.run(queue))
-            .map_err(|e| EngineError::Scheduler(format!("cannot start its thread: {e}")))?;
+            .map_err(|source| EngineError::ThreadSpawn {
+                thread: "scheduler",
+                source,
+            })?;
         Ok(Scheduler {
             engine: engine.clone(),
             config,
@@ -280,13 +298,9 @@ impl Scheduler {
 
     /// Queues a request whose events go to `sink`. Refused at once with
     /// [`EngineError::QueueFull`] when `max_queue` requests are already waiting, or
-    /// [`EngineError::Invalid`] for bad sampling parameters.
+    /// [`EngineError::Sampling`] for bad sampling parameters.
     pub fn submit_to(&self, submission: Submission, sink: Box<dyn EventSink>) -> Result<()> {
-        submission
-            .request
-            .sampling
-            .validate()
-            .map_err(EngineError::Invalid)?;
+        submission.request.sampling.validate()?;
         let capacity = self.config.max_queue;
         let reserved = self
             .shared

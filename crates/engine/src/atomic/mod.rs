@@ -19,13 +19,16 @@
 //!
 //! Temporary files and staging directories that a killed process left beside a destination
 //! (their PID runs no more) are removed the next time that destination is written. I/O errors
-//! name the path.
+//! name the path. Single files are written here; directories written as a whole (staged, then
+//! renamed) in the `dir` submodule.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use model_zoo::convert::FileSink;
+mod dir;
+
+pub use dir::{ensure_dir, scratch_dir, write_dir, StagedDir};
 
 /// Most symbolic links followed from one destination.
 const MAX_LINKS: usize = 40;
@@ -321,21 +324,6 @@ fn new_file_permissions(file: &File) -> io::Result<std::fs::Permissions> {
     }
 }
 
-/// Creates the directory `path` and its parents unless they exist; a path that exists and is
-/// not a directory is refused with that reason.
-pub fn ensure_dir(path: &Path) -> io::Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(refused(path, "exists and is not a directory")),
-        Err(_) => std::fs::create_dir_all(path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => {
-                refused(path, "a part of it exists and is not a directory")
-            }
-            _ => named(path)(e),
-        }),
-    }
-}
-
 /// A temporary file or directory could not be made beside `path` (or renamed onto it): the
 /// cause, named by `path`, without the temporary name tempfile adds to its errors.
 fn temp_error(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
@@ -346,18 +334,6 @@ fn temp_error(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
             .map_or_else(|| e.to_string(), ToString::to_string);
         io::Error::new(e.kind(), format!("{}: {cause}", path.display()))
     }
-}
-
-/// A hidden working directory beside `path` (`.NAME.agate-tmp.PID.XXXXXX`, its parent created
-/// if missing), removed when dropped; those of killed processes are removed first.
-pub fn scratch_dir(path: &Path) -> io::Result<tempfile::TempDir> {
-    let (parent, prefix) = temp_place(path)?;
-    ensure_dir(&parent)?;
-    clean_stale(&parent, &prefix);
-    tempfile::Builder::new()
-        .prefix(&format!("{prefix}{}.", std::process::id()))
-        .tempdir_in(&parent)
-        .map_err(temp_error(path))
 }
 
 /// A log written line by line: its first content as [`write_atomically`] writes files, then
@@ -397,105 +373,6 @@ impl AppendLog {
             .and_then(|()| self.file.flush())
             .map_err(named)
     }
-}
-
-/// A directory written as a whole: its files go into a hidden staging directory beside it
-/// (`.NAME.agate-tmp.PID.XXXXXX`), which [`StagedDir::commit`] renames onto the destination.
-/// Dropping it uncommitted removes the staging directory: no half-written directory is ever
-/// left at the destination, which must not exist or be an empty directory (a link to one is
-/// followed).
-pub struct StagedDir {
-    staging: Option<tempfile::TempDir>,
-    out: PathBuf,
-    files: Vec<String>,
-}
-
-impl StagedDir {
-    /// Prepares to write the directory `out` (its parent is created if missing).
-    pub fn new(out: &Path) -> io::Result<Self> {
-        let named = named(out);
-        let out = match std::fs::metadata(out) {
-            Ok(m) if m.is_dir() => {
-                let real = std::fs::canonicalize(out).map_err(&named)?;
-                if std::fs::read_dir(&real).map_err(&named)?.next().is_some() {
-                    return Err(refused(
-                        out,
-                        "exists and is not empty; choose a new directory or remove it",
-                    ));
-                }
-                real
-            }
-            Ok(_) => return Err(refused(out, "exists and is not a directory")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => link_target(out)?,
-            Err(e) => return Err(named(e)),
-        };
-        Ok(StagedDir {
-            staging: Some(scratch_dir(&out)?),
-            out,
-            files: Vec::new(),
-        })
-    }
-
-    /// Renames the staging directory onto the destination; returns the names of the files
-    /// written, sorted.
-    pub fn commit(mut self) -> io::Result<Vec<String>> {
-        let Some(staging) = self.staging.take() else {
-            return Ok(Vec::new());
-        };
-        let named = named(&self.out);
-        if self.out.exists() {
-            // Checked empty in `new`; an empty directory is replaced.
-            std::fs::remove_dir(&self.out).map_err(&named)?;
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))
-                .map_err(&named)?;
-        }
-        let kept = staging.keep();
-        if let Err(e) = std::fs::rename(&kept, &self.out) {
-            let _ = std::fs::remove_dir_all(&kept);
-            return Err(named(e));
-        }
-        self.files.sort();
-        Ok(std::mem::take(&mut self.files))
-    }
-}
-
-impl FileSink for StagedDir {
-    fn file(
-        &mut self,
-        name: &str,
-        body: &mut dyn FnMut(&mut dyn Write) -> model_zoo::Result<()>,
-    ) -> model_zoo::Result<()> {
-        let Some(staging) = &self.staging else {
-            return Err(model_zoo::ModelError::Input(format!(
-                "{}: already committed",
-                self.out.display()
-            )));
-        };
-        let dest = self.out.join(name);
-        // The body's writer errors carry no path: they get this file's.
-        let label = |e: model_zoo::ModelError| e.written_to(&dest);
-        let file = File::create(staging.path().join(name)).map_err(|e| label(e.into()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        body(&mut w).map_err(label)?;
-        w.flush().map_err(|e| label(e.into()))?;
-        self.files.push(name.to_string());
-        Ok(())
-    }
-}
-
-/// Writes the files `fill` produces as the directory `out` (a [`StagedDir`]); returns their
-/// names.
-pub fn write_dir(
-    out: &Path,
-    fill: impl FnOnce(&mut dyn FileSink) -> model_zoo::Result<()>,
-) -> crate::Result<Vec<String>> {
-    let mut dir = StagedDir::new(out)?;
-    fill(&mut dir)?;
-    Ok(dir.commit()?)
 }
 
 #[cfg(test)]
@@ -580,32 +457,5 @@ mod tests {
             let err = write_atomically(full, |w| w.write_all(&[0; 1 << 16])).unwrap_err();
             assert!(err.to_string().starts_with("/dev/full: "), "{err}");
         }
-    }
-
-    #[test]
-    fn staged_directories_appear_whole_or_not_at_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("model");
-        let files = write_dir(&out, |sink| {
-            sink.file("b.json", &mut |w| Ok(w.write_all(b"{}")?))?;
-            sink.file("a.txt", &mut |w| Ok(w.write_all(b"a")?))
-        })
-        .unwrap();
-        assert_eq!(files, ["a.txt", "b.json"]);
-        assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"a");
-        let err = write_dir(&out, |_| Ok(())).unwrap_err();
-        assert!(err.to_string().contains("exists and is not empty"), "{err}");
-        let failed = dir.path().join("failed");
-        let err = write_dir(&failed, |sink| {
-            sink.file("a", &mut |w| Ok(w.write_all(b"a")?))?;
-            Err(model_zoo::ModelError::Input("stop".into()))
-        })
-        .unwrap_err();
-        assert_eq!(err.to_string(), "stop");
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, ["model"], "staging left behind");
     }
 }

@@ -29,106 +29,18 @@ use model_zoo::{
     ChatMessage, LayerHook, LogitsFor, Pass, PrefillChunk, PrefillKind, SequenceInput,
 };
 
+mod chat;
+mod generation;
+mod plan;
+
+pub use generation::{FinishReason, GenerateRequest, Generation};
+pub(crate) use plan::PrefillPlan;
+
 use crate::decoding::{Decoding, Progress};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::policy::Policy;
 use crate::report::KvReport;
-use crate::sampling::SamplingParams;
-
-/// What to generate.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct GenerateRequest {
-    /// Upper bound on generated tokens.
-    pub max_tokens: usize,
-    /// Sampling parameters.
-    pub sampling: SamplingParams,
-    /// Stop strings (the text ends before the first one found).
-    pub stop: Vec<String>,
-    /// Stop at the model's end-of-sequence tokens.
-    pub stop_at_eos: bool,
-}
-
-impl Default for GenerateRequest {
-    fn default() -> Self {
-        GenerateRequest {
-            max_tokens: 256,
-            sampling: SamplingParams::default(),
-            stop: Vec::new(),
-            stop_at_eos: true,
-        }
-    }
-}
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model produced an end-of-sequence token.
-    Eos,
-    /// A stop string was produced.
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// The model's context is full.
-    ContextFull,
-    /// The caller's callback asked to stop.
-    Cancelled,
-}
-
-impl FinishReason {
-    /// In words, for people (the JSON name is its snake_case serialisation).
-    pub fn describe(self) -> &'static str {
-        match self {
-            FinishReason::Eos => "end of text",
-            FinishReason::Stop => "stop string",
-            FinishReason::Length => "max tokens reached",
-            FinishReason::ContextFull => "the model's context is full",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// The result of one generation.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Generation {
-    /// The generated text (stop string excluded).
-    pub text: String,
-    /// The generated token ids (EOS excluded).
-    pub tokens: Vec<u32>,
-    /// Tokens prefilled for this request.
-    pub prompt_tokens: usize,
-    /// Why it ended.
-    pub finish_reason: FinishReason,
-    /// Seconds spent in prefill.
-    pub prefill_secs: f64,
-    /// Seconds from the request to the first generated token.
-    pub time_to_first_token_secs: f64,
-    /// Seconds spent decoding (forward passes of generated tokens and sampling).
-    pub decode_secs: f64,
-    /// Forward passes during decoding.
-    pub decode_steps: usize,
-}
-
-impl Generation {
-    /// Prompt tokens per second.
-    pub fn prefill_tokens_per_s(&self) -> f64 {
-        rate(self.prompt_tokens, self.prefill_secs)
-    }
-
-    /// Generated tokens per second over the decode forward passes.
-    pub fn decode_tokens_per_s(&self) -> f64 {
-        rate(self.decode_steps, self.decode_secs)
-    }
-}
-
-fn rate(n: usize, secs: f64) -> f64 {
-    if secs > 0.0 {
-        n as f64 / secs
-    } else {
-        0.0
-    }
-}
 
 /// Where RoPE places a session's keys and queries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -158,9 +70,7 @@ impl Positions {
         match s {
             "original" => Ok(Positions::Original),
             "cache" => Ok(Positions::Cache),
-            other => Err(EngineError::Invalid(format!(
-                "unknown positions mode `{other}` (expected original or cache)"
-            ))),
+            other => Err(EngineError::UnknownPositions { name: other.into() }),
         }
     }
 }
@@ -319,43 +229,6 @@ impl Session {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    /// Cuts the pending token (if any) and `tokens` into the passes of one prefill of `kind`,
-    /// checking that they fit in the model's context (on error the session is unchanged).
-    pub(crate) fn plan_prefill(
-        &mut self,
-        tokens: &[u32],
-        kind: PrefillKind,
-    ) -> Result<PrefillPlan> {
-        let mut run: Vec<u32> = self.pending.into_iter().collect();
-        run.extend_from_slice(tokens);
-        self.check_fits(&[run.len()])?;
-        self.pending = None;
-        Ok(PrefillPlan::new(
-            run,
-            kind,
-            self.engine.config().prefill_chunk,
-        ))
-    }
-
-    /// Empties the cache and returns the passes that rebuild it: every token seen, the pending
-    /// one (so that afterwards the session holds the logits after it, as after a decode pass),
-    /// then `unfed` (the rest of an interrupted prefill). The transcript is kept. This is the
-    /// scheduler's preemption: the blocks go back to the pool now, and the conversation resumes
-    /// later by recomputing its cache, as one context prefill.
-    pub(crate) fn reset_for_replay(&mut self, unfed: &[u32]) -> Result<PrefillPlan> {
-        let mut run = std::mem::take(&mut self.seen);
-        run.extend(self.pending.take());
-        run.extend_from_slice(unfed);
-        self.kv.clear();
-        self.hook = self.policy.hook(self.engine.model_config())?;
-        self.logits = None;
-        Ok(PrefillPlan::new(
-            run,
-            PrefillKind::Context,
-            self.engine.config().prefill_chunk,
-        ))
-    }
-
     /// Keeps the logits of a pass's last token as the next-token logits.
     pub(crate) fn set_logits(&mut self, logits: &Tensor) -> Result<()> {
         self.logits = Some(
@@ -371,9 +244,9 @@ impl Session {
     /// as a continuation ([`PrefillKind::Continuation`]): one-shot policies keep them.
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
-            return Err(EngineError::Invalid(
-                "nothing to score: empty token list".into(),
-            ));
+            return Err(EngineError::EmptyInput {
+                what: "the token list to score",
+            });
         }
         let passes: Vec<usize> = self
             .pending
@@ -397,108 +270,6 @@ impl Session {
             s.logits = Some(last);
             Ok(logits)
         })
-    }
-
-    /// Plans a step of a `prompt`-token prefill (after a pending token) and up to `decode`
-    /// generated tokens, then runs `body` with its KV blocks reserved. The prefill counts as one
-    /// pass however it is chunked: no policy evicts between its chunks.
-    fn step<T>(
-        &mut self,
-        prompt: usize,
-        decode: usize,
-        body: impl FnOnce(&mut Self) -> Result<T>,
-    ) -> Result<T> {
-        let run = prompt + usize::from(self.pending.is_some());
-        let passes: Vec<usize> = if run == 0 { Vec::new() } else { vec![run] };
-        self.step_with(&passes, decode, body)
-    }
-
-    /// [`Session::step`] with the prefill passes given by length.
-    fn step_with<T>(
-        &mut self,
-        passes: &[usize],
-        decode: usize,
-        body: impl FnOnce(&mut Self) -> Result<T>,
-    ) -> Result<T> {
-        self.check_fits(passes)?;
-        let ceiling = self.blocks_needed(passes, decode);
-        self.kv.reserve_blocks(ceiling)?;
-        let out = body(self);
-        self.kv.release_reservation();
-        out
-    }
-
-    /// Fails with a context error, before anything changes, when the prefill passes would take
-    /// positions beyond the model's context.
-    fn check_fits(&self, passes: &[usize]) -> Result<()> {
-        let context = self.engine.model_config().max_position;
-        let new: usize = passes.iter().sum();
-        let seen = self.seen.len();
-        // Stored positions are u32 in both modes.
-        if seen.saturating_add(new) > u32::MAX as usize {
-            return Err(EngineError::ContextOverflow {
-                new,
-                seen,
-                context: u32::MAX as usize,
-            });
-        }
-        match self.positions {
-            Positions::Original if seen + new > context => {
-                Err(EngineError::ContextOverflow { new, seen, context })
-            }
-            Positions::Cache => {
-                let cap = self.policy.retained_cap(seen + new);
-                let span = self.kv.widest_cache_span() as usize;
-                if peak_span(span, passes, cap, self.repack_span()) > context {
-                    return Err(EngineError::CacheOverflow { new, span, context });
-                }
-                Ok(())
-            }
-            Positions::Original => Ok(()),
-        }
-    }
-
-    /// In cache positions, closes the gaps of every head whose span exceeds
-    /// [`Session::repack_span`] (after every pass, and after a shared context's eviction).
-    pub(crate) fn close_cache_gaps(&mut self) -> Result<()> {
-        let span = self.repack_span() as u32;
-        Ok(self.kv.repack_cache_positions(span)?)
-    }
-
-    /// In cache positions, the span of cache positions beyond which a head's gaps are closed
-    /// after a pass: the model's context less room for one prefill chunk (at most half the
-    /// context), so that rotations are rare and by whole gaps at once.
-    fn repack_span(&self) -> usize {
-        let context = self.engine.model_config().max_position;
-        context - self.engine.config().prefill_chunk.min(context / 2)
-    }
-
-    /// The most KV blocks this session can hold during the prefill `passes` and `decode`
-    /// one-token passes: per head, its peak entry count under the policy's cap (at most the
-    /// model's context), in whole blocks.
-    fn blocks_needed(&self, passes: &[usize], decode: usize) -> usize {
-        let cfg = self.engine.model_config();
-        let block = self.kv.pool().config().block_size;
-        let total = self.seen.len() + passes.iter().sum::<usize>();
-        let cap = self.policy.retained_cap(total.saturating_add(decode));
-        let mut blocks = 0usize;
-        for l in 0..cfg.n_layers {
-            for h in 0..cfg.n_kv_heads {
-                let peak = peak_entries(self.kv.retained(l, h), passes, decode, cap);
-                blocks = blocks.saturating_add(peak.min(cfg.max_position).div_ceil(block));
-            }
-        }
-        blocks
-    }
-
-    /// How many more tokens one pass may add before positions leave the model's context.
-    pub(crate) fn room(&self) -> usize {
-        let context = self.engine.model_config().max_position;
-        let room = match self.positions {
-            Positions::Original => context.saturating_sub(self.seen.len()),
-            Positions::Cache => context.saturating_sub(self.kv.widest_cache_span() as usize),
-        };
-        room.min((u32::MAX as usize).saturating_sub(self.seen.len()))
     }
 
     /// One forward pass of `tokens` after the history, announced to the policy as `pass`.
@@ -529,9 +300,7 @@ impl Session {
             .iter()
             .any(|item| !item.session.engine.same_engine(&engine))
         {
-            return Err(EngineError::Invalid(
-                "a batched pass runs sessions of one engine only".into(),
-            ));
+            return Err(EngineError::MixedEngines);
         }
         let mut inputs = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
@@ -566,90 +335,6 @@ impl Session {
             .collect())
     }
 
-    /// Tokenizes and prefills raw text (no chat template), then generates.
-    pub fn complete(
-        &mut self,
-        prompt: &str,
-        request: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Generation> {
-        if prompt.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
-        }
-        let tokens = self
-            .engine
-            .tokenizer()
-            .encode(prompt, self.seen.is_empty())?;
-        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
-        error.map_or(Ok(generation), Err)
-    }
-
-    /// One chat turn: the user's message is rendered with the model's chat template and only
-    /// the part not yet in the cache is prefilled; the answer is generated and recorded. A
-    /// turn that fails before its answer starts leaves the conversation as it was; one that
-    /// fails during its answer keeps the answer so far, as a cancelled one does.
-    pub fn chat(
-        &mut self,
-        user_message: &str,
-        request: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Generation> {
-        if user_message.trim().is_empty() {
-            return Err(EngineError::Invalid("the message is empty".into()));
-        }
-        let mut messages: Vec<ChatMessage> = self
-            .system
-            .iter()
-            .map(|s| ChatMessage::new("system", s))
-            .collect();
-        messages.extend(self.messages.iter().cloned());
-        messages.push(ChatMessage::new("user", user_message));
-        let rendered = self
-            .engine
-            .tokenizer()
-            .apply_chat_template(&messages, true)?;
-        let delta = match self.continuation(&rendered) {
-            Some(delta) => delta.to_string(),
-            None => {
-                // The template re-rendered history differently (e.g. it trims answers): start over.
-                let (system, history) = (self.system.clone(), self.messages.clone());
-                self.clear()?;
-                self.system = system;
-                self.messages = history;
-                rendered.clone()
-            }
-        };
-        let tokens = self
-            .engine
-            .tokenizer()
-            .encode(&delta, self.seen.is_empty())?;
-        let (generation, error) = self.generate_after(&tokens, request, on_text)?;
-        let answer = self.record_answer(rendered, &generation.tokens)?;
-        self.messages.push(ChatMessage::new("user", user_message));
-        self.messages.push(ChatMessage::new("assistant", &answer));
-        error.map_or(Ok(generation), Err)
-    }
-
-    /// The part of `rendered` (a whole conversation rendered with the chat template) that is
-    /// not in the cache yet: `None` unless the session's transcript is a prefix of it.
-    pub(crate) fn continuation<'r>(&self, rendered: &'r str) -> Option<&'r str> {
-        rendered.strip_prefix(self.transcript.as_str())
-    }
-
-    /// Records a finished turn: the transcript becomes `rendered` followed by the answer's
-    /// text, which is returned.
-    pub(crate) fn record_answer(&mut self, rendered: String, answer: &[u32]) -> Result<String> {
-        let answer = self.engine.tokenizer().decode(answer)?;
-        self.transcript = rendered + &answer;
-        Ok(answer)
-    }
-
-    /// Replaces the recorded conversation (the scheduler's sessions keep what the client sent).
-    pub(crate) fn set_messages(&mut self, messages: Vec<ChatMessage>) {
-        self.system = None;
-        self.messages = messages;
-    }
-
     /// Prefills token ids (no text involved), then generates: the benchmark's entry point.
     pub fn generate_from_tokens(
         &mut self,
@@ -667,7 +352,7 @@ impl Session {
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Outcome> {
-        request.sampling.validate().map_err(EngineError::Invalid)?;
+        request.sampling.validate()?;
         self.step(prompt.len(), request.max_tokens, |s| {
             let prefill_secs = s.prefill_reserved(prompt, PrefillKind::Context)?;
             let (mut generation, error) = s.generate_reserved(request, on_text);
@@ -685,11 +370,9 @@ impl Session {
         request: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        request.sampling.validate().map_err(EngineError::Invalid)?;
+        request.sampling.validate()?;
         if self.pending.is_none() && self.logits.is_none() {
-            return Err(EngineError::Invalid(
-                "nothing to continue from: prefill a prompt first".into(),
-            ));
+            return Err(EngineError::NothingToContinue);
         }
         let (generation, error) = self.step(0, request.max_tokens, |s| {
             Ok(s.generate_reserved(request, on_text))
@@ -803,93 +486,6 @@ pub(crate) struct PassInput<'s, 't> {
     pub(crate) logits_for: LogitsFor,
 }
 
-/// The forward passes of one prefill of `kind`, run one by one (by `Session::prefill_as`, by
-/// the scheduler between decode steps, or by [`run_prefill`]): chunks of at most the engine's
-/// prefill chunk, each announced with where it sits in the prefill.
-#[derive(Debug)]
-pub(crate) struct PrefillPlan {
-    run: Vec<u32>,
-    kind: PrefillKind,
-    chunk: usize,
-    next_start: usize,
-}
-
-impl PrefillPlan {
-    /// The passes of `run` in chunks of at most `chunk` tokens.
-    pub(crate) fn new(run: Vec<u32>, kind: PrefillKind, chunk: usize) -> Self {
-        PrefillPlan {
-            run,
-            kind,
-            chunk: chunk.max(1),
-            next_start: 0,
-        }
-    }
-
-    /// The next chunk and how to announce it, or `None` when the prefill is done.
-    pub(crate) fn next_chunk(&self) -> Option<(&[u32], Pass)> {
-        let start = self.next_start;
-        let len = self.run.len();
-        if start >= len {
-            return None;
-        }
-        let end = (start + self.chunk).min(len);
-        let chunk = PrefillChunk {
-            start,
-            end,
-            len,
-            kind: self.kind,
-        };
-        Some((&self.run[start..end], Pass::Prefill(chunk)))
-    }
-
-    /// Marks the next chunk as done.
-    pub(crate) fn advance(&mut self) {
-        self.next_start = (self.next_start + self.chunk).min(self.run.len());
-    }
-
-    /// The tokens not fed yet, in order.
-    pub(crate) fn unfed(&self) -> &[u32] {
-        &self.run[self.next_start..]
-    }
-}
-
-/// The widest span of cache positions (the largest query-key distance) a head reaches over
-/// prefill passes of lengths `passes`, starting from `span`: after a pass its span is closed
-/// down to what it retains (at most `cap`) once it exceeds `repack`.
-fn peak_span(span: usize, passes: &[usize], cap: Option<usize>, repack: usize) -> usize {
-    let (mut span, mut peak) = (span, span);
-    for &n in passes {
-        let after = span.saturating_add(n);
-        peak = peak.max(after);
-        span = match cap {
-            Some(k) if after > repack => after.min(k),
-            _ => after,
-        };
-    }
-    peak
-}
-
-/// The most entries a KV head holding `held` reaches over prefill passes of lengths `passes`
-/// then `decode` one-token passes, when the policy caps every head at `cap` after each pass
-/// (`None`: no cap). Saturates instead of overflowing.
-fn peak_entries(held: usize, passes: &[usize], decode: usize, cap: Option<usize>) -> usize {
-    let (mut held, mut peak) = (held, held);
-    for &n in passes {
-        let after = held.saturating_add(n);
-        peak = peak.max(after);
-        held = cap.map_or(after, |k| after.min(k));
-    }
-    if decode > 0 {
-        let after = held.saturating_add(decode);
-        peak = peak.max(match cap {
-            // Grows to the cap, then every pass holds one entry above it until evicting.
-            Some(k) if after > k => held.max(k).saturating_add(1),
-            _ => after,
-        });
-    }
-    peak
-}
-
 /// Feeds `tokens` (at least one) after the `seen` tokens through the model of `engine`, chunked
 /// and announced to `hook` exactly as a session's prefill of `kind` is; each chunk joins `seen`
 /// once it went through. Returns the last token's logits. For a store and hook that are not a
@@ -915,37 +511,4 @@ pub(crate) fn run_prefill(
         plan.advance();
     }
     Ok(logits)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PrefillPlan;
-    use model_zoo::{Pass, PrefillKind};
-
-    #[test]
-    fn a_plan_covers_everything_in_order_in_announced_chunks() {
-        for n in 0..70usize {
-            for chunk in [1, 4, 16] {
-                let run: Vec<u32> = (0..n as u32).collect();
-                let mut plan = PrefillPlan::new(run.clone(), PrefillKind::Continuation, chunk);
-                let mut fed = Vec::new();
-                while let Some((tokens, pass)) = plan.next_chunk() {
-                    let Pass::Prefill(c) = pass else {
-                        panic!("a prefill announced {pass:?}")
-                    };
-                    assert_eq!(
-                        (c.start, c.len, c.kind),
-                        (fed.len(), n, PrefillKind::Continuation)
-                    );
-                    assert_eq!(c.end - c.start, tokens.len());
-                    assert!(!tokens.is_empty() && tokens.len() <= chunk);
-                    fed.extend_from_slice(tokens);
-                    plan.advance();
-                    assert_eq!(plan.unfed(), &run[fed.len()..]);
-                }
-                assert_eq!(fed, run);
-                assert!(plan.unfed().is_empty());
-            }
-        }
-    }
 }
