@@ -8,7 +8,7 @@
 //! - checkpoint + resume gives the same gates as an uninterrupted run;
 //! - threshold calibration reaches the target ratio; `init_gates` starts from saved gates and
 //!   refuses another model's;
-//! - bad data files fail with errors naming the file and line.
+//! - bad data files fail with errors naming the file and line, bad settings naming their field.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 mod common;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::tokens;
 use engine::train::{open_trainable, Mode, StepReport, TrainConfig, Trainables, Trainer};
-use engine::{Engine, GateFileDtype, PolicySpec};
+use engine::{Engine, EngineError, GateFileDtype, PolicySpec};
 use gate_core::Protection;
 use model_zoo::train::{GateMode, Gating};
 use model_zoo::{KeepAll, LogitsFor, WeightFormat};
@@ -287,8 +287,17 @@ fn resume_continues_exactly() {
     let mut other = cfg;
     other.lr = 1e-3;
     let mut wrong = Trainer::new(&engine, other).unwrap();
-    let err = wrong.resume(&ckpt).unwrap_err().to_string();
-    assert!(err.contains("different configuration"), "{err}");
+    let err = wrong.resume(&ckpt).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Checkpoint { file, .. } if *file == ckpt),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.contains("different configuration")
+            && err.contains("TrainConfig.lr 0.05 in the checkpoint, 0.001 now"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -384,12 +393,81 @@ fn bad_data_files_name_file_and_line() {
         err.contains("bad.jsonl:2:") && err.contains("invalid JSON"),
         "{err}"
     );
+    // The line is a field of the error, and the JSON parser's error its source.
+    let mut cfg = tiny_config(bad.clone(), 1);
+    cfg.mode = Mode::Sft;
+    let err = Trainer::new(&engine, cfg).err().unwrap();
+    assert!(
+        matches!(&err, EngineError::DataFile { file, line: Some(2), .. } if *file == bad),
+        "{err:?}"
+    );
+    let source = std::error::Error::source(&err).unwrap();
+    assert!(source.is::<serde_json::Error>(), "{source:?}");
     let missing = dir.path().join("missing.txt");
     let err = Trainer::new(&engine, tiny_config(missing, 1))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("missing.txt"), "{err}");
+}
+
+/// Settings outside their domain are refused before any work, each naming its field (never a
+/// command-line flag: front ends map the field to their own name).
+#[test]
+fn bad_settings_name_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
+    let cases: [(fn(&mut TrainConfig), &str, &str); 9] = [
+        (|c| c.data.clear(), "TrainConfig.data", "no data file"),
+        (|c| c.seq_len = 0, "TrainConfig.seq_len", "got 0"),
+        (
+            |c| c.seq_len = 5000,
+            "TrainConfig.seq_len",
+            "context of 4096",
+        ),
+        (
+            |c| c.batch = 1024,
+            "TrainConfig.batch",
+            "at most 16384 tokens",
+        ),
+        (
+            |c| c.grad_accum = 5000,
+            "TrainConfig.grad_accum",
+            "at most 4096",
+        ),
+        (|c| c.lr = f64::NAN, "TrainConfig.lr", "got NaN"),
+        (
+            |c| c.target_evict = 1.5,
+            "TrainConfig.target_evict",
+            "[0, 1]",
+        ),
+        (|c| c.clip = -1.0, "TrainConfig.clip", "non-negative"),
+        (|c| c.train = Trainables::Lora, "TrainConfig.lora", "`lora`"),
+    ];
+    for (spoil, field, says) in cases {
+        let mut cfg = tiny_config(data.clone(), 1);
+        spoil(&mut cfg);
+        match Trainer::new(&engine, cfg) {
+            Err(EngineError::Setting { setting, problem }) => {
+                assert_eq!(setting, field, "{problem}");
+                assert!(
+                    problem.contains(says) && !problem.contains("--"),
+                    "{problem}"
+                );
+            }
+            Err(other) => panic!("{field}: expected a setting error, got {other}"),
+            Ok(_) => panic!("{field}: accepted"),
+        }
+    }
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "A few words.").unwrap();
+    let err = Trainer::new(&engine, tiny_config(short, 1)).err().unwrap();
+    assert!(
+        matches!(&err, EngineError::Setting { setting: "TrainConfig.data", problem }
+            if problem.contains("shorter than one sequence of 33 tokens")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -455,31 +533,24 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
         .build(&tiny)
         .unwrap_err();
     assert!(
-        matches!(
-            err,
-            engine::EngineError::Policy(engine::PolicyError::NeedsGates)
-        ),
+        matches!(err, EngineError::Policy(engine::PolicyError::NeedsGates)),
         "{err}"
     );
     assert!(err.to_string().contains("needs gates"), "{err}");
 }
 
-/// A multi-turn chat item learns every assistant answer (and its end of turn), its tokens are
-/// the conversation as a chat session renders it, and `mix` reads CPT and SFT files together;
-/// a chat that does not end with an answer is refused with its file and line.
-#[test]
-fn chats_learn_every_answer_and_mix_reads_both_kinds() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = tiny_engine(&dir.path().join("model"));
-    let tok = engine.tokenizer();
-    let chat = dir.path().join("chat.jsonl");
-    let turns = [
-        ("user", "My dog is called Max."),
-        ("assistant", "Nice name."),
-        ("user", "What is my dog called?"),
-        ("assistant", "Max"),
-    ];
-    let messages: Vec<serde_json::Value> = turns
+/// The turns of the chat of [`chat_file`].
+const TURNS: [(&str, &str); 4] = [
+    ("user", "My dog is called Max."),
+    ("assistant", "Nice name."),
+    ("user", "What is my dog called?"),
+    ("assistant", "Max"),
+];
+
+/// `chat.jsonl` in `dir`: one SFT item, the multi-turn chat [`TURNS`].
+fn chat_file(dir: &Path) -> PathBuf {
+    let chat = dir.join("chat.jsonl");
+    let messages: Vec<serde_json::Value> = TURNS
         .iter()
         .map(|(r, c)| serde_json::json!({ "role": r, "content": c }))
         .collect();
@@ -488,6 +559,17 @@ fn chats_learn_every_answer_and_mix_reads_both_kinds() {
         serde_json::json!({ "messages": messages }).to_string(),
     )
     .unwrap();
+    chat
+}
+
+/// A multi-turn chat item learns every assistant answer (and its end of turn), and its tokens
+/// are the conversation as a chat session renders it.
+#[test]
+fn chats_learn_every_answer_as_a_session_renders_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let tok = engine.tokenizer();
+    let chat = chat_file(dir.path());
     let ex = engine::train::dataset::load_sft(std::slice::from_ref(&chat), tok, 128).unwrap();
     let e = &ex[0];
     let end = tok
@@ -504,7 +586,7 @@ fn chats_learn_every_answer_and_mix_reads_both_kinds() {
         .collect();
     assert_eq!(targets, want);
     let n = e.valid.iter().filter(|&&v| v).count();
-    let all: Vec<engine::ChatMessage> = turns
+    let all: Vec<engine::ChatMessage> = TURNS
         .iter()
         .map(|(r, c)| engine::ChatMessage::new(r, c))
         .collect();
@@ -515,7 +597,18 @@ fn chats_learn_every_answer_and_mix_reads_both_kinds() {
         rendered.starts_with(&fed) && rendered[fed.len()..].trim().is_empty(),
         "{fed:?} vs {rendered:?}"
     );
+}
 
+/// `mix` reads CPT and SFT files together, a file listed twice weighing twice; a chat that
+/// does not end with an answer is refused with its file and line.
+#[test]
+fn mix_reads_both_kinds_and_weighs_each_file_by_its_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let tok = engine.tokenizer();
+    let chat = chat_file(dir.path());
+    let sft = engine::train::dataset::load_sft(std::slice::from_ref(&chat), tok, 128).unwrap();
+    let e = &sft[0];
     let text = prose(dir.path());
     let mixed =
         engine::train::dataset::load(Mode::Mix, &[text.clone(), chat.clone()], tok, 128).unwrap();
