@@ -295,7 +295,7 @@ fn resume_continues_exactly() {
     let err = err.to_string();
     assert!(
         err.contains("different configuration")
-            && err.contains("TrainConfig.lr 0.05 in the checkpoint, 0.001 now"),
+            && err.contains("`lr` 0.05 in the checkpoint, 0.001 now"),
         "{err}"
     );
 }

@@ -277,8 +277,8 @@ pub(super) fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// The settings two resume keys disagree on, as `TrainConfig.lr 0.005 in the checkpoint, 0.001
-/// now`, separated by `; `.
+/// The settings two resume keys disagree on, each as its field in backticks and its two values
+/// ("`lr` 0.005 in the checkpoint, 0.001 now"), separated by `; `.
 pub(super) fn differences(recorded: &serde_json::Value, now: &serde_json::Value) -> String {
     let (empty, none) = (serde_json::Map::new(), serde_json::Value::Null);
     let (recorded, now) = (
@@ -300,7 +300,7 @@ pub(super) fn differences(recorded: &serde_json::Value, now: &serde_json::Value)
             );
             (was != is).then(|| {
                 format!(
-                    "TrainConfig.{k} {} in the checkpoint, {} now",
+                    "`{k}` {} in the checkpoint, {} now",
                     shown(was),
                     shown(is)
                 )
