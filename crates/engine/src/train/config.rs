@@ -124,26 +124,10 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Checks every value; errors name the setting (`TrainConfig.lr`).
     pub fn validate(&self) -> Result<()> {
-        let bad = |setting, problem: String| Err(EngineError::Setting { setting, problem });
         if self.data.is_empty() {
-            return bad("TrainConfig.data", "no data file given".into());
+            return refuse("TrainConfig.data", "no data file given".into());
         }
-        let mut paths = (self.data.iter().map(|p| ("TrainConfig.data", p)))
-            .chain(self.heldout.iter().map(|p| ("TrainConfig.heldout", p)))
-            .chain(
-                self.init_gates
-                    .iter()
-                    .map(|p| ("TrainConfig.init_gates", p)),
-            );
-        if let Some((setting, p)) = paths.find(|(_, p)| p.to_str().is_none()) {
-            return bad(
-                setting,
-                format!(
-                    "{} is not valid UTF-8 (checkpoints record the paths as text)",
-                    p.display()
-                ),
-            );
-        }
+        self.validate_paths()?;
         for (setting, v) in [
             ("TrainConfig.seq_len", self.seq_len),
             ("TrainConfig.batch", self.batch),
@@ -151,10 +135,47 @@ impl TrainConfig {
             ("TrainConfig.steps", self.steps),
         ] {
             if v == 0 {
-                return bad(setting, "must be a positive number, got 0".into());
+                return refuse(setting, "must be a positive number, got 0".into());
             }
         }
         self.validate_sizes()?;
+        self.validate_rates()?;
+        match (&self.lora, self.train) {
+            (None, Trainables::Lora | Trainables::Both) => refuse(
+                "TrainConfig.lora",
+                format!(
+                    "needed to train `{}`: no LoRA adapters are set",
+                    self.train.name()
+                ),
+            ),
+            (Some(l), _) => Ok(l.validate()?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every path is text (UTF-8): checkpoints record them in JSON.
+    fn validate_paths(&self) -> Result<()> {
+        let mut paths = (self.data.iter().map(|p| ("TrainConfig.data", p)))
+            .chain(self.heldout.iter().map(|p| ("TrainConfig.heldout", p)))
+            .chain(
+                self.init_gates
+                    .iter()
+                    .map(|p| ("TrainConfig.init_gates", p)),
+            );
+        match paths.find(|(_, p)| p.to_str().is_none()) {
+            Some((setting, p)) => refuse(
+                setting,
+                format!(
+                    "{} is not valid UTF-8 (checkpoints record the paths as text)",
+                    p.display()
+                ),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// The real-valued settings within their domains.
+    fn validate_rates(&self) -> Result<()> {
         let positive: fn(f64) -> bool = |x| x.is_finite() && x > 0.0;
         let non_negative: fn(f64) -> bool = |x| x.is_finite() && x >= 0.0;
         let ratio: fn(f64) -> bool = |x| (0.0..=1.0).contains(&x);
@@ -198,28 +219,17 @@ impl TrainConfig {
         ];
         for (setting, v, accepts, want) in rules {
             if !accepts(v) {
-                return bad(setting, format!("must be {want}, got {v}"));
+                return refuse(setting, format!("must be {want}, got {v}"));
             }
         }
-        match (&self.lora, self.train) {
-            (None, Trainables::Lora | Trainables::Both) => bad(
-                "TrainConfig.lora",
-                format!(
-                    "needed to train `{}`: no LoRA adapters are set",
-                    self.train.name()
-                ),
-            ),
-            (Some(l), _) => Ok(l.validate()?),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// The sizes of a step: micro-batches per step and tokens per micro-batch within their
     /// limits, and the run's sequence count within 64 bits.
     fn validate_sizes(&self) -> Result<()> {
-        let bad = |setting, problem: String| Err(EngineError::Setting { setting, problem });
         if self.grad_accum > MAX_GRAD_ACCUM {
-            return bad(
+            return refuse(
                 "TrainConfig.grad_accum",
                 format!(
                     "{}: at most {MAX_GRAD_ACCUM} micro-batches per optimiser step",
@@ -228,7 +238,7 @@ impl TrainConfig {
             );
         }
         if self.batch.saturating_mul(self.seq_len) > MAX_MICRO_BATCH_TOKENS {
-            return bad(
+            return refuse(
                 "TrainConfig.batch",
                 format!(
                     "{} sequences of {} tokens: at most {MAX_MICRO_BATCH_TOKENS} tokens per micro-batch (larger batches accumulate several micro-batches per step)",
@@ -241,7 +251,7 @@ impl TrainConfig {
             .checked_mul(self.grad_accum)
             .and_then(|m| m.checked_mul(self.batch));
         if sequences.is_none() {
-            return bad(
+            return refuse(
                 "TrainConfig.steps",
                 format!(
                     "{} steps of {} micro-batches of {} sequences: the run's sequence count must fit in 64 bits",
@@ -266,6 +276,11 @@ impl TrainConfig {
         }
         Ok(without_nulls(v))
     }
+}
+
+/// The error of a setting outside its domain.
+fn refuse(setting: &'static str, problem: String) -> Result<()> {
+    Err(EngineError::Setting { setting, problem })
 }
 
 /// A JSON object without its null fields: an unset optional setting compares equal to one that
@@ -298,13 +313,8 @@ pub(super) fn differences(recorded: &serde_json::Value, now: &serde_json::Value)
                 recorded.get(k).unwrap_or(&none),
                 now.get(k).unwrap_or(&none),
             );
-            (was != is).then(|| {
-                format!(
-                    "`{k}` {} in the checkpoint, {} now",
-                    shown(was),
-                    shown(is)
-                )
-            })
+            (was != is)
+                .then(|| format!("`{k}` {} in the checkpoint, {} now", shown(was), shown(is)))
         })
         .collect::<Vec<_>>()
         .join("; ")
