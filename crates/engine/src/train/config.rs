@@ -238,10 +238,20 @@ impl TrainConfig {
             );
         }
         if self.batch.saturating_mul(self.seq_len) > MAX_MICRO_BATCH_TOKENS {
+            // One sequence alone too long is the sequence length's fault, not the batch's.
+            if self.batch == 1 {
+                return refuse(
+                    "TrainConfig.seq_len",
+                    format!(
+                        "{} tokens: at most {MAX_MICRO_BATCH_TOKENS} tokens fit in a micro-batch",
+                        self.seq_len
+                    ),
+                );
+            }
             return refuse(
                 "TrainConfig.batch",
                 format!(
-                    "{} sequences of {} tokens: at most {MAX_MICRO_BATCH_TOKENS} tokens per micro-batch (larger batches accumulate several micro-batches per step)",
+                    "{} sequences of {} tokens: at most {MAX_MICRO_BATCH_TOKENS} tokens fit in a micro-batch (larger batches accumulate several micro-batches per step)",
                     self.batch, self.seq_len
                 ),
             );

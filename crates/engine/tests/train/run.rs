@@ -181,7 +181,7 @@ fn bad_settings_name_their_field() {
     let engine = tiny_engine(&dir.path().join("model"));
     let data = prose(dir.path());
     // (how the setting is spoiled, the field named, what the problem says)
-    let cases: [(Spoil, &str, &str); 9] = [
+    let cases: [(Spoil, &str, &str); 10] = [
         (|c| c.data.clear(), "TrainConfig.data", "no data file"),
         (|c| c.seq_len = 0, "TrainConfig.seq_len", "got 0"),
         (
@@ -192,6 +192,11 @@ fn bad_settings_name_their_field() {
         (
             |c| c.batch = 1024,
             "TrainConfig.batch",
+            "at most 16384 tokens",
+        ),
+        (
+            |c| (c.batch, c.seq_len) = (1, 20_000),
+            "TrainConfig.seq_len",
             "at most 16384 tokens",
         ),
         (
