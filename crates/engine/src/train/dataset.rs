@@ -70,7 +70,8 @@ impl Mode {
     }
 }
 
-/// The examples of `files` in `mode`.
+/// The examples of `files` in `mode`. A problem of one file names it (and its line); one of the
+/// files together (too little text, no item) is a `TrainConfig.data` setting error.
 pub fn load(
     mode: Mode,
     files: &[PathBuf],

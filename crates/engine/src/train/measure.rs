@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use model_zoo::train::GateMode;
 
 use super::{dataset, Trainer};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// Held-out evaluation: perplexity (over all tokens in CPT, answer tokens in SFT) of the base
 /// model and of the trained model with the full cache and with the gates' hard flags, and the
@@ -90,13 +90,19 @@ impl Trainer {
     /// Reads held-out files in the run's format (CPT text packed at `seq_len`, or SFT items
     /// scored on their answer tokens), for [`Trainer::evaluate`]: a caller reads them before
     /// training, so that a bad or empty file is refused before the run rather than after it.
+    /// A problem of the files together (too little text) names `TrainConfig.heldout`.
     pub fn load_heldout(&self, files: &[PathBuf]) -> Result<Vec<dataset::Example>> {
-        dataset::load(
-            self.cfg.mode,
-            files,
-            self.engine.tokenizer(),
-            self.cfg.seq_len,
-        )
+        let tok = self.engine.tokenizer();
+        dataset::load(self.cfg.mode, files, tok, self.cfg.seq_len).map_err(|e| match e {
+            EngineError::Setting {
+                setting: "TrainConfig.data",
+                problem,
+            } => EngineError::Setting {
+                setting: "TrainConfig.heldout",
+                problem,
+            },
+            other => other,
+        })
     }
 
     /// Evaluates on held-out examples ([`Trainer::load_heldout`]), over at most `max_seqs`

@@ -230,10 +230,25 @@ fn bad_settings_name_their_field() {
     }
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "A few words.").unwrap();
-    let err = Trainer::new(&engine, tiny_config(short, 1)).err().unwrap();
+    let err = Trainer::new(&engine, tiny_config(short.clone(), 1))
+        .err()
+        .unwrap();
     assert!(
         matches!(&err, EngineError::Setting { setting: "TrainConfig.data", problem }
             if problem.contains("shorter than one sequence of 33 tokens")),
+        "{err}"
+    );
+    // The same in held-out files names the held-out setting.
+    let t = Trainer::new(&engine, tiny_config(data, 1)).unwrap();
+    let err = t.load_heldout(&[short]).err().unwrap();
+    assert!(
+        matches!(
+            &err,
+            EngineError::Setting {
+                setting: "TrainConfig.heldout",
+                ..
+            }
+        ),
         "{err}"
     );
 }
