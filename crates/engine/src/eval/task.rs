@@ -173,7 +173,8 @@ pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
     Ok(tasks)
 }
 
-/// One line of a task file: a JSON object of a known `type` with its fields, each checked.
+/// One line of a task file, parsed as JSON: an object of a known `type` with its fields, each
+/// checked.
 fn parse_task(value: &Value) -> std::result::Result<Task, String> {
     let obj = value
         .as_object()
