@@ -52,6 +52,26 @@ fn setting_flag(setting: &'static str) -> &'static str {
         "SyntheticSpec.depths" => "--depths",
         "SyntheticSpec.keys" => "--keys",
         "SyntheticSpec.n" => "-n",
+        "SyntheticSpec.filler" => "--filler",
+        "BenchSpec.prompt" => "--prompt",
+        "BenchSpec.depths" => "--depth",
+        "BenchSpec.repetitions" => "--repetitions",
+        "TrainConfig.mode" => "--mode",
+        "TrainConfig.data" => "--data",
+        "TrainConfig.heldout" => "--heldout",
+        "TrainConfig.init_gates" => "--init-gates",
+        "TrainConfig.train" => "--train",
+        "TrainConfig.lora" => "--lora-rank",
+        "TrainConfig.seq_len" => "--seq-len",
+        "TrainConfig.batch" => "--batch",
+        "TrainConfig.grad_accum" => "--grad-accum",
+        "TrainConfig.steps" => "--steps",
+        "TrainConfig.lr" => "--lr",
+        "TrainConfig.min_lr_ratio" => "--min-lr-ratio",
+        "TrainConfig.weight_decay" => "--weight-decay",
+        "TrainConfig.clip" => "--clip",
+        "TrainConfig.target_evict" => "--target-evict",
+        "TrainConfig.lambda" => "--lambda",
         other => other,
     }
 }
@@ -73,6 +93,8 @@ pub fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
         " (the KV pool is sized by --kv-memory-mb: raise it, or evict with --policy … --keep N)"
     } else if let Some(EngineError::CacheOverflow { .. }) = cause.downcast_ref::<EngineError>() {
         " (cache positions: a policy with a fixed --keep budget bounds what heads hold)"
+    } else if let Some(EngineError::Diverged { .. }) = cause.downcast_ref::<EngineError>() {
+        " (lower --lr or --lambda)"
     } else {
         ""
     }

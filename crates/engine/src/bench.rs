@@ -168,85 +168,136 @@ pub fn run(
     spec: &BenchSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<BenchRow>> {
-    if spec.repetitions == 0 || spec.prompt == 0 {
-        return Err(EngineError::Invalid(
-            "bench needs at least one repetition and a prompt of at least one token".into(),
-        ));
+    check_sizes(engine, spec)?;
+    let total = spec.depths.len().saturating_mul(spec.repetitions);
+    let mut rows = Vec::new();
+    for (di, &depth) in spec.depths.iter().enumerate() {
+        let done = di * spec.repetitions;
+        let mut repeated = |rep: usize| progress(done.saturating_add(rep + 1), total);
+        rows.push(run_depth(engine, policy, spec, depth, &mut repeated)?);
+    }
+    Ok(rows)
+}
+
+/// Every size of `spec` is checked before any work starts: at least one repetition and one
+/// prompt token, and each depth with the prompt and the generated tokens within the context.
+fn check_sizes(engine: &Engine, spec: &BenchSpec) -> Result<()> {
+    for (setting, value) in [
+        ("BenchSpec.repetitions", spec.repetitions),
+        ("BenchSpec.prompt", spec.prompt),
+    ] {
+        if value == 0 {
+            return Err(EngineError::Setting {
+                setting,
+                problem: "must be at least 1, got 0".into(),
+            });
+        }
     }
     let context = engine.model_config().max_position;
-    let vocab = engine.model_config().vocab_size as u32;
-    // Every size is checked before any work starts.
     for &depth in &spec.depths {
         let total = depth
             .checked_add(spec.prompt)
             .and_then(|t| t.checked_add(spec.generate));
         if total.is_none_or(|t| t > context) {
-            return Err(EngineError::Invalid(format!(
-                "depth {depth} + prompt {} + generate {} exceeds the model's context of {context} tokens",
-                spec.prompt, spec.generate
-            )));
+            return Err(EngineError::Setting {
+                setting: "BenchSpec.depths",
+                problem: format!(
+                    "depth {depth} + prompt {} + generate {} exceeds the model's context of {context} tokens",
+                    spec.prompt, spec.generate
+                ),
+            });
         }
     }
-    let total = spec.depths.len().saturating_mul(spec.repetitions);
-    let mut rows = Vec::new();
-    for (di, &depth) in spec.depths.iter().enumerate() {
-        let mut rng = StdRng::seed_from_u64(spec.seed);
-        let mut ids =
-            |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
-        let (filler, prompt) = (ids(depth), ids(spec.prompt));
-        let (mut ttft, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
-        let mut kv_read = Vec::new();
-        let (mut prefill_cpu, mut decode_cpu) = (Vec::new(), Vec::new());
-        let mut last_report = None;
-        for rep in 0..spec.repetitions {
-            let mut session = engine.session_with(policy.clone())?;
-            session.set_positions(spec.positions)?;
-            session.prefill(&filler)?;
-            let request = GenerateRequest {
-                max_tokens: spec.generate.max(1),
-                sampling: SamplingParams::default(),
-                stop: Vec::new(),
-                stop_at_eos: false,
-            };
-            let cpu0 = process_cpu_secs();
-            let prefill_secs = session.prefill(&prompt)?;
-            let before = kv_bytes_read(&session);
-            let cpu1 = process_cpu_secs();
-            let mut g = session.generate(&request, &mut |_| true)?;
-            let cpu2 = process_cpu_secs();
-            prefill_cpu.push((cpu1 - cpu0) * 1e3 / prompt.len() as f64);
-            decode_cpu.push((cpu2 - cpu1) * 1e3 / g.decode_steps.max(1) as f64);
-            g.prompt_tokens = prompt.len();
-            g.prefill_secs = prefill_secs;
-            g.time_to_first_token_secs += prefill_secs;
-            ttft.push(g.time_to_first_token_secs);
-            prefill.push(g.prefill_tokens_per_s());
-            decode.push(g.decode_tokens_per_s());
-            kv_read.push((before + kv_bytes_read(&session)) / 2.0);
-            last_report = Some(session.kv_report());
-            progress((di * spec.repetitions).saturating_add(rep + 1), total);
-        }
-        let report = last_report.expect("at least one repetition");
-        rows.push(BenchRow {
-            policy: policy.name().to_string(),
-            depth,
-            prompt: spec.prompt,
-            generate: spec.generate,
-            time_to_first_token_s: Spread::of(ttft),
-            prefill_tokens_per_s: Spread::of(prefill),
-            decode_tokens_per_s: Spread::of(decode),
-            prefill_cpu_ms_per_token: Spread::of(prefill_cpu),
-            decode_cpu_ms_per_token: Spread::of(decode_cpu),
-            kv_bytes_in_use: report.bytes_in_use,
-            kv_bytes_full: report.bytes_full,
-            eviction_ratio: report.eviction_ratio,
-            peak_rss_bytes: peak_rss_bytes(),
-            weight_bytes_per_token: engine.model().weight_bytes_per_token(),
-            kv_bytes_read_per_token: Spread::of(kv_read).median,
-            roofline: None,
-        });
+    Ok(())
+}
+
+/// The figures of one timed run.
+struct RunFigures {
+    time_to_first_token_s: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    prefill_cpu_ms_per_token: f64,
+    decode_cpu_ms_per_token: f64,
+    kv_bytes_read_per_token: f64,
+    kv: crate::KvReport,
+}
+
+/// The row of one depth: `spec.repetitions` runs on the same token ids (seeded), `repeated`
+/// called with each run's index when it is done.
+fn run_depth(
+    engine: &Engine,
+    policy: &Policy,
+    spec: &BenchSpec,
+    depth: usize,
+    repeated: &mut dyn FnMut(usize),
+) -> Result<BenchRow> {
+    let vocab = engine.model_config().vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    let (filler, prompt) = (ids(depth), ids(spec.prompt));
+    let mut runs = Vec::with_capacity(spec.repetitions);
+    for rep in 0..spec.repetitions {
+        runs.push(time_one_run(engine, policy, spec, &filler, &prompt)?);
+        repeated(rep);
     }
-    Ok(rows)
+    let spread = |f: fn(&RunFigures) -> f64| Spread::of(runs.iter().map(f).collect());
+    let kv = &runs.last().expect("at least one repetition").kv;
+    Ok(BenchRow {
+        policy: policy.name().to_string(),
+        depth,
+        prompt: spec.prompt,
+        generate: spec.generate,
+        time_to_first_token_s: spread(|r| r.time_to_first_token_s),
+        prefill_tokens_per_s: spread(|r| r.prefill_tokens_per_s),
+        decode_tokens_per_s: spread(|r| r.decode_tokens_per_s),
+        prefill_cpu_ms_per_token: spread(|r| r.prefill_cpu_ms_per_token),
+        decode_cpu_ms_per_token: spread(|r| r.decode_cpu_ms_per_token),
+        kv_bytes_in_use: kv.bytes_in_use,
+        kv_bytes_full: kv.bytes_full,
+        eviction_ratio: kv.eviction_ratio,
+        peak_rss_bytes: peak_rss_bytes(),
+        weight_bytes_per_token: engine.model().weight_bytes_per_token(),
+        kv_bytes_read_per_token: spread(|r| r.kv_bytes_read_per_token).median,
+        roofline: None,
+    })
+}
+
+/// One run: a fresh session filled with `filler` (untimed), then `prompt` prefilled and
+/// `spec.generate` tokens decoded greedily (end of sequence ignored), timed.
+fn time_one_run(
+    engine: &Engine,
+    policy: &Policy,
+    spec: &BenchSpec,
+    filler: &[u32],
+    prompt: &[u32],
+) -> Result<RunFigures> {
+    let mut session = engine.session_with(policy.clone())?;
+    session.set_positions(spec.positions)?;
+    session.prefill(filler)?;
+    let request = GenerateRequest {
+        max_tokens: spec.generate.max(1),
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+        stop_at_eos: false,
+    };
+    let cpu0 = process_cpu_secs();
+    let prefill_secs = session.prefill(prompt)?;
+    let before = kv_bytes_read(&session);
+    let cpu1 = process_cpu_secs();
+    let mut g = session.generate(&request, &mut |_| true)?;
+    let cpu2 = process_cpu_secs();
+    g.prompt_tokens = prompt.len();
+    g.prefill_secs = prefill_secs;
+    g.time_to_first_token_secs += prefill_secs;
+    Ok(RunFigures {
+        time_to_first_token_s: g.time_to_first_token_secs,
+        prefill_tokens_per_s: g.prefill_tokens_per_s(),
+        decode_tokens_per_s: g.decode_tokens_per_s(),
+        prefill_cpu_ms_per_token: (cpu1 - cpu0) * 1e3 / prompt.len() as f64,
+        decode_cpu_ms_per_token: (cpu2 - cpu1) * 1e3 / g.decode_steps.max(1) as f64,
+        kv_bytes_read_per_token: (before + kv_bytes_read(&session)) / 2.0,
+        kv: session.kv_report(),
+    })
 }
 
 /// K and V bytes one attention pass over the session's cache reads: every retained entry.

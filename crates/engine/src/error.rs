@@ -190,6 +190,53 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// A data file (training text or chats, evaluation tasks) is unusable: a line of it, or the
+    /// whole file (`line: None`).
+    #[error(
+        "{}{}: {problem}{}",
+        file.display(),
+        line.map_or_else(String::new, |l| format!(":{l}")),
+        source.as_ref().map_or_else(String::new, |s| format!(": {s}"))
+    )]
+    DataFile {
+        /// The file (or the name its text was given under).
+        file: std::path::PathBuf,
+        /// The line at fault (1-based), if one is.
+        line: Option<usize>,
+        /// What is wrong.
+        problem: String,
+        /// The error behind it (reading the file, parsing JSON, tokenizing), if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A training checkpoint cannot be written, read, or resumed by this run (corrupt, or
+    /// written by another configuration).
+    #[error(
+        "{}: {problem}{}",
+        file.display(),
+        source.as_ref().map_or_else(String::new, |s| format!(": {s}"))
+    )]
+    Checkpoint {
+        /// The checkpoint file.
+        file: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+        /// The error behind it (reading, deserialising), if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Training diverged (a trained parameter is no longer finite): its outputs are not written.
+    #[error("{}: not written: parameter `{parameter}` is no longer finite, the run diverged", file.display())]
+    Diverged {
+        /// The output that was not written.
+        file: std::path::PathBuf,
+        /// The first parameter that is not finite.
+        parameter: String,
+    },
+    /// An evaluation has nothing to score: a task's text or prompt tokenizes to too little, no
+    /// task was scored, or a sweep's runner gave the wrong number of summaries.
+    #[error("{0}")]
+    Unscored(String),
 }
 
 impl From<gate_core::GateError> for EngineError {

@@ -27,6 +27,11 @@ fn tiny_engine() -> (tempfile::TempDir, Engine) {
     (dir, engine)
 }
 
+/// Every task's outcome under the full cache.
+fn run_full(engine: &Engine, tasks: &[Task], opts: &EvalOptions) -> Vec<eval::TaskOutcome> {
+    eval::run_tasks(engine, &Policy::Full, tasks, opts, &mut |_| true).unwrap()
+}
+
 /// log-softmax computed independently of the crate, in f64.
 fn log_probs(row: &[f32]) -> Vec<f64> {
     let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
@@ -57,14 +62,7 @@ fn choice_loglikelihoods_match_a_hand_computation() {
         "choices": choices, "answer": 2
     });
     let tasks = eval::parse_tasks(&line.to_string(), "t.jsonl").unwrap();
-    let out = eval::run_tasks(
-        &engine,
-        &Policy::Full,
-        &tasks,
-        &EvalOptions::default(),
-        &mut |_| true,
-    )
-    .unwrap();
+    let out = run_full(&engine, &tasks, &EvalOptions::default());
     let tok = engine.tokenizer();
     let mut prefix = tok.encode(context, true).unwrap();
     prefix.extend(tok.encode(&format!("\n{question}"), false).unwrap());
@@ -140,7 +138,7 @@ fn full_cache_perplexity_matches_a_hand_computation_with_zero_kl() {
         ppl_chunk: 7,
         ..EvalOptions::default()
     };
-    let out = eval::run_tasks(&engine, &Policy::Full, &tasks, &opts, &mut |_| true).unwrap();
+    let out = run_full(&engine, &tasks, &opts);
     let ids = engine.tokenizer().encode(text, true).unwrap();
     let nll = -hand_loglik(&engine, &ids[..10], &ids[10..]);
     assert_eq!(out[0].scored_tokens, ids.len() - 10);
@@ -167,23 +165,9 @@ fn generate_tasks_run_greedy_and_report_the_output() {
         "g.jsonl",
     )
     .unwrap();
-    let out = eval::run_tasks(
-        &engine,
-        &Policy::Full,
-        &tasks,
-        &EvalOptions::default(),
-        &mut |_| true,
-    )
-    .unwrap();
+    let out = run_full(&engine, &tasks, &EvalOptions::default());
     assert!(out[0].output.is_some());
-    let again = eval::run_tasks(
-        &engine,
-        &Policy::Full,
-        &tasks,
-        &EvalOptions::default(),
-        &mut |_| true,
-    )
-    .unwrap();
+    let again = run_full(&engine, &tasks, &EvalOptions::default());
     assert_eq!(out[0].output, again[0].output);
 }
 
@@ -390,26 +374,30 @@ fn summary(ratio: f64) -> EvalSummary {
     }
 }
 
-#[test]
-fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
+/// The plan of the sweep tests: AG anchoring H2O and TOVA, at ratios 0.25 and 0.5.
+fn anchored_plan() -> SweepPlan {
     use engine::PolicyKind::{Ag, H2o, Tova};
-    let plan = SweepPlan {
+    SweepPlan {
         policies: vec![Ag, H2o, Tova],
         ratios: vec![0.25, 0.5],
         anchors: vec![Ag],
         tolerance: 0.005,
-    };
+    }
+}
+
+/// The rows of `plan` and the size of each batch it handed out, each run's summary measuring
+/// its requested ratio (full: 0; the anchor, at its own settings: `anchor_ratio`).
+fn run_sweep(plan: &SweepPlan, anchor_ratio: f64) -> (Vec<usize>, Vec<sweep::SweepRow>) {
     let mut batches = Vec::new();
     let rows = plan
         .run(&mut |batch| {
             batches.push(batch.len());
-            // Full keeps everything; the anchor, at its own settings, reaches 0.35.
             Ok(batch
                 .iter()
                 .map(|r| {
                     summary(match (r.policy.name(), r.ratio) {
                         ("full", None) => 0.0,
-                        ("ag", None) => 0.35,
+                        ("ag", None) => anchor_ratio,
                         (_, Some(r)) => r,
                         other => panic!("unexpected run {other:?}"),
                     })
@@ -417,6 +405,12 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
                 .collect())
         })
         .unwrap();
+    (batches, rows)
+}
+
+#[test]
+fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
+    let (batches, rows) = run_sweep(&anchored_plan(), 0.35);
     // Full, the anchor and the baselines at the grid first; then the matched runs.
     assert_eq!(batches, [6, 2]);
     let names: Vec<(&str, Option<f64>, Option<&str>)> = rows
@@ -442,6 +436,16 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
             ("tova", Some(0.35), Some("ag")),
         ]
     );
+    // An anchor landing on a requested ratio gets no matched runs.
+    let (batches, on_grid) = run_sweep(&anchored_plan(), 0.5);
+    assert_eq!((batches, on_grid.len()), (vec![6], 6));
+}
+
+/// The markdown table and the CSV have one line per row (after their headers); the accuracy
+/// series puts each policy's points in ratio order, the anchor's at its measured ratio.
+#[test]
+fn sweep_renderings_show_every_row() {
+    let (_, rows) = run_sweep(&anchored_plan(), 0.35);
     let md = sweep::markdown_table(&rows);
     assert_eq!(md.lines().count(), rows.len() + 2);
     assert!(
@@ -449,22 +453,6 @@ fn sweeps_match_baselines_to_the_anchors_measured_ratio() {
         "{md}"
     );
     assert!(md.contains("| ag | - | 0.350 | 0.650 |"), "{md}");
-    // An anchor landing on a requested ratio gets no matched runs.
-    let on_grid = plan
-        .run(&mut |batch| {
-            Ok(batch
-                .iter()
-                .map(|r| {
-                    summary(if r.policy == Ag {
-                        0.5
-                    } else {
-                        r.ratio.unwrap_or(0.0)
-                    })
-                })
-                .collect())
-        })
-        .unwrap();
-    assert_eq!(on_grid.len(), 6);
     assert_eq!(sweep::csv(&rows).lines().count(), rows.len() + 1);
     let series = sweep::accuracy_series(&rows);
     let xy = |i: usize| -> Vec<(f64, f64)> { series[i].1.iter().map(|p| (p.x, p.y)).collect() };
@@ -486,7 +474,7 @@ fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_
     let policy = spec.build(&engine).unwrap();
     let opts = EvalOptions::default();
     let evicted = eval::run_tasks(&engine, &policy, &tasks, &opts, &mut |_| true).unwrap();
-    let full = eval::run_tasks(&engine, &Policy::Full, &tasks, &opts, &mut |_| true).unwrap();
+    let full = run_full(&engine, &tasks, &opts);
     assert!(evicted[0].kl.unwrap() > 0.0);
     assert!(evicted[0].kv.eviction_ratio > 0.5, "{:?}", evicted[0].kv);
     assert!(evicted[0].kv.bytes_in_use < full[0].kv.bytes_in_use);
@@ -500,8 +488,8 @@ fn eviction_shows_in_kl_and_kv_figures_and_query_awareness_is_neutral_on_a_full_
         query_aware: true,
         ..EvalOptions::default()
     };
-    let a = eval::run_tasks(&engine, &Policy::Full, &choice, &aware, &mut |_| true).unwrap();
-    let b = eval::run_tasks(&engine, &Policy::Full, &choice, &opts, &mut |_| true).unwrap();
+    let a = run_full(&engine, &choice, &aware);
+    let b = run_full(&engine, &choice, &opts);
     // One run of context + question or two runs: the same tokens, the same log-likelihoods
     // (up to batching order) on a full cache.
     for (x, y) in a[0].loglikelihoods.iter().zip(&b[0].loglikelihoods) {

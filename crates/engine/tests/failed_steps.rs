@@ -76,27 +76,10 @@ fn request() -> GenerateRequest {
     }
 }
 
-const POLICIES: [&str; 9] = [
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "tova",
-    "snapkv",
-    "knorm",
-    "nacl",
-    "ag",
-];
-
 /// Random gates near a coin flip (keep bias 0), written to `dir`.
 fn coin_flip_gates(engine: &Engine, dir: &std::path::Path) -> std::path::PathBuf {
     let gates = dir.join("gates.safetensors");
-    let cfg = engine::GateConfig {
-        bias_init: 0.0,
-        ..engine.gate_config()
-    };
-    let g = engine.random_gates(&cfg, 5).unwrap();
-    engine::policy::write_gates(&g, &gates, engine::GateFileDtype::F32).unwrap();
+    common::write_random_gates(engine, &gates, 5, Some(0.0));
     gates
 }
 
@@ -120,7 +103,7 @@ fn a_turn_the_pool_cannot_hold_changes_nothing() {
     let engine = tiny_engine(&dir.path().join("model"));
     let gates = coin_flip_gates(&engine, dir.path());
     let long = "a long message that will not fit ".repeat(40);
-    for name in POLICIES {
+    for name in engine::PolicyKind::names() {
         let policy = spec(name, &gates).build(&engine).unwrap();
         let mut session = engine.session_with(policy.clone()).unwrap();
         let mut twin = engine.session_with(policy).unwrap();
@@ -177,7 +160,7 @@ fn a_pass_with_non_finite_logits_is_undone_under_every_policy() {
     let mut bad = text(79, 1);
     bad.push(POISON);
     for positions in [engine::Positions::Original, engine::Positions::Cache] {
-        for name in POLICIES {
+        for name in engine::PolicyKind::names() {
             let policy = spec(name, &gates).build(&engine).unwrap();
             let mut session = engine.session_with(policy.clone()).unwrap();
             let mut twin = engine.session_with(policy).unwrap();
@@ -292,7 +275,10 @@ fn a_failed_first_chunk_keeps_the_prefill_statistics() {
     let mut bad = vec![POISON];
     bad.extend(text(10, 2));
     for positions in [engine::Positions::Original, engine::Positions::Cache] {
-        for name in POLICIES.iter().filter(|n| !matches!(**n, "full" | "ag")) {
+        for name in engine::PolicyKind::names()
+            .into_iter()
+            .filter(|n| !matches!(*n, "full" | "ag"))
+        {
             let policy = spec(name, std::path::Path::new("")).build(&engine).unwrap();
             let mut session = engine.session_with(policy).unwrap();
             session.set_positions(positions).unwrap();
@@ -302,7 +288,7 @@ fn a_failed_first_chunk_keeps_the_prefill_statistics() {
                 .expect_err("chunk 2 holds a NaN embedding");
             assert_eq!(session.tokens_seen(), 132, "{name}");
             let before = observe(&session);
-            if matches!(*name, "snapkv" | "h2o") {
+            if matches!(name, "snapkv" | "h2o") {
                 assert!(before.kv.policy_state_bytes > 0, "{name}: nothing recorded");
             }
             session.prefill(&bad).expect_err("a NaN embedding");

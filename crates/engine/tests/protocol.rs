@@ -21,13 +21,6 @@ fn tiny_engine(layers: usize, prefill_chunk: usize) -> (tempfile::TempDir, Engin
     common::tiny_engine(layers, 13, engine::KvDtype::F32, prefill_chunk)
 }
 
-fn spec(name: &str, evict: f32) -> PolicySpec {
-    PolicySpec {
-        evict: Some(evict),
-        ..PolicySpec::new(name.parse().unwrap())
-    }
-}
-
 /// Every head's retained positions after prefilling `prompt`.
 fn kept_after_prefill(engine: &Engine, policy: &PolicySpec, prompt: &[u32]) -> Vec<Vec<Vec<u32>>> {
     let mut session = engine.session_with(policy.build(engine).unwrap()).unwrap();
@@ -53,7 +46,7 @@ fn pyramidkv_meets_the_requested_ratio_on_30_layers() {
     let t = prompt.len();
     for ratio in [0.25f32, 0.5, 0.75] {
         let mut session = engine
-            .session_with(spec("pyramidkv", ratio).build(&engine).unwrap())
+            .session_with(common::evicting("pyramidkv", ratio).build(&engine).unwrap())
             .unwrap();
         session.prefill(&prompt).unwrap();
         let report = session.kv_report();
@@ -78,7 +71,7 @@ fn h2o_tova_and_nacl_keep_the_same_tokens_for_any_prefill_chunk() {
     let prompt = tokens(1000, 2);
     for name in ["h2o", "tova", "nacl", "snapkv"] {
         for ratio in [0.3f32, 0.7] {
-            let policy = spec(name, ratio);
+            let policy = common::evicting(name, ratio);
             let kept: Vec<_> = [64, 256, 4096]
                 .iter()
                 .map(|&chunk| {
@@ -119,7 +112,7 @@ fn one_shot_policies_compress_the_context_once_and_keep_the_question() {
     let q = tok.encode(&format!("\n{question}"), false).unwrap().len();
     for name in ["snapkv", "pyramidkv", "knorm", "nacl"] {
         for ratio in [0.25f32, 0.75] {
-            let policy = spec(name, ratio).build(&engine).unwrap();
+            let policy = common::evicting(name, ratio).build(&engine).unwrap();
             let out = eval::run_tasks(
                 &engine,
                 &policy,

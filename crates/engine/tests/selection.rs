@@ -235,134 +235,108 @@ fn session_kept(engine: &Engine, spec: &PolicySpec, prompt: &[u32]) -> Vec<Vec<V
         .collect()
 }
 
-fn spec(name: &str, evict: f32) -> PolicySpec {
-    PolicySpec {
-        evict: Some(evict),
-        ..PolicySpec::new(name.parse().unwrap())
+/// A reference selection of one layer and KV head: the kept positions and the scores they were
+/// ranked by.
+type Selection = (BTreeSet<usize>, Vec<f64>);
+
+/// The policies' formulas on the captured model (`docs/algorithms.md`), one layer and KV head
+/// at a time, for a budget of `keep` entries per head.
+impl Model {
+    /// SnapKV: the last [`WINDOW`] queries' attention, pooled, the top `keep - WINDOW` of the
+    /// prefix plus the window.
+    fn snapkv(&self, l: usize, g: usize, keep: usize) -> Selection {
+        snapkv_reference(&self.group_sums(l, g, self.t - WINDOW..self.t, true), keep)
+    }
+
+    /// KNorm: the lowest-norm keys.
+    fn knorm(&self, l: usize, g: usize, keep: usize) -> Selection {
+        let scores: Vec<f64> = self.layers[l].k[g]
+            .iter()
+            .map(|k| -k.iter().map(|x| x * x).sum::<f64>().sqrt())
+            .collect();
+        (top(&scores, keep, |_| false), scores)
+    }
+
+    /// NACL without its random part: the last 1% of the prompt as proxy queries, attending
+    /// non-causally; sinks and recent tokens (0.5% each) plus the top by proxy score.
+    fn nacl(&self, l: usize, g: usize, keep: usize) -> Selection {
+        let t = self.t;
+        // The fractions are f32 settings: 0.005 * 300 rounds to 1, not 2.
+        let frac = |f: f32| (f64::from(f) * t as f64).round() as usize;
+        let (proxies, edge) = (frac(0.01).max(1), frac(0.005));
+        let proxy = self.group_sums(l, g, t - proxies..t, false);
+        (top(&proxy, keep, |j| j < edge || j >= t - edge), proxy)
+    }
+
+    /// H2O at the end of the prefill: attention summed over every query, the most recent half
+    /// of the budget protected.
+    fn h2o(&self, l: usize, g: usize, keep: usize) -> Selection {
+        let recent = (0.5 * keep as f32).round() as usize;
+        let scores = self.group_sums(l, g, 0..self.t, true);
+        (top(&scores, keep, |j| j >= self.t - recent), scores)
+    }
+
+    /// TOVA at the end of the prefill: the last query's attention averaged over every head of
+    /// the layer, the same tokens for every head.
+    fn tova(&self, l: usize, keep: usize) -> Selection {
+        let mut scores = vec![0.0; self.t];
+        for g in 0..self.n_kv {
+            for (s, v) in scores
+                .iter_mut()
+                .zip(self.group_sums(l, g, self.t - 1..self.t, true))
+            {
+                *s += v / self.n_kv as f64;
+            }
+        }
+        (top(&scores, keep, |_| false), scores)
+    }
+}
+
+/// Asserts that a session under `spec` (`what` in messages) keeps, in every layer and KV head
+/// of `m`, what `reference(layer, head)` selects.
+// (layer, head) index the engine's selection and the independent capture alike.
+#[allow(clippy::needless_range_loop)]
+fn assert_follows(
+    (engine, m, prompt): (&Engine, &Model, &[u32]),
+    what: &str,
+    spec: &PolicySpec,
+    reference: impl Fn(usize, usize) -> Selection,
+) {
+    let kept = session_kept(engine, spec, prompt);
+    for l in 0..m.layers.len() {
+        for g in 0..m.n_kv {
+            let (want, scores) = reference(l, g);
+            assert_same_selection(&format!("{what} l{l} h{g}"), &kept[l][g], &want, &scores);
+        }
     }
 }
 
 #[test]
-// (layer, head) index the engine's selection and the independent capture alike.
-#[allow(clippy::needless_range_loop)]
 fn one_shot_and_prefill_end_selections_follow_the_formulas() {
     let (_dir, engine) = tiny_engine();
     let prompt = tokens(300, 99);
     let m = capture(&engine, &prompt);
-    let t = m.t;
-    let layers = m.layers.len();
+    let run = (&engine, &m, prompt.as_slice());
     for ratio in [0.25f32, 0.6] {
-        let keep = Budget::EvictRatio(ratio).keep_count(t);
-
-        // SnapKV: last-w queries' attention, pooled, top C - w of the prefix plus the window.
-        let kept = session_kept(&engine, &spec("snapkv", ratio), &prompt);
-        for l in 0..layers {
-            for g in 0..m.n_kv {
-                let sums = m.group_sums(l, g, t - WINDOW..t, true);
-                let (want, pooled) = snapkv_reference(&sums, keep);
-                assert_same_selection(
-                    &format!("snapkv {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &pooled,
-                );
-            }
-        }
-
-        // PyramidKV: the same scores under per-layer budgets.
-        let budgets = gate_core::pyramid_budgets(keep, WINDOW, layers, 20.0, t).unwrap();
-        let kept = session_kept(&engine, &spec("pyramidkv", ratio), &prompt);
-        for l in 0..layers {
-            for g in 0..m.n_kv {
-                let sums = m.group_sums(l, g, t - WINDOW..t, true);
-                let (want, pooled) = snapkv_reference(&sums, budgets[l]);
-                assert_same_selection(
-                    &format!("pyramidkv {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &pooled,
-                );
-            }
-        }
-
-        // KNorm: the lowest-norm keys.
-        let kept = session_kept(&engine, &spec("knorm", ratio), &prompt);
-        for l in 0..layers {
-            for g in 0..m.n_kv {
-                let scores: Vec<f64> = m.layers[l].k[g]
-                    .iter()
-                    .map(|k| -k.iter().map(|x| x * x).sum::<f64>().sqrt())
-                    .collect();
-                let want = top(&scores, keep, |_| false);
-                assert_same_selection(
-                    &format!("knorm {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &scores,
-                );
-            }
-        }
-
-        // NACL without its random part (kr = 0): the last 1% of the prompt as proxy queries,
-        // attending non-causally; sinks and recent (0.5% each) plus the top Kp by proxy score.
-        let mut nacl = spec("nacl", ratio);
-        nacl.options = PolicyOptions {
-            kr_frac: Some(0.0),
-            ..PolicyOptions::default()
+        let keep = Budget::EvictRatio(ratio).keep_count(m.t);
+        let follows = |spec: &PolicySpec, reference: &dyn Fn(usize, usize) -> Selection| {
+            assert_follows(run, &format!("{} {ratio}", spec.kind), spec, reference)
         };
-        let kept = session_kept(&engine, &nacl, &prompt);
-        // The fractions are f32 settings: 0.005 * 300 rounds to 1, not 2.
-        let frac = |f: f32| (f64::from(f) * t as f64).round() as usize;
-        let (proxies, edge) = (frac(0.01).max(1), frac(0.005));
-        for l in 0..layers {
-            for g in 0..m.n_kv {
-                let proxy = m.group_sums(l, g, t - proxies..t, false);
-                let want = top(&proxy, keep, |j| j < edge || j >= t - edge);
-                assert_same_selection(
-                    &format!("nacl {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &proxy,
-                );
-            }
-        }
-
-        // H2O at the end of the prefill: attention summed over every query, the most recent half
-        // of the budget protected.
-        let kept = session_kept(&engine, &spec("h2o", ratio), &prompt);
-        let recent = (0.5 * keep as f32).round() as usize;
-        for l in 0..layers {
-            for g in 0..m.n_kv {
-                let scores = m.group_sums(l, g, 0..t, true);
-                let want = top(&scores, keep, |j| j >= t - recent);
-                assert_same_selection(
-                    &format!("h2o {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &scores,
-                );
-            }
-        }
-
-        // TOVA at the end of the prefill: the last query's attention averaged over every head of
-        // the layer, the same tokens for every head.
-        let kept = session_kept(&engine, &spec("tova", ratio), &prompt);
-        for l in 0..layers {
-            let mut scores = vec![0.0; t];
-            for g in 0..m.n_kv {
-                for (s, v) in scores.iter_mut().zip(m.group_sums(l, g, t - 1..t, true)) {
-                    *s += v / m.n_kv as f64;
-                }
-            }
-            let want = top(&scores, keep, |_| false);
-            for g in 0..m.n_kv {
-                assert_same_selection(
-                    &format!("tova {ratio} l{l} h{g}"),
-                    &kept[l][g],
-                    &want,
-                    &scores,
-                );
-            }
-        }
+        let spec = |name| common::evicting(name, ratio);
+        follows(&spec("snapkv"), &|l, g| m.snapkv(l, g, keep));
+        // PyramidKV: SnapKV's scores under per-layer budgets.
+        let budgets = gate_core::pyramid_budgets(keep, WINDOW, m.layers.len(), 20.0, m.t).unwrap();
+        follows(&spec("pyramidkv"), &|l, g| m.snapkv(l, g, budgets[l]));
+        follows(&spec("knorm"), &|l, g| m.knorm(l, g, keep));
+        let nacl = PolicySpec {
+            options: PolicyOptions {
+                kr_frac: Some(0.0),
+                ..PolicyOptions::default()
+            },
+            ..spec("nacl")
+        };
+        follows(&nacl, &|l, g| m.nacl(l, g, keep));
+        follows(&spec("h2o"), &|l, g| m.h2o(l, g, keep));
+        follows(&spec("tova"), &|l, _| m.tova(l, keep));
     }
 }

@@ -200,7 +200,7 @@ impl EvalSummary {
     /// Aggregates outcomes (at least one).
     pub fn from_outcomes(outcomes: &[TaskOutcome]) -> Result<Self> {
         if outcomes.is_empty() {
-            return Err(EngineError::Invalid("no tasks were scored".into()));
+            return Err(EngineError::Unscored("no tasks were scored".into()));
         }
         let mean = |f: &dyn Fn(&TaskOutcome) -> f64, of: &[&TaskOutcome]| {
             of.iter().map(|o| f(o)).sum::<f64>() / of.len().max(1) as f64
@@ -421,27 +421,7 @@ impl TaskPrompt {
                 answer_prefix,
                 ..
             } => (context.as_str(), question.as_str(), answer_prefix.as_str()),
-            Task::Perplexity { text } => {
-                let ids = tok.encode(text, true)?;
-                let n = ids.len();
-                if n < 2 {
-                    return Err(EngineError::Invalid(format!(
-                        "the text has {n} token(s); perplexity needs at least 2"
-                    )));
-                }
-                let head = match opts.ppl_context {
-                    PplContext::Fraction(f) => (f * n as f64).round() as usize,
-                    PplContext::Tokens(t) => t,
-                }
-                .clamp(1, n - 1);
-                return Ok(TaskPrompt {
-                    context: ids[..head].to_vec(),
-                    continuation: Vec::new(),
-                    chat: false,
-                    choices: Vec::new(),
-                    text: ids,
-                });
-            }
+            Task::Perplexity { text } => return Self::perplexity(engine, text, opts),
         };
         let (head, tail, bos) = if chat {
             chat_split(engine, context, question, answer_prefix)?
@@ -466,26 +446,12 @@ impl TaskPrompt {
             context_ids.append(&mut continuation);
         }
         if context_ids.is_empty() {
-            return Err(EngineError::Invalid(
+            return Err(EngineError::Unscored(
                 "the prompt tokenizes to nothing".into(),
             ));
         }
         let choices = match task {
-            Task::Choice { choices, .. } => choices
-                .iter()
-                .map(|c| {
-                    // lm-eval-harness: a space before the choice in raw text, none after the
-                    // chat template's assistant header.
-                    let text = if chat { c.clone() } else { format!(" {c}") };
-                    let ids = tok.encode(&text, false)?;
-                    if ids.is_empty() {
-                        return Err(EngineError::Invalid(format!(
-                            "choice `{c}` tokenizes to nothing"
-                        )));
-                    }
-                    Ok(ids)
-                })
-                .collect::<Result<_>>()?,
+            Task::Choice { choices, .. } => choice_ids(engine, choices, chat)?,
             _ => Vec::new(),
         };
         Ok(TaskPrompt {
@@ -497,6 +463,29 @@ impl TaskPrompt {
         })
     }
 
+    /// A perplexity task's prompt: the whole text, its head (`opts.ppl_context`) the context.
+    fn perplexity(engine: &Engine, text: &str, opts: &EvalOptions) -> Result<Self> {
+        let ids = engine.tokenizer().encode(text, true)?;
+        let n = ids.len();
+        if n < 2 {
+            return Err(EngineError::Unscored(format!(
+                "the text has {n} token(s); perplexity needs at least 2"
+            )));
+        }
+        let head = match opts.ppl_context {
+            PplContext::Fraction(f) => (f * n as f64).round() as usize,
+            PplContext::Tokens(t) => t,
+        }
+        .clamp(1, n - 1);
+        Ok(TaskPrompt {
+            context: ids[..head].to_vec(),
+            continuation: Vec::new(),
+            chat: false,
+            choices: Vec::new(),
+            text: ids,
+        })
+    }
+
     fn prompt_tokens(&self) -> usize {
         if self.text.is_empty() {
             self.context.len() + self.continuation.len()
@@ -504,6 +493,25 @@ impl TaskPrompt {
             self.text.len()
         }
     }
+}
+
+/// Each choice's tokens as scored after the prompt (none may be empty).
+fn choice_ids(engine: &Engine, choices: &[String], chat: bool) -> Result<Vec<Vec<u32>>> {
+    choices
+        .iter()
+        .map(|c| {
+            // lm-eval-harness: a space before the choice in raw text, none after the chat
+            // template's assistant header.
+            let text = if chat { c.clone() } else { format!(" {c}") };
+            let ids = engine.tokenizer().encode(&text, false)?;
+            if ids.is_empty() {
+                return Err(EngineError::Unscored(format!(
+                    "choice `{c}` tokenizes to nothing"
+                )));
+            }
+            Ok(ids)
+        })
+        .collect()
 }
 
 /// The chat-templated prompt split into (template head + context, the rest + answer prefix,
@@ -522,10 +530,9 @@ fn chat_split(
     };
     let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &user)], true)?;
     let at = rendered.rfind(&user).ok_or_else(|| {
-        EngineError::Invalid(
-            "the chat template changed the user's message; cannot tell its context from its question"
-                .into(),
-        )
+        EngineError::Model(model_zoo::ModelError::ChatTemplate(
+            "it changed the user's message; cannot tell its context from its question".into(),
+        ))
     })?;
     let split = if context.is_empty() {
         at

@@ -95,7 +95,7 @@ fn last_logits(session: &Session) -> Result<Vec<f32>> {
     session
         .last_logits()
         .map(<[f32]>::to_vec)
-        .ok_or_else(|| EngineError::Invalid("no logits after the prompt".into()))
+        .ok_or_else(|| EngineError::Unscored("no logits after the prompt".into()))
 }
 
 fn first_max(values: &[f64]) -> usize {

@@ -109,8 +109,8 @@ impl SweepPlan {
             }
             let summaries = run(batch)?;
             if summaries.len() != batch.len() {
-                return Err(EngineError::Invalid(format!(
-                    "sweep: {} summaries for {} runs",
+                return Err(EngineError::Unscored(format!(
+                    "sweep: the runner gave {} summaries for {} runs",
                     summaries.len(),
                     batch.len()
                 )));

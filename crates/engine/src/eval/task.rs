@@ -136,8 +136,12 @@ impl Task {
 
 /// Reads and validates a task file.
 pub fn load_tasks(path: &Path) -> Result<Vec<Task>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::DataFile {
+        file: path.to_path_buf(),
+        line: None,
+        problem: "cannot read".into(),
+        source: Some(Box::new(e)),
+    })?;
     parse_tasks(&text, &path.display().to_string())
 }
 
@@ -148,21 +152,30 @@ pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
         if line.trim().is_empty() {
             continue;
         }
-        let task =
-            parse_line(line).map_err(|m| EngineError::Invalid(format!("{name}:{}: {m}", i + 1)))?;
-        tasks.push(task);
+        let at = |problem: String, source: Option<serde_json::Error>| EngineError::DataFile {
+            file: name.into(),
+            line: Some(i + 1),
+            problem,
+            source: source.map(|e| Box::new(e) as _),
+        };
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| at("invalid JSON".into(), Some(e)))?;
+        tasks.push(parse_task(&value).map_err(|problem| at(problem, None))?);
     }
     if tasks.is_empty() {
-        return Err(EngineError::Invalid(format!(
-            "{name}: no tasks in the file"
-        )));
+        return Err(EngineError::DataFile {
+            file: name.into(),
+            line: None,
+            problem: "no tasks in the file".into(),
+            source: None,
+        });
     }
     Ok(tasks)
 }
 
-/// One line of a task file: a JSON object of a known `type` with its fields, each checked.
-fn parse_line(line: &str) -> std::result::Result<Task, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+/// One line of a task file, parsed as JSON: an object of a known `type` with its fields, each
+/// checked.
+fn parse_task(value: &Value) -> std::result::Result<Task, String> {
     let obj = value
         .as_object()
         .ok_or_else(|| "expected a JSON object".to_string())?;

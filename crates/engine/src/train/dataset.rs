@@ -62,14 +62,16 @@ impl Mode {
             "cpt" => Ok(Mode::Cpt),
             "sft" => Ok(Mode::Sft),
             "mix" => Ok(Mode::Mix),
-            other => Err(EngineError::Invalid(format!(
-                "invalid training mode `{other}` (expected cpt, sft or mix)"
-            ))),
+            other => Err(EngineError::Setting {
+                setting: "TrainConfig.mode",
+                problem: format!("unknown `{other}` (expected cpt, sft or mix)"),
+            }),
         }
     }
 }
 
-/// The examples of `files` in `mode`.
+/// The examples of `files` in `mode`. A problem of one file names it (and its line); one of the
+/// files together (too little text, no item) is a `TrainConfig.data` setting error.
 pub fn load(
     mode: Mode,
     files: &[PathBuf],
@@ -99,20 +101,39 @@ fn is_cpt_file(path: &Path) -> Result<bool> {
     if !is_jsonl(path) {
         return Ok(true);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+    let text = read(path)?;
     let Some((i, first)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
-        return Err(file_err(path, None, "no examples (empty file)"));
+        return Err(file_err(path, None, "no examples (empty file)", None));
     };
-    let v: serde_json::Value = serde_json::from_str(first)
-        .map_err(|e| file_err(path, Some(i + 1), format!("invalid JSON: {e}")))?;
+    let v = parse_json(path, i + 1, first)?;
     Ok(v.get("text").is_some())
 }
 
-fn file_err(path: &Path, line: Option<usize>, msg: impl std::fmt::Display) -> EngineError {
-    match line {
-        Some(l) => EngineError::Invalid(format!("{}:{l}: {msg}", path.display())),
-        None => EngineError::Invalid(format!("{}: {msg}", path.display())),
+/// The error of `path` (at `line`, if one is at fault): `problem`, caused by `source`.
+fn file_err(
+    path: &Path,
+    line: Option<usize>,
+    problem: impl Into<String>,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+) -> EngineError {
+    EngineError::DataFile {
+        file: path.to_path_buf(),
+        line,
+        problem: problem.into(),
+        source,
     }
+}
+
+/// The text of `path`.
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| file_err(path, None, "cannot read", Some(Box::new(e))))
+}
+
+/// Line `line` of `path`, `text`, as JSON.
+fn parse_json(path: &Path, line: usize, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text)
+        .map_err(|e| file_err(path, Some(line), "invalid JSON", Some(Box::new(e))))
 }
 
 fn is_jsonl(path: &Path) -> bool {
@@ -122,14 +143,13 @@ fn is_jsonl(path: &Path) -> bool {
 
 /// Reads a JSONL file: for each non-blank line, the string fields `fields` (all required).
 fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+    let text = read(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| file_err(path, Some(i + 1), format!("invalid JSON: {e}")))?;
+        let v = parse_json(path, i + 1, line)?;
         let row = fields
             .iter()
             .map(|f| {
@@ -137,14 +157,15 @@ fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
                     .and_then(|x| x.as_str())
                     .map(str::to_string)
                     .ok_or_else(|| {
-                        file_err(path, Some(i + 1), format!("expected a string field `{f}`"))
+                        let problem = format!("expected a string field `{f}`");
+                        file_err(path, Some(i + 1), problem, None)
                     })
             })
             .collect::<Result<Vec<_>>>()?;
         out.push(row);
     }
     if out.is_empty() {
-        return Err(file_err(path, None, "no examples (empty file)"));
+        return Err(file_err(path, None, "no examples (empty file)", None));
     }
     Ok(out)
 }
@@ -160,16 +181,16 @@ pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
                 .map(|mut r| r.remove(0))
                 .collect()
         } else {
-            let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+            let text = read(path)?;
             if text.trim().is_empty() {
-                return Err(file_err(path, None, "empty text file"));
+                return Err(file_err(path, None, "empty text file", None));
             }
             vec![text]
         };
         for d in docs {
             let ids = tok
                 .encode(&d, tok.adds_bos())
-                .map_err(|e| file_err(path, None, e))?;
+                .map_err(|e| file_err(path, None, "cannot tokenize", Some(Box::new(e))))?;
             stream.extend(ids);
             stream.extend(eos);
         }
@@ -184,10 +205,13 @@ pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
         })
         .collect();
     if examples.is_empty() {
-        return Err(EngineError::Invalid(format!(
-            "the CPT data ({} tokens) is shorter than one sequence of {w} tokens",
-            stream.len()
-        )));
+        return Err(EngineError::Setting {
+            setting: "TrainConfig.data",
+            problem: format!(
+                "the CPT text ({} tokens) is shorter than one sequence of {w} tokens",
+                stream.len()
+            ),
+        });
     }
     Ok(examples)
 }
@@ -201,25 +225,59 @@ pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
                 path,
                 None,
                 "SFT data must be JSONL (.jsonl) with prompt and answer fields, or messages",
+                None,
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, None, e))?;
+        let text = read(path)?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let at = |e: &dyn std::fmt::Display| file_err(path, Some(i + 1), e);
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
-            let messages = sft_messages(&v).map_err(|e| at(&e))?;
-            let pieces = chat_pieces(&messages, tok).map_err(|e| at(&e))?;
-            out.push(sft_example(&pieces, tok, seq_len).map_err(|e| at(&e))?);
+            let at = |p: LineProblem| file_err(path, Some(i + 1), p.problem, p.source);
+            let v = parse_json(path, i + 1, line)?;
+            let messages = sft_messages(&v).map_err(|p| at(p.into()))?;
+            let pieces = chat_pieces(&messages, tok).map_err(at)?;
+            out.push(sft_example(&pieces, tok, seq_len).map_err(|p| at(p.into()))?);
         }
     }
     if out.is_empty() {
-        return Err(EngineError::Invalid("no SFT examples".into()));
+        return Err(EngineError::Setting {
+            setting: "TrainConfig.data",
+            problem: "no SFT examples in the files".into(),
+        });
     }
     Ok(out)
+}
+
+/// What is wrong with one line of a data file, and the error behind it, if any.
+struct LineProblem {
+    problem: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl LineProblem {
+    /// `problem`, caused by `source`.
+    fn caused(problem: &str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        LineProblem {
+            problem: problem.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+impl From<String> for LineProblem {
+    fn from(problem: String) -> Self {
+        LineProblem {
+            problem,
+            source: None,
+        }
+    }
+}
+
+impl From<&str> for LineProblem {
+    fn from(problem: &str) -> Self {
+        problem.to_string().into()
+    }
 }
 
 /// The conversation of one SFT record: `prompt` + `answer` as a user and an assistant turn, or
@@ -265,7 +323,7 @@ fn sft_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>, 
 fn chat_pieces(
     messages: &[ChatMessage],
     tok: &Tokenizer,
-) -> std::result::Result<Vec<(Vec<u32>, bool)>, String> {
+) -> std::result::Result<Vec<(Vec<u32>, bool)>, LineProblem> {
     let end = tok
         .token_id("<|im_end|>")
         .or(tok.eos_ids().first().copied());
@@ -277,24 +335,27 @@ fn chat_pieces(
         }
         let head = tok
             .apply_chat_template(&messages[..i], true)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| LineProblem::caused("cannot render the conversation", e))?;
         let delta = head
             .strip_prefix(rendered.as_str())
             .ok_or("the chat template re-renders earlier turns differently")?;
+        let tokenize_error = |e| LineProblem::caused("cannot tokenize", e);
         pieces.push((
             tok.encode(delta, rendered.is_empty())
-                .map_err(|e| e.to_string())?,
+                .map_err(tokenize_error)?,
             false,
         ));
         if m.content.trim().is_empty() {
-            return Err(format!("assistant turn {i} is empty"));
+            return Err(format!("assistant turn {i} is empty").into());
         }
-        let mut answer = tok.encode(&m.content, false).map_err(|e| e.to_string())?;
+        let mut answer = tok.encode(&m.content, false).map_err(tokenize_error)?;
         answer.extend(end);
         // What a session has fed after this answer: the answer and its end-of-turn token (the
         // template's text after that token comes with the next turn's delta).
         let end_text = match end {
-            Some(id) => tok.decode(&[id]).map_err(|e| e.to_string())?,
+            Some(id) => tok
+                .decode(&[id])
+                .map_err(|e| LineProblem::caused("cannot decode the end-of-turn token", e))?,
             None => String::new(),
         };
         rendered = format!("{head}{}{end_text}", m.content);
@@ -314,7 +375,7 @@ fn sft_example(
     let last_answer = pieces.last().map_or(0, |(p, _)| p.len());
     if last_answer == 0 || last_answer >= seq_len {
         return Err(format!(
-            "answer of {last_answer} tokens does not fit in --seq-len {seq_len}"
+            "answer of {last_answer} tokens does not fit in a sequence of {seq_len} tokens"
         ));
     }
     let (mut tokens, mut answer) = (Vec::new(), Vec::new());

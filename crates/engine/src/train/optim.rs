@@ -180,10 +180,9 @@ pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState, log: &str) -
     }
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "agate-train-checkpoint".to_string());
-    meta.insert(
-        "state".to_string(),
-        serde_json::to_string(state).map_err(|e| EngineError::Invalid(e.to_string()))?,
-    );
+    let state = serde_json::to_string(state)
+        .map_err(|e| checkpoint_err(path, "cannot record the loop state", Some(Box::new(e))))?;
+    meta.insert("state".to_string(), state);
     meta.insert("adam_t".to_string(), opt.t.to_string());
     meta.insert("log".to_string(), log.to_string());
     let bytes: Vec<(String, String, Vec<usize>, Vec<u8>)> = tensors
@@ -203,7 +202,7 @@ pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState, log: &str) -
     meta.insert("checksum".to_string(), sum);
     let serialized =
         safetensors::serialize(tensors, Some(meta.into_iter().collect::<HashMap<_, _>>()))
-            .map_err(|e| EngineError::Invalid(format!("{}: serialising: {e}", path.display())))?;
+            .map_err(|e| checkpoint_err(path, "cannot serialise", Some(Box::new(e))))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::atomic::ensure_dir(dir)?;
     }
@@ -214,15 +213,19 @@ pub fn save_checkpoint(path: &Path, opt: &AdamW, state: &LoopState, log: &str) -
 /// Restores parameters and moments from `path` into `opt`; returns the loop state and the
 /// `log` stored with them.
 pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<(LoopState, String)> {
-    let bad = |msg: String| EngineError::Invalid(format!("{}: {msg}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let bad = |problem: String| checkpoint_err(path, problem, None);
+    let caused = |problem: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        checkpoint_err(path, problem, Some(e))
+    };
+    let bytes = std::fs::read(path).map_err(|e| caused("cannot read", Box::new(e)))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        bad(format!(
-            "not a safetensors file (truncated or corrupt?): {e}"
-        ))
+        caused(
+            "not a safetensors file (truncated or corrupt?)",
+            Box::new(e),
+        )
     })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        .map_err(|e| caused("not a safetensors file", Box::new(e)))?;
     let meta: BTreeMap<String, String> = header
         .metadata()
         .clone()
@@ -251,13 +254,13 @@ pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<(LoopState, Strin
         )));
     }
     let state: LoopState = serde_json::from_str(meta.get("state").map_or("", String::as_str))
-        .map_err(|e| bad(format!("metadata `state`: {e}")))?;
+        .map_err(|e| caused("metadata `state`", Box::new(e)))?;
     opt.t = meta
         .get("adam_t")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("metadata `adam_t` missing or not a number".into()))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| caused("cannot load the tensors", Box::new(e)))?;
     let get = |key: String, like: &Tensor| -> Result<Tensor> {
         let t = tensors.get(&key).ok_or_else(|| {
             bad(format!(
@@ -288,4 +291,17 @@ pub fn load_checkpoint(path: &Path, opt: &mut AdamW) -> Result<(LoopState, Strin
         opt.v[i] = v;
     }
     Ok((state, meta.get("log").cloned().unwrap_or_default()))
+}
+
+/// The error of checkpoint `path`: `problem`, caused by `source`.
+pub(super) fn checkpoint_err(
+    path: &Path,
+    problem: impl Into<String>,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+) -> EngineError {
+    EngineError::Checkpoint {
+        file: path.to_path_buf(),
+        problem: problem.into(),
+        source,
+    }
 }

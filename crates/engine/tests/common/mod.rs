@@ -133,3 +133,29 @@ pub fn tokens(n: usize, seed: u32) -> Vec<u32> {
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 256)
         .collect()
 }
+
+/// The policy `name` evicting the fraction `evict` of every head.
+pub fn evicting(name: &str, evict: f32) -> engine::PolicySpec {
+    engine::PolicySpec {
+        evict: Some(evict),
+        ..engine::PolicySpec::new(name.parse().expect("a policy name"))
+    }
+}
+
+/// Random gates for `engine`'s model drawn from `seed` (keep bias `bias_init` when given, else
+/// the default), written to `path` in f32; returns them.
+pub fn write_random_gates(
+    engine: &Engine,
+    path: &Path,
+    seed: u64,
+    bias_init: Option<f32>,
+) -> engine::AttentionGate {
+    let default = engine.gate_config();
+    let cfg = engine::GateConfig {
+        bias_init: bias_init.unwrap_or(default.bias_init),
+        ..default
+    };
+    let gates = engine.random_gates(&cfg, seed).expect("random gates");
+    engine::policy::write_gates(&gates, path, engine::GateFileDtype::F32).expect("write gates");
+    gates
+}

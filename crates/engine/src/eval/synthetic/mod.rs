@@ -113,8 +113,9 @@ pub fn generate(spec: &SyntheticSpec, count: &dyn Fn(&str) -> Result<usize>) -> 
         None => (vec![NOISE_BLOCK.to_string()], true),
     };
     if units.is_empty() {
-        return Err(EngineError::Invalid(
-            "the filler text has no sentences".into(),
+        return Err(spec_error(
+            "SyntheticSpec.filler",
+            "the text has no sentences".into(),
         ));
     }
     let depths: Vec<Option<f64>> = if spec.family.uses_depth() {
@@ -404,20 +405,9 @@ impl Generator<'_> {
         rng: &mut StdRng,
         meta: Map<String, Value>,
     ) -> Result<Task> {
-        const COMMON: usize = 10;
         const COMMON_FREQ: usize = 30;
         const RARE_FREQ: usize = 3;
-        let mut pool: Vec<&str> = WORDS.to_vec();
-        shuffle(&mut pool, rng);
-        let common: Vec<String> = pool[..COMMON].iter().map(|w| w.to_string()).collect();
-        // Rare words: the other nouns, then adjective-noun pairs, in a seeded order.
-        let mut rare: Vec<String> = pool[COMMON..].iter().map(|w| w.to_string()).collect();
-        let mut pairs: Vec<String> = ADJECTIVES
-            .iter()
-            .flat_map(|a| WORDS.iter().map(move |w| format!("{a}-{w}")))
-            .collect();
-        shuffle(&mut pairs, rng);
-        rare.extend(pairs);
+        let (common, rare) = cwe_words(rng);
         let length = spec.length - spec.overhead;
         let question =
             format!("Question: What are the {COMMON} most common words in the above list?");
@@ -463,27 +453,8 @@ impl Generator<'_> {
             }
             cf -= 1;
         }
-        // Start from the estimate, then step one rare word at a time to the largest that fits.
-        let mut rn = rare
-            .len()
-            .min(total_words.saturating_sub(COMMON * cf) / RARE_FREQ);
-        let mut best = attempt(cf, rn)?;
-        if best.is_some() {
-            while rn < rare.len() {
-                match attempt(cf, rn + 1)? {
-                    Some(c) => {
-                        best = Some(c);
-                        rn += 1;
-                    }
-                    None => break,
-                }
-            }
-        } else {
-            while best.is_none() {
-                rn -= 1;
-                best = attempt(cf, rn)?;
-            }
-        }
+        let estimate = total_words.saturating_sub(COMMON * cf) / RARE_FREQ;
+        let best = largest_fitting(estimate, rare.len(), |rn| attempt(cf, rn))?;
         Ok(Task::Generate {
             context: best.ok_or_else(too_short)?,
             question,
@@ -494,6 +465,54 @@ impl Generator<'_> {
             chat: None,
         })
     }
+}
+
+/// Common words of a cwe task.
+const COMMON: usize = 10;
+
+/// The words of a cwe task in a seeded order: [`COMMON`] common nouns, and the rare words (the
+/// other nouns, then adjective-noun pairs).
+fn cwe_words(rng: &mut StdRng) -> (Vec<String>, Vec<String>) {
+    let mut pool: Vec<&str> = WORDS.to_vec();
+    shuffle(&mut pool, rng);
+    let common: Vec<String> = pool[..COMMON].iter().map(|w| w.to_string()).collect();
+    let mut rare: Vec<String> = pool[COMMON..].iter().map(|w| w.to_string()).collect();
+    let mut pairs: Vec<String> = ADJECTIVES
+        .iter()
+        .flat_map(|a| WORDS.iter().map(move |w| format!("{a}-{w}")))
+        .collect();
+    shuffle(&mut pairs, rng);
+    rare.extend(pairs);
+    (common, rare)
+}
+
+/// The text of the largest `n` in `0..=max` for which `fits(n)` gives one (`fits` is monotone:
+/// what fits with `n` fits with fewer), stepping one at a time from the estimate `start`;
+/// `None` when not even 0 fits.
+fn largest_fitting(
+    start: usize,
+    max: usize,
+    fits: impl Fn(usize) -> Result<Option<String>>,
+) -> Result<Option<String>> {
+    let mut n = start.min(max);
+    let mut best = fits(n)?;
+    if best.is_some() {
+        while n < max {
+            match fits(n + 1)? {
+                Some(text) => {
+                    best = Some(text);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+    } else {
+        while best.is_none() && n > 0 {
+            n -= 1;
+            best = fits(n)?;
+        }
+    }
+    Ok(best)
 }
 
 /// A setting of the spec outside what it can make.
