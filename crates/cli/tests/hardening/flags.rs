@@ -19,27 +19,10 @@ fn sizes_that_overflow_are_refused_before_any_work() {
     fails_with(&out, &["exceeds the model's context of 64"]);
     let out = agate(&["bench", "--model", m, "-n", huge, "-p", "8", "-r", "1"]);
     fails_with(&out, &["exceeds the model's context of 64"]);
-    let out = agate(&[
-        "eval",
-        "--model",
-        m,
-        "--synthetic",
-        "passkey",
-        "--length",
-        huge,
-    ]);
+    let passkey = ["eval", "--model", m, "--synthetic", "passkey", "--length"];
+    let out = agate(&[&passkey[..], &[huge]].concat());
     fails_with(&out, &["--length", "longer than the model's context of 64"]);
-    let out = agate(&[
-        "eval",
-        "--model",
-        m,
-        "--synthetic",
-        "passkey",
-        "--length",
-        "60",
-        "-n",
-        huge,
-    ]);
+    let out = agate(&[&passkey[..], &["60", "-n", huge]].concat());
     fails_with(&out, &["--samples", "at most"]);
     let out = agate(&[
         "generate",

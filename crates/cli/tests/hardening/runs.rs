@@ -87,6 +87,19 @@ fn outputs_are_written_through_links_fifos_and_devices_never_replaced() {
 
 // ---- sessions ----
 
+/// The tokens seen that a `/stats` line reports (`… N tokens seen …`).
+fn tokens_seen(stats: &str) -> usize {
+    stats
+        .split(" tokens seen")
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn a_chat_whose_pool_runs_out_keeps_its_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,17 +128,7 @@ fn a_chat_whose_pool_runs_out_keeps_its_state() {
         .collect();
     assert_eq!(stats.len(), 3, "{stderr}");
     assert_eq!(stats[0], stats[1], "the failed turn changed the session");
-    let seen = |l: &str| -> usize {
-        l.split(" tokens seen")
-            .next()
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(seen(stats[2]) > seen(stats[1]));
+    assert!(tokens_seen(stats[2]) > tokens_seen(stats[1]));
     assert!(!stderr.contains("eviction ratio -"), "{stderr}");
 }
 
@@ -151,50 +154,27 @@ fn a_bounded_chat_in_cache_positions_runs_past_the_context() {
     // Short turns: each must fit beside the 32 kept tokens in the 64-token context.
     let mut input: String = (0..60).map(|i| format!("go {i}\n")).collect();
     input.push_str("/stats\n/exit\n");
-    let out = agate_with_input(
-        &[
-            "chat",
-            "--model",
-            s(&model),
-            "--policy",
-            "streaming",
-            "--keep",
-            "32",
-            "--max-tokens",
-            "8",
-        ],
-        &input,
-    );
+    let bounded = [
+        "chat",
+        "--model",
+        s(&model),
+        "--policy",
+        "streaming",
+        "--keep",
+        "32",
+        "--max-tokens",
+        "8",
+    ];
+    let out = agate_with_input(&bounded, &input);
     succeeds(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cache positions"), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
     let stats = stderr.lines().find(|l| l.contains("tokens seen")).unwrap();
-    let seen: usize = stats
-        .split(" tokens seen")
-        .next()
-        .unwrap()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(seen >= 1000, "{stats}");
+    assert!(tokens_seen(stats) >= 1000, "{stats}");
     // Original positions stop at the context.
     let out = agate_with_input(
-        &[
-            "chat",
-            "--model",
-            s(&model),
-            "--policy",
-            "streaming",
-            "--keep",
-            "32",
-            "--max-tokens",
-            "8",
-            "--positions",
-            "original",
-        ],
+        &[&bounded[..], &["--positions", "original"]].concat(),
         "a first message\nand a second one\nand a third one that no longer fits\n/exit\n",
     );
     assert!(text(&out).contains("does not fit"), "{}", text(&out));

@@ -66,6 +66,14 @@ impl Server {
     }
 }
 
+/// Runs `test` with a client against a fresh server of a tiny model with a 2,048-token
+/// context (stopped when `test` ends).
+fn on_tiny_server(test: impl AsyncFnOnce(&reqwest::Client, &Server)) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tiny_server(dir.path(), 2048);
+    runtime().block_on(test(&client(), &server));
+}
+
 /// A server of a tiny model (2 layers, 2 KV heads, a context of `context` tokens, Q8_0 weights)
 /// written to `dir`.
 fn tiny_server(dir: &Path, context: usize) -> Server {

@@ -9,16 +9,13 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::{
-    assert_error, chat_body, client, idle_metrics, post, runtime, sample, stream, streamed_content,
-    tiny_server,
+    assert_error, chat_body, client, idle_metrics, on_tiny_server, post, runtime, sample, stream,
+    streamed_content, tiny_server,
 };
 
 #[test]
 fn health_models_and_unknown_routes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let health: Value = c
             .get(server.url("/health"))
             .send()
@@ -56,12 +53,9 @@ fn health_models_and_unknown_routes() {
 /// chunk, `[DONE]`.
 #[test]
 fn chat_completions_streamed_and_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let (status, body) = post(
-            &c,
+            c,
             &server.url("/v1/chat/completions"),
             &chat_body("Hi!", 8),
         )
@@ -88,7 +82,7 @@ fn chat_completions_streamed_and_not() {
         streamed["stream"] = json!(true);
         streamed["stream_options"] = json!({"include_usage": true});
         let (status, content_type, events) =
-            stream(&c, &server.url("/v1/chat/completions"), &streamed).await;
+            stream(c, &server.url("/v1/chat/completions"), &streamed).await;
         assert_eq!(status, 200);
         assert!(
             content_type.starts_with("text/event-stream"),
@@ -108,19 +102,19 @@ fn chat_completions_streamed_and_not() {
 
 #[test]
 fn text_completions_streamed_and_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let body = json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "temperature": 0, "ignore_eos": true});
-        let (status, full) = post(&c, &server.url("/v1/completions"), &body).await;
+        let (status, full) = post(c, &server.url("/v1/completions"), &body).await;
         assert_eq!(status, 200, "{full}");
         assert_eq!(full["object"], "text_completion");
         let text = full["choices"][0]["text"].as_str().unwrap().to_string();
         let mut body = body;
         body["stream"] = json!(true);
-        let (_, _, events) = stream(&c, &server.url("/v1/completions"), &body).await;
-        let joined: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+        let (_, _, events) = stream(c, &server.url("/v1/completions"), &body).await;
+        let joined: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["text"].as_str())
+            .collect();
         assert_eq!(joined, text);
         assert_eq!(events[0]["object"], "text_completion");
         assert_eq!(events.last().unwrap(), "[DONE]");
@@ -130,14 +124,11 @@ fn text_completions_streamed_and_not() {
 /// agate's policy settings per request: the KV report shows the eviction.
 #[test]
 fn per_request_policy_settings_show_in_the_kv_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let mut body = chat_body(&"a long message ".repeat(20), 16);
         body["kv_policy"] = json!("streaming");
         body["kv_keep"] = json!(64);
-        let (status, evicted) = post(&c, &server.url("/v1/chat/completions"), &body).await;
+        let (status, evicted) = post(c, &server.url("/v1/chat/completions"), &body).await;
         assert_eq!(status, 200, "{evicted}");
         assert!(evicted["usage"]["kv"]["eviction_ratio"].as_f64().unwrap() > 0.5);
         assert!(evicted["usage"]["kv"]["tokens_retained"].as_u64().unwrap() <= 64);
@@ -147,10 +138,7 @@ fn per_request_policy_settings_show_in_the_kv_report() {
 /// Errors: OpenAI bodies, the right status, the field named.
 #[test]
 fn malformed_requests_name_their_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let url = server.url("/v1/chat/completions");
         let raw = c
             .post(&url)
@@ -163,7 +151,7 @@ fn malformed_requests_name_their_field() {
         assert_error(status, &raw.json().await.unwrap(), 400, None);
         let mut bad = chat_body("x", 4);
         bad["temperature"] = json!("hot");
-        let (s, b) = post(&c, &url, &bad).await;
+        let (s, b) = post(c, &url, &bad).await;
         assert_error(s, &b, 400, Some("temperature"));
         // Values out of their domain name their field too.
         for (field, value) in [
@@ -179,12 +167,12 @@ fn malformed_requests_name_their_field() {
         ] {
             let mut bad = chat_body("x", 4);
             bad[field] = value;
-            let (s, b) = post(&c, &url, &bad).await;
+            let (s, b) = post(c, &url, &bad).await;
             assert_error(s, &b, 400, Some(field));
         }
         let mut bad = chat_body("x", 4);
         bad["kv_policy"] = json!("nope");
-        let (s, b) = post(&c, &url, &bad).await;
+        let (s, b) = post(c, &url, &bad).await;
         assert_error(s, &b, 400, Some("kv_policy"));
         assert!(b["error"]["message"]
             .as_str()
@@ -192,17 +180,17 @@ fn malformed_requests_name_their_field() {
             .contains("unknown policy `nope`"));
         let mut bad = chat_body("x", 4);
         bad["stop"] = json!(7);
-        let (s, b) = post(&c, &url, &bad).await;
+        let (s, b) = post(c, &url, &bad).await;
         assert_error(s, &b, 400, Some("stop"));
         let message = b["error"]["message"].as_str().unwrap();
         assert!(
             message.contains("a string or a list of strings") && !message.contains("untagged"),
             "{message}"
         );
-        let (s, b) = post(&c, &url, &json!({"messages": []})).await;
+        let (s, b) = post(c, &url, &json!({"messages": []})).await;
         assert_error(s, &b, 400, Some("messages"));
         let (s, b) = post(
-            &c,
+            c,
             &url,
             &json!({"messages": [{"role": "tool", "content": "x"}]}),
         )
@@ -214,10 +202,7 @@ fn malformed_requests_name_their_field() {
 /// A knob the policy does not read is refused, naming it (the CLI refuses its flag).
 #[test]
 fn knobs_the_policy_does_not_read_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let url = server.url("/v1/chat/completions");
         for (policy, knob, value) in [
             (None, "kv_evict", json!(0.9)),
@@ -232,7 +217,7 @@ fn knobs_the_policy_does_not_read_are_refused() {
                 bad["kv_policy"] = json!(p);
             }
             bad[knob] = value;
-            let (s, b) = post(&c, &url, &bad).await;
+            let (s, b) = post(c, &url, &bad).await;
             assert_error(s, &b, 400, Some(knob));
             assert!(b["error"]["message"]
                 .as_str()
@@ -245,13 +230,10 @@ fn knobs_the_policy_does_not_read_are_refused() {
 /// Longer than the model's context (2048 tokens): 400 before any streaming starts.
 #[test]
 fn a_prompt_longer_than_the_context_is_refused_before_streaming() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let mut long = chat_body(&"x".repeat(3000), 4);
         long["stream"] = json!(true);
-        let (s, b) = post(&c, &server.url("/v1/chat/completions"), &long).await;
+        let (s, b) = post(c, &server.url("/v1/chat/completions"), &long).await;
         assert_error(s, &b, 400, None);
         assert_eq!(b["error"]["code"], "context_length_exceeded");
     });
@@ -261,22 +243,27 @@ fn a_prompt_longer_than_the_context_is_refused_before_streaming() {
 /// cache hits, the tokens and the responses by status.
 #[test]
 fn a_conversation_reuses_the_prompt_cache_and_metrics_count_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tiny_server(dir.path(), 2048);
-    runtime().block_on(async {
-        let c = client();
+    on_tiny_server(async |c, server| {
         let url = server.url("/v1/chat/completions");
         let mut messages = vec![json!({"role": "system", "content": "Be brief."})];
         let mut cached = Vec::new();
         for turn in ["First question?", "Second question?", "Third question?"] {
             messages.push(json!({"role": "user", "content": turn}));
             let body = json!({"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
-            let (s, b) = post(&c, &url, &body).await;
+            let (s, b) = post(c, &url, &body).await;
             assert_eq!(s, 200, "{b}");
             let usage = &b["usage"];
-            assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens_cached"]);
-            cached.push((usage["prompt_tokens_cached"].as_u64().unwrap(), usage["prompt_tokens"].as_u64().unwrap()));
-            messages.push(json!({"role": "assistant", "content": b["choices"][0]["message"]["content"]}));
+            assert_eq!(
+                usage["prompt_tokens_details"]["cached_tokens"],
+                usage["prompt_tokens_cached"]
+            );
+            cached.push((
+                usage["prompt_tokens_cached"].as_u64().unwrap(),
+                usage["prompt_tokens"].as_u64().unwrap(),
+            ));
+            messages.push(
+                json!({"role": "assistant", "content": b["choices"][0]["message"]["content"]}),
+            );
         }
         assert_eq!(cached[0].0, 0);
         for turn in 1..3 {
@@ -284,14 +271,24 @@ fn a_conversation_reuses_the_prompt_cache_and_metrics_count_it() {
             assert_eq!(cached[turn].0, cached[turn - 1].1 + 5, "{cached:?}");
         }
         // A refused request is counted under its status.
-        let (s, b) = post(&c, &url, &chat_body("x", 0)).await;
+        let (s, b) = post(c, &url, &chat_body("x", 0)).await;
         assert_error(s, &b, 400, Some("max_tokens"));
 
-        let m = idle_metrics(&c, &server).await;
-        assert_eq!(sample(&m, "agate_kv_blocks_in_use"), sample(&m, "agate_kv_blocks_cached"));
+        let m = idle_metrics(c, server).await;
+        assert_eq!(
+            sample(&m, "agate_kv_blocks_in_use"),
+            sample(&m, "agate_kv_blocks_cached")
+        );
         assert!(sample(&m, "agate_prompt_cache_hits_total") >= 2.0);
         assert!(sample(&m, "agate_generated_tokens_total") >= 8.0);
-        let text = c.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = c
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         for name in [
             "agate_http_responses_total{route=\"/v1/chat/completions\",status=\"200\"}",
             "agate_http_responses_total{route=\"/v1/chat/completions\",status=\"400\"}",
