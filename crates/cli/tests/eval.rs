@@ -9,15 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Output;
 
-use common::{agate, fails_with, s, tiny_model};
-
-fn stdout_json(out: &Output) -> serde_json::Value {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agate failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().count(), 1, "expected one line: {stdout}");
-    serde_json::from_str(&stdout).expect("stdout is JSON")
-}
+use common::{agate, fails_with, s, stdout_json, tiny_model};
 
 const MIXED: &str = r#"{"type":"choice","context":"The sky is","question":"Colour?","choices":["blue","green"],"answer":0}
 {"type":"generate","context":"a b c d e f","question":"Next letter:","answer":"g","match":"contains"}

@@ -76,6 +76,15 @@ pub fn succeeds(out: &Output) {
     assert!(!text(out).contains("panicked"), "panic: {}", text(out));
 }
 
+/// The one JSON object a successful run printed on stdout.
+pub fn stdout_json(out: &Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agate failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "expected one line: {stdout}");
+    serde_json::from_str(&stdout).expect("stdout is JSON")
+}
+
 /// A path as the `&str` an argument list takes.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")

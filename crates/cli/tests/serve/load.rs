@@ -3,13 +3,12 @@
 //! the KV pool limit requests with OpenAI errors; and, on the default model, greedy outputs of
 //! concurrent requests equal `agate generate`'s.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{self, tiny_model};
+use crate::common::{self, agate, stdout_json, tiny_model};
 use crate::{
     assert_error, chat_body, client, idle_metrics, metrics, metrics_text, post, runtime, sample,
     stream, Server,
@@ -240,17 +239,10 @@ fn greedy_outputs_of_8_concurrent_requests_equal_agate_generate() {
         if i < 4 {
             args.push("--chat");
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_agate"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["text"].as_str().unwrap().to_string()
+        stdout_json(&agate(&args))["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let want: Vec<String> = prompts
         .iter()

@@ -4,10 +4,9 @@
 //! beyond the context, a conversation served from the prompt cache with the metrics counting
 //! it, and `max_tokens` beyond the context.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
+use crate::common::{agate, s, stdout_json};
 use crate::{
     assert_error, chat_body, client, idle_metrics, on_tiny_server, post, runtime, sample, stream,
     streamed_content, tiny_server,
@@ -54,12 +53,8 @@ fn health_models_and_unknown_routes() {
 #[test]
 fn chat_completions_streamed_and_not() {
     on_tiny_server(async |c, server| {
-        let (status, body) = post(
-            c,
-            &server.url("/v1/chat/completions"),
-            &chat_body("Hi!", 8),
-        )
-        .await;
+        let (status, body) =
+            post(c, &server.url("/v1/chat/completions"), &chat_body("Hi!", 8)).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["object"], "chat.completion");
         assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -309,32 +304,22 @@ fn a_conversation_reuses_the_prompt_cache_and_metrics_count_it() {
 fn max_tokens_beyond_the_context_stops_where_generate_does() {
     let dir = tempfile::tempdir().unwrap();
     let server = tiny_server(dir.path(), 64);
-    let model = dir.path().join("tiny");
-    let out = Command::new(env!("CARGO_BIN_EXE_agate"))
-        .args([
-            "--threads",
-            "2",
-            "generate",
-            "Tell me a story.",
-            "--chat",
-            "--temp",
-            "0",
-            "--max-tokens",
-            "1000",
-            "--json",
-            "--weights",
-            "q8_0",
-            "--model",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let generated = stdout_json(&agate(&[
+        "--threads",
+        "2",
+        "generate",
+        "Tell me a story.",
+        "--chat",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "1000",
+        "--json",
+        "--weights",
+        "q8_0",
+        "--model",
+        s(&dir.path().join("tiny")),
+    ]));
     assert_eq!(generated["finish_reason"], "context_full", "{generated}");
     runtime().block_on(async {
         let c = client();
