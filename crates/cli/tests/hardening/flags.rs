@@ -86,53 +86,43 @@ fn a_full_stdout_is_an_error_not_a_panic() {
 fn flags_the_policy_ignores_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 64);
-    let m = s(&model);
-    let out = agate(&[
-        "generate", "hi", "--model", m, "--policy", "full", "--evict", "0.5",
-    ]);
-    fails_with(&out, &["--evict does nothing with --policy full"]);
-    let out = agate(&[
-        "generate", "hi", "--model", m, "--policy", "h2o", "--gates", "x",
-    ]);
-    fails_with(&out, &["--gates does nothing with --policy h2o"]);
-    let out = agate(&[
-        "generate", "hi", "--model", m, "--policy", "ag", "--evict", "0.5",
-    ]);
-    fails_with(
-        &out,
-        &["--evict does nothing with --policy ag in threshold mode"],
-    );
-    let out = agate(&[
-        "generate", "hi", "--model", m, "--policy", "tova", "--window", "4",
-    ]);
-    fails_with(&out, &["--window does nothing with --policy tova"]);
-    let out = agate(&[
-        "generate",
-        "hi",
-        "--model",
-        m,
-        "--policy",
-        "streaming",
-        "--keep",
-        "8",
-        "--window",
-        "4",
-    ]);
-    fails_with(&out, &["--window does nothing with --policy streaming"]);
-    // A policy option of another policy.
-    let out = agate(&[
-        "generate",
-        "hi",
-        "--model",
-        m,
-        "--policy",
-        "h2o",
-        "--evict",
-        "0.5",
-        "--policy-opt",
-        "kernel=5",
-    ]);
-    fails_with(&out, &["--policy-opt: `kernel` does not apply to h2o"]);
+    for (flags, says) in [
+        (
+            &["--policy", "full", "--evict", "0.5"][..],
+            "--evict does nothing with --policy full",
+        ),
+        (
+            &["--policy", "h2o", "--gates", "x"],
+            "--gates does nothing with --policy h2o",
+        ),
+        (
+            &["--policy", "ag", "--evict", "0.5"],
+            "--evict does nothing with --policy ag in threshold mode",
+        ),
+        (
+            &["--policy", "tova", "--window", "4"],
+            "--window does nothing with --policy tova",
+        ),
+        (
+            &["--policy", "streaming", "--keep", "8", "--window", "4"],
+            "--window does nothing with --policy streaming",
+        ),
+        // A policy option of another policy.
+        (
+            &[
+                "--policy",
+                "h2o",
+                "--evict",
+                "0.5",
+                "--policy-opt",
+                "kernel=5",
+            ],
+            "--policy-opt: `kernel` does not apply to h2o",
+        ),
+    ] {
+        let out = agate(&[&["generate", "hi", "--model", s(&model)][..], flags].concat());
+        fails_with(&out, &[says]);
+    }
 }
 
 /// train-gates: flags the run would ignore, or fail on only after training.

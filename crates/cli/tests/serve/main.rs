@@ -103,6 +103,14 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GET `url`: the status and the JSON body.
+async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// POST `body` to `url`: the status and the JSON body.
 async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let r = c.post(url).json(body).send().await.unwrap();
     let status = r.status().as_u16();

@@ -4,47 +4,28 @@
 //! beyond the context, a conversation served from the prompt cache with the metrics counting
 //! it, and `max_tokens` beyond the context.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::common::{agate, s, stdout_json};
 use crate::{
-    assert_error, chat_body, client, idle_metrics, on_tiny_server, post, runtime, sample, stream,
-    streamed_content, tiny_server,
+    assert_error, chat_body, client, get, idle_metrics, on_tiny_server, post, runtime, sample,
+    stream, streamed_content, tiny_server,
 };
 
 #[test]
 fn health_models_and_unknown_routes() {
     on_tiny_server(async |c, server| {
-        let health: Value = c
-            .get(server.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(health, json!({"status": "ok"}));
-        let models: Value = c
-            .get(server.url("/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (status, health) = get(c, &server.url("/health")).await;
+        assert_eq!((status, health), (200, json!({"status": "ok"})));
+        let (status, models) = get(c, &server.url("/v1/models")).await;
+        assert_eq!(status, 200);
         assert_eq!(models["object"], "list");
         assert_eq!(models["data"][0]["id"], "tiny");
         assert_eq!(models["data"][0]["object"], "model");
-        let r = c.get(server.url("/v1/nothing")).send().await.unwrap();
-        let s = r.status().as_u16();
-        assert_error(s, &r.json().await.unwrap(), 404, None);
-        let r = c
-            .get(server.url("/v1/chat/completions"))
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        assert_error(s, &r.json().await.unwrap(), 405, None);
+        let (s, b) = get(c, &server.url("/v1/nothing")).await;
+        assert_error(s, &b, 404, None);
+        let (s, b) = get(c, &server.url("/v1/chat/completions")).await;
+        assert_error(s, &b, 405, None);
     });
 }
 
