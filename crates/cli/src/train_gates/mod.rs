@@ -8,7 +8,7 @@
 //! outputs, and ends with status 130 naming the checkpoint, so a script can tell an interrupted
 //! run from a finished one; `--resume` continues it exactly, its log rebuilt from the
 //! checkpoint (never a log with holes). Every flag is checked before the model loads
-//! ([`flags`]).
+//! (`flags.rs`).
 
 mod flags;
 
