@@ -6,7 +6,7 @@ use engine::bench::{BenchRow, BenchSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{load_engine, ModelArgs};
-use crate::policy_args::PolicyArgs;
+use crate::policy_args::{PolicyArgs, PolicyChoice};
 
 /// Flags of `agate bench`.
 #[derive(Args, Debug)]
@@ -45,10 +45,34 @@ pub struct BenchArgs {
     pub roofline: bool,
 }
 
-/// Runs `agate bench`.
+/// Runs `agate bench`: measures every policy at every depth, then prints the rows.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let policies = args.policy.policies()?;
     let engine = load_engine(&args.model)?;
+    let mut rows = measure(args, &engine, &policies)?;
+    if args.roofline {
+        let bandwidth = engine::bench::measure_read_bandwidth(rayon::current_num_threads(), 5);
+        rows = rows
+            .into_iter()
+            .map(|r| r.with_roofline(bandwidth))
+            .collect();
+    }
+    if args.json {
+        for row in &rows {
+            outln!("{}", serde_json::to_string(row)?)?;
+        }
+        return Ok(());
+    }
+    print_table(&engine, &rows)?;
+    print_roofline(&rows)
+}
+
+/// Runs the benchmark of each policy with one progress bar over every run.
+fn measure(
+    args: &BenchArgs,
+    engine: &engine::Engine,
+    policies: &[PolicyChoice],
+) -> anyhow::Result<Vec<BenchRow>> {
     let spec = BenchSpec {
         prompt: args.prompt,
         generate: args.generate,
@@ -69,28 +93,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for (pi, policy) in policies.iter().enumerate() {
         bar.set_message(policy.name().to_string());
         let done_before = (pi * spec.depths.len() * spec.repetitions) as u64;
-        let policy = policy.resolve(&engine)?;
+        let policy = policy.resolve(engine)?;
         rows.extend(engine::bench::run(
-            &engine,
+            engine,
             &policy,
             &spec,
             &mut |done, _| bar.set_position(done_before + done as u64),
         )?);
     }
     bar.finish_and_clear();
-    if args.roofline {
-        let bandwidth = engine::bench::measure_read_bandwidth(rayon::current_num_threads(), 5);
-        rows = rows
-            .into_iter()
-            .map(|r| r.with_roofline(bandwidth))
-            .collect();
-    }
-    if args.json {
-        for row in &rows {
-            outln!("{}", serde_json::to_string(row)?)?;
-        }
-        return Ok(());
-    }
+    Ok(rows)
+}
+
+/// The llama-bench style table: one `pp` row per configuration and a `tg` row when it
+/// generated.
+fn print_table(engine: &engine::Engine, rows: &[BenchRow]) -> anyhow::Result<()> {
     outln!(
         "model: {} | threads: {}",
         engine.model_path().display(),
@@ -99,7 +116,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     outln!("| policy | depth | test | t/s (median) | range | TTFT s | KV MiB in use / full | evicted | peak RSS MiB |")?;
     outln!("|---|---:|---|---:|---|---:|---|---:|---:|")?;
     let mib = |b: f64| b / (1 << 20) as f64;
-    for r in &rows {
+    for r in rows {
         let kv = format!(
             "{:.1} / {:.1}",
             mib(r.kv_bytes_in_use as f64),
@@ -131,29 +148,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             r.eviction_ratio
         )?;
     }
-    if let Some(bw) = rows.first().and_then(|r| r.roofline) {
-        println!();
-        println!(
-            "memory bandwidth (streaming read, {} threads): {:.1} GB/s",
-            rayon::current_num_threads(),
-            bw.bandwidth_gb_per_s
-        );
-        println!("| policy | depth | tg t/s | MB/token (weights + KV) | bound t/s | of bound |");
-        println!("|---|---:|---:|---|---:|---:|");
-        for r in &rows {
-            let Some(roof) = r.roofline else { continue };
-            println!(
-                "| {} | {} | {:.1} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.0}% |",
-                r.policy,
-                r.depth,
-                r.decode_tokens_per_s.median,
-                roof.bytes_per_token / 1e6,
-                r.weight_bytes_per_token as f64 / 1e6,
-                r.kv_bytes_read_per_token / 1e6,
-                roof.roofline_tokens_per_s,
-                100.0 * roof.roofline_fraction
-            );
-        }
+    Ok(())
+}
+
+/// With `--roofline`: the measured bandwidth and, per decode figure, the bytes a step reads
+/// and the fraction of the bandwidth bound reached (nothing without it).
+fn print_roofline(rows: &[BenchRow]) -> anyhow::Result<()> {
+    let Some(bw) = rows.first().and_then(|r| r.roofline) else {
+        return Ok(());
+    };
+    outln!()?;
+    outln!(
+        "memory bandwidth (streaming read, {} threads): {:.1} GB/s",
+        rayon::current_num_threads(),
+        bw.bandwidth_gb_per_s
+    )?;
+    outln!("| policy | depth | tg t/s | MB/token (weights + KV) | bound t/s | of bound |")?;
+    outln!("|---|---:|---:|---|---:|---:|")?;
+    for r in rows {
+        let Some(roof) = r.roofline else { continue };
+        outln!(
+            "| {} | {} | {:.1} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.0}% |",
+            r.policy,
+            r.depth,
+            r.decode_tokens_per_s.median,
+            roof.bytes_per_token / 1e6,
+            r.weight_bytes_per_token as f64 / 1e6,
+            r.kv_bytes_read_per_token / 1e6,
+            roof.roofline_tokens_per_s,
+            100.0 * roof.roofline_fraction
+        )?;
     }
     Ok(())
 }

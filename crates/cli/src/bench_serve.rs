@@ -54,8 +54,8 @@ pub struct BenchServeArgs {
     /// Bearer token, when the server has --api-key.
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
-    /// Seconds before one request is abandoned.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds before one request is abandoned (1 to 86400).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -99,31 +99,42 @@ pub fn run(args: &BenchServeArgs) -> anyhow::Result<()> {
     runtime.block_on(bench(args))
 }
 
+/// The server under test: its base URL, the HTTP client (with the request timeout) and the
+/// bearer token, shared by every simulated client.
+#[derive(Clone)]
+struct Target {
+    client: reqwest::Client,
+    base: String,
+    api_key: Option<String>,
+}
+
 async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
-    let base = args.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.timeout))
-        .build()?;
+    let target = Target {
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(args.timeout))
+            .build()?,
+        base: args.url.trim_end_matches('/').to_string(),
+        api_key: args.api_key.clone(),
+    };
     // A server that is not there is one error, before any client starts.
-    let health = format!("{base}/health");
-    match client.get(&health).send().await {
+    let health = format!("{}/health", target.base);
+    match target.client.get(&health).send().await {
         Ok(r) if r.status().is_success() => {}
         Ok(r) => anyhow::bail!("--url {}: {health} answered {}", args.url, r.status()),
         Err(e) => anyhow::bail!("--url {}: cannot reach the server: {e}", args.url),
     }
-    let before = scrape(&client, &base).await;
+    let before = scrape(&target).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let (client, base) = (client.clone(), base.clone());
+        let target = target.clone();
         let bodies: Vec<Value> = (0..args.requests)
             .map(|r| request_body(args, c, r))
             .collect();
-        let key = args.api_key.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for body in bodies {
-                out.push(one_request(&client, &base, key.as_deref(), c, body, started).await);
+                out.push(one_request(&target, c, body, started).await);
             }
             out
         }));
@@ -133,7 +144,7 @@ async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
         results.extend(t.await?);
     }
     let wall = started.elapsed().as_secs_f64();
-    let after = scrape(&client, &base).await;
+    let after = scrape(&target).await;
     let report = summarize(args, &results, wall, before.as_ref(), after.as_ref());
     if args.json {
         outln!("{report}")?;
@@ -177,9 +188,7 @@ fn request_body(args: &BenchServeArgs, client: u64, request: u64) -> Value {
 }
 
 async fn one_request(
-    client: &reqwest::Client,
-    base: &str,
-    key: Option<&str>,
+    target: &Target,
     client_id: u64,
     body: Value,
     bench_started: Instant,
@@ -198,7 +207,7 @@ async fn one_request(
         kv_bytes_in_use: 0,
         kv_bytes_full: 0,
     };
-    match stream_request(client, base, key, body, started, &mut result).await {
+    match stream_request(target, body, started, &mut result).await {
         Ok(()) => result.ok = true,
         Err(e) => result.error = Some(format!("{e:#}")),
     }
@@ -211,17 +220,16 @@ async fn one_request(
 }
 
 async fn stream_request(
-    client: &reqwest::Client,
-    base: &str,
-    key: Option<&str>,
+    target: &Target,
     body: Value,
     started: Instant,
     result: &mut RequestResult,
 ) -> anyhow::Result<()> {
-    let mut request = client
-        .post(format!("{base}/v1/chat/completions"))
+    let mut request = target
+        .client
+        .post(format!("{}/v1/chat/completions", target.base))
         .json(&body);
-    if let Some(k) = key {
+    if let Some(k) = &target.api_key {
         request = request.bearer_auth(k);
     }
     let response = request.send().await?;
@@ -268,9 +276,10 @@ async fn stream_request(
 
 /// The server's `/metrics` as name → value (samples without labels only); `None` when the
 /// server has no such endpoint.
-async fn scrape(client: &reqwest::Client, base: &str) -> Option<Vec<(String, f64)>> {
-    let text = client
-        .get(format!("{base}/metrics"))
+async fn scrape(target: &Target) -> Option<Vec<(String, f64)>> {
+    let text = target
+        .client
+        .get(format!("{}/metrics", target.base))
         .send()
         .await
         .ok()?

@@ -84,19 +84,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let kv = session.kv_report();
     if let Some(path) = &args.eviction_map {
-        let store = session.kv();
-        let kept: Vec<Vec<Vec<u32>>> = (0..store.n_layers())
-            .map(|l| {
-                (0..store.n_kv_heads())
-                    .map(|h| store.positions(l, h))
-                    .collect()
-            })
-            .collect();
-        crate::plot::eviction_map_png(path, kv.tokens_seen, &kept)?;
-        say!(
-            "eviction map written to {}: one band per layer (layer 0 on top), one row per KV head, one column per token (scaled to at most 2048); dark = kept, light = evicted",
-            path.display()
-        );
+        draw_eviction_map(path, &session, kv.tokens_seen)?;
     }
     if args.json {
         let out = serde_json::json!({
@@ -127,5 +115,27 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             kv.bytes_in_use
         );
     }
+    Ok(())
+}
+
+/// Draws which tokens each layer and KV head of `session` kept to `path`.
+fn draw_eviction_map(
+    path: &std::path::Path,
+    session: &engine::Session,
+    tokens_seen: usize,
+) -> anyhow::Result<()> {
+    let store = session.kv();
+    let kept: Vec<Vec<Vec<u32>>> = (0..store.n_layers())
+        .map(|l| {
+            (0..store.n_kv_heads())
+                .map(|h| store.positions(l, h))
+                .collect()
+        })
+        .collect();
+    crate::plot::eviction_map_png(path, tokens_seen, &kept)?;
+    say!(
+        "eviction map written to {}: one band per layer (layer 0 on top), one row per KV head, one column per token (scaled to at most 2048); dark = kept, light = evicted",
+        path.display()
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! and PNG drawn here with a built-in 5×7 pixel font, so no system font is needed: plotters'
 //! bitmap backend panics on any text without its `ttf` (system fonts through font-kit) or
 //! `ab_glyph` (a font file we would have to ship) feature, and `bitmap_encoder` alone adds 22
-//! crates, image 0.24 and a second png among them, measured for issue 16). Files are
+//! crates, image 0.24 and a second png among them, measured with `cargo tree`). Files are
 //! written by `engine::atomic` (a temporary name and a rename: a crash never leaves half a
 //! picture).
 
@@ -51,12 +51,17 @@ pub fn eviction_map_png(
             }
         }
     }
+    write_rgb_png(path, width, height, &pixels)
+}
+
+/// Writes `pixels` (RGB, 8 bits a channel, rows top to bottom) as a `width` × `height` PNG.
+fn write_rgb_png(path: &Path, width: usize, height: usize, pixels: &[u8]) -> anyhow::Result<()> {
     write_atomically(path, |file| -> anyhow::Result<()> {
         let mut encoder = png::Encoder::new(file, width as u32, height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header()?;
-        writer.write_image_data(&pixels)?;
+        writer.write_image_data(pixels)?;
         writer.finish()?;
         Ok(())
     })
@@ -111,27 +116,7 @@ pub fn line_chart_svg(
     y_label: &str,
     series: &[Series],
 ) -> anyhow::Result<()> {
-    let all = series.iter().flat_map(|s| s.points.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in all {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    for &(lo, hi) in series.iter().flat_map(|s| s.errors.iter()) {
-        y0 = y0.min(lo);
-        y1 = y1.max(hi);
-    }
-    anyhow::ensure!(x0 <= x1, "nothing to draw: no points");
-    let pad = |a: f64, b: f64| {
-        if (b - a).abs() < 1e-12 {
-            (a - 0.5, b + 0.5)
-        } else {
-            (a, b + (b - a) * 0.05)
-        }
-    };
-    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0.min(0.0), y1));
+    let ((x0, x1), (y0, y1)) = chart_ranges(series)?;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 500)).into_drawing_area();
@@ -191,6 +176,31 @@ pub fn line_chart_svg(
     }
     write_atomically(path, |file| file.write_all(svg.as_bytes()))?;
     Ok(())
+}
+
+/// The axis ranges of [`line_chart_svg`]: every point and error bar, y from 0 or below, 5%
+/// headroom above; a range of one value is widened to a unit around it.
+fn chart_ranges(series: &[Series]) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in series.iter().flat_map(|s| s.points.iter()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    for &(lo, hi) in series.iter().flat_map(|s| s.errors.iter()) {
+        y0 = y0.min(lo);
+        y1 = y1.max(hi);
+    }
+    anyhow::ensure!(x0 <= x1, "nothing to draw: no points");
+    let pad = |a: f64, b: f64| {
+        if (b - a).abs() < 1e-12 {
+            (a - 0.5, b + 0.5)
+        } else {
+            (a, b + (b - a) * 0.05)
+        }
+    };
+    Ok((pad(x0, x1), pad(y0.min(0.0), y1)))
 }
 
 /// Chart size of [`line_chart_png`], in pixels.
@@ -266,15 +276,7 @@ pub fn line_chart_png(
         c.dot(r as f64 + 35.0, ly as f64 + 6.0, 4, color);
         c.text(r + 58, ly, &s.label, [0, 0, 0]);
     }
-    write_atomically(path, |file| -> anyhow::Result<()> {
-        let mut encoder = png::Encoder::new(file, PNG_W as u32, PNG_H as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&c.pixels)?;
-        writer.finish()?;
-        Ok(())
-    })
+    write_rgb_png(path, PNG_W, PNG_H, &c.pixels)
 }
 
 /// Where chart values land in [`AREA`] of [`line_chart_png`] (x over `x0..x1`, y over

@@ -187,25 +187,11 @@ impl PolicyChoice {
 
 impl PolicyArgs {
     /// Every policy named (`all` expands to every policy but ag, unless `--gates` is given;
-    /// a name given twice counts once), with the shared knobs; each gets the `--policy-opt`
+    /// a policy named twice runs once, with a note), with the shared knobs; each gets the `--policy-opt`
     /// options that apply to it. Flags and options that none of them uses are an error, and a
     /// warning names the policies that ignore one the others use (see the module header).
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        let mut kinds: Vec<PolicyKind> = Vec::new();
-        for name in &self.names {
-            let add = match name {
-                PolicyName::All => PolicyKind::ALL
-                    .into_iter()
-                    .filter(|&p| p != PolicyKind::Ag || self.gates.is_some())
-                    .collect(),
-                PolicyName::One(kind) => vec![*kind],
-            };
-            for kind in add {
-                if !kinds.contains(&kind) {
-                    kinds.push(kind);
-                }
-            }
-        }
+        let kinds = self.kinds();
         let options = self.options(&kinds)?;
         let mut choices: Vec<PolicyChoice> = kinds
             .into_iter()
@@ -258,6 +244,40 @@ impl PolicyArgs {
             choice.spec.drop_settings(&ignored);
         }
         Ok(choices)
+    }
+
+    /// The policies `--policy` names, in order, each once (`all` expanded); a note names
+    /// those named more than once.
+    fn kinds(&self) -> Vec<PolicyKind> {
+        let (mut kinds, mut repeated) = (Vec::new(), Vec::new());
+        for name in &self.names {
+            let add = match name {
+                PolicyName::All => PolicyKind::ALL
+                    .into_iter()
+                    .filter(|&p| p != PolicyKind::Ag || self.gates.is_some())
+                    .collect(),
+                PolicyName::One(kind) => vec![*kind],
+            };
+            for kind in add {
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                } else if !repeated.contains(&kind) {
+                    repeated.push(kind);
+                }
+            }
+        }
+        if !repeated.is_empty() {
+            let all = if self.names.contains(&PolicyName::All) {
+                " (counting the policies `all` stands for)"
+            } else {
+                ""
+            };
+            say!(
+                "agate: note: --policy names {} more than once{all}; each policy runs once",
+                join(&repeated)
+            );
+        }
+        kinds
     }
 
     /// The `--policy-opt` options: an error if none of `kinds` uses one, a note naming those

@@ -5,29 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{agate, tiny_model};
-
-/// Asserts failure with exactly one stderr line that starts with `error:` and contains `needle`.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error:"), "{stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "expected {needle:?} in: {stderr}"
-    );
-}
-
-#[test]
-fn missing_model_file() {
-    let out = agate(&["generate", "hi", "--model", "/nonexistent/model.gguf"]);
-    assert_one_line_error(&out, "/nonexistent/model.gguf");
-}
+use common::{agate, fails_with, tiny_model};
 
 /// With `AGATE_OFFLINE` set and an empty cache nothing is fetched: one line says why.
 #[test]
@@ -39,7 +19,7 @@ fn offline_without_a_cached_model_names_the_switch() {
         .env("AGATE_OFFLINE", "1")
         .output()
         .unwrap();
-    assert_one_line_error(&out, "AGATE_OFFLINE is set");
+    fails_with(&out, &["AGATE_OFFLINE is set"]);
     assert!(
         !home.path().join("models").exists()
             || std::fs::read_dir(home.path().join("models"))
@@ -60,11 +40,11 @@ fn truncated_gguf() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
     let out = agate(&["generate", "hi", "--model", cut.to_str().unwrap()]);
-    assert_one_line_error(&out, "truncated");
+    fails_with(&out, &["truncated"]);
     // Cut inside the header: also a clean error.
     std::fs::write(&cut, &bytes[..1000]).unwrap();
     let out = agate(&["generate", "hi", "--model", cut.to_str().unwrap()]);
-    assert_one_line_error(&out, "not a valid GGUF file");
+    fails_with(&out, &["not a valid GGUF file"]);
 }
 
 /// A GGUF whose only metadata says `general.architecture = gptneox`.
@@ -89,7 +69,7 @@ fn unsupported_architecture() {
     let path = dir.path().join("neox.gguf");
     write_gguf_with_architecture(&path, "gptneox");
     let out = agate(&["generate", "hi", "--model", path.to_str().unwrap()]);
-    assert_one_line_error(&out, "unsupported architecture `gptneox`");
+    fails_with(&out, &["unsupported architecture `gptneox`"]);
 }
 
 #[test]
@@ -102,14 +82,16 @@ fn config_json_missing_field() {
     json.as_object_mut().unwrap().remove("num_hidden_layers");
     std::fs::write(&config, json.to_string()).unwrap();
     let out = agate(&["generate", "hi", "--model", model.to_str().unwrap()]);
-    assert_one_line_error(&out, "field `num_hidden_layers` is missing");
-    assert_one_line_error(&out, "config.json");
+    fails_with(
+        &out,
+        &["field `num_hidden_layers` is missing", "config.json"],
+    );
 }
 
 #[test]
 fn empty_prompt() {
     let out = agate(&["generate", ""]);
-    assert_one_line_error(&out, "the prompt is empty");
+    fails_with(&out, &["the prompt is empty"]);
 }
 
 #[test]
@@ -118,14 +100,10 @@ fn prompt_longer_than_context() {
     let model = tiny_model(dir.path(), 2, 2, 64);
     let prompt = "x".repeat(100); // byte-level tokenizer: 100 tokens
     let out = agate(&["generate", &prompt, "--model", model.to_str().unwrap()]);
-    assert_one_line_error(&out, "prompt of 100 tokens does not fit");
-    assert_one_line_error(&out, "context is 64 tokens");
-}
-
-#[test]
-fn negative_temperature() {
-    let out = agate(&["generate", "hi", "--temp", "-1"]);
-    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got -1");
+    fails_with(
+        &out,
+        &["prompt of 100 tokens does not fit", "context is 64 tokens"],
+    );
 }
 
 #[test]
@@ -134,7 +112,7 @@ fn invalid_flag_values_are_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid weight format `q3`"));
     let out = agate(&["generate", "hi", "--top-p", "1.5"]);
-    assert_one_line_error(&out, "--top-p: top-p must be in (0, 1], got 1.5");
+    fails_with(&out, &["--top-p: top-p must be in (0, 1], got 1.5"]);
     // A negative number is a flag's (bad) value, not an unknown argument.
     let out = agate(&["generate", "hi", "--max-tokens", "-3"]);
     assert!(String::from_utf8_lossy(&out.stderr)
@@ -142,9 +120,24 @@ fn invalid_flag_values_are_named() {
     let out = agate(&["generate", "hi", "--policy", "h2o", "--evict", "-0.5"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be in [0, 1), got -0.5"));
     let out = agate(&["generate", "hi", "--temp", "-1"]);
-    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got -1");
+    fails_with(
+        &out,
+        &["--temp: temperature must be finite and >= 0, got -1"],
+    );
     let out = agate(&["generate", "hi", "--temp", "inf"]);
-    assert_one_line_error(&out, "--temp: temperature must be finite and >= 0, got inf");
+    fails_with(
+        &out,
+        &["--temp: temperature must be finite and >= 0, got inf"],
+    );
+    // Policy names are lower case; another spelling is told the names.
+    let out = agate(&["generate", "hi", "--policy", "H2O"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("unknown policy `H2O`")
+            && stderr.contains("full, ag, random, streaming, h2o"),
+        "{stderr}"
+    );
 }
 
 /// A prompt the KV pool cannot hold: the error says which flag sizes the pool.
@@ -163,15 +156,14 @@ fn a_full_pool_names_the_flag_that_sizes_it() {
         "--max-tokens",
         "2",
     ]);
-    assert_one_line_error(&out, "out of KV blocks");
-    assert_one_line_error(&out, "--kv-memory-mb");
+    fails_with(&out, &["out of KV blocks", "--kv-memory-mb"]);
 }
 
 /// bench-serve without a server fails at once, naming the URL (no table of zeros).
 #[test]
 fn bench_serve_without_a_server_is_one_error() {
     let out = agate(&["bench-serve", "--url", "http://127.0.0.1:1"]);
-    assert_one_line_error(&out, "--url http://127.0.0.1:1: cannot reach the server");
+    fails_with(&out, &["--url http://127.0.0.1:1: cannot reach the server"]);
     assert!(out.stdout.is_empty());
 }
 
@@ -284,8 +276,51 @@ fn train_gates_checks_the_heldout_file_before_training() {
         "--out",
         &p(&out_file),
     ]);
-    assert_one_line_error(&out, "empty.txt");
+    fails_with(&out, &["empty.txt"]);
     assert!(!out_file.exists());
+}
+
+/// Runs `train-gates` on the files of `dir` (the tiny model, prose.txt; checkpoints in ckpt/,
+/// the log train.jsonl, the gates gates.safetensors) for `steps` steps with the protections
+/// (2 sinks, a window of 3) and a calibrated threshold, plus `extra` flags; returns stderr.
+fn train_in(dir: &Path, steps: &str, extra: &[&str]) -> String {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let mut args: Vec<String> = [
+        "train-gates",
+        "--model",
+        &p("tiny"),
+        "--data",
+        &p("prose.txt"),
+        "--seq-len",
+        "24",
+        "--steps",
+        steps,
+        "--warmup",
+        "2",
+        "--sinks",
+        "2",
+        "--window",
+        "3",
+        "--checkpoint-dir",
+        &p("ckpt"),
+        "--checkpoint-every",
+        "3",
+        "--log",
+        &p("train.jsonl"),
+        "--out",
+        &p("gates.safetensors"),
+        "--calibrate-seqs",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = agate(&refs);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
 }
 
 /// `train-gates` end to end on a tiny model: checkpoints, an interrupted run resumed with the
@@ -294,57 +329,17 @@ fn train_gates_checks_the_heldout_file_before_training() {
 #[test]
 fn train_gates_resumes_and_draws_the_whole_run() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 4096);
-    let data = dir.path().join("prose.txt");
+    tiny_model(dir.path(), 2, 2, 4096);
     std::fs::write(
-        &data,
+        dir.path().join("prose.txt"),
         "The river ran past the old mill, and every morning the miller counted the sacks. "
             .repeat(60),
     )
     .unwrap();
-    let (ckpt, log) = (dir.path().join("ckpt"), dir.path().join("train.jsonl"));
+    let log = dir.path().join("train.jsonl");
     let (png, svg) = (dir.path().join("curve.png"), dir.path().join("curve.svg"));
-    let gates = dir.path().join("gates.safetensors");
     let p = |p: &Path| p.to_str().unwrap().to_string();
-    let run = |steps: &str, extra: &[&str]| {
-        let mut args: Vec<String> = [
-            "train-gates",
-            "--model",
-            &p(&model),
-            "--data",
-            &p(&data),
-            "--seq-len",
-            "24",
-            "--steps",
-            steps,
-            "--warmup",
-            "2",
-            "--sinks",
-            "2",
-            "--window",
-            "3",
-            "--checkpoint-dir",
-            &p(&ckpt),
-            "--checkpoint-every",
-            "3",
-            "--log",
-            &p(&log),
-            "--out",
-            &p(&gates),
-            "--calibrate-seqs",
-            "4",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = agate(&refs);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        stderr
-    };
-    run("5", &[]);
+    train_in(dir.path(), "5", &[]);
     // A crash after step 5 but before the next checkpoint: the log runs ahead of the
     // checkpoint (step 5 was checkpointed at the end; pretend step 6 was logged after it).
     let mut text = std::fs::read_to_string(&log).unwrap();
@@ -356,7 +351,7 @@ fn train_gates_resumes_and_draws_the_whole_run() {
     text.push_str(&last);
     text.push('\n');
     std::fs::write(&log, text).unwrap();
-    let stderr = run("8", &["--resume", "--plot", &p(&png)]);
+    let stderr = train_in(dir.path(), "8", &["--resume", "--plot", &p(&png)]);
     assert!(stderr.contains("resumed from"), "{stderr}");
     assert!(stderr.contains("threshold calibrated"), "{stderr}");
     let steps: Vec<u64> = std::fs::read_to_string(&log)
@@ -371,11 +366,11 @@ fn train_gates_resumes_and_draws_the_whole_run() {
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     // Export again without training (steps = the checkpoint's), drawing SVG.
-    run("8", &["--resume", "--plot", &p(&svg)]);
+    train_in(dir.path(), "8", &["--resume", "--plot", &p(&svg)]);
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") && svg_text.contains("hard eviction"));
     // The gates carry the calibrated threshold and the training protections.
-    let bytes = std::fs::read(&gates).unwrap();
+    let bytes = std::fs::read(dir.path().join("gates.safetensors")).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&header.metadata().as_ref().unwrap()["gate_config"]).unwrap();
@@ -474,6 +469,6 @@ fn policy_options_are_settable_and_checked() {
             "--policy-opt",
             opt,
         ]);
-        assert_one_line_error(&out, needle);
+        fails_with(&out, &[needle]);
     }
 }

@@ -6,38 +6,45 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Output;
 
-use common::{agate, tiny_model};
-
-fn stdout_json(out: &Output) -> serde_json::Value {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agate failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().count(), 1, "expected one line: {stdout}");
-    serde_json::from_str(&stdout).expect("stdout is JSON")
-}
+use common::{agate, fails_with, s, stdout_json, tiny_model};
 
 const MIXED: &str = r#"{"type":"choice","context":"The sky is","question":"Colour?","choices":["blue","green"],"answer":0}
 {"type":"generate","context":"a b c d e f","question":"Next letter:","answer":"g","match":"contains"}
 {"type":"perplexity","text":"one two three four five six seven eight"}
 "#;
 
+/// A tiny model (2,048-token context) and the [`MIXED`] task file in a temporary folder.
+struct Mixed {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    tasks: PathBuf,
+}
+
+impl Mixed {
+    fn new() -> Mixed {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path(), 2, 2, 2048);
+        let tasks = dir.path().join("tasks.jsonl");
+        std::fs::write(&tasks, MIXED).unwrap();
+        Mixed { dir, model, tasks }
+    }
+
+    /// `agate eval --tasks TASKS --model MODEL` with `extra` flags.
+    fn eval(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["eval", "--tasks", s(&self.tasks), "--model", s(&self.model)];
+        args.extend_from_slice(extra);
+        agate(&args)
+    }
+}
+
 #[test]
 fn json_output_keeps_its_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 2048);
-    let tasks = dir.path().join("tasks.jsonl");
-    std::fs::write(&tasks, MIXED).unwrap();
-    let out = agate(&[
-        "eval",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--json",
-    ]);
-    let v = stdout_json(&out);
+    let mixed = Mixed::new();
+    let tasks = &mixed.tasks;
+    let v = stdout_json(&mixed.eval(&["--json"]));
     for key in [
         "tasks",
         "policy",
@@ -91,24 +98,10 @@ fn bad_task_files_fail_with_the_line_and_field() {
 
 #[test]
 fn sweeps_write_table_json_csv_and_plots() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 2048);
-    let tasks = dir.path().join("tasks.jsonl");
-    std::fs::write(&tasks, MIXED).unwrap();
-    let out_dir = dir.path().join("out");
-    let out = agate(&[
-        "eval",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--sweep",
-        "0.25,0.5",
-        "--out",
-        out_dir.to_str().unwrap(),
-        "--json",
-    ]);
-    let v = stdout_json(&out);
+    let mixed = Mixed::new();
+    // --out is a folder: created, parents too.
+    let out_dir = mixed.dir.path().join("results/out");
+    let v = stdout_json(&mixed.eval(&["--sweep", "0.25,0.5", "--out", s(&out_dir), "--json"]));
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows[0]["policy"], "full");
     assert!(rows[0]["target_ratio"].is_null());
@@ -142,31 +135,11 @@ fn sweeps_write_table_json_csv_and_plots() {
     );
     assert_eq!(csv.lines().count(), rows.len() + 1);
     // Without --json the table goes to stdout.
-    let out = agate(&[
-        "eval",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--sweep",
-        "0.5",
-    ]);
+    let out = mixed.eval(&["--sweep", "0.5"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("| policy | target_evict |"));
     // A budget flag beside --sweep would be ignored: refused.
-    let out = agate(&[
-        "eval",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--policy",
-        "h2o",
-        "--sweep",
-        "0.5",
-        "--keep",
-        "8",
-    ]);
+    let out = mixed.eval(&["--policy", "h2o", "--sweep", "0.5", "--keep", "8"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--keep does nothing with --sweep"));
 }
@@ -230,18 +203,10 @@ fn synthetic_tasks_round_trip_through_a_task_file() {
 
 #[test]
 fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 2048);
-    let tasks = dir.path().join("tasks.jsonl");
-    std::fs::write(&tasks, MIXED).unwrap();
+    let mixed = Mixed::new();
     // streaming keeps 8 tokens per head (its own setting): its measured ratio is not on the grid,
     // so h2o also runs at it.
-    let out = agate(&[
-        "eval",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
+    let out = mixed.eval(&[
         "--policy",
         "streaming,h2o",
         "--keep",
@@ -281,23 +246,9 @@ fn sweeps_match_baselines_to_an_anchors_measured_ratio() {
 /// each accuracy with its sample size and 95% interval, and says which protocol ran.
 #[test]
 fn chat_json_has_the_protocol_and_intervals() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 2048);
-    let tasks = dir.path().join("tasks.jsonl");
-    std::fs::write(&tasks, MIXED).unwrap();
+    let mixed = Mixed::new();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--tasks",
-            tasks.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--policy",
-            "full",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        stdout_json(&agate(&args))
+        stdout_json(&mixed.eval(&[&["--policy", "full", "--json"], extra].concat()))
     };
     let v = run(&["--chat"]);
     for key in [
@@ -369,4 +320,45 @@ fn shared_and_separate_prefills_give_the_same_sweep() {
     let separate = stdout_json(&agate(&[&common[..], &["--separate-prefills"]].concat()));
     assert_eq!(shared["rows"], separate["rows"]);
     assert_eq!(shared["rows"].as_array().unwrap().len(), 1 + 8 * 2);
+}
+
+/// Output failures name the flag and the path: a task file's folder must exist (as for every
+/// output file; `--out` is a folder and is created), checked before any work; a failed write
+/// of `--write-tasks` or of a file under `--out` says which.
+#[test]
+fn output_failures_name_the_flag_and_the_path() {
+    let mixed = Mixed::new();
+    let dir = mixed.dir.path();
+    let synthetic = [
+        "eval",
+        "--synthetic",
+        "passkey",
+        "--length",
+        "600",
+        "-n",
+        "1",
+        "--model",
+        s(&mixed.model),
+        "--write-tasks",
+    ];
+    let missing = dir.join("no/such/tasks.jsonl");
+    fails_with(
+        &agate(&[&synthetic[..], &[s(&missing)]].concat()),
+        &["--write-tasks", "no/such", "does not exist"],
+    );
+    #[cfg(target_os = "linux")]
+    fails_with(
+        &agate(&[&synthetic[..], &["/dev/full"]].concat()),
+        &["--write-tasks", "/dev/full", "No space left"],
+    );
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(out_dir.join("summary.json")).unwrap();
+    fails_with(
+        &mixed.eval(&["--out", s(&out_dir)]),
+        &["--out", "summary.json", "is a directory"],
+    );
+    fails_with(
+        &mixed.eval(&["--out", s(&mixed.tasks)]),
+        &["--out", "exists and is not a directory"],
+    );
 }

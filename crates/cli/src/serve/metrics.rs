@@ -11,20 +11,52 @@ use std::fmt::Write;
 use engine::scheduler::Histogram;
 use engine::MetricsSnapshot;
 
-/// The text of `/metrics`.
+/// The text of `/metrics`: one family after another, each written by its own function.
 pub fn render(m: &MetricsSnapshot, responses: &BTreeMap<(String, u16), u64>) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-        let _ = writeln!(
-            out,
-            "# HELP agate_{name} {help}\n# TYPE agate_{name} {kind}"
-        );
-        for (labels, value) in samples {
-            let _ = writeln!(out, "agate_{name}{labels} {value}");
-        }
-    };
-    let plain = |v: String| vec![(String::new(), v)];
-    let http: Vec<(String, String)> = responses
+    http_responses(&mut out, responses);
+    request_outcomes(&mut out, m);
+    counters(&mut out, m);
+    gauges(&mut out, m);
+    histogram(
+        &mut out,
+        "time_to_first_token_seconds",
+        "Seconds from a request's arrival to its first generated token.",
+        &m.time_to_first_token,
+    );
+    histogram(
+        &mut out,
+        "token_latency_seconds",
+        "Seconds between consecutive generated tokens of one request.",
+        &m.token_latency,
+    );
+    out
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP agate_{name} {help}\n# TYPE agate_{name} {kind}"
+    );
+}
+
+/// One metric: its header, then each `(labels, value)` sample.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    header(out, name, kind, help);
+    for (labels, value) in samples {
+        let _ = writeln!(out, "agate_{name}{labels} {value}");
+    }
+}
+
+/// One metric of one sample without labels.
+fn plain(out: &mut String, name: &str, kind: &str, help: &str, value: String) {
+    metric(out, name, kind, help, &[(String::new(), value)]);
+}
+
+/// `http_responses_total`, by route and status.
+fn http_responses(out: &mut String, responses: &BTreeMap<(String, u16), u64>) {
+    let samples: Vec<(String, String)> = responses
         .iter()
         .map(|((route, status), n)| {
             (
@@ -34,12 +66,17 @@ pub fn render(m: &MetricsSnapshot, responses: &BTreeMap<(String, u16), u64>) -> 
         })
         .collect();
     metric(
+        out,
         "http_responses_total",
         "counter",
         "HTTP responses by route and status code.",
-        &http,
+        &samples,
     );
-    let outcomes: Vec<(String, String)> = [
+}
+
+/// `requests_total`, by outcome.
+fn request_outcomes(out: &mut String, m: &MetricsSnapshot) {
+    let samples: Vec<(String, String)> = [
         ("submitted", m.requests_submitted),
         ("rejected", m.requests_rejected),
         ("completed", m.requests_completed),
@@ -50,11 +87,16 @@ pub fn render(m: &MetricsSnapshot, responses: &BTreeMap<(String, u16), u64>) -> 
     .map(|(o, n)| (format!("{{outcome=\"{o}\"}}"), n.to_string()))
     .collect();
     metric(
+        out,
         "requests_total",
         "counter",
         "Generation requests by outcome (rejected: the queue was full).",
-        &outcomes,
+        &samples,
     );
+}
+
+/// The token, cache and step counters.
+fn counters(out: &mut String, m: &MetricsSnapshot) {
     for (name, help, value) in [
         (
             "prompt_tokens_total",
@@ -88,14 +130,19 @@ pub fn render(m: &MetricsSnapshot, responses: &BTreeMap<(String, u16), u64>) -> 
             m.step_sequences,
         ),
     ] {
-        metric(name, "counter", help, &plain(value.to_string()));
+        plain(out, name, "counter", help, value.to_string());
     }
-    metric(
+    plain(
+        out,
         "kv_tokens_evicted_total",
         "counter",
         "Tokens evicted by the sessions' policies (entries averaged over layers and KV heads).",
-        &plain(format!("{}", m.tokens_evicted)),
+        format!("{}", m.tokens_evicted),
     );
+}
+
+/// The queue, session and KV block gauges.
+fn gauges(out: &mut String, m: &MetricsSnapshot) {
     for (name, help, value) in [
         (
             "queue_length",
@@ -130,28 +177,13 @@ pub fn render(m: &MetricsSnapshot, responses: &BTreeMap<(String, u16), u64>) -> 
         ),
         ("kv_block_bytes", "Bytes of one KV block.", m.kv_block_bytes),
     ] {
-        metric(name, "gauge", help, &plain(value.to_string()));
+        plain(out, name, "gauge", help, value.to_string());
     }
-    histogram(
-        &mut out,
-        "time_to_first_token_seconds",
-        "Seconds from a request's arrival to its first generated token.",
-        &m.time_to_first_token,
-    );
-    histogram(
-        &mut out,
-        "token_latency_seconds",
-        "Seconds between consecutive generated tokens of one request.",
-        &m.token_latency,
-    );
-    out
 }
 
+/// One histogram: its header, cumulative buckets ending in `+Inf`, `_sum` and `_count`.
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
-    let _ = writeln!(
-        out,
-        "# HELP agate_{name} {help}\n# TYPE agate_{name} histogram"
-    );
+    header(out, name, "histogram", help);
     for (bound, n) in h.bounds.iter().zip(&h.cumulative) {
         let _ = writeln!(out, "agate_{name}_bucket{{le=\"{bound}\"}} {n}");
     }

@@ -1,34 +1,19 @@
-//! `agate train-gates`: trains Attention-Gates (and optionally LoRA adapters) on a frozen model
-//! by CPT or SFT (`engine::train`), with a progress bar, a JSONL log, atomic checkpoints,
-//! `--resume`, a held-out evaluation and a loss/eviction chart at the end.
-//!
-//! Invariants: the final gates file is written atomically with the model's identity; a
-//! checkpoint (checksummed, holding every step's report) is written every `--checkpoint-every`
-//! steps and at the end. Ctrl-C stops after the current step, writes a checkpoint and no final
-//! outputs, and ends with status 130 naming the checkpoint, so a script can tell an interrupted
-//! run from a finished one; `--resume` continues it exactly, its log rebuilt from the
-//! checkpoint (never a log with holes).
+//! The flags of `agate train-gates` and their checks: values out of range, flags the run would
+//! ignore (or fail on only after training), protections that leave nothing to learn, and
+//! outputs that cannot be written or would overwrite an input or another output are all refused
+//! before the model loads; errors name the flag and the value.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
-use engine::atomic::AppendLog;
-use engine::train::{Mode, StepReport, TrainConfig, Trainables, Trainer};
+use engine::train::{Mode, TrainConfig, Trainables};
 use engine::GateFileDtype;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{load_engine, ModelArgs};
+use crate::args::ModelArgs;
 use crate::plot;
 
 /// Default of `--heldout-seqs`.
 const DEFAULT_HELDOUT_SEQS: usize = 16;
-
-/// Quantile rounds of `--calibrate-seqs` (each re-measures with the previous round's tau).
-const CALIBRATION_ROUNDS: usize = 3;
 
 /// Flags of `agate train-gates`.
 #[derive(Args, Debug)]
@@ -163,7 +148,7 @@ impl TrainGatesArgs {
         self.heldout.is_empty() && self.heldout_seqs != DEFAULT_HELDOUT_SEQS
     }
 
-    fn train_config(&self) -> anyhow::Result<TrainConfig> {
+    pub(super) fn train_config(&self) -> anyhow::Result<TrainConfig> {
         let train = Trainables::parse(&self.train)?;
         Ok(TrainConfig {
             mode: Mode::parse(&self.mode)?,
@@ -204,21 +189,6 @@ fn lora_config(rank: usize, alpha: f32, targets: &[String]) -> engine::train::Lo
         rank,
         alpha,
         targets: targets.to_vec(),
-    }
-}
-
-/// Keeps freed memory in the process. glibc hands every freed block above its mmap threshold
-/// back to the kernel, and the training forward/backward allocates a fresh tensor per op:
-/// re-faulting those pages (zeroed by the kernel) took a quarter of a training step (measured
-/// with `perf`; with these settings a 256-token step ran about a fifth faster).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only changes allocator parameters; it is called before training
-    // starts, and a rejected value leaves the default in place.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
 }
 
@@ -271,93 +241,18 @@ fn check_outputs(args: &TrainGatesArgs) -> anyhow::Result<()> {
 /// The initial gate bias when `--gate-bias-init` is not given.
 const DEFAULT_GATE_BIAS_INIT: f32 = 1.0;
 
-/// Runs `agate train-gates`.
-pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
-    keep_freed_memory();
-    let cfg = args.train_config()?;
-    check_flags(args)?;
-    let dtype = match args.out_dtype.as_str() {
+/// The storage dtype `--out-dtype` names (clap admits only f16, bf16 and f32).
+pub(super) fn gate_file_dtype(name: &str) -> GateFileDtype {
+    match name {
         "f32" => GateFileDtype::F32,
         "bf16" => GateFileDtype::BF16,
         _ => GateFileDtype::F16,
-    };
-    let stop = stop_on_interrupt()?;
-    let engine = load_engine(&args.model)?;
-    let mut trainer = Trainer::new(&engine, cfg)?;
-    // Read before training: a bad held-out file is refused before the run, not after it.
-    let heldout_examples = if args.heldout.is_empty() {
-        None
-    } else {
-        Some(trainer.load_heldout(&args.heldout)?)
-    };
-    let ckpt = args
-        .checkpoint_dir
-        .as_ref()
-        .map(|d| d.join("checkpoint.safetensors"));
-    // Every step's report: the checkpoint records them, the log and the curve come from them.
-    let mut history: Vec<StepReport> = Vec::new();
-    if args.resume {
-        let path = ckpt.as_ref().context("--resume needs --checkpoint-dir")?;
-        history = trainer.resume(path)?;
-        say!(
-            "agate: resumed from {} at step {}",
-            path.display(),
-            trainer.step()
-        );
     }
-    say!(
-        "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
-        args.train,
-        trainer.n_examples(),
-        args.seq_len,
-        args.steps,
-        args.batch,
-        args.grad_accum
-    );
-    let logged = |r: &StepReport| logged(args, r);
-    let mut log = match &args.log {
-        Some(p) => Some(start_log(p, &history, &logged, args.resume)?),
-        None => None,
-    };
-    let first_step = trainer.step();
-    let train_secs = train(
-        args,
-        &mut trainer,
-        &mut history,
-        log.as_mut(),
-        ckpt.as_deref(),
-        &stop,
-    )?;
-    if let Some(p) = &ckpt {
-        trainer.save_checkpoint(p, &history)?;
-        say!(
-            "agate: checkpoint at step {} in {}",
-            trainer.step(),
-            p.display()
-        );
-    }
-    write_outputs(args, &mut trainer, ckpt.as_deref(), &stop, dtype)?;
-    let steps_run = trainer.step() - first_step;
-    if steps_run > 0 {
-        let per_step = (args.seq_len * args.batch * args.grad_accum) as f64;
-        say!(
-            "agate: {steps_run} steps in {train_secs:.0} s, mean {:.1} tokens/s",
-            per_step * steps_run as f64 / train_secs
-        );
-    }
-    if let Some(examples) = heldout_examples {
-        heldout(args, examples, &mut trainer, log.as_mut(), &stop)?;
-    }
-    if let Some(p) = &args.plot {
-        plot::training_curves(p, &history)?;
-        say!("agate: wrote {}", p.display());
-    }
-    Ok(())
 }
 
 /// Refuses, before any work, flag values that are out of range and flags this run would ignore
 /// (or fail on only after training); checks that every output can be written.
-fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
+pub(super) fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.resume || args.checkpoint_dir.is_some(),
         "--resume needs --checkpoint-dir DIR"
@@ -370,6 +265,7 @@ fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
         args.log_every > 0,
         "--log-every 0: expected a positive number"
     );
+    check_protections(args)?;
     check_outputs(args)?;
     // Flags this run would ignore (or fail on only after training) are refused now.
     let lora = args.train != "gates";
@@ -412,189 +308,25 @@ fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the final outputs (the gates, calibrated first if asked; the LoRA adapters), unless
-/// `stop` was set: then an interruption error that names the last checkpoint.
-fn write_outputs(
-    args: &TrainGatesArgs,
-    trainer: &mut Trainer,
-    ckpt: Option<&Path>,
-    stop: &AtomicBool,
-    dtype: GateFileDtype,
-) -> anyhow::Result<()> {
-    let checkpoint_note = match ckpt {
-        Some(p) => format!(
-            "the last checkpoint (step {}) is {}: continue with --resume",
-            trainer.step(),
-            p.display()
-        ),
-        None => "no checkpoint was written (--checkpoint-dir DIR keeps one)".into(),
-    };
-    let (stopped_at, steps) = (trainer.step(), args.steps);
-    let interrupted = || -> anyhow::Result<()> {
-        if !stop.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        Err(crate::Interrupted(format!(
-            "train-gates was interrupted at step {stopped_at} of {steps}; no final outputs were written; {checkpoint_note}"
-        ))
-        .into())
-    };
-    interrupted()?;
-    if trainer.config().train != Trainables::Lora {
-        if args.calibrate_seqs > 0 {
-            let ratio = trainer.calibrate_threshold(args.calibrate_seqs, CALIBRATION_ROUNDS)?;
-            say!(
-                "agate: threshold calibrated on {} training sequences: tau {:.4}, hard eviction {:.3}",
-                args.calibrate_seqs.min(trainer.n_examples()),
-                trainer.gates().config().threshold,
-                ratio
-            );
-            interrupted()?;
-        }
-        trainer.save_gates(&args.out, dtype)?;
-        say!("agate: wrote gates to {}", args.out.display());
+/// Refuses protections that leave the gates nothing to learn: a sink is never hidden, and a
+/// flagged token stays visible to the next `--window` queries, so some token can be hidden from
+/// some query only in a sequence of at least `--sinks + --window + 2` tokens. (`--seq-len 0` is
+/// the training configuration's to refuse.)
+fn check_protections(args: &TrainGatesArgs) -> anyhow::Result<()> {
+    let needed = args.sinks.saturating_add(args.window).saturating_add(2);
+    if args.seq_len == 0 || args.seq_len >= needed {
+        return Ok(());
     }
-    if let Some(p) = &args.lora_out {
-        trainer.save_lora(p)?;
-        say!("agate: wrote LoRA adapters to {}", p.display());
-    }
-    Ok(())
-}
-
-/// Whether step report `r` goes into the `--log` (every `--log-every` steps and the last).
-fn logged(args: &TrainGatesArgs, r: &StepReport) -> bool {
-    r.step.is_multiple_of(args.log_every) || r.step == args.steps
-}
-
-/// Runs the training steps up to `--steps` (or until `stop`) with a progress bar, appending
-/// each report to `history` (and the logged ones to `log`), checkpointing every
-/// `--checkpoint-every` steps to `ckpt`; returns the seconds spent.
-fn train(
-    args: &TrainGatesArgs,
-    trainer: &mut Trainer,
-    history: &mut Vec<StepReport>,
-    mut log: Option<&mut AppendLog>,
-    ckpt: Option<&Path>,
-    stop: &AtomicBool,
-) -> anyhow::Result<f64> {
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    anyhow::ensure!(
+        args.sinks < args.seq_len,
+        "--sinks {}: not below --seq-len {}: every position would be a sink, leaving nothing to evict",
+        args.sinks,
+        args.seq_len
     );
-    bar.set_position(trainer.step() as u64);
-    let started = Instant::now();
-    while trainer.step() < args.steps && !stop.load(Ordering::SeqCst) {
-        let mut r = trainer.train_step()?;
-        r.elapsed_s = started.elapsed().as_secs_f64();
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "loss {:.3} ce {:.3} evict soft {:.3} (target {:.3}) hard {:.3} λ {:.2} {:.0} tok/s",
-            r.loss, r.ce, r.soft_evict, r.soft_target, r.hard_evict, r.lambda, r.tokens_per_s
-        ));
-        if let Some(log) = log.as_mut().filter(|_| logged(args, &r)) {
-            log.line(&serde_json::to_string(&r)?)?;
-        }
-        history.push(r);
-        if let Some(p) = ckpt {
-            if trainer.step().is_multiple_of(args.checkpoint_every) {
-                trainer.save_checkpoint(p, history)?;
-            }
-        }
-    }
-    bar.finish();
-    Ok(started.elapsed().as_secs_f64())
-}
-
-/// The held-out evaluation after training: printed, and added to the log.
-fn heldout(
-    args: &TrainGatesArgs,
-    examples: Vec<engine::train::dataset::Example>,
-    trainer: &mut Trainer,
-    log: Option<&mut AppendLog>,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    if stop.load(Ordering::SeqCst) {
-        return Err(crate::Interrupted(
-            "train-gates was interrupted before its held-out evaluation (training finished and its outputs were written)".into(),
-        )
-        .into());
-    }
-    let h = trainer.evaluate(examples, args.heldout_seqs)?;
-    let gated = match h.ppl_gates {
-        Some(p) => format!(
-            ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",
-            100.0 * (p / h.ppl_full - 1.0),
-            h.hard_evict,
-            h.soft_evict
-        ),
-        None => String::new(),
-    };
-    say!(
-        "agate: held-out ({} seqs, {} scored tokens): PPL base {:.3}, trained with full cache {:.3}{gated}",
-        h.sequences, h.tokens, h.ppl_base, h.ppl_full
-    );
-    if let Some(log) = log {
-        log.line(&serde_json::json!({ "heldout": h }).to_string())?;
-    }
-    Ok(())
-}
-
-/// Ctrl-C (or SIGTERM) stops the run after the current step (then it checkpoints and ends with
-/// status 130); a second one ends the program at once.
-fn stop_on_interrupt() -> anyhow::Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            say!("\nagate: interrupted again: stopping now");
-            std::process::exit(130);
-        }
-        say!("\nagate: interrupted: stopping after this step (Ctrl-C again stops at once)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
-    Ok(stop)
-}
-
-/// Starts the JSONL log at `path` with the `logged` reports of `history` (the checkpoint's, on
-/// `--resume`). A resumed run's log is rewritten from the checkpoint, so it never has holes;
-/// a note says so when the file on disk was missing, truncated or different.
-fn start_log(
-    path: &std::path::Path,
-    history: &[StepReport],
-    logged: &dyn Fn(&StepReport) -> bool,
-    resumed: bool,
-) -> anyhow::Result<AppendLog> {
-    let mut text = String::new();
-    for r in history.iter().filter(|r| logged(r)) {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    if resumed {
-        let on_disk = std::fs::read_to_string(path).ok();
-        let steps = on_disk.as_deref().map(|t| step_lines(t, history.len()));
-        let expected: Vec<&str> = text.lines().collect();
-        match steps {
-            None => say!(
-                "agate: the log {} is missing: rebuilt from the checkpoint",
-                path.display()
-            ),
-            Some(lines) if lines != expected => say!(
-                "agate: the log {} does not match the checkpoint (truncated or edited): rebuilt from it",
-                path.display()
-            ),
-            Some(_) => {}
-        }
-    }
-    AppendLog::start(path, text.as_bytes()).with_context(|| format!("--log {}", path.display()))
-}
-
-/// The step lines of a log up to step `last`, as written (other lines, such as a held-out
-/// result, are left out).
-fn step_lines(text: &str, last: usize) -> Vec<&str> {
-    text.lines()
-        .filter(|l| serde_json::from_str::<StepReport>(l).is_ok_and(|r| r.step <= last))
-        .collect()
+    anyhow::bail!(
+        "--seq-len {}: too short to train gates with --sinks {} and --window {} (a token is hidden only from queries more than --window positions after it, and never a sink): use --seq-len {needed} or more",
+        args.seq_len,
+        args.sinks,
+        args.window
+    )
 }

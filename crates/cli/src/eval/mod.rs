@@ -13,149 +13,28 @@
 //! Invariants: every flag is validated before the model loads (except what needs the model's
 //! tokenizer); files under `--out` are written atomically; a failed task fails the command.
 
-use std::path::{Path, PathBuf};
+mod flags;
+
+use std::path::Path;
 
 use anyhow::Context;
-use clap::Args;
 use engine::eval::sweep::{self, SweepPlan, SweepRow, SweepRun};
 use engine::eval::synthetic::{self, Family, SyntheticSpec};
-use engine::eval::{self, EvalOptions, EvalSummary, PplContext, Task, TaskOutcome};
+use engine::eval::{self, EvalOptions, EvalSummary, Task, TaskOutcome};
 use engine::{Engine, Policy, PolicyKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::args::{load_engine, ModelArgs};
+use crate::args::load_engine;
 use crate::plot::{self, Series};
-use crate::policy_args::{AgModeArg, PolicyArgs, PolicyChoice};
+use crate::policy_args::{AgModeArg, PolicyChoice};
+pub use flags::EvalArgs;
 
 /// Most synthetic tasks one run makes (they are all made before the first runs).
 const MAX_SYNTHETIC_TASKS: usize = 100_000;
 
-/// Flags of `agate eval`.
-#[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("task_source").required(true).args(["tasks", "synthetic"])))]
-pub struct EvalArgs {
-    /// A JSONL task file (format: docs/eval.md).
-    #[arg(long, value_name = "FILE")]
-    pub tasks: Option<PathBuf>,
-    /// A synthetic task family: passkey, niah, niah-multi, kv, vt, cwe.
-    #[arg(long, value_name = "FAMILY", value_parser = parse_family)]
-    pub synthetic: Option<Family>,
-    /// Synthetic: prompt length in tokens (context + question).
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..))]
-    pub length: u64,
-    /// Synthetic: needle depths in [0, 1], comma-separated (passkey, niah, niah-multi, kv).
-    #[arg(long, value_delimiter = ',', default_value = "0.5", value_parser = parse_depth)]
-    pub depths: Vec<f64>,
-    /// Synthetic: tasks per depth (per run for vt and cwe).
-    #[arg(short = 'n', long = "samples", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub samples: u64,
-    /// Synthetic: random seed.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Synthetic: haystack text file, split into sentences (default: RULER's noise, its block of
-    /// neutral sentences repeated whole, one per line).
-    #[arg(long, value_name = "FILE")]
-    pub filler: Option<PathBuf>,
-    /// Synthetic niah-multi: keys hidden (the asked one included).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=64))]
-    pub keys: u64,
-    /// Write the tasks (synthetic or read) to this JSONL file and exit without running them.
-    #[arg(long, value_name = "FILE")]
-    pub write_tasks: Option<PathBuf>,
-    /// Run only the first N tasks.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub limit: Option<u64>,
-    /// Prefill the question together with the context, before eviction (kvpress' query-aware
-    /// setting); by default the question is appended after the context is evicted.
-    #[arg(long)]
-    pub query_aware: bool,
-    /// Render choice and generate tasks (synthetic ones too) through the model's chat template,
-    /// as the instruct model is used: the context is compressed with the template's head, the
-    /// question and the assistant header follow (a task's `chat` field overrides this).
-    #[arg(long)]
-    pub chat: bool,
-    /// Prefill each policy's context separately instead of once per task for every policy
-    /// (forking the cache copy-on-write): the same results, slower — to check or time the
-    /// shared path.
-    #[arg(long)]
-    pub separate_prefills: bool,
-    /// Generate tasks: tokens allowed beyond the reference answer's length.
-    #[arg(long, default_value_t = 8)]
-    pub answer_margin: usize,
-    /// Perplexity tasks: the evicted head of each text — a fraction in (0, 1) (`0.5`) or a
-    /// token count (`512`); the rest is scored.
-    #[arg(long, default_value = "0.5", value_parser = parse_ppl_context)]
-    pub ppl_context: PplContext,
-    /// Perplexity tasks: tokens scored per forward pass.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=8192))]
-    pub ppl_chunk: u64,
-    /// Sweep: run every `--policy` at each of these eviction ratios (comma-separated, in
-    /// [0, 1)), plus full; `all` policies with `--policy all`.
-    #[arg(long, value_delimiter = ',', value_name = "RATIOS", value_parser = parse_ratio)]
-    pub sweep: Option<Vec<f64>>,
-    /// Sweep: policies run once at their own settings whose *measured* ratio the others are
-    /// also run at (default: ag in threshold mode when swept; `none` for no matching).
-    #[arg(long, value_delimiter = ',', value_name = "NAMES", requires = "sweep")]
-    pub match_to: Option<Vec<String>>,
-    /// Write results here: summary.json and outcomes.jsonl (single run); sweep.json,
-    /// sweep.csv, sweep.md, accuracy.svg and accuracy.png (sweep).
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
-}
-
-fn parse_family(s: &str) -> Result<Family, String> {
-    s.parse::<Family>().map_err(|e| e.to_string())
-}
-
-fn parse_depth(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("depth must be in [0, 1], got {v}"))
-    }
-}
-
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("ratio must be in [0, 1), got {v}"))
-    }
-}
-
-fn parse_ppl_context(s: &str) -> Result<PplContext, String> {
-    if let Ok(t) = s.parse::<usize>() {
-        return if t >= 1 {
-            Ok(PplContext::Tokens(t))
-        } else {
-            Err("give a fraction in (0, 1) or a token count >= 1".into())
-        };
-    }
-    match s.parse::<f64>() {
-        Ok(f) if f > 0.0 && f < 1.0 => Ok(PplContext::Fraction(f)),
-        _ => Err(format!(
-            "`{s}`: give a fraction in (0, 1) or a token count >= 1"
-        )),
-    }
-}
-
-/// Runs `agate eval`.
+/// Runs `agate eval`: checks every flag, makes or reads the tasks, then runs them once or as a
+/// sweep.
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let choices = args.policy.policies()?;
     let filler = match &args.filler {
@@ -165,8 +44,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut tasks_from_file = match &args.tasks {
-        Some(p) => Some(eval::load_tasks(p)?),
+    let tasks_from_file = match &args.tasks {
+        Some(p) => Some((p.display().to_string(), eval::load_tasks(p)?)),
         None => None,
     };
     let plan = match &args.sweep {
@@ -182,57 +61,16 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         engine::atomic::ensure_dir(dir).context("--out")?;
     }
+    if let Some(path) = &args.write_tasks {
+        plot::check_writable(path, "--write-tasks")?;
+    }
     let engine = load_engine(&args.model)?;
-    let (label, mut tasks) = match (tasks_from_file.take(), args.synthetic) {
-        (Some(t), _) => (
-            args.tasks
-                .as_deref()
-                .map(Path::display)
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
-            t,
+    let (label, mut tasks) = match (tasks_from_file, args.synthetic) {
+        (Some(read), _) => read,
+        (None, Some(family)) => (
+            format!("synthetic:{}:{}", family.name(), args.length),
+            synthetic_tasks(args, &engine, family, filler)?,
         ),
-        (None, Some(family)) => {
-            // Sizes are checked before any task is made.
-            let context = engine.model_config().max_position;
-            anyhow::ensure!(
-                args.length as usize <= context,
-                "--length {}: longer than the model's context of {context} tokens",
-                args.length
-            );
-            let per_run = if family.uses_depth() {
-                args.depths.len()
-            } else {
-                1
-            };
-            let count = (args.samples as usize).saturating_mul(per_run);
-            anyhow::ensure!(
-                count <= MAX_SYNTHETIC_TASKS,
-                "--samples {} × {per_run} depth(s) = {count} tasks: at most {MAX_SYNTHETIC_TASKS} are made at once",
-                args.samples
-            );
-            let spec = SyntheticSpec {
-                family,
-                length: args.length as usize,
-                depths: args.depths.clone(),
-                n: args.samples as usize,
-                seed: args.seed,
-                filler,
-                keys: args.keys as usize,
-                overhead: if args.chat {
-                    eval::chat_template_overhead(&engine)?
-                } else {
-                    0
-                },
-            };
-            let count = |t: &str| -> engine::Result<usize> {
-                Ok(engine.tokenizer().encode(t, false)?.len())
-            };
-            (
-                format!("synthetic:{}:{}", family.name(), args.length),
-                synthetic::generate(&spec, &count)?,
-            )
-        }
         (None, None) => anyhow::bail!("give --tasks FILE or --synthetic FAMILY"),
     };
     if let Some(limit) = args.limit {
@@ -240,7 +78,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.write_tasks {
         let text: String = tasks.iter().map(|t| t.to_json_line() + "\n").collect();
-        write_text(path, &text)?;
+        write_text("--write-tasks", path, &text)?;
         say!("{} tasks written to {}", tasks.len(), path.display());
         return Ok(());
     }
@@ -256,6 +94,59 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     match plan {
         None => single(args, &engine, &choices[0], &label, &tasks, &opts),
         Some(plan) => run_sweep(args, &engine, &choices, plan, &label, &tasks, &opts),
+    }
+}
+
+/// The `--synthetic` tasks, their sizes checked against the model before any is made.
+fn synthetic_tasks(
+    args: &EvalArgs,
+    engine: &Engine,
+    family: Family,
+    filler: Option<String>,
+) -> anyhow::Result<Vec<Task>> {
+    let context = engine.model_config().max_position;
+    anyhow::ensure!(
+        args.length as usize <= context,
+        "--length {}: longer than the model's context of {context} tokens",
+        args.length
+    );
+    let per_run = if family.uses_depth() {
+        args.depths.len()
+    } else {
+        1
+    };
+    let count = (args.samples as usize).saturating_mul(per_run);
+    anyhow::ensure!(
+        count <= MAX_SYNTHETIC_TASKS,
+        "--samples {} × {per_run} depth(s) = {count} tasks: at most {MAX_SYNTHETIC_TASKS} are made at once",
+        args.samples
+    );
+    let spec = SyntheticSpec {
+        family,
+        length: args.length as usize,
+        depths: args.depths.clone(),
+        n: args.samples as usize,
+        seed: args.seed,
+        filler,
+        keys: args.keys as usize,
+        overhead: if args.chat {
+            eval::chat_template_overhead(engine)?
+        } else {
+            0
+        },
+    };
+    let count =
+        |t: &str| -> engine::Result<usize> { Ok(engine.tokenizer().encode(t, false)?.len()) };
+    Ok(synthetic::generate(&spec, &count)?)
+}
+
+/// How the tasks were put to the model, in words.
+fn protocol(args: &EvalArgs) -> &'static str {
+    match (args.chat, args.query_aware) {
+        (true, true) => "chat template, query-aware",
+        (true, false) => "chat template",
+        (false, true) => "raw text, query-aware",
+        (false, false) => "raw text",
     }
 }
 
@@ -349,6 +240,7 @@ fn summary_json(label: &str, policy: &str, s: &EvalSummary) -> Value {
     v
 }
 
+/// One policy over the tasks: the summary as JSON or a table, and the files of `--out`.
 fn single(
     args: &EvalArgs,
     engine: &Engine,
@@ -373,6 +265,7 @@ fn single(
     out["chat"] = json!(args.chat);
     if let Some(dir) = &args.out {
         write_text(
+            "--out",
             &dir.join("summary.json"),
             &(serde_json::to_string_pretty(&out)? + "\n"),
         )?;
@@ -380,28 +273,27 @@ fn single(
             .iter()
             .map(|o| serde_json::to_string(o).map(|l| l + "\n"))
             .collect::<Result<_, _>>()?;
-        write_text(&dir.join("outcomes.jsonl"), &lines)?;
+        write_text("--out", &dir.join("outcomes.jsonl"), &lines)?;
     }
     if args.json {
         outln!("{out}")?;
         return Ok(());
     }
+    print_summary(args, label, choice.name(), &summary)
+}
+
+/// The table of a single run: accuracy with its interval, per task type and depth, and the KV
+/// memory.
+fn print_summary(
+    args: &EvalArgs,
+    label: &str,
+    policy: &str,
+    summary: &EvalSummary,
+) -> anyhow::Result<()> {
     let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
     outln!("tasks      {label}")?;
-    outln!("policy     {}", choice.name())?;
-    outln!(
-        "protocol   {}{}",
-        if args.chat {
-            "chat template"
-        } else {
-            "raw text"
-        },
-        if args.query_aware {
-            ", query-aware"
-        } else {
-            ""
-        }
-    )?;
+    outln!("policy     {policy}")?;
+    outln!("protocol   {}", protocol(args))?;
     outln!("n          {}", summary.n)?;
     outln!(
         "accuracy   {:.4}  95% CI {}",
@@ -438,6 +330,7 @@ fn single(
     Ok(())
 }
 
+/// The sweep: its rows as JSON or a markdown table, and the files of `--out`.
 fn run_sweep(
     args: &EvalArgs,
     engine: &Engine,
@@ -447,6 +340,36 @@ fn run_sweep(
     tasks: &[Task],
     opts: &EvalOptions,
 ) -> anyhow::Result<()> {
+    let rows = sweep_rows(engine, choices, plan, tasks, opts)?;
+    let out = json!({
+        "tasks": label,
+        "model": engine.model_path().display().to_string(),
+        "query_aware": args.query_aware,
+        "chat": args.chat,
+        "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
+    });
+    let table = sweep::markdown_table(&rows);
+    if let Some(dir) = &args.out {
+        write_sweep(dir, label, protocol(args), &out, &rows, &table)?;
+        say!("results written to {}", dir.display());
+    }
+    if args.json {
+        outln!("{out}")?;
+    } else {
+        out!("{table}")?;
+    }
+    Ok(())
+}
+
+/// Runs the plan batch by batch (each batch's policies task by task, see [`run_many`]), saying
+/// each run's accuracy as it ends; the first failure ends the sweep with its own error.
+fn sweep_rows(
+    engine: &Engine,
+    choices: &[PolicyChoice],
+    plan: SweepPlan,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> anyhow::Result<Vec<SweepRow>> {
     let mut batches = 0;
     let mut failure = None;
     let mut run_batch = |batch: &[SweepRun]| -> anyhow::Result<Vec<EvalSummary>> {
@@ -490,66 +413,59 @@ fn run_sweep(
             engine::EngineError::Invalid(msg)
         })
     });
-    let rows = match (rows, failure) {
-        (Ok(rows), _) => rows,
-        (Err(_), Some(e)) => return Err(e),
-        (Err(e), None) => return Err(e.into()),
-    };
-    let out = json!({
-        "tasks": label,
-        "model": engine.model_path().display().to_string(),
-        "query_aware": args.query_aware,
-        "chat": args.chat,
-        "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
-    });
-    let table = sweep::markdown_table(&rows);
-    let protocol = match (args.chat, args.query_aware) {
-        (true, true) => "chat template, query-aware",
-        (true, false) => "chat template",
-        (false, true) => "raw text, query-aware",
-        (false, false) => "raw text",
-    };
-    if let Some(dir) = &args.out {
-        write_text(
-            &dir.join("sweep.json"),
-            &(serde_json::to_string_pretty(&out)? + "\n"),
-        )?;
-        write_text(&dir.join("sweep.csv"), &sweep::csv(&rows))?;
-        let caption = format!(
-            "Tasks `{label}`, protocol: {protocol}; `accuracy_lo`/`accuracy_hi`: 95% interval \
-             (Wilson for 0/1 scores, bootstrap over tasks otherwise).\n\n"
-        );
-        write_text(&dir.join("sweep.md"), &(caption + &table))?;
-        let series: Vec<Series> = sweep::accuracy_series(&rows)
-            .into_iter()
-            .map(|(label, points)| Series {
-                label,
-                points: points.iter().map(|p| (p.x, p.y)).collect(),
-                errors: points.iter().map(|p| (p.ci95[0], p.ci95[1])).collect(),
-            })
-            .collect();
-        let title = format!("{label} ({protocol}): accuracy vs eviction, 95% CI");
-        plot::line_chart_svg(
-            &dir.join("accuracy.svg"),
-            &title,
-            "eviction ratio (measured)",
-            "accuracy",
-            &series,
-        )?;
-        plot::line_chart_png(
-            &dir.join("accuracy.png"),
-            "eviction ratio (measured)",
-            "accuracy (bars: 95% CI)",
-            (0.0, 1.0),
-            &series,
-        )?;
-        say!("results written to {}", dir.display());
+    match (rows, failure) {
+        (Ok(rows), _) => Ok(rows),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
     }
-    if args.json {
-        outln!("{out}")?;
-    } else {
-        out!("{table}")?;
-    }
+}
+
+/// Writes the sweep's files into `dir` (`--out`): sweep.json, sweep.csv, sweep.md (the table
+/// with a caption) and the accuracy-vs-eviction chart as SVG and PNG.
+fn write_sweep(
+    dir: &Path,
+    label: &str,
+    protocol: &str,
+    out: &Value,
+    rows: &[SweepRow],
+    table: &str,
+) -> anyhow::Result<()> {
+    write_text(
+        "--out",
+        &dir.join("sweep.json"),
+        &(serde_json::to_string_pretty(out)? + "\n"),
+    )?;
+    write_text("--out", &dir.join("sweep.csv"), &sweep::csv(rows))?;
+    let caption = format!(
+        "Tasks `{label}`, protocol: {protocol}; `accuracy_lo`/`accuracy_hi`: 95% interval \
+         (Wilson for 0/1 scores, bootstrap over tasks otherwise).\n\n"
+    );
+    write_text("--out", &dir.join("sweep.md"), &(caption + table))?;
+    let series: Vec<Series> = sweep::accuracy_series(rows)
+        .into_iter()
+        .map(|(label, points)| Series {
+            label,
+            points: points.iter().map(|p| (p.x, p.y)).collect(),
+            errors: points.iter().map(|p| (p.ci95[0], p.ci95[1])).collect(),
+        })
+        .collect();
+    let title = format!("{label} ({protocol}): accuracy vs eviction, 95% CI");
+    plot::line_chart_svg(
+        &dir.join("accuracy.svg"),
+        &title,
+        "eviction ratio (measured)",
+        "accuracy",
+        &series,
+    )
+    .context("--out")?;
+    plot::line_chart_png(
+        &dir.join("accuracy.png"),
+        "eviction ratio (measured)",
+        "accuracy (bars: 95% CI)",
+        (0.0, 1.0),
+        &series,
+    )
+    .context("--out")?;
     Ok(())
 }
 
@@ -563,7 +479,8 @@ fn row_json(row: &SweepRow) -> Value {
     v
 }
 
-fn write_text(path: &Path, text: &str) -> anyhow::Result<()> {
-    engine::atomic::write_atomically(path, |f| f.write_all(text.as_bytes()))?;
+/// Writes `text` to `path` atomically; a failure names `flag`, the output it was for.
+fn write_text(flag: &'static str, path: &Path, text: &str) -> anyhow::Result<()> {
+    engine::atomic::write_atomically(path, |f| f.write_all(text.as_bytes())).context(flag)?;
     Ok(())
 }
