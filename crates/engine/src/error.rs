@@ -20,9 +20,6 @@ pub enum EngineError {
     /// The KV store refused (e.g. the memory budget is exhausted).
     #[error("KV cache: {0}")]
     Kv(#[from] kv_store::KvError),
-    /// A request or setting has an invalid value.
-    #[error("{0}")]
-    Invalid(String),
     /// A policy cannot be built or does not fit the model; front ends name its settings
     /// ([`crate::PolicyError::describe`]).
     #[error(transparent)]
@@ -234,7 +231,8 @@ pub enum EngineError {
         parameter: String,
     },
     /// An evaluation has nothing to score: a task's text or prompt tokenizes to too little, no
-    /// task was scored, or a sweep's runner gave the wrong number of summaries.
+    /// task was scored, a chat template hides where the question starts, or a sweep's runner
+    /// gave the wrong number of summaries.
     #[error("{0}")]
     Unscored(String),
 }

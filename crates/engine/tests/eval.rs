@@ -390,20 +390,22 @@ fn anchored_plan() -> SweepPlan {
 fn run_sweep(plan: &SweepPlan, anchor_ratio: f64) -> (Vec<usize>, Vec<sweep::SweepRow>) {
     let mut batches = Vec::new();
     let rows = plan
-        .run(&mut |batch| {
-            batches.push(batch.len());
-            Ok(batch
-                .iter()
-                .map(|r| {
-                    summary(match (r.policy.name(), r.ratio) {
-                        ("full", None) => 0.0,
-                        ("ag", None) => anchor_ratio,
-                        (_, Some(r)) => r,
-                        other => panic!("unexpected run {other:?}"),
+        .run(
+            &mut |batch: &[sweep::SweepRun]| -> engine::Result<Vec<EvalSummary>> {
+                batches.push(batch.len());
+                Ok(batch
+                    .iter()
+                    .map(|r| {
+                        summary(match (r.policy.name(), r.ratio) {
+                            ("full", None) => 0.0,
+                            ("ag", None) => anchor_ratio,
+                            (_, Some(r)) => r,
+                            other => panic!("unexpected run {other:?}"),
+                        })
                     })
-                })
-                .collect())
-        })
+                    .collect())
+            },
+        )
         .unwrap();
     (batches, rows)
 }

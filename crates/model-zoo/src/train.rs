@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::rope::{Rope, RopeTables};
+use crate::rope::{model_rope, Rope, RopeTables};
 use crate::weights::{TensorRole, Weights};
 
 /// A frozen projection `y = x W^T` (`x: [n, in]` f32, `W: [out, in]` f32) whose backward
@@ -330,7 +330,7 @@ impl TrainableDecoder {
             layers,
             norm: f32v(weights.vector(TensorRole::OutputNorm, 0, d)?)?,
             lm_head: FrozenLinear::new(head.dense_weight()?, None)?,
-            rope: Rope::new(cfg, weights.rope_layout(cfg.architecture)),
+            rope: model_rope(cfg, weights.rope_layout(cfg.architecture)),
         })
     }
 

@@ -371,7 +371,6 @@ fn sweep_rows(
     opts: &EvalOptions,
 ) -> anyhow::Result<Vec<SweepRow>> {
     let mut batches = 0;
-    let mut failure = None;
     let mut run_batch = |batch: &[SweepRun]| -> anyhow::Result<Vec<EvalSummary>> {
         batches += 1;
         let policies = batch
@@ -406,18 +405,7 @@ fn sweep_rows(
             })
             .collect()
     };
-    let rows = plan.run(&mut |batch| {
-        run_batch(batch).map_err(|e| {
-            let msg = format!("{e:#}");
-            failure = Some(e);
-            engine::EngineError::Invalid(msg)
-        })
-    });
-    match (rows, failure) {
-        (Ok(rows), _) => Ok(rows),
-        (Err(_), Some(e)) => Err(e),
-        (Err(e), None) => Err(e.into()),
-    }
+    plan.run(&mut run_batch)
 }
 
 /// Writes the sweep's files into `dir` (`--out`): sweep.json, sweep.csv, sweep.md (the table

@@ -429,19 +429,11 @@ impl App {
         if !answer.stream {
             let mut text = String::new();
             while let Some(event) = events.recv().await {
-                match event {
-                    RequestEvent::Started { .. } => {}
-                    RequestEvent::Text(t) => text.push_str(&t),
-                    RequestEvent::Done {
-                        generation,
-                        usage,
-                        kv,
-                    } => {
-                        let body =
-                            meta.response(&text, generation.finish_reason, usage_json(&usage, &kv));
-                        return Ok(Json(body).into_response());
-                    }
-                    RequestEvent::Failed(e) => return Err(ApiError::from_engine(e)),
+                if let Some(end) = event.collect_into(&mut text) {
+                    let (generation, usage, kv) = end.map_err(ApiError::from_engine)?;
+                    let body =
+                        meta.response(&text, generation.finish_reason, usage_json(&usage, &kv));
+                    return Ok(Json(body).into_response());
                 }
             }
             return Err(ApiError::from_engine(engine::EngineError::Scheduler(

@@ -59,9 +59,7 @@ impl ApiError {
                 Some("messages"),
                 Some("context_length_exceeded"),
             ),
-            EngineError::Invalid(_)
-            | EngineError::EmptyInput { .. }
-            | EngineError::NothingToContinue => {
+            EngineError::EmptyInput { .. } | EngineError::NothingToContinue => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None, None)
             }
             EngineError::Sampling(s) => (

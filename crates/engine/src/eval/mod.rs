@@ -530,9 +530,10 @@ fn chat_split(
     };
     let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &user)], true)?;
     let at = rendered.rfind(&user).ok_or_else(|| {
-        EngineError::Model(model_zoo::ModelError::ChatTemplate(
-            "it changed the user's message; cannot tell its context from its question".into(),
-        ))
+        EngineError::Unscored(
+            "the chat template changed the user's message; cannot tell its context from its question"
+                .into(),
+        )
     })?;
     let split = if context.is_empty() {
         at

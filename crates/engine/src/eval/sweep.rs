@@ -81,11 +81,13 @@ impl SweepPlan {
     /// Runs the sweep: `run(batch)` evaluates every run of a batch and returns their
     /// summaries in batch order. The first batch is full, the anchors at their own settings and
     /// every baseline at every requested ratio; the second (possibly empty, then not made) the
-    /// baselines at each anchor's measured ratio.
-    pub fn run(
-        &self,
-        run: &mut dyn FnMut(&[SweepRun]) -> Result<Vec<EvalSummary>>,
-    ) -> Result<Vec<SweepRow>> {
+    /// baselines at each anchor's measured ratio. The runner's error type is the caller's (the
+    /// CLI's runs fail with its own errors); the plan's own errors convert into it.
+    pub fn run<E, F>(&self, mut run: F) -> std::result::Result<Vec<SweepRow>, E>
+    where
+        E: From<EngineError>,
+        F: FnMut(&[SweepRun]) -> std::result::Result<Vec<EvalSummary>, E>,
+    {
         self.validate()?;
         let baselines: Vec<PolicyKind> = self
             .policies
@@ -103,7 +105,7 @@ impl SweepPlan {
         let mut add = |rows: &mut Vec<SweepRow>,
                        batch: &[SweepRun],
                        matched: &[Option<PolicyKind>]|
-         -> Result<()> {
+         -> std::result::Result<(), E> {
             if batch.is_empty() {
                 return Ok(());
             }
@@ -113,7 +115,8 @@ impl SweepPlan {
                     "sweep: the runner gave {} summaries for {} runs",
                     summaries.len(),
                     batch.len()
-                )));
+                ))
+                .into());
             }
             for ((r, summary), m) in batch.iter().zip(summaries).zip(matched) {
                 rows.push(SweepRow {
@@ -274,7 +277,7 @@ mod tests {
             tolerance: 0.0,
         };
         let err = plan
-            .run(&mut |batch| {
+            .run(&mut |batch: &[SweepRun]| -> Result<Vec<EvalSummary>> {
                 Ok(batch
                     .iter()
                     .map(|r| summary(r.ratio.unwrap_or(0.0)))

@@ -257,20 +257,20 @@ impl Trainer {
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().detach()))
             .collect();
-        let cannot_write = |reason: String| {
+        let cannot_write = |source: std::io::Error| {
             EngineError::Model(model_zoo::ModelError::Write {
                 path: path.to_path_buf(),
-                reason,
+                source,
             })
         };
         let lora_config = serde_json::to_string(l.config())
-            .map_err(|e| cannot_write(format!("LoRA config: {e}")))?;
+            .map_err(|e| cannot_write(std::io::Error::other(e)))?;
         let meta = std::collections::HashMap::from([
             ("format".to_string(), "agate-lora".to_string()),
             ("lora_config".to_string(), lora_config),
         ]);
-        let bytes =
-            safetensors::serialize(tensors, Some(meta)).map_err(|e| cannot_write(e.to_string()))?;
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| cannot_write(std::io::Error::other(e)))?;
         crate::atomic::write_atomically(path, |w| w.write_all(&bytes))?;
         Ok(())
     }

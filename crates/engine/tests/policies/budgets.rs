@@ -209,7 +209,7 @@ fn long_conversation_stays_within_its_budget() {
     let block_bytes = engine.pool().config().block_bytes();
     let heads = engine.model_config().n_layers * engine.model_config().n_kv_heads;
     // A head holds at most one block more than its entries fill: compaction may leave free
-    // slots at the start of its first block (kv-store's sequence.rs invariants).
+    // slots at the start of its first block (kv-store's sequence invariants).
     let cap = heads * (512usize.div_ceil(engine.pool().config().block_size) + 1) * block_bytes;
     // At most 16 bytes per retained entry (H2O's sum and count; the gate's probability takes
     // 4), plus the gate's own cache of its attention window (K', V' in f32 and a position).

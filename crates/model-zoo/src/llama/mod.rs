@@ -29,7 +29,7 @@ use kv_store::{KeyShift, SequenceKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hook::{AttentionOutcome, LayerHook};
-use crate::rope::Rope;
+use crate::rope::{model_rope, Rope};
 use crate::weights::{Embedding, FusedLinear, Linear, TensorRole, Weights};
 
 mod pass;
@@ -115,7 +115,7 @@ impl LlamaModel {
             layers,
             norm: weights.vector(TensorRole::OutputNorm, 0, d)?,
             lm_head: weights.lm_head(cfg.vocab_size, d, cfg.tie_embeddings)?,
-            rope: Rope::new(cfg, weights.rope_layout(cfg.architecture)),
+            rope: model_rope(cfg, weights.rope_layout(cfg.architecture)),
         })
     }
 
