@@ -116,8 +116,9 @@ pub enum GateError {
 
     /// The model identity stored in a gate file does not match the model it is loaded for.
     #[error(
-        "gate file {path}: model identity field `{field}` is {actual:?}, expected {expected:?} \
-         (the gate was trained for a different base model)"
+        "gate file {path}: model identity field `{field}` is {} in the file but {expected} for \
+         this model (the gate was trained for a different base model)",
+        actual.as_deref().unwrap_or("absent")
     )]
     IdentityMismatch {
         /// The file involved.

@@ -279,21 +279,26 @@ fn check_identity(
     found: &ModelIdentity,
     expected: &ModelIdentity,
 ) -> Result<()> {
-    let mismatch = |field: &str, want: String| GateError::IdentityMismatch {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        expected: want,
-        actual: found.get(field).cloned(),
-    };
     for (field, want) in expected {
         if found.get(field) != Some(want) {
-            return Err(mismatch(field, want.clone()));
+            return Err(GateError::IdentityMismatch {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                expected: want.clone(),
+                actual: found.get(field).cloned(),
+            });
         }
     }
     let from_cfg = [cfg.n_layers, cfg.hidden_size, cfg.n_kv_heads];
     for (field, value) in CONFIG_IDENTITY_KEYS.into_iter().zip(from_cfg) {
-        if found.get(field).is_some_and(|v| *v != value.to_string()) {
-            return Err(mismatch(field, format!("{value} (from gate_config)")));
+        if let Some(v) = found.get(field).filter(|v| **v != value.to_string()) {
+            return Err(format_err(
+                path,
+                format!(
+                    "its model identity says `{field}` is {v} but its own gate_config says \
+                     {value}: the file is inconsistent (edited by hand or corrupt)"
+                ),
+            ));
         }
     }
     Ok(())
