@@ -120,6 +120,24 @@ pub enum ModelError {
     /// The chat template failed to parse or render.
     #[error("chat template: {0}")]
     ChatTemplate(#[source] minijinja::Error),
+    /// Random weights of a config's shapes (`--dummy-weights`) would not fit in memory: refused
+    /// before anything is allocated.
+    #[error(
+        "{}: these shapes need {} of weights, more than the {}",
+        path.display(),
+        show_needed(*needed),
+        show_available(*available, *measured)
+    )]
+    WeightsTooLarge {
+        /// The config file.
+        path: PathBuf,
+        /// Bytes the weights take (`None`: more than a `u128` counts).
+        needed: Option<u128>,
+        /// Bytes of memory available.
+        available: u64,
+        /// Whether `available` was read from the system (otherwise a fixed cap).
+        measured: bool,
+    },
     /// A forward pass was given bad input.
     #[error("{0}")]
     Input(String),
@@ -243,5 +261,29 @@ impl ModelError {
             problem: format!("{context}{source}"),
             source: Some(source),
         }
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes needed, for [`ModelError::WeightsTooLarge`]: `5.6e17 bytes`, with GiB when that reads
+/// better.
+fn show_needed(needed: Option<u128>) -> String {
+    match needed {
+        None => format!("more than {:.1e} bytes", u128::MAX as f64),
+        Some(b) if (b as f64) < 1e6 * GIB => {
+            format!("{:.1e} bytes ({:.1} GiB)", b as f64, b as f64 / GIB)
+        }
+        Some(b) => format!("{:.1e} bytes", b as f64),
+    }
+}
+
+/// The memory a [`ModelError::WeightsTooLarge`] compared against, and where it came from.
+fn show_available(available: u64, measured: bool) -> String {
+    let gib = available as f64 / GIB;
+    if measured {
+        format!("{gib:.1} GiB this machine has available")
+    } else {
+        format!("{gib:.0} GiB allowed where the machine's available memory cannot be read")
     }
 }

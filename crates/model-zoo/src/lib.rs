@@ -130,7 +130,7 @@ fn load_unchecked(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
 /// (`agate bench --dummy-weights`). Its outputs mean nothing.
 pub fn load_random(config: &Path, format: WeightFormat, seed: u64) -> Result<LoadedModel> {
     let cfg = ModelConfig::from_hf_json(config)?;
-    let weights = Weights::random(config, &cfg, format, seed);
+    let weights = Weights::random(config, &cfg, format, seed)?;
     let model = LlamaModel::load(&cfg, &weights)?;
     Ok(LoadedModel {
         model,

@@ -183,25 +183,28 @@ impl Weights {
 
     /// Random weights of `cfg`'s shapes (read from `config`), for measuring a model without its
     /// files: projections quantized as the format asks (Q4_0 codes for `auto` and `stored`), the
-    /// embedding dense f16, norms ones. The same seed gives the same weights.
+    /// embedding dense f16, norms ones. The same seed gives the same weights. Shapes whose
+    /// weights would not fit in the memory available are refused before anything is allocated
+    /// ([`ModelError::WeightsTooLarge`]).
     pub fn random(
         config: &Path,
         cfg: &crate::config::ModelConfig,
         format: WeightFormat,
         seed: u64,
-    ) -> Self {
+    ) -> Result<Self> {
+        crate::random::check_fits(config, cfg, format)?;
         let specs = crate::random::tensor_specs(cfg)
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
-        Weights {
+        Ok(Weights {
             source: Source::Random {
                 config: config.to_path_buf(),
                 specs,
                 seed,
             },
             format,
-        }
+        })
     }
 
     /// Weights from the `*.safetensors` files of a Hugging Face directory (memory-mapped).
