@@ -138,6 +138,15 @@ pub enum ModelError {
         /// Whether `available` was read from the system (otherwise a fixed cap).
         measured: bool,
     },
+    /// A model path holds no weights agate can read: a file that is neither GGUF nor
+    /// safetensors, or a directory without weight files.
+    #[error("{}: {what}", path.display())]
+    NoWeights {
+        /// The file or directory.
+        path: PathBuf,
+        /// What it is instead ("is neither a GGUF nor a safetensors file", …).
+        what: String,
+    },
     /// A forward pass was given bad input.
     #[error("{0}")]
     Input(String),
@@ -183,10 +192,12 @@ impl From<candle_core::Error> for ModelError {
     }
 }
 
-/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set.
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set, nor the
+/// debug-quoted path it prefixes to file errors (every variant quoting it names the file).
 pub fn candle_message(e: &candle_core::Error) -> String {
     match e {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::WithPath { inner, .. } => candle_message(inner),
         other => other.to_string(),
     }
 }
@@ -198,6 +209,29 @@ pub type BoxedError = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
+    /// [`ModelError::NoWeights`] for a directory without `.safetensors` files (pointing at the
+    /// file itself when it holds a GGUF file: a GGUF model is given as its file).
+    pub fn no_weight_files(dir: &std::path::Path) -> Self {
+        let gguf = std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+            })
+        });
+        let what = match gguf {
+            Some(file) => format!(
+                "the directory holds no .safetensors weight files (a GGUF model is given as its \
+                 file: {})",
+                file.display()
+            ),
+            None => "the directory holds no .safetensors or .gguf weight files".to_string(),
+        };
+        ModelError::NoWeights {
+            path: dir.to_path_buf(),
+            what,
+        }
+    }
+
     /// This error with the file named, when it is a writer's I/O error that does not name one
     /// yet ([`ModelError::Write`] with an empty path): what a [`crate::convert::FileSink`] does
     /// with the errors of the body writing its file `path`.

@@ -219,10 +219,7 @@ impl Weights {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(ModelError::MissingTensor {
-                path: dir.to_path_buf(),
-                name: "*.safetensors (no weight files)".into(),
-            });
+            return Err(ModelError::no_weight_files(dir));
         }
         for f in &files {
             crate::regular_file(f)?;

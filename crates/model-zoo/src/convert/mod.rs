@@ -218,19 +218,31 @@ pub fn convert(
     progress: &mut Progress<'_>,
 ) -> Result<ConvertSummary> {
     check_output_dtype(opts.dtype)?;
-    if src.is_file() && has_gguf_magic(src)? {
+    if src.is_dir() {
+        return cast_safetensors(src, out, opts, progress);
+    }
+    let head = file_head(src)?;
+    if head.starts_with(b"GGUF") {
         gguf::gguf_to_hf(GgufFile::open(src)?, out, opts, progress)
-    } else {
+    } else if head.get(8) == Some(&b'{') {
+        // A safetensors file: a little-endian header length, then the JSON header.
         cast_safetensors(src, out, opts, progress)
+    } else {
+        Err(ModelError::NoWeights {
+            path: src.to_path_buf(),
+            what: "is neither a GGUF file nor a safetensors file".into(),
+        })
     }
 }
 
-/// Whether the file `path` starts with the GGUF magic.
-fn has_gguf_magic(path: &Path) -> Result<bool> {
+/// The first 9 bytes of the file `path` (fewer when it is shorter): enough to tell the GGUF
+/// magic from a safetensors header.
+fn file_head(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    let mut head = Vec::with_capacity(9);
+    f.take(9).read_to_end(&mut head).map_err(io(path))?;
+    Ok(head)
 }
 
 /// Casts a safetensors checkpoint (one `.safetensors` file, or a Hugging Face directory whose
@@ -302,10 +314,7 @@ fn checkpoint_files(src: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         shards.push(src.to_path_buf());
     }
     if shards.is_empty() {
-        return Err(ModelError::MissingTensor {
-            path: src.to_path_buf(),
-            name: "*.safetensors (no weight files)".into(),
-        });
+        return Err(ModelError::no_weight_files(src));
     }
     Ok((shards, extra))
 }
@@ -450,5 +459,59 @@ mod tests {
             },
         );
         assert_eq!(err.unwrap_err().to_string(), "stop");
+    }
+
+    #[test]
+    fn inputs_without_weights_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ConvertOptions {
+            dtype: DType::F16,
+            gates: None,
+        };
+        let fails = |src: &Path| {
+            let out = dir.path().join("out");
+            let e = convert(src, &mut Dir(out), &opts, &mut |_| Ok(())).unwrap_err();
+            e.to_string()
+        };
+        let text = dir.path().join("good.jsonl");
+        std::fs::write(&text, "{\"text\": \"hello\"}\n").unwrap();
+        assert_eq!(
+            fails(&text),
+            format!(
+                "{}: is neither a GGUF file nor a safetensors file",
+                text.display()
+            )
+        );
+        let empty = dir.path().join("emptydir");
+        std::fs::create_dir(&empty).unwrap();
+        assert_eq!(
+            fails(&empty),
+            format!(
+                "{}: the directory holds no .safetensors or .gguf weight files",
+                empty.display()
+            )
+        );
+        std::fs::write(empty.join("m.gguf"), b"GGUF").unwrap();
+        assert!(
+            fails(&empty)
+                .contains("no .safetensors weight files (a GGUF model is given as its file"),
+            "{}",
+            fails(&empty)
+        );
+        // A broken safetensors header is named once, without candle's debug-quoted path.
+        let broken = dir.path().join("broken.safetensors");
+        std::fs::write(
+            &broken,
+            [0xff; 8].iter().chain(b"{}").copied().collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let msg = fails(&broken);
+        assert!(
+            msg.starts_with(&format!(
+                "{} is not a valid safetensors file: ",
+                broken.display()
+            )) && !msg.contains("path:"),
+            "{msg}"
+        );
     }
 }
