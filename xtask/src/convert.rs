@@ -2,9 +2,10 @@
 //! dtype cast of a safetensors checkpoint, with `--gates FILE` merged in. The work is done by
 //! `model_zoo::convert` (streaming) into an `engine::atomic::StagedDir` (a hidden directory
 //! renamed onto the output when complete); this file owns the flags, the per-tensor progress
-//! bar and cancellation: Ctrl-C stops between tensors and removes the partial output.
+//! bar and cancellation: Ctrl-C stops between tensors and removes the partial output. Gates
+//! to merge are first checked against the input model as `agate --gates` checks them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,8 +62,12 @@ pub struct ConvertArgs {
     /// model (fetched if missing).
     #[arg(long, value_name = "FILE")]
     from: Option<PathBuf>,
-    /// A safetensors file of trained gates, merged into model.safetensors under `gates.` with its
-    /// metadata (keys prefixed `gates.`).
+    /// A gates file trained for the --from model (checked as `agate --gates` checks it: model
+    /// identity, shapes, finite values), merged into model.safetensors under `gates.` with its
+    /// metadata (keys prefixed `gates.`), for tools that read gates from the checkpoint. agate
+    /// itself does not load merged gates, and gates are tied to the weights they were trained
+    /// on: `--policy ag` on the converted directory needs a gates file trained for it
+    /// (`agate train-gates --model DIR`), passed with --gates.
     #[arg(long, value_name = "FILE")]
     gates: Option<PathBuf>,
     /// Testing only: fail after writing this many tensors (checks that nothing is left behind).
@@ -84,6 +89,7 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         if !g.is_file() {
             bail!("--gates {}: no such file", g.display());
         }
+        check_gates(&src, g)?;
     }
     let opts = ConvertOptions {
         dtype: args.dtype.dtype(),
@@ -122,6 +128,24 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     out.commit()?;
     report(&summary, started);
     crate::stdout_line(&args.out.display().to_string())
+}
+
+/// Refuses gates not trained for the model `src`, with the check and the message of `agate
+/// --gates`: the file's model identity against `src`'s (architecture, shape, weights
+/// fingerprint). A bare safetensors file has no config to check against.
+fn check_gates(src: &Path, gates: &Path) -> anyhow::Result<()> {
+    if src.is_file() && src.extension().is_some_and(|x| x == "safetensors") {
+        bail!(
+            "--gates {}: {} is a bare safetensors file without its config.json, so the gates \
+             cannot be checked against it; convert its Hugging Face directory instead",
+            gates.display(),
+            src.display()
+        );
+    }
+    let cfg = model_zoo::read_config(src)?;
+    let identity = cfg.gate_identity(&engine::model_cache::weights_fingerprint(src)?);
+    engine::AttentionGate::load(gates, &identity, &candle_core::Device::Cpu)?;
+    Ok(())
 }
 
 /// The progress callback of a conversion: moves `bar`, and cancels once Ctrl-C has set

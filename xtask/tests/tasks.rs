@@ -1,9 +1,10 @@
 //! `cargo xtask` as its users meet it, on the real default model: GGUF → safetensors → agate gives
 //! the same greedy tokens as the GGUF path dequantized to f32 (converted twice, in a temporary
 //! directory: the same bytes both times); an interrupted conversion leaves no file; `inspect`
-//! lists tensors of both formats; `kernels` without nvcc fails naming what to install; `dist`
-//! packages a binary whose `--version` and `inspect` run from a clean directory, with checksums
-//! that verify.
+//! lists tensors of both formats; `convert` refuses gates of another model as agate does, and
+//! names inputs that hold no model (exit 1); `kernels` without nvcc fails naming what to
+//! install; `dist` packages a binary whose `--version` and `inspect` run from a clean directory,
+//! with checksums that verify.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 use std::path::{Path, PathBuf};
@@ -145,6 +146,109 @@ fn interrupted_conversion_leaves_no_output() {
     assert!(err.contains("injected failure after 20 tensors"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+}
+
+/// The message and exit status of a failed `cargo xtask` run (a failure is exit 1, never clap's
+/// usage code 2).
+fn failure(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn convert_checks_gates_and_inputs_like_agate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name: &str| tmp.path().join(name);
+    let model = path("model");
+    let o = xtask(&["random-model", "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let engine = Engine::builder().model(&model).build().unwrap();
+    let gates = engine.random_gates(&engine.gate_config(), 1).unwrap();
+    let write = |name: &str, gates: &engine::AttentionGate| {
+        let p = path(name);
+        let bytes = gates.to_bytes(&p, engine::GateFileDtype::F32).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let good = write("good.st", &gates);
+    let mut wrong = gates.clone();
+    let mut identity = gates.identity().clone();
+    let fingerprint = identity
+        .insert("base_checksum".into(), "0".repeat(64))
+        .unwrap();
+    wrong.set_identity(identity);
+    let wrong = write("wrong.st", &wrong);
+
+    // Gates for another model: refused before anything is written, as `agate --gates` does.
+    let o = convert(
+        &model,
+        &path("o1"),
+        "f16",
+        &["--gates", wrong.to_str().unwrap()],
+    );
+    let err = failure(&o);
+    let zeros = "0".repeat(64);
+    assert!(
+        err.contains(&format!(
+            "gate file {}: model identity field `base_checksum` is {zeros} in the file but \
+             {fingerprint} for this model",
+            wrong.display()
+        )),
+        "{err}"
+    );
+    assert!(!path("o1").exists());
+    let o = convert(
+        &model,
+        &path("o2"),
+        "f16",
+        &["--gates", good.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("merged"));
+
+    // Inputs that hold no model, broken inputs and gates files: one line naming the file, exit 1.
+    let text = path("good.jsonl");
+    std::fs::write(&text, "{\"text\": \"hi\"}\n").unwrap();
+    let err = failure(&convert(&text, &path("o3"), "f16", &[]));
+    assert!(
+        err.contains(&format!(
+            "{}: is neither a GGUF file nor a safetensors file",
+            text.display()
+        )),
+        "{err}"
+    );
+    let empty = path("emptydir");
+    std::fs::create_dir(&empty).unwrap();
+    let err = failure(&convert(&empty, &path("o4"), "f16", &[]));
+    assert!(
+        err.contains("the directory holds no .safetensors or .gguf weight files"),
+        "{err}"
+    );
+    let truncated = path("trunc.gguf");
+    std::fs::write(&truncated, b"GGUF\x03\x00\x00\x00\x01").unwrap();
+    let err = failure(&convert(&truncated, &path("o5"), "f16", &[]));
+    assert!(err.contains("is not a valid GGUF file"), "{err}");
+    let corrupt = path("corrupt.st");
+    std::fs::write(&corrupt, b"not gates").unwrap();
+    let err = failure(&convert(
+        &model,
+        &path("o6"),
+        "f16",
+        &["--gates", corrupt.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains(&format!("gate file {}", corrupt.display())),
+        "{err}"
+    );
+    let err = failure(&convert(
+        &model,
+        &path("o7"),
+        "f16",
+        &["--gates", "nope.st"],
+    ));
+    assert!(err.contains("--gates nope.st: no such file"), "{err}");
 }
 
 #[test]

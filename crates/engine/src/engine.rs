@@ -229,14 +229,7 @@ impl Engine {
                 self.inner.fingerprint.get_or_init(|| f).clone()
             }
         };
-        let cfg = self.model_config();
-        Ok(gate_core::model_identity(
-            cfg.architecture.gguf_name(),
-            cfg.n_layers,
-            cfg.hidden_size,
-            cfg.n_kv_heads,
-            &fingerprint,
-        ))
+        Ok(self.model_config().gate_identity(&fingerprint))
     }
 
     /// The default Attention-Gate shape for this model (`gate_core::GateConfig::new` over its

@@ -74,6 +74,19 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// The config of the model at `path`: a Hugging Face directory's `config.json`, or a GGUF
+/// file's metadata (no weights are read).
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    if path.is_dir() {
+        let config = path.join("config.json");
+        regular_file(&config)?;
+        ModelConfig::from_hf_json(&config)
+    } else {
+        let file = GgufFile::open(path)?;
+        ModelConfig::from_gguf(path, file.content())
+    }
+}
+
 /// Fails unless `path` is a regular file (after links): a FIFO or device would block a read or
 /// cannot be memory-mapped.
 pub(crate) fn regular_file(path: &Path) -> Result<()> {
@@ -100,7 +113,7 @@ fn load_unchecked(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         for file in ["config.json", "tokenizer.json"] {
             regular_file(&path.join(file))?;
         }
-        let cfg = ModelConfig::from_hf_json(&path.join("config.json"))?;
+        let cfg = read_config(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let weights = Weights::from_safetensors_dir(path, format)?;
         let model = LlamaModel::load(&cfg, &weights)?;

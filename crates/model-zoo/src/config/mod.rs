@@ -157,6 +157,18 @@ impl ModelConfig {
             })
     }
 
+    /// The identity gates record of the model they are trained for (architecture, shape and
+    /// `fingerprint`, the weights' fingerprint): what a gates file is checked against.
+    pub fn gate_identity(&self, fingerprint: &str) -> gate_core::ModelIdentity {
+        gate_core::model_identity(
+            self.architecture.gguf_name(),
+            self.n_layers,
+            self.hidden_size,
+            self.n_kv_heads,
+            fingerprint,
+        )
+    }
+
     /// Query heads per KV head (`G`).
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads
