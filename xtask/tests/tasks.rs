@@ -157,8 +157,10 @@ fn failure(o: &Output) -> String {
     err
 }
 
+/// Gates for another model are refused before anything is written, as `agate --gates` does;
+/// corrupt or missing gates files are named.
 #[test]
-fn convert_checks_gates_and_inputs_like_agate() {
+fn convert_checks_gates_like_agate() {
     let tmp = tempfile::tempdir().unwrap();
     let path = |name: &str| tmp.path().join(name);
     let model = path("model");
@@ -181,7 +183,6 @@ fn convert_checks_gates_and_inputs_like_agate() {
     wrong.set_identity(identity);
     let wrong = write("wrong.st", &wrong);
 
-    // Gates for another model: refused before anything is written, as `agate --gates` does.
     let o = convert(
         &model,
         &path("o1"),
@@ -208,7 +209,32 @@ fn convert_checks_gates_and_inputs_like_agate() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("merged"));
 
-    // Inputs that hold no model, broken inputs and gates files: one line naming the file, exit 1.
+    let corrupt = path("corrupt.st");
+    std::fs::write(&corrupt, b"not gates").unwrap();
+    let err = failure(&convert(
+        &model,
+        &path("o6"),
+        "f16",
+        &["--gates", corrupt.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains(&format!("gate file {}", corrupt.display())),
+        "{err}"
+    );
+    let err = failure(&convert(
+        &model,
+        &path("o7"),
+        "f16",
+        &["--gates", "nope.st"],
+    ));
+    assert!(err.contains("--gates nope.st: no such file"), "{err}");
+}
+
+/// Inputs that hold no model and broken inputs: one line naming the file, exit 1.
+#[test]
+fn convert_names_inputs_that_hold_no_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name: &str| tmp.path().join(name);
     let text = path("good.jsonl");
     std::fs::write(&text, "{\"text\": \"hi\"}\n").unwrap();
     let err = failure(&convert(&text, &path("o3"), "f16", &[]));
@@ -230,25 +256,6 @@ fn convert_checks_gates_and_inputs_like_agate() {
     std::fs::write(&truncated, b"GGUF\x03\x00\x00\x00\x01").unwrap();
     let err = failure(&convert(&truncated, &path("o5"), "f16", &[]));
     assert!(err.contains("is not a valid GGUF file"), "{err}");
-    let corrupt = path("corrupt.st");
-    std::fs::write(&corrupt, b"not gates").unwrap();
-    let err = failure(&convert(
-        &model,
-        &path("o6"),
-        "f16",
-        &["--gates", corrupt.to_str().unwrap()],
-    ));
-    assert!(
-        err.contains(&format!("gate file {}", corrupt.display())),
-        "{err}"
-    );
-    let err = failure(&convert(
-        &model,
-        &path("o7"),
-        "f16",
-        &["--gates", "nope.st"],
-    ));
-    assert!(err.contains("--gates nope.st: no such file"), "{err}");
 }
 
 #[test]
