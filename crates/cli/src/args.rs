@@ -29,7 +29,8 @@ pub struct ModelArgs {
     pub block_size: u64,
     /// Random weights of a Hugging Face config.json's shapes instead of a model's files, held as
     /// --weights asks (auto: Q4_0): for measuring the speed of a model you do not have (agate
-    /// bench); the text it produces means nothing.
+    /// bench); the text it produces means nothing. Shapes whose weights would not fit in the
+    /// memory available are refused before anything is allocated.
     #[arg(long, value_name = "CONFIG", conflicts_with = "model")]
     pub dummy_weights: Option<PathBuf>,
 }
