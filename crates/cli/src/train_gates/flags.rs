@@ -24,8 +24,11 @@ pub struct TrainGatesArgs {
     /// {"messages"}, CE on answer tokens) or mix (each file CPT or SFT by its content).
     #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft", "mix"])]
     pub mode: String,
-    /// Training data files. Steps draw uniformly from the sequences of all files, so a file
-    /// listed k times weighs k times as much in the mixture.
+    /// Training data files. A file is JSONL when its first non-blank line is a JSON object or
+    /// its name ends in .jsonl or .json (any case), otherwise plain text (CPT only): the
+    /// content decides, so a pipe or a JSONL file named .txt works. Steps draw uniformly from
+    /// the sequences of all files, so a file listed k times weighs k times as much in the
+    /// mixture.
     #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Held-out files in the --mode's formats (CPT text, or SFT items scored on their answers)
@@ -33,7 +36,7 @@ pub struct TrainGatesArgs {
     /// cache, and with the gates.
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub heldout: Vec<PathBuf>,
-    /// Held-out sequences evaluated at the end.
+    /// Held-out sequences evaluated at the end (at least 1).
     #[arg(long, default_value_t = DEFAULT_HELDOUT_SEQS)]
     pub heldout_seqs: usize,
     /// Target eviction ratio r.
@@ -54,7 +57,8 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5).
+    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5;
+    /// more than the data holds: all of them).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.

@@ -241,6 +241,40 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     more.extend(["--log", s(&log), "--out", s(&out_gates), "--resume"]);
     succeeds(&agate(&more));
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 6);
+    // Resumed at the checkpoint's step: nothing to train, and a note says so.
+    let out = agate(&more);
+    succeeds(&out);
+    assert!(text(&out).contains("nothing is trained"), "{}", text(&out));
+    // More calibration sequences than the data holds: all of them, with a note.
+    let mut calibrated = train_args(s(&model), s(&data), s(&ckpt_dir), "6");
+    calibrated.extend([
+        "--out",
+        s(&out_gates),
+        "--resume",
+        "--calibrate-seqs",
+        "999",
+    ]);
+    let out = agate(&calibrated);
+    succeeds(&out);
+    assert!(
+        text(&out).contains("--calibrate-seqs 999: the data holds"),
+        "{}",
+        text(&out)
+    );
+    // A write that fails names the flag.
+    #[cfg(target_os = "linux")]
+    {
+        let mut full = train_args(s(&model), s(&data), s(&ckpt_dir), "6");
+        full.extend(["--out", "/dev/full", "--resume"]);
+        let out = agate(&full);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.lines()
+                .any(|l| l.starts_with("error: --out: /dev/full: No space left")),
+            "{said}"
+        );
+    }
     // One flipped byte anywhere in the checkpoint is refused.
     let ckpt = ckpt_dir.join("checkpoint.safetensors");
     let mut bytes = std::fs::read(&ckpt).unwrap();
