@@ -241,12 +241,36 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     more.extend(["--log", s(&log), "--out", s(&out_gates), "--resume"]);
     succeeds(&agate(&more));
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 6);
+    // One flipped byte anywhere in the checkpoint is refused.
+    let ckpt = ckpt_dir.join("checkpoint.safetensors");
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(&ckpt, bytes).unwrap();
+    let out = agate(&more);
+    fails_with(&out, &["checkpoint.safetensors", "checksum mismatch"]);
+}
+
+/// What train-gates cannot do as asked is said: a resume at the checkpoint's step trains
+/// nothing, calibration covers at most the sequences there are, a failed write names its flag.
+#[test]
+fn train_gates_says_what_it_cannot_do_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
+    let ckpt_dir = dir.path().join("ckpt");
+    let out_gates = dir.path().join("gates.safetensors");
+    let mut args = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
+    args.extend(["--out", s(&out_gates)]);
+    succeeds(&agate(&args));
+    let more = [&args[..], &["--resume"]].concat();
     // Resumed at the checkpoint's step: nothing to train, and a note says so.
     let out = agate(&more);
     succeeds(&out);
     assert!(text(&out).contains("nothing is trained"), "{}", text(&out));
     // More calibration sequences than the data holds: all of them, with a note.
-    let mut calibrated = train_args(s(&model), s(&data), s(&ckpt_dir), "6");
+    let mut calibrated = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
     calibrated.extend([
         "--out",
         s(&out_gates),
@@ -264,7 +288,7 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     // A write that fails names the flag.
     #[cfg(target_os = "linux")]
     {
-        let mut full = train_args(s(&model), s(&data), s(&ckpt_dir), "6");
+        let mut full = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
         full.extend(["--out", "/dev/full", "--resume"]);
         let out = agate(&full);
         let said = text(&out);
@@ -275,14 +299,6 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
             "{said}"
         );
     }
-    // One flipped byte anywhere in the checkpoint is refused.
-    let ckpt = ckpt_dir.join("checkpoint.safetensors");
-    let mut bytes = std::fs::read(&ckpt).unwrap();
-    let at = bytes.len() - 100;
-    bytes[at] ^= 0x10;
-    std::fs::write(&ckpt, bytes).unwrap();
-    let out = agate(&more);
-    fails_with(&out, &["checkpoint.safetensors", "checksum mismatch"]);
 }
 
 #[cfg(unix)]

@@ -288,6 +288,15 @@ fn bad_settings_name_their_field() {
             Ok(_) => panic!("{field}: accepted"),
         }
     }
+}
+
+/// CPT text shorter than one sequence is refused naming the sequence length and the files,
+/// held-out files alike.
+#[test]
+fn too_little_text_names_the_files_and_the_sequence_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "A few words.").unwrap();
     // Too little text for one sequence: the sequence length and every file named.
