@@ -202,6 +202,29 @@ fn train_args<'a>(model: &'a str, data: &'a str, dir: &'a str, steps: &'a str) -
     ]
 }
 
+/// The files of a training run in a folder: a tiny model, some text, the checkpoint folder and
+/// the gates' path.
+struct TrainFiles {
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+    ckpt_dir: std::path::PathBuf,
+    gates: std::path::PathBuf,
+}
+
+impl TrainFiles {
+    /// Writes the model and the text into `dir`.
+    fn new(dir: &Path) -> Self {
+        let data = dir.join("data.txt");
+        std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
+        TrainFiles {
+            model: tiny_model(dir, 2, 2, 64),
+            data,
+            ckpt_dir: dir.join("ckpt"),
+            gates: dir.join("gates.safetensors"),
+        }
+    }
+}
+
 #[test]
 fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,11 +279,12 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
 #[test]
 fn train_gates_says_what_it_cannot_do_as_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 64);
-    let data = dir.path().join("data.txt");
-    std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
-    let ckpt_dir = dir.path().join("ckpt");
-    let out_gates = dir.path().join("gates.safetensors");
+    let TrainFiles {
+        model,
+        data,
+        ckpt_dir,
+        gates: out_gates,
+    } = TrainFiles::new(dir.path());
     let mut args = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
     args.extend(["--out", s(&out_gates)]);
     succeeds(&agate(&args));
@@ -305,11 +329,12 @@ fn train_gates_says_what_it_cannot_do_as_asked() {
 #[test]
 fn ctrl_c_ends_training_with_130_and_names_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 64);
-    let data = dir.path().join("data.txt");
-    std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
-    let ckpt_dir = dir.path().join("ckpt");
-    let gates = dir.path().join("gates.safetensors");
+    let TrainFiles {
+        model,
+        data,
+        ckpt_dir,
+        gates,
+    } = TrainFiles::new(dir.path());
     let mut args = train_args(s(&model), s(&data), s(&ckpt_dir), "100000");
     args.extend(["--out", s(&gates)]);
     let child = Command::new(env!("CARGO_BIN_EXE_agate"))
