@@ -15,6 +15,9 @@ use crate::plot;
 /// Default of `--heldout-seqs`.
 const DEFAULT_HELDOUT_SEQS: usize = 16;
 
+/// Default of `--checkpoint-every`.
+const DEFAULT_CHECKPOINT_EVERY: usize = 25;
+
 /// Flags of `agate train-gates`.
 #[derive(Args, Debug)]
 pub struct TrainGatesArgs {
@@ -128,7 +131,7 @@ pub struct TrainGatesArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every N steps (with --checkpoint-dir).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_EVERY)]
     pub checkpoint_every: usize,
     /// Resume from the checkpoint in --checkpoint-dir.
     #[arg(long)]
@@ -308,6 +311,10 @@ pub(super) fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.heldout_given_without_files(),
         "--heldout-seqs does nothing without --heldout FILE"
+    );
+    anyhow::ensure!(
+        args.checkpoint_dir.is_some() || args.checkpoint_every == DEFAULT_CHECKPOINT_EVERY,
+        "--checkpoint-every does nothing without --checkpoint-dir DIR"
     );
     Ok(())
 }

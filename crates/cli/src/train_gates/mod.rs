@@ -71,14 +71,7 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    if args.calibrate_seqs > trainer.n_examples() {
-        say!(
-            "agate: --calibrate-seqs {}: the data holds {} sequences; calibrating on {}",
-            args.calibrate_seqs,
-            trainer.n_examples(),
-            trainer.n_examples()
-        );
-    }
+    note_what_is_not_as_asked(args, &trainer);
     say!(
         "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
         args.train,
@@ -120,6 +113,27 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         say!("agate: wrote {}", p.display());
     }
     Ok(())
+}
+
+/// Notes on what the run does not do as asked: a warmup longer than the run, more calibration
+/// sequences than the data holds.
+fn note_what_is_not_as_asked(args: &TrainGatesArgs, trainer: &Trainer) {
+    if args.warmup > args.steps {
+        say!(
+            "agate: note: --warmup {} is more than --steps {}: the learning rate never reaches its peak --lr (it ends at {:.0}% of it)",
+            args.warmup,
+            args.steps,
+            100.0 * args.steps as f64 / args.warmup as f64
+        );
+    }
+    if args.calibrate_seqs > trainer.n_examples() {
+        say!(
+            "agate: --calibrate-seqs {}: the data holds {} sequences; calibrating on {}",
+            args.calibrate_seqs,
+            trainer.n_examples(),
+            trainer.n_examples()
+        );
+    }
 }
 
 /// Continues the run in the checkpoint `ckpt` (`--resume`); returns every step's report so far.

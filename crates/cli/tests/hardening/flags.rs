@@ -159,6 +159,10 @@ fn train_gates_flags_the_run_would_ignore_are_refused() {
         &train(&["--heldout-seqs", "4"]),
         &["--heldout-seqs does nothing without --heldout"],
     );
+    fails_with(
+        &train(&["--checkpoint-every", "5"]),
+        &["--checkpoint-every does nothing without --checkpoint-dir"],
+    );
     // Training from given gates keeps their bias and window: flags setting them are refused.
     for flag in ["--gate-attention-window", "--gate-bias-init"] {
         let out = agate(&[
