@@ -70,7 +70,7 @@ pub struct TrainConfig {
     pub data: Vec<PathBuf>,
     /// Held-out files (same format as `data`, CPT text) evaluated at the end; empty: none.
     pub heldout: Vec<PathBuf>,
-    /// Held-out sequences evaluated at the end (at most).
+    /// Held-out sequences evaluated at the end (at most; at least 1 when `heldout` is set).
     pub heldout_seqs: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
