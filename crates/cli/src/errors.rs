@@ -62,6 +62,10 @@ fn setting_flag(setting: &'static str) -> &'static str {
         "TrainConfig.init_gates" => "--init-gates",
         "TrainConfig.train" => "--train",
         "TrainConfig.lora" => "--lora-rank",
+        "TrainConfig.lora.rank" => "--lora-rank",
+        "TrainConfig.lora.alpha" => "--lora-alpha",
+        "TrainConfig.lora.targets" => "--lora-targets",
+        "TrainConfig.heldout_seqs" => "--heldout-seqs",
         "TrainConfig.seq_len" => "--seq-len",
         "TrainConfig.batch" => "--batch",
         "TrainConfig.grad_accum" => "--grad-accum",
@@ -93,7 +97,9 @@ pub fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
         " (the KV pool is sized by --kv-memory-mb: raise it, or evict with --policy … --keep N)"
     } else if let Some(EngineError::CacheOverflow { .. }) = cause.downcast_ref::<EngineError>() {
         " (cache positions: a policy with a fixed --keep budget bounds what heads hold)"
-    } else if let Some(EngineError::Diverged { .. }) = cause.downcast_ref::<EngineError>() {
+    } else if let Some(EngineError::Diverged { .. } | EngineError::TrainingDiverged { .. }) =
+        cause.downcast_ref::<EngineError>()
+    {
         " (lower --lr or --lambda)"
     } else {
         ""

@@ -94,7 +94,8 @@ pub enum EngineError {
         /// Position of the first token whose logits are not finite.
         position: u32,
     },
-    /// Training's cross-entropy is not finite: the frozen model's weights or metadata are broken.
+    /// Training's cross-entropy is not finite before any update: the frozen model's weights or
+    /// metadata are broken.
     #[error(
         "{}: the model's cross-entropy is not finite at step {step}: its weights or metadata are broken (e.g. NaN weights)",
         model.display()
@@ -103,6 +104,13 @@ pub enum EngineError {
         /// The model file or directory.
         model: std::path::PathBuf,
         /// The optimiser step (1-based).
+        step: usize,
+    },
+    /// Training's loss stopped being finite after the trained parameters were updated: the run
+    /// diverged (a learning rate or eviction weight too large), the model is not at fault.
+    #[error("training diverged at step {step}: the loss is not finite")]
+    TrainingDiverged {
+        /// The optimiser step (1-based) whose loss is not finite.
         step: usize,
     },
     /// In cache positions, the tokens do not fit beside what the widest KV head holds (a policy

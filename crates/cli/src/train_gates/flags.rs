@@ -15,6 +15,9 @@ use crate::plot;
 /// Default of `--heldout-seqs`.
 const DEFAULT_HELDOUT_SEQS: usize = 16;
 
+/// Default of `--checkpoint-every`.
+const DEFAULT_CHECKPOINT_EVERY: usize = 25;
+
 /// Flags of `agate train-gates`.
 #[derive(Args, Debug)]
 pub struct TrainGatesArgs {
@@ -24,8 +27,11 @@ pub struct TrainGatesArgs {
     /// {"messages"}, CE on answer tokens) or mix (each file CPT or SFT by its content).
     #[arg(long, default_value = "cpt", value_parser = ["cpt", "sft", "mix"])]
     pub mode: String,
-    /// Training data files. Steps draw uniformly from the sequences of all files, so a file
-    /// listed k times weighs k times as much in the mixture.
+    /// Training data files. A file is JSONL when its first non-blank line is a JSON object or
+    /// its name ends in .jsonl or .json (any case), otherwise plain text (CPT only): the
+    /// content decides, so a pipe or a JSONL file named .txt works. Steps draw uniformly from
+    /// the sequences of all files, so a file listed k times weighs k times as much in the
+    /// mixture.
     #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Held-out files in the --mode's formats (CPT text, or SFT items scored on their answers)
@@ -33,7 +39,7 @@ pub struct TrainGatesArgs {
     /// cache, and with the gates.
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub heldout: Vec<PathBuf>,
-    /// Held-out sequences evaluated at the end.
+    /// Held-out sequences evaluated at the end (at least 1).
     #[arg(long, default_value_t = DEFAULT_HELDOUT_SEQS)]
     pub heldout_seqs: usize,
     /// Target eviction ratio r.
@@ -54,7 +60,8 @@ pub struct TrainGatesArgs {
     #[arg(long, default_value_t = 0)]
     pub window: usize,
     /// Before writing the gates, set the threshold tau so that the hard eviction ratio over
-    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5).
+    /// N training sequences spread evenly over the data meets --target-evict (0 = keep tau = 0.5;
+    /// more than the data holds: all of them).
     #[arg(long, default_value_t = 0)]
     pub calibrate_seqs: usize,
     /// Optimiser steps.
@@ -124,7 +131,7 @@ pub struct TrainGatesArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every N steps (with --checkpoint-dir).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_EVERY)]
     pub checkpoint_every: usize,
     /// Resume from the checkpoint in --checkpoint-dir.
     #[arg(long)]
@@ -304,6 +311,10 @@ pub(super) fn check_flags(args: &TrainGatesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.heldout_given_without_files(),
         "--heldout-seqs does nothing without --heldout FILE"
+    );
+    anyhow::ensure!(
+        args.checkpoint_dir.is_some() || args.checkpoint_every == DEFAULT_CHECKPOINT_EVERY,
+        "--checkpoint-every does nothing without --checkpoint-dir DIR"
     );
     Ok(())
 }

@@ -50,6 +50,8 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
     keep_freed_memory();
     let cfg = args.train_config()?;
     check_flags(args)?;
+    // The settings' own checks, before the model loads.
+    cfg.validate()?;
     let stop = stop_on_interrupt()?;
     let engine = load_engine(&args.model)?;
     let mut trainer = Trainer::new(&engine, cfg)?;
@@ -65,10 +67,11 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         .map(|d| d.join("checkpoint.safetensors"));
     // Every step's report: the checkpoint records them, the log and the curve come from them.
     let mut history = if args.resume {
-        resume(&mut trainer, ckpt.as_deref())?
+        resume(&mut trainer, ckpt.as_deref(), args.steps)?
     } else {
         Vec::new()
     };
+    note_what_is_not_as_asked(args, &trainer);
     say!(
         "agate: training {} on {} sequences of {} tokens ({} steps × {} × {})",
         args.train,
@@ -106,14 +109,40 @@ pub fn run(args: &TrainGatesArgs) -> anyhow::Result<()> {
         heldout(args, examples, &mut trainer, log.as_mut(), &stop)?;
     }
     if let Some(p) = &args.plot {
-        plot::training_curves(p, &history)?;
+        plot::training_curves(p, &history).context("--plot")?;
         say!("agate: wrote {}", p.display());
     }
     Ok(())
 }
 
+/// Notes on what the run does not do as asked: a warmup longer than the run, more calibration
+/// sequences than the data holds.
+fn note_what_is_not_as_asked(args: &TrainGatesArgs, trainer: &Trainer) {
+    if args.warmup > args.steps {
+        say!(
+            "agate: note: --warmup {} is more than --steps {}: the learning rate never reaches its peak --lr (it ends at {:.0}% of it)",
+            args.warmup,
+            args.steps,
+            100.0 * args.steps as f64 / args.warmup as f64
+        );
+    }
+    if args.calibrate_seqs > trainer.n_examples() {
+        say!(
+            "agate: --calibrate-seqs {}: the data holds {} sequences; calibrating on {}",
+            args.calibrate_seqs,
+            trainer.n_examples(),
+            trainer.n_examples()
+        );
+    }
+}
+
 /// Continues the run in the checkpoint `ckpt` (`--resume`); returns every step's report so far.
-fn resume(trainer: &mut Trainer, ckpt: Option<&Path>) -> anyhow::Result<Vec<StepReport>> {
+/// A checkpoint already at (or past) `steps` leaves nothing to train: a note says so.
+fn resume(
+    trainer: &mut Trainer,
+    ckpt: Option<&Path>,
+    steps: usize,
+) -> anyhow::Result<Vec<StepReport>> {
     let path = ckpt.context("--resume needs --checkpoint-dir")?;
     let history = trainer.resume(path)?;
     say!(
@@ -121,6 +150,12 @@ fn resume(trainer: &mut Trainer, ckpt: Option<&Path>) -> anyhow::Result<Vec<Step
         path.display(),
         trainer.step()
     );
+    if trainer.step() >= steps {
+        say!(
+            "agate: note: the checkpoint is at step {}, not below --steps {steps}: nothing is trained; the outputs are the checkpoint's (raise --steps to train further)",
+            trainer.step()
+        );
+    }
     Ok(history)
 }
 
@@ -164,7 +199,13 @@ fn write_outputs(
     interrupted()?;
     if trainer.config().train != Trainables::Lora {
         if args.calibrate_seqs > 0 {
-            let ratio = trainer.calibrate_threshold(args.calibrate_seqs, CALIBRATION_ROUNDS)?;
+            let bar = phase_bar("calibrating the threshold");
+            let ratio = trainer.calibrate_threshold(
+                args.calibrate_seqs,
+                CALIBRATION_ROUNDS,
+                &mut |done, total| show(&bar, done, total),
+            )?;
+            bar.finish_and_clear();
             say!(
                 "agate: threshold calibrated on {} training sequences: tau {:.4}, hard eviction {:.3}",
                 args.calibrate_seqs.min(trainer.n_examples()),
@@ -173,11 +214,13 @@ fn write_outputs(
             );
             interrupted()?;
         }
-        trainer.save_gates(&args.out, gate_file_dtype(&args.out_dtype))?;
+        trainer
+            .save_gates(&args.out, gate_file_dtype(&args.out_dtype))
+            .context("--out")?;
         say!("agate: wrote gates to {}", args.out.display());
     }
     if let Some(p) = &args.lora_out {
-        trainer.save_lora(p)?;
+        trainer.save_lora(p).context("--lora-out")?;
         say!("agate: wrote LoRA adapters to {}", p.display());
     }
     Ok(())
@@ -199,25 +242,19 @@ fn train(
     ckpt: Option<&Path>,
     stop: &AtomicBool,
 ) -> anyhow::Result<f64> {
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(trainer.step() as u64);
+    let bar = phase_bar("training");
+    show(&bar, trainer.step(), args.steps);
     let started = Instant::now();
     while trainer.step() < args.steps && !stop.load(Ordering::SeqCst) {
         let mut r = trainer.train_step()?;
         r.elapsed_s = started.elapsed().as_secs_f64();
-        bar.set_position(r.step as u64);
+        show(&bar, r.step, args.steps);
         bar.set_message(format!(
             "loss {:.3} ce {:.3} evict soft {:.3} (target {:.3}) hard {:.3} λ {:.2} {:.0} tok/s",
             r.loss, r.ce, r.soft_evict, r.soft_target, r.hard_evict, r.lambda, r.tokens_per_s
         ));
         if let Some(log) = log.as_mut().filter(|_| logged(args, &r)) {
-            log.line(&serde_json::to_string(&r)?)?;
+            log.line(&serde_json::to_string(&r)?).context("--log")?;
         }
         history.push(r);
         if let Some(p) = ckpt {
@@ -228,6 +265,25 @@ fn train(
     }
     bar.finish();
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// A progress bar of one phase of the run (training, calibration, the held-out evaluation),
+/// prefixed by `phase`; its length is set by [`show`].
+fn phase_bar(phase: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0).with_prefix(phase.to_string());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Shows `done` of `total` on `bar`.
+fn show(bar: &ProgressBar, done: usize, total: usize) {
+    bar.set_length(total as u64);
+    bar.set_position(done as u64);
 }
 
 /// The held-out evaluation after training: printed, and added to the log.
@@ -244,7 +300,11 @@ fn heldout(
         )
         .into());
     }
-    let h = trainer.evaluate(examples, args.heldout_seqs)?;
+    let bar = phase_bar("held-out evaluation");
+    let h = trainer.evaluate(examples, args.heldout_seqs, &mut |done, total| {
+        show(&bar, done, total)
+    })?;
+    bar.finish_and_clear();
     let gated = match h.ppl_gates {
         Some(p) => format!(
             ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",
@@ -259,7 +319,8 @@ fn heldout(
         h.sequences, h.tokens, h.ppl_base, h.ppl_full
     );
     if let Some(log) = log {
-        log.line(&serde_json::json!({ "heldout": h }).to_string())?;
+        log.line(&serde_json::json!({ "heldout": h }).to_string())
+            .context("--log")?;
     }
     Ok(())
 }

@@ -159,6 +159,10 @@ fn train_gates_flags_the_run_would_ignore_are_refused() {
         &train(&["--heldout-seqs", "4"]),
         &["--heldout-seqs does nothing without --heldout"],
     );
+    fails_with(
+        &train(&["--checkpoint-every", "5"]),
+        &["--checkpoint-every does nothing without --checkpoint-dir"],
+    );
     // Training from given gates keeps their bias and window: flags setting them are refused.
     for flag in ["--gate-attention-window", "--gate-bias-init"] {
         let out = agate(&[
@@ -175,6 +179,46 @@ fn train_gates_flags_the_run_would_ignore_are_refused() {
             "o.safetensors",
         ]);
         fails_with(&out, &[flag, "does nothing with --init-gates"]);
+    }
+}
+
+/// The training settings' own checks name the flags, before the model loads; too little text
+/// for one sequence names the file and `--seq-len`.
+#[test]
+fn train_gates_settings_name_their_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "A few words.").unwrap();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train-gates", "--model", s(&model), "--data", s(&short)];
+        args.extend(extra);
+        agate(&args)
+    };
+    let lora = ["--train", "both", "--lora-rank"];
+    for (extra, says) in [
+        (
+            &["--heldout", "h.txt", "--heldout-seqs", "0"][..],
+            &["--heldout-seqs: must be a positive number, got 0"][..],
+        ),
+        (&[&lora[..], &["0"]].concat(), &["--lora-rank: ", "got 0"]),
+        (
+            &[&lora[..], &["2", "--lora-alpha", "NaN"]].concat(),
+            &["--lora-alpha: ", "got NaN"],
+        ),
+        (
+            &[&lora[..], &["2", "--lora-targets", "q,zz"]].concat(),
+            &["--lora-targets: unknown `zz`"],
+        ),
+        (
+            &["--seq-len", "32"][..],
+            &[
+                "--seq-len: 32 (plus 1 for the next-token target: 33 tokens)",
+                "short.txt",
+            ][..],
+        ),
+    ] {
+        fails_with(&train(extra), says);
     }
 }
 

@@ -202,6 +202,29 @@ fn train_args<'a>(model: &'a str, data: &'a str, dir: &'a str, steps: &'a str) -
     ]
 }
 
+/// The files of a training run in a folder: a tiny model, some text, the checkpoint folder and
+/// the gates' path.
+struct TrainFiles {
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+    ckpt_dir: std::path::PathBuf,
+    gates: std::path::PathBuf,
+}
+
+impl TrainFiles {
+    /// Writes the model and the text into `dir`.
+    fn new(dir: &Path) -> Self {
+        let data = dir.join("data.txt");
+        std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
+        TrainFiles {
+            model: tiny_model(dir, 2, 2, 64),
+            data,
+            ckpt_dir: dir.join("ckpt"),
+            gates: dir.join("gates.safetensors"),
+        }
+    }
+}
+
 #[test]
 fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     let dir = tempfile::tempdir().unwrap();
@@ -251,15 +274,67 @@ fn checkpoints_are_checksummed_and_resumed_logs_have_no_holes() {
     fails_with(&out, &["checkpoint.safetensors", "checksum mismatch"]);
 }
 
+/// What train-gates cannot do as asked is said: a resume at the checkpoint's step trains
+/// nothing, calibration covers at most the sequences there are, a failed write names its flag.
+#[test]
+fn train_gates_says_what_it_cannot_do_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let TrainFiles {
+        model,
+        data,
+        ckpt_dir,
+        gates: out_gates,
+    } = TrainFiles::new(dir.path());
+    let mut args = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
+    args.extend(["--out", s(&out_gates)]);
+    succeeds(&agate(&args));
+    let more = [&args[..], &["--resume"]].concat();
+    // Resumed at the checkpoint's step: nothing to train, and a note says so.
+    let out = agate(&more);
+    succeeds(&out);
+    assert!(text(&out).contains("nothing is trained"), "{}", text(&out));
+    // More calibration sequences than the data holds: all of them, with a note.
+    let mut calibrated = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
+    calibrated.extend([
+        "--out",
+        s(&out_gates),
+        "--resume",
+        "--calibrate-seqs",
+        "999",
+    ]);
+    let out = agate(&calibrated);
+    succeeds(&out);
+    assert!(
+        text(&out).contains("--calibrate-seqs 999: the data holds"),
+        "{}",
+        text(&out)
+    );
+    // A write that fails names the flag.
+    #[cfg(target_os = "linux")]
+    {
+        let mut full = train_args(s(&model), s(&data), s(&ckpt_dir), "2");
+        full.extend(["--out", "/dev/full", "--resume"]);
+        let out = agate(&full);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.lines()
+                .any(|l| l.starts_with("error: --out: /dev/full: No space left")),
+            "{said}"
+        );
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_ends_training_with_130_and_names_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 64);
-    let data = dir.path().join("data.txt");
-    std::fs::write(&data, "The cat sat on the mat. ".repeat(40)).unwrap();
-    let ckpt_dir = dir.path().join("ckpt");
-    let gates = dir.path().join("gates.safetensors");
+    let TrainFiles {
+        model,
+        data,
+        ckpt_dir,
+        gates,
+    } = TrainFiles::new(dir.path());
     let mut args = train_args(s(&model), s(&data), s(&ckpt_dir), "100000");
     args.extend(["--out", s(&gates)]);
     let child = Command::new(env!("CARGO_BIN_EXE_agate"))

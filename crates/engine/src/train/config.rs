@@ -70,7 +70,7 @@ pub struct TrainConfig {
     pub data: Vec<PathBuf>,
     /// Held-out files (same format as `data`, CPT text) evaluated at the end; empty: none.
     pub heldout: Vec<PathBuf>,
-    /// Held-out sequences evaluated at the end (at most).
+    /// Held-out sequences evaluated at the end (at most; at least 1 when `heldout` is set).
     pub heldout_seqs: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
@@ -133,6 +133,15 @@ impl TrainConfig {
             ("TrainConfig.batch", self.batch),
             ("TrainConfig.grad_accum", self.grad_accum),
             ("TrainConfig.steps", self.steps),
+            // Held-out files are evaluated over at least one sequence.
+            (
+                "TrainConfig.heldout_seqs",
+                if self.heldout.is_empty() {
+                    1
+                } else {
+                    self.heldout_seqs
+                },
+            ),
         ] {
             if v == 0 {
                 return refuse(setting, "must be a positive number, got 0".into());
@@ -148,7 +157,7 @@ impl TrainConfig {
                     self.train.name()
                 ),
             ),
-            (Some(l), _) => Ok(l.validate()?),
+            (Some(l), _) => validate_lora(l),
             _ => Ok(()),
         }
     }
@@ -285,6 +294,35 @@ impl TrainConfig {
             o.remove("heldout_seqs");
         }
         Ok(without_nulls(v))
+    }
+}
+
+/// The LoRA settings within their domains: a positive rank, a finite alpha, known targets;
+/// each error names its field (`TrainConfig.lora.rank`).
+fn validate_lora(l: &LoraConfig) -> Result<()> {
+    if l.rank == 0 {
+        return refuse(
+            "TrainConfig.lora.rank",
+            "must be a positive number, got 0".into(),
+        );
+    }
+    if !l.alpha.is_finite() {
+        return refuse(
+            "TrainConfig.lora.alpha",
+            format!("must be a finite number, got {}", l.alpha),
+        );
+    }
+    let known = model_zoo::train::LORA_TARGETS;
+    if l.targets.is_empty() {
+        let problem = format!("no target given (expected some of {})", known.join(", "));
+        return refuse("TrainConfig.lora.targets", problem);
+    }
+    match l.targets.iter().find(|t| !known.contains(&t.as_str())) {
+        Some(bad) => refuse(
+            "TrainConfig.lora.targets",
+            format!("unknown `{bad}` (expected some of {})", known.join(", ")),
+        ),
+        None => Ok(()),
     }
 }
 

@@ -1,11 +1,15 @@
 //! Training examples: CPT text packed into fixed-length sequences, SFT prompt/answer pairs under
 //! the chat template, and the seeded order in which batches visit them.
 //!
-//! - CPT files: plain text (one document per file) or JSONL (`.jsonl`/`.json`: one
-//!   `{"text": ...}` per line). Each document is tokenized with BOS (if the tokenizer adds one)
+//! - The format of a file is read from its content, not its name: a file is JSONL when its
+//!   first non-blank line is a JSON object, or when its name ends in `.jsonl` or `.json` (any
+//!   case; then a line that is not JSON is an error, not text); otherwise it is plain text.
+//!   A leading UTF-8 byte-order mark is skipped. Each file is read once (a pipe works).
+//! - CPT files: plain text (one document per file) or JSONL (one `{"text": ...}` per line).
+//!   Each document is tokenized with BOS (if the tokenizer adds one)
 //!   and followed by EOS; all documents are concatenated and cut into `seq_len + 1`-token windows
 //!   (`seq_len` inputs, the next token as target), the remainder dropped. CE on every target.
-//! - SFT files: JSONL, one `{"prompt": ..., "answer": ...}` per line; the prompt is rendered as a
+//! - SFT files: JSONL (a plain text file is refused), one `{"prompt": ..., "answer": ...}` per line; the prompt is rendered as a
 //!   user turn with the chat template (generation prompt added) and the answer plus the end of
 //!   turn follows; CE on answer tokens only. Or a multi-turn chat, `{"messages": [{"role",
 //!   "content"}, ...]}` ending with an assistant turn: the conversation is tokenized turn by
@@ -14,7 +18,7 @@
 //!   prompt's start); items are padded (with EOS, masked out of CE and of the eviction loss) to
 //!   `seq_len`.
 //! - Mixed (`Mode::Mix`): each file is CPT or SFT by its content (plain text, or JSONL whose
-//!   first record has `text`: CPT; else SFT), and the examples of all files are visited
+//!   first record has `text`: CPT; other JSONL: SFT), and the examples of all files are visited
 //!   together. A file given k times contributes its examples k times: its weight in the
 //!   mixture (the epoch permutation draws uniformly over all examples).
 //!
@@ -71,24 +75,29 @@ impl Mode {
 }
 
 /// The examples of `files` in `mode`. A problem of one file names it (and its line); one of the
-/// files together (too little text, no item) is a `TrainConfig.data` setting error.
+/// files together (too little text, no item) is a setting error (`TrainConfig.data`, or
+/// `TrainConfig.seq_len` when the CPT text is shorter than one sequence).
 pub fn load(
     mode: Mode,
     files: &[PathBuf],
     tok: &Tokenizer,
     seq_len: usize,
 ) -> Result<Vec<Example>> {
+    let texts = files
+        .iter()
+        .map(|p| DataText::read(p))
+        .collect::<Result<Vec<_>>>()?;
     match mode {
-        Mode::Cpt => load_cpt(files, tok, seq_len),
-        Mode::Sft => load_sft(files, tok, seq_len),
+        Mode::Cpt => cpt_examples(&texts, tok, seq_len),
+        Mode::Sft => sft_examples(&texts, tok, seq_len),
         Mode::Mix => {
             let mut out = Vec::new();
-            for path in files {
-                let file = std::slice::from_ref(path);
-                out.extend(if is_cpt_file(path)? {
-                    load_cpt(file, tok, seq_len)?
+            for text in &texts {
+                let one = std::slice::from_ref(text);
+                out.extend(if text.is_cpt()? {
+                    cpt_examples(one, tok, seq_len)?
                 } else {
-                    load_sft(file, tok, seq_len)?
+                    sft_examples(one, tok, seq_len)?
                 });
             }
             Ok(out)
@@ -96,17 +105,51 @@ pub fn load(
     }
 }
 
-/// Whether a file holds CPT text: not JSONL, or JSONL whose first record has `text`.
-fn is_cpt_file(path: &Path) -> Result<bool> {
-    if !is_jsonl(path) {
-        return Ok(true);
+/// A data file read once, with its format.
+struct DataText<'a> {
+    /// The file.
+    path: &'a Path,
+    /// Its text, without a leading byte-order mark.
+    text: String,
+    /// Whether it is JSONL (see the module header).
+    jsonl: bool,
+}
+
+impl<'a> DataText<'a> {
+    /// Reads `path` and tells its format.
+    fn read(path: &'a Path) -> Result<Self> {
+        let mut text = std::fs::read_to_string(path)
+            .map_err(|e| file_err(path, None, "cannot read", Some(Box::new(e))))?;
+        if text.starts_with('\u{feff}') {
+            text.drain(..'\u{feff}'.len_utf8());
+        }
+        let named = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
+        let jsonl = named
+            || first_record(&text).is_some_and(|(_, line)| {
+                serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object())
+            });
+        Ok(DataText { path, text, jsonl })
     }
-    let text = read(path)?;
-    let Some((i, first)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
-        return Err(file_err(path, None, "no examples (empty file)", None));
-    };
-    let v = parse_json(path, i + 1, first)?;
-    Ok(v.get("text").is_some())
+
+    /// Whether the file holds CPT text: plain text, or JSONL whose first record has `text`.
+    fn is_cpt(&self) -> Result<bool> {
+        if !self.jsonl {
+            return Ok(true);
+        }
+        let Some((i, first)) = first_record(&self.text) else {
+            return Err(file_err(self.path, None, "no examples (empty file)", None));
+        };
+        let v = parse_json(self.path, i + 1, first)?;
+        Ok(v.get("text").is_some())
+    }
+}
+
+/// The first non-blank line of `text` and its 0-based index.
+fn first_record(text: &str) -> Option<(usize, &str)> {
+    text.lines().enumerate().find(|(_, l)| !l.trim().is_empty())
 }
 
 /// The error of `path` (at `line`, if one is at fault): `problem`, caused by `source`.
@@ -124,45 +167,26 @@ fn file_err(
     }
 }
 
-/// The text of `path`.
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| file_err(path, None, "cannot read", Some(Box::new(e))))
-}
-
 /// Line `line` of `path`, `text`, as JSON.
 fn parse_json(path: &Path, line: usize, text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text)
         .map_err(|e| file_err(path, Some(line), "invalid JSON", Some(Box::new(e))))
 }
 
-fn is_jsonl(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e == "jsonl" || e == "json")
-}
-
-/// Reads a JSONL file: for each non-blank line, the string fields `fields` (all required).
-fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
-    let text = read(path)?;
+/// The string field `field` of each non-blank line of a JSONL file (required).
+fn jsonl_field(file: &DataText, field: &str) -> Result<Vec<String>> {
+    let path = file.path;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in file.text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let v = parse_json(path, i + 1, line)?;
-        let row = fields
-            .iter()
-            .map(|f| {
-                v.get(*f)
-                    .and_then(|x| x.as_str())
-                    .map(str::to_string)
-                    .ok_or_else(|| {
-                        let problem = format!("expected a string field `{f}`");
-                        file_err(path, Some(i + 1), problem, None)
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        out.push(row);
+        let value = v.get(field).and_then(|x| x.as_str()).ok_or_else(|| {
+            let problem = format!("expected a string field `{field}`");
+            file_err(path, Some(i + 1), problem, None)
+        })?;
+        out.push(value.to_string());
     }
     if out.is_empty() {
         return Err(file_err(path, None, "no examples (empty file)", None));
@@ -172,20 +196,27 @@ fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
 
 /// CPT: tokenizes and packs `files` into `seq_len + 1`-token examples.
 pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
+    load(Mode::Cpt, files, tok, seq_len)
+}
+
+/// SFT: one example per line, `{"prompt", "answer"}` or `{"messages"}`, chat template applied.
+pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
+    load(Mode::Sft, files, tok, seq_len)
+}
+
+/// [`load_cpt`] of files read.
+fn cpt_examples(files: &[DataText], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
     let eos = tok.eos_ids().first().copied();
     let mut stream: Vec<u32> = Vec::new();
-    for path in files {
-        let docs = if is_jsonl(path) {
-            read_jsonl_fields(path, &["text"])?
-                .into_iter()
-                .map(|mut r| r.remove(0))
-                .collect()
+    for file in files {
+        let path = file.path;
+        let docs = if file.jsonl {
+            jsonl_field(file, "text")?
         } else {
-            let text = read(path)?;
-            if text.trim().is_empty() {
+            if file.text.trim().is_empty() {
                 return Err(file_err(path, None, "empty text file", None));
             }
-            vec![text]
+            vec![file.text.clone()]
         };
         for d in docs {
             let ids = tok
@@ -205,10 +236,12 @@ pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
         })
         .collect();
     if examples.is_empty() {
+        let names: Vec<String> = files.iter().map(|f| f.path.display().to_string()).collect();
         return Err(EngineError::Setting {
-            setting: "TrainConfig.data",
+            setting: "TrainConfig.seq_len",
             problem: format!(
-                "the CPT text ({} tokens) is shorter than one sequence of {w} tokens",
+                "{seq_len} (plus 1 for the next-token target: {w} tokens) is longer than the CPT text of {} ({} tokens): give more text or a shorter sequence",
+                names.join(", "),
                 stream.len()
             ),
         });
@@ -216,20 +249,20 @@ pub fn load_cpt(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Ve
     Ok(examples)
 }
 
-/// SFT: one example per line, `{"prompt", "answer"}` or `{"messages"}`, chat template applied.
-pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
+/// [`load_sft`] of files read.
+fn sft_examples(files: &[DataText], tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    for path in files {
-        if !is_jsonl(path) {
+    for file in files {
+        let path = file.path;
+        if !file.jsonl {
             return Err(file_err(
                 path,
                 None,
-                "SFT data must be JSONL (.jsonl) with prompt and answer fields, or messages",
+                "SFT data must be JSONL (one JSON object per line) with prompt and answer fields, or messages",
                 None,
             ));
         }
-        let text = read(path)?;
-        for (i, line) in text.lines().enumerate() {
+        for (i, line) in file.text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }

@@ -39,12 +39,21 @@ pub struct HeldOut {
 impl Trainer {
     /// Sets the threshold `tau` so that the hard eviction ratio over `seqs` training sequences
     /// spread evenly over the training set (valid tokens, every layer and KV head) equals the
-    /// target: `tau` becomes the target quantile of the keep probabilities. The probabilities of later layers depend on
-    /// the flags of earlier ones, so this repeats `rounds` times from the new `tau`. Returns the
-    /// hard ratio measured with the final `tau` (the fixed point is approached, not exact).
-    pub fn calibrate_threshold(&mut self, seqs: usize, rounds: usize) -> Result<f64> {
+    /// target: `tau` becomes the target quantile of the keep probabilities. The probabilities
+    /// of later layers depend on the flags of earlier ones, so this repeats `rounds` times from
+    /// the new `tau`. `seqs` is capped at the training sequences there are
+    /// ([`Trainer::n_examples`]). `progress(done, total)` is called after each of the
+    /// `(rounds + 1) * seqs` forward passes. Returns the hard ratio measured with the final
+    /// `tau` (the fixed point is approached, not exact).
+    pub fn calibrate_threshold(
+        &mut self,
+        seqs: usize,
+        rounds: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<f64> {
         let total = self.examples.len();
         let n = seqs.clamp(1, total);
+        let passes = (rounds + 1) * n;
         // Evenly spaced over the training set, so that every kind of text in a mixture (files
         // in the order given: prose, retrieval prompts, chats) weighs in as it does in training:
         // the ratio a threshold gives depends on the kind of text.
@@ -54,7 +63,7 @@ impl Trainer {
             let mut probs: Vec<f32> = Vec::new();
             let (mut hard, mut count) = (0.0, 0.0);
             let tau = self.gates.config().threshold;
-            for &i in &idx {
+            for (k, &i) in idx.iter().enumerate() {
                 let (inp, _, _, valid) = self.batch_tensors(&[i])?;
                 let out = self.decoder.forward(
                     &inp,
@@ -72,6 +81,7 @@ impl Trainer {
                         }
                     }
                 }
+                progress(round * n + k + 1, passes);
             }
             measured = hard / count.max(1.0);
             if round == rounds || probs.is_empty() {
@@ -106,15 +116,27 @@ impl Trainer {
     }
 
     /// Evaluates on held-out examples ([`Trainer::load_heldout`]), over at most `max_seqs`
-    /// sequences (the first ones, in file order): perplexity of the base model with the full
-    /// cache, of the trained model (LoRA adapters, if any) with the full cache and with the
-    /// gates' hard flags, and the eviction ratios.
-    pub fn evaluate(&self, mut ex: Vec<dataset::Example>, max_seqs: usize) -> Result<HeldOut> {
-        ex.truncate(max_seqs.max(1));
+    /// (> 0) sequences (the first ones, in file order): perplexity of the base model with the
+    /// full cache, of the trained model (LoRA adapters, if any) with the full cache and with the
+    /// gates' hard flags, and the eviction ratios. `progress(done, total)` is called after each
+    /// sequence.
+    pub fn evaluate(
+        &self,
+        mut ex: Vec<dataset::Example>,
+        max_seqs: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<HeldOut> {
+        if max_seqs == 0 {
+            return Err(EngineError::Setting {
+                setting: "TrainConfig.heldout_seqs",
+                problem: "must be a positive number, got 0".into(),
+            });
+        }
+        ex.truncate(max_seqs);
         let lora = self.lora.as_ref();
         let (mut nll_base, mut nll_full, mut nll_gate, mut n_tok) = (0.0, 0.0, 0.0, 0.0);
         let (mut soft, mut hard) = (0.0, 0.0);
-        for e in &ex {
+        for (k, e) in ex.iter().enumerate() {
             let (inp, tgt, cem, valid) = Self::example_tensors(&[e], self.cfg.sinks)?;
             let nll = |logits: &Tensor| -> Result<f64> {
                 let (ce, n) = Self::masked_ce(&logits.detach(), &tgt, &cem)?;
@@ -140,9 +162,14 @@ impl Trainer {
                 None => full,
             };
             n_tok += n;
+            progress(k + 1, ex.len());
         }
-        if !(nll_base.is_finite() && nll_full.is_finite() && nll_gate.is_finite()) {
+        if !nll_base.is_finite() {
+            // The base model alone, before any update: the model is broken.
             return Err(self.broken_model(self.state.step));
+        }
+        if !(nll_full.is_finite() && nll_gate.is_finite()) {
+            return Err(self.non_finite_loss(self.state.step));
         }
         let n = ex.len() as f64;
         let ppl = |nll: f64| (nll / n_tok.max(1.0)).exp();

@@ -80,9 +80,9 @@ fn check_fits_model(cfg: &TrainConfig, model: &ModelConfig) -> Result<()> {
     }
     match &cfg.lora {
         Some(l) if l.rank > model.hidden_size => Err(EngineError::Setting {
-            setting: "TrainConfig.lora",
+            setting: "TrainConfig.lora.rank",
             problem: format!(
-                "rank {} is larger than the model's hidden size {} (a rank above it adds nothing)",
+                "{} is larger than the model's hidden size {} (a rank above it adds nothing)",
                 l.rank, model.hidden_size
             ),
         }),
@@ -326,8 +326,18 @@ impl Trainer {
         Ok((ce, n))
     }
 
-    /// The error of a non-finite cross-entropy: the frozen base model's weights (or metadata)
-    /// are broken, no training can help.
+    /// The error of a non-finite cross-entropy at `step`: before any update the frozen base
+    /// model's weights (or metadata) are broken, no training can help; after one, the run
+    /// diverged.
+    fn non_finite_loss(&self, step: usize) -> EngineError {
+        if self.opt.t > 0 {
+            return EngineError::TrainingDiverged { step };
+        }
+        self.broken_model(step)
+    }
+
+    /// The error of a non-finite cross-entropy of the frozen base model at `step`: its weights
+    /// (or metadata) are broken.
     fn broken_model(&self, step: usize) -> EngineError {
         EngineError::NonFiniteLoss {
             model: self.engine.model_path().to_path_buf(),

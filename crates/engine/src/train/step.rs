@@ -5,7 +5,8 @@
 //! Invariants: micro-batch `k` of step `s` reads the examples of `(seed, s * grad_accum + k)`
 //! and the step's figures are means over its micro-batches in that order; a non-finite
 //! gradient skips the update (the step is reported `skipped`); a non-finite cross-entropy ends
-//! the run ([`crate::EngineError::NonFiniteLoss`]: the frozen model is broken).
+//! the run: before any update the frozen model is broken ([`crate::EngineError::NonFiniteLoss`]),
+//! after one the run diverged ([`crate::EngineError::TrainingDiverged`]).
 
 use std::time::Instant;
 
@@ -164,7 +165,7 @@ impl Trainer {
         let loss = loss.to_scalar::<f32>()? as f64;
         let ce = ce.to_scalar::<f32>()? as f64;
         if !ce.is_finite() {
-            return Err(self.broken_model(step + 1));
+            return Err(self.non_finite_loss(step + 1));
         }
         Ok(MicroBatch {
             loss,

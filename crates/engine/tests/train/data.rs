@@ -153,3 +153,46 @@ fn mix_reads_both_kinds_and_weighs_each_file_by_its_count() {
         "{err}"
     );
 }
+
+/// A file's format is read from its content, not its name: JSONL named `.txt`, `.JSONL` or
+/// nothing gives the examples of the same file named `.jsonl` (never its `{"text": …}` lines
+/// as text), in CPT and SFT alike; plain text stays text, and SFT refuses it.
+#[test]
+fn the_format_of_a_data_file_is_read_from_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let tok = engine.tokenizer();
+    let prose_text = std::fs::read_to_string(prose(dir.path())).unwrap();
+    let record = serde_json::json!({ "text": prose_text }).to_string();
+    let load = |mode: Mode, name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        engine::train::dataset::load(mode, &[path], tok, 32)
+    };
+    let jsonl = load(Mode::Cpt, "cpt.jsonl", &record).unwrap();
+    for name in ["cpt.txt", "cpt.JSONL", "cpt"] {
+        assert_eq!(load(Mode::Cpt, name, &record).unwrap(), jsonl, "{name}");
+    }
+    // A byte-order mark does not hide the format.
+    let with_bom = format!("\u{feff}\n{record}\n");
+    assert_eq!(load(Mode::Cpt, "bom.txt", &with_bom).unwrap(), jsonl);
+    // The record's document alone is trained: the same examples as the plain text file.
+    let text = load(Mode::Cpt, "prose", &prose_text).unwrap();
+    assert_eq!(text, jsonl);
+    assert_eq!(load(Mode::Mix, "prose.md", &prose_text).unwrap(), text);
+    // A `.jsonl` name with a line that is not JSON is an error, not text.
+    let err = load(Mode::Cpt, "bad.Jsonl", "just words\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad.Jsonl:1: invalid JSON"), "{err}");
+    let item = "{\"prompt\": \"The key is 4.\", \"answer\": \"4\"}\n";
+    let sft = load(Mode::Sft, "sft.jsonl", item).unwrap();
+    assert_eq!(load(Mode::Sft, "sft.txt", item).unwrap(), sft);
+    let err = load(Mode::Sft, "plain.txt", &prose_text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("plain.txt") && err.contains("must be JSONL"),
+        "{err}"
+    );
+}

@@ -114,12 +114,51 @@ fn calibration_sets_tau_to_the_target_quantile() {
         for _ in 0..3 {
             t.train_step().unwrap();
         }
-        let ratio = t.calibrate_threshold(6, 3).unwrap();
+        let mut passes = Vec::new();
+        let ratio = t
+            .calibrate_threshold(6, 3, &mut |done, total| passes.push((done, total)))
+            .unwrap();
+        assert_eq!(passes, (1..=24).map(|d| (d, 24)).collect::<Vec<_>>());
         assert!(
             (ratio - target).abs() < 0.03,
             "target {target}: calibrated hard ratio {ratio}"
         );
         assert_ne!(t.gates().config().threshold, 0.5);
+        // More sequences than the data holds: capped at what it holds (one round: two passes).
+        let n = t.n_examples();
+        let mut last = (0, 0);
+        t.calibrate_threshold(n + 100, 1, &mut |done, total| last = (done, total))
+            .unwrap();
+        assert_eq!(last, (2 * n, 2 * n));
+    }
+}
+
+/// A loss that stops being finite after an update is the run's divergence, never blamed on the
+/// model; parameters no longer finite are not written.
+#[test]
+fn a_huge_learning_rate_diverges() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let cfg = TrainConfig {
+        lr: 1e38,
+        warmup: 0,
+        ..tiny_config(prose(dir.path()), 4)
+    };
+    let mut t = Trainer::new(&engine, cfg).unwrap();
+    t.train_step().unwrap();
+    let failed = (1..4).find_map(|_| t.train_step().err());
+    match failed {
+        Some(EngineError::TrainingDiverged { step }) => {
+            assert!(step >= 2, "diverged at step {step}");
+            let err = EngineError::TrainingDiverged { step }.to_string();
+            assert!(err.starts_with("training diverged at step"), "{err}");
+        }
+        Some(other) => panic!("expected divergence, got {other:?}"),
+        None => {
+            let out = dir.path().join("g.safetensors");
+            let err = t.save_gates(&out, GateFileDtype::F32).unwrap_err();
+            assert!(matches!(err, EngineError::Diverged { .. }), "{err:?}");
+        }
     }
 }
 
@@ -181,7 +220,7 @@ fn bad_settings_name_their_field() {
     let engine = tiny_engine(&dir.path().join("model"));
     let data = prose(dir.path());
     // (how the setting is spoiled, the field named, what the problem says)
-    let cases: [(Spoil, &str, &str); 10] = [
+    let cases: [(Spoil, &str, &str); 15] = [
         (|c| c.data.clear(), "TrainConfig.data", "no data file"),
         (|c| c.seq_len = 0, "TrainConfig.seq_len", "got 0"),
         (
@@ -212,6 +251,27 @@ fn bad_settings_name_their_field() {
         ),
         (|c| c.clip = -1.0, "TrainConfig.clip", "non-negative"),
         (|c| c.train = Trainables::Lora, "TrainConfig.lora", "`lora`"),
+        (|c| lora(c).rank = 0, "TrainConfig.lora.rank", "got 0"),
+        (
+            |c| lora(c).alpha = f32::NAN,
+            "TrainConfig.lora.alpha",
+            "got NaN",
+        ),
+        (
+            |c| lora(c).targets = vec!["zz".into()],
+            "TrainConfig.lora.targets",
+            "`zz`",
+        ),
+        (
+            |c| lora(c).rank = 1000,
+            "TrainConfig.lora.rank",
+            "hidden size",
+        ),
+        (
+            |c| (c.heldout, c.heldout_seqs) = (c.data.clone(), 0),
+            "TrainConfig.heldout_seqs",
+            "got 0",
+        ),
     ];
     for (spoil, field, says) in cases {
         let mut cfg = tiny_config(data.clone(), 1);
@@ -228,29 +288,41 @@ fn bad_settings_name_their_field() {
             Ok(_) => panic!("{field}: accepted"),
         }
     }
+}
+
+/// CPT text shorter than one sequence is refused naming the sequence length and the files,
+/// held-out files alike.
+#[test]
+fn too_little_text_names_the_files_and_the_sequence_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(&dir.path().join("model"));
+    let data = prose(dir.path());
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "A few words.").unwrap();
+    // Too little text for one sequence: the sequence length and every file named.
     let err = Trainer::new(&engine, tiny_config(short.clone(), 1))
         .err()
         .unwrap();
     assert!(
-        matches!(&err, EngineError::Setting { setting: "TrainConfig.data", problem }
-            if problem.contains("shorter than one sequence of 33 tokens")),
+        matches!(&err, EngineError::Setting { setting: "TrainConfig.seq_len", problem }
+            if problem.starts_with("32 (plus 1 for the next-token target: 33 tokens)")
+                && problem.contains("short.txt")),
         "{err}"
     );
-    // The same in held-out files names the held-out setting.
+    // The same in held-out files names them.
     let t = Trainer::new(&engine, tiny_config(data, 1)).unwrap();
-    let err = t.load_heldout(&[short]).err().unwrap();
-    assert!(
-        matches!(
-            &err,
-            EngineError::Setting {
-                setting: "TrainConfig.heldout",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let err = t.load_heldout(&[short]).err().unwrap().to_string();
+    assert!(err.contains("short.txt"), "{err}");
+}
+
+/// The LoRA settings of `c`, made with valid values when unset.
+fn lora(c: &mut TrainConfig) -> &mut engine::train::LoraConfig {
+    c.train = Trainables::Both;
+    c.lora.get_or_insert_with(|| engine::train::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q".into()],
+    })
 }
 
 #[test]
