@@ -140,7 +140,8 @@ fn why(policy: PolicyKind, setting: Setting) -> &'static str {
     }
 }
 
-fn parse_ratio(s: &str) -> Result<f32, String> {
+/// A fraction in `[0, 1)` (`--evict`, `--threshold`, bench-serve's `--kv-evict`).
+pub(crate) fn parse_ratio(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if (0.0..1.0).contains(&v) {
         Ok(v)
