@@ -181,6 +181,22 @@ fn api_key_queue_and_pool_limits() {
         let b: Value = r.json().await.unwrap();
         assert_error(s, &b, 413, None);
         assert_eq!(b["error"]["code"], "kv_capacity_exceeded");
+        // With an evicting policy too (the prompt is prefilled whole before it evicts), and the
+        // message says so instead of suggesting an evicting policy.
+        let mut streaming = chat_body(&"y".repeat(1000), 2);
+        streaming["kv_policy"] = json!("streaming");
+        streaming["kv_keep"] = json!(16);
+        let r = authed(&streaming).await.unwrap();
+        let s = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        assert_error(s, &b, 413, None);
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("prefilled whole before the policy (streaming) evicts")
+                && message.contains("--kv-memory-mb")
+                && !message.contains("use an evicting policy"),
+            "{message}"
+        );
 
         // One request runs, one waits, the third gets 503.
         let mut long = chat_body("busy", 400);
