@@ -115,7 +115,7 @@ pub fn hint(e: &anyhow::Error) -> &'static str {
 }
 
 /// [`hint`] for one cause.
-pub fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
+fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
     if cause
         .downcast_ref::<KvError>()
         .is_some_and(KvError::is_out_of_blocks)
