@@ -5,10 +5,11 @@
 //!
 //! Invariants: only the given URL is contacted (loopback by default); every client sends a
 //! bounded number of requests with a bounded `max_tokens` and a per-request timeout; a failed
-//! request is reported, never retried; generated tokens are counted from the server's `usage`
-//! (`stream_options.include_usage`), not from chunks. Aggregate tokens/s is over the whole
-//! wall time; aggregate decode tokens/s counts each request's tokens after its first over the
-//! span from the earliest first token to the latest end.
+//! request is reported (a refusal with the server's status, field and message), never retried,
+//! and when every request failed no table of zeros is printed; generated tokens are counted
+//! from the server's `usage` (`stream_options.include_usage`), not from chunks. Aggregate
+//! tokens/s is over the whole wall time; aggregate decode tokens/s counts each request's tokens
+//! after its first over the span from the earliest first token to the latest end.
 
 use std::time::{Duration, Instant};
 
@@ -308,7 +309,7 @@ async fn stream_request(
 
 /// A refused request as the user needs it: the status, and from an OpenAI error body
 /// (`{"error": {"message", "param", "code"}}`) the field at fault and the message; any other
-/// body as it came.
+/// body as it came (its first 300 characters: an HTML error page is long).
 fn server_error(status: reqwest::StatusCode, body: &str) -> String {
     let error = serde_json::from_str::<Value>(body)
         .ok()
@@ -318,7 +319,8 @@ fn server_error(status: reqwest::StatusCode, body: &str) -> String {
         .and_then(|e| e.get("message"))
         .and_then(Value::as_str)
     else {
-        return format!("the server answered {status}: {}", body.trim());
+        let body: String = body.trim().chars().take(300).collect();
+        return format!("the server answered {status}: {body}");
     };
     let mut at = String::new();
     if let Some(param) = error.as_ref().and_then(|e| e["param"].as_str()) {
