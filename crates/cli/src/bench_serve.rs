@@ -5,14 +5,16 @@
 //!
 //! Invariants: only the given URL is contacted (loopback by default); every client sends a
 //! bounded number of requests with a bounded `max_tokens` and a per-request timeout; a failed
-//! request is reported, never retried; generated tokens are counted from the server's `usage`
-//! (`stream_options.include_usage`), not from chunks. Aggregate tokens/s is over the whole
-//! wall time; aggregate decode tokens/s counts each request's tokens after its first over the
-//! span from the earliest first token to the latest end.
+//! request is reported (a refusal with the server's status, field and message), never retried,
+//! and when every request failed no table of zeros is printed; generated tokens are counted
+//! from the server's `usage` (`stream_options.include_usage`), not from chunks. Aggregate
+//! tokens/s is over the whole wall time; aggregate decode tokens/s counts each request's tokens
+//! after its first over the span from the earliest first token to the latest end.
 
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use engine::PolicyKind;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -43,13 +45,13 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_negative_numbers = true)]
     pub temperature: f32,
     /// `kv_policy` of the requests (default: the server's).
-    #[arg(long)]
-    pub kv_policy: Option<String>,
-    /// `kv_keep` of the requests.
-    #[arg(long)]
+    #[arg(long, value_name = "POLICY", value_parser = clap::value_parser!(PolicyKind))]
+    pub kv_policy: Option<PolicyKind>,
+    /// `kv_keep` of the requests (tokens each KV head keeps, at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "kv_evict")]
     pub kv_keep: Option<u64>,
-    /// `kv_evict` of the requests.
-    #[arg(long, value_parser = parse_finite, allow_negative_numbers = true)]
+    /// `kv_evict` of the requests (fraction of each head's tokens to evict, in [0, 1)).
+    #[arg(long, value_parser = crate::policy_args::parse_ratio, allow_negative_numbers = true)]
     pub kv_evict: Option<f32>,
     /// Bearer token, when the server has --api-key.
     #[arg(long, value_name = "KEY")]
@@ -63,7 +65,8 @@ pub struct BenchServeArgs {
 }
 
 /// A finite number: JSON has no NaN or infinity (they would go out as `null`, and the server
-/// would use its default instead of the value asked for). Ranges are the server's to check.
+/// would use its default instead of the value asked for). Ranges are the server's to check
+/// (the `kv_*` values are checked here with the parsers of agate's own flags).
 fn parse_finite(s: &str) -> Result<f32, String> {
     match s.parse::<f32>() {
         Ok(v) if v.is_finite() => Ok(v),
@@ -109,6 +112,18 @@ struct Target {
 }
 
 async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(&args.url).map_err(|e| {
+        anyhow::anyhow!(
+            "--url {}: not a valid URL ({e}); give the server's base URL, e.g. http://127.0.0.1:8080",
+            args.url
+        )
+    })?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https"),
+        "--url {}: the scheme must be http or https, got `{}`",
+        args.url,
+        url.scheme()
+    );
     let target = Target {
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(args.timeout))
@@ -121,7 +136,11 @@ async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
     match target.client.get(&health).send().await {
         Ok(r) if r.status().is_success() => {}
         Ok(r) => anyhow::bail!("--url {}: {health} answered {}", args.url, r.status()),
-        Err(e) => anyhow::bail!("--url {}: cannot reach the server: {e}", args.url),
+        Err(e) => anyhow::bail!(
+            "--url {}: cannot reach the server: {:#}",
+            args.url,
+            anyhow::Error::new(e)
+        ),
     }
     let before = scrape(&target).await;
     let started = Instant::now();
@@ -145,14 +164,28 @@ async fn bench(args: &BenchServeArgs) -> anyhow::Result<()> {
     }
     let wall = started.elapsed().as_secs_f64();
     let after = scrape(&target).await;
+    let failed: Vec<&RequestResult> = results.iter().filter(|r| !r.ok).collect();
+    let first_error = || failed[0].error.as_deref().unwrap_or("?");
+    // Nothing was measured: a table of zeros would only hide the server's answer.
+    anyhow::ensure!(
+        failed.len() < results.len(),
+        "all {} requests failed; the first: {}",
+        results.len(),
+        first_error()
+    );
     let report = summarize(args, &results, wall, before.as_ref(), after.as_ref());
     if args.json {
         outln!("{report}")?;
     } else {
         print_table(&report, &results)?;
     }
-    let failed = results.iter().filter(|r| !r.ok).count();
-    anyhow::ensure!(failed == 0, "{failed} of {} requests failed", results.len());
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} requests failed; the first: {}",
+        failed.len(),
+        results.len(),
+        first_error()
+    );
     Ok(())
 }
 
@@ -175,8 +208,8 @@ fn request_body(args: &BenchServeArgs, client: u64, request: u64) -> Value {
         "stream_options": {"include_usage": true},
         "ignore_eos": true,
     });
-    if let Some(p) = &args.kv_policy {
-        body["kv_policy"] = json!(p);
+    if let Some(p) = args.kv_policy {
+        body["kv_policy"] = json!(p.name());
     }
     if let Some(k) = args.kv_keep {
         body["kv_keep"] = json!(k);
@@ -236,7 +269,7 @@ async fn stream_request(
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
-        anyhow::bail!("HTTP {status}: {text}");
+        anyhow::bail!("{}", server_error(status, &text));
     }
     let mut bytes = response.bytes_stream();
     let mut buffer = String::new();
@@ -272,6 +305,28 @@ async fn stream_request(
     }
     anyhow::ensure!(done, "the stream ended without `data: [DONE]`");
     Ok(())
+}
+
+/// A refused request as the user needs it: the status, and from an OpenAI error body
+/// (`{"error": {"message", "param", "code"}}`) the field at fault and the message; any other
+/// body as it came (its first 300 characters: an HTML error page is long).
+fn server_error(status: reqwest::StatusCode, body: &str) -> String {
+    let error = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").cloned());
+    let Some(message) = error
+        .as_ref()
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+    else {
+        let body: String = body.trim().chars().take(300).collect();
+        return format!("the server answered {status}: {body}");
+    };
+    let mut at = String::new();
+    if let Some(param) = error.as_ref().and_then(|e| e["param"].as_str()) {
+        at = format!(" ({param})");
+    }
+    format!("the server answered {status}{at}: {message}")
 }
 
 /// The server's `/metrics` as name → value (samples without labels only); `None` when the
@@ -430,4 +485,27 @@ fn print_table(report: &Value, results: &[RequestResult]) -> anyhow::Result<()> 
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_show_status_field_and_message() {
+        let body = r#"{"error":{"message":"policy: unknown policy `nope`","type":"invalid_request_error","param":"kv_policy","code":"invalid_policy"}}"#;
+        assert_eq!(
+            server_error(reqwest::StatusCode::BAD_REQUEST, body),
+            "the server answered 400 Bad Request (kv_policy): policy: unknown policy `nope`"
+        );
+        let body = r#"{"error":{"message":"too big","param":null}}"#;
+        assert_eq!(
+            server_error(reqwest::StatusCode::PAYLOAD_TOO_LARGE, body),
+            "the server answered 413 Payload Too Large: too big"
+        );
+        assert_eq!(
+            server_error(reqwest::StatusCode::BAD_GATEWAY, "upstream down\n"),
+            "the server answered 502 Bad Gateway: upstream down"
+        );
+    }
 }

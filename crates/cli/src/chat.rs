@@ -141,11 +141,9 @@ fn answer(
             Ok(Some(speed))
         }
         Err(e) => {
-            say!(
-                "\nerror: {}{}",
-                crate::errors::describe(&e),
-                crate::errors::hint_for(&e)
-            );
+            let line = crate::errors::describe(&e);
+            let e = crate::errors::under_policy(e.into(), session.policy().kind());
+            say!("\nerror: {line}{}", crate::errors::hint(&e));
             Ok(None)
         }
     }

@@ -3,7 +3,7 @@
 //! an error chain with the flags instead (`--keep`, `--sweep`), and [`hint`] adds what the user
 //! can do about a cause that a flag controls.
 
-use engine::{EngineError, KvError, PolicyError};
+use engine::{EngineError, KvError, PolicyError, PolicyKind};
 
 use crate::policy_args::flag;
 
@@ -80,8 +80,38 @@ fn setting_flag(setting: &'static str) -> &'static str {
     }
 }
 
+/// The context of a run's error under an evicting policy: an out-of-blocks cause then gets the
+/// hint that fits (the prompt is prefilled whole before the policy evicts, so `--keep` does not
+/// bound the prefill's peak), instead of "evict with --policy".
+#[derive(Debug)]
+pub struct UnderPolicy(pub PolicyKind);
+
+impl std::fmt::Display for UnderPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--policy {}", self.0)
+    }
+}
+
+/// `e` with [`UnderPolicy`] as its context when `policy` evicts and a cause ran out of KV
+/// blocks; otherwise `e` as it is.
+pub fn under_policy(e: anyhow::Error, policy: PolicyKind) -> anyhow::Error {
+    let out_of_blocks = e.chain().any(|c| {
+        c.downcast_ref::<KvError>()
+            .is_some_and(KvError::is_out_of_blocks)
+    });
+    if policy != PolicyKind::Full && out_of_blocks {
+        e.context(UnderPolicy(policy))
+    } else {
+        e
+    }
+}
+
 /// What the user can do about an error whose cause is a flag's value (empty: nothing to add).
 pub fn hint(e: &anyhow::Error) -> &'static str {
+    if e.downcast_ref::<UnderPolicy>().is_some() {
+        return " (the prompt is prefilled whole before the policy evicts, so eviction cannot \
+                make it fit: raise --kv-memory-mb or shorten the prompt)";
+    }
     e.chain()
         .map(hint_for)
         .find(|h| !h.is_empty())
@@ -89,7 +119,7 @@ pub fn hint(e: &anyhow::Error) -> &'static str {
 }
 
 /// [`hint`] for one cause.
-pub fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
+fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
     if cause
         .downcast_ref::<KvError>()
         .is_some_and(KvError::is_out_of_blocks)
@@ -110,6 +140,34 @@ pub fn hint_for(cause: &(dyn std::error::Error + 'static)) -> &'static str {
 mod tests {
     use super::*;
     use engine::{PolicyKind, Setting};
+
+    #[test]
+    fn out_of_blocks_under_an_evicting_policy_says_the_prompt_is_prefilled_whole() {
+        let out_of_blocks = || {
+            anyhow::Error::from(EngineError::from(KvError::ReserveFailed {
+                requested: 11340,
+                free: 2048,
+                total: 2048,
+            }))
+        };
+        let full = under_policy(out_of_blocks(), PolicyKind::Full);
+        assert!(
+            hint(&full).contains("evict with --policy"),
+            "{}",
+            hint(&full)
+        );
+        let streaming = under_policy(out_of_blocks(), PolicyKind::Streaming);
+        assert_eq!(streaming.to_string(), "--policy streaming");
+        assert!(
+            hint(&streaming).contains("prefilled whole before the policy evicts")
+                && hint(&streaming).contains("raise --kv-memory-mb or shorten the prompt"),
+            "{}",
+            hint(&streaming)
+        );
+        // Any other error keeps its own hint, under any policy.
+        let other = under_policy(anyhow::anyhow!("no"), PolicyKind::Streaming);
+        assert_eq!((other.to_string().as_str(), hint(&other)), ("no", ""));
+    }
 
     #[test]
     fn policy_errors_name_the_flags() {

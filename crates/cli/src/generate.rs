@@ -75,10 +75,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let generation = if args.chat {
         session.set_system_prompt(args.system.clone())?;
-        session.chat(&args.prompt, &request, &mut on_text)?
+        session.chat(&args.prompt, &request, &mut on_text)
     } else {
-        session.complete(&args.prompt, &request, &mut on_text)?
-    };
+        session.complete(&args.prompt, &request, &mut on_text)
+    }
+    .map_err(|e| crate::errors::under_policy(e.into(), choice.kind()))?;
     if let Some(e) = write_error {
         return Err(e);
     }

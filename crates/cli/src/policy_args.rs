@@ -140,7 +140,8 @@ fn why(policy: PolicyKind, setting: Setting) -> &'static str {
     }
 }
 
-fn parse_ratio(s: &str) -> Result<f32, String> {
+/// A fraction in `[0, 1)` (`--evict`, `--threshold`, bench-serve's `--kv-evict`).
+pub(crate) fn parse_ratio(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if (0.0..1.0).contains(&v) {
         Ok(v)
@@ -284,7 +285,18 @@ impl PolicyArgs {
     /// that ignore one the others use.
     fn options(&self, kinds: &[PolicyKind]) -> anyhow::Result<PolicyOptions> {
         let mut options = PolicyOptions::default();
+        let mut keys: Vec<&str> = Vec::new();
         for pair in &self.options {
+            // The last value would silently win: a repeated key is a mistake to point at.
+            let key = pair
+                .split_once('=')
+                .map_or(pair.as_str(), |(k, _)| k.trim());
+            anyhow::ensure!(
+                !keys.contains(&key),
+                "--policy-opt: `{key}` is given more than once (`{pair}` after an earlier \
+                 value); give each key once"
+            );
+            keys.push(key);
             options
                 .set_pair(pair)
                 .map_err(|e| anyhow::anyhow!("--policy-opt: {e}"))?;

@@ -171,18 +171,54 @@ fn bench_serve_without_a_server_is_one_error() {
 /// server would read as "use the default", measuring a setting nobody asked for).
 #[test]
 fn bench_serve_refuses_non_finite_request_values() {
-    for (flag, value) in [
-        ("--kv-evict", "NaN"),
-        ("--kv-evict", "inf"),
-        ("--temperature", "NaN"),
+    for (flag, value, why) in [
+        ("--kv-evict", "NaN", "must be in [0, 1), got NaN"),
+        ("--kv-evict", "inf", "must be in [0, 1), got inf"),
+        ("--temperature", "NaN", "must be a finite number"),
     ] {
         let out = agate(&["bench-serve", "--url", "http://127.0.0.1:1", flag, value]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            stderr.contains(flag) && stderr.contains("must be a finite number"),
-            "{stderr}"
-        );
+        refused(&out, &[flag, why]);
+    }
+}
+
+/// A failure whose first stderr line (clap adds a usage line) holds every needle; no stdout.
+fn refused(out: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(first.starts_with("error:"), "{stderr}");
+    for n in needles {
+        assert!(first.contains(n), "expected {n:?} in: {stderr}");
+    }
+}
+
+/// bench-serve checks the `kv_*` values and the URL as agate's own flags are checked, before
+/// any request: a bad one is one error naming it, never "N of N requests failed".
+#[test]
+fn bench_serve_checks_its_values_before_sending() {
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["--kv-policy", "nope"],
+            &["--kv-policy", "unknown policy `nope`"],
+        ),
+        (
+            &["--kv-evict", "2"],
+            &["--kv-evict", "must be in [0, 1), got 2"],
+        ),
+        (&["--kv-keep", "0"], &["--kv-keep", "0"]),
+        (
+            &["--kv-keep", "8", "--kv-evict", "0.5"],
+            &["--kv-keep", "--kv-evict"],
+        ),
+        (&["--url", "notaurl"], &["--url notaurl: not a valid URL"]),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["bench-serve"];
+        if args[0] != "--url" {
+            all.extend(["--url", "http://127.0.0.1:1"]);
+        }
+        all.extend_from_slice(args);
+        refused(&agate(&all), expected);
     }
 }
 

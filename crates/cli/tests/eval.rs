@@ -362,3 +362,45 @@ fn output_failures_name_the_flag_and_the_path() {
         &["--out", "exists and is not a directory"],
     );
 }
+
+/// What would silently go wrong is refused or said up front: a ratio swept twice runs once (with
+/// a note, as a policy named twice), a `--policy-opt` key given twice is refused, a task too
+/// long for the model names its file and line, and a sweep file `--out` cannot hold fails the
+/// command before the sweep, leaving nothing written.
+#[test]
+fn repeats_and_late_failures_are_caught_up_front() {
+    let mixed = Mixed::new();
+    let out = mixed.eval(&["--policy", "h2o", "--sweep", "0.5,0.5", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--sweep names 0.5 more than once; each ratio runs once"),
+        "{stderr}"
+    );
+    assert_eq!(stdout_json(&out)["rows"].as_array().unwrap().len(), 2);
+    fails_with(
+        &mixed.eval(&["--policy", "pyramidkv", "--policy-opt", "beta=2,beta=3"]),
+        &["--policy-opt", "`beta` is given more than once"],
+    );
+    let long = mixed.dir.path().join("long.jsonl");
+    let good = MIXED.lines().next().unwrap();
+    let context = "x ".repeat(3000);
+    std::fs::write(
+        &long,
+        format!("{good}\n\n{{\"type\":\"choice\",\"context\":\"{context}\",\"question\":\"q\",\"choices\":[\"a\",\"b\"],\"answer\":0}}\n"),
+    )
+    .unwrap();
+    fails_with(
+        &agate(&["eval", "--tasks", s(&long), "--model", s(&mixed.model)]),
+        &[
+            &format!("{}:3: task 2 (choice)", long.display()),
+            "does not fit",
+        ],
+    );
+    let out_dir = mixed.dir.path().join("sweep");
+    std::fs::create_dir_all(out_dir.join("accuracy.png")).unwrap();
+    fails_with(
+        &mixed.eval(&["--policy", "h2o", "--sweep", "0.5", "--out", s(&out_dir)]),
+        &["--out", "accuracy.png"],
+    );
+    assert!(!out_dir.join("sweep.json").exists());
+}

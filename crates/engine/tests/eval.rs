@@ -205,6 +205,10 @@ fn bad_task_files_name_the_line_and_the_field() {
             "field `choices`: element 1 is not a string",
         ),
         ("[1,2]", "expected a JSON object"),
+        (
+            r#"{"type":"choice","context":"","question":"","choices":["a","b"],"answer":0}"#,
+            "fields `context` and `question` are both empty",
+        ),
     ];
     for (bad, message) in cases {
         // Two good lines, a blank line, the bad one on line 4, then a good one after it.
@@ -226,6 +230,14 @@ fn bad_task_files_name_the_line_and_the_field() {
     std::fs::write(&path, format!("{good}\n{{\"type\":\"choice\"}}\n")).unwrap();
     let err = eval::load_tasks(&path).unwrap_err().to_string();
     assert!(err.contains("t.jsonl:2: "), "{err}");
+    // A byte-order mark at the start is skipped; each task keeps its line.
+    std::fs::write(&path, format!("\u{feff}{good}\n\n{good}\n")).unwrap();
+    let lines: Vec<usize> = eval::load_task_lines(&path)
+        .unwrap()
+        .iter()
+        .map(|(line, _)| *line)
+        .collect();
+    assert_eq!(lines, [1, 3]);
 }
 
 /// Whitespace-separated words as tokens: a stand-in tokenizer for the generators.

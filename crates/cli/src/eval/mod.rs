@@ -44,9 +44,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let tasks_from_file = match &args.tasks {
-        Some(p) => Some((p.display().to_string(), eval::load_tasks(p)?)),
-        None => None,
+    let (tasks_from_file, lines) = match &args.tasks {
+        Some(p) => {
+            let (lines, tasks) = eval::load_task_lines(p)?.into_iter().unzip();
+            (Some((p.display().to_string(), tasks)), lines)
+        }
+        None => (None, Vec::new()),
     };
     let plan = match &args.sweep {
         Some(ratios) => Some(sweep_plan(args, &choices, ratios)?),
@@ -58,12 +61,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(dir) = &args.out {
-        engine::atomic::ensure_dir(dir).context("--out")?;
-    }
-    if let Some(path) = &args.write_tasks {
-        plot::check_writable(path, "--write-tasks")?;
-    }
+    check_outputs(args)?;
     let engine = load_engine(&args.model)?;
     let (label, mut tasks) = match (tasks_from_file, args.synthetic) {
         (Some(read), _) => read,
@@ -94,6 +92,54 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     match plan {
         None => single(args, &engine, &choices[0], &label, &tasks, &opts),
         Some(plan) => run_sweep(args, &engine, &choices, plan, &label, &tasks, &opts),
+    }
+    .map_err(|e| at_line(e, &label, &lines))
+}
+
+/// The files a single run writes under `--out` (kept in step with [`single`]).
+const SINGLE_FILES: [&str; 2] = ["summary.json", "outcomes.jsonl"];
+/// The files a sweep writes under `--out` (kept in step with [`write_sweep`]).
+const SWEEP_FILES: [&str; 5] = [
+    "sweep.json",
+    "sweep.csv",
+    "sweep.md",
+    "accuracy.svg",
+    "accuracy.png",
+];
+
+/// Checks before any work that every output can be written: `--out` is made (parents too) and
+/// each file the run writes there is checked (not a directory, writable), so that a run never
+/// ends with some of its files written and the rest refused; `--write-tasks` likewise.
+fn check_outputs(args: &EvalArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.out {
+        engine::atomic::ensure_dir(dir).context("--out")?;
+        let files: &[&str] = if args.sweep.is_some() {
+            &SWEEP_FILES
+        } else {
+            &SINGLE_FILES
+        };
+        for name in files {
+            plot::check_writable(&dir.join(name), "--out")?;
+        }
+    }
+    if let Some(path) = &args.write_tasks {
+        plot::check_writable(path, "--write-tasks")?;
+    }
+    Ok(())
+}
+
+/// A task's failure with its file and line first (`tasks.jsonl:4: task 4 (choice): …`), when
+/// the tasks came from a file (`lines[i]` is task `i + 1`'s line); other errors as they are.
+fn at_line(e: anyhow::Error, file: &str, lines: &[usize]) -> anyhow::Error {
+    let number = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<engine::EngineError>() {
+            Some(engine::EngineError::Task { number, .. }) => Some(*number),
+            _ => None,
+        });
+    match number.and_then(|n| lines.get(n.checked_sub(1)?)) {
+        Some(line) => e.context(format!("{file}:{line}")),
+        None => e,
     }
 }
 
@@ -184,12 +230,33 @@ fn sweep_plan(
     }
     let plan = SweepPlan {
         policies: kinds,
-        ratios: ratios.to_vec(),
+        ratios: distinct_ratios(ratios),
         anchors,
         tolerance: 0.005,
     };
     plan.validate()?;
     Ok(plan)
+}
+
+/// The `--sweep` ratios in order, each once; a note names those given more than once (as
+/// `--policy` does for policies).
+fn distinct_ratios(ratios: &[f64]) -> Vec<f64> {
+    let (mut distinct, mut repeated) = (Vec::new(), Vec::new());
+    for &r in ratios {
+        if !distinct.contains(&r) {
+            distinct.push(r);
+        } else if !repeated.contains(&r) {
+            repeated.push(r);
+        }
+    }
+    if !repeated.is_empty() {
+        let names: Vec<String> = repeated.iter().map(f64::to_string).collect();
+        say!(
+            "agate: note: --sweep names {} more than once; each ratio runs once",
+            names.join(", ")
+        );
+    }
+    distinct
 }
 
 /// Runs the tasks under every policy (task by task, see `eval::run_policies`) with one progress

@@ -177,6 +177,7 @@ async fn serve(app: Arc<App>, host: &str, port: u16) -> anyhow::Result<()> {
         engine.pool().config().capacity_bytes() >> 20,
         app.scheduler.config().max_sessions,
     );
+    say!("agate serve: listening on http://{addr}");
     outln!("listening on http://{addr}")?;
     use std::io::Write;
     std::io::stdout().flush()?;
@@ -398,6 +399,7 @@ impl App {
     ) -> Result<Response, ApiError> {
         let request = self.generate_request(common)?;
         let (policy, policy_key) = self.policy(common).await?;
+        let policy_kind = policy.kind();
         let answer = Answer {
             stream: common.stream,
             include_usage: common
@@ -417,7 +419,9 @@ impl App {
             .map_err(ApiError::from_engine)?;
         match events.recv().await {
             Some(RequestEvent::Started { .. }) => {}
-            Some(RequestEvent::Failed(e)) => return Err(ApiError::from_engine(e)),
+            Some(RequestEvent::Failed(e)) => {
+                return Err(ApiError::from_engine_under(e, policy_kind))
+            }
             _ => {
                 return Err(ApiError::from_engine(engine::EngineError::Scheduler(
                     "the request ended before it started".into(),

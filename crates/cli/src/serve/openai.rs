@@ -9,7 +9,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use engine::{ChatMessage, EngineError, FinishReason, KvReport, Usage};
+use engine::{ChatMessage, EngineError, FinishReason, KvReport, PolicyKind, Usage};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -94,6 +94,27 @@ impl ApiError {
             param: param.map(str::to_string),
             code,
         }
+    }
+
+    /// [`ApiError::from_engine`] for a request under `policy`: when an evicting policy's
+    /// request cannot fit the pool, the message says why eviction did not help (the prompt is
+    /// prefilled whole before the policy evicts).
+    pub fn from_engine_under(e: EngineError, policy: PolicyKind) -> Self {
+        let prefill = match &e {
+            EngineError::KvCapacity { needed, capacity } if policy != PolicyKind::Full => {
+                Some(format!(
+                    "the prompt is prefilled whole before the policy ({policy}) evicts: it needs \
+                     {needed} KV blocks, the whole pool has {capacity}; give the server more KV \
+                     memory (--kv-memory-mb) or shorten the prompt"
+                ))
+            }
+            _ => None,
+        };
+        let mut error = ApiError::from_engine(e);
+        if let Some(message) = prefill {
+            error.message = message;
+        }
+        error
     }
 
     /// The `{"error": {...}}` body.
@@ -205,7 +226,8 @@ fn typed<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
 }
 
 impl ChatRequest {
-    /// The conversation, checked: known roles, text content only, at least one message.
+    /// The conversation, checked: known roles, text content only, at least one message, no
+    /// user message without text (OpenAI refuses a null one; the CLI refuses an empty prompt).
     pub fn conversation(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
@@ -231,6 +253,13 @@ impl ChatRequest {
                 };
                 let content = text_content(m.content.as_ref())
                     .map_err(|why| ApiError::invalid(Some(&param), format!("messages[{i}].content {why}")))?;
+                if role == "user" && content.is_empty() {
+                    let what = if m.content.as_ref().is_none_or(Value::is_null) { "null" } else { "empty" };
+                    return Err(ApiError::invalid(
+                        Some(&param),
+                        format!("messages[{i}].content is {what}: a user message needs text"),
+                    ));
+                }
                 Ok(ChatMessage::new(role, &content))
             })
             .collect()
@@ -274,13 +303,18 @@ impl CompletionRequest {
                 "prompt must be a string (or a list of one string)",
             )
         };
-        match &self.prompt {
-            Value::String(s) => Ok(s.clone()),
+        let text = match &self.prompt {
+            Value::String(s) => s.clone(),
             Value::Array(items) if items.len() == 1 => {
-                items[0].as_str().map(str::to_string).ok_or_else(bad)
+                items[0].as_str().map(str::to_string).ok_or_else(bad)?
             }
-            _ => Err(bad()),
+            _ => return Err(bad()),
+        };
+        if text.is_empty() {
+            // As the CLI and chat's user messages: nothing to continue from.
+            return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
         }
+        Ok(text)
     }
 }
 

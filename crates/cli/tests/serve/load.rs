@@ -132,6 +132,31 @@ fn clients_hanging_up_mid_stream_never_stop_the_server() {
     });
 }
 
+/// A prompt whose full cache is larger than the whole pool: 413 under any policy, since the
+/// prompt is prefilled whole before the policy evicts; for an evicting policy the message says
+/// so instead of suggesting one.
+async fn prompts_larger_than_the_pool_get_413(c: &reqwest::Client, url: &str) {
+    let mut streaming = chat_body(&"y".repeat(1000), 2);
+    streaming["kv_policy"] = json!("streaming");
+    streaming["kv_keep"] = json!(16);
+    for (body, why) in [
+        (chat_body(&"y".repeat(1000), 2), "use an evicting policy"),
+        (
+            streaming,
+            "prefilled whole before the policy (streaming) evicts",
+        ),
+    ] {
+        let r = c.post(url).bearer_auth("sesame").json(&body).send().await;
+        let r = r.unwrap();
+        let s = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        assert_error(s, &b, 413, None);
+        assert_eq!(b["error"]["code"], "kv_capacity_exceeded");
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{message}");
+    }
+}
+
 #[test]
 fn api_key_queue_and_pool_limits() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,12 +200,7 @@ fn api_key_queue_and_pool_limits() {
         );
         let authed = |body: &Value| c.post(&url).bearer_auth("sesame").json(body).send();
 
-        // A prompt whose full cache is larger than the whole pool: 413.
-        let r = authed(&chat_body(&"y".repeat(1000), 2)).await.unwrap();
-        let s = r.status().as_u16();
-        let b: Value = r.json().await.unwrap();
-        assert_error(s, &b, 413, None);
-        assert_eq!(b["error"]["code"], "kv_capacity_exceeded");
+        prompts_larger_than_the_pool_get_413(&c, &url).await;
 
         // One request runs, one waits, the third gets 503.
         let mut long = chat_body("busy", 400);

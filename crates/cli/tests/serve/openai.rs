@@ -1,6 +1,7 @@
 //! The OpenAI surface of the server, one test per route or error family: /health and
 //! /v1/models, chat and text completions (streamed and not), agate's per-request policy
-//! settings, malformed requests and knobs a policy ignores (400 naming the field), prompts
+//! settings, malformed requests and knobs a policy ignores (400 naming the field; bench-serve
+//! shows that answer), prompts
 //! beyond the context, a conversation served from the prompt cache with the metrics counting
 //! it, and `max_tokens` beyond the context.
 
@@ -172,6 +173,17 @@ fn malformed_requests_name_their_field() {
         )
         .await;
         assert_error(s, &b, 400, Some("messages[0]"));
+        // A user message needs text (OpenAI refuses a null one; the CLI an empty prompt), and
+        // so does a text completion.
+        for (content, what) in [(json!(null), "null"), (json!(""), "empty")] {
+            let body = json!({"messages": [{"role": "user", "content": content}]});
+            let (s, b) = post(c, &url, &body).await;
+            assert_error(s, &b, 400, Some("messages[0]"));
+            let message = b["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&format!("content is {what}")), "{message}");
+        }
+        let (s, b) = post(c, &server.url("/v1/completions"), &json!({"prompt": ""})).await;
+        assert_error(s, &b, 400, Some("prompt"));
     });
 }
 
@@ -200,6 +212,32 @@ fn knobs_the_policy_does_not_read_are_refused() {
                 .unwrap()
                 .contains("does nothing"));
         }
+        // bench-serve shows the server's answer (status, field, message), no table of zeros.
+        let out = agate(&[
+            "bench-serve",
+            "--url",
+            &server.base,
+            "--clients",
+            "2",
+            "--max-tokens",
+            "2",
+            "--kv-policy",
+            "full",
+            "--kv-keep",
+            "3",
+        ]);
+        crate::common::fails_with(
+            &out,
+            &[
+                "all 2 requests failed; the first: the server answered 400 Bad Request (kv_keep)",
+                "kv_keep does nothing with the policy `full`",
+            ],
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     });
 }
 

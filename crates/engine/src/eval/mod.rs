@@ -61,7 +61,7 @@ use crate::shared_context::SharedContext;
 
 use score::score_task;
 pub use score::{log_softmax, KvSnapshot};
-pub use task::{load_tasks, parse_tasks, MatchKind, Task};
+pub use task::{load_task_lines, load_tasks, parse_tasks, MatchKind, Task};
 
 /// Where a perplexity text's evicted head ends.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]

@@ -2,9 +2,11 @@
 //! `docs/eval.md`): one JSON object per line, `type` ∈ {`choice`, `generate`, `perplexity`}.
 //!
 //! Invariants: a parsed [`Task`] is valid — a choice task has at least two choices and its
-//! `answer` indexes one of them; a generate task's answer is not blank; a perplexity text is not
-//! empty. Parsing never skips a line: the first bad line fails the whole file with
-//! `FILE:LINE: message` naming the field at fault. Blank lines are allowed and ignored.
+//! `answer` indexes one of them; a choice or generate task's `context` and `question` are not
+//! both empty; a generate task's answer is not blank; a perplexity text is not empty. Parsing
+//! never skips a line: the first bad line fails the whole file with `FILE:LINE: message` naming
+//! the field at fault. Blank lines are allowed and ignored, and so is a UTF-8 byte-order mark
+//! at the start of the file.
 
 use std::path::Path;
 
@@ -136,17 +138,33 @@ impl Task {
 
 /// Reads and validates a task file.
 pub fn load_tasks(path: &Path) -> Result<Vec<Task>> {
+    Ok(load_task_lines(path)?.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Reads and validates a task file: each task with its line in the file (1-based), for
+/// messages about a task that fails when it runs.
+pub fn load_task_lines(path: &Path) -> Result<Vec<(usize, Task)>> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::DataFile {
         file: path.to_path_buf(),
         line: None,
         problem: "cannot read".into(),
         source: Some(Box::new(e)),
     })?;
-    parse_tasks(&text, &path.display().to_string())
+    parse_task_lines(&text, &path.display().to_string())
 }
 
 /// Parses JSONL task text; `name` prefixes error messages (`name:LINE: …`).
 pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
+    Ok(parse_task_lines(text, name)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect())
+}
+
+/// [`parse_tasks`], each task with its line (1-based). A UTF-8 byte-order mark at the start
+/// (some editors write one) is skipped.
+fn parse_task_lines(text: &str, name: &str) -> Result<Vec<(usize, Task)>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut tasks = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -160,7 +178,10 @@ pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
         };
         let value: Value =
             serde_json::from_str(line).map_err(|e| at("invalid JSON".into(), Some(e)))?;
-        tasks.push(parse_task(&value).map_err(|problem| at(problem, None))?);
+        tasks.push((
+            i + 1,
+            parse_task(&value).map_err(|problem| at(problem, None))?,
+        ));
     }
     if tasks.is_empty() {
         return Err(EngineError::DataFile {
@@ -245,13 +266,25 @@ fn parse_choice(obj: &Map<String, Value>) -> std::result::Result<Task, String> {
             choices.len()
         ));
     }
+    let (context, question) = prompt_fields(obj)?;
     Ok(Task::Choice {
-        context: string(obj, "context")?,
-        question: string(obj, "question")?,
+        context,
+        question,
         choices,
         answer: answer as usize,
         chat: chat_field(obj)?,
     })
+}
+
+/// The `context` and `question` of a choice or generate task: not both empty (the prompt would
+/// be nothing).
+fn prompt_fields(obj: &Map<String, Value>) -> std::result::Result<(String, String), String> {
+    let context = string(obj, "context")?;
+    let question = string(obj, "question")?;
+    if context.is_empty() && question.is_empty() {
+        return Err("fields `context` and `question` are both empty".into());
+    }
+    Ok((context, question))
 }
 
 /// The fields of a `generate` task.
@@ -279,11 +312,7 @@ fn parse_generate(obj: &Map<String, Value>) -> std::result::Result<Task, String>
         Some(Value::Object(m)) => m.clone(),
         Some(_) => return Err("field `meta` must be an object".into()),
     };
-    let context = string(obj, "context")?;
-    let question = string(obj, "question")?;
-    if context.is_empty() && question.is_empty() {
-        return Err("fields `context` and `question` are both empty".into());
-    }
+    let (context, question) = prompt_fields(obj)?;
     let answer_prefix = match obj.get("answer_prefix") {
         None => String::new(),
         Some(_) => string(obj, "answer_prefix")?,
