@@ -5,7 +5,7 @@
 //! - a block id is owned by at most one [`Block`] at a time; ids and buffers of released blocks
 //!   go back to free lists and are reused;
 //! - a [`Block`] may be held by several sequences at once (a fork shares it copy-on-write, see
-//!   `sequence.rs`); it counts once in `blocks_in_use` and comes back once, from its last holder;
+//!   `sequence/`); it counts once in `blocks_in_use` and comes back once, from its last holder;
 //! - `blocks_in_use + blocks_set_aside <= capacity_blocks`: an allocation that would exceed it
 //!   fails as a whole, leaving the pool unchanged; blocks set aside for one sequence
 //!   (a reservation, see `SequenceKv::reserve_blocks`) are handed only to that sequence;
