@@ -24,6 +24,8 @@
 pub mod atomic;
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(any(feature = "train", feature = "eval"))]
+mod data_file;
 mod decoding;
 pub mod engine;
 pub mod error;

@@ -12,7 +12,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::{EngineError, Result};
+use crate::data_file::{data_error, parse_json_line, read_text};
+use crate::error::Result;
 
 /// How a generated answer is compared with the reference (after [`normalize`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -144,13 +145,7 @@ pub fn load_tasks(path: &Path) -> Result<Vec<Task>> {
 /// Reads and validates a task file: each task with its line in the file (1-based), for
 /// messages about a task that fails when it runs.
 pub fn load_task_lines(path: &Path) -> Result<Vec<(usize, Task)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| EngineError::DataFile {
-        file: path.to_path_buf(),
-        line: None,
-        problem: "cannot read".into(),
-        source: Some(Box::new(e)),
-    })?;
-    parse_task_lines(&text, &path.display().to_string())
+    parse_task_lines(&read_text(path)?, &path.display().to_string())
 }
 
 /// Parses JSONL task text; `name` prefixes error messages (`name:LINE: …`).
@@ -170,26 +165,18 @@ fn parse_task_lines(text: &str, name: &str) -> Result<Vec<(usize, Task)>> {
         if line.trim().is_empty() {
             continue;
         }
-        let at = |problem: String, source: Option<serde_json::Error>| EngineError::DataFile {
-            file: name.into(),
-            line: Some(i + 1),
-            problem,
-            source: source.map(|e| Box::new(e) as _),
-        };
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| at("invalid JSON".into(), Some(e)))?;
-        tasks.push((
-            i + 1,
-            parse_task(&value).map_err(|problem| at(problem, None))?,
-        ));
+        let value = parse_json_line(Path::new(name), i + 1, line)?;
+        let task = parse_task(&value)
+            .map_err(|problem| data_error(Path::new(name), Some(i + 1), problem, None))?;
+        tasks.push((i + 1, task));
     }
     if tasks.is_empty() {
-        return Err(EngineError::DataFile {
-            file: name.into(),
-            line: None,
-            problem: "no tasks in the file".into(),
-            source: None,
-        });
+        return Err(data_error(
+            Path::new(name),
+            None,
+            "no tasks in the file",
+            None,
+        ));
     }
     Ok(tasks)
 }

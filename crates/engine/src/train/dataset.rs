@@ -33,6 +33,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::data_file::{data_error, parse_json_line, read_text};
 use crate::error::{EngineError, Result};
 
 /// One training sequence: `seq_len + 1` tokens, and per target position (`seq_len`) whether CE
@@ -118,11 +119,7 @@ struct DataText<'a> {
 impl<'a> DataText<'a> {
     /// Reads `path` and tells its format.
     fn read(path: &'a Path) -> Result<Self> {
-        let mut text = std::fs::read_to_string(path)
-            .map_err(|e| file_err(path, None, "cannot read", Some(Box::new(e))))?;
-        if text.starts_with('\u{feff}') {
-            text.drain(..'\u{feff}'.len_utf8());
-        }
+        let text = read_text(path)?;
         let named = path
             .extension()
             .and_then(|e| e.to_str())
@@ -140,9 +137,14 @@ impl<'a> DataText<'a> {
             return Ok(true);
         }
         let Some((i, first)) = first_record(&self.text) else {
-            return Err(file_err(self.path, None, "no examples (empty file)", None));
+            return Err(data_error(
+                self.path,
+                None,
+                "no examples (empty file)",
+                None,
+            ));
         };
-        let v = parse_json(self.path, i + 1, first)?;
+        let v = parse_json_line(self.path, i + 1, first)?;
         Ok(v.get("text").is_some())
     }
 }
@@ -150,27 +152,6 @@ impl<'a> DataText<'a> {
 /// The first non-blank line of `text` and its 0-based index.
 fn first_record(text: &str) -> Option<(usize, &str)> {
     text.lines().enumerate().find(|(_, l)| !l.trim().is_empty())
-}
-
-/// The error of `path` (at `line`, if one is at fault): `problem`, caused by `source`.
-fn file_err(
-    path: &Path,
-    line: Option<usize>,
-    problem: impl Into<String>,
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-) -> EngineError {
-    EngineError::DataFile {
-        file: path.to_path_buf(),
-        line,
-        problem: problem.into(),
-        source,
-    }
-}
-
-/// Line `line` of `path`, `text`, as JSON.
-fn parse_json(path: &Path, line: usize, text: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(text)
-        .map_err(|e| file_err(path, Some(line), "invalid JSON", Some(Box::new(e))))
 }
 
 /// The string field `field` of each non-blank line of a JSONL file (required).
@@ -181,15 +162,15 @@ fn jsonl_field(file: &DataText, field: &str) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v = parse_json(path, i + 1, line)?;
+        let v = parse_json_line(path, i + 1, line)?;
         let value = v.get(field).and_then(|x| x.as_str()).ok_or_else(|| {
             let problem = format!("expected a string field `{field}`");
-            file_err(path, Some(i + 1), problem, None)
+            data_error(path, Some(i + 1), problem, None)
         })?;
         out.push(value.to_string());
     }
     if out.is_empty() {
-        return Err(file_err(path, None, "no examples (empty file)", None));
+        return Err(data_error(path, None, "no examples (empty file)", None));
     }
     Ok(out)
 }
@@ -214,14 +195,14 @@ fn cpt_examples(files: &[DataText], tok: &Tokenizer, seq_len: usize) -> Result<V
             jsonl_field(file, "text")?
         } else {
             if file.text.trim().is_empty() {
-                return Err(file_err(path, None, "empty text file", None));
+                return Err(data_error(path, None, "empty text file", None));
             }
             vec![file.text.clone()]
         };
         for d in docs {
             let ids = tok
                 .encode(&d, tok.adds_bos())
-                .map_err(|e| file_err(path, None, "cannot tokenize", Some(Box::new(e))))?;
+                .map_err(|e| data_error(path, None, "cannot tokenize", Some(Box::new(e))))?;
             stream.extend(ids);
             stream.extend(eos);
         }
@@ -255,7 +236,7 @@ fn sft_examples(files: &[DataText], tok: &Tokenizer, seq_len: usize) -> Result<V
     for file in files {
         let path = file.path;
         if !file.jsonl {
-            return Err(file_err(
+            return Err(data_error(
                 path,
                 None,
                 "SFT data must be JSONL (one JSON object per line) with prompt and answer fields, or messages",
@@ -266,8 +247,8 @@ fn sft_examples(files: &[DataText], tok: &Tokenizer, seq_len: usize) -> Result<V
             if line.trim().is_empty() {
                 continue;
             }
-            let at = |p: LineProblem| file_err(path, Some(i + 1), p.problem, p.source);
-            let v = parse_json(path, i + 1, line)?;
+            let at = |p: LineProblem| data_error(path, Some(i + 1), p.problem, p.source);
+            let v = parse_json_line(path, i + 1, line)?;
             let messages = sft_messages(&v).map_err(|p| at(p.into()))?;
             let pieces = chat_pieces(&messages, tok).map_err(at)?;
             out.push(sft_example(&pieces, tok, seq_len).map_err(|p| at(p.into()))?);
