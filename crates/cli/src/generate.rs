@@ -23,8 +23,8 @@ pub struct GenerateArgs {
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Stop when this text is produced (repeatable).
-    #[arg(long)]
+    /// Stop when this text is produced (repeatable; not empty).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub stop: Vec<String>,
     /// Apply the model's chat template to the prompt.
     #[arg(long)]

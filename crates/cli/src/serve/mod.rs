@@ -81,7 +81,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "KEY", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub api_key: Option<String>,
     /// Model id shown by /v1/models and in responses (default: the model file's name).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub model_name: Option<String>,
 }
 

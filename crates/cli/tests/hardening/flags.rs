@@ -123,6 +123,29 @@ fn flags_the_policy_ignores_are_refused() {
         let out = agate(&[&["generate", "hi", "--model", s(&model)][..], flags].concat());
         fails_with(&out, &[says]);
     }
+    // Empty texts are refused when the flags are read (clap's usage error): an empty stop
+    // text would end every generation at once, an empty model id names nothing.
+    for (args, says) in [
+        (
+            &["generate", "hi", "--stop", ""][..],
+            "a value is required for '--stop <STOP>'",
+        ),
+        (
+            &["serve", "--model-name", ""][..],
+            "a value is required for '--model-name <ID>'",
+        ),
+    ] {
+        let out = agate(&[args, &["--model", s(&model)][..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.starts_with("error: "),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(says) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
 }
 
 /// train-gates: flags the run would ignore, or fail on only after training.
