@@ -145,38 +145,34 @@ pub fn load_tasks(path: &Path) -> Result<Vec<Task>> {
 /// Reads and validates a task file: each task with its line in the file (1-based), for
 /// messages about a task that fails when it runs.
 pub fn load_task_lines(path: &Path) -> Result<Vec<(usize, Task)>> {
-    parse_task_lines(&read_text(path)?, &path.display().to_string())
+    parse_task_lines(&read_text(path)?, path)
 }
 
-/// Parses JSONL task text; `name` prefixes error messages (`name:LINE: …`).
+/// Parses JSONL task text; `name` prefixes error messages (`name:LINE: …`). A UTF-8 byte-order
+/// mark at the start (some editors write one) is skipped.
 pub fn parse_tasks(text: &str, name: &str) -> Result<Vec<Task>> {
-    Ok(parse_task_lines(text, name)?
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    Ok(parse_task_lines(text, Path::new(name))?
         .into_iter()
         .map(|(_, t)| t)
         .collect())
 }
 
-/// [`parse_tasks`], each task with its line (1-based). A UTF-8 byte-order mark at the start
-/// (some editors write one) is skipped.
-fn parse_task_lines(text: &str, name: &str) -> Result<Vec<(usize, Task)>> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+/// The tasks of `text` (read from `file`, without a byte-order mark), each with its line
+/// (1-based).
+fn parse_task_lines(text: &str, file: &Path) -> Result<Vec<(usize, Task)>> {
     let mut tasks = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let value = parse_json_line(Path::new(name), i + 1, line)?;
-        let task = parse_task(&value)
-            .map_err(|problem| data_error(Path::new(name), Some(i + 1), problem, None))?;
+        let value = parse_json_line(file, i + 1, line)?;
+        let task =
+            parse_task(&value).map_err(|problem| data_error(file, Some(i + 1), problem, None))?;
         tasks.push((i + 1, task));
     }
     if tasks.is_empty() {
-        return Err(data_error(
-            Path::new(name),
-            None,
-            "no tasks in the file",
-            None,
-        ));
+        return Err(data_error(file, None, "no tasks in the file", None));
     }
     Ok(tasks)
 }
