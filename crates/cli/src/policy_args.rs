@@ -117,6 +117,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Recent | Setting::Window => "--window",
         Setting::Gates => "--gates",
         Setting::Threshold => "--threshold",
+        Setting::LayerThresholds => "--layer-thresholds",
         Setting::AgBudgetMode => "--ag-mode",
         Setting::AgDecode => "--ag-decode",
         Setting::Seed => "--policy-seed",

@@ -51,7 +51,7 @@ pub use kv_store::{KvDtype, KvError};
 pub use model_zoo::{ChatMessage, ModelConfig, PrefillKind, WeightFormat};
 pub use policy::{
     AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, PolicySpec, Recent, Setting,
-    UnknownPolicy,
+    Thresholds, UnknownPolicy,
 };
 pub use report::KvReport;
 pub use sampling::{SamplingError, SamplingParams};

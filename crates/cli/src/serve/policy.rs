@@ -64,6 +64,7 @@ fn field(setting: Setting) -> &'static str {
         Setting::Sinks => "kv_sinks",
         Setting::Recent | Setting::Window => "kv_window",
         Setting::Threshold => "kv_threshold",
+        Setting::LayerThresholds => "kv_layer_thresholds",
         Setting::AgBudgetMode => "kv_ag_mode",
         Setting::AgDecode => "kv_ag_decode",
         Setting::Seed => "kv_seed",

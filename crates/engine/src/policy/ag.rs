@@ -3,12 +3,13 @@
 //! costs one row and the state is bounded) and gives each new token a keep probability `s` per
 //! KV head.
 //!
-//! - Threshold mode: a token's flag is `s > threshold`. A flagged-out key is invisible to every later
-//!   query (in-context eviction, inside the same forward pass too) and is physically removed
-//!   once no future query can see it — unless protected: the first `sinks` tokens are always
-//!   visible and stay; a flagged-out key stays visible to the queries at most `recent` positions
-//!   after it (the local window, the same rule as the training forward's), and is removed when
-//!   it ages out of that window.
+//! - Threshold mode: a token's flag is `s > threshold`, with the threshold of its layer (one for
+//!   every layer, or one per layer: [`Thresholds`]). A flagged-out key is invisible to every
+//!   later query (in-context eviction, inside the same forward pass too) and is physically
+//!   removed once no future query can see it — unless protected: the first `sinks` tokens are
+//!   always visible and stay; a flagged-out key stays visible to the queries at most `recent`
+//!   positions after it (the local window, the same rule as the training forward's), and is
+//!   removed when it ages out of that window.
 //! - Budget mode: each head keeps at most its budget, evicting its worst entry by `s` (sinks and
 //!   the `recent` newest protected) whenever an arrival puts it over budget — one arrival at a
 //!   time, also inside a prefill pass, where the keys a token-by-token run would have removed
@@ -34,19 +35,55 @@ use kv_store::SequenceKv;
 use model_zoo::{AttentionOutcome, LayerHook, LayerPlan, ModelConfig, Pass};
 
 /// How Attention-Gate decides.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum AgMode {
-    /// Keep a token iff its keep probability exceeds this threshold.
-    Threshold(f32),
+    /// Keep a token iff its keep probability exceeds its layer's threshold.
+    Threshold(Thresholds),
     /// Keep each head's top-k tokens by keep probability.
     Budget(Budget),
 }
 
+/// Threshold mode's keep thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Thresholds {
+    /// The same threshold in every layer (`threshold`).
+    Uniform(f32),
+    /// One threshold per model layer (`layer_thresholds`).
+    PerLayer(Vec<f32>),
+}
+
+impl Thresholds {
+    /// The threshold of `layer` (a per-layer list must hold one per model layer, as
+    /// [`crate::Policy::validate`] checks).
+    pub fn of_layer(&self, layer: usize) -> f32 {
+        match self {
+            Thresholds::Uniform(t) => *t,
+            Thresholds::PerLayer(list) => list[layer],
+        }
+    }
+
+    /// The values given: the uniform threshold alone, or the list.
+    pub fn values(&self) -> &[f32] {
+        match self {
+            Thresholds::Uniform(t) => std::slice::from_ref(t),
+            Thresholds::PerLayer(list) => list,
+        }
+    }
+
+    /// The setting that gives them.
+    pub fn setting(&self) -> crate::Setting {
+        match self {
+            Thresholds::Uniform(_) => crate::Setting::Threshold,
+            Thresholds::PerLayer(_) => crate::Setting::LayerThresholds,
+        }
+    }
+}
+
 /// The mode's decision rule and what it remembers per retained entry, `[layer][head][entry]`.
 enum Entries {
-    /// Threshold mode: the threshold and each entry's hard keep flag.
+    /// Threshold mode: the thresholds and each entry's hard keep flag.
     Flags {
-        threshold: f32,
+        thresholds: Thresholds,
         flags: Vec<Vec<Vec<bool>>>,
     },
     /// Budget mode: the budget, each entry's keep probability (`+inf` for a generated token
@@ -82,8 +119,8 @@ impl AgHook {
     ) -> Self {
         let heads = cfg.n_kv_heads;
         let entries = match mode {
-            AgMode::Threshold(threshold) => Entries::Flags {
-                threshold,
+            AgMode::Threshold(thresholds) => Entries::Flags {
+                thresholds,
                 flags: vec![vec![Vec::new(); heads]; cfg.n_layers],
             },
             AgMode::Budget(budget) => Entries::Probs {
@@ -179,8 +216,8 @@ impl LayerHook for AgHook {
         let many = positions.len() > 1;
         let mut until = Vec::with_capacity(probs.len());
         match &mut self.entries {
-            Entries::Flags { threshold, flags } => {
-                let threshold = *threshold;
+            Entries::Flags { thresholds, flags } => {
+                let threshold = thresholds.of_layer(layer);
                 let (sinks, window) = (self.protect.sinks as u32, self.protect.recent as u32);
                 for (head, head_probs) in probs.iter().enumerate() {
                     let flags = &mut flags[layer][head];

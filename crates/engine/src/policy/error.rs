@@ -14,8 +14,9 @@ use super::{PolicyKind, Setting};
 /// A policy that cannot be built or does not fit the model.
 #[derive(Debug)]
 pub enum PolicyError {
-    /// Both `evict` and `keep` were given.
-    EvictAndKeep,
+    /// Two settings that exclude each other were both given (`evict` and `keep`, `threshold`
+    /// and `layer_thresholds`); the second is the one at fault.
+    NotBoth(Setting, Setting),
     /// StreamingLLM with a window (`recent`) of 0 and no budget: it would keep only the sinks.
     EmptyStreamingWindow,
     /// StreamingLLM's budget `sinks + recent` overflows.
@@ -32,6 +33,13 @@ pub enum PolicyError {
     Gate(Box<GateError>),
     /// The gates were made for another model shape (the message says which field).
     GatesDoNotFit(String),
+    /// `layer_thresholds` does not give one threshold per model layer.
+    LayerCount {
+        /// Thresholds given.
+        given: usize,
+        /// The model's layers.
+        layers: usize,
+    },
     /// A parameter outside its domain.
     OutOfRange {
         /// The setting that gives it, if one does.
@@ -61,13 +69,13 @@ impl PolicyError {
     /// The setting at fault, when one is (the one to change).
     pub fn setting(&self) -> Option<Setting> {
         match self {
-            PolicyError::EvictAndKeep | PolicyError::ProtectionExceedsBudget { .. } => {
-                Some(Setting::Keep)
-            }
+            PolicyError::NotBoth(_, second) => Some(*second),
+            PolicyError::ProtectionExceedsBudget { .. } => Some(Setting::Keep),
             PolicyError::EmptyStreamingWindow | PolicyError::StreamingWindowTooLarge { .. } => {
                 Some(Setting::Recent)
             }
             PolicyError::NeedsGates | PolicyError::GatesDoNotFit(_) => Some(Setting::Gates),
+            PolicyError::LayerCount { .. } => Some(Setting::LayerThresholds),
             PolicyError::OutOfRange { setting, .. } => *setting,
             PolicyError::Gate(_) => None,
         }
@@ -77,8 +85,8 @@ impl PolicyError {
     pub fn describe(&self, name: &dyn Fn(Setting) -> &'static str) -> String {
         use Setting::*;
         match self {
-            PolicyError::EvictAndKeep => {
-                format!("give either {} or {}, not both", name(Evict), name(Keep))
+            PolicyError::NotBoth(first, second) => {
+                format!("give either {} or {}, not both", name(*first), name(*second))
             }
             PolicyError::EmptyStreamingWindow => format!(
                 "StreamingLLM's {} must be at least 1: it keeps the sinks and the newest W tokens",
@@ -95,12 +103,19 @@ impl PolicyError {
             ),
             PolicyError::Gate(e) => e.to_string(),
             PolicyError::GatesDoNotFit(why) => why.clone(),
+            PolicyError::LayerCount { given, layers } => format!(
+                "{} gives {given} thresholds, but the model has {layers} layers: give one per layer",
+                name(LayerThresholds)
+            ),
             PolicyError::OutOfRange {
+                setting,
                 what,
                 value,
                 expected,
-                ..
-            } => format!("{what} must be {expected}, got {value}"),
+            } => {
+                let by = setting.map_or_else(String::new, |s| format!("{}: ", name(s)));
+                format!("{by}{what} must be {expected}, got {value}")
+            }
             PolicyError::ProtectionExceedsBudget {
                 policy,
                 keep,

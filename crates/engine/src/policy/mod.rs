@@ -28,7 +28,7 @@ use model_zoo::{LayerHook, ModelConfig};
 
 use crate::error::Result;
 
-pub use ag::AgMode;
+pub use ag::{AgMode, Thresholds};
 pub use error::PolicyError;
 pub use gates::{default_gates, write_gates};
 pub use kind::{PolicyKind, UnknownPolicy};
@@ -136,7 +136,8 @@ pub enum Policy {
     Ag {
         /// The gates.
         gates: Arc<AttentionGate>,
-        /// Threshold (in-context eviction by flags) or budget (top-k by keep probability).
+        /// Threshold (in-context eviction by flags, with one threshold or one per layer) or
+        /// budget (top-k by keep probability).
         mode: AgMode,
         /// Whether generated tokens are flagged too (else all kept).
         decode: bool,
@@ -254,10 +255,8 @@ impl Policy {
                     return Err(PolicyError::GatesDoNotFit(why).into());
                 }
                 match mode {
-                    AgMode::Threshold(t) if !(0.0..=1.0).contains(t) => {
-                        out_of_range(Some(Setting::Threshold), "gate threshold", t, "in [0, 1]")
-                    }
-                    _ => Ok(()),
+                    AgMode::Threshold(thresholds) => check_thresholds(thresholds, cfg),
+                    AgMode::Budget(_) => Ok(()),
                 }
             }
             _ => Ok(()),
@@ -321,7 +320,7 @@ impl Policy {
                 protect,
             } => Box::new(ag::AgHook::new(
                 gates.clone(),
-                *mode,
+                mode.clone(),
                 *decode,
                 *protect,
                 cfg,
@@ -329,4 +328,33 @@ impl Policy {
             other => Box::new(scored::ScoredHook::new(other, cfg)?),
         })
     }
+}
+
+/// Threshold mode's thresholds: a list holds one per model layer, each threshold is in
+/// `[0, 1]`; errors name the setting that gave them (`threshold` or `layer_thresholds`).
+fn check_thresholds(thresholds: &Thresholds, cfg: &ModelConfig) -> Result<()> {
+    if let Thresholds::PerLayer(list) = thresholds {
+        if list.len() != cfg.n_layers {
+            return Err(PolicyError::LayerCount {
+                given: list.len(),
+                layers: cfg.n_layers,
+            }
+            .into());
+        }
+    }
+    let values = thresholds.values();
+    let Some(layer) = values.iter().position(|t| !(0.0..=1.0).contains(t)) else {
+        return Ok(());
+    };
+    let value = match thresholds {
+        Thresholds::Uniform(t) => t.to_string(),
+        Thresholds::PerLayer(_) => format!("{} in layer {layer}", values[layer]),
+    };
+    Err(PolicyError::OutOfRange {
+        setting: Some(thresholds.setting()),
+        what: "gate threshold",
+        value,
+        expected: "in [0, 1]",
+    }
+    .into())
 }

@@ -10,7 +10,7 @@ use gate_core::gate::AttentionGate;
 use gate_core::score::NaclConfig;
 use gate_core::select::{Budget, Protection};
 
-use super::{AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, Recent};
+use super::{AgMode, Policy, PolicyError, PolicyKind, PolicyOptions, Recent, Thresholds};
 use crate::engine::Engine;
 use crate::error::Result;
 
@@ -48,8 +48,10 @@ pub struct PolicySpec {
     pub window: Option<usize>,
     /// Attention-Gate checkpoint.
     pub gates: Option<PathBuf>,
-    /// Attention-Gate threshold (default: the checkpoint's).
+    /// Attention-Gate threshold, the same in every layer (default: the checkpoint's).
     pub threshold: Option<f32>,
+    /// Attention-Gate threshold of each layer, one per model layer (instead of `threshold`).
+    pub layer_thresholds: Option<Vec<f32>>,
     /// Attention-Gate in budget mode instead of threshold mode.
     pub ag_budget_mode: bool,
     /// Attention-Gate flags generated tokens too (default true).
@@ -78,6 +80,8 @@ pub enum Setting {
     Gates,
     /// `threshold`.
     Threshold,
+    /// `layer_thresholds`.
+    LayerThresholds,
     /// `ag_budget_mode`.
     AgBudgetMode,
     /// `ag_decode`.
@@ -88,7 +92,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in [`PolicySpec`] field order.
-    pub const ALL: [Setting; 10] = [
+    pub const ALL: [Setting; 11] = [
         Setting::Evict,
         Setting::Keep,
         Setting::Sinks,
@@ -96,6 +100,7 @@ impl Setting {
         Setting::Window,
         Setting::Gates,
         Setting::Threshold,
+        Setting::LayerThresholds,
         Setting::AgBudgetMode,
         Setting::AgDecode,
         Setting::Seed,
@@ -111,6 +116,7 @@ impl Setting {
             Setting::Window => "window",
             Setting::Gates => "gates",
             Setting::Threshold => "threshold",
+            Setting::LayerThresholds => "layer_thresholds",
             Setting::AgBudgetMode => "ag_budget_mode",
             Setting::AgDecode => "ag_decode",
             Setting::Seed => "seed",
@@ -130,6 +136,7 @@ impl PolicySpec {
             window: None,
             gates: None,
             threshold: None,
+            layer_thresholds: None,
             ag_budget_mode: false,
             ag_decode: None,
             seed: None,
@@ -167,7 +174,7 @@ impl PolicySpec {
             PolicyKind::Ag if self.ag_budget_mode => {
                 &[Evict, Keep, Sinks, Recent, Gates, AgBudgetMode, AgDecode]
             }
-            PolicyKind::Ag => &[Sinks, Recent, Gates, Threshold, AgDecode],
+            PolicyKind::Ag => &[Sinks, Recent, Gates, Threshold, LayerThresholds, AgDecode],
         };
         Setting::ALL
             .into_iter()
@@ -185,6 +192,7 @@ impl PolicySpec {
             Setting::Window => self.window.is_some(),
             Setting::Gates => self.gates.is_some(),
             Setting::Threshold => self.threshold.is_some(),
+            Setting::LayerThresholds => self.layer_thresholds.is_some(),
             Setting::AgBudgetMode => self.ag_budget_mode,
             Setting::AgDecode => self.ag_decode.is_some(),
             Setting::Seed => self.seed.is_some(),
@@ -202,6 +210,7 @@ impl PolicySpec {
                 Setting::Window => self.window = None,
                 Setting::Gates => self.gates = None,
                 Setting::Threshold => self.threshold = None,
+                Setting::LayerThresholds => self.layer_thresholds = None,
                 Setting::AgBudgetMode => self.ag_budget_mode = false,
                 Setting::AgDecode => self.ag_decode = None,
                 Setting::Seed => self.seed = None,
@@ -219,7 +228,9 @@ impl PolicySpec {
 
     fn budget(&self) -> Result<Budget> {
         let budget = match (self.evict, self.keep) {
-            (Some(_), Some(_)) => return Err(PolicyError::EvictAndKeep.into()),
+            (Some(_), Some(_)) => {
+                return Err(PolicyError::NotBoth(Setting::Evict, Setting::Keep).into())
+            }
             (Some(r), None) => Budget::EvictRatio(r),
             (None, Some(k)) => Budget::Keep(k),
             (None, None) => match (self.kind, self.recent) {
@@ -302,6 +313,18 @@ impl PolicySpec {
         Ok(policy)
     }
 
+    /// Threshold mode's thresholds: `layer_thresholds`, or `threshold` (default: the gates
+    /// file's, `trained`) in every layer; both given is an error.
+    fn thresholds(&self, trained: f32) -> Result<Thresholds> {
+        match (self.threshold, &self.layer_thresholds) {
+            (Some(_), Some(_)) => {
+                Err(PolicyError::NotBoth(Setting::Threshold, Setting::LayerThresholds).into())
+            }
+            (None, Some(list)) => Ok(Thresholds::PerLayer(list.clone())),
+            (uniform, None) => Ok(Thresholds::Uniform(uniform.unwrap_or(trained))),
+        }
+    }
+
     /// NACL's fractions: the released defaults under the options given.
     fn nacl_config(&self) -> NaclConfig {
         let (d, o) = (NaclConfig::default(), &self.options);
@@ -316,8 +339,8 @@ impl PolicySpec {
     }
 
     /// Attention-Gate: the gates file given, or the committed gates of the default model
-    /// (docs/training.md); unless given, the threshold and protections the gates were trained
-    /// with.
+    /// (docs/training.md); unless given, the threshold (in every layer) and protections the
+    /// gates were trained with.
     fn attention_gate(&self, engine: &Engine) -> Result<Policy> {
         let gates = match &self.gates {
             Some(path) => {
@@ -329,7 +352,7 @@ impl PolicySpec {
         let mode = if self.ag_budget_mode {
             AgMode::Budget(self.budget()?)
         } else {
-            AgMode::Threshold(self.threshold.unwrap_or(gates.config().threshold))
+            AgMode::Threshold(self.thresholds(gates.config().threshold)?)
         };
         let trained = gates.config().protection();
         Ok(Policy::Ag {

@@ -7,9 +7,11 @@
 //! - budgets: every head keeps exactly `Budget::keep_count(T)` (the requested ratio within one
 //!   token per head), Full evicts nothing, and KV bytes fall with the retained count;
 //! - a long multi-turn conversation with `keep 512` keeps KV bytes flat while tokens grow;
-//! - protected tokens that do not fit a fixed budget are refused.
+//! - protected tokens that do not fit a fixed budget are refused;
+//! - Attention-Gate's per-layer thresholds: one value in every layer is the uniform threshold,
+//!   each layer flags by its own, and lists that do not fit are refused.
 //!
-//! `equivalence` holds the first, `budgets` the others.
+//! `equivalence` holds the first, `thresholds` the last, `budgets` the others.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 #[path = "../common/mod.rs"]
@@ -17,6 +19,7 @@ mod common;
 
 mod budgets;
 mod equivalence;
+mod thresholds;
 
 use std::collections::HashSet;
 
