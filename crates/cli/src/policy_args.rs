@@ -9,6 +9,7 @@
 //! policy); when several policies are named, a flag is an error if none of them uses it and a
 //! warning naming those that ignore it otherwise (they run without it).
 
+use std::ops::RangeBounds;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
@@ -61,6 +62,16 @@ pub struct PolicyArgs {
     /// Attention-Gate keep threshold in [0, 1) (default: the checkpoint's, usually 0.5).
     #[arg(long, value_parser = parse_ratio)]
     pub threshold: Option<f32>,
+    /// Attention-Gate keep threshold per layer, one value per model layer, comma-separated
+    /// (instead of --threshold).
+    #[arg(
+        long,
+        value_name = "T0,T1,...",
+        value_delimiter = ',',
+        value_parser = parse_fraction,
+        conflicts_with = "threshold"
+    )]
+    pub layer_thresholds: Option<Vec<f32>>,
     /// Attention-Gate mode [default: threshold].
     #[arg(long, value_enum)]
     pub ag_mode: Option<AgModeArg>,
@@ -131,23 +142,41 @@ fn why(policy: PolicyKind, setting: Setting) -> &'static str {
         (PolicyKind::Ag, Setting::Evict | Setting::Keep) => {
             " in threshold mode (the gates decide; --ag-mode budget keeps a budget)"
         }
+        (PolicyKind::Ag, Setting::Threshold | Setting::LayerThresholds) => {
+            " in budget mode (each head keeps its budget of the most likely tokens)"
+        }
         (PolicyKind::Streaming, Setting::Recent) => {
             " with a budget (its window is --keep or the evicted share minus --sinks)"
         }
-        (_, Setting::Gates | Setting::Threshold | Setting::AgDecode | Setting::AgBudgetMode) => {
-            " (Attention-Gate only)"
-        }
+        (
+            _,
+            Setting::Gates
+            | Setting::Threshold
+            | Setting::LayerThresholds
+            | Setting::AgDecode
+            | Setting::AgBudgetMode,
+        ) => " (Attention-Gate only)",
         _ => "",
     }
 }
 
 /// A fraction in `[0, 1)` (`--evict`, `--threshold`, bench-serve's `--kv-evict`).
 pub(crate) fn parse_ratio(s: &str) -> Result<f32, String> {
+    parse_in(s, 0.0..1.0, "[0, 1)")
+}
+
+/// A fraction in `[0, 1]` (each of `--layer-thresholds`: 1 flags every token out).
+fn parse_fraction(s: &str) -> Result<f32, String> {
+    parse_in(s, 0.0..=1.0, "[0, 1]")
+}
+
+/// A number in `range`, which the message writes as `shown`.
+fn parse_in(s: &str, range: impl RangeBounds<f32>, shown: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..1.0).contains(&v) {
+    if range.contains(&v) {
         Ok(v)
     } else {
-        Err(format!("must be in [0, 1), got {v}"))
+        Err(format!("must be in {shown}, got {v}"))
     }
 }
 
@@ -333,6 +362,7 @@ impl PolicyArgs {
             sinks: self.sinks,
             gates: self.gates.clone(),
             threshold: self.threshold,
+            layer_thresholds: self.layer_thresholds.clone(),
             ag_budget_mode: self.ag_mode == Some(AgModeArg::Budget),
             ag_decode: self.ag_decode.map(|d| d == Switch::On),
             seed: self.policy_seed,

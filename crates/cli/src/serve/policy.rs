@@ -43,13 +43,14 @@ impl App {
 }
 
 /// agate's request fields, with what they set.
-const KV_FIELDS: [&str; 9] = [
+const KV_FIELDS: [&str; 10] = [
     "kv_policy",
     "kv_evict",
     "kv_keep",
     "kv_sinks",
     "kv_window",
     "kv_threshold",
+    "kv_layer_thresholds",
     "kv_ag_mode",
     "kv_ag_decode",
     "kv_seed",
@@ -101,12 +102,39 @@ impl Fields<'_> {
         ApiError::invalid(Some(name), format!("{name} must be {what}, got {got}"))
     }
 
+    /// A 400 naming `second` (given) when the request gives `first` too, which it excludes.
+    fn not_both(&self, first: &str, second: &str) -> Result<(), ApiError> {
+        if self.get(first).is_some() {
+            return Err(ApiError::invalid(
+                Some(second),
+                format!("give either {first} or {second}, not both"),
+            ));
+        }
+        Ok(())
+    }
+
     /// An integer of at least `min`.
     fn count(&self, name: &str, min: u64) -> Result<Option<usize>, ApiError> {
         self.get(name)
             .map(|v| match v.as_u64() {
                 Some(n) if n >= min => Ok(n as usize),
                 _ => Err(self.bad(name, &format!("an integer >= {min}"))),
+            })
+            .transpose()
+    }
+
+    /// An array of numbers (their domain is the policy's to check).
+    fn numbers(&self, name: &str) -> Result<Option<Vec<f32>>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                v.as_array()
+                    .and_then(|items| {
+                        items
+                            .iter()
+                            .map(|x| x.as_f64().map(|x| x as f32))
+                            .collect::<Option<Vec<f32>>>()
+                    })
+                    .ok_or_else(|| self.bad(name, "an array of numbers"))
             })
             .transpose()
     }
@@ -175,12 +203,7 @@ fn set_knobs(spec: &mut PolicySpec, fields: &Fields) -> Result<(), ApiError> {
         spec.keep = None;
     }
     if let Some(k) = fields.count("kv_keep", 1)? {
-        if fields.get("kv_evict").is_some() {
-            return Err(ApiError::invalid(
-                Some("kv_keep"),
-                "give either kv_evict or kv_keep, not both",
-            ));
-        }
+        fields.not_both("kv_evict", "kv_keep")?;
         spec.keep = Some(k);
         spec.evict = None;
     }
@@ -190,8 +213,15 @@ fn set_knobs(spec: &mut PolicySpec, fields: &Fields) -> Result<(), ApiError> {
     if let Some(w) = fields.count("kv_window", 0)? {
         spec.set_window(w);
     }
+    // A request's threshold replaces the server's, uniform or per layer.
     if let Some(t) = fields.ratio("kv_threshold")? {
         spec.threshold = Some(t);
+        spec.layer_thresholds = None;
+    }
+    if let Some(list) = fields.numbers("kv_layer_thresholds")? {
+        fields.not_both("kv_threshold", "kv_layer_thresholds")?;
+        spec.layer_thresholds = Some(list);
+        spec.threshold = None;
     }
     match fields.get("kv_ag_mode") {
         None => {}
@@ -273,5 +303,62 @@ mod tests {
         let e = api_error(EngineError::from(PolicyError::NeedsGates));
         assert_eq!(e.param.as_deref(), Some("kv_policy"));
         assert!(e.message.contains("the server's --gates"), "{}", e.message);
+    }
+
+    #[test]
+    fn kv_layer_thresholds_is_an_array_of_numbers_in_place_of_the_threshold() {
+        let default = PolicySpec {
+            threshold: Some(0.4),
+            ..PolicySpec::new(PolicyKind::Ag)
+        };
+        let s = spec(&default, &extra(json!({"kv_layer_thresholds": [0.1, 1]}))).unwrap();
+        assert_eq!(
+            (s.threshold, s.layer_thresholds),
+            (None, Some(vec![0.1, 1.0]))
+        );
+        for bad in [
+            json!(0.5),
+            json!("0.5,0.5"),
+            json!([0.5, "x"]),
+            json!([[0.5]]),
+        ] {
+            let e = spec(&default, &extra(json!({ "kv_layer_thresholds": bad }))).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("kv_layer_thresholds"));
+            assert_eq!(
+                e.message,
+                format!("kv_layer_thresholds must be an array of numbers, got {bad}")
+            );
+        }
+        let both = json!({"kv_threshold": 0.5, "kv_layer_thresholds": [0.5, 0.5]});
+        let e = spec(&default, &extra(both)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_layer_thresholds"));
+        assert_eq!(
+            e.message,
+            "give either kv_threshold or kv_layer_thresholds, not both"
+        );
+        let h2o = json!({"kv_policy": "h2o", "kv_layer_thresholds": [0.5, 0.5]});
+        let e = spec(&default, &extra(h2o)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_layer_thresholds"));
+        assert_eq!(
+            e.message,
+            "kv_layer_thresholds does nothing with the policy `h2o`"
+        );
+        // The policy's own checks name the field too.
+        let e = api_error(EngineError::from(PolicyError::LayerCount {
+            given: 3,
+            layers: 2,
+        }));
+        assert_eq!(e.param.as_deref(), Some("kv_layer_thresholds"));
+        assert_eq!(
+            e.message,
+            "policy: kv_layer_thresholds gives 3 thresholds, but the model has 2 layers: give one \
+             per layer"
+        );
+        let e = api_error(EngineError::from(PolicyError::NotBoth(
+            Setting::Threshold,
+            Setting::LayerThresholds,
+        )));
+        assert_eq!(e.param.as_deref(), Some("kv_layer_thresholds"));
+        assert!(e.message.contains("kv_threshold or kv_layer_thresholds"));
     }
 }

@@ -1,7 +1,7 @@
 //! Flags and sizes: values that overflow or make no sense are refused before any work, naming
 //! the flag; flags the chosen policy would ignore are refused (a note when only some of several
-//! policies ignore them); train-gates checks its outputs before training; a full stdout is an
-//! error, not a panic.
+//! policies ignore them); per-layer thresholds must fit the model; train-gates checks its
+//! outputs before training; a full stdout is an error, not a panic.
 
 use std::process::Command;
 
@@ -145,6 +145,108 @@ fn flags_the_policy_ignores_are_refused() {
             stderr.contains(says) && !stderr.contains("panicked"),
             "{stderr}"
         );
+    }
+}
+
+/// `generate` on a tiny model of 2 layers under ag with random gates, plus `flags`.
+fn generate_ag(flags: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let gates = dir.path().join("g.safetensors");
+    succeeds(&agate(&[
+        "init-gates",
+        "--model",
+        s(&model),
+        "--out",
+        s(&gates),
+    ]));
+    let base = [
+        "generate",
+        "hi",
+        "--model",
+        s(&model),
+        "--max-tokens",
+        "2",
+        "--policy",
+        "ag",
+        "--gates",
+        s(&gates),
+    ];
+    agate(&[&base[..], flags].concat())
+}
+
+/// `--layer-thresholds` gives one threshold per model layer, for ag in threshold mode only: a
+/// wrong count and a policy that ignores it are one error line naming the flag.
+#[test]
+fn layer_thresholds_must_fit_the_model_and_the_policy() {
+    succeeds(&generate_ag(&["--layer-thresholds", "0,1"]));
+    fails_with(
+        &generate_ag(&["--layer-thresholds", "0.5,0.5,0.5"]),
+        &["error: --layer-thresholds gives 3 thresholds, but the model has 2 layers: give one per layer"],
+    );
+    fails_with(
+        &generate_ag(&["--ag-mode", "budget", "--layer-thresholds", "0.5,0.5"]),
+        &["--layer-thresholds does nothing with --policy ag in budget mode"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let out = agate(&[
+        "generate",
+        "hi",
+        "--model",
+        s(&model),
+        "--policy",
+        "h2o",
+        "--layer-thresholds",
+        "0.5,0.5",
+    ]);
+    fails_with(
+        &out,
+        &["error: --layer-thresholds does nothing with --policy h2o (Attention-Gate only)"],
+    );
+}
+
+/// Each `--layer-thresholds` value is a fraction in [0, 1], and `--threshold` excludes it:
+/// refused when the flags are read, naming the flag.
+#[test]
+fn layer_thresholds_are_fractions_instead_of_the_threshold() {
+    for (flags, says) in [
+        (
+            &["--layer-thresholds", "0.5,1.5"][..],
+            &[
+                "--layer-thresholds <T0,T1,...>",
+                "must be in [0, 1], got 1.5",
+            ][..],
+        ),
+        (
+            &["--layer-thresholds", "NaN,0.5"],
+            &[
+                "--layer-thresholds <T0,T1,...>",
+                "must be in [0, 1], got NaN",
+            ],
+        ),
+        (
+            &["--layer-thresholds", "0.5,x"],
+            &["--layer-thresholds <T0,T1,...>", "`x` is not a number"],
+        ),
+        (
+            &["--layer-thresholds", "0.5,0.5", "--threshold", "0.5"],
+            &[
+                "--layer-thresholds <T0,T1,...>",
+                "cannot be used with",
+                "--threshold",
+            ],
+        ),
+    ] {
+        let out = generate_ag(flags);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.starts_with("error: ") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+        for needle in says {
+            assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+        }
     }
 }
 

@@ -138,6 +138,8 @@ fn malformed_requests_name_their_field() {
             ("min_p", json!(1)),
             ("repetition_penalty", json!(0)),
             ("kv_evict", json!(1.5)),
+            ("kv_layer_thresholds", json!("0.5,0.5")),
+            ("kv_layer_thresholds", json!([0.5, "x"])),
             ("n", json!(2)),
             ("max_tokens", json!(0)),
             ("kv_kep", json!(5)),
@@ -198,6 +200,7 @@ fn knobs_the_policy_does_not_read_are_refused() {
             (Some("ag"), "kv_keep", json!(8)),
             (Some("nacl"), "kv_sinks", json!(8)),
             (Some("h2o"), "kv_threshold", json!(0.5)),
+            (Some("h2o"), "kv_layer_thresholds", json!([0.5, 0.5])),
             (Some("h2o"), "kv_ag_mode", json!("budget")),
         ] {
             let mut bad = chat_body("x", 4);
