@@ -6,6 +6,9 @@
 #      bytes_in_use (KV blocks + the gate's own state), policy_state_bytes, bytes_full, ratio;
 #   2. held-out essays: eviction ratio and perplexity of Attention-Gate, of the full cache and of
 #      four baselines at Attention-Gate's measured ratio;
+#   2b. held-out essays with the prose setting (the committed gates only: window 128 and the
+#      per-layer thresholds of gates/smollm2-135m-instruct.prose-thresholds), beside the full
+#      cache and H2O and StreamingLLM at its measured ratio;
 #   3. held-out retrieval: chat-templated passkey and multi-key needle tasks of ~1k tokens whose
 #      haystack is held-out essays (filler-heldout.txt, never a training haystack) and whose seed
 #      (SEED, default 9001) was never used to tune anything; every baseline at Attention-Gate's
@@ -53,6 +56,31 @@ if step essays; then
   $agate --threads "$threads" eval --tasks "$data/heldout-ppl.jsonl" $gates --sweep 0.5 \
     --policy ag,streaming,h2o,snapkv,nacl --out "$out/ag-heldout-ppl" > /dev/null
   cat "$out/ag-heldout-ppl/sweep.md"
+fi
+
+if step prose && [ -z "${GATES:-}" ]; then
+  profile=$(cat gates/smollm2-135m-instruct.prose-thresholds)
+  $agate --threads "$threads" eval --tasks "$data/heldout-ppl.jsonl" --policy ag --window 128 \
+    --layer-thresholds "$profile" --json > "$out/ag-prose-ag.json"
+  ratio=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["eviction_ratio"])' \
+    "$out/ag-prose-ag.json")
+  $agate --threads "$threads" eval --tasks "$data/heldout-ppl.jsonl" --policy full --json \
+    > "$out/ag-prose-full.json"
+  for policy in h2o streaming; do
+    $agate --threads "$threads" eval --tasks "$data/heldout-ppl.jsonl" --policy "$policy" \
+      --evict "$ratio" --json > "$out/ag-prose-$policy.json"
+  done
+  python3 - "$out" <<'EOF'
+import json, sys
+runs = {p: json.load(open(f"{sys.argv[1]}/ag-prose-{p}.json")) for p in ("full", "ag", "h2o", "streaming")}
+full = runs["full"]["per_type"]["perplexity"]["perplexity"]
+for policy, run in runs.items():
+    ppl = run["per_type"]["perplexity"]
+    print(json.dumps({"policy": policy, "eviction_ratio": round(run["eviction_ratio"], 4),
+                      "perplexity": round(ppl["perplexity"], 3),
+                      "vs_full": round(ppl["perplexity"] / full - 1, 4), "kl": round(ppl["kl"], 4),
+                      "in_use_over_full": round(run["kv_bytes_in_use"] / run["kv_bytes_full"], 3)}))
+EOF
 fi
 
 if step retrieval; then
