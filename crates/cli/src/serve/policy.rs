@@ -56,6 +56,9 @@ const KV_FIELDS: [&str; 10] = [
     "kv_seed",
 ];
 
+/// The most characters of a bad value a 400 repeats.
+const SHOWN_CHARS: usize = 80;
+
 /// The request field that sets a policy setting (`kv_window` is SnapKV's observation window
 /// and every other policy's recent tokens); the gates come from the server's command line.
 fn field(setting: Setting) -> &'static str {
@@ -96,10 +99,15 @@ impl Fields<'_> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    /// A 400 naming the field, what it must be and what it is.
+    /// A 400 naming the field, what it must be and what it is (cut to `SHOWN_CHARS`: a huge
+    /// value is not echoed back whole).
     fn bad(&self, name: &str, what: &str) -> ApiError {
-        let got = self.get(name).map_or(Value::Null, Clone::clone);
-        ApiError::invalid(Some(name), format!("{name} must be {what}, got {got}"))
+        let got = self.get(name).map_or(Value::Null, Clone::clone).to_string();
+        let shown = match got.char_indices().nth(SHOWN_CHARS) {
+            Some((cut, _)) => format!("{}… ({} characters)", &got[..cut], got.chars().count()),
+            None => got,
+        };
+        ApiError::invalid(Some(name), format!("{name} must be {what}, got {shown}"))
     }
 
     /// A 400 naming `second` (given) when the request gives `first` too, which it excludes.
@@ -172,9 +180,14 @@ pub fn spec(
     let fields = Fields(extra);
     let mut spec = match fields.get("kv_policy") {
         None => default.clone(),
-        Some(Value::String(name)) => PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
-            ApiError::invalid(Some("kv_policy"), format!("policy: {e}")).with_code("invalid_policy")
-        })?),
+        // The gates are the server's (its --gates), whichever policy the request names.
+        Some(Value::String(name)) => PolicySpec {
+            gates: default.gates.clone(),
+            ..PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
+                ApiError::invalid(Some("kv_policy"), format!("policy: {e}"))
+                    .with_code("invalid_policy")
+            })?)
+        },
         Some(_) => return Err(fields.bad("kv_policy", "a policy name")),
     };
     set_knobs(&mut spec, &fields)?;
@@ -189,7 +202,15 @@ pub fn spec(
     if let Some(name) = unused.find(|name| fields.get(name).is_some()) {
         return Err(ApiError::invalid(
             Some(name),
-            format!("{name} does nothing with the policy `{}`", spec.kind),
+            format!(
+                "{name} does nothing with the policy `{}`{}",
+                spec.kind,
+                if spec.kind == PolicyKind::Ag && spec.ag_budget_mode {
+                    " in budget mode (each head keeps its budget of the most likely tokens)"
+                } else {
+                    ""
+                }
+            ),
         )
         .with_code("invalid_policy"));
     }
@@ -249,6 +270,47 @@ mod tests {
 
     fn extra(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_named_policy_keeps_the_servers_gates() {
+        let default = PolicySpec {
+            gates: Some("server.ag.safetensors".into()),
+            ..PolicySpec::new(PolicyKind::Full)
+        };
+        for policy in ["ag", "h2o"] {
+            let s = spec(&default, &extra(json!({ "kv_policy": policy }))).unwrap();
+            assert_eq!(s.gates, default.gates, "{policy}");
+        }
+    }
+
+    #[test]
+    fn a_threshold_in_budget_mode_is_refused_as_such() {
+        let default = PolicySpec::new(PolicyKind::Ag);
+        let request = json!({"kv_policy": "ag", "kv_ag_mode": "budget", "kv_threshold": 0.5});
+        let e = spec(&default, &extra(request)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_threshold"));
+        assert_eq!(
+            e.message,
+            "kv_threshold does nothing with the policy `ag` in budget mode (each head keeps its \
+             budget of the most likely tokens)"
+        );
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_not_echoed_whole() {
+        let default = PolicySpec::new(PolicyKind::Ag);
+        let huge = vec!["x"; 10_000];
+        let e = spec(&default, &extra(json!({ "kv_layer_thresholds": huge }))).unwrap_err();
+        let shown = format!("{}", json!(huge));
+        assert!(e.message.len() < 200, "{} bytes", e.message.len());
+        assert!(e.message.contains(&shown[..SHOWN_CHARS]), "{}", e.message);
+        assert!(
+            e.message
+                .ends_with(&format!("… ({} characters)", shown.len())),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -104,8 +104,10 @@ impl PolicyError {
             PolicyError::Gate(e) => e.to_string(),
             PolicyError::GatesDoNotFit(why) => why.clone(),
             PolicyError::LayerCount { given, layers } => format!(
-                "{} gives {given} thresholds, but the model has {layers} layers: give one per layer",
-                name(LayerThresholds)
+                "{} gives {given} threshold{}, but the model has {layers} layers: give one per \
+                 layer",
+                name(LayerThresholds),
+                if *given == 1 { "" } else { "s" }
             ),
             PolicyError::OutOfRange {
                 setting,
