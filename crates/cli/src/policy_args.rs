@@ -254,21 +254,17 @@ impl PolicyArgs {
             if ignoring.is_empty() {
                 continue;
             }
-            let names = join(&ignoring);
             if ignoring.len() == choices.len() {
                 anyhow::bail!(
-                    "{} does nothing with --policy {names}{}; remove it",
+                    "{} does nothing with --policy {}; remove it",
                     flag(setting),
-                    if ignoring.len() == 1 {
-                        why(ignoring[0], setting)
-                    } else {
-                        ""
-                    }
+                    with_reasons(&ignoring, setting)
                 );
             }
             say!(
-                "agate: note: {} does nothing with {names}; they run without it",
-                flag(setting)
+                "agate: note: {} does nothing with {}; they run without it",
+                flag(setting),
+                join(&ignoring)
             );
         }
         for (choice, ignored) in choices.iter_mut().zip(ignored) {
@@ -390,6 +386,24 @@ impl PolicyArgs {
     pub fn positions_or(&self, default: Positions) -> Positions {
         self.positions.unwrap_or(default)
     }
+}
+
+/// The policies that do without `setting`, those with the same reason grouped before it
+/// (`full, h2o (Attention-Gate only), ag in budget mode (…)`).
+fn with_reasons(kinds: &[PolicyKind], setting: Setting) -> String {
+    let mut groups: Vec<(&str, Vec<PolicyKind>)> = Vec::new();
+    for &kind in kinds {
+        let reason = why(kind, setting);
+        match groups.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, group)) => group.push(kind),
+            None => groups.push((reason, vec![kind])),
+        }
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(reason, group)| format!("{}{reason}", join(group)))
+        .collect();
+    parts.join(", ")
 }
 
 /// Policy names, comma-separated.

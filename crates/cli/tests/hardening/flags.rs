@@ -204,6 +204,23 @@ fn layer_thresholds_must_fit_the_model_and_the_policy() {
         &out,
         &["error: --layer-thresholds does nothing with --policy h2o (Attention-Gate only)"],
     );
+    // Several policies that all do without it: each named with its own reason.
+    let out = agate(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--policy",
+        "full,h2o,ag",
+        "--ag-mode",
+        "budget",
+        "--layer-thresholds",
+        "0.5,0.5",
+    ]);
+    fails_with(
+        &out,
+        &["error: --layer-thresholds does nothing with --policy full, h2o (Attention-Gate only), \
+           ag in budget mode (each head keeps its budget of the most likely tokens); remove it"],
+    );
 }
 
 /// Each `--layer-thresholds` value is a fraction in [0, 1], and `--threshold` excludes it:
