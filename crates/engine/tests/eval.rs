@@ -393,6 +393,7 @@ fn anchored_plan() -> SweepPlan {
         policies: vec![Ag, H2o, Tova],
         ratios: vec![0.25, 0.5],
         anchors: vec![Ag],
+        fixed: vec![Ag],
         tolerance: 0.005,
     }
 }
@@ -420,6 +421,36 @@ fn run_sweep(plan: &SweepPlan, anchor_ratio: f64) -> (Vec<usize>, Vec<sweep::Swe
         )
         .unwrap();
     (batches, rows)
+}
+
+/// A policy that sets no ratio runs once at its own settings even when nothing is matched to
+/// it (`--match-to none`): never once per requested ratio, labelled with a ratio it ignores.
+#[test]
+fn a_fixed_policy_runs_once_without_matching() {
+    use engine::PolicyKind::{Ag, H2o};
+    let plan = SweepPlan {
+        policies: vec![Ag, H2o],
+        ratios: vec![0.25, 0.5],
+        anchors: vec![],
+        fixed: vec![Ag],
+        tolerance: 0.005,
+    };
+    let (batches, rows) = run_sweep(&plan, 0.35);
+    assert_eq!(batches, [4]);
+    let runs: Vec<(&str, Option<f64>)> = rows
+        .iter()
+        .map(|r| (r.policy.name(), r.target_ratio))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("full", None),
+            ("ag", None),
+            ("h2o", Some(0.25)),
+            ("h2o", Some(0.5))
+        ]
+    );
+    assert!(rows.iter().all(|r| r.matched_to.is_none()));
 }
 
 #[test]

@@ -74,7 +74,8 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', value_name = "RATIOS", value_parser = parse_ratio)]
     pub sweep: Option<Vec<f64>>,
     /// Sweep: policies run once at their own settings whose *measured* ratio the others are
-    /// also run at (default: ag in threshold mode when swept; `none` for no matching).
+    /// also run at (default: ag in threshold mode when swept, which sets no ratio and so runs
+    /// once at its own settings either way; `none` for no matching).
     #[arg(long, value_delimiter = ',', value_name = "NAMES", requires = "sweep")]
     pub match_to: Option<Vec<String>>,
     /// Write results here: summary.json and outcomes.jsonl (single run); sweep.json,

@@ -202,6 +202,13 @@ fn sweep_plan(
     ratios: &[f64],
 ) -> anyhow::Result<SweepPlan> {
     let kinds: Vec<PolicyKind> = choices.iter().map(PolicyChoice::kind).collect();
+    // Attention-Gate in threshold mode sets no ratio: it runs once, matched to or not.
+    let outcome_only = args.policy.ag_mode != Some(AgModeArg::Budget);
+    let fixed: Vec<PolicyKind> = kinds
+        .iter()
+        .copied()
+        .filter(|&k| k == PolicyKind::Ag && outcome_only)
+        .collect();
     let anchors = match &args.match_to {
         Some(m) if m.iter().any(|n| n == "none") => Vec::new(),
         Some(m) => m
@@ -211,12 +218,7 @@ fn sweep_plan(
                     .map_err(|e| anyhow::anyhow!("--match-to: {e} or none"))
             })
             .collect::<anyhow::Result<_>>()?,
-        None if args.policy.ag_mode != Some(AgModeArg::Budget) => kinds
-            .iter()
-            .copied()
-            .filter(|&k| k == PolicyKind::Ag)
-            .collect(),
-        None => Vec::new(),
+        None => fixed.clone(),
     };
     // A budget flag sets only the anchors' own runs; the grid sets every other run's ratio.
     for (flag, given) in [
@@ -232,6 +234,7 @@ fn sweep_plan(
         policies: kinds,
         ratios: distinct_ratios(ratios),
         anchors,
+        fixed,
         tolerance: 0.005,
     };
     plan.validate()?;

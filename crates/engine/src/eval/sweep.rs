@@ -1,14 +1,15 @@
 //! Sweeps: every policy × every requested eviction ratio, plus matched comparisons — a policy
-//! whose ratio is an outcome rather than a setting (an *anchor*, e.g. AG in threshold mode) is
-//! run once at its own settings, and every other policy is run again at the ratio the anchor
-//! actually reached, so the comparison is at equal memory.
+//! whose ratio is an outcome rather than a setting (*fixed*, e.g. AG in threshold mode) is run
+//! once at its own settings, and when it is an *anchor* every other policy is run again at the
+//! ratio it actually reached, so the comparison is at equal memory.
 //!
 //! Runs are handed to the caller in two batches — full, the anchors and every baseline at every
 //! requested ratio; then the matched runs, which need the anchors' measured ratios — so that the
 //! caller can run a batch task by task, prefilling each context once for all its runs.
 //!
-//! Invariants: `full` always runs, once, first, with no target (ratio 0); rows come in run order
-//! (full, anchors, baselines at the requested ratios, baselines matched to anchors); a matched
+//! Invariants: `full` always runs, once, first, with no target (ratio 0); anchors and fixed
+//! policies run once, with no target; rows come in run order (full, anchors and fixed policies,
+//! baselines at the requested ratios, baselines matched to anchors); a matched
 //! run is added only when the measured ratio differs from every requested ratio by more than
 //! the tolerance; the renderers give one line per row with the same columns in the same order
 //! (markdown and CSV alike), accuracies and perplexities with their 95% intervals.
@@ -26,6 +27,10 @@ pub struct SweepPlan {
     pub ratios: Vec<f64>,
     /// Policies among `policies` whose measured ratio the others are matched to.
     pub anchors: Vec<PolicyKind>,
+    /// Policies among `policies` that cannot be set to a ratio (Attention-Gate in threshold
+    /// mode): run once at their own settings, like an anchor, whether or not the others are
+    /// matched to them.
+    pub fixed: Vec<PolicyKind>,
     /// Measured ratios within this of a requested one get no matched run.
     pub tolerance: f64,
 }
@@ -69,11 +74,13 @@ impl SweepPlan {
                 "give the ratios to sweep (e.g. 0.25,0.5,0.75)".into(),
             );
         }
-        if let Some(a) = self.anchors.iter().find(|a| !self.policies.contains(a)) {
-            return bad(
-                "SweepPlan.anchors",
-                format!("`{a}` is not among the swept policies"),
-            );
+        for (setting, list) in [
+            ("SweepPlan.anchors", &self.anchors),
+            ("SweepPlan.fixed", &self.fixed),
+        ] {
+            if let Some(a) = list.iter().find(|a| !self.policies.contains(a)) {
+                return bad(setting, format!("`{a}` is not among the swept policies"));
+            }
         }
         Ok(())
     }
@@ -89,15 +96,16 @@ impl SweepPlan {
         F: FnMut(&[SweepRun]) -> std::result::Result<Vec<EvalSummary>, E>,
     {
         self.validate()?;
-        let baselines: Vec<PolicyKind> = self
+        let once = |p: &PolicyKind| self.anchors.contains(p) || self.fixed.contains(p);
+        let (own, baselines): (Vec<PolicyKind>, Vec<PolicyKind>) = self
             .policies
             .iter()
             .copied()
-            .filter(|p| *p != PolicyKind::Full && !self.anchors.contains(p))
-            .collect();
+            .filter(|p| *p != PolicyKind::Full)
+            .partition(once);
         let at = |policy: PolicyKind, ratio: Option<f64>| SweepRun { policy, ratio };
         let mut first = vec![at(PolicyKind::Full, None)];
-        first.extend(self.anchors.iter().map(|&a| at(a, None)));
+        first.extend(own.iter().map(|&a| at(a, None)));
         for &r in &self.ratios {
             first.extend(baselines.iter().map(|&p| at(p, Some(r))));
         }
@@ -274,6 +282,7 @@ mod tests {
             policies: vec![PolicyKind::H2o],
             ratios: vec![1.0],
             anchors: vec![],
+            fixed: vec![],
             tolerance: 0.0,
         };
         let err = plan
