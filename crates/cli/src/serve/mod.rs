@@ -2,7 +2,8 @@
 //! continuous-batching [`Scheduler`]. Routes: `POST /v1/chat/completions`,
 //! `POST /v1/completions` (JSON or server-sent events with `stream: true`), `GET /v1/models`,
 //! `GET /health`, `GET /metrics` (Prometheus text). Requests may carry agate's `kv_*` policy
-//! settings; the server's policy flags are the defaults.
+//! settings; the server's policy flags are the defaults, and its `--gates` serve every request
+//! that asks for Attention-Gate, whatever the default policy.
 //!
 //! Invariants: a handler never blocks the async runtime (the model runs on the scheduler's
 //! thread; events come back through an async channel); the HTTP status is decided when the
@@ -31,8 +32,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use engine::{
-    EventSink, GenerateRequest, Policy, PolicySpec, Prompt, RequestEvent, SamplingParams,
-    Scheduler, SchedulerConfig, Submission,
+    EventSink, GenerateRequest, Policy, PolicyKind, PolicySpec, Prompt, RequestEvent,
+    SamplingParams, Scheduler, SchedulerConfig, Submission,
 };
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -113,7 +114,11 @@ struct App {
 
 /// Runs `agate serve` until Ctrl-C or SIGTERM.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let policy = args.policy.single()?.spec().clone();
+    // --gates are the server's for every request that asks for ag, whatever the default policy.
+    let mut policy_args = args.policy.clone();
+    let gates = policy_args.gates.take();
+    let mut policy = policy_args.single()?.spec().clone();
+    policy.gates = gates;
     let openai_defaults = SamplingParams {
         temperature: 1.0,
         ..SamplingParams::default()
@@ -125,8 +130,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .config(engine_cfg)
         .on_progress(|line| say!("agate: {line}"))
         .build()?;
-    // The default policy must build (a bad --policy is a startup error, not a 400 per request).
+    // The default policy must build (a bad --policy is a startup error, not a 400 per request),
+    // and so must the gates, even when only a request's ag reads them.
     let default_policy = policy.build(&engine)?;
+    if policy.kind != PolicyKind::Ag && policy.gates.is_some() {
+        PolicySpec {
+            gates: policy.gates.clone(),
+            ..PolicySpec::new(PolicyKind::Ag)
+        }
+        .build(&engine)?;
+    }
     let model_id = args.model_name.clone().unwrap_or_else(|| {
         engine
             .model_path()

@@ -59,6 +59,14 @@ const KV_FIELDS: [&str; 10] = [
 /// The most characters of a bad value a 400 repeats.
 const SHOWN_CHARS: usize = 80;
 
+/// `value`, cut to [`SHOWN_CHARS`] characters (with its length) when longer.
+fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}… ({} characters)", &value[..cut], value.chars().count()),
+        None => value.to_string(),
+    }
+}
+
 /// The request field that sets a policy setting (`kv_window` is SnapKV's observation window
 /// and every other policy's recent tokens); the gates come from the server's command line.
 fn field(setting: Setting) -> &'static str {
@@ -103,11 +111,10 @@ impl Fields<'_> {
     /// value is not echoed back whole).
     fn bad(&self, name: &str, what: &str) -> ApiError {
         let got = self.get(name).map_or(Value::Null, Clone::clone).to_string();
-        let shown = match got.char_indices().nth(SHOWN_CHARS) {
-            Some((cut, _)) => format!("{}… ({} characters)", &got[..cut], got.chars().count()),
-            None => got,
-        };
-        ApiError::invalid(Some(name), format!("{name} must be {what}, got {shown}"))
+        ApiError::invalid(
+            Some(name),
+            format!("{name} must be {what}, got {}", shown(&got)),
+        )
     }
 
     /// A 400 naming `second` (given) when the request gives `first` too, which it excludes.
@@ -184,7 +191,8 @@ pub fn spec(
         Some(Value::String(name)) => PolicySpec {
             gates: default.gates.clone(),
             ..PolicySpec::new(name.parse::<PolicyKind>().map_err(|e| {
-                ApiError::invalid(Some("kv_policy"), format!("policy: {e}"))
+                let message = e.to_string().replacen(name.as_str(), &shown(name), 1);
+                ApiError::invalid(Some("kv_policy"), format!("policy: {message}"))
                     .with_code("invalid_policy")
             })?)
         },
@@ -294,6 +302,21 @@ mod tests {
             e.message,
             "kv_threshold does nothing with the policy `ag` in budget mode (each head keeps its \
              budget of the most likely tokens)"
+        );
+    }
+
+    #[test]
+    fn a_huge_unknown_policy_is_not_echoed_whole() {
+        let default = PolicySpec::new(PolicyKind::Full);
+        let name = "x".repeat(10_000);
+        let e = spec(&default, &extra(json!({ "kv_policy": name }))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("kv_policy"));
+        assert!(e.message.len() < 400, "{} bytes", e.message.len());
+        assert!(
+            e.message
+                .contains(&format!("`{}… (10000 characters)`", &name[..SHOWN_CHARS])),
+            "{}",
+            e.message
         );
     }
 

@@ -7,10 +7,10 @@
 
 use serde_json::json;
 
-use crate::common::{agate, s, stdout_json};
+use crate::common::{agate, s, stdout_json, succeeds, tiny_model};
 use crate::{
     assert_error, chat_body, client, get, idle_metrics, on_tiny_server, post, runtime, sample,
-    stream, streamed_content, tiny_server,
+    stream, streamed_content, tiny_server, Server,
 };
 
 #[test]
@@ -110,6 +110,50 @@ fn per_request_policy_settings_show_in_the_kv_report() {
         assert!(evicted["usage"]["kv"]["eviction_ratio"].as_f64().unwrap() > 0.5);
         assert!(evicted["usage"]["kv"]["tokens_retained"].as_u64().unwrap() <= 64);
     });
+}
+
+/// A server whose default policy is not Attention-Gate still takes `--gates`: a request that
+/// asks for ag runs with them (without them the tiny model has no gates, and the request is a
+/// 400 naming the server's --gates).
+#[test]
+fn requests_for_ag_use_the_servers_gates_whatever_the_default_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 2048);
+    let gates = dir.path().join("g.safetensors");
+    succeeds(&agate(&[
+        "init-gates",
+        "--model",
+        s(&model),
+        "--out",
+        s(&gates),
+    ]));
+    let mut body = chat_body(&"a long message ".repeat(20), 4);
+    body["kv_policy"] = json!("ag");
+    let rt = runtime();
+    let plain = Server::start(&["--model", s(&model), "--weights", "q8_0"]);
+    let (status, refused) = rt.block_on(post(&client(), &plain.url("/v1/chat/completions"), &body));
+    assert_error(status, &refused, 400, Some("kv_policy"));
+    let msg = refused["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("the server's --gates"), "{msg}");
+    let gated = Server::start(&[
+        "--model",
+        s(&model),
+        "--weights",
+        "q8_0",
+        "--policy",
+        "full",
+        "--gates",
+        s(&gates),
+    ]);
+    let (status, answer) = rt.block_on(post(&client(), &gated.url("/v1/chat/completions"), &body));
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["usage"]["kv"]["policy_state_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{answer}"
+    );
 }
 
 /// Errors: OpenAI bodies, the right status, the field named.
