@@ -423,33 +423,33 @@ fn run_sweep(plan: &SweepPlan, anchor_ratio: f64) -> (Vec<usize>, Vec<sweep::Swe
     (batches, rows)
 }
 
+/// An anchor that evicted everything gets no matched runs (no budget is a ratio of 1), and the
+/// sweep's rows are all kept.
+#[test]
+fn an_anchor_that_evicted_everything_is_matched_by_nothing() {
+    let (batches, rows) = run_sweep(&anchored_plan(), 1.0);
+    assert_eq!(batches, [6]);
+    assert!(rows.iter().all(|r| r.matched_to.is_none()));
+    assert_eq!(rows.len(), 6);
+}
+
 /// A policy that sets no ratio runs once at its own settings even when nothing is matched to
 /// it (`--match-to none`): never once per requested ratio, labelled with a ratio it ignores.
 #[test]
 fn a_fixed_policy_runs_once_without_matching() {
-    use engine::PolicyKind::{Ag, H2o};
     let plan = SweepPlan {
-        policies: vec![Ag, H2o],
-        ratios: vec![0.25, 0.5],
         anchors: vec![],
-        fixed: vec![Ag],
-        tolerance: 0.005,
+        ..anchored_plan()
     };
     let (batches, rows) = run_sweep(&plan, 0.35);
-    assert_eq!(batches, [4]);
-    let runs: Vec<(&str, Option<f64>)> = rows
+    // Full, ag once, h2o and tova at each ratio; nothing matched.
+    assert_eq!(batches, [6]);
+    let ag: Vec<Option<f64>> = rows
         .iter()
-        .map(|r| (r.policy.name(), r.target_ratio))
+        .filter(|r| r.policy.name() == "ag")
+        .map(|r| r.target_ratio)
         .collect();
-    assert_eq!(
-        runs,
-        [
-            ("full", None),
-            ("ag", None),
-            ("h2o", Some(0.25)),
-            ("h2o", Some(0.5))
-        ]
-    );
+    assert_eq!(ag, [None]);
     assert!(rows.iter().all(|r| r.matched_to.is_none()));
 }
 

@@ -10,9 +10,9 @@
 //! Invariants: `full` always runs, once, first, with no target (ratio 0); anchors and fixed
 //! policies run once, with no target; rows come in run order (full, anchors and fixed policies,
 //! baselines at the requested ratios, baselines matched to anchors); a matched
-//! run is added only when the measured ratio differs from every requested ratio by more than
-//! the tolerance; the renderers give one line per row with the same columns in the same order
-//! (markdown and CSV alike), accuracies and perplexities with their 95% intervals.
+//! run is added only when the measured ratio is below 1 and differs from every requested ratio
+//! by more than the tolerance; the renderers give one line per row with the same columns in the
+//! same order (markdown and CSV alike), accuracies and perplexities with their 95% intervals.
 
 use super::EvalSummary;
 use crate::error::{EngineError, Result};
@@ -144,7 +144,8 @@ impl SweepPlan {
             .collect();
         let (mut second, mut matched) = (Vec::new(), Vec::new());
         for (anchor, m) in measured {
-            if self.ratios.iter().any(|r| (r - m).abs() <= self.tolerance) {
+            // An anchor that evicted everything (ratio 1) has no ratio a budget can be set to.
+            if m >= 1.0 || self.ratios.iter().any(|r| (r - m).abs() <= self.tolerance) {
                 continue;
             }
             for &p in &baselines {
