@@ -1,8 +1,8 @@
 //! Shared fixtures for the `agate` binary's integration tests: running the binary (with or
 //! without standard input) and checking how it ended (one `error:` line, success, never a
-//! panic), tiny random models written to a test's temporary directory, and the default model
-//! (`None`, with the reason on stderr, when it is not cached and `AGATE_OFFLINE` forbids
-//! fetching it: the test then reports itself skipped).
+//! panic), tiny random models (and random gates for them) written to a test's temporary
+//! directory, and the default model (`None`, with the reason on stderr, when it is not cached
+//! and `AGATE_OFFLINE` forbids fetching it: the test then reports itself skipped).
 
 #![allow(dead_code)]
 
@@ -88,6 +88,19 @@ pub fn stdout_json(out: &Output) -> serde_json::Value {
 /// A path as the `&str` an argument list takes.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
+}
+
+/// Random gates for `model`, made by `agate init-gates` into `dir/g.safetensors` (that path).
+pub fn random_gates(dir: &Path, model: &Path) -> PathBuf {
+    let gates = dir.join("g.safetensors");
+    succeeds(&agate(&[
+        "init-gates",
+        "--model",
+        s(model),
+        "--out",
+        s(&gates),
+    ]));
+    gates
 }
 
 /// Writes a tiny random Llama to `dir/tiny` and returns that path: `layers` layers, 4 query /

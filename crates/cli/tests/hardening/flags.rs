@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::common::{agate, fails_with, s, succeeds, text, tiny_model};
+use crate::common::{agate, fails_with, random_gates, s, succeeds, text, tiny_model};
 
 #[test]
 fn sizes_that_overflow_are_refused_before_any_work() {
@@ -152,14 +152,7 @@ fn flags_the_policy_ignores_are_refused() {
 fn generate_ag(flags: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 64);
-    let gates = dir.path().join("g.safetensors");
-    succeeds(&agate(&[
-        "init-gates",
-        "--model",
-        s(&model),
-        "--out",
-        s(&gates),
-    ]));
+    let gates = random_gates(dir.path(), &model);
     let base = [
         "generate",
         "hi",

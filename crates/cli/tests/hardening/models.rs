@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::common::{self, agate, fails_with, s, succeeds, text, tiny_model};
+use crate::common::{self, agate, fails_with, random_gates, s, text, tiny_model};
 
 /// Edits `config.json` of a model directory.
 fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -332,14 +332,7 @@ fn a_missing_file_is_named_once() {
 fn nan_gates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 64);
-    let gates = dir.path().join("g.safetensors");
-    succeeds(&agate(&[
-        "init-gates",
-        "--model",
-        s(&model),
-        "--out",
-        s(&gates),
-    ]));
+    let gates = random_gates(dir.path(), &model);
     // Nor can random gates be made with a bias that is not a number.
     for bias in ["NaN", "inf"] {
         let out = agate(&[

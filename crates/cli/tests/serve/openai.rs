@@ -7,7 +7,7 @@
 
 use serde_json::json;
 
-use crate::common::{agate, s, stdout_json, succeeds, tiny_model};
+use crate::common::{agate, random_gates, s, stdout_json, tiny_model};
 use crate::{
     assert_error, chat_body, client, get, idle_metrics, on_tiny_server, post, runtime, sample,
     stream, streamed_content, tiny_server, Server,
@@ -119,14 +119,7 @@ fn per_request_policy_settings_show_in_the_kv_report() {
 fn requests_for_ag_use_the_servers_gates_whatever_the_default_policy() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 2048);
-    let gates = dir.path().join("g.safetensors");
-    succeeds(&agate(&[
-        "init-gates",
-        "--model",
-        s(&model),
-        "--out",
-        s(&gates),
-    ]));
+    let gates = random_gates(dir.path(), &model);
     let mut body = chat_body(&"a long message ".repeat(20), 4);
     body["kv_policy"] = json!("ag");
     let rt = runtime();
