@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Output;
 
-use common::{agate, fails_with, s, stdout_json, tiny_model};
+use common::{agate, fails_with, random_gates, s, stdout_json, tiny_model};
 
 const MIXED: &str = r#"{"type":"choice","context":"The sky is","question":"Colour?","choices":["blue","green"],"answer":0}
 {"type":"generate","context":"a b c d e f","question":"Next letter:","answer":"g","match":"contains"}
@@ -142,6 +142,17 @@ fn sweeps_write_table_json_csv_and_plots() {
     let out = mixed.eval(&["--policy", "h2o", "--sweep", "0.5", "--keep", "8"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--keep does nothing with --sweep"));
+    // Attention-Gate in threshold mode alone uses none of the ratios: it runs once, with a note.
+    let gates = random_gates(mixed.dir.path(), &mixed.model);
+    let out = mixed.eval(&["--policy", "ag", "--gates", s(&gates), "--sweep", "0.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.matches("\n| ag | - |").count(), 1, "{table}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep's ratios do nothing here"));
 }
 
 #[test]
