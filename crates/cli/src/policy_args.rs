@@ -135,6 +135,10 @@ pub fn flag(setting: Setting) -> &'static str {
     }
 }
 
+/// Why Attention-Gate in budget mode does without a threshold (flags and request fields alike).
+pub(crate) const AG_BUDGET_MODE: &str =
+    " in budget mode (each head keeps its budget of the most likely tokens)";
+
 /// Why a policy does without a setting, for the message.
 fn why(policy: PolicyKind, setting: Setting) -> &'static str {
     match (policy, setting) {
@@ -142,9 +146,7 @@ fn why(policy: PolicyKind, setting: Setting) -> &'static str {
         (PolicyKind::Ag, Setting::Evict | Setting::Keep) => {
             " in threshold mode (the gates decide; --ag-mode budget keeps a budget)"
         }
-        (PolicyKind::Ag, Setting::Threshold | Setting::LayerThresholds) => {
-            " in budget mode (each head keeps its budget of the most likely tokens)"
-        }
+        (PolicyKind::Ag, Setting::Threshold | Setting::LayerThresholds) => AG_BUDGET_MODE,
         (PolicyKind::Streaming, Setting::Recent) => {
             " with a budget (its window is --keep or the evicted share minus --sinks)"
         }

@@ -230,15 +230,6 @@ fn sweep_plan(
             "{flag} does nothing with --sweep, which sets each run's eviction ratio, unless a --match-to policy runs at it; remove it"
         );
     }
-    if kinds
-        .iter()
-        .all(|k| *k == PolicyKind::Full || fixed.contains(k) || anchors.contains(k))
-    {
-        say!(
-            "agate: note: --sweep's ratios do nothing here: every policy named runs once at its \
-             own settings (sweep a policy with a budget beside it to use them)"
-        );
-    }
     let plan = SweepPlan {
         policies: kinds,
         ratios: distinct_ratios(ratios),
@@ -247,6 +238,12 @@ fn sweep_plan(
         tolerance: 0.005,
     };
     plan.validate()?;
+    if plan.baselines().is_empty() {
+        say!(
+            "agate: note: --sweep's ratios do nothing here: every policy named runs once at its \
+             own settings (sweep a policy with a budget beside it to use them)"
+        );
+    }
     Ok(plan)
 }
 

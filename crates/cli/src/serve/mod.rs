@@ -131,14 +131,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .on_progress(|line| say!("agate: {line}"))
         .build()?;
     // The default policy must build (a bad --policy is a startup error, not a 400 per request),
-    // and so must the gates, even when only a request's ag reads them.
-    let default_policy = policy.build(&engine)?;
+    // and so must the gates, even when only a request's ag reads them: that policy is built
+    // once here, into the cache a `"kv_policy": "ag"` request looks it up in.
+    let mut policies = HashMap::from([(format!("{policy:?}"), policy.build(&engine)?)]);
     if policy.kind != PolicyKind::Ag && policy.gates.is_some() {
-        PolicySpec {
+        let ag = PolicySpec {
             gates: policy.gates.clone(),
             ..PolicySpec::new(PolicyKind::Ag)
-        }
-        .build(&engine)?;
+        };
+        policies.insert(format!("{ag:?}"), ag.build(&engine)?);
     }
     let model_id = args.model_name.clone().unwrap_or_else(|| {
         engine
@@ -159,7 +160,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         model_id,
         created: unix_now(),
         api_key: args.api_key.clone(),
-        policies: Mutex::new(HashMap::from([(format!("{policy:?}"), default_policy)])),
+        policies: Mutex::new(policies),
         defaults: Defaults {
             policy,
             seeded: args.sampling.seed.is_some(),

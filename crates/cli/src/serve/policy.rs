@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::openai::{ApiError, Common};
 use super::{App, POLICY_CACHE};
+use crate::policy_args::AG_BUDGET_MODE;
 
 impl App {
     /// The request's policy (`kv_*` fields over the server's default) and its cache key.
@@ -214,7 +215,7 @@ pub fn spec(
                 "{name} does nothing with the policy `{}`{}",
                 spec.kind,
                 if spec.kind == PolicyKind::Ag && spec.ag_budget_mode {
-                    " in budget mode (each head keeps its budget of the most likely tokens)"
+                    AG_BUDGET_MODE
                 } else {
                     ""
                 }

@@ -3,8 +3,8 @@
 //! once at its own settings, and when it is an *anchor* every other policy is run again at the
 //! ratio it actually reached, so the comparison is at equal memory.
 //!
-//! Runs are handed to the caller in two batches — full, the anchors and every baseline at every
-//! requested ratio; then the matched runs, which need the anchors' measured ratios — so that the
+//! Runs are handed to the caller in two batches — full, the anchors and fixed policies, and
+//! every baseline at every requested ratio; then the matched runs, which need the anchors' measured ratios — so that the
 //! caller can run a batch task by task, prefilling each context once for all its runs.
 //!
 //! Invariants: `full` always runs, once, first, with no target (ratio 0); anchors and fixed
@@ -85,6 +85,18 @@ impl SweepPlan {
         Ok(())
     }
 
+    /// The policies run at each requested ratio (and matched to the anchors): every one but
+    /// full, the anchors and the fixed policies, in the order given.
+    pub fn baselines(&self) -> Vec<PolicyKind> {
+        self.policies
+            .iter()
+            .copied()
+            .filter(|p| {
+                *p != PolicyKind::Full && !self.anchors.contains(p) && !self.fixed.contains(p)
+            })
+            .collect()
+    }
+
     /// Runs the sweep: `run(batch)` evaluates every run of a batch and returns their
     /// summaries in batch order. The first batch is full, the anchors at their own settings and
     /// every baseline at every requested ratio; the second (possibly empty, then not made) the
@@ -96,16 +108,15 @@ impl SweepPlan {
         F: FnMut(&[SweepRun]) -> std::result::Result<Vec<EvalSummary>, E>,
     {
         self.validate()?;
-        let once = |p: &PolicyKind| self.anchors.contains(p) || self.fixed.contains(p);
-        let (own, baselines): (Vec<PolicyKind>, Vec<PolicyKind>) = self
+        let baselines = self.baselines();
+        let own = self
             .policies
             .iter()
             .copied()
-            .filter(|p| *p != PolicyKind::Full)
-            .partition(once);
+            .filter(|p| *p != PolicyKind::Full && !baselines.contains(p));
         let at = |policy: PolicyKind, ratio: Option<f64>| SweepRun { policy, ratio };
         let mut first = vec![at(PolicyKind::Full, None)];
-        first.extend(own.iter().map(|&a| at(a, None)));
+        first.extend(own.map(|a| at(a, None)));
         for &r in &self.ratios {
             first.extend(baselines.iter().map(|&p| at(p, Some(r))));
         }
