@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Seed of the random prompt tokens.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Take the context and prompt tokens from this text file (in order, repeated when shorter
+    /// than depth + prompt) instead of random ids: what an eviction policy keeps, and so its
+    /// speed, depends on the text.
+    #[arg(long, value_name = "FILE")]
+    pub text: Option<std::path::PathBuf>,
     /// Print JSON lines (one object per row) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -67,7 +72,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     print_roofline(&rows)
 }
 
-/// Runs the benchmark of each policy with one progress bar over every run.
+/// Runs the benchmark of every policy (their runs alternate) with one progress bar over every
+/// run.
 fn measure(
     args: &BenchArgs,
     engine: &engine::Engine,
@@ -79,6 +85,7 @@ fn measure(
         depths: args.depths.clone(),
         repetitions: args.repetitions as usize,
         seed: args.seed,
+        text: args.text.clone(),
         positions: args.policy.positions_or(engine::Positions::Original),
     };
     let runs = policies
@@ -89,18 +96,14 @@ fn measure(
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} runs  {per_sec}  ETA {eta}  {msg}",
     )?);
-    let mut rows: Vec<BenchRow> = Vec::new();
-    for (pi, policy) in policies.iter().enumerate() {
-        bar.set_message(policy.name().to_string());
-        let done_before = (pi * spec.depths.len() * spec.repetitions) as u64;
-        let policy = policy.resolve(engine)?;
-        rows.extend(engine::bench::run(
-            engine,
-            &policy,
-            &spec,
-            &mut |done, _| bar.set_position(done_before + done as u64),
-        )?);
-    }
+    let resolved = policies
+        .iter()
+        .map(|p| p.resolve(engine))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rows = engine::bench::run(engine, &resolved, &spec, &mut |done, _, policy| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("{policy} done"));
+    })?;
     bar.finish_and_clear();
     Ok(rows)
 }

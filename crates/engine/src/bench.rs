@@ -1,10 +1,14 @@
 //! Throughput benchmark, llama-bench style: for each context depth `d`, a fresh session is
 //! filled with `d` tokens (untimed), then a prompt of `p` tokens is timed (prefill, time to first
 //! token) and `n` tokens are generated greedily with end-of-sequence ignored (decode). Repeated
-//! `r` times; medians and ranges are reported with the KV bytes in use and the peak RSS.
+//! `r` times; medians and ranges are reported with the KV bytes in use and the peak RSS. With
+//! several policies their runs alternate (see [`run`]), so the peers are measured side by side.
 //!
 //! Token ids are drawn uniformly from the vocabulary with a fixed seed, as llama-bench does, so
-//! peers can run the same shapes; the content does not change the cost of the full cache.
+//! peers can run the same shapes; the content does not change the cost of the full cache. It
+//! does change what an eviction policy keeps (Attention-Gate keeps more of random ids than of
+//! prose), so a text file can stand in for them ([`BenchSpec::text`]): its tokens, repeated as
+//! often as the depth and the prompt need.
 //!
 //! Every row also counts the bytes one decode step reads (the weights as held, plus the K and V
 //! of every retained entry, averaged over the timed steps); [`measure_read_bandwidth`] measures
@@ -33,6 +37,9 @@ pub struct BenchSpec {
     pub repetitions: usize,
     /// Seed of the random token ids.
     pub seed: u64,
+    /// A text file whose tokens (read in order, from the start again when they run out) are the
+    /// context and then the prompt, instead of random ids.
+    pub text: Option<std::path::PathBuf>,
     /// Where RoPE places keys.
     pub positions: crate::Positions,
 }
@@ -93,7 +100,8 @@ pub struct BenchRow {
     pub kv_bytes_full: usize,
     /// Hard eviction ratio at the end of a run.
     pub eviction_ratio: f64,
-    /// Peak resident memory of the process so far, bytes (Linux; 0 elsewhere).
+    /// Peak resident memory of the process once every policy's runs at this depth were done
+    /// (the policies alternate, so it is theirs together), bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
     /// Weight bytes one decode step reads (every projection and the LM head as held).
     pub weight_bytes_per_token: usize,
@@ -161,22 +169,91 @@ pub fn measure_read_bandwidth(threads: usize, passes: usize) -> f64 {
     BYTES as f64 / best
 }
 
-/// Runs the benchmark for one policy; `progress` is called after each run with (done, total).
+/// Runs the benchmark of every policy at every depth; `progress` is called after each run with
+/// (runs done, runs in all, the run's policy). Rows come policy by policy, each policy's depths
+/// in order.
+///
+/// A depth's runs alternate the policies, in order on even repetitions and in reverse on odd
+/// ones (ABBA): whatever drifts during the benchmark (the machine's load, its clock, the
+/// pool's free blocks left by the run before) falls on every policy alike, so their figures
+/// compare within one invocation.
 pub fn run(
     engine: &Engine,
-    policy: &Policy,
+    policies: &[Policy],
     spec: &BenchSpec,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<BenchRow>> {
     check_sizes(engine, spec)?;
-    let total = spec.depths.len().saturating_mul(spec.repetitions);
-    let mut rows = Vec::new();
-    for (di, &depth) in spec.depths.iter().enumerate() {
-        let done = di * spec.repetitions;
-        let mut repeated = |rep: usize| progress(done.saturating_add(rep + 1), total);
-        rows.push(run_depth(engine, policy, spec, depth, &mut repeated)?);
+    let total = policies
+        .len()
+        .saturating_mul(spec.depths.len())
+        .saturating_mul(spec.repetitions);
+    let text = spec
+        .text
+        .as_deref()
+        .map(|p| text_tokens(engine, p))
+        .transpose()?;
+    let mut done = 0;
+    let mut rows: Vec<Vec<BenchRow>> = policies.iter().map(|_| Vec::new()).collect();
+    for &depth in &spec.depths {
+        let (filler, prompt) = match &text {
+            Some(tokens) => text_run(tokens, depth, spec.prompt),
+            None => random_tokens(engine, spec, depth),
+        };
+        let mut runs: Vec<Vec<RunFigures>> = policies.iter().map(|_| Vec::new()).collect();
+        for rep in 0..spec.repetitions {
+            for pi in abba_order(policies.len(), rep) {
+                runs[pi].push(time_one_run(engine, &policies[pi], spec, &filler, &prompt)?);
+                done += 1;
+                progress(done, total, policies[pi].name());
+            }
+        }
+        for ((policy, runs), rows) in policies.iter().zip(&runs).zip(&mut rows) {
+            rows.push(row_of(engine, policy, spec, depth, runs));
+        }
     }
-    Ok(rows)
+    Ok(rows.into_iter().flatten().collect())
+}
+
+/// The order of the policies in repetition `rep`: forward when it is even, reversed when odd.
+fn abba_order(n: usize, rep: usize) -> Vec<usize> {
+    if rep.is_multiple_of(2) {
+        (0..n).collect()
+    } else {
+        (0..n).rev().collect()
+    }
+}
+
+/// The tokens of the text file `path` (no BOS), at least one.
+fn text_tokens(engine: &Engine, path: &std::path::Path) -> Result<Vec<u32>> {
+    let text = crate::data_file::read_text(path)?;
+    let tokens = engine.tokenizer().encode(&text, false)?;
+    if tokens.is_empty() {
+        return Err(crate::data_file::data_error(
+            path,
+            None,
+            "has no text to take the benchmark's tokens from",
+            None,
+        ));
+    }
+    Ok(tokens)
+}
+
+/// The context (`depth` tokens) and the prompt (`prompt` tokens) taken in order from `tokens`
+/// (not empty), from its start again whenever it runs out.
+fn text_run(tokens: &[u32], depth: usize, prompt: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut ids = tokens.iter().copied().cycle();
+    let filler = ids.by_ref().take(depth).collect();
+    (filler, ids.take(prompt).collect())
+}
+
+/// The context and the prompt of a depth's runs: uniform token ids from `spec.seed`, the same
+/// for every policy and repetition.
+fn random_tokens(engine: &Engine, spec: &BenchSpec, depth: usize) -> (Vec<u32>, Vec<u32>) {
+    let vocab = engine.model_config().vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    (ids(depth), ids(spec.prompt))
 }
 
 /// Every size of `spec` is checked before any work starts: at least one repetition and one
@@ -222,27 +299,17 @@ struct RunFigures {
     kv: crate::KvReport,
 }
 
-/// The row of one depth: `spec.repetitions` runs on the same token ids (seeded), `repeated`
-/// called with each run's index when it is done.
-fn run_depth(
+/// The row of one policy at one depth from its runs (at least one).
+fn row_of(
     engine: &Engine,
     policy: &Policy,
     spec: &BenchSpec,
     depth: usize,
-    repeated: &mut dyn FnMut(usize),
-) -> Result<BenchRow> {
-    let vocab = engine.model_config().vocab_size as u32;
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
-    let (filler, prompt) = (ids(depth), ids(spec.prompt));
-    let mut runs = Vec::with_capacity(spec.repetitions);
-    for rep in 0..spec.repetitions {
-        runs.push(time_one_run(engine, policy, spec, &filler, &prompt)?);
-        repeated(rep);
-    }
+    runs: &[RunFigures],
+) -> BenchRow {
     let spread = |f: fn(&RunFigures) -> f64| Spread::of(runs.iter().map(f).collect());
     let kv = &runs.last().expect("at least one repetition").kv;
-    Ok(BenchRow {
+    BenchRow {
         policy: policy.name().to_string(),
         depth,
         prompt: spec.prompt,
@@ -259,7 +326,7 @@ fn run_depth(
         weight_bytes_per_token: engine.model().weight_bytes_per_token(),
         kv_bytes_read_per_token: spread(|r| r.kv_bytes_read_per_token).median,
         roofline: None,
-    })
+    }
 }
 
 /// One run: a fresh session filled with `filler` (untimed), then `prompt` prefilled and
@@ -337,6 +404,24 @@ pub fn peak_rss_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_run_takes_the_tokens_in_order_and_wraps() {
+        assert_eq!(
+            text_run(&[1, 2, 3], 4, 3),
+            (vec![1, 2, 3, 1], vec![2, 3, 1])
+        );
+        assert_eq!(text_run(&[5, 6, 7, 8, 9], 0, 2), (vec![], vec![5, 6]));
+        assert_eq!(text_run(&[5, 6, 7, 8, 9], 2, 2), (vec![5, 6], vec![7, 8]));
+    }
+
+    #[test]
+    fn abba_reverses_every_odd_repetition() {
+        assert_eq!(abba_order(3, 0), [0, 1, 2]);
+        assert_eq!(abba_order(3, 1), [2, 1, 0]);
+        assert_eq!(abba_order(3, 2), [0, 1, 2]);
+        assert_eq!(abba_order(1, 1), [0]);
+    }
 
     #[test]
     fn spread_median_even_and_odd() {

@@ -1,7 +1,7 @@
 //! Outputs, sessions and training runs: outputs are written through links, FIFOs and devices,
 //! never replaced; chats survive a full pool, lines that are not UTF-8 and (in cache positions)
 //! the end of the context; train-gates checkpoints are checksummed, resumed logs have no holes,
-//! and Ctrl-C ends training with status 130.
+//! and Ctrl-C ends training with status 130; `bench --text` reads, repeats and checks its file.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -366,4 +366,49 @@ fn ctrl_c_ends_training_with_130_and_names_the_checkpoint() {
     );
     assert!(!gates.exists(), "an interrupted run wrote its final gates");
     assert!(!stderr.contains("panicked"));
+}
+
+/// `bench --text FILE` takes its tokens from the file: a missing or empty file is one error
+/// naming it; a short one is repeated, and every policy gets a row.
+#[test]
+fn bench_text_is_read_repeated_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 128);
+    let m = s(&model);
+    let bench = |text: &Path| {
+        agate(&[
+            "bench",
+            "--model",
+            m,
+            "--policy",
+            "full,h2o",
+            "-d",
+            "40",
+            "-p",
+            "8",
+            "-n",
+            "2",
+            "-r",
+            "2",
+            "--json",
+            "--text",
+            s(text),
+        ])
+    };
+    let missing = dir.path().join("missing.txt");
+    fails_with(&bench(&missing), &["missing.txt", "cannot read"]);
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    fails_with(&bench(&empty), &["empty.txt", "has no text"]);
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "The cat sat.").unwrap();
+    let out = bench(&short);
+    succeeds(&out);
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let policies: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(policies, ["full", "h2o"]);
+    assert_eq!(rows[0]["depth"], 40);
 }

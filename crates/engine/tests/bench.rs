@@ -1,0 +1,48 @@
+//! `engine::bench::run` with several policies: their runs alternate (ABBA) at each depth, and
+//! the rows come policy by policy with each policy's own figures.
+
+mod common;
+
+use common::{evicting, tiny_engine};
+use engine::bench::{run, BenchSpec};
+use engine::{KvDtype, Positions};
+
+#[test]
+fn policies_alternate_abba_and_rows_come_policy_by_policy() {
+    let (_dir, engine) = tiny_engine(2, 7, KvDtype::F32, 16);
+    let full = engine::PolicySpec::new("full".parse().unwrap())
+        .build(&engine)
+        .unwrap();
+    let h2o = evicting("h2o", 0.5).build(&engine).unwrap();
+    let spec = BenchSpec {
+        prompt: 4,
+        generate: 2,
+        depths: vec![0, 40],
+        repetitions: 3,
+        seed: 1,
+        text: None,
+        positions: Positions::Original,
+    };
+    let mut order = Vec::new();
+    let rows = run(&engine, &[full, h2o], &spec, &mut |done, total, policy| {
+        order.push((done, total, policy.to_string()));
+    })
+    .unwrap();
+
+    let abba = ["full", "h2o", "h2o", "full", "full", "h2o"];
+    let expected: Vec<(usize, usize, String)> = abba
+        .iter()
+        .chain(&abba)
+        .enumerate()
+        .map(|(i, p)| (i + 1, 12, p.to_string()))
+        .collect();
+    assert_eq!(order, expected);
+
+    let shape: Vec<(&str, usize)> = rows.iter().map(|r| (r.policy.as_str(), r.depth)).collect();
+    assert_eq!(shape, [("full", 0), ("full", 40), ("h2o", 0), ("h2o", 40)]);
+    assert!(rows[..2].iter().all(|r| r.eviction_ratio == 0.0));
+    // H2O keeps half of every head once it holds more than its protected tokens.
+    assert!(rows[3].eviction_ratio > 0.3, "{}", rows[3].eviction_ratio);
+    assert!(rows[3].kv_bytes_in_use < rows[1].kv_bytes_in_use);
+    assert_eq!(rows[1].kv_bytes_full, rows[3].kv_bytes_full);
+}
