@@ -59,8 +59,9 @@ pub struct PolicyArgs {
     /// Attention-Gate checkpoint (safetensors).
     #[arg(long, value_name = "PATH")]
     pub gates: Option<PathBuf>,
-    /// Attention-Gate keep threshold in [0, 1) (default: the checkpoint's, usually 0.5).
-    #[arg(long, value_parser = parse_ratio)]
+    /// Attention-Gate keep threshold in [0, 1] (default: the checkpoint's, usually 0.5; 1 flags
+    /// every token out: only the sinks and the local window stay).
+    #[arg(long, value_parser = parse_fraction)]
     pub threshold: Option<f32>,
     /// Attention-Gate keep threshold per layer, one value per model layer, comma-separated
     /// (instead of --threshold).
@@ -162,12 +163,13 @@ fn why(policy: PolicyKind, setting: Setting) -> &'static str {
     }
 }
 
-/// A fraction in `[0, 1)` (`--evict`, `--threshold`, bench-serve's `--kv-evict`).
+/// A fraction in `[0, 1)` (`--evict`, bench-serve's `--kv-evict`).
 pub(crate) fn parse_ratio(s: &str) -> Result<f32, String> {
     parse_in(s, 0.0..1.0, "[0, 1)")
 }
 
-/// A fraction in `[0, 1]` (each of `--layer-thresholds`: 1 flags every token out).
+/// A fraction in `[0, 1]` (`--threshold` and each of `--layer-thresholds`: 1 flags every token
+/// out).
 fn parse_fraction(s: &str) -> Result<f32, String> {
     parse_in(s, 0.0..=1.0, "[0, 1]")
 }

@@ -157,10 +157,25 @@ impl Fields<'_> {
 
     /// A number in `[0, 1)`.
     fn ratio(&self, name: &str) -> Result<Option<f32>, ApiError> {
+        self.number_in(name, 0.0..1.0, "a number in [0, 1)")
+    }
+
+    /// A number in `[0, 1]`.
+    fn fraction(&self, name: &str) -> Result<Option<f32>, ApiError> {
+        self.number_in(name, 0.0..=1.0, "a number in [0, 1]")
+    }
+
+    /// A number in `range`, which `expected` describes.
+    fn number_in(
+        &self,
+        name: &str,
+        range: impl std::ops::RangeBounds<f64>,
+        expected: &str,
+    ) -> Result<Option<f32>, ApiError> {
         self.get(name)
             .map(|v| match v.as_f64() {
-                Some(r) if (0.0..1.0).contains(&r) => Ok(r as f32),
-                _ => Err(self.bad(name, "a number in [0, 1)")),
+                Some(r) if range.contains(&r) => Ok(r as f32),
+                _ => Err(self.bad(name, expected)),
             })
             .transpose()
     }
@@ -244,7 +259,7 @@ fn set_knobs(spec: &mut PolicySpec, fields: &Fields) -> Result<(), ApiError> {
         spec.set_window(w);
     }
     // A request's threshold replaces the server's, uniform or per layer.
-    if let Some(t) = fields.ratio("kv_threshold")? {
+    if let Some(t) = fields.fraction("kv_threshold")? {
         spec.threshold = Some(t);
         spec.layer_thresholds = None;
     }
@@ -389,6 +404,23 @@ mod tests {
         let e = api_error(EngineError::from(PolicyError::NeedsGates));
         assert_eq!(e.param.as_deref(), Some("kv_policy"));
         assert!(e.message.contains("the server's --gates"), "{}", e.message);
+    }
+
+    #[test]
+    fn kv_threshold_is_a_number_in_zero_one_inclusive() {
+        let default = PolicySpec::new(PolicyKind::Ag);
+        for t in [0.0, 0.5, 1.0] {
+            let s = spec(&default, &extra(json!({ "kv_threshold": t }))).unwrap();
+            assert_eq!(s.threshold, Some(t as f32));
+        }
+        for bad in [json!(1.5), json!(-0.1), json!("0.5")] {
+            let e = spec(&default, &extra(json!({ "kv_threshold": bad }))).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("kv_threshold"));
+            assert_eq!(
+                e.message,
+                format!("kv_threshold must be a number in [0, 1], got {bad}")
+            );
+        }
     }
 
     #[test]

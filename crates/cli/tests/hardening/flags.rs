@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::common::{agate, fails_with, random_gates, s, succeeds, text, tiny_model};
+use crate::common::{agate, fails_with, random_gates, s, stdout_json, succeeds, text, tiny_model};
 
 #[test]
 fn sizes_that_overflow_are_refused_before_any_work() {
@@ -216,11 +216,15 @@ fn layer_thresholds_must_fit_the_model_and_the_policy() {
     );
 }
 
-/// Each `--layer-thresholds` value is a fraction in [0, 1], and `--threshold` excludes it:
-/// refused when the flags are read, naming the flag.
+/// `--threshold` and each `--layer-thresholds` value are fractions in [0, 1], and one excludes
+/// the other: refused when the flags are read, naming the flag.
 #[test]
-fn layer_thresholds_are_fractions_instead_of_the_threshold() {
+fn thresholds_are_fractions_and_exclude_each_other() {
     for (flags, says) in [
+        (
+            &["--threshold", "1.5"][..],
+            &["--threshold <THRESHOLD>", "must be in [0, 1], got 1.5"][..],
+        ),
         (
             &["--layer-thresholds", "0.5,1.5"][..],
             &[
@@ -493,5 +497,37 @@ fn absurd_values_are_refused_naming_the_flag() {
         String::from_utf8_lossy(&out.stderr).contains("'0' for '--timeout <TIMEOUT>'"),
         "{}",
         text(&out)
+    );
+}
+
+/// `--threshold 1` flags every token out, exactly as 1 in every layer does.
+#[test]
+fn threshold_one_is_one_in_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let gates = random_gates(dir.path(), &model);
+    let kv = |flags: &[&str]| {
+        let base = [
+            "generate",
+            "a long enough prompt to leave the window",
+            "--model",
+            s(&model),
+            "--max-tokens",
+            "2",
+            "--policy",
+            "ag",
+            "--gates",
+            s(&gates),
+            "--window",
+            "4",
+            "--json",
+        ];
+        stdout_json(&agate(&[&base[..], flags].concat()))["kv"].clone()
+    };
+    let uniform = kv(&["--threshold", "1"]);
+    assert_eq!(uniform, kv(&["--layer-thresholds", "1,1"]));
+    assert!(
+        uniform["eviction_ratio"].as_f64().unwrap() > 0.5,
+        "{uniform}"
     );
 }
