@@ -94,15 +94,22 @@ fn measure(
         .saturating_mul(spec.repetitions);
     let bar = ProgressBar::new(runs as u64);
     bar.set_style(ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} runs  {per_sec}  ETA {eta}  {msg}",
+        "{bar:30} {pos}/{len} runs  {elapsed}  ETA {eta}  {msg}",
     )?);
+    bar.enable_steady_tick(std::time::Duration::from_secs(1));
     let resolved = policies
         .iter()
         .map(|p| p.resolve(engine))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let rows = engine::bench::run(engine, &resolved, &spec, &mut |done, _, policy| {
-        bar.set_position(done as u64);
-        bar.set_message(format!("{policy} done"));
+    let repetitions = spec.repetitions;
+    let rows = engine::bench::run(engine, &resolved, &spec, &mut |p| {
+        bar.set_message(format!(
+            "{} at depth {}, run {}/{repetitions}",
+            p.policy,
+            p.depth,
+            p.repetition + 1
+        ));
+        bar.set_position(p.done as u64);
     })?;
     bar.finish_and_clear();
     Ok(rows)
@@ -137,8 +144,8 @@ fn print_table(engine: &engine::Engine, rows: &[BenchRow]) -> anyhow::Result<()>
             r.time_to_first_token_s.median,
             r.eviction_ratio
         )?;
-        if r.generate == 0 {
-            continue;
+        if r.generate < 2 {
+            continue; // no decode step: the first token comes from the prompt's prefill
         }
         outln!(
             "| {} | {} | tg{} | {:.1} | {:.1}–{:.1} | | {kv} | {:.2} | {rss:.0} |",

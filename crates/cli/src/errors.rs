@@ -54,7 +54,7 @@ fn setting_flag(setting: &'static str) -> &'static str {
         "SyntheticSpec.n" => "-n",
         "SyntheticSpec.filler" => "--filler",
         "BenchSpec.prompt" => "--prompt",
-        "BenchSpec.depths" => "--depth",
+        "BenchSpec.sizes" => "--depth + --prompt + --generate",
         "BenchSpec.repetitions" => "--repetitions",
         "TrainConfig.mode" => "--mode",
         "TrainConfig.data" => "--data",

@@ -18,6 +18,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::data_file;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::policy::Policy;
@@ -38,7 +39,8 @@ pub struct BenchSpec {
     /// Seed of the random token ids.
     pub seed: u64,
     /// A text file whose tokens (read in order, from the start again when they run out) are the
-    /// context and then the prompt, instead of random ids.
+    /// context and then the prompt, instead of random ids. Only its beginning is read: 64
+    /// bytes per token needed, at least 64 KiB.
     pub text: Option<std::path::PathBuf>,
     /// Where RoPE places keys.
     pub positions: crate::Positions,
@@ -87,7 +89,8 @@ pub struct BenchRow {
     pub time_to_first_token_s: Spread,
     /// Prompt tokens per second.
     pub prefill_tokens_per_s: Spread,
-    /// Generated tokens per second.
+    /// Generated tokens per second (decode steps: every generated token after the first, which
+    /// the prompt's prefill yields; 0 when `generate` < 2).
     pub decode_tokens_per_s: Spread,
     /// Process CPU milliseconds per prompt token (all threads; on a busy machine a steadier
     /// figure than wall time when run on one thread — spinning pool threads inflate it on more).
@@ -169,9 +172,23 @@ pub fn measure_read_bandwidth(threads: usize, passes: usize) -> f64 {
     BYTES as f64 / best
 }
 
-/// Runs the benchmark of every policy at every depth; `progress` is called after each run with
-/// (runs done, runs in all, the run's policy). Rows come policy by policy, each policy's depths
-/// in order.
+/// Where a benchmark stands, told to [`run`]'s `progress` before each run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchProgress<'a> {
+    /// Runs finished.
+    pub done: usize,
+    /// Runs in all.
+    pub total: usize,
+    /// The policy of the run about to start.
+    pub policy: &'a str,
+    /// Its depth.
+    pub depth: usize,
+    /// Its repetition, from 0.
+    pub repetition: usize,
+}
+
+/// Runs the benchmark of every policy at every depth, telling `progress` before each run. Rows
+/// come policy by policy, each policy's depths in order.
 ///
 /// A depth's runs alternate the policies, in order on even repetitions and in reverse on odd
 /// ones (ABBA): whatever drifts during the benchmark (the machine's load, its clock, the
@@ -181,17 +198,18 @@ pub fn run(
     engine: &Engine,
     policies: &[Policy],
     spec: &BenchSpec,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<Vec<BenchRow>> {
     check_sizes(engine, spec)?;
     let total = policies
         .len()
         .saturating_mul(spec.depths.len())
         .saturating_mul(spec.repetitions);
+    let needed = spec.depths.iter().max().map_or(0, |d| d + spec.prompt);
     let text = spec
         .text
         .as_deref()
-        .map(|p| text_tokens(engine, p))
+        .map(|p| text_tokens(engine, p, needed))
         .transpose()?;
     let mut done = 0;
     let mut rows: Vec<Vec<BenchRow>> = policies.iter().map(|_| Vec::new()).collect();
@@ -203,9 +221,15 @@ pub fn run(
         let mut runs: Vec<Vec<RunFigures>> = policies.iter().map(|_| Vec::new()).collect();
         for rep in 0..spec.repetitions {
             for pi in abba_order(policies.len(), rep) {
+                progress(BenchProgress {
+                    done,
+                    total,
+                    policy: policies[pi].name(),
+                    depth,
+                    repetition: rep,
+                });
                 runs[pi].push(time_one_run(engine, &policies[pi], spec, &filler, &prompt)?);
                 done += 1;
-                progress(done, total, policies[pi].name());
             }
         }
         for ((policy, runs), rows) in policies.iter().zip(&runs).zip(&mut rows) {
@@ -224,16 +248,27 @@ fn abba_order(n: usize, rep: usize) -> Vec<usize> {
     }
 }
 
-/// The tokens of the text file `path` (no BOS), at least one.
-fn text_tokens(engine: &Engine, path: &std::path::Path) -> Result<Vec<u32>> {
-    let text = crate::data_file::read_text(path)?;
+/// Bytes of a `--text` file read per token the benchmark needs: far more than any tokenizer's
+/// longest token, so that the tokens taken are the file's own, in order, however long it is.
+const TEXT_BYTES_PER_TOKEN: u64 = 64;
+
+/// The tokens of the start of the text file `path` (no BOS; at least one, each in the model's
+/// vocabulary): enough of it for `needed` tokens, not more — the file may be huge.
+fn text_tokens(engine: &Engine, path: &std::path::Path, needed: usize) -> Result<Vec<u32>> {
+    let max_bytes = (needed as u64)
+        .saturating_mul(TEXT_BYTES_PER_TOKEN)
+        .max(1 << 16);
+    let text = data_file::read_text_prefix(path, max_bytes)?;
     let tokens = engine.tokenizer().encode(&text, false)?;
+    let problem = |p: String| Err(data_file::data_error(path, None, p, None));
     if tokens.is_empty() {
-        return Err(crate::data_file::data_error(
-            path,
-            None,
-            "has no text to take the benchmark's tokens from",
-            None,
+        return problem("has no text to take the benchmark's tokens from".into());
+    }
+    let vocab = engine.model_config().vocab_size;
+    if let Some(id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+        return problem(format!(
+            "its text gives token {id}, outside the model's vocabulary of {vocab}: the \
+             tokenizer does not fit these weights"
         ));
     }
     Ok(tokens)
@@ -277,7 +312,7 @@ fn check_sizes(engine: &Engine, spec: &BenchSpec) -> Result<()> {
             .and_then(|t| t.checked_add(spec.generate));
         if total.is_none_or(|t| t > context) {
             return Err(EngineError::Setting {
-                setting: "BenchSpec.depths",
+                setting: "BenchSpec.sizes",
                 problem: format!(
                     "depth {depth} + prompt {} + generate {} exceeds the model's context of {context} tokens",
                     spec.prompt, spec.generate

@@ -24,17 +24,17 @@ fn policies_alternate_abba_and_rows_come_policy_by_policy() {
         positions: Positions::Original,
     };
     let mut order = Vec::new();
-    let rows = run(&engine, &[full, h2o], &spec, &mut |done, total, policy| {
-        order.push((done, total, policy.to_string()));
+    let rows = run(&engine, &[full, h2o], &spec, &mut |p| {
+        order.push((p.done, p.total, p.policy.to_string(), p.depth, p.repetition));
     })
     .unwrap();
 
     let abba = ["full", "h2o", "h2o", "full", "full", "h2o"];
-    let expected: Vec<(usize, usize, String)> = abba
+    let expected: Vec<(usize, usize, String, usize, usize)> = [0, 40]
         .iter()
-        .chain(&abba)
+        .flat_map(|&depth| abba.iter().enumerate().map(move |(i, &p)| (depth, i, p)))
         .enumerate()
-        .map(|(i, p)| (i + 1, 12, p.to_string()))
+        .map(|(done, (depth, i, p))| (done, 12, p.to_string(), depth, i / 2))
         .collect();
     assert_eq!(order, expected);
 

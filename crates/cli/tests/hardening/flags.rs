@@ -16,9 +16,10 @@ fn sizes_that_overflow_are_refused_before_any_work() {
     let out = agate(&[
         "bench", "--model", m, "-d", huge, "-p", "8", "-n", "8", "-r", "1",
     ]);
-    fails_with(&out, &["exceeds the model's context of 64"]);
+    let sizes = "--depth + --prompt + --generate: ";
+    fails_with(&out, &[sizes, "exceeds the model's context of 64"]);
     let out = agate(&["bench", "--model", m, "-n", huge, "-p", "8", "-r", "1"]);
-    fails_with(&out, &["exceeds the model's context of 64"]);
+    fails_with(&out, &[sizes, "exceeds the model's context of 64"]);
     let passkey = ["eval", "--model", m, "--synthetic", "passkey", "--length"];
     let out = agate(&[&passkey[..], &[huge]].concat());
     fails_with(&out, &["--length", "longer than the model's context of 64"]);

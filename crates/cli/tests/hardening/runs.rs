@@ -368,8 +368,9 @@ fn ctrl_c_ends_training_with_130_and_names_the_checkpoint() {
     assert!(!stderr.contains("panicked"));
 }
 
-/// `bench --text FILE` takes its tokens from the file: a missing or empty file is one error
-/// naming it; a short one is repeated, and every policy gets a row.
+/// `bench --text FILE` takes its tokens from the file: a missing, empty or non-UTF-8 file is
+/// one error naming it; a short one is repeated, an endless one is read only as far as needed,
+/// and every policy gets a row.
 #[test]
 fn bench_text_is_read_repeated_and_checked() {
     let dir = tempfile::tempdir().unwrap();
@@ -400,6 +401,11 @@ fn bench_text_is_read_repeated_and_checked() {
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     fails_with(&bench(&empty), &["empty.txt", "has no text"]);
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    fails_with(&bench(&latin1), &["latin1.txt", "is not UTF-8 text"]);
+    #[cfg(target_os = "linux")]
+    succeeds(&bench(Path::new("/dev/zero")));
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "The cat sat.").unwrap();
     let out = bench(&short);
