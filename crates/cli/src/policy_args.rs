@@ -280,6 +280,29 @@ impl PolicyArgs {
     /// The policies `--policy` names, in order, each once (`all` expanded); a note names
     /// those named more than once.
     fn kinds(&self) -> Vec<PolicyKind> {
+        let (kinds, repeated) = self.named();
+        if !repeated.is_empty() {
+            let all = if self.names.contains(&PolicyName::All) {
+                " (counting the policies `all` stands for)"
+            } else {
+                ""
+            };
+            say!(
+                "agate: note: --policy names {} more than once{all}; each policy runs once",
+                join(&repeated)
+            );
+        }
+        kinds
+    }
+
+    /// How many policies `--policy` names (each once, `all` expanded), saying nothing: a
+    /// command that takes one checks it before any note about the flags is printed.
+    pub fn count(&self) -> usize {
+        self.named().0.len()
+    }
+
+    /// The policies named, each once and in order, and those named more than once.
+    fn named(&self) -> (Vec<PolicyKind>, Vec<PolicyKind>) {
         let (mut kinds, mut repeated) = (Vec::new(), Vec::new());
         for name in &self.names {
             let add = match name {
@@ -297,18 +320,7 @@ impl PolicyArgs {
                 }
             }
         }
-        if !repeated.is_empty() {
-            let all = if self.names.contains(&PolicyName::All) {
-                " (counting the policies `all` stands for)"
-            } else {
-                ""
-            };
-            say!(
-                "agate: note: --policy names {} more than once{all}; each policy runs once",
-                join(&repeated)
-            );
-        }
-        kinds
+        (kinds, repeated)
     }
 
     /// The `--policy-opt` options: an error if none of `kinds` uses one, a note naming those
@@ -377,12 +389,13 @@ impl PolicyArgs {
 
     /// The single policy of generate/chat (an error if several are named).
     pub fn single(&self) -> anyhow::Result<PolicyChoice> {
-        let mut all = self.policies()?;
+        let (named, _) = self.named();
         anyhow::ensure!(
-            all.len() == 1,
+            named.len() == 1,
             "--policy: name one policy here, got {}",
-            join(&all.iter().map(PolicyChoice::kind).collect::<Vec<_>>()).replace(", ", ",")
+            join(&named).replace(", ", ",")
         );
+        let mut all = self.policies()?;
         Ok(all.remove(0))
     }
 

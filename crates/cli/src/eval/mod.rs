@@ -36,6 +36,10 @@ const MAX_SYNTHETIC_TASKS: usize = 100_000;
 /// Runs `agate eval`: checks every flag, makes or reads the tasks, then runs them once or as a
 /// sweep.
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.sweep.is_some() || args.policy.count() == 1,
+        "--policy: name one policy, or sweep several with --sweep RATIOS"
+    );
     let choices = args.policy.policies()?;
     let filler = match &args.filler {
         Some(p) => Some(
@@ -53,13 +57,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     };
     let plan = match &args.sweep {
         Some(ratios) => Some(sweep_plan(args, &choices, ratios)?),
-        None => {
-            anyhow::ensure!(
-                choices.len() == 1,
-                "--policy: name one policy, or sweep several with --sweep RATIOS"
-            );
-            None
-        }
+        None => None,
     };
     check_outputs(args)?;
     let engine = load_engine(&args.model)?;

@@ -532,3 +532,32 @@ fn threshold_one_is_one_in_every_layer() {
         "{uniform}"
     );
 }
+
+/// A command that takes one policy refuses several before any note about the other flags: the
+/// error is the only line.
+#[test]
+fn several_policies_where_one_is_taken_is_the_only_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 2, 2, 64);
+    let m = s(&model);
+    let eval = [
+        "eval",
+        "--model",
+        m,
+        "--synthetic",
+        "passkey",
+        "--length",
+        "48",
+        "-n",
+        "1",
+    ];
+    let policies = ["--policy", "full,h2o", "--evict", "0.5"];
+    fails_with(
+        &agate(&[&eval[..], &policies].concat()),
+        &["--policy: name one policy, or sweep several with --sweep RATIOS"],
+    );
+    fails_with(
+        &agate(&[&["generate", "hi", "--model", m][..], &policies].concat()),
+        &["--policy: name one policy here, got full,h2o"],
+    );
+}
