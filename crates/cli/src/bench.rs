@@ -103,13 +103,14 @@ fn measure(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let repetitions = spec.repetitions;
     let rows = engine::bench::run(engine, &resolved, &spec, &mut |p| {
+        // The position first: setting the message redraws the bar with both.
+        bar.set_position(p.done as u64);
         bar.set_message(format!(
             "{} at depth {}, run {}/{repetitions}",
             p.policy,
             p.depth,
             p.repetition + 1
         ));
-        bar.set_position(p.done as u64);
     })?;
     bar.finish_and_clear();
     Ok(rows)
@@ -175,7 +176,7 @@ fn print_roofline(rows: &[BenchRow]) -> anyhow::Result<()> {
     )?;
     outln!("| policy | depth | tg t/s | MB/token (weights + KV) | bound t/s | of bound |")?;
     outln!("|---|---:|---:|---|---:|---:|")?;
-    for r in rows {
+    for r in rows.iter().filter(|r| r.generate >= 2) {
         let Some(roof) = r.roofline else { continue };
         outln!(
             "| {} | {} | {:.1} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.0}% |",

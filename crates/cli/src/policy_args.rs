@@ -106,7 +106,7 @@ pub enum PolicyName {
 }
 
 fn parse_policy(s: &str) -> Result<PolicyName, String> {
-    match s {
+    match s.trim() {
         "all" => Ok(PolicyName::All),
         one => one
             .parse()
@@ -226,8 +226,10 @@ impl PolicyArgs {
     /// options that apply to it. Flags and options that none of them uses are an error, and a
     /// warning names the policies that ignore one the others use (see the module header).
     pub fn policies(&self) -> anyhow::Result<Vec<PolicyChoice>> {
-        let kinds = self.kinds();
-        let options = self.options(&kinds)?;
+        // Notes are printed once every check passed: never just before an error.
+        let mut notes = Vec::new();
+        let kinds = self.kinds(&mut notes);
+        let options = self.options(&kinds, &mut notes)?;
         let mut choices: Vec<PolicyChoice> = kinds
             .into_iter()
             .map(|kind| PolicyChoice {
@@ -265,21 +267,24 @@ impl PolicyArgs {
                     with_reasons(&ignoring, setting)
                 );
             }
-            say!(
-                "agate: note: {} does nothing with {}; they run without it",
+            notes.push(format!(
+                "{} does nothing with {}; they run without it",
                 flag(setting),
                 join(&ignoring)
-            );
+            ));
         }
         for (choice, ignored) in choices.iter_mut().zip(ignored) {
             choice.spec.drop_settings(&ignored);
+        }
+        for note in notes {
+            say!("agate: note: {note}");
         }
         Ok(choices)
     }
 
     /// The policies `--policy` names, in order, each once (`all` expanded); a note names
     /// those named more than once.
-    fn kinds(&self) -> Vec<PolicyKind> {
+    fn kinds(&self, notes: &mut Vec<String>) -> Vec<PolicyKind> {
         let (kinds, repeated) = self.named();
         if !repeated.is_empty() {
             let all = if self.names.contains(&PolicyName::All) {
@@ -287,10 +292,10 @@ impl PolicyArgs {
             } else {
                 ""
             };
-            say!(
-                "agate: note: --policy names {} more than once{all}; each policy runs once",
+            notes.push(format!(
+                "--policy names {} more than once{all}; each policy runs once",
                 join(&repeated)
-            );
+            ));
         }
         kinds
     }
@@ -325,7 +330,11 @@ impl PolicyArgs {
 
     /// The `--policy-opt` options: an error if none of `kinds` uses one, a note naming those
     /// that ignore one the others use.
-    fn options(&self, kinds: &[PolicyKind]) -> anyhow::Result<PolicyOptions> {
+    fn options(
+        &self,
+        kinds: &[PolicyKind],
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<PolicyOptions> {
         let mut options = PolicyOptions::default();
         let mut keys: Vec<&str> = Vec::new();
         for pair in &self.options {
@@ -357,10 +366,10 @@ impl PolicyArgs {
                 );
             }
             if !ignoring.is_empty() {
-                say!(
-                    "agate: note: --policy-opt {key} does nothing with {}; they run without it",
+                notes.push(format!(
+                    "--policy-opt {key} does nothing with {}; they run without it",
                     join(&ignoring)
-                );
+                ));
             }
         }
         Ok(options)

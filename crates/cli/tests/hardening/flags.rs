@@ -533,8 +533,8 @@ fn threshold_one_is_one_in_every_layer() {
     );
 }
 
-/// A command that takes one policy refuses several before any note about the other flags: the
-/// error is the only line.
+/// Notes come only once every check passed: a command that takes one policy refuses several,
+/// and a flag no named policy uses is refused, each as the only line.
 #[test]
 fn several_policies_where_one_is_taken_is_the_only_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -559,5 +559,10 @@ fn several_policies_where_one_is_taken_is_the_only_line() {
     fails_with(
         &agate(&[&["generate", "hi", "--model", m][..], &policies].concat()),
         &["--policy: name one policy here, got full,h2o"],
+    );
+    let twice = ["--policy", "full, full", "--threshold", "0.5"];
+    fails_with(
+        &agate(&[&["generate", "hi", "--model", m][..], &twice].concat()),
+        &["--threshold does nothing with --policy full (Attention-Gate only); remove it"],
     );
 }
