@@ -243,6 +243,10 @@ pub enum EngineError {
     /// gave the wrong number of summaries.
     #[error("{0}")]
     Unscored(String),
+    /// A long call stopped early because its progress callback asked it to (a user's Ctrl-C);
+    /// it changed nothing.
+    #[error("the {0} stopped before it finished")]
+    Stopped(&'static str),
 }
 
 impl From<gate_core::GateError> for EngineError {

@@ -12,6 +12,7 @@
 
 mod flags;
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -200,19 +201,23 @@ fn write_outputs(
     if trainer.config().train != Trainables::Lora {
         if args.calibrate_seqs > 0 {
             let bar = phase_bar("calibrating the threshold");
-            let ratio = trainer.calibrate_threshold(
+            let calibrated = trainer.calibrate_threshold(
                 args.calibrate_seqs,
                 CALIBRATION_ROUNDS,
-                &mut |done, total| show(&bar, done, total),
-            )?;
+                &mut |done, total| {
+                    show(&bar, done, total);
+                    go_on(stop)
+                },
+            );
             bar.finish_and_clear();
+            interrupted()?;
+            let ratio = calibrated?;
             say!(
                 "agate: threshold calibrated on {} training sequences: tau {:.4}, hard eviction {:.3}",
                 args.calibrate_seqs.min(trainer.n_examples()),
                 trainer.gates().config().threshold,
                 ratio
             );
-            interrupted()?;
         }
         trainer
             .save_gates(&args.out, gate_file_dtype(&args.out_dtype))
@@ -267,6 +272,15 @@ fn train(
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Whether a phase goes on: not once Ctrl-C set `stop`.
+fn go_on(stop: &AtomicBool) -> ControlFlow<()> {
+    if stop.load(Ordering::SeqCst) {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
+}
+
 /// A progress bar of one phase of the run (training, calibration, the held-out evaluation),
 /// prefixed by `phase`; its length is set by [`show`].
 fn phase_bar(phase: &str) -> ProgressBar {
@@ -294,17 +308,24 @@ fn heldout(
     log: Option<&mut AppendLog>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
+    let interrupted = || {
+        anyhow::Error::from(crate::Interrupted(
+            "train-gates was interrupted before the end of its held-out evaluation (training finished and its outputs were written)".into(),
+        ))
+    };
     if stop.load(Ordering::SeqCst) {
-        return Err(crate::Interrupted(
-            "train-gates was interrupted before its held-out evaluation (training finished and its outputs were written)".into(),
-        )
-        .into());
+        return Err(interrupted());
     }
     let bar = phase_bar("held-out evaluation");
-    let h = trainer.evaluate(examples, args.heldout_seqs, &mut |done, total| {
-        show(&bar, done, total)
-    })?;
+    let evaluated = trainer.evaluate(examples, args.heldout_seqs, &mut |done, total| {
+        show(&bar, done, total);
+        go_on(stop)
+    });
     bar.finish_and_clear();
+    if stop.load(Ordering::SeqCst) {
+        return Err(interrupted());
+    }
+    let h = evaluated?;
     let gated = match h.ppl_gates {
         Some(p) => format!(
             ", with gates {p:.3} ({:+.1}%), hard eviction {:.3}, soft {:.3}",

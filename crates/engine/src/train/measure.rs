@@ -6,6 +6,7 @@
 //! Invariants: nothing here trains (no gradients, no optimiser state changes); calibration
 //! changes only the gates' threshold.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
@@ -43,13 +44,14 @@ impl Trainer {
     /// of later layers depend on the flags of earlier ones, so this repeats `rounds` times from
     /// the new `tau`. `seqs` is capped at the training sequences there are
     /// ([`Trainer::n_examples`]). `progress(done, total)` is called after each of the
-    /// `(rounds + 1) * seqs` forward passes. Returns the hard ratio measured with the final
-    /// `tau` (the fixed point is approached, not exact).
+    /// `(rounds + 1) * seqs` forward passes; when it breaks, the call stops there with
+    /// [`EngineError::Stopped`] and `tau` is left as it was. Returns the hard ratio measured
+    /// with the final `tau` (the fixed point is approached, not exact).
     pub fn calibrate_threshold(
         &mut self,
         seqs: usize,
         rounds: usize,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<f64> {
         let total = self.examples.len();
         let n = seqs.clamp(1, total);
@@ -59,6 +61,7 @@ impl Trainer {
         // the ratio a threshold gives depends on the kind of text.
         let idx: Vec<usize> = (0..n).map(|k| k * total / n).collect();
         let mut measured = 0.0;
+        let tau_before = self.gates.config().threshold;
         for round in 0..=rounds {
             let mut probs: Vec<f32> = Vec::new();
             let (mut hard, mut count) = (0.0, 0.0);
@@ -81,7 +84,10 @@ impl Trainer {
                         }
                     }
                 }
-                progress(round * n + k + 1, passes);
+                if progress(round * n + k + 1, passes).is_break() {
+                    self.gates.set_threshold(tau_before)?;
+                    return Err(EngineError::Stopped("threshold calibration"));
+                }
             }
             measured = hard / count.max(1.0);
             if round == rounds || probs.is_empty() {
@@ -119,12 +125,12 @@ impl Trainer {
     /// (> 0) sequences (the first ones, in file order): perplexity of the base model with the
     /// full cache, of the trained model (LoRA adapters, if any) with the full cache and with the
     /// gates' hard flags, and the eviction ratios. `progress(done, total)` is called after each
-    /// sequence.
+    /// sequence; when it breaks, the call stops there with [`EngineError::Stopped`].
     pub fn evaluate(
         &self,
         mut ex: Vec<dataset::Example>,
         max_seqs: usize,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<HeldOut> {
         if max_seqs == 0 {
             return Err(EngineError::Setting {
@@ -162,7 +168,9 @@ impl Trainer {
                 None => full,
             };
             n_tok += n;
-            progress(k + 1, ex.len());
+            if progress(k + 1, ex.len()).is_break() {
+                return Err(EngineError::Stopped("held-out evaluation"));
+            }
         }
         if !nll_base.is_finite() {
             // The base model alone, before any update: the model is broken.

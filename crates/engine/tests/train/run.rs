@@ -2,6 +2,8 @@
 //! resuming continues exactly, calibration meets the target, `init_gates` starts from saved
 //! gates, LoRA trains alone; bad settings are refused naming their field.
 
+use std::ops::ControlFlow;
+
 use engine::train::{Mode, StepReport, TrainConfig, Trainables, Trainer};
 use engine::{Engine, EngineError, GateFileDtype};
 
@@ -116,7 +118,10 @@ fn calibration_sets_tau_to_the_target_quantile() {
         }
         let mut passes = Vec::new();
         let ratio = t
-            .calibrate_threshold(6, 3, &mut |done, total| passes.push((done, total)))
+            .calibrate_threshold(6, 3, &mut |done, total| {
+                passes.push((done, total));
+                ControlFlow::Continue(())
+            })
             .unwrap();
         assert_eq!(passes, (1..=24).map(|d| (d, 24)).collect::<Vec<_>>());
         assert!(
@@ -127,9 +132,25 @@ fn calibration_sets_tau_to_the_target_quantile() {
         // More sequences than the data holds: capped at what it holds (one round: two passes).
         let n = t.n_examples();
         let mut last = (0, 0);
-        t.calibrate_threshold(n + 100, 1, &mut |done, total| last = (done, total))
-            .unwrap();
+        t.calibrate_threshold(n + 100, 1, &mut |done, total| {
+            last = (done, total);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
         assert_eq!(last, (2 * n, 2 * n));
+        // Stopped in its second round (after a first round moved tau): tau is left as it was.
+        let before = t.gates().config().threshold;
+        let e = t
+            .calibrate_threshold(2, 3, &mut |done, _| {
+                if done == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap_err();
+        assert!(matches!(e, EngineError::Stopped(_)), "{e}");
+        assert_eq!(t.gates().config().threshold, before);
     }
 }
 
