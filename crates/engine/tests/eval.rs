@@ -158,6 +158,37 @@ fn full_cache_perplexity_matches_a_hand_computation_with_zero_kl() {
 }
 
 #[test]
+fn a_token_context_as_long_as_the_text_is_refused_naming_the_task() {
+    let (_dir, engine) = tiny_engine();
+    let text = "one two three four five six seven eight nine ten";
+    let n = engine.tokenizer().encode(text, true).unwrap().len();
+    let tasks = vec![Task::Perplexity { text: text.into() }];
+    for context in [n, n + 100] {
+        let opts = EvalOptions {
+            ppl_context: PplContext::Tokens(context),
+            ..EvalOptions::default()
+        };
+        let err = eval::run_tasks(&engine, &Policy::Full, &tasks, &opts, &mut |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("task 1 (perplexity)")
+                && err.contains(&format!(
+                    "a context of {context} tokens leaves nothing to score"
+                ))
+                && err.contains(&format!("the text has {n} tokens")),
+            "{err}"
+        );
+    }
+    // One token short of the text: the last token is scored.
+    let opts = EvalOptions {
+        ppl_context: PplContext::Tokens(n - 1),
+        ..EvalOptions::default()
+    };
+    assert_eq!(run_full(&engine, &tasks, &opts)[0].scored_tokens, 1);
+}
+
+#[test]
 fn generate_tasks_run_greedy_and_report_the_output() {
     let (_dir, engine) = tiny_engine();
     let tasks = eval::parse_tasks(

@@ -63,7 +63,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 8)]
     pub answer_margin: usize,
     /// Perplexity tasks: the evicted head of each text — a fraction in (0, 1) (`0.5`) or a
-    /// token count (`512`); the rest is scored.
+    /// token count (`512`, shorter than every text: a text it covers whole is an error); the
+    /// rest is scored.
     #[arg(long, default_value = "0.5", value_parser = parse_ppl_context)]
     pub ppl_context: PplContext,
     /// Perplexity tasks: tokens scored per forward pass.

@@ -474,6 +474,12 @@ impl TaskPrompt {
         }
         let head = match opts.ppl_context {
             PplContext::Fraction(f) => (f * n as f64).round() as usize,
+            PplContext::Tokens(t) if t >= n => {
+                return Err(EngineError::Unscored(format!(
+                    "a context of {t} tokens leaves nothing to score: the text has {n} tokens \
+                     (give the context as a fraction, or fewer tokens)"
+                )))
+            }
             PplContext::Tokens(t) => t,
         }
         .clamp(1, n - 1);
