@@ -149,14 +149,19 @@ fn flags_the_policy_ignores_are_refused() {
     }
 }
 
-/// `generate` on a tiny model of 2 layers under ag with random gates, plus `flags`.
+/// `generate "hi"` on a tiny model of 2 layers under ag with random gates, plus `flags`.
 fn generate_ag(flags: &[&str]) -> std::process::Output {
+    generate_ag_on("hi", flags)
+}
+
+/// [`generate_ag`] of `prompt` (the same model and gates on every call: both are seeded).
+fn generate_ag_on(prompt: &str, flags: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 64);
     let gates = random_gates(dir.path(), &model);
     let base = [
         "generate",
-        "hi",
+        prompt,
         "--model",
         s(&model),
         "--max-tokens",
@@ -504,26 +509,10 @@ fn absurd_values_are_refused_naming_the_flag() {
 /// `--threshold 1` flags every token out, exactly as 1 in every layer does.
 #[test]
 fn threshold_one_is_one_in_every_layer() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), 2, 2, 64);
-    let gates = random_gates(dir.path(), &model);
-    let kv = |flags: &[&str]| {
-        let base = [
-            "generate",
-            "a long enough prompt to leave the window",
-            "--model",
-            s(&model),
-            "--max-tokens",
-            "2",
-            "--policy",
-            "ag",
-            "--gates",
-            s(&gates),
-            "--window",
-            "4",
-            "--json",
-        ];
-        stdout_json(&agate(&[&base[..], flags].concat()))["kv"].clone()
+    let kv = |threshold: &[&str]| {
+        let flags = [threshold, &["--window", "4", "--json"]].concat();
+        let out = generate_ag_on("a long enough prompt to leave the window", &flags);
+        stdout_json(&out)["kv"].clone()
     };
     let uniform = kv(&["--threshold", "1"]);
     assert_eq!(uniform, kv(&["--layer-thresholds", "1,1"]));
