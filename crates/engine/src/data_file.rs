@@ -1,6 +1,6 @@
-//! Reading the data files users give (training text and chats, evaluation tasks): a file's
-//! whole text without a leading UTF-8 byte-order mark (some editors write one), and JSONL lines
-//! parsed with their 1-based numbers. Every failure is an [`EngineError::DataFile`] naming the
+//! Reading the data files users give (training text and chats, evaluation tasks, a benchmark's
+//! text): a file's whole text, or only its beginning, without a leading UTF-8 byte-order mark
+//! (some editors write one), and JSONL lines parsed with their 1-based numbers. Every failure is an [`EngineError::DataFile`] naming the
 //! file and, where one is at fault, the line.
 
 use std::path::Path;
@@ -24,12 +24,17 @@ pub(crate) fn data_error(
 
 /// The text of `path`, without a leading byte-order mark.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
-    let mut text = std::fs::read_to_string(path)
+    let text = std::fs::read_to_string(path)
         .map_err(|e| data_error(path, None, "cannot read", Some(Box::new(e))))?;
+    Ok(without_bom(text))
+}
+
+/// `text` without a leading byte-order mark.
+fn without_bom(mut text: String) -> String {
     if text.starts_with('\u{feff}') {
         text.drain(..'\u{feff}'.len_utf8());
     }
-    Ok(text)
+    text
 }
 
 /// The text of `path`'s first `max_bytes` bytes (cut at the last whole character), without a
@@ -42,7 +47,7 @@ pub(crate) fn read_text_prefix(path: &Path, max_bytes: u64) -> Result<String> {
         .and_then(|f| f.take(max_bytes).read_to_end(&mut bytes))
         .map_err(|e| data_error(path, None, "cannot read", Some(Box::new(e))))?;
     let not_utf8 = |e| data_error(path, None, "is not UTF-8 text", Some(Box::new(e)));
-    let mut text = match String::from_utf8(bytes) {
+    let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
             // A character cut by the limit is dropped; any other invalid byte is an error.
@@ -55,10 +60,7 @@ pub(crate) fn read_text_prefix(path: &Path, max_bytes: u64) -> Result<String> {
             String::from_utf8(bytes).map_err(|e| not_utf8(e.utf8_error()))?
         }
     };
-    if text.starts_with('\u{feff}') {
-        text.drain(..'\u{feff}'.len_utf8());
-    }
-    Ok(text)
+    Ok(without_bom(text))
 }
 
 /// Line `line` (1-based) of `file`, `text`, as JSON.
