@@ -14,7 +14,10 @@
 //!   the `recent` newest protected) whenever an arrival puts it over budget — one arrival at a
 //!   time, also inside a prefill pass, where the keys a token-by-token run would have removed
 //!   are hidden from the later queries of the pass (`gate_core::select::evict_greedily`), then
-//!   removed at its end. So any prefill chunking gives the same cache and the same logits.
+//!   removed at its end. So any prefill chunking gives the same cache and the same logits. A
+//!   ratio budget smaller than the protected tokens (the first `(sinks + recent) / (1 - ratio)`
+//!   tokens of a sequence) keeps them all: the gates never lose their sinks and local window (a
+//!   fixed budget must hold them, or the spec is refused).
 //!
 //! Invariants: the per-entry state (threshold: flags; budget: keep probabilities) is aligned
 //! with the store's retained entries of (l, h) after every pass; in threshold mode the sinks
@@ -260,12 +263,15 @@ impl LayerHook for AgHook {
                             s
                         }
                     }));
-                    let evicted = select::evict_greedily(
-                        scores,
-                        first_new,
-                        &|arrival| budget.keep_count(positions[arrival - first_new] as usize + 1),
-                        &self.protect,
-                    );
+                    // A ratio budget below the protected tokens (early in a prompt) keeps them:
+                    // the gates were trained to see their sinks and local window.
+                    let protected = self.protect.sinks + self.protect.recent;
+                    let keep_after = |arrival: usize| {
+                        let seen = positions[arrival - first_new] as usize + 1;
+                        budget.keep_count(seen).max(protected.min(seen))
+                    };
+                    let evicted =
+                        select::evict_greedily(scores, first_new, &keep_after, &self.protect);
                     if many {
                         until.push(
                             evicted

@@ -1,6 +1,7 @@
 //! Budgets and memory: every head keeps exactly its budget and KV bytes follow the retained
-//! count; protected tokens that do not fit a fixed budget are refused; a long conversation and
-//! Attention-Gate's own state stay bounded.
+//! count; protected tokens that do not fit a fixed budget are refused (and Attention-Gate keeps
+//! them above a ratio budget too small for them); a long conversation and Attention-Gate's own
+//! state stay bounded.
 
 use std::collections::HashSet;
 
@@ -286,6 +287,48 @@ fn attention_gate_state_is_counted_and_bounded() {
                 "budget mode {budget_mode}, {n} tokens"
             );
             assert_eq!(r.bytes_in_use, r.kv_block_bytes + r.policy_state_bytes);
+        }
+    }
+}
+
+/// Attention-Gate in budget mode with a ratio keeps its protected tokens (sinks and local
+/// window) while the budget is smaller than them, early in a sequence, and meets the budget
+/// exactly once it is larger: every head holds `max(budget, min(seen, protected))`.
+#[test]
+fn ag_budget_ratio_keeps_its_protected_tokens_on_short_prompts() {
+    let (dir, engine) = tiny_engine(engine::KvDtype::F32);
+    let gates = dir.path().join("gates.safetensors");
+    common::write_random_gates(&engine, &gates, 8, None);
+    let (sinks, window) = (2, 6);
+    let protected = sinks + window;
+    for n in [3, protected, protected + 5, 2 * protected + 40] {
+        let mut s = spec("ag", 0.5, Some(&gates));
+        s.ag_budget_mode = true;
+        s.sinks = Some(sinks);
+        s.set_window(window);
+        let mut session = engine.session_with(s.build(&engine).unwrap()).unwrap();
+        session.prefill(&tokens(n, 9)).unwrap();
+        let want = Budget::EvictRatio(0.5).keep_count(n).max(protected.min(n));
+        let report = session.kv_report();
+        assert!(
+            report
+                .retained_per_layer_head
+                .iter()
+                .flatten()
+                .all(|&k| k == want),
+            "{n} tokens: want {want} per head, got {:?}",
+            report.retained_per_layer_head
+        );
+        // Short of the budget, the kept ones are exactly the sinks and the newest.
+        if want == protected.min(n) {
+            let first: HashSet<u32> = (0..sinks.min(n) as u32).collect();
+            let newest: HashSet<u32> = (n.saturating_sub(window) as u32..n as u32).collect();
+            let want_positions: HashSet<u32> = first.union(&newest).copied().collect();
+            for layer in kept_positions(session.kv()) {
+                for head in layer {
+                    assert_eq!(head, want_positions, "{n} tokens");
+                }
+            }
         }
     }
 }
