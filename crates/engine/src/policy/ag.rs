@@ -193,6 +193,37 @@ impl Entries {
     }
 }
 
+/// One head's new entries in budget mode, played one arrival at a time.
+struct Arrivals<'a> {
+    budget: Budget,
+    protect: &'a Protection,
+    /// The new entries' positions.
+    positions: &'a [u32],
+    /// Generated tokens are all kept (decode flags off).
+    keep_all: bool,
+}
+
+impl Arrivals<'_> {
+    /// Appends the new entries' keep probabilities to the head's `scores` and plays their
+    /// arrivals ([`select::evict_greedily`]); returns, for every entry, the arrival after which
+    /// it is evicted. A ratio budget below the protected tokens (early in a sequence) keeps
+    /// them: the gates were trained to see their sinks and local window.
+    fn play(&self, scores: &mut Vec<f32>, new: Vec<f32>) -> Vec<Option<usize>> {
+        let first_new = scores.len();
+        // With decode flags off, generated tokens outrank every prompt token.
+        scores.extend(
+            new.into_iter()
+                .map(|s| if self.keep_all { f32::INFINITY } else { s }),
+        );
+        let protected = self.protect.sinks + self.protect.recent;
+        let keep_after = |arrival: usize| {
+            let seen = self.positions[arrival - first_new] as usize + 1;
+            self.budget.keep_count(seen).max(protected.min(seen))
+        };
+        select::evict_greedily(scores, first_new, &keep_after, self.protect)
+    }
+}
+
 impl LayerHook for AgHook {
     fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
@@ -255,23 +286,13 @@ impl LayerHook for AgHook {
                 for (head, head_probs) in probs.into_iter().enumerate() {
                     let scores = &mut all[layer][head];
                     let first_new = scores.len();
-                    // With decode flags off, generated tokens outrank every prompt token.
-                    scores.extend(head_probs.into_iter().map(|s| {
-                        if keep_all {
-                            f32::INFINITY
-                        } else {
-                            s
-                        }
-                    }));
-                    // A ratio budget below the protected tokens (early in a prompt) keeps them:
-                    // the gates were trained to see their sinks and local window.
-                    let protected = self.protect.sinks + self.protect.recent;
-                    let keep_after = |arrival: usize| {
-                        let seen = positions[arrival - first_new] as usize + 1;
-                        budget.keep_count(seen).max(protected.min(seen))
+                    let arrivals = Arrivals {
+                        budget,
+                        protect: &self.protect,
+                        positions,
+                        keep_all,
                     };
-                    let evicted =
-                        select::evict_greedily(scores, first_new, &keep_after, &self.protect);
+                    let evicted = arrivals.play(scores, head_probs);
                     if many {
                         until.push(
                             evicted
