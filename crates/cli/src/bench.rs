@@ -111,6 +111,12 @@ fn measure(
             p.depth,
             p.repetition + 1
         ));
+    })
+    .map_err(|e| match &e {
+        engine::EngineError::DataFile { file, .. } if args.text.as_ref() == Some(file) => {
+            anyhow::Error::from(e).context("--text")
+        }
+        _ => e.into(),
     })?;
     bar.finish_and_clear();
     Ok(rows)

@@ -373,7 +373,9 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
     let handled = async {
         let (request, common) = parse_body::<CompletionRequest>(&body.map_err(rejected)?)?;
         let prompt = Prompt::Text(request.prompt_text()?);
-        app.generate(Endpoint::Completion, prompt, &common).await
+        app.generate(Endpoint::Completion, prompt, &common)
+            .await
+            .map_err(ApiError::for_completion)
     };
     handled.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -49,6 +49,15 @@ impl ApiError {
         self
     }
 
+    /// The error of a completion request, whose prompt is `prompt` where a chat's is
+    /// `messages` ([`ApiError::from_engine`] names the chat's field).
+    pub fn for_completion(mut self) -> Self {
+        if self.param.as_deref() == Some("messages") {
+            self.param = Some("prompt".into());
+        }
+        self
+    }
+
     /// The status and kind an engine error maps to.
     pub fn from_engine(e: EngineError) -> Self {
         let message = e.to_string();

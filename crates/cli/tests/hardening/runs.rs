@@ -397,7 +397,10 @@ fn bench_text_is_read_repeated_and_checked() {
         ])
     };
     let missing = dir.path().join("missing.txt");
-    fails_with(&bench(&missing), &["missing.txt", "cannot read"]);
+    fails_with(
+        &bench(&missing),
+        &["--text: ", "missing.txt", "cannot read"],
+    );
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     fails_with(&bench(&empty), &["empty.txt", "has no text"]);

@@ -281,14 +281,19 @@ fn knobs_the_policy_does_not_read_are_refused() {
     });
 }
 
-/// Longer than the model's context (2048 tokens): 400 before any streaming starts.
+/// Longer than the model's context (2048 tokens): 400 before any streaming starts, naming the
+/// endpoint's own field (`messages`, `prompt`).
 #[test]
 fn a_prompt_longer_than_the_context_is_refused_before_streaming() {
     on_tiny_server(async |c, server| {
         let mut long = chat_body(&"x".repeat(3000), 4);
         long["stream"] = json!(true);
         let (s, b) = post(c, &server.url("/v1/chat/completions"), &long).await;
-        assert_error(s, &b, 400, None);
+        assert_error(s, &b, 400, Some("messages"));
+        assert_eq!(b["error"]["code"], "context_length_exceeded");
+        let long = json!({"prompt": "x".repeat(3000), "max_tokens": 4, "stream": true});
+        let (s, b) = post(c, &server.url("/v1/completions"), &long).await;
+        assert_error(s, &b, 400, Some("prompt"));
         assert_eq!(b["error"]["code"], "context_length_exceeded");
     });
 }
