@@ -84,9 +84,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     let kv = session.kv_report();
-    if let Some(path) = &args.eviction_map {
-        draw_eviction_map(path, &session, kv.tokens_seen)?;
-    }
     if args.json {
         let out = serde_json::json!({
             "text": generation.text,
@@ -115,6 +112,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             kv.tokens_seen,
             kv.bytes_in_use
         );
+    }
+    // After the answer and its line: the note that follows is on its own line.
+    if let Some(path) = &args.eviction_map {
+        draw_eviction_map(path, &session, kv.tokens_seen)?;
     }
     Ok(())
 }
