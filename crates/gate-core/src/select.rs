@@ -182,7 +182,9 @@ pub fn select_threshold(scores: &[f32], tau: f32, protect: &Protection) -> Vec<b
 ///
 /// Evicting the worst entry one at a time keeps exactly what [`select_top_k`] keeps when the
 /// budget is exceeded by one entry per arrival, as a budget that grows by at most one per token
-/// is ([`Budget::keep_count`]). Cost: `O(log n + sinks + recent)` per eviction.
+/// is ([`Budget::keep_count`]). Cost: `O(log n + sinks + recent)` per eviction, after building
+/// ordered sets of the live entries (`O(n log n)`); a single arrival (a decode step) takes linear
+/// scans instead, `O(n)` per eviction, and nothing when it fits.
 pub fn evict_greedily(
     scores: &[f32],
     first_new: usize,
@@ -190,6 +192,9 @@ pub fn evict_greedily(
     protect: &Protection,
 ) -> Vec<Option<usize>> {
     let n = scores.len();
+    if first_new + 1 == n {
+        return evict_after_one_arrival(scores, keep_after(first_new), protect);
+    }
     let mut evicted_after = vec![None; n];
     // Live entries, by index and by rank (worst first: lower score, then older).
     let key = |i: usize| (RankedScore(scores[i]), i);
@@ -221,6 +226,44 @@ pub fn evict_greedily(
             live.remove(&i);
             evicted_after[i] = Some(arrival);
         }
+    }
+    evicted_after
+}
+
+/// [`evict_greedily`] when the last entry is the only arrival: every entry is live, and while more
+/// than `keep` live, the worst live one goes by the same rule (protected: the first `sinks` and
+/// the last `recent` live entries; then score; then age), found by a scan.
+fn evict_after_one_arrival(
+    scores: &[f32],
+    keep: usize,
+    protect: &Protection,
+) -> Vec<Option<usize>> {
+    let n = scores.len();
+    let mut evicted_after = vec![None; n];
+    let mut live = vec![true; n];
+    let mut left = n;
+    while left > keep {
+        let live_indices = (0..n).filter(|&i| live[i]);
+        let sinks_end = (protect.sinks > 0)
+            .then(|| live_indices.clone().nth(protect.sinks - 1))
+            .map(|e| e.unwrap_or(n));
+        let recent_start = (protect.recent > 0)
+            .then(|| live_indices.clone().rev().nth(protect.recent - 1))
+            .map(|s| s.unwrap_or(0));
+        let protected =
+            |i: usize| sinks_end.is_some_and(|e| i <= e) || recent_start.is_some_and(|s| i >= s);
+        let worst = |only_unprotected: bool| {
+            live_indices
+                .clone()
+                .filter(|&i| !(only_unprotected && protected(i)))
+                .min_by_key(|&i| (RankedScore(scores[i]), i))
+        };
+        let Some(victim) = worst(true).or_else(|| worst(false)) else {
+            break;
+        };
+        live[victim] = false;
+        evicted_after[victim] = Some(n - 1);
+        left -= 1;
     }
     evicted_after
 }

@@ -104,6 +104,21 @@ proptest! {
         prop_assert_eq!(got, naive_greedy(&scores, first_new, budget, &protect));
     }
 
+    /// One arrival after a long retained prefix (a decode step), whatever the budget: the same
+    /// evictions as the naive reference.
+    #[test]
+    fn one_arrival_matches_the_naive_reference(
+        scores in prop::collection::vec(score_strategy(), 1..80),
+        keep in 1usize..90,
+        sinks in 0usize..6,
+        recent in 0usize..10,
+    ) {
+        let protect = Protection { sinks, recent };
+        let first_new = scores.len() - 1;
+        let got = evict_greedily(&scores, first_new, &|_| keep, &protect);
+        prop_assert_eq!(got, naive_greedy(&scores, first_new, Budget::Keep(keep), &protect));
+    }
+
     #[test]
     fn top_k_matches_naive(
         scores in prop::collection::vec(score_strategy(), 0..40),
