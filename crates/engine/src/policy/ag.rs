@@ -14,7 +14,8 @@
 //!   the `recent` newest protected) whenever an arrival puts it over budget — one arrival at a
 //!   time, also inside a prefill pass, where the keys a token-by-token run would have removed
 //!   are hidden from the later queries of the pass (`gate_core::select::evict_greedily`), then
-//!   removed at its end. So any prefill chunking gives the same cache and the same logits. A
+//!   removed at its end. So any prefill chunking gives the same cache and the same logits (up
+//!   to the kernels' rounding, which varies with a chunk's row count). A
 //!   ratio budget smaller than the protected tokens (the first `(sinks + recent) / (1 - ratio)`
 //!   tokens of a sequence) keeps them all: the gates never lose their sinks and local window (a
 //!   fixed budget must hold them, or the spec is refused).

@@ -265,8 +265,9 @@ fn masked_equals_physical_on_the_default_model() {
 }
 
 /// Budget-mode Attention-Gate evicts in context: a prompt prefilled in one pass (keys hidden
-/// inside the pass), in chunks of 7, or token by token (physical eviction after every token)
-/// ends with the same cache and gives the same logits.
+/// inside the pass), in chunks of 7, or token by token (physical eviction after every token,
+/// each a single arrival) ends with the same cache and gives the same logits, with a fixed
+/// budget and with a ratio.
 #[test]
 fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
     let dir = tempfile::tempdir().unwrap();
@@ -285,37 +286,47 @@ fn ag_budget_mode_is_the_same_for_any_prefill_chunking() {
     common::write_random_gates(&engine, &path, 8, Some(0.0));
     let prompt = tokens(150, 4);
     let continuation = tokens(5, 9);
-    let mut runs = Vec::new();
-    for chunk in [prompt.len(), 7, 1] {
-        let policy = PolicySpec {
-            keep: Some(40),
-            sinks: Some(2),
-            recent: Some(3),
-            gates: Some(path.clone()),
-            ag_budget_mode: true,
-            ..PolicySpec::new(engine::PolicyKind::Ag)
-        }
-        .build(&engine)
-        .unwrap();
-        let mut session = engine.session_with(policy).unwrap();
-        for piece in prompt.chunks(chunk) {
-            session.prefill(piece).unwrap();
-        }
-        let first = session.last_logits().unwrap().to_vec();
-        let rest = session
-            .prefill_all_logits(&continuation)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
+    // A fixed budget, and a ratio (whose budget is below the protected tokens at first).
+    for (keep, evict) in [(Some(40), None), (None, Some(0.5))] {
+        let mut runs = Vec::new();
+        for chunk in [prompt.len(), 7, 1] {
+            let policy = PolicySpec {
+                keep,
+                evict,
+                sinks: Some(2),
+                recent: Some(3),
+                gates: Some(path.clone()),
+                ag_budget_mode: true,
+                ..PolicySpec::new(engine::PolicyKind::Ag)
+            }
+            .build(&engine)
             .unwrap();
-        runs.push((chunk, kept_positions(session.kv()), first, rest));
-    }
-    let (_, kept, first, rest) = &runs[0];
-    assert!(kept.iter().flatten().all(|h| h.len() == 40));
-    for (chunk, k, f, r) in &runs[1..] {
-        assert_eq!(k, kept, "chunks of {chunk}: different tokens kept");
-        let d = max_abs_diff(f, first).max(max_abs_diff(r, rest));
-        assert!(d < 1e-4, "chunks of {chunk}: logits differ by {d}");
+            let mut session = engine.session_with(policy).unwrap();
+            for piece in prompt.chunks(chunk) {
+                session.prefill(piece).unwrap();
+            }
+            let first = session.last_logits().unwrap().to_vec();
+            let rest = session
+                .prefill_all_logits(&continuation)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            runs.push((chunk, kept_positions(session.kv()), first, rest));
+        }
+        let (_, kept, first, rest) = &runs[0];
+        let seen = prompt.len() + continuation.len();
+        let want =
+            keep.unwrap_or_else(|| gate_core::select::Budget::EvictRatio(0.5).keep_count(seen));
+        assert!(
+            kept.iter().flatten().all(|h| h.len() == want),
+            "{keep:?} {evict:?}"
+        );
+        for (chunk, k, f, r) in &runs[1..] {
+            assert_eq!(k, kept, "chunks of {chunk}: different tokens kept");
+            let d = max_abs_diff(f, first).max(max_abs_diff(r, rest));
+            assert!(d < 1e-4, "chunks of {chunk}: logits differ by {d}");
+        }
     }
 }
