@@ -42,8 +42,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use crate::args::{ModelArgs, SamplingArgs};
 use crate::policy_args::PolicyArgs;
 use openai::{
-    parse_body, unix_now, usage_json, ApiError, ChatRequest, Common, CompletionRequest, Endpoint,
-    ResponseMeta, Stop,
+    data, parse_body, sse_events, unix_now, usage_json, Answer, ApiError, ChatRequest, Common,
+    CompletionRequest, Endpoint, ResponseMeta, Stop,
 };
 
 /// Flags of `agate serve`.
@@ -362,7 +362,7 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let handled = async {
-        let (request, common) = parse_body::<ChatRequest>(&body.map_err(rejected)?)?;
+        let (request, common) = parse_body::<ChatRequest>(&body.map_err(ApiError::rejected)?)?;
         let prompt = Prompt::Chat(request.conversation()?);
         app.generate(Endpoint::Chat, prompt, &common).await
     };
@@ -371,18 +371,12 @@ async fn chat_completions(
 
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let handled = async {
-        let (request, common) = parse_body::<CompletionRequest>(&body.map_err(rejected)?)?;
+        let (request, common) =
+            parse_body::<CompletionRequest>(&body.map_err(ApiError::rejected)?)?;
         let prompt = Prompt::Text(request.prompt_text()?);
-        app.generate(Endpoint::Completion, prompt, &common)
-            .await
-            .map_err(ApiError::for_completion)
+        app.generate(Endpoint::Completion, prompt, &common).await
     };
     handled.await.unwrap_or_else(IntoResponse::into_response)
-}
-
-/// A body axum could not read (too large, not UTF-8…), as an OpenAI error.
-fn rejected(e: BytesRejection) -> ApiError {
-    ApiError::new(e.status(), e.body_text())
 }
 
 /// A request's events, delivered into the async world; closed when the handler or the
@@ -399,15 +393,21 @@ impl EventSink for ChannelSink {
     }
 }
 
-/// How a request is to be answered.
-struct Answer {
-    stream: bool,
-    include_usage: bool,
-}
-
 impl App {
-    /// Submits one request and answers it, as JSON or as a stream of chunks.
+    /// [`App::submit_and_answer`], its errors naming the endpoint's own fields.
     async fn generate(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        prompt: Prompt,
+        common: &Common,
+    ) -> Result<Response, ApiError> {
+        self.submit_and_answer(endpoint, prompt, common)
+            .await
+            .map_err(|e| e.for_endpoint(endpoint))
+    }
+
+    /// Submits one request and answers it, as JSON or as a stream of chunks.
+    async fn submit_and_answer(
         self: &Arc<Self>,
         endpoint: Endpoint,
         prompt: Prompt,
@@ -561,36 +561,4 @@ impl App {
                 .load(Ordering::Relaxed)
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
-}
-
-/// The SSE events one scheduler event becomes.
-fn sse_events(meta: &ResponseMeta, answer: &Answer, event: RequestEvent) -> Vec<Event> {
-    match event {
-        RequestEvent::Started { .. } => Vec::new(),
-        RequestEvent::Text(t) => vec![data(&meta.chunk(Some(&t), false, None))],
-        RequestEvent::Done {
-            generation,
-            usage,
-            kv,
-        } => {
-            let mut out = vec![data(&meta.chunk(
-                None,
-                false,
-                Some(generation.finish_reason),
-            ))];
-            if answer.include_usage {
-                out.push(data(&meta.usage_chunk(usage_json(&usage, &kv))));
-            }
-            out.push(Event::default().data("[DONE]"));
-            out
-        }
-        RequestEvent::Failed(e) => vec![
-            data(&ApiError::from_engine(e).body()),
-            Event::default().data("[DONE]"),
-        ],
-    }
-}
-
-fn data(value: &Value) -> Event {
-    Event::default().data(value.to_string())
 }

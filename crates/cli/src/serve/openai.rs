@@ -1,6 +1,7 @@
 //! The OpenAI wire format of `agate serve`: request bodies of `/v1/chat/completions` and
-//! `/v1/completions` (with agate's `kv_*` extensions), the response and stream-chunk objects,
-//! and OpenAI-style error bodies with their HTTP status.
+//! `/v1/completions` (with agate's `kv_*` extensions), the response and stream-chunk objects
+//! (the SSE events a scheduler event becomes), and OpenAI-style error bodies with their HTTP
+//! status.
 //!
 //! Invariants: every request field is checked before the request reaches the scheduler, and a
 //! bad one is a 400 naming it (`error.param`); unknown `kv_*` fields are errors (a typo must not
@@ -8,8 +9,9 @@
 //! responses carry exactly OpenAI's keys plus agate's, which are documented in docs/serve.md.
 
 use axum::http::StatusCode;
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use engine::{ChatMessage, EngineError, FinishReason, KvReport, PolicyKind, Usage};
+use engine::{ChatMessage, EngineError, FinishReason, KvReport, PolicyKind, RequestEvent, Usage};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -49,11 +51,16 @@ impl ApiError {
         self
     }
 
-    /// The error of a completion request, whose prompt is `prompt` where a chat's is
-    /// `messages` ([`ApiError::from_engine`] names the chat's field).
-    pub fn for_completion(mut self) -> Self {
-        if self.param.as_deref() == Some("messages") {
-            self.param = Some("prompt".into());
+    /// A body axum could not read (too large, not UTF-8…).
+    pub fn rejected(e: axum::extract::rejection::BytesRejection) -> Self {
+        ApiError::new(e.status(), e.body_text())
+    }
+
+    /// The error of a request to `endpoint`: the prompt's field is the endpoint's own
+    /// ([`ApiError::from_engine`] names it as a chat's, `messages`).
+    pub fn for_endpoint(mut self, endpoint: Endpoint) -> Self {
+        if self.param.as_deref() == Some(Endpoint::Chat.prompt_field()) {
+            self.param = Some(endpoint.prompt_field().into());
         }
         self
     }
@@ -65,7 +72,7 @@ impl ApiError {
             EngineError::ContextOverflow { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                Some("messages"),
+                Some(Endpoint::Chat.prompt_field()),
                 Some("context_length_exceeded"),
             ),
             EngineError::EmptyInput { .. } | EngineError::NothingToContinue => {
@@ -356,6 +363,16 @@ pub enum Endpoint {
     Completion,
 }
 
+impl Endpoint {
+    /// The request field that holds the prompt.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
+}
+
 /// Identity of one response: its id, creation time and model.
 #[derive(Clone, Debug)]
 pub struct ResponseMeta {
@@ -459,4 +476,43 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// How a request is to be answered.
+pub struct Answer {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// The SSE events one scheduler event becomes.
+pub fn sse_events(meta: &ResponseMeta, answer: &Answer, event: RequestEvent) -> Vec<Event> {
+    match event {
+        RequestEvent::Started { .. } => Vec::new(),
+        RequestEvent::Text(t) => vec![data(&meta.chunk(Some(&t), false, None))],
+        RequestEvent::Done {
+            generation,
+            usage,
+            kv,
+        } => {
+            let mut out = vec![data(&meta.chunk(
+                None,
+                false,
+                Some(generation.finish_reason),
+            ))];
+            if answer.include_usage {
+                out.push(data(&meta.usage_chunk(usage_json(&usage, &kv))));
+            }
+            out.push(Event::default().data("[DONE]"));
+            out
+        }
+        RequestEvent::Failed(e) => vec![
+            data(&ApiError::from_engine(e).body()),
+            Event::default().data("[DONE]"),
+        ],
+    }
+}
+
+/// One SSE event of `value`'s JSON.
+pub fn data(value: &Value) -> Event {
+    Event::default().data(value.to_string())
 }

@@ -281,18 +281,17 @@ impl LayerHook for AgHook {
                 probs: all,
                 pending,
             } => {
-                let budget = *budget;
                 let pending = &mut pending[layer];
                 pending.clear();
+                let arrivals = Arrivals {
+                    budget: *budget,
+                    protect: &self.protect,
+                    positions,
+                    keep_all,
+                };
                 for (head, head_probs) in probs.into_iter().enumerate() {
                     let scores = &mut all[layer][head];
                     let first_new = scores.len();
-                    let arrivals = Arrivals {
-                        budget,
-                        protect: &self.protect,
-                        positions,
-                        keep_all,
-                    };
                     let evicted = arrivals.play(scores, head_probs);
                     if many {
                         until.push(
