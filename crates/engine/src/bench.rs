@@ -106,7 +106,8 @@ pub struct BenchRow {
     /// Peak resident memory of the process once every policy's runs at this depth were done
     /// (the policies alternate, so it is theirs together), bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
-    /// Weight bytes one decode step reads (every projection and the LM head as held).
+    /// Weight bytes one decode step reads (every projection and the LM head as held, and the
+    /// policy's own: Attention-Gate's gates).
     pub weight_bytes_per_token: usize,
     /// K and V bytes one decode step reads (every retained entry), mean over the timed steps.
     pub kv_bytes_read_per_token: f64,
@@ -233,7 +234,7 @@ pub fn run(
             }
         }
         for ((policy, runs), rows) in policies.iter().zip(&runs).zip(&mut rows) {
-            rows.push(row_of(engine, policy, spec, depth, runs));
+            rows.push(row_of(engine, policy, spec, depth, runs)?);
         }
     }
     Ok(rows.into_iter().flatten().collect())
@@ -341,10 +342,11 @@ fn row_of(
     spec: &BenchSpec,
     depth: usize,
     runs: &[RunFigures],
-) -> BenchRow {
+) -> Result<BenchRow> {
+    let policy_weight_bytes = policy.decode_weight_bytes()?;
     let spread = |f: fn(&RunFigures) -> f64| Spread::of(runs.iter().map(f).collect());
     let kv = &runs.last().expect("at least one repetition").kv;
-    BenchRow {
+    Ok(BenchRow {
         policy: policy.name().to_string(),
         depth,
         prompt: spec.prompt,
@@ -358,10 +360,10 @@ fn row_of(
         kv_bytes_full: kv.bytes_full,
         eviction_ratio: kv.eviction_ratio,
         peak_rss_bytes: peak_rss_bytes(),
-        weight_bytes_per_token: engine.model().weight_bytes_per_token(),
+        weight_bytes_per_token: engine.model().weight_bytes_per_token() + policy_weight_bytes,
         kv_bytes_read_per_token: spread(|r| r.kv_bytes_read_per_token).median,
         roofline: None,
-    }
+    })
 }
 
 /// One run: a fresh session filled with `filler` (untimed), then `prompt` prefilled and

@@ -168,6 +168,16 @@ impl Policy {
         self.kind().name()
     }
 
+    /// Bytes of the policy's own parameters one decode step reads: Attention-Gate's gates
+    /// (every layer's projections as held, and read-outs; the gate runs at every step, decode
+    /// flags on or off); none for the others.
+    pub fn decode_weight_bytes(&self) -> crate::Result<usize> {
+        match self {
+            Policy::Ag { gates, .. } => Ok(gates.decode_weight_bytes()?),
+            _ => Ok(0),
+        }
+    }
+
     /// The per-head budget, if the policy has one.
     pub fn budget(&self) -> Option<Budget> {
         match self {

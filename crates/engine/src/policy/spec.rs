@@ -339,16 +339,20 @@ impl PolicySpec {
     }
 
     /// Attention-Gate: the gates file given, or the committed gates of the default model
-    /// (docs/training.md); unless given, the threshold (in every layer) and protections the
-    /// gates were trained with.
+    /// (docs/training.md), their projections rounded to 8 bits (the decode step reads a quarter
+    /// of the bytes of f32; docs/policies.md); unless given, the threshold (in every layer) and
+    /// protections the gates were trained with.
     fn attention_gate(&self, engine: &Engine) -> Result<Policy> {
-        let gates = match &self.gates {
+        let mut gates = match &self.gates {
             Some(path) => {
                 AttentionGate::load(path, &engine.model_identity()?, &candle_core::Device::Cpu)
                     .map_err(PolicyError::from)?
             }
             None => super::default_gates(engine)?.ok_or(PolicyError::NeedsGates)?,
         };
+        gates
+            .round_projections_to_int8()
+            .map_err(PolicyError::from)?;
         let mode = if self.ag_budget_mode {
             AgMode::Budget(self.budget()?)
         } else {

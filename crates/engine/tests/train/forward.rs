@@ -70,12 +70,14 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
         )
         .and_then(|g| engine::policy::write_gates(&g, &gates_path, GateFileDtype::F32))
         .unwrap();
-    let gates = gate_core::AttentionGate::load(
+    let mut gates = gate_core::AttentionGate::load(
         &gates_path,
         &engine.model_identity().unwrap(),
         &Device::Cpu,
     )
     .unwrap();
+    // As the policy runs them.
+    gates.round_projections_to_int8().unwrap();
     let toks = tokens(48, 9);
     let full = training_logits(&engine, &toks, None);
     let mut previous: Option<Tensor> = None;
@@ -157,7 +159,13 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
         .unwrap()
     {
         engine::Policy::Ag { gates, .. } => {
-            assert_eq!(gates.identity(), &engine.model_identity().unwrap())
+            assert_eq!(gates.identity(), &engine.model_identity().unwrap());
+            // Projections rounded to 8 bits (a code per weight, an f32 scale per 32), the
+            // read-out in f32, in each of 30 layers.
+            let (inner, hidden, heads) = (128, 576, 3);
+            let projection = 3 * inner * hidden;
+            let per_layer = projection + 4 * projection / 32 + 4 * (heads * inner + heads);
+            assert_eq!(gates.decode_weight_bytes().unwrap(), 30 * per_layer);
         }
         other => panic!("expected the ag policy, got {}", other.name()),
     }

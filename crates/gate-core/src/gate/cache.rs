@@ -17,8 +17,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::project::{dot, HostMatrix};
-use super::{AttentionGate, GateConfig};
+use super::project::{dot, HostMatrix, Int8Rows};
+use super::{AttentionGate, GateConfig, GateLayer};
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
 
 /// One layer's cached rows: `K'`, `V'` (`[slots, heads * head_dim]` each) and positions, a ring
@@ -238,7 +238,8 @@ impl GateCache {
 /// One layer's parameters as host rows, for the decode step.
 #[derive(Debug, Clone)]
 pub(super) struct HostLayer {
-    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv` (f16 when exact).
+    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv` (8-bit when rounded,
+    /// else f16 when exact).
     wqkv: HostMatrix,
     /// `[n_kv_heads, inner]`.
     wg: Vec<f32>,
@@ -246,28 +247,94 @@ pub(super) struct HostLayer {
     bg: Vec<f32>,
 }
 
+impl HostLayer {
+    /// Layer `p`'s rows on the host, its projection as `wqkv` gives it from the rows of `wq`,
+    /// `wk` and `wv` (f32, row-major).
+    fn new(
+        p: &GateLayer,
+        wqkv: impl FnOnce(&[f32]) -> HostMatrix,
+    ) -> candle_core::Result<HostLayer> {
+        let mut rows = flat(&p.wq)?;
+        rows.extend(flat(&p.wk)?);
+        rows.extend(flat(&p.wv)?);
+        Ok(HostLayer {
+            wqkv: wqkv(&rows),
+            wg: flat(&p.wg)?,
+            bg: flat(&p.bg)?,
+        })
+    }
+
+    /// Bytes of parameters one decode step of the layer reads.
+    fn bytes(&self) -> usize {
+        self.wqkv.bytes()
+            + std::mem::size_of_val(&self.wg[..])
+            + std::mem::size_of_val(&self.bg[..])
+    }
+}
+
+/// `t`'s values as f32, row-major.
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
 impl AttentionGate {
     fn host_layers(&self) -> Result<&[HostLayer]> {
         if let Some(h) = self.host.get() {
             return Ok(h);
         }
-        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let hidden = self.cfg.hidden_size;
         let layers = self
             .layers
             .iter()
-            .map(|p| -> candle_core::Result<HostLayer> {
-                let mut wqkv = flat(&p.wq)?;
-                wqkv.extend(flat(&p.wk)?);
-                wqkv.extend(flat(&p.wv)?);
-                Ok(HostLayer {
-                    wqkv: HostMatrix::new(&wqkv, self.cfg.hidden_size),
-                    wg: flat(&p.wg)?,
-                    bg: flat(&p.bg)?,
-                })
-            })
+            .map(|p| HostLayer::new(p, |rows| HostMatrix::new(rows, hidden)))
             .collect::<candle_core::Result<Vec<_>>>()
             .ctx("copying gate parameters to the host")?;
         Ok(self.host.get_or_init(|| layers))
+    }
+
+    /// Rounds every layer's projections `wq`, `wk`, `wv` to 8 bits per row and 32 columns
+    /// (`d = max|w| / 127`, `q = round(w / d)`, value `d·q`; project.rs), the form sessions run
+    /// them in: the forwards (prefill, [`AttentionGate::keep_probs`]) use the rounded values,
+    /// the decode step reads the codes (a quarter of the bytes of f32, half of f16), so both
+    /// compute the same function up to f32 rounding. For inference: the parameters are no
+    /// longer a training run's `Var`s. Needs f32 parameters (a loaded gate's).
+    pub fn round_projections_to_int8(&mut self) -> Result<()> {
+        if self.dtype() != DType::F32 {
+            return Err(invalid(
+                "AttentionGate::round_projections_to_int8",
+                format!("parameters in {:?}", self.dtype()),
+                "f32 parameters",
+            ));
+        }
+        let hidden = self.cfg.hidden_size;
+        let mut host = Vec::with_capacity(self.layers.len());
+        for p in &mut self.layers {
+            let mut rounded = None;
+            let layer = HostLayer::new(p, |rows| {
+                let r = Int8Rows::round(rows, hidden);
+                let m = HostMatrix::from_int8(&r);
+                rounded = Some(r);
+                m
+            });
+            let layer = layer.ctx("copying gate parameters to the host")?;
+            let values = rounded.map(|r| r.values()).unwrap_or_default();
+            let mut rest = values.as_slice();
+            for w in [&mut p.wq, &mut p.wk, &mut p.wv] {
+                let (mine, after) = rest.split_at(w.elem_count());
+                *w = Tensor::from_slice(mine, w.shape(), w.device())
+                    .ctx("rounding the gate's projections")?;
+                rest = after;
+            }
+            host.push(layer);
+        }
+        self.host = std::sync::OnceLock::from(host);
+        Ok(())
+    }
+
+    /// Bytes of parameters one decode step reads over every layer (projections as held: f32,
+    /// f16 or 8-bit after [`AttentionGate::round_projections_to_int8`]).
+    pub fn decode_weight_bytes(&self) -> Result<usize> {
+        Ok(self.host_layers()?.iter().map(HostLayer::bytes).sum())
     }
 
     /// Decode step of layer `layer` for one new token `x_row` (`[hidden]` or `[1, hidden]`)

@@ -68,8 +68,9 @@ impl GateLayer {
 pub struct AttentionGate {
     cfg: GateConfig,
     layers: Vec<GateLayer>,
-    /// Host f32 copies of the parameters for [`AttentionGate::step`], made at the first decode
-    /// step (a gate being trained is never decoded with, so the copies cannot go stale).
+    /// Host copies of the parameters for [`AttentionGate::step`], made at the first decode
+    /// step (a gate being trained is never decoded with, so the copies cannot go stale), or by
+    /// [`AttentionGate::round_projections_to_int8`] with the codes it rounded to.
     host: std::sync::OnceLock<Vec<cache::HostLayer>>,
     /// The rotate-half RoPE of `Q'` and `K'` (unscaled frequencies of `rope_theta`).
     rope: Rope,

@@ -1,17 +1,24 @@
 //! The decode step's projection `y = W x` ([`HostMatrix`]): the gate's `wq`, `wk`, `wv` rows as
 //! host copies, read once per token and layer (the default gates' 30 layers hold 6.6 M weights,
-//! more than the L3 cache: the step streams them from memory, so their bytes set its cost).
+//! more than the L3 cache: the step streams them from memory, so their bytes set its cost), and
+//! [`Int8Rows`], the 8-bit rounding of those rows a session's gates run with.
 //!
 //! Invariants:
-//! - the weights are held as f16 when every one of them is exactly an f16 value (gates loaded
-//!   from an f16 file, the committed ones: half the bytes of f32, the same values), else as
-//!   f32; either way `y` is the exact products summed in f32, so it equals the f32 computation
-//!   up to the order of the additions (f32 rounding);
+//! - the weights are held as 8-bit codes and scales when built from [`Int8Rows`] (the values
+//!   `d·q` the rounded gate's prefill also uses: a quarter of the bytes of f32), else as f16
+//!   when every weight is exactly an f16 value (gates loaded from an f16 file: half the bytes,
+//!   the same values), else as f32; either way `y` is the exact products of those values summed
+//!   in f32, so it equals the f32 computation up to the order of the additions (f32 rounding);
+//! - [`Int8Rows`]: per row and [`INT8_BLOCK`]-column block (the last one may be shorter) a
+//!   scale `d = max|w| / 127` and codes `q = round(w / d)` in `[-127, 127]` (all 0 when the
+//!   block is); a weight's value is `d·q`, within `d/2` of `w`;
 //! - layout: rows in groups of [`GROUP`], each group's rows interleaved in chunks of [`LANES`]
 //!   columns (chunk `c` of the group's row `i` at `(c * k + i) * LANES` after the group's
-//!   start, `k` its rows), each row padded with zeros to a whole number of chunks: the kernel
-//!   computes a group's rows at once and reads the weights as one sequential stream, which the
-//!   hardware prefetcher follows (rows read side by side are separate short streams);
+//!   start, `k` its rows), each row padded with zeros to a whole number of chunks (of blocks,
+//!   for codes; their scales follow the same order: block `b` of row `i` at `b * k + i` after
+//!   the group's first scale): the kernel computes a group's rows at once and reads the weights
+//!   as one sequential stream, which the hardware prefetcher follows (rows read side by side
+//!   are separate short streams);
 //! - on AVX-512 (runtime detected, F16C conversion in registers) each row of a group has its
 //!   own accumulator register and every load of `x` serves the whole group; elsewhere a portable
 //!   loop of the same shape; both give the same sums up to f32 rounding;
@@ -31,8 +38,77 @@ const PARALLEL_MIN_ROWS: usize = 64;
 /// Lanes of one AVX-512 register of f32: the column chunk of the layout.
 const LANES: usize = 16;
 
-/// Rows computed at once, interleaved in the layout.
+/// Rows computed at once, interleaved in the layout (the AVX-512 8-bit kernel names 1 to 4).
 const GROUP: usize = 4;
+
+/// Columns per scale of [`Int8Rows`] (GGUF's Q8_0 block): two chunks of the layout.
+pub(super) const INT8_BLOCK: usize = 2 * LANES;
+
+/// A row-major `[rows, cols]` matrix rounded to 8 bits per row and [`INT8_BLOCK`] columns
+/// (module header).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Int8Rows {
+    cols: usize,
+    /// `[rows, cols]`.
+    codes: Vec<i8>,
+    /// `[rows, cols.div_ceil(INT8_BLOCK)]`.
+    scales: Vec<f32>,
+}
+
+impl Int8Rows {
+    /// The row-major matrix `w` (`[w.len() / cols, cols]`) rounded to 8 bits.
+    pub(super) fn round(w: &[f32], cols: usize) -> Self {
+        let mut codes = Vec::with_capacity(w.len());
+        let mut scales = Vec::with_capacity(w.len().div_ceil(INT8_BLOCK));
+        for row in w.chunks(cols.max(1)) {
+            for block in row.chunks(INT8_BLOCK) {
+                let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                scales.push(d);
+                // |v / d| <= 127, so the cast never saturates.
+                codes.extend(block.iter().map(|&v| match d > 0.0 {
+                    true => (v / d).round() as i8,
+                    false => 0,
+                }));
+            }
+        }
+        Int8Rows {
+            cols,
+            codes,
+            scales,
+        }
+    }
+
+    /// The values `d·q`, row-major.
+    pub(super) fn values(&self) -> Vec<f32> {
+        let blocks = self
+            .codes
+            .chunks(self.cols.max(1))
+            .flat_map(|row| row.chunks(INT8_BLOCK));
+        blocks
+            .zip(&self.scales)
+            .flat_map(|(block, &d)| block.iter().map(move |&q| d * f32::from(q)))
+            .collect()
+    }
+}
+
+/// `w` (`[rows, cols]`, row-major) in the layout of the module header: groups of [`GROUP`] rows,
+/// each row cut in chunks of `chunk` values interleaved with the group's other rows, each row
+/// padded with zeros to `padded` values.
+fn interleave<T: Copy + Default>(w: &[T], cols: usize, padded: usize, chunk: usize) -> Vec<T> {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    let mut out = vec![T::default(); rows * padded];
+    for (g, group) in w.chunks(GROUP * cols.max(1)).enumerate() {
+        let k = group.len() / cols;
+        let dst = &mut out[g * GROUP * padded..];
+        for (i, row) in group.chunks_exact(cols).enumerate() {
+            for (c, part) in row.chunks(chunk).enumerate() {
+                let at = (c * k + i) * chunk;
+                dst[at..at + part.len()].copy_from_slice(part);
+            }
+        }
+    }
+    out
+}
 
 /// The weights of a [`HostMatrix`] in the packed layout.
 #[derive(Debug, Clone)]
@@ -41,6 +117,8 @@ enum Packed {
     F16(Vec<f16>),
     /// Some weight is not.
     F32(Vec<f32>),
+    /// Built from [`Int8Rows`]: codes in the layout, one scale per row and block.
+    Int8 { codes: Vec<i8>, scales: Vec<f32> },
 }
 
 /// A `[rows, cols]` matrix in the packed layout (module header), f16 when that is exact.
@@ -56,24 +134,45 @@ impl HostMatrix {
     /// value changes.
     pub(super) fn new(w: &[f32], cols: usize) -> Self {
         let rows = w.len().checked_div(cols).unwrap_or(0);
-        let padded = cols.div_ceil(LANES) * LANES;
-        let mut packed = vec![0f32; rows * padded];
-        for (g, group) in w.chunks(GROUP * cols.max(1)).enumerate() {
-            let k = group.len() / cols;
-            let dst = &mut packed[g * GROUP * padded..];
-            for (i, row) in group.chunks_exact(cols).enumerate() {
-                for (c, chunk) in row.chunks(LANES).enumerate() {
-                    let at = (c * k + i) * LANES;
-                    dst[at..at + chunk.len()].copy_from_slice(chunk);
-                }
-            }
-        }
+        let packed = interleave(w, cols, cols.div_ceil(LANES) * LANES, LANES);
         let w = if packed.iter().all(|&v| f16::from_f32(v).to_f32() == v) {
             Packed::F16(packed.iter().map(|&v| f16::from_f32(v)).collect())
         } else {
             Packed::F32(packed)
         };
         HostMatrix { rows, cols, w }
+    }
+
+    /// The rounded matrix `m`, held as its codes and scales.
+    pub(super) fn from_int8(m: &Int8Rows) -> Self {
+        let (cols, blocks) = (m.cols, m.cols.div_ceil(INT8_BLOCK));
+        let codes = interleave(&m.codes, cols, blocks * INT8_BLOCK, LANES);
+        let scales = interleave(&m.scales, blocks, blocks, 1);
+        HostMatrix {
+            rows: m.codes.len().checked_div(cols).unwrap_or(0),
+            cols,
+            w: Packed::Int8 { codes, scales },
+        }
+    }
+
+    /// The length of `x` in the layout: `cols` padded to whole chunks (blocks, for codes).
+    fn width(&self) -> usize {
+        let unit = match self.w {
+            Packed::Int8 { .. } => INT8_BLOCK,
+            Packed::F16(_) | Packed::F32(_) => LANES,
+        };
+        self.cols.div_ceil(unit) * unit
+    }
+
+    /// Bytes of weights (codes and scales included) one [`HostMatrix::matvec`] reads.
+    pub(super) fn bytes(&self) -> usize {
+        match &self.w {
+            Packed::F16(w) => std::mem::size_of_val(w.as_slice()),
+            Packed::F32(w) => std::mem::size_of_val(w.as_slice()),
+            Packed::Int8 { codes, scales } => {
+                codes.len() + std::mem::size_of_val(scales.as_slice())
+            }
+        }
     }
 
     /// Whether the weights are held as f16.
@@ -87,14 +186,20 @@ impl HostMatrix {
     fn groups_into(&self, groups: Range<usize>, x: &[f32], out: &mut [f32]) {
         let padded = x.len();
         let row = |g: usize| (g * GROUP).min(self.rows);
-        let span = row(groups.start) * padded..row(groups.end) * padded;
+        let rows = row(groups.start)..row(groups.end);
         assert!(
-            padded.is_multiple_of(LANES) && out.len() * padded == span.len(),
+            padded == self.width() && out.len() == rows.len(),
             "HostMatrix::groups_into: shapes"
         );
+        let span = rows.start * padded..rows.end * padded;
         match &self.w {
             Packed::F16(w) => kernel(&w[span], x, out),
             Packed::F32(w) => kernel(&w[span], x, out),
+            Packed::Int8 { codes, scales } => {
+                let blocks = padded / INT8_BLOCK;
+                let scales = &scales[rows.start * blocks..rows.end * blocks];
+                kernel_int8(&codes[span], scales, x, out)
+            }
         }
     }
 
@@ -103,7 +208,7 @@ impl HostMatrix {
     pub(super) fn matvec(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.cols, "HostMatrix::matvec: x");
         let mut xp = x.to_vec();
-        xp.resize(self.cols.div_ceil(LANES) * LANES, 0.0);
+        xp.resize(self.width(), 0.0);
         let (rows, groups) = (self.rows, self.rows.div_ceil(GROUP));
         let pool = candle_core::utils::barrier_pool();
         if rows < PARALLEL_MIN_ROWS || pool.n_workers() == 0 {
@@ -203,6 +308,41 @@ fn kernel<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[r] = W[r] · x` for the packed groups of codes and scales (`out.len()` rows, `x`
+/// padded to whole blocks).
+fn kernel_int8(codes: &[i8], scales: &[f32], x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the features are present; `groups_into` checked that `codes` and `scales` hold
+        // `out.len()` rows of `x.len()` (whole blocks) values.
+        unsafe { avx512::groups_int8(codes, scales, x, out) };
+        return;
+    }
+    let (padded, blocks) = (x.len(), x.len() / INT8_BLOCK);
+    let groups = codes
+        .chunks(GROUP * padded)
+        .zip(scales.chunks(GROUP * blocks));
+    for ((group, group_scales), y) in groups.zip(out.chunks_mut(GROUP)) {
+        let k = y.len();
+        let mut acc = [[0f32; LANES]; GROUP];
+        let blocks = group
+            .chunks_exact(2 * k * LANES)
+            .zip(group_scales.chunks_exact(k));
+        for ((block, d), xb) in blocks.zip(x.chunks_exact(INT8_BLOCK)) {
+            for (i, acc) in acc[..k].iter_mut().enumerate() {
+                let (low, high) = (&block[i * LANES..], &block[(k + i) * LANES..]);
+                for l in 0..LANES {
+                    let t = f32::from(low[l]) * xb[l] + f32::from(high[l]) * xb[LANES + l];
+                    acc[l] += t * d[i];
+                }
+            }
+        }
+        for (y, acc) in y.iter_mut().zip(acc) {
+            *y = acc.iter().sum();
+        }
+    }
+}
+
 /// Dot product with 8 independent accumulators, so the compiler can keep them in one SIMD
 /// register (a plain `sum()` is a strict sequential chain).
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -228,7 +368,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{Weight, GROUP, LANES};
+    use super::{Weight, GROUP, INT8_BLOCK, LANES};
 
     /// `out[r] = W[r] · x` over the packed groups of `w`.
     ///
@@ -267,6 +407,58 @@ mod avx512 {
             }
         }
     }
+
+    /// `out[r] = W[r] · x` over the packed groups of `codes` and `scales`.
+    ///
+    /// # Safety
+    /// avx512f; `x.len()` a multiple of [`INT8_BLOCK`]; `codes` and `scales` hold the packed
+    /// groups of `out.len()` rows of `x.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn groups_int8(codes: &[i8], scales: &[f32], x: &[f32], out: &mut [f32]) {
+        unsafe {
+            let (padded, blocks) = (x.len(), x.len() / INT8_BLOCK);
+            for (g, y) in out.chunks_mut(GROUP).enumerate() {
+                let p = codes.as_ptr().add(g * GROUP * padded);
+                let d = scales.as_ptr().add(g * GROUP * blocks);
+                // A group has GROUP (4) rows, the last one possibly fewer.
+                match y.len() {
+                    4 => y.copy_from_slice(&group_int8::<4>(p, d, x)),
+                    3 => y.copy_from_slice(&group_int8::<3>(p, d, x)),
+                    2 => y.copy_from_slice(&group_int8::<2>(p, d, x)),
+                    _ => y.copy_from_slice(&group_int8::<1>(p, d, x)),
+                }
+            }
+        }
+    }
+
+    /// The sums of one group of `K` rows, codes from `p` and scales from `d`, each row in its
+    /// own accumulator (a constant `K` keeps them in registers).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group_int8<const K: usize>(
+        mut p: *const i8,
+        mut d: *const f32,
+        x: &[f32],
+    ) -> [f32; K] {
+        unsafe {
+            let load =
+                |p: *const i8| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+            let mut acc = [_mm512_setzero_ps(); K];
+            for xb in x.chunks_exact(INT8_BLOCK) {
+                let (x0, x1) = (
+                    _mm512_loadu_ps(xb.as_ptr()),
+                    _mm512_loadu_ps(xb.as_ptr().add(LANES)),
+                );
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let t = _mm512_mul_ps(load(p.add(i * LANES)), x0);
+                    let t = _mm512_fmadd_ps(load(p.add((K + i) * LANES)), x1, t);
+                    *a = _mm512_fmadd_ps(t, _mm512_set1_ps(*d.add(i)), *a);
+                }
+                p = p.add(2 * K * LANES);
+                d = d.add(K);
+            }
+            acc.map(|a| _mm512_reduce_add_ps(a))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -303,9 +495,10 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// Both kernels, both storage types, widths on and off the register width, row counts on
-    /// and off whole groups, whole and over a range of groups: the sums of a naive f64
-    /// reference to f32 rounding of the magnitudes summed.
+    /// Both kernels, the three storage types, widths on and off the register width and the
+    /// 8-bit block, row counts on and off whole groups, whole and over a range of groups: the
+    /// sums of a naive f64 reference over the values held, to f32 rounding of the magnitudes
+    /// summed.
     #[test]
     fn projection_matches_a_naive_reference() {
         let mut rng = StdRng::seed_from_u64(3);
@@ -316,13 +509,24 @@ pub(super) mod tests {
                 .collect();
             let mut inexact = exact.clone();
             inexact[rows * cols / 2] += 1e-7;
-            for (w, narrow) in [(exact, true), (inexact, false)] {
-                let m = HostMatrix::new(&w, cols);
+            let rounded = Int8Rows::round(&inexact, cols);
+            let held = [
+                (HostMatrix::new(&exact, cols), exact, 2),
+                (HostMatrix::new(&inexact, cols), inexact, 4),
+                (HostMatrix::from_int8(&rounded), rounded.values(), 1),
+            ];
+            for (m, w, bytes_per_weight) in held {
+                let narrow = bytes_per_weight == 2;
                 assert_eq!(m.is_f16(), narrow, "{rows}x{cols}");
+                let scale_bytes = match bytes_per_weight {
+                    1 => 4 * rows * cols.div_ceil(INT8_BLOCK),
+                    _ => 0,
+                };
+                assert_eq!(m.bytes(), bytes_per_weight * rows * m.width() + scale_bytes);
                 let want = reference(&w, &x);
                 // Groups from the second on: rows 4.. (none when there is one group).
                 let mut xp = x.clone();
-                xp.resize(cols.div_ceil(LANES) * LANES, 0.0);
+                xp.resize(m.width(), 0.0);
                 let groups = rows.div_ceil(GROUP);
                 let (a, b) = both_paths(|| {
                     let mut out = vec![0f32; rows.saturating_sub(GROUP)];
@@ -338,6 +542,47 @@ pub(super) mod tests {
                         assert!(err <= 1e-6 * mag + 1e-30, "{rows}x{cols}: {y} vs {s}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Each block's largest weight gets the code ±127 and its exact value back (to f32
+    /// rounding), every weight is within half a step `d/2` of its value, a zero block stays
+    /// zero, and blocks are cut per row (widths on and off the block).
+    #[test]
+    fn int8_rounding_keeps_each_weight_within_half_a_step() {
+        let mut rng = StdRng::seed_from_u64(4);
+        for (rows, cols) in [(3, 576), (4, 40), (2, 3)] {
+            let mut w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-0.1f32..0.1) * 10f32.powi(rng.random_range(-3..2)))
+                .collect();
+            w[..cols.min(INT8_BLOCK)].fill(0.0);
+            let r = Int8Rows::round(&w, cols);
+            let v = r.values();
+            assert_eq!(v.len(), w.len());
+            assert_eq!(r.scales.len(), rows * cols.div_ceil(INT8_BLOCK));
+            let blocks = w.chunks(cols).flat_map(|row| row.chunks(INT8_BLOCK));
+            let mut at = 0;
+            for (b, block) in blocks.enumerate() {
+                let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = r.scales[b];
+                assert_eq!(d, amax / 127.0);
+                for (j, &x) in block.iter().enumerate() {
+                    let (q, y) = (r.codes[at + j], v[at + j]);
+                    assert!((-127..=127).contains(&q));
+                    assert!(
+                        (y - x).abs() <= d / 2.0 * (1.0 + 1e-5),
+                        "{x} -> {y} (d {d})"
+                    );
+                    if x.abs() == amax && amax > 0.0 {
+                        assert_eq!(q.unsigned_abs(), 127);
+                        assert!((y - x).abs() <= amax * 1e-6);
+                    }
+                }
+                if b == 0 {
+                    assert!(block.iter().zip(&v[at..]).all(|(_, &y)| y == 0.0));
+                }
+                at += block.len();
             }
         }
     }

@@ -195,24 +195,60 @@ fn the_attention_window_bounds_what_a_token_sees() {
         .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
+/// Rounds `g`'s projections to 8 bits, checking that they are what changes: `wq`, `wk` and
+/// `wv` of every layer, nothing else.
+fn round_projections(g: &mut AttentionGate) {
+    let before = g.named_tensors();
+    g.round_projections_to_int8().unwrap();
+    let changed: Vec<&str> = before
+        .iter()
+        .zip(g.named_tensors())
+        .filter(|((_, a), (_, b))| {
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            diff.to_scalar::<f32>().unwrap() > 0.0
+        })
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    let projections: Vec<&str> = before
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|n| [".wq", ".wk", ".wv"].iter().any(|p| n.ends_with(p)))
+        .collect();
+    assert_eq!(changed, projections);
+}
+
+#[test]
+fn rounding_needs_f32_parameters() {
+    let mut g = mapped_gate(&cfg(), 1, |_, t| t.to_dtype(DType::F16).unwrap());
+    let err = g.round_projections_to_int8().unwrap_err().to_string();
+    assert!(
+        err.contains("F16") && err.contains("f32 parameters"),
+        "{err}"
+    );
+}
+
 /// The decode step (plain Rust on host copies, the projection shared over the thread pool, one
 /// online-softmax pass) equals the tensor path to float rounding at the default gate shape,
 /// for random gates and random inputs: a prefill, then steps that wrap the window's ring
-/// twice, at positions where RoPE angles are large.
+/// twice, at positions where RoPE angles are large. The projections the step reads are f32,
+/// f16 (seed 3) or 8-bit (seed 4), and its bytes are counted as held.
 #[test]
 fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
     use rand::{Rng, SeedableRng};
     let c = GateConfig::new(576, 3, 2, 100_000.0);
     let (t, t0) = (2 * c.attention_window + 40, 30);
-    for seed in [1u64, 2, 3] {
+    let projection = 3 * c.inner() * c.hidden_size;
+    let readout = 4 * c.n_layers * (c.n_kv_heads * c.inner() + c.n_kv_heads);
+    for seed in [1u64, 2, 3, 4] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         // `wg` scaled up and `bg` random, so that `s` spreads over (0, 1) instead of sitting
         // near `sigmoid(bias_init)`, where any difference would vanish. Seed 3's projection
-        // weights are f16 values (as loaded from an f16 file), which the step holds as f16.
+        // weights are f16 values (as loaded from an f16 file), which the step holds as f16;
+        // seed 4's are rounded to 8 bits.
         let bias: Vec<f32> = (0..c.n_kv_heads)
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
-        let g = mapped_gate(&c, seed, |n, t| {
+        let mut g = mapped_gate(&c, seed, |n, t| {
             if n.ends_with(".wg") {
                 (t * 200.0).unwrap()
             } else if n.ends_with(".bg") {
@@ -226,6 +262,16 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
                 t
             }
         });
+        let bytes_per_layer = match seed {
+            3 => 2 * projection,
+            4 => {
+                round_projections(&mut g);
+                projection + 4 * projection / 32
+            }
+            _ => 4 * projection,
+        };
+        let bytes = g.decode_weight_bytes().unwrap();
+        assert_eq!(bytes, c.n_layers * bytes_per_layer + readout, "seed {seed}");
         let data: Vec<f32> = (0..t * c.hidden_size)
             .map(|_| rng.random_range(-3.0f32..3.0))
             .collect();
