@@ -248,17 +248,11 @@ pub(super) struct HostLayer {
 }
 
 impl HostLayer {
-    /// Layer `p`'s rows on the host, its projection as `wqkv` gives it from the rows of `wq`,
-    /// `wk` and `wv` (f32, row-major).
-    fn new(
-        p: &GateLayer,
-        wqkv: impl FnOnce(&[f32]) -> HostMatrix,
-    ) -> candle_core::Result<HostLayer> {
-        let mut rows = flat(&p.wq)?;
-        rows.extend(flat(&p.wk)?);
-        rows.extend(flat(&p.wv)?);
+    /// Layer `p` on the host: its projection `wqkv` (made from [`projection_rows`]) and its
+    /// read-out.
+    fn new(p: &GateLayer, wqkv: HostMatrix) -> candle_core::Result<HostLayer> {
         Ok(HostLayer {
-            wqkv: wqkv(&rows),
+            wqkv,
             wg: flat(&p.wg)?,
             bg: flat(&p.bg)?,
         })
@@ -270,6 +264,14 @@ impl HostLayer {
             + std::mem::size_of_val(&self.wg[..])
             + std::mem::size_of_val(&self.bg[..])
     }
+}
+
+/// The rows of layer `p`'s `wq`, then `wk`, then `wv`, as f32, row-major.
+fn projection_rows(p: &GateLayer) -> candle_core::Result<Vec<f32>> {
+    let mut rows = flat(&p.wq)?;
+    rows.extend(flat(&p.wk)?);
+    rows.extend(flat(&p.wv)?);
+    Ok(rows)
 }
 
 /// `t`'s values as f32, row-major.
@@ -286,7 +288,7 @@ impl AttentionGate {
         let layers = self
             .layers
             .iter()
-            .map(|p| HostLayer::new(p, |rows| HostMatrix::new(rows, hidden)))
+            .map(|p| HostLayer::new(p, HostMatrix::new(&projection_rows(p)?, hidden)))
             .collect::<candle_core::Result<Vec<_>>>()
             .ctx("copying gate parameters to the host")?;
         Ok(self.host.get_or_init(|| layers))
@@ -309,15 +311,11 @@ impl AttentionGate {
         let hidden = self.cfg.hidden_size;
         let mut host = Vec::with_capacity(self.layers.len());
         for p in &mut self.layers {
-            let mut rounded = None;
-            let layer = HostLayer::new(p, |rows| {
-                let r = Int8Rows::round(rows, hidden);
-                let m = HostMatrix::from_int8(&r);
-                rounded = Some(r);
-                m
-            });
-            let layer = layer.ctx("copying gate parameters to the host")?;
-            let values = rounded.map(|r| r.values()).unwrap_or_default();
+            let rounded = projection_rows(p)
+                .map(|rows| Int8Rows::round(&rows, hidden))
+                .ctx("copying gate parameters to the host")?;
+            // The rounded values, in the order of `projection_rows`.
+            let values = rounded.values();
             let mut rest = values.as_slice();
             for w in [&mut p.wq, &mut p.wk, &mut p.wv] {
                 let (mine, after) = rest.split_at(w.elem_count());
@@ -325,7 +323,8 @@ impl AttentionGate {
                     .ctx("rounding the gate's projections")?;
                 rest = after;
             }
-            host.push(layer);
+            let layer = HostLayer::new(p, HostMatrix::from_int8(&rounded));
+            host.push(layer.ctx("copying gate parameters to the host")?);
         }
         self.host = std::sync::OnceLock::from(host);
         Ok(())
