@@ -134,6 +134,26 @@ fn sweeps_write_table_json_csv_and_plots() {
         "{csv}"
     );
     assert_eq!(csv.lines().count(), rows.len() + 1);
+    // The folder describes the last run: a single run into it removes the sweep's files (and
+    // a sweep a single run's), never a file agate did not write.
+    let sweep_files = [
+        "sweep.json",
+        "sweep.csv",
+        "sweep.md",
+        "accuracy.svg",
+        "accuracy.png",
+    ];
+    let single_files = ["summary.json", "outcomes.jsonl"];
+    std::fs::write(out_dir.join("notes.txt"), "mine").unwrap();
+    let present = |names: &[&str]| names.iter().filter(|n| out_dir.join(n).exists()).count();
+    assert!(mixed.eval(&["--out", s(&out_dir)]).status.success());
+    assert_eq!((present(&single_files), present(&sweep_files)), (2, 0));
+    assert!(mixed
+        .eval(&["--sweep", "0.5", "--out", s(&out_dir)])
+        .status
+        .success());
+    assert_eq!((present(&single_files), present(&sweep_files)), (0, 5));
+    assert!(out_dir.join("notes.txt").exists());
     // Without --json the table goes to stdout.
     let out = mixed.eval(&["--sweep", "0.5"]);
     assert!(out.status.success());

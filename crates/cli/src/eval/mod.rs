@@ -348,6 +348,7 @@ fn single(
             .map(|o| serde_json::to_string(o).map(|l| l + "\n"))
             .collect::<Result<_, _>>()?;
         write_text("--out", &dir.join("outcomes.jsonl"), &lines)?;
+        remove_earlier_outputs(dir, &SWEEP_FILES);
     }
     if args.json {
         outln!("{out}")?;
@@ -425,6 +426,7 @@ fn run_sweep(
     let table = sweep::markdown_table(&rows);
     if let Some(dir) = &args.out {
         write_sweep(dir, label, protocol(args), &out, &rows, &table)?;
+        remove_earlier_outputs(dir, &SINGLE_FILES);
         say!("results written to {}", dir.display());
     }
     if args.json {
@@ -539,6 +541,22 @@ fn row_json(row: &SweepRow) -> Value {
         o.insert("matched_to".into(), json!(row.matched_to));
     }
     v
+}
+
+/// Removes from `dir` the files of the other kind of run (`names`: a sweep's after a single
+/// run, a single run's after a sweep), left there by an earlier run into the same `--out`, so
+/// that the folder describes this run alone; no other file is touched. A file that cannot be
+/// removed gets a note (this run's files are written by then).
+fn remove_earlier_outputs(dir: &Path, names: &[&str]) {
+    for path in names.iter().map(|name| dir.join(name)) {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => say!(
+                "agate: note: --out: could not remove {} of an earlier run: {e}",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
 }
 
 /// Writes `text` to `path` atomically; a failure names `flag`, the output it was for.
