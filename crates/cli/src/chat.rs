@@ -182,12 +182,14 @@ fn handle_command(
             p.temperature = number("temp")?;
             p.validate().map_err(anyhow::Error::msg)?;
             request.sampling = p;
+            say!("temperature {}", request.sampling.temperature);
         }
         "topp" => {
             let mut p = request.sampling.clone();
             p.top_p = number("topp")?;
             p.validate().map_err(anyhow::Error::msg)?;
             request.sampling = p;
+            say!("top-p {}", request.sampling.top_p);
         }
         "stats" => {
             let kv = session.kv_report();

@@ -132,19 +132,23 @@ fn a_chat_whose_pool_runs_out_keeps_its_state() {
     assert!(!stderr.contains("eviction ratio -"), "{stderr}");
 }
 
-/// A line that is not UTF-8 is skipped with a message; the chat goes on.
+/// A line that is not UTF-8 is skipped with a message; the chat goes on. Sampling commands
+/// confirm what they set, and refuse a bad value keeping the old one.
 #[test]
 fn a_chat_line_that_is_not_utf8_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 2, 2, 256);
     let out = agate_with_input(
         &["chat", "--model", s(&model), "--max-tokens", "2"],
-        b"\xff\xfe bad\nhello\n/stats\n/exit\n",
+        b"\xff\xfe bad\nhello\n/stats\n/temp 0.3\n/topp 2\n/topp 0.9\n/exit\n",
     );
     succeeds(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not valid UTF-8"), "{stderr}");
     assert!(stderr.contains("tokens seen"), "{stderr}");
+    assert!(stderr.contains("temperature 0.3\n"), "{stderr}");
+    assert!(!stderr.contains("top-p 2"), "{stderr}");
+    assert!(stderr.contains("top-p 0.9\n"), "{stderr}");
 }
 
 #[test]
