@@ -11,7 +11,8 @@
 //!   in f32, so it equals the f32 computation up to the order of the additions (f32 rounding);
 //! - [`Int8Rows`]: per row and [`INT8_BLOCK`]-column block (the last one may be shorter) a
 //!   scale `d = max|w| / 127` and codes `q = round(w / d)` in `[-127, 127]`; a weight's value
-//!   is `d·q`, within `d/2` of `w`; a block whose `d` would not be a normal f32 (`max|w|` below
+//!   is `d·q`, within `d/2` of `w`, and finite (when `127 d` would round above f32::MAX, `d` is
+//!   the next float down); a block whose `d` would not be a normal f32 (`max|w|` below
 //!   `127 × f32::MIN_POSITIVE`, about 1.5e-36, where `w / d` loses its precision) has `d = 0`
 //!   and all codes 0;
 //! - layout: rows in groups of [`GROUP`], each group's rows interleaved in chunks of [`LANES`]
@@ -67,7 +68,12 @@ impl Int8Rows {
         for row in w.chunks(cols.max(1)) {
             for block in row.chunks(INT8_BLOCK) {
                 let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                let d = if d.is_normal() { d } else { 0.0 };
+                let d = match d {
+                    // `127 d` rounds above f32::MAX: one step down keeps every value finite.
+                    d if (127.0 * d).is_infinite() => d.next_down(),
+                    d if d.is_normal() => d,
+                    _ => 0.0,
+                };
                 scales.push(d);
                 // |v / d| <= 127 (to f32 rounding), so the cast never saturates.
                 codes.extend(block.iter().map(|&v| match d > 0.0 {

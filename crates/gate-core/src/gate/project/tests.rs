@@ -86,20 +86,23 @@ fn projection_matches_a_naive_reference() {
 
 /// Each block's largest weight gets the code ±127 and its exact value back (to f32
 /// rounding), every weight is within half a step `d/2` of its value, a zero block and a
-/// block too small for a normal scale are zero, and blocks are cut per row (widths on and
-/// off the block).
+/// block too small for a normal scale are zero, a block holding f32::MAX stays finite, and
+/// blocks are cut per row (widths on and off the block).
 #[test]
 fn int8_rounding_keeps_each_weight_within_half_a_step() {
     let mut rng = StdRng::seed_from_u64(4);
-    for (rows, cols) in [(3, 576), (4, 40), (2, 3)] {
+    for (rows, cols) in [(3, 576), (4, 40), (3, 3)] {
         let mut w: Vec<f32> = (0..rows * cols)
             .map(|_| rng.random_range(-0.1f32..0.1) * 10f32.powi(rng.random_range(-3..2)))
             .collect();
         w[..cols.min(INT8_BLOCK)].fill(0.0);
-        // Row 1's first block: 1e-37 and subnormals.
+        // Row 1's first block: 1e-37 and subnormals; row 2's: the largest f32 values.
         let tiny = &mut w[cols..cols + cols.min(INT8_BLOCK)];
         tiny.fill(1e-40);
         tiny[0] = -1e-37;
+        let huge = &mut w[2 * cols..2 * cols + cols.min(INT8_BLOCK)];
+        huge[0] = f32::MAX;
+        huge[huge.len() - 1] = -f32::MAX;
         let r = Int8Rows::round(&w, cols);
         let v = r.values();
         assert_eq!(v.len(), w.len());
@@ -117,7 +120,12 @@ fn int8_rounding_keeps_each_weight_within_half_a_step() {
                 at += block.len();
                 continue;
             }
-            assert_eq!(d, amax / 127.0);
+            assert!(v[at..at + block.len()].iter().all(|y| y.is_finite()));
+            if amax == f32::MAX {
+                assert_eq!(d, (amax / 127.0).next_down());
+            } else {
+                assert_eq!(d, amax / 127.0);
+            }
             for (j, &x) in block.iter().enumerate() {
                 let (q, y) = (r.codes[at + j], v[at + j]);
                 assert!((-127..=127).contains(&q));
