@@ -134,26 +134,6 @@ fn sweeps_write_table_json_csv_and_plots() {
         "{csv}"
     );
     assert_eq!(csv.lines().count(), rows.len() + 1);
-    // The folder describes the last run: a single run into it removes the sweep's files (and
-    // a sweep a single run's), never a file agate did not write.
-    let sweep_files = [
-        "sweep.json",
-        "sweep.csv",
-        "sweep.md",
-        "accuracy.svg",
-        "accuracy.png",
-    ];
-    let single_files = ["summary.json", "outcomes.jsonl"];
-    std::fs::write(out_dir.join("notes.txt"), "mine").unwrap();
-    let present = |names: &[&str]| names.iter().filter(|n| out_dir.join(n).exists()).count();
-    assert!(mixed.eval(&["--out", s(&out_dir)]).status.success());
-    assert_eq!((present(&single_files), present(&sweep_files)), (2, 0));
-    assert!(mixed
-        .eval(&["--sweep", "0.5", "--out", s(&out_dir)])
-        .status
-        .success());
-    assert_eq!((present(&single_files), present(&sweep_files)), (0, 5));
-    assert!(out_dir.join("notes.txt").exists());
     // Without --json the table goes to stdout.
     let out = mixed.eval(&["--sweep", "0.5"]);
     assert!(out.status.success());
@@ -173,6 +153,42 @@ fn sweeps_write_table_json_csv_and_plots() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(table.matches("\n| ag | - |").count(), 1, "{table}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep's ratios do nothing here"));
+}
+
+/// The folder describes the last run: a single run into it removes a sweep's files, with a
+/// note (and a sweep a single run's), never a file agate did not write.
+#[test]
+fn an_out_folder_holds_one_runs_outputs() {
+    let mixed = Mixed::new();
+    let out_dir = mixed.dir.path().join("out");
+    assert!(mixed
+        .eval(&["--sweep", "0.5", "--out", s(&out_dir)])
+        .status
+        .success());
+    let sweep_files = [
+        "sweep.json",
+        "sweep.csv",
+        "sweep.md",
+        "accuracy.svg",
+        "accuracy.png",
+    ];
+    let single_files = ["summary.json", "outcomes.jsonl"];
+    std::fs::write(out_dir.join("notes.txt"), "mine").unwrap();
+    let present = |names: &[&str]| names.iter().filter(|n| out_dir.join(n).exists()).count();
+    let single = mixed.eval(&["--out", s(&out_dir)]);
+    assert!(single.status.success());
+    assert_eq!((present(&single_files), present(&sweep_files)), (2, 0));
+    let note = String::from_utf8_lossy(&single.stderr);
+    assert!(
+        note.contains("removed sweep.json, sweep.csv, sweep.md, accuracy.svg, accuracy.png"),
+        "{note}"
+    );
+    assert!(mixed
+        .eval(&["--sweep", "0.5", "--out", s(&out_dir)])
+        .status
+        .success());
+    assert_eq!((present(&single_files), present(&sweep_files)), (0, 5));
+    assert!(out_dir.join("notes.txt").exists());
 }
 
 #[test]

@@ -545,17 +545,27 @@ fn row_json(row: &SweepRow) -> Value {
 
 /// Removes from `dir` the files of the other kind of run (`names`: a sweep's after a single
 /// run, a single run's after a sweep), left there by an earlier run into the same `--out`, so
-/// that the folder describes this run alone; no other file is touched. A file that cannot be
-/// removed gets a note (this run's files are written by then).
+/// that the folder describes this run alone; no other file is touched. A note names what was
+/// removed, and any file that could not be (this run's files are written by then).
 fn remove_earlier_outputs(dir: &Path, names: &[&str]) {
-    for path in names.iter().map(|name| dir.join(name)) {
+    let mut removed = Vec::new();
+    for name in names {
+        let path = dir.join(name);
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => say!(
+            Ok(()) => removed.push(*name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => say!(
                 "agate: note: --out: could not remove {} of an earlier run: {e}",
                 path.display()
             ),
-            _ => {}
         }
+    }
+    if !removed.is_empty() {
+        say!(
+            "agate: note: --out: removed {} of an earlier run from {}",
+            removed.join(", "),
+            dir.display()
+        );
     }
 }
 
