@@ -29,8 +29,9 @@ pub struct BenchArgs {
         default_value = "0"
     )]
     pub depths: Vec<usize>,
-    /// Repetitions per configuration.
-    #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    /// Repetitions per configuration. A depth's runs alternate the policies in ABBA order
+    /// (forward, then reversed): an even count gives each policy every position equally often.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub repetitions: u64,
     /// Seed of the random prompt tokens.
     #[arg(long, default_value_t = 1)]
