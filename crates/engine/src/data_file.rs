@@ -1,7 +1,7 @@
 //! Reading the data files users give (training text and chats, evaluation tasks, a benchmark's
 //! text): a file's whole text, or only its beginning, without a leading UTF-8 byte-order mark
-//! (some editors write one), and JSONL lines parsed with their 1-based numbers. Every failure is an [`EngineError::DataFile`] naming the
-//! file and, where one is at fault, the line.
+//! (some editors write one), and JSONL lines parsed with their 1-based numbers. Every failure
+//! is an [`EngineError::DataFile`] naming the file and, where one is at fault, the line.
 
 use std::path::Path;
 

@@ -1,6 +1,8 @@
 //! Decode for the Attention-Gate: [`GateCache`] (the gate's own `K'`, `V'` of the tokens its
-//! attention can still see, per layer) and [`AttentionGate::step`] (one new token's keep
-//! probabilities).
+//! attention can still see, per layer), [`AttentionGate::step`] (one new token's keep
+//! probabilities) and the host copies of the parameters it reads
+//! ([`AttentionGate::round_projections_to_int8`] makes them 8-bit,
+//! [`AttentionGate::decode_weight_bytes`] counts them).
 //!
 //! Invariants: per layer the cache holds, token-major on the host, `K'` (after RoPE at the
 //! token's true position), `V'` and the position of the most recent tokens the gate has seen,

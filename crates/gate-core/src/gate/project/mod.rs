@@ -132,7 +132,8 @@ enum Packed {
     Int8 { codes: Vec<i8>, scales: Vec<f32> },
 }
 
-/// A `[rows, cols]` matrix in the packed layout (module header), f16 when that is exact.
+/// A `[rows, cols]` matrix in the packed layout (module header): 8-bit when built from
+/// [`Int8Rows`], else f16 when that is exact, else f32.
 #[derive(Debug, Clone)]
 pub(super) struct HostMatrix {
     rows: usize,
