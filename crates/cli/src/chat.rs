@@ -161,7 +161,9 @@ fn handle_command(
         .map_or((command, ""), |(a, b)| (a, b.trim()));
     let number = |what: &str| -> anyhow::Result<f32> {
         rest.parse::<f32>()
-            .map_err(|_| anyhow::anyhow!("/{what} needs a number, got `{rest}`"))
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| anyhow::anyhow!("/{what} needs a finite number, got `{rest}`"))
     };
     match name {
         "help" => say!("{HELP}"),

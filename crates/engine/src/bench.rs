@@ -85,6 +85,8 @@ pub struct BenchRow {
     pub prompt: usize,
     /// Generated tokens.
     pub generate: usize,
+    /// Runs the spreads are over (`-r`).
+    pub repetitions: usize,
     /// Seconds from the prompt to the first generated token.
     pub time_to_first_token_s: Spread,
     /// Prompt tokens per second.
@@ -351,6 +353,7 @@ fn row_of(
         depth,
         prompt: spec.prompt,
         generate: spec.generate,
+        repetitions: runs.len(),
         time_to_first_token_s: spread(|r| r.time_to_first_token_s),
         prefill_tokens_per_s: spread(|r| r.prefill_tokens_per_s),
         decode_tokens_per_s: spread(|r| r.decode_tokens_per_s),

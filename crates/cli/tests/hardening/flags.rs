@@ -417,6 +417,8 @@ fn several_policies_run_with_a_note_naming_those_a_flag_does_nothing_for() {
         text(&out)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["repetitions"], 1, "{row}");
 }
 
 /// train-gates checks its outputs before training: never one of the inputs, always writable.

@@ -140,7 +140,7 @@ fn a_chat_line_that_is_not_utf8_is_skipped() {
     let model = tiny_model(dir.path(), 2, 2, 256);
     let out = agate_with_input(
         &["chat", "--model", s(&model), "--max-tokens", "2"],
-        b"\xff\xfe bad\nhello\n/stats\n/temp 0.3\n/topp 2\n/topp 0.9\n/exit\n",
+        b"\xff\xfe bad\nhello\n/stats\n/temp 0.3\n/topp 2\n/topp 0.9\n/temp 1e40\n/exit\n",
     );
     succeeds(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -149,6 +149,10 @@ fn a_chat_line_that_is_not_utf8_is_skipped() {
     assert!(stderr.contains("temperature 0.3\n"), "{stderr}");
     assert!(!stderr.contains("top-p 2"), "{stderr}");
     assert!(stderr.contains("top-p 0.9\n"), "{stderr}");
+    assert!(
+        stderr.contains("/temp needs a finite number, got `1e40`"),
+        "{stderr}"
+    );
 }
 
 #[test]
