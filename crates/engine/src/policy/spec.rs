@@ -339,9 +339,9 @@ impl PolicySpec {
     }
 
     /// Attention-Gate: the gates file given, or the committed gates of the default model
-    /// (docs/training.md), their projections rounded to 8 bits (the decode step reads a quarter
-    /// of the bytes of f32; docs/policies.md); unless given, the threshold (in every layer) and
-    /// protections the gates were trained with.
+    /// (docs/training.md), their projections rounded to 4 bits (the decode step reads under a
+    /// third of the bytes of f16; docs/policies.md); unless given, the threshold (in every
+    /// layer) and protections the gates were trained with.
     fn attention_gate(&self, engine: &Engine) -> Result<Policy> {
         let mut gates = match &self.gates {
             Some(path) => {
@@ -351,7 +351,7 @@ impl PolicySpec {
             None => super::default_gates(engine)?.ok_or(PolicyError::NeedsGates)?,
         };
         gates
-            .round_projections_to_int8()
+            .round_projections_to_int4()
             .map_err(PolicyError::from)?;
         let mode = if self.ag_budget_mode {
             AgMode::Budget(self.budget()?)

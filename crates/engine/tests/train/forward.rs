@@ -77,7 +77,7 @@ fn hard_flags_equal_the_ag_policy_in_threshold_mode() {
     )
     .unwrap();
     // As the policy runs them.
-    gates.round_projections_to_int8().unwrap();
+    gates.round_projections_to_int4().unwrap();
     let toks = tokens(48, 9);
     let full = training_logits(&engine, &toks, None);
     let mut previous: Option<Tensor> = None;
@@ -160,11 +160,11 @@ fn policy_ag_defaults_to_the_committed_gates_only_for_the_default_model() {
     {
         engine::Policy::Ag { gates, .. } => {
             assert_eq!(gates.identity(), &engine.model_identity().unwrap());
-            // Projections rounded to 8 bits (a code per weight, an f32 scale per 32), the
+            // Projections rounded to 4 bits (two codes a byte, an f32 scale per 32), the
             // read-out in f32, in each of 30 layers.
             let (inner, hidden, heads) = (128, 576, 3);
             let projection = 3 * inner * hidden;
-            let per_layer = projection + 4 * projection / 32 + 4 * (heads * inner + heads);
+            let per_layer = projection / 2 + 4 * projection / 32 + 4 * (heads * inner + heads);
             assert_eq!(gates.decode_weight_bytes().unwrap(), 30 * per_layer);
         }
         other => panic!("expected the ag policy, got {}", other.name()),

@@ -1,7 +1,7 @@
 //! Decode for the Attention-Gate: [`GateCache`] (the gate's own `K'`, `V'` of the tokens its
 //! attention can still see, per layer), [`AttentionGate::step`] (one new token's keep
 //! probabilities) and the host copies of the parameters it reads
-//! ([`AttentionGate::round_projections_to_int8`] makes them 8-bit,
+//! ([`AttentionGate::round_projections_to_int4`] makes them 4-bit,
 //! [`AttentionGate::decode_weight_bytes`] counts them).
 //!
 //! Invariants: per layer the cache holds, token-major on the host, `K'` (after RoPE at the
@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::project::{dot, HostMatrix, Int8Rows};
+use super::project::{dot, HostMatrix, Int4Rows};
 use super::{AttentionGate, GateConfig, GateLayer};
 use crate::error::{bad_tensor, invalid, CandleContext, GateError, Result};
 
@@ -240,7 +240,7 @@ impl GateCache {
 /// One layer's parameters as host rows, for the decode step.
 #[derive(Debug, Clone)]
 pub(super) struct HostLayer {
-    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv` (8-bit when rounded,
+    /// `[3 * inner, hidden]`: the rows of `wq`, then `wk`, then `wv` (4-bit when rounded,
     /// else f16 when exact).
     wqkv: HostMatrix,
     /// `[n_kv_heads, inner]`.
@@ -296,16 +296,17 @@ impl AttentionGate {
         Ok(self.host.get_or_init(|| layers))
     }
 
-    /// Rounds every layer's projections `wq`, `wk`, `wv` to 8 bits per row and 32 columns
-    /// (`d = max|w| / 127`, `q = round(w / d)`, value `d·q`; project.rs), the form sessions run
+    /// Rounds every layer's projections `wq`, `wk`, `wv` to 4 bits per row and 32 columns
+    /// (`d = max|w| / 7`, `q = round(w / d)`, value `d·q`; project.rs), the form sessions run
     /// them in: the forwards (prefill, [`AttentionGate::keep_probs`]) use the rounded values,
-    /// the decode step reads the codes (a quarter of the bytes of f32, half of f16), so both
-    /// compute the same function up to f32 rounding. For inference: the parameters are no
-    /// longer a training run's `Var`s. Needs f32 parameters (a loaded gate's).
-    pub fn round_projections_to_int8(&mut self) -> Result<()> {
+    /// the decode step reads the codes (0.625 bytes a weight with its scale, under a third of
+    /// f16), so both compute the same function up to f32 rounding. For inference: the
+    /// parameters are no longer a training run's `Var`s. Needs f32 parameters (a loaded
+    /// gate's).
+    pub fn round_projections_to_int4(&mut self) -> Result<()> {
         if self.dtype() != DType::F32 {
             return Err(invalid(
-                "AttentionGate::round_projections_to_int8",
+                "AttentionGate::round_projections_to_int4",
                 format!("parameters in {:?}", self.dtype()),
                 "f32 parameters",
             ));
@@ -314,7 +315,7 @@ impl AttentionGate {
         let mut host = Vec::with_capacity(self.layers.len());
         for p in &mut self.layers {
             let rounded = projection_rows(p)
-                .map(|rows| Int8Rows::round(&rows, hidden))
+                .map(|rows| Int4Rows::round(&rows, hidden))
                 .ctx("copying gate parameters to the host")?;
             // The rounded values, in the order of `projection_rows`.
             let values = rounded.values();
@@ -325,7 +326,7 @@ impl AttentionGate {
                     .ctx("rounding the gate's projections")?;
                 rest = after;
             }
-            let layer = HostLayer::new(p, HostMatrix::from_int8(&rounded));
+            let layer = HostLayer::new(p, HostMatrix::from_int4(&rounded));
             host.push(layer.ctx("copying gate parameters to the host")?);
         }
         self.host = std::sync::OnceLock::from(host);
@@ -333,7 +334,7 @@ impl AttentionGate {
     }
 
     /// Bytes of parameters one decode step reads over every layer (projections as held: f32,
-    /// f16 or 8-bit after [`AttentionGate::round_projections_to_int8`]).
+    /// f16 or 4-bit after [`AttentionGate::round_projections_to_int4`]).
     pub fn decode_weight_bytes(&self) -> Result<usize> {
         Ok(self.host_layers()?.iter().map(HostLayer::bytes).sum())
     }

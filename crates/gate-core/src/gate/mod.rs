@@ -70,7 +70,7 @@ pub struct AttentionGate {
     layers: Vec<GateLayer>,
     /// Host copies of the parameters for [`AttentionGate::step`], made at the first decode
     /// step (a gate being trained is never decoded with, so the copies cannot go stale), or by
-    /// [`AttentionGate::round_projections_to_int8`] with the codes it rounded to.
+    /// [`AttentionGate::round_projections_to_int4`] with the codes it rounded to.
     host: std::sync::OnceLock<Vec<cache::HostLayer>>,
     /// The rotate-half RoPE of `Q'` and `K'` (unscaled frequencies of `rope_theta`).
     rope: Rope,

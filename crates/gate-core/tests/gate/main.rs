@@ -195,11 +195,11 @@ fn the_attention_window_bounds_what_a_token_sees() {
         .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
-/// Rounds `g`'s projections to 8 bits, checking that they are what changes: `wq`, `wk` and
+/// Rounds `g`'s projections to 4 bits, checking that they are what changes: `wq`, `wk` and
 /// `wv` of every layer, nothing else.
 fn round_projections(g: &mut AttentionGate) {
     let before = g.named_tensors();
-    g.round_projections_to_int8().unwrap();
+    g.round_projections_to_int4().unwrap();
     let changed: Vec<&str> = before
         .iter()
         .zip(g.named_tensors())
@@ -220,7 +220,7 @@ fn round_projections(g: &mut AttentionGate) {
 #[test]
 fn rounding_needs_f32_parameters() {
     let mut g = mapped_gate(&cfg(), 1, |_, t| t.to_dtype(DType::F16).unwrap());
-    let err = g.round_projections_to_int8().unwrap_err().to_string();
+    let err = g.round_projections_to_int4().unwrap_err().to_string();
     assert!(
         err.contains("F16") && err.contains("f32 parameters"),
         "{err}"
@@ -231,7 +231,7 @@ fn rounding_needs_f32_parameters() {
 /// online-softmax pass) equals the tensor path to float rounding at the default gate shape,
 /// for random gates and random inputs: a prefill, then steps that wrap the window's ring
 /// twice, at positions where RoPE angles are large. The projections the step reads are f32,
-/// f16 (seed 3) or 8-bit (seed 4), and its bytes are counted as held.
+/// f16 (seed 3) or 4-bit (seed 4), and its bytes are counted as held.
 #[test]
 fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
     use rand::{Rng, SeedableRng};
@@ -244,7 +244,7 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
         // `wg` scaled up and `bg` random, so that `s` spreads over (0, 1) instead of sitting
         // near `sigmoid(bias_init)`, where any difference would vanish. Seed 3's projection
         // weights are f16 values (as loaded from an f16 file), which the step holds as f16;
-        // seed 4's are rounded to 8 bits.
+        // seed 4's are rounded to 4 bits.
         let bias: Vec<f32> = (0..c.n_kv_heads)
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
@@ -266,7 +266,7 @@ fn decode_steps_equal_the_tensor_path_at_the_default_shape() {
             3 => 2 * projection,
             4 => {
                 round_projections(&mut g);
-                projection + 4 * projection / 32
+                projection / 2 + 4 * projection / 32
             }
             _ => 4 * projection,
         };

@@ -1,25 +1,27 @@
 //! The decode step's projection `y = W x` ([`HostMatrix`]): the gate's `wq`, `wk`, `wv` rows as
 //! host copies, read once per token and layer (the default gates' 30 layers hold 6.6 M weights,
 //! more than the L3 cache: the step streams them from memory, so their bytes set its cost), and
-//! [`Int8Rows`], the 8-bit rounding of those rows a session's gates run with.
+//! [`Int4Rows`], the 4-bit rounding of those rows a session's gates run with.
 //!
 //! Invariants:
-//! - the weights are held as 8-bit codes and scales when built from [`Int8Rows`] (the values
-//!   `d·q` the rounded gate's prefill also uses: a quarter of the bytes of f32), else as f16
+//! - the weights are held as 4-bit codes and scales when built from [`Int4Rows`] (the values
+//!   `d·q` the rounded gate's prefill also uses: 0.625 bytes a weight), else as f16
 //!   when every weight is exactly an f16 value (gates loaded from an f16 file: half the bytes,
 //!   the same values), else as f32; either way `y` is the exact products of those values summed
 //!   in f32, so it equals the f32 computation up to the order of the additions (f32 rounding);
-//! - [`Int8Rows`]: per row and [`INT8_BLOCK`]-column block (the last one may be shorter) a
-//!   scale `d = max|w| / 127` and codes `q = round(w / d)` in `[-127, 127]`; a weight's value
-//!   is `d·q`, within `d/2` of `w`, and finite (when `127 d` would round above f32::MAX, `d` is
-//!   the next float down); a block whose `d` would not be a normal f32 (`max|w|` below
-//!   `127 × f32::MIN_POSITIVE`, about 1.5e-36, where `w / d` loses its precision) has `d = 0`
-//!   and all codes 0;
+//! - [`Int4Rows`]: per row and [`CODE_BLOCK`]-column block (the last one may be shorter) a
+//!   scale `d = max|w| / 7` and codes `q = round(w / d)` in `[-7, 7]`; a weight's value is
+//!   `d·q`, within `d/2` of `w`, and finite (`7 d` stays finite even for `max|w| = f32::MAX`:
+//!   `f32::MAX / 7` rounds down); a block whose `d` would not be a normal f32 (`max|w|` below
+//!   `7 × f32::MIN_POSITIVE`, about 8e-38, where `w / d` loses its precision) has `d = 0` and
+//!   all codes 0;
 //! - layout: rows in groups of [`GROUP`], each group's rows interleaved in chunks of [`LANES`]
 //!   columns (chunk `c` of the group's row `i` at `(c * k + i) * LANES` after the group's
-//!   start, `k` its rows), each row padded with zeros to a whole number of chunks (of blocks,
-//!   for codes; their scales follow the same order: block `b` of row `i` at `b * k + i` after
-//!   the group's first scale): the kernel computes a group's rows at once and reads the weights
+//!   start, `k` its rows), each row padded with zeros to a whole number of chunks; codes go
+//!   two to a byte, a block's [`LANES`] bytes one chunk (byte `l` holds column `l` in its low
+//!   nibble and column `LANES + l` in its high one), their scales in the same order (block `b`
+//!   of row `i` at `b * k + i` after the group's first scale): the kernel computes a group's
+//!   rows at once and reads the weights
 //!   as one sequential stream, which the hardware prefetcher follows (rows read side by side
 //!   are separate short streams);
 //! - on AVX-512 (runtime detected, F16C conversion in registers) each row of a group has its
@@ -43,46 +45,45 @@ const PARALLEL_MIN_ROWS: usize = 64;
 /// Lanes of one AVX-512 register of f32: the column chunk of the layout.
 const LANES: usize = 16;
 
-/// Rows computed at once, interleaved in the layout (the AVX-512 8-bit kernel names 1 to 4).
+/// Rows computed at once, interleaved in the layout (the AVX-512 4-bit kernel names 1 to 4).
 const GROUP: usize = 4;
 
-/// Columns per scale of [`Int8Rows`] (GGUF's Q8_0 block): two chunks of the layout.
-pub(super) const INT8_BLOCK: usize = 2 * LANES;
+/// Columns per scale of [`Int4Rows`] (GGUF's Q4_0 block): two chunks of the layout.
+pub(super) const CODE_BLOCK: usize = 2 * LANES;
 
-/// A row-major `[rows, cols]` matrix rounded to 8 bits per row and [`INT8_BLOCK`] columns
+/// The largest code of [`Int4Rows`]: symmetric codes in `[-7, 7]`.
+const CODE_MAX: i8 = 7;
+
+/// A row-major `[rows, cols]` matrix rounded to 4 bits per row and [`CODE_BLOCK`] columns
 /// (module header).
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Int8Rows {
+pub(super) struct Int4Rows {
     cols: usize,
-    /// `[rows, cols]`.
+    /// `[rows, cols]`, one code per element.
     codes: Vec<i8>,
-    /// `[rows, cols.div_ceil(INT8_BLOCK)]`.
+    /// `[rows, cols.div_ceil(CODE_BLOCK)]`.
     scales: Vec<f32>,
 }
 
-impl Int8Rows {
-    /// The row-major matrix `w` (`[w.len() / cols, cols]`) rounded to 8 bits.
+impl Int4Rows {
+    /// The row-major matrix `w` (`[w.len() / cols, cols]`) rounded to 4 bits.
     pub(super) fn round(w: &[f32], cols: usize) -> Self {
+        let max = f32::from(CODE_MAX);
         let mut codes = Vec::with_capacity(w.len());
-        let mut scales = Vec::with_capacity(w.len().div_ceil(INT8_BLOCK));
+        let mut scales = Vec::with_capacity(w.len().div_ceil(CODE_BLOCK));
         for row in w.chunks(cols.max(1)) {
-            for block in row.chunks(INT8_BLOCK) {
-                let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                let d = match d {
-                    // `127 d` rounds above f32::MAX: one step down keeps every value finite.
-                    d if (127.0 * d).is_infinite() => d.next_down(),
-                    d if d.is_normal() => d,
-                    _ => 0.0,
-                };
+            for block in row.chunks(CODE_BLOCK) {
+                let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / max;
+                let d = if d.is_normal() { d } else { 0.0 };
                 scales.push(d);
-                // |v / d| <= 127 (to f32 rounding), so the cast never saturates.
+                // |v / d| <= 7 to f32 rounding, so it rounds into [-7, 7].
                 codes.extend(block.iter().map(|&v| match d > 0.0 {
                     true => (v / d).round() as i8,
                     false => 0,
                 }));
             }
         }
-        Int8Rows {
+        Int4Rows {
             cols,
             codes,
             scales,
@@ -94,7 +95,7 @@ impl Int8Rows {
         let blocks = self
             .codes
             .chunks(self.cols.max(1))
-            .flat_map(|row| row.chunks(INT8_BLOCK));
+            .flat_map(|row| row.chunks(CODE_BLOCK));
         blocks
             .zip(&self.scales)
             .flat_map(|(block, &d)| block.iter().map(move |&q| d * f32::from(q)))
@@ -128,12 +129,12 @@ enum Packed {
     F16(Vec<f16>),
     /// Some weight is not.
     F32(Vec<f32>),
-    /// Built from [`Int8Rows`]: codes in the layout, one scale per row and block.
-    Int8 { codes: Vec<i8>, scales: Vec<f32> },
+    /// Built from [`Int4Rows`]: codes two to a byte in the layout, one scale per row and block.
+    Int4 { codes: Vec<u8>, scales: Vec<f32> },
 }
 
-/// A `[rows, cols]` matrix in the packed layout (module header): 8-bit when built from
-/// [`Int8Rows`], else f16 when that is exact, else f32.
+/// A `[rows, cols]` matrix in the packed layout (module header): 4-bit when built from
+/// [`Int4Rows`], else f16 when that is exact, else f32.
 #[derive(Debug, Clone)]
 pub(super) struct HostMatrix {
     rows: usize,
@@ -155,22 +156,33 @@ impl HostMatrix {
         HostMatrix { rows, cols, w }
     }
 
-    /// The rounded matrix `m`, held as its codes and scales.
-    pub(super) fn from_int8(m: &Int8Rows) -> Self {
-        let (cols, blocks) = (m.cols, m.cols.div_ceil(INT8_BLOCK));
-        let codes = interleave(&m.codes, cols, blocks * INT8_BLOCK, LANES);
+    /// The rounded matrix `m`, held as its codes (two to a byte) and scales.
+    pub(super) fn from_int4(m: &Int4Rows) -> Self {
+        let (cols, blocks) = (m.cols, m.cols.div_ceil(CODE_BLOCK));
+        // Each row's blocks as LANES bytes each: column l low, column LANES + l high.
+        let nibbles = |q: i8| q as u8 & 0x0f;
+        let mut bytes = Vec::with_capacity(m.scales.len() * LANES);
+        for block in m
+            .codes
+            .chunks(cols.max(1))
+            .flat_map(|r| r.chunks(CODE_BLOCK))
+        {
+            let code = |j: usize| block.get(j).copied().map_or(0, nibbles);
+            bytes.extend((0..LANES).map(|l| code(l) | code(LANES + l) << 4));
+        }
+        let codes = interleave(&bytes, blocks * LANES, blocks * LANES, LANES);
         let scales = interleave(&m.scales, blocks, blocks, 1);
         HostMatrix {
             rows: m.codes.len().checked_div(cols).unwrap_or(0),
             cols,
-            w: Packed::Int8 { codes, scales },
+            w: Packed::Int4 { codes, scales },
         }
     }
 
     /// The length of `x` in the layout: `cols` padded to whole chunks (blocks, for codes).
     fn width(&self) -> usize {
         let unit = match self.w {
-            Packed::Int8 { .. } => INT8_BLOCK,
+            Packed::Int4 { .. } => CODE_BLOCK,
             Packed::F16(_) | Packed::F32(_) => LANES,
         };
         self.cols.div_ceil(unit) * unit
@@ -181,7 +193,7 @@ impl HostMatrix {
         match &self.w {
             Packed::F16(w) => std::mem::size_of_val(w.as_slice()),
             Packed::F32(w) => std::mem::size_of_val(w.as_slice()),
-            Packed::Int8 { codes, scales } => {
+            Packed::Int4 { codes, scales } => {
                 codes.len() + std::mem::size_of_val(scales.as_slice())
             }
         }
@@ -207,10 +219,11 @@ impl HostMatrix {
         match &self.w {
             Packed::F16(w) => kernel(&w[span], x, out),
             Packed::F32(w) => kernel(&w[span], x, out),
-            Packed::Int8 { codes, scales } => {
-                let blocks = padded / INT8_BLOCK;
+            Packed::Int4 { codes, scales } => {
+                let blocks = padded / CODE_BLOCK;
                 let scales = &scales[rows.start * blocks..rows.end * blocks];
-                kernel_int8(&codes[span], scales, x, out)
+                let bytes = rows.start * padded / 2..rows.end * padded / 2;
+                kernel_int4(&codes[bytes], scales, x, out)
             }
         }
     }
@@ -320,31 +333,37 @@ fn kernel<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The two codes of a byte of the layout, sign-extended: (low nibble, high nibble).
+fn codes_of(byte: u8) -> (i8, i8) {
+    let b = byte as i8;
+    ((b << 4) >> 4, b >> 4)
+}
+
 /// `out[r] = W[r] · x` for the packed groups of codes and scales (`out.len()` rows, `x`
 /// padded to whole blocks).
-fn kernel_int8(codes: &[i8], scales: &[f32], x: &[f32], out: &mut [f32]) {
+fn kernel_int4(codes: &[u8], scales: &[f32], x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the features are present; `groups_into` checked that `codes` and `scales` hold
         // `out.len()` rows of `x.len()` (whole blocks) values.
-        unsafe { avx512::groups_int8(codes, scales, x, out) };
+        unsafe { avx512::groups_int4(codes, scales, x, out) };
         return;
     }
-    let (padded, blocks) = (x.len(), x.len() / INT8_BLOCK);
+    let (padded, blocks) = (x.len(), x.len() / CODE_BLOCK);
     let groups = codes
-        .chunks(GROUP * padded)
+        .chunks(GROUP * padded / 2)
         .zip(scales.chunks(GROUP * blocks));
     for ((group, group_scales), y) in groups.zip(out.chunks_mut(GROUP)) {
         let k = y.len();
         let mut acc = [[0f32; LANES]; GROUP];
         let blocks = group
-            .chunks_exact(2 * k * LANES)
+            .chunks_exact(k * LANES)
             .zip(group_scales.chunks_exact(k));
-        for ((block, d), xb) in blocks.zip(x.chunks_exact(INT8_BLOCK)) {
+        for ((block, d), xb) in blocks.zip(x.chunks_exact(CODE_BLOCK)) {
             for (i, acc) in acc[..k].iter_mut().enumerate() {
-                let (low, high) = (&block[i * LANES..], &block[(k + i) * LANES..]);
-                for l in 0..LANES {
-                    let t = f32::from(low[l]) * xb[l] + f32::from(high[l]) * xb[LANES + l];
+                for (l, &byte) in block[i * LANES..(i + 1) * LANES].iter().enumerate() {
+                    let (low, high) = codes_of(byte);
+                    let t = f32::from(low) * xb[l] + f32::from(high) * xb[LANES + l];
                     acc[l] += t * d[i];
                 }
             }
@@ -380,7 +399,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{Weight, GROUP, INT8_BLOCK, LANES};
+    use super::{Weight, CODE_BLOCK, GROUP, LANES};
 
     /// `out[r] = W[r] · x` over the packed groups of `w`.
     ///
@@ -423,49 +442,53 @@ mod avx512 {
     /// `out[r] = W[r] · x` over the packed groups of `codes` and `scales`.
     ///
     /// # Safety
-    /// avx512f; `x.len()` a multiple of [`INT8_BLOCK`]; `codes` and `scales` hold the packed
+    /// avx512f; `x.len()` a multiple of [`CODE_BLOCK`]; `codes` and `scales` hold the packed
     /// groups of `out.len()` rows of `x.len()` values.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn groups_int8(codes: &[i8], scales: &[f32], x: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn groups_int4(codes: &[u8], scales: &[f32], x: &[f32], out: &mut [f32]) {
         unsafe {
-            let (padded, blocks) = (x.len(), x.len() / INT8_BLOCK);
+            let (padded, blocks) = (x.len(), x.len() / CODE_BLOCK);
             for (g, y) in out.chunks_mut(GROUP).enumerate() {
-                let p = codes.as_ptr().add(g * GROUP * padded);
+                let p = codes.as_ptr().add(g * GROUP * padded / 2);
                 let d = scales.as_ptr().add(g * GROUP * blocks);
                 // A group has GROUP (4) rows, the last one possibly fewer.
                 match y.len() {
-                    4 => y.copy_from_slice(&group_int8::<4>(p, d, x)),
-                    3 => y.copy_from_slice(&group_int8::<3>(p, d, x)),
-                    2 => y.copy_from_slice(&group_int8::<2>(p, d, x)),
-                    _ => y.copy_from_slice(&group_int8::<1>(p, d, x)),
+                    4 => y.copy_from_slice(&group_int4::<4>(p, d, x)),
+                    3 => y.copy_from_slice(&group_int4::<3>(p, d, x)),
+                    2 => y.copy_from_slice(&group_int4::<2>(p, d, x)),
+                    _ => y.copy_from_slice(&group_int4::<1>(p, d, x)),
                 }
             }
         }
     }
 
-    /// The sums of one group of `K` rows, codes from `p` and scales from `d`, each row in its
-    /// own accumulator (a constant `K` keeps them in registers).
+    /// The sums of one group of `K` rows, codes from `p` (a block's LANES bytes per row) and
+    /// scales from `d`, each row in its own accumulator (a constant `K` keeps them in
+    /// registers).
     #[target_feature(enable = "avx512f")]
-    unsafe fn group_int8<const K: usize>(
-        mut p: *const i8,
+    unsafe fn group_int4<const K: usize>(
+        mut p: *const u8,
         mut d: *const f32,
         x: &[f32],
     ) -> [f32; K] {
         unsafe {
-            let load =
-                |p: *const i8| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
             let mut acc = [_mm512_setzero_ps(); K];
-            for xb in x.chunks_exact(INT8_BLOCK) {
+            for xb in x.chunks_exact(CODE_BLOCK) {
                 let (x0, x1) = (
                     _mm512_loadu_ps(xb.as_ptr()),
                     _mm512_loadu_ps(xb.as_ptr().add(LANES)),
                 );
                 for (i, a) in acc.iter_mut().enumerate() {
-                    let t = _mm512_mul_ps(load(p.add(i * LANES)), x0);
-                    let t = _mm512_fmadd_ps(load(p.add((K + i) * LANES)), x1, t);
+                    // The bytes sign-extended: the high nibble is `>> 4`, the low one the
+                    // low four bits sign-extended by `<< 28 >> 28`.
+                    let bytes = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(i * LANES).cast()));
+                    let low = _mm512_srai_epi32::<28>(_mm512_slli_epi32::<28>(bytes));
+                    let high = _mm512_srai_epi32::<4>(bytes);
+                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(low), x0);
+                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), x1, t);
                     *a = _mm512_fmadd_ps(t, _mm512_set1_ps(*d.add(i)), *a);
                 }
-                p = p.add(2 * K * LANES);
+                p = p.add(K * LANES);
                 d = d.add(K);
             }
             acc.map(|a| _mm512_reduce_add_ps(a))
