@@ -21,9 +21,8 @@
 //!   two to a byte, a block's [`LANES`] bytes one chunk (byte `l` holds column `l` in its low
 //!   nibble and column `LANES + l` in its high one), their scales in the same order (block `b`
 //!   of row `i` at `b * k + i` after the group's first scale): the kernel computes a group's
-//!   rows at once and reads the weights
-//!   as one sequential stream, which the hardware prefetcher follows (rows read side by side
-//!   are separate short streams);
+//!   rows at once and reads the weights as one sequential stream, which the hardware
+//!   prefetcher follows (rows read side by side are separate short streams);
 //! - on AVX-512 (runtime detected, F16C conversion in registers) each row of a group has its
 //!   own accumulator register and every load of `x` serves the whole group; elsewhere a portable
 //!   loop of the same shape; both give the same sums up to f32 rounding;
