@@ -22,6 +22,20 @@ pub enum GateError {
         expected: String,
     },
 
+    /// A gate's keep probability came out NaN: finite parameters too large for f32 (a gates
+    /// file can hold them; the loader refuses only NaN and infinity).
+    #[error(
+        "gate-core: the gate of layer {layer} gave a keep probability that is not a number \
+         (NaN) at position {position}: its weights overflow f32 arithmetic (a broken or \
+         mis-scaled gates file)"
+    )]
+    NonFiniteKeepProb {
+        /// The layer whose gate failed.
+        layer: usize,
+        /// The first position whose keep probability is NaN.
+        position: u32,
+    },
+
     /// A tensor argument has the wrong rank, shape or dtype.
     #[error("gate-core: tensor `{name}` has shape {actual:?} ({dtype}), expected {expected}")]
     TensorShape {

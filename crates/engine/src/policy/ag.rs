@@ -144,22 +144,37 @@ impl AgHook {
         }
     }
 
-    /// Keep probabilities `[kv_head][t]` of the new tokens, through the gate's cache.
+    /// Keep probabilities `[kv_head][t]` of the new tokens, through the gate's cache; a NaN
+    /// among them (gates whose finite weights overflow f32 arithmetic) is an error, not a
+    /// silent "evict".
     fn keep_probs(
         &mut self,
         layer: usize,
         normed: &Tensor,
         positions: &[u32],
     ) -> model_zoo::Result<Vec<Vec<f32>>> {
-        if let [position] = positions {
+        let probs = if let [position] = positions {
             let s = self.gates.step(layer, normed, *position, &mut self.cache)?;
-            return Ok(s.into_iter().map(|p| vec![p]).collect());
+            s.into_iter().map(|p| vec![p]).collect()
+        } else {
+            let s = self
+                .gates
+                .prefill(layer, normed, positions, &mut self.cache)?;
+            // [T, heads] → [heads][T]
+            s.t()?.to_vec2::<f32>()?
+        };
+        let first_nan = probs
+            .iter()
+            .filter_map(|head| head.iter().position(|s| s.is_nan()))
+            .min();
+        match first_nan {
+            Some(t) => Err(gate_core::GateError::NonFiniteKeepProb {
+                layer,
+                position: positions[t],
+            }
+            .into()),
+            None => Ok(probs),
         }
-        let s = self
-            .gates
-            .prefill(layer, normed, positions, &mut self.cache)?;
-        // [T, heads] → [heads][T]
-        Ok(s.t()?.to_vec2::<f32>()?)
     }
 }
 
@@ -216,7 +231,7 @@ impl Arrivals<'_> {
             new.into_iter()
                 .map(|s| if self.keep_all { f32::INFINITY } else { s }),
         );
-        let protected = self.protect.sinks + self.protect.recent;
+        let protected = self.protect.sinks.saturating_add(self.protect.recent);
         let keep_after = |arrival: usize| {
             let seen = self.positions[arrival - first_new] as usize + 1;
             self.budget.keep_count(seen).max(protected.min(seen))
@@ -253,7 +268,8 @@ impl LayerHook for AgHook {
         match &mut self.entries {
             Entries::Flags { thresholds, flags } => {
                 let threshold = thresholds.of_layer(layer);
-                let (sinks, window) = (self.protect.sinks as u32, self.protect.recent as u32);
+                // Beyond the positions' range a protection covers every position.
+                let (sinks, window) = (saturate(self.protect.sinks), saturate(self.protect.recent));
                 for (head, head_probs) in probs.iter().enumerate() {
                     let flags = &mut flags[layer][head];
                     flags.extend(head_probs.iter().map(|&s| keep_all || s > threshold));
@@ -385,6 +401,12 @@ fn aged_out(
         return None;
     }
     Some((from, tail.map(|(&p, &flag)| stays(p, flag)).collect()))
+}
+
+/// A protection's size as a position distance: beyond the positions' range (a size above
+/// `u32::MAX`) it covers every position, as `u32::MAX` does.
+fn saturate(tokens: usize) -> u32 {
+    u32::try_from(tokens).unwrap_or(u32::MAX)
 }
 
 /// Keeps, of the elements from `from` on, those whose `keep` flag is true (in order; the

@@ -9,14 +9,18 @@
 //! - a long multi-turn conversation with `keep 512` keeps KV bytes flat while tokens grow;
 //! - protected tokens that do not fit a fixed budget are refused;
 //! - Attention-Gate's per-layer thresholds: one value in every layer is the uniform threshold,
-//!   each layer flags by its own, and lists that do not fit are refused.
+//!   each layer flags by its own, and lists that do not fit are refused;
+//! - Attention-Gate at the edges: protections wider than the positions' range, gates that
+//!   overflow f32.
 //!
-//! `equivalence` holds the first, `thresholds` the last, `budgets` the others.
+//! `equivalence` holds the first, `thresholds` and `ag_limits` the last two, `budgets` the
+//! others.
 #![allow(clippy::unwrap_used)] // a test stops at the first unexpected failure
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod ag_limits;
 mod budgets;
 mod equivalence;
 mod thresholds;

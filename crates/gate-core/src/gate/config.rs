@@ -68,9 +68,11 @@ impl GateConfig {
     }
 
     /// Whether a query at position `query` sees the key at position `key` in the gate's own
-    /// attention (causal, and within the attention window when there is one).
+    /// attention (causal, and within the attention window when there is one; a window wider
+    /// than the positions reach sees every earlier key).
     pub fn sees(&self, query: u32, key: u32) -> bool {
-        key <= query && (self.attention_window == 0 || query - key < self.attention_window as u32)
+        key <= query
+            && (self.attention_window == 0 || ((query - key) as usize) < self.attention_window)
     }
 
     /// The protection the gates were trained with (`sinks`, `recent`).

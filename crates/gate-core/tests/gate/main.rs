@@ -193,6 +193,15 @@ fn the_attention_window_bounds_what_a_token_sees() {
         .iter()
         .zip(&far[t - 1])
         .any(|(a, b)| (a - b).abs() > 1e-4));
+    // A window wider than the positions reach (2^32 + 1, which cut to 32 bits would be 1)
+    // sees every earlier token, as the unbounded one does.
+    if let Ok(wide) = usize::try_from((1u64 << 32) + 1) {
+        let wide = spread_gate(&GateConfig {
+            attention_window: wide,
+            ..cfg()
+        });
+        assert_eq!(rows(&wide.keep_probs(1, &x, &pos).unwrap()), far);
+    }
 }
 
 /// Rounds `g`'s projections to 4 bits, checking that they are what changes: `wq`, `wk` and
