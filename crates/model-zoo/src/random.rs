@@ -449,4 +449,33 @@ mod tests {
              allowed where the machine's available memory cannot be read"
         );
     }
+
+    /// Rows that are not whole 32-value blocks are refused for the quantized formats, naming the
+    /// tensor and its width, and load dense.
+    #[test]
+    fn rows_that_are_not_whole_blocks_are_refused_for_quantized_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.json");
+        let config = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":40,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
+            "intermediate_size":64,"vocab_size":300,"max_position_embeddings":64}"#;
+        std::fs::write(&path, config).unwrap();
+        for (format, name) in [
+            (WeightFormat::Auto, "Q4_0"),
+            (WeightFormat::Quantize(GgmlDType::Q8_0), "Q8_0"),
+        ] {
+            let Err(e) = crate::load_random(&path, format, 0) else {
+                panic!("rows of 40 values loaded as {name}");
+            };
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "tensor `model.layers.0.self_attn.q_proj.weight` has rows of 40 values, not a \
+                     multiple of 32: it cannot be held as {name} blocks (use --weights f16 or \
+                     f32)"
+                )
+            );
+        }
+        assert!(crate::load_random(&path, WeightFormat::Dense(DType::F16), 0).is_ok());
+    }
 }

@@ -466,13 +466,16 @@ impl Weights {
                     WeightFormat::Quantize(t) => t,
                     _ => GgmlDType::Q4_0,
                 };
+                whole_blocks(name, &specs[name].shape, dtype)?;
                 quantized(specs[name].quantized(dtype, *seed)?)
             }
             (Source::Gguf(f), WeightFormat::AsStored) => Ok(ProjectionSource::Ready(
                 LinearWeight::Quantized(QMatMul::from_qtensor(f.tensor(name)?)?),
             )),
             (_, WeightFormat::Quantize(t)) => {
-                let dense = self.load_dense(name, &self.shape_of(name).unwrap_or_default())?;
+                let shape = self.shape_of(name).unwrap_or_default();
+                whole_blocks(name, &shape, t)?;
+                let dense = self.load_dense(name, &shape)?;
                 quantized(QTensor::quantize(&dense.to_dtype(DType::F32)?, t)?)
             }
             (_, WeightFormat::Dense(dt)) => {
@@ -551,6 +554,18 @@ fn pack(path: &Path, name: &str, parts: &[&QTensor]) -> Result<PackedMatrix> {
         dtypes: parts.iter().map(|q| q.dtype()).collect(),
         cols,
     })
+}
+
+/// Refuses to quantize the tensor `name` (`shape`) to `dtype` unless its rows are whole blocks.
+fn whole_blocks(name: &str, shape: &[usize], dtype: GgmlDType) -> Result<()> {
+    let (cols, block) = (shape.last().copied().unwrap_or(0), dtype.block_size());
+    if cols.is_multiple_of(block) {
+        return Ok(());
+    }
+    Err(ModelError::Input(format!(
+        "tensor `{name}` has rows of {cols} values, not a multiple of {block}: it cannot be \
+         held as {dtype:?} blocks (use --weights f16 or f32)"
+    )))
 }
 
 /// Whether `bytes` start like a safetensors file: a little-endian header length, then a JSON
