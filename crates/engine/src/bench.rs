@@ -401,7 +401,11 @@ fn time_one_run(
         prefill_tokens_per_s: g.prefill_tokens_per_s(),
         decode_tokens_per_s: g.decode_tokens_per_s(),
         prefill_cpu_ms_per_token: (cpu1 - cpu0) * 1e3 / prompt.len() as f64,
-        decode_cpu_ms_per_token: (cpu2 - cpu1) * 1e3 / g.decode_steps.max(1) as f64,
+        // No decode step (`generate` 1: the prefill samples the only token): 0, as the rate.
+        decode_cpu_ms_per_token: match g.decode_steps {
+            0 => 0.0,
+            steps => (cpu2 - cpu1) * 1e3 / steps as f64,
+        },
         kv_bytes_read_per_token: (before + kv_bytes_read(&session)) / 2.0,
         kv: session.kv_report(),
     })

@@ -46,3 +46,34 @@ fn policies_alternate_abba_and_rows_come_policy_by_policy() {
     assert!(rows[3].kv_bytes_in_use < rows[1].kv_bytes_in_use);
     assert_eq!(rows[1].kv_bytes_full, rows[3].kv_bytes_full);
 }
+
+/// With one token to generate the prefill samples it and no decode step runs: both decode
+/// figures are 0 (not the CPU time of the call over a step that never ran); with two, both are
+/// positive.
+#[test]
+fn one_generated_token_has_no_decode_figures() {
+    let (_dir, engine) = tiny_engine(2, 7, KvDtype::F32, 16);
+    let full = engine::PolicySpec::new("full".parse().unwrap())
+        .build(&engine)
+        .unwrap();
+    for generate in [1, 2] {
+        let spec = BenchSpec {
+            prompt: 4,
+            generate,
+            depths: vec![0],
+            repetitions: 1,
+            seed: 1,
+            text: None,
+            positions: Positions::Original,
+        };
+        let rows = run(&engine, std::slice::from_ref(&full), &spec, &mut |_| {}).unwrap();
+        let (rate, cpu) = (
+            rows[0].decode_tokens_per_s.median,
+            rows[0].decode_cpu_ms_per_token.median,
+        );
+        match generate {
+            1 => assert_eq!((rate, cpu), (0.0, 0.0)),
+            _ => assert!(rate > 0.0 && cpu >= 0.0, "{rate} {cpu}"),
+        }
+    }
+}
