@@ -144,9 +144,10 @@ impl AgHook {
         }
     }
 
-    /// Keep probabilities `[kv_head][t]` of the new tokens, through the gate's cache; a NaN
-    /// among them (gates whose finite weights overflow f32 arithmetic) is an error, not a
-    /// silent "evict".
+    /// Keep probabilities `[kv_head][t]` of the new tokens, through the gate's cache. A NaN
+    /// among them from finite inputs (gates whose finite weights overflow f32 arithmetic) is an
+    /// error, not a silent "evict"; from a non-finite input the model's own check of its logits
+    /// fails the pass (and names the cause: the model, not the gates).
     fn keep_probs(
         &mut self,
         layer: usize,
@@ -167,13 +168,17 @@ impl AgHook {
             .iter()
             .filter_map(|head| head.iter().position(|s| s.is_nan()))
             .min();
+        let finite_input = || -> model_zoo::Result<bool> {
+            let values = normed.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+            Ok(values.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
+        };
         match first_nan {
-            Some(t) => Err(gate_core::GateError::NonFiniteKeepProb {
+            Some(t) if finite_input()? => Err(gate_core::GateError::NonFiniteKeepProb {
                 layer,
                 position: positions[t],
             }
             .into()),
-            None => Ok(probs),
+            _ => Ok(probs),
         }
     }
 }
