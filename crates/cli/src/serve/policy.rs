@@ -165,7 +165,8 @@ impl Fields<'_> {
         self.number_in(name, 0.0..=1.0, "a number in [0, 1]")
     }
 
-    /// A number in `range`, which `expected` describes.
+    /// A number in `range`, which `expected` describes, checked as the f32 it becomes (0.999999999
+    /// rounds to 1).
     fn number_in(
         &self,
         name: &str,
@@ -173,8 +174,8 @@ impl Fields<'_> {
         expected: &str,
     ) -> Result<Option<f32>, ApiError> {
         self.get(name)
-            .map(|v| match v.as_f64() {
-                Some(r) if range.contains(&r) => Ok(r as f32),
+            .map(|v| match v.as_f64().map(|r| r as f32) {
+                Some(r) if range.contains(&f64::from(r)) => Ok(r),
                 _ => Err(self.bad(name, expected)),
             })
             .transpose()

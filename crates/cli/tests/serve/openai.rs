@@ -175,6 +175,8 @@ fn malformed_requests_name_their_field() {
             ("min_p", json!(1)),
             ("repetition_penalty", json!(0)),
             ("kv_evict", json!(1.5)),
+            // Below 1 as a JSON number, 1 as the f32 the policy holds.
+            ("kv_evict", json!(0.999999999)),
             ("kv_layer_thresholds", json!("0.5,0.5")),
             ("kv_layer_thresholds", json!([0.5, "x"])),
             ("n", json!(2)),
