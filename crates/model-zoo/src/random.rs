@@ -419,14 +419,31 @@ mod tests {
         assert_eq!(weight_bytes(&huge, WeightFormat::Auto), None);
     }
 
+    /// A Hugging Face `config.json` of a Llama model written in `dir`: hidden size, layers,
+    /// attention heads, KV heads, FFN size, vocabulary, context, in that order.
+    fn config_file(dir: &tempfile::TempDir, sizes: [usize; 7]) -> std::path::PathBuf {
+        let fields = [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ];
+        let mut cfg = serde_json::json!({ "architectures": ["LlamaForCausalLM"] });
+        for (field, size) in fields.into_iter().zip(sizes) {
+            cfg[field] = size.into();
+        }
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        path
+    }
+
     #[test]
     fn shapes_too_large_for_memory_are_refused_before_allocating() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hugecfg.json");
-        let config = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":1000000000,
-            "num_hidden_layers":1000,"num_attention_heads":8,"num_key_value_heads":8,
-            "intermediate_size":10,"vocab_size":10,"max_position_embeddings":10}"#;
-        std::fs::write(&path, config).unwrap();
+        let path = config_file(&dir, [1_000_000_000, 1000, 8, 8, 10, 10, 10]);
         let Err(e) = crate::load_random(&path, WeightFormat::Auto, 0) else {
             panic!("a model of 2e21 bytes loaded");
         };
@@ -455,11 +472,7 @@ mod tests {
     #[test]
     fn rows_that_are_not_whole_blocks_are_refused_for_quantized_formats() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("odd.json");
-        let config = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":40,
-            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
-            "intermediate_size":64,"vocab_size":300,"max_position_embeddings":64}"#;
-        std::fs::write(&path, config).unwrap();
+        let path = config_file(&dir, [40, 1, 2, 1, 64, 300, 64]);
         for (format, name) in [
             (WeightFormat::Auto, "Q4_0"),
             (WeightFormat::Quantize(GgmlDType::Q8_0), "Q8_0"),
