@@ -27,8 +27,10 @@
 //! no mask, and a pass (which starts where the previous one ended) checks only the entries its
 //! tokens pushed out of the local window, not every retained one; a pass that fails is undone
 //! (`abort_pass` rolls the gate's cache back to its mark at `begin_pass`, in time proportional
-//! to the pass, and cuts the per-entry state back). `state_bytes` counts the gate cache and the
-//! per-entry state.
+//! to the pass, and cuts the per-entry state back), a pass whose gate gives a NaN keep
+//! probability from finite inputs among them (gates too large for f32: an error naming layer
+//! and position); protections above `u32::MAX` cover every position. `state_bytes` counts the
+//! gate cache and the per-entry state.
 
 use std::sync::Arc;
 
