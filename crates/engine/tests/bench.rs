@@ -7,6 +7,19 @@ use common::{evicting, tiny_engine};
 use engine::bench::{run, BenchSpec};
 use engine::{KvDtype, Positions};
 
+/// Random-id runs of a 4-token prompt, then `generate` tokens, at `depths`.
+fn bench_spec(generate: usize, depths: Vec<usize>, repetitions: usize) -> BenchSpec {
+    BenchSpec {
+        prompt: 4,
+        generate,
+        depths,
+        repetitions,
+        seed: 1,
+        text: None,
+        positions: Positions::Original,
+    }
+}
+
 #[test]
 fn policies_alternate_abba_and_rows_come_policy_by_policy() {
     let (_dir, engine) = tiny_engine(2, 7, KvDtype::F32, 16);
@@ -14,15 +27,7 @@ fn policies_alternate_abba_and_rows_come_policy_by_policy() {
         .build(&engine)
         .unwrap();
     let h2o = evicting("h2o", 0.5).build(&engine).unwrap();
-    let spec = BenchSpec {
-        prompt: 4,
-        generate: 2,
-        depths: vec![0, 40],
-        repetitions: 3,
-        seed: 1,
-        text: None,
-        positions: Positions::Original,
-    };
+    let spec = bench_spec(2, vec![0, 40], 3);
     let mut order = Vec::new();
     let rows = run(&engine, &[full, h2o], &spec, &mut |p| {
         order.push((p.done, p.total, p.policy.to_string(), p.depth, p.repetition));
@@ -53,19 +58,9 @@ fn policies_alternate_abba_and_rows_come_policy_by_policy() {
 #[test]
 fn one_generated_token_has_no_decode_figures() {
     let (_dir, engine) = tiny_engine(2, 7, KvDtype::F32, 16);
-    let full = engine::PolicySpec::new("full".parse().unwrap())
-        .build(&engine)
-        .unwrap();
+    let full = engine::Policy::Full;
     for generate in [1, 2] {
-        let spec = BenchSpec {
-            prompt: 4,
-            generate,
-            depths: vec![0],
-            repetitions: 1,
-            seed: 1,
-            text: None,
-            positions: Positions::Original,
-        };
+        let spec = bench_spec(generate, vec![0], 1);
         let rows = run(&engine, std::slice::from_ref(&full), &spec, &mut |_| {}).unwrap();
         let (rate, cpu) = (
             rows[0].decode_tokens_per_s.median,

@@ -89,13 +89,17 @@ impl Int4Rows {
         }
     }
 
+    /// The codes block by block, row by row (the order of `scales`; a row's last block may be
+    /// shorter).
+    fn blocks(&self) -> impl Iterator<Item = &[i8]> {
+        self.codes
+            .chunks(self.cols.max(1))
+            .flat_map(|row| row.chunks(CODE_BLOCK))
+    }
+
     /// The values `d·q`, row-major.
     pub(super) fn values(&self) -> Vec<f32> {
-        let blocks = self
-            .codes
-            .chunks(self.cols.max(1))
-            .flat_map(|row| row.chunks(CODE_BLOCK));
-        blocks
+        self.blocks()
             .zip(&self.scales)
             .flat_map(|(block, &d)| block.iter().map(move |&q| d * f32::from(q)))
             .collect()
@@ -161,11 +165,7 @@ impl HostMatrix {
         // Each row's blocks as LANES bytes each: column l low, column LANES + l high.
         let nibbles = |q: i8| q as u8 & 0x0f;
         let mut bytes = Vec::with_capacity(m.scales.len() * LANES);
-        for block in m
-            .codes
-            .chunks(cols.max(1))
-            .flat_map(|r| r.chunks(CODE_BLOCK))
-        {
+        for block in m.blocks() {
             let code = |j: usize| block.get(j).copied().map_or(0, nibbles);
             bytes.extend((0..LANES).map(|l| code(l) | code(LANES + l) << 4));
         }
