@@ -9,7 +9,8 @@
 //! the config, every expected tensor's presence, shape, dtype and finiteness (a NaN or infinite
 //! parameter is refused), the absence of unexpected tensors, the identity fields the caller
 //! requires, and the agreement of the stored config with its own identity; each failure names
-//! the file and the tensor or field. Loaded parameters are f32 on the requested device.
+//! the file and the tensor or field. A load maps the file (only what it parses is read) and
+//! refuses anything but a regular file before opening it. Loaded parameters are f32 on the requested device.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -135,12 +136,29 @@ impl AttentionGate {
     /// Loads a gate file onto `device` (parameters as f32), checking that its stored identity
     /// has every field of `expected` with the same value (pass an empty map to skip), and
     /// everything listed in the module header.
+    /// The file is memory-mapped, not read: a bad header is refused before any data is touched,
+    /// however large the file; a FIFO or device (which would block or never end) is refused
+    /// before it is opened.
     pub fn load(path: &Path, expected: &ModelIdentity, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| GateError::Io {
+        let io = |op, source| GateError::Io {
             path: path.to_path_buf(),
-            op: "read",
+            op,
             source,
-        })?;
+        };
+        if !std::fs::metadata(path)
+            .map_err(|e| io("read", e))?
+            .is_file()
+        {
+            return Err(format_err(
+                path,
+                "not a regular file (a gates file is a safetensors file)",
+            ));
+        }
+        let file = std::fs::File::open(path).map_err(|e| io("read", e))?;
+        // SAFETY: the map is read-only and dropped once the parameters are copied out of it;
+        // like every mmap-based loader (the model's weights too) we rely on the file not being
+        // truncated by another process meanwhile.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io("map", e))?;
         Self::from_bytes(&bytes, path, expected, device)
     }
 

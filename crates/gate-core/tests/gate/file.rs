@@ -254,4 +254,16 @@ fn load_errors_on_identity_and_format() {
         matches!(e, GateError::Io { .. }) && msg.contains("nope.safetensors"),
         "{msg}"
     );
+
+    // What is not a regular file (a directory here; a FIFO or device alike) is refused before it
+    // is opened; a huge file with a bad header is refused from its header, without reading
+    // its data (64 GiB, sparse: reading it would fail to allocate).
+    let (_, msg) = load_err(dir.path(), &identity());
+    assert!(msg.contains("not a regular file"), "{msg}");
+    let huge = dir.path().join("huge.safetensors");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len(64 << 30))
+        .unwrap();
+    let (_, msg) = load_err(&huge, &identity());
+    assert!(msg.contains("not a safetensors file"), "{msg}");
 }
