@@ -163,6 +163,7 @@ fn handle_command(
         rest.parse::<f32>()
             .ok()
             .filter(|v| v.is_finite())
+            .map(|v| v + 0.0) // -0 is 0
             .ok_or_else(|| anyhow::anyhow!("/{what} needs a finite number, got `{rest}`"))
     };
     match name {

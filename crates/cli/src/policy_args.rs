@@ -178,7 +178,7 @@ fn parse_fraction(s: &str) -> Result<f32, String> {
 fn parse_in(s: &str, range: impl RangeBounds<f32>, shown: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if range.contains(&v) {
-        Ok(v)
+        Ok(v + 0.0) // -0 is 0
     } else {
         Err(format!("must be in {shown}, got {v}"))
     }

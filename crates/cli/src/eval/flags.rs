@@ -72,7 +72,7 @@ pub struct EvalArgs {
     pub ppl_chunk: u64,
     /// Sweep: run every `--policy` at each of these eviction ratios (comma-separated, in
     /// [0, 1)), plus full; `all` policies with `--policy all`.
-    #[arg(long, value_delimiter = ',', value_name = "RATIOS", value_parser = parse_ratio)]
+    #[arg(long, value_delimiter = ',', value_name = "RATIOS", value_parser = parse_sweep_ratio)]
     pub sweep: Option<Vec<f64>>,
     /// Sweep: policies run once at their own settings whose *measured* ratio the others are
     /// also run at (default: ag in threshold mode when swept, which sets no ratio and so runs
@@ -102,22 +102,15 @@ fn parse_depth(s: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number"))?;
     if (0.0..=1.0).contains(&v) {
-        Ok(v)
+        Ok(v + 0.0) // -0 is 0
     } else {
         Err(format!("depth must be in [0, 1], got {v}"))
     }
 }
 
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("ratio must be in [0, 1), got {v}"))
-    }
+/// A ratio as `--evict` reads it (the f32 a policy holds: 0.999999999 is 1, refused here).
+fn parse_sweep_ratio(s: &str) -> Result<f64, String> {
+    crate::policy_args::parse_ratio(s.trim()).map(f64::from)
 }
 
 fn parse_ppl_context(s: &str) -> Result<PplContext, String> {
